@@ -1,0 +1,35 @@
+"""The aiohttp application: routes from each layer plus the bridge's lifecycle."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from bridge.admin.routes import routes as admin_routes
+from bridge.config import Config
+from bridge.matrix.appservice import routes as appservice_routes
+from bridge.services import Bridge, build_bridge
+from bridge.web.middleware import error_middleware
+from bridge.web.ops import routes as ops_routes
+from bridge.web.state import BRIDGE
+
+MAX_BODY = 16 * 1024 * 1024  # appservice transactions can be large; media never passes here
+
+
+def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
+    """The web app; builds (and later closes) the Bridge unless one is given."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app.add_routes(appservice_routes)
+    app.add_routes(admin_routes)
+    app.add_routes(ops_routes)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        b = bridge or await build_bridge(config)
+        app[BRIDGE] = b
+        b.spawn(b.start())
+        yield
+        await b.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

@@ -1,0 +1,214 @@
+"""Command line: `civic-bridge COMMAND` (same as `python -m bridge`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+import yaml
+
+from bridge.config import Config, load_config
+from bridge.errors import ConfigError, SchemaError
+
+log = logging.getLogger("bridge")
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"config error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _key() -> str:
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def init_config(domain: str, homeserver: str,
+                db_path: str = "civic-bridge.db") -> dict[str, object]:
+    """A complete, working config with fresh secrets (WhatsApp off until filled in)."""
+    return {
+        "homeserver": {"url": homeserver, "domain": domain},
+        "appservice": {"listen_host": "127.0.0.1", "listen_port": 29340,
+                       "as_token": secrets.token_urlsafe(32),
+                       "hs_token": secrets.token_urlsafe(32),
+                       "bot_localpart": "civicbridge", "ghost_prefix": "cb_",
+                       "store_dir": "./store"},
+        "database": {"url": f"sqlite+aiosqlite:///{db_path}"},
+        "privacy": {"data_key": _key(), "index_key": _key(),
+                    "pseudonym_template": "Ciudadano/a {code}"},
+        "whatsapp": {"enabled": False},
+        "admin": {"token": secrets.token_urlsafe(32), "users": []},
+        "portals": {"staff": []},
+        "rooms": {"federate": False},
+        "logging": {"level": "INFO", "format": "text"},
+        "metrics": {"enabled": True},
+    }
+
+
+def _write_new(path: Path, text: str) -> None:
+    # O_EXCL: never overwrite; 0600: the files hold secrets.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from bridge.config import parse_config
+    from bridge.registration import registration_yaml
+
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg_path, reg_path = directory / "config.yaml", directory / "registration.yaml"
+    existing = [str(p) for p in (cfg_path, reg_path) if p.exists()]
+    if existing:
+        print(f"refusing to overwrite {', '.join(existing)}; remove them or use another --dir",
+              file=sys.stderr)
+        return 1
+    raw = init_config(args.domain, args.homeserver)
+    config = parse_config(raw, directory)
+    _write_new(cfg_path, "# civic-bridge configuration; see config.example.yaml for every key.\n"
+               + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+    _write_new(reg_path, registration_yaml(config))
+    print(f"wrote {cfg_path} and {reg_path}\n"
+          f"next: add {reg_path} to Synapse's app_service_config_files, then\n"
+          f"  civic-bridge migrate -c {cfg_path}\n  civic-bridge run -c {cfg_path}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    _load(args.config)
+    print(f"{args.config}: ok")
+    return 0
+
+
+def cmd_registration(args: argparse.Namespace) -> int:
+    from bridge.registration import registration_yaml
+
+    text = registration_yaml(_load(args.config))
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        out = Path(args.output)
+        out.write_text(text, encoding="utf-8")
+        out.chmod(0o600)
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from bridge.db.engine import upgrade
+
+    config = _load(args.config)
+    asyncio.run(upgrade(config.database.url))
+    print("database schema is current")
+    return 0
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    from bridge.db import Database
+    from bridge.privacy import Privacy
+    from bridge.rekey import rekey_database
+
+    config = _load(args.config)
+
+    async def run() -> int:
+        db = await Database.open(config.database.url)
+        try:
+            return await rekey_database(db, Privacy.from_config(config.privacy).cipher)
+        finally:
+            await db.close()
+
+    print(f"re-encrypted {asyncio.run(run())} values with the current data key")
+    return 0
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    from aiohttp import web
+
+    from bridge.app import make_app
+    from bridge.db import Database
+
+    # Fail fast, with the fix, before binding the port.
+    db = await Database.open(config.database.url)
+    await db.close()
+    runner = web.AppRunner(make_app(config), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.appservice.listen_host, config.appservice.listen_port)
+    await site.start()
+    log.info("listening on %s:%d", config.appservice.listen_host, config.appservice.listen_port)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bridge.logsetup import setup_logging
+
+    config = _load(args.config)
+    setup_logging(config.logging, secrets=_secrets(config))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop)
+
+    try:
+        asyncio.run(main())
+    except SchemaError as exc:
+        print(f"database error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _secrets(config: Config) -> list[str]:
+    return [s for s in (config.appservice.as_token, config.appservice.hs_token,
+                        config.admin.token, config.privacy.data_key, config.privacy.index_key,
+                        config.whatsapp.access_token, config.whatsapp.app_secret,
+                        config.whatsapp.verify_token) if s]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="civic-bridge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write config.yaml and registration.yaml with fresh secrets")
+    p.add_argument("--dir", default=".")
+    p.add_argument("--domain", default="localhost", help="the homeserver's server name")
+    p.add_argument("--homeserver", default="http://127.0.0.1:8008",
+                   help="how the bridge reaches the homeserver")
+    p.set_defaults(func=cmd_init)
+
+    for name, func, text in (
+        ("check-config", cmd_check_config, "validate a config file; prints every problem"),
+        ("migrate", cmd_migrate, "create or upgrade the database schema"),
+        ("run", cmd_run, "run the bridge"),
+        ("rekey", cmd_rekey, "re-encrypt stored identifiers with the current data key"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("-c", "--config", default="config.yaml")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("registration", help="write the Synapse appservice registration")
+    p.add_argument("-c", "--config", default="config.yaml")
+    p.add_argument("-o", "--output", default=None, help="file (default: stdout)")
+    p.set_defaults(func=cmd_registration)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

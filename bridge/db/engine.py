@@ -1,0 +1,265 @@
+"""Engines, migrations, and the check that a database is ours and up to date.
+
+Migrations live in the checkout's top-level `migrations/` directory and are driven
+programmatically (no alembic.ini): `upgrade` runs them on the async engine through
+`connection.run_sync`, inside one transaction.
+
+Alembic reads its scripts with blocking file I/O, so it never runs on the caller's
+event loop: migrations run on a worker thread with a loop of their own, and the schema
+check loads the script directory on a worker thread before it touches the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Connection, event, inspect, make_url, text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from bridge.db.repos import Repositories
+from bridge.db.scope import Scope, shared
+from bridge.errors import SchemaError
+
+log = logging.getLogger(__name__)
+
+# We run from a checkout (bridge/db/engine.py -> repo root), where `migrations/` sits.
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# Our own name, not alembic_version: its presence is what tells our database from another's.
+VERSION_TABLE = "civic_bridge_schema"
+FIX_COMMAND = "civic-bridge migrate -c CONFIG"
+# How long an SQLite connection waits for another writer before "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+
+SchemaStatus = Literal["current", "behind", "empty", "foreign", "ahead"]
+
+
+def safe_url(url: str) -> str:
+    """The URL for logs and messages, password masked."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An async engine with our per-backend settings."""
+    if make_url(url).get_backend_name() == "sqlite":
+        engine = create_async_engine(url)
+        _configure_sqlite(engine)
+        return engine
+    # pre_ping: a PostgreSQL restart or failover must not surface as errors on stale connections.
+    return create_async_engine(url, pool_pre_ping=True)
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the driver (it would defer it and break SAVEPOINT);
+        # `_begin` below emits our own.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys=ON")  # off by default, per connection
+            # WAL: readers do not block the writer; the mode persists in the file.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # IMMEDIATE takes the write lock up front. A deferred transaction that reads and
+        # then writes (the audit chain head, get-or-create) fails with SQLITE_BUSY when
+        # another writer got in between, without waiting; IMMEDIATE waits (busy_timeout)
+        # instead, so SQLite writers queue up safely. One writer at a time is fine at
+        # the volumes SQLite deployments see; PostgreSQL is for more.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic's configuration, built in code; `connection` is what env.py migrates."""
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise SchemaError(
+            f"migrations not found at {MIGRATIONS_DIR}; run civic-bridge from its source checkout"
+        )
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("path_separator", "os")
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def load_scripts() -> ScriptDirectory:
+    """The migration scripts, read from disk (blocking: call it on a worker thread)."""
+    script = ScriptDirectory.from_config(alembic_config())
+    script.get_heads()  # parses every revision file now, so later lookups do no I/O
+    return script
+
+
+def head_revision(script: ScriptDirectory | None = None) -> str:
+    """The revision the code expects."""
+    head = (load_scripts() if script is None else script).get_current_head()
+    assert head is not None, "migrations/versions is empty"
+    return head
+
+
+async def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate the database at `url` up to `revision` (default: the newest).
+
+    Refuses a database that is not ours or is newer than the code, rather than
+    creating our tables next to someone else's or guessing at an unknown revision.
+    """
+    await asyncio.to_thread(asyncio.run, _migrate(url, "upgrade", revision))
+    log.info("database %s migrated to %s", safe_url(url), revision)
+
+
+async def downgrade(url: str, revision: str) -> None:
+    """Migrate the database at `url` down to `revision` ("base" drops everything)."""
+    await asyncio.to_thread(asyncio.run, _migrate(url, "downgrade", revision))
+
+
+async def _migrate(url: str, direction: Literal["upgrade", "downgrade"], revision: str) -> None:
+    # Runs on a worker thread's own event loop (see the module docstring).
+    script = load_scripts()
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            if direction == "upgrade":
+                status, current = await conn.run_sync(_status_sync, script)
+                if status in ("foreign", "ahead"):
+                    raise SchemaError(_explain(status, current, url, script))
+            run = command.upgrade if direction == "upgrade" else command.downgrade
+            await conn.run_sync(lambda sync: run(alembic_config(sync), revision))
+    finally:
+        await engine.dispose()
+
+
+async def schema_status(url: str) -> SchemaStatus:
+    """Whether the database at `url` is ours and at the code's schema.
+
+    empty: no tables; foreign: tables but no civic_bridge_schema; behind: ours, older
+    than the code; ahead: at a revision this code does not know; current: ready.
+    """
+    script = await asyncio.to_thread(load_scripts)
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            status, _ = await conn.run_sync(_status_sync, script)
+            return status
+    finally:
+        await engine.dispose()
+
+
+def _status_sync(
+    conn: Connection, script: ScriptDirectory
+) -> tuple[SchemaStatus, tuple[str, ...]]:
+    tables = set(inspect(conn).get_table_names())
+    if VERSION_TABLE not in tables:
+        return ("foreign" if tables else "empty"), ()
+    context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    current = tuple(context.get_current_heads())
+    if set(current) == set(script.get_heads()):
+        return "current", current
+    for rev in current:
+        try:
+            script.get_revision(rev)
+        except CommandError:
+            return "ahead", current
+    return "behind", current
+
+
+def _explain(
+    status: SchemaStatus, current: tuple[str, ...], url: str, script: ScriptDirectory
+) -> str:
+    at = ", ".join(current) or "no revision"
+    if status == "empty":
+        return f"database is empty; run: {FIX_COMMAND}"
+    if status == "foreign":
+        return (
+            f"database {safe_url(url)} is not civic-bridge's (it has tables but no "
+            f"{VERSION_TABLE}); point database.url at an empty database"
+        )
+    if status == "behind":
+        return (
+            f"database is behind the code's schema (at {at}, need {head_revision(script)}); "
+            f"run: {FIX_COMMAND}"
+        )
+    return (
+        f"database is ahead of the code's schema (at {at}, this civic-bridge knows up to "
+        f"{head_revision(script)}); run the civic-bridge version that migrated it"
+    )
+
+
+class Database(Repositories):
+    """The engine plus every repository (`db.citizens`, `db.outbox`, ...).
+
+    Each repository call runs in its own transaction. To make several calls atomic,
+    use `async with db.transaction() as tx:` and call `tx.<repo>` only; on SQLite a
+    standalone call made inside it would wait for the open transaction's write lock.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        super().__init__(Scope(self.session, self.dialect))
+
+    @classmethod
+    async def open(cls, url: str, *, check: bool = True) -> Database:
+        """Connect; with `check`, raise SchemaError unless the schema is ours and current."""
+        script = await asyncio.to_thread(load_scripts) if check else None
+        engine = create_engine(url)
+        if script is not None:
+            try:
+                async with engine.connect() as conn:
+                    status, current = await conn.run_sync(_status_sync, script)
+            except BaseException:
+                await engine.dispose()
+                raise
+            if status != "current":
+                await engine.dispose()
+                raise SchemaError(_explain(status, current, url, script))
+        log.info("database %s opened", safe_url(url))
+        return cls(engine)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session in a transaction: committed if the block succeeds, else rolled back."""
+        async with self._sessions() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Repositories]:
+        """Repositories sharing one transaction, for changes that must land together."""
+        async with self.session() as session:
+            yield Repositories(shared(session, self.dialect))
+
+    async def ping(self) -> None:
+        """Raise if the database cannot be reached (for /ready)."""
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,253 @@
+"""Declarative models: the schema as the code expects it after the newest migration.
+
+The migrations in `migrations/versions/` are written by hand and must produce exactly
+this schema; `tests/integration/test_storage_schema.py` compares the two on every backend.
+Only portable types are used so the same schema runs on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from bridge.db.records import (
+    CONSENT_PURPOSES,
+    CONSENT_STATES,
+    DIRECTIONS,
+    GHOST_KINDS,
+    INBOUND_SOURCES,
+    INBOUND_STATUSES,
+    OUTBOX_STATUSES,
+    ROOM_KINDS,
+)
+
+# Deterministic constraint names, so a later migration can drop or alter them by name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID = String(255)  # Matrix IDs are at most 255 bytes
+HEX64 = String(64)  # sha256 / HMAC-SHA256 hex digests
+
+
+def one_of(column: str, values: tuple[str, ...]) -> str:
+    """SQL for a CHECK that `column` holds one of `values` (shared with the migrations)."""
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    SQLite has no time zone type and gives back naive values; PostgreSQL stores
+    `timestamptz`. Naive datetimes are refused on the way in because their zone is a guess.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime; pass an aware one (datetime.now(UTC))")
+        value = value.astimezone(UTC)
+        # SQLite would drop the offset anyway; naive UTC everywhere keeps text order = time order.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class CitizenRow(Base):
+    __tablename__ = "citizens"
+    __table_args__ = (
+        CheckConstraint(one_of("consent_state", CONSENT_STATES), name="consent_state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    index_hash: Mapped[str] = mapped_column(HEX64, unique=True)
+    identifier_ct: Mapped[str] = mapped_column(Text)
+    wa_id_ct: Mapped[str | None] = mapped_column(Text)
+    pseudonym_code: Mapped[str] = mapped_column(String(32), unique=True)
+    ghost_user_id: Mapped[str | None] = mapped_column(ID, unique=True)
+    consent_state: Mapped[str] = mapped_column(String(16))
+    last_inbound_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class GhostRow(Base):
+    __tablename__ = "ghosts"
+    __table_args__ = (CheckConstraint(one_of("kind", GHOST_KINDS), name="kind"),)
+
+    user_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ID)
+    display_name: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))
+    # SET NULL: erasing a citizen keeps the Matrix account record (it is deactivated
+    # on the homeserver by the erasure handler) but cuts the link to the person.
+    citizen_id: Mapped[int | None] = mapped_column(
+        ForeignKey("citizens.id", ondelete="SET NULL"), index=True
+    )
+    registered: Mapped[bool] = mapped_column(Boolean)
+    cross_signing_ct: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RoomRow(Base):
+    __tablename__ = "rooms"
+    __table_args__ = (CheckConstraint(one_of("kind", ROOM_KINDS), name="kind"),)
+
+    room_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(255))
+    topic: Mapped[str | None] = mapped_column(Text)
+    citizen_id: Mapped[int | None] = mapped_column(
+        ForeignKey("citizens.id", ondelete="SET NULL"), index=True
+    )
+    created_by: Mapped[str] = mapped_column(ID)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ProcessedTransactionRow(Base):
+    __tablename__ = "processed_transactions"
+
+    txn_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class InboundRow(Base):
+    __tablename__ = "inbound"
+    __table_args__ = (
+        UniqueConstraint("source", "dedupe_key"),
+        CheckConstraint(one_of("source", INBOUND_SOURCES), name="source"),
+        CheckConstraint(one_of("status", INBOUND_STATUSES), name="status"),
+        Index("ix_inbound_status_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(16))
+    dedupe_key: Mapped[str] = mapped_column(ID)
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    hold_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # CASCADE: a citizen's erasure must take their held and queued messages with it.
+    citizen_id: Mapped[int | None] = mapped_column(
+        ForeignKey("citizens.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ConsentRecordRow(Base):
+    __tablename__ = "consent_records"
+    __table_args__ = (
+        CheckConstraint(one_of("purpose", CONSENT_PURPOSES), name="purpose"),
+        CheckConstraint(one_of("state", CONSENT_STATES), name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # SET NULL: consent evidence outlives an erased citizen; the pseudonym identifies it.
+    citizen_id: Mapped[int | None] = mapped_column(
+        ForeignKey("citizens.id", ondelete="SET NULL"), index=True
+    )
+    pseudonym: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    notice_version: Mapped[str] = mapped_column(String(64))
+    notice_hash: Mapped[str] = mapped_column(HEX64)
+    channel: Mapped[str] = mapped_column(String(32))
+    language: Mapped[str | None] = mapped_column(String(16))
+    evidence: Mapped[str | None] = mapped_column(String(255))
+    staff_id: Mapped[str | None] = mapped_column(ID)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class OutboxRow(Base):
+    __tablename__ = "outbox"
+    __table_args__ = (
+        CheckConstraint(one_of("status", OUTBOX_STATUSES), name="status"),
+        Index("ix_outbox_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(ID, unique=True)
+    citizen_id: Mapped[int] = mapped_column(
+        ForeignKey("citizens.id", ondelete="CASCADE"), index=True
+    )
+    room_id: Mapped[str] = mapped_column(ID)
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    wamid: Mapped[str | None] = mapped_column(ID, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class MessageMapRow(Base):
+    __tablename__ = "message_map"
+    __table_args__ = (CheckConstraint(one_of("direction", DIRECTIONS), name="direction"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    wamid: Mapped[str] = mapped_column(ID, unique=True)
+    room_id: Mapped[str] = mapped_column(ID)
+    event_id: Mapped[str] = mapped_column(ID, unique=True)
+    direction: Mapped[str] = mapped_column(String(8))
+
+
+class AuditRow(Base):
+    __tablename__ = "audit_log"
+    # Never reuse an id on SQLite, even after the newest row was deleted.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(64))
+    object: Mapped[str] = mapped_column(String(255))
+    result: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(HEX64)
+    hash: Mapped[str] = mapped_column(HEX64)
+
+
+class KVRow(Base):
+    __tablename__ = "kv"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

@@ -1,0 +1,306 @@
+"""Durable queues: appservice transactions, inbound events and the WhatsApp outbox.
+
+Everything that arrives is stored before it is acknowledged, and everything that
+leaves is stored before the first attempt; these repositories are that storage.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import delete, func, select, update
+
+from bridge.db.models import InboundRow, OutboxRow, ProcessedTransactionRow, utcnow
+from bridge.db.records import InboundItem, InboundSource, InboundStatus, OutboxItem, OutboxStatus
+from bridge.db.scope import Scope, rowcount
+from bridge.errors import NotFound
+from bridge.types import RoomID
+
+FINISHED: tuple[InboundStatus, ...] = ("done", "failed", "dropped")
+
+
+class TransactionRepo:
+    """Appservice transactions from the homeserver, deduplicated by txn id and event id."""
+
+    def __init__(self, scope: Scope) -> None:
+        self._scope = scope
+
+    async def store(self, txn_id: str, events: Sequence[Mapping[str, Any]]) -> bool:
+        """Record `txn_id` and queue its events, all in one DB transaction.
+
+        Returns False, writing nothing, if the transaction was stored before (also by a
+        concurrent request). An event id already queued is skipped: Synapse can send
+        the same event in two transactions. Events without an event id (ephemeral or
+        to-device data) are keyed by their position in the transaction.
+        """
+        now = utcnow()
+        scope = self._scope
+        async with scope.session() as session:
+            claim = (
+                scope.insert(ProcessedTransactionRow)
+                .values(txn_id=txn_id, received_at=now)
+                .on_conflict_do_nothing(index_elements=["txn_id"])
+                .returning(ProcessedTransactionRow.txn_id)
+            )
+            if await session.scalar(claim) is None:
+                return False
+            rows = [
+                {
+                    "source": "matrix",
+                    "dedupe_key": _event_key(txn_id, i, event),
+                    "payload": json.dumps(event, ensure_ascii=False, separators=(",", ":")),
+                    "status": "pending",
+                    "attempts": 0,
+                    "created_at": now,
+                }
+                for i, event in enumerate(events)
+            ]
+            if rows:
+                insert = scope.insert(InboundRow).on_conflict_do_nothing(
+                    index_elements=["source", "dedupe_key"]
+                )
+                await session.execute(insert, rows)
+        return True
+
+    async def seen(self, txn_id: str) -> bool:
+        async with self._scope.session() as session:
+            found = await session.get(ProcessedTransactionRow, txn_id)
+            return found is not None
+
+    async def purge(self, before: datetime) -> int:
+        """Forget transaction ids received before `before`; returns how many."""
+        stmt = delete(ProcessedTransactionRow).where(ProcessedTransactionRow.received_at < before)
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt))
+
+
+def _event_key(txn_id: str, index: int, event: Mapping[str, Any]) -> str:
+    event_id = event.get("event_id")
+    return event_id if isinstance(event_id, str) and event_id else f"txn:{txn_id}:{index}"
+
+
+class InboundRepo:
+    """Events waiting to be handled, from Matrix or from WhatsApp, in arrival order."""
+
+    def __init__(self, scope: Scope) -> None:
+        self._scope = scope
+
+    async def enqueue(
+        self,
+        source: InboundSource,
+        key: str,
+        payload: str,
+        *,
+        status: InboundStatus = "pending",
+        hold_until: datetime | None = None,
+        citizen_id: int | None = None,
+    ) -> int | None:
+        """Queue an item; returns its id, or None if (source, key) was queued before."""
+        stmt = (
+            self._scope.insert(InboundRow)
+            .values(
+                source=source, dedupe_key=key, payload=payload, status=status, attempts=0,
+                hold_until=hold_until, citizen_id=citizen_id, created_at=utcnow(),
+            )
+            .on_conflict_do_nothing(index_elements=["source", "dedupe_key"])
+            .returning(InboundRow.id)
+        )
+        async with self._scope.session() as session:
+            return cast(int | None, await session.scalar(stmt))
+
+    async def get(self, item_id: int) -> InboundItem | None:
+        async with self._scope.session() as session:
+            row = await session.get(InboundRow, item_id)
+            return None if row is None else _inbound(row)
+
+    async def pending(
+        self, source: InboundSource | None = None, limit: int = 100
+    ) -> list[InboundItem]:
+        """The oldest pending items, oldest first (optionally of one source)."""
+        stmt = select(InboundRow).where(InboundRow.status == "pending")
+        if source is not None:
+            stmt = stmt.where(InboundRow.source == source)
+        async with self._scope.session() as session:
+            rows = await session.scalars(stmt.order_by(InboundRow.id).limit(limit))
+            return [_inbound(r) for r in rows]
+
+    async def held_for(self, citizen_id: int) -> list[InboundItem]:
+        """A citizen's messages held until they decide on consent, oldest first."""
+        stmt = (
+            select(InboundRow)
+            .where(InboundRow.citizen_id == citizen_id, InboundRow.status == "held")
+            .order_by(InboundRow.id)
+        )
+        async with self._scope.session() as session:
+            return [_inbound(r) for r in await session.scalars(stmt)]
+
+    async def hold(self, item_id: int, citizen_id: int, until: datetime) -> None:
+        """Park an item for a citizen who has not consented yet, until `until` at most."""
+        await self._update(item_id, status="held", citizen_id=citizen_id, hold_until=until)
+
+    async def set_status(
+        self, item_id: int, status: InboundStatus, error: str | None = None,
+        *, attempts: int | None = None,
+    ) -> None:
+        """Move an item to `status` (and record `attempts` if given); finished statuses
+        record when processing ended."""
+        values: dict[str, Any] = {
+            "status": status, "error": error,
+            "processed_at": utcnow() if status in FINISHED else None,
+        }
+        if attempts is not None:
+            values["attempts"] = attempts
+        await self._update(item_id, **values)
+
+    async def note_attempt(self, item_id: int, error: str) -> int:
+        """Count a failed attempt that will be retried; returns the attempts so far."""
+        stmt = (
+            update(InboundRow)
+            .where(InboundRow.id == item_id)
+            .values(attempts=InboundRow.attempts + 1, error=error)
+            .returning(InboundRow.attempts)
+        )
+        async with self._scope.session() as session:
+            attempts = await session.scalar(stmt)
+        if attempts is None:
+            raise NotFound(f"inbound item {item_id} not found")
+        return int(attempts)
+
+    async def release_held(self, citizen_id: int) -> int:
+        """Make a citizen's held items pending again, in their original order; returns how many."""
+        stmt = (
+            update(InboundRow)
+            .where(InboundRow.citizen_id == citizen_id, InboundRow.status == "held")
+            .values(status="pending", hold_until=None)
+        )
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt))
+
+    async def purge_expired_holds(self, now: datetime) -> int:
+        """Delete held items whose hold ran out (privacy: `consent.hold_hours`)."""
+        stmt = delete(InboundRow).where(InboundRow.status == "held", InboundRow.hold_until < now)
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt))
+
+    async def purge_finished(self, before: datetime) -> int:
+        """Delete finished items processed before `before` (they hold message payloads)."""
+        stmt = delete(InboundRow).where(
+            InboundRow.status.in_(FINISHED), InboundRow.processed_at < before
+        )
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt))
+
+    async def _update(self, item_id: int, **values: Any) -> None:
+        stmt = update(InboundRow).where(InboundRow.id == item_id).values(**values)
+        async with self._scope.session() as session:
+            if rowcount(await session.execute(stmt)) == 0:
+                raise NotFound(f"inbound item {item_id} not found")
+
+
+def _inbound(row: InboundRow) -> InboundItem:
+    return InboundItem(
+        id=row.id, source=cast(InboundSource, row.source), dedupe_key=row.dedupe_key,
+        payload=row.payload, status=cast(InboundStatus, row.status), attempts=row.attempts,
+        error=row.error, hold_until=row.hold_until, citizen_id=row.citizen_id,
+        created_at=row.created_at, processed_at=row.processed_at,
+    )
+
+
+class OutboxRepo:
+    """Messages to WhatsApp: persisted first, retried with backoff, never sent twice."""
+
+    def __init__(self, scope: Scope) -> None:
+        self._scope = scope
+
+    async def add(
+        self, idempotency_key: str, citizen_id: int, room_id: RoomID, payload: str,
+        *, not_before: datetime | None = None,
+    ) -> int | None:
+        """Queue a send; returns its id, or None if `idempotency_key` was queued before."""
+        now = utcnow()
+        stmt = (
+            self._scope.insert(OutboxRow)
+            .values(
+                idempotency_key=idempotency_key, citizen_id=citizen_id, room_id=room_id,
+                payload=payload, status="pending", attempts=0,
+                next_attempt_at=not_before or now, created_at=now, updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["idempotency_key"])
+            .returning(OutboxRow.id)
+        )
+        async with self._scope.session() as session:
+            return cast(int | None, await session.scalar(stmt))
+
+    async def get(self, item_id: int) -> OutboxItem | None:
+        async with self._scope.session() as session:
+            row = await session.get(OutboxRow, item_id)
+            return None if row is None else _outbox(row)
+
+    async def by_wamid(self, wamid: str) -> OutboxItem | None:
+        """The send a WhatsApp delivery status refers to."""
+        async with self._scope.session() as session:
+            row = await session.scalar(select(OutboxRow).where(OutboxRow.wamid == wamid))
+            return None if row is None else _outbox(row)
+
+    async def due(self, now: datetime, limit: int = 50) -> list[OutboxItem]:
+        """Pending sends whose time has come, the longest-waiting first."""
+        stmt = (
+            select(OutboxRow)
+            .where(OutboxRow.status == "pending", OutboxRow.next_attempt_at <= now)
+            .order_by(OutboxRow.next_attempt_at, OutboxRow.id)
+            .limit(limit)
+        )
+        async with self._scope.session() as session:
+            return [_outbox(r) for r in await session.scalars(stmt)]
+
+    async def mark_sent(self, item_id: int, wamid: str) -> None:
+        await self._update(
+            item_id, status="sent", wamid=wamid, attempts=OutboxRow.attempts + 1, last_error=None
+        )
+
+    async def retry_later(self, item_id: int, next_at: datetime, error: str) -> None:
+        """Count a transient failure (429, 5xx, network) and schedule the next attempt."""
+        await self._update(
+            item_id, attempts=OutboxRow.attempts + 1, next_attempt_at=next_at, last_error=error
+        )
+
+    async def mark_failed(self, item_id: int, error: str) -> None:
+        """A permanent failure: never retried; staff are told by the caller."""
+        await self._update(
+            item_id, status="failed", attempts=OutboxRow.attempts + 1, last_error=error
+        )
+
+    async def cancel_for_citizen(self, citizen_id: int) -> int:
+        """Cancel a citizen's unsent messages (opt-out, erasure); returns how many."""
+        stmt = (
+            update(OutboxRow)
+            .where(OutboxRow.citizen_id == citizen_id, OutboxRow.status == "pending")
+            .values(status="cancelled", updated_at=utcnow())
+        )
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt))
+
+    async def depth(self) -> int:
+        """How many sends are pending (a metric and a readiness signal)."""
+        stmt = select(func.count()).select_from(OutboxRow).where(OutboxRow.status == "pending")
+        async with self._scope.session() as session:
+            return int(await session.scalar(stmt) or 0)
+
+    async def _update(self, item_id: int, **values: Any) -> None:
+        stmt = update(OutboxRow).where(OutboxRow.id == item_id)
+        stmt = stmt.values(updated_at=utcnow(), **values)
+        async with self._scope.session() as session:
+            if rowcount(await session.execute(stmt)) == 0:
+                raise NotFound(f"outbox item {item_id} not found")
+
+
+def _outbox(row: OutboxRow) -> OutboxItem:
+    return OutboxItem(
+        id=row.id, idempotency_key=row.idempotency_key, citizen_id=row.citizen_id,
+        room_id=RoomID(row.room_id), payload=row.payload, status=cast(OutboxStatus, row.status),
+        attempts=row.attempts, next_attempt_at=row.next_attempt_at, last_error=row.last_error,
+        wamid=row.wamid, created_at=row.created_at, updated_at=row.updated_at,
+    )

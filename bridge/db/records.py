@@ -1,0 +1,163 @@
+"""What the repositories return: small frozen dataclasses, detached from any session.
+
+Callers never see ORM rows, so nothing lazy-loads after its session has closed and
+no caller can change a row by assigning to an attribute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, get_args
+
+from bridge.types import DeviceID, EventID, Pseudonym, RoomID, UserID
+
+ConsentState = Literal["unknown", "prompted", "granted", "withdrawn", "refused"]
+ConsentPurpose = Literal["mirroring", "notices", "membership"]
+GhostKind = Literal["bot", "citizen", "member"]
+RoomKind = Literal["team", "citizen", "announcement", "portal", "management"]
+InboundSource = Literal["matrix", "whatsapp"]
+InboundStatus = Literal["pending", "held", "done", "failed", "dropped"]
+OutboxStatus = Literal["pending", "sent", "failed", "cancelled"]
+Direction = Literal["in", "out"]
+
+# The same value sets, for CHECK constraints in the models and the migrations.
+CONSENT_STATES: tuple[str, ...] = get_args(ConsentState)
+CONSENT_PURPOSES: tuple[str, ...] = get_args(ConsentPurpose)
+GHOST_KINDS: tuple[str, ...] = get_args(GhostKind)
+ROOM_KINDS: tuple[str, ...] = get_args(RoomKind)
+INBOUND_SOURCES: tuple[str, ...] = get_args(InboundSource)
+INBOUND_STATUSES: tuple[str, ...] = get_args(InboundStatus)
+OUTBOX_STATUSES: tuple[str, ...] = get_args(OutboxStatus)
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
+
+
+@dataclass(frozen=True, slots=True)
+class Citizen:
+    """A WhatsApp contact. Identifiers are ciphertext tokens that only `bridge.privacy` opens."""
+
+    id: int
+    index_hash: str
+    identifier_ct: str
+    wa_id_ct: str | None
+    pseudonym_code: str
+    ghost_user_id: UserID | None
+    consent_state: ConsentState
+    last_inbound_at: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CitizenIdentifiers:
+    """The encrypted columns of one citizen, for key rotation."""
+
+    id: int
+    identifier_ct: str
+    wa_id_ct: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ghost:
+    """A Matrix user the appservice puppets (the bot, a citizen's ghost, a pseudonymous member)."""
+
+    user_id: UserID
+    device_id: DeviceID
+    display_name: str
+    kind: GhostKind
+    citizen_id: int | None
+    registered: bool
+    cross_signing_ct: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """A room the bridge created and controls."""
+
+    room_id: RoomID
+    kind: RoomKind
+    name: str
+    topic: str | None
+    citizen_id: int | None
+    created_by: UserID
+    created_at: datetime
+    closed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class InboundItem:
+    """A received event or webhook entry, stored before it is acknowledged."""
+
+    id: int
+    source: InboundSource
+    dedupe_key: str
+    payload: str
+    status: InboundStatus
+    attempts: int
+    error: str | None
+    hold_until: datetime | None
+    citizen_id: int | None
+    created_at: datetime
+    processed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentRecord:
+    """One append-only entry of consent evidence."""
+
+    id: int
+    citizen_id: int | None  # None once the citizen has been erased; the pseudonym remains
+    pseudonym: Pseudonym
+    purpose: ConsentPurpose
+    state: ConsentState
+    notice_version: str
+    notice_hash: str
+    channel: str
+    language: str | None
+    evidence: str | None
+    staff_id: UserID | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """A message to send to WhatsApp, persisted before the first attempt."""
+
+    id: int
+    idempotency_key: str
+    citizen_id: int
+    room_id: RoomID
+    payload: str
+    status: OutboxStatus
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    wamid: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLink:
+    """A WhatsApp message id and the Matrix event it corresponds to."""
+
+    id: int
+    wamid: str
+    room_id: RoomID
+    event_id: EventID
+    direction: Direction
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One link of the hash-chained audit log."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    object: str
+    result: str
+    reason: str | None
+    prev_hash: str
+    hash: str

@@ -1,0 +1,94 @@
+"""The message map, small key-value state, and the bundle of all repositories."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from sqlalchemy import delete, select
+
+from bridge.db.audit import AuditRepo
+from bridge.db.models import KVRow, MessageMapRow
+from bridge.db.people import CitizenRepo, ConsentRepo, GhostRepo, RoomRepo
+from bridge.db.queues import InboundRepo, OutboxRepo, TransactionRepo
+from bridge.db.records import Direction, MessageLink
+from bridge.db.scope import Scope
+from bridge.types import EventID, RoomID
+
+
+class MessageRepo:
+    """WhatsApp message ids <-> Matrix event ids, so replies, reactions and edits map both ways."""
+
+    def __init__(self, scope: Scope) -> None:
+        self._scope = scope
+
+    async def link(
+        self, wamid: str, room_id: RoomID, event_id: EventID, direction: Direction
+    ) -> bool:
+        """Record a pair; False if either side is already linked (the first link wins)."""
+        stmt = (
+            self._scope.insert(MessageMapRow)
+            .values(wamid=wamid, room_id=room_id, event_id=event_id, direction=direction)
+            .on_conflict_do_nothing()
+            .returning(MessageMapRow.id)
+        )
+        async with self._scope.session() as session:
+            return await session.scalar(stmt) is not None
+
+    async def by_wamid(self, wamid: str) -> MessageLink | None:
+        async with self._scope.session() as session:
+            row = await session.scalar(select(MessageMapRow).where(MessageMapRow.wamid == wamid))
+            return None if row is None else _link(row)
+
+    async def by_event(self, event_id: EventID) -> MessageLink | None:
+        async with self._scope.session() as session:
+            stmt = select(MessageMapRow).where(MessageMapRow.event_id == event_id)
+            row = await session.scalar(stmt)
+            return None if row is None else _link(row)
+
+
+def _link(row: MessageMapRow) -> MessageLink:
+    return MessageLink(
+        id=row.id, wamid=row.wamid, room_id=RoomID(row.room_id), event_id=EventID(row.event_id),
+        direction=cast(Direction, row.direction),
+    )
+
+
+class KVRepo:
+    """Small bridge state (e.g. a sync token); not for anything that has its own table."""
+
+    def __init__(self, scope: Scope) -> None:
+        self._scope = scope
+
+    async def get(self, key: str) -> str | None:
+        async with self._scope.session() as session:
+            row = await session.get(KVRow, key)
+            return None if row is None else row.value
+
+    async def set(self, key: str, value: str) -> None:
+        stmt = (
+            self._scope.insert(KVRow)
+            .values(key=key, value=value)
+            .on_conflict_do_update(index_elements=["key"], set_={"value": value})
+        )
+        async with self._scope.session() as session:
+            await session.execute(stmt)
+
+    async def delete(self, key: str) -> None:
+        async with self._scope.session() as session:
+            await session.execute(delete(KVRow).where(KVRow.key == key))
+
+
+class Repositories:
+    """Every repository over one scope (see `Scope`)."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.transactions = TransactionRepo(scope)
+        self.inbound = InboundRepo(scope)
+        self.citizens = CitizenRepo(scope)
+        self.ghosts = GhostRepo(scope)
+        self.rooms = RoomRepo(scope)
+        self.consent = ConsentRepo(scope)
+        self.outbox = OutboxRepo(scope)
+        self.messages = MessageRepo(scope)
+        self.audit = AuditRepo(scope)
+        self.kv = KVRepo(scope)

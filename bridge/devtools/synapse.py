@@ -1,0 +1,299 @@
+"""A throwaway single-process Synapse on loopback, used by the tests and `civic-bridge demo`.
+
+Synapse lives in its own cached virtualenv because its dependency pins clash with ours.
+The generated config follows docs/notes on Synapse for tests: client API only, no
+federation, SQLite, no rate limits, and the appservice flags the bridge relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import hmac
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import aiohttp
+import yaml
+
+SYNAPSE_REQUIREMENT = "matrix-synapse>=1.130,<2"
+VENV_ENV = "CIVIC_BRIDGE_SYNAPSE_VENV"
+
+JsonDict = dict[str, Any]
+
+
+class LocalSynapseError(RuntimeError):
+    """Building, starting or talking to the local Synapse failed; the message says why."""
+
+
+def default_venv_path() -> Path:
+    env = os.environ.get(VENV_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "civic-bridge" / "synapse-venv"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return f"(no {path.name})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _synapse_importable(python: Path) -> bool:
+    return python.exists() and subprocess.run(
+        [python, "-c", "import synapse"], capture_output=True, check=False).returncode == 0
+
+
+def ensure_synapse_venv(path: Path | None = None) -> Path:
+    """Return a virtualenv with `matrix-synapse` in it, building it first if needed.
+
+    Blocking (a first build takes tens of seconds): call it before the event loop
+    runs or through `asyncio.to_thread`. A lock file keeps concurrent processes from
+    building the same venv twice; pip's output goes to `<venv>-install.log`.
+    """
+    venv = (path or default_venv_path()).expanduser().absolute()
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    python = venv / "bin" / "python"
+    log = venv.with_name(venv.name + "-install.log")
+    with venv.with_name(f".{venv.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if _synapse_importable(python):
+            return venv
+        failed = ""
+        with log.open("w", encoding="utf-8") as out:
+            for step in ([sys.executable, "-m", "venv", "--clear", str(venv)],
+                         [str(python), "-m", "pip", "install", SYNAPSE_REQUIREMENT]):
+                out.write(f"$ {' '.join(step)}\n")
+                out.flush()
+                if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT,
+                                  check=False).returncode != 0:
+                    failed = " ".join(step[2:])
+                    break
+        if failed or not _synapse_importable(python):
+            failed = f"`{failed or 'python -c import synapse'}` failed"
+            raise LocalSynapseError(f"could not build the Synapse virtualenv {venv}: {failed}; "
+                                    f"full log: {log}\n{_tail(log, 15)}")
+    return venv
+
+
+def _rate_limits() -> JsonDict:
+    """Every rc_* limit Synapse 1.13x-1.16x knows, set far beyond what a test does."""
+    unlimited = {"per_second": 10_000, "burst_count": 100_000}
+    flat = ("rc_message", "rc_registration", "rc_registration_token_validity",
+            "rc_admin_redaction", "rc_joins_per_room", "rc_key_requests",
+            "rc_3pid_validation", "rc_third_party_invite", "rc_media_create",
+            "rc_delayed_event_mgmt", "rc_room_creation", "rc_reports",
+            "rc_user_directory", "rc_profile")
+    nested = {"rc_login": ("address", "account", "failed_attempts"),
+              "rc_joins": ("local", "remote"),
+              "rc_invites": ("per_room", "per_user", "per_issuer"),
+              "rc_presence": ("per_user",)}
+    return {**{key: dict(unlimited) for key in flat},
+            **{key: {sub: dict(unlimited) for sub in subs} for key, subs in nested.items()}}
+
+
+class LocalSynapse:
+    """One Synapse process on 127.0.0.1 with its config, database and logs in `workdir`.
+
+    The signing key and secrets are generated once per workdir and kept on reruns.
+    Use `async with LocalSynapse(...)` or `start()`/`stop()`.
+    """
+
+    def __init__(self, workdir: Path, server_name: str = "localhost",
+                 registration_files: Sequence[Path] = (), port: int | None = None,
+                 venv: Path | None = None) -> None:
+        self.workdir = Path(workdir).absolute()
+        self._server_name = server_name
+        self._registration_files = [Path(p).absolute() for p in registration_files]
+        self.port = port or free_port()
+        self.config_path = self.workdir / "homeserver.yaml"
+        self.log_path = self.workdir / "homeserver.log"  # Synapse's log, WARNING and up
+        self.output_path = self.workdir / "synapse.out"  # stdout+stderr: start-up failures
+        self._venv = venv
+        self._python: Path | None = None
+        self._shared_secret: str | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def server_name(self) -> str:
+        return self._server_name
+
+    def _venv_python(self) -> Path:
+        if self._python is None:
+            self._python = ensure_synapse_venv(self._venv) / "bin" / "python"
+        return self._python
+
+    def write_config(self) -> Path:
+        """Generate (first time) and patch homeserver.yaml. Blocking."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.config_path.exists():
+            result = subprocess.run(
+                [self._venv_python(), "-m", "synapse.app.homeserver",
+                 "--server-name", self._server_name, "--config-path", str(self.config_path),
+                 "--data-directory", str(self.workdir), "--generate-config",
+                 "--report-stats=no"],
+                cwd=self.workdir, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise LocalSynapseError(f"synapse --generate-config failed:\n{result.stderr}")
+        config = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        if config.get("server_name") != self._server_name:
+            raise LocalSynapseError(f"{self.workdir} holds a Synapse for "
+                                    f"{config.get('server_name')!r}; use another workdir")
+        self._shared_secret = config.get("registration_shared_secret") or secrets.token_hex(32)
+        log_config = self.workdir / "log.config.yaml"
+        log_config.write_text(yaml.safe_dump({
+            "version": 1,
+            "formatters": {"plain": {"format": "%(asctime)s %(name)s %(levelname)s %(message)s"}},
+            "handlers": {"file": {"class": "logging.FileHandler", "formatter": "plain",
+                                  "filename": str(self.log_path), "encoding": "utf8"}},
+            "root": {"level": "WARNING", "handlers": ["file"]},
+            "disable_existing_loggers": False,
+        }), encoding="utf-8")
+        config.update({
+            "pid_file": str(self.workdir / "homeserver.pid"),
+            "listeners": [{"port": self.port, "bind_addresses": ["127.0.0.1"], "type": "http",
+                           "resources": [{"names": ["client"]}]}],
+            "database": {"name": "sqlite3",
+                         "args": {"database": str(self.workdir / "homeserver.db")}},
+            "log_config": str(log_config),
+            "media_store_path": str(self.workdir / "media_store"),
+            "max_upload_size": "50M", "url_preview_enabled": False,
+            "report_stats": False,
+            "enable_registration": True,
+            "enable_registration_without_verification": True,
+            "registration_shared_secret": self._shared_secret,
+            "bcrypt_rounds": 4,  # password hashing dominated user setup (~0.4 s a call)
+            "trusted_key_servers": [],
+            "suppress_key_server_warning": True,
+            "federation_domain_whitelist": [],
+            "presence": {"enabled": False},
+            "app_service_config_files": [str(p) for p in self._registration_files],
+            "experimental_features": {"msc2409_to_device_messages_enabled": True,
+                                      "msc3202_transaction_extensions": True},
+            **_rate_limits(),
+        })
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        return self.config_path
+
+    async def start(self, timeout: float = 60) -> None:  # noqa: ASYNC109
+        """Write the config if not done yet, launch Synapse and wait until it answers."""
+        if self._process is not None:
+            raise LocalSynapseError("already started")
+        if self._shared_secret is None:
+            await asyncio.to_thread(self.write_config)
+        python = await asyncio.to_thread(self._venv_python)  # may build the venv
+        out = await asyncio.to_thread(self.output_path.open, "ab")
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                python, "-m", "synapse.app.homeserver", "-c", str(self.config_path),
+                cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT)
+        finally:
+            out.close()
+        self._session = aiohttp.ClientSession()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await self._answers():
+            if self._process.returncode is not None:
+                await self._fail(f"exited with code {self._process.returncode}")
+            if loop.time() > deadline:
+                await self._fail(f"did not answer within {timeout:g} s")
+            await asyncio.sleep(0.1)
+
+    async def _answers(self) -> bool:
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{self.url}/_matrix/client/versions",
+                                         timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _fail(self, problem: str) -> NoReturn:
+        await self.stop()
+        tails = await asyncio.to_thread(
+            lambda: f"--- {self.output_path}:\n{_tail(self.output_path)}\n"
+                    f"--- {self.log_path}:\n{_tail(self.log_path)}")
+        raise LocalSynapseError(f"Synapse on {self.url} {problem}\n{tails}")
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL if Synapse is still running after 10 s."""
+        process, self._process = self._process, None
+        if process is not None:
+            if process.returncode is None:
+                process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), 10)
+                except TimeoutError:
+                    process.kill()
+            await process.wait()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> LocalSynapse:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def request(self, method: str, path: str, body: JsonDict | None = None,
+                      token: str | None = None) -> tuple[int, JsonDict]:
+        """One client-API call; returns (HTTP status, JSON body) without raising on errors."""
+        if self._session is None:
+            raise LocalSynapseError("not started")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self._session.request(method, self.url + path, json=body,
+                                         headers=headers) as resp:
+            data: JsonDict = await resp.json(content_type=None)
+            return resp.status, data
+
+    async def _call(self, method: str, path: str, body: JsonDict | None = None) -> JsonDict:
+        status, data = await self.request(method, path, body)
+        if status == 200:
+            return data
+        raise LocalSynapseError(f"{method} {path}: HTTP {status} {data.get('errcode')}: "
+                                f"{data.get('error')}")
+
+    async def register_user(self, localpart: str, password: str, admin: bool = False) -> str:
+        """Create a user with the shared-secret admin API; returns the MXID."""
+        assert self._shared_secret is not None
+        path = "/_synapse/admin/v1/register"
+        nonce = (await self._call("GET", path))["nonce"]
+        mac = hmac.new(self._shared_secret.encode(), digestmod=hashlib.sha1)
+        mac.update(b"\x00".join(part.encode() for part in
+                                (nonce, localpart, password, "admin" if admin else "notadmin")))
+        data = await self._call("POST", path, {"nonce": nonce, "username": localpart,
+                                               "password": password, "admin": admin,
+                                               "mac": mac.hexdigest()})
+        return str(data["user_id"])
+
+    async def login(self, localpart: str, password: str,
+                    device_id: str | None = None) -> tuple[str, str, str]:
+        """Password login; returns (user_id, access_token, device_id)."""
+        body: JsonDict = {"type": "m.login.password", "password": password,
+                          "identifier": {"type": "m.id.user", "user": localpart}}
+        if device_id is not None:
+            body["device_id"] = device_id
+        data = await self._call("POST", "/_matrix/client/v3/login", body)
+        return str(data["user_id"]), str(data["access_token"]), str(data["device_id"])

@@ -1,0 +1,164 @@
+"""A small client for the homeserver's client-server API, authenticated as the appservice.
+
+Requests are sent with the as_token and, to act as a ghost, `?user_id=` (appservice
+identity assertion). E2EE traffic goes through the per-device nio clients instead
+(bridge.matrix.devices); this client does room administration and registration.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from bridge.types import EventID, RoomID, UserID
+
+log = logging.getLogger(__name__)
+
+
+class MatrixError(Exception):
+    """An error answer from the homeserver."""
+
+    def __init__(self, status: int, errcode: str, error: str) -> None:
+        super().__init__(f"{status} {errcode}: {error}")
+        self.status = status
+        self.errcode = errcode
+        self.error = error
+
+
+def _q(value: str) -> str:
+    return quote(value, safe="")
+
+
+class MatrixAPI:
+    """Appservice-authenticated calls to `/_matrix/client/v3`."""
+
+    def __init__(self, session: aiohttp.ClientSession, homeserver_url: str, as_token: str) -> None:
+        self._session = session
+        self.url = homeserver_url.rstrip("/")
+        self._auth = {"Authorization": f"Bearer {as_token}"}
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        as_user: str | None = None,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        query = dict(params or {})
+        if as_user:
+            query["user_id"] = as_user
+        async with self._session.request(
+            method, f"{self.url}{path}", json=json, params=query, headers=self._auth,
+            timeout=aiohttp.ClientTimeout(total=60),
+        ) as resp:
+            try:
+                body = await resp.json(content_type=None)
+            except ValueError:
+                body = {}
+            if resp.status >= 400:
+                body = body if isinstance(body, dict) else {}
+                raise MatrixError(resp.status, str(body.get("errcode", "M_UNKNOWN")),
+                                  str(body.get("error", "")))
+            return body if isinstance(body, dict) else {"chunk": body}
+
+    # --- accounts -------------------------------------------------------------
+
+    async def register(self, localpart: str) -> None:
+        """Register a user in our namespace; an existing one is fine."""
+        try:
+            await self.request("POST", "/_matrix/client/v3/register", json={
+                "type": "m.login.application_service", "username": localpart,
+                "inhibit_login": True,
+            })
+        except MatrixError as exc:
+            if exc.errcode != "M_USER_IN_USE":
+                raise
+
+    async def login_device(self, localpart: str, device_id: str) -> str:
+        """An access token for a fixed device id (keeps its keys across restarts)."""
+        body = await self.request("POST", "/_matrix/client/v3/login", json={
+            "type": "m.login.application_service",
+            "identifier": {"type": "m.id.user", "user": localpart},
+            "device_id": device_id,
+            "initial_device_display_name": "civic-bridge",
+        })
+        return str(body["access_token"])
+
+    async def set_displayname(self, user_id: UserID, name: str) -> None:
+        await self.request("PUT", f"/_matrix/client/v3/profile/{_q(user_id)}/displayname",
+                           as_user=user_id, json={"displayname": name})
+
+    # --- rooms ----------------------------------------------------------------
+
+    async def create_room(self, as_user: UserID, body: dict[str, Any]) -> RoomID:
+        resp = await self.request("POST", "/_matrix/client/v3/createRoom",
+                                  as_user=as_user, json=body)
+        return RoomID(str(resp["room_id"]))
+
+    async def invite(self, as_user: UserID, room_id: RoomID, user_id: str,
+                     reason: str | None = None) -> None:
+        body: dict[str, Any] = {"user_id": user_id}
+        if reason:
+            body["reason"] = reason
+        await self.request("POST", f"/_matrix/client/v3/rooms/{_q(room_id)}/invite",
+                           as_user=as_user, json=body)
+
+    async def join(self, as_user: UserID, room_id: RoomID) -> None:
+        await self.request("POST", f"/_matrix/client/v3/join/{_q(room_id)}", as_user=as_user,
+                           json={})
+
+    async def leave(self, as_user: UserID, room_id: RoomID) -> None:
+        await self.request("POST", f"/_matrix/client/v3/rooms/{_q(room_id)}/leave",
+                           as_user=as_user, json={})
+
+    async def membership_action(self, as_user: UserID, room_id: RoomID, action: str,
+                                user_id: str, reason: str | None = None) -> None:
+        """kick, ban or unban."""
+        body: dict[str, Any] = {"user_id": user_id}
+        if reason:
+            body["reason"] = reason
+        await self.request("POST", f"/_matrix/client/v3/rooms/{_q(room_id)}/{action}",
+                           as_user=as_user, json=body)
+
+    async def redact(self, as_user: UserID, room_id: RoomID, event_id: str, txn_id: str,
+                     reason: str | None = None) -> EventID:
+        resp = await self.request(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{_q(room_id)}/redact/{_q(event_id)}/{_q(txn_id)}",
+            as_user=as_user, json={"reason": reason} if reason else {})
+        return EventID(str(resp["event_id"]))
+
+    async def send_state(self, as_user: UserID, room_id: RoomID, event_type: str,
+                         content: dict[str, Any], state_key: str = "") -> EventID:
+        resp = await self.request(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{_q(room_id)}/state/{_q(event_type)}/{_q(state_key)}",
+            as_user=as_user, json=content)
+        return EventID(str(resp["event_id"]))
+
+    async def get_state(self, as_user: UserID, room_id: RoomID) -> list[dict[str, Any]]:
+        resp = await self.request("GET", f"/_matrix/client/v3/rooms/{_q(room_id)}/state",
+                                  as_user=as_user)
+        return list(resp.get("chunk", []))
+
+    async def get_state_event(self, as_user: UserID, room_id: RoomID, event_type: str,
+                              state_key: str = "") -> dict[str, Any]:
+        return await self.request(
+            "GET",
+            f"/_matrix/client/v3/rooms/{_q(room_id)}/state/{_q(event_type)}/{_q(state_key)}",
+            as_user=as_user)
+
+    async def members(self, as_user: UserID, room_id: RoomID) -> list[dict[str, Any]]:
+        """m.room.member events of joined and invited members."""
+        resp = await self.request("GET", f"/_matrix/client/v3/rooms/{_q(room_id)}/members",
+                                  as_user=as_user, params={"not_membership": "leave"})
+        return [m for m in resp.get("chunk", [])
+                if m.get("content", {}).get("membership") in ("join", "invite", "knock")]
+
+    async def versions(self) -> dict[str, Any]:
+        return await self.request("GET", "/_matrix/client/versions")

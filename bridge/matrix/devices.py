@@ -1,0 +1,197 @@
+"""E2EE devices for the bot and the ghosts, one matrix-nio client each.
+
+Why one device per ghost: staff clients then see each pseudonym's messages come from
+that pseudonym's own device, not "sent by another user's device" (MISMATCHED_SENDER).
+
+Why /sync per device rather than to-device events from appservice transactions (MSC2409):
+nio keeps room membership, device-list changes, one-time-key counts and Olm sessions
+up to date from /sync out of the box; feeding transaction payloads into nio's private
+Olm machine would duplicate that bookkeeping by hand. The cost is one long-poll per
+open device; devices are opened lazily (the bot at start, a ghost when it first
+speaks). MSC2409 stays on in the registration so this can move to transactions
+when the number of concurrently active ghosts makes long-polls too expensive.
+
+Crypto state lives in nio's SQLite store under `appservice.store_dir`, pickled with a
+key derived from `privacy.data_key`, so it survives restarts; the device id is fixed
+per user (stored in the ghosts table) so keys are reused, never regenerated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import nio
+
+from bridge.matrix.api import MatrixAPI
+from bridge.types import DeviceID, RoomID, UserID
+
+log = logging.getLogger(__name__)
+
+# Ghosts need room state and to-device messages, never presence or account data.
+SYNC_FILTER: dict[str, Any] = {
+    "presence": {"not_types": ["*"]},
+    "account_data": {"not_types": ["*"]},
+    "room": {"timeline": {"limit": 5}, "account_data": {"not_types": ["*"]},
+             "ephemeral": {"not_types": ["*"]}},
+}
+
+# Called after a device's keys are on the server (used for cross-signing).
+DeviceReadyHook = Callable[[UserID, DeviceID], Awaitable[None]]
+
+
+class Device:
+    """One logged-in nio client with its own sync loop and key maintenance."""
+
+    def __init__(self, client: nio.AsyncClient) -> None:
+        self.client = client
+        self.synced = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._send_lock = asyncio.Lock()
+
+    @property
+    def user_id(self) -> UserID:
+        return UserID(self.client.user_id)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sync_loop(), name=f"sync {self.user_id}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.client.close()
+
+    async def _sync_loop(self) -> None:
+        backoff = 1.0
+        while True:
+            try:
+                resp = await self.client.sync(timeout=30_000, sync_filter=SYNC_FILTER,
+                                              full_state=not self.synced.is_set())
+                if isinstance(resp, nio.SyncError):
+                    raise RuntimeError(f"sync failed: {resp.status_code}")
+                # nio ignores a server count of 0 after a restart and then never
+                # refills one-time keys; senders would log "Missing Olm session".
+                if resp.device_key_count.signed_curve25519 == 0 and self.client.olm:
+                    self.client.olm.uploaded_key_count = 0
+                await self.maintain_keys()
+                self.synced.set()
+                backoff = 1.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("sync loop of %s: %s; retrying in %.0fs", self.user_id,
+                            type(exc).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+
+    async def maintain_keys(self) -> None:
+        """What nio's sync_forever does after each sync and a manual sync() does not."""
+        c = self.client
+        await c.send_to_device_messages()
+        if c.should_upload_keys:
+            await c.keys_upload()
+        if c.should_query_keys:
+            await c.keys_query()
+        if c.should_claim_keys:
+            await c.keys_claim(c.get_users_for_key_claiming())
+
+    async def prepare_room(self, api: MatrixAPI, room_id: RoomID) -> None:
+        """Make nio know the room's joined AND invited members before encrypting.
+
+        With portal history visible from invitation, invited staff must get the room key
+        too; nio's own fallback (`joined_members`) would leave them out.
+        """
+        room = self.client.rooms.get(room_id)
+        if room is not None and room.members_synced and room.encrypted:
+            return
+        if room is None:
+            room = nio.MatrixRoom(room_id, self.client.user_id, encrypted=True)
+            self.client.rooms[room_id] = room
+        room.encrypted = True
+        for member in await api.members(self.user_id, room_id):
+            content = member.get("content", {})
+            room.add_member(member["state_key"], content.get("displayname"),
+                            content.get("avatar_url"),
+                            invited=content.get("membership") == "invite")
+        room.members_synced = True
+        if self.client.olm:
+            self.client.olm.update_tracked_users(room)
+        if self.client.should_query_keys:
+            await self.client.keys_query()
+
+    async def send(self, api: MatrixAPI, room_id: RoomID, event_type: str,
+                   content: dict[str, Any], txn_id: str | None = None) -> str:
+        """Encrypt (if the room is encrypted) and send; returns the event id."""
+        await self.prepare_room(api, room_id)
+        resp = await self.client.room_send(room_id, event_type, content, tx_id=txn_id,
+                                           ignore_unverified_devices=True)
+        if isinstance(resp, nio.RoomSendError):
+            raise RuntimeError(f"send failed: {resp.status_code}")
+        return str(resp.event_id)
+
+    def decrypt(self, event: dict[str, Any]) -> nio.Event | None:
+        """Decrypt a raw m.room.encrypted event dict; None while the room key is missing."""
+        parsed = nio.Event.parse_event(event)
+        if not isinstance(parsed, nio.MegolmEvent):
+            return None
+        try:
+            decrypted: nio.Event = self.client.decrypt_event(parsed)
+            return decrypted
+        except nio.EncryptionError:
+            return None
+
+
+class Devices:
+    """Opens, caches and closes the E2EE devices of users in the bridge's namespace."""
+
+    def __init__(self, api: MatrixAPI, store_dir: Path, pickle_secret: bytes,
+                 on_ready: DeviceReadyHook | None = None) -> None:
+        self._api = api
+        self._store_dir = store_dir
+        # nio pickles Olm/Megolm state with this passphrase: derive it from the data key
+        # so crypto state at rest is as protected as the rest of the bridge's data.
+        self._pickle_key = hashlib.sha256(b"civic-bridge nio pickle\0" + pickle_secret).hexdigest()
+        self._on_ready = on_ready
+        self._devices: dict[UserID, Device] = {}
+        self._opening: dict[UserID, asyncio.Lock] = {}
+
+    def get_open(self, user_id: UserID) -> Device | None:
+        return self._devices.get(user_id)
+
+    async def open(self, user_id: UserID, device_id: DeviceID) -> Device:
+        """The user's device, logged in, keys uploaded, sync loop running."""
+        lock = self._opening.setdefault(user_id, asyncio.Lock())
+        async with lock:
+            if user_id in self._devices:
+                return self._devices[user_id]
+            localpart = user_id[1:].split(":", 1)[0]
+            token = await self._api.login_device(localpart, device_id)
+            store = self._store_dir / localpart
+            store.mkdir(parents=True, exist_ok=True)
+            client = nio.AsyncClient(
+                self._api.url, user_id, device_id, store_path=str(store),
+                config=nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True,
+                                             pickle_key=self._pickle_key),
+            )
+            client.restore_login(user_id, device_id, token)
+            device = Device(client)
+            if client.should_upload_keys:
+                resp = await client.keys_upload()
+                if isinstance(resp, nio.KeysUploadError):
+                    await client.close()
+                    raise RuntimeError(f"key upload failed for a device: {resp.status_code}")
+            if self._on_ready:
+                await self._on_ready(user_id, device_id)
+            device.start()
+            self._devices[user_id] = device
+            log.info("device open for %s", user_id)
+            return device
+
+    async def close(self) -> None:
+        devices, self._devices = list(self._devices.values()), {}
+        await asyncio.gather(*(d.stop() for d in devices), return_exceptions=True)

@@ -1,0 +1,80 @@
+"""Ghost users: pseudonymous Matrix accounts in the bridge's namespace.
+
+A ghost's user ID is `@{ghost_prefix}{16 random letters}:{domain}` and its display name
+comes from `privacy.pseudonym_template` with a random letter code: nothing is derived
+from the phone number or BSUID it stands for.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import string
+
+from bridge.db import Database, GhostKind
+from bridge.matrix.api import MatrixAPI
+from bridge.matrix.devices import Device, Devices
+from bridge.privacy import Privacy, new_localpart, new_pseudonym_code
+from bridge.types import DeviceID, UserID
+
+log = logging.getLogger(__name__)
+
+BOT_DISPLAY_NAME = "civic-bridge"
+
+
+def new_device_id() -> DeviceID:
+    return DeviceID("CB" + "".join(secrets.choice(string.ascii_uppercase) for _ in range(10)))
+
+
+class Ghosts:
+    """Creates ghosts (durably: DB row first, then the homeserver) and opens their devices."""
+
+    def __init__(self, db: Database, api: MatrixAPI, devices: Devices, privacy: Privacy,
+                 prefix: str, domain: str) -> None:
+        self._db = db
+        self._api = api
+        self._devices = devices
+        self._privacy = privacy
+        self._prefix = prefix
+        self._domain = domain
+        self.bot = UserID(f"@{prefix}bot:{domain}")
+
+    def is_ours(self, user_id: str) -> bool:
+        return user_id.startswith(f"@{self._prefix}") and user_id.endswith(f":{self._domain}")
+
+    async def ensure_bot(self) -> Device:
+        """Register the bot (idempotent) and open its device."""
+        if await self._db.ghosts.get(self.bot) is None:
+            await self._db.ghosts.create(user_id=self.bot, device_id=new_device_id(),
+                                         display_name=BOT_DISPLAY_NAME, kind="bot")
+        await self._register(self.bot, BOT_DISPLAY_NAME)
+        return await self.device(self.bot)
+
+    async def create(self, kind: GhostKind = "citizen", citizen_id: int | None = None) -> UserID:
+        """A new pseudonymous ghost; returns its user ID."""
+        user_id = UserID(f"@{new_localpart(self._prefix)}:{self._domain}")
+        display = self._privacy.display_name(new_pseudonym_code())
+        await self._db.ghosts.create(user_id=user_id, device_id=new_device_id(),
+                                     display_name=display, kind=kind, citizen_id=citizen_id)
+        await self._register(user_id, display)
+        return user_id
+
+    async def resume_unregistered(self) -> None:
+        """Finish ghosts whose registration a crash interrupted."""
+        for ghost in await self._db.ghosts.all():
+            if not ghost.registered:
+                await self._register(UserID(ghost.user_id), ghost.display_name)
+
+    async def _register(self, user_id: UserID, display_name: str) -> None:
+        await self._api.register(user_id[1:].split(":", 1)[0])
+        await self._api.set_displayname(user_id, display_name)
+        await self._db.ghosts.mark_registered(user_id)
+
+    async def device(self, user_id: UserID) -> Device:
+        open_device = self._devices.get_open(user_id)
+        if open_device:
+            return open_device
+        ghost = await self._db.ghosts.get(user_id)
+        if ghost is None:
+            raise LookupError("not a ghost of this bridge")
+        return await self._devices.open(user_id, DeviceID(ghost.device_id))

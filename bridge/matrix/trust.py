@@ -1,0 +1,66 @@
+"""Cross-signing every device the bridge runs, so Element shows no red shield.
+
+Each ghost (and the bot) gets its own master/self-signing/user-signing keys, generated
+once, stored encrypted (AES-GCM bound to the user ID) and re-used forever: regenerating
+them would be an identity reset that staff clients flag. A device is signed as soon as
+its keys are on the server, before it sends anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import aiohttp
+
+from bridge.db import Database
+from bridge.matrix import crosssign
+from bridge.privacy import Cipher
+from bridge.types import DeviceID, UserID
+
+log = logging.getLogger(__name__)
+
+
+class Trust:
+    """The `on_ready` hook of `Devices`: cross-signs a device once its keys are uploaded."""
+
+    def __init__(self, db: Database, http: aiohttp.ClientSession, homeserver_url: str,
+                 as_token: str, cipher: Cipher) -> None:
+        self._db = db
+        self._http = http
+        self._url = homeserver_url
+        self._as_token = as_token
+        self._cipher = cipher
+
+    async def seeds(self, user_id: UserID) -> crosssign.CrossSigningSeeds:
+        """The user's cross-signing seeds, generated and stored on first use."""
+        ghost = await self._db.ghosts.get(user_id)
+        if ghost is None:
+            raise LookupError("not a ghost of this bridge")
+        aad = user_id.encode()
+        if ghost.cross_signing_ct:
+            return crosssign.CrossSigningSeeds.from_json(
+                self._cipher.decrypt(ghost.cross_signing_ct, aad=aad))
+        seeds = crosssign.generate()
+        # Stored before anything is uploaded: a crash in between must not lose the identity.
+        await self._db.ghosts.set_cross_signing(user_id,
+                                                self._cipher.encrypt(seeds.to_json(), aad=aad))
+        return seeds
+
+    async def __call__(self, user_id: UserID, device_id: DeviceID) -> None:
+        await crosssign.ensure_cross_signed(self._http, self._url, self._as_token, user_id,
+                                            device_id, await self.seeds(user_id))
+
+    async def upgrade_existing(self, store_dir: Path) -> int:
+        """Cross-sign devices of ghosts created before cross-signing existed.
+
+        Only ghosts whose device was ever opened (a crypto store exists) have device keys
+        on the server; the rest are signed when their device first opens.
+        """
+        count = 0
+        for ghost in await self._db.ghosts.all():
+            localpart = ghost.user_id[1:].split(":", 1)[0]
+            if ghost.registered and (store_dir / localpart).exists():
+                await self(UserID(ghost.user_id), DeviceID(ghost.device_id))
+                count += 1
+        return count

@@ -1,0 +1,29 @@
+"""Prometheus metrics. Labels carry kinds and reasons only, never personal data."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """One registry per bridge instance (no module-global collectors)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.transactions = Counter("civic_bridge_as_transactions",
+                                    "Appservice transactions stored", registry=r)
+        self.relayed = Counter("civic_bridge_messages_relayed",
+                               "Messages relayed", ["direction", "type"], registry=r)
+        self.webhook_rejects = Counter("civic_bridge_webhook_rejects",
+                                       "Webhook requests rejected", ["reason"], registry=r)
+        self.consent_changes = Counter("civic_bridge_consent_changes",
+                                       "Consent state changes", ["purpose", "state"], registry=r)
+        self.outbox_depth = Gauge("civic_bridge_outbox_depth",
+                                  "Outbound messages waiting to be sent", registry=r)
+        self.outbox_retries = Counter("civic_bridge_outbox_retries",
+                                      "Outbound send retries", registry=r)
+        self.relay_latency = Histogram("civic_bridge_relay_seconds",
+                                       "Time to relay one message", ["direction"], registry=r)
+        self.undecryptable = Counter("civic_bridge_undecryptable_events",
+                                     "Staff events the bridge could not decrypt", registry=r)

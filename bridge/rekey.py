@@ -1,0 +1,32 @@
+"""Re-encrypt stored identifiers and keys with the current `privacy.data_key`.
+
+After rotation (old key moved to `privacy.previous_data_keys`) new writes already use
+the new key and old rows still decrypt; this makes the old key removable. Queue
+payloads are short-lived (held messages expire after `consent.hold_hours`) and are
+left to expire rather than rewritten.
+"""
+
+from __future__ import annotations
+
+from bridge.db import Database
+from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Cipher
+from bridge.types import UserID
+
+
+async def rekey_database(db: Database, cipher: Cipher) -> int:
+    """Returns how many values were re-encrypted."""
+    count = 0
+    for row in await db.citizens.list_identifiers():
+        ident, wa_id = row.identifier_ct, row.wa_id_ct
+        if cipher.needs_rekey(ident) or (wa_id and cipher.needs_rekey(wa_id)):
+            new_wa = cipher.rekey(wa_id, aad=AAD_WA_ID) if wa_id else None
+            await db.citizens.update_identifier(row.id, cipher.rekey(ident, aad=AAD_IDENTIFIER),
+                                                new_wa)
+            count += 1
+    for ghost in await db.ghosts.all():
+        ct = ghost.cross_signing_ct
+        if ct and cipher.needs_rekey(ct):
+            aad = ghost.user_id.encode()
+            await db.ghosts.set_cross_signing(UserID(ghost.user_id), cipher.rekey(ct, aad=aad))
+            count += 1
+    return count

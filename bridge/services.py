@@ -1,0 +1,115 @@
+"""The composition root: every long-lived object is built here, once, and passed in."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bridge.admin.service import AdminService
+from bridge.config import Config
+from bridge.db import Database, InboundItem
+from bridge.matrix.api import MatrixAPI
+from bridge.matrix.devices import Devices
+from bridge.matrix.ghosts import Ghosts
+from bridge.matrix.relay import Relay
+from bridge.matrix.rooms import RoomPolicy, Rooms
+from bridge.matrix.trust import Trust
+from bridge.metrics import Metrics
+from bridge.privacy import Privacy
+from bridge.worker import InboundWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Bridge:
+    """Everything the HTTP routes and background tasks need."""
+
+    config: Config
+    db: Database
+    http: aiohttp.ClientSession
+    api: MatrixAPI
+    privacy: Privacy
+    devices: Devices
+    ghosts: Ghosts
+    rooms: Rooms
+    relay: Relay
+    trust: Trust
+    worker: InboundWorker
+    metrics: Metrics
+    admin: AdminService
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> None:
+        """Bring up the bot device, then process queued work; retries until Synapse answers."""
+        delay = 1.0
+        while True:
+            try:
+                await self.ghosts.ensure_bot()
+                await self.ghosts.resume_unregistered()
+                await self.trust.upgrade_existing(Path(self.config.appservice.store_dir))
+                break
+            except (aiohttp.ClientError, OSError) as exc:
+                log.warning("homeserver not reachable (%s); retrying in %.0fs",
+                            type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self.worker.start()
+        self.ready.set()
+        log.info("bridge ready")
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Track a background task: keep a reference, log its failure."""
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.tasks.discard(t)
+            if not t.cancelled() and t.exception():
+                log.error("background task failed: %s", type(t.exception()).__name__)
+
+        task.add_done_callback(done)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.worker.stop()
+        await self.devices.close()
+        await self.http.close()
+        await self.db.close()
+
+
+async def build_bridge(config: Config) -> Bridge:
+    """Open the database (refusing a wrong schema) and wire every service."""
+    db = await Database.open(config.database.url)
+    http = aiohttp.ClientSession()
+    api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
+    privacy = Privacy.from_config(config.privacy)
+    trust = Trust(db, http, config.homeserver.url, config.appservice.as_token, privacy.cipher)
+    devices = Devices(api, Path(config.appservice.store_dir),
+                      base64.b64decode(config.privacy.data_key), on_ready=trust)
+    ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
+                    config.homeserver.domain)
+    rooms = Rooms(api, ghosts.bot, RoomPolicy(federate=config.rooms.federate,
+                                              admins=tuple(config.admin.users)))
+    relay = Relay(api, ghosts)
+    metrics = Metrics()
+
+    async def handle_matrix(item: InboundItem) -> None:
+        await relay.handle_event(json.loads(item.payload))
+
+    worker = InboundWorker(db, {"matrix": handle_matrix})
+    admin = AdminService(config, db, api, rooms, ghosts)
+    return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
+                  ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, worker=worker,
+                  metrics=metrics, admin=admin)

@@ -1,0 +1,45 @@
+"""Operational endpoints: /health (process alive), /ready (DB + homeserver), /metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bridge.web.state import BRIDGE
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    checks = {"started": bridge.ready.is_set(), "database": False, "homeserver": False}
+    try:
+        await bridge.db.ping()
+        checks["database"] = True
+    except Exception as exc:
+        log.warning("readiness: database %s", type(exc).__name__)
+    try:
+        await bridge.api.versions()
+        checks["homeserver"] = True
+    except Exception as exc:
+        log.warning("readiness: homeserver %s", type(exc).__name__)
+    return web.json_response(checks, status=200 if all(checks.values()) else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    bridge = request.app[BRIDGE]
+    if not bridge.config.metrics.enabled:
+        raise web.HTTPNotFound()
+    bridge.metrics.outbox_depth.set(await bridge.db.outbox.depth())
+    body = generate_latest(bridge.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,500 @@
+"""A local simulator of the WhatsApp Cloud API, for tests and `civic-bridge demo`.
+
+It answers the Graph endpoints the bridge uses (send, mark read, media upload /
+lookup / download / delete) with the validation and error shapes of the real API,
+records what it accepted, lets a test inject Graph errors, and delivers webhooks
+signed the way Meta signs them (HMAC-SHA256 of the raw body with the app secret).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import aiohttp
+from aiohttp import web
+
+OBJECT = "whatsapp_business_account"
+MEDIA_KINDS = ("image", "document", "audio", "video", "sticker")
+SEND_TYPES = (*MEDIA_KINDS, "text", "template", "interactive", "reaction")
+DOWNLOAD_PATH = "/whatsapp_business/attachments/"
+_DEFAULT_MESSAGES = {
+    100: "(#100) Invalid parameter",
+    190: "Invalid OAuth access token - Cannot parse access token",
+    130429: "(#130429) Rate limit hit",
+    131026: "(#131026) Message undeliverable",
+    131047: "(#131047) Re-engagement message",
+    131056: "(#131056) (Business Account, Consumer Account) pair rate limit hit",
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedUser:
+    """A WhatsApp user; `wa_id` None models a username-only user without a number."""
+
+    wa_id: str | None
+    user_id: str
+    name: str
+    username: str | None = None
+
+
+class RequestRecord(NamedTuple):
+    method: str
+    path: str
+    status: int
+
+
+@dataclass
+class _Fault:
+    code: int
+    http_status: int
+    count: int
+    subcode: int | None
+    message: str | None
+
+
+@dataclass
+class _Media:
+    data: bytes
+    mime_type: str
+    sha256: str
+    filename: str | None = None
+
+
+def _graph_error(http_status: int, code: int, message: str, subcode: int | None = None,
+                 details: str | None = None) -> web.Response:
+    error: dict[str, Any] = {"message": message, "type": "OAuthException", "code": code,
+                             "fbtrace_id": "A" + secrets.token_urlsafe(16)}
+    if subcode is not None:
+        error["error_subcode"] = subcode
+    if details:
+        error["error_data"] = {"messaging_product": "whatsapp", "details": details}
+    return web.json_response({"error": error}, status=http_status)
+
+
+class _Invalid(Exception):
+    """A request the real API would refuse with 400 / code 100."""
+
+
+def _require(condition: bool, details: str) -> None:
+    if not condition:
+        raise _Invalid(details)
+
+
+def _is_str(value: Any, max_len: int | None = None) -> bool:
+    return isinstance(value, str) and bool(value) and (max_len is None or len(value) <= max_len)
+
+
+def _validate_object(kind: str, obj: Any) -> None:
+    _require(isinstance(obj, dict), f"{kind} must be an object")
+    if kind == "text":
+        _require(_is_str(obj.get("body"), 4096), "text.body must be 1-4096 characters")
+    elif kind in MEDIA_KINDS:
+        _require(_is_str(obj.get("id")) != _is_str(obj.get("link")),
+                 f"{kind} needs exactly one of id or link")
+        _require(not (kind in ("audio", "sticker") and "caption" in obj),
+                 f"{kind} cannot have a caption")
+        _require(kind == "document" or "filename" not in obj, "only documents have a filename")
+    elif kind == "template":
+        language = obj.get("language")
+        _require(_is_str(obj.get("name")), "template.name is required")
+        _require(isinstance(language, dict) and _is_str(language.get("code")),
+                 "template.language.code is required")
+        _require(isinstance(obj.get("components", []), list), "template.components must be a list")
+    elif kind == "reaction":
+        _require(_is_str(obj.get("message_id")), "reaction.message_id is required")
+        _require(isinstance(obj.get("emoji"), str), "reaction.emoji must be a string")
+    elif kind == "interactive":
+        body, action = obj.get("body"), obj.get("action")
+        _require(obj.get("type") == "button", "only interactive type button is simulated")
+        _require(isinstance(body, dict) and _is_str(body.get("text"), 1024),
+                 "interactive.body.text must be 1-1024 characters")
+        buttons = action.get("buttons") if isinstance(action, dict) else None
+        _require(isinstance(buttons, list) and 1 <= len(buttons) <= 3, "1-3 buttons allowed")
+        assert isinstance(buttons, list)
+        ids = set()
+        for button in buttons:
+            reply = button.get("reply") if isinstance(button, dict) else None
+            _require(isinstance(button, dict) and button.get("type") == "reply"
+                     and isinstance(reply, dict) and _is_str(reply.get("id"), 256)
+                     and _is_str(reply.get("title"), 20), "button title must be 1-20 characters")
+            assert isinstance(reply, dict)
+            ids.add(reply["id"])
+        _require(len(ids) == len(buttons), "button ids must be unique")
+
+
+def _new_wamid() -> str:
+    return "wamid." + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+class CloudAPISimulator:
+    """The fake Cloud API server plus controls for tests (faults, recordings, webhooks)."""
+
+    version = "v23.0"
+
+    def __init__(self, access_token: str, app_secret: str, phone_number_id: str,
+                 display_phone_number: str, *, waba_id: str = "102290129340398") -> None:
+        self.access_token = access_token
+        self.app_secret = app_secret
+        self.phone_number_id = phone_number_id
+        self.display_phone_number = display_phone_number
+        self.waba_id = waba_id
+        self.sent: list[dict[str, Any]] = []
+        self.sent_ids: list[str | None] = []  # wamid per `sent` entry (None for mark-read)
+        self.requests: list[RequestRecord] = []
+        self.media: dict[str, _Media] = {}
+        self.clock: Callable[[], float] = time.time  # timestamps of built payloads
+        self._faults: deque[_Fault] = deque()
+        self._sent_event = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application(middlewares=[self._middleware],
+                                   client_max_size=110 * 1024 * 1024)
+        version = r"{version:v\d+\.\d+}"
+        self.app.router.add_post(f"/{version}/{{phone_number_id}}/messages", self._messages)
+        self.app.router.add_post(f"/{version}/{{phone_number_id}}/media", self._upload)
+        self.app.router.add_get(f"/{version}/{{media_id}}", self._media_info)
+        self.app.router.add_delete(f"/{version}/{{media_id}}", self._media_delete)
+        self.app.router.add_get(DOWNLOAD_PATH, self._download)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on host:port (0 = any free port); returns the api_base incl. version."""
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        bound_host, bound_port = self._runner.addresses[0][:2]
+        return f"http://{bound_host}:{bound_port}/{self.version}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- test controls ---------------------------------------------------------------
+
+    def fail_next(self, code: int, http_status: int, count: int = 1,
+                  subcode: int | None = None, message: str | None = None) -> None:
+        """Answer the next `count` Graph API calls with this Graph error."""
+        self._faults.append(_Fault(code, http_status, count, subcode, message))
+
+    def add_media(self, data: bytes, mime_type: str, filename: str | None = None) -> str:
+        """Store media as if a user had sent it; returns its media id."""
+        media_id = str(10**15 + secrets.randbelow(9 * 10**15))
+        self.media[media_id] = _Media(data, mime_type, hashlib.sha256(data).hexdigest(), filename)
+        return media_id
+
+    def tamper_media(self, media_id: str) -> None:
+        """Change the stored bytes but not the reported sha256 (an integrity failure)."""
+        item = self.media[media_id]
+        item.data = bytes([item.data[0] ^ 0xFF]) + item.data[1:] if item.data else b"\x00"
+
+    async def wait_for_sent(self, predicate: Callable[[dict[str, Any]], bool] = lambda _: True,
+                            timeout: float = 5.0,  # noqa: ASYNC109 - test convenience
+                            ) -> dict[str, Any]:
+        """The first accepted send body matching `predicate`, waiting for it if needed."""
+        seen = 0
+        async with asyncio.timeout(timeout):
+            while True:
+                for body in self.sent[seen:]:
+                    if predicate(body):
+                        return body
+                seen = len(self.sent)
+                self._sent_event.clear()
+                await self._sent_event.wait()
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await self._dispatch(request, handler)
+        except web.HTTPException as exc:
+            self.requests.append(RequestRecord(request.method, request.path, exc.status))
+            raise
+        self.requests.append(RequestRecord(request.method, request.path, response.status))
+        return response
+
+    async def _dispatch(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._faults and request.path != DOWNLOAD_PATH:
+            fault = self._faults[0]
+            fault.count -= 1
+            if fault.count <= 0:
+                self._faults.popleft()
+            return _graph_error(fault.http_status, fault.code,
+                                fault.message or _DEFAULT_MESSAGES.get(fault.code, "Error"),
+                                fault.subcode)
+        auth = request.headers.get("Authorization", "")
+        expected = f"Bearer {self.access_token}"
+        if not hmac.compare_digest(auth.encode(), expected.encode()):
+            return _graph_error(401, 190, _DEFAULT_MESSAGES[190])
+        return await handler(request)
+
+    def _check_phone(self, request: web.Request) -> web.Response | None:
+        if request.match_info["phone_number_id"] != self.phone_number_id:
+            return _graph_error(400, 100, "Unsupported post request. Object does not exist",
+                                subcode=33)
+        return None
+
+    async def _messages(self, request: web.Request) -> web.Response:
+        if (refused := self._check_phone(request)) is not None:
+            return refused
+        try:
+            body = await request.json()
+            _require(isinstance(body, dict), "body must be a JSON object")
+            _require(body.get("messaging_product") == "whatsapp",
+                     "messaging_product must be whatsapp")
+            if "status" in body:
+                _require(body["status"] == "read" and _is_str(body.get("message_id")),
+                         "status must be read, with message_id")
+                self._record(body, None)
+                return web.json_response({"success": True})
+            to, bsuid = body.get("to"), body.get("recipient")
+            _require(_is_str(to) != _is_str(bsuid), "exactly one of to or recipient")
+            if isinstance(to, str):
+                _require(bool(re.fullmatch(r"\+?[0-9]{6,15}", to)), "to must be a phone number")
+            _require(body.get("recipient_type", "individual") == "individual",
+                     "recipient_type must be individual")
+            kind = body.get("type", "text")
+            _require(kind in SEND_TYPES, "unsupported message type")
+            _validate_object(kind, body.get(kind))
+            context = body.get("context")
+            _require(context is None or (isinstance(context, dict)
+                                         and _is_str(context.get("message_id"))),
+                     "context.message_id is required")
+        except (_Invalid, ValueError) as exc:
+            return _graph_error(400, 100, "(#100) Invalid parameter", details=str(exc))
+        wamid = _new_wamid()
+        self._record(body, wamid)
+        contact = ({"input": to, "wa_id": to.lstrip("+")} if isinstance(to, str)
+                   else {"input": bsuid, "user_id": bsuid})
+        return web.json_response({"messaging_product": "whatsapp", "contacts": [contact],
+                                  "messages": [{"id": wamid}]})
+
+    def _record(self, body: dict[str, Any], wamid: str | None) -> None:
+        self.sent.append(body)
+        self.sent_ids.append(wamid)
+        self._sent_event.set()
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        if (refused := self._check_phone(request)) is not None:
+            return refused
+        form = await request.post()
+        upload = form.get("file")
+        if (form.get("messaging_product") != "whatsapp" or not isinstance(upload, web.FileField)
+                or not isinstance(form.get("type"), str)):
+            return _graph_error(400, 100, "(#100) Invalid parameter",
+                                details="file, type and messaging_product are required")
+        media_id = self.add_media(upload.file.read(), str(form["type"]), upload.filename)
+        return web.json_response({"id": media_id})
+
+    async def _media_info(self, request: web.Request) -> web.Response:
+        media_id = request.match_info["media_id"]
+        item = self.media.get(media_id)
+        if item is None:
+            return _graph_error(400, 100, "Unsupported get request. Object does not exist",
+                                subcode=33)
+        # Points back at this server, the way Graph points at its lookaside CDN.
+        url = request.url.origin().with_path(DOWNLOAD_PATH).with_query(
+            {"mid": media_id, "hash": secrets.token_hex(8)})
+        return web.json_response({
+            "messaging_product": "whatsapp",
+            "url": str(url),
+            "mime_type": item.mime_type,
+            "sha256": item.sha256,
+            "file_size": len(item.data),
+            "id": media_id,
+        })
+
+    async def _media_delete(self, request: web.Request) -> web.Response:
+        if self.media.pop(request.match_info["media_id"], None) is None:
+            return _graph_error(400, 100, "Unsupported delete request. Object does not exist",
+                                subcode=33)
+        return web.json_response({"success": True})
+
+    async def _download(self, request: web.Request) -> web.Response:
+        item = self.media.get(request.query.get("mid", ""))
+        if item is None:
+            return web.Response(status=404)
+        return web.Response(body=item.data, content_type=item.mime_type)
+
+    # -- webhooks --------------------------------------------------------------------
+
+    def sign(self, body: bytes) -> str:
+        """The X-Hub-Signature-256 header value for `body`."""
+        return "sha256=" + hmac.new(self.app_secret.encode(), body, hashlib.sha256).hexdigest()
+
+    def envelope(self, value: dict[str, Any], field: str = "messages") -> dict[str, Any]:
+        return {"object": OBJECT,
+                "entry": [{"id": self.waba_id, "changes": [{"field": field, "value": value}]}]}
+
+    async def deliver(self, webhook_url: str, value: dict[str, Any], *,
+                      signing: Literal["valid", "forged", "missing"] = "valid",
+                      field: str = "messages") -> int:
+        """POST `value` to the bridge as Meta does; returns the HTTP status it answered."""
+        # Serialised once, signed over exactly these bytes (ASCII-escaped like Meta's).
+        body = json.dumps(self.envelope(value, field), separators=(",", ":")).encode()
+        return await self.deliver_raw(webhook_url, body, signing=signing)
+
+    async def deliver_raw(self, webhook_url: str, body: bytes, *,
+                          signing: Literal["valid", "forged", "missing"] = "valid") -> int:
+        headers = {"Content-Type": "application/json", "User-Agent": "facebookexternalua"}
+        if signing == "valid":
+            headers["X-Hub-Signature-256"] = self.sign(body)
+        elif signing == "forged":
+            forged = hmac.new(secrets.token_bytes(32), body, hashlib.sha256).hexdigest()
+            headers["X-Hub-Signature-256"] = "sha256=" + forged
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.post(webhook_url, data=body, headers=headers) as resp:
+            await resp.read()
+            return resp.status
+
+    async def verify_handshake(self, webhook_url: str, verify_token: str,
+                               challenge: str | None = None, mode: str = "subscribe"
+                               ) -> tuple[int, str]:
+        """Meta's subscription check: GET with hub.* params; returns (status, body)."""
+        params = {"hub.mode": mode, "hub.verify_token": verify_token,
+                  "hub.challenge": challenge or str(secrets.randbelow(10**9))}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session, \
+                session.get(webhook_url, params=params) as resp:
+            return resp.status, await resp.text()
+
+    # -- inbound payload builders (each returns a change `value`) ------------------------
+
+    def _value(self, sender: SimulatedUser | None = None, **items: Any) -> dict[str, Any]:
+        value: dict[str, Any] = {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": self.display_phone_number,
+                         "phone_number_id": self.phone_number_id},
+        }
+        if sender is not None:
+            profile = {"name": sender.name}
+            if sender.username:
+                profile["username"] = sender.username
+            contact: dict[str, Any] = {"profile": profile}
+            if sender.wa_id:
+                contact["wa_id"] = sender.wa_id
+            contact["user_id"] = sender.user_id
+            value["contacts"] = [contact]
+        return value | items
+
+    def _message(self, sender: SimulatedUser, kind: str, payload: dict[str, Any] | None,
+                 context_id: str | None = None, forwarded: bool = False, **extra: Any
+                 ) -> dict[str, Any]:
+        message: dict[str, Any] = {}
+        if sender.wa_id:
+            message["from"] = sender.wa_id
+        message |= {"from_user_id": sender.user_id, "id": _new_wamid(),
+                    "timestamp": str(int(self.clock())), "type": kind}
+        if context_id or forwarded:
+            context: dict[str, Any] = {}
+            if context_id:
+                context |= {"from": self.display_phone_number.lstrip("+"), "id": context_id}
+            if forwarded:
+                context["forwarded"] = True
+            message["context"] = context
+        if payload is not None:
+            message[kind] = payload
+        return self._value(sender, messages=[message | extra])
+
+    def text_message(self, sender: SimulatedUser, body: str, context_id: str | None = None,
+                     *, forwarded: bool = False) -> dict[str, Any]:
+        return self._message(sender, "text", {"body": body}, context_id, forwarded)
+
+    def media_message(self, sender: SimulatedUser, kind: str, media_id: str, *,
+                      mime_type: str | None = None, caption: str | None = None,
+                      filename: str | None = None, voice: bool = False,
+                      context_id: str | None = None) -> dict[str, Any]:
+        """A media message; type and sha256 come from stored media when `media_id` is known."""
+        stored = self.media.get(media_id)
+        payload: dict[str, Any] = {
+            "id": media_id,
+            "mime_type": mime_type or (stored.mime_type if stored else "application/octet-stream"),
+            "sha256": stored.sha256 if stored else hashlib.sha256(media_id.encode()).hexdigest(),
+        }
+        if caption is not None:
+            payload["caption"] = caption
+        if filename is not None:
+            payload["filename"] = filename
+        if kind == "audio":
+            payload["voice"] = voice
+        return self._message(sender, kind, payload, context_id)
+
+    def location_message(self, sender: SimulatedUser, latitude: float, longitude: float,
+                         name: str | None = None, address: str | None = None
+                         ) -> dict[str, Any]:
+        payload: dict[str, Any] = {"latitude": latitude, "longitude": longitude}
+        payload |= {k: v for k, v in (("name", name), ("address", address)) if v is not None}
+        return self._message(sender, "location", payload)
+
+    def reaction_message(self, sender: SimulatedUser, message_id: str, emoji: str
+                         ) -> dict[str, Any]:
+        """A reaction; an empty `emoji` is a removed reaction."""
+        return self._message(sender, "reaction", {"message_id": message_id, "emoji": emoji})
+
+    def button_reply(self, sender: SimulatedUser, button_id: str, title: str,
+                     context_id: str | None = None, *,
+                     kind: Literal["button_reply", "list_reply", "template"] = "button_reply"
+                     ) -> dict[str, Any]:
+        """A tap on a reply button, a list row, or a template quick-reply button."""
+        if kind == "template":
+            return self._message(sender, "button", {"payload": button_id, "text": title},
+                                 context_id)
+        return self._message(sender, "interactive",
+                             {"type": kind, kind: {"id": button_id, "title": title}}, context_id)
+
+    def edit_message(self, sender: SimulatedUser, original_id: str, new_body: str
+                     ) -> dict[str, Any]:
+        inner = {"type": "text", "text": {"body": new_body}}
+        return self._message(sender, "edit", {"original_message_id": original_id,
+                                              "message": inner})
+
+    def revoke_message(self, sender: SimulatedUser, original_id: str) -> dict[str, Any]:
+        return self._message(sender, "revoke", {"original_message_id": original_id})
+
+    def system_message(self, sender: SimulatedUser, new_wa_id: str | None = None,
+                       new_user_id: str | None = None,
+                       change: str = "user_changed_number") -> dict[str, Any]:
+        payload: dict[str, Any] = {"type": change, "body": f"{sender.name} changed their number"}
+        if new_wa_id:
+            payload["wa_id"] = new_wa_id
+        if new_user_id:
+            payload["user_id"] = new_user_id
+        return self._message(sender, "system", payload)
+
+    def unsupported_message(self, sender: SimulatedUser, kind: str = "unsupported"
+                            ) -> dict[str, Any]:
+        """An unsupported message, or (with another `kind`) a type from the future."""
+        errors = [{"code": 131051, "title": "Message type unknown",
+                   "message": "Message type unknown",
+                   "error_data": {"details": "Message type is currently not supported."}}]
+        return self._message(sender, kind, None if kind == "unsupported" else {}, errors=errors)
+
+    def status_update(self, wamid: str, status: str, recipient: SimulatedUser,
+                      errors: list[tuple[int, str]] | None = None) -> dict[str, Any]:
+        item: dict[str, Any] = {"id": wamid, "status": status,
+                                "timestamp": str(int(self.clock()))}
+        if recipient.wa_id:
+            item["recipient_id"] = recipient.wa_id
+        item["recipient_user_id"] = recipient.user_id
+        if status != "failed":
+            item["conversation"] = {"id": secrets.token_hex(16),
+                                    "origin": {"type": "service"}}
+            item["pricing"] = {"billable": False, "pricing_model": "PMP",
+                               "category": "service"}
+        if errors:
+            item["errors"] = [{"code": code, "title": title, "message": title,
+                               "error_data": {"details": title}} for code, title in errors]
+        return self._value(None, statuses=[item])

@@ -1,0 +1,459 @@
+"""Sans-I/O parser for WhatsApp Cloud API webhook payloads.
+
+The body is untrusted input (even after the signature check it is only as good as
+Meta's serialiser), so the parser is strict about the envelope and lenient inside it:
+
+* `WebhookFormatError` is raised only for a structurally invalid envelope (not an
+  object, wrong `object`, `entry`/`changes` not lists ...). Nothing else escapes.
+* Inside a change, an item that cannot be used (no id, no sender, bad timestamp, a
+  change for another phone number) is skipped and a reason is added to
+  `WebhookBatch.ignored`. Reasons are fixed strings plus index paths; they never
+  contain payload content, so they are safe to log.
+* A message type we do not know, or a known type whose object is malformed, becomes
+  kind ``"unsupported"`` with `raw_type` kept, so the relay can still tell staff that
+  something arrived.
+
+Dataclass reprs leave out personal data (numbers, BSUIDs, names, text), so logging a
+parsed message by mistake does not leak it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+from bridge.errors import BadRequest
+
+OBJECT: Final = "whatsapp_business_account"
+MEDIA_KINDS: Final = frozenset({"image", "video", "sticker", "document", "audio"})
+# Unix seconds as Meta sends them; the bound keeps datetime in range.
+_TIMESTAMP = re.compile(r"^[0-9]{1,11}$")
+
+MessageKind = Literal[
+    "text", "image", "video", "sticker", "document", "audio", "location", "reaction",
+    "button", "edit", "revoke", "system", "unsupported",
+]
+
+
+class WebhookFormatError(BadRequest):
+    """The envelope is not a WhatsApp Business Account webhook; `reason` is safe to log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid webhook payload: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Who wrote: BSUID (`user_id`) and/or phone-based `wa_id`; at least one is set."""
+
+    wa_id: str | None = field(repr=False)
+    user_id: str | None = field(repr=False)
+    profile_name: str | None = field(default=None, repr=False)
+    username: str | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        """The identity the bridge keys a citizen by: the BSUID when present, else wa_id."""
+        return self.user_id or self.wa_id or ""
+
+
+@dataclass(frozen=True, slots=True)
+class MediaRef:
+    """A media attachment; `id` is fetched through the Graph API."""
+
+    id: str
+    mime_type: str | None
+    sha256: str | None
+    filename: str | None = field(default=None, repr=False)
+    voice: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    latitude: float = field(repr=False)
+    longitude: float = field(repr=False)
+    name: str | None = field(default=None, repr=False)
+    address: str | None = field(default=None, repr=False)
+    url: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Reaction:
+    message_id: str
+    emoji: str  # "" when the reaction was removed
+
+    @property
+    def removed(self) -> bool:
+        return self.emoji == ""
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """The new content of an edited message (text or a media caption)."""
+
+    original_message_id: str
+    kind: MessageKind
+    text: str | None = field(default=None, repr=False)
+    caption: str | None = field(default=None, repr=False)
+    media: MediaRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SystemChange:
+    """`user_changed_number` / `customer_identity_changed`; the body names numbers."""
+
+    type: str
+    body: str | None = field(default=None, repr=False)
+    new_wa_id: str | None = field(default=None, repr=False)
+    new_user_id: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class WhatsAppError:
+    code: int | None
+    title: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """One user message. Exactly the fields that belong to `kind` are set."""
+
+    wamid: str
+    sender: Sender
+    timestamp: datetime
+    kind: MessageKind
+    raw_type: str
+    text: str | None = field(default=None, repr=False)
+    caption: str | None = field(default=None, repr=False)
+    media: MediaRef | None = None
+    location: Location | None = None
+    reaction: Reaction | None = None
+    context_id: str | None = None
+    forwarded: bool = False
+    button_id: str | None = field(default=None, repr=False)
+    button_title: str | None = field(default=None, repr=False)
+    edit: Edit | None = None
+    revoke_of: str | None = None
+    system: SystemChange | None = None
+    errors: tuple[WhatsAppError, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """Delivery status of a message the bridge sent."""
+
+    wamid: str
+    status: str  # sent | delivered | read | played | failed (or a newer value, kept as is)
+    timestamp: datetime
+    recipient_wa_id: str | None = field(default=None, repr=False)
+    recipient_user_id: str | None = field(default=None, repr=False)
+    errors: tuple[WhatsAppError, ...] = ()
+    conversation_id: str | None = None
+    pricing_category: str | None = None
+
+    @property
+    def recipient_key(self) -> str | None:
+        return self.recipient_user_id or self.recipient_wa_id
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookBatch:
+    messages: tuple[InboundMessage, ...] = ()
+    statuses: tuple[StatusUpdate, ...] = ()
+    errors: tuple[WhatsAppError, ...] = ()  # value-level `errors[]` about our number
+    ignored: tuple[str, ...] = ()
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _opt_str(value: Any) -> str | None:
+    """Like _str but keeps the empty string (a text body may legitimately be empty)."""
+    return value if isinstance(value, str) else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _dict(value: Any) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if isinstance(value, str) and _TIMESTAMP.match(value):
+        seconds = int(value)
+    elif (n := _int(value)) is not None and 0 <= n < 10**11:
+        seconds = n
+    else:
+        return None
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _coordinate(value: Any, bound: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) and -bound <= number <= bound else None
+
+
+def _errors(value: Any) -> tuple[WhatsAppError, ...]:
+    return tuple(
+        WhatsAppError(_int(e.get("code")), _str(e.get("title")) or _str(e.get("message")))
+        for e in _list(value)
+        if isinstance(e, dict)
+    )
+
+
+# -- message content -------------------------------------------------------------------
+
+
+def _media(kind: str, obj: dict[str, Any]) -> dict[str, Any] | None:
+    media_id = _str(obj.get("id"))
+    if media_id is None:
+        return None
+    ref = MediaRef(
+        id=media_id,
+        mime_type=_str(obj.get("mime_type")),
+        sha256=_str(obj.get("sha256")),
+        filename=_str(obj.get("filename")) if kind == "document" else None,
+        voice=obj.get("voice") is True,
+    )
+    return {"kind": kind, "media": ref, "caption": _str(obj.get("caption"))}
+
+
+def _interactive(obj: dict[str, Any]) -> dict[str, Any] | None:
+    sub = obj.get("type")
+    reply = _dict(obj.get(sub)) if sub in ("button_reply", "list_reply") else None
+    if reply is None or _str(reply.get("id")) is None:
+        return None
+    return {"kind": "button", "button_id": reply["id"],
+            "button_title": _opt_str(reply.get("title"))}
+
+
+def _content(raw_type: str, obj: Any, *, nested: bool = False) -> dict[str, Any]:
+    """Kind-specific fields for InboundMessage/Edit; unsupported when unusable."""
+    unsupported: dict[str, Any] = {"kind": "unsupported"}
+    body = _dict(obj)
+    if body is None:
+        return unsupported
+    result: dict[str, Any] | None = None
+    if raw_type == "text":
+        text = _opt_str(body.get("body"))
+        result = None if text is None else {"kind": "text", "text": text}
+    elif raw_type in MEDIA_KINDS:
+        result = _media(raw_type, body)
+    elif nested:
+        result = None  # an edit only carries text or media
+    elif raw_type == "location":
+        lat, lon = _coordinate(body.get("latitude"), 90), _coordinate(body.get("longitude"), 180)
+        if lat is not None and lon is not None:
+            result = {"kind": "location", "location": Location(
+                lat, lon, _str(body.get("name")), _str(body.get("address")), _str(body.get("url")))}
+    elif raw_type == "reaction":
+        target = _str(body.get("message_id"))
+        if target is not None:
+            result = {"kind": "reaction",
+                      "reaction": Reaction(target, _opt_str(body.get("emoji")) or "")}
+    elif raw_type == "interactive":
+        result = _interactive(body)
+    elif raw_type == "button":
+        payload, label = _opt_str(body.get("payload")), _opt_str(body.get("text"))
+        if payload is not None or label is not None:
+            result = {"kind": "button", "button_id": payload, "button_title": label}
+    elif raw_type == "edit":
+        result = _edit(body)
+    elif raw_type == "revoke":
+        target = _str(body.get("original_message_id"))
+        result = None if target is None else {"kind": "revoke", "revoke_of": target}
+    elif raw_type == "system":
+        result = _system(body)
+    return result or unsupported
+
+
+def _edit(body: dict[str, Any]) -> dict[str, Any] | None:
+    original = _str(body.get("original_message_id"))
+    inner = _dict(body.get("message"))
+    if original is None or inner is None:
+        return None
+    inner_type = _str(inner.get("type")) or "text"
+    content = _content(inner_type, inner.get(inner_type), nested=True)
+    edit = Edit(original, content["kind"], content.get("text"), content.get("caption"),
+                content.get("media"))
+    return {"kind": "edit", "edit": edit}
+
+
+def _system(body: dict[str, Any]) -> dict[str, Any] | None:
+    change_type = _str(body.get("type"))
+    if change_type is None:
+        return None
+    change = SystemChange(
+        type=change_type,
+        body=_str(body.get("body")),
+        new_wa_id=_str(body.get("new_wa_id")) or _str(body.get("wa_id")),
+        new_user_id=_str(body.get("new_user_id")) or _str(body.get("user_id")),
+    )
+    return {"kind": "system", "system": change}
+
+
+# -- items -----------------------------------------------------------------------------
+
+
+def _contacts(value: dict[str, Any]) -> list[Sender]:
+    found = []
+    for contact in _list(value.get("contacts")):
+        if not isinstance(contact, dict):
+            continue
+        profile = _dict(contact.get("profile")) or {}
+        found.append(Sender(
+            wa_id=_str(contact.get("wa_id")),
+            user_id=_str(contact.get("user_id")),
+            profile_name=_str(profile.get("name")),
+            username=_str(profile.get("username")),
+        ))
+    return found
+
+
+def _sender(msg: dict[str, Any], contacts: list[Sender]) -> Sender | None:
+    wa_id, user_id = _str(msg.get("from")), _str(msg.get("from_user_id"))
+    match: Sender | None = None
+    for contact in contacts:
+        if (wa_id and contact.wa_id == wa_id) or (user_id and contact.user_id == user_id):
+            match = contact
+            break
+    if match is None and wa_id is None and user_id is None and len(contacts) == 1:
+        match = contacts[0]  # some payloads identify the user only in contacts[]
+    if match is not None:
+        wa_id, user_id = wa_id or match.wa_id, user_id or match.user_id
+    if wa_id is None and user_id is None:
+        return None
+    return Sender(wa_id, user_id,
+                  match.profile_name if match else None, match.username if match else None)
+
+
+def _message(msg: Any, contacts: list[Sender], where: str, ignored: list[str]
+             ) -> InboundMessage | None:
+    if not isinstance(msg, dict):
+        ignored.append(f"{where}: not an object")
+        return None
+    wamid = _str(msg.get("id"))
+    timestamp = _timestamp(msg.get("timestamp"))
+    sender = _sender(msg, contacts)
+    problem = ("missing id" if wamid is None else "invalid timestamp" if timestamp is None
+               else "no sender (neither from/wa_id nor from_user_id/user_id)"
+               if sender is None else None)
+    if problem is not None:
+        ignored.append(f"{where}: {problem}")
+        return None
+    assert wamid is not None and timestamp is not None and sender is not None
+    raw_type = _str(msg.get("type")) or ""
+    context = _dict(msg.get("context")) or {}
+    return InboundMessage(
+        wamid=wamid,
+        sender=sender,
+        timestamp=timestamp,
+        raw_type=raw_type,
+        context_id=_str(context.get("id")),
+        forwarded=context.get("forwarded") is True or context.get("frequently_forwarded") is True,
+        errors=_errors(msg.get("errors")),
+        **_content(raw_type, msg.get(raw_type)),
+    )
+
+
+def _status(item: Any, where: str, ignored: list[str]) -> StatusUpdate | None:
+    if not isinstance(item, dict):
+        ignored.append(f"{where}: not an object")
+        return None
+    wamid, status = _str(item.get("id")), _str(item.get("status"))
+    timestamp = _timestamp(item.get("timestamp"))
+    if wamid is None or status is None or timestamp is None:
+        ignored.append(f"{where}: missing id, status or timestamp")
+        return None
+    conversation = _dict(item.get("conversation")) or {}
+    pricing = _dict(item.get("pricing")) or {}
+    return StatusUpdate(
+        wamid=wamid,
+        status=status,
+        timestamp=timestamp,
+        recipient_wa_id=_str(item.get("recipient_id")),
+        recipient_user_id=_str(item.get("recipient_user_id")),
+        errors=_errors(item.get("errors")),
+        conversation_id=_str(conversation.get("id")),
+        pricing_category=_str(pricing.get("category")),
+    )
+
+
+def _change_value(value: dict[str, Any], phone_number_id: str, where: str,
+                  out: _Collector) -> None:
+    if value.get("messaging_product", "whatsapp") != "whatsapp":
+        out.ignored.append(f"{where}: messaging_product is not whatsapp")
+        return
+    metadata = _dict(value.get("metadata")) or {}
+    if metadata.get("phone_number_id") != phone_number_id:
+        out.ignored.append(f"{where}: metadata.phone_number_id is not ours")
+        return
+    contacts = _contacts(value)
+    for i, msg in enumerate(_list(value.get("messages"))):
+        if (parsed := _message(msg, contacts, f"{where}.messages[{i}]", out.ignored)):
+            out.messages.append(parsed)
+    for i, item in enumerate(_list(value.get("statuses"))):
+        if (status := _status(item, f"{where}.statuses[{i}]", out.ignored)):
+            out.statuses.append(status)
+    out.errors.extend(_errors(value.get("errors")))
+
+
+@dataclass
+class _Collector:
+    messages: list[InboundMessage] = field(default_factory=list)
+    statuses: list[StatusUpdate] = field(default_factory=list)
+    errors: list[WhatsAppError] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def parse_webhook(body: Any, phone_number_id: str) -> WebhookBatch:
+    """Parse a decoded webhook body for our `phone_number_id`.
+
+    Raises WebhookFormatError only for an invalid envelope; see the module docstring.
+    """
+    if not isinstance(body, dict):
+        raise WebhookFormatError("body is not a JSON object")
+    if body.get("object") != OBJECT:
+        raise WebhookFormatError(f"object is not {OBJECT}")
+    entries = body.get("entry")
+    if not isinstance(entries, list):
+        raise WebhookFormatError("entry is not a list")
+    out = _Collector()
+    for e, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise WebhookFormatError(f"entry[{e}] is not an object")
+        changes = entry.get("changes")
+        if not isinstance(changes, list):
+            raise WebhookFormatError(f"entry[{e}].changes is not a list")
+        for c, change in enumerate(changes):
+            where = f"entry[{e}].changes[{c}]"
+            if not isinstance(change, dict):
+                raise WebhookFormatError(f"{where} is not an object")
+            if change.get("field") != "messages":
+                out.ignored.append(f"{where}: field is not 'messages'")
+                continue
+            value = change.get("value")
+            if not isinstance(value, dict):
+                raise WebhookFormatError(f"{where}.value is not an object")
+            _change_value(value, phone_number_id, where, out)
+    return WebhookBatch(tuple(out.messages), tuple(out.statuses), tuple(out.errors),
+                        tuple(out.ignored))

@@ -1,0 +1,158 @@
+"""Migrations and the schema check, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, inspect, text
+from sqlalchemy.exc import IntegrityError, StatementError
+
+from bridge.db import (
+    FIX_COMMAND,
+    VERSION_TABLE,
+    Database,
+    downgrade,
+    head_revision,
+    safe_url,
+    schema_status,
+    upgrade,
+)
+from bridge.db.engine import create_engine
+from bridge.db.models import Base
+from bridge.errors import SchemaError
+from bridge.types import RoomID
+
+
+async def _execute(url: str, *statements: str) -> None:
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+async def _tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+    finally:
+        await engine.dispose()
+
+
+async def test_empty_database_is_refused_with_the_fix(blank_db_url: str) -> None:
+    assert await schema_status(blank_db_url) == "empty"
+    with pytest.raises(SchemaError) as err:
+        await Database.open(blank_db_url)
+    assert str(err.value) == f"database is empty; run: {FIX_COMMAND}"
+    assert FIX_COMMAND == "civic-bridge migrate -c CONFIG"
+
+
+async def test_upgrade_makes_it_current_and_is_idempotent(blank_db_url: str) -> None:
+    await upgrade(blank_db_url)
+    assert await schema_status(blank_db_url) == "current"
+    await upgrade(blank_db_url)  # a second `civic-bridge migrate` changes nothing
+    assert await schema_status(blank_db_url) == "current"
+    assert VERSION_TABLE in await _tables(blank_db_url)
+    async with await Database.open(blank_db_url) as db:
+        await db.ping()
+
+
+async def test_foreign_database_is_refused_and_left_alone(blank_db_url: str) -> None:
+    await _execute(blank_db_url, "CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    assert await schema_status(blank_db_url) == "foreign"
+    with pytest.raises(SchemaError) as err:
+        await Database.open(blank_db_url)
+    message = str(err.value)
+    assert "is not civic-bridge's" in message
+    assert f"no {VERSION_TABLE}" in message
+    assert "point database.url at an empty database" in message
+    # migrate must not add our tables next to someone else's
+    with pytest.raises(SchemaError):
+        await upgrade(blank_db_url)
+    assert await _tables(blank_db_url) == {"invoices"}
+
+
+async def test_database_behind_is_refused_then_migrated(blank_db_url: str) -> None:
+    await upgrade(blank_db_url)
+    await downgrade(blank_db_url, "base")  # ours (version table) but at no revision
+    assert await _tables(blank_db_url) == {VERSION_TABLE}
+    assert await schema_status(blank_db_url) == "behind"
+    with pytest.raises(SchemaError) as err:
+        await Database.open(blank_db_url)
+    assert str(err.value) == (
+        f"database is behind the code's schema (at no revision, need {head_revision()}); "
+        f"run: {FIX_COMMAND}"
+    )
+    await upgrade(blank_db_url)
+    assert await schema_status(blank_db_url) == "current"
+
+
+async def test_database_ahead_is_refused(blank_db_url: str) -> None:
+    await upgrade(blank_db_url)
+    await _execute(blank_db_url, f"UPDATE {VERSION_TABLE} SET version_num = '9999'")
+    assert await schema_status(blank_db_url) == "ahead"
+    with pytest.raises(SchemaError, match=r"ahead of the code's schema \(at 9999"):
+        await Database.open(blank_db_url)
+    with pytest.raises(SchemaError):
+        await upgrade(blank_db_url)
+
+
+async def test_open_without_check_skips_the_schema_check(blank_db_url: str) -> None:
+    async with await Database.open(blank_db_url, check=False) as db:
+        await db.ping()
+
+
+async def test_messages_never_show_the_password(blank_db_url: str) -> None:
+    assert safe_url("postgresql+asyncpg://bridge:s3cret@db/bridge") == (
+        "postgresql+asyncpg://bridge:***@db/bridge"
+    )
+    if not blank_db_url.startswith("postgresql"):
+        return
+    # Trust auth ignores the password, so the message is built from a URL that has one.
+    with_password = blank_db_url.replace("postgres@", "postgres:s3cret@", 1)
+    await _execute(with_password, "CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    with pytest.raises(SchemaError) as err:
+        await Database.open(with_password)
+    assert "s3cret" not in str(err.value)
+    assert ":***@" in str(err.value)
+
+
+def _diff(conn: Connection) -> list[object]:
+    context = MigrationContext.configure(
+        conn, opts={"version_table": VERSION_TABLE, "compare_type": True}
+    )
+    return list(compare_metadata(context, Base.metadata))
+
+
+async def test_migrations_produce_exactly_the_models(db: Database) -> None:
+    async with db.engine.connect() as conn:
+        assert await conn.run_sync(_diff) == []
+
+
+async def test_sqlite_pragmas_and_foreign_keys(db: Database) -> None:
+    if db.dialect == "sqlite":
+        async with db.engine.connect() as conn:
+            assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+            assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
+    # Enforced on both backends: no outbox row for a citizen that does not exist.
+    with pytest.raises(IntegrityError):
+        await db.outbox.add("$e", 999, RoomID("!r:x"), "payload")
+
+
+async def test_timestamps_are_aware_utc_and_naive_ones_refused(db: Database) -> None:
+    citizen = await db.citizens.create(
+        index_hash="a" * 64, identifier_ct="ct", pseudonym_code="K7Q2"
+    )
+    assert citizen.created_at.tzinfo is UTC
+    await db.citizens.touch_inbound(citizen.id, datetime(2025, 3, 1, 12, 0, tzinfo=UTC))
+    stored = await db.citizens.get(citizen.id)
+    assert stored is not None
+    assert stored.last_inbound_at == datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    with pytest.raises((StatementError, ValueError), match="naive datetime"):
+        await db.citizens.touch_inbound(citizen.id, datetime(2025, 3, 2, 12, 0))
