@@ -8,11 +8,13 @@ from aiohttp import web
 
 from bridge.admin.routes import routes as admin_routes
 from bridge.config import Config
+from bridge.invites.routes import routes as invite_routes
 from bridge.matrix.appservice import routes as appservice_routes
 from bridge.services import Bridge, build_bridge
 from bridge.web.middleware import error_middleware
 from bridge.web.ops import routes as ops_routes
 from bridge.web.state import BRIDGE
+from bridge.whatsapp.webhook import routes as whatsapp_routes
 
 MAX_BODY = 16 * 1024 * 1024  # appservice transactions can be large; media never passes here
 
@@ -22,6 +24,8 @@ def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
     app.add_routes(appservice_routes)
     app.add_routes(admin_routes)
+    app.add_routes(invite_routes)
+    app.add_routes(whatsapp_routes)
     app.add_routes(ops_routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

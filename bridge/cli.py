@@ -8,8 +8,11 @@ import base64
 import logging
 import os
 import secrets
+import shlex
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -26,6 +29,26 @@ def _load(path: str) -> Config:
     except ConfigError as exc:
         for line in exc.problems:
             print(f"config error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextmanager
+def _database_errors(config_path: str, url: str) -> Iterator[None]:
+    """Turn a database that is unusable (wrong schema, unreachable) into one line and exit 2."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from bridge.db.engine import FIX_COMMAND, safe_url
+
+    try:
+        yield
+    except SchemaError as exc:
+        fix = f"civic-bridge migrate -c {shlex.quote(config_path)}"
+        print(f"database error: {str(exc).replace(FIX_COMMAND, fix)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (OSError, SQLAlchemyError) as exc:
+        # The driver's own message, without SQLAlchemy's SQL echo and link.
+        detail = getattr(exc, "orig", None) or exc
+        print(f"database error: cannot use {safe_url(url)}: {detail}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -67,7 +90,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     from bridge.registration import registration_yaml
 
     directory = Path(args.dir)
-    directory.mkdir(parents=True, exist_ok=True)
     cfg_path, reg_path = directory / "config.yaml", directory / "registration.yaml"
     existing = [str(p) for p in (cfg_path, reg_path) if p.exists()]
     if existing:
@@ -75,10 +97,21 @@ def cmd_init(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     raw = init_config(args.domain, args.homeserver)
-    config = parse_config(raw, directory)
-    _write_new(cfg_path, "# civic-bridge configuration; see config.example.yaml for every key.\n"
-               + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
-    _write_new(reg_path, registration_yaml(config))
+    try:
+        # Validate before touching the disk: a bad --domain/--homeserver writes nothing.
+        config = parse_config(raw, directory)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"config error: {line}", file=sys.stderr)
+        return 2
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_new(cfg_path, "# civic-bridge configuration; see config.example.yaml "
+                   "for every key.\n" + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+        _write_new(reg_path, registration_yaml(config))
+    except OSError as exc:
+        print(f"cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
     print(f"wrote {cfg_path} and {reg_path}\n"
           f"next: add {reg_path} to Synapse's app_service_config_files, then\n"
           f"  civic-bridge migrate -c {cfg_path}\n  civic-bridge run -c {cfg_path}")
@@ -99,8 +132,15 @@ def cmd_registration(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     else:
         out = Path(args.output)
-        out.write_text(text, encoding="utf-8")
-        out.chmod(0o600)
+        try:
+            # Never world-readable, not even for a moment: it holds both tokens.
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # an existing file keeps its old mode otherwise
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            print(f"cannot write {out}: {exc.strerror}", file=sys.stderr)
+            return 1
         print(f"wrote {out}")
     return 0
 
@@ -109,7 +149,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from bridge.db.engine import upgrade
 
     config = _load(args.config)
-    asyncio.run(upgrade(config.database.url))
+    with _database_errors(args.config, config.database.url):
+        asyncio.run(upgrade(config.database.url))
     print("database schema is current")
     return 0
 
@@ -128,19 +169,26 @@ def cmd_rekey(args: argparse.Namespace) -> int:
         finally:
             await db.close()
 
-    print(f"re-encrypted {asyncio.run(run())} values with the current data key")
+    with _database_errors(args.config, config.database.url):
+        count = asyncio.run(run())
+    print(f"re-encrypted {count} values with the current data key")
     return 0
+
+
+async def check_database(url: str) -> None:
+    """Raise SchemaError, with the fix, unless the database is ours and current."""
+    from bridge.db import Database
+
+    db = await Database.open(url)
+    await db.close()
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     from aiohttp import web
 
     from bridge.app import make_app
-    from bridge.db import Database
 
-    # Fail fast, with the fix, before binding the port.
-    db = await Database.open(config.database.url)
-    await db.close()
+    # runner.setup() opens the database (refusing a wrong schema) before the port is bound.
     runner = web.AppRunner(make_app(config), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.appservice.listen_host, config.appservice.listen_port)
@@ -157,6 +205,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     setup_logging(config.logging, secrets=_secrets(config))
+    # Before anything else (port, homeserver): a wrong database is the commonest
+    # first-run mistake, and its message names the command that fixes it.
+    with _database_errors(args.config, config.database.url):
+        asyncio.run(check_database(config.database.url))
 
     async def main() -> None:
         stop = asyncio.Event()

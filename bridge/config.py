@@ -4,6 +4,9 @@ Every problem is reported as one line naming the key path and the fix, e.g.
 `whatsapp.app_secret: missing; set it or whatsapp.app_secret_file`.
 Secrets may be given inline, through a `<key>_file` sibling, or through the
 environment variable `CIVIC_BRIDGE_<SECTION>_<KEY>` (which wins).
+Relative paths (`*_file`, `appservice.store_dir`, an SQLite `database.url`) are taken
+relative to the config file's directory, so the bridge finds the same files whatever
+directory it is started from.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from bridge.errors import ConfigError
 
 ENV_PREFIX = "CIVIC_BRIDGE_"
 # Values copied from config.example.yaml must not reach production.
-PLACEHOLDER = re.compile(r"CHANGE[_-]?ME|<[^>]*>|EXAMPLE_SECRET", re.IGNORECASE)
+# `<...>` only as the whole value: a notice text may well contain "<https://...>".
+PLACEHOLDER = re.compile(r"CHANGE[_-]?ME|^\s*<[^>]*>\s*$|EXAMPLE_SECRET", re.IGNORECASE)
+# What pydantic's lax mode reads as true; `_required` must agree with the model.
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
 
 # (section, key) pairs that are secrets: accepted from `<key>_file` and the environment.
 SECRET_KEYS: tuple[tuple[str, str], ...] = (
@@ -33,7 +39,18 @@ SECRET_KEYS: tuple[tuple[str, str], ...] = (
     ("whatsapp", "app_secret"),
     ("whatsapp", "verify_token"),
     ("admin", "token"),
+    ("invites", "registration_shared_secret"),
 )
+
+
+class FieldProblem(ValueError):
+    """Raised by a model validator about one of the model's fields, so that the
+    reported key path names that field (`whatsapp.phone_number_id: ...`), not the section."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
 
 
 class _Section(BaseModel):
@@ -89,6 +106,15 @@ class DatabaseConfig(_Section):
                 "must start with sqlite+aiosqlite:// or postgresql+asyncpg:// "
                 "(an SQLAlchemy async URL)"
             )
+        # Imported here: SQLAlchemy is heavy, and `civic-bridge --help` need not load it.
+        from sqlalchemy import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except (ArgumentError, ValueError):
+            # Not echoed: the URL may hold a password.
+            raise ValueError("is not a valid SQLAlchemy URL") from None
         return value
 
 
@@ -129,7 +155,8 @@ class PrivacyConfig(_Section):
     @model_validator(mode="after")
     def _separate(self) -> PrivacyConfig:
         if self.data_key == self.index_key:
-            raise ValueError("data_key and index_key must be different keys")
+            raise FieldProblem("index_key", "must be a different key from data_key "
+                               "(generate one: openssl rand -base64 32)")
         return self
 
 
@@ -147,7 +174,7 @@ class WhatsAppConfig(_Section):
     def _required_when_enabled(self) -> WhatsAppConfig:
         # Secrets are checked (with their _file/env hints) before validation.
         if self.enabled and not self.phone_number_id:
-            raise ValueError("phone_number_id: required when whatsapp.enabled is true")
+            raise FieldProblem("phone_number_id", "missing; required when whatsapp.enabled is true")
         return self
 
 
@@ -173,8 +200,9 @@ class ConsentConfig(_Section):
 
         overlap = {fold(w) for w in self.opt_in_words} & {fold(w) for w in self.opt_out_words}
         if overlap:
-            raise ValueError("opt_in_words and opt_out_words overlap: "
-                             + ", ".join(sorted(overlap)))
+            raise FieldProblem(
+                "opt_out_words", "overlaps opt_in_words (compared ignoring case and accents): "
+                + ", ".join(sorted(overlap)))
         return self
 
 
@@ -193,6 +221,36 @@ class AdminConfig(_Section):
 class RoomsConfig(_Section):
     federate: bool = False
     confirm_above: Annotated[int, Field(ge=1)] = 25
+
+
+class InvitesConfig(_Section):
+    """Invite links for pseudonymous citizens (bridge.invites); "" means "not set"."""
+
+    # Base URL of the bridge as citizens' browsers reach it; "" = appservice.url.
+    public_url: str = ""
+    # The homeserver URL citizens sign in to; "" = homeserver.url.
+    homeserver_url: str = ""
+    # A web client the success page links to (e.g. the agency's Element); optional.
+    web_client_url: str = ""
+    default_expiry_hours: Annotated[int, Field(ge=1, le=720)] = 72
+    # Accounts are @{localpart_prefix}{16 random letters}: outside the ghost namespace,
+    # which is exclusive to the appservice and would block password login.
+    localpart_prefix: Localpart = "v_"
+    # Synapse's registration_shared_secret: creates the accounts. Invite links are
+    # refused (503) while it is empty.
+    registration_shared_secret: str = ""
+    notice_version: str = "1"
+    min_password_length: Annotated[int, Field(ge=8, le=128)] = 10
+
+    _urls = field_validator("public_url", "homeserver_url", "web_client_url")(
+        lambda v: v if v == "" else _http_url(v))
+
+    @field_validator("registration_shared_secret")
+    @classmethod
+    def _secret(cls, value: str) -> str:
+        if value and len(value) < 16:
+            raise ValueError("must be at least 16 characters (Synapse's own secret)")
+        return value
 
 
 class LoggingConfig(_Section):
@@ -216,8 +274,17 @@ class Config(_Section):
     portals: PortalsConfig = PortalsConfig()
     admin: AdminConfig
     rooms: RoomsConfig = RoomsConfig()
+    invites: InvitesConfig = InvitesConfig()
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _invite_prefix(self) -> Config:
+        ours, theirs = self.invites.localpart_prefix, self.appservice.ghost_prefix
+        if ours.startswith(theirs) or theirs.startswith(ours):
+            raise ValueError("invites.localpart_prefix: must not overlap "
+                             "appservice.ghost_prefix (that namespace is the bridge's)")
+        return self
 
     @property
     def bot_mxid(self) -> str:
@@ -243,22 +310,40 @@ def _resolve_secrets(raw: dict[str, Any], base: Path, problems: list[str]) -> No
             try:
                 sect[key] = path.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                problems.append(f"{section}.{file_key}: cannot read {path}: {exc.strerror}")
-        elif key not in sect and _required(section, key, sect):
+                problems.append(f"{section}.{file_key}: cannot read {_shown(path)}: "
+                                f"{exc.strerror}")
+            except UnicodeDecodeError:
+                problems.append(f"{section}.{file_key}: {_shown(path)} is not UTF-8 text "
+                                "(keys are stored base64-encoded)")
+            except ValueError:  # e.g. a NUL byte in the name
+                problems.append(f"{section}.{file_key}: not a valid file name")
+        elif not sect.get(key) and _required(section, key, sect):
+            # An empty value counts as missing: the example ships `app_secret: ""`.
             problems.append(f"{section}.{key}: missing; set it or {section}.{file_key} "
                             f"or ${ENV_PREFIX}{section.upper()}_{key.upper()}")
 
 
 def _required(section: str, key: str, sect: dict[str, Any]) -> bool:
+    if section == "invites":
+        return False  # optional: invite links are off without it
     if section == "whatsapp":
-        return bool(sect.get("enabled"))
+        enabled = sect.get("enabled")
+        if isinstance(enabled, str):
+            return enabled.strip().lower() in _TRUE
+        return enabled is True or (type(enabled) is int and enabled == 1)
     return True
+
+
+def _shown(name: object) -> str:
+    """A key or file name as it may appear in a problem line: one printable line."""
+    text = str(name)
+    return text if text.isprintable() else repr(text)
 
 
 def _placeholders(node: Any, path: str, problems: list[str]) -> None:
     if isinstance(node, dict):
         for k, v in node.items():
-            _placeholders(v, f"{path}.{k}" if path else str(k), problems)
+            _placeholders(v, f"{path}.{_shown(k)}" if path else _shown(k), problems)
     elif isinstance(node, list):
         for i, v in enumerate(node):
             _placeholders(v, f"{path}[{i}]", problems)
@@ -270,13 +355,19 @@ def _placeholders(node: Any, path: str, problems: list[str]) -> None:
 def _format(error: ValidationError) -> list[str]:
     lines = []
     for err in error.errors():
-        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"])
+        loc = ".".join(_shown(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"])
         loc = loc.replace(".[", "[")
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
+        problem = err.get("ctx", {}).get("error")
+        if isinstance(problem, FieldProblem):
+            loc = f"{loc}.{problem.field}" if loc else problem.field
+            msg = problem.message
+        elif err["type"] == "missing":
             msg = "missing; add it (see config.example.yaml)"
         elif err["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
+        elif err["type"] == "string_type" and isinstance(err.get("input"), bool):
+            msg += " (YAML reads unquoted yes/no/on/off/true/false as booleans: quote it)"
         lines.append(f"{loc}: {msg}" if loc else msg)
     return lines
 
@@ -285,20 +376,41 @@ def parse_config(raw: Any, base: Path = Path(".")) -> Config:
     """Validate a parsed YAML document; raises ConfigError with every problem."""
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping of sections"])
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    # An empty section (`logging:` with every line commented out) is an empty mapping.
+    raw = {k: (dict(v) if isinstance(v, dict) else {} if v is None else v)
+           for k, v in raw.items()}
     problems: list[str] = []
     _resolve_secrets(raw, base, problems)
     _placeholders(raw, "", problems)
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        reported = {p.split(":", 1)[0] for p in problems}
+        # A failed `<key>_file` already explains why `<key>` is missing.
+        reported = {p.split(":", 1)[0].removesuffix("_file") for p in problems}
         problems.extend(p for p in _format(exc) if p.split(":", 1)[0] not in reported)
         config = None
     if problems:
         raise ConfigError(sorted(set(problems), key=problems.index))
     assert config is not None
-    return config
+    return _anchor_paths(config, base)
+
+
+def _anchor_paths(config: Config, base: Path) -> Config:
+    """Make relative file paths relative to the config file's directory."""
+    store = Path(config.appservice.store_dir)
+    update: dict[str, Any] = {}
+    if not store.is_absolute():
+        update["appservice"] = config.appservice.model_copy(
+            update={"store_dir": str(base / store)})
+    from sqlalchemy import make_url
+
+    url = make_url(config.database.url)
+    name = url.database
+    if (url.get_backend_name() == "sqlite" and name and name != ":memory:"
+            and not name.startswith("file:") and not Path(name).is_absolute()):
+        update["database"] = config.database.model_copy(update={
+            "url": url.set(database=str(base / name)).render_as_string(hide_password=False)})
+    return config.model_copy(update=update) if update else config
 
 
 def load_config(path: str | Path) -> Config:
@@ -307,11 +419,13 @@ def load_config(path: str | Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+        raise ConfigError([f"{_shown(path)}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{_shown(path)}: not UTF-8 text"]) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError([f"{path}: not valid YAML{where}"]) from None
+        raise ConfigError([f"{_shown(path)}: not valid YAML{where}"]) from None
     return parse_config(raw, path.parent)

@@ -8,14 +8,18 @@ import json
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from bridge.admin.moderation import Moderation
 from bridge.admin.service import AdminService
+from bridge.admin.wiring import build_admin
 from bridge.config import Config
-from bridge.db import Database, InboundItem
+from bridge.db import Database, InboundItem, InboundSource
+from bridge.invites.service import InviteLinks
 from bridge.matrix.api import MatrixAPI
 from bridge.matrix.devices import Devices
 from bridge.matrix.ghosts import Ghosts
@@ -24,9 +28,17 @@ from bridge.matrix.rooms import RoomPolicy, Rooms
 from bridge.matrix.trust import Trust
 from bridge.metrics import Metrics
 from bridge.privacy import Privacy
-from bridge.worker import InboundWorker
+from bridge.whatsapp.graph import GraphClient
+from bridge.whatsapp.inbound import WhatsAppInbound
+from bridge.whatsapp.mirror import Mirror
+from bridge.whatsapp.outbound import StaffToWhatsApp
+from bridge.whatsapp.outbox import Outbox
+from bridge.whatsapp.portal import Portals
+from bridge.worker import Handler, InboundWorker
 
 log = logging.getLogger(__name__)
+# Finished queue rows (and transaction ids) are kept this long to deduplicate redeliveries.
+FINISHED_RETENTION = timedelta(days=7)
 
 
 @dataclass
@@ -43,9 +55,13 @@ class Bridge:
     rooms: Rooms
     relay: Relay
     trust: Trust
+    portals: Portals
+    outbox: Outbox
     worker: InboundWorker
     metrics: Metrics
     admin: AdminService
+    moderation: Moderation
+    invites: InviteLinks
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -64,6 +80,9 @@ class Bridge:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
         self.worker.start()
+        if self.config.whatsapp.enabled:
+            self.outbox.start()
+        self.spawn(self.retention())
         self.ready.set()
         log.info("bridge ready")
 
@@ -79,11 +98,24 @@ class Bridge:
 
         task.add_done_callback(done)
 
+    async def retention(self, every: float = 600.0) -> None:
+        """Scheduled purge: held messages past `consent.hold_hours`, old finished queue rows."""
+        while True:
+            now = datetime.now(UTC)
+            held = await self.db.inbound.purge_expired_holds(now)
+            done = await self.db.inbound.purge_finished(now - FINISHED_RETENTION)
+            txns = await self.db.transactions.purge(now - FINISHED_RETENTION)
+            if held or done or txns:
+                log.info("retention purge: %d expired held messages, %d finished queue rows, "
+                         "%d transaction ids", held, done, txns)
+            await asyncio.sleep(every)
+
     async def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.worker.stop()
+        await self.outbox.stop()
         await self.devices.close()
         await self.http.close()
         await self.db.close()
@@ -108,8 +140,18 @@ async def build_bridge(config: Config) -> Bridge:
     async def handle_matrix(item: InboundItem) -> None:
         await relay.handle_event(json.loads(item.payload))
 
-    worker = InboundWorker(db, {"matrix": handle_matrix})
-    admin = AdminService(config, db, api, rooms, ghosts)
+    graph = GraphClient.from_config(http, config.whatsapp)
+    portals = Portals(config, db, api, ghosts, rooms, relay)
+    outbox = Outbox(db, privacy, graph, api, ghosts.bot, portals.notice, metrics)
+    mirror = Mirror(db, api, relay, graph, portals, metrics)
+    handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}
+    if config.whatsapp.enabled:
+        handlers["whatsapp"] = WhatsAppInbound(config, db, privacy, portals, mirror, outbox,
+                                               metrics)
+        relay.add_handler(StaffToWhatsApp(db, portals, outbox))
+    worker = InboundWorker(db, handlers)
+    parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
-                  ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, worker=worker,
-                  metrics=metrics, admin=admin)
+                  ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
+                  outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,
+                  moderation=parts.moderation, invites=parts.invites)

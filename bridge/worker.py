@@ -15,7 +15,8 @@ from bridge.db import Database, InboundItem, InboundSource, InboundStatus
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[InboundItem], Awaitable[None]]
+# A handler returns None when the item is done, or the status it already set ("held").
+Handler = Callable[[InboundItem], Awaitable[InboundStatus | None]]
 MAX_ATTEMPTS = 5
 
 
@@ -67,7 +68,7 @@ class InboundWorker:
         items = await self._db.inbound.pending(source, self._batch)
         for item in items:
             try:
-                await self._handlers[source](item)
+                result = await self._handlers[source](item)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -83,5 +84,6 @@ class InboundWorker:
                     asyncio.get_running_loop().call_later(2**attempts, self.wake, source)
                     return 0
             else:
-                await self._db.inbound.set_status(item.id, "done")
+                if result is None:
+                    await self._db.inbound.set_status(item.id, "done")
         return len(items)

@@ -1,4 +1,8 @@
-"""HTTP routes of the admin API (`/admin/v1`, Bearer admin.token)."""
+"""HTTP routes of the admin API (`/admin/v1`, Bearer admin.token).
+
+Routes parse and answer; the logic is in AdminService, Moderation and InviteLinks.
+The actor recorded in the audit log for API calls is "admin-api".
+"""
 
 from __future__ import annotations
 
@@ -9,22 +13,31 @@ from typing import Any
 from aiohttp import web
 
 from bridge.errors import BadRequest, InvalidParam
+from bridge.invites.service import parse_expires_in
+from bridge.services import Bridge
 from bridge.web.middleware import require_bearer
 from bridge.web.state import BRIDGE
 
 routes = web.RouteTableDef()
 ACTOR = "admin-api"
+MAX_AUDIT_PAGE = 1000
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    require_bearer(request, request.app[BRIDGE].config.admin.token)
+def _bridge(request: web.Request) -> Bridge:
+    bridge = request.app[BRIDGE]
+    require_bearer(request, bridge.config.admin.token)
+    return bridge
+
+
+async def _body(request: web.Request) -> tuple[Bridge, dict[str, Any]]:
+    bridge = _bridge(request)
     try:
         body = json.loads(await request.read() or b"{}")
     except ValueError:
         raise BadRequest("body is not JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    return body
+    return bridge, body
 
 
 def _str(body: dict[str, Any], key: str, required: bool = True) -> str | None:
@@ -36,32 +49,165 @@ def _str(body: dict[str, Any], key: str, required: bool = True) -> str | None:
     return value
 
 
+def _bool(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidParam(f"{key}: must be true or false")
+    return value
+
+
+def _int(value: Any, key: str, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParam(f"{key}: must be a whole number")
+    return value
+
+
+def _room(request: web.Request) -> str:
+    return request.match_info["room_id"]
+
+
 @routes.post("/admin/v1/rooms")
 async def create_room(request: web.Request) -> web.Response:
-    body = await _body(request)
-    room_id = await request.app[BRIDGE].admin.create_room(
-        ACTOR, _str(body, "name") or "", _str(body, "kind") or "", _str(body, "topic", False))
+    bridge, body = await _body(request)
+    room_id = await bridge.admin.create_room(
+        ACTOR, _str(body, "name") or "", _str(body, "kind") or "", _str(body, "topic", False),
+        _str(body, "join_rule", False) or "invite")
     return web.json_response({"room_id": room_id}, status=201)
 
 
 @routes.get("/admin/v1/rooms")
 async def list_rooms(request: web.Request) -> web.Response:
-    require_bearer(request, request.app[BRIDGE].config.admin.token)
-    rooms = await request.app[BRIDGE].admin.list_rooms()
+    rooms = await _bridge(request).admin.list_rooms()
     return web.json_response([dataclasses.asdict(r) for r in rooms])
 
 
 @routes.get("/admin/v1/rooms/{room_id}/members")
 async def members(request: web.Request) -> web.Response:
-    require_bearer(request, request.app[BRIDGE].config.admin.token)
-    return web.json_response(
-        await request.app[BRIDGE].admin.members(request.match_info["room_id"]))
+    return web.json_response(await _bridge(request).admin.members(_room(request)))
 
 
 @routes.post("/admin/v1/rooms/{room_id}/invite")
 async def invite(request: web.Request) -> web.Response:
-    body = await _body(request)
-    await request.app[BRIDGE].admin.invite(ACTOR, request.match_info["room_id"],
+    bridge, body = await _body(request)
+    await bridge.admin.invite(ACTOR, _room(request), _str(body, "user_id") or "",
+                              _str(body, "reason", False), _bool(body, "confirm"))
+    return web.json_response({})
+
+
+@routes.post("/admin/v1/rooms/{room_id}/invite-links")
+async def invite_link(request: web.Request) -> web.Response:
+    bridge, body = await _body(request)
+    link = await bridge.invites.create(ACTOR, _room(request), _int(body.get("uses"), "uses", 1),
+                                       parse_expires_in(body.get("expires_in")),
+                                       _bool(body, "confirm"))
+    return web.json_response({"url": link.url, "uses": link.uses,
+                              "expires_at": link.expires_at.isoformat()}, status=201)
+
+
+def _membership_route(action: str) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        bridge, body = await _body(request)
+        await bridge.moderation.membership(ACTOR, action, _room(request),
                                            _str(body, "user_id") or "",
                                            _str(body, "reason", False))
+        return web.json_response({})
+
+    routes.post(f"/admin/v1/rooms/{{room_id}}/{action}")(handler)
+
+
+for _action in ("kick", "ban", "unban"):
+    _membership_route(_action)
+
+
+@routes.post("/admin/v1/rooms/{room_id}/mute")
+async def mute(request: web.Request) -> web.Response:
+    bridge, body = await _body(request)
+    await bridge.moderation.mute(ACTOR, _room(request), _str(body, "user_id") or "",
+                                 _str(body, "reason", False))
     return web.json_response({})
+
+
+@routes.post("/admin/v1/rooms/{room_id}/unmute")
+async def unmute(request: web.Request) -> web.Response:
+    bridge, body = await _body(request)
+    await bridge.moderation.unmute(ACTOR, _room(request), _str(body, "user_id") or "",
+                                   _str(body, "reason", False))
+    return web.json_response({})
+
+
+@routes.post("/admin/v1/rooms/{room_id}/redact")
+async def redact(request: web.Request) -> web.Response:
+    bridge, body = await _body(request)
+    event_id = await bridge.moderation.redact(ACTOR, _room(request),
+                                              _str(body, "event_id") or "",
+                                              _str(body, "reason", False))
+    return web.json_response({"event_id": event_id})
+
+
+@routes.post("/admin/v1/rooms/{room_id}/knocks/approve")
+async def approve_knock(request: web.Request) -> web.Response:
+    bridge, body = await _body(request)
+    await bridge.moderation.knock(ACTOR, _room(request), _str(body, "user_id") or "", True,
+                                  _str(body, "reason", False))
+    return web.json_response({})
+
+
+@routes.post("/admin/v1/rooms/{room_id}/knocks/deny")
+async def deny_knock(request: web.Request) -> web.Response:
+    bridge, body = await _body(request)
+    await bridge.moderation.knock(ACTOR, _room(request), _str(body, "user_id") or "", False,
+                                  _str(body, "reason", False))
+    return web.json_response({})
+
+
+@routes.post("/admin/v1/rooms/{room_id}/close")
+async def close(request: web.Request) -> web.Response:
+    bridge, body = await _body(request)
+    removed = await bridge.moderation.close(ACTOR, _room(request), _str(body, "reason", False))
+    return web.json_response({"removed": removed})
+
+
+@routes.post("/admin/v1/rooms/{room_id}/announce")
+async def announce(request: web.Request) -> web.Response:
+    bridge, body = await _body(request)
+    event_id = await bridge.moderation.announce(ACTOR, _room(request),
+                                                _str(body, "body") or "",
+                                                _bool(body, "confirm"))
+    return web.json_response({"event_id": event_id})
+
+
+def _query_int(request: web.Request, key: str, default: int | None) -> int | None:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise InvalidParam(f"{key}: must be a positive whole number")
+    return int(raw)
+
+
+async def _chain(bridge: Bridge) -> dict[str, Any]:
+    intact, first_bad = await bridge.db.audit.verify()
+    return {"intact": intact, "first_bad_id": first_bad}
+
+
+@routes.get("/admin/v1/audit")
+async def audit(request: web.Request) -> web.Response:
+    """Entries newest first (`limit`, `before` = an id to page back from) and the chain check."""
+    bridge = _bridge(request)
+    limit = min(_query_int(request, "limit", 100) or 100, MAX_AUDIT_PAGE)
+    entries = await bridge.db.audit.list(limit=limit, before_id=_query_int(request, "before",
+                                                                            None))
+    return web.json_response({
+        "entries": [{"id": x.id, "at": x.at.isoformat(), "actor": x.actor, "action": x.action,
+                     "object": x.object, "result": x.result, "reason": x.reason,
+                     "prev_hash": x.prev_hash, "hash": x.hash} for x in entries],
+        "next_before": entries[-1].id if len(entries) == limit else None,
+        "chain": await _chain(bridge),
+    })
+
+
+@routes.get("/admin/v1/audit/verify")
+async def audit_verify(request: web.Request) -> web.Response:
+    return web.json_response(await _chain(_bridge(request)))

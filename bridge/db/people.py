@@ -307,7 +307,7 @@ class ConsentRepo:
         self._scope = scope
 
     async def append(
-        self, *, citizen_id: int, pseudonym: Pseudonym, purpose: ConsentPurpose,
+        self, *, citizen_id: int | None, pseudonym: Pseudonym, purpose: ConsentPurpose,
         state: ConsentState, notice_version: str, notice_hash: str, channel: str,
         language: str | None = None, evidence: str | None = None,
         staff_id: UserID | None = None,

@@ -7,6 +7,7 @@ from typing import cast
 from sqlalchemy import delete, select
 
 from bridge.db.audit import AuditRepo
+from bridge.db.invites import InviteRepo
 from bridge.db.models import KVRow, MessageMapRow
 from bridge.db.people import CitizenRepo, ConsentRepo, GhostRepo, RoomRepo
 from bridge.db.queues import InboundRepo, OutboxRepo, TransactionRepo
@@ -92,3 +93,4 @@ class Repositories:
         self.messages = MessageRepo(scope)
         self.audit = AuditRepo(scope)
         self.kv = KVRepo(scope)
+        self.invites = InviteRepo(scope)

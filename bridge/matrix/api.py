@@ -160,5 +160,45 @@ class MatrixAPI:
         return [m for m in resp.get("chunk", [])
                 if m.get("content", {}).get("membership") in ("join", "invite", "knock")]
 
+    # --- media ----------------------------------------------------------------
+
+    async def upload(self, as_user: UserID, data: bytes, filename: str) -> str:
+        """Upload bytes (already encrypted by the caller) and return the mxc:// URI."""
+        async with self._session.post(
+            f"{self.url}/_matrix/media/v3/upload", data=data,
+            params={"user_id": as_user, "filename": filename},
+            headers={**self._auth, "Content-Type": "application/octet-stream"},
+            timeout=aiohttp.ClientTimeout(total=300),
+        ) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status >= 400 or not isinstance(body, dict):
+                raise MatrixError(resp.status, str(body.get("errcode", "M_UNKNOWN")
+                                                   if isinstance(body, dict) else "M_UNKNOWN"),
+                                  "media upload failed")
+            return str(body["content_uri"])
+
+    async def download(self, as_user: UserID, mxc: str, max_bytes: int) -> bytes:
+        """Fetch media (authenticated media API), refusing more than `max_bytes`."""
+        if not mxc.startswith("mxc://") or mxc.count("/") != 3:
+            raise MatrixError(400, "M_INVALID_PARAM", "not an mxc:// URI")
+        server, media_id = mxc[len("mxc://"):].split("/", 1)
+        async with self._session.get(
+            f"{self.url}/_matrix/client/v1/media/download/{_q(server)}/{_q(media_id)}",
+            params={"user_id": as_user}, headers=self._auth,
+            timeout=aiohttp.ClientTimeout(total=300),
+        ) as resp:
+            if resp.status >= 400:
+                raise MatrixError(resp.status, "M_UNKNOWN", "media download failed")
+            data = await resp.content.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise MatrixError(413, "M_TOO_LARGE", "media too large")
+            return data
+
+    async def receipt(self, as_user: UserID, room_id: RoomID, event_id: str) -> None:
+        await self.request(
+            "POST",
+            f"/_matrix/client/v3/rooms/{_q(room_id)}/receipt/m.read/{_q(event_id)}",
+            as_user=as_user, json={})
+
     async def versions(self) -> dict[str, Any]:
         return await self.request("GET", "/_matrix/client/versions")

@@ -186,7 +186,11 @@ class Devices:
                     await client.close()
                     raise RuntimeError(f"key upload failed for a device: {resp.status_code}")
             if self._on_ready:
-                await self._on_ready(user_id, device_id)
+                try:
+                    await self._on_ready(user_id, device_id)
+                except BaseException:
+                    await client.close()  # not cached: the next open retries the hook
+                    raise
             device.start()
             self._devices[user_id] = device
             log.info("device open for %s", user_id)

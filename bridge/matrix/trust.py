@@ -55,12 +55,21 @@ class Trust:
         """Cross-sign devices of ghosts created before cross-signing existed.
 
         Only ghosts whose device was ever opened (a crypto store exists) have device keys
-        on the server; the rest are signed when their device first opens.
+        on the server; the rest are signed when their device first opens. A ghost the
+        homeserver refuses (e.g. its device keys never got uploaded because a crash hit
+        between login and upload) is logged and skipped, not fatal: it is retried when its
+        device next opens, and one such ghost must not keep the whole bridge from starting.
+        Returns how many devices are now cross-signed.
         """
         count = 0
         for ghost in await self._db.ghosts.all():
             localpart = ghost.user_id[1:].split(":", 1)[0]
             if ghost.registered and (store_dir / localpart).exists():
-                await self(UserID(ghost.user_id), DeviceID(ghost.device_id))
+                try:
+                    await self(UserID(ghost.user_id), DeviceID(ghost.device_id))
+                except crosssign.CrossSigningError as exc:
+                    log.warning("not cross-signed at startup (retried when the device"
+                                " opens): %s", exc)
+                    continue
                 count += 1
         return count

@@ -167,7 +167,7 @@ class MediaInfo:
     file_size: int | None
 
 
-def _digest_matches(data: bytes, expected: str) -> bool:
+def digest_matches(data: bytes, expected: str) -> bool:
     """Graph reports sha256 as hex; webhooks have used base64. Accept either."""
     digest = hashlib.sha256(data).digest()
     candidate = expected.strip()
@@ -392,7 +392,7 @@ class GraphClient:
             raise GraphError(None, None, None, f"network error ({type(exc).__name__})",
                              retryable=True) from exc
         data = b"".join(chunks)
-        if not _digest_matches(data, info.sha256):
+        if not digest_matches(data, info.sha256):
             log.warning("graph media download failed the sha256 check")
             raise MediaIntegrityError()
         return data, info.mime_type

@@ -1,0 +1,477 @@
+"""Ghost-message throughput through the bridge's relay primitive vs a bare matrix-nio client.
+
+Not a test: prints msg/s and p50/p95 latency for both, in one run against one throwaway
+Synapse, and the bridge/bare throughput ratio per concurrency (target: >= 0.9).
+
+    /tmp/devvenv/bin/python bench/matrix_send.py [--messages 300] [--concurrency 1,10] [--json]
+
+Setup (all in a temporary directory, removed at exit, also on Ctrl-C):
+- Synapse (bridge.devtools.LocalSynapse) with the bridge's appservice registration;
+- the bridge in-process (migrated SQLite DB, `make_app` on the appservice port);
+- a staff user whose E2EE nio device joins every room, so each message is really
+  encrypted for a real recipient device (verified at the end: staff decrypts them);
+- two encrypted rooms of the same kind, both created through the bridge (the bot is in
+  both): one with a ghost (sends with `relay.send_as`), one with an ordinary user whose
+  bare nio client sends with `room_send(..., ignore_unverified_devices=True)`.
+  `--bare-room plain` instead lets the bare user create an ordinary encrypted room with
+  only staff in it (no bot, no appservice traffic): a stricter baseline.
+
+Each mode first sends `--warmup` messages (not measured: the first send claims Olm
+sessions and shares the Megolm session). Then, per concurrency C, N messages per mode
+are sent by C concurrent workers, in ABBA order (bare N/2, bridge N/2, bridge N/2,
+bare N/2) so drift in Synapse (growing DB, other load on the machine) hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nio
+from aiohttp import web
+
+from bridge.app import make_app
+from bridge.config import Config, parse_config
+from bridge.db.engine import upgrade
+from bridge.devtools.synapse import LocalSynapse, free_port
+from bridge.registration import registration_yaml
+from bridge.services import Bridge
+from bridge.types import RoomID, UserID
+from bridge.web.state import BRIDGE
+
+TARGET = 0.9
+ENCRYPTION_STATE = {"type": "m.room.encryption", "state_key": "",
+                    "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+
+SendFn = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def _check(response: object, expected: type, what: str) -> Any:
+    """nio returns error responses instead of raising."""
+    if not isinstance(response, expected):
+        raise BenchError(f"{what} failed: {response}")
+    return response
+
+
+# --- setup --------------------------------------------------------------------------
+
+
+def _key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def bench_config(homeserver_url: str, as_port: int, workdir: Path, admin: str) -> Config:
+    """A bridge Config with fresh secrets for a homeserver on `localhost`."""
+    return parse_config({
+        "homeserver": {"url": homeserver_url, "domain": "localhost"},
+        "appservice": {"listen_host": "127.0.0.1", "listen_port": as_port,
+                       "as_token": secrets.token_hex(32), "hs_token": secrets.token_hex(32),
+                       "store_dir": str(workdir / "store")},
+        "database": {"url": f"sqlite+aiosqlite:///{workdir / 'bridge.db'}"},
+        "privacy": {"data_key": _key(), "index_key": _key()},
+        "admin": {"token": secrets.token_hex(32), "users": [admin]},
+        "logging": {"level": "WARNING"},
+    }, base=workdir)
+
+
+class NioUser:
+    """A registered user with one E2EE nio device; key upkeep done by hand after each sync."""
+
+    def __init__(self, client: nio.AsyncClient) -> None:
+        self.client = client
+
+    @classmethod
+    async def create(cls, synapse: LocalSynapse, localpart: str, store: Path) -> NioUser:
+        password = secrets.token_urlsafe(16)
+        user_id = await synapse.register_user(localpart, password)
+        store.mkdir(parents=True)
+        client = nio.AsyncClient(synapse.url, user_id, store_path=str(store),
+                                 config=nio.AsyncClientConfig(encryption_enabled=True,
+                                                              store_sync_tokens=True))
+        user = cls(client)
+        try:
+            _check(await client.login(password, device_name=f"bench {localpart}"),
+                   nio.LoginResponse, "login")
+            await user.sync()  # uploads device and one-time keys
+        except BaseException:
+            await client.close()
+            raise
+        return user
+
+    @property
+    def user_id(self) -> str:
+        return str(self.client.user_id)
+
+    async def sync(self, timeout_ms: int = 0,
+                   sync_filter: dict[str, Any] | None = None) -> nio.SyncResponse:
+        c = self.client
+        resp = _check(await c.sync(timeout=timeout_ms, sync_filter=sync_filter),
+                      nio.SyncResponse, f"sync of {self.user_id}")
+        if c.olm.account.shared and not resp.device_key_count.signed_curve25519:
+            c.olm.uploaded_key_count = 0  # nio ignores a server count of 0
+        if c.should_upload_keys:
+            _check(await c.keys_upload(), nio.KeysUploadResponse, "keys_upload")
+        if c.should_query_keys:
+            _check(await c.keys_query(), nio.KeysQueryResponse, "keys_query")
+        if c.should_claim_keys:
+            _check(await c.keys_claim(c.get_users_for_key_claiming()),
+                   nio.KeysClaimResponse, "keys_claim")
+        for sent in await c.send_to_device_messages():
+            _check(sent, nio.ToDeviceResponse, "to_device")
+        return resp
+
+    async def join(self, room_id: str) -> None:
+        _check(await self.client.join(room_id), nio.JoinResponse, "join")
+        for _ in range(20):
+            await self.sync(timeout_ms=500)
+            room = self.client.rooms.get(room_id)
+            if room is not None and room.encrypted:
+                return
+        raise BenchError(f"{self.user_id}: {room_id} never showed up encrypted in /sync")
+
+    async def send(self, room_id: str, content: dict[str, Any]) -> None:
+        _check(await self.client.room_send(room_id, "m.room.message", content,
+                                           ignore_unverified_devices=True),
+               nio.RoomSendResponse, "room_send")
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def start_bridge(config: Config, stack: AsyncExitStack) -> Bridge:
+    """The bridge in-process on the appservice port, as `civic-bridge run` would start it."""
+    await upgrade(config.database.url)
+    app = make_app(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, "127.0.0.1", config.appservice.listen_port).start()
+    bridge = app[BRIDGE]
+    await asyncio.wait_for(bridge.ready.wait(), 60)
+    return bridge
+
+
+@dataclass
+class Setup:
+    bridge: Bridge
+    staff: NioUser
+    bare: NioUser
+    ghost: UserID
+    bridge_room: RoomID
+    bare_room: str
+    synapse_pid: int | None
+
+
+def _synapse_pid() -> int | None:
+    """Our Synapse child process (LocalSynapse keeps its handle private)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and b"synapse.app.homeserver" in cmdline:
+            return int(stat.parent.name)
+    return None
+
+
+async def set_up(workdir: Path, stack: AsyncExitStack, bare_room_kind: str) -> Setup:
+    hs_port = free_port()
+    as_port = free_port()
+    while as_port == hs_port:
+        as_port = free_port()
+    staff_local, bare_local = f"staff_{secrets.token_hex(3)}", f"bare_{secrets.token_hex(3)}"
+    config = bench_config(f"http://127.0.0.1:{hs_port}", as_port, workdir,
+                          admin=f"@{staff_local}:localhost")
+    registration = workdir / "registration.yaml"
+    registration.write_text(registration_yaml(config), encoding="utf-8")
+    registration.chmod(0o600)
+
+    synapse = LocalSynapse(workdir / "synapse", registration_files=[registration], port=hs_port)
+    stack.push_async_callback(synapse.stop)
+    await synapse.start()
+    bridge = await start_bridge(config, stack)
+
+    staff = await NioUser.create(synapse, staff_local, workdir / "nio" / "staff")
+    stack.push_async_callback(staff.close)
+    bare = await NioUser.create(synapse, bare_local, workdir / "nio" / "bare")
+    stack.push_async_callback(bare.close)
+
+    # The room the ghost speaks in: created by the bridge, staff invited as admin.
+    bridge_room = await bridge.admin.create_room(staff.user_id, "bench ghost", "citizen")
+    ghost = await bridge.ghosts.create()
+    await bridge.api.invite(bridge.ghosts.bot, bridge_room, ghost)
+    await bridge.api.join(ghost, bridge_room)
+    await staff.join(bridge_room)
+
+    if bare_room_kind == "bridge":
+        bare_room: str = await bridge.admin.create_room(staff.user_id, "bench bare", "citizen")
+        await bridge.admin.invite(staff.user_id, bare_room, bare.user_id)
+    else:
+        resp = _check(await bare.client.room_create(
+            name="bench bare", invite=[staff.user_id], initial_state=[ENCRYPTION_STATE]),
+            nio.RoomCreateResponse, "room_create")
+        bare_room = str(resp.room_id)
+    await bare.join(bare_room)  # joining a room one created is a no-op
+    await staff.join(bare_room)
+    return Setup(bridge, staff, bare, ghost, bridge_room, bare_room, _synapse_pid())
+
+
+# --- measuring ----------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    mode: str
+    messages: int
+    concurrency: int
+    msg_per_s: float
+    p50_ms: float
+    p95_ms: float
+    cpu_bench_ms: float  # per message: this process (bridge, nio clients, event loop)
+    cpu_synapse_ms: float  # per message: the Synapse process
+
+
+class CPU:
+    """CPU seconds used so far by this process (bridge + nio clients) and by Synapse."""
+
+    def __init__(self, synapse_pid: int | None) -> None:
+        self._stat = Path(f"/proc/{synapse_pid}/stat") if synapse_pid else None
+        self._tick = os.sysconf("SC_CLK_TCK") if self._stat else 1
+
+    def now(self) -> tuple[float, float]:
+        synapse = float("nan")
+        if self._stat is not None:
+            try:  # utime and stime are fields 14 and 15, after the ")" of the name
+                fields = self._stat.read_text().rsplit(")", 1)[1].split()
+                synapse = (int(fields[11]) + int(fields[12])) / self._tick
+            except (OSError, IndexError, ValueError):
+                pass
+        return time.process_time(), synapse
+
+
+class Samples:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.elapsed = 0.0
+        self.cpu_self = 0.0
+        self.cpu_synapse = 0.0
+
+    def result(self, mode: str, concurrency: int) -> Result:
+        n = len(self.latencies)
+        cuts = statistics.quantiles(self.latencies, n=100, method="inclusive")
+        return Result(mode, n, concurrency, n / self.elapsed, cuts[49] * 1000, cuts[94] * 1000,
+                      self.cpu_self / n * 1000, self.cpu_synapse / n * 1000)
+
+
+async def run_segment(send: SendFn, label: str, first: int, count: int, concurrency: int,
+                      samples: Samples, cpu: CPU | None = None) -> None:
+    """`count` sends by `concurrency` workers pulling from one shared counter."""
+    numbers = iter(range(first, first + count))
+
+    async def worker() -> None:
+        for i in numbers:
+            content = {"msgtype": "m.text", "body": f"bench {label} message {i:06d}"}
+            t0 = time.perf_counter()
+            await send(content)
+            samples.latencies.append(time.perf_counter() - t0)
+
+    cpu_before = cpu.now() if cpu else (0.0, 0.0)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    samples.elapsed += time.perf_counter() - t0
+    cpu_after = cpu.now() if cpu else (0.0, 0.0)
+    samples.cpu_self += cpu_after[0] - cpu_before[0]
+    samples.cpu_synapse += cpu_after[1] - cpu_before[1]
+
+
+async def measure(s: Setup, messages: int, concurrencies: list[int], warmup: int,
+                  progress: Callable[[str], None]) -> list[Result]:
+    async def bare_send(content: dict[str, Any]) -> None:
+        await s.bare.send(s.bare_room, content)
+
+    async def bridge_send(content: dict[str, Any]) -> None:
+        await s.bridge.relay.send_as(s.ghost, s.bridge_room, content)
+
+    sends = {"bare": bare_send, "bridge": bridge_send}
+    sent = dict.fromkeys(sends, 0)
+    for mode, send in sends.items():
+        await run_segment(send, f"{mode} warmup", 0, warmup, 1, Samples())
+        sent[mode] = warmup
+
+    cpu = CPU(s.synapse_pid)
+    results = []
+    half = messages // 2
+    for c in concurrencies:
+        samples = {mode: Samples() for mode in sends}
+        for mode, count in (("bare", half), ("bridge", half),
+                            ("bridge", messages - half), ("bare", messages - half)):
+            if count:
+                await run_segment(sends[mode], mode, sent[mode], count, c, samples[mode], cpu)
+                sent[mode] += count
+        for mode in sends:
+            results.append(samples[mode].result(mode, c))
+            progress(f"  {mode:6} c={c:<3} {results[-1].msg_per_s:7.1f} msg/s")
+    return results
+
+
+async def verify(s: Setup) -> dict[str, int]:
+    """Staff decrypts the latest messages of both rooms: the sends were real E2EE."""
+    timeline_filter = {"room": {"timeline": {"limit": 5}}, "presence": {"not_types": ["*"]}}
+    events: dict[str, list[nio.Event]] = {s.bridge_room: [], s.bare_room: []}
+    for _ in range(5):  # to-device room keys may span several syncs
+        resp = await s.staff.sync(timeout_ms=200, sync_filter=timeline_filter)
+        for room_id, info in resp.rooms.join.items():
+            if room_id in events and info.timeline.events:
+                events[room_id] = list(info.timeline.events)
+        if not resp.to_device_events:
+            break
+    decrypted = {}
+    for name, room_id in (("bridge", s.bridge_room), ("bare", s.bare_room)):
+        ok = 0
+        for event in events[room_id]:
+            if isinstance(event, nio.MegolmEvent):
+                try:
+                    event = s.staff.client.decrypt_event(event)
+                except nio.EncryptionError:
+                    continue
+            if isinstance(event, nio.RoomMessageText) and event.body.startswith(f"bench {name}"):
+                ok += 1
+        decrypted[name] = ok
+    return decrypted
+
+
+# --- output -------------------------------------------------------------------------
+
+
+def ratios(results: list[Result]) -> list[dict[str, Any]]:
+    by = {(r.mode, r.concurrency): r for r in results}
+    out = []
+    for c in sorted({r.concurrency for r in results}):
+        ratio = by[("bridge", c)].msg_per_s / by[("bare", c)].msg_per_s
+        out.append({"concurrency": c, "ratio": round(ratio, 3), "target": TARGET,
+                    "verdict": "PASS" if ratio >= TARGET else "MISS"})
+    return out
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"\nmatrix_send: {report['messages']} messages per mode and concurrency, "
+          f"{report['warmup']} warm-up sends excluded, bare room: {report['bare_room']}, "
+          f"load average before/after: {report['load_before']} / {report['load_after']}")
+    print(f"{'mode':8} {'N':>5} {'conc':>5} {'msg/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'CPU ms/msg: bench':>18} {'synapse':>8}")
+    for r in report["results"]:
+        print(f"{r['mode']:8} {r['messages']:>5} {r['concurrency']:>5} {r['msg_per_s']:>8.1f} "
+              f"{r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['cpu_bench_ms']:>18.1f} "
+              f"{r['cpu_synapse_ms']:>8.1f}")
+    for r in report["ratios"]:
+        print(f"bridge/bare throughput at concurrency {r['concurrency']}: {r['ratio']:.2f} "
+              f"(target >= {TARGET}) {r['verdict']}")
+    d = report["staff_decrypted"]
+    print(f"staff decrypted the latest messages: bridge room {d['bridge']}, "
+          f"bare room {d['bare']}; total {report['seconds']:.0f} s")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="civic-bench-"))
+    try:
+        async with AsyncExitStack() as stack:
+            progress(f"setting up Synapse and the bridge in {workdir}")
+            setup = await asyncio.wait_for(set_up(workdir, stack, args.bare_room), 180)
+            load_before = _load()
+            progress(f"sending ({args.messages} per mode and concurrency)")
+            results = await measure(setup, args.messages, args.concurrency, args.warmup,
+                                    progress)
+            load_after = _load()
+            decrypted = await verify(setup)
+            progress("stopping")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"messages": args.messages, "warmup": args.warmup, "bare_room": args.bare_room,
+            "results": [{k: round(v, 2) if isinstance(v, float) else v
+                         for k, v in asdict(r).items()} for r in results],
+            "ratios": ratios(results), "staff_decrypted": decrypted,
+            "load_before": load_before, "load_after": load_after,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _concurrency(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
+    return values
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=300, metavar="N",
+                        help="measured sends per mode and concurrency (default 300)")
+    parser.add_argument("--concurrency", type=_concurrency, default=[1, 10], metavar="C,...",
+                        help="concurrent senders, comma-separated (default 1,10)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="unmeasured sends per mode first (default 5)")
+    parser.add_argument("--bare-room", choices=("bridge", "plain"), default="bridge",
+                        help="bare client's room: created by the bridge like the ghost's "
+                             "(default) or an ordinary room without the bridge")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--verbose", action="store_true", help="bridge and nio logs at INFO")
+    args = parser.parse_args()
+    if args.messages < 2 or args.warmup < 1:
+        parser.error("--messages must be >= 2 and --warmup >= 1")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:
+        logging.getLogger("nio").setLevel(logging.ERROR)
+
+    async def guarded() -> dict[str, Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        # SIGTERM cleans up like Ctrl-C does (asyncio.run cancels the task on SIGINT).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run(args)
+
+    try:
+        report = asyncio.run(guarded())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; Synapse stopped and temporary files removed", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The management room: admins DM the bridge bot and it runs their commands.
+
+Any room the bot is in that is *not* one of the bridge's agency rooms counts as a
+management room; in agency rooms messages are conversation, never commands. Only
+users listed in `admin.users` may run commands; anyone else is refused, and the
+refusal is audited. The actor in the audit log is the admin's Matrix ID.
+
+Actions that need confirmation (ConfirmRequired) are parked per (room, sender) for
+CONFIRM_SECONDS; `confirm` runs them with confirmation, `cancel` drops them. Parked
+actions live in memory only: after a restart the admin simply asks again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from bridge.admin.common import ConfirmRequired
+from bridge.admin.moderation import Moderation
+from bridge.admin.service import AdminService
+from bridge.config import Config
+from bridge.db import Database
+from bridge.errors import BridgeError
+from bridge.invites.service import InviteLinks
+from bridge.matrix.management import Command, CommandError, help_text, parse
+from bridge.matrix.relay import StaffEvent
+from bridge.types import RoomID
+
+log = logging.getLogger(__name__)
+CONFIRM_SECONDS = 300.0
+Reply = Callable[[RoomID, str], Awaitable[None]]
+
+
+class ManagementRoom:
+    """Turns admins' messages to the bot into admin actions (a relay StaffHandler)."""
+
+    def __init__(self, config: Config, db: Database, admin: AdminService,
+                 moderation: Moderation, links: InviteLinks, reply: Reply,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._admins = frozenset(config.admin.users)
+        self._db = db
+        self._admin = admin
+        self._moderation = moderation
+        self._links = links
+        self._reply = reply
+        self._clock = clock
+        self._pending: dict[tuple[str, str], tuple[Command, float]] = {}
+
+    async def __call__(self, event: StaffEvent) -> None:
+        if event.type != "m.room.message" or event.content.get("msgtype") != "m.text":
+            return
+        body = event.content.get("body")
+        if not isinstance(body, str) or await self._db.rooms.get(event.room_id) is not None:
+            return
+        try:
+            answer = await self._answer(event, body)
+        except Exception as exc:  # never let a command break the inbound queue
+            log.error("management command failed: %s", type(exc).__name__)
+            answer = "Internal error; see the bridge's log. Nothing more was done."
+        try:
+            await self._reply(event.room_id, answer)
+        except Exception as exc:
+            log.warning("could not answer in the management room: %s", type(exc).__name__)
+
+    async def _answer(self, event: StaffEvent, body: str) -> str:
+        sender = str(event.sender)
+        try:
+            command = parse(body)
+        except CommandError as exc:
+            if sender not in self._admins:
+                return await self._refuse(event, "unknown")
+            return f"⚠️ {exc}"
+        if sender not in self._admins:
+            return await self._refuse(event, command.name)
+        key = (str(event.room_id), sender)
+        if command.name in ("confirm", "cancel"):
+            parked = self._pending.pop(key, None)
+            if parked is None or parked[1] < self._clock():
+                return "Nothing is waiting for confirmation."
+            if command.name == "cancel":
+                return "Cancelled; nothing was done."
+            command = dataclasses.replace(parked[0], confirm=True)
+        try:
+            return await self._run(sender, command)
+        except ConfirmRequired as exc:
+            self._pending[key] = (command, self._clock() + CONFIRM_SECONDS)
+            return (f"Room '{exc.room_name}' has {exc.members} members. Reply `confirm` "
+                    f"within {int(CONFIRM_SECONDS // 60)} minutes to go ahead, or `cancel`.")
+        except BridgeError as exc:
+            return f"⚠️ Refused: {exc.message}"
+
+    async def _refuse(self, event: StaffEvent, name: str) -> str:
+        await self._db.audit.append(str(event.sender), f"command.{name}", event.room_id,
+                                    "denied", "not in admin.users")
+        return "Only the bridge's admins (admin.users) can run commands here."
+
+    async def _run(self, actor: str, c: Command) -> str:
+        room = str(c.room_id or "")
+        user = str(c.user_id or "")
+        if c.name == "help":
+            return help_text()
+        if c.name == "rooms":
+            rooms = await self._admin.list_rooms()
+            lines = [f"• {r.name} ({r.kind}) — {r.room_id}" for r in rooms]
+            return "\n".join(["Rooms:", *lines]) if lines else "No rooms yet."
+        if c.name == "members":
+            members = await self._admin.members(room)
+            return "\n".join([f"Members of {room}:"] + [
+                f"• {m['display_name'] or '(no name)'} — {m['role']}, {m['kind']}, "
+                f"{m['membership']} — {m['user_id']}" for m in members])
+        if c.name == "invite":
+            await self._admin.invite(actor, room, user, c.text, c.confirm)
+            return f"Invited {user}."
+        if c.name == "link":
+            ttl = timedelta(hours=c.hours) if c.hours else None
+            link = await self._links.create(actor, room, c.uses or 1, ttl, c.confirm)
+            return (f"Invite link ({link.uses} use(s), expires {link.expires_at:%Y-%m-%d %H:%M} "
+                    f"UTC):\n{link.url}")
+        return await self._moderate(actor, c, room, user)
+
+    async def _moderate(self, actor: str, c: Command, room: str, user: str) -> str:
+        m = self._moderation
+        if c.name in ("kick", "ban", "unban"):
+            await m.membership(actor, c.name, room, user, c.text)
+            return f"Done: {c.name} {user}."
+        if c.name == "mute":
+            await m.mute(actor, room, user, c.text)
+            return f"Muted {user}."
+        if c.name == "unmute":
+            await m.unmute(actor, room, user, c.text)
+            return f"Unmuted {user}."
+        if c.name == "redact":
+            await m.redact(actor, room, str(c.event_id), c.text)
+            return f"Redacted {c.event_id}."
+        if c.name in ("approve", "deny"):
+            await m.knock(actor, room, user, c.name == "approve", c.text)
+            return f"{'Approved' if c.name == 'approve' else 'Denied'} {user}'s knock."
+        if c.name == "close":
+            removed = await m.close(actor, room, c.text)
+            return f"Closed {room}; {removed} member(s) removed."
+        if c.name == "announce":
+            await m.announce(actor, room, c.text or "", c.confirm)
+            return f"Announcement posted in {room}."
+        if c.name == "audit":
+            return await self._audit(c.limit or 10)
+        raise BridgeError(f"command {c.name} is not implemented")
+
+    async def _audit(self, limit: int) -> str:
+        intact, first_bad = await self._db.audit.verify()
+        head = ("Audit chain intact." if intact else
+                f"⚠️ AUDIT CHAIN BROKEN at entry {first_bad}: the log was altered.")
+        lines = [f"{x.id} {x.at:%Y-%m-%d %H:%M:%S} {x.actor} {x.action} {x.object} "
+                 f"{x.result}" + (f" ({x.reason})" if x.reason else "")
+                 for x in await self._db.audit.list(limit=limit)]
+        return "\n".join([head, *lines])

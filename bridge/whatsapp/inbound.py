@@ -1,0 +1,161 @@
+"""Processes stored WhatsApp webhook items: consent first, then mirroring or statuses.
+
+Side effects are ordered so that a crash at any point, followed by a retry of the same
+queue item, neither loses nor duplicates anything: idempotent actions first, the
+consent state change (with its append-only record) last — except opt-out, which flips
+the state first so that relay stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from bridge.config import Config
+from bridge.db import Citizen, ConsentState, Database, InboundItem, InboundStatus
+from bridge.errors import Conflict
+from bridge.metrics import Metrics
+from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy, new_pseudonym_code
+from bridge.types import EventID, Pseudonym, RoomID
+from bridge.whatsapp import consent
+from bridge.whatsapp.consent import Action
+from bridge.whatsapp.mirror import Mirror
+from bridge.whatsapp.outbox import Outbox
+from bridge.whatsapp.portal import Portals
+from bridge.whatsapp.webhook_parse import InboundMessage, Sender, StatusUpdate, parse_webhook
+
+log = logging.getLogger(__name__)
+
+OPT_IN_CONFIRMATION = ("Gracias. Hemos abierto una conversación privada con el personal de "
+                       "{agency}. Puede escribir BAJA en cualquier momento para dejarla.")
+OPT_OUT_CONFIRMATION = ("Hecho: no reenviaremos sus mensajes ni recibirá más respuestas por "
+                        "este canal. Si vuelve a escribir, le preguntaremos de nuevo.")
+
+
+class WhatsAppInbound:
+    """The inbound worker's handler for `source == "whatsapp"` items."""
+
+    def __init__(self, config: Config, db: Database, privacy: Privacy, portals: Portals,
+                 mirror: Mirror, outbox: Outbox, metrics: Metrics) -> None:
+        self._config = config
+        self._db = db
+        self._privacy = privacy
+        self._portals = portals
+        self._mirror = mirror
+        self._outbox = outbox
+        self._metrics = metrics
+
+    async def __call__(self, item: InboundItem) -> InboundStatus | None:
+        value = self._privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)
+        envelope = {"object": "whatsapp_business_account",
+                    "entry": [{"id": "", "changes": [{"field": "messages", "value": value}]}]}
+        batch = parse_webhook(envelope, self._config.whatsapp.phone_number_id)
+        for status in batch.statuses:
+            await self._status(status)
+        for msg in batch.messages:
+            return await self._message(item, msg)
+        return None
+
+    # --- citizens ---------------------------------------------------------------------
+
+    async def citizen_for(self, sender: Sender) -> Citizen:
+        cipher = self._privacy.cipher
+        index = self._privacy.index.digest(sender.key)
+        for _ in range(5):  # a pseudonym code collision is rare; draw again
+            try:
+                citizen, _ = await self._db.citizens.get_or_create(
+                    index_hash=index,
+                    identifier_ct=cipher.encrypt(sender.key, aad=AAD_IDENTIFIER),
+                    wa_id_ct=cipher.encrypt(sender.wa_id, aad=AAD_WA_ID) if sender.wa_id
+                    else None,
+                    pseudonym_code=new_pseudonym_code())
+                return citizen
+            except Conflict:
+                continue
+        raise Conflict("could not allocate a pseudonym code")
+
+    async def _record(self, citizen: Citizen, state: ConsentState, evidence: str) -> None:
+        cfg = self._config.consent
+        async with self._db.transaction() as tx:
+            await tx.citizens.set_consent_state(citizen.id, state)
+            await tx.consent.append(
+                citizen_id=citizen.id, pseudonym=Pseudonym(citizen.pseudonym_code),
+                purpose="mirroring", state=state, notice_version=cfg.notice_version,
+                notice_hash=consent.notice_hash(cfg), channel="whatsapp", evidence=evidence)
+            await tx.audit.append("citizen", f"consent.{state}",
+                                  f"pseudonym {citizen.pseudonym_code}", "ok", "mirroring")
+        self._metrics.consent_changes.labels("mirroring", state).inc()
+
+    # --- messages ---------------------------------------------------------------------
+
+    async def _message(self, item: InboundItem, msg: InboundMessage) -> InboundStatus | None:
+        citizen = await self.citizen_for(msg.sender)
+        await self._db.citizens.touch_inbound(citizen.id, msg.timestamp)
+        intent = consent.intent_of(msg, self._config.consent)
+        decision = consent.decide(citizen.consent_state, intent)
+        result: InboundStatus | None = None
+        if decision.state != citizen.consent_state and intent == "opt_out":
+            await self._record(citizen, decision.state, msg.wamid)  # stop relay first
+        for action in decision.actions:
+            result = await self._perform(action, citizen, item, msg) or result
+        if decision.state != citizen.consent_state and intent != "opt_out":
+            await self._record(citizen, decision.state, msg.wamid)
+        return result
+
+    async def _perform(self, action: Action, citizen: Citizen, item: InboundItem,
+                       msg: InboundMessage) -> InboundStatus | None:
+        agency = self._config.consent.agency_name
+        if action is Action.SEND_NOTICE:
+            await self._outbox.system_buttons(
+                citizen, f"notice:{msg.wamid}", consent.notice_text(self._config.consent),
+                [(consent.OPT_IN_BUTTON, "Acepto"), (consent.OPT_OUT_BUTTON, "No, gracias")])
+        elif action is Action.HOLD:
+            until = datetime.now(UTC) + timedelta(hours=self._config.consent.hold_hours)
+            await self._db.inbound.hold(item.id, citizen.id, until)
+            return "held"
+        elif action is Action.OPEN_PORTAL:
+            portal = await self._portals.open(citizen)
+            # Held messages become pending again; they have lower ids than this item,
+            # so the worker relays them next, in their original order.
+            await self._db.inbound.release_held(citizen.id)
+            log.info("citizen opted in; portal %s", portal)
+        elif action is Action.CONFIRM_OPT_IN:
+            await self._outbox.system_text(citizen, f"optin:{msg.wamid}",
+                                           OPT_IN_CONFIRMATION.format(agency=agency))
+        elif action is Action.CONFIRM_OPT_OUT:
+            await self._outbox.system_text(citizen, f"optout:{msg.wamid}", OPT_OUT_CONFIRMATION)
+        elif action is Action.CLOSE_PORTAL:
+            await self._db.outbox.cancel_for_citizen(citizen.id)
+            fresh = await self._db.citizens.get(citizen.id)
+            await self._portals.close(fresh or citizen)
+        elif action is Action.DROP_HELD:
+            for held in await self._db.inbound.held_for(citizen.id):
+                await self._db.inbound.set_status(held.id, "dropped")
+        elif action is Action.MIRROR:
+            fresh = await self._db.citizens.get(citizen.id)
+            room_id = await self._portals.room_of(fresh or citizen)
+            if fresh is None or room_id is None:
+                raise RuntimeError("granted citizen without an open portal")
+            await self._mirror.relay(fresh, room_id, msg)
+        return None
+
+    # --- delivery statuses ------------------------------------------------------------
+
+    async def _status(self, status: StatusUpdate) -> None:
+        link = await self._db.messages.by_wamid(status.wamid)
+        if link is None or link.direction != "out":
+            return
+        room_id, event_id = RoomID(link.room_id), EventID(link.event_id)
+        citizen = await self._citizen_of_room(room_id)
+        if status.status == "read" and citizen and citizen.ghost_user_id:
+            await self._portals.read_receipt(citizen.ghost_user_id, room_id, event_id)
+        elif status.status == "failed":
+            title = next((e.title for e in status.errors if e.title), "error desconocido")
+            await self._portals.notice(room_id, f"WhatsApp no pudo entregar un mensaje: {title}")
+
+    async def _citizen_of_room(self, room_id: RoomID) -> Citizen | None:
+        room = await self._db.rooms.get(room_id)
+        if room is None or room.citizen_id is None:
+            return None
+        return await self._db.citizens.get(room.citizen_id)
+

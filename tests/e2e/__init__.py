@@ -1,0 +1,1 @@
+"""Browser tests: the public pages in a real headless Chromium."""
