@@ -55,8 +55,11 @@ def chromium() -> Iterator[WebDriver]:
                 "--disable-component-update", "--disable-sync", "--window-size=900,1500",
                 f"--user-data-dir={profile}"):
         opts.add_argument(arg)
-    opts.add_experimental_option(
-        "prefs", {"profile.managed_default_content_settings.javascript": 2})
+    # A Spanish visitor: the page picks its language from Accept-Language.
+    opts.add_argument("--lang=es-ES")
+    opts.add_experimental_option("prefs", {
+        "profile.managed_default_content_settings.javascript": 2,
+        "intl.accept_languages": "es-ES,es"})
     driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
     try:
         yield driver
