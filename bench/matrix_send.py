@@ -18,8 +18,10 @@ Setup (all in a temporary directory, removed at exit, also on Ctrl-C):
 
 Each mode first sends `--warmup` messages (not measured: the first send claims Olm
 sessions and shares the Megolm session). Then, per concurrency C, N messages per mode
-are sent by C concurrent workers, in ABBA order (bare N/2, bridge N/2, bridge N/2,
-bare N/2) so drift in Synapse (growing DB, other load on the machine) hits both alike.
+are sent by C concurrent workers, in `--blocks` blocks per mode interleaved ABBA (bare,
+bridge, bridge, bare, bare, ...) so drift (growing Synapse DB, other load on the machine)
+hits both modes alike. Also reported: CPU milliseconds per message of this process
+(bridge + nio clients) and of Synapse, which vary less than msg/s on a busy machine.
 """
 
 from __future__ import annotations
@@ -305,8 +307,18 @@ async def run_segment(send: SendFn, label: str, first: int, count: int, concurre
     samples.cpu_synapse += cpu_after[1] - cpu_before[1]
 
 
+def interleave(messages: int, blocks: int) -> list[tuple[str, int]]:
+    """`blocks` blocks per mode in ABBA order: bare, bridge, bridge, bare, bare, ..."""
+    sizes = [messages // blocks + (i < messages % blocks) for i in range(blocks)]
+    order = []
+    for i, size in enumerate(sizes):
+        pair = [("bare", size), ("bridge", size)]
+        order.extend(pair if i % 2 == 0 else pair[::-1])
+    return order
+
+
 async def measure(s: Setup, messages: int, concurrencies: list[int], warmup: int,
-                  progress: Callable[[str], None]) -> list[Result]:
+                  blocks: int, progress: Callable[[str], None]) -> list[Result]:
     async def bare_send(content: dict[str, Any]) -> None:
         await s.bare.send(s.bare_room, content)
 
@@ -321,11 +333,9 @@ async def measure(s: Setup, messages: int, concurrencies: list[int], warmup: int
 
     cpu = CPU(s.synapse_pid)
     results = []
-    half = messages // 2
     for c in concurrencies:
         samples = {mode: Samples() for mode in sends}
-        for mode, count in (("bare", half), ("bridge", half),
-                            ("bridge", messages - half), ("bare", messages - half)):
+        for mode, count in interleave(messages, blocks):
             if count:
                 await run_segment(sends[mode], mode, sent[mode], count, c, samples[mode], cpu)
                 sent[mode] += count
@@ -376,7 +386,8 @@ def ratios(results: list[Result]) -> list[dict[str, Any]]:
 
 def print_table(report: dict[str, Any]) -> None:
     print(f"\nmatrix_send: {report['messages']} messages per mode and concurrency, "
-          f"{report['warmup']} warm-up sends excluded, bare room: {report['bare_room']}, "
+          f"{report['warmup']} warm-up sends excluded, {report['blocks']} blocks per mode, "
+          f"bare room: {report['bare_room']}, "
           f"load average before/after: {report['load_before']} / {report['load_after']}")
     print(f"{'mode':8} {'N':>5} {'conc':>5} {'msg/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
           f"{'CPU ms/msg: bench':>18} {'synapse':>8}")
@@ -409,13 +420,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             load_before = _load()
             progress(f"sending ({args.messages} per mode and concurrency)")
             results = await measure(setup, args.messages, args.concurrency, args.warmup,
-                                    progress)
+                                    args.blocks, progress)
             load_after = _load()
             decrypted = await verify(setup)
             progress("stopping")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"messages": args.messages, "warmup": args.warmup, "bare_room": args.bare_room,
+    return {"messages": args.messages, "warmup": args.warmup, "blocks": args.blocks,
+            "bare_room": args.bare_room,
             "results": [{k: round(v, 2) if isinstance(v, float) else v
                          for k, v in asdict(r).items()} for r in results],
             "ratios": ratios(results), "staff_decrypted": decrypted,
@@ -441,14 +453,16 @@ def main() -> int:
                         help="concurrent senders, comma-separated (default 1,10)")
     parser.add_argument("--warmup", type=int, default=5,
                         help="unmeasured sends per mode first (default 5)")
+    parser.add_argument("--blocks", type=int, default=4,
+                        help="blocks per mode, interleaved ABBA (default 4)")
     parser.add_argument("--bare-room", choices=("bridge", "plain"), default="bridge",
                         help="bare client's room: created by the bridge like the ghost's "
                              "(default) or an ordinary room without the bridge")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--verbose", action="store_true", help="bridge and nio logs at INFO")
     args = parser.parse_args()
-    if args.messages < 2 or args.warmup < 1:
-        parser.error("--messages must be >= 2 and --warmup >= 1")
+    if args.warmup < 1 or not 1 <= args.blocks <= args.messages // 2:
+        parser.error("need --warmup >= 1 and 1 <= --blocks <= --messages / 2")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not args.verbose:

@@ -13,6 +13,7 @@ from bridge.matrix.appservice import routes as appservice_routes
 from bridge.services import Bridge, build_bridge
 from bridge.web.middleware import error_middleware
 from bridge.web.ops import routes as ops_routes
+from bridge.web.standby import active_only
 from bridge.web.state import BRIDGE
 from bridge.whatsapp.webhook import routes as whatsapp_routes
 
@@ -21,7 +22,7 @@ MAX_BODY = 16 * 1024 * 1024  # appservice transactions can be large; media never
 
 def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
     """The web app; builds (and later closes) the Bridge unless one is given."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[error_middleware, active_only], client_max_size=MAX_BODY)
     app.add_routes(appservice_routes)
     app.add_routes(admin_routes)
     app.add_routes(invite_routes)
@@ -31,7 +32,7 @@ def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         b = bridge or await build_bridge(config)
         app[BRIDGE] = b
-        b.spawn(b.start())
+        b.spawn(b.lead())  # start() once elected (bridge.leader); a standby waits
         yield
         await b.close()
 

@@ -21,6 +21,8 @@ from bridge.config import Config, load_config
 from bridge.errors import ConfigError, SchemaError
 
 log = logging.getLogger("bridge")
+# `run` exits with this status after losing the leader lock (bridge.leader).
+EXIT_LEADERSHIP_LOST = 3
 
 
 def _load(path: str) -> Config:
@@ -184,20 +186,30 @@ async def check_database(url: str) -> None:
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
+    """Serve until `stop`; raise LeadershipLost if the leader lock is lost first."""
     from aiohttp import web
 
     from bridge.app import make_app
+    from bridge.leader import LeadershipLost
+    from bridge.web.state import BRIDGE
 
     # runner.setup() opens the database (refusing a wrong schema) before the port is bound.
-    runner = web.AppRunner(make_app(config), access_log=None)
+    app = make_app(config)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    lost = app[BRIDGE].lost
     site = web.TCPSite(runner, config.appservice.listen_host, config.appservice.listen_port)
     await site.start()
     log.info("listening on %s:%d", config.appservice.listen_host, config.appservice.listen_port)
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(lost.wait())]
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for task in waits:
+            task.cancel()
         await runner.cleanup()
+    if lost.is_set():
+        raise LeadershipLost("the leader lock was lost")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -217,11 +229,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(config, stop)
 
+    from bridge.leader import LeadershipLost
+
     try:
         asyncio.run(main())
     except SchemaError as exc:
         print(f"database error: {exc}", file=sys.stderr)
         return 2
+    except LeadershipLost:
+        # Not 0: the supervisor (systemd Restart=on-failure, Kubernetes) must start us
+        # again, as a standby.
+        log.error("exiting with status %d: leader lock lost", EXIT_LEADERSHIP_LOST)
+        return EXIT_LEADERSHIP_LOST
     return 0
 
 
@@ -229,7 +248,8 @@ def _secrets(config: Config) -> list[str]:
     return [s for s in (config.appservice.as_token, config.appservice.hs_token,
                         config.admin.token, config.privacy.data_key, config.privacy.index_key,
                         config.whatsapp.access_token, config.whatsapp.app_secret,
-                        config.whatsapp.verify_token) if s]
+                        config.whatsapp.verify_token,
+                        config.invites.registration_shared_secret) if s]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,7 +277,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default="config.yaml")
     p.add_argument("-o", "--output", default=None, help="file (default: stdout)")
     p.set_defaults(func=cmd_registration)
+
+    _add_demo_parser(sub)
+
+    from bridge.admin.cli import add_admin_parser
+
+    add_admin_parser(sub)
     return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.demo_action is not None:  # light: no bridge, no Synapse
+        from bridge.devtools.demo_client import main as client_main
+
+        return client_main(args.demo_action, args.dir, args.text)
+    from bridge.devtools.demo import main as demo_main
+
+    return demo_main(args.dir, args.port_base, args.fresh)
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from bridge.devtools.demo_state import DEFAULT_DIR, DEFAULT_PORT_BASE
+
+    p = sub.add_parser(
+        "demo", help="local demo: throwaway Synapse + WhatsApp simulator + the bridge",
+        description="Start a throwaway Synapse, the WhatsApp Cloud API simulator and the "
+                    "bridge on 127.0.0.1 (SQLite), with a staff account and a portal to try. "
+                    "Ctrl-C stops everything. `demo send`/`demo reply` talk to a running demo.")
+    p.add_argument("--dir", default=DEFAULT_DIR,
+                   help=f"where the demo keeps its data between runs (default: ./{DEFAULT_DIR})")
+    p.add_argument("--port-base", type=int, default=DEFAULT_PORT_BASE,
+                   help="Synapse on this port, the bridge and simulator on the next two, "
+                        f"where free (default: {DEFAULT_PORT_BASE})")
+    p.add_argument("--fresh", action="store_true",
+                   help="throw away the previous run's data and start over")
+    p.set_defaults(func=cmd_demo, demo_action=None)
+    actions = p.add_subparsers(dest="demo_action", metavar="{send,reply}")
+    for name, text in (("send", "the simulated citizen writes TEXT on WhatsApp"),
+                       ("reply", "the demo staff user answers TEXT in the portal (E2EE)")):
+        a = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        a.add_argument("text", metavar="TEXT")
+        # SUPPRESS: without --dir here, the value given before the action stands.
+        a.add_argument("--dir", default=argparse.SUPPRESS,
+                       help="the running demo's directory (default: ./demo-data)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
-    """One registry per bridge instance (no module-global collectors)."""
+    """One registry per bridge instance (no module-global collectors).
+
+    Every label value comes from a small fixed set: direction `in`/`out`; type a
+    WhatsApp message kind (in) or an outbox payload type (out); reason
+    `signature`/`json`/`format`; purpose `mirroring`; state a consent state; source
+    `matrix`/`whatsapp`. Never an identifier, a number or content.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -27,3 +33,15 @@ class Metrics:
                                        "Time to relay one message", ["direction"], registry=r)
         self.undecryptable = Counter("civic_bridge_undecryptable_events",
                                      "Staff events the bridge could not decrypt", registry=r)
+        self.inbound_retries = Counter("civic_bridge_inbound_retries",
+                                       "Queued inbound items retried after a failure",
+                                       ["source"], registry=r)
+        self.webhook_latency = Histogram("civic_bridge_webhook_seconds",
+                                         "Time to verify, store and acknowledge a webhook",
+                                         registry=r)
+        self.transaction_latency = Histogram("civic_bridge_as_transaction_seconds",
+                                             "Time to store and acknowledge a transaction",
+                                             registry=r)
+        self.active = Gauge("civic_bridge_active",
+                            "1 while this process holds the leader lock and processes",
+                            registry=r)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 from collections.abc import Coroutine
@@ -20,13 +21,15 @@ from bridge.admin.wiring import build_admin
 from bridge.config import Config
 from bridge.db import Database, InboundItem, InboundSource
 from bridge.invites.service import InviteLinks
-from bridge.matrix.api import MatrixAPI
+from bridge.leader import Election, Role, SingleProcess, election_for
+from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.devices import Devices
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.relay import Relay
 from bridge.matrix.rooms import RoomPolicy, Rooms
 from bridge.matrix.trust import Trust
 from bridge.metrics import Metrics
+from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.inbound import WhatsAppInbound
@@ -64,6 +67,68 @@ class Bridge:
     invites: InviteLinks
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # High availability (bridge.leader): only the elected process starts and processes.
+    election: Election = field(default_factory=SingleProcess)
+    pod: PodLabeler | None = None
+    role: Role = "standby"
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def lead(self) -> None:
+        """Wait to be elected, then start; stop processing the moment the lock is lost.
+
+        A standby has not touched the crypto store nor the homeserver's bot device.
+        After a loss `lost` is set and the process is expected to exit (a supervisor
+        restarts it as a standby): its half-started state is not worth reusing.
+        """
+        try:
+            if self.pod:
+                self.pod.set("standby")  # a restarted container keeps its pod's old label
+            await self.election.acquire()
+            self.role = "active"
+            self.metrics.active.set(1)
+            if self.pod:
+                self.pod.set("active")
+            log.info("elected: this process is the active bridge")
+            self.spawn(self.start())
+            await self.election.watch()
+        except Exception:
+            log.exception("leader election failed")
+        self.role = "lost"
+        self.metrics.active.set(0)
+        log.error("leader lock lost: stopping all processing")
+        await self.halt()
+        if self.pod:
+            self.pod.set("standby")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    await self.pod.settle()
+        self.lost.set()
+
+    async def halt(self) -> None:
+        """Stop processing now: background tasks, workers, the outbox, the devices."""
+        current = asyncio.current_task()
+        others = [t for t in self.tasks if t is not current]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        await self.worker.stop()
+        await self.outbox.stop()
+        await self.devices.close()
+
+    async def nudge_homeserver(self, attempts: int = 5) -> None:
+        """Have Synapse ping us (MSC2659): after a takeover it then retries the queued
+        transactions at once rather than after its exponential backoff."""
+        for attempt in range(attempts):
+            try:
+                await self.api.ping_appservice(self.config.appservice.id)
+                return
+            except (MatrixError, aiohttp.ClientError, OSError) as exc:
+                # 502/504: e.g. the Service does not route to this pod yet. Not fatal:
+                # Synapse retries on its own, only later.
+                log.info("homeserver ping failed (%s)", exc)
+                if isinstance(exc, MatrixError) and exc.status < 500:
+                    return  # an older homeserver without MSC2659, or no `url` registered
+            await asyncio.sleep(2.0 * (attempt + 1))
 
     async def start(self) -> None:
         """Bring up the bot device, then process queued work; retries until Synapse answers."""
@@ -85,6 +150,7 @@ class Bridge:
         self.spawn(self.retention())
         self.ready.set()
         log.info("bridge ready")
+        self.spawn(self.nudge_homeserver())
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Track a background task: keep a reference, log its failure."""
@@ -117,6 +183,9 @@ class Bridge:
         await self.worker.stop()
         await self.outbox.stop()
         await self.devices.close()
+        if self.pod:
+            await self.pod.close()
+        await self.election.release()  # after the workers stopped: then a standby may go
         await self.http.close()
         await self.db.close()
 
@@ -149,9 +218,11 @@ async def build_bridge(config: Config) -> Bridge:
         handlers["whatsapp"] = WhatsAppInbound(config, db, privacy, portals, mirror, outbox,
                                                metrics)
         relay.add_handler(StaffToWhatsApp(db, portals, outbox))
-    worker = InboundWorker(db, handlers)
+    worker = InboundWorker(db, handlers, metrics=metrics)
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
                   outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,
-                  moderation=parts.moderation, invites=parts.invites)
+                  moderation=parts.moderation, invites=parts.invites,
+                  election=election_for(config.database.url),
+                  pod=await PodLabeler.from_environment(http))

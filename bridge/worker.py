@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from bridge.db import Database, InboundItem, InboundSource, InboundStatus
+from bridge.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +24,12 @@ MAX_ATTEMPTS = 5
 class InboundWorker:
     """One task per source; `wake()` after storing new rows."""
 
+    # One item per query: a handler may make older rows pending again (held messages
+    # released by an opt-in), and those must go before anything newer.
     def __init__(self, db: Database, handlers: dict[InboundSource, Handler],
-                 batch: int = 50) -> None:
+                 batch: int = 1, metrics: Metrics | None = None) -> None:
         self._db = db
+        self._metrics = metrics
         self._handlers = handlers
         self._batch = batch
         self._wake = {source: asyncio.Event() for source in handlers}
@@ -80,6 +84,8 @@ class InboundWorker:
                 await self._db.inbound.set_status(item.id, status, error=type(exc).__name__,
                                                   attempts=attempts)
                 if status == "pending":
+                    if self._metrics is not None:
+                        self._metrics.inbound_retries.labels(source).inc()
                     # Keep order: retry this item (first) after a backoff.
                     asyncio.get_running_loop().call_later(2**attempts, self.wake, source)
                     return 0

@@ -127,6 +127,14 @@ class InboundRepo:
             rows = await session.scalars(stmt.order_by(InboundRow.id).limit(limit))
             return [_inbound(r) for r in rows]
 
+    async def after(self, item_id: int, limit: int = 100) -> list[InboundItem]:
+        """Items with an id above `item_id`, oldest first, whatever their status
+        (lets a watcher such as `civic-bridge demo` follow the queue)."""
+        stmt = select(InboundRow).where(InboundRow.id > item_id)
+        async with self._scope.session() as session:
+            rows = await session.scalars(stmt.order_by(InboundRow.id).limit(limit))
+            return [_inbound(r) for r in rows]
+
     async def held_for(self, citizen_id: int) -> list[InboundItem]:
         """A citizen's messages held until they decide on consent, oldest first."""
         stmt = (

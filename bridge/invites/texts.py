@@ -140,15 +140,22 @@ NOTICE: dict[str, tuple[str, ...]] = {
 
 def text(lang: str, key: str, **values: object) -> str:
     """A UI string; `values` fill `{placeholders}` (no format spec or attribute access)."""
-    out = TEXTS[lang][key]
+    template = TEXTS[lang][key]
+    out = template
     for name, value in values.items():
         out = out.replace("{" + name + "}", str(value))
-    return out
+    # "{agency} le invita": a name like "la entidad" still starts the sentence upper-case.
+    return _sentence(out) if template.startswith("{") else out
+
+
+def _sentence(value: str) -> str:
+    return value[:1].upper() + value[1:]
 
 
 def notice(lang: str, agency: str, room: str) -> tuple[str, ...]:
     """The privacy notice paragraphs as shown."""
-    return tuple(p.replace("{agency}", agency).replace("{room}", room) for p in NOTICE[lang])
+    return tuple(_sentence(p.replace("{agency}", agency).replace("{room}", room))
+                 for p in NOTICE[lang])
 
 
 def notice_hash(paragraphs: tuple[str, ...]) -> str:

@@ -202,3 +202,9 @@ class MatrixAPI:
 
     async def versions(self) -> dict[str, Any]:
         return await self.request("GET", "/_matrix/client/versions")
+
+    async def ping_appservice(self, appservice_id: str) -> None:
+        """Ask the homeserver to ping us (MSC2659); on success Synapse also retries its
+        backlog of transactions at once instead of waiting out its backoff."""
+        await self.request("POST", f"/_matrix/client/v1/appservice/{_q(appservice_id)}/ping",
+                           json={})

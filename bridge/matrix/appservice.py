@@ -47,8 +47,9 @@ def parse_transaction(raw: bytes) -> list[dict[str, Any]]:
 async def put_transaction(request: web.Request) -> web.Response:
     _auth(request)
     bridge = request.app[BRIDGE]
-    events = parse_transaction(await request.read())
-    stored = await bridge.db.transactions.store(request.match_info["txn_id"], events)
+    with bridge.metrics.transaction_latency.time():
+        events = parse_transaction(await request.read())
+        stored = await bridge.db.transactions.store(request.match_info["txn_id"], events)
     if stored:
         bridge.metrics.transactions.inc()
         bridge.worker.wake("matrix")

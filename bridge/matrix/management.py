@@ -83,10 +83,11 @@ def help_text() -> str:
 
 
 def _strip_reply_fallback(body: str) -> str:
-    lines = body.splitlines()
-    if lines and lines[0].startswith("> "):
-        while lines and lines[0].startswith(">"):
-            lines.pop(0)
+    if not body.startswith("> "):
+        return body
+    lines = body.split("\n")
+    while lines and lines[0].startswith(">"):
+        lines.pop(0)
     return "\n".join(lines)
 
 

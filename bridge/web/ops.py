@@ -1,4 +1,10 @@
-"""Operational endpoints: /health (process alive), /ready (DB + homeserver), /metrics."""
+"""Operational endpoints: /health (process alive), /ready (DB + homeserver), /metrics.
+
+All three are served in every role (bridge.leader). `/ready` is 200 on a healthy
+standby as well, with `"role": "standby"`: a Deployment counts only Ready pods, and
+a standby that never became Ready would block every rolling update
+(deploy/README.md). Only the active process must also have started.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     checks = {"started": bridge.ready.is_set(), "database": False, "homeserver": False}
+    if bridge.role != "active":
+        del checks["started"]  # a standby starts only once elected
     try:
         await bridge.db.ping()
         checks["database"] = True
@@ -32,7 +40,8 @@ async def ready(request: web.Request) -> web.Response:
         checks["homeserver"] = True
     except Exception as exc:
         log.warning("readiness: homeserver %s", type(exc).__name__)
-    return web.json_response(checks, status=200 if all(checks.values()) else 503)
+    ok = all(checks.values()) and bridge.role != "lost"
+    return web.json_response({"role": bridge.role, **checks}, status=200 if ok else 503)
 
 
 @routes.get("/metrics")

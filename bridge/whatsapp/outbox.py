@@ -119,7 +119,8 @@ class Outbox:
             await self._db.outbox.mark_failed(item.id, "consent withdrawn")
             return
         try:
-            wamid = await self._send(self._recipient(citizen), payload)
+            with self._metrics.relay_latency.labels("out").time():
+                wamid = await self._send(self._recipient(citizen), payload)
         except GraphError as exc:
             await self._failed(item, exc.retryable, f"{exc.status} {exc.code}",
                                exc.permanent_title or "error de WhatsApp")

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -19,6 +19,9 @@ from bridge.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from bridge.privacy import AAD_PAYLOAD
 from bridge.web.state import BRIDGE
 from bridge.whatsapp.webhook_parse import parse_webhook
+
+if TYPE_CHECKING:
+    from bridge.services import Bridge
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -71,6 +74,11 @@ async def handshake(request: web.Request) -> web.Response:
 @routes.post("/whatsapp/webhook")
 async def deliver(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
+    with bridge.metrics.webhook_latency.time():
+        return await _verify_and_store(request, bridge)
+
+
+async def _verify_and_store(request: web.Request, bridge: Bridge) -> web.Response:
     cfg = bridge.config.whatsapp
     if not cfg.enabled:
         raise NotFound("WhatsApp is not enabled")

@@ -105,6 +105,17 @@ async def test_enqueue_dedupes_per_source_and_pending_keeps_order(db: Database) 
     assert len(await db.inbound.pending()) == 3
 
 
+async def test_after_follows_the_queue_whatever_the_status(db: Database) -> None:
+    a = await db.inbound.enqueue("whatsapp", "a", "p")
+    b = await db.inbound.enqueue("matrix", "b", "p")
+    c = await db.inbound.enqueue("whatsapp", "c", "p")
+    assert a is not None and b is not None and c is not None
+    await db.inbound.set_status(a, "done")
+    assert [i.id for i in await db.inbound.after(0)] == [a, b, c]
+    assert [i.dedupe_key for i in await db.inbound.after(a, limit=1)] == ["b"]
+    assert await db.inbound.after(c) == []
+
+
 async def test_status_changes_and_attempts(db: Database) -> None:
     item_id = await db.inbound.enqueue("whatsapp", "w1", "p")
     assert item_id is not None

@@ -23,8 +23,10 @@ from tests.fixtures.staff import StaffClient, staff_login
 
 pytestmark = pytest.mark.integration
 
-# Every identifier a test citizen uses; the privacy sweep looks for all of them.
+# Every identifier a test citizen uses; the privacy sweep looks for all of them in
+# everything staff saw (decrypted) and everything the run stored or logged.
 USED_IDENTIFIERS: list[str] = []
+DECRYPTED_SEEN: list[str] = []
 
 
 def new_citizen(name: str = "María Pérez", with_number: bool = True) -> SimulatedUser:
@@ -75,6 +77,7 @@ class Journey:
         async def find() -> Any:
             await self.desk.sync_once(timeout_ms=200)
             for ev in self.desk._timeline.get(self.room_id, []):
+                DECRYPTED_SEEN.append(str(ev.source))
                 if predicate(ev):
                     return ev
             return None
@@ -430,6 +433,8 @@ async def test_privacy_sweep_finds_no_identifiers(bridge: BridgeHarness) -> None
     assert status == 200
     haystack.append(str(metrics))
     haystack.extend(bridge.log_lines)
+    haystack.extend(DECRYPTED_SEEN)
+    assert DECRYPTED_SEEN
     text = "\n".join(haystack)
     for identifier in USED_IDENTIFIERS:
         assert identifier not in text, "an identifier leaked"

@@ -1,0 +1,250 @@
+"""`civic-bridge admin ...`: the admin HTTP API from the command line.
+
+It reads the bridge's config for the admin token and the address (override with
+--url or $CIVIC_BRIDGE_ADMIN_URL) and prints readable tables (or the raw JSON with
+--json). Exit codes: 0 done; 1 the bridge refused; 2 usage or config error;
+3 bridge unreachable; 4 the audit chain is broken; 5 confirmation required
+(repeat with --confirm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from bridge.config import Config, load_config
+from bridge.errors import ConfigError
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TAMPERED, EXIT_CONFIRM = range(6)
+URL_ENV = "CIVIC_BRIDGE_ADMIN_URL"
+MEMBER_ACTIONS = ("kick", "ban", "unban", "mute", "unmute")
+
+
+class Refused(Exception):
+    def __init__(self, status: int, errcode: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.errcode = errcode
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    """A plain-text table, columns padded to their widest cell."""
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def duration(value: str) -> int:
+    """`90m`, `48h`, `2d` or plain seconds -> seconds (argparse type)."""
+    match = re.fullmatch(r"(\d+)([smhd]?)", value.strip())
+    if not match:
+        raise argparse.ArgumentTypeError("use e.g. 3600, 90m, 48h or 7d")
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def base_url(config: Config, override: str | None) -> str:
+    if override or os.environ.get(URL_ENV):
+        return str(override or os.environ[URL_ENV]).rstrip("/")
+    host = config.appservice.listen_host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{config.appservice.listen_port}"
+
+
+async def call(url: str, token: str, method: str, path: str,
+               body: dict[str, Any] | None = None) -> Any:
+    async with aiohttp.ClientSession() as http, http.request(
+            method, url + path, json=body, headers={"Authorization": f"Bearer {token}"},
+            timeout=aiohttp.ClientTimeout(total=120)) as resp:
+        try:
+            data = await resp.json(content_type=None)
+        except ValueError:
+            data = None
+        if resp.status >= 400:
+            data = data if isinstance(data, dict) else {}
+            raise Refused(resp.status, str(data.get("errcode", "M_UNKNOWN")),
+                          str(data.get("error", f"HTTP {resp.status}")))
+        return data
+
+
+def _room(room_id: str) -> str:
+    return "/admin/v1/rooms/" + quote(room_id, safe="")
+
+
+def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
+    """(method, path, body) of the API call a parsed command line stands for."""
+    what = args.admin_command
+    if what == "audit":
+        if args.audit_command == "verify":
+            return "GET", "/admin/v1/audit/verify", None
+        query = f"?limit={args.limit}" + (f"&before={args.before}" if args.before else "")
+        return "GET", "/admin/v1/audit" + query, None
+    if what == "rooms":
+        if args.rooms_command == "create":
+            return "POST", "/admin/v1/rooms", {"name": args.name, "kind": args.kind,
+                                               "topic": args.topic, "join_rule": args.join_rule}
+        return "GET", "/admin/v1/rooms", None
+    room = _room(args.room)
+    if what == "members":
+        return "GET", room + "/members", None
+    if what == "invite":
+        return "POST", room + "/invite", {"user_id": args.user, "reason": args.reason,
+                                          "confirm": args.confirm}
+    if what == "link":
+        return "POST", room + "/invite-links", {"uses": args.uses, "expires_in": args.expires_in,
+                                                "confirm": args.confirm}
+    if what in MEMBER_ACTIONS:
+        return "POST", f"{room}/{what}", {"user_id": args.user, "reason": args.reason}
+    if what == "redact":
+        return "POST", room + "/redact", {"event_id": args.event, "reason": args.reason}
+    if what in ("approve", "deny"):
+        return "POST", f"{room}/knocks/{what}", {"user_id": args.user, "reason": args.reason}
+    if what == "close":
+        return "POST", room + "/close", {"reason": args.reason}
+    return "POST", room + "/announce", {"body": args.text, "confirm": args.confirm}
+
+
+def render(args: argparse.Namespace, data: Any) -> tuple[str, str, int]:
+    """What to print on stdout and on stderr for a successful answer, and the exit code."""
+    what = args.admin_command
+    if what == "audit":
+        chain = data if args.audit_command == "verify" else data["chain"]
+        if chain["intact"]:
+            status, problem, code = "audit chain intact", "", EXIT_OK
+        else:
+            status, code = "", EXIT_TAMPERED
+            problem = (f"AUDIT CHAIN BROKEN: entry {chain['first_bad_id']} was altered or the "
+                       "entry before it removed")
+        if args.audit_command == "verify":
+            return status, problem, code
+        rows = [(e["id"], e["at"][:19].replace("T", " ") + "Z", e["actor"], e["action"],
+                 e["object"], e["result"], e["reason"]) for e in data["entries"]]
+        out = table(rows, ("id", "at (UTC)", "actor", "action", "object", "result", "reason"))
+        if data.get("next_before"):
+            out += f"\n(more: --before {data['next_before']})"
+        return f"{out}\n{status}".rstrip("\n"), problem, code
+    if what == "rooms" and args.rooms_command == "list":
+        return table([(r["room_id"], r["kind"], r["name"]) for r in data],
+                     ("room_id", "kind", "name")), "", EXIT_OK
+    if what == "members":
+        return table([(m["display_name"] or "", m["role"], m["kind"], m["membership"],
+                       m["user_id"]) for m in data],
+                     ("name", "role", "kind", "membership", "user_id")), "", EXIT_OK
+    if what == "link":
+        return (f"{data['url']}\n({data['uses']} use(s), expires {data['expires_at']})", "",
+                EXIT_OK)
+    if isinstance(data, dict) and data:
+        return "\n".join(f"{k}: {v}" for k, v in data.items()), "", EXIT_OK
+    return "done", "", EXIT_OK
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"config error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    url = base_url(config, args.url)
+    method, path, body = request_for(args)
+    if body is not None:
+        body = {k: v for k, v in body.items() if v is not None}
+    try:
+        data = asyncio.run(call(url, config.admin.token, method, path, body))
+    except Refused as exc:
+        print(f"refused ({exc.status} {exc.errcode}): {exc}", file=sys.stderr)
+        if exc.errcode == "CB_CONFIRM_REQUIRED":
+            print("repeat with --confirm to go ahead", file=sys.stderr)
+            return EXIT_CONFIRM
+        return EXIT_REFUSED
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        print(f"cannot reach the bridge at {url}: {type(exc).__name__}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        if args.admin_command == "audit":
+            chain = data if args.audit_command == "verify" else data["chain"]
+            return EXIT_OK if chain["intact"] else EXIT_TAMPERED
+        return EXIT_OK
+    out, err, code = render(args, data)
+    if out:
+        print(out)
+    if err:
+        print(err, file=sys.stderr)
+    return code
+
+
+def add_admin_parser(sub: Any) -> None:
+    """Add `admin` and its subcommands to the top-level subparsers of `civic-bridge`."""
+    admin = sub.add_parser("admin", help="call the admin API (rooms, moderation, audit)",
+                           description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    admin.add_argument("-c", "--config", default="config.yaml")
+    admin.add_argument("--url", default=None, help=f"the bridge's base URL (or ${URL_ENV})")
+    admin.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    admin.set_defaults(func=run_admin)
+    cmds = admin.add_subparsers(dest="admin_command", required=True)
+
+    audit = cmds.add_parser("audit", help="the audit log").add_subparsers(
+        dest="audit_command", required=True)
+    p = audit.add_parser("list", help="entries, newest first, and the chain check")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--before", type=int, default=None, help="page back from this entry id")
+    audit.add_parser("verify", help="check the hash chain (exit 4 if it was tampered with)")
+
+    rooms = cmds.add_parser("rooms", help="agency rooms").add_subparsers(
+        dest="rooms_command", required=True)
+    rooms.add_parser("list", help="open rooms")
+    p = rooms.add_parser("create", help="create an agency room")
+    p.add_argument("name")
+    p.add_argument("--kind", required=True, choices=("team", "citizen", "announcement"))
+    p.add_argument("--topic", default=None)
+    p.add_argument("--join-rule", default="invite", choices=("invite", "knock"))
+
+    cmds.add_parser("members", help="pseudonyms and roles").add_argument("room")
+    p = cmds.add_parser("invite", help="invite a staff member")
+    p.add_argument("room")
+    p.add_argument("user")
+    p.add_argument("--reason", default=None)
+    p.add_argument("--confirm", action="store_true")
+    p = cmds.add_parser("link", help="an invite link for citizens")
+    p.add_argument("room")
+    p.add_argument("--uses", type=int, default=None)
+    p.add_argument("--expires-in", type=duration, default=None, help="e.g. 48h, 7d")
+    p.add_argument("--confirm", action="store_true")
+    for action in MEMBER_ACTIONS:
+        p = cmds.add_parser(action, help=f"{action} a user")
+        p.add_argument("room")
+        p.add_argument("user")
+        p.add_argument("--reason", required=True)
+    p = cmds.add_parser("redact", help="remove a message")
+    p.add_argument("room")
+    p.add_argument("event")
+    p.add_argument("--reason", required=True)
+    p = cmds.add_parser("approve", help="let a knocking user in")
+    p.add_argument("room")
+    p.add_argument("user")
+    p.add_argument("--reason", default=None)
+    p = cmds.add_parser("deny", help="turn a knocking user away")
+    p.add_argument("room")
+    p.add_argument("user")
+    p.add_argument("--reason", required=True)
+    p = cmds.add_parser("close", help="remove everyone and tombstone the room")
+    p.add_argument("room")
+    p.add_argument("--reason", required=True)
+    p = cmds.add_parser("announce", help="post in an announcement room")
+    p.add_argument("room")
+    p.add_argument("text")
+    p.add_argument("--confirm", action="store_true")

@@ -1,0 +1,216 @@
+"""What `civic-bridge demo` keeps in its directory between runs, and the files it owns.
+
+`demo.json` (mode 0600) holds the demo's secrets, ports, the staff login and the
+simulated citizen, so `demo send` / `demo reply` in a second terminal can find the
+running demo and a second `demo` run reuses the same Synapse, accounts and portal.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import socket
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "demo.json"
+FORMAT = 1
+DEFAULT_DIR = "demo-data"
+DEFAULT_PORT_BASE = 8008  # Synapse's usual port; the bridge and simulator take the next two
+STAFF_LOCALPART = "staff"
+SERVER_NAME = "localhost"
+PHONE_NUMBER_ID = "109876543210"
+BUSINESS_NUMBER = "+34 900 000 000"
+# Everything the demo creates in its directory; `--fresh` removes exactly these.
+OWNED = ("synapse", "store", "staff-cli", "bridge.db", "bridge.db-wal", "bridge.db-shm",
+         "bridge.log", "config.yaml", "registration.yaml", STATE_FILE)
+
+
+class DemoStateError(RuntimeError):
+    """The demo directory cannot be used; the message says what to do."""
+
+
+def _key() -> str:
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _digits(n: int) -> str:
+    return "".join(secrets.choice(string.digits) for _ in range(n))
+
+
+@dataclass
+class Ports:
+    synapse: int
+    bridge: int
+    simulator: int
+
+
+@dataclass
+class Citizen:
+    """The simulated WhatsApp user. Its number lives only here, never on screen."""
+
+    wa_id: str
+    user_id: str
+    name: str
+
+    @classmethod
+    def new(cls) -> Citizen:
+        bsuid = "ES." + "".join(secrets.choice(string.ascii_letters + string.digits)
+                                for _ in range(20))
+        return cls(wa_id="346" + _digits(8), user_id=bsuid, name="Lucía (demo)")
+
+
+@dataclass
+class DemoState:
+    """The contents of `demo.json`."""
+
+    ports: Ports
+    citizen: Citizen
+    secrets: dict[str, str]
+    staff_password: str
+    staff_user_id: str = f"@{STAFF_LOCALPART}:{SERVER_NAME}"
+    portal_room_id: str | None = None
+    portal_name: str | None = None
+    pseudonym: str | None = None  # the citizen's display name in Matrix
+    pid: int | None = None  # set while a demo is running
+
+    @classmethod
+    def new(cls, ports: Ports) -> DemoState:
+        return cls(ports=ports, citizen=Citizen.new(), staff_password=secrets.token_urlsafe(12),
+                   secrets={"as_token": secrets.token_hex(32), "hs_token": secrets.token_hex(32),
+                            "admin_token": secrets.token_urlsafe(32),
+                            "data_key": _key(), "index_key": _key(),
+                            "access_token": secrets.token_urlsafe(24),
+                            "app_secret": secrets.token_hex(16),
+                            "verify_token": secrets.token_urlsafe(16)})
+
+    # URLs derived from the ports, so there is one source of truth.
+    @property
+    def homeserver_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.synapse}"
+
+    @property
+    def bridge_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.bridge}"
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{self.bridge_url}/whatsapp/webhook"
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.ports.simulator}/v23.0"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["format"] = FORMAT
+        data["urls"] = {"homeserver": self.homeserver_url, "bridge": self.bridge_url,
+                        "webhook": self.webhook_url, "simulator_api_base": self.api_base,
+                        "admin_api": f"{self.bridge_url}/admin/v1"}  # for humans
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DemoState:
+        if data.get("format") != FORMAT:
+            raise ValueError("unknown format")
+        return cls(ports=Ports(**data["ports"]), citizen=Citizen(**data["citizen"]),
+                   secrets=dict(data["secrets"]), staff_password=str(data["staff_password"]),
+                   staff_user_id=str(data["staff_user_id"]),
+                   portal_room_id=data.get("portal_room_id"),
+                   portal_name=data.get("portal_name"), pseudonym=data.get("pseudonym"),
+                   pid=data.get("pid"))
+
+
+def load(directory: Path) -> DemoState | None:
+    """The saved state, or None if there is none (or it is unreadable)."""
+    try:
+        return DemoState.from_json(json.loads((directory / STATE_FILE).read_text("utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save(directory: Path, state: DemoState) -> None:
+    """Atomically replace demo.json; owner-only, as it holds secrets."""
+    tmp = directory / f".{STATE_FILE}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(state.to_json(), f, indent=2)
+    tmp.replace(directory / STATE_FILE)
+
+
+def load_running(directory: Path) -> DemoState:
+    """The state of a demo that is running now, for `demo send` / `demo reply`."""
+    state = load(directory)
+    if state is None or state.pid is None or not pid_alive(state.pid):
+        raise DemoStateError(f"no demo is running in {directory}; start one first with "
+                             f"`civic-bridge demo` (or `./scripts/demo`) in another terminal")
+    return state
+
+
+def reusable(directory: Path) -> bool:
+    """True if an earlier run left a complete demo (state, Synapse DB, bridge DB)."""
+    return (load(directory) is not None
+            and (directory / "synapse" / "homeserver.db").exists()
+            and (directory / "bridge.db").exists())
+
+
+def wipe(directory: Path) -> None:
+    """Remove what the demo created in `directory`, and nothing else."""
+    for name in OWNED:
+        path = directory / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def leftover_synapse(directory: Path) -> int | None:
+    """The pid of a Synapse an earlier, killed demo left running on this directory."""
+    try:
+        pid = int((directory / "synapse" / "homeserver.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"synapse" in cmdline and pid_alive(pid) else None
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers will bind: the last run's connections in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_ports(base: int) -> Ports:
+    """base, base+1, base+2 where free (predictable URLs), else any free ports."""
+    from bridge.devtools.synapse import free_port  # keeps `civic-bridge --help` light
+
+    taken: set[int] = set()
+
+    def pick(preferred: int) -> int:
+        port = preferred if 0 < preferred < 65536 and port_free(preferred) else free_port()
+        while port in taken:
+            port = free_port()
+        taken.add(port)
+        return port
+
+    return Ports(synapse=pick(base), bridge=pick(base + 1), simulator=pick(base + 2))

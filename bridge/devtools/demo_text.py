@@ -1,0 +1,104 @@
+"""What `civic-bridge demo` tells a newcomer once everything is up."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from bridge.devtools.demo_state import DEFAULT_DIR, SERVER_NAME, STAFF_LOCALPART, DemoState
+
+Print = Callable[[str], None]
+READY = "civic-bridge demo is running"
+# scripts/demo sets this to how it was invoked, so the banner can repeat it.
+LAUNCHER_ENV = "CIVIC_BRIDGE_DEMO_LAUNCHER"
+RULE = "─" * 78
+
+
+def quote(text: str | None, limit: int = 70) -> str:
+    """A message text for a progress line: one line, “quoted”, shortened."""
+    if not text:
+        return ""
+    flat = " ".join(text.split())
+    return f"“{flat if len(flat) <= limit else flat[:limit - 1] + '…'}”"
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        rel = path.relative_to(Path.cwd())
+    except ValueError:
+        return str(path)
+    return str(rel) if str(rel).startswith(".") else f"./{rel}" if rel.parts else "."
+
+
+def direct_command() -> str:
+    """How to call the CLI the way this process was started."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "civic-bridge":
+        on_path = shutil.which("civic-bridge")
+        if on_path and Path(on_path).resolve() == argv0.resolve():
+            return "civic-bridge"
+        return shlex.quote(_shown_path(argv0.absolute()))
+    python = Path(sys.executable)
+    on_path = shutil.which(python.name)
+    shown = python.name if on_path and Path(on_path).resolve() == python.resolve() \
+        else _shown_path(python)
+    return f"{shlex.quote(shown)} -m bridge"
+
+
+def shell_words(text: str) -> str:
+    """`text` as one shell word, in double quotes where that is safe (easier to edit)."""
+    return f'"{text}"' if re.fullmatch(r'[^"$`\\!]*', text) else shlex.quote(text)
+
+
+def demo_commands(directory: Path, action: str, text: str) -> tuple[str, str | None]:
+    """(the command to suggest, the same without scripts/demo, if that was used)."""
+    dir_arg = "" if directory == Path.cwd() / DEFAULT_DIR else \
+        f" --dir {shlex.quote(_shown_path(directory))}"
+    tail = f"{action}{dir_arg} {shell_words(text)}"
+    direct = f"{direct_command()} demo {tail}"
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher:
+        return f"{shlex.quote(launcher)} {tail}", direct
+    return direct, None
+
+
+def banner(state: DemoState, directory: Path) -> str:
+    token = state.secrets["admin_token"]
+    hs = state.homeserver_url
+    admin = f"{state.bridge_url}/admin/v1"
+    send, send_direct = demo_commands(directory, "send", "hola")
+    reply, _ = demo_commands(directory, "reply", "Buenos días, ¿en qué puedo ayudarle?")
+    same = f"\n        (same as: {send_direct})" if send_direct else ""
+    data = _shown_path(directory)
+    return f"""
+{RULE}
+ {READY}.  Ctrl-C stops everything.
+
+ Matrix homeserver   {hs}   (server name "{SERVER_NAME}")
+ Staff login         {state.staff_user_id}   password: {state.staff_password}
+ Portal room         {state.portal_room_id}   "{state.portal_name}"
+                     the citizen appears as "{state.pseudonym}"; their number is never shown
+ Admin API           {admin}   token: {token}
+ WhatsApp simulator  {state.api_base}   (a local stand-in for Meta's Cloud API)
+ Data and logs       {data}/  (bridge.log, synapse/homeserver.log, demo.json)
+
+ 1. Log in as staff with any Matrix client: Element Desktop, or https://app.element.io
+    in a browser → Sign in → homeserver "Edit" → {hs}
+    → username "{STAFF_LOCALPART}" and the password above; skip the offers to set up key
+    backup or verify. Accept the invitation to the portal room. The citizen's first
+    message was relayed before your client existed, so it shows as "unable to decrypt"
+    (the bridge does not forward older room keys yet); everything after is readable.
+ 2. Make the simulated citizen write, from a second terminal in this directory:
+        {send}{same}
+ 3. Answer in the portal from Element; the reply shows up below as delivered to the
+    WhatsApp simulator. Or answer headless:
+        {reply}
+ Also try: send "BAJA" (the citizen opts out), then send "ACEPTO" (opts back in).
+ Admin API:  curl -H "Authorization: Bearer {token}" {admin}/rooms
+{RULE}
+Live relay:"""

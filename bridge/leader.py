@@ -1,0 +1,171 @@
+"""Leader election: one bridge process does the work, others on the same database wait.
+
+On PostgreSQL the active process is the holder of a session-level advisory lock
+(`pg_try_advisory_lock(LEADER_LOCK_KEY)`) taken on a dedicated connection
+(`application_name` "civic-bridge leader", so it shows in `pg_stat_activity`). A
+standby tries again every `Timing.poll` seconds. The lock belongs to the database
+session: when the holder exits, crashes or its connection drops, PostgreSQL ends the
+session and releases the lock, and the next try of a standby wins it. After a node
+crash the server notices the dead session only through TCP keepalives
+(`tcp_keepalives_*` on the server bound that time).
+
+The active process checks its own lock connection every `Timing.check` seconds
+(`SELECT 1`, bounded by `Timing.check_timeout`). If the check fails the lock may
+already be someone else's: `watch` returns and the caller stops processing at once.
+A new leader waits `Timing.grace` (one check plus its timeout) before it starts, so a
+previous leader whose lock connection died, but which is otherwise alive, has
+noticed and stopped by then. What remains is a previous leader that is frozen
+(stopped, swapping) for longer than that and then resumes: it still stops at its next
+check, and the queues' idempotency keys keep the damage to a duplicate at most.
+
+The lock needs a real database session: connect to PostgreSQL directly or through a
+pooler in *session* mode. With PgBouncer's transaction pooling two bridges could share
+one server session, and with it the lock.
+
+On SQLite there is no election: SQLite allows a single bridge process (one writer, a
+local file), which is always active.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.pool import NullPool
+
+log = logging.getLogger(__name__)
+
+# "cbleader" in ASCII; the audit chain's transaction lock is "cbaudit" (bridge.db.audit).
+LEADER_LOCK_KEY = 0x63_62_6C_65_61_64_65_72
+APPLICATION_NAME = "civic-bridge leader"
+
+# standby: waiting for the lock; active: holds it and processes; lost: held it, lost it,
+# stopped processing and is about to exit.
+Role = Literal["standby", "active", "lost"]
+
+
+class LeadershipLost(Exception):
+    """The active process lost its leader lock: it has stopped and must exit."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds: how often a standby tries, how often the leader checks its connection."""
+
+    poll: float = 1.0
+    check: float = 0.5
+    check_timeout: float = 2.0
+
+    @property
+    def grace(self) -> float:
+        """How long a new leader waits: by then a previous one has noticed its loss."""
+        return self.check + self.check_timeout
+
+
+class Election(Protocol):
+    """Who may process: `acquire` returns once this process leads, `watch` when it no
+    longer does; `release` gives the leadership up (at shutdown)."""
+
+    async def acquire(self) -> None: ...
+
+    async def watch(self) -> None: ...
+
+    async def release(self) -> None: ...
+
+
+class SingleProcess:
+    """No election (SQLite): the only process leads from the start until it exits."""
+
+    async def acquire(self) -> None:
+        return None
+
+    async def watch(self) -> None:
+        await asyncio.get_running_loop().create_future()  # until cancelled at shutdown
+
+    async def release(self) -> None:
+        return None
+
+
+class AdvisoryLock:
+    """The PostgreSQL session advisory lock described in the module docstring."""
+
+    def __init__(self, url: str, key: int = LEADER_LOCK_KEY, timing: Timing = Timing()) -> None:
+        # Its own engine without a pool: the lock lives and dies with exactly one session,
+        # never handed to other code or silently replaced by a reconnect.
+        self._engine = create_async_engine(
+            url, poolclass=NullPool,
+            connect_args={"server_settings": {"application_name": APPLICATION_NAME},
+                          "timeout": timing.check_timeout * 5})
+        self._key = key
+        self._timing = timing
+        self._conn: AsyncConnection | None = None
+
+    async def acquire(self) -> None:
+        said_standby = False
+        while True:
+            try:
+                if await self._try_lock():
+                    log.info("leader lock acquired; taking over in %.1fs", self._timing.grace)
+                    await asyncio.sleep(self._timing.grace)
+                    return
+                if not said_standby:
+                    log.info("standby: another bridge process holds the leader lock")
+                    said_standby = True
+            except Exception as exc:  # the database is down or restarting: keep trying
+                log.warning("leader election: database unavailable (%s); retrying",
+                            type(exc).__name__)
+                await self._drop()
+            await asyncio.sleep(self._timing.poll)
+
+    async def _try_lock(self) -> bool:
+        if self._conn is None:
+            async with asyncio.timeout(self._timing.check_timeout * 5):
+                conn = await self._engine.connect()
+            # Autocommit: no transaction stays open for the session's lifetime (an idle
+            # transaction would hold back VACUUM and meet idle_in_transaction timeouts).
+            self._conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with asyncio.timeout(self._timing.check_timeout):
+            got = await self._conn.scalar(text("SELECT pg_try_advisory_lock(:key)"),
+                                          {"key": self._key})
+        return bool(got)
+
+    async def watch(self) -> None:
+        conn = self._conn
+        assert conn is not None, "watch() before acquire()"
+        while True:
+            await asyncio.sleep(self._timing.check)
+            try:
+                async with asyncio.timeout(self._timing.check_timeout):
+                    await conn.execute(text("SELECT 1"))
+            except Exception as exc:  # any failure: we can no longer prove we hold the lock
+                log.error("leader lock connection lost (%s)", type(exc).__name__)
+                await self._drop()
+                return
+
+    async def release(self) -> None:
+        await self._drop()  # ending the session releases the lock
+        await self._engine.dispose()
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            async with asyncio.timeout(self._timing.check_timeout):
+                await conn.close()
+        except Exception:
+            # A stalled or broken connection: drop the socket without a goodbye.
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+
+
+def election_for(url: str, timing: Timing = Timing()) -> Election:
+    """An advisory-lock election on PostgreSQL, none on SQLite."""
+    if make_url(url).get_backend_name() == "postgresql":
+        return AdvisoryLock(url, timing=timing)
+    return SingleProcess()

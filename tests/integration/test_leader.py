@@ -1,0 +1,117 @@
+"""The leader lock itself, on a real PostgreSQL: one holder, handover on release, on a
+dropped lock connection (the holder notices), and no interference with the audit lock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import pytest
+from sqlalchemy import make_url
+
+from bridge.db.audit import AUDIT_LOCK_KEY
+from bridge.leader import (
+    APPLICATION_NAME,
+    LEADER_LOCK_KEY,
+    AdvisoryLock,
+    SingleProcess,
+    Timing,
+    election_for,
+)
+from tests.fixtures.db import PgServer
+
+pytestmark = pytest.mark.integration
+
+FAST = Timing(poll=0.1, check=0.1, check_timeout=1.0)
+
+
+async def _admin(url: str) -> asyncpg.Connection:
+    u = make_url(url)
+    return await asyncpg.connect(host=u.host, port=u.port, user=u.username,
+                                 password=u.password, database=u.database, timeout=5)
+
+
+@pytest.fixture
+async def pg_url(pg_server: PgServer) -> str:
+    # A database of its own: advisory locks are per database, so tests cannot collide.
+    url = await pg_server.create()
+    return url
+
+
+def test_keys_are_distinct_and_fit_a_bigint() -> None:
+    assert LEADER_LOCK_KEY != AUDIT_LOCK_KEY
+    assert 0 < LEADER_LOCK_KEY < 2**63
+
+
+def test_sqlite_has_no_election() -> None:
+    assert isinstance(election_for("sqlite+aiosqlite:///x.db"), SingleProcess)
+    assert isinstance(election_for("postgresql+asyncpg://u@h/db"), AdvisoryLock)
+
+
+async def test_one_holder_and_handover_on_release(pg_url: str) -> None:
+    first, second = AdvisoryLock(pg_url, timing=FAST), AdvisoryLock(pg_url, timing=FAST)
+    try:
+        await asyncio.wait_for(first.acquire(), 10)
+        waiting = asyncio.create_task(second.acquire())
+        await asyncio.sleep(1.0)  # ten polls
+        assert not waiting.done(), "two holders of the leader lock"
+
+        conn = await _admin(pg_url)
+        try:
+            holders = await conn.fetch(
+                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())")
+        finally:
+            await conn.close()
+        assert [h["application_name"] for h in holders] == [APPLICATION_NAME]
+
+        await first.release()
+        await asyncio.wait_for(waiting, 5)
+    finally:
+        await first.release()
+        await second.release()
+
+
+async def test_holder_notices_a_dropped_connection(pg_url: str) -> None:
+    first, second = AdvisoryLock(pg_url, timing=FAST), AdvisoryLock(pg_url, timing=FAST)
+    try:
+        await asyncio.wait_for(first.acquire(), 10)
+        watching = asyncio.create_task(first.watch())
+        waiting = asyncio.create_task(second.acquire())
+        await asyncio.sleep(0.5)
+        assert not watching.done() and not waiting.done()
+
+        # What a network cut or a server-side kill looks like to the holder.
+        conn = await _admin(pg_url)
+        try:
+            killed = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1 AND datname = current_database() "
+                "AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)",
+                APPLICATION_NAME)
+        finally:
+            await conn.close()
+        assert killed == 1
+        start = time.monotonic()
+        await asyncio.wait_for(watching, 5)
+        noticed = time.monotonic() - start
+        await asyncio.wait_for(waiting, 5)
+        assert noticed < FAST.check + FAST.check_timeout + 0.5
+    finally:
+        await first.release()
+        await second.release()
+
+
+async def test_acquire_survives_an_unreachable_database() -> None:
+    # Nothing listens there: acquire keeps retrying (a standby outlives a database
+    # restart) until cancelled, without raising.
+    lock = AdvisoryLock("postgresql+asyncpg://postgres@127.0.0.1:9/none", timing=FAST)
+    task = asyncio.create_task(lock.acquire())
+    await asyncio.sleep(0.5)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await lock.release()
