@@ -39,6 +39,7 @@ from bridge.devtools.demo_state import (
     load,
     reusable,
     save,
+    stop_leftover,
     wipe,
 )
 from bridge.devtools.demo_text import Print, banner
@@ -115,9 +116,9 @@ class Demo:
         self.out(f"  {time.strftime('%H:%M:%S')}  {text}")
 
     async def start(self) -> None:
+        self.out(f"civic-bridge demo · data in {self.dir}")
         state = self.state = await asyncio.to_thread(self._prepare_directory)
         self._setup_logging(state)
-        self.out(f"civic-bridge demo · data in {self.dir}")
         if not (default_venv_path() / "bin" / "python").exists():
             self.out("  … building Synapse's own virtualenv (first run only, about a minute)")
         registration = self.dir / "registration.yaml"
@@ -128,6 +129,8 @@ class Demo:
         self.out(f"  … starting Synapse, a throwaway homeserver, on {synapse.url}")
         started = time.monotonic()
         await synapse.start(timeout=STEP_TIMEOUT)
+        state.synapse_pid = synapse.pid
+        await asyncio.to_thread(save, self.dir, state)
         self.out(f"  ✔ Synapse            {synapse.url}  "
                  f"(ready in {time.monotonic() - started:.0f} s)")
 
@@ -147,8 +150,9 @@ class Demo:
     def _prepare_directory(self) -> DemoState:
         self.dir.mkdir(parents=True, exist_ok=True)
         if (pid := leftover_synapse(self.dir)) is not None:
-            raise DemoError(f"a Synapse from an earlier demo is still running on {self.dir} "
-                            f"(pid {pid}); stop it with `kill {pid}` and run the demo again")
+            self.out(f"  … stopping the Synapse an earlier, interrupted demo left running "
+                     f"(pid {pid})")
+            stop_leftover(pid)
         previous = None if self.opts.fresh else load(self.dir)
         if previous is None or not reusable(self.dir):
             wipe(self.dir)
@@ -299,8 +303,8 @@ class Demo:
                 await step()
             except Exception as exc:
                 self.out(f"  ! stopping the {name} failed: {type(exc).__name__}: {exc}")
-        if self.state is not None and self.state.pid == os.getpid():
-            self.state.pid = None
+        if self.state is not None and self.state.pid in (os.getpid(), None):
+            self.state.pid = self.state.synapse_pid = None
             await asyncio.to_thread(save, self.dir, self.state)
         root = logging.getLogger()
         for handler in root.handlers[:]:

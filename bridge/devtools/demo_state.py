@@ -8,12 +8,15 @@ running demo and a second `demo` run reuses the same Synapse, accounts and porta
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import string
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +81,7 @@ class DemoState:
     portal_name: str | None = None
     pseudonym: str | None = None  # the citizen's display name in Matrix
     pid: int | None = None  # set while a demo is running
+    synapse_pid: int | None = None  # its Synapse, so a killed demo's leftover can be found
 
     @classmethod
     def new(cls, ports: Ports) -> DemoState:
@@ -123,7 +127,7 @@ class DemoState:
                    staff_user_id=str(data["staff_user_id"]),
                    portal_room_id=data.get("portal_room_id"),
                    portal_name=data.get("portal_name"), pseudonym=data.get("pseudonym"),
-                   pid=data.get("pid"))
+                   pid=data.get("pid"), synapse_pid=data.get("synapse_pid"))
 
 
 def load(directory: Path) -> DemoState | None:
@@ -180,13 +184,27 @@ def pid_alive(pid: int) -> bool:
 
 
 def leftover_synapse(directory: Path) -> int | None:
-    """The pid of a Synapse an earlier, killed demo left running on this directory."""
-    try:
-        pid = int((directory / "synapse" / "homeserver.pid").read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
+    """The pid of a Synapse that a killed demo left running on this directory."""
+    state = load(directory)
+    if state is None or state.synapse_pid is None:
         return None
-    return pid if b"synapse" in cmdline and pid_alive(pid) else None
+    try:
+        cmdline = Path(f"/proc/{state.synapse_pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    config = str(directory / "synapse" / "homeserver.yaml").encode()
+    return state.synapse_pid if config in cmdline.split(b"\0") else None
+
+
+def stop_leftover(pid: int, wait: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `wait` seconds. Blocking."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def port_free(port: int) -> bool:

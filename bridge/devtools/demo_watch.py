@@ -26,6 +26,9 @@ from bridge.whatsapp.webhook_parse import InboundMessage, parse_webhook
 
 StaffReplySeen = Callable[[str], Awaitable[None]]
 OUTBOX_LOOKUP_SECONDS = 5.0  # the bridge records a send's wamid just after Graph answers
+# Sends are shown this late so that the inbound step that caused them (e.g. an opt-in,
+# marked done just after its confirmation went out) is printed first.
+SEND_DELAY_SECONDS = 0.5
 
 
 def short_wamid(wamid: str) -> str:
@@ -172,6 +175,9 @@ class RelayWatcher:
             self._sent_cursor += 1
         still: list[_Sent] = []
         for entry in self._waiting:
+            if now - entry.seen_at < SEND_DELAY_SECONDS:
+                still.append(entry)
+                continue
             described = await self._describe_sent(entry, now)
             if described is None:
                 still.append(entry)

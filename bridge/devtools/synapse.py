@@ -137,6 +137,11 @@ class LocalSynapse:
     def server_name(self) -> str:
         return self._server_name
 
+    @property
+    def pid(self) -> int | None:
+        """The Synapse process id while it runs (Synapse writes no pid file in the foreground)."""
+        return self._process.pid if self._process is not None else None
+
     def _venv_python(self) -> Path:
         if self._python is None:
             self._python = ensure_synapse_venv(self._venv) / "bin" / "python"

@@ -42,6 +42,8 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
+from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
+from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 
 @contextmanager
@@ -66,6 +68,13 @@ def chromium() -> Iterator[WebDriver]:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def click_and_load(driver: WebDriver, css: str) -> None:
+    """Click something that loads a new page, and wait until the new page is there."""
+    old = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(By.CSS_SELECTOR, css).click()
+    WebDriverWait(driver, 20).until(staleness_of(old))
 
 
 async def in_browser(steps: Callable[[WebDriver], T]) -> T:
@@ -133,7 +142,7 @@ async def test_link_to_working_account_in_a_real_browser(bridge: BridgeHarness) 
         driver.save_screenshot(str(shot))
 
         # The English version, through the language link (a plain link, no script).
-        driver.find_element(By.LINK_TEXT, "English").click()
+        click_and_load(driver, "nav.lang a")
         assert driver.find_element(By.TAG_NAME, "html").get_attribute("lang") == "en"
         assert "Invitation to" in driver.find_element(By.TAG_NAME, "h1").text
         assert "We do not ask for your phone number" in driver.page_source
@@ -145,7 +154,7 @@ async def test_link_to_working_account_in_a_real_browser(bridge: BridgeHarness) 
         driver.find_element(By.ID, "password").send_keys(password)
         driver.find_element(By.ID, "password2").send_keys(password)
         driver.find_element(By.ID, "consent").click()
-        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        click_and_load(driver, "button[type=submit]")
         summary = driver.find_element(By.CSS_SELECTOR, "[role=alert]").text
         assert "must not contain a phone number" in summary
         assert driver.find_element(By.ID, "pseudonym").get_attribute("aria-invalid") == "true"
@@ -158,7 +167,7 @@ async def test_link_to_working_account_in_a_real_browser(bridge: BridgeHarness) 
         driver.find_element(By.ID, "password2").send_keys(password)
         if not driver.find_element(By.ID, "consent").is_selected():
             driver.find_element(By.ID, "consent").click()
-        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        click_and_load(driver, "button[type=submit]")
         assert "Your account is ready" in driver.find_element(By.TAG_NAME, "h1").text
         done = {"user_id": driver.find_element(By.ID, "user-id").text,
                 "homeserver": driver.find_element(By.ID, "homeserver").text,

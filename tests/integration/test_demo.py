@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from bridge.config import ENV_PREFIX
-from bridge.devtools.demo_state import leftover_synapse
+from bridge.devtools.demo_state import leftover_synapse, stop_leftover
 from bridge.devtools.demo_text import READY
 from bridge.devtools.synapse import LocalSynapse
 from tests.fixtures.staff import StaffClient, staff_login
@@ -77,9 +77,14 @@ class DemoProcess:
         return code
 
     async def kill(self) -> None:
+        """After a failure: a clean stop if it still obeys, else SIGKILL."""
         if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 30)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
         await asyncio.gather(*self.readers, return_exceptions=True)
 
 
@@ -163,7 +168,7 @@ async def run_once(directory: Path, tmp_path: Path, n: int) -> RunResult:
             await staff.close()
         await demo.kill()
         if (pid := leftover_synapse(directory)) is not None:  # a failed run: do not leak it
-            os.kill(pid, signal.SIGKILL)
+            stop_leftover(pid)
 
 
 async def test_demo_headless(tmp_path: Path) -> None:

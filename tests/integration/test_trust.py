@@ -9,6 +9,7 @@ a ghost's replacement device is signed with the same identity.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import secrets
@@ -321,3 +322,34 @@ async def test_new_device_after_reset_is_signed_by_same_identity(
         query = await keys_query(b, ghost)
         assert query["master_keys"][ghost] == identity[ghost]  # no identity reset
         assert_cross_signed(query, ghost, device_id)
+
+
+async def test_whatsapp_portal_as_element_sees_it(bridge: BridgeHarness) -> None:
+    """The issue's journey: a citizen opts in on WhatsApp; the service desk, on the
+    Element stack, sees the citizen's next message from the ghost's own cross-signed
+    device with no shield, and its reply reaches the Graph API simulator."""
+    from tests.integration.test_whatsapp import new_citizen, opt_in
+
+    h, b = bridge, bridge.running.bridge
+    citizen = new_citizen()
+    journey = await opt_in(h, citizen, "Hola, soy vecina del barrio")
+    await journey.desk.close()  # the desk now uses the independent client instead
+    row = await b.db.citizens.by_index(b.privacy.index.digest(citizen.user_id))
+    assert row is not None and row.ghost_user_id is not None
+    ghost = row.ghost_user_id
+    body = f"consulta por WhatsApp {secrets.token_hex(3)}"
+    reply = f"respuesta desde Element {secrets.token_hex(3)}"
+    async with checker(h, h.desk, journey.room_id, expect_body=body, expect_sender=ghost,
+                       reply=reply) as run:
+        # Give the ghost's device a moment to see the desk's new device (device-list
+        # update over its /sync) before the citizen writes.
+        await asyncio.sleep(3)
+        assert await h.wa.deliver(h.webhook_url, h.wa.text_message(citizen, body)) == 200
+        message = await expect_message(run, body, ghost, timeout=TXN_TIMEOUT)
+        assert message["sender_device"] == device_id_of(b, ghost)
+        assert message["sender_device"] != device_id_of(b, b.ghosts.bot)
+        assert message["shield_colour"] == "NONE", run.report()
+        await run.wait_for("replied", TXN_TIMEOUT)
+    sent = await h.wa.wait_for_sent(lambda s: s.get("text", {}).get("body") == reply,
+                                    timeout=TXN_TIMEOUT)
+    assert sent["to"] == citizen.wa_id
