@@ -28,16 +28,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
-import logging
-import os
 import secrets
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -46,131 +40,31 @@ from pathlib import Path
 from typing import Any
 
 import nio
-from aiohttp import web
+from _harness import (
+    CPU,
+    ENCRYPTION_STATE,
+    NioUser,
+    bench_config,
+    check,
+    free_ports,
+    load_average,
+    run_guarded,
+    setup_logging,
+    start_bridge,
+    start_synapse,
+    synapse_pid,
+    temp_workdir,
+)
 
-from bridge.app import make_app
-from bridge.config import Config, parse_config
-from bridge.db.engine import upgrade
-from bridge.devtools.synapse import LocalSynapse, free_port
-from bridge.registration import registration_yaml
 from bridge.services import Bridge
 from bridge.types import RoomID, UserID
-from bridge.web.state import BRIDGE
 
 TARGET = 0.9
-ENCRYPTION_STATE = {"type": "m.room.encryption", "state_key": "",
-                    "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
 
 SendFn = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-class BenchError(RuntimeError):
-    pass
-
-
-def _check(response: object, expected: type, what: str) -> Any:
-    """nio returns error responses instead of raising."""
-    if not isinstance(response, expected):
-        raise BenchError(f"{what} failed: {response}")
-    return response
-
-
 # --- setup --------------------------------------------------------------------------
-
-
-def _key() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
-
-
-def bench_config(homeserver_url: str, as_port: int, workdir: Path, admin: str) -> Config:
-    """A bridge Config with fresh secrets for a homeserver on `localhost`."""
-    return parse_config({
-        "homeserver": {"url": homeserver_url, "domain": "localhost"},
-        "appservice": {"listen_host": "127.0.0.1", "listen_port": as_port,
-                       "as_token": secrets.token_hex(32), "hs_token": secrets.token_hex(32),
-                       "store_dir": str(workdir / "store")},
-        "database": {"url": f"sqlite+aiosqlite:///{workdir / 'bridge.db'}"},
-        "privacy": {"data_key": _key(), "index_key": _key()},
-        "admin": {"token": secrets.token_hex(32), "users": [admin]},
-        "logging": {"level": "WARNING"},
-    }, base=workdir)
-
-
-class NioUser:
-    """A registered user with one E2EE nio device; key upkeep done by hand after each sync."""
-
-    def __init__(self, client: nio.AsyncClient) -> None:
-        self.client = client
-
-    @classmethod
-    async def create(cls, synapse: LocalSynapse, localpart: str, store: Path) -> NioUser:
-        password = secrets.token_urlsafe(16)
-        user_id = await synapse.register_user(localpart, password)
-        store.mkdir(parents=True)
-        client = nio.AsyncClient(synapse.url, user_id, store_path=str(store),
-                                 config=nio.AsyncClientConfig(encryption_enabled=True,
-                                                              store_sync_tokens=True))
-        user = cls(client)
-        try:
-            _check(await client.login(password, device_name=f"bench {localpart}"),
-                   nio.LoginResponse, "login")
-            await user.sync()  # uploads device and one-time keys
-        except BaseException:
-            await client.close()
-            raise
-        return user
-
-    @property
-    def user_id(self) -> str:
-        return str(self.client.user_id)
-
-    async def sync(self, timeout_ms: int = 0,
-                   sync_filter: dict[str, Any] | None = None) -> nio.SyncResponse:
-        c = self.client
-        resp = _check(await c.sync(timeout=timeout_ms, sync_filter=sync_filter),
-                      nio.SyncResponse, f"sync of {self.user_id}")
-        if c.olm.account.shared and not resp.device_key_count.signed_curve25519:
-            c.olm.uploaded_key_count = 0  # nio ignores a server count of 0
-        if c.should_upload_keys:
-            _check(await c.keys_upload(), nio.KeysUploadResponse, "keys_upload")
-        if c.should_query_keys:
-            _check(await c.keys_query(), nio.KeysQueryResponse, "keys_query")
-        if c.should_claim_keys:
-            _check(await c.keys_claim(c.get_users_for_key_claiming()),
-                   nio.KeysClaimResponse, "keys_claim")
-        for sent in await c.send_to_device_messages():
-            _check(sent, nio.ToDeviceResponse, "to_device")
-        return resp
-
-    async def join(self, room_id: str) -> None:
-        _check(await self.client.join(room_id), nio.JoinResponse, "join")
-        for _ in range(20):
-            await self.sync(timeout_ms=500)
-            room = self.client.rooms.get(room_id)
-            if room is not None and room.encrypted:
-                return
-        raise BenchError(f"{self.user_id}: {room_id} never showed up encrypted in /sync")
-
-    async def send(self, room_id: str, content: dict[str, Any]) -> None:
-        _check(await self.client.room_send(room_id, "m.room.message", content,
-                                           ignore_unverified_devices=True),
-               nio.RoomSendResponse, "room_send")
-
-    async def close(self) -> None:
-        await self.client.close()
-
-
-async def start_bridge(config: Config, stack: AsyncExitStack) -> Bridge:
-    """The bridge in-process on the appservice port, as `civic-bridge run` would start it."""
-    await upgrade(config.database.url)
-    app = make_app(config)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, "127.0.0.1", config.appservice.listen_port).start()
-    bridge = app[BRIDGE]
-    await asyncio.wait_for(bridge.ready.wait(), 60)
-    return bridge
 
 
 @dataclass
@@ -184,34 +78,12 @@ class Setup:
     synapse_pid: int | None
 
 
-def _synapse_pid() -> int | None:
-    """Our Synapse child process (LocalSynapse keeps its handle private)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == os.getpid() and b"synapse.app.homeserver" in cmdline:
-            return int(stat.parent.name)
-    return None
-
-
 async def set_up(workdir: Path, stack: AsyncExitStack, bare_room_kind: str) -> Setup:
-    hs_port = free_port()
-    as_port = free_port()
-    while as_port == hs_port:
-        as_port = free_port()
+    hs_port, as_port = free_ports(2)
     staff_local, bare_local = f"staff_{secrets.token_hex(3)}", f"bare_{secrets.token_hex(3)}"
     config = bench_config(f"http://127.0.0.1:{hs_port}", as_port, workdir,
                           admin=f"@{staff_local}:localhost")
-    registration = workdir / "registration.yaml"
-    registration.write_text(registration_yaml(config), encoding="utf-8")
-    registration.chmod(0o600)
-
-    synapse = LocalSynapse(workdir / "synapse", registration_files=[registration], port=hs_port)
-    stack.push_async_callback(synapse.stop)
-    await synapse.start()
+    synapse = await start_synapse(workdir, config, hs_port, stack)
     bridge = await start_bridge(config, stack)
 
     staff = await NioUser.create(synapse, staff_local, workdir / "nio" / "staff")
@@ -230,13 +102,13 @@ async def set_up(workdir: Path, stack: AsyncExitStack, bare_room_kind: str) -> S
         bare_room: str = await bridge.admin.create_room(staff.user_id, "bench bare", "citizen")
         await bridge.admin.invite(staff.user_id, bare_room, bare.user_id)
     else:
-        resp = _check(await bare.client.room_create(
+        resp = check(await bare.client.room_create(
             name="bench bare", invite=[staff.user_id], initial_state=[ENCRYPTION_STATE]),
             nio.RoomCreateResponse, "room_create")
         bare_room = str(resp.room_id)
     await bare.join(bare_room)  # joining a room one created is a no-op
     await staff.join(bare_room)
-    return Setup(bridge, staff, bare, ghost, bridge_room, bare_room, _synapse_pid())
+    return Setup(bridge, staff, bare, ghost, bridge_room, bare_room, synapse_pid())
 
 
 # --- measuring ----------------------------------------------------------------------
@@ -252,24 +124,6 @@ class Result:
     p95_ms: float
     cpu_bench_ms: float  # per message: this process (bridge, nio clients, event loop)
     cpu_synapse_ms: float  # per message: the Synapse process
-
-
-class CPU:
-    """CPU seconds used so far by this process (bridge + nio clients) and by Synapse."""
-
-    def __init__(self, synapse_pid: int | None) -> None:
-        self._stat = Path(f"/proc/{synapse_pid}/stat") if synapse_pid else None
-        self._tick = os.sysconf("SC_CLK_TCK") if self._stat else 1
-
-    def now(self) -> tuple[float, float]:
-        synapse = float("nan")
-        if self._stat is not None:
-            try:  # utime and stime are fields 14 and 15, after the ")" of the name
-                fields = self._stat.read_text().rsplit(")", 1)[1].split()
-                synapse = (int(fields[11]) + int(fields[12])) / self._tick
-            except (OSError, IndexError, ValueError):
-                pass
-        return time.process_time(), synapse
 
 
 class Samples:
@@ -399,12 +253,9 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"bridge/bare throughput at concurrency {r['concurrency']}: {r['ratio']:.2f} "
               f"(target >= {TARGET}) {r['verdict']}")
     d = report["staff_decrypted"]
+    warning = "" if min(d.values()) > 0 else " (WARNING: staff could not decrypt)"
     print(f"staff decrypted the latest messages: bridge room {d['bridge']}, "
-          f"bare room {d['bare']}; total {report['seconds']:.0f} s")
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+          f"bare room {d['bare']}{warning}; total {report['seconds']:.0f} s")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -412,20 +263,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(line, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="civic-bench-"))
-    try:
+    with temp_workdir() as workdir:
         async with AsyncExitStack() as stack:
             progress(f"setting up Synapse and the bridge in {workdir}")
             setup = await asyncio.wait_for(set_up(workdir, stack, args.bare_room), 180)
-            load_before = _load()
+            load_before = load_average()
             progress(f"sending ({args.messages} per mode and concurrency)")
             results = await measure(setup, args.messages, args.concurrency, args.warmup,
                                     args.blocks, progress)
-            load_after = _load()
+            load_after = load_average()
             decrypted = await verify(setup)
             progress("stopping")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     return {"messages": args.messages, "warmup": args.warmup, "blocks": args.blocks,
             "bare_room": args.bare_room,
             "results": [{k: round(v, 2) if isinstance(v, float) else v
@@ -463,22 +311,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.warmup < 1 or not 1 <= args.blocks <= args.messages // 2:
         parser.error("need --warmup >= 1 and 1 <= --blocks <= --messages / 2")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not args.verbose:
-        logging.getLogger("nio").setLevel(logging.ERROR)
-
-    async def guarded() -> dict[str, Any]:
-        task = asyncio.current_task()
-        assert task is not None
-        # SIGTERM cleans up like Ctrl-C does (asyncio.run cancels the task on SIGINT).
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await run(args)
-
-    try:
-        report = asyncio.run(guarded())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted; Synapse stopped and temporary files removed", file=sys.stderr)
+    setup_logging(args.verbose)
+    report = run_guarded(lambda: run(args))
+    if report is None:
         return 130
     if args.json:
         print(json.dumps(report, indent=2))

@@ -31,6 +31,7 @@ from bridge.matrix.trust import Trust
 from bridge.metrics import Metrics
 from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy
+from bridge.types import UserID
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.inbound import WhatsAppInbound
 from bridge.whatsapp.mirror import Mirror
@@ -198,7 +199,8 @@ async def build_bridge(config: Config) -> Bridge:
     privacy = Privacy.from_config(config.privacy)
     trust = Trust(db, http, config.homeserver.url, config.appservice.as_token, privacy.cipher)
     devices = Devices(api, Path(config.appservice.store_dir),
-                      base64.b64decode(config.privacy.data_key), on_ready=trust)
+                      base64.b64decode(config.privacy.data_key), on_ready=trust,
+                      long_poll_user=UserID(config.bot_mxid))
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)
     rooms = Rooms(api, ghosts.bot, RoomPolicy(federate=config.rooms.federate,

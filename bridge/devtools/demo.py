@@ -25,7 +25,9 @@ from typing import IO, Any
 import yaml
 from aiohttp import web
 
+from bridge.app import make_app
 from bridge.config import Config, LoggingConfig
+from bridge.db.engine import upgrade
 from bridge.devtools import demo_client
 from bridge.devtools.demo_state import (
     BUSINESS_NUMBER,
@@ -42,12 +44,13 @@ from bridge.devtools.demo_state import (
     stop_leftover,
     wipe,
 )
-from bridge.devtools.demo_text import Print, banner
+from bridge.devtools.demo_text import Print, banner, quote
 from bridge.devtools.demo_watch import RelayWatcher, stop_task
 from bridge.devtools.synapse import LocalSynapse, LocalSynapseError, default_venv_path
 from bridge.logsetup import RedactingFilter, TextFormatter, setup_logging
 from bridge.registration import registration_yaml
 from bridge.services import Bridge
+from bridge.web.state import BRIDGE
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import CloudAPISimulator
 
@@ -189,10 +192,6 @@ class Demo:
         logging.getLogger().addHandler(console)
 
     async def _start_bridge(self, config: Config) -> None:
-        from bridge.app import make_app
-        from bridge.db.engine import upgrade
-        from bridge.web.state import BRIDGE
-
         assert self.sim is not None
         await upgrade(config.database.url)
         app = make_app(config)
@@ -250,7 +249,7 @@ class Demo:
         b, sim, state = self.bridge, self.sim, self.state
         assert b is not None and sim is not None and state is not None and self.watcher
         user = demo_client.simulated_user(state)
-        self.out(f"  … a simulated citizen writes {FIRST_MESSAGE!r} on WhatsApp "
+        self.out(f"  … a simulated citizen writes {quote(FIRST_MESSAGE)} on WhatsApp "
                  "and accepts the privacy notice:")
         first: str | None = None
         if consent_state != "prompted":  # otherwise the notice is out and a message held

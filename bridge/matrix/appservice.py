@@ -8,8 +8,10 @@ and dropping would lose messages.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -27,7 +29,14 @@ def _auth(request: web.Request) -> None:
     require_bearer(request, request.app[BRIDGE].config.appservice.hs_token)
 
 
-def parse_transaction(raw: bytes) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Transaction:
+    events: list[dict[str, Any]]
+    # MSC3202: users whose device lists changed (a hint for our ghosts' devices).
+    changed_users: set[str]
+
+
+def parse_transaction(raw: bytes) -> Transaction:
     """The transaction's room events; BadRequest for anything malformed."""
     try:
         body = json.loads(raw)
@@ -40,7 +49,22 @@ def parse_transaction(raw: bytes) -> list[dict[str, Any]]:
         if not (isinstance(ev, dict) and isinstance(ev.get("event_id"), str)
                 and isinstance(ev.get("room_id"), str) and isinstance(ev.get("type"), str)):
             raise BadRequest("every event needs event_id, room_id and type")
-    return events
+    lists = body.get("org.matrix.msc3202.device_lists")
+    changed = lists.get("changed") if isinstance(lists, dict) else None
+    users = {u for u in changed if isinstance(u, str)} if isinstance(changed, list) else set()
+    return Transaction(events, users)
+
+
+def transaction_key(txn_id: str, events: list[dict[str, Any]]) -> str:
+    """The id under which a transaction is remembered.
+
+    Synapse on SQLite restarts its transaction counter after a restart (it seeds it from
+    its table of pending transactions), so a bare txnId can repeat with new events;
+    binding the id to its event ids keeps real retries no-ops without dropping those.
+    Events themselves are deduplicated by event id as well.
+    """
+    ids = "\n".join(str(ev["event_id"]) for ev in events)
+    return f"{txn_id}:{hashlib.sha256(ids.encode()).hexdigest()[:16]}"
 
 
 @routes.put("/_matrix/app/v1/transactions/{txn_id}")
@@ -48,8 +72,11 @@ async def put_transaction(request: web.Request) -> web.Response:
     _auth(request)
     bridge = request.app[BRIDGE]
     with bridge.metrics.transaction_latency.time():
-        events = parse_transaction(await request.read())
-        stored = await bridge.db.transactions.store(request.match_info["txn_id"], events)
+        txn = parse_transaction(await request.read())
+        stored = await bridge.db.transactions.store(
+            transaction_key(request.match_info["txn_id"], txn.events), txn.events)
+    if txn.changed_users:
+        bridge.devices.users_changed(txn.changed_users)
     if stored:
         bridge.metrics.transactions.inc()
         bridge.worker.wake("matrix")

@@ -32,33 +32,51 @@ from bridge.types import DeviceID, RoomID, UserID
 
 log = logging.getLogger(__name__)
 
-# Ghosts need room state and to-device messages, never presence or account data.
+# Devices need room state (membership, encryption) and to-device messages; never
+# messages (the bridge reads those from appservice transactions), presence or account
+# data. Filtering the timeline keeps nio from processing every message of every room.
+STATE_TYPES = ["m.room.member", "m.room.encryption", "m.room.history_visibility",
+               "m.room.create", "m.room.power_levels", "m.room.join_rules"]
 SYNC_FILTER: dict[str, Any] = {
     "presence": {"not_types": ["*"]},
     "account_data": {"not_types": ["*"]},
-    "room": {"timeline": {"limit": 5}, "account_data": {"not_types": ["*"]},
-             "ephemeral": {"not_types": ["*"]}},
+    "room": {"timeline": {"limit": 50, "types": STATE_TYPES},
+             "account_data": {"not_types": ["*"]}, "ephemeral": {"not_types": ["*"]}},
 }
+# A ghost's state is refreshed (one /sync without waiting) at least this often before
+# it sends, and in the background so its one-time keys stay topped up.
+GHOST_UPKEEP_SECONDS = 30.0
 
 # Called after a device's keys are on the server (used for cross-signing).
 DeviceReadyHook = Callable[[UserID, DeviceID], Awaitable[None]]
 
 
 class Device:
-    """One logged-in nio client with its own sync loop and key maintenance."""
+    """One logged-in nio client and its key maintenance.
 
-    def __init__(self, client: nio.AsyncClient) -> None:
+    The bot long-polls /sync: it must receive staff's room keys promptly to decrypt
+    their messages. Ghosts only send, so they do not long-poll (every event in their
+    rooms, their own echoes included, would wake the poll and cost Synapse and the
+    bridge work per message); they refresh with a non-waiting /sync before sending when
+    their view is stale or marked dirty (membership or device-list changes reported in
+    appservice transactions), and every GHOST_UPKEEP_SECONDS in the background.
+    """
+
+    def __init__(self, client: nio.AsyncClient, long_poll: bool) -> None:
         self.client = client
+        self.long_poll = long_poll
         self.synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._send_lock = asyncio.Lock()
+        self._upkeep_lock = asyncio.Lock()
+        self._last_upkeep = float("-inf")
+        self.dirty = True
 
     @property
     def user_id(self) -> UserID:
         return UserID(self.client.user_id)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._sync_loop(), name=f"sync {self.user_id}")
+        self._task = asyncio.create_task(self._loop(), name=f"sync {self.user_id}")
 
     async def stop(self) -> None:
         if self._task:
@@ -66,28 +84,54 @@ class Device:
             await asyncio.gather(self._task, return_exceptions=True)
         await self.client.close()
 
-    async def _sync_loop(self) -> None:
+    async def _loop(self) -> None:
         backoff = 1.0
         while True:
             try:
-                resp = await self.client.sync(timeout=30_000, sync_filter=SYNC_FILTER,
-                                              full_state=not self.synced.is_set())
-                if isinstance(resp, nio.SyncError):
-                    raise RuntimeError(f"sync failed: {resp.status_code}")
-                # nio ignores a server count of 0 after a restart and then never
-                # refills one-time keys; senders would log "Missing Olm session".
-                if resp.device_key_count.signed_curve25519 == 0 and self.client.olm:
-                    self.client.olm.uploaded_key_count = 0
-                await self.maintain_keys()
-                self.synced.set()
+                if self.long_poll:
+                    await self.upkeep(timeout_ms=30_000)
+                else:
+                    await asyncio.sleep(max(0.0, self._last_upkeep + GHOST_UPKEEP_SECONDS
+                                            - asyncio.get_running_loop().time()))
+                    if self.stale():
+                        await self.upkeep()
                 backoff = 1.0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("sync loop of %s: %s; retrying in %.0fs", self.user_id,
+                log.warning("sync of %s: %s; retrying in %.0fs", self.user_id,
                             type(exc).__name__, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
+
+    def stale(self) -> bool:
+        age = asyncio.get_running_loop().time() - self._last_upkeep
+        return self.dirty or age >= GHOST_UPKEEP_SECONDS
+
+    async def upkeep(self, timeout_ms: int = 0) -> None:
+        """One /sync, then the key maintenance nio's sync_forever would do."""
+        async with self._upkeep_lock:
+            self.dirty = False
+            resp = await self.client.sync(timeout=timeout_ms, sync_filter=SYNC_FILTER,
+                                          full_state=not self.synced.is_set())
+            if isinstance(resp, nio.SyncError):
+                self.dirty = True
+                raise RuntimeError(f"sync failed: {resp.status_code}")
+            # nio ignores a server count of 0 after a restart and then never
+            # refills one-time keys; senders would log "Missing Olm session".
+            if resp.device_key_count.signed_curve25519 == 0 and self.client.olm:
+                self.client.olm.uploaded_key_count = 0
+            await self.maintain_keys()
+            self._last_upkeep = asyncio.get_running_loop().time()
+            self.synced.set()
+
+    def users_changed(self, users: set[str]) -> None:
+        """Device lists changed (from a transaction): re-query before the next send."""
+        olm = self.client.olm
+        if olm is not None:
+            tracked = users & set(olm.device_store.users)
+            if tracked:
+                olm.users_for_key_query.update(tracked)
 
     async def maintain_keys(self) -> None:
         """What nio's sync_forever does after each sync and a manual sync() does not."""
@@ -127,7 +171,13 @@ class Device:
     async def send(self, api: MatrixAPI, room_id: RoomID, event_type: str,
                    content: dict[str, Any], txn_id: str | None = None) -> str:
         """Encrypt (if the room is encrypted) and send; returns the event id."""
+        if not self.long_poll and self.stale():
+            await self.upkeep()
         await self.prepare_room(api, room_id)
+        if self.client.should_query_keys:
+            # A new staff device: querying invalidates the outbound session, so the
+            # next message's key reaches it.
+            await self.client.keys_query()
         resp = await self.client.room_send(room_id, event_type, content, tx_id=txn_id,
                                            ignore_unverified_devices=True)
         if isinstance(resp, nio.RoomSendError):
@@ -150,8 +200,10 @@ class Devices:
     """Opens, caches and closes the E2EE devices of users in the bridge's namespace."""
 
     def __init__(self, api: MatrixAPI, store_dir: Path, pickle_secret: bytes,
-                 on_ready: DeviceReadyHook | None = None) -> None:
+                 on_ready: DeviceReadyHook | None = None,
+                 long_poll_user: UserID | None = None) -> None:
         self._api = api
+        self._long_poll_user = long_poll_user
         self._store_dir = store_dir
         # nio pickles Olm/Megolm state with this passphrase: derive it from the data key
         # so crypto state at rest is as protected as the rest of the bridge's data.
@@ -162,6 +214,16 @@ class Devices:
 
     def get_open(self, user_id: UserID) -> Device | None:
         return self._devices.get(user_id)
+
+    def members_changed(self, room_id: str) -> None:
+        """Someone joined, left or was invited: devices in the room refresh first."""
+        for device in self._devices.values():
+            if room_id in device.client.rooms:
+                device.dirty = True
+
+    def users_changed(self, users: set[str]) -> None:
+        for device in self._devices.values():
+            device.users_changed(users)
 
     async def open(self, user_id: UserID, device_id: DeviceID) -> Device:
         """The user's device, logged in, keys uploaded, sync loop running."""
@@ -175,11 +237,13 @@ class Devices:
             store.mkdir(parents=True, exist_ok=True)
             client = nio.AsyncClient(
                 self._api.url, user_id, device_id, store_path=str(store),
-                config=nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True,
+                # No stored sync tokens: nio saves them with a blocking SQLite commit on
+                # every sync; a restart simply starts with one initial sync.
+                config=nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=False,
                                              pickle_key=self._pickle_key),
             )
             client.restore_login(user_id, device_id, token)
-            device = Device(client)
+            device = Device(client, long_poll=user_id == self._long_poll_user)
             if client.should_upload_keys:
                 resp = await client.keys_upload()
                 if isinstance(resp, nio.KeysUploadError):

@@ -39,6 +39,9 @@ class Ghosts:
         self._domain = domain
         self.bot = UserID(f"@{prefix}bot:{domain}")
 
+    def members_changed(self, room_id: str) -> None:
+        self._devices.members_changed(room_id)
+
     def is_ours(self, user_id: str) -> bool:
         return user_id.startswith(f"@{self._prefix}") and user_id.endswith(f":{self._domain}")
 

@@ -68,11 +68,13 @@ class Relay:
         """Process one room event from a transaction."""
         sender = str(event.get("sender", ""))
         etype = event.get("type")
+        if etype == "m.room.member":
+            self._ghosts.members_changed(str(event.get("room_id")))
+            if not self._ghosts.is_ours(sender):
+                await self._on_member(event)
+            return
         if self._ghosts.is_ours(sender) or not isinstance(etype, str):
             return  # our own echo
-        if etype == "m.room.member":
-            await self._on_member(event)
-            return
         content = event.get("content")
         if not isinstance(content, dict):
             return

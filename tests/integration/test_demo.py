@@ -162,6 +162,8 @@ async def run_once(directory: Path, tmp_path: Path, n: int) -> RunResult:
         assert not port_open(state["ports"]["bridge"]), "bridge still running"
         assert "Traceback" not in demo.output, demo.output
         assert "Stopped:" in "".join(demo.out)
+        after = json.loads((directory / "demo.json").read_text(encoding="utf-8"))
+        assert after["pid"] is None and after["synapse_pid"] is None
         return RunResult(demo.output + "".join(printed), first_readable)
     finally:
         if staff is not None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from bridge.matrix.appservice import transaction_key
 from bridge.matrix.relay import StaffEvent
 from bridge.types import RoomID, UserID
 from tests.fixtures.bridge import BridgeHarness
@@ -258,7 +259,25 @@ async def test_everything_still_works_after_restart(bridge: BridgeHarness) -> No
         event = await cap.wait_for(lambda e: e.event_id == event_id)
         assert event.content["body"] == "staff tras reinicio"
         # A transaction id seen before the restart is still a no-op.
-        assert await b.db.transactions.store(txn, [{"event_id": "$x", "room_id": room_id,
-                                                    "type": "m.room.message"}]) is False
+        assert await b.db.transactions.seen(transaction_key(txn, []))
     finally:
         await staff.close()
+
+
+async def test_reused_txn_id_with_new_events_is_not_dropped(bridge: BridgeHarness,
+                                                            captured: Captured) -> None:
+    """Synapse on SQLite restarts its transaction counter when it restarts: the same
+    txnId can carry new events, which must not be mistaken for a retry."""
+    room_id = await create_room(bridge, "team", "Reinicio de Synapse")
+    txn = f"txn{secrets.token_hex(6)}"
+    ids = [f"$reuse{secrets.token_hex(8)}" for _ in range(2)]
+    for event_id in ids:
+        raw = json.dumps({"events": [{
+            "type": "m.room.message", "room_id": room_id, "event_id": event_id,
+            "sender": bridge.admin.user_id, "origin_server_ts": 1,
+            "content": {"msgtype": "m.text", "body": event_id}}]}).encode()
+        status, _ = await bridge.running.call(
+            "PUT", f"/_matrix/app/v1/transactions/{txn}", raw, token="hs")
+        assert status == 200
+    for event_id in ids:
+        await captured.wait_for(lambda e, i=event_id: e.event_id == i)

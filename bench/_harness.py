@@ -1,0 +1,251 @@
+"""Shared setup for the benchmarks in this directory (not a benchmark itself).
+
+A throwaway Synapse (`bridge.devtools.LocalSynapse`) with the bridge's appservice
+registration, the bridge in-process on the appservice port, E2EE matrix-nio users, CPU
+accounting for this process and Synapse, and a `main()` helper that removes everything
+also on Ctrl-C or SIGTERM. Scripts run as `python bench/<name>.py`, so they import this
+module as `_harness` (their directory is first on `sys.path`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nio
+from aiohttp import web
+
+from bridge.app import make_app
+from bridge.config import Config, parse_config
+from bridge.db.engine import upgrade
+from bridge.devtools.synapse import LocalSynapse, free_port
+from bridge.registration import registration_yaml
+from bridge.services import Bridge
+from bridge.web.state import BRIDGE
+
+T = TypeVar("T")
+ENCRYPTION_STATE = {"type": "m.room.encryption", "state_key": "",
+                    "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def check(response: object, expected: type, what: str) -> Any:
+    """nio returns error responses instead of raising."""
+    if not isinstance(response, expected):
+        raise BenchError(f"{what} failed: {response}")
+    return response
+
+
+def random_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def bench_config(homeserver_url: str, as_port: int, workdir: Path, admin: str,
+                 extra: dict[str, Any] | None = None) -> Config:
+    """A bridge Config with fresh secrets for a homeserver on `localhost`.
+
+    `extra` adds (or replaces) whole config sections, e.g. `whatsapp` and `portals`.
+    """
+    raw: dict[str, Any] = {
+        "homeserver": {"url": homeserver_url, "domain": "localhost"},
+        "appservice": {"listen_host": "127.0.0.1", "listen_port": as_port,
+                       "as_token": secrets.token_hex(32), "hs_token": secrets.token_hex(32),
+                       "store_dir": str(workdir / "store")},
+        "database": {"url": f"sqlite+aiosqlite:///{workdir / 'bridge.db'}"},
+        "privacy": {"data_key": random_key(), "index_key": random_key()},
+        "admin": {"token": secrets.token_hex(32), "users": [admin]},
+        "logging": {"level": "WARNING"},
+    }
+    return parse_config(raw | (extra or {}), base=workdir)
+
+
+async def start_synapse(workdir: Path, config: Config, hs_port: int,
+                        stack: AsyncExitStack) -> LocalSynapse:
+    """Synapse on `hs_port` with the bridge's registration; stopped when `stack` closes."""
+    registration = workdir / "registration.yaml"
+    registration.write_text(registration_yaml(config), encoding="utf-8")
+    registration.chmod(0o600)
+    synapse = LocalSynapse(workdir / "synapse", registration_files=[registration], port=hs_port)
+    stack.push_async_callback(synapse.stop)
+    await synapse.start()
+    return synapse
+
+
+async def start_bridge(config: Config, stack: AsyncExitStack) -> Bridge:
+    """The bridge in-process on the appservice port, as `civic-bridge run` would start it."""
+    await upgrade(config.database.url)
+    app = make_app(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, "127.0.0.1", config.appservice.listen_port).start()
+    bridge = app[BRIDGE]
+    await asyncio.wait_for(bridge.ready.wait(), 60)
+    return bridge
+
+
+class NioUser:
+    """A registered user with one E2EE nio device; key upkeep done by hand after each sync."""
+
+    def __init__(self, client: nio.AsyncClient) -> None:
+        self.client = client
+
+    @classmethod
+    async def create(cls, synapse: LocalSynapse, localpart: str, store: Path,
+                     store_sync_tokens: bool = True) -> NioUser:
+        """`store_sync_tokens=False` spares a blocking SQLite commit per /sync."""
+        password = secrets.token_urlsafe(16)
+        user_id = await synapse.register_user(localpart, password)
+        store.mkdir(parents=True)
+        client = nio.AsyncClient(synapse.url, user_id, store_path=str(store),
+                                 config=nio.AsyncClientConfig(encryption_enabled=True,
+                                                              store_sync_tokens=store_sync_tokens))
+        user = cls(client)
+        try:
+            check(await client.login(password, device_name=f"bench {localpart}"),
+                  nio.LoginResponse, "login")
+            await user.sync()  # uploads device and one-time keys
+        except BaseException:
+            await client.close()
+            raise
+        return user
+
+    @property
+    def user_id(self) -> str:
+        return str(self.client.user_id)
+
+    async def sync(self, timeout_ms: int = 0,
+                   sync_filter: dict[str, Any] | None = None) -> nio.SyncResponse:
+        resp = check(await self.client.sync(timeout=timeout_ms, sync_filter=sync_filter),
+                     nio.SyncResponse, f"sync of {self.user_id}")
+        await self.upkeep(resp)
+        return resp
+
+    async def upkeep(self, resp: nio.SyncResponse) -> None:
+        """What nio's sync_forever does after each sync and a manual sync() does not."""
+        c = self.client
+        if c.olm.account.shared and not resp.device_key_count.signed_curve25519:
+            c.olm.uploaded_key_count = 0  # nio ignores a server count of 0
+        if c.should_upload_keys:
+            check(await c.keys_upload(), nio.KeysUploadResponse, "keys_upload")
+        if c.should_query_keys:
+            check(await c.keys_query(), nio.KeysQueryResponse, "keys_query")
+        if c.should_claim_keys:
+            check(await c.keys_claim(c.get_users_for_key_claiming()),
+                  nio.KeysClaimResponse, "keys_claim")
+        for sent in await c.send_to_device_messages():
+            check(sent, nio.ToDeviceResponse, "to_device")
+
+    async def join(self, room_id: str) -> None:
+        check(await self.client.join(room_id), nio.JoinResponse, "join")
+        for _ in range(20):
+            await self.sync(timeout_ms=500)
+            room = self.client.rooms.get(room_id)
+            if room is not None and room.encrypted:
+                return
+        raise BenchError(f"{self.user_id}: {room_id} never showed up encrypted in /sync")
+
+    async def send(self, room_id: str, content: dict[str, Any]) -> None:
+        check(await self.client.room_send(room_id, "m.room.message", content,
+                                          ignore_unverified_devices=True),
+              nio.RoomSendResponse, "room_send")
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def synapse_pid() -> int | None:
+    """Our Synapse child process (LocalSynapse keeps its handle private)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and b"synapse.app.homeserver" in cmdline:
+            return int(stat.parent.name)
+    return None
+
+
+class CPU:
+    """CPU seconds used so far by this process (bridge + nio clients) and by Synapse."""
+
+    def __init__(self, synapse_pid: int | None) -> None:
+        self._stat = Path(f"/proc/{synapse_pid}/stat") if synapse_pid else None
+        self._tick = os.sysconf("SC_CLK_TCK") if self._stat else 1
+
+    def now(self) -> tuple[float, float]:
+        synapse = float("nan")
+        if self._stat is not None:
+            try:  # utime and stime are fields 14 and 15, after the ")" of the name
+                fields = self._stat.read_text().rsplit(")", 1)[1].split()
+                synapse = (int(fields[11]) + int(fields[12])) / self._tick
+            except (OSError, IndexError, ValueError):
+                pass
+        return time.process_time(), synapse
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+@contextmanager
+def temp_workdir() -> Iterator[Path]:
+    """A temporary directory, removed at exit whatever happens."""
+    workdir = Path(tempfile.mkdtemp(prefix="civic-bench-"))
+    try:
+        yield workdir
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not verbose:
+        logging.getLogger("nio").setLevel(logging.ERROR)
+
+
+def run_guarded(main: Callable[[], Awaitable[T]]) -> T | None:
+    """asyncio.run(main()); None (after saying so) if interrupted by Ctrl-C or SIGTERM.
+
+    Interruption cancels the task, so `async with` / `finally` blocks (Synapse, the
+    bridge, temporary files) are unwound before this returns.
+    """
+    async def guarded() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        # SIGTERM cleans up like Ctrl-C does (asyncio.run cancels the task on SIGINT).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await main()
+
+    try:
+        return asyncio.run(guarded())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; Synapse stopped and temporary files removed", file=sys.stderr)
+        return None

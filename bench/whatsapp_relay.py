@@ -1,0 +1,622 @@
+"""Inbound WhatsApp webhook -> Matrix relay through the bridge vs a bare matrix-nio client.
+
+Not a test: prints throughput, end-to-end latency (webhook POST until a staff device has
+the decrypted event) and webhook ack latency, beside a bare client's Synapse send rate
+measured the same way in the same run. Targets: inbound >= 0.85x bare throughput; webhook
+ack p99 <= 50 ms at 50 msg/s (SQLite).
+
+    /tmp/devvenv/bin/python bench/whatsapp_relay.py [--messages 300] [--rate 50] \
+        [--citizens 5] [--json]
+
+Setup (all in a temporary directory, removed at exit, also on Ctrl-C):
+- Synapse (bridge.devtools.LocalSynapse) with the bridge's appservice registration;
+- the Cloud API simulator (bridge.whatsapp.simulator) as Graph API and webhook sender;
+- the bridge in-process (SQLite, WhatsApp enabled against the simulator, a staff user
+  as `portals.staff`);
+- K citizens opt in the way real ones do (first message, privacy notice with buttons,
+  tap "Acepto"), so K portals exist; the staff user's E2EE nio device joins them all;
+- a bare user's nio client in an encrypted room of the same kind (created by the bridge
+  with a portal's state, bot and staff in it); `--bare-room plain` instead lets the bare
+  user create an ordinary encrypted room with only staff in it (a stricter baseline).
+
+A task keeps the staff device syncing (short long-poll, no sync-token writes) and notes
+when each message's text first becomes readable. Four modes, N messages each:
+- bare @R: the bare client sends at R msg/s, open loop (a send starts on schedule,
+  whether or not earlier ones finished);
+- inbound @R: signed webhooks, each one text message, round-robin over the K citizens,
+  POSTed at R msg/s, open loop;
+- bare max: one send after the other (the bare client's sequential send rate);
+- inbound max: one POST as soon as the previous one is acknowledged.
+Throughput = messages / (first send until the staff device has the last one), summed
+over `--blocks` blocks per mode, interleaved ABBA so drift hits all modes alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import secrets
+import statistics
+import string
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AsyncExitStack, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nio
+from _harness import (
+    CPU,
+    ENCRYPTION_STATE,
+    BenchError,
+    NioUser,
+    bench_config,
+    check,
+    free_ports,
+    load_average,
+    run_guarded,
+    setup_logging,
+    start_bridge,
+    start_synapse,
+    synapse_pid,
+    temp_workdir,
+)
+
+from bridge.services import Bridge
+from bridge.whatsapp.consent import OPT_IN_BUTTON
+from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
+
+TARGET_RATIO = 0.85  # inbound / bare throughput
+TARGET_ACK_P99_MS = 50.0
+TARGET_ACK_RATE = 50.0  # the ack target is stated at this offered rate
+PHONE_NUMBER_ID = "109876543210"
+PREFIX = "bench "  # every measured message body starts with this
+# The staff device's /sync: a short long-poll (it returns at once when there is news);
+# a timeline limit above what one sync can bring, so no message is skipped.
+STAFF_SYNC_TIMEOUT_MS = 200
+STAFF_FILTER: dict[str, Any] = {
+    "presence": {"not_types": ["*"]},
+    "account_data": {"not_types": ["*"]},
+    "room": {"timeline": {"limit": 400}, "ephemeral": {"not_types": ["*"]},
+             "account_data": {"not_types": ["*"]}},
+}
+
+
+# --- the staff device -----------------------------------------------------------------
+
+
+class Observer:
+    """The staff device syncing continuously: when did each bench message become readable?
+
+    `seen[body]` is the perf_counter() at which the /sync response that made the message
+    decryptable arrived (its own event, or a later room key for it).
+    """
+
+    def __init__(self, staff: NioUser, rooms: Iterable[str]) -> None:
+        self.staff = staff
+        self.rooms = set(rooms)
+        self.seen: dict[str, float] = {}
+        self.seen_in: dict[str, str] = {}  # body -> room id
+        self.limited = 0  # timelines with a gap: messages may have been skipped
+        self.syncs = 0
+        self._undecrypted: list[nio.MegolmEvent] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def undecryptable(self) -> int:
+        return len(self._undecrypted)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="staff sync")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        client = self.staff.client
+        while True:
+            resp = check(await client.sync(timeout=STAFF_SYNC_TIMEOUT_MS,
+                                           sync_filter=STAFF_FILTER),
+                         nio.SyncResponse, "staff sync")
+            now = time.perf_counter()
+            self.syncs += 1
+            # nio has processed to-device room keys and decrypted what it could.
+            for room_id, info in resp.rooms.join.items():
+                if room_id not in self.rooms:
+                    continue
+                self.limited += bool(info.timeline.limited)
+                for event in info.timeline.events:
+                    self._take(event, room_id, now)
+            if self._undecrypted:
+                pending, self._undecrypted = self._undecrypted, []
+                for event in pending:
+                    try:
+                        self._take(client.decrypt_event(event), event.room_id, now)
+                    except nio.EncryptionError:
+                        self._undecrypted.append(event)
+            self._changed.set()
+            await self.staff.upkeep(resp)
+
+    def _take(self, event: nio.Event, room_id: str, now: float) -> None:
+        if isinstance(event, nio.MegolmEvent):
+            event.room_id = room_id
+            self._undecrypted.append(event)
+        elif isinstance(event, nio.RoomMessageText) and event.body.startswith(PREFIX):
+            self.seen.setdefault(event.body, now)
+            self.seen_in.setdefault(event.body, room_id)
+
+    async def wait_for(self, bodies: Iterable[str], deadline: float) -> int:
+        """Wait (until `deadline`, loop time) for all `bodies`; returns how many are missing."""
+        loop = asyncio.get_running_loop()
+        missing = {b for b in bodies if b not in self.seen}
+        while missing:
+            if self._task is not None and self._task.done():
+                self._task.result()  # re-raise what stopped the sync loop
+                raise BenchError("staff sync loop stopped")
+            if loop.time() >= deadline:
+                break
+            self._changed.clear()
+            with suppress(TimeoutError):
+                async with asyncio.timeout_at(min(deadline, loop.time() + 1.0)):
+                    await self._changed.wait()
+            missing = {b for b in missing if b not in self.seen}
+        return len(missing)
+
+
+# --- setup ----------------------------------------------------------------------------
+
+
+class Webhooks:
+    """Meta's side: signed POSTs to the bridge over one keep-alive HTTP session."""
+
+    def __init__(self, wa: CloudAPISimulator, url: str, http: aiohttp.ClientSession) -> None:
+        self.wa = wa
+        self.url = url
+        self.http = http
+
+    def prepare(self, value: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        """The exact bytes and headers of one delivery (serialised and signed up front)."""
+        body = json.dumps(self.wa.envelope(value), separators=(",", ":")).encode()
+        return body, {"Content-Type": "application/json", "User-Agent": "facebookexternalua",
+                      "X-Hub-Signature-256": self.wa.sign(body)}
+
+    async def post(self, body: bytes, headers: dict[str, str]) -> int:
+        async with self.http.post(self.url, data=body, headers=headers) as resp:
+            await resp.read()
+            return resp.status
+
+    async def deliver(self, value: dict[str, Any]) -> None:
+        status = await self.post(*self.prepare(value))
+        if status != 200:
+            raise BenchError(f"webhook answered {status}")
+
+
+@dataclass
+class Setup:
+    bridge: Bridge
+    wa: CloudAPISimulator
+    hooks: Webhooks
+    staff: NioUser
+    bare: NioUser
+    citizens: list[SimulatedUser]
+    portals: list[str]
+    bare_room: str
+    observer: Observer
+    synapse_pid: int | None
+
+
+def new_citizen(index: int) -> SimulatedUser:
+    wa_id = "346" + "".join(secrets.choice(string.digits) for _ in range(8))
+    bsuid = "ES." + "".join(secrets.choice(string.ascii_letters + string.digits)
+                            for _ in range(20))
+    return SimulatedUser(wa_id=wa_id, user_id=bsuid, name=f"Bench Citizen {index}")
+
+
+async def poll(what: str, probe: Callable[[], Awaitable[Any]], timeout: float = 60) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := await probe()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise BenchError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+    return result
+
+
+async def opt_in(bridge: Bridge, wa: CloudAPISimulator, hooks: Webhooks,
+                 citizen: SimulatedUser, index: int) -> str:
+    """First message -> privacy notice with buttons -> "Acepto" -> the citizen's portal."""
+    await hooks.deliver(wa.text_message(citizen, f"{PREFIX}held {index}"))
+    await wa.wait_for_sent(lambda s: s.get("type") == "interactive"
+                           and s.get("to") == citizen.wa_id, timeout=60)
+    await hooks.deliver(wa.button_reply(citizen, OPT_IN_BUTTON, "Acepto"))
+    digest = bridge.privacy.index.digest(citizen.user_id)
+
+    async def portal() -> str | None:
+        row = await bridge.db.citizens.by_index(digest)
+        if row is None or row.consent_state != "granted":
+            return None
+        room = await bridge.db.rooms.portal_for(row.id)
+        return room.room_id if room else None
+
+    return str(await poll(f"portal of citizen {index}", portal))
+
+
+async def set_up(workdir: Path, stack: AsyncExitStack, citizens: int, bare_room_kind: str,
+                 progress: Callable[[str], None]) -> Setup:
+    hs_port, as_port = free_ports(2)
+    staff_local, bare_local = f"staff_{secrets.token_hex(3)}", f"bare_{secrets.token_hex(3)}"
+    staff_id = f"@{staff_local}:localhost"
+
+    wa = CloudAPISimulator(access_token=secrets.token_urlsafe(24),
+                           app_secret=secrets.token_hex(16), phone_number_id=PHONE_NUMBER_ID,
+                           display_phone_number="+34 900 000 000")
+    api_base = await wa.start()
+    stack.push_async_callback(wa.stop)
+    config = bench_config(f"http://127.0.0.1:{hs_port}", as_port, workdir, admin=staff_id,
+                          extra={"whatsapp": {"enabled": True, "api_base": api_base,
+                                              "phone_number_id": PHONE_NUMBER_ID,
+                                              "access_token": wa.access_token,
+                                              "app_secret": wa.app_secret,
+                                              "verify_token": secrets.token_urlsafe(16)},
+                                 "portals": {"staff": [staff_id]}})
+    synapse = await start_synapse(workdir, config, hs_port, stack)
+    bridge = await start_bridge(config, stack)
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+    stack.push_async_callback(http.close)
+    hooks = Webhooks(wa, f"http://127.0.0.1:{as_port}/whatsapp/webhook", http)
+
+    # No sync-token writes: the staff device syncs many times a second in this process.
+    staff = await NioUser.create(synapse, staff_local, workdir / "nio" / "staff",
+                                 store_sync_tokens=False)
+    stack.push_async_callback(staff.close)
+    bare = await NioUser.create(synapse, bare_local, workdir / "nio" / "bare",
+                                store_sync_tokens=False)
+    stack.push_async_callback(bare.close)
+
+    progress(f"opting in {citizens} citizens")
+    people = [new_citizen(i) for i in range(citizens)]
+    portals = list(await asyncio.gather(*(opt_in(bridge, wa, hooks, c, i)
+                                          for i, c in enumerate(people))))
+    for room_id in portals:
+        await staff.join(room_id)
+
+    if bare_room_kind == "portal":  # a portal's state, made by the bridge, not a portal
+        bare_room: str = await bridge.rooms.create(
+            "portal", "bench bare", topic="bench baseline", invite=[staff_id, bare.user_id])
+    else:
+        resp = check(await bare.client.room_create(
+            name="bench bare", invite=[staff_id], initial_state=[ENCRYPTION_STATE]),
+            nio.RoomCreateResponse, "room_create")
+        bare_room = str(resp.room_id)
+    await bare.join(bare_room)
+    await staff.join(bare_room)
+
+    observer = Observer(staff, [*portals, bare_room])
+    observer.start()
+    stack.push_async_callback(observer.stop)  # before staff.close (LIFO)
+    return Setup(bridge, wa, hooks, staff, bare, people, portals, bare_room, observer,
+                 synapse_pid())
+
+
+# --- measuring ------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    body: str
+    sent: float = math.nan  # perf_counter() when the POST / room_send started
+    acked: float = math.nan  # ... when it returned
+    ok: bool = False
+
+
+@dataclass
+class Mode:
+    kind: str  # "bare" or "inbound"
+    rate: float | None  # offered msg/s, open loop; None = one after the other
+    samples: list[Sample] = field(default_factory=list)
+    elapsed: float = 0.0
+    seen: int = 0
+    slip: float = 0.0  # worst lateness of a scheduled send (the load generator lagging)
+    cpu_self: float = 0.0
+    cpu_synapse: float = 0.0
+
+    @property
+    def offered(self) -> str:
+        return "max" if self.rate is None else f"{self.rate:g}/s"
+
+    @property
+    def tag(self) -> str:
+        return f"{self.kind}-{'max' if self.rate is None else f'{self.rate:g}'}"
+
+
+@dataclass
+class Result:
+    mode: str
+    offered: str
+    messages: int
+    seen: int
+    errors: int  # sends / POSTs that failed (non-200)
+    msg_per_s: float
+    e2e_p50_ms: float
+    e2e_p99_ms: float
+    ack_p50_ms: float
+    ack_p99_ms: float
+    max_slip_ms: float
+    cpu_bench_ms: float  # per message: this process (bridge, nio clients, event loop)
+    cpu_synapse_ms: float  # per message: the Synapse process
+
+
+def _quantiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0] * 1000, values[0] * 1000) if values else (math.nan, math.nan)
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return cuts[49] * 1000, cuts[98] * 1000
+
+
+def result(mode: Mode, seen: dict[str, float]) -> Result:
+    n = len(mode.samples)
+    e2e = [seen[s.body] - s.sent for s in mode.samples if s.body in seen]
+    acks = [s.acked - s.sent for s in mode.samples if s.ok]
+    e50, e99 = _quantiles(e2e)
+    a50, a99 = _quantiles(acks)
+    return Result(mode.kind, mode.offered, n, mode.seen, sum(not s.ok for s in mode.samples),
+                  mode.seen / mode.elapsed if mode.elapsed else math.nan, e50, e99, a50, a99,
+                  mode.slip * 1000, mode.cpu_self / max(n, 1) * 1000,
+                  mode.cpu_synapse / max(n, 1) * 1000)
+
+
+async def offer(samples: list[Sample], rate: float | None,
+                send: Callable[[int], Awaitable[bool]]) -> float:
+    """Send every sample, paced at `rate` (open loop) or back to back; returns the worst slip."""
+    async def one(i: int) -> None:
+        s = samples[i]
+        s.sent = time.perf_counter()
+        s.ok = await send(i)
+        s.acked = time.perf_counter()
+
+    if rate is None:
+        for i in range(len(samples)):
+            await one(i)
+        return 0.0
+    loop = asyncio.get_running_loop()
+    start, slip = loop.time(), 0.0
+    tasks = []
+    for i in range(len(samples)):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        else:
+            slip = max(slip, -delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    return slip
+
+
+async def settle(bridge: Bridge) -> None:
+    """Let the bridge finish the block's trailing work (appservice echoes) first."""
+    await asyncio.sleep(0.3)
+    with suppress(TimeoutError):
+        async with asyncio.timeout(15):
+            for source in ("whatsapp", "matrix"):
+                await bridge.worker.idle[source].wait()
+
+
+async def run_block(s: Setup, mode: Mode, first: int, count: int, cpu: CPU) -> None:
+    samples = [Sample(f"{PREFIX}{mode.tag} {i:06d}") for i in range(first, first + count)]
+    if mode.kind == "inbound":
+        deliveries = [s.hooks.prepare(s.wa.text_message(s.citizens[i % len(s.citizens)],
+                                                        sample.body))
+                      for i, sample in zip(range(first, first + count), samples, strict=True)]
+
+        async def send(i: int) -> bool:
+            try:
+                return await s.hooks.post(*deliveries[i]) == 200
+            except aiohttp.ClientError:
+                return False
+    else:
+        async def send(i: int) -> bool:
+            resp = await s.bare.client.room_send(
+                s.bare_room, "m.room.message", {"msgtype": "m.text", "body": samples[i].body},
+                ignore_unverified_devices=True)
+            return isinstance(resp, nio.RoomSendResponse)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60 + count / 2  # bounded even if the bridge stalls
+    cpu_before = cpu.now()
+    mode.slip = max(mode.slip, await offer(samples, mode.rate, send))
+    missing = await s.observer.wait_for((x.body for x in samples), deadline)
+    seen = [s.observer.seen[x.body] for x in samples if x.body in s.observer.seen]
+    if seen:
+        mode.elapsed += max(seen) - min(x.sent for x in samples)
+    mode.seen += count - missing
+    mode.samples.extend(samples)
+    await settle(s.bridge)
+    cpu_after = cpu.now()
+    mode.cpu_self += cpu_after[0] - cpu_before[0]
+    mode.cpu_synapse += cpu_after[1] - cpu_before[1]
+
+
+async def warm_up(s: Setup, bare_messages: int) -> None:
+    """Unmeasured: every ghost and the bare client have sent, and staff read it."""
+    bodies = []
+    for i, citizen in enumerate(s.citizens):
+        body = f"{PREFIX}warmup inbound {i:06d}"
+        await s.hooks.deliver(s.wa.text_message(citizen, body))
+        bodies.append(body)
+    for i in range(bare_messages):
+        body = f"{PREFIX}warmup bare {i:06d}"
+        await s.bare.send(s.bare_room, {"msgtype": "m.text", "body": body})
+        bodies.append(body)
+    loop = asyncio.get_running_loop()
+    if missing := await s.observer.wait_for(bodies, loop.time() + 60):
+        raise BenchError(f"staff never read {missing} of {len(bodies)} warm-up messages")
+    await settle(s.bridge)
+
+
+def schedule(messages: int, blocks: int, rate: float | None) -> list[tuple[int, int, int]]:
+    """(mode index, first, count): `blocks` blocks per mode, ABBA across the modes."""
+    modes = [0, 1] if rate is None else [0, 1, 2, 3]
+    sizes = [messages // blocks + (i < messages % blocks) for i in range(blocks)]
+    out, first = [], 0
+    for i, size in enumerate(sizes):
+        out.extend((m, first, size) for m in (modes if i % 2 == 0 else modes[::-1]))
+        first += size
+    return [x for x in out if x[2]]
+
+
+async def measure(s: Setup, args: argparse.Namespace,
+                  progress: Callable[[str], None]) -> list[Result]:
+    rate = args.rate or None
+    modes = [Mode("bare", None), Mode("inbound", None)]
+    if rate is not None:
+        modes = [Mode("bare", rate), Mode("inbound", rate), *modes]
+    cpu = CPU(s.synapse_pid)
+    for index, first, count in schedule(args.messages, args.blocks, rate):
+        mode = modes[index]
+        await run_block(s, mode, first, count, cpu)
+        progress(f"  {mode.kind:7} {mode.offered:>6}: {first + count:4} sent, "
+                 f"{mode.seen:4} read by staff")
+    return [result(m, s.observer.seen) for m in modes]
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def verdicts(results: list[Result], rate: float) -> list[dict[str, Any]]:
+    by = {(r.mode, r.offered): r for r in results}
+    out: list[dict[str, Any]] = []
+    for offered in dict.fromkeys(r.offered for r in results):
+        bare, inbound = by[("bare", offered)], by[("inbound", offered)]
+        ratio = inbound.msg_per_s / bare.msg_per_s
+        ok = ratio >= TARGET_RATIO and inbound.seen == inbound.messages
+        out.append({"target": "throughput", "offered": offered, "value": round(ratio, 3),
+                    "limit": TARGET_RATIO, "verdict": "PASS" if ok else "MISS"})
+    paced = by.get(("inbound", f"{rate:g}/s"))
+    if paced is not None:
+        ok = paced.ack_p99_ms <= TARGET_ACK_P99_MS and paced.errors == 0
+        out.append({"target": "ack_p99_ms", "offered": paced.offered,
+                    "value": round(paced.ack_p99_ms, 1), "limit": TARGET_ACK_P99_MS,
+                    "verdict": ("PASS" if ok else "MISS") if rate == TARGET_ACK_RATE
+                    else "n/a"})
+    return out
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"\nwhatsapp_relay: {report['messages']} messages per mode, {report['citizens']} "
+          f"citizens (portals), {report['blocks']} blocks per mode, "
+          f"bare room: {report['bare_room']}, "
+          f"load average before/after: {report['load_before']} / {report['load_after']}")
+    verdict = {}
+    for v in report["verdicts"]:
+        label = "thr" if v["target"] == "throughput" else "ack"
+        verdict.setdefault(v["offered"], []).append(f"{label} {v['verdict']}")
+    ratio = {v["offered"]: v["value"] for v in report["verdicts"] if v["target"] == "throughput"}
+    print(f"{'mode':8} {'N':>4} {'offered':>7} {'msg/s':>6} {'e2e p50':>8} {'e2e p99':>8} "
+          f"{'ack p50':>8} {'ack p99':>8} {'lost':>4} {'CPU ms/msg':>10} {'synapse':>7} "
+          f"{'vs bare':>7}  targets")
+    for r in report["results"]:
+        inbound = r["mode"] == "inbound"
+        lost = r["messages"] - r["seen"]
+        print(f"{r['mode']:8} {r['messages']:>4} {r['offered']:>7} {r['msg_per_s']:>6.1f} "
+              f"{r['e2e_p50_ms']:>8.1f} {r['e2e_p99_ms']:>8.1f} {r['ack_p50_ms']:>8.1f} "
+              f"{r['ack_p99_ms']:>8.1f} {lost:>4} {r['cpu_bench_ms']:>10.1f} "
+              f"{r['cpu_synapse_ms']:>7.1f} "
+              f"{format(ratio[r['offered']], '.2f') if inbound else '':>7}  "
+              f"{', '.join(verdict.get(r['offered'], [])) if inbound else ''}")
+    print("(ms; e2e = send until the staff device has the decrypted text; ack = the webhook "
+          "POST's round trip, for bare the room_send call)")
+    for v in report["verdicts"]:
+        if v["target"] == "throughput":
+            print(f"inbound/bare throughput, {v['offered']}: {v['value']:.2f} "
+                  f"(target >= {v['limit']}) {v['verdict']}")
+        else:
+            print(f"webhook ack p99 at {v['offered']}: {v['value']:.1f} ms "
+                  f"(target <= {v['limit']:g} ms at {TARGET_ACK_RATE:g} msg/s) {v['verdict']}")
+    c = report["staff"]
+    warnings = []
+    if c["undecryptable"]:
+        warnings.append(f"{c['undecryptable']} undecryptable")
+    if c["timeline_gaps"]:
+        warnings.append(f"{c['timeline_gaps']} timeline gaps")
+    worst = max((r["max_slip_ms"] for r in report["results"]), default=0.0)
+    print(f"staff decrypted {c['inbound']} inbound and {c['bare']} bare messages in "
+          f"{c['syncs']} syncs{' (WARNING: ' + ', '.join(warnings) + ')' if warnings else ''}; "
+          f"load generator lag <= {worst:.0f} ms; total {report['seconds']:.0f} s")
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    with temp_workdir() as workdir:
+        async with AsyncExitStack() as stack:
+            progress(f"setting up Synapse, the Cloud API simulator and the bridge in {workdir}")
+            setup = await asyncio.wait_for(
+                set_up(workdir, stack, args.citizens, args.bare_room, progress), 240)
+            progress("warming up")
+            await warm_up(setup, args.warmup)
+            load_before = load_average()
+            progress(f"measuring ({args.messages} messages per mode)")
+            results = await measure(setup, args, progress)
+            load_after = load_average()
+            obs = setup.observer
+            rooms = list(obs.seen_in.values())
+            staff = {"inbound": sum(r in setup.portals for r in rooms),
+                     "bare": rooms.count(setup.bare_room), "syncs": obs.syncs,
+                     "undecryptable": obs.undecryptable, "timeline_gaps": obs.limited}
+            progress("stopping")
+    return {"messages": args.messages, "rate": args.rate, "citizens": args.citizens,
+            "blocks": args.blocks, "warmup": args.warmup, "bare_room": args.bare_room,
+            "results": [{k: round(v, 2) if isinstance(v, float) else v
+                         for k, v in asdict(r).items()} for r in results],
+            "verdicts": verdicts(results, args.rate), "staff": staff,
+            "load_before": load_before, "load_after": load_after,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=300, metavar="N",
+                        help="measured messages per mode (default 300)")
+    parser.add_argument("--rate", type=float, default=50.0, metavar="R",
+                        help="offered msg/s of the paced modes; 0 = only the max modes "
+                             "(default 50)")
+    parser.add_argument("--citizens", type=int, default=5, metavar="K",
+                        help="opted-in citizens (portals) the messages are spread over "
+                             "(default 5)")
+    parser.add_argument("--blocks", type=int, default=2,
+                        help="blocks per mode, interleaved ABBA (default 2)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="unmeasured bare sends first (each citizen sends one too; "
+                             "default 5)")
+    parser.add_argument("--bare-room", choices=("portal", "plain"), default="portal",
+                        help="bare client's room: made by the bridge with a portal's state "
+                             "(default) or an ordinary room without the bridge")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--verbose", action="store_true", help="bridge and nio logs at INFO")
+    args = parser.parse_args()
+    if (args.messages < 2 or args.citizens < 1 or args.rate < 0 or args.warmup < 1
+            or not 1 <= args.blocks <= args.messages // 2):
+        parser.error("need --messages >= 2, --citizens >= 1, --rate >= 0, --warmup >= 1 "
+                     "and 1 <= --blocks <= --messages / 2")
+    setup_logging(args.verbose)
+    report = run_guarded(lambda: run(args))
+    if report is None:
+        return 130
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
