@@ -68,6 +68,7 @@ from _harness import (
 )
 
 from bridge.services import Bridge
+from bridge.types import RoomID
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 
@@ -287,9 +288,14 @@ async def set_up(workdir: Path, stack: AsyncExitStack, citizens: int, bare_room_
     for room_id in portals:
         await staff.join(room_id)
 
-    if bare_room_kind == "portal":  # a portal's state, made by the bridge, not a portal
+    if bare_room_kind == "portal":
+        # A portal's state, made by the bridge, and recorded as an agency room: any other
+        # room the bot is in counts as a management room (each message a command, each
+        # answered). No citizen: staff-side handlers ignore it, as they ignore ghosts.
         bare_room: str = await bridge.rooms.create(
             "portal", "bench bare", topic="bench baseline", invite=[staff_id, bare.user_id])
+        await bridge.db.rooms.create(RoomID(bare_room), "portal", "bench bare",
+                                     bridge.ghosts.bot)
     else:
         resp = check(await bare.client.room_create(
             name="bench bare", invite=[staff_id], initial_state=[ENCRYPTION_STATE]),

@@ -55,7 +55,6 @@ class ManagementRoom:
         body = event.content.get("body")
         if not isinstance(body, str) or await self._db.rooms.get(event.room_id) is not None:
             return
-        log.warning("DEBUGMGMT room=%s sender=%s body=%r", event.room_id, event.sender, body[:40])
         try:
             answer = await self._answer(event, body)
         except Exception as exc:  # never let a command break the inbound queue

@@ -23,7 +23,7 @@ from bridge.admin.common import (
 )
 from bridge.config import Config
 from bridge.db import Database, Room
-from bridge.errors import Conflict, InvalidParam
+from bridge.errors import Conflict, InvalidParam, Unavailable
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.rooms import Rooms
 from bridge.types import EventID, RoomID, UserID
@@ -165,7 +165,12 @@ class Moderation:
             raise InvalidParam(f"body must be 1-{MAX_ANNOUNCEMENT} characters")
         # Threshold 0: every announcement names its room and audience before it goes out.
         count = await guard_size(self._rooms, room, confirm, 0)
-        event = await self._send(room.room_id, {"msgtype": "m.text", "body": text})
+        try:
+            event = await self._send(room.room_id, {"msgtype": "m.text", "body": text})
+        except (MatrixError, RuntimeError) as exc:
+            await self._db.audit.append(actor, "room.announce", room.room_id,
+                                        f"error {type(exc).__name__}", f"{count} members")
+            raise Unavailable("the announcement could not be sent; try again") from None
         await self._db.audit.append(actor, "room.announce", f"{room.room_id} {event}", "ok",
                                     f"{count} members")
         return event

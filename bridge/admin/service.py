@@ -13,7 +13,7 @@ from typing import Any, cast
 from bridge.admin.common import audited, guard_size, open_room, user_id
 from bridge.config import Config
 from bridge.db import Database, RoomKind
-from bridge.errors import InvalidParam
+from bridge.errors import InvalidParam, NotFound
 from bridge.matrix.api import MatrixAPI
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.rooms import ADMIN, CREATOR, KINDS, MODERATOR, Rooms
@@ -79,7 +79,7 @@ class AdminService:
         """Pseudonyms and roles only: no contact data of anyone."""
         room = await self._db.rooms.get(RoomID(room_id))
         if room is None:
-            room = await open_room(self._db, room_id)  # raises the right error
+            raise NotFound("not a room of this bridge")
         members = await self._rooms.members(room.room_id)
         citizens = {a.user_id for a in await self._db.invites.accounts(
             [m.user_id for m in members])}

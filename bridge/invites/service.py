@@ -166,7 +166,8 @@ class InviteLinks:
             await self._api.invite(self._bot, link.room_id, user_id, "invite link")
         except (RegistrationError, MatrixError) as exc:
             await self._db.invites.release(link.id)
-            code = exc.errcode
+            code = (f"registration {exc.status} {exc.errcode}"
+                    if isinstance(exc, RegistrationError) else f"invite {exc.errcode}")
             await self._db.audit.append(f"invite-link:{link.id}", "invite_link.redeem",
                                         link.room_id, f"error {code}", None)
             log.warning("invite link %d: account not made (%s)", link.id, code)

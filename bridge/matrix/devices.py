@@ -19,6 +19,7 @@ per user (stored in the ghosts table) so keys are reused, never regenerated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from typing import Any
 import nio
 
 from bridge.matrix.api import MatrixAPI
+from bridge.matrix.keyshare import KeyForwarder
 from bridge.types import DeviceID, RoomID, UserID
 
 log = logging.getLogger(__name__)
@@ -62,9 +64,13 @@ class Device:
     appservice transactions), and every GHOST_UPKEEP_SECONDS in the background.
     """
 
-    def __init__(self, client: nio.AsyncClient, long_poll: bool) -> None:
+    def __init__(self, client: nio.AsyncClient, long_poll: bool,
+                 is_ours: Callable[[str], bool] = lambda _user: False) -> None:
         self.client = client
         self.long_poll = long_poll
+        # Room keys of earlier messages for staff devices that appear later.
+        self.keys = KeyForwarder(client, is_ours)
+        self._wake = asyncio.Event()
         self.synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._upkeep_lock = asyncio.Lock()
@@ -91,8 +97,11 @@ class Device:
                 if self.long_poll:
                     await self.upkeep(timeout_ms=30_000)
                 else:
-                    await asyncio.sleep(max(0.0, self._last_upkeep + GHOST_UPKEEP_SECONDS
-                                            - asyncio.get_running_loop().time()))
+                    delay = max(0.0, self._last_upkeep + GHOST_UPKEEP_SECONDS
+                                - asyncio.get_running_loop().time())
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), delay)
+                    self._wake.clear()
                     if self.stale():
                         await self.upkeep()
                 backoff = 1.0
@@ -103,6 +112,11 @@ class Device:
                             type(exc).__name__, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
+
+    def wake(self) -> None:
+        """Refresh soon (a member joined: it may be owed earlier room keys)."""
+        self.dirty = True
+        self._wake.set()
 
     def stale(self) -> bool:
         age = asyncio.get_running_loop().time() - self._last_upkeep
@@ -124,6 +138,16 @@ class Device:
             await self.maintain_keys()
             self._last_upkeep = asyncio.get_running_loop().time()
             self.synced.set()
+            await self.forward_keys()
+
+    async def forward_keys(self) -> None:
+        """Send earlier room keys to devices that are owed them; never fails a send."""
+        try:
+            await self.keys.forward()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("forwarding room keys of %s: %s", self.user_id, type(exc).__name__)
 
     def users_changed(self, users: set[str]) -> None:
         """Device lists changed (from a transaction): re-query before the next send."""
@@ -176,8 +200,10 @@ class Device:
         await self.prepare_room(api, room_id)
         if self.client.should_query_keys:
             # A new staff device: querying invalidates the outbound session, so the
-            # next message's key reaches it.
+            # next message's key reaches it; the earlier sessions' keys are forwarded.
             await self.client.keys_query()
+            await self.forward_keys()
+        await self.keys.before_send(room_id)
         resp = await self.client.room_send(room_id, event_type, content, tx_id=txn_id,
                                            ignore_unverified_devices=True)
         if isinstance(resp, nio.RoomSendError):
@@ -210,6 +236,8 @@ class Devices:
         self._pickle_key = hashlib.sha256(b"civic-bridge nio pickle\0" + pickle_secret).hexdigest()
         self._on_ready = on_ready
         self._devices: dict[UserID, Device] = {}
+        # Users in the bridge's namespace (set by Ghosts): never sent earlier room keys.
+        self.is_ours: Callable[[str], bool] = lambda _user: False
         self._opening: dict[UserID, asyncio.Lock] = {}
 
     def get_open(self, user_id: UserID) -> Device | None:
@@ -219,7 +247,7 @@ class Devices:
         """Someone joined, left or was invited: devices in the room refresh first."""
         for device in self._devices.values():
             if room_id in device.client.rooms:
-                device.dirty = True
+                device.wake()
 
     def users_changed(self, users: set[str]) -> None:
         for device in self._devices.values():
@@ -243,7 +271,8 @@ class Devices:
                                              pickle_key=self._pickle_key),
             )
             client.restore_login(user_id, device_id, token)
-            device = Device(client, long_poll=user_id == self._long_poll_user)
+            device = Device(client, long_poll=user_id == self._long_poll_user,
+                            is_ours=lambda user: self.is_ours(user))
             if client.should_upload_keys:
                 resp = await client.keys_upload()
                 if isinstance(resp, nio.KeysUploadError):

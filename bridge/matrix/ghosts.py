@@ -38,6 +38,7 @@ class Ghosts:
         self._prefix = prefix
         self._domain = domain
         self.bot = UserID(f"@{prefix}bot:{domain}")
+        devices.is_ours = self.is_ours
 
     def members_changed(self, room_id: str) -> None:
         self._devices.members_changed(room_id)

@@ -22,6 +22,9 @@ import pytest
 from nio import AsyncClient, LoginResponse
 from sqlalchemy import text
 
+from bridge.invites.accounts import SynapseRegistrar
+from bridge.invites.forms import parse_form
+from bridge.invites.service import InviteLinks, LinkUnusable
 from bridge.types import Pseudonym, RoomID
 from tests.fixtures.bridge import BridgeHarness
 
@@ -304,3 +307,28 @@ async def test_links_need_admin_and_respect_room_kind(bridge: BridgeHarness) -> 
     b = bridge.running.bridge
     # The room behind a link is never something the link's holder picks.
     assert RoomID(room_id) in {r.room_id for r in await b.db.rooms.list()}
+
+
+async def test_a_failed_registration_gives_the_use_back(bridge: BridgeHarness) -> None:
+    """Synapse refusing the account (here: a wrong shared secret) creates nothing, keeps
+    the link usable, and is audited."""
+    b = bridge.running.bridge
+    room_id = await citizen_room(bridge, "Sin cuenta")
+    url = await new_link(bridge, room_id)
+    token = url.rsplit("/", 1)[1]
+    broken = InviteLinks(b.config, b.db, b.api, b.rooms, b.ghosts.bot, b.privacy,
+                         SynapseRegistrar(b.http, b.config.homeserver.url, "not-the-secret" * 2))
+    form = parse_form({"password": "una clave larga", "password2": "una clave larga",
+                       "consent": "yes"}, "es")
+    with pytest.raises(LinkUnusable) as err:
+        await broken.redeem(token, form)
+    assert err.value.problem == "failed"
+    view = await b.invites.view(token)
+    assert view.link.uses == 0
+    entry = (await b.db.audit.list(limit=1))[0]
+    assert (entry.action, entry.result) == ("invite_link.redeem",
+                                           "error registration 403 M_UNKNOWN")
+    assert await accounts_in(bridge, room_id) == 0
+    status, page, _ = await get(url, {"password": "una clave larga",
+                                      "password2": "una clave larga", "consent": "yes"})
+    assert status == 200 and 'id="user-id"' in page

@@ -187,10 +187,7 @@ async def test_demo_headless(tmp_path: Path) -> None:
     for identifier in (citizen["wa_id"], citizen["wa_id"][2:], citizen["user_id"]):
         assert identifier not in first.output + second.output, "a citizen identifier printed"
 
-    # Known gap (bridge core, not the demo): the ghost shares its room key only with the
-    # devices that exist when it encrypts, and does not answer room-key requests, so a
-    # staff device that logs in later cannot read the citizen's first message. Turn this
-    # into an assertion once the bridge forwards room keys to invited staff devices.
-    if not first.first_message_readable:
-        pytest.xfail("a staff device that logs in after a message was relayed cannot "
-                     "decrypt it (no room-key forwarding yet)")
+    # The citizen's first message was relayed before the staff device existed: the
+    # ghost's device sends that device the earlier room key (bridge.matrix.keyshare).
+    assert first.first_message_readable, \
+        "a staff device that logged in after the first message cannot decrypt it"

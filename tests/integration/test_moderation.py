@@ -433,3 +433,54 @@ async def test_non_admin_commands_are_refused(bridge: BridgeHarness) -> None:
         assert "Only the bridge's admins" in await talk.say("help")
     finally:
         await talk.staff.close()
+
+
+async def test_management_room_moderation_commands(bridge: BridgeHarness) -> None:
+    talk = await dm_with_bot(bridge, bridge.admin.localpart, bridge.admin.password)
+    try:
+        room = await create_room(bridge, "Plaza", join_rule="knock")
+        user = await joined(bridge, room)
+        status, sent = await send_text(bridge, user, room, "mensaje a retirar")
+        assert status == 200
+
+        assert await talk.say(f"mute {room} {user.user_id} flood") == f"Muted {user.user_id}."
+        assert (await send_text(bridge, user, room, "¿hola?"))[0] == 403
+        assert await talk.say(f"unmute {room} {user.user_id} basta") == (
+            f"Unmuted {user.user_id}.")
+        assert (await send_text(bridge, user, room, "gracias"))[0] == 200
+        assert await talk.say(f"redact {room} {sent['event_id']} fuera de tema") == (
+            f"Redacted {sent['event_id']}.")
+        event = await bridge.running.bridge.api.request(
+            "GET", f"/_matrix/client/v3/rooms/{q(room)}/event/{q(sent['event_id'])}",
+            as_user=bridge.running.bridge.ghosts.bot)
+        assert event["content"] == {}
+        assert await talk.say(f"ban {room} {user.user_id} reincide") == (
+            f"Done: ban {user.user_id}.")
+        assert await membership(bridge, room, user.user_id) == "ban"
+        assert "Refused" in await talk.say(f"ban {room} {bridge.running.bridge.ghosts.bot} x")
+
+        knocker = await new_user(bridge, "llamante")
+        assert (await as_user(bridge, knocker, "POST",
+                              f"/_matrix/client/v3/knock/{q(room)}", {}))[0] == 200
+        assert await talk.say(f"approve {room} {knocker.user_id}") == (
+            f"Approved {knocker.user_id}'s knock.")
+        assert await membership(bridge, room, knocker.user_id) == "invite"
+
+        notices = await create_room(bridge, "Bandos", kind="announcement")
+        answer = await talk.say(f"announce {notices} Fiestas del barrio el sábado")
+        assert "Room 'Bandos' has 2 members" in answer
+        assert await talk.say("cancel") == "Cancelled; nothing was done."
+        await talk.say(f"announce {notices} Fiestas del barrio el sábado")
+        assert await talk.say("confirmar") == f"Announcement posted in {notices}."
+
+        answer = await talk.say(f"close {room} fin de la consulta")
+        assert answer.startswith(f"Closed {room};")
+        assert ("m.room.tombstone", "") in await state(bridge, room)
+        assert "the room is closed" in await talk.say(f"kick {room} {knocker.user_id} x")
+        done = {e.action: e.actor for e in await bridge.running.bridge.db.audit.list(limit=30)
+                if e.object.startswith((room, notices))}
+        for action in ("room.mute", "room.unmute", "room.redact", "room.ban",
+                       "room.knock.approve", "room.announce", "room.close"):
+            assert done[action] == bridge.admin.user_id, action
+    finally:
+        await talk.staff.close()

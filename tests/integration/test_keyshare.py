@@ -1,0 +1,140 @@
+"""Staff devices that appear after a ghost spoke still read its earlier messages.
+
+A portal-like room (history visibility `invited`), a ghost speaks, THEN a staff member
+logs in a brand-new device: the ghost's device sends it the earlier session's key.
+Users who left or were never members get nothing.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+
+from bridge.matrix.devices import Device
+from bridge.types import RoomID, UserID
+from tests.fixtures.bridge import BridgeHarness, StaffAccount
+from tests.fixtures.staff import StaffClient, staff_login
+from tests.integration.test_matrix_core import _ghost_in_room, create_room
+
+pytestmark = pytest.mark.integration
+
+
+async def _account(h: BridgeHarness, prefix: str) -> StaffAccount:
+    localpart = f"{prefix}_{secrets.token_hex(3)}"
+    password = secrets.token_urlsafe(16)
+    user_id = await h.synapse.synapse.register_user(localpart, password)
+    return StaffAccount(user_id, localpart, password)
+
+
+async def _portal_like(h: BridgeHarness, staff: StaffAccount) -> tuple[str, UserID]:
+    """A citizen room with portal history visibility, `staff` invited, a ghost joined."""
+    b = h.running.bridge
+    room_id = await create_room(h, "citizen", "Portal")
+    await b.api.send_state(b.ghosts.bot, RoomID(room_id), "m.room.history_visibility",
+                           {"history_visibility": "invited"})
+    status, body = await h.running.call("POST", f"/admin/v1/rooms/{room_id}/invite",
+                                        {"user_id": staff.user_id})
+    assert status == 200, body
+    return room_id, await _ghost_in_room(h, room_id)
+
+
+async def _say(h: BridgeHarness, ghost: UserID, room_id: str, text: str) -> str:
+    body = f"{text} {secrets.token_hex(4)}"
+    await h.running.bridge.relay.send_as(ghost, RoomID(room_id),
+                                         {"msgtype": "m.text", "body": body})
+    return body
+
+
+def _ghost_device(h: BridgeHarness, ghost: UserID) -> Device:
+    device = h.running.bridge.devices.get_open(ghost)
+    assert device is not None
+    return device
+
+
+def _got_forward(device: Device, curve25519: str) -> bool:
+    return any(curve == curve25519 for _, curve in device.keys.ledger.delivered)
+
+
+def _curve(staff: StaffClient) -> str:
+    return str(staff.client.olm.account.identity_keys["curve25519"])
+
+
+async def test_late_device_reads_earlier_message_after_next_send(
+        bridge: BridgeHarness) -> None:
+    staff = await _account(bridge, "late")
+    room_id, ghost = await _portal_like(bridge, staff)
+    m1 = await _say(bridge, ghost, room_id, "primer mensaje")
+
+    late = await staff_login(bridge.synapse.synapse, staff.localpart, staff.password)
+    try:
+        await late.join(room_id)
+        m2 = await _say(bridge, ghost, room_id, "segundo mensaje")
+        first = await late.wait_for_message(room_id, lambda m: m.body == m1, timeout=30)
+        second = await late.wait_for_message(room_id, lambda m: m.body == m2, timeout=30)
+        assert first.sender == ghost and second.sender == ghost
+        # Sent by the session's creator as a room key: fully authenticated, not forwarded.
+        assert first.sender_key == _ghost_device(bridge, ghost).client.olm.account \
+            .identity_keys["curve25519"]
+        assert _got_forward(_ghost_device(bridge, ghost), _curve(late))
+    finally:
+        await late.close()
+
+
+async def test_join_alone_brings_earlier_keys(bridge: BridgeHarness) -> None:
+    """No further message from the ghost: the join wakes its device, which forwards."""
+    staff = await _account(bridge, "joiner")
+    room_id, ghost = await _portal_like(bridge, staff)
+    m1 = await _say(bridge, ghost, room_id, "antes de entrar")
+
+    late = await staff_login(bridge.synapse.synapse, staff.localpart, staff.password)
+    try:
+        await late.join(room_id)
+        msg = await late.wait_for_message(room_id, lambda m: m.body == m1, timeout=45)
+        assert msg.sender == ghost
+    finally:
+        await late.close()
+
+
+async def test_left_and_never_invited_users_get_nothing(bridge: BridgeHarness) -> None:
+    staff = await _account(bridge, "stays")
+    leaver = await _account(bridge, "leaver")
+    outsider = await _account(bridge, "outsider")
+    room_id, ghost = await _portal_like(bridge, staff)
+    b = bridge.running.bridge
+    status, body = await bridge.running.call("POST", f"/admin/v1/rooms/{room_id}/invite",
+                                             {"user_id": leaver.user_id})
+    assert status == 200, body
+    first_leaver = await staff_login(bridge.synapse.synapse, leaver.localpart, leaver.password)
+    try:
+        await first_leaver.join(room_id)
+        await _say(bridge, ghost, room_id, "con todos dentro")
+        await first_leaver.client.room_leave(room_id)
+    finally:
+        await first_leaver.close()
+
+    # New devices: the leaver's (no longer a member) and an outsider's (never one),
+    # then a staff member's new device, which IS owed the key.
+    late_leaver = await staff_login(bridge.synapse.synapse, leaver.localpart, leaver.password)
+    late_outsider = await staff_login(bridge.synapse.synapse, outsider.localpart,
+                                      outsider.password)
+    late_staff = await staff_login(bridge.synapse.synapse, staff.localpart, staff.password)
+    try:
+        await late_staff.join(room_id)
+        m2 = await _say(bridge, ghost, room_id, "después")
+        await late_staff.wait_for_message(room_id, lambda m: m.body == m2, timeout=30)
+        device = _ghost_device(bridge, ghost)
+        await device.upkeep()  # every trigger has run at least once
+        assert _got_forward(device, _curve(late_staff))
+        assert not _got_forward(device, _curve(late_leaver))
+        assert not _got_forward(device, _curve(late_outsider))
+        room = device.client.rooms[room_id]
+        assert leaver.user_id not in room.users and outsider.user_id not in room.users
+        assert b.ghosts.bot in room.users  # the bot is a member but in our namespace
+        members = {room_id: set(room.users)}
+        targets = device.keys._targets(room.users)
+        assert not [o for o in device.keys.ledger.owed(members, targets, b.ghosts.is_ours)
+                    if b.ghosts.is_ours(o.target.user_id)]
+    finally:
+        for client in (late_leaver, late_outsider, late_staff):
+            await client.close()
