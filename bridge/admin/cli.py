@@ -91,6 +91,8 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
             return "GET", "/admin/v1/audit/verify", None
         query = f"?limit={args.limit}" + (f"&before={args.before}" if args.before else "")
         return "GET", "/admin/v1/audit" + query, None
+    if what == "keys":
+        return "GET", "/admin/v1/keys", None
     if what == "rooms":
         if args.rooms_command == "create":
             return "POST", "/admin/v1/rooms", {"name": args.name, "kind": args.kind,
@@ -135,6 +137,9 @@ def render(args: argparse.Namespace, data: Any) -> tuple[str, str, int]:
         if data.get("next_before"):
             out += f"\n(more: --before {data['next_before']})"
         return f"{out}\n{status}".rstrip("\n"), problem, code
+    if what == "keys":
+        return table([(k["kind"], k["user_id"], k["master_key"]) for k in data],
+                     ("kind", "user_id", "master key fingerprint")), "", EXIT_OK
     if what == "rooms" and args.rooms_command == "list":
         return table([(r["room_id"], r["kind"], r["name"]) for r in data],
                      ("room_id", "kind", "name")), "", EXIT_OK
@@ -204,6 +209,7 @@ def add_admin_parser(sub: Any) -> None:
     p.add_argument("--before", type=int, default=None, help="page back from this entry id")
     audit.add_parser("verify", help="check the hash chain (exit 4 if it was tampered with)")
 
+    cmds.add_parser("keys", help="master-key fingerprints of the bot and the ghosts")
     rooms = cmds.add_parser("rooms", help="agency rooms").add_subparsers(
         dest="rooms_command", required=True)
     rooms.add_parser("list", help="open rooms")

@@ -211,3 +211,11 @@ async def audit(request: web.Request) -> web.Response:
 @routes.get("/admin/v1/audit/verify")
 async def audit_verify(request: web.Request) -> web.Response:
     return web.json_response(await _chain(_bridge(request)))
+
+
+@routes.get("/admin/v1/keys")
+async def keys(request: web.Request) -> web.Response:
+    """Master-key fingerprints of the bot and the ghosts (to verify the bridge once)."""
+    bridge = _bridge(request)
+    return web.json_response([{"user_id": u, "kind": k, "master_key": f}
+                              for u, k, f in await bridge.trust.fingerprints()])

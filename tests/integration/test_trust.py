@@ -353,3 +353,29 @@ async def test_whatsapp_portal_as_element_sees_it(bridge: BridgeHarness) -> None
     sent = await h.wa.wait_for_sent(lambda s: s.get("text", {}).get("body") == reply,
                                     timeout=TXN_TIMEOUT)
     assert sent["to"] == citizen.wa_id
+
+
+async def test_admin_keys_prints_the_fingerprints_the_server_holds(
+        bridge: BridgeHarness, tmp_path: Path) -> None:
+    """`civic-bridge admin keys`: what staff compare to verify the bridge once."""
+    import sys
+
+    import yaml
+
+    b = bridge.running.bridge
+    ghost = await b.ghosts.create()
+    await b.ghosts.device(ghost)  # opening the device creates and publishes its identity
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(bridge.running.config.model_dump(mode="json")),
+                      encoding="utf-8")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "admin", "-c", str(config), "keys",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    printed = out.decode()
+    for user_id in (ghost, b.ghosts.bot):
+        master = assert_cross_signed(await keys_query(b, user_id), user_id,
+                                     device_id_of(b, UserID(user_id)))
+        assert crosssign.fingerprint(master) in printed
+        assert user_id in printed
