@@ -16,8 +16,9 @@ Setup (all in a temporary directory, removed at exit, also on Ctrl-C):
 - K citizens opt in the way real ones do (first message, privacy notice with buttons,
   tap "Acepto"), so K portals exist; the staff user's E2EE nio device joins them all;
 - a bare user's nio client in an encrypted room of the same kind (created by the bridge
-  with a portal's state, bot and staff in it); `--bare-room plain` instead lets the bare
-  user create an ordinary encrypted room with only staff in it (a stricter baseline).
+  with a portal's state and recorded as an agency room, bot and staff in it);
+  `--bare-room plain` instead lets the bare user create an ordinary encrypted room with
+  only staff in it (no bot, no appservice traffic: a stricter baseline).
 
 A task keeps the staff device syncing (short long-poll, no sync-token writes) and notes
 when each message's text first becomes readable. Four modes, N messages each:
@@ -515,8 +516,8 @@ def verdicts(results: list[Result], rate: float) -> list[dict[str, Any]]:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"\nwhatsapp_relay: {report['messages']} messages per mode, {report['citizens']} "
-          f"citizens (portals), {report['blocks']} blocks per mode, "
+    print(f"\nwhatsapp_relay: {report['messages']} messages per mode, "
+          f"portals (opted-in citizens): {report['citizens']}, {report['blocks']} blocks per mode, "
           f"bare room: {report['bare_room']}, "
           f"load average before/after: {report['load_before']} / {report['load_after']}")
     verdict = {}
@@ -552,7 +553,7 @@ def print_table(report: dict[str, Any]) -> None:
     if c["timeline_gaps"]:
         warnings.append(f"{c['timeline_gaps']} timeline gaps")
     worst = max((r["max_slip_ms"] for r in report["results"]), default=0.0)
-    print(f"staff decrypted {c['inbound']} inbound and {c['bare']} bare messages in "
+    print(f"staff decrypted {c['inbound']} inbound and {c['bare']} bare messages (with warm-up) in "
           f"{c['syncs']} syncs{' (WARNING: ' + ', '.join(warnings) + ')' if warnings else ''}; "
           f"load generator lag <= {worst:.0f} ms; total {report['seconds']:.0f} s")
 

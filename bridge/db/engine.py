@@ -12,6 +12,7 @@ check loads the script directory on a worker thread before it touches the databa
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -203,6 +204,10 @@ def _explain(
     )
 
 
+_IN_SQLITE_SESSION: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "civic_bridge_in_sqlite_session", default=False)
+
+
 class Database(Repositories):
     """The engine plus every repository (`db.citizens`, `db.outbox`, ...).
 
@@ -215,6 +220,10 @@ class Database(Repositories):
         self.engine = engine
         self.dialect = engine.dialect.name
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # SQLite has one writer and every session begins IMMEDIATE: queue sessions in
+        # this process (FIFO) instead of letting them poll SQLite's busy handler, whose
+        # sleeps of up to 100 ms made webhook acknowledgements wait behind the worker.
+        self._sqlite_turn = asyncio.Lock() if self.dialect == "sqlite" else None
         super().__init__(Scope(self.session, self.dialect))
 
     @classmethod
@@ -238,8 +247,21 @@ class Database(Repositories):
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A session in a transaction: committed if the block succeeds, else rolled back."""
-        async with self._sessions() as session, session.begin():
-            yield session
+        if self._sqlite_turn is None:
+            async with self._sessions() as session, session.begin():
+                yield session
+            return
+        if _IN_SQLITE_SESSION.get():
+            # Would wait for itself: inside db.transaction(), use the `tx.` repositories.
+            raise RuntimeError("nested database session on SQLite; use the transaction's "
+                               "repositories")
+        async with self._sqlite_turn:
+            token = _IN_SQLITE_SESSION.set(True)
+            try:
+                async with self._sessions() as session, session.begin():
+                    yield session
+            finally:
+                _IN_SQLITE_SESSION.reset(token)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Repositories]:
