@@ -144,17 +144,17 @@ class WhatsAppInbound:
             await self._outbox.system_text(citizen, f"optout:{msg.wamid}", OPT_OUT_CONFIRMATION)
         elif action is Action.CLOSE_PORTAL:
             await self._db.outbox.cancel_for_citizen(citizen.id)
-            fresh = await self._db.citizens.get(citizen.id)
-            await self._portals.close(fresh or citizen)
+            await self._portals.close(citizen)
         elif action is Action.DROP_HELD:
             for held in await self._db.inbound.held_for(citizen.id):
                 await self._db.inbound.set_status(held.id, "dropped")
         elif action is Action.MIRROR:
-            fresh = await self._db.citizens.get(citizen.id)
-            room_id = await self._portals.room_of(fresh or citizen)
-            if fresh is None or room_id is None:
+            # `citizen` was read for this message: a granted citizen's ghost was set
+            # before consent was recorded, so no second read is needed.
+            room_id = await self._portals.room_of(citizen)
+            if room_id is None:
                 raise RuntimeError("granted citizen without an open portal")
-            await self._mirror.relay(fresh, room_id, msg)
+            await self._mirror.relay(citizen, room_id, msg)
         return None
 
     # --- delivery statuses ------------------------------------------------------------

@@ -104,7 +104,7 @@ async def opt_in(h: BridgeHarness, citizen: SimulatedUser, first: str) -> Journe
         b = h.running.bridge
         tap = h.wa.button_reply(citizen, OPT_IN_BUTTON, "Acepto")
         assert await h.wa.deliver(h.webhook_url, tap) == 200
-        citizen_row = await wait_until(lambda: _granted(h, citizen), 30, "opt-in")
+        citizen_row = await wait_until(lambda: _in_state(h, citizen, "granted"), 30, "opt-in")
         room = await wait_until(lambda: b.db.rooms.portal_for(citizen_row.id), 30, "portal")
         await desk.join(room.room_id)
     except BaseException:
@@ -113,10 +113,11 @@ async def opt_in(h: BridgeHarness, citizen: SimulatedUser, first: str) -> Journe
     return Journey(h, citizen, room.room_id, desk)
 
 
-async def _granted(h: BridgeHarness, citizen: SimulatedUser) -> Any:
+async def _in_state(h: BridgeHarness, citizen: SimulatedUser, state: str) -> Any:
+    """The citizen's row once its consent state is `state`, else None."""
     b = h.running.bridge
     row = await b.db.citizens.by_index(b.privacy.index.digest(citizen.user_id))
-    return row if row and row.consent_state == "granted" else None
+    return row if row is not None and row.consent_state == state else None
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -207,7 +208,7 @@ async def test_refusal_and_expiry_of_held_messages(bridge: BridgeHarness) -> Non
         citizen.user_id)), 30)
     await wait_until(lambda: b.db.inbound.held_for(row.id), 30, "held message")
     await h.wa.deliver(h.webhook_url, h.wa.button_reply(citizen, OPT_OUT_BUTTON, "No, gracias"))
-    await wait_until(lambda: _state(h, citizen, "refused"), 30, "refused")
+    await wait_until(lambda: _in_state(h, citizen, "refused"), 30, "refused")
     # The state flips first (relay stops at once); the held message is dropped next.
     async def none_held() -> bool:
         return await b.db.inbound.held_for(row.id) == []
@@ -223,12 +224,6 @@ async def test_refusal_and_expiry_of_held_messages(bridge: BridgeHarness) -> Non
     later = datetime.now(UTC) + timedelta(hours=b.config.consent.hold_hours + 1)
     assert await b.db.inbound.purge_expired_holds(later) >= 1
     assert await b.db.inbound.held_for(row2.id) == []
-
-
-async def _state(h: BridgeHarness, citizen: SimulatedUser, state: str) -> bool:
-    b = h.running.bridge
-    row = await b.db.citizens.by_index(b.privacy.index.digest(citizen.user_id))
-    return row is not None and row.consent_state == state
 
 
 async def _download(j: Journey, content: dict[str, Any]) -> bytes:
