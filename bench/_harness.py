@@ -84,13 +84,47 @@ def bench_config(homeserver_url: str, as_port: int, workdir: Path, admin: str,
     return parse_config(raw | (extra or {}), base=workdir)
 
 
+# Synapse's own store with --synapse-db postgresql (trust auth on loopback, as in CI).
+SYNAPSE_PG = os.environ.get("CIVIC_BRIDGE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+async def synapse_database(stack: AsyncExitStack) -> str:
+    """A new PostgreSQL database for Synapse (UTF8, C collation); dropped when `stack` closes."""
+    import asyncpg  # the bridge's own PostgreSQL driver, here only for admin statements
+
+    name = f"cb_bench_synapse_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(f"{SYNAPSE_PG}/postgres", timeout=5)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' "
+                            "LC_CTYPE 'C' TEMPLATE template0")
+    finally:
+        await admin.close()
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(f"{SYNAPSE_PG}/postgres", timeout=5)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+    stack.push_async_callback(drop)
+    return f"{SYNAPSE_PG}/{name}"
+
+
 async def start_synapse(workdir: Path, config: Config, hs_port: int,
-                        stack: AsyncExitStack) -> LocalSynapse:
-    """Synapse on `hs_port` with the bridge's registration; stopped when `stack` closes."""
+                        stack: AsyncExitStack, access_log: Path | None = None,
+                        synapse_db: str = "sqlite") -> LocalSynapse:
+    """Synapse on `hs_port` with the bridge's registration; stopped when `stack` closes.
+
+    `synapse_db` is Synapse's own store: "sqlite" (a file in `workdir`) or "postgresql"
+    (a throwaway database, as production Synapse runs).
+    """
+    dsn = await synapse_database(stack) if synapse_db == "postgresql" else None
     registration = workdir / "registration.yaml"
     registration.write_text(registration_yaml(config), encoding="utf-8")
     registration.chmod(0o600)
-    synapse = LocalSynapse(workdir / "synapse", registration_files=[registration], port=hs_port)
+    synapse = LocalSynapse(workdir / "synapse", registration_files=[registration], port=hs_port,
+                           access_log=access_log, postgres_dsn=dsn)
     stack.push_async_callback(synapse.stop)
     await synapse.start()
     return synapse

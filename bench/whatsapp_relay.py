@@ -210,7 +210,7 @@ class Setup:
     bare: NioUser
     citizens: list[SimulatedUser]
     portals: list[str]
-    bare_room: str
+    bare_rooms: list[str]  # one per citizen; [0] also takes the unordered baseline
     observer: Observer
     synapse_pid: int | None
 
@@ -251,7 +251,8 @@ async def opt_in(bridge: Bridge, wa: CloudAPISimulator, hooks: Webhooks,
 
 
 async def set_up(workdir: Path, stack: AsyncExitStack, citizens: int, bare_room_kind: str,
-                 progress: Callable[[str], None]) -> Setup:
+                 progress: Callable[[str], None], access_log: Path | None = None,
+                 synapse_db: str = "sqlite") -> Setup:
     hs_port, as_port = free_ports(2)
     staff_local, bare_local = f"staff_{secrets.token_hex(3)}", f"bare_{secrets.token_hex(3)}"
     staff_id = f"@{staff_local}:localhost"
@@ -268,7 +269,7 @@ async def set_up(workdir: Path, stack: AsyncExitStack, citizens: int, bare_room_
                                               "app_secret": wa.app_secret,
                                               "verify_token": secrets.token_urlsafe(16)},
                                  "portals": {"staff": [staff_id]}})
-    synapse = await start_synapse(workdir, config, hs_port, stack)
+    synapse = await start_synapse(workdir, config, hs_port, stack, access_log, synapse_db)
     bridge = await start_bridge(config, stack)
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
     stack.push_async_callback(http.close)
@@ -289,27 +290,33 @@ async def set_up(workdir: Path, stack: AsyncExitStack, citizens: int, bare_room_
     for room_id in portals:
         await staff.join(room_id)
 
-    if bare_room_kind == "portal":
+    bare_rooms = [await bare_room(bridge, bare, staff_id, bare_room_kind)
+                  for _ in range(citizens)]
+    for room_id in bare_rooms:
+        await bare.join(room_id)
+        await staff.join(room_id)
+
+    observer = Observer(staff, [*portals, *bare_rooms])
+    observer.start()
+    stack.push_async_callback(observer.stop)  # before staff.close (LIFO)
+    return Setup(bridge, wa, hooks, staff, bare, people, portals, bare_rooms, observer,
+                 synapse_pid())
+
+
+async def bare_room(bridge: Bridge, bare: NioUser, staff_id: str, kind: str) -> str:
+    if kind == "portal":
         # A portal's state, made by the bridge, and recorded as an agency room: any other
         # room the bot is in counts as a management room (each message a command, each
         # answered). No citizen: staff-side handlers ignore it, as they ignore ghosts.
-        bare_room: str = await bridge.rooms.create(
+        room_id = await bridge.rooms.create(
             "portal", "bench bare", topic="bench baseline", invite=[staff_id, bare.user_id])
-        await bridge.db.rooms.create(RoomID(bare_room), "portal", "bench bare",
+        await bridge.db.rooms.create(RoomID(room_id), "portal", "bench bare",
                                      bridge.ghosts.bot)
-    else:
-        resp = check(await bare.client.room_create(
-            name="bench bare", invite=[staff_id], initial_state=[ENCRYPTION_STATE]),
-            nio.RoomCreateResponse, "room_create")
-        bare_room = str(resp.room_id)
-    await bare.join(bare_room)
-    await staff.join(bare_room)
-
-    observer = Observer(staff, [*portals, bare_room])
-    observer.start()
-    stack.push_async_callback(observer.stop)  # before staff.close (LIFO)
-    return Setup(bridge, wa, hooks, staff, bare, people, portals, bare_room, observer,
-                 synapse_pid())
+        return str(room_id)
+    resp = check(await bare.client.room_create(
+        name="bench bare", invite=[staff_id], initial_state=[ENCRYPTION_STATE]),
+        nio.RoomCreateResponse, "room_create")
+    return str(resp.room_id)
 
 
 # --- measuring ------------------------------------------------------------------------
@@ -380,17 +387,21 @@ def result(mode: Mode, seen: dict[str, float]) -> Result:
 
 
 async def offer(samples: list[Sample], rate: float | None,
-                send: Callable[[int], Awaitable[bool]]) -> float:
-    """Send every sample, paced at `rate` (open loop) or back to back; returns the worst slip."""
+                send: Callable[[int], Awaitable[bool]], lanes: int = 1) -> float:
+    """Send every sample, paced at `rate` (open loop) or back to back in `lanes` lanes
+    (sample i in lane i % lanes); returns the worst slip."""
     async def one(i: int) -> None:
         s = samples[i]
         s.sent = time.perf_counter()
         s.ok = await send(i)
         s.acked = time.perf_counter()
 
-    if rate is None:
-        for i in range(len(samples)):
+    async def lane(first: int) -> None:
+        for i in range(first, len(samples), lanes):
             await one(i)
+
+    if rate is None:
+        await asyncio.gather(*(lane(n) for n in range(lanes)))
         return 0.0
     loop = asyncio.get_running_loop()
     start, slip = loop.time(), 0.0
@@ -406,6 +417,13 @@ async def offer(samples: list[Sample], rate: float | None,
     return slip
 
 
+async def bare_send(s: Setup, room_id: str, body: str) -> bool:
+    resp = await s.bare.client.room_send(room_id, "m.room.message",
+                                         {"msgtype": "m.text", "body": body},
+                                         ignore_unverified_devices=True)
+    return isinstance(resp, nio.RoomSendResponse)
+
+
 async def settle(bridge: Bridge) -> None:
     """Let the bridge finish the block's trailing work (appservice echoes) first."""
     await asyncio.sleep(0.3)
@@ -417,6 +435,7 @@ async def settle(bridge: Bridge) -> None:
 
 async def run_block(s: Setup, mode: Mode, first: int, count: int, cpu: CPU) -> None:
     samples = [Sample(f"{PREFIX}{mode.tag} {i:06d}") for i in range(first, first + count)]
+    lanes = 1
     if mode.kind == "inbound":
         deliveries = [s.hooks.prepare(s.wa.text_message(s.citizens[i % len(s.citizens)],
                                                         sample.body))
@@ -427,17 +446,23 @@ async def run_block(s: Setup, mode: Mode, first: int, count: int, cpu: CPU) -> N
                 return await s.hooks.post(*deliveries[i]) == 200
             except aiohttp.ClientError:
                 return False
-    else:
+    elif mode.kind == "bare":
+        # Like a real client (Element sends one event at a time): each room in order.
+        # Message i goes to room i % K, as inbound message i comes from citizen i % K.
+        lanes = len(s.bare_rooms)
+        turns = [asyncio.Lock() for _ in s.bare_rooms]  # FIFO: tasks start in order
+
         async def send(i: int) -> bool:
-            resp = await s.bare.client.room_send(
-                s.bare_room, "m.room.message", {"msgtype": "m.text", "body": samples[i].body},
-                ignore_unverified_devices=True)
-            return isinstance(resp, nio.RoomSendResponse)
+            async with turns[(first + i) % lanes]:
+                return await bare_send(s, s.bare_rooms[(first + i) % lanes], samples[i].body)
+    else:  # unordered: every send at once into one room, Synapse batches them
+        async def send(i: int) -> bool:
+            return await bare_send(s, s.bare_rooms[0], samples[i].body)
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60 + count / 2  # bounded even if the bridge stalls
     cpu_before = cpu.now()
-    mode.slip = max(mode.slip, await offer(samples, mode.rate, send))
+    mode.slip = max(mode.slip, await offer(samples, mode.rate, send, lanes))
     missing = await s.observer.wait_for((x.body for x in samples), deadline)
     seen = [s.observer.seen[x.body] for x in samples if x.body in s.observer.seen]
     if seen:
@@ -457,9 +482,10 @@ async def warm_up(s: Setup, bare_messages: int) -> None:
         body = f"{PREFIX}warmup inbound {i:06d}"
         await s.hooks.deliver(s.wa.text_message(citizen, body))
         bodies.append(body)
-    for i in range(bare_messages):
+    for i in range(len(s.bare_rooms) + bare_messages):
         body = f"{PREFIX}warmup bare {i:06d}"
-        await s.bare.send(s.bare_room, {"msgtype": "m.text", "body": body})
+        await s.bare.send(s.bare_rooms[i % len(s.bare_rooms)], {"msgtype": "m.text",
+                                                                "body": body})
         bodies.append(body)
     loop = asyncio.get_running_loop()
     if missing := await s.observer.wait_for(bodies, loop.time() + 60):
@@ -467,9 +493,9 @@ async def warm_up(s: Setup, bare_messages: int) -> None:
     await settle(s.bridge)
 
 
-def schedule(messages: int, blocks: int, rate: float | None) -> list[tuple[int, int, int]]:
-    """(mode index, first, count): `blocks` blocks per mode, ABBA across the modes."""
-    modes = [0, 1] if rate is None else [0, 1, 2, 3]
+def schedule(messages: int, blocks: int, count: int) -> list[tuple[int, int, int]]:
+    """(mode index, first, count): `blocks` blocks per mode, ABBA across `count` modes."""
+    modes = list(range(count))
     sizes = [messages // blocks + (i < messages % blocks) for i in range(blocks)]
     out, first = [], 0
     for i, size in enumerate(sizes):
@@ -483,12 +509,12 @@ async def measure(s: Setup, args: argparse.Namespace,
     rate = args.rate or None
     modes = [Mode("bare", None), Mode("inbound", None)]
     if rate is not None:
-        modes = [Mode("bare", rate), Mode("inbound", rate), *modes]
+        modes = [Mode("bare", rate), Mode("inbound", rate), Mode("unordered", rate), *modes]
     cpu = CPU(s.synapse_pid)
-    for index, first, count in schedule(args.messages, args.blocks, rate):
+    for index, first, count in schedule(args.messages, args.blocks, len(modes)):
         mode = modes[index]
         await run_block(s, mode, first, count, cpu)
-        progress(f"  {mode.kind:7} {mode.offered:>6}: {first + count:4} sent, "
+        progress(f"  {mode.kind:9} {mode.offered:>6}: {first + count:4} sent, "
                  f"{mode.seen:4} read by staff")
     return [result(m, s.observer.seen) for m in modes]
 
@@ -499,12 +525,16 @@ async def measure(s: Setup, args: argparse.Namespace,
 def verdicts(results: list[Result], rate: float) -> list[dict[str, Any]]:
     by = {(r.mode, r.offered): r for r in results}
     out: list[dict[str, Any]] = []
-    for offered in dict.fromkeys(r.offered for r in results):
+    for offered in dict.fromkeys(r.offered for r in results if r.mode == "inbound"):
         bare, inbound = by[("bare", offered)], by[("inbound", offered)]
         ratio = inbound.msg_per_s / bare.msg_per_s
         ok = ratio >= TARGET_RATIO and inbound.seen == inbound.messages
         out.append({"target": "throughput", "offered": offered, "value": round(ratio, 3),
                     "limit": TARGET_RATIO, "verdict": "PASS" if ok else "MISS"})
+        if (unordered := by.get(("unordered", offered))) is not None:
+            out.append({"target": "throughput_vs_unordered", "offered": offered,
+                        "value": round(inbound.msg_per_s / unordered.msg_per_s, 3),
+                        "limit": None, "verdict": "info"})
     paced = by.get(("inbound", f"{rate:g}/s"))
     if paced is not None:
         ok = paced.ack_p99_ms <= TARGET_ACK_P99_MS and paced.errors == 0
@@ -518,31 +548,37 @@ def verdicts(results: list[Result], rate: float) -> list[dict[str, Any]]:
 def print_table(report: dict[str, Any]) -> None:
     print(f"\nwhatsapp_relay: {report['messages']} messages per mode, "
           f"portals (opted-in citizens): {report['citizens']}, {report['blocks']} blocks per mode, "
-          f"bare room: {report['bare_room']}, "
+          f"bare rooms: {report['bare_room']}, Synapse store: {report['synapse_db']}, "
           f"load average before/after: {report['load_before']} / {report['load_after']}")
     verdict = {}
     for v in report["verdicts"]:
+        if v["verdict"] == "info":
+            continue
         label = "thr" if v["target"] == "throughput" else "ack"
         verdict.setdefault(v["offered"], []).append(f"{label} {v['verdict']}")
     ratio = {v["offered"]: v["value"] for v in report["verdicts"] if v["target"] == "throughput"}
-    print(f"{'mode':8} {'N':>4} {'offered':>7} {'msg/s':>6} {'e2e p50':>8} {'e2e p99':>8} "
+    print(f"{'mode':9} {'N':>4} {'offered':>7} {'msg/s':>6} {'e2e p50':>8} {'e2e p99':>8} "
           f"{'ack p50':>8} {'ack p99':>8} {'lost':>4} {'CPU ms/msg':>10} {'synapse':>7} "
           f"{'vs bare':>7}  targets")
     for r in report["results"]:
         inbound = r["mode"] == "inbound"
         lost = r["messages"] - r["seen"]
-        print(f"{r['mode']:8} {r['messages']:>4} {r['offered']:>7} {r['msg_per_s']:>6.1f} "
+        print(f"{r['mode']:9} {r['messages']:>4} {r['offered']:>7} {r['msg_per_s']:>6.1f} "
               f"{r['e2e_p50_ms']:>8.1f} {r['e2e_p99_ms']:>8.1f} {r['ack_p50_ms']:>8.1f} "
               f"{r['ack_p99_ms']:>8.1f} {lost:>4} {r['cpu_bench_ms']:>10.1f} "
               f"{r['cpu_synapse_ms']:>7.1f} "
               f"{format(ratio[r['offered']], '.2f') if inbound else '':>7}  "
               f"{', '.join(verdict.get(r['offered'], [])) if inbound else ''}")
     print("(ms; e2e = send until the staff device has the decrypted text; ack = the webhook "
-          "POST's round trip, for bare the room_send call)")
+          "POST's round trip, for bare the room_send call; bare = K rooms, each in order; "
+          "unordered = one room, every send at once)")
     for v in report["verdicts"]:
         if v["target"] == "throughput":
             print(f"inbound/bare throughput, {v['offered']}: {v['value']:.2f} "
                   f"(target >= {v['limit']}) {v['verdict']}")
+        elif v["target"] == "throughput_vs_unordered":
+            print(f"inbound/unordered-bare throughput, {v['offered']}: {v['value']:.2f} "
+                  f"(no target: no ordered relay can batch like this)")
         else:
             print(f"webhook ack p99 at {v['offered']}: {v['value']:.1f} ms "
                   f"(target <= {v['limit']:g} ms at {TARGET_ACK_RATE:g} msg/s) {v['verdict']}")
@@ -567,7 +603,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with AsyncExitStack() as stack:
             progress(f"setting up Synapse, the Cloud API simulator and the bridge in {workdir}")
             setup = await asyncio.wait_for(
-                set_up(workdir, stack, args.citizens, args.bare_room, progress), 240)
+                set_up(workdir, stack, args.citizens, args.bare_room, progress,
+                       args.synapse_access_log, args.synapse_db), 240)
             progress("warming up")
             await warm_up(setup, args.warmup)
             load_before = load_average()
@@ -577,11 +614,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             obs = setup.observer
             rooms = list(obs.seen_in.values())
             staff = {"inbound": sum(r in setup.portals for r in rooms),
-                     "bare": rooms.count(setup.bare_room), "syncs": obs.syncs,
+                     "bare": sum(r in setup.bare_rooms for r in rooms), "syncs": obs.syncs,
                      "undecryptable": obs.undecryptable, "timeline_gaps": obs.limited}
             progress("stopping")
     return {"messages": args.messages, "rate": args.rate, "citizens": args.citizens,
             "blocks": args.blocks, "warmup": args.warmup, "bare_room": args.bare_room,
+            "synapse_db": args.synapse_db,
             "results": [{k: round(v, 2) if isinstance(v, float) else v
                          for k, v in asdict(r).items()} for r in results],
             "verdicts": verdicts(results, args.rate), "staff": staff,
@@ -607,6 +645,12 @@ def main() -> int:
     parser.add_argument("--bare-room", choices=("portal", "plain"), default="portal",
                         help="bare client's room: made by the bridge with a portal's state "
                              "(default) or an ordinary room without the bridge")
+    parser.add_argument("--synapse-db", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="Synapse's own store (the bridge's is SQLite either way): "
+                             "sqlite (default) or postgresql, as production Synapse runs")
+    parser.add_argument("--synapse-access-log", type=Path, metavar="FILE",
+                        help="keep Synapse's access log (every request with its CPU time) "
+                             "in FILE, for profiling")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--verbose", action="store_true", help="bridge and nio logs at INFO")
     args = parser.parse_args()

@@ -38,7 +38,7 @@ from bridge.whatsapp.mirror import Mirror
 from bridge.whatsapp.outbound import StaffToWhatsApp
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.portal import Portals
-from bridge.worker import Handler, InboundWorker, Partitioner
+from bridge.worker import Handler, InboundWorker
 
 log = logging.getLogger(__name__)
 # Finished queue rows (and transaction ids) are kept this long to deduplicate redeliveries.
@@ -215,17 +215,12 @@ async def build_bridge(config: Config) -> Bridge:
     portals = Portals(config, db, api, ghosts, rooms, relay)
     outbox = Outbox(db, privacy, graph, api, ghosts.bot, portals.notice, metrics)
     mirror = Mirror(db, api, relay, graph, portals, metrics)
-    def room_of(item: InboundItem) -> str:
-        return str(json.loads(item.payload).get("room_id", ""))
-
     handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}
-    partitions: dict[InboundSource, Partitioner] = {"matrix": room_of}
     if config.whatsapp.enabled:
         inbound = WhatsAppInbound(config, db, privacy, portals, mirror, outbox, metrics)
         handlers["whatsapp"] = inbound
-        partitions["whatsapp"] = inbound.partition
         relay.add_handler(StaffToWhatsApp(db, portals, outbox))
-    worker = InboundWorker(db, handlers, partitions, metrics=metrics)
+    worker = InboundWorker(db, handlers, metrics=metrics)
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,

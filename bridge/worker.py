@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from bridge.db import Database, InboundItem, InboundSource, InboundStatus
 from bridge.metrics import Metrics
@@ -18,35 +19,31 @@ log = logging.getLogger(__name__)
 
 # A handler returns None when the item is done, or the status it already set ("held").
 Handler = Callable[[InboundItem], Awaitable[InboundStatus | None]]
-# Items with the same partition key (a room, a citizen) are processed in order, one at a
-# time; different partitions run concurrently.
-Partitioner = Callable[[InboundItem], str]
 MAX_ATTEMPTS = 5
-LOOKAHEAD = 200  # pending rows read per round to find work for idle partitions
-
-
-def one_partition(item: InboundItem) -> str:
-    return ""
+MAX_RUNNING = 32  # lanes processed at once per source (bounds the load on Synapse)
+GLOBAL_LANE = ""  # runs alone, after everything older (rows queued before lanes existed)
 
 
 class InboundWorker:
-    """One task per source; `wake()` after storing new rows.
+    """One dispatcher task per source; `wake()` after storing new rows.
 
-    Each round reads the oldest pending rows and starts the oldest row of every
-    partition that is not busy or backing off; rows are re-read every round, so rows a
-    handler made pending again (held messages released by an opt-in, which are older)
-    run before anything newer of the same partition.
+    Items carry a lane (a room, a citizen): each lane is processed in order, one item
+    at a time, and lanes never wait for each other. The dispatcher starts the oldest
+    pending item of every idle lane, each in its own task; a task that ends wakes the
+    dispatcher, which then starts that lane's next item. Heads are re-read on every
+    dispatch, so items a handler made pending again (held messages released by an
+    opt-in, which are older) run before anything newer of the same lane.
     """
 
     def __init__(self, db: Database, handlers: dict[InboundSource, Handler],
-                 partitions: dict[InboundSource, Partitioner] | None = None,
                  metrics: Metrics | None = None) -> None:
         self._db = db
         self._metrics = metrics
         self._handlers = handlers
-        self._partitions = partitions or {}
         self._wake = {source: asyncio.Event() for source in handlers}
         self._tasks: list[asyncio.Task[None]] = []
+        self._running: dict[InboundSource, dict[str, asyncio.Task[None]]] = {
+            source: {} for source in handlers}
         self._backoff: dict[tuple[InboundSource, str], float] = {}
         self.idle = {source: asyncio.Event() for source in handlers}
 
@@ -60,18 +57,20 @@ class InboundWorker:
             self.wake(source)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *(t for r in self._running.values() for t in r.values())]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        for running in self._running.values():
+            running.clear()
 
     async def _run(self, source: InboundSource) -> None:
         while True:
             await self._wake[source].wait()
             self._wake[source].clear()
             try:
-                while await self._round(source):
-                    pass
+                await self._dispatch(source)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -79,26 +78,48 @@ class InboundWorker:
                 await asyncio.sleep(1)
                 self._wake[source].set()
                 continue
-            if not self._wake[source].is_set():
+            if not self._wake[source].is_set() and not self._running[source]:
                 self.idle[source].set()
 
-    async def _round(self, source: InboundSource) -> int:
-        """Start the oldest item of each ready partition; returns how many ran."""
+    async def _dispatch(self, source: InboundSource) -> None:
+        """Start the oldest pending item of each idle lane that is not backing off."""
+        running = self._running[source]
         now = asyncio.get_running_loop().time()
-        partition_of = self._partitions.get(source, one_partition)
-        chosen: dict[str, InboundItem] = {}
-        for item in await self._db.inbound.pending(source, LOOKAHEAD):
-            try:
-                key = partition_of(item)
-            except Exception:
-                key = ""  # unreadable rows fail in the handler, where it is recorded
-            if key not in chosen and self._backoff.get((source, key), 0.0) <= now:
-                chosen[key] = item
-        results = await asyncio.gather(*(self._one(source, key, item)
-                                         for key, item in chosen.items()))
-        return sum(results)
+        waiting = {lane for (src, lane), until in self._backoff.items()
+                   if src == source and until > now}
+        busy = running.keys() | waiting
+        if GLOBAL_LANE in busy or len(running) >= MAX_RUNNING:
+            return  # a finishing task (or the backoff timer) wakes us
+        for item in await self._db.inbound.lane_heads(source, busy, MAX_RUNNING):
+            if item.lane == GLOBAL_LANE:
+                if not running:
+                    self._start(source, item)
+                return  # nothing newer starts before it has run
+            self._start(source, item)
+            if len(running) >= MAX_RUNNING:
+                return
 
-    async def _one(self, source: InboundSource, key: str, item: InboundItem) -> int:
+    def _start(self, source: InboundSource, item: InboundItem) -> None:
+        task = asyncio.create_task(self._one(source, item.lane, item),
+                                   name=f"inbound {source} #{item.id}")
+        self._running[source][item.lane] = task
+        task.add_done_callback(partial(self._finished, source, item.lane))
+
+    def _finished(self, source: InboundSource, lane: str, _: asyncio.Task[None]) -> None:
+        self._running[source].pop(lane, None)
+        self.wake(source)
+
+    async def _one(self, source: InboundSource, lane: str, item: InboundItem) -> None:
+        try:
+            await self._handle(source, lane, item)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Recording the outcome failed (database down?): the row is still pending.
+            log.exception("inbound %s #%d: could not record the outcome", source, item.id)
+            self._retry_later(source, lane, 1)
+
+    async def _handle(self, source: InboundSource, lane: str, item: InboundItem) -> None:
         try:
             result = await self._handlers[source](item)
         except asyncio.CancelledError:
@@ -114,13 +135,16 @@ class InboundWorker:
             if status == "pending":
                 if self._metrics is not None:
                     self._metrics.inbound_retries.labels(source).inc()
-                # Keep order: this partition waits; the item is retried first.
-                delay = 2.0**attempts
-                self._backoff[(source, key)] = asyncio.get_running_loop().time() + delay
-                asyncio.get_running_loop().call_later(delay, self.wake, source)
-                return 0
-            return 1
-        if result is None:
-            await self._db.inbound.set_status(item.id, "done")
-        self._backoff.pop((source, key), None)
-        return 1
+                # Keep order: this lane waits; the item is retried first.
+                self._retry_later(source, lane, attempts)
+                return
+        else:
+            if result is None:
+                await self._db.inbound.set_status(item.id, "done")
+            self._backoff.pop((source, lane), None)
+
+    def _retry_later(self, source: InboundSource, lane: str, attempts: int) -> None:
+        delay = 2.0**attempts
+        loop = asyncio.get_running_loop()
+        self._backoff[(source, lane)] = loop.time() + delay
+        loop.call_later(delay, self.wake, source)

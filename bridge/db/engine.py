@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -206,6 +207,50 @@ def _explain(
 
 _IN_SQLITE_SESSION: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "civic_bridge_in_sqlite_session", default=False)
+_URGENT: contextvars.ContextVar[bool] = contextvars.ContextVar("civic_bridge_urgent",
+                                                               default=False)
+
+
+class _Turns:
+    """One SQLite session at a time, first come first served, urgent ones first.
+
+    Urgent sessions store what a request must persist before it is acknowledged
+    (webhooks, appservice transactions): they wait for the session in progress only,
+    not behind the worker's backlog.
+    """
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: dict[bool, deque[asyncio.Future[None]]] = {True: deque(),
+                                                                  False: deque()}
+
+    @asynccontextmanager
+    async def take(self, urgent: bool) -> AsyncIterator[None]:
+        if self._busy:
+            turn = asyncio.get_running_loop().create_future()
+            self._waiting[urgent].append(turn)
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._release()  # handed the turn just as we were cancelled
+                else:
+                    self._waiting[urgent].remove(turn)
+                raise
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for lane in (True, False):
+            while self._waiting[lane]:
+                turn = self._waiting[lane].popleft()
+                if not turn.done():
+                    turn.set_result(None)  # stays busy: the turn passes straight on
+                    return
+        self._busy = False
 
 
 class Database(Repositories):
@@ -223,7 +268,7 @@ class Database(Repositories):
         # SQLite has one writer and every session begins IMMEDIATE: queue sessions in
         # this process (FIFO) instead of letting them poll SQLite's busy handler, whose
         # sleeps of up to 100 ms made webhook acknowledgements wait behind the worker.
-        self._sqlite_turn = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._sqlite_turns = _Turns() if self.dialect == "sqlite" else None
         super().__init__(Scope(self.session, self.dialect))
 
     @classmethod
@@ -247,7 +292,7 @@ class Database(Repositories):
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A session in a transaction: committed if the block succeeds, else rolled back."""
-        if self._sqlite_turn is None:
+        if self._sqlite_turns is None:
             async with self._sessions() as session, session.begin():
                 yield session
             return
@@ -255,13 +300,27 @@ class Database(Repositories):
             # Would wait for itself: inside db.transaction(), use the `tx.` repositories.
             raise RuntimeError("nested database session on SQLite; use the transaction's "
                                "repositories")
-        async with self._sqlite_turn:
+        async with self._sqlite_turns.take(_URGENT.get()):
             token = _IN_SQLITE_SESSION.set(True)
             try:
                 async with self._sessions() as session, session.begin():
                     yield session
             finally:
                 _IN_SQLITE_SESSION.reset(token)
+
+    @staticmethod
+    @contextmanager
+    def urgent() -> Iterator[None]:
+        """Sessions opened inside go before queued background work (SQLite only).
+
+        For what a request stores before it is acknowledged, so acknowledgements stay
+        fast while the worker drains a backlog.
+        """
+        token = _URGENT.set(True)
+        try:
+            yield
+        finally:
+            _URGENT.reset(token)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Repositories]:

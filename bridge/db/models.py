@@ -154,11 +154,15 @@ class InboundRow(Base):
         CheckConstraint(one_of("source", INBOUND_SOURCES), name="source"),
         CheckConstraint(one_of("status", INBOUND_STATUSES), name="status"),
         Index("ix_inbound_status_id", "status", "id"),
+        Index("ix_inbound_source_status_lane_id", "source", "status", "lane", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     source: Mapped[str] = mapped_column(String(16))
     dedupe_key: Mapped[str] = mapped_column(ID)
+    # Items of one lane (a room, a citizen's keyed hash) are processed in order, one at
+    # a time; "" is the global lane: such an item runs alone, after everything older.
+    lane: Mapped[str] = mapped_column(ID, server_default="")
     payload: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer)

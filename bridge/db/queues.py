@@ -7,7 +7,7 @@ leaves is stored before the first attempt; these repositories are that storage.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -51,6 +51,7 @@ class TransactionRepo:
                 {
                     "source": "matrix",
                     "dedupe_key": _event_key(txn_id, i, event),
+                    "lane": str(event.get("room_id") or ""),  # a room's events in order
                     "payload": json.dumps(event, ensure_ascii=False, separators=(",", ":")),
                     "status": "pending",
                     "attempts": 0,
@@ -94,15 +95,20 @@ class InboundRepo:
         key: str,
         payload: str,
         *,
+        lane: str = "",
         status: InboundStatus = "pending",
         hold_until: datetime | None = None,
         citizen_id: int | None = None,
     ) -> int | None:
-        """Queue an item; returns its id, or None if (source, key) was queued before."""
+        """Queue an item; returns its id, or None if (source, key) was queued before.
+
+        Items of one `lane` are processed in order; "" runs alone, after all older items.
+        """
         stmt = (
             self._scope.insert(InboundRow)
             .values(
-                source=source, dedupe_key=key, payload=payload, status=status, attempts=0,
+                source=source, dedupe_key=key, lane=lane, payload=payload, status=status,
+                attempts=0,
                 hold_until=hold_until, citizen_id=citizen_id, created_at=utcnow(),
             )
             .on_conflict_do_nothing(index_elements=["source", "dedupe_key"])
@@ -126,6 +132,20 @@ class InboundRepo:
         async with self._scope.session() as session:
             rows = await session.scalars(stmt.order_by(InboundRow.id).limit(limit))
             return [_inbound(r) for r in rows]
+
+    async def lane_heads(
+        self, source: InboundSource, busy: Collection[str] = (), limit: int = 100
+    ) -> list[InboundItem]:
+        """The oldest pending item of each lane not in `busy`, oldest first."""
+        heads = (
+            select(func.min(InboundRow.id))
+            .where(InboundRow.source == source, InboundRow.status == "pending",
+                   InboundRow.lane.not_in(busy))
+            .group_by(InboundRow.lane)
+        )
+        stmt = select(InboundRow).where(InboundRow.id.in_(heads)).order_by(InboundRow.id)
+        async with self._scope.session() as session:
+            return [_inbound(r) for r in await session.scalars(stmt.limit(limit))]
 
     async def after(self, item_id: int, limit: int = 100) -> list[InboundItem]:
         """Items with an id above `item_id`, oldest first, whatever their status
@@ -211,7 +231,8 @@ class InboundRepo:
 def _inbound(row: InboundRow) -> InboundItem:
     return InboundItem(
         id=row.id, source=cast(InboundSource, row.source), dedupe_key=row.dedupe_key,
-        payload=row.payload, status=cast(InboundStatus, row.status), attempts=row.attempts,
+        lane=row.lane, payload=row.payload, status=cast(InboundStatus, row.status),
+        attempts=row.attempts,
         error=row.error, hold_until=row.hold_until, citizen_id=row.citizen_id,
         created_at=row.created_at, processed_at=row.processed_at,
     )

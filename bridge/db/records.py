@@ -91,6 +91,7 @@ class InboundItem:
     id: int
     source: InboundSource
     dedupe_key: str
+    lane: str
     payload: str
     status: InboundStatus
     attempts: int

@@ -24,6 +24,7 @@ import aiohttp
 import yaml
 
 SYNAPSE_REQUIREMENT = "matrix-synapse>=1.130,<2"
+POSTGRES_REQUIREMENT = "psycopg2>=2.9,<3"
 VENV_ENV = "CIVIC_BRIDGE_SYNAPSE_VENV"
 
 JsonDict = dict[str, Any]
@@ -53,17 +54,19 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _synapse_importable(python: Path) -> bool:
+def _importable(python: Path, module: str) -> bool:
     return python.exists() and subprocess.run(
-        [python, "-c", "import synapse"], capture_output=True, check=False).returncode == 0
+        [python, "-c", f"import {module}"], capture_output=True, check=False).returncode == 0
 
 
-def ensure_synapse_venv(path: Path | None = None) -> Path:
+def ensure_synapse_venv(path: Path | None = None, postgres: bool = False) -> Path:
     """Return a virtualenv with `matrix-synapse` in it, building it first if needed.
 
-    Blocking (a first build takes tens of seconds): call it before the event loop
-    runs or through `asyncio.to_thread`. A lock file keeps concurrent processes from
-    building the same venv twice; pip's output goes to `<venv>-install.log`.
+    `postgres` adds psycopg2 (built from source: Synapse's dependency check wants that
+    distribution, not psycopg2-binary; needs libpq's headers). Blocking (a first build
+    takes tens of seconds): call it before the event loop runs or through
+    `asyncio.to_thread`. A lock file keeps concurrent processes from building the same
+    venv twice; pip's output goes to `<venv>-install.log`.
     """
     venv = (path or default_venv_path()).expanduser().absolute()
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -71,19 +74,24 @@ def ensure_synapse_venv(path: Path | None = None) -> Path:
     log = venv.with_name(venv.name + "-install.log")
     with venv.with_name(f".{venv.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if _synapse_importable(python):
+        steps = []
+        if not _importable(python, "synapse"):
+            steps = [[sys.executable, "-m", "venv", "--clear", str(venv)],
+                     [str(python), "-m", "pip", "install", SYNAPSE_REQUIREMENT]]
+        if postgres and not (steps == [] and _importable(python, "psycopg2")):
+            steps.append([str(python), "-m", "pip", "install", POSTGRES_REQUIREMENT])
+        if not steps:
             return venv
         failed = ""
         with log.open("w", encoding="utf-8") as out:
-            for step in ([sys.executable, "-m", "venv", "--clear", str(venv)],
-                         [str(python), "-m", "pip", "install", SYNAPSE_REQUIREMENT]):
+            for step in steps:
                 out.write(f"$ {' '.join(step)}\n")
                 out.flush()
                 if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT,
                                   check=False).returncode != 0:
                     failed = " ".join(step[2:])
                     break
-        if failed or not _synapse_importable(python):
+        if failed or not _importable(python, "synapse"):
             failed = f"`{failed or 'python -c import synapse'}` failed"
             raise LocalSynapseError(f"could not build the Synapse virtualenv {venv}: {failed}; "
                                     f"full log: {log}\n{_tail(log, 15)}")
@@ -115,8 +123,14 @@ class LocalSynapse:
 
     def __init__(self, workdir: Path, server_name: str = "localhost",
                  registration_files: Sequence[Path] = (), port: int | None = None,
-                 venv: Path | None = None) -> None:
+                 venv: Path | None = None, access_log: Path | None = None,
+                 postgres_dsn: str | None = None) -> None:
         self.workdir = Path(workdir).absolute()
+        # Synapse's own database: SQLite in the workdir, or this PostgreSQL database
+        # (libpq URL; it must be empty, UTF8 with C collation, as Synapse requires).
+        self._postgres_dsn = postgres_dsn
+        # Every request with its CPU time, for profiling (benchmarks); off by default.
+        self._access_log = Path(access_log).absolute() if access_log else None
         self._server_name = server_name
         self._registration_files = [Path(p).absolute() for p in registration_files]
         self.port = port or free_port()
@@ -144,8 +158,15 @@ class LocalSynapse:
 
     def _venv_python(self) -> Path:
         if self._python is None:
-            self._python = ensure_synapse_venv(self._venv) / "bin" / "python"
+            venv = ensure_synapse_venv(self._venv, postgres=self._postgres_dsn is not None)
+            self._python = venv / "bin" / "python"
         return self._python
+
+    def _database_config(self) -> JsonDict:
+        if self._postgres_dsn is None:
+            return {"name": "sqlite3", "args": {"database": str(self.workdir / "homeserver.db")}}
+        return {"name": "psycopg2", "args": {"dsn": self._postgres_dsn, "cp_min": 5,
+                                             "cp_max": 10}}
 
     def write_config(self) -> Path:
         """Generate (first time) and patch homeserver.yaml. Blocking."""
@@ -165,11 +186,17 @@ class LocalSynapse:
                                     f"{config.get('server_name')!r}; use another workdir")
         self._shared_secret = config.get("registration_shared_secret") or secrets.token_hex(32)
         log_config = self.workdir / "log.config.yaml"
+        handlers = {"file": {"class": "logging.FileHandler", "formatter": "plain",
+                             "filename": str(self.log_path), "encoding": "utf8"}}
+        loggers = {}
+        if self._access_log is not None:
+            handlers["access"] = {**handlers["file"], "filename": str(self._access_log)}
+            loggers["synapse.access"] = {"level": "INFO", "handlers": ["access"],
+                                         "propagate": False}
         log_config.write_text(yaml.safe_dump({
             "version": 1,
             "formatters": {"plain": {"format": "%(asctime)s %(name)s %(levelname)s %(message)s"}},
-            "handlers": {"file": {"class": "logging.FileHandler", "formatter": "plain",
-                                  "filename": str(self.log_path), "encoding": "utf8"}},
+            "handlers": handlers, "loggers": loggers,
             "root": {"level": "WARNING", "handlers": ["file"]},
             "disable_existing_loggers": False,
         }), encoding="utf-8")
@@ -177,8 +204,7 @@ class LocalSynapse:
             "pid_file": str(self.workdir / "homeserver.pid"),
             "listeners": [{"port": self.port, "bind_addresses": ["127.0.0.1"], "type": "http",
                            "resources": [{"names": ["client"]}]}],
-            "database": {"name": "sqlite3",
-                         "args": {"database": str(self.workdir / "homeserver.db")}},
+            "database": self._database_config(),
             "log_config": str(log_config),
             "media_store_path": str(self.workdir / "media_store"),
             "max_upload_size": "50M", "url_preview_enabled": False,

@@ -56,24 +56,6 @@ class WhatsAppInbound:
             return await self._message(item, msg)
         return None
 
-    def partition(self, item: InboundItem) -> str:
-        """One citizen's messages are processed in order; different citizens in parallel.
-
-        The key is the keyed hash of the sender (statuses share one partition), so no
-        identifier is ever held in the clear outside the handler.
-        """
-        value = self._privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)
-        contacts = value.get("contacts") or [{}]
-        contact = contacts[0] if isinstance(contacts[0], dict) else {}
-        for msg in value.get("messages") or []:
-            if not isinstance(msg, dict):
-                continue
-            # The same preference as Sender.key: the BSUID, else the phone-based wa_id.
-            key = msg.get("from_user_id") or contact.get("user_id") or msg.get("from")
-            if isinstance(key, str) and key:
-                return self._privacy.index.digest(key)
-        return "statuses"
-
     # --- citizens ---------------------------------------------------------------------
 
     async def citizen_for(self, sender: Sender) -> Citizen:

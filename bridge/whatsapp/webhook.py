@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from bridge.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from bridge.privacy import AAD_PAYLOAD
+from bridge.privacy import AAD_PAYLOAD, KeyedIndex
 from bridge.web.state import BRIDGE
 from bridge.whatsapp.webhook_parse import parse_webhook
 
@@ -56,6 +56,24 @@ def split_delivery(body: dict[str, Any], phone_number_id: str) -> list[tuple[str
                     key = f"status:{st['id']}:{st.get('status')}"
                     items.append((key, {**base, "statuses": [st]}))
     return items
+
+
+def lane_of(value: dict[str, Any], index: KeyedIndex) -> str:
+    """The worker lane of one stored item: a citizen's messages are processed in order,
+    different citizens in parallel; statuses share one lane.
+
+    The lane is the keyed hash of the sender, so no identifier is stored in the clear.
+    """
+    contacts = value.get("contacts") or [{}]
+    contact = contacts[0] if isinstance(contacts[0], dict) else {}
+    for msg in value.get("messages") or []:
+        if not isinstance(msg, dict):
+            continue
+        # The same preference as Sender.key: the BSUID, else the phone-based wa_id.
+        key = msg.get("from_user_id") or contact.get("user_id") or msg.get("from")
+        if isinstance(key, str) and key:
+            return "citizen:" + index.digest(key)
+    return "statuses"
 
 
 @routes.get("/whatsapp/webhook")
@@ -101,8 +119,11 @@ async def _verify_and_store(request: web.Request, bridge: Bridge) -> web.Respons
     stored = 0
     for key, value in split_delivery(body, cfg.phone_number_id):
         payload = cipher.encrypt_json(value, aad=AAD_PAYLOAD)
-        if await bridge.db.inbound.enqueue("whatsapp", key, payload) is not None:
-            stored += 1
+        lane = lane_of(value, bridge.privacy.index)
+        with bridge.db.urgent():
+            if await bridge.db.inbound.enqueue("whatsapp", key, payload,
+                                               lane=lane) is not None:
+                stored += 1
     if stored:
         bridge.worker.wake("whatsapp")
     return web.json_response({})

@@ -1,0 +1,182 @@
+"""The inbound worker's lanes, and SQLite's session turns, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from bridge.db import Database, InboundItem, InboundStatus
+from bridge.worker import InboundWorker
+
+Handler = Callable[[InboundItem], Awaitable[InboundStatus | None]]
+
+
+async def _queue(db: Database, lane: str, payload: str) -> int:
+    item_id = await db.inbound.enqueue("whatsapp", f"k:{payload}", payload, lane=lane)
+    assert item_id is not None
+    return item_id
+
+
+async def _drained(worker: InboundWorker, timeout: float = 10) -> None:
+    await asyncio.sleep(0)
+    await asyncio.wait_for(worker.idle["whatsapp"].wait(), timeout)
+
+
+async def _run(db: Database, handler: Handler) -> InboundWorker:
+    worker = InboundWorker(db, {"whatsapp": handler})
+    worker.start()
+    return worker
+
+
+async def test_lane_heads_are_the_oldest_pending_item_of_each_idle_lane(db: Database) -> None:
+    a1 = await _queue(db, "a", "a1")
+    b1 = await _queue(db, "b", "b1")
+    await _queue(db, "a", "a2")
+    c1 = await _queue(db, "c", "c1")
+    await db.inbound.set_status(b1, "done")
+    b2 = await _queue(db, "b", "b2")
+    await db.inbound.enqueue("matrix", "m1", "{}", lane="a")  # another source
+
+    heads = await db.inbound.lane_heads("whatsapp")
+    assert [h.id for h in heads] == [a1, c1, b2]
+    assert [h.lane for h in heads] == ["a", "c", "b"]
+    assert [h.id for h in await db.inbound.lane_heads("whatsapp", busy={"a", "b"})] == [c1]
+    assert [h.id for h in await db.inbound.lane_heads("whatsapp", limit=1)] == [a1]
+
+
+async def test_lanes_keep_order_and_never_wait_for_each_other(db: Database) -> None:
+    release_a = asyncio.Event()
+    order: list[str] = []
+
+    async def handler(item: InboundItem) -> None:
+        if item.payload == "a1":
+            await release_a.wait()
+        order.append(item.payload)
+
+    for payload in ("a1", "a2", "b1", "b2", "a3"):
+        await _queue(db, payload[0], payload)
+    worker = await _run(db, handler)
+    try:
+        async with asyncio.timeout(10):
+            while order != ["b1", "b2"]:  # lane b finishes while lane a is stuck
+                await asyncio.sleep(0.01)
+        release_a.set()
+        await _drained(worker)
+    finally:
+        await worker.stop()
+    assert order == ["b1", "b2", "a1", "a2", "a3"]
+    assert await db.inbound.lane_heads("whatsapp") == []
+
+
+async def test_global_lane_runs_alone_after_everything_older(db: Database) -> None:
+    running: set[str] = set()
+    log: list[tuple[str, frozenset[str]]] = []
+
+    async def handler(item: InboundItem) -> None:
+        running.add(item.payload)
+        log.append((item.payload, frozenset(running)))
+        await asyncio.sleep(0.05)
+        running.discard(item.payload)
+
+    for lane, payload in (("a", "a1"), ("b", "b1"), ("", "g1"), ("a", "a2"), ("c", "c1")):
+        await _queue(db, lane, payload)
+    worker = await _run(db, handler)
+    try:
+        await _drained(worker)
+    finally:
+        await worker.stop()
+    started = [payload for payload, _ in log]
+    assert set(started[:2]) == {"a1", "b1"}
+    assert started[2] == "g1"
+    assert dict(log)["g1"] == {"g1"}  # nothing else ran beside it
+    assert set(started[3:]) == {"a2", "c1"}
+
+
+async def test_a_failing_item_holds_its_lane_only(db: Database) -> None:
+    order: list[str] = []
+    failed: list[str] = []
+
+    async def handler(item: InboundItem) -> None:
+        if item.payload == "a1" and not failed:
+            failed.append(item.payload)
+            raise RuntimeError("homeserver unavailable")
+        order.append(item.payload)
+
+    a1 = await _queue(db, "a", "a1")
+    for payload in ("a2", "b1"):
+        await _queue(db, payload[0], payload)
+    worker = await _run(db, handler)
+    try:
+        async with asyncio.timeout(10):
+            while "b1" not in order:
+                await asyncio.sleep(0.01)
+        assert "a2" not in order  # a2 waits for a1's retry (after 2 s)
+        async with asyncio.timeout(10):
+            while len(order) < 3:
+                await asyncio.sleep(0.05)
+    finally:
+        await worker.stop()
+    assert order == ["b1", "a1", "a2"]
+    item = await db.inbound.get(a1)
+    assert item is not None and item.status == "done" and item.attempts == 1
+
+
+async def test_held_items_released_by_an_opt_in_run_before_newer_ones(db: Database) -> None:
+    citizen = await db.citizens.create(index_hash="1" * 64, identifier_ct="ct",
+                                       pseudonym_code="C001")
+    order: list[str] = []
+
+    async def handler(item: InboundItem) -> InboundStatus | None:
+        order.append(item.payload)
+        if item.payload == "held" and len(order) == 1:
+            await db.inbound.hold(item.id, citizen.id, datetime.now(UTC) + timedelta(hours=1))
+            return "held"
+        if item.payload == "opt-in":
+            await db.inbound.release_held(citizen.id)
+        return None
+
+    await _queue(db, "a", "held")
+    worker = await _run(db, handler)
+    try:
+        await _drained(worker)
+        await _queue(db, "a", "opt-in")
+        await _queue(db, "a", "later")
+        worker.wake("whatsapp")
+        await _drained(worker)
+    finally:
+        await worker.stop()
+    assert order == ["held", "opt-in", "held", "later"]
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite"], indirect=True)
+async def test_urgent_sessions_go_before_queued_background_work(db: Database) -> None:
+    """SQLite has one writer; sessions queue in-process, acknowledgements first."""
+    order: list[str] = []
+    hold = asyncio.Event()
+
+    async def session(name: str, urgent: bool = False) -> None:
+        if urgent:
+            with db.urgent():
+                async with db.session():
+                    order.append(name)
+        else:
+            async with db.session():
+                order.append(name)
+                if name == "first":
+                    await hold.wait()
+
+    first = asyncio.create_task(session("first"))
+    await asyncio.sleep(0.05)
+    background = [asyncio.create_task(session(f"bg{i}")) for i in range(3)]
+    await asyncio.sleep(0.05)
+    cancelled = asyncio.create_task(session("cancelled"))
+    await asyncio.sleep(0.05)
+    urgent = asyncio.create_task(session("ack", urgent=True))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()  # a waiter that gives up must not block the queue
+    hold.set()
+    await asyncio.wait_for(asyncio.gather(first, urgent, *background), 10)
+    assert order == ["first", "ack", "bg0", "bg1", "bg2"]
