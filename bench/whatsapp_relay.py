@@ -1,33 +1,39 @@
-"""Inbound WhatsApp webhook -> Matrix relay through the bridge vs a bare matrix-nio client.
+"""Inbound WhatsApp webhook -> Matrix relay through the bridge vs bare matrix-nio sends.
 
 Not a test: prints throughput, end-to-end latency (webhook POST until a staff device has
 the decrypted event) and webhook ack latency, beside a bare client's Synapse send rate
 measured the same way in the same run. Targets: inbound >= 0.85x bare throughput; webhook
-ack p99 <= 50 ms at 50 msg/s (SQLite).
+ack p99 <= 50 ms at 50 msg/s (the bridge on SQLite).
 
-    /tmp/devvenv/bin/python bench/whatsapp_relay.py [--messages 300] [--rate 50] \
-        [--citizens 5] [--json]
+    .venv/bin/python bench/whatsapp_relay.py [--messages 300] [--rate 50] [--citizens 5] \
+        [--synapse-db sqlite|postgresql] [--synapse-access-log FILE] [--json]
 
 Setup (all in a temporary directory, removed at exit, also on Ctrl-C):
-- Synapse (bridge.devtools.LocalSynapse) with the bridge's appservice registration;
+- Synapse (bridge.devtools.LocalSynapse) with the bridge's appservice registration, on
+  SQLite or (--synapse-db postgresql, as production runs it) a throwaway PostgreSQL
+  database;
 - the Cloud API simulator (bridge.whatsapp.simulator) as Graph API and webhook sender;
 - the bridge in-process (SQLite, WhatsApp enabled against the simulator, a staff user
   as `portals.staff`);
 - K citizens opt in the way real ones do (first message, privacy notice with buttons,
   tap "Acepto"), so K portals exist; the staff user's E2EE nio device joins them all;
-- a bare user's nio client in an encrypted room of the same kind (created by the bridge
-  with a portal's state and recorded as an agency room, bot and staff in it);
-  `--bare-room plain` instead lets the bare user create an ordinary encrypted room with
-  only staff in it (no bot, no appservice traffic: a stricter baseline).
+- a bare user's nio client in K encrypted rooms of the same kind (created by the bridge
+  with a portal's state and recorded as agency rooms, bot and staff in them);
+  `--bare-room plain` instead lets the bare user create ordinary encrypted rooms with
+  only staff in them (no bot, no appservice traffic: a stricter baseline).
 
 A task keeps the staff device syncing (short long-poll, no sync-token writes) and notes
-when each message's text first becomes readable. Four modes, N messages each:
-- bare @R: the bare client sends at R msg/s, open loop (a send starts on schedule,
-  whether or not earlier ones finished);
+when each message's text first becomes readable. Modes, N messages each:
 - inbound @R: signed webhooks, each one text message, round-robin over the K citizens,
-  POSTed at R msg/s, open loop;
-- bare max: one send after the other (the bare client's sequential send rate);
-- inbound max: one POST as soon as the previous one is acknowledged.
+  POSTed at R msg/s, open loop (a POST starts on schedule, whether or not earlier ones
+  finished); the bridge relays each citizen's messages in order;
+- bare @R: message i goes to bare room i % K at R msg/s, each room in order (a send
+  waits for the room's previous one), as a real client sends (Element sends one event
+  at a time) and as the bridge must: the baseline of the throughput target;
+- unordered @R: every send at once into one room. Synapse persists concurrent sends to
+  a room in batches, which no order-keeping relay can use; printed for reference;
+- bare max / inbound max: back to back (bare: K rooms in parallel, each in order;
+  inbound: one POST as soon as the previous one is acknowledged).
 Throughput = messages / (first send until the staff device has the last one), summed
 over `--blocks` blocks per mode, interleaved ABBA so drift hits all modes alike.
 """

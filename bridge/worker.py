@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[InboundItem], Awaitable[InboundStatus | None]]
 MAX_ATTEMPTS = 5
 MAX_RUNNING = 32  # lanes processed at once per source (bounds the load on Synapse)
+STOP_GRACE_SECONDS = 10.0
 GLOBAL_LANE = ""  # runs alone, after everything older (rows queued before lanes existed)
 
 
@@ -56,14 +57,24 @@ class InboundWorker:
             self._tasks.append(asyncio.create_task(self._run(source), name=f"inbound {source}"))
             self.wake(source)
 
-    async def stop(self) -> None:
-        tasks = [*self._tasks, *(t for r in self._running.values() for t in r.values())]
-        for task in tasks:
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop dispatching; let items in progress finish for up to `grace` seconds.
+
+        Cancelling an item mid-way is safe (it runs again on restart) but wasteful, and
+        a database session cancelled mid-statement can leave SQLite's write lock held.
+        """
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for running in self._running.values():
-            running.clear()
+        running = [t for r in self._running.values() for t in r.values()]
+        if running:
+            await asyncio.wait(running, timeout=grace)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        for lanes in self._running.values():
+            lanes.clear()
 
     async def _run(self, source: InboundSource) -> None:
         while True:

@@ -76,9 +76,11 @@ async def put_transaction(request: web.Request) -> web.Response:
         # Our own messages come back as echoes; only membership matters from those.
         events = [e for e in txn.events if e["type"] == "m.room.member"
                   or not bridge.ghosts.is_ours(str(e.get("sender", "")))]
-        with bridge.db.urgent():
-            stored = await bridge.db.transactions.store(
-                transaction_key(request.match_info["txn_id"], txn.events), events)
+        stored = False
+        if events:  # nothing to process, so nothing to deduplicate: no write at all
+            with bridge.db.urgent():
+                stored = await bridge.db.transactions.store(
+                    transaction_key(request.match_info["txn_id"], txn.events), events)
     if txn.changed_users:
         bridge.devices.users_changed(txn.changed_users)
     if stored:

@@ -63,6 +63,30 @@ GHOST_UPKEEP_SECONDS = 30.0
 DeviceReadyHook = Callable[[UserID, DeviceID], Awaitable[None]]
 
 
+async def upload_keys(client: nio.AsyncClient, attempts: int = 5) -> None:
+    """Upload the device's keys, recovering from an account that forgot an upload.
+
+    nio saves the account only after the server answered; a crash or cancellation in
+    between leaves the server holding one-time keys the saved account never published,
+    and the account then draws new keys with the same ids, which the server refuses
+    forever ("One time key ... already exists"). The clashing keys are dropped and fresh
+    ones (with higher ids) drawn. The orphaned keys on the server are unusable: a sender
+    that claims one cannot reach this device until it claims another.
+    """
+    olm = client.olm
+    for _ in range(attempts):
+        resp = await client.keys_upload()
+        if not isinstance(resp, nio.KeysUploadError):
+            return
+        if olm is None or "already exists" not in (resp.message or ""):
+            raise RuntimeError(f"key upload failed for a device: {resp.status_code}")
+        log.warning("%s: the server has one-time keys this device forgot; drawing new ones",
+                    client.user_id)
+        olm.mark_keys_as_published()
+        olm.save_account()
+    raise RuntimeError("key upload failed for a device: one-time key ids keep clashing")
+
+
 class Device:
     """One logged-in nio client and its key maintenance.
 
@@ -172,7 +196,10 @@ class Device:
         c = self.client
         await c.send_to_device_messages()
         if c.should_upload_keys:
-            await c.keys_upload()
+            try:
+                await upload_keys(c)
+            except RuntimeError as exc:  # not fatal: the keys on the server still serve
+                log.warning("%s: %s", self.user_id, exc)
         if c.should_query_keys:
             await c.keys_query()
         if c.should_claim_keys:
@@ -284,10 +311,11 @@ class Devices:
             device = Device(client, long_poll=user_id == self._long_poll_user,
                             is_ours=lambda user: self.is_ours(user))
             if client.should_upload_keys:
-                resp = await client.keys_upload()
-                if isinstance(resp, nio.KeysUploadError):
+                try:
+                    await upload_keys(client)
+                except BaseException:
                     await client.close()
-                    raise RuntimeError(f"key upload failed for a device: {resp.status_code}")
+                    raise
             if self._on_ready:
                 try:
                     await self._on_ready(user_id, device_id)

@@ -12,7 +12,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from bridge.config import Config
-from bridge.db import Citizen, ConsentState, Database, InboundItem, InboundStatus
+from bridge.db import Citizen, ConsentState, Database, InboundItem, InboundStatus, Repositories
 from bridge.errors import Conflict
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy, new_pseudonym_code
@@ -58,12 +58,12 @@ class WhatsAppInbound:
 
     # --- citizens ---------------------------------------------------------------------
 
-    async def citizen_for(self, sender: Sender) -> Citizen:
+    async def citizen_for(self, sender: Sender, repos: Repositories | None = None) -> Citizen:
         cipher = self._privacy.cipher
         index = self._privacy.index.digest(sender.key)
         for _ in range(5):  # a pseudonym code collision is rare; draw again
             try:
-                citizen, _ = await self._db.citizens.get_or_create(
+                citizen, _ = await (repos or self._db).citizens.get_or_create(
                     index_hash=index,
                     identifier_ct=cipher.encrypt(sender.key, aad=AAD_IDENTIFIER),
                     wa_id_ct=cipher.encrypt(sender.wa_id, aad=AAD_WA_ID) if sender.wa_id
@@ -89,21 +89,25 @@ class WhatsAppInbound:
     # --- messages ---------------------------------------------------------------------
 
     async def _message(self, item: InboundItem, msg: InboundMessage) -> InboundStatus | None:
-        citizen = await self.citizen_for(msg.sender)
-        await self._db.citizens.touch_inbound(citizen.id, msg.timestamp)
+        # One transaction for what every message needs: who, when, and where it goes.
+        async with self._db.transaction() as tx:
+            citizen = await self.citizen_for(msg.sender, tx)
+            await tx.citizens.touch_inbound(citizen.id, msg.timestamp)
+            portal = await tx.rooms.portal_for(citizen.id)
+        room_id = RoomID(portal.room_id) if portal and portal.closed_at is None else None
         intent = consent.intent_of(msg, self._config.consent)
         decision = consent.decide(citizen.consent_state, intent)
         result: InboundStatus | None = None
         if decision.state != citizen.consent_state and intent == "opt_out":
             await self._record(citizen, decision.state, msg.wamid)  # stop relay first
         for action in decision.actions:
-            result = await self._perform(action, citizen, item, msg) or result
+            result = await self._perform(action, citizen, item, msg, room_id) or result
         if decision.state != citizen.consent_state and intent != "opt_out":
             await self._record(citizen, decision.state, msg.wamid)
         return result
 
     async def _perform(self, action: Action, citizen: Citizen, item: InboundItem,
-                       msg: InboundMessage) -> InboundStatus | None:
+                       msg: InboundMessage, room_id: RoomID | None) -> InboundStatus | None:
         agency = self._config.consent.agency_name
         if action is Action.SEND_NOTICE:
             await self._outbox.system_buttons(
@@ -131,9 +135,8 @@ class WhatsAppInbound:
             for held in await self._db.inbound.held_for(citizen.id):
                 await self._db.inbound.set_status(held.id, "dropped")
         elif action is Action.MIRROR:
-            # `citizen` was read for this message: a granted citizen's ghost was set
-            # before consent was recorded, so no second read is needed.
-            room_id = await self._portals.room_of(citizen)
+            # `citizen` and `room_id` were read for this message: a granted citizen's
+            # ghost and portal were set before consent was recorded.
             if room_id is None:
                 raise RuntimeError("granted citizen without an open portal")
             await self._mirror.relay(citizen, room_id, msg)

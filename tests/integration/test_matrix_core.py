@@ -237,9 +237,11 @@ async def test_everything_still_works_after_restart(bridge: BridgeHarness) -> No
         assert device is not None
         before = (device.client.device_id, device.client.olm.account.identity_keys["ed25519"])
         txn = f"restart{secrets.token_hex(4)}"
-        empty = b'{"events": []}'
+        events = [{"event_id": f"${txn}", "type": "org.example.ignored", "room_id": room_id,
+                   "sender": "@someone:localhost", "content": {}}]
         assert (await bridge.running.call("PUT", f"/_matrix/app/v1/transactions/{txn}",
-                                          empty, token="hs"))[0] == 200
+                                          json.dumps({"events": events}).encode(),
+                                          token="hs"))[0] == 200
 
         await bridge.running.stop()
         await bridge.running.start()
@@ -259,7 +261,7 @@ async def test_everything_still_works_after_restart(bridge: BridgeHarness) -> No
         event = await cap.wait_for(lambda e: e.event_id == event_id)
         assert event.content["body"] == "staff tras reinicio"
         # A transaction id seen before the restart is still a no-op.
-        assert await b.db.transactions.seen(transaction_key(txn, []))
+        assert await b.db.transactions.seen(transaction_key(txn, events))
     finally:
         await staff.close()
 
