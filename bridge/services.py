@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from bridge.admin.citizens import CitizenData
 from bridge.admin.moderation import Moderation
 from bridge.admin.service import AdminService
 from bridge.admin.wiring import build_admin
@@ -66,6 +67,7 @@ class Bridge:
     admin: AdminService
     moderation: Moderation
     invites: InviteLinks
+    citizens: CitizenData
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     # High availability (bridge.leader): only the elected process starts and processes.
@@ -226,5 +228,6 @@ async def build_bridge(config: Config) -> Bridge:
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
                   outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,
                   moderation=parts.moderation, invites=parts.invites,
+                  citizens=CitizenData(config, db, privacy, portals),
                   election=election_for(config.database.url),
                   pod=await PodLabeler.from_environment(http))

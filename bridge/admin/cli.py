@@ -93,6 +93,11 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
         return "GET", "/admin/v1/audit" + query, None
     if what == "keys":
         return "GET", "/admin/v1/keys", None
+    if what == "citizen":
+        path = "/admin/v1/citizens/" + quote(args.user, safe="")
+        if args.citizen_command == "export":
+            return "GET", path + "/export", None
+        return "DELETE", path, {"reason": args.reason}
     if what == "rooms":
         if args.rooms_command == "create":
             return "POST", "/admin/v1/rooms", {"name": args.name, "kind": args.kind,
@@ -137,6 +142,8 @@ def render(args: argparse.Namespace, data: Any) -> tuple[str, str, int]:
         if data.get("next_before"):
             out += f"\n(more: --before {data['next_before']})"
         return f"{out}\n{status}".rstrip("\n"), problem, code
+    if what == "citizen" and args.citizen_command == "export":
+        return json.dumps(data, indent=2, ensure_ascii=False), "", EXIT_OK  # machine-readable
     if what == "keys":
         return table([(k["kind"], k["user_id"], k["master_key"]) for k in data],
                      ("kind", "user_id", "master key fingerprint")), "", EXIT_OK
@@ -193,7 +200,8 @@ def run_admin(args: argparse.Namespace) -> int:
 
 def add_admin_parser(sub: Any) -> None:
     """Add `admin` and its subcommands to the top-level subparsers of `civic-bridge`."""
-    admin = sub.add_parser("admin", help="call the admin API (rooms, moderation, audit)",
+    admin = sub.add_parser("admin", help="call the admin API (rooms, moderation, citizens, "
+                                         "audit)",
                            description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     admin.add_argument("-c", "--config", default="config.yaml")
@@ -210,6 +218,13 @@ def add_admin_parser(sub: Any) -> None:
     audit.add_parser("verify", help="check the hash chain (exit 4 if it was tampered with)")
 
     cmds.add_parser("keys", help="master-key fingerprints of the bot and the ghosts")
+    citizen = cmds.add_parser("citizen", help="a citizen's data (by their Matrix user id)") \
+        .add_subparsers(dest="citizen_command", required=True)
+    citizen.add_parser("export", help="everything held about them, as JSON (for them only)") \
+        .add_argument("user")
+    p = citizen.add_parser("erase", help="stop relay and delete their data (irreversible)")
+    p.add_argument("user")
+    p.add_argument("--reason", required=True, help="recorded in the audit log")
     rooms = cmds.add_parser("rooms", help="agency rooms").add_subparsers(
         dest="rooms_command", required=True)
     rooms.add_parser("list", help="open rooms")

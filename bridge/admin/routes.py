@@ -213,6 +213,23 @@ async def audit_verify(request: web.Request) -> web.Response:
     return web.json_response(await _chain(_bridge(request)))
 
 
+@routes.get("/admin/v1/citizens/{user_id}/export")
+async def export_citizen(request: web.Request) -> web.Response:
+    """Everything held about one citizen, for that citizen (GDPR art. 15/20)."""
+    bridge = _bridge(request)
+    data = await bridge.citizens.export(request.match_info["user_id"], ACTOR)
+    return web.json_response(data, headers={"Cache-Control": "no-store"})
+
+
+@routes.delete("/admin/v1/citizens/{user_id}")
+async def erase_citizen(request: web.Request) -> web.Response:
+    """Erase one citizen (GDPR art. 17); body `{reason?}`, recorded in the audit log."""
+    bridge, body = await _body(request)
+    reason = _str(body, "reason", required=False)
+    return web.json_response(await bridge.citizens.erase(request.match_info["user_id"],
+                                                         ACTOR, reason))
+
+
 @routes.get("/admin/v1/keys")
 async def keys(request: web.Request) -> web.Response:
     """Master-key fingerprints of the bot and the ghosts (to verify the bridge once)."""

@@ -147,6 +147,22 @@ class InboundRepo:
         async with self._scope.session() as session:
             return [_inbound(r) for r in await session.scalars(stmt.limit(limit))]
 
+    async def count_lane(self, source: InboundSource, lane: str) -> dict[str, int]:
+        """How many items of a lane are in each status."""
+        stmt = (
+            select(InboundRow.status, func.count())
+            .where(InboundRow.source == source, InboundRow.lane == lane)
+            .group_by(InboundRow.status)
+        )
+        async with self._scope.session() as session:
+            return {status: int(n) for status, n in (await session.execute(stmt)).all()}
+
+    async def delete_lane(self, source: InboundSource, lane: str) -> int:
+        """Delete every item of a lane, whatever its status (erasure); returns how many."""
+        stmt = delete(InboundRow).where(InboundRow.source == source, InboundRow.lane == lane)
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt))
+
     async def after(self, item_id: int, limit: int = 100) -> list[InboundItem]:
         """Items with an id above `item_id`, oldest first, whatever their status
         (lets a watcher such as `civic-bridge demo` follow the queue)."""

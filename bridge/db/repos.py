@@ -12,7 +12,7 @@ from bridge.db.models import KVRow, MessageMapRow
 from bridge.db.people import CitizenRepo, ConsentRepo, GhostRepo, RoomRepo
 from bridge.db.queues import InboundRepo, OutboxRepo, TransactionRepo
 from bridge.db.records import Direction, MessageLink
-from bridge.db.scope import Scope
+from bridge.db.scope import Scope, rowcount
 from bridge.types import EventID, RoomID
 
 
@@ -39,6 +39,12 @@ class MessageRepo:
         async with self._scope.session() as session:
             row = await session.scalar(select(MessageMapRow).where(MessageMapRow.wamid == wamid))
             return None if row is None else _link(row)
+
+    async def delete_room(self, room_id: RoomID) -> int:
+        """Forget every link of a room (a citizen's erasure); returns how many."""
+        async with self._scope.session() as session:
+            stmt = delete(MessageMapRow).where(MessageMapRow.room_id == room_id)
+            return rowcount(await session.execute(stmt))
 
     async def by_event(self, event_id: EventID) -> MessageLink | None:
         async with self._scope.session() as session:

@@ -20,6 +20,10 @@ from bridge.types import EventID, RoomID, UserID
 log = logging.getLogger(__name__)
 
 
+OPTED_OUT_NOTICE = ("La persona ha retirado su consentimiento: el puente ya no reenvía "
+                    "mensajes en ninguna dirección.")
+
+
 class Portals:
     def __init__(self, config: Config, db: Database, api: MatrixAPI, ghosts: Ghosts,
                  rooms: Rooms, relay: Relay) -> None:
@@ -69,13 +73,12 @@ class Portals:
         room = await self._db.rooms.portal_for(citizen.id)
         return RoomID(room.room_id) if room and room.closed_at is None else None
 
-    async def close(self, citizen: Citizen) -> None:
-        """Opt-out: staff are told, the ghost leaves (no-op if it already left)."""
+    async def close(self, citizen: Citizen, notice: str = OPTED_OUT_NOTICE) -> None:
+        """Opt-out or erasure: staff are told, the ghost leaves (no-op if it already left)."""
         room_id = await self.room_of(citizen)
         if room_id is None or citizen.ghost_user_id is None:
             return
-        await self.notice(room_id, "La persona ha retirado su consentimiento: el puente ya no "
-                                   "reenvía mensajes en ninguna dirección.")
+        await self.notice(room_id, notice)
         try:
             await self._api.leave(citizen.ghost_user_id, room_id)
         except MatrixError as exc:

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from bridge.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from bridge.privacy import AAD_PAYLOAD, KeyedIndex
+from bridge.privacy import AAD_PAYLOAD
 from bridge.web.state import BRIDGE
-from bridge.whatsapp.webhook_parse import parse_webhook
+from bridge.whatsapp.webhook_parse import lane_of, parse_webhook
 
 if TYPE_CHECKING:
     from bridge.services import Bridge
@@ -56,24 +56,6 @@ def split_delivery(body: dict[str, Any], phone_number_id: str) -> list[tuple[str
                     key = f"status:{st['id']}:{st.get('status')}"
                     items.append((key, {**base, "statuses": [st]}))
     return items
-
-
-def lane_of(value: dict[str, Any], index: KeyedIndex) -> str:
-    """The worker lane of one stored item: a citizen's messages are processed in order,
-    different citizens in parallel; statuses share one lane.
-
-    The lane is the keyed hash of the sender, so no identifier is stored in the clear.
-    """
-    contacts = value.get("contacts") or [{}]
-    contact = contacts[0] if isinstance(contacts[0], dict) else {}
-    for msg in value.get("messages") or []:
-        if not isinstance(msg, dict):
-            continue
-        # The same preference as Sender.key: the BSUID, else the phone-based wa_id.
-        key = msg.get("from_user_id") or contact.get("user_id") or msg.get("from")
-        if isinstance(key, str) and key:
-            return "citizen:" + index.digest(key)
-    return "statuses"
 
 
 @routes.get("/whatsapp/webhook")

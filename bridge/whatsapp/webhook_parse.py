@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 from bridge.errors import BadRequest
+from bridge.privacy import KeyedIndex
 
 OBJECT: Final = "whatsapp_business_account"
 MEDIA_KINDS: Final = frozenset({"image", "video", "sticker", "document", "audio"})
@@ -457,3 +458,26 @@ def parse_webhook(body: Any, phone_number_id: str) -> WebhookBatch:
             _change_value(value, phone_number_id, where, out)
     return WebhookBatch(tuple(out.messages), tuple(out.statuses), tuple(out.errors),
                         tuple(out.ignored))
+
+
+def lane_of(value: dict[str, Any], index: KeyedIndex) -> str:
+    """The worker lane of one stored item: a citizen's messages are processed in order,
+    different citizens in parallel; statuses share one lane.
+
+    The lane is the keyed hash of the sender, so no identifier is stored in the clear.
+    """
+    contacts = value.get("contacts") or [{}]
+    contact = contacts[0] if isinstance(contacts[0], dict) else {}
+    for msg in value.get("messages") or []:
+        if not isinstance(msg, dict):
+            continue
+        # The same preference as Sender.key: the BSUID, else the phone-based wa_id.
+        key = msg.get("from_user_id") or contact.get("user_id") or msg.get("from")
+        if isinstance(key, str) and key:
+            return citizen_lane(index.digest(key))
+    return "statuses"
+
+
+def citizen_lane(index_hash: str) -> str:
+    """The lane of a citizen's messages, from their keyed hash (`Citizen.index_hash`)."""
+    return "citizen:" + index_hash

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import string
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
 import pytest_asyncio
+import yaml
 from nio import RoomMessage
 from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
 
+from bridge.types import Pseudonym, RoomID
 from bridge.whatsapp.consent import OPT_IN_BUTTON, OPT_OUT_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
+from bridge.whatsapp.webhook_parse import citizen_lane
 from tests.fixtures.bridge import BridgeHarness
 from tests.fixtures.staff import StaffClient, staff_login
 
@@ -419,6 +426,81 @@ async def test_username_only_citizen_without_phone_number(bridge: BridgeHarness)
         sent = await j.sent_to_citizen(
             lambda s: s.get("text", {}).get("body") == "respuesta por BSUID")
         assert sent.get("recipient") == citizen.user_id and "to" not in sent
+    finally:
+        await j.desk.close()
+
+
+async def admin_cli(h: BridgeHarness, tmp_path: Path, *args: str) -> str:
+    """`civic-bridge admin ARGS` against the running bridge; its stdout (exit 0 asserted)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(h.running.config.model_dump(mode="json")),
+                      encoding="utf-8")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "admin", "-c", str(config), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: Path) -> None:
+    """GDPR art. 15/17: the citizen's own data out (identifiers included, for them
+    only), then erased: relay stops, staff are told, the ghost leaves, identifiers and
+    queued webhooks go; consent evidence and the audit trail stay, by pseudonym."""
+    citizen = new_citizen()
+    j = await opt_in(bridge, citizen, "quiero mis datos y después borrarlos")
+    b = bridge.running.bridge
+    try:
+        await j.seen(body_is("quiero mis datos y después borrarlos"))
+        index_hash = b.privacy.index.digest(citizen.user_id)
+        row = await b.db.citizens.by_index(index_hash)
+        assert row is not None and row.ghost_user_id is not None
+        path = "/admin/v1/citizens/" + quote(row.ghost_user_id, safe="")
+        assert (await bridge.running.call("GET", path + "/export", token=None))[0] == 401
+
+        status, data = await bridge.running.call("GET", path + "/export")
+        assert status == 200, data
+        assert data["whatsapp"] == {"wa_id": citizen.wa_id, "identifier": citizen.user_id}
+        assert data["pseudonym"] == row.pseudonym_code
+        assert data["matrix_user_id"] == row.ghost_user_id
+        assert data["consent_state"] == "granted"
+        assert [r["state"] for r in data["consent_records"]][-1] == "granted"
+        assert data["portal"]["room_id"] == j.room_id and data["portal"]["closed_at"] is None
+
+        # The same from the command line, which also erases (exit 0, the API's answer).
+        exported = await admin_cli(bridge, tmp_path, "citizen", "export", row.ghost_user_id)
+        assert json.loads(exported)["whatsapp"] == data["whatsapp"]
+        erased = await admin_cli(bridge, tmp_path, "citizen", "erase", row.ghost_user_id,
+                                 "--reason", "derecho de supresión")
+        assert "erased: True" in erased and row.pseudonym_code in erased
+        assert await b.db.citizens.by_index(index_hash) is None
+        assert await b.db.inbound.count_lane("whatsapp", citizen_lane(index_hash)) == {}
+        records = await b.db.consent.for_pseudonym(Pseudonym(row.pseudonym_code))
+        assert records[-1].state == "withdrawn" and records[-1].evidence == "erasure"
+        assert all(r.citizen_id is None for r in records)
+        actions = {(e.action, e.reason) for e in await b.db.audit.list(limit=20)}
+        assert ("citizen.export", None) in actions
+        assert ("citizen.erase", "derecho de supresión") in actions
+        assert (await bridge.running.call("GET", path + "/export"))[0] == 404
+        assert (await bridge.running.call("DELETE", path, {}))[0] == 404
+
+        await j.seen(lambda ev: getattr(ev, "body", "").startswith(
+            "Los datos de esta persona se han borrado"))
+        members = await b.api.members(b.ghosts.bot, RoomID(j.room_id))
+        assert row.ghost_user_id not in {m["state_key"] for m in members}
+
+        # Writing again is a first contact: asked again, nothing relayed.
+        notices = len([s for s in bridge.wa.sent if to_citizen(s, citizen)
+                       and s.get("type") == "interactive"])
+        assert await bridge.wa.deliver(bridge.webhook_url, bridge.wa.text_message(
+            citizen, "hola de nuevo")) == 200
+        async with asyncio.timeout(30):
+            while len([s for s in bridge.wa.sent if to_citizen(s, citizen)
+                       and s.get("type") == "interactive"]) == notices:
+                await asyncio.sleep(0.1)
+        again = await b.db.citizens.by_index(index_hash)
+        assert again is not None and again.pseudonym_code != row.pseudonym_code
+        assert again.consent_state in ("unknown", "prompted")
     finally:
         await j.desk.close()
 
