@@ -221,7 +221,7 @@ async def build_bridge(config: Config) -> Bridge:
     if config.whatsapp.enabled:
         inbound = WhatsAppInbound(config, db, privacy, portals, mirror, outbox, metrics)
         handlers["whatsapp"] = inbound
-        relay.add_handler(StaffToWhatsApp(db, portals, outbox))
+        relay.add_handler(StaffToWhatsApp(db, portals, outbox, privacy))
     worker = InboundWorker(db, handlers, metrics=metrics)
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,

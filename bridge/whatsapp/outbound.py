@@ -3,6 +3,11 @@
 Refused (with a notice to staff, nothing sent): the citizen has not consented or has
 withdrawn; more than 24 h have passed since the citizen's last message (only approved
 templates may be sent then); edits (WhatsApp cannot edit a business message).
+
+Held for confirmation: a text or caption that looks like a DNI/NIE, IBAN or card number
+(once it leaves on WhatsApp it can be forwarded out of anyone's control). Staff
+are told; reacting ✅ to the message, or replying «enviar» to it, sends it. The held
+payload is kept encrypted until then.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Any
 
 from bridge.db import Citizen, Database
 from bridge.matrix.relay import StaffEvent
+from bridge.privacy import AAD_PAYLOAD, Privacy, looks_like_personal_id
+from bridge.types import EventID
 from bridge.whatsapp.outbox import WHATSAPP_KIND, Outbox
 from bridge.whatsapp.portal import Portals
 
@@ -25,6 +32,16 @@ WINDOW_NOTICE = ("No enviado: han pasado más de 24 horas desde el último mensa
                  "podrá enviar cuando vuelva a escribir.")
 NO_CONSENT_NOTICE = "No enviado: esta persona no tiene activo el reenvío por WhatsApp."
 EDIT_NOTICE = "Las ediciones no se envían a WhatsApp; envíe un mensaje nuevo si es necesario."
+HELD_NOTICE = ("Retenido, no enviado: el mensaje parece contener datos personales ({kinds}). "
+               "Si debe enviarse igualmente por WhatsApp, reaccione con ✅ a ese mensaje o "
+               "respóndale «enviar».")
+RELEASED_NOTICE = "Enviado a WhatsApp tras su confirmación."
+EXPIRED_NOTICE = "No enviado: la confirmación llegó más de 24 horas después del mensaje."
+CONFIRM_REACTIONS = ("✅", "✔️", "✔", "👍")
+CONFIRM_WORDS = ("enviar", "enviar igualmente", "confirmar")
+# A phone number alone is not held: staff give the agency's numbers all the time.
+HELD_KINDS = ("dni", "nie", "iban", "card")
+HELD_KEY = "held-out:"  # + Matrix event id -> the encrypted payload and when it was held
 
 
 def strip_reply_fallback(body: str) -> str:
@@ -44,10 +61,12 @@ def within_window(citizen: Citizen, now: datetime) -> bool:
 class StaffToWhatsApp:
     """A `Relay` handler: called with every decrypted staff event."""
 
-    def __init__(self, db: Database, portals: Portals, outbox: Outbox) -> None:
+    def __init__(self, db: Database, portals: Portals, outbox: Outbox,
+                 privacy: Privacy) -> None:
         self._db = db
         self._portals = portals
         self._outbox = outbox
+        self._cipher = privacy.cipher
 
     async def __call__(self, event: StaffEvent) -> None:
         room = await self._db.rooms.get(event.room_id)
@@ -56,16 +75,74 @@ class StaffToWhatsApp:
         citizen = await self._db.citizens.get(room.citizen_id)
         if citizen is None:
             return
+        held = await self._confirmation_of(event)
+        if held is not None:
+            await self._release(citizen, event, *held)
+            return
         payload = await self._payload(event)
         if payload is None:
             return
-        if citizen.consent_state != "granted":
-            await self._portals.notice(event.room_id, NO_CONSENT_NOTICE)
+        if not await self._may_send(citizen, event):
             return
-        if not within_window(citizen, datetime.now(UTC)):
-            await self._portals.notice(event.room_id, WINDOW_NOTICE)
+        text = str(payload.get("body") or payload.get("caption") or "")
+        kinds = [k for k in looks_like_personal_id(text) if k in HELD_KINDS]
+        if kinds:
+            await self._hold(event, payload, kinds)
             return
         await self._outbox.staff(citizen, event.room_id, event.event_id, payload)
+
+    async def _may_send(self, citizen: Citizen, event: StaffEvent) -> bool:
+        if citizen.consent_state != "granted":
+            await self._portals.notice(event.room_id, NO_CONSENT_NOTICE)
+            return False
+        if not within_window(citizen, datetime.now(UTC)):
+            await self._portals.notice(event.room_id, WINDOW_NOTICE)
+            return False
+        return True
+
+    # --- hold for confirmation (personal identifiers) ---------------------------------
+
+    async def _hold(self, event: StaffEvent, payload: dict[str, Any], kinds: list[str]) -> None:
+        sealed = self._cipher.encrypt_json(
+            {"at": datetime.now(UTC).isoformat(), "payload": payload}, aad=AAD_PAYLOAD)
+        await self._db.kv.set(HELD_KEY + event.event_id, sealed)
+        await self._db.audit.append(event.sender, "message.hold", f"room {event.room_id}",
+                                    "held", ", ".join(kinds))
+        await self._portals.notice(event.room_id, HELD_NOTICE.format(kinds=", ".join(kinds)))
+
+    async def _confirmation_of(self, event: StaffEvent) -> tuple[EventID, str] | None:
+        """(held event id, sealed payload) if `event` confirms a held message."""
+        relates = event.content.get("m.relates_to") or {}
+        if event.type == "m.reaction":
+            target = relates.get("event_id")
+            if relates.get("rel_type") != "m.annotation" or \
+                    relates.get("key") not in CONFIRM_REACTIONS:
+                return None
+        elif event.type == "m.room.message":
+            target = (relates.get("m.in_reply_to") or {}).get("event_id")
+            body = strip_reply_fallback(str(event.content.get("body", ""))).strip().lower()
+            if body.rstrip(".!") not in CONFIRM_WORDS:
+                return None
+        else:
+            return None
+        if not isinstance(target, str):
+            return None
+        sealed = await self._db.kv.get(HELD_KEY + target)
+        return None if sealed is None else (EventID(target), sealed)
+
+    async def _release(self, citizen: Citizen, event: StaffEvent, held_id: EventID,
+                       sealed: str) -> None:
+        held = self._cipher.decrypt_json(sealed, aad=AAD_PAYLOAD)
+        await self._db.kv.delete(HELD_KEY + held_id)
+        if datetime.now(UTC) - datetime.fromisoformat(held["at"]) > WINDOW:
+            await self._portals.notice(event.room_id, EXPIRED_NOTICE)
+            return
+        if not await self._may_send(citizen, event):
+            return
+        await self._outbox.staff(citizen, event.room_id, held_id, held["payload"])
+        await self._db.audit.append(event.sender, "message.release", f"room {event.room_id}",
+                                    "ok", "confirmed by staff")
+        await self._portals.notice(event.room_id, RELEASED_NOTICE)
 
     async def _wamid_of(self, event_id: Any) -> str | None:
         if not isinstance(event_id, str):

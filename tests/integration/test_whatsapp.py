@@ -430,6 +430,50 @@ async def test_username_only_citizen_without_phone_number(bridge: BridgeHarness)
         await j.desk.close()
 
 
+async def test_staff_message_with_a_personal_id_is_held_until_confirmed(
+        bridge: BridgeHarness) -> None:
+    """DPO requirement 13: an outbound DNI/IBAN is held; ✅ (or a reply «enviar») sends it."""
+    citizen = new_citizen()
+    j = await opt_in(bridge, citizen, "necesito el número de cuenta para pagar")
+    b = bridge.running.bridge
+    try:
+        await j.seen(body_is("necesito el número de cuenta para pagar"))
+        iban = "Ingrese en ES91 2100 0418 4502 0005 1332, concepto 2026/17."
+        held = await j.desk.send_text(j.room_id, iban)
+        notice = await j.seen(lambda ev: getattr(ev, "body", "").startswith("Retenido"))
+        assert "iban" in notice.body
+        dni = "Su DNI consta como 12345678Z."
+        held_dni = await j.desk.send_text(j.room_id, dni)
+        await j.seen(lambda ev: "dni" in getattr(ev, "body", "") and ev.event_id != notice.event_id
+                     and getattr(ev, "body", "").startswith("Retenido"))
+        plain = "Gracias, lo revisamos."
+        await j.desk.send_text(j.room_id, plain)
+        await j.sent_to_citizen(lambda s: to_citizen(s, citizen)
+                                and s.get("text", {}).get("body") == plain)
+        assert not [s for s in bridge.wa.sent if s.get("text", {}).get("body") in (iban, dni)]
+
+        await j.desk.client.room_send(j.room_id, "m.reaction", {"m.relates_to": {
+            "rel_type": "m.annotation", "event_id": held, "key": "✅"}},
+            ignore_unverified_devices=True)
+        sent = await j.sent_to_citizen(lambda s: to_citizen(s, citizen)
+                                       and s.get("text", {}).get("body") == iban)
+        assert sent["type"] == "text"
+        await j.desk.client.room_send(j.room_id, "m.room.message", {
+            "msgtype": "m.text", "body": f"> <{j.desk.user_id}> {dni}\n\nenviar",
+            "m.relates_to": {"m.in_reply_to": {"event_id": held_dni}}},
+            ignore_unverified_devices=True)
+        await j.sent_to_citizen(lambda s: to_citizen(s, citizen)
+                                and s.get("text", {}).get("body") == dni)
+        # Each held message goes once, and the hold left a trail.
+        await asyncio.sleep(0.5)
+        assert [s.get("text", {}).get("body") for s in bridge.wa.sent].count(iban) == 1
+        actions = [e.action for e in await b.db.audit.list(limit=20)]
+        assert actions.count("message.hold") >= 2 and actions.count("message.release") >= 2
+        assert await b.db.kv.get("held-out:" + held) is None
+    finally:
+        await j.desk.close()
+
+
 async def admin_cli(h: BridgeHarness, tmp_path: Path, *args: str) -> str:
     """`civic-bridge admin ARGS` against the running bridge; its stdout (exit 0 asserted)."""
     config = tmp_path / "config.yaml"
