@@ -36,7 +36,7 @@ from bridge.types import UserID
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.inbound import WhatsAppInbound
 from bridge.whatsapp.mirror import Mirror
-from bridge.whatsapp.outbound import StaffToWhatsApp
+from bridge.whatsapp.outbound import WINDOW, StaffToWhatsApp, drop_held
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.portal import Portals
 from bridge.worker import Handler, InboundWorker
@@ -174,9 +174,11 @@ class Bridge:
             held = await self.db.inbound.purge_expired_holds(now)
             done = await self.db.inbound.purge_finished(now - FINISHED_RETENTION)
             txns = await self.db.transactions.purge(now - FINISHED_RETENTION)
-            if held or done or txns:
+            staff_held = await drop_held(self.db, self.privacy.cipher, before=now - WINDOW)
+            if held or done or txns or staff_held:
                 log.info("retention purge: %d expired held messages, %d finished queue rows, "
-                         "%d transaction ids", held, done, txns)
+                         "%d transaction ids, %d unconfirmed staff messages", held, done, txns,
+                         staff_held)
             await asyncio.sleep(every)
 
     async def close(self) -> None:

@@ -21,6 +21,7 @@ from bridge.errors import NotFound
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
 from bridge.types import Pseudonym, RoomID, UserID
 from bridge.whatsapp import consent
+from bridge.whatsapp.outbound import drop_held
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.webhook_parse import citizen_lane
 
@@ -105,6 +106,7 @@ class CitizenData:
         await self._db.inbound.delete_lane("whatsapp", citizen_lane(citizen.index_hash))
         if portal is not None:
             await self._db.messages.delete_room(RoomID(portal.room_id))
+            await drop_held(self._db, self._privacy.cipher, room_id=portal.room_id)
         await self._db.citizens.delete(citizen.id)
         await self._db.audit.append(actor, "citizen.erase", f"pseudonym {pseudonym}", "ok",
                                     reason)

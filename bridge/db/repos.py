@@ -84,6 +84,13 @@ class KVRepo:
         async with self._scope.session() as session:
             await session.execute(delete(KVRow).where(KVRow.key == key))
 
+    async def with_prefix(self, prefix: str) -> list[tuple[str, str]]:
+        """(key, value) of every key starting with `prefix` (for small sets only)."""
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = select(KVRow).where(KVRow.key.like(escaped + "%", escape="\\"))
+        async with self._scope.session() as session:
+            return [(row.key, row.value) for row in await session.scalars(stmt)]
+
 
 class Repositories:
     """Every repository over one scope (see `Scope`)."""

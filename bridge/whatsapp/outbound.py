@@ -19,7 +19,7 @@ from typing import Any
 
 from bridge.db import Citizen, Database
 from bridge.matrix.relay import StaffEvent
-from bridge.privacy import AAD_PAYLOAD, Privacy, looks_like_personal_id
+from bridge.privacy import AAD_PAYLOAD, Cipher, Privacy, looks_like_personal_id
 from bridge.types import EventID
 from bridge.whatsapp.outbox import WHATSAPP_KIND, Outbox
 from bridge.whatsapp.portal import Portals
@@ -56,6 +56,22 @@ def strip_reply_fallback(body: str) -> str:
 
 def within_window(citizen: Citizen, now: datetime) -> bool:
     return citizen.last_inbound_at is not None and now - citizen.last_inbound_at <= WINDOW
+
+
+async def drop_held(db: Database, cipher: Cipher, *, before: datetime | None = None,
+                    room_id: str | None = None) -> int:
+    """Delete held staff messages held before `before` or in `room_id`; returns how many.
+
+    For the retention purge (a hold expires with the 24-hour window) and for a citizen's
+    erasure (what staff wrote to them goes too)."""
+    dropped = 0
+    for key, sealed in await db.kv.with_prefix(HELD_KEY):
+        held = cipher.decrypt_json(sealed, aad=AAD_PAYLOAD)
+        if (before is not None and datetime.fromisoformat(held["at"]) < before) or \
+                (room_id is not None and held.get("room_id") == room_id):
+            await db.kv.delete(key)
+            dropped += 1
+    return dropped
 
 
 class StaffToWhatsApp:
@@ -104,7 +120,8 @@ class StaffToWhatsApp:
 
     async def _hold(self, event: StaffEvent, payload: dict[str, Any], kinds: list[str]) -> None:
         sealed = self._cipher.encrypt_json(
-            {"at": datetime.now(UTC).isoformat(), "payload": payload}, aad=AAD_PAYLOAD)
+            {"at": datetime.now(UTC).isoformat(), "room_id": event.room_id, "payload": payload},
+            aad=AAD_PAYLOAD)
         await self._db.kv.set(HELD_KEY + event.event_id, sealed)
         await self._db.audit.append(event.sender, "message.hold", f"room {event.room_id}",
                                     "held", ", ".join(kinds))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,7 +13,9 @@ from sqlalchemy import func, select
 from bridge.db import Citizen, Database
 from bridge.db.models import InboundRow, OutboxRow
 from bridge.errors import NotFound
+from bridge.privacy import AAD_PAYLOAD, Cipher
 from bridge.types import EventID, RoomID
+from bridge.whatsapp.outbound import HELD_KEY, WINDOW, drop_held
 
 ROOM = RoomID("!portal:agency.example")
 T0 = datetime(2025, 1, 1, 9, 0, tzinfo=UTC)
@@ -272,6 +275,35 @@ async def test_kv(db: Database) -> None:
     assert await db.kv.get("sync") == "s2"
     await db.kv.delete("sync")
     assert await db.kv.get("sync") is None
+
+
+async def test_kv_prefix_is_literal(db: Database) -> None:
+    for key in ("held-out:$a", "held-out:$b", "held_out:$c", "held-outx", "other"):
+        await db.kv.set(key, key.upper())
+    assert sorted(await db.kv.with_prefix("held-out:")) == [("held-out:$a", "HELD-OUT:$A"),
+                                                           ("held-out:$b", "HELD-OUT:$B")]
+    assert await db.kv.with_prefix("held_") == [("held_out:$c", "HELD_OUT:$C")]  # _ literal
+
+
+async def test_unconfirmed_staff_messages_are_dropped_by_age_or_room(db: Database) -> None:
+    cipher = Cipher(os.urandom(32))
+    now = datetime.now(UTC)
+
+    async def hold(event_id: str, room_id: str, at: datetime) -> None:
+        sealed = cipher.encrypt_json({"at": at.isoformat(), "room_id": room_id,
+                                      "payload": {"type": "text", "body": "ES91..."}},
+                                     aad=AAD_PAYLOAD)
+        await db.kv.set(HELD_KEY + event_id, sealed)
+
+    await hold("$old", "!a", now - timedelta(hours=25))
+    await hold("$new", "!a", now - timedelta(hours=1))
+    await hold("$other", "!b", now)
+    await db.kv.set("sync", "s1")
+    assert await drop_held(db, cipher, before=now - WINDOW) == 1
+    assert await db.kv.get(HELD_KEY + "$old") is None
+    assert await drop_held(db, cipher, room_id="!a") == 1
+    assert [k for k, _ in await db.kv.with_prefix(HELD_KEY)] == [HELD_KEY + "$other"]
+    assert await db.kv.get("sync") == "s1"
 
 
 async def test_transaction_commits_together_or_not_at_all(db: Database) -> None:

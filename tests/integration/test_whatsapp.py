@@ -23,6 +23,7 @@ from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
 
 from bridge.types import Pseudonym, RoomID
 from bridge.whatsapp.consent import OPT_IN_BUTTON, OPT_OUT_BUTTON
+from bridge.whatsapp.outbound import HELD_KEY
 from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.webhook_parse import citizen_lane
 from tests.fixtures.bridge import BridgeHarness
@@ -511,6 +512,11 @@ async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: 
         assert [r["state"] for r in data["consent_records"]][-1] == "granted"
         assert data["portal"]["room_id"] == j.room_id and data["portal"]["closed_at"] is None
 
+        # What staff wrote to them and is held for confirmation goes with the erasure.
+        held = await j.desk.send_text(j.room_id, "Su DNI consta como 12345678Z.")
+        await j.seen(lambda ev: getattr(ev, "body", "").startswith("Retenido"))
+        assert await b.db.kv.get(HELD_KEY + held) is not None
+
         # The same from the command line, which also erases (exit 0, the API's answer).
         exported = await admin_cli(bridge, tmp_path, "citizen", "export", row.ghost_user_id)
         assert json.loads(exported)["whatsapp"] == data["whatsapp"]
@@ -518,6 +524,7 @@ async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: 
                                  "--reason", "derecho de supresión")
         assert "erased: True" in erased and row.pseudonym_code in erased
         assert await b.db.citizens.by_index(index_hash) is None
+        assert await b.db.kv.get(HELD_KEY + held) is None
         assert await b.db.inbound.count_lane("whatsapp", citizen_lane(index_hash)) == {}
         records = await b.db.consent.for_pseudonym(Pseudonym(row.pseudonym_code))
         assert records[-1].state == "withdrawn" and records[-1].evidence == "erasure"
