@@ -55,8 +55,9 @@ class CitizenData:
             raise NotFound("no citizen has this Matrix user id")
         return citizen
 
-    async def export(self, user_id: str, actor: str) -> dict[str, Any]:
-        """Everything the bridge holds about the citizen, machine-readable."""
+    async def export(self, user_id: str, actor: str, reason: str) -> dict[str, Any]:
+        """Everything the bridge holds about the citizen, machine-readable (audited: it
+        re-identifies them)."""
         citizen = await self._citizen(user_id)
         cipher = self._privacy.cipher
         identifier = cipher.decrypt_str(citizen.identifier_ct, aad=AAD_IDENTIFIER)
@@ -65,7 +66,7 @@ class CitizenData:
         records = await self._db.consent.for_citizen(citizen.id)
         queued = await self._db.inbound.count_lane("whatsapp", citizen_lane(citizen.index_hash))
         await self._db.audit.append(actor, "citizen.export",
-                                    f"pseudonym {citizen.pseudonym_code}", "ok")
+                                    f"pseudonym {citizen.pseudonym_code}", "ok", reason)
         return {
             "pseudonym": citizen.pseudonym_code,
             "matrix_user_id": citizen.ghost_user_id,

@@ -96,7 +96,7 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
     if what == "citizen":
         path = "/admin/v1/citizens/" + quote(args.user, safe="")
         if args.citizen_command == "export":
-            return "GET", path + "/export", None
+            return "GET", f"{path}/export?reason={quote(args.reason, safe='')}", None
         return "DELETE", path, {"reason": args.reason}
     if what == "rooms":
         if args.rooms_command == "create":
@@ -220,8 +220,9 @@ def add_admin_parser(sub: Any) -> None:
     cmds.add_parser("keys", help="master-key fingerprints of the bot and the ghosts")
     citizen = cmds.add_parser("citizen", help="a citizen's data (by their Matrix user id)") \
         .add_subparsers(dest="citizen_command", required=True)
-    citizen.add_parser("export", help="everything held about them, as JSON (for them only)") \
-        .add_argument("user")
+    p = citizen.add_parser("export", help="everything held about them, as JSON (for them only)")
+    p.add_argument("user")
+    p.add_argument("--reason", required=True, help="why they are re-identified (audit log)")
     p = citizen.add_parser("erase", help="stop relay and delete their data (irreversible)")
     p.add_argument("user")
     p.add_argument("--reason", required=True, help="recorded in the audit log")

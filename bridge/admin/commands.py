@@ -31,6 +31,7 @@ from bridge.types import RoomID
 
 log = logging.getLogger(__name__)
 CONFIRM_SECONDS = 300.0
+REFUSAL_QUIET_SECONDS = 3600.0
 Reply = Callable[[RoomID, str], Awaitable[None]]
 
 
@@ -48,6 +49,7 @@ class ManagementRoom:
         self._reply = reply
         self._clock = clock
         self._pending: dict[tuple[str, str], tuple[Command, float]] = {}
+        self._refused: dict[str, float] = {}  # sender -> until when refusals go unrecorded
 
     async def __call__(self, event: StaffEvent) -> None:
         if event.type != "m.room.message" or event.content.get("msgtype") != "m.text":
@@ -93,8 +95,15 @@ class ManagementRoom:
             return f"⚠️ Refused: {exc.message}"
 
     async def _refuse(self, event: StaffEvent, name: str) -> str:
-        await self._db.audit.append(str(event.sender), f"command.{name}", event.room_id,
-                                    "denied", "not in admin.users")
+        # Anyone can DM the bot: record the first refusal per sender and window only, so
+        # nobody can flood the append-only audit log.
+        sender, now = str(event.sender), self._clock()
+        if self._refused.get(sender, 0.0) <= now:
+            self._refused = {s: t for s, t in self._refused.items() if t > now}
+            self._refused[sender] = now + REFUSAL_QUIET_SECONDS
+            await self._db.audit.append(sender, f"command.{name}", event.room_id, "denied",
+                                        "not in admin.users (repeats within the hour are "
+                                        "not recorded)")
         return "Only the bridge's admins (admin.users) can run commands here."
 
     async def _run(self, actor: str, c: Command) -> str:

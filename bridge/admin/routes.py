@@ -215,9 +215,16 @@ async def audit_verify(request: web.Request) -> web.Response:
 
 @routes.get("/admin/v1/citizens/{user_id}/export")
 async def export_citizen(request: web.Request) -> web.Response:
-    """Everything held about one citizen, for that citizen (GDPR art. 15/20)."""
+    """Everything held about one citizen, for that citizen (GDPR art. 15/20).
+
+    It re-identifies the person, so `?reason=` is required and recorded in the audit log.
+    """
     bridge = _bridge(request)
-    data = await bridge.citizens.export(request.match_info["user_id"], ACTOR)
+    reason = request.query.get("reason", "").strip()
+    if not reason:
+        raise InvalidParam("reason: required (recorded in the audit log), e.g. "
+                           "?reason=solicitud%20de%20acceso%202026-17")
+    data = await bridge.citizens.export(request.match_info["user_id"], ACTOR, reason)
     return web.json_response(data, headers={"Cache-Control": "no-store"})
 
 

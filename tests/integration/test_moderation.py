@@ -430,7 +430,9 @@ async def test_non_admin_commands_are_refused(bridge: BridgeHarness) -> None:
         entry = await last_audit(bridge)
         assert (entry.actor, entry.action, entry.result) == (
             bridge.desk.user_id, "command.kick", "denied")
+        # Answered again, but not recorded again within the hour (no audit flooding).
         assert "Only the bridge's admins" in await talk.say("help")
+        assert (await last_audit(bridge)).id == entry.id
     finally:
         await talk.staff.close()
 

@@ -502,8 +502,10 @@ async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: 
         assert row is not None and row.ghost_user_id is not None
         path = "/admin/v1/citizens/" + quote(row.ghost_user_id, safe="")
         assert (await bridge.running.call("GET", path + "/export", token=None))[0] == 401
-
         status, data = await bridge.running.call("GET", path + "/export")
+        assert status == 400 and "reason" in data["error"]  # re-identification needs one
+
+        status, data = await bridge.running.call("GET", path + "/export?reason=acceso%2017")
         assert status == 200, data
         assert data["whatsapp"] == {"wa_id": citizen.wa_id, "identifier": citizen.user_id}
         assert data["pseudonym"] == row.pseudonym_code
@@ -518,7 +520,8 @@ async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: 
         assert await b.db.kv.get(HELD_KEY + held) is not None
 
         # The same from the command line, which also erases (exit 0, the API's answer).
-        exported = await admin_cli(bridge, tmp_path, "citizen", "export", row.ghost_user_id)
+        exported = await admin_cli(bridge, tmp_path, "citizen", "export", row.ghost_user_id,
+                                   "--reason", "solicitud de acceso")
         assert json.loads(exported)["whatsapp"] == data["whatsapp"]
         erased = await admin_cli(bridge, tmp_path, "citizen", "erase", row.ghost_user_id,
                                  "--reason", "derecho de supresión")
@@ -530,9 +533,10 @@ async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: 
         assert records[-1].state == "withdrawn" and records[-1].evidence == "erasure"
         assert all(r.citizen_id is None for r in records)
         actions = {(e.action, e.reason) for e in await b.db.audit.list(limit=20)}
-        assert ("citizen.export", None) in actions
+        assert ("citizen.export", "acceso 17") in actions
+        assert ("citizen.export", "solicitud de acceso") in actions
         assert ("citizen.erase", "derecho de supresión") in actions
-        assert (await bridge.running.call("GET", path + "/export"))[0] == 404
+        assert (await bridge.running.call("GET", path + "/export?reason=x"))[0] == 404
         assert (await bridge.running.call("DELETE", path, {}))[0] == 404
 
         await j.seen(lambda ev: getattr(ev, "body", "").startswith(
