@@ -209,7 +209,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             task.cancel()
         await runner.cleanup()
     if lost.is_set():
-        raise LeadershipLost("the leader lock was lost")
+        raise LeadershipLost(app[BRIDGE].stop_reason)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -236,10 +236,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SchemaError as exc:
         print(f"database error: {exc}", file=sys.stderr)
         return 2
-    except LeadershipLost:
+    except LeadershipLost as exc:
         # Not 0: the supervisor (systemd Restart=on-failure, Kubernetes) must start us
         # again, as a standby.
-        log.error("exiting with status %d: leader lock lost", EXIT_LEADERSHIP_LOST)
+        log.error("exiting with status %d: %s", EXIT_LEADERSHIP_LOST, exc)
         return EXIT_LEADERSHIP_LOST
     return 0
 

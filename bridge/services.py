@@ -75,6 +75,8 @@ class Bridge:
     pod: PodLabeler | None = None
     role: Role = "standby"
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    # Why processing stopped for good (set with `lost`): the process should exit.
+    stop_reason: str = "leader lock lost"
 
     async def lead(self) -> None:
         """Wait to be elected, then start; stop processing the moment the lock is lost.
@@ -92,13 +94,12 @@ class Bridge:
             if self.pod:
                 self.pod.set("active")
             log.info("elected: this process is the active bridge")
-            self.spawn(self.start())
-            await self.election.watch()
+            await self._lead_until_lost_or_failed()
         except Exception:
             log.exception("leader election failed")
         self.role = "lost"
         self.metrics.active.set(0)
-        log.error("leader lock lost: stopping all processing")
+        log.error("%s: stopping all processing", self.stop_reason)
         await self.halt()
         if self.pod:
             self.pod.set("standby")
@@ -106,6 +107,24 @@ class Bridge:
                 async with asyncio.timeout(3):
                     await self.pod.settle()
         self.lost.set()
+
+    async def _lead_until_lost_or_failed(self) -> None:
+        """Start, and keep leading until the lock is lost. A start that fails for good
+        (not a network error) gives the lock up, so that a standby, or this process
+        restarted by its supervisor, can try, instead of holding it while not ready."""
+        start = asyncio.create_task(self.start(), name="start")
+        watch = asyncio.create_task(self.election.watch(), name="leader watch")
+        try:
+            done, _ = await asyncio.wait({start, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if start in done and (failure := start.exception()) is not None:
+                self.stop_reason = f"the bridge could not start ({type(failure).__name__})"
+                log.error("start failed: %s", failure)
+                return
+            await watch
+        finally:
+            for task in (start, watch):
+                task.cancel()
+            await asyncio.gather(start, watch, return_exceptions=True)
 
     async def halt(self) -> None:
         """Stop processing now: background tasks, workers, the outbox, the devices."""
@@ -142,7 +161,9 @@ class Bridge:
                 await self.ghosts.resume_unregistered()
                 await self.trust.upgrade_existing(Path(self.config.appservice.store_dir))
                 break
-            except (aiohttp.ClientError, OSError) as exc:
+            except (aiohttp.ClientError, OSError, MatrixError) as exc:
+                if isinstance(exc, MatrixError) and exc.status < 500 and exc.status != 429:
+                    raise  # e.g. a wrong as_token: retrying cannot help
                 log.warning("homeserver not reachable (%s); retrying in %.0fs",
                             type(exc).__name__, delay)
                 await asyncio.sleep(delay)
