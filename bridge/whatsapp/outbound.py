@@ -150,13 +150,16 @@ class StaffToWhatsApp:
     async def _release(self, citizen: Citizen, event: StaffEvent, held_id: EventID,
                        sealed: str) -> None:
         held = self._cipher.decrypt_json(sealed, aad=AAD_PAYLOAD)
-        await self._db.kv.delete(HELD_KEY + held_id)
         if datetime.now(UTC) - datetime.fromisoformat(held["at"]) > WINDOW:
+            await self._db.kv.delete(HELD_KEY + held_id)
             await self._portals.notice(event.room_id, EXPIRED_NOTICE)
             return
         if not await self._may_send(citizen, event):
-            return
+            return  # kept: it may still be confirmed once the citizen writes again
+        # Queued (idempotent per held event) before the hold is forgotten: a crash in
+        # between sends it once when the confirmation is processed again.
         await self._outbox.staff(citizen, event.room_id, held_id, held["payload"])
+        await self._db.kv.delete(HELD_KEY + held_id)
         await self._db.audit.append(event.sender, "message.release", f"room {event.room_id}",
                                     "ok", "confirmed by staff")
         await self._portals.notice(event.room_id, RELEASED_NOTICE)
