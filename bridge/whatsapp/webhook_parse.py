@@ -464,17 +464,14 @@ def lane_of(value: dict[str, Any], index: KeyedIndex) -> str:
     """The worker lane of one stored item: a citizen's messages are processed in order,
     different citizens in parallel; statuses share one lane.
 
-    The lane is the keyed hash of the sender, so no identifier is stored in the clear.
+    The lane is the keyed hash of the sender as the parser resolves it (`Sender.key`),
+    so it equals `citizen_lane(Citizen.index_hash)` and no identifier is stored in the
+    clear.
     """
-    contacts = value.get("contacts") or [{}]
-    contact = contacts[0] if isinstance(contacts[0], dict) else {}
-    for msg in value.get("messages") or []:
-        if not isinstance(msg, dict):
-            continue
-        # The same preference as Sender.key: the BSUID, else the phone-based wa_id.
-        key = msg.get("from_user_id") or contact.get("user_id") or msg.get("from")
-        if isinstance(key, str) and key:
-            return citizen_lane(index.digest(key))
+    contacts = _contacts(value)
+    for msg in _list(value.get("messages")):
+        if isinstance(msg, dict) and (sender := _sender(msg, contacts)) is not None:
+            return citizen_lane(index.digest(sender.key))
     return "statuses"
 
 

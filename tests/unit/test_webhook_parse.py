@@ -10,10 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge.privacy import KeyedIndex
 from bridge.whatsapp.webhook_parse import (
     InboundMessage,
     WebhookBatch,
     WebhookFormatError,
+    citizen_lane,
+    lane_of,
     parse_webhook,
 )
 
@@ -383,3 +386,31 @@ def test_every_message_with_id_time_and_sender_is_kept(kind: str, payload: Any,
     # Round-trip through JSON as the webhook route would.
     (parsed,) = parse_webhook(json.loads(json.dumps(body)), PHONE_ID).messages
     assert parsed.raw_type == kind and parsed.sender.key == BSUID
+
+
+# -- worker lanes ----------------------------------------------------------------------
+
+INDEX = KeyedIndex(b"k" * 32)
+
+
+@pytest.mark.parametrize("message, contacts", [
+    ({"from": WA_ID, "from_user_id": BSUID}, None),
+    ({"from": WA_ID}, None),  # BSUID only in contacts[]
+    ({"from": WA_ID}, [{"wa_id": "34699000000", "user_id": "ES.someone_else"},
+                       {"wa_id": WA_ID, "user_id": BSUID}]),  # not contacts[0]
+    ({"from": "34611000000"}, [{"wa_id": "34611000000"}]),  # no BSUID at all
+])
+def test_lane_is_the_citizens_keyed_hash(message: dict[str, Any],
+                                         contacts: list[dict[str, Any]] | None) -> None:
+    """The lane must equal citizen_lane(index_hash) of the citizen the message is keyed
+    to: erasure deletes a citizen's stored webhooks by it."""
+    v = value([{"id": "wamid.L", "timestamp": TS, "type": "text",
+                "text": {"body": "hola"}} | message], contacts=contacts)
+    (parsed,) = parse_webhook(envelope(v), PHONE_ID).messages
+    assert lane_of(v, INDEX) == citizen_lane(INDEX.digest(parsed.sender.key))
+
+
+def test_statuses_share_one_lane() -> None:
+    v = value(statuses=[{"id": "wamid.OUT", "status": "read", "timestamp": TS,
+                         "recipient_id": WA_ID}])
+    assert lane_of(v, INDEX) == "statuses"
