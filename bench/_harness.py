@@ -9,8 +9,10 @@ module as `_harness` (their directory is first on `sys.path`).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
+import json
 import logging
 import os
 import secrets
@@ -283,3 +285,22 @@ def run_guarded(main: Callable[[], Awaitable[T]]) -> T | None:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; Synapse stopped and temporary files removed", file=sys.stderr)
         return None
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--verbose", action="store_true", help="bridge and nio logs at INFO")
+
+
+def run_and_report(args: argparse.Namespace, run: Callable[[], Awaitable[dict[str, Any]]],
+                   print_table: Callable[[dict[str, Any]], None]) -> int:
+    """Run a benchmark (cleaning up on Ctrl-C) and print its report; the exit status."""
+    setup_logging(args.verbose)
+    report = run_guarded(run)
+    if report is None:
+        return 130
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0

@@ -3,7 +3,7 @@
 Not a test: prints msg/s and p50/p95 latency for both, in one run against one throwaway
 Synapse, and the bridge/bare throughput ratio per concurrency (target: >= 0.9).
 
-    /tmp/devvenv/bin/python bench/matrix_send.py [--messages 300] [--concurrency 1,10] [--json]
+    .venv/bin/python bench/matrix_send.py [--messages 300] [--concurrency 1,10] [--json]
 
 Setup (all in a temporary directory, removed at exit, also on Ctrl-C):
 - Synapse (bridge.devtools.LocalSynapse) with the bridge's appservice registration;
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import secrets
 import statistics
 import sys
@@ -44,12 +43,12 @@ from _harness import (
     CPU,
     ENCRYPTION_STATE,
     NioUser,
+    add_output_options,
     bench_config,
     check,
     free_ports,
     load_average,
-    run_guarded,
-    setup_logging,
+    run_and_report,
     start_bridge,
     start_synapse,
     synapse_pid,
@@ -306,20 +305,11 @@ def main() -> int:
     parser.add_argument("--bare-room", choices=("bridge", "plain"), default="bridge",
                         help="bare client's room: created by the bridge like the ghost's "
                              "(default) or an ordinary room without the bridge")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--verbose", action="store_true", help="bridge and nio logs at INFO")
+    add_output_options(parser)
     args = parser.parse_args()
     if args.warmup < 1 or not 1 <= args.blocks <= args.messages // 2:
         parser.error("need --warmup >= 1 and 1 <= --blocks <= --messages / 2")
-    setup_logging(args.verbose)
-    report = run_guarded(lambda: run(args))
-    if report is None:
-        return 130
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-    return 0
+    return run_and_report(args, lambda: run(args), print_table)
 
 
 if __name__ == "__main__":

@@ -62,12 +62,12 @@ from _harness import (
     ENCRYPTION_STATE,
     BenchError,
     NioUser,
+    add_output_options,
     bench_config,
     check,
     free_ports,
     load_average,
-    run_guarded,
-    setup_logging,
+    run_and_report,
     start_bridge,
     start_synapse,
     synapse_pid,
@@ -657,22 +657,13 @@ def main() -> int:
     parser.add_argument("--synapse-access-log", type=Path, metavar="FILE",
                         help="keep Synapse's access log (every request with its CPU time) "
                              "in FILE, for profiling")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--verbose", action="store_true", help="bridge and nio logs at INFO")
+    add_output_options(parser)
     args = parser.parse_args()
     if (args.messages < 2 or args.citizens < 1 or args.rate < 0 or args.warmup < 1
             or not 1 <= args.blocks <= args.messages // 2):
         parser.error("need --messages >= 2, --citizens >= 1, --rate >= 0, --warmup >= 1 "
                      "and 1 <= --blocks <= --messages / 2")
-    setup_logging(args.verbose)
-    report = run_guarded(lambda: run(args))
-    if report is None:
-        return 130
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-    return 0
+    return run_and_report(args, lambda: run(args), print_table)
 
 
 if __name__ == "__main__":
