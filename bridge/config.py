@@ -206,6 +206,82 @@ class ConsentConfig(_Section):
         return self
 
 
+DEFAULT_NOTICES_CONSENT = (
+    "Avisos de {issuer}: si lo acepta, le avisaremos por WhatsApp cuando tenga una "
+    "notificación a su disposición en la sede electrónica ({sede}). El aviso no contiene "
+    "la notificación ni da acceso a ella: para leerla tendrá que identificarse en la sede. "
+    "Es solo informativo. Pulse «Acepto» o vuelva a escribir AVISOS para aceptar; escriba "
+    "BAJA AVISOS en cualquier momento para dejar de recibirlos."
+)
+NOTICES_PLACEHOLDERS = ("{agency}", "{issuer}", "{sede}")
+MAX_INTERACTIVE_BODY = 1024  # WhatsApp's limit for a message with reply buttons
+
+
+def _generic_https_url(value: str) -> str:
+    """A link to the sede electrónica that cannot carry a token: https, no credentials,
+    no query string, no fragment."""
+    if value == "":
+        return value
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname or re.search(r"\s", value):
+        raise ValueError("must be an https:// URL (the sede electrónica's generic page)")
+    if parts.query or parts.fragment or "?" in value or "#" in value:
+        raise ValueError("must be a generic link without ?query or #fragment: a notice "
+                         "never carries a link that grants access without identification")
+    if parts.username or parts.password:
+        raise ValueError("must not contain credentials")
+    return value
+
+
+class NoticesConfig(_Section):
+    """Notices of availability (aviso de puesta a disposición): see docs/notices.md."""
+
+    enabled: bool = False
+    # The template approved at Meta: fixed text and sede link, one variable ({{1}}) for
+    # the issuing body. Bump template_version whenever the approved text changes.
+    template_name: Annotated[str, Field(pattern=r"^[a-z0-9_]{1,512}$")] = \
+        "aviso_puesta_disposicion"
+    template_language: Annotated[str, Field(pattern=r"^[a-z]{2,3}(_[A-Z]{2})?$")] = "es"
+    template_version: Annotated[str, Field(min_length=1, max_length=64)] = "1"
+    issuer: Annotated[str, Field(max_length=120)] = ""
+    sede_url: Annotated[str, Field(max_length=200)] = ""
+    consent_text: str = DEFAULT_NOTICES_CONSENT
+    consent_version: Annotated[str, Field(min_length=1, max_length=64)] = "1"
+    opt_in_words: Annotated[list[str], Field(min_length=1)] = ["AVISOS"]
+    opt_out_words: Annotated[list[str], Field(min_length=1)] = ["BAJA AVISOS"]
+    log_retention_days: Annotated[int, Field(ge=1, le=3650)] = 365
+
+    _sede = field_validator("sede_url")(_generic_https_url)
+
+    @field_validator("consent_text")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        unknown = set(re.findall(r"\{[^}]*\}", value)) - set(NOTICES_PLACEHOLDERS)
+        if unknown:
+            raise ValueError(f"unknown placeholder {sorted(unknown)[0]}; only "
+                             + ", ".join(NOTICES_PLACEHOLDERS) + " are replaced")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> NoticesConfig:
+        from bridge.text import fold_words
+
+        overlap = {fold_words(w) for w in self.opt_in_words} & \
+            {fold_words(w) for w in self.opt_out_words}
+        if overlap:
+            raise FieldProblem("opt_out_words", "overlaps opt_in_words (compared ignoring "
+                               "case and accents): " + ", ".join(sorted(overlap)))
+        if self.enabled and not self.issuer.strip():
+            raise FieldProblem("issuer", "missing; the issuing body's name is required when "
+                               "notices.enabled is true")
+        if self.enabled and not self.sede_url:
+            raise FieldProblem("sede_url", "missing; the sede electrónica's generic https "
+                               "link is required when notices.enabled is true")
+        return self
+
+
 MXID = Annotated[str, Field(pattern=r"^@[^:\s]+:[A-Za-z0-9.\-]+(:\d+)?$")]
 
 
@@ -275,6 +351,7 @@ class Config(_Section):
     admin: AdminConfig
     rooms: RoomsConfig = RoomsConfig()
     invites: InvitesConfig = InvitesConfig()
+    notices: NoticesConfig = NoticesConfig()
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
 
@@ -284,6 +361,30 @@ class Config(_Section):
         if ours.startswith(theirs) or theirs.startswith(ours):
             raise ValueError("invites.localpart_prefix: must not overlap "
                              "appservice.ghost_prefix (that namespace is the bridge's)")
+        return self
+
+    @model_validator(mode="after")
+    def _notices_need_whatsapp(self) -> Config:
+        if self.notices.enabled and not self.whatsapp.enabled:
+            raise ValueError("notices.enabled: requires whatsapp.enabled (notices are sent "
+                             "through the WhatsApp Cloud API)")
+        from bridge.text import fold_words
+
+        notices = {fold_words(w) for w in [*self.notices.opt_in_words,
+                                           *self.notices.opt_out_words]}
+        chat = {fold_words(w) for w in [*self.consent.opt_in_words,
+                                        *self.consent.opt_out_words]}
+        if notices & chat:
+            raise ValueError("notices.opt_in_words: a notices keyword is also a consent "
+                             "keyword (compared ignoring case and accents): "
+                             + ", ".join(sorted(notices & chat)) + "; make them distinct")
+        n = self.notices
+        shown = (n.consent_text.replace("{agency}", self.consent.agency_name)
+                 .replace("{issuer}", n.issuer).replace("{sede}", n.sede_url))
+        if len(shown) > MAX_INTERACTIVE_BODY:
+            raise ValueError(f"notices.consent_text: {len(shown)} characters once its "
+                             f"placeholders are filled in; WhatsApp allows "
+                             f"{MAX_INTERACTIVE_BODY}: shorten it")
         return self
 
     @property

@@ -10,8 +10,10 @@ class Metrics:
 
     Every label value comes from a small fixed set: direction `in`/`out`; type a
     WhatsApp message kind (in) or an outbox payload type (out); reason
-    `signature`/`json`/`format`; purpose `mirroring`; state a consent state; source
-    `matrix`/`whatsapp`. Never an identifier, a number or content.
+    `signature`/`json`/`format`; purpose `mirroring`/`notices`; state a consent state;
+    source `matrix`/`whatsapp`; outcome of a notice `queued`/`repeat`/`no_consent`/
+    `unknown_recipient`/`sent`/`delivered`/`read`/`failed`. Never an identifier, a
+    number or content.
     """
 
     def __init__(self) -> None:
@@ -42,6 +44,8 @@ class Metrics:
         self.transaction_latency = Histogram("civic_bridge_as_transaction_seconds",
                                              "Time to store and acknowledge a transaction",
                                              registry=r)
+        self.notices = Counter("civic_bridge_notices",
+                               "Notices of availability, by outcome", ["outcome"], registry=r)
         self.active = Gauge("civic_bridge_active",
                             "1 while this process holds the leader lock and processes",
                             registry=r)

@@ -17,6 +17,7 @@ import aiohttp
 
 from bridge.admin.citizens import CitizenData
 from bridge.admin.moderation import Moderation
+from bridge.admin.notices import Notices
 from bridge.admin.service import AdminService
 from bridge.admin.wiring import build_admin
 from bridge.config import Config
@@ -39,6 +40,7 @@ from bridge.whatsapp.mirror import Mirror
 from bridge.whatsapp.outbound import WINDOW, StaffToWhatsApp, drop_held
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.portal import Portals
+from bridge.whatsapp.subscriptions import NoticeSubscriptions
 from bridge.worker import Handler, InboundWorker
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class Bridge:
     moderation: Moderation
     invites: InviteLinks
     citizens: CitizenData
+    notices: Notices
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     # High availability (bridge.leader): only the elected process starts and processes.
@@ -189,18 +192,29 @@ class Bridge:
         task.add_done_callback(done)
 
     async def retention(self, every: float = 600.0) -> None:
-        """Scheduled purge: held messages past `consent.hold_hours`, old finished queue rows."""
+        """Scheduled purge, every `every` seconds."""
         while True:
-            now = datetime.now(UTC)
-            held = await self.db.inbound.purge_expired_holds(now)
-            done = await self.db.inbound.purge_finished(now - FINISHED_RETENTION)
-            txns = await self.db.transactions.purge(now - FINISHED_RETENTION)
-            staff_held = await drop_held(self.db, self.privacy.cipher, before=now - WINDOW)
-            if held or done or txns or staff_held:
-                log.info("retention purge: %d expired held messages, %d finished queue rows, "
-                         "%d transaction ids, %d unconfirmed staff messages", held, done, txns,
-                         staff_held)
+            await self.purge(datetime.now(UTC))
             await asyncio.sleep(every)
+
+    async def purge(self, now: datetime) -> dict[str, int]:
+        """Held messages past `consent.hold_hours`, old finished queue rows, unconfirmed
+        staff messages, notice log entries past `notices.log_retention_days`; logs and
+        returns how many of each went."""
+        notices_before = now - timedelta(days=self.config.notices.log_retention_days)
+        deleted = {
+            "expired held messages": await self.db.inbound.purge_expired_holds(now),
+            "finished queue rows": await self.db.inbound.purge_finished(
+                now - FINISHED_RETENTION),
+            "transaction ids": await self.db.transactions.purge(now - FINISHED_RETENTION),
+            "unconfirmed staff messages": await drop_held(self.db, self.privacy.cipher,
+                                                          before=now - WINDOW),
+            "notice log entries": await self.db.notices.purge(notices_before),
+        }
+        if any(deleted.values()):
+            log.info("retention purge: %s", ", ".join(f"{n} {what}" for what, n in
+                                                       deleted.items()))
+        return deleted
 
     async def close(self) -> None:
         for task in list(self.tasks):
@@ -240,9 +254,11 @@ async def build_bridge(config: Config) -> Bridge:
     portals = Portals(config, db, api, ghosts, rooms, relay)
     outbox = Outbox(db, privacy, graph, api, ghosts.bot, portals.notice, metrics)
     mirror = Mirror(db, api, relay, graph, portals, metrics)
+    subscriptions = NoticeSubscriptions(config, db, outbox, metrics)
     handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}
     if config.whatsapp.enabled:
-        inbound = WhatsAppInbound(config, db, privacy, portals, mirror, outbox, metrics)
+        inbound = WhatsAppInbound(config, db, privacy, portals, mirror, outbox, metrics,
+                                  subscriptions)
         handlers["whatsapp"] = inbound
         relay.add_handler(StaffToWhatsApp(db, portals, outbox, privacy))
     worker = InboundWorker(db, handlers, metrics=metrics)
@@ -251,6 +267,7 @@ async def build_bridge(config: Config) -> Bridge:
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
                   outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,
                   moderation=parts.moderation, invites=parts.invites,
-                  citizens=CitizenData(config, db, privacy, portals),
+                  citizens=CitizenData(config, db, privacy, portals, subscriptions),
+                  notices=Notices(config, db, outbox, metrics),
                   election=election_for(config.database.url),
                   pod=await PodLabeler.from_environment(http))

@@ -1,12 +1,15 @@
 """A citizen's rights over their data: export (GDPR art. 15/20) and erasure (art. 17).
 
-Citizens are named by their ghost's Matrix ID, the only identifier staff see. The export
+Citizens are named by their ghost's Matrix ID, the only identifier staff see, or (for
+those who only take notices of availability, and have no ghost) by their notices
+subscription code. The export
 is the one place where the bridge hands out a citizen's WhatsApp identifiers in the
 clear: it is for that citizen, and it is audited. Erasure stops relay first (as an
 opt-out does), then removes what identifies the person. Kept, by design and documented
-in docs/moderation.md: consent records and audit entries (legal evidence, pseudonym
-only), and the messages already delivered to staff in the end-to-end encrypted portal
-(the agency's record of the conversation; the bridge cannot read or delete them).
+in docs/moderation.md: consent records, audit entries and the notice log (legal
+evidence, pseudonym only), and the messages already delivered to staff in the
+end-to-end encrypted portal (the agency's record of the conversation; the bridge
+cannot read or delete them).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
+from bridge.admin.notices import notice_entry
 from bridge.config import Config
 from bridge.db import Citizen, Database
 from bridge.errors import NotFound
@@ -23,6 +27,7 @@ from bridge.types import Pseudonym, RoomID, UserID
 from bridge.whatsapp import consent
 from bridge.whatsapp.outbound import drop_held
 from bridge.whatsapp.portal import Portals
+from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE, NoticeSubscriptions
 from bridge.whatsapp.webhook_parse import citizen_lane
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,8 @@ ERASED_NOTICE = ("Los datos de esta persona se han borrado a petición suya: el 
                  "reenvía mensajes en ninguna dirección.")
 KEPT_AFTER_ERASURE = [
     "consent records and audit entries (legal evidence; they name the pseudonym only)",
+    "notice log entries (informative; pseudonym only; deleted after "
+    "notices.log_retention_days)",
     "messages already delivered to staff in the end-to-end encrypted portal room",
 ]
 
@@ -43,16 +50,22 @@ class CitizenData:
     """Export and erasure of one citizen's data, for the admin API and CLI."""
 
     def __init__(self, config: Config, db: Database, privacy: Privacy,
-                 portals: Portals) -> None:
+                 portals: Portals, subscriptions: NoticeSubscriptions) -> None:
         self._config = config
         self._db = db
         self._privacy = privacy
         self._portals = portals
+        self._subscriptions = subscriptions
 
     async def _citizen(self, user_id: str) -> Citizen:
-        citizen = await self._db.citizens.by_ghost(UserID(user_id))
+        citizen = None
+        if SUBSCRIPTION_CODE.fullmatch(user_id.upper()):
+            sub = await self._db.subscriptions.by_code(user_id.upper())
+            citizen = await self._db.citizens.get(sub.citizen_id) if sub else None
+        else:
+            citizen = await self._db.citizens.by_ghost(UserID(user_id))
         if citizen is None:
-            raise NotFound("no citizen has this Matrix user id")
+            raise NotFound("no citizen has this Matrix user id or subscription code")
         return citizen
 
     async def export(self, user_id: str, actor: str, reason: str) -> dict[str, Any]:
@@ -65,6 +78,8 @@ class CitizenData:
         portal = await self._db.rooms.portal_for(citizen.id)
         records = await self._db.consent.for_citizen(citizen.id)
         queued = await self._db.inbound.count_lane("whatsapp", citizen_lane(citizen.index_hash))
+        sub = await self._db.subscriptions.get(citizen.id)
+        notices = await self._db.notices.list(citizen_id=citizen.id, limit=100_000)
         await self._db.audit.append(actor, "citizen.export",
                                     f"pseudonym {citizen.pseudonym_code}", "ok", reason)
         return {
@@ -83,6 +98,10 @@ class CitizenData:
                 "room_id": portal.room_id, "opened_at": _time(portal.created_at),
                 "closed_at": _time(portal.closed_at)},
             "queued_messages": queued,
+            "notices": {
+                "consent_state": sub.state if sub else "unknown",
+                "subscription_code": sub.code if sub else None,
+                "log": [notice_entry(n) for n in notices]},
             "not_included": "message contents: end-to-end encrypted in the portal room, "
                             "readable by its members, not by the bridge",
         }
@@ -100,6 +119,8 @@ class CitizenData:
                     notice_version=self._config.consent.notice_version,
                     notice_hash=consent.notice_hash(self._config.consent), channel="admin",
                     evidence="erasure")
+        await self._subscriptions.withdraw(citizen, "erasure", "admin")
+        await self._db.notices.fail_unsent(citizen.id, "citizen erased")
         await self._db.outbox.cancel_for_citizen(citizen.id)
         portal = await self._db.rooms.portal_for(citizen.id)
         await self._portals.close(citizen, ERASED_NOTICE)

@@ -93,6 +93,13 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
         return "GET", "/admin/v1/audit" + query, None
     if what == "keys":
         return "GET", "/admin/v1/keys", None
+    if what == "notice":
+        if args.notice_command == "send":
+            return "POST", "/admin/v1/notices", {"recipient": args.recipient,
+                                                 "reference": args.reference}
+        params = {"limit": args.limit, "reference": args.reference, "recipient": args.recipient}
+        return "GET", "/admin/v1/notices?" + "&".join(
+            f"{k}={quote(str(v), safe='')}" for k, v in params.items() if v is not None), None
     if what == "citizen":
         path = "/admin/v1/citizens/" + quote(args.user, safe="")
         if args.citizen_command == "export":
@@ -144,6 +151,15 @@ def render(args: argparse.Namespace, data: Any) -> tuple[str, str, int]:
         return f"{out}\n{status}".rstrip("\n"), problem, code
     if what == "citizen" and args.citizen_command == "export":
         return json.dumps(data, indent=2, ensure_ascii=False), "", EXIT_OK  # machine-readable
+    if what == "notice":
+        entries = data["notices"] if args.notice_command == "list" else [data]
+        rows = [(n["id"], n["reference"], n["pseudonym"], n["status"],
+                 *((n[k] or "")[:19].replace("T", " ") for k in
+                   ("created_at", "sent_at", "delivered_at", "read_at")), n["error"])
+                for n in entries]
+        out = table(rows, ("id", "reference", "pseudonym", "status", "created (UTC)", "sent",
+                           "delivered", "read", "error"))
+        return f"{out}\n{data['label']}", "", EXIT_OK  # both answers carry the label
     if what == "keys":
         return table([(k["kind"], k["user_id"], k["master_key"]) for k in data],
                      ("kind", "user_id", "master key fingerprint")), "", EXIT_OK
@@ -201,7 +217,7 @@ def run_admin(args: argparse.Namespace) -> int:
 def add_admin_parser(sub: Any) -> None:
     """Add `admin` and its subcommands to the top-level subparsers of `civic-bridge`."""
     admin = sub.add_parser("admin", help="call the admin API (rooms, moderation, citizens, "
-                                         "audit)",
+                                         "notices, audit)",
                            description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     admin.add_argument("-c", "--config", default="config.yaml")
@@ -218,6 +234,15 @@ def add_admin_parser(sub: Any) -> None:
     audit.add_parser("verify", help="check the hash chain (exit 4 if it was tampered with)")
 
     cmds.add_parser("keys", help="master-key fingerprints of the bot and the ghosts")
+    notice = cmds.add_parser("notice", help="notices of availability (docs/notices.md)") \
+        .add_subparsers(dest="notice_command", required=True)
+    p = notice.add_parser("send", help="send the fixed notice template (never content)")
+    p.add_argument("recipient", help="the subscription code or the citizen's Matrix user id")
+    p.add_argument("reference", help="the notification platform's reference (logged only)")
+    p = notice.add_parser("list", help="the notice log, newest first (informative only)")
+    p.add_argument("--reference", default=None)
+    p.add_argument("--recipient", default=None)
+    p.add_argument("--limit", type=int, default=50)
     citizen = cmds.add_parser("citizen", help="a citizen's data (by their Matrix user id)") \
         .add_subparsers(dest="citizen_command", required=True)
     p = citizen.add_parser("export", help="everything held about them, as JSON (for them only)")

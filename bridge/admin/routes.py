@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.admin.notices import LABEL
 from bridge.errors import BadRequest, InvalidParam
 from bridge.invites.service import parse_expires_in
 from bridge.services import Bridge
@@ -235,6 +236,24 @@ async def erase_citizen(request: web.Request) -> web.Response:
     reason = _str(body, "reason", required=False)
     return web.json_response(await bridge.citizens.erase(request.match_info["user_id"],
                                                          ACTOR, reason))
+
+
+@routes.post("/admin/v1/notices")
+async def send_notice(request: web.Request) -> web.Response:
+    """`{recipient, reference}` → 202 with the new log entry, 200 with the existing one."""
+    bridge, body = await _body(request)
+    entry, created = await bridge.notices.send(ACTOR, body)
+    return web.json_response(entry, status=202 if created else 200)
+
+
+@routes.get("/admin/v1/notices")
+async def list_notices(request: web.Request) -> web.Response:
+    """The notice log, newest first (`reference`, `recipient`, `limit`)."""
+    bridge = _bridge(request)
+    limit = min(_query_int(request, "limit", 100) or 100, MAX_AUDIT_PAGE)
+    entries = await bridge.notices.entries(request.query.get("reference"),
+                                           request.query.get("recipient"), limit)
+    return web.json_response({"notices": entries, "label": LABEL})
 
 
 @routes.get("/admin/v1/keys")

@@ -223,6 +223,47 @@ class OutboxRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class NoticeSubscriptionRow(Base):
+    """A citizen's subscription to notices of availability: their code and consent state."""
+
+    __tablename__ = "notice_subscriptions"
+    __table_args__ = (CheckConstraint(one_of("state", CONSENT_STATES), name="state"),)
+
+    # CASCADE: the subscription code goes with an erased citizen.
+    citizen_id: Mapped[int] = mapped_column(
+        ForeignKey("citizens.id", ondelete="CASCADE"), primary_key=True
+    )
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    state: Mapped[str] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class NoticeRow(Base):
+    """The log of notices of availability: informative, never proof of notification."""
+
+    __tablename__ = "notices"
+    __table_args__ = (UniqueConstraint("pseudonym", "reference"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    reference: Mapped[str] = mapped_column(String(128), index=True)
+    # SET NULL: the log entry outlives an erased citizen; the pseudonym identifies it.
+    citizen_id: Mapped[int | None] = mapped_column(
+        ForeignKey("citizens.id", ondelete="SET NULL"), index=True
+    )
+    pseudonym: Mapped[str] = mapped_column(String(255))
+    template_name: Mapped[str] = mapped_column(String(512))
+    template_language: Mapped[str] = mapped_column(String(16))
+    template_version: Mapped[str] = mapped_column(String(64))
+    wamid: Mapped[str | None] = mapped_column(ID, index=True)
+    requested_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    error: Mapped[str | None] = mapped_column(String(255))
+
+
 class MessageMapRow(Base):
     __tablename__ = "message_map"
     __table_args__ = (CheckConstraint(one_of("direction", DIRECTIONS), name="direction"),)

@@ -20,6 +20,8 @@ from bridge.errors import NotFound
 from bridge.types import RoomID
 
 FINISHED: tuple[InboundStatus, ...] = ("done", "failed", "dropped")
+# Outbox idempotency keys of notices of availability: "availability:{notice id}".
+NOTICE_KEY_PREFIX = "availability:"
 
 
 class TransactionRepo:
@@ -318,11 +320,17 @@ class OutboxRepo:
             item_id, status="failed", attempts=OutboxRow.attempts + 1, last_error=error
         )
 
-    async def cancel_for_citizen(self, citizen_id: int) -> int:
-        """Cancel a citizen's unsent messages (opt-out, erasure); returns how many."""
+    async def cancel_for_citizen(self, citizen_id: int, *, notices: bool = False) -> int:
+        """Cancel a citizen's unsent messages; returns how many.
+
+        Notices of availability (keys starting with NOTICE_KEY_PREFIX) have a consent of
+        their own: `notices=False` (a chat opt-out) cancels everything else, `notices=True`
+        (a notices opt-out) cancels only them."""
+        is_notice = OutboxRow.idempotency_key.startswith(NOTICE_KEY_PREFIX, autoescape=True)
         stmt = (
             update(OutboxRow)
-            .where(OutboxRow.citizen_id == citizen_id, OutboxRow.status == "pending")
+            .where(OutboxRow.citizen_id == citizen_id, OutboxRow.status == "pending",
+                   is_notice if notices else ~is_notice)
             .values(status="cancelled", updated_at=utcnow())
         )
         async with self._scope.session() as session:

@@ -162,3 +162,45 @@ class AuditEntry:
     reason: str | None
     prev_hash: str
     hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeSubscription:
+    """A citizen's subscription to notices: the code they give the sede electrónica."""
+
+    citizen_id: int
+    code: str
+    state: ConsentState
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One logged notice of availability (informative, not proof of notification)."""
+
+    id: int
+    reference: str
+    citizen_id: int | None  # None once the citizen has been erased; the pseudonym remains
+    pseudonym: Pseudonym
+    template_name: str
+    template_language: str
+    template_version: str
+    wamid: str | None
+    requested_by: str
+    created_at: datetime
+    sent_at: datetime | None
+    delivered_at: datetime | None
+    read_at: datetime | None
+    failed_at: datetime | None
+    error: str | None
+
+    @property
+    def status(self) -> str:
+        """The furthest the notice got: queued, sent, delivered, read or failed."""
+        if self.failed_at:
+            return "failed"
+        if self.read_at:
+            return "read"
+        if self.delivered_at:
+            return "delivered"
+        return "sent" if self.sent_at else "queued"

@@ -9,6 +9,7 @@ from sqlalchemy import delete, select
 from bridge.db.audit import AuditRepo
 from bridge.db.invites import InviteRepo
 from bridge.db.models import KVRow, MessageMapRow
+from bridge.db.notices import NoticeRepo, SubscriptionRepo
 from bridge.db.people import CitizenRepo, ConsentRepo, GhostRepo, RoomRepo
 from bridge.db.queues import InboundRepo, OutboxRepo, TransactionRepo
 from bridge.db.records import Direction, MessageLink
@@ -107,3 +108,5 @@ class Repositories:
         self.audit = AuditRepo(scope)
         self.kv = KVRepo(scope)
         self.invites = InviteRepo(scope)
+        self.subscriptions = SubscriptionRepo(scope)
+        self.notices = NoticeRepo(scope)

@@ -1,5 +1,9 @@
 """Processes stored WhatsApp webhook items: consent first, then mirroring or statuses.
 
+Notices keywords and buttons (`bridge.whatsapp.notice_consent`) are answered before
+the chat consent machine sees the message and are never mirrored; the chat opt-out
+keywords withdraw notices too, the chat notice's «No, gracias» button does not.
+
 Side effects are ordered so that a crash at any point, followed by a retry of the same
 queue item, neither loses nor duplicates anything: idempotent actions first, the
 consent state change (with its append-only record) last — except opt-out, which flips
@@ -17,11 +21,12 @@ from bridge.errors import Conflict
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy, new_pseudonym_code
 from bridge.types import EventID, Pseudonym, RoomID
-from bridge.whatsapp import consent
+from bridge.whatsapp import consent, notice_consent
 from bridge.whatsapp.consent import Action
 from bridge.whatsapp.mirror import Mirror
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.portal import Portals
+from bridge.whatsapp.subscriptions import NoticeSubscriptions
 from bridge.whatsapp.webhook_parse import InboundMessage, Sender, StatusUpdate, parse_webhook
 
 log = logging.getLogger(__name__)
@@ -36,7 +41,8 @@ class WhatsAppInbound:
     """The inbound worker's handler for `source == "whatsapp"` items."""
 
     def __init__(self, config: Config, db: Database, privacy: Privacy, portals: Portals,
-                 mirror: Mirror, outbox: Outbox, metrics: Metrics) -> None:
+                 mirror: Mirror, outbox: Outbox, metrics: Metrics,
+                 subscriptions: NoticeSubscriptions) -> None:
         self._config = config
         self._db = db
         self._privacy = privacy
@@ -44,6 +50,7 @@ class WhatsAppInbound:
         self._mirror = mirror
         self._outbox = outbox
         self._metrics = metrics
+        self._subscriptions = subscriptions
 
     async def __call__(self, item: InboundItem) -> InboundStatus | None:
         value = self._privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)
@@ -95,19 +102,31 @@ class WhatsAppInbound:
             await tx.citizens.touch_inbound(citizen.id, msg.timestamp)
             portal = await tx.rooms.portal_for(citizen.id)
         room_id = RoomID(portal.room_id) if portal and portal.closed_at is None else None
+        if self._config.notices.enabled:
+            notices_intent = notice_consent.intent_of(msg, self._config.notices)
+            if notices_intent is not None:
+                await self._subscriptions.handle(citizen, notices_intent, msg.wamid)
+                return None
         intent = consent.intent_of(msg, self._config.consent)
         decision = consent.decide(citizen.consent_state, intent)
         result: InboundStatus | None = None
+        opt_out_text = OPT_OUT_CONFIRMATION
+        if intent == "opt_out" and msg.button_id != consent.OPT_OUT_BUTTON and \
+                await self._subscriptions.withdraw(citizen, msg.wamid, "whatsapp"):
+            # A plain BAJA/STOP withdraws every purpose; the confirmation says so.
+            opt_out_text += notice_consent.also_notices(self._config)
         if decision.state != citizen.consent_state and intent == "opt_out":
             await self._record(citizen, decision.state, msg.wamid)  # stop relay first
         for action in decision.actions:
-            result = await self._perform(action, citizen, item, msg, room_id) or result
+            result = await self._perform(action, citizen, item, msg, room_id,
+                                         opt_out_text) or result
         if decision.state != citizen.consent_state and intent != "opt_out":
             await self._record(citizen, decision.state, msg.wamid)
         return result
 
     async def _perform(self, action: Action, citizen: Citizen, item: InboundItem,
-                       msg: InboundMessage, room_id: RoomID | None) -> InboundStatus | None:
+                       msg: InboundMessage, room_id: RoomID | None,
+                       opt_out_text: str = OPT_OUT_CONFIRMATION) -> InboundStatus | None:
         agency = self._config.consent.agency_name
         if action is Action.SEND_NOTICE:
             await self._outbox.system_buttons(
@@ -127,7 +146,7 @@ class WhatsAppInbound:
             await self._outbox.system_text(citizen, f"optin:{msg.wamid}",
                                            OPT_IN_CONFIRMATION.format(agency=agency))
         elif action is Action.CONFIRM_OPT_OUT:
-            await self._outbox.system_text(citizen, f"optout:{msg.wamid}", OPT_OUT_CONFIRMATION)
+            await self._outbox.system_text(citizen, f"optout:{msg.wamid}", opt_out_text)
         elif action is Action.CLOSE_PORTAL:
             await self._db.outbox.cancel_for_citizen(citizen.id)
             await self._portals.close(citizen)
@@ -147,6 +166,7 @@ class WhatsAppInbound:
     async def _status(self, status: StatusUpdate) -> None:
         link = await self._db.messages.by_wamid(status.wamid)
         if link is None or link.direction != "out":
+            await self._notice_status(status)
             return
         room_id, event_id = RoomID(link.room_id), EventID(link.event_id)
         citizen = await self._citizen_of_room(room_id)
@@ -155,6 +175,14 @@ class WhatsAppInbound:
         elif status.status == "failed":
             title = next((e.title for e in status.errors if e.title), "error desconocido")
             await self._portals.notice(room_id, f"WhatsApp no pudo entregar un mensaje: {title}")
+
+    async def _notice_status(self, status: StatusUpdate) -> None:
+        """A status of a notice of availability fills in its log entry (first report wins)."""
+        title = next((e.title for e in status.errors if e.title), None)
+        if await self._db.notices.record_status(status.wamid, status.status,
+                                                status.timestamp, title) \
+                and status.status in ("delivered", "read", "failed"):
+            self._metrics.notices.labels(status.status).inc()
 
     async def _citizen_of_room(self, room_id: RoomID) -> Citizen | None:
         room = await self._db.rooms.get(room_id)

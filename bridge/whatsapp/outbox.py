@@ -7,7 +7,8 @@ a crash after Graph accepted a message but before `mark_sent` resends it once on
 restart — Graph offers no idempotency key to close that window.
 
 System messages (privacy notice, confirmations) go to citizens who have not opted in;
-staff messages only while consent is `granted` (checked again at send time).
+staff messages only while consent is `granted`, notices of availability only while the
+`notices` consent is `granted` (both checked again at send time).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 
 from nio.crypto.attachments import decrypt_attachment
 
-from bridge.db import Citizen, Database, OutboxItem
+from bridge.db import Citizen, Database, OutboxItem, Repositories
+from bridge.db.queues import NOTICE_KEY_PREFIX
 from bridge.matrix.api import MatrixAPI
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy
@@ -76,6 +78,15 @@ class Outbox:
         return await self._add(citizen, key, "", {"type": "buttons", "body": body,
                                                   "buttons": buttons, "system": True})
 
+    async def notice(self, repos: Repositories, citizen: Citizen, notice_id: int,
+                     template: dict[str, Any]) -> bool:
+        """Queue a notice of availability (an approved template) in the caller's
+        transaction; call `wake()` once it has committed."""
+        token = self._privacy.cipher.encrypt_json(
+            {"type": "template", **template, "notice_id": notice_id}, aad=AAD_PAYLOAD)
+        key = f"{NOTICE_KEY_PREFIX}{notice_id}"
+        return await repos.outbox.add(key, citizen.id, RoomID(""), token) is not None
+
     async def staff(self, citizen: Citizen, room_id: RoomID, event_id: EventID,
                     payload: dict[str, Any]) -> bool:
         """Queue a staff message; False if this Matrix event was queued before."""
@@ -115,27 +126,44 @@ class Outbox:
     async def _attempt(self, item: OutboxItem) -> None:
         payload = self._privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)
         citizen = await self._db.citizens.get(item.citizen_id)
-        if citizen is None or (not payload.get("system") and citizen.consent_state != "granted"):
+        notice_id = payload.get("notice_id")
+        if citizen is None or not await self._consented(citizen, payload):
             await self._db.outbox.mark_failed(item.id, "consent withdrawn")
+            if notice_id is not None:
+                await self._db.notices.mark_failed(notice_id, "consent withdrawn")
+                self._metrics.notices.labels("failed").inc()
             return
         try:
             with self._metrics.relay_latency.labels("out").time():
                 wamid = await self._send(self._recipient(citizen), payload)
         except GraphError as exc:
             await self._failed(item, exc.retryable, f"{exc.status} {exc.code}",
-                               exc.permanent_title or "error de WhatsApp")
+                               exc.permanent_title or "error de WhatsApp", notice_id)
             return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Matrix media download, decryption, a bug: retry, then report
-            await self._failed(item, True, type(exc).__name__, "error interno del puente")
+            await self._failed(item, True, type(exc).__name__, "error interno del puente",
+                               notice_id)
             return
         await self._db.outbox.mark_sent(item.id, wamid)
+        if notice_id is not None:
+            await self._db.notices.mark_accepted(notice_id, wamid)
+            self._metrics.notices.labels("sent").inc()
         if payload.get("event_id"):
             await self._db.messages.link(wamid, item.room_id, payload["event_id"], "out")
         self._metrics.relayed.labels("out", payload["type"]).inc()
 
-    async def _failed(self, item: OutboxItem, retryable: bool, error: str, title: str) -> None:
+    async def _consented(self, citizen: Citizen, payload: dict[str, Any]) -> bool:
+        if payload.get("system"):
+            return True
+        if payload.get("notice_id") is not None:
+            sub = await self._db.subscriptions.get(citizen.id)
+            return sub is not None and sub.state == "granted"
+        return citizen.consent_state == "granted"
+
+    async def _failed(self, item: OutboxItem, retryable: bool, error: str, title: str,
+                      notice_id: int | None = None) -> None:
         """`error` is a status/code or exception type only: never content or numbers."""
         attempts = item.attempts + 1
         if retryable and attempts < MAX_ATTEMPTS:
@@ -146,6 +174,9 @@ class Outbox:
             return
         log.warning("outbox #%d: giving up: %s", item.id, error)
         await self._db.outbox.mark_failed(item.id, error)
+        if notice_id is not None:
+            await self._db.notices.mark_failed(notice_id, title)
+            self._metrics.notices.labels("failed").inc()
         if item.room_id:
             await self._notify(RoomID(item.room_id), f"Mensaje no enviado a WhatsApp: {title}")
 
@@ -162,6 +193,9 @@ class Outbox:
         if kind == "buttons":
             return await self._graph.send_buttons(
                 to, payload["body"], [tuple(b) for b in payload["buttons"]])
+        if kind == "template":
+            return await self._graph.send_template(to, payload["name"], payload["language"],
+                                                   payload["components"])
         if kind == "reaction":
             return await self._graph.send_reaction(to, payload["message_id"], payload["emoji"])
         if kind == "media":
