@@ -26,13 +26,15 @@ GLOBAL_LANE = ""  # runs alone, after everything older (rows queued before lanes
 
 
 class InboundWorker:
-    """One dispatcher task per source; `wake()` after storing new rows.
+    """One dispatcher task per source; `wake(source, lane)` after storing new rows.
 
     Items carry a lane (a room, a citizen): each lane is processed in order, one item
-    at a time, and lanes never wait for each other. The dispatcher starts the oldest
-    pending item of every idle lane, each in its own task; a task that ends wakes the
-    dispatcher, which then starts that lane's next item. Heads are re-read on every
-    dispatch, so items a handler made pending again (held messages released by an
+    at a time, and lanes never wait for each other. A lane runs in its own task, which
+    records each item's outcome and reads the lane's next item in one transaction,
+    then goes on with it. The dispatcher starts lanes that are not running: on a wake
+    naming only lanes that are running it reads nothing (their tasks find the new
+    items, or re-check when they run dry). The next item is always the lane's oldest
+    pending one, so items a handler made pending again (held messages released by an
     opt-in, which are older) run before anything newer of the same lane.
     """
 
@@ -43,16 +45,28 @@ class InboundWorker:
         self._handlers = handlers
         self._wake = {source: asyncio.Event() for source in handlers}
         self._tasks: list[asyncio.Task[None]] = []
-        self._running: dict[InboundSource, dict[str, asyncio.Task[None]]] = {
+        self._running: dict[InboundSource, dict[str, asyncio.Task[bool]]] = {
             source: {} for source in handlers}
+        # Lanes woken since the last dispatch (None: look at every lane), and running
+        # lanes woken meanwhile, which look again before they end.
+        self._woken: dict[InboundSource, set[str] | None] = {s: None for s in handlers}
+        self._recheck: dict[InboundSource, set[str]] = {s: set() for s in handlers}
         self._backoff: dict[tuple[InboundSource, str], float] = {}
+        self._stopping = False
         self.idle = {source: asyncio.Event() for source in handlers}
 
-    def wake(self, source: InboundSource) -> None:
+    def wake(self, source: InboundSource, *lanes: str) -> None:
+        """New items are pending in `lanes` (none named: anywhere)."""
+        woken = self._woken[source]
+        if not lanes:
+            self._woken[source] = None
+        elif woken is not None:
+            woken.update(lanes)
         self.idle[source].clear()
         self._wake[source].set()
 
     def start(self) -> None:
+        self._stopping = False
         for source in self._handlers:
             self._tasks.append(asyncio.create_task(self._run(source), name=f"inbound {source}"))
             self.wake(source)
@@ -63,6 +77,7 @@ class InboundWorker:
         Cancelling an item mid-way is safe (it runs again on restart) but wasteful, and
         a database session cancelled mid-statement can leave SQLite's write lock held.
         """
+        self._stopping = True  # lanes end after their current item
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -70,8 +85,8 @@ class InboundWorker:
         running = [t for r in self._running.values() for t in r.values()]
         if running:
             await asyncio.wait(running, timeout=grace)
-        for task in running:
-            task.cancel()
+        for lane_task in running:
+            lane_task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
         for lanes in self._running.values():
             lanes.clear()
@@ -87,7 +102,7 @@ class InboundWorker:
             except Exception:
                 log.exception("inbound %s worker failed; retrying", source)
                 await asyncio.sleep(1)
-                self._wake[source].set()
+                self.wake(source)
                 continue
             if not self._wake[source].is_set() and not self._running[source]:
                 self.idle[source].set()
@@ -95,42 +110,73 @@ class InboundWorker:
     async def _dispatch(self, source: InboundSource) -> None:
         """Start the oldest pending item of each idle lane that is not backing off."""
         running = self._running[source]
+        woken, self._woken[source] = self._woken[source], set()
+        if woken is not None:
+            self._recheck[source].update(woken & running.keys())
+            if woken <= running.keys():
+                return  # nothing new outside running lanes: nothing to read
         now = asyncio.get_running_loop().time()
         waiting = {lane for (src, lane), until in self._backoff.items()
                    if src == source and until > now}
         busy = running.keys() | waiting
         if GLOBAL_LANE in busy or len(running) >= MAX_RUNNING:
-            return  # a finishing task (or the backoff timer) wakes us
+            self._woken[source] = None  # look again when a lane ends
+            return
         for item in await self._db.inbound.lane_heads(source, busy, MAX_RUNNING):
             if item.lane == GLOBAL_LANE:
-                if not running:
+                if running:
+                    self._woken[source] = None  # look again when a lane ends
+                else:
                     self._start(source, item)
                 return  # nothing newer starts before it has run
             self._start(source, item)
             if len(running) >= MAX_RUNNING:
+                self._woken[source] = None
                 return
 
     def _start(self, source: InboundSource, item: InboundItem) -> None:
-        task = asyncio.create_task(self._one(source, item.lane, item),
-                                   name=f"inbound {source} #{item.id}")
+        task = asyncio.create_task(self._lane(source, item),
+                                   name=f"inbound {source} lane #{item.id}")
         self._running[source][item.lane] = task
         task.add_done_callback(partial(self._finished, source, item.lane))
 
-    def _finished(self, source: InboundSource, lane: str, _: asyncio.Task[None]) -> None:
+    def _finished(self, source: InboundSource, lane: str, task: asyncio.Task[bool]) -> None:
         self._running[source].pop(lane, None)
-        self.wake(source)
+        if task.cancelled() or task.exception() is not None or task.result():
+            self.wake(source)
+        elif lane in self._recheck[source]:
+            self.wake(source, lane)
+        else:
+            self._wake[source].set()  # only to notice that the worker is idle
+        self._recheck[source].discard(lane)
 
-    async def _one(self, source: InboundSource, lane: str, item: InboundItem) -> None:
+    async def _lane(self, source: InboundSource, first: InboundItem) -> bool:
+        """Process a lane's items in order until it runs dry, stops or backs off;
+        True if the dispatcher must then look at every lane."""
+        lane = first.lane
+        item: InboundItem | None = first
+        while item is not None and not self._stopping:
+            self._recheck[source].discard(lane)  # the next read sees what was woken
+            item = await self._one(source, item)
+            if item is not None and (item.lane != lane or lane == GLOBAL_LANE):
+                # The global lane is next (it runs alone), or the global lane ran and
+                # older items of other lanes may be waiting: the dispatcher decides.
+                return True
+        return lane == GLOBAL_LANE
+
+    async def _one(self, source: InboundSource, item: InboundItem) -> InboundItem | None:
+        """Process one item; returns the lane's next item, None to end the lane."""
         try:
-            await self._handle(source, lane, item)
+            return await self._handle(source, item)
         except asyncio.CancelledError:
             raise
         except Exception:
             # Recording the outcome failed (database down?): the row is still pending.
             log.exception("inbound %s #%d: could not record the outcome", source, item.id)
-            self._retry_later(source, lane, 1)
+            self._retry_later(source, item.lane, 1)
+            return None
 
-    async def _handle(self, source: InboundSource, lane: str, item: InboundItem) -> None:
+    async def _handle(self, source: InboundSource, item: InboundItem) -> InboundItem | None:
         try:
             result = await self._handlers[source](item)
         except asyncio.CancelledError:
@@ -141,21 +187,22 @@ class InboundWorker:
             status: InboundStatus = "failed" if attempts >= MAX_ATTEMPTS else "pending"
             log.warning("inbound %s #%d failed (%s, attempt %d)", source, item.id,
                         type(exc).__name__, attempts)
-            await self._db.inbound.set_status(item.id, status, error=type(exc).__name__,
-                                              attempts=attempts)
             if status == "pending":
+                await self._db.inbound.set_status(item.id, status, error=type(exc).__name__,
+                                                  attempts=attempts)
                 if self._metrics is not None:
                     self._metrics.inbound_retries.labels(source).inc()
                 # Keep order: this lane waits; the item is retried first.
-                self._retry_later(source, lane, attempts)
-                return
-        else:
-            if result is None:
-                await self._db.inbound.set_status(item.id, "done")
-            self._backoff.pop((source, lane), None)
+                self._retry_later(source, item.lane, attempts)
+                return None
+            return await self._db.inbound.complete(item, status, error=type(exc).__name__,
+                                                   attempts=attempts)
+        self._backoff.pop((source, item.lane), None)
+        # A handler that set the status itself ("held") returned it.
+        return await self._db.inbound.complete(item, "done" if result is None else None)
 
     def _retry_later(self, source: InboundSource, lane: str, attempts: int) -> None:
         delay = 2.0**attempts
         loop = asyncio.get_running_loop()
         self._backoff[(source, lane)] = loop.time() + delay
-        loop.call_later(delay, self.wake, source)
+        loop.call_later(delay, self.wake, source, lane)

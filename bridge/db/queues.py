@@ -11,7 +11,7 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Update, delete, func, select, update
 
 from bridge.db.models import InboundRow, OutboxRow, ProcessedTransactionRow, utcnow
 from bridge.db.records import InboundItem, InboundSource, InboundStatus, OutboxItem, OutboxStatus
@@ -53,7 +53,7 @@ class TransactionRepo:
                 {
                     "source": "matrix",
                     "dedupe_key": _event_key(txn_id, i, event),
-                    "lane": str(event.get("room_id") or ""),  # a room's events in order
+                    "lane": event_lane(event),
                     "payload": json.dumps(event, ensure_ascii=False, separators=(",", ":")),
                     "status": "pending",
                     "attempts": 0,
@@ -78,6 +78,11 @@ class TransactionRepo:
         stmt = delete(ProcessedTransactionRow).where(ProcessedTransactionRow.received_at < before)
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt))
+
+
+def event_lane(event: Mapping[str, Any]) -> str:
+    """The worker lane of an appservice event: its room's events are handled in order."""
+    return str(event.get("room_id") or "")
 
 
 def _event_key(txn_id: str, index: int, event: Mapping[str, Any]) -> str:
@@ -149,6 +154,29 @@ class InboundRepo:
         async with self._scope.session() as session:
             return [_inbound(r) for r in await session.scalars(stmt.limit(limit))]
 
+    async def complete(
+        self, item: InboundItem, status: InboundStatus | None, error: str | None = None,
+        *, attempts: int | None = None,
+    ) -> InboundItem | None:
+        """Record `item`'s outcome (None: its handler already did) and return what its
+        lane runs next, in one transaction: the oldest pending item of the lane or of
+        the global lane "", whichever is older (the global lane runs after everything
+        older)."""
+        nxt = (
+            select(InboundRow)
+            .where(InboundRow.source == item.source, InboundRow.status == "pending",
+                   InboundRow.lane.in_({item.lane, ""}), InboundRow.id != item.id)
+            .order_by(InboundRow.id).limit(1)
+        )
+        async with self._scope.session() as session:
+            if status is not None:
+                done = await session.execute(self._status_update(item.id, status, error,
+                                                                 attempts))
+                if rowcount(done) == 0:
+                    raise NotFound(f"inbound item {item.id} not found")
+            row = await session.scalar(nxt)
+            return None if row is None else _inbound(row)
+
     async def count_lane(self, source: InboundSource, lane: str) -> dict[str, int]:
         """How many items of a lane are in each status."""
         stmt = (
@@ -193,13 +221,21 @@ class InboundRepo:
     ) -> None:
         """Move an item to `status` (and record `attempts` if given); finished statuses
         record when processing ended."""
+        async with self._scope.session() as session:
+            result = await session.execute(self._status_update(item_id, status, error, attempts))
+            if rowcount(result) == 0:
+                raise NotFound(f"inbound item {item_id} not found")
+
+    @staticmethod
+    def _status_update(item_id: int, status: InboundStatus, error: str | None,
+                       attempts: int | None) -> Update:
         values: dict[str, Any] = {
             "status": status, "error": error,
             "processed_at": utcnow() if status in FINISHED else None,
         }
         if attempts is not None:
             values["attempts"] = attempts
-        await self._update(item_id, **values)
+        return update(InboundRow).where(InboundRow.id == item_id).values(**values)
 
     async def note_attempt(self, item_id: int, error: str) -> int:
         """Count a failed attempt that will be retried; returns the attempts so far."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.db.queues import event_lane
 from bridge.errors import BadRequest, NotFound
 from bridge.types import UserID
 from bridge.web.middleware import require_bearer
@@ -85,7 +86,7 @@ async def put_transaction(request: web.Request) -> web.Response:
         bridge.devices.users_changed(txn.changed_users)
     if stored:
         bridge.metrics.transactions.inc()
-        bridge.worker.wake("matrix")
+        bridge.worker.wake("matrix", *{event_lane(e) for e in events})
     return web.json_response({})
 
 

@@ -98,14 +98,14 @@ async def _verify_and_store(request: web.Request, bridge: Bridge) -> web.Respons
     for reason in batch.ignored:
         log.info("webhook: ignored %s", reason)
     cipher = bridge.privacy.cipher
-    stored = 0
+    lanes = set()
     for key, value in split_delivery(body, cfg.phone_number_id):
         payload = cipher.encrypt_json(value, aad=AAD_PAYLOAD)
         lane = lane_of(value, bridge.privacy.index)
         with bridge.db.urgent():
             if await bridge.db.inbound.enqueue("whatsapp", key, payload,
                                                lane=lane) is not None:
-                stored += 1
-    if stored:
-        bridge.worker.wake("whatsapp")
+                lanes.add(lane)
+    if lanes:
+        bridge.worker.wake("whatsapp", *lanes)
     return web.json_response({})

@@ -71,6 +71,51 @@ async def test_lanes_keep_order_and_never_wait_for_each_other(db: Database) -> N
     assert await db.inbound.lane_heads("whatsapp") == []
 
 
+async def test_items_queued_while_their_lane_runs_are_not_missed(db: Database) -> None:
+    """A wake naming a running lane reads nothing; the lane's task must find the item:
+    queued mid-item (the task's next read sees it) or just after the task's last read
+    (the task was woken meanwhile and looks again before it ends)."""
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def handler(item: InboundItem) -> None:
+        if item.payload == "a1":
+            await release.wait()
+        order.append(item.payload)
+
+    await _queue(db, "a", "a1")
+    worker = await _run(db, handler)
+    real_complete = db.inbound.complete
+    late: list[int] = []
+
+    async def complete_then_queue(item: InboundItem, *args: object, **kw: object) -> object:
+        nxt = await real_complete(item, *args, **kw)  # type: ignore[arg-type]
+        if item.payload == "a2" and not late:  # right after the lane's last read
+            late.append(await _queue(db, "a", "a3"))
+            worker.wake("whatsapp", "a")
+        return nxt
+
+    db.inbound.complete = complete_then_queue  # type: ignore[method-assign]
+    try:
+        async with asyncio.timeout(10):
+            while "a" not in {i.lane for i in await db.inbound.pending("whatsapp")} or \
+                    not worker._running["whatsapp"]:
+                await asyncio.sleep(0.01)
+        await _queue(db, "a", "a2")  # while a1 runs
+        worker.wake("whatsapp", "a")
+        await asyncio.sleep(0.05)
+        release.set()
+        async with asyncio.timeout(10):
+            while order != ["a1", "a2", "a3"]:
+                await asyncio.sleep(0.01)
+        await _drained(worker)
+    finally:
+        await worker.stop()
+        db.inbound.complete = real_complete  # type: ignore[method-assign]
+    assert order == ["a1", "a2", "a3"]
+    assert await db.inbound.pending("whatsapp") == []
+
+
 async def test_global_lane_runs_alone_after_everything_older(db: Database) -> None:
     running: set[str] = set()
     log: list[tuple[str, frozenset[str]]] = []
