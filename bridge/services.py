@@ -267,7 +267,8 @@ async def build_bridge(config: Config) -> Bridge:
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
                   outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,
                   moderation=parts.moderation, invites=parts.invites,
-                  citizens=CitizenData(config, db, privacy, portals, subscriptions),
+                  citizens=CitizenData(config, db, privacy, portals, ghosts,
+                                        subscriptions),
                   notices=Notices(config, db, outbox, metrics),
                   election=election_for(config.database.url),
                   pod=await PodLabeler.from_environment(http))

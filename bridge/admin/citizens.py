@@ -22,6 +22,7 @@ from bridge.admin.notices import notice_entry
 from bridge.config import Config
 from bridge.db import Citizen, Database
 from bridge.errors import NotFound
+from bridge.matrix.ghosts import Ghosts
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
 from bridge.types import Pseudonym, RoomID, UserID
 from bridge.whatsapp import consent
@@ -49,12 +50,13 @@ def _time(value: datetime | None) -> str | None:
 class CitizenData:
     """Export and erasure of one citizen's data, for the admin API and CLI."""
 
-    def __init__(self, config: Config, db: Database, privacy: Privacy,
-                 portals: Portals, subscriptions: NoticeSubscriptions) -> None:
+    def __init__(self, config: Config, db: Database, privacy: Privacy, portals: Portals,
+                 ghosts: Ghosts, subscriptions: NoticeSubscriptions) -> None:
         self._config = config
         self._db = db
         self._privacy = privacy
         self._portals = portals
+        self._ghosts = ghosts
         self._subscriptions = subscriptions
 
     async def _citizen(self, user_id: str) -> Citizen:
@@ -124,6 +126,8 @@ class CitizenData:
         await self._db.outbox.cancel_for_citizen(citizen.id)
         portal = await self._db.rooms.portal_for(citizen.id)
         await self._portals.close(citizen, ERASED_NOTICE)
+        if citizen.ghost_user_id is not None:
+            await self._ghosts.retire(citizen.ghost_user_id)
         # Queued webhooks hold the identifiers (encrypted): every one of the lane goes.
         await self._db.inbound.delete_lane("whatsapp", citizen_lane(citizen.index_hash))
         if portal is not None:

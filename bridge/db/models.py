@@ -114,8 +114,8 @@ class GhostRow(Base):
     device_id: Mapped[str] = mapped_column(ID)
     display_name: Mapped[str] = mapped_column(String(255))
     kind: Mapped[str] = mapped_column(String(16))
-    # SET NULL: erasing a citizen keeps the Matrix account record (it is deactivated
-    # on the homeserver by the erasure handler) but cuts the link to the person.
+    # SET NULL: the link to the person never outlives the citizen row (erasure also
+    # deactivates the ghost's account and deletes this record: Ghosts.retire).
     citizen_id: Mapped[int | None] = mapped_column(
         ForeignKey("citizens.id", ondelete="SET NULL"), index=True
     )

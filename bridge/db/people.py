@@ -202,6 +202,10 @@ class GhostRepo:
     async def set_display_name(self, user_id: UserID, display_name: str) -> None:
         await self._update(user_id, display_name=display_name)
 
+    async def delete(self, user_id: UserID) -> None:
+        async with self._scope.session() as session:
+            await session.execute(delete(GhostRow).where(GhostRow.user_id == user_id))
+
     async def all(self) -> builtins.list[Ghost]:
         async with self._scope.session() as session:
             rows = await session.scalars(select(GhostRow).order_by(GhostRow.user_id))

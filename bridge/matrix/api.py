@@ -116,6 +116,13 @@ class MatrixAPI:
         await self.request("POST", f"/_matrix/client/v3/rooms/{_q(room_id)}/leave",
                            as_user=as_user, json={})
 
+    async def deactivate(self, user_id: UserID) -> None:
+        """Deactivate a user in our namespace for good, marked erased (GDPR art. 17):
+        the homeserver drops its profile, devices and keys, and hides its events from
+        anyone who joins a room later. Appservices need no interactive auth for this."""
+        await self.request("POST", "/_matrix/client/v3/account/deactivate", as_user=user_id,
+                           json={"erase": True})
+
     async def membership_action(self, as_user: UserID, room_id: RoomID, action: str,
                                 user_id: str, reason: str | None = None) -> None:
         """kick, ban or unban."""

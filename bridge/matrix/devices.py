@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,14 @@ class Devices:
             self._devices[user_id] = device
             log.info("device open for %s", user_id)
             return device
+
+    async def forget(self, user_id: UserID) -> None:
+        """Close the user's device and delete its crypto store (the account is gone)."""
+        device = self._devices.pop(user_id, None)
+        if device is not None:
+            await device.stop()
+        store = self._store_dir / user_id[1:].split(":", 1)[0]
+        await asyncio.to_thread(shutil.rmtree, store, True)
 
     async def close(self) -> None:
         devices, self._devices = list(self._devices.values()), {}

@@ -74,6 +74,14 @@ class Ghosts:
         await self._api.set_displayname(user_id, display_name)
         await self._db.ghosts.mark_registered(user_id)
 
+    async def retire(self, user_id: UserID) -> None:
+        """An erased citizen's ghost: its device and keys go, the homeserver account is
+        deactivated (it can never log in or be shown again), the record goes last so a
+        failed step is retried by repeating the erasure."""
+        await self._devices.forget(user_id)
+        await self._api.deactivate(user_id)
+        await self._db.ghosts.delete(user_id)
+
     async def device(self, user_id: UserID) -> Device:
         open_device = self._devices.get_open(user_id)
         if open_device:

@@ -21,6 +21,7 @@ import yaml
 from nio import RoomMessage
 from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
 
+from bridge.matrix.api import MatrixError
 from bridge.types import Pseudonym, RoomID
 from bridge.whatsapp.consent import OPT_IN_BUTTON, OPT_OUT_BUTTON
 from bridge.whatsapp.outbound import HELD_KEY
@@ -543,6 +544,14 @@ async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: 
             "Los datos de esta persona se han borrado"))
         members = await b.api.members(b.ghosts.bot, RoomID(j.room_id))
         assert row.ghost_user_id not in {m["state_key"] for m in members}
+        # The ghost's account is deactivated for good, its keys and record gone.
+        ghost_localpart = row.ghost_user_id[1:].split(":", 1)[0]
+        with pytest.raises(MatrixError) as deactivated:
+            await b.api.login_device(ghost_localpart, "CBANYDEVICE")
+        assert deactivated.value.errcode == "M_USER_DEACTIVATED"
+        assert await b.db.ghosts.get(row.ghost_user_id) is None
+        assert b.devices.get_open(row.ghost_user_id) is None
+        assert not (Path(b.config.appservice.store_dir) / ghost_localpart).exists()
 
         # Writing again is a first contact: asked again, nothing relayed.
         notices = len([s for s in bridge.wa.sent if to_citizen(s, citizen)
