@@ -178,18 +178,23 @@ class WhatsAppConfig(_Section):
         return self
 
 
+# The first layer of the information GDPR art. 13 asks for (who, why, rights) and the
+# minimum age to consent alone in Spain (LOPDGDD art. 7: 14).
 DEFAULT_NOTICE = (
-    "Hola. Este es el canal de WhatsApp de {agency}. Si quiere que el personal le "
-    "atienda aquí, sus mensajes se reenviarán a una sala cifrada de la entidad con un "
-    "seudónimo; su número no se muestra a nadie. Responda ACEPTO para continuar o BAJA "
-    "para no recibir más mensajes. Puede darse de baja en cualquier momento escribiendo BAJA."
+    "Hola. Este es el canal de WhatsApp de {agency}, responsable del tratamiento. Si "
+    "quiere que el personal le atienda aquí, sus mensajes se reenviarán a una sala cifrada "
+    "de la entidad con un seudónimo; su número no se muestra a nadie. Solo se usan para "
+    "atender su consulta. Debe tener 14 años o más. Puede pedir el acceso a sus datos o su "
+    "supresión aquí o en la sede electrónica de {agency}. Responda ACEPTO para continuar "
+    "o BAJA para no recibir más mensajes. Puede darse de baja en cualquier momento "
+    "escribiendo BAJA."
 )
 
 
 class ConsentConfig(_Section):
     agency_name: str = "la entidad"
     notice_text: str = DEFAULT_NOTICE
-    notice_version: str = "1"
+    notice_version: str = "2"
     opt_in_words: list[str] = ["ACEPTO", "SI", "SÍ", "YES"]
     opt_out_words: list[str] = ["BAJA", "STOP", "CANCELAR"]
     hold_hours: Annotated[int, Field(ge=1, le=720)] = 72

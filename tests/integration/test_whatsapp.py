@@ -23,6 +23,7 @@ from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
 
 from bridge.matrix.api import MatrixError
 from bridge.types import Pseudonym, RoomID
+from bridge.whatsapp import consent
 from bridge.whatsapp.consent import OPT_IN_BUTTON, OPT_OUT_BUTTON
 from bridge.whatsapp.outbound import HELD_KEY
 from bridge.whatsapp.simulator import SimulatedUser
@@ -203,8 +204,9 @@ async def test_consent_journey(bridge: BridgeHarness) -> None:
 
         records = await b.db.consent.for_citizen(row.id)
         assert [r.state for r in records] == ["prompted", "granted", "withdrawn", "prompted"]
-        assert all(r.purpose == "mirroring" and r.notice_version == "1" and r.notice_hash
-                   and r.evidence for r in records)
+        shown = consent.notice_hash(b.config.consent)
+        assert all(r.purpose == "mirroring" and r.notice_version == "2"
+                   and r.notice_hash == shown and r.evidence for r in records)
     finally:
         await j.desk.close()
 

@@ -108,3 +108,14 @@ def test_notice_names_the_agency_and_hash_tracks_the_text() -> None:
     other = ConsentConfig(agency_name="Ayuntamiento de Ejemplo", notice_text="Otro {agency}")
     assert notice_hash(CFG) != notice_hash(other)
     assert len(notice_hash(CFG)) == 64
+
+
+def test_default_notice_gives_first_layer_information_and_the_minimum_age() -> None:
+    """GDPR art. 13 (controller, purpose, rights) and LOPDGDD art. 7 (14 years), within
+    WhatsApp's 1024-character limit for an interactive message body."""
+    shown = notice_text(CFG)
+    assert "{agency}" not in shown
+    assert "Ayuntamiento de Ejemplo, responsable del tratamiento" in shown
+    assert "14 años" in shown and "supresión" in shown and "seudónimo" in shown
+    assert "ACEPTO" in shown and "BAJA" in shown
+    assert len(shown) <= 1024
