@@ -221,6 +221,9 @@ class OutboxRow(Base):
     wamid: Mapped[str | None] = mapped_column(ID, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # When the attempt now in flight began (NULL when none is): set before Graph is
+    # called, cleared by its outcome; still set after a crash mid-send (revision 0005).
+    sending_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class NoticeSubscriptionRow(Base):

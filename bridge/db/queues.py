@@ -293,7 +293,9 @@ def _inbound(row: InboundRow) -> InboundItem:
 
 
 class OutboxRepo:
-    """Messages to WhatsApp: persisted first, retried with backoff, never sent twice."""
+    """Messages to WhatsApp: persisted first, retried with backoff, and marked in flight
+    (`sending_at`) while an attempt runs, so that a send cut short by a crash is settled
+    by its delivery status instead of being sent again at once (bridge.whatsapp.outbox)."""
 
     def __init__(self, scope: Scope) -> None:
         self._scope = scope
@@ -339,22 +341,77 @@ class OutboxRepo:
         async with self._scope.session() as session:
             return [_outbox(r) for r in await session.scalars(stmt)]
 
-    async def mark_sent(self, item_id: int, wamid: str) -> None:
-        await self._update(
-            item_id, status="sent", wamid=wamid, attempts=OutboxRow.attempts + 1, last_error=None
+    async def begin_attempt(self, item_id: int, confirm_by: datetime) -> bool:
+        """Record that a send is going out now, in one committed write, before Graph is
+        called: `sending_at` is set and the next attempt moves to `confirm_by`, so a
+        crash mid-send leaves the row waiting for its delivery status until then.
+
+        False (nothing written) if the row is no longer pending (cancelled meanwhile).
+        """
+        now = utcnow()
+        stmt = (
+            update(OutboxRow)
+            .where(OutboxRow.id == item_id, OutboxRow.status == "pending")
+            .values(sending_at=now, next_attempt_at=confirm_by, updated_at=now)
         )
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt)) > 0
+
+    async def mark_sent(self, item_id: int, wamid: str) -> bool:
+        """Graph accepted the send. False, writing nothing, if the row was settled
+        already (a delivery status confirmed or failed it first); a send cancelled while
+        in flight did go out, so it is marked sent. NotFound if there is no such row."""
+        stmt = (
+            update(OutboxRow)
+            .where(OutboxRow.id == item_id, OutboxRow.status.in_(("pending", "cancelled")))
+            .values(status="sent", wamid=wamid, attempts=OutboxRow.attempts + 1,
+                    last_error=None, sending_at=None, updated_at=utcnow())
+        )
+        async with self._scope.session() as session:
+            if rowcount(await session.execute(stmt)) > 0:
+                return True
+            if await session.get(OutboxRow, item_id) is None:
+                raise NotFound(f"outbox item {item_id} not found")
+            return False
 
     async def retry_later(self, item_id: int, next_at: datetime, error: str) -> None:
         """Count a transient failure (429, 5xx, network) and schedule the next attempt."""
         await self._update(
-            item_id, attempts=OutboxRow.attempts + 1, next_attempt_at=next_at, last_error=error
+            item_id, attempts=OutboxRow.attempts + 1, next_attempt_at=next_at, last_error=error,
+            sending_at=None,
         )
 
     async def mark_failed(self, item_id: int, error: str) -> None:
         """A permanent failure: never retried; staff are told by the caller."""
         await self._update(
-            item_id, status="failed", attempts=OutboxRow.attempts + 1, last_error=error
+            item_id, status="failed", attempts=OutboxRow.attempts + 1, last_error=error,
+            sending_at=None,
         )
+
+    async def confirm_in_flight(self, item_id: int, wamid: str) -> OutboxItem | None:
+        """A delivery status shows that the send in flight was accepted as `wamid`:
+        mark it sent. None, writing nothing, unless the row is pending with an attempt
+        in flight (`sending_at` set) — anything else was settled or never sent."""
+        return await self._settle_in_flight(item_id, status="sent", wamid=wamid,
+                                            last_error=None)
+
+    async def fail_in_flight(self, item_id: int, error: str) -> OutboxItem | None:
+        """A `failed` status for the send in flight: a permanent failure (as
+        `confirm_in_flight`, None unless that send was still unconfirmed)."""
+        return await self._settle_in_flight(item_id, status="failed", last_error=error)
+
+    async def _settle_in_flight(self, item_id: int, **values: Any) -> OutboxItem | None:
+        stmt = (
+            update(OutboxRow)
+            .where(OutboxRow.id == item_id, OutboxRow.status == "pending",
+                   OutboxRow.sending_at.is_not(None))
+            .values(attempts=OutboxRow.attempts + 1, sending_at=None, updated_at=utcnow(),
+                    **values)
+            .returning(OutboxRow)
+        )
+        async with self._scope.session() as session:
+            row = await session.scalar(stmt)
+            return None if row is None else _outbox(row)
 
     async def cancel_for_citizen(self, citizen_id: int, *, notices: bool = False) -> int:
         """Cancel a citizen's unsent messages; returns how many.
@@ -392,4 +449,5 @@ def _outbox(row: OutboxRow) -> OutboxItem:
         room_id=RoomID(row.room_id), payload=row.payload, status=cast(OutboxStatus, row.status),
         attempts=row.attempts, next_attempt_at=row.next_attempt_at, last_error=row.last_error,
         wamid=row.wamid, created_at=row.created_at, updated_at=row.updated_at,
+        sending_at=row.sending_at,
     )

@@ -136,6 +136,7 @@ class OutboxItem:
     wamid: str | None
     created_at: datetime
     updated_at: datetime
+    sending_at: datetime | None = None  # an attempt in flight (or cut short by a crash)
 
 
 @dataclass(frozen=True, slots=True)

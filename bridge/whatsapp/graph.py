@@ -32,6 +32,12 @@ MEDIA_TIMEOUT: Final = aiohttp.ClientTimeout(total=300, connect=10, sock_read=60
 MAX_MEDIA_BYTES: Final = 100 * 1024 * 1024  # WhatsApp's largest attachment (documents)
 MAX_BUTTONS: Final = 3
 MAX_BUTTON_TITLE: Final = 20
+# Wire contract: `biz_opaque_callback_data` is an arbitrary string (max 512 chars) that
+# can be set on a `POST /{phone_number_id}/messages` request and that Meta echoes back
+# in the `statuses[]` webhook entries of that message (field `biz_opaque_callback_data`
+# on the status object). Graph has no idempotency key; the outbox uses this echo to
+# learn the outcome of a send whose HTTP answer it never read (a crash mid-send).
+MAX_CALLBACK_DATA: Final = 512
 
 # Short, staff-facing explanations of permanent failures (and of the retryable ones,
 # for logs). They are ours, so they are safe to show anywhere.
@@ -52,7 +58,8 @@ _PHONE = re.compile(r"\+?\d(?:[\s\-.]?\d){7,}")
 _BSUID = re.compile(r"\b[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{6,}\b")
 
 
-def _title(code: int | None) -> str:
+def error_title(code: int | None) -> str:
+    """A short, staff-facing explanation of Graph error `code` (ours: safe anywhere)."""
     if code is None:
         return "request failed"
     if 132000 <= code <= 132016:
@@ -93,7 +100,7 @@ class GraphError(Exception):
         self.message = message
         self.retryable = retryable
         self.fbtrace_id = fbtrace_id
-        self.permanent_title: str | None = None if retryable else _title(code)
+        self.permanent_title: str | None = None if retryable else error_title(code)
         super().__init__(
             f"Graph API error (http={status}, code={code}, subcode={subcode}, "
             f"retryable={retryable}): {message}"
@@ -126,7 +133,7 @@ def error_from_response(status: int, payload: Any, known: Sequence[str | None] =
 
     code, subcode = _int("code"), _int("error_subcode")
     text = error.get("message")
-    message = _scrub(text, known) if isinstance(text, str) else _title(code)
+    message = _scrub(text, known) if isinstance(text, str) else error_title(code)
     trace = error.get("fbtrace_id")
     return GraphError(status, code, subcode, message,
                       retryable=_is_retryable(status, code),
@@ -243,11 +250,16 @@ class GraphClient:
         return payload
 
     async def _send(self, to: Recipient, kind: str, obj: dict[str, Any],
-                    reply_to: str | None = None, known: Sequence[str | None] = ()) -> str:
+                    reply_to: str | None = None, known: Sequence[str | None] = (),
+                    callback_data: str | None = None) -> str:
         body: dict[str, Any] = {"messaging_product": "whatsapp", "recipient_type": "individual",
                                 **to.fields(), "type": kind, kind: obj}
         if reply_to:
             body["context"] = {"message_id": reply_to}
+        if callback_data is not None:
+            if not 0 < len(callback_data) <= MAX_CALLBACK_DATA:
+                raise ValueError(f"callback data must be 1-{MAX_CALLBACK_DATA} characters")
+            body["biz_opaque_callback_data"] = callback_data
         payload = await self._request(
             "POST", f"{self._base}/{self._phone_number_id}/messages", json=body,
             known=(to.wa_id, to.user_id, *known))
@@ -264,16 +276,21 @@ class GraphClient:
     # -- messages --------------------------------------------------------------------
 
     async def send_text(self, to: Recipient, body: str, reply_to: str | None = None,
-                        *, preview_url: bool = False) -> str:
-        """Send a text message; returns its wamid."""
+                        *, preview_url: bool = False, callback_data: str | None = None) -> str:
+        """Send a text message; returns its wamid.
+
+        Every send method takes `callback_data` (see MAX_CALLBACK_DATA): echoed by Meta
+        in the message's delivery statuses."""
         obj: dict[str, Any] = {"body": body}
         if preview_url:
             obj["preview_url"] = True
-        return await self._send(to, "text", obj, reply_to, known=(body,))
+        return await self._send(to, "text", obj, reply_to, known=(body,),
+                                callback_data=callback_data)
 
     async def send_media(self, to: Recipient, kind: str, media_id: str,
                          caption: str | None = None, filename: str | None = None,
-                         reply_to: str | None = None) -> str:
+                         reply_to: str | None = None, *, callback_data: str | None = None
+                         ) -> str:
         """Send uploaded media (`kind` is image, document, audio, video or sticker)."""
         if kind not in MEDIA_KINDS:
             raise ValueError(f"unknown media kind {kind!r}")
@@ -286,24 +303,29 @@ class GraphClient:
             if kind != "document":
                 raise ValueError("only documents carry a filename")
             obj["filename"] = filename
-        return await self._send(to, kind, obj, reply_to, known=(caption, filename))
+        return await self._send(to, kind, obj, reply_to, known=(caption, filename),
+                                callback_data=callback_data)
 
-    async def send_reaction(self, to: Recipient, message_id: str, emoji: str) -> str:
+    async def send_reaction(self, to: Recipient, message_id: str, emoji: str, *,
+                            callback_data: str | None = None) -> str:
         """React to `message_id`; an empty `emoji` removes the reaction."""
-        return await self._send(to, "reaction", {"message_id": message_id, "emoji": emoji})
+        return await self._send(to, "reaction", {"message_id": message_id, "emoji": emoji},
+                                callback_data=callback_data)
 
     async def send_template(self, to: Recipient, name: str, language: str,
-                            components: Sequence[dict[str, Any]] = ()) -> str:
+                            components: Sequence[dict[str, Any]] = (), *,
+                            callback_data: str | None = None) -> str:
         """Send an approved template (the only kind allowed outside the 24 h window)."""
         obj: dict[str, Any] = {"name": name,
                                "language": {"code": language, "policy": "deterministic"}}
         if components:
             obj["components"] = list(components)
-        return await self._send(to, "template", obj)
+        return await self._send(to, "template", obj, callback_data=callback_data)
 
     async def send_buttons(self, to: Recipient, body: str,
                            buttons: Sequence[tuple[str, str]],
-                           reply_to: str | None = None) -> str:
+                           reply_to: str | None = None, *,
+                           callback_data: str | None = None) -> str:
         """Send a message with up to three reply buttons, each (id, title ≤ 20 chars)."""
         if not 1 <= len(buttons) <= MAX_BUTTONS:
             raise ValueError(f"between 1 and {MAX_BUTTONS} buttons are allowed")
@@ -317,7 +339,8 @@ class GraphClient:
             "action": {"buttons": [{"type": "reply", "reply": {"id": i, "title": t}}
                                    for i, t in buttons]},
         }
-        return await self._send(to, "interactive", obj, reply_to, known=(body,))
+        return await self._send(to, "interactive", obj, reply_to, known=(body,),
+                                callback_data=callback_data)
 
     async def mark_read(self, message_id: str, *, typing: bool = False) -> None:
         """Mark an inbound message read (blue ticks), optionally showing 'typing…'."""

@@ -164,6 +164,12 @@ class WhatsAppInbound:
     # --- delivery statuses ------------------------------------------------------------
 
     async def _status(self, status: StatusUpdate) -> None:
+        if status.callback_data is not None:
+            # First: a send whose Graph answer was lost (crash mid-send) is settled by
+            # its status, which links the wamid for what follows.
+            code = next((e.code for e in status.errors if e.code is not None), None)
+            await self._outbox.settle_by_status(status.callback_data, status.wamid,
+                                                status.status, code)
         link = await self._db.messages.by_wamid(status.wamid)
         if link is None or link.direction != "out":
             await self._notice_status(status)

@@ -2,9 +2,27 @@
 
 Retryable failures (429, 5xx, 130429/131056, network) back off exponentially with
 jitter; permanent ones are reported to staff in the portal. The idempotency key (the
-Matrix event id for staff messages) makes a redelivered event a no-op. What remains:
-a crash after Graph accepted a message but before `mark_sent` resends it once on
-restart — Graph offers no idempotency key to close that window.
+Matrix event id for staff messages) makes a redelivered event a no-op.
+
+Graph has no idempotency key, so the outcome of a send whose answer the bridge never
+read (it crashed or was stopped mid-send) cannot be asked for. Instead every send
+carries `biz_opaque_callback_data` naming its row (`cb1.<outbox id>`, no personal
+data), which Meta echoes on the message's delivery statuses, and before Graph is
+called the row is marked in flight (`sending_at`) with its next attempt pushed
+`confirm_window` (default 10 minutes) ahead, in one committed write. After a restart
+such a row is not due until the window has passed; meanwhile a `sent`, `delivered`,
+`read` or `played` status carrying its callback data marks it sent with that wamid
+(the same bookkeeping as Graph's answer: message map, notice log, metrics), and a
+`failed` one fails it like a permanent Graph error.
+
+The guarantee: nothing is lost across a restart, and delivery is at-least-once. A
+message goes out twice only if (1) no status with its callback data reaches the bridge
+within the window after a send cut short (statuses lost, delayed or the webhook
+unreachable that long): it is then sent again, with a warning naming the outbox id;
+or (2) Graph accepted it but the answer was a network error or timeout, which is
+retried with backoff like any retryable error (that clears the in-flight mark). A send
+cut short before it reached Graph (e.g. stopped during a media download) is sent once,
+after the window.
 
 System messages (privacy notice, confirmations) go to citizens who have not opted in;
 staff messages only while consent is `granted`, notices of availability only while the
@@ -16,10 +34,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 from nio.crypto.attachments import decrypt_attachment
 
@@ -29,7 +48,7 @@ from bridge.matrix.api import MatrixAPI
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy
 from bridge.types import EventID, RoomID, UserID
-from bridge.whatsapp.graph import GraphClient, GraphError, Recipient
+from bridge.whatsapp.graph import GraphClient, GraphError, Recipient, error_title
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +57,25 @@ MAX_MEDIA_BYTES = 100 * 1024 * 1024
 WHATSAPP_KIND = {"m.image": "image", "m.video": "video", "m.audio": "audio",
                  "m.file": "document"}
 Notify = Callable[[RoomID, str], Awaitable[Any]]
+# How long a send cut short (a crash before Graph's answer was read) waits for a
+# delivery status carrying its callback data before it is sent again. Meta reports
+# `sent` within seconds; the margin covers webhook retries and a restart.
+CONFIRM_WINDOW: Final = timedelta(minutes=10)
+CALLBACK_PREFIX: Final = "cb1."
+_CALLBACK = re.compile(r"cb1\.([1-9][0-9]{0,17})")
+# Statuses that prove WhatsApp accepted the message.
+ACCEPTED_STATUSES: Final = frozenset({"sent", "delivered", "read", "played"})
+
+
+def callback_data(item_id: int) -> str:
+    """The `biz_opaque_callback_data` of outbox row `item_id`: no personal data."""
+    return f"{CALLBACK_PREFIX}{item_id}"
+
+
+def callback_item(data: str | None) -> int | None:
+    """The outbox row id in callback data we set; None for anything else."""
+    match = _CALLBACK.fullmatch(data) if data else None
+    return int(match.group(1)) if match else None
 
 
 def backoff(attempts: int) -> timedelta:
@@ -47,8 +85,15 @@ def backoff(attempts: int) -> timedelta:
 
 
 class Outbox:
+    """Queues sends to WhatsApp and runs the worker that makes them (module docstring).
+
+    `confirm_window` is how long a send cut short by a crash waits for its delivery
+    status before it goes again; tests shorten it.
+    """
+
     def __init__(self, db: Database, privacy: Privacy, graph: GraphClient, api: MatrixAPI,
-                 bot: UserID, notify: Notify, metrics: Metrics) -> None:
+                 bot: UserID, notify: Notify, metrics: Metrics,
+                 confirm_window: timedelta = CONFIRM_WINDOW) -> None:
         self._db = db
         self._privacy = privacy
         self._graph = graph
@@ -56,6 +101,7 @@ class Outbox:
         self._bot = bot
         self._notify = notify
         self._metrics = metrics
+        self.confirm_window = confirm_window
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
@@ -124,7 +170,7 @@ class Outbox:
             self._wake.clear()
 
     async def _attempt(self, item: OutboxItem) -> None:
-        payload = self._privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)
+        payload = self._payload(item)
         citizen = await self._db.citizens.get(item.citizen_id)
         notice_id = payload.get("notice_id")
         if citizen is None or not await self._consented(citizen, payload):
@@ -133,9 +179,16 @@ class Outbox:
                 await self._db.notices.mark_failed(notice_id, "consent withdrawn")
                 self._metrics.notices.labels("failed").inc()
             return
+        if item.sending_at is not None:
+            log.warning("outbox #%d: no delivery status within the confirmation window "
+                        "after an interrupted send; sending again", item.id)
+        if not await self._db.outbox.begin_attempt(
+                item.id, datetime.now(UTC) + self.confirm_window):
+            return  # cancelled, or settled by a delivery status, since `due` read it
         try:
             with self._metrics.relay_latency.labels("out").time():
-                wamid = await self._send(self._recipient(citizen), payload)
+                wamid = await self._send(self._recipient(citizen), payload,
+                                         callback_data(item.id))
         except GraphError as exc:
             await self._failed(item, exc.retryable, f"{exc.status} {exc.code}",
                                exc.permanent_title or "error de WhatsApp", notice_id)
@@ -146,13 +199,52 @@ class Outbox:
             await self._failed(item, True, type(exc).__name__, "error interno del puente",
                                notice_id)
             return
-        await self._db.outbox.mark_sent(item.id, wamid)
+        if await self._db.outbox.mark_sent(item.id, wamid):
+            await self._accepted(item, payload, wamid)
+
+    async def _accepted(self, item: OutboxItem, payload: dict[str, Any], wamid: str) -> None:
+        """The bookkeeping of a send WhatsApp accepted as `wamid`, however we learnt it
+        (Graph's answer or a delivery status): the notice log, the message map that
+        receipts and replies need, metrics."""
+        notice_id = payload.get("notice_id")
         if notice_id is not None:
             await self._db.notices.mark_accepted(notice_id, wamid)
             self._metrics.notices.labels("sent").inc()
         if payload.get("event_id"):
             await self._db.messages.link(wamid, item.room_id, payload["event_id"], "out")
         self._metrics.relayed.labels("out", payload["type"]).inc()
+
+    async def settle_by_status(self, data: str | None, wamid: str, status: str,
+                               error_code: int | None = None) -> bool:
+        """Apply a delivery status carrying callback data `data` to the send it names,
+        if that send is still unconfirmed (in flight, or cut short by a crash): an
+        accepting status marks it sent as `wamid`, `failed` fails it like a permanent
+        Graph error (`error_code` from the status). True if it settled a send; other
+        data, or a row already settled, changes nothing."""
+        item_id = callback_item(data)
+        if item_id is None:
+            return False
+        if status in ACCEPTED_STATUSES:
+            item = await self._db.outbox.confirm_in_flight(item_id, wamid)
+            if item is None:
+                return False
+            log.info("outbox #%d: confirmed by a delivery status", item_id)
+            await self._accepted(item, self._payload(item), wamid)
+            return True
+        if status == "failed":
+            item = await self._db.outbox.fail_in_flight(item_id, f"status failed {error_code}")
+            if item is None:
+                return False
+            log.warning("outbox #%d: failed per delivery status %s", item_id, error_code)
+            await self._gave_up(item, self._payload(item).get("notice_id"),
+                                error_title(error_code))
+            return True
+        return False
+
+    def _payload(self, item: OutboxItem) -> dict[str, Any]:
+        payload: dict[str, Any] = self._privacy.cipher.decrypt_json(item.payload,
+                                                                    aad=AAD_PAYLOAD)
+        return payload
 
     async def _consented(self, citizen: Citizen, payload: dict[str, Any]) -> bool:
         if payload.get("system"):
@@ -174,6 +266,10 @@ class Outbox:
             return
         log.warning("outbox #%d: giving up: %s", item.id, error)
         await self._db.outbox.mark_failed(item.id, error)
+        await self._gave_up(item, notice_id, title)
+
+    async def _gave_up(self, item: OutboxItem, notice_id: int | None, title: str) -> None:
+        """Tell whoever waits for a send that failed for good: the notice log, staff."""
         if notice_id is not None:
             await self._db.notices.mark_failed(notice_id, title)
             self._metrics.notices.labels("failed").inc()
@@ -186,18 +282,20 @@ class Outbox:
         wa_id = cipher.decrypt_str(citizen.wa_id_ct, aad=AAD_WA_ID) if citizen.wa_id_ct else None
         return Recipient(wa_id=wa_id, user_id=key if key != wa_id else None)
 
-    async def _send(self, to: Recipient, payload: dict[str, Any]) -> str:
+    async def _send(self, to: Recipient, payload: dict[str, Any], cb: str) -> str:
         kind = payload["type"]
         if kind == "text":
-            return await self._graph.send_text(to, payload["body"], payload.get("reply_to"))
+            return await self._graph.send_text(to, payload["body"], payload.get("reply_to"),
+                                               callback_data=cb)
         if kind == "buttons":
             return await self._graph.send_buttons(
-                to, payload["body"], [tuple(b) for b in payload["buttons"]])
+                to, payload["body"], [tuple(b) for b in payload["buttons"]], callback_data=cb)
         if kind == "template":
             return await self._graph.send_template(to, payload["name"], payload["language"],
-                                                   payload["components"])
+                                                   payload["components"], callback_data=cb)
         if kind == "reaction":
-            return await self._graph.send_reaction(to, payload["message_id"], payload["emoji"])
+            return await self._graph.send_reaction(to, payload["message_id"], payload["emoji"],
+                                                   callback_data=cb)
         if kind == "media":
             data = await self._api.download(self._bot, payload["url"], MAX_MEDIA_BYTES)
             if payload.get("file"):
@@ -209,5 +307,5 @@ class Outbox:
             return await self._graph.send_media(to, payload["kind"], media_id, caption,
                                                 payload["filename"]
                                                 if payload["kind"] == "document" else None,
-                                                payload.get("reply_to"))
+                                                payload.get("reply_to"), callback_data=cb)
         raise ValueError(f"unknown outbox payload type {kind!r}")

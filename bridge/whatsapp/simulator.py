@@ -2,14 +2,16 @@
 
 It answers the Graph endpoints the bridge uses (send, mark read, media upload /
 lookup / download / delete) with the validation and error shapes of the real API,
-records what it accepted, lets a test inject Graph errors, and delivers webhooks
-signed the way Meta signs them (HMAC-SHA256 of the raw body with the app secret).
+records what it accepted, lets a test inject Graph errors or hold a send's answer, and
+delivers webhooks signed the way Meta signs them (HMAC-SHA256 of the raw body with the
+app secret). Statuses it builds echo the send's `biz_opaque_callback_data`, as Meta does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -28,6 +30,7 @@ OBJECT = "whatsapp_business_account"
 MEDIA_KINDS = ("image", "document", "audio", "video", "sticker")
 SEND_TYPES = (*MEDIA_KINDS, "text", "template", "interactive", "reaction")
 DOWNLOAD_PATH = "/whatsapp_business/attachments/"
+MAX_CALLBACK_DATA = 512
 _DEFAULT_MESSAGES = {
     100: "(#100) Invalid parameter",
     190: "Invalid OAuth access token - Cannot parse access token",
@@ -62,6 +65,13 @@ class _Fault:
     count: int
     subcode: int | None
     message: str | None
+
+
+@dataclass
+class _Hold:
+    release: asyncio.Event
+    timeout: float
+    predicate: Callable[[dict[str, Any]], bool]
 
 
 @dataclass
@@ -154,8 +164,10 @@ class CloudAPISimulator:
         self.sent_ids: list[str | None] = []  # wamid per `sent` entry (None for mark-read)
         self.requests: list[RequestRecord] = []
         self.media: dict[str, _Media] = {}
+        self.callback_data: dict[str, str] = {}  # wamid -> biz_opaque_callback_data sent
         self.clock: Callable[[], float] = time.time  # timestamps of built payloads
         self._faults: deque[_Fault] = deque()
+        self._holds: list[_Hold] = []
         self._sent_event = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.app = web.Application(middlewares=[self._middleware],
@@ -188,6 +200,15 @@ class CloudAPISimulator:
                   subcode: int | None = None, message: str | None = None) -> None:
         """Answer the next `count` Graph API calls with this Graph error."""
         self._faults.append(_Fault(code, http_status, count, subcode, message))
+
+    def hold_next_send(self, predicate: Callable[[dict[str, Any]], bool] = lambda _: True,
+                       timeout: float = 30.0) -> asyncio.Event:
+        """Accept and record the next message send matching `predicate`, but hold its
+        HTTP answer until the returned event is set (or `timeout` seconds pass): a client
+        that goes away meanwhile never learns the wamid, as in a crash mid-send."""
+        release = asyncio.Event()
+        self._holds.append(_Hold(release, timeout, predicate))
+        return release
 
     def add_media(self, data: bytes, mime_type: str, filename: str | None = None) -> str:
         """Store media as if a user had sent it; returns its media id."""
@@ -273,10 +294,20 @@ class CloudAPISimulator:
             _require(context is None or (isinstance(context, dict)
                                          and _is_str(context.get("message_id"))),
                      "context.message_id is required")
+            callback = body.get("biz_opaque_callback_data")
+            _require(callback is None or _is_str(callback, MAX_CALLBACK_DATA),
+                     f"biz_opaque_callback_data must be a string of at most "
+                     f"{MAX_CALLBACK_DATA} characters")
         except (_Invalid, ValueError) as exc:
             return _graph_error(400, 100, "(#100) Invalid parameter", details=str(exc))
         wamid = _new_wamid()
+        if isinstance(callback, str):
+            self.callback_data[wamid] = callback
         self._record(body, wamid)
+        if (hold := next((h for h in self._holds if h.predicate(body)), None)) is not None:
+            self._holds.remove(hold)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hold.release.wait(), hold.timeout)
         contact = ({"input": to, "wa_id": to.lstrip("+")} if isinstance(to, str)
                    else {"input": bsuid, "user_id": bsuid})
         return web.json_response({"messaging_product": "whatsapp", "contacts": [contact],
@@ -483,9 +514,17 @@ class CloudAPISimulator:
         return self._message(sender, kind, None if kind == "unsupported" else {}, errors=errors)
 
     def status_update(self, wamid: str, status: str, recipient: SimulatedUser,
-                      errors: list[tuple[int, str]] | None = None) -> dict[str, Any]:
+                      errors: list[tuple[int, str]] | None = None,
+                      callback_data: Any = None) -> dict[str, Any]:
+        """A status of message `wamid`. It echoes the `biz_opaque_callback_data` that
+        message was sent with, unless `callback_data` says what to put there instead
+        (any JSON value: tests send junk too)."""
         item: dict[str, Any] = {"id": wamid, "status": status,
                                 "timestamp": str(int(self.clock()))}
+        if callback_data is None:
+            callback_data = self.callback_data.get(wamid)
+        if callback_data is not None:
+            item["biz_opaque_callback_data"] = callback_data
         if recipient.wa_id:
             item["recipient_id"] = recipient.wa_id
         item["recipient_user_id"] = recipient.user_id

@@ -32,6 +32,9 @@ OBJECT: Final = "whatsapp_business_account"
 MEDIA_KINDS: Final = frozenset({"image", "video", "sticker", "document", "audio"})
 # Unix seconds as Meta sends them; the bound keeps datetime in range.
 _TIMESTAMP = re.compile(r"^[0-9]{1,11}$")
+# `biz_opaque_callback_data`: what the sender set on the send request (max 512 chars),
+# echoed on that message's statuses (bridge.whatsapp.graph.MAX_CALLBACK_DATA).
+MAX_CALLBACK_DATA: Final = 512
 
 MessageKind = Literal[
     "text", "image", "video", "sticker", "document", "audio", "location", "reaction",
@@ -155,6 +158,7 @@ class StatusUpdate:
     errors: tuple[WhatsAppError, ...] = ()
     conversation_id: str | None = None
     pricing_category: str | None = None
+    callback_data: str | None = None  # `biz_opaque_callback_data`, if any and well-formed
 
     @property
     def recipient_key(self) -> str | None:
@@ -387,6 +391,7 @@ def _status(item: Any, where: str, ignored: list[str]) -> StatusUpdate | None:
         return None
     conversation = _dict(item.get("conversation")) or {}
     pricing = _dict(item.get("pricing")) or {}
+    callback = _str(item.get("biz_opaque_callback_data"))
     return StatusUpdate(
         wamid=wamid,
         status=status,
@@ -396,6 +401,7 @@ def _status(item: Any, where: str, ignored: list[str]) -> StatusUpdate | None:
         errors=_errors(item.get("errors")),
         conversation_id=_str(conversation.get("id")),
         pricing_category=_str(pricing.get("category")),
+        callback_data=callback if callback and len(callback) <= MAX_CALLBACK_DATA else None,
     )
 
 

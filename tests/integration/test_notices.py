@@ -198,7 +198,9 @@ async def test_notice_is_one_fixed_template_and_statuses_fill_the_log(
         "language": {"code": "es", "policy": "deterministic"},
         "components": [{"type": "body", "parameters": [
             {"type": "text", "text": "Ayuntamiento de Ejemplo"}]}]}
-    assert set(sent) == {"messaging_product", "recipient_type", "to", "type", "template"}
+    assert set(sent) == {"messaging_product", "recipient_type", "to", "type", "template",
+                         "biz_opaque_callback_data"}
+    assert re.fullmatch(r"cb1\.[0-9]+", sent["biz_opaque_callback_data"])  # the outbox row
     assert reference not in json.dumps(sent) and "000123" not in json.dumps(sent)
 
     # The same request again: the same entry, nothing sent again.

@@ -163,6 +163,10 @@ async def test_wait_for_sent(graph: GraphClient, simulator: CloudAPISimulator) -
     ({"messaging_product": "whatsapp", "to": NUMBER, "type": "image",
       "image": {"id": "1", "link": "https://x"}}, "exactly one of id or link"),
     ({"messaging_product": "whatsapp", "status": "delivered", "message_id": "w"}, "status"),
+    ({"messaging_product": "whatsapp", "to": NUMBER, "text": {"body": "x"},
+      "biz_opaque_callback_data": "x" * 513}, "biz_opaque_callback_data"),
+    ({"messaging_product": "whatsapp", "to": NUMBER, "text": {"body": "x"},
+      "biz_opaque_callback_data": {"id": 1}}, "biz_opaque_callback_data"),
 ])
 async def test_simulator_validates_sends(sim: tuple[CloudAPISimulator, str],
                                          session: aiohttp.ClientSession,
@@ -174,6 +178,39 @@ async def test_simulator_validates_sends(sim: tuple[CloudAPISimulator, str],
     assert resp.status == 400 and answer["error"]["code"] == 100
     assert details in answer["error"]["error_data"]["details"]
     assert simulator.sent == []
+
+
+async def test_callback_data_sent_and_echoed_in_statuses(
+        graph: GraphClient, simulator: CloudAPISimulator,
+        receiver: tuple[Receiver, str]) -> None:
+    """`biz_opaque_callback_data` goes on the send and comes back on every status of
+    that message (and only that message)."""
+    rec, url = receiver
+    wamid = await graph.send_text(TO, "hola", callback_data="cb1.42")
+    other = await graph.send_reaction(TO, "wamid.IN", "👍")
+    assert simulator.sent[0]["biz_opaque_callback_data"] == "cb1.42"
+    assert "biz_opaque_callback_data" not in simulator.sent[1]
+    for status in ("sent", "delivered", "read"):
+        await simulator.deliver(url, simulator.status_update(wamid, status, ANA))
+        (s,) = parse_webhook(json.loads(rec.raw[-1]), PHONE_ID).statuses
+        assert (s.wamid, s.status, s.callback_data) == (wamid, status, "cb1.42")
+    await simulator.deliver(url, simulator.status_update(other, "read", ANA))
+    assert parse_webhook(json.loads(rec.raw[-1]), PHONE_ID).statuses[0].callback_data is None
+    assert await graph.send_template(TO, "aviso", "es", callback_data="x" * 512)
+    with pytest.raises(ValueError, match="callback data"):
+        await graph.send_text(TO, "hola", callback_data="x" * 513)
+
+
+async def test_held_send_is_recorded_before_it_is_answered(
+        graph: GraphClient, simulator: CloudAPISimulator) -> None:
+    release = simulator.hold_next_send(lambda body: body.get("type") == "text")
+    send = asyncio.create_task(graph.send_text(TO, "retenido", callback_data="cb1.7"))
+    await simulator.wait_for_sent(lambda body: body.get("type") == "text")
+    await asyncio.sleep(0.2)
+    assert not send.done()
+    release.set()
+    assert await send == simulator.sent_ids[-1]
+    assert simulator.callback_data[simulator.sent_ids[-1]] == "cb1.7"
 
 
 async def test_wrong_phone_number_id(sim: tuple[CloudAPISimulator, str],

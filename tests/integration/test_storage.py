@@ -238,6 +238,66 @@ async def test_outbox_due_order_retry_and_outcomes(db: Database) -> None:
         await db.outbox.mark_sent(9999, "wamid.X")
 
 
+async def test_outbox_send_in_flight_is_settled_once(db: Database) -> None:
+    """An attempt is marked in flight and pushed a confirmation window ahead before
+    Graph is called; then either Graph's answer or a delivery status settles it, and
+    only the first of them counts."""
+    citizen = await _citizen(db)
+    now = datetime.now(UTC)
+    a = await db.outbox.add("$a", citizen.id, ROOM, "a")
+    b = await db.outbox.add("$b", citizen.id, ROOM, "b")
+    c = await db.outbox.add("$c", citizen.id, ROOM, "c")
+    assert a is not None and b is not None and c is not None
+    # Never attempted: no status can settle it.
+    assert await db.outbox.confirm_in_flight(a, "wamid.X") is None
+    assert await db.outbox.fail_in_flight(a, "x") is None
+
+    window = now + timedelta(minutes=10)
+    assert await db.outbox.begin_attempt(a, window)
+    item = await db.outbox.get(a)
+    assert item is not None and item.status == "pending" and item.sending_at is not None
+    assert item.next_attempt_at == window and item.attempts == 0
+    assert [i.id for i in await db.outbox.due(now + timedelta(minutes=1))] == [b, c]
+    assert [i.id for i in await db.outbox.due(window)] == [b, c, a]
+
+    # The crash case: a status confirms the send in flight, once.
+    confirmed = await db.outbox.confirm_in_flight(a, "wamid.A")
+    assert confirmed is not None and (confirmed.id, confirmed.status, confirmed.wamid,
+                                      confirmed.sending_at, confirmed.attempts) == (
+        a, "sent", "wamid.A", None, 1)
+    assert await db.outbox.confirm_in_flight(a, "wamid.OTHER") is None
+    assert await db.outbox.fail_in_flight(a, "late") is None
+    assert await db.outbox.mark_sent(a, "wamid.LATE") is False  # the answer came second
+    assert (await db.outbox.by_wamid("wamid.A")) is not None
+
+    # A failed status fails it; Graph's answer after that changes nothing.
+    assert await db.outbox.begin_attempt(b, window)
+    failed = await db.outbox.fail_in_flight(b, "status failed 131026")
+    assert failed is not None and (failed.status, failed.last_error, failed.sending_at) == (
+        "failed", "status failed 131026", None)
+    assert await db.outbox.mark_sent(b, "wamid.B") is False
+
+    # Graph's answer first: marked sent, the in-flight mark cleared, a status is late.
+    assert await db.outbox.begin_attempt(c, window)
+    assert await db.outbox.mark_sent(c, "wamid.C") is True
+    item = await db.outbox.get(c)
+    assert item is not None and (item.status, item.sending_at) == ("sent", None)
+    assert await db.outbox.confirm_in_flight(c, "wamid.C") is None
+
+    # Retry and failure clear the mark too; a row no longer pending is not begun.
+    d = await db.outbox.add("$d", citizen.id, ROOM, "d")
+    assert d is not None and await db.outbox.begin_attempt(d, window)
+    await db.outbox.retry_later(d, now + timedelta(seconds=4), "500 None")
+    item = await db.outbox.get(d)
+    assert item is not None and item.sending_at is None and item.attempts == 1
+    assert await db.outbox.confirm_in_flight(d, "wamid.D") is None
+    assert await db.outbox.begin_attempt(d, window)
+    await db.outbox.mark_failed(d, "131047")
+    item = await db.outbox.get(d)
+    assert item is not None and (item.status, item.sending_at) == ("failed", None)
+    assert not await db.outbox.begin_attempt(d, window)
+
+
 async def test_cancel_for_citizen_cancels_only_their_pending(db: Database) -> None:
     one, two = await _citizen(db, 1), await _citizen(db, 2)
     pending = await db.outbox.add("$1", one.id, ROOM, "p")

@@ -262,6 +262,38 @@ def test_failed_status_with_errors_and_bsuid_only_recipient() -> None:
     assert [(e.code, e.title) for e in s.errors] == [(131047, "Re-engagement message")]
 
 
+def test_status_callback_data() -> None:
+    item = {"id": "wamid.OUT", "status": "sent", "timestamp": TS, "recipient_id": WA_ID,
+            "biz_opaque_callback_data": "cb1.42"}
+    (s,) = parse_webhook(envelope(value(statuses=[item])), PHONE_ID).statuses
+    assert s.callback_data == "cb1.42"
+    del item["biz_opaque_callback_data"]
+    (s,) = parse_webhook(envelope(value(statuses=[item])), PHONE_ID).statuses
+    assert s.callback_data is None
+
+
+@pytest.mark.parametrize("junk", [42, None, "", {"id": "cb1.1"}, ["cb1.1"], True, "x" * 513])
+def test_status_junk_callback_data_is_dropped_not_the_status(junk: Any) -> None:
+    item = {"id": "wamid.OUT", "status": "read", "timestamp": TS, "recipient_id": WA_ID,
+            "biz_opaque_callback_data": junk}
+    batch = parse_webhook(envelope(value(statuses=[item])), PHONE_ID)
+    (s,) = batch.statuses
+    assert (s.wamid, s.status, s.callback_data) == ("wamid.OUT", "read", None)
+    assert batch.ignored == ()
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=600),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6))
+def test_status_callback_data_is_a_short_string_or_none(junk: Any) -> None:
+    item = {"id": "wamid.OUT", "status": "delivered", "timestamp": TS,
+            "biz_opaque_callback_data": junk}
+    (s,) = parse_webhook(envelope(value(statuses=[item])), PHONE_ID).statuses
+    assert s.callback_data is None or (isinstance(s.callback_data, str)
+                                       and 0 < len(s.callback_data) <= 512
+                                       and s.callback_data == junk)
+
+
 def test_status_missing_fields_ignored() -> None:
     batch = parse_webhook(envelope(value(statuses=[{"id": "wamid.X"}, "junk"])), PHONE_ID)
     assert batch.statuses == () and len(batch.ignored) == 2
