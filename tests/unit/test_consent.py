@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,21 +16,12 @@ from bridge.whatsapp.consent import (
     notice_hash,
     notice_text,
 )
-from bridge.whatsapp.webhook_parse import InboundMessage, Sender
+from tests.fixtures.messages import button, text
 
 CFG = ConsentConfig(agency_name="Ayuntamiento de Ejemplo")
 STATES = ("unknown", "prompted", "granted", "withdrawn", "refused")
 
 
-def text(body: str) -> InboundMessage:
-    return InboundMessage(wamid="wamid.x", sender=Sender("34600000000", None),
-                          timestamp=datetime.now(UTC), kind="text", raw_type="text", text=body)
-
-
-def button(button_id: str, title: str) -> InboundMessage:
-    return InboundMessage(wamid="wamid.y", sender=Sender("34600000000", None),
-                          timestamp=datetime.now(UTC), kind="button", raw_type="interactive",
-                          button_id=button_id, button_title=title)
 
 
 @pytest.mark.parametrize("body", ["ACEPTO", "acepto", "Sí", "si", " SÍ ", "yes!", "¡Acepto!"])

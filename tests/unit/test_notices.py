@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import secrets
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -27,7 +26,7 @@ from bridge.whatsapp.notice_consent import (
     intent_of,
 )
 from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE, new_subscription_code
-from bridge.whatsapp.webhook_parse import InboundMessage, Sender
+from tests.fixtures.messages import button, text
 
 STATES = ("unknown", "prompted", "granted", "withdrawn", "refused")
 SEDE = "https://sede.ejemplo.es/notificaciones"
@@ -118,15 +117,6 @@ def test_disabled_notices_need_no_issuer_or_sede() -> None:
 # --- keywords ----------------------------------------------------------------------------
 
 
-def text(body: str) -> InboundMessage:
-    return InboundMessage(wamid="wamid.x", sender=Sender("34600000000", None),
-                          timestamp=datetime.now(UTC), kind="text", raw_type="text", text=body)
-
-
-def button(button_id: str, title: str) -> InboundMessage:
-    return InboundMessage(wamid="wamid.y", sender=Sender("34600000000", None),
-                          timestamp=datetime.now(UTC), kind="button", raw_type="interactive",
-                          button_id=button_id, button_title=title)
 
 
 @pytest.mark.parametrize("body", ["AVISOS", "avisos", " Avísos ", "¡AVISOS!", "avisos."])
