@@ -27,14 +27,12 @@ from typing import Any, Final, Literal
 
 from bridge.errors import BadRequest
 from bridge.privacy import KeyedIndex
+from bridge.whatsapp.graph import MAX_CALLBACK_DATA  # the send's limit, echoed on statuses
 
 OBJECT: Final = "whatsapp_business_account"
 MEDIA_KINDS: Final = frozenset({"image", "video", "sticker", "document", "audio"})
 # Unix seconds as Meta sends them; the bound keeps datetime in range.
 _TIMESTAMP = re.compile(r"^[0-9]{1,11}$")
-# `biz_opaque_callback_data`: what the sender set on the send request (max 512 chars),
-# echoed on that message's statuses (bridge.whatsapp.graph.MAX_CALLBACK_DATA).
-MAX_CALLBACK_DATA: Final = 512
 
 MessageKind = Literal[
     "text", "image", "video", "sticker", "document", "audio", "location", "reaction",
