@@ -383,14 +383,19 @@ class Config(_Section):
             raise ValueError("notices.opt_in_words: a notices keyword is also a consent "
                              "keyword (compared ignoring case and accents): "
                              + ", ".join(sorted(notices & chat)) + "; make them distinct")
-        n = self.notices
-        shown = (n.consent_text.replace("{agency}", self.consent.agency_name)
-                 .replace("{issuer}", n.issuer).replace("{sede}", n.sede_url))
+        shown = self.notices_consent_text
         if len(shown) > MAX_INTERACTIVE_BODY:
             raise ValueError(f"notices.consent_text: {len(shown)} characters once its "
                              f"placeholders are filled in; WhatsApp allows "
                              f"{MAX_INTERACTIVE_BODY}: shorten it")
         return self
+
+    @property
+    def notices_consent_text(self) -> str:
+        """The notices consent text as citizens are shown it (placeholders filled in)."""
+        n = self.notices
+        return (n.consent_text.replace("{agency}", self.consent.agency_name)
+                .replace("{issuer}", n.issuer).replace("{sede}", n.sede_url))
 
     @property
     def bot_mxid(self) -> str:

@@ -94,9 +94,7 @@ def decide(state: ConsentState, intent: NoticesIntent) -> NoticesDecision:
 
 
 def consent_text(cfg: Config) -> str:
-    n = cfg.notices
-    return (n.consent_text.replace("{agency}", cfg.consent.agency_name)
-            .replace("{issuer}", n.issuer).replace("{sede}", n.sede_url))
+    return cfg.notices_consent_text
 
 
 def consent_hash(cfg: Config) -> str:
