@@ -35,14 +35,19 @@ MAX_ANNOUNCEMENT = 4000
 CLOSED_NOTICE = "Esta sala se ha cerrado. / This room has been closed."
 # bot sends `content` into a room (encrypted by its device); returns the event id
 Send = Callable[[RoomID, dict[str, Any]], Awaitable[EventID]]
+# the bridge's devices re-read a room's members before they next encrypt there
+RoomChanged = Callable[[str], None]
 
 
 class Moderation:
     """Moderation actions over one room at a time; `actor` is who asked (for the audit)."""
 
     def __init__(self, config: Config, db: Database, api: MatrixAPI, rooms: Rooms,
-                 bot: UserID, send: Send) -> None:
+                 bot: UserID, send: Send, room_changed: RoomChanged) -> None:
         self._config = config
+        # Called after removing members, not left to the appservice transaction that
+        # reports it: the next message then never goes out under a key they hold.
+        self._room_changed = room_changed
         self._db = db
         self._api = api
         self._rooms = rooms
@@ -66,6 +71,7 @@ class Moderation:
         await audited(self._db, actor, f"room.{action}", f"{room.room_id} {uid}", text,
                       lambda: self._api.membership_action(self._bot, room.room_id, action,
                                                           uid, text), action)
+        self._room_changed(room.room_id)
 
     async def mute(self, actor: str, room_id: str, target: str, why: str | None) -> None:
         """Set the user's power below events_default; the old level is kept for unmute."""
@@ -141,6 +147,7 @@ class Moderation:
                 failed += 1
                 log.warning("closing %s: could not remove a member (%s)", room.room_id,
                             exc.errcode)
+        self._room_changed(room.room_id)
         # The spec requires a replacement room; there is none, so it is empty: clients
         # show the room as ended without offering anywhere to go.
         await audited(self._db, actor, "room.close", room.room_id, text,

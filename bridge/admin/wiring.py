@@ -45,7 +45,7 @@ def build_admin(config: Config, db: Database, http: aiohttp.ClientSession, api: 
     secret = config.invites.registration_shared_secret
     registrar = SynapseRegistrar(http, config.homeserver.url, secret) if secret else None
     admin = AdminService(config, db, api, rooms, ghosts)
-    moderation = Moderation(config, db, api, rooms, bot, send)
+    moderation = Moderation(config, db, api, rooms, bot, send, ghosts.room_changed)
     invites = InviteLinks(config, db, api, rooms, bot, privacy, registrar)
     management = ManagementRoom(config, db, admin, moderation, invites, reply)
     relay.add_handler(management)

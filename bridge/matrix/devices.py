@@ -4,12 +4,18 @@ Why one device per ghost: staff clients then see each pseudonym's messages come 
 that pseudonym's own device, not "sent by another user's device" (MISMATCHED_SENDER).
 
 Why /sync per device rather than to-device events from appservice transactions (MSC2409):
-nio keeps room membership, device-list changes, one-time-key counts and Olm sessions
-up to date from /sync out of the box; feeding transaction payloads into nio's private
-Olm machine would duplicate that bookkeeping by hand. The cost is one long-poll per
-open device; devices are opened lazily (the bot at start, a ghost when it first
-speaks). MSC2409 stays on in the registration so this can move to transactions
-when the number of concurrently active ghosts makes long-polls too expensive.
+nio keeps device-list changes, one-time-key counts and Olm sessions up to date from
+/sync out of the box; feeding transaction payloads into nio's private Olm machine would
+duplicate that bookkeeping by hand. Devices are opened lazily (the bot at start, a ghost
+when it first speaks). MSC2409 stays on in the registration so this can move to
+transactions when the number of concurrently active ghosts makes syncs too expensive.
+
+Rooms are not synced at all (the filter blocks them): the bridge reads every room event
+from appservice transactions already. What a device needs of a room to encrypt into it
+(who is joined or invited, the history visibility) is read with one GET /state when it
+first sends there, and again after a transaction reports a membership or visibility
+change (`Devices.room_changed`). A changed member list ends the room's Megolm session,
+as nio does when it sees the change in a sync, so a removed member gets no later keys.
 
 Crypto state lives in nio's SQLite store under `appservice.store_dir`, pickled with a
 key derived from `privacy.data_key`, so it survives restarts; the device id is fixed
@@ -35,26 +41,18 @@ from bridge.types import DeviceID, RoomID, UserID
 
 log = logging.getLogger(__name__)
 
-# Devices need room state (membership, encryption) and to-device messages; never
-# messages (the bridge reads those from appservice transactions), presence or account
-# data. Filtering the timeline by type keeps nio from processing every message of every
-# room. (Blocking the timeline outright is cheaper for Synapse but drops state changes
-# from incremental syncs altogether.)
-STATE_TYPES = ["m.room.member", "m.room.encryption", "m.room.history_visibility",
-               "m.room.create", "m.room.power_levels", "m.room.join_rules"]
+# To-device messages, device-list changes and one-time-key counts only: no rooms (see the
+# module docstring), presence or account data. Measured with bench/whatsapp_relay.py
+# (5 citizens, 2 cores, max rate): when the bot's syncs carried room state (timeline
+# filtered to state types), each sync made Synapse re-read every changed room and cost
+# it 30-160 ms of CPU; relaying ran at 0.81-0.86 of a bare client's rate, 0.95-1.05
+# without rooms. Synapse skips all room work for a filter that blocks every room.
 SYNC_FILTER: dict[str, Any] = {
     "presence": {"not_types": ["*"]},
     "account_data": {"not_types": ["*"]},
-    "room": {"timeline": {"limit": 100, "types": STATE_TYPES},
-             "account_data": {"not_types": ["*"]}, "ephemeral": {"not_types": ["*"]}},
+    "room": {"rooms": []},
 }
-# The bot's long-poll timeout. Every message in its rooms wakes a waiting poll, and
-# Synapse then re-reads each changed room from the poll's `since` and filters out the
-# messages: the cost of a wake-up grows with the time the poll has waited. Measured
-# with bench/whatsapp_relay.py (~12 msg/s, 2 cores): Synapse spent ~85 ms of CPU per
-# relayed message with 30 s polls, ~62 ms with 2 s polls. The limit of 100 keeps such
-# re-reads on Synapse's fast path (no back-pagination while fewer events than the
-# limit arrived in a room). Staff room keys (to-device) still end a poll at once.
+# The bot's long-poll timeout. Staff room keys (to-device) end a poll at once.
 LONG_POLL_MS = 2_000
 # A ghost's state is refreshed (one /sync without waiting) at least this often before
 # it sends, and in the background so its one-time keys stay topped up.
@@ -99,9 +97,10 @@ class Device:
     appservice transactions), and every GHOST_UPKEEP_SECONDS in the background.
     """
 
-    def __init__(self, client: nio.AsyncClient, long_poll: bool,
+    def __init__(self, client: nio.AsyncClient, api: MatrixAPI, long_poll: bool,
                  is_ours: Callable[[str], bool] = lambda _user: False) -> None:
         self.client = client
+        self.api = api
         self.long_poll = long_poll
         # Room keys of earlier messages for staff devices that appear later.
         self.keys = KeyForwarder(client, is_ours)
@@ -178,6 +177,8 @@ class Device:
     async def forward_keys(self) -> None:
         """Send earlier room keys to devices that are owed them; never fails a send."""
         try:
+            for room_id in self.keys.ledger.rooms():
+                await self.prepare_room(self.api, RoomID(room_id))
             await self.keys.forward()
         except asyncio.CancelledError:
             raise
@@ -207,28 +208,63 @@ class Device:
             await c.keys_claim(c.get_users_for_key_claiming())
 
     async def prepare_room(self, api: MatrixAPI, room_id: RoomID) -> None:
-        """Make nio know the room's joined AND invited members before encrypting.
+        """Know the room's joined AND invited members and its history visibility.
 
-        With portal history visible from invitation, invited staff must get the room key
-        too; nio's own fallback (`joined_members`) would leave them out.
+        Read from the room's state when the room is new to this device or marked
+        changed. Invited members count: with portal history visible from invitation,
+        invited staff must get the room key too (nio's own fallback, `joined_members`,
+        would leave them out). If the members differ from what the device knew, its
+        outbound Megolm session ends, so the next message goes out under a new key
+        (nio does the same when a sync shows a membership change).
         """
         room = self.client.rooms.get(room_id)
-        if room is not None and room.members_synced and room.encrypted:
+        if room is not None and room.members_synced:
             return
+        state = await api.get_state(self.user_id, room_id)
         if room is None:
             room = nio.MatrixRoom(room_id, self.client.user_id, encrypted=True)
             self.client.rooms[room_id] = room
-        room.encrypted = True
-        for member in await api.members(self.user_id, room_id):
-            content = member.get("content", {})
-            room.add_member(member["state_key"], content.get("displayname"),
-                            content.get("avatar_url"),
-                            invited=content.get("membership") == "invite")
+        room.encrypted = True  # every room the bridge speaks in is encrypted
+        members: dict[str, dict[str, Any]] = {}
+        for event in state:
+            content = event.get("content", {})
+            if event.get("type") == "m.room.member" and \
+                    content.get("membership") in ("join", "invite", "knock"):
+                members[str(event.get("state_key"))] = content
+            elif event.get("type") == "m.room.history_visibility":
+                room.history_visibility = str(content.get("history_visibility", "shared"))
+        if self.client.user_id not in members:
+            # Left or removed: nothing more is encrypted or forwarded there.
+            del self.client.rooms[room_id]
+            if self.client.olm:
+                self.client.invalidate_outbound_session(room_id)
+            return
+        known = {user_id: user_id in room.invited_users for user_id in room.users}
+        wanted = {user_id: c.get("membership") == "invite" for user_id, c in members.items()}
+        changed = {user_id for user_id in wanted if known.get(user_id) != wanted[user_id]}
+        if known != wanted:
+            for user_id in known:
+                room.remove_member(user_id)
+            for user_id, content in members.items():
+                room.add_member(user_id, content.get("displayname"), content.get("avatar_url"),
+                                invited=wanted[user_id])
+            if self.client.olm:
+                self.client.invalidate_outbound_session(room_id)
         room.members_synced = True
         if self.client.olm:
             self.client.olm.update_tracked_users(room)
+            # Synapse reports device changes only between users who share a joined room:
+            # a member who just joined may bring devices made while only invited.
+            self.client.olm.users_for_key_query.update(changed)
         if self.client.should_query_keys:
             await self.client.keys_query()
+
+    def room_changed(self, room_id: str) -> None:
+        """Members or history visibility changed: read the room again before use."""
+        room = self.client.rooms.get(room_id)
+        if room is not None:
+            room.members_synced = False
+            self.wake()
 
     async def send(self, api: MatrixAPI, room_id: RoomID, event_type: str,
                    content: dict[str, Any], txn_id: str | None = None) -> str:
@@ -281,11 +317,10 @@ class Devices:
     def get_open(self, user_id: UserID) -> Device | None:
         return self._devices.get(user_id)
 
-    def members_changed(self, room_id: str) -> None:
+    def room_changed(self, room_id: str) -> None:
         """Someone joined, left or was invited: devices in the room refresh first."""
         for device in self._devices.values():
-            if room_id in device.client.rooms:
-                device.wake()
+            device.room_changed(room_id)
 
     def users_changed(self, users: set[str]) -> None:
         for device in self._devices.values():
@@ -309,7 +344,7 @@ class Devices:
                                              pickle_key=self._pickle_key),
             )
             client.restore_login(user_id, device_id, token)
-            device = Device(client, long_poll=user_id == self._long_poll_user,
+            device = Device(client, self._api, long_poll=user_id == self._long_poll_user,
                             is_ours=lambda user: self.is_ours(user))
             if client.should_upload_keys:
                 try:

@@ -40,8 +40,8 @@ class Ghosts:
         self.bot = UserID(f"@{prefix}bot:{domain}")
         devices.is_ours = self.is_ours
 
-    def members_changed(self, room_id: str) -> None:
-        self._devices.members_changed(room_id)
+    def room_changed(self, room_id: str) -> None:
+        self._devices.room_changed(room_id)
 
     def is_ours(self, user_id: str) -> bool:
         return user_id.startswith(f"@{self._prefix}") and user_id.endswith(f":{self._domain}")

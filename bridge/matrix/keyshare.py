@@ -140,6 +140,10 @@ class KeyLedger:
         key = (session_id, curve25519)
         self.delivered[key] = min(index, self.delivered.get(key, index))
 
+    def rooms(self) -> set[str]:
+        """Rooms this device created sessions in."""
+        return {room_id for room_id, _ in self.records}
+
     def forget_rooms_except(self, rooms: set[str]) -> None:
         """Drop what was kept for rooms this device is no longer in."""
         gone = [key for key in self.records if key[0] not in rooms]

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 # Room keys come over the bot's /sync, usually within milliseconds of the event.
 KEY_WAIT_SECONDS = 20.0
+# State that decides who may read a room's messages: devices re-read it before they
+# next encrypt there (they do not sync rooms; see bridge.matrix.devices).
+ROOM_KEY_STATE = ("m.room.member", "m.room.history_visibility")
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,9 @@ class Relay:
         """Process one room event from a transaction."""
         sender = str(event.get("sender", ""))
         etype = event.get("type")
+        if etype in ROOM_KEY_STATE:
+            self._ghosts.room_changed(str(event.get("room_id")))
         if etype == "m.room.member":
-            self._ghosts.members_changed(str(event.get("room_id")))
             if not self._ghosts.is_ours(sender):
                 await self._on_member(event)
             return

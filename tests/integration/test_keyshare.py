@@ -138,3 +138,42 @@ async def test_left_and_never_invited_users_get_nothing(bridge: BridgeHarness) -
     finally:
         for client in (late_leaver, late_outsider, late_staff):
             await client.close()
+
+
+async def test_a_removed_member_gets_no_key_for_later_messages(bridge: BridgeHarness) -> None:
+    """Kicking a member ends the ghost's Megolm session at once: the next message goes
+    out under a key the removed member's device never receives."""
+    staff = await _account(bridge, "stays")
+    removed = await _account(bridge, "removed")
+    room_id, ghost = await _portal_like(bridge, staff)
+    status, body = await bridge.running.call("POST", f"/admin/v1/rooms/{room_id}/invite",
+                                             {"user_id": removed.user_id})
+    assert status == 200, body
+    stays = await staff_login(bridge.synapse.synapse, staff.localpart, staff.password)
+    gone = await staff_login(bridge.synapse.synapse, removed.localpart, removed.password)
+    try:
+        await stays.join(room_id)
+        await gone.join(room_id)
+        m1 = await _say(bridge, ghost, room_id, "antes de la expulsión")
+        await gone.wait_for_message(room_id, lambda m: m.body == m1, timeout=30)
+        olm = _ghost_device(bridge, ghost).client.olm
+        first = str(olm.outbound_group_sessions[room_id].id)
+
+        status, body = await bridge.running.call(
+            "POST", f"/admin/v1/rooms/{room_id}/kick",
+            {"user_id": removed.user_id, "reason": "insultos"})
+        assert status == 200, body
+        m2 = await _say(bridge, ghost, room_id, "después de la expulsión")
+        await stays.wait_for_message(room_id, lambda m: m.body == m2, timeout=30)
+        second = str(olm.outbound_group_sessions[room_id].id)
+        assert second != first
+
+        ghost_key = str(olm.account.identity_keys["curve25519"])
+        await gone.sync_once()  # everything sent to the removed device has arrived
+        store = gone.client.olm.inbound_group_store
+        assert store.get(room_id, ghost_key, first) is not None
+        assert store.get(room_id, ghost_key, second) is None
+        assert stays.client.olm.inbound_group_store.get(room_id, ghost_key, second) is not None
+    finally:
+        for client in (stays, gone):
+            await client.close()
