@@ -57,10 +57,19 @@ class NoticeSubscriptions:
             await self._record(citizen, decision.state, "whatsapp", wamid)
 
     async def withdraw(self, citizen: Citizen, evidence: str, channel: str) -> bool:
-        """Withdraw notices if granted (chat opt-out keyword, erasure); True if it was."""
+        """Withdraw notices if granted (chat opt-out keyword, erasure); True if it was.
+
+        Also True when this same message (`evidence`) withdrew them already: a retry after
+        a crash between the withdrawal and the citizen's confirmation must still say so.
+        """
         sub = await self._db.subscriptions.get(citizen.id)
-        if sub is None or sub.state != "granted":
+        if sub is None:
             return False
+        if sub.state != "granted":
+            records = [r for r in await self._db.consent.for_citizen(citizen.id)
+                       if r.purpose == "notices"]
+            return sub.state == "withdrawn" and bool(records) and \
+                records[-1].evidence == evidence
         await self._record(citizen, "withdrawn", channel, evidence)
         await self._cancel(citizen)
         return True

@@ -20,7 +20,7 @@ from bridge.types import Pseudonym
 from bridge.whatsapp.consent import OPT_IN_BUTTON, OPT_OUT_BUTTON
 from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON, consent_hash
 from bridge.whatsapp.simulator import SimulatedUser
-from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE
+from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE, NoticeSubscriptions
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_whatsapp import (
     USED_IDENTIFIERS,
@@ -432,3 +432,21 @@ async def test_notices_privacy_sweep(bridge: BridgeHarness) -> None:
     for identifier in USED_IDENTIFIERS:
         assert identifier not in haystack, "an identifier leaked"
     assert re.search(r"notice \d+ queued for [A-Z]{4}-[A-Z]{4}", haystack)
+
+
+async def test_a_retried_opt_out_still_says_notices_were_withdrawn(
+        bridge: BridgeHarness) -> None:
+    """A crash between withdrawing notices and queuing the BAJA confirmation: the retry
+    of the same message must still tell the citizen that notices were withdrawn."""
+    h = bridge
+    b = h.running.bridge
+    citizen = new_citizen()
+    await subscribe(h, citizen)
+    citizen_row = await row(h, citizen)
+    subscriptions = NoticeSubscriptions(b.config, b.db, b.outbox, b.metrics)
+    assert await subscriptions.withdraw(citizen_row, "wamid.BAJA-1", "whatsapp")
+    assert await subscriptions.withdraw(citizen_row, "wamid.BAJA-1", "whatsapp")  # the retry
+    assert not await subscriptions.withdraw(citizen_row, "wamid.BAJA-2", "whatsapp")
+    records = [r for r in await b.db.consent.for_citizen(citizen_row.id)
+               if r.purpose == "notices"]
+    assert [r.state for r in records][-2:] == ["granted", "withdrawn"]  # recorded once
