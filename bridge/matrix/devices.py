@@ -110,6 +110,7 @@ class Device:
         self._upkeep_lock = asyncio.Lock()
         self._last_upkeep = float("-inf")
         self.dirty = True
+        self._room_changes: dict[str, int] = {}  # per known room: changes reported so far
 
     @property
     def user_id(self) -> UserID:
@@ -220,22 +221,25 @@ class Device:
         room = self.client.rooms.get(room_id)
         if room is not None and room.members_synced:
             return
-        state = await api.get_state(self.user_id, room_id)
-        if room is None:
+        if room is None:  # known from now on, so that changes reported meanwhile count
             room = nio.MatrixRoom(room_id, self.client.user_id, encrypted=True)
             self.client.rooms[room_id] = room
         room.encrypted = True  # every room the bridge speaks in is encrypted
+        changes = self._room_changes.get(room_id, 0)
+        state = await api.get_state(self.user_id, room_id)
         members: dict[str, dict[str, Any]] = {}
         for event in state:
             content = event.get("content", {})
+            # Not knocks: a user asking to enter may not read the room until let in.
             if event.get("type") == "m.room.member" and \
-                    content.get("membership") in ("join", "invite", "knock"):
+                    content.get("membership") in ("join", "invite"):
                 members[str(event.get("state_key"))] = content
             elif event.get("type") == "m.room.history_visibility":
                 room.history_visibility = str(content.get("history_visibility", "shared"))
         if self.client.user_id not in members:
             # Left or removed: nothing more is encrypted or forwarded there.
-            del self.client.rooms[room_id]
+            self.client.rooms.pop(room_id, None)
+            self._room_changes.pop(room_id, None)
             if self.client.olm:
                 self.client.invalidate_outbound_session(room_id)
             return
@@ -250,7 +254,8 @@ class Device:
                                 invited=wanted[user_id])
             if self.client.olm:
                 self.client.invalidate_outbound_session(room_id)
-        room.members_synced = True
+        # A change reported while the state was being read may be missing from it.
+        room.members_synced = self._room_changes.get(room_id, 0) == changes
         if self.client.olm:
             self.client.olm.update_tracked_users(room)
             # Synapse reports device changes only between users who share a joined room:
@@ -263,6 +268,7 @@ class Device:
         """Members or history visibility changed: read the room again before use."""
         room = self.client.rooms.get(room_id)
         if room is not None:
+            self._room_changes[room_id] = self._room_changes.get(room_id, 0) + 1
             room.members_synced = False
             self.wake()
 

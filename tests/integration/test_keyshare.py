@@ -8,6 +8,7 @@ Users who left or were never members get nothing.
 from __future__ import annotations
 
 import secrets
+from urllib.parse import quote
 
 import pytest
 
@@ -16,6 +17,7 @@ from bridge.types import RoomID, UserID
 from tests.fixtures.bridge import BridgeHarness, StaffAccount
 from tests.fixtures.staff import StaffClient, staff_login
 from tests.integration.test_matrix_core import _ghost_in_room, create_room
+from tests.integration.test_moderation import create_room as create_knock_room
 
 pytestmark = pytest.mark.integration
 
@@ -177,3 +179,25 @@ async def test_a_removed_member_gets_no_key_for_later_messages(bridge: BridgeHar
     finally:
         for client in (stays, gone):
             await client.close()
+
+
+async def test_a_knocking_user_gets_no_room_key(bridge: BridgeHarness) -> None:
+    """Knocking asks to enter; until let in, the user's devices get no room key."""
+    room_id = await create_knock_room(bridge, "Con llamada", join_rule="knock")
+    ghost = await _ghost_in_room(bridge, room_id)
+    account = await _account(bridge, "knocks")
+    knocker = await staff_login(bridge.synapse.synapse, account.localpart, account.password)
+    try:
+        status, body = await bridge.synapse.synapse.request(
+            "POST", f"/_matrix/client/v3/knock/{quote(room_id, safe='')}",
+            {"reason": "quiero participar"}, knocker.client.access_token)
+        assert status == 200, body
+        await _say(bridge, ghost, room_id, "solo para miembros")
+        device = _ghost_device(bridge, ghost)
+        session = str(device.client.olm.outbound_group_sessions[room_id].id)
+        assert account.user_id not in device.client.rooms[room_id].users
+        await knocker.sync_once()
+        ghost_key = str(device.client.olm.account.identity_keys["curve25519"])
+        assert knocker.client.olm.inbound_group_store.get(room_id, ghost_key, session) is None
+    finally:
+        await knocker.close()
