@@ -167,8 +167,25 @@ class WhatsAppConfig(_Section):
     access_token: str = ""
     app_secret: str = ""
     verify_token: str = ""
+    # How long a send cut short after it reached Graph (a crash or stop before the answer
+    # was read) waits for a delivery status echoing its callback data before it is sent
+    # again (bridge.whatsapp.outbox). Meta reports `sent` within seconds; the margin
+    # covers webhook retries and a restart.
+    outbox_confirm_window_seconds: int = 600
 
     _url = field_validator("api_base")(_http_url)
+
+    @field_validator("outbox_confirm_window_seconds")
+    @classmethod
+    def _confirm_window(cls, value: int) -> int:
+        if value < 60:
+            raise ValueError("must be at least 60: a window shorter than delivery statuses "
+                             "take to arrive would resend messages WhatsApp already "
+                             "accepted; raise it (default 600)")
+        if value > 86400:
+            raise ValueError("must be at most 86400 (a day): a message cut short would wait "
+                             "that long before it is sent again; lower it (default 600)")
+        return value
 
     @model_validator(mode="after")
     def _required_when_enabled(self) -> WhatsAppConfig:

@@ -252,7 +252,9 @@ async def build_bridge(config: Config) -> Bridge:
 
     graph = GraphClient.from_config(http, config.whatsapp)
     portals = Portals(config, db, api, ghosts, rooms, relay)
-    outbox = Outbox(db, privacy, graph, api, ghosts.bot, portals.notice, metrics)
+    outbox = Outbox(db, privacy, graph, api, ghosts.bot, portals.notice, metrics,
+                    confirm_window=timedelta(
+                        seconds=config.whatsapp.outbox_confirm_window_seconds))
     mirror = Mirror(db, api, relay, graph, portals, metrics)
     subscriptions = NoticeSubscriptions(config, db, outbox, metrics)
     handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}
@@ -269,6 +271,6 @@ async def build_bridge(config: Config) -> Bridge:
                   moderation=parts.moderation, invites=parts.invites,
                   citizens=CitizenData(config, db, privacy, portals, ghosts,
                                         subscriptions),
-                  notices=Notices(config, db, outbox, metrics),
+                  notices=Notices(config, db, outbox, metrics, subscriptions, ghosts.is_ours),
                   election=election_for(config.database.url),
                   pod=await PodLabeler.from_environment(http))

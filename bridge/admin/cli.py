@@ -97,6 +97,10 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
         if args.notice_command == "send":
             return "POST", "/admin/v1/notices", {"recipient": args.recipient,
                                                  "reference": args.reference}
+        if args.notice_command == "withdraw":
+            return "POST", "/admin/v1/notices/withdrawals", {
+                "recipient": args.recipient, "staff_id": args.staff_id,
+                "evidence": args.evidence}
         params = {"limit": args.limit, "reference": args.reference, "recipient": args.recipient}
         return "GET", "/admin/v1/notices?" + "&".join(
             f"{k}={quote(str(v), safe='')}" for k, v in params.items() if v is not None), None
@@ -151,6 +155,13 @@ def render(args: argparse.Namespace, data: Any) -> tuple[str, str, int]:
         return f"{out}\n{status}".rstrip("\n"), problem, code
     if what == "citizen" and args.citizen_command == "export":
         return json.dumps(data, indent=2, ensure_ascii=False), "", EXIT_OK  # machine-readable
+    if what == "notice" and args.notice_command == "withdraw":
+        if data["withdrawn"]:
+            return (f"notices consent of {data['pseudonym']} withdrawn (recorded as in person; "
+                    "unsent notices cancelled; no WhatsApp message: confirm to the citizen)",
+                    "", EXIT_OK)
+        return (f"nothing to withdraw: notices consent of {data['pseudonym']} is "
+                f"{data['state']}", "", EXIT_OK)
     if what == "notice":
         entries = data["notices"] if args.notice_command == "list" else [data]
         rows = [(n["id"], n["reference"], n["pseudonym"], n["status"],
@@ -239,6 +250,13 @@ def add_admin_parser(sub: Any) -> None:
     p = notice.add_parser("send", help="send the fixed notice template (never content)")
     p.add_argument("recipient", help="the subscription code or the citizen's Matrix user id")
     p.add_argument("reference", help="the notification platform's reference (logged only)")
+    p = notice.add_parser("withdraw", help="withdraw notices consent the citizen asked to "
+                                           "withdraw in person")
+    p.add_argument("recipient", help="the subscription code or the citizen's Matrix user id")
+    p.add_argument("--staff-id", required=True,
+                   help="Matrix user id of the staff member who assisted")
+    p.add_argument("--evidence", required=True,
+                   help="the agency's record of the request (e.g. registry entry number)")
     p = notice.add_parser("list", help="the notice log, newest first (informative only)")
     p.add_argument("--reference", default=None)
     p.add_argument("--recipient", default=None)

@@ -6,27 +6,34 @@ The bridge sends the fixed, approved template (issuing body as its only paramete
 sede's generic link fixed in the template) through the durable outbox. Content can
 never be passed: any field other than `recipient` and `reference` is refused, and the
 reference is only logged, never sent. Every entry says it is informative only.
+
+`POST /admin/v1/notices/withdrawals` records a withdrawal the citizen asked for in person
+(GDPR art. 7(3)): with the staff member who assisted and the agency's own record of it.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from bridge.config import Config
+from bridge.admin.common import MXID
+from bridge.config import Config, NoticesConfig
 from bridge.db import Citizen, Database, Notice
 from bridge.errors import BridgeError, InvalidParam, NotFound, Unavailable
 from bridge.metrics import Metrics
 from bridge.privacy import looks_like_personal_id
 from bridge.types import Pseudonym, UserID
 from bridge.whatsapp.outbox import Outbox
-from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE
+from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE, NoticeSubscriptions
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("recipient", "reference")
+WITHDRAWAL_FIELDS = ("recipient", "staff_id", "evidence")
+MAX_USER_ID = 255
 REFERENCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:\-]{0,127}")
 LABEL = ("Registro informativo: no acredita la práctica de la notificación. "
          "Informative record only, not proof of notification.")
@@ -56,39 +63,71 @@ def notice_entry(n: Notice) -> dict[str, Any]:
     }
 
 
-def parse_request(body: dict[str, Any]) -> tuple[str, str]:
-    """(recipient, reference) of a send request; refuses anything that could be content."""
+def _only(body: dict[str, Any], fields: tuple[str, ...], why: str) -> None:
     for key in body:
-        if key not in FIELDS:
-            raise InvalidParam(f"{str(key)[:40]}: unknown field; a notice carries no content "
-                               "(only recipient and reference are accepted)")
-    recipient, reference = body.get("recipient"), body.get("reference")
+        if key not in fields:
+            raise InvalidParam(f"{str(key)[:40]}: unknown field; {why}")
+
+
+def _recipient_of(body: dict[str, Any]) -> str:
+    recipient = body.get("recipient")
     if not isinstance(recipient, str) or not recipient.strip():
         raise InvalidParam("recipient: required, the subscription code or the citizen's "
                            "Matrix user ID")
-    if not isinstance(reference, str) or not REFERENCE.fullmatch(reference):
-        raise InvalidParam("reference: required, 1-128 characters of A-Z a-z 0-9 . _ / : -")
-    if looks_like_personal_id(reference):
-        raise InvalidParam("reference: looks like a personal identifier; use the "
-                           "notification platform's own reference")
-    return recipient.strip(), reference
+    return recipient.strip()
+
+
+def _reference(body: dict[str, Any], key: str, whose: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not REFERENCE.fullmatch(value):
+        raise InvalidParam(f"{key}: required, 1-128 characters of A-Z a-z 0-9 . _ / : -")
+    if looks_like_personal_id(value):
+        raise InvalidParam(f"{key}: looks like a personal identifier; use {whose}")
+    return value
+
+
+def parse_request(body: dict[str, Any]) -> tuple[str, str]:
+    """(recipient, reference) of a send request; refuses anything that could be content."""
+    _only(body, FIELDS, "a notice carries no content (only recipient and reference are "
+                        "accepted)")
+    return _recipient_of(body), _reference(body, "reference",
+                                           "the notification platform's own reference")
+
+
+def parse_withdrawal(body: dict[str, Any],
+                     is_ours: Callable[[str], bool]) -> tuple[str, UserID, str]:
+    """(recipient, staff_id, evidence) of an assisted withdrawal; `is_ours` tells the
+    bridge's own users (bot, ghosts), who cannot have assisted anyone."""
+    _only(body, WITHDRAWAL_FIELDS, "only recipient, staff_id and evidence are accepted")
+    recipient = _recipient_of(body)
+    staff_id = body.get("staff_id")
+    if not isinstance(staff_id, str) or len(staff_id) > MAX_USER_ID or \
+            not MXID.fullmatch(staff_id):
+        raise InvalidParam("staff_id: required, the Matrix user ID (@name:server) of the "
+                           "staff member who assisted the citizen")
+    if is_ours(staff_id):
+        raise InvalidParam("staff_id: a user of the bridge itself (bot or ghost), not staff")
+    evidence = _reference(body, "evidence", "the agency's own record of the request (e.g. "
+                                            "the registry entry number)")
+    return recipient, UserID(staff_id), evidence
 
 
 class Notices:
-    """Sends notices of availability and lists their log."""
+    """Sends notices of availability, lists their log, and takes assisted withdrawals."""
 
-    def __init__(self, config: Config, db: Database, outbox: Outbox, metrics: Metrics) -> None:
+    def __init__(self, config: Config, db: Database, outbox: Outbox, metrics: Metrics,
+                 subscriptions: NoticeSubscriptions, is_ours: Callable[[str], bool]) -> None:
         self._config = config
         self._db = db
         self._outbox = outbox
         self._metrics = metrics
+        self._subscriptions = subscriptions
+        self._is_ours = is_ours
 
     async def send(self, actor: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Queue a notice; returns its entry and whether it is new (a repeat of the same
         recipient and reference returns the existing one and sends nothing)."""
-        n = self._config.notices
-        if not n.enabled:
-            raise Unavailable("notices are off; set notices.enabled (see docs/notices.md)")
+        n = self._enabled()
         recipient, reference = parse_request(body)
         citizen = await self._recipient(recipient)
         pseudonym = Pseudonym(citizen.pseudonym_code)
@@ -119,6 +158,18 @@ class Notices:
         log.info("notice %d queued for %s", notice.id, pseudonym)
         return notice_entry(notice), True
 
+    async def withdraw(self, actor: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Withdraw a citizen's notices consent as they asked a staff member in person.
+
+        `withdrawn` is false, and nothing is recorded, when there was no granted consent
+        (never given, already withdrawn, or a repeat of this request)."""
+        self._enabled()
+        recipient, staff_id, evidence = parse_withdrawal(body, self._is_ours)
+        citizen = await self._recipient(recipient)
+        withdrawn, state = await self._subscriptions.withdraw_assisted(citizen, actor,
+                                                                       staff_id, evidence)
+        return {"pseudonym": citizen.pseudonym_code, "state": state, "withdrawn": withdrawn}
+
     async def entries(self, reference: str | None, recipient: str | None,
                       limit: int) -> list[dict[str, Any]]:
         """Log entries, newest first, optionally of one reference and/or recipient."""
@@ -128,6 +179,11 @@ class Notices:
         notices = await self._db.notices.list(reference=reference, pseudonym=pseudonym,
                                               limit=limit)
         return [notice_entry(x) for x in notices]
+
+    def _enabled(self) -> NoticesConfig:
+        if not self._config.notices.enabled:
+            raise Unavailable("notices are off; set notices.enabled (see docs/notices.md)")
+        return self._config.notices
 
     async def _recipient(self, recipient: str) -> Citizen:
         citizen = None

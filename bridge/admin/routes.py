@@ -246,6 +246,13 @@ async def send_notice(request: web.Request) -> web.Response:
     return web.json_response(entry, status=202 if created else 200)
 
 
+@routes.post("/admin/v1/notices/withdrawals")
+async def withdraw_notices(request: web.Request) -> web.Response:
+    """`{recipient, staff_id, evidence}`: the citizen withdrew notices consent in person."""
+    bridge, body = await _body(request)
+    return web.json_response(await bridge.notices.withdraw(ACTOR, body))
+
+
 @routes.get("/admin/v1/notices")
 async def list_notices(request: web.Request) -> web.Response:
     """The notice log, newest first (`reference`, `recipient`, `limit`)."""

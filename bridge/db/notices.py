@@ -59,12 +59,16 @@ class SubscriptionRepo:
                 raise Conflict("subscription code already in use")
             return _subscription(row)
 
-    async def set_state(self, citizen_id: int, state: ConsentState) -> None:
+    async def set_state(self, citizen_id: int, state: ConsentState,
+                        only_from: ConsentState | None = None) -> bool:
+        """Set the state (only if it is `only_from`, when given); False if unchanged."""
         stmt = (update(NoticeSubscriptionRow)
                 .where(NoticeSubscriptionRow.citizen_id == citizen_id)
                 .values(state=state, updated_at=utcnow()))
+        if only_from is not None:
+            stmt = stmt.where(NoticeSubscriptionRow.state == only_from)
         async with self._scope.session() as session:
-            await session.execute(stmt)
+            return rowcount(await session.execute(stmt)) > 0
 
 
 def _subscription(row: NoticeSubscriptionRow) -> NoticeSubscription:

@@ -342,9 +342,10 @@ class OutboxRepo:
             return [_outbox(r) for r in await session.scalars(stmt)]
 
     async def begin_attempt(self, item_id: int, confirm_by: datetime) -> bool:
-        """Record that a send is going out now, in one committed write, before Graph is
-        called: `sending_at` is set and the next attempt moves to `confirm_by`, so a
-        crash mid-send leaves the row waiting for its delivery status until then.
+        """Record that a send is going out now, in one committed write, right before
+        the request that can create the message: `sending_at` is set and the next
+        attempt moves to `confirm_by`, so a crash mid-send leaves the row waiting for its
+        delivery status until then.
 
         False (nothing written) if the row is no longer pending (cancelled meanwhile).
         """

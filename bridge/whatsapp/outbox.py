@@ -7,13 +7,15 @@ Matrix event id for staff messages) makes a redelivered event a no-op.
 Graph has no idempotency key, so the outcome of a send whose answer the bridge never
 read (it crashed or was stopped mid-send) cannot be asked for. Instead every send
 carries `biz_opaque_callback_data` naming its row (`cb1.<outbox id>`, no personal
-data), which Meta echoes on the message's delivery statuses, and before Graph is
-called the row is marked in flight (`sending_at`) with its next attempt pushed
-`confirm_window` (default 10 minutes) ahead, in one committed write. After a restart
-such a row is not due until the window has passed; meanwhile a `sent`, `delivered`,
-`read` or `played` status carrying its callback data marks it sent with that wamid
-(the same bookkeeping as Graph's answer: message map, notice log, metrics), and a
-`failed` one fails it like a permanent Graph error.
+data), which Meta echoes on the message's delivery statuses, and right before the one
+request that can create a message (the POST to /{phone_number_id}/messages; a media
+download and upload come first) the row is marked in flight (`sending_at`) with its
+next attempt pushed `confirm_window` (`whatsapp.outbox_confirm_window_seconds`,
+default 10 minutes) ahead, in one committed write. After a restart such a row is not
+due until the window has passed; meanwhile a `sent`, `delivered`, `read` or `played`
+status carrying its callback data marks it sent with that wamid (the same bookkeeping
+as Graph's answer: message map, notice log, metrics), and a `failed` one fails it like
+a permanent Graph error.
 
 The guarantee: nothing is lost across a restart, and delivery is at-least-once. A
 message goes out twice only if (1) no status with its callback data reaches the bridge
@@ -21,8 +23,8 @@ within the window after a send cut short (statuses lost, delayed or the webhook
 unreachable that long): it is then sent again, with a warning naming the outbox id;
 or (2) Graph accepted it but the answer was a network error or timeout, which is
 retried with backoff like any retryable error (that clears the in-flight mark). A send
-cut short before it reached Graph (e.g. stopped during a media download) is sent once,
-after the window.
+cut short before it reached Graph's messages endpoint (e.g. stopped during a media
+download or upload) is not in flight: it is sent once, without waiting.
 
 System messages (privacy notice, confirmations) go to citizens who have not opted in;
 staff messages only while consent is `granted`, notices of availability only while the
@@ -38,6 +40,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Final
 
 from nio.crypto.attachments import decrypt_attachment
@@ -57,10 +60,6 @@ MAX_MEDIA_BYTES = 100 * 1024 * 1024
 WHATSAPP_KIND = {"m.image": "image", "m.video": "video", "m.audio": "audio",
                  "m.file": "document"}
 Notify = Callable[[RoomID, str], Awaitable[Any]]
-# How long a send cut short (a crash before Graph's answer was read) waits for a
-# delivery status carrying its callback data before it is sent again. Meta reports
-# `sent` within seconds; the margin covers webhook retries and a restart.
-CONFIRM_WINDOW: Final = timedelta(minutes=10)
 CALLBACK_PREFIX: Final = "cb1."
 _CALLBACK = re.compile(r"cb1\.([1-9][0-9]{0,17})")
 # Statuses that prove WhatsApp accepted the message.
@@ -88,12 +87,13 @@ class Outbox:
     """Queues sends to WhatsApp and runs the worker that makes them (module docstring).
 
     `confirm_window` is how long a send cut short by a crash waits for its delivery
-    status before it goes again; tests shorten it.
+    status before it goes again (`whatsapp.outbox_confirm_window_seconds`); tests
+    shorten it.
     """
 
     def __init__(self, db: Database, privacy: Privacy, graph: GraphClient, api: MatrixAPI,
-                 bot: UserID, notify: Notify, metrics: Metrics,
-                 confirm_window: timedelta = CONFIRM_WINDOW) -> None:
+                 bot: UserID, notify: Notify, metrics: Metrics, *,
+                 confirm_window: timedelta) -> None:
         self._db = db
         self._privacy = privacy
         self._graph = graph
@@ -182,13 +182,16 @@ class Outbox:
         if item.sending_at is not None:
             log.warning("outbox #%d: no delivery status within the confirmation window "
                         "after an interrupted send; sending again", item.id)
-        if not await self._db.outbox.begin_attempt(
-                item.id, datetime.now(UTC) + self.confirm_window):
-            return  # cancelled, or settled by a delivery status, since `due` read it
         try:
             with self._metrics.relay_latency.labels("out").time():
-                wamid = await self._send(self._recipient(citizen), payload,
-                                         callback_data(item.id))
+                send = await self._prepare(self._recipient(citizen), payload,
+                                           callback_data(item.id))
+                # In flight only from here: a send stopped earlier (say, mid-upload)
+                # created no message, so it is due again at once.
+                if not await self._db.outbox.begin_attempt(
+                        item.id, datetime.now(UTC) + self.confirm_window):
+                    return  # cancelled, or settled by a delivery status, since `due` read it
+                wamid = await send()
         except GraphError as exc:
             await self._failed(item, exc.retryable, f"{exc.status} {exc.code}",
                                exc.permanent_title or "error de WhatsApp", notice_id)
@@ -282,20 +285,24 @@ class Outbox:
         wa_id = cipher.decrypt_str(citizen.wa_id_ct, aad=AAD_WA_ID) if citizen.wa_id_ct else None
         return Recipient(wa_id=wa_id, user_id=key if key != wa_id else None)
 
-    async def _send(self, to: Recipient, payload: dict[str, Any], cb: str) -> str:
+    async def _prepare(self, to: Recipient, payload: dict[str, Any], cb: str
+                       ) -> Callable[[], Awaitable[str]]:
+        """Do what must precede the send (for media: download, decrypt, upload) and
+        return the send itself: the POST to Graph's messages endpoint, the only request
+        that can create a WhatsApp message."""
         kind = payload["type"]
         if kind == "text":
-            return await self._graph.send_text(to, payload["body"], payload.get("reply_to"),
-                                               callback_data=cb)
+            return partial(self._graph.send_text, to, payload["body"], payload.get("reply_to"),
+                           callback_data=cb)
         if kind == "buttons":
-            return await self._graph.send_buttons(
-                to, payload["body"], [tuple(b) for b in payload["buttons"]], callback_data=cb)
+            return partial(self._graph.send_buttons, to, payload["body"],
+                           [tuple(b) for b in payload["buttons"]], callback_data=cb)
         if kind == "template":
-            return await self._graph.send_template(to, payload["name"], payload["language"],
-                                                   payload["components"], callback_data=cb)
+            return partial(self._graph.send_template, to, payload["name"], payload["language"],
+                           payload["components"], callback_data=cb)
         if kind == "reaction":
-            return await self._graph.send_reaction(to, payload["message_id"], payload["emoji"],
-                                                   callback_data=cb)
+            return partial(self._graph.send_reaction, to, payload["message_id"],
+                           payload["emoji"], callback_data=cb)
         if kind == "media":
             data = await self._api.download(self._bot, payload["url"], MAX_MEDIA_BYTES)
             if payload.get("file"):
@@ -304,8 +311,7 @@ class Outbox:
             media_id = await self._graph.upload_media(
                 data, payload["mimetype"], payload["filename"])
             caption = payload.get("caption") if payload["kind"] not in ("audio",) else None
-            return await self._graph.send_media(to, payload["kind"], media_id, caption,
-                                                payload["filename"]
-                                                if payload["kind"] == "document" else None,
-                                                payload.get("reply_to"), callback_data=cb)
+            return partial(self._graph.send_media, to, payload["kind"], media_id, caption,
+                           payload["filename"] if payload["kind"] == "document" else None,
+                           payload.get("reply_to"), callback_data=cb)
         raise ValueError(f"unknown outbox payload type {kind!r}")

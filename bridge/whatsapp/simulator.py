@@ -2,9 +2,10 @@
 
 It answers the Graph endpoints the bridge uses (send, mark read, media upload /
 lookup / download / delete) with the validation and error shapes of the real API,
-records what it accepted, lets a test inject Graph errors or hold a send's answer, and
-delivers webhooks signed the way Meta signs them (HMAC-SHA256 of the raw body with the
-app secret). Statuses it builds echo the send's `biz_opaque_callback_data`, as Meta does.
+records what it accepted, lets a test inject Graph errors or hold a send's answer or a
+media upload, and delivers webhooks signed the way Meta signs them (HMAC-SHA256 of the
+raw body with the app secret). Statuses it builds echo the send's
+`biz_opaque_callback_data`, as Meta does.
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ class _Hold:
     release: asyncio.Event
     timeout: float
     predicate: Callable[[dict[str, Any]], bool]
+
+
+@dataclass
+class UploadHold:
+    """A media upload held by `hold_next_upload`."""
+
+    arrived: asyncio.Event  # set once the upload has been received
+    release: asyncio.Event  # set it to store and answer the upload
+    timeout: float
 
 
 @dataclass
@@ -168,6 +178,7 @@ class CloudAPISimulator:
         self.clock: Callable[[], float] = time.time  # timestamps of built payloads
         self._faults: deque[_Fault] = deque()
         self._holds: list[_Hold] = []
+        self._upload_holds: deque[UploadHold] = deque()
         self._sent_event = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.app = web.Application(middlewares=[self._middleware],
@@ -209,6 +220,13 @@ class CloudAPISimulator:
         release = asyncio.Event()
         self._holds.append(_Hold(release, timeout, predicate))
         return release
+
+    def hold_next_upload(self, timeout: float = 30.0) -> UploadHold:
+        """Hold the next media upload, received but neither stored nor answered, until
+        released (or `timeout` seconds pass): a client can be stopped mid-upload."""
+        hold = UploadHold(asyncio.Event(), asyncio.Event(), timeout)
+        self._upload_holds.append(hold)
+        return hold
 
     def add_media(self, data: bytes, mime_type: str, filename: str | None = None) -> str:
         """Store media as if a user had sent it; returns its media id."""
@@ -327,6 +345,11 @@ class CloudAPISimulator:
                 or not isinstance(form.get("type"), str)):
             return _graph_error(400, 100, "(#100) Invalid parameter",
                                 details="file, type and messaging_product are required")
+        if self._upload_holds:
+            hold = self._upload_holds.popleft()
+            hold.arrived.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hold.release.wait(), hold.timeout)
         media_id = self.add_media(upload.file.read(), str(form["type"]), upload.filename)
         return web.json_response({"id": media_id})
 

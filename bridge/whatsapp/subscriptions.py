@@ -17,7 +17,7 @@ from bridge.db import Citizen, ConsentState, Database, NoticeSubscription
 from bridge.errors import Conflict
 from bridge.metrics import Metrics
 from bridge.privacy import CODE_ALPHABET
-from bridge.types import Pseudonym
+from bridge.types import Pseudonym, UserID
 from bridge.whatsapp import notice_consent
 from bridge.whatsapp.notice_consent import NoticeAction, NoticesIntent
 from bridge.whatsapp.outbox import Outbox
@@ -36,7 +36,8 @@ def new_subscription_code() -> str:
 
 
 class NoticeSubscriptions:
-    """Citizens' consent to notices, changed over WhatsApp (or withdrawn by erasure)."""
+    """Citizens' consent to notices, changed over WhatsApp (or withdrawn by erasure or
+    at the service desk)."""
 
     def __init__(self, config: Config, db: Database, outbox: Outbox, metrics: Metrics) -> None:
         self._config = config
@@ -50,11 +51,11 @@ class NoticeSubscriptions:
         decision = notice_consent.decide(sub.state, intent)
         changed = decision.state != sub.state
         if changed and decision.state != "granted":
-            await self._record(citizen, decision.state, "whatsapp", wamid)
+            await self._record(citizen, decision.state, "whatsapp", wamid, only_from=sub.state)
         for action in decision.actions:
             await self._perform(action, citizen, sub, wamid)
         if changed and decision.state == "granted":
-            await self._record(citizen, decision.state, "whatsapp", wamid)
+            await self._record(citizen, decision.state, "whatsapp", wamid, only_from=sub.state)
 
     async def withdraw(self, citizen: Citizen, evidence: str, channel: str) -> bool:
         """Withdraw notices if granted (chat opt-out keyword, erasure); True if it was.
@@ -70,9 +71,19 @@ class NoticeSubscriptions:
                        if r.purpose == "notices"]
             return sub.state == "withdrawn" and bool(records) and \
                 records[-1].evidence == evidence
-        await self._record(citizen, "withdrawn", channel, evidence)
-        await self._cancel(citizen)
-        return True
+        return await self._withdraw(citizen, channel, evidence)
+
+    async def withdraw_assisted(self, citizen: Citizen, actor: str, staff_id: UserID,
+                                evidence: str) -> tuple[bool, ConsentState]:
+        """Withdraw notices at the citizen's request made to `staff_id` in person;
+        (withdrawn now, state now). Only a `granted` consent is withdrawn, so a repeat,
+        whatever its evidence, records nothing. The citizen gets no WhatsApp message:
+        staff confirm in person (a free-form text may fall outside the 24-hour window).
+        """
+        if await self._withdraw(citizen, "in_person", evidence, actor, staff_id):
+            return True, "withdrawn"
+        sub = await self._db.subscriptions.get(citizen.id)
+        return False, sub.state if sub else "unknown"
 
     async def _subscription(self, citizen: Citizen) -> NoticeSubscription:
         for _ in range(5):  # a code collision is astronomically rare; draw again
@@ -101,21 +112,35 @@ class NoticeSubscriptions:
         elif action is NoticeAction.CANCEL_PENDING:
             await self._cancel(citizen)
 
+    async def _withdraw(self, citizen: Citizen, channel: str, evidence: str,
+                        actor: str = "citizen", staff_id: UserID | None = None) -> bool:
+        # Only from `granted`: admin calls are not serialised with the citizen's own
+        # messages, and one withdrawal must not be recorded twice.
+        if not await self._record(citizen, "withdrawn", channel, evidence, actor, staff_id,
+                                  only_from="granted"):
+            return False
+        await self._cancel(citizen)
+        return True
+
     async def _cancel(self, citizen: Citizen) -> None:
         await self._db.outbox.cancel_for_citizen(citizen.id, notices=True)
         await self._db.notices.fail_unsent(citizen.id, "consent withdrawn")
 
     async def _record(self, citizen: Citizen, state: ConsentState, channel: str,
-                      evidence: str) -> None:
+                      evidence: str, actor: str = "citizen", staff_id: UserID | None = None,
+                      only_from: ConsentState | None = None) -> bool:
         async with self._db.transaction() as tx:
-            await tx.subscriptions.set_state(citizen.id, state)
+            if not await tx.subscriptions.set_state(citizen.id, state, only_from):
+                return False
             await tx.consent.append(
                 citizen_id=citizen.id, pseudonym=Pseudonym(citizen.pseudonym_code),
                 purpose="notices", state=state,
                 notice_version=self._config.notices.consent_version,
                 notice_hash=notice_consent.consent_hash(self._config), channel=channel,
-                language=self._config.notices.template_language, evidence=evidence)
-            await tx.audit.append("citizen", f"consent.{state}",
+                language=self._config.notices.template_language, evidence=evidence,
+                staff_id=staff_id)
+            await tx.audit.append(actor, f"consent.{state}",
                                   f"pseudonym {citizen.pseudonym_code}", "ok", "notices")
         self._metrics.consent_changes.labels("notices", state).inc()
         log.info("notices consent of %s: %s", citizen.pseudonym_code, state)
+        return True

@@ -14,8 +14,9 @@ from urllib.parse import quote
 import pytest
 from sqlalchemy import text
 
-from bridge.admin.notices import LABEL
-from bridge.db import Citizen
+from bridge.admin.notices import LABEL, Notices
+from bridge.db import Citizen, ConsentRecord
+from bridge.errors import Unavailable
 from bridge.types import Pseudonym
 from bridge.whatsapp.consent import OPT_IN_BUTTON, OPT_OUT_BUTTON
 from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON, consent_hash
@@ -421,6 +422,140 @@ async def test_export_erasure_and_retention(bridge: BridgeHarness) -> None:
     assert deleted["notice log entries"] == 1
     assert await b.db.notices.list(pseudonym=Pseudonym(pseudonym)) == []
     assert any("1 notice log entries" in line for line in h.log_lines)
+
+
+async def withdraw(h: BridgeHarness, recipient: str, **body: Any) -> tuple[int, Any]:
+    """An assisted withdrawal; `body` overrides (None drops) the valid defaults."""
+    full = {"recipient": recipient, "staff_id": staff(h), "evidence": "REG-2026/E-000417",
+            **body}
+    return await api(h, "POST", "/admin/v1/notices/withdrawals",
+                     {k: v for k, v in full.items() if v is not None})
+
+
+def staff(h: BridgeHarness) -> str:
+    return f"@garcia:{h.running.config.homeserver.domain}"
+
+
+async def notices_records(h: BridgeHarness, citizen: SimulatedUser) -> list[ConsentRecord]:
+    return [r for r in await h.running.bridge.db.consent.for_citizen((await row(h, citizen)).id)
+            if r.purpose == "notices"]
+
+
+async def test_assisted_withdrawal_is_recorded_and_cancels_unsent_notices(
+        bridge: BridgeHarness) -> None:
+    h, b = bridge, bridge.running.bridge
+    citizen = new_citizen()
+    code = await subscribe(h, citizen)
+    pseudonym = (await row(h, citizen)).pseudonym_code
+    messages = len([s for s in h.wa.sent if to_citizen(s, citizen)])
+    await b.outbox.stop()
+    try:
+        assert (await send(h, code, "NOT-2026/DESK"))[0] == 202  # queued, not yet sent
+        status, data = await withdraw(h, code)
+        assert (status, data) == (200, {"pseudonym": pseudonym, "state": "withdrawn",
+                                        "withdrawn": True})
+        assert await notices_state(h, citizen) == "withdrawn"
+        shown = await entry(h, "NOT-2026/DESK")
+        assert (shown["status"], shown["error"]) == ("failed", "consent withdrawn")
+    finally:
+        b.outbox.start()
+
+    record = (await notices_records(h, citizen))[-1]
+    assert (record.state, record.channel, record.staff_id, record.evidence) == (
+        "withdrawn", "in_person", staff(h), "REG-2026/E-000417")
+    assert (record.notice_version, record.notice_hash, record.language) == (
+        "1", consent_hash(h.running.config), "es")
+    audit = [(e.actor, e.action, e.result, e.reason) for e in await b.db.audit.list(limit=50)
+             if e.object == f"pseudonym {pseudonym}" and e.action == "consent.withdrawn"]
+    assert audit == [("admin-api", "consent.withdrawn", "ok", "notices")]
+
+    status, data = await send(h, code, "NOT-2026/DESK2")
+    assert status == 409 and data["errcode"] == "CB_NO_NOTICES_CONSENT"
+    # Neither the cancelled notice nor any confirmation reaches the citizen's WhatsApp.
+    await asyncio.sleep(1.5)
+    assert len([s for s in h.wa.sent if to_citizen(s, citizen)]) == messages
+
+
+async def test_assisted_withdrawal_repeat_and_nothing_to_withdraw(
+        bridge: BridgeHarness) -> None:
+    h = bridge
+    citizen = new_citizen()
+    code = await subscribe(h, citizen)
+    pseudonym = (await row(h, citizen)).pseudonym_code
+    # A double submission at the desk: one withdrawal, recorded once.
+    first, second = await asyncio.gather(withdraw(h, code), withdraw(h, code))
+    assert sorted([first[1]["withdrawn"], second[1]["withdrawn"]]) == [False, True]
+    records = await notices_records(h, citizen)
+    assert [r.state for r in records][-2:] == ["granted", "withdrawn"]
+    for evidence in ("REG-2026/E-000417", "REG-2026/E-000418"):  # a retry, a second request
+        status, data = await withdraw(h, code, evidence=evidence)
+        assert (status, data) == (200, {"pseudonym": pseudonym, "state": "withdrawn",
+                                        "withdrawn": False})
+    assert await notices_records(h, citizen) == records
+
+    prompted = new_citizen()  # shown the text, never granted: nothing to withdraw
+    await write(h, h.wa.text_message(prompted, "AVISOS"))
+    await in_state(h, prompted, "prompted")
+    sub = await h.running.bridge.db.subscriptions.get((await row(h, prompted)).id)
+    assert sub is not None
+    status, data = await withdraw(h, sub.code)
+    assert status == 200 and (data["state"], data["withdrawn"]) == ("prompted", False)
+    assert await notices_state(h, prompted) == "prompted"
+    assert [r.state for r in await notices_records(h, prompted)] == ["prompted"]
+
+
+async def test_assisted_withdrawal_refuses_bad_requests(bridge: BridgeHarness) -> None:
+    h, b = bridge, bridge.running.bridge
+    citizen = new_citizen()
+    code = await subscribe(h, citizen)
+    domain, prefix = b.config.homeserver.domain, b.config.appservice.ghost_prefix
+    for body, field in [({"reason": "en ventanilla"}, "reason"),
+                        ({"staff_id": None}, "staff_id"),
+                        ({"staff_id": "garcia"}, "staff_id"),
+                        ({"staff_id": b.ghosts.bot}, "staff_id"),
+                        ({"staff_id": f"@{prefix}hjklmnpq:{domain}"}, "staff_id"),
+                        ({"evidence": None}, "evidence"),
+                        ({"evidence": "12345678Z"}, "evidence"),
+                        ({"evidence": "+34612345678"}, "evidence")]:
+        status, data = await withdraw(h, code, **body)
+        assert (status, data["errcode"]) == (400, "M_INVALID_PARAM"), body
+        assert data["error"].startswith(f"{field}:"), data
+    assert await notices_state(h, citizen) == "granted"
+    assert [r.state for r in await notices_records(h, citizen)][-1] == "granted"
+
+    for recipient in ("BCDF-BCDF-BCDF", f"@nobody:{domain}"):
+        status, data = await withdraw(h, recipient)
+        assert (status, data["errcode"]) == (404, "M_NOT_FOUND")
+
+
+async def test_assisted_withdrawal_needs_notices_on(bridge: BridgeHarness) -> None:
+    h, b = bridge, bridge.running.bridge
+    citizen = new_citizen()
+    code = await subscribe(h, citizen)
+    off = b.config.model_copy(update={"notices": b.config.notices.model_copy(
+        update={"enabled": False})})
+    notices = Notices(off, b.db, b.outbox, b.metrics,
+                      NoticeSubscriptions(off, b.db, b.outbox, b.metrics), b.ghosts.is_ours)
+    with pytest.raises(Unavailable):
+        await notices.withdraw("admin-api", {"recipient": code, "staff_id": staff(h),
+                                             "evidence": "REG-2026/E-1"})
+    assert await notices_state(h, citizen) == "granted"
+
+
+async def test_cli_withdraw(bridge: BridgeHarness, tmp_path: Path) -> None:
+    h = bridge
+    citizen = new_citizen()
+    code = await subscribe(h, citizen)
+    pseudonym = (await row(h, citizen)).pseudonym_code
+    args = ("notice", "withdraw", code, "--staff-id", staff(h), "--evidence", "REG-2026/E-CLI")
+    out = await admin_cli(h, tmp_path, *args)
+    assert f"notices consent of {pseudonym} withdrawn" in out
+    record = (await notices_records(h, citizen))[-1]
+    assert (record.channel, record.staff_id, record.evidence) == (
+        "in_person", staff(h), "REG-2026/E-CLI")
+    out = await admin_cli(h, tmp_path, *args)
+    assert f"nothing to withdraw: notices consent of {pseudonym} is withdrawn" in out
+    RESPONSES.append(out)
 
 
 async def test_notices_privacy_sweep(bridge: BridgeHarness) -> None:

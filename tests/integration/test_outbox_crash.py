@@ -1,6 +1,7 @@
 """The outbox across a crash mid-send: Graph accepted a message, the bridge never read
 the answer. Its delivery status (which echoes `biz_opaque_callback_data`) settles the
-row; only without one, after the confirmation window, is it sent again.
+row; only without one, after the confirmation window, is it sent again. A send stopped
+before it reached Graph's messages endpoint goes out after the restart without waiting.
 
 Real Synapse, the bridge over real HTTP, the Cloud API simulator holding the answer.
 """
@@ -10,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import pytest
+from nio.crypto.attachments import encrypt_attachment
 from sqlalchemy import select
 
 from bridge.db import OutboxItem
-from bridge.db.models import InboundRow
+from bridge.db.models import InboundRow, OutboxRow
 from bridge.services import Bridge
-from bridge.whatsapp.outbox import CONFIRM_WINDOW, callback_data, callback_item
+from bridge.whatsapp.outbox import callback_data, callback_item
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_notices import entry, send, subscribe, templates_to
 from tests.integration.test_whatsapp import (
@@ -32,6 +35,8 @@ from tests.integration.test_whatsapp import (
 )
 
 pytestmark = pytest.mark.integration
+# whatsapp.outbox_confirm_window_seconds as the test bridge has it: the default.
+CONFIRM_WINDOW = timedelta(minutes=10)
 
 
 def text_to(j: Journey, text: str) -> Callable[[dict[str, Any]], bool]:
@@ -65,6 +70,33 @@ async def crash_mid_send(j: Journey, text: str) -> tuple[OutboxItem, str, str]:
 async def row_in(b: Bridge, item_id: int, status: str) -> OutboxItem | None:
     item = await b.db.outbox.get(item_id)
     return item if item is not None and item.status == status else None
+
+
+async def row_for(b: Bridge, event_id: str) -> OutboxItem:
+    """The outbox row of a staff event (its idempotency key)."""
+    async with b.db.session() as session:
+        item_id = await session.scalar(
+            select(OutboxRow.id).where(OutboxRow.idempotency_key == event_id))
+    assert item_id is not None, "the staff event was not queued"
+    item = await b.db.outbox.get(item_id)
+    assert item is not None
+    return item
+
+
+async def send_file(j: Journey, data: bytes, filename: str) -> str:
+    """Staff upload `data` encrypted and send it as an m.file; returns the event id."""
+    ciphertext, keys = encrypt_attachment(data)
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{j.h.synapse.synapse.url}/_matrix/media/v3/upload", data=ciphertext,
+            params={"filename": filename},
+            headers={"Authorization": f"Bearer {j.desk.client.access_token}",
+                     "Content-Type": "application/octet-stream"}) as up:
+        mxc = (await up.json())["content_uri"]
+    resp = await j.desk.client.room_send(j.room_id, "m.room.message", {
+        "msgtype": "m.file", "body": filename, "filename": filename,
+        "info": {"mimetype": "application/pdf", "size": len(data)},
+        "file": {**keys, "url": mxc}}, ignore_unverified_devices=True)
+    return str(resp.event_id)
 
 
 async def test_crash_mid_send_is_confirmed_by_its_status_and_not_resent(
@@ -250,5 +282,46 @@ async def test_statuses_with_unknown_or_junk_callback_data_change_nothing(
         assert statuses == ["done"] * len(keys)
         assert not any(getattr(e, "body", "").startswith("Mensaje no enviado")
                        for e in j.desk._timeline[j.room_id])
+    finally:
+        await j.desk.close()
+
+
+async def test_media_send_stopped_mid_upload_goes_out_once_without_waiting(
+        bridge: BridgeHarness) -> None:
+    """Stopped while its media was being uploaded to Graph, a send had created no
+    message: it is not in flight, and after the restart it goes out at once (not after
+    the confirmation window), exactly once."""
+    h = bridge
+    j = await opt_in(h, new_citizen(), "hola, ¿me mandan el impreso?")
+    try:
+        await j.seen(body_is("hola, ¿me mandan el impreso?"))
+        data = b"%PDF-1.4 impreso " + secrets.token_bytes(16)
+        is_it = lambda s: to_citizen(s, j.citizen) and s.get("type") == "document"  # noqa: E731
+        hold = h.wa.hold_next_upload()
+        try:
+            event_id = await send_file(j, data, "impreso.pdf")
+            await asyncio.wait_for(hold.arrived.wait(), 30)
+            item = await row_for(h.running.bridge, event_id)
+            assert item.status == "pending" and item.sending_at is None
+            assert item.next_attempt_at <= datetime.now(UTC)
+            await h.running.stop()
+        finally:
+            hold.release.set()
+        assert not any(map(is_it, h.wa.sent))
+
+        await h.running.start()
+        b = h.running.bridge
+        assert b.outbox.confirm_window == CONFIRM_WINDOW
+        sent = await h.wa.wait_for_sent(is_it, timeout=30)
+        assert sent["biz_opaque_callback_data"] == callback_data(item.id)
+        assert h.wa.media[sent["document"]["id"]].data == data
+        done = await wait_until(lambda: row_in(b, item.id, "sent"), 30, "sent row")
+        assert done.sending_at is None and done.attempts == 1
+        link = await b.db.messages.by_event(event_id)
+        assert link is not None and link.wamid == done.wamid
+        assert not any(f"outbox #{item.id}: no delivery status" in line
+                       for line in h.log_lines)
+        await asyncio.sleep(1.5)
+        assert sum(map(is_it, h.wa.sent)) == 1
     finally:
         await j.desk.close()

@@ -213,6 +213,20 @@ async def test_held_send_is_recorded_before_it_is_answered(
     assert simulator.callback_data[simulator.sent_ids[-1]] == "cb1.7"
 
 
+async def test_held_upload_is_stored_only_once_released(
+        graph: GraphClient, simulator: CloudAPISimulator) -> None:
+    hold = simulator.hold_next_upload()
+    upload = asyncio.create_task(graph.upload_media(b"%PDF-1.4", "application/pdf", "a.pdf"))
+    await asyncio.wait_for(hold.arrived.wait(), 5)
+    await asyncio.sleep(0.2)
+    assert not upload.done() and not simulator.media
+    hold.release.set()
+    media_id = await upload
+    assert simulator.media[media_id].data == b"%PDF-1.4"
+    # Only the next upload was held.
+    assert await graph.upload_media(b"x", "application/pdf", "b.pdf") in simulator.media
+
+
 async def test_wrong_phone_number_id(sim: tuple[CloudAPISimulator, str],
                                      session: aiohttp.ClientSession) -> None:
     graph = GraphClient(session, api_base=sim[1], phone_number_id="999", access_token=TOKEN)

@@ -40,6 +40,13 @@ async def test_subscription_is_created_once_with_a_unique_code(db: Database) -> 
     found = await db.subscriptions.by_code("BCDF-GHJK-LMNP")
     assert found is not None and (found.citizen_id, found.state) == (one.id, "granted")
     assert await db.subscriptions.get(two.id) is None
+    # Conditional: a change from a state the row no longer has does nothing.
+    assert not await db.subscriptions.set_state(one.id, "withdrawn", only_from="prompted")
+    assert await db.subscriptions.set_state(one.id, "withdrawn", only_from="granted")
+    assert not await db.subscriptions.set_state(one.id, "withdrawn", only_from="granted")
+    assert not await db.subscriptions.set_state(two.id, "withdrawn")  # no row
+    found = await db.subscriptions.get(one.id)
+    assert found is not None and found.state == "withdrawn"
     with pytest.raises(IntegrityError):  # the CHECK constraint guards the state names
         await db.subscriptions.set_state(one.id, "maybe")  # type: ignore[arg-type]
 

@@ -94,7 +94,10 @@ class Journey:
         return await wait_until(find, timeout, "event in portal")
 
     async def sent_to_citizen(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        return await self.h.wa.wait_for_sent(predicate, timeout=30)
+        """The first send to this citizen matching `predicate` (the simulator is shared
+        by every test of the session)."""
+        return await self.h.wa.wait_for_sent(
+            lambda s: to_citizen(s, self.citizen) and predicate(s), timeout=30)
 
 
 async def opt_in(h: BridgeHarness, citizen: SimulatedUser, first: str) -> Journey:

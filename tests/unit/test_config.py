@@ -6,6 +6,8 @@ import base64
 import copy
 import os
 import secrets
+import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +344,51 @@ def test_whatsapp_complete() -> None:
     config = parse_config(raw)
     assert config.whatsapp.enabled is True
     assert config.whatsapp.app_secret == raw["whatsapp"]["app_secret"]
+
+
+def test_outbox_confirm_window_defaults_to_ten_minutes() -> None:
+    assert parse_config(valid()).whatsapp.outbox_confirm_window_seconds == 600
+
+
+@pytest.mark.parametrize("seconds", [60, "120", 86400])
+def test_outbox_confirm_window_within_bounds(seconds: Any) -> None:
+    raw = valid()
+    raw["whatsapp"] = {"outbox_confirm_window_seconds": seconds}
+    assert parse_config(raw).whatsapp.outbox_confirm_window_seconds == int(seconds)
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [
+    (59, "must be at least 60: a window shorter than delivery statuses take to arrive "
+         "would resend messages WhatsApp already accepted; raise it (default 600)"),
+    (0, "must be at least 60"),
+    (-600, "must be at least 60"),
+    (86401, "must be at most 86400 (a day): a message cut short would wait that long "
+            "before it is sent again; lower it (default 600)"),
+    ("ten minutes", "Input should be a valid integer"),
+    (600.5, "Input should be a valid integer"),
+])
+def test_outbox_confirm_window_out_of_bounds_names_the_key_and_the_fix(
+        seconds: Any, expected: str) -> None:
+    raw = valid()
+    raw["whatsapp"] = {"outbox_confirm_window_seconds": seconds}
+    [line] = problems(raw)
+    assert line.startswith(f"whatsapp.outbox_confirm_window_seconds: {expected}"), line
+
+
+async def test_outbox_confirm_window_reaches_the_outbox(tmp_path: Path,
+                                                        sqlite_template: Path) -> None:
+    from bridge.services import build_bridge
+    from tests.fixtures.synapse import build_test_config
+
+    shutil.copyfile(sqlite_template, tmp_path / "bridge.db")
+    config = build_test_config("http://127.0.0.1:9", 9, tmp_path)
+    config = config.model_copy(update={"whatsapp": config.whatsapp.model_copy(
+        update={"outbox_confirm_window_seconds": 75})})
+    bridge = await build_bridge(config)
+    try:
+        assert bridge.outbox.confirm_window == timedelta(seconds=75)
+    finally:
+        await bridge.close()
 
 
 # --- secrets from files and the environment ----------------------------------------------

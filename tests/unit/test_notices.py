@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.admin.notices import parse_request
+from bridge.admin.notices import parse_request, parse_withdrawal
 from bridge.config import parse_config
 from bridge.errors import ConfigError, InvalidParam
 from bridge.whatsapp.consent import intent_of as chat_intent
@@ -211,3 +211,47 @@ def test_a_good_request() -> None:
         "BCDF-GHJK-LMNP", "NOT-2026/000123")
     with pytest.raises(InvalidParam):
         parse_request({"reference": "N-1"})
+
+
+# --- an assisted withdrawal: recipient, staff_id and evidence, nothing else ---------------
+
+WITHDRAWAL = {"recipient": "BCDF-GHJK-LMNP", "staff_id": "@ana:agency.example",
+              "evidence": "REG-2026/E-417"}
+
+
+def ours(user_id: str) -> bool:
+    return user_id.startswith("@cb_") and user_id.endswith(":agency.example")
+
+
+def test_a_good_withdrawal() -> None:
+    assert parse_withdrawal({**WITHDRAWAL, "recipient": " BCDF-GHJK-LMNP "}, ours) == (
+        "BCDF-GHJK-LMNP", "@ana:agency.example", "REG-2026/E-417")
+    # Someone else's server may use the same localpart prefix: only ours is refused.
+    assert parse_withdrawal({**WITHDRAWAL, "staff_id": "@cb_ana:other.example"}, ours)[1] == \
+        "@cb_ana:other.example"
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"reason": "x"}, "reason"),
+    ({"state": "granted"}, "state"),
+    ({"recipient": None}, "recipient"),
+    ({"staff_id": None}, "staff_id"),
+    ({"staff_id": 7}, "staff_id"),
+    ({"staff_id": "ana"}, "staff_id"),
+    ({"staff_id": "@ana:agency.example\n"}, "staff_id"),
+    ({"staff_id": "@" + "a" * 250 + ":agency.example"}, "staff_id"),
+    ({"staff_id": "@cb_bot:agency.example"}, "staff_id"),
+    ({"staff_id": "@cb_hjklmnpq:agency.example"}, "staff_id"),
+    ({"evidence": None}, "evidence"),
+    ({"evidence": ""}, "evidence"),
+    ({"evidence": "REG 417"}, "evidence"),
+    ({"evidence": "x" * 129}, "evidence"),
+    ({"evidence": "12345678Z"}, "evidence"),
+    ({"evidence": "+34612345678"}, "evidence"),
+])
+def test_bad_withdrawals_are_refused_naming_the_field(change: dict[str, Any],
+                                                      field: str) -> None:
+    body = {k: v for k, v in {**WITHDRAWAL, **change}.items() if v is not None}
+    with pytest.raises(InvalidParam) as err:
+        parse_withdrawal(body, ours)
+    assert err.value.message.startswith(f"{field}:")
