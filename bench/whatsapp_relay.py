@@ -5,7 +5,7 @@ the decrypted event) and webhook ack latency, beside a bare client's Synapse sen
 measured the same way in the same run. Targets: inbound >= 0.85x bare throughput; webhook
 ack p99 <= 50 ms at 50 msg/s (the bridge on SQLite).
 
-    .venv/bin/python bench/whatsapp_relay.py [--messages 300] [--rate 50] [--citizens 5] \
+    .venv/bin/python bench/whatsapp_relay.py [--messages 900] [--rate 50] [--citizens 5] \
         [--synapse-db sqlite|postgresql] [--synapse-access-log FILE] [--json]
 
 Setup (all in a temporary directory, removed at exit, also on Ctrl-C):
@@ -652,16 +652,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=300, metavar="N",
-                        help="measured messages per mode (default 300)")
+    parser.add_argument("--messages", type=int, default=900, metavar="N",
+                        help="measured messages per mode (default 900)")
     parser.add_argument("--rate", type=float, default=50.0, metavar="R",
                         help="offered msg/s of the paced modes; 0 = only the max modes "
                              "(default 50)")
     parser.add_argument("--citizens", type=int, default=5, metavar="K",
                         help="opted-in citizens (portals) the messages are spread over "
                              "(default 5)")
-    parser.add_argument("--blocks", type=int, default=2,
-                        help="blocks per mode, interleaved ABBA (default 2)")
+    parser.add_argument("--blocks", type=int, default=6,
+                        help="blocks per mode, interleaved ABBA (default 6)")
     parser.add_argument("--warmup", type=int, default=5,
                         help="unmeasured bare sends first (each citizen sends one too; "
                              "default 5)")
