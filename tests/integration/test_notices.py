@@ -558,17 +558,6 @@ async def test_cli_withdraw(bridge: BridgeHarness, tmp_path: Path) -> None:
     RESPONSES.append(out)
 
 
-async def test_notices_privacy_sweep(bridge: BridgeHarness) -> None:
-    """No test phone number or BSUID in any admin API answer of this module, the
-    metrics, or any log record of the run."""
-    assert RESPONSES and USED_IDENTIFIERS
-    _, metrics = await bridge.running.call("GET", "/metrics", token=None)
-    haystack = "\n".join([*RESPONSES, str(metrics), *bridge.log_lines])
-    for identifier in USED_IDENTIFIERS:
-        assert identifier not in haystack, "an identifier leaked"
-    assert re.search(r"notice \d+ queued for [A-Z]{4}-[A-Z]{4}", haystack)
-
-
 async def test_a_retried_opt_out_still_says_notices_were_withdrawn(
         bridge: BridgeHarness) -> None:
     """A crash between withdrawing notices and queuing the BAJA confirmation: the retry
@@ -585,3 +574,15 @@ async def test_a_retried_opt_out_still_says_notices_were_withdrawn(
     records = [r for r in await b.db.consent.for_citizen(citizen_row.id)
                if r.purpose == "notices"]
     assert [r.state for r in records][-2:] == ["granted", "withdrawn"]  # recorded once
+
+
+async def test_notices_privacy_sweep(bridge: BridgeHarness) -> None:
+    """No test phone number or BSUID in any admin API answer of this module, the
+    metrics, or any log record of the run."""
+    assert RESPONSES and USED_IDENTIFIERS
+    _, metrics = await bridge.running.call("GET", "/metrics", token=None)
+    haystack = "\n".join([*RESPONSES, str(metrics), *bridge.log_lines])
+    for identifier in USED_IDENTIFIERS:
+        assert identifier not in haystack, "an identifier leaked"
+    assert re.search(r"notice \d+ queued for [A-Z]{4}-[A-Z]{4}", haystack)
+
