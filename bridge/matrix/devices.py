@@ -43,10 +43,10 @@ log = logging.getLogger(__name__)
 
 # To-device messages, device-list changes and one-time-key counts only: no rooms (see the
 # module docstring), presence or account data. Measured with bench/whatsapp_relay.py
-# (5 citizens, 2 cores, max rate): when the bot's syncs carried room state (timeline
-# filtered to state types), each sync made Synapse re-read every changed room and cost
-# it 30-160 ms of CPU; relaying ran at 0.81-0.86 of a bare client's rate, 0.95-1.05
-# without rooms. Synapse skips all room work for a filter that blocks every room.
+# (5 citizens, 2 cores): when the bot's syncs carried room state (timeline filtered to
+# state types), each sync made Synapse re-read every changed room and cost it 30-160 ms
+# of CPU; relaying at full speed ran at 0.82 of a bare client's rate, 0.91-0.95 without
+# rooms (bench/README.md). Synapse skips all room work for a filter that blocks every room.
 SYNC_FILTER: dict[str, Any] = {
     "presence": {"not_types": ["*"]},
     "account_data": {"not_types": ["*"]},
