@@ -209,14 +209,17 @@ class Device:
             await c.keys_claim(c.get_users_for_key_claiming())
 
     async def prepare_room(self, api: MatrixAPI, room_id: RoomID) -> None:
-        """Know the room's joined AND invited members and its history visibility.
+        """Know who may read the room's next message: its history visibility and the
+        members it lets read (nio encrypts for every user in `room.users`).
 
         Read from the room's state when the room is new to this device or marked
-        changed. Invited members count: with portal history visible from invitation,
-        invited staff must get the room key too (nio's own fallback, `joined_members`,
-        would leave them out). If the members differ from what the device knew, its
-        outbound Megolm session ends, so the next message goes out under a new key
-        (nio does the same when a sync shows a membership change).
+        changed. Invited members count where history is visible from invitation
+        (portals): invited staff must get the room key too (nio's own fallback,
+        `joined_members`, would leave them out). Where it is visible only from joining
+        (agency rooms), they do not: they get the keys of what is sent after they join.
+        If the members differ from what the device knew, its outbound Megolm session
+        ends, so the next message goes out under a new key (nio does the same when a
+        sync shows a membership change).
         """
         room = self.client.rooms.get(room_id)
         if room is not None and room.members_synced:
@@ -227,15 +230,18 @@ class Device:
         room.encrypted = True  # every room the bridge speaks in is encrypted
         changes = self._room_changes.get(room_id, 0)
         state = await api.get_state(self.user_id, room_id)
+        for event in state:
+            if event.get("type") == "m.room.history_visibility":
+                room.history_visibility = str(
+                    event.get("content", {}).get("history_visibility", "shared"))
+        # Who may read what is sent now: joined members, and invited ones unless history
+        # is visible only from joining. Not knocks: asking to enter is not being let in.
+        readers = ("join",) if room.history_visibility == "joined" else ("join", "invite")
         members: dict[str, dict[str, Any]] = {}
         for event in state:
             content = event.get("content", {})
-            # Not knocks: a user asking to enter may not read the room until let in.
-            if event.get("type") == "m.room.member" and \
-                    content.get("membership") in ("join", "invite"):
+            if event.get("type") == "m.room.member" and content.get("membership") in readers:
                 members[str(event.get("state_key"))] = content
-            elif event.get("type") == "m.room.history_visibility":
-                room.history_visibility = str(content.get("history_visibility", "shared"))
         if self.client.user_id not in members:
             # Left or removed: nothing more is encrypted or forwarded there.
             self.client.rooms.pop(room_id, None)

@@ -201,3 +201,35 @@ async def test_a_knocking_user_gets_no_room_key(bridge: BridgeHarness) -> None:
         assert knocker.client.olm.inbound_group_store.get(room_id, ghost_key, session) is None
     finally:
         await knocker.close()
+
+
+async def test_invited_users_get_no_keys_where_history_starts_at_joining(
+        bridge: BridgeHarness) -> None:
+    """An agency room shows history only from joining: a member who is only invited
+    gets no key for what is sent meanwhile, and reads what is sent after joining."""
+    room_id = await create_room(bridge, "citizen", "Equipo")  # history_visibility joined
+    ghost = await _ghost_in_room(bridge, room_id)
+    account = await _account(bridge, "invited")
+    status, body = await bridge.running.call("POST", f"/admin/v1/rooms/{room_id}/invite",
+                                             {"user_id": account.user_id})
+    assert status == 200, body
+    invited = await staff_login(bridge.synapse.synapse, account.localpart, account.password)
+    try:
+        await _say(bridge, ghost, room_id, "antes de entrar")
+        device = _ghost_device(bridge, ghost)
+        olm = device.client.olm
+        before = str(olm.outbound_group_sessions[room_id].id)
+        assert device.client.rooms[room_id].history_visibility == "joined"
+        await invited.sync_once()
+        ghost_key = str(olm.account.identity_keys["curve25519"])
+        assert invited.client.olm.inbound_group_store.get(room_id, ghost_key, before) is None
+
+        await invited.join(room_id)
+        after = await _say(bridge, ghost, room_id, "después de entrar")
+        await invited.wait_for_message(room_id, lambda m: m.body == after, timeout=30)
+        await device.upkeep()  # any forwarding owed has gone out
+        await invited.sync_once()
+        assert str(olm.outbound_group_sessions[room_id].id) != before
+        assert invited.client.olm.inbound_group_store.get(room_id, ghost_key, before) is None
+    finally:
+        await invited.close()
