@@ -1,5 +1,6 @@
 """`civic-bridge demo`: a throwaway Synapse, the WhatsApp Cloud API simulator and the
-bridge, all on 127.0.0.1 with SQLite, plus a staff account and a portal to try.
+bridge, all on 127.0.0.1 with SQLite, plus a staff account and a portal to try, and a
+notice of availability sent to a second citizen who subscribed to notices.
 
 Everything lives in one directory (default ./demo-data) and is reused by the next run,
 so only the first run creates accounts; `--fresh` starts over. Ctrl-C (or SIGTERM,
@@ -29,6 +30,7 @@ from bridge.app import make_app
 from bridge.config import Config, LoggingConfig
 from bridge.db.engine import upgrade
 from bridge.devtools import demo_client
+from bridge.devtools.demo_notices import NoticesStep, NoticesStepError, notices_config
 from bridge.devtools.demo_state import (
     BUSINESS_NUMBER,
     PHONE_NUMBER_ID,
@@ -70,7 +72,8 @@ class DemoOptions:
 
 
 def bridge_config(state: DemoState, directory: Path, shared_secret: str) -> dict[str, Any]:
-    """The bridge's config: fresh secrets (kept in demo.json), SQLite, WhatsApp on."""
+    """The bridge's config: fresh secrets (kept in demo.json), SQLite, WhatsApp and
+    notices on."""
     s = state.secrets
     return {
         "homeserver": {"url": state.homeserver_url, "domain": SERVER_NAME},
@@ -83,6 +86,7 @@ def bridge_config(state: DemoState, directory: Path, shared_secret: str) -> dict
                      "phone_number_id": PHONE_NUMBER_ID, "access_token": s["access_token"],
                      "app_secret": s["app_secret"], "verify_token": s["verify_token"]},
         "consent": {"agency_name": "el Ayuntamiento de Ejemplo (demo)"},
+        "notices": notices_config(),
         "portals": {"staff": [state.staff_user_id]},
         "admin": {"token": s["admin_token"], "users": [state.staff_user_id]},
         "invites": {"registration_shared_secret": shared_secret},
@@ -146,6 +150,7 @@ class Demo:
         await self._start_bridge(config)
         await self._staff_account(state, synapse)
         await self._portal(state)
+        await self._notices(state)
         state.pid = os.getpid()
         await asyncio.to_thread(save, self.dir, state)
         self.out(banner(state, self.dir))
@@ -245,6 +250,16 @@ class Demo:
         state.pseudonym = ghost.display_name if ghost else None
         self.out(f"  ✔ Portal             {room_id}  ({state.portal_name})")
 
+    async def _notices(self, state: DemoState) -> None:
+        """The second citizen subscribes to notices (once); a notice is sent (each run)."""
+        assert self.bridge is not None and self.sim is not None and self.watcher is not None
+        step = NoticesStep(self.bridge, self.sim, state, self.out, self._deliver,
+                           self.watcher.drained, STEP_TIMEOUT, str(self.dir / "bridge.log"))
+        try:
+            await step.run()
+        finally:  # the reference counter too, so a re-run does not repeat it
+            await asyncio.to_thread(save, self.dir, state)
+
     async def _citizen_opts_in(self, consent_state: str) -> None:
         b, sim, state = self.bridge, self.sim, self.state
         assert b is not None and sim is not None and state is not None and self.watcher
@@ -333,7 +348,8 @@ async def run(opts: DemoOptions, out: Print) -> int:
             starting.result()
             await stopping
         out("\nStopping the demo …")
-    except (DemoError, DemoStateError, LocalSynapseError, TimeoutError, OSError) as exc:
+    except (DemoError, DemoStateError, NoticesStepError, LocalSynapseError, TimeoutError,
+            OSError) as exc:
         what = str(exc) or type(exc).__name__
         print(f"demo: {what}", file=sys.stderr)
         code = 1

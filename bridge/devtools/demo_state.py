@@ -1,8 +1,9 @@
 """What `civic-bridge demo` keeps in its directory between runs, and the files it owns.
 
 `demo.json` (mode 0600) holds the demo's secrets, ports, the staff login and the
-simulated citizen, so `demo send` / `demo reply` in a second terminal can find the
-running demo and a second `demo` run reuses the same Synapse, accounts and portal.
+simulated citizens (one who chats, one who only takes notices), so `demo send` / `demo
+reply` in a second terminal can find the running demo and a second `demo` run reuses the
+same Synapse, accounts, portal and notices subscription.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import signal
 import socket
 import string
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +56,21 @@ class Ports:
 
 @dataclass
 class Citizen:
-    """The simulated WhatsApp user. Its number lives only here, never on screen."""
+    """A simulated WhatsApp user. Its number lives only here, never on screen."""
 
     wa_id: str
     user_id: str
     name: str
 
     @classmethod
-    def new(cls) -> Citizen:
+    def new(cls, name: str = "Lucía (demo)") -> Citizen:
         bsuid = "ES." + "".join(secrets.choice(string.ascii_letters + string.digits)
                                 for _ in range(20))
-        return cls(wa_id="346" + _digits(8), user_id=bsuid, name="Lucía (demo)")
+        return cls(wa_id="346" + _digits(8), user_id=bsuid, name=name)
+
+
+def _notices_citizen() -> Citizen:
+    return Citizen.new("Javier (demo)")
 
 
 @dataclass
@@ -80,6 +85,11 @@ class DemoState:
     portal_room_id: str | None = None
     portal_name: str | None = None
     pseudonym: str | None = None  # the citizen's display name in Matrix
+    # The second citizen, who only takes notices of availability (no ghost, no portal).
+    notices_citizen: Citizen = field(default_factory=_notices_citizen)
+    notices_code: str | None = None  # their subscription code
+    notices_pseudonym: str | None = None  # the pseudonym the notice log shows
+    notices_sent: int = 0  # the demo's own notices so far: each run uses a new reference
     pid: int | None = None  # set while a demo is running
     synapse_pid: int | None = None  # its Synapse, so a killed demo's leftover can be found
 
@@ -127,6 +137,12 @@ class DemoState:
                    staff_user_id=str(data["staff_user_id"]),
                    portal_room_id=data.get("portal_room_id"),
                    portal_name=data.get("portal_name"), pseudonym=data.get("pseudonym"),
+                   # absent in a directory from before the demo showed notices
+                   notices_citizen=Citizen(**data["notices_citizen"])
+                   if data.get("notices_citizen") else _notices_citizen(),
+                   notices_code=data.get("notices_code"),
+                   notices_pseudonym=data.get("notices_pseudonym"),
+                   notices_sent=int(data.get("notices_sent") or 0),
                    pid=data.get("pid"), synapse_pid=data.get("synapse_pid"))
 
 

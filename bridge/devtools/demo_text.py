@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -67,6 +68,30 @@ def demo_commands(directory: Path, action: str, text: str) -> tuple[str, str | N
     return direct, None
 
 
+NEXT_REFERENCE = "PRUEBA-1"  # the banner's example; the demo's own are DEMO-AVISO-nnnn
+
+
+def _notices_lines(state: DemoState, token: str, admin: str) -> tuple[str, str]:
+    """(the overview line, the numbered item with the commands), or empty strings."""
+    code = state.notices_code
+    if not code:
+        return "", ""
+    request = json.dumps({"recipient": code, "reference": NEXT_REFERENCE})
+    overview = (
+        f"\n Notices             subscription code {code}   (a second simulated citizen,"
+        f"\n                     pseudonym {state.notices_pseudonym}, who only takes notices:"
+        " no ghost, no portal)")
+    item = (
+        "\n 4. Send another notice of availability, as the agency's notification platform"
+        "\n    would (the same reference again is answered 200 and sends nothing):"
+        f'\n        curl -H "Authorization: Bearer {token}" -H "Content-Type: application/json" \\'
+        f"\n             -d '{request}' {admin}/notices"
+        "\n    and read its log entry (informative, not proof of notification):"
+        f'\n        curl -H "Authorization: Bearer {token}" '
+        f'"{admin}/notices?reference={NEXT_REFERENCE}"')
+    return overview, item
+
+
 def banner(state: DemoState, directory: Path) -> str:
     token = state.secrets["admin_token"]
     hs = state.homeserver_url
@@ -75,6 +100,7 @@ def banner(state: DemoState, directory: Path) -> str:
     reply, _ = demo_commands(directory, "reply", "Buenos días, ¿en qué puedo ayudarle?")
     same = f"\n        (same as: {send_direct})" if send_direct else ""
     data = _shown_path(directory)
+    notices, notices_item = _notices_lines(state, token, admin)
     return f"""
 {RULE}
  {READY}.  Ctrl-C stops everything.
@@ -82,7 +108,8 @@ def banner(state: DemoState, directory: Path) -> str:
  Matrix homeserver   {hs}   (server name "{SERVER_NAME}")
  Staff login         {state.staff_user_id}   password: {state.staff_password}
  Portal room         {state.portal_room_id}   "{state.portal_name}"
-                     the citizen appears as "{state.pseudonym}"; their number is never shown
+                     the citizen appears as "{state.pseudonym}"; their number is never shown\
+{notices}
  Admin API           {admin}   token: {token}
  WhatsApp simulator  {state.api_base}   (a local stand-in for Meta's Cloud API)
  Data and logs       {data}/  (bridge.log, synapse/homeserver.log, demo.json)
@@ -97,7 +124,7 @@ def banner(state: DemoState, directory: Path) -> str:
         {send}{same}
  3. Answer in the portal from Element; the reply shows up below as delivered to the
     WhatsApp simulator. Or answer headless:
-        {reply}
+        {reply}{notices_item}
  Also try: send "BAJA" (the citizen opts out), then send "ACEPTO" (opts back in).
  Admin API:  curl -H "Authorization: Bearer {token}" {admin}/rooms
 {RULE}

@@ -2,14 +2,16 @@
 
 Read-only: it follows the bridge's inbound queue (WhatsApp webhooks, by queue id) and
 the simulator's record of what the bridge sent to WhatsApp, and describes each step
-with the citizen's pseudonym. The simulated citizen's number never appears; message
-texts do, since in the demo they are what you typed.
+with the citizen's pseudonym. The simulated citizens' numbers never appear; message
+texts do, since in the demo they are what you typed. Notices of availability get lines
+of their own: the citizen's notices consent, the template sent, its delivery reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,9 +22,11 @@ from bridge.db import Citizen, InboundItem
 from bridge.devtools.demo_text import Print, quote
 from bridge.privacy import AAD_PAYLOAD
 from bridge.services import Bridge
-from bridge.whatsapp import consent
+from bridge.whatsapp import consent, notice_consent
+from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON
 from bridge.whatsapp.simulator import CloudAPISimulator
-from bridge.whatsapp.webhook_parse import InboundMessage, parse_webhook
+from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE
+from bridge.whatsapp.webhook_parse import InboundMessage, StatusUpdate, parse_webhook
 
 StaffReplySeen = Callable[[str], Awaitable[None]]
 OUTBOX_LOOKUP_SECONDS = 5.0  # the bridge records a send's wamid just after Graph answers
@@ -123,6 +127,10 @@ class RelayWatcher:
         batch = parse_webhook(envelope, b.config.whatsapp.phone_number_id)
         if batch.statuses:
             status = batch.statuses[0]
+            if await self._is_notice(status):
+                return (f"WhatsApp → bridge   the citizen's phone reports the notice "
+                        f"{status.status}: noted in its log entry (informative, not proof "
+                        "of notification)") if status.status in ("delivered", "read") else None
             return ("WhatsApp → Matrix   the citizen's phone reports the reply read: "
                     "read receipt shown in the portal") if status.status == "read" else None
         if not batch.messages:
@@ -145,6 +153,10 @@ class RelayWatcher:
         if link is not None and link.direction == "in":
             what = quote(msg.text) if msg.kind == "text" else f"[{msg.kind}]"
             return f"WhatsApp → Matrix   {what} from {who} relayed into the portal (E2EE)"
+        if citizen is not None and b.config.notices.enabled:
+            notices = notice_consent.intent_of(msg, b.config.notices)
+            if notices is not None:  # a command of its own, answered before the chat's
+                return await self._notices_step(msg, citizen, who)
         intent = consent.intent_of(msg, b.config.consent)
         state = citizen.consent_state if citizen else "unknown"
         if intent == "opt_in" and state == "granted":
@@ -156,12 +168,41 @@ class RelayWatcher:
                     "their ghost left the portal")
         return f"WhatsApp → bridge   message from {who} not relayed (consent: {state})"
 
+    async def _notices_step(self, msg: InboundMessage, citizen: Citizen, who: str) -> str:
+        """A notices keyword or button, by the consent record this message caused."""
+        said = (f"tapped «{msg.button_title}»" if msg.kind == "button"
+                else f"wrote {quote(msg.text)}")
+        records = [r for r in await self._bridge.db.consent.for_citizen(citizen.id)
+                   if r.purpose == "notices" and r.evidence == msg.wamid]
+        state = records[-1].state if records else None
+        if state == "prompted":
+            what = "asks for notices of availability (a command: nothing reaches Matrix)"
+        elif state == "granted":
+            what = ("consent to notices recorded (purpose “notices”, separate from the chat)"
+                    + ("" if citizen.ghost_user_id else "; no ghost, no portal"))
+        elif state == "withdrawn":
+            what = "notices withdrawn, unsent ones cancelled"
+        elif state == "refused":
+            what = "declined notices"
+        else:
+            what = "no change to their notices consent"
+        return f"WhatsApp → bridge   {who} {said}: {what}"
+
+    async def _is_notice(self, status: StatusUpdate) -> bool:
+        b = self._bridge
+        item = await b.db.outbox.by_wamid(status.wamid)
+        return item is not None and \
+            b.privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD).get("type") == "template"
+
     async def _who(self, citizen: Citizen | None) -> str:
-        """What staff see: the ghost's display name; nothing identifying before opt-in."""
+        """What staff see: the ghost's display name; nothing identifying before opt-in.
+        A citizen who only takes notices has no ghost: the pseudonym their log shows."""
         if citizen is not None and citizen.ghost_user_id:
             ghost = await self._bridge.db.ghosts.get(citizen.ghost_user_id)
             if ghost is not None:
                 return ghost.display_name
+        if citizen is not None and await self._bridge.db.subscriptions.get(citizen.id):
+            return f"pseudonym {citizen.pseudonym_code}"
         return "a new contact"
 
     # --- Matrix → bridge → WhatsApp -------------------------------------------------
@@ -202,15 +243,47 @@ class RelayWatcher:
         who = await self._who(citizen)
         kind = body.get("type", "text")
         if kind == "interactive":
-            buttons = " ".join(f"[{b['reply']['title']}]"
-                               for b in body["interactive"]["action"]["buttons"])
-            return f"bridge → WhatsApp   privacy notice with buttons {buttons} sent to {who}", None
+            return self._buttons_sent(body["interactive"], who), None
+        if kind == "template":
+            return await self._notice_sent(body, payload, who), None
         text = body.get("text", {}).get("body") if kind == "text" else None
         if payload.get("system"):
             return f"bridge → WhatsApp   confirmation sent to {who}: {quote(text, 60)}", None
         what = quote(text) if text is not None else f"[{kind}]"
         return (f"Matrix → WhatsApp   staff reply {what} delivered to the simulator for {who} "
                 f"({short_wamid(wamid)})", wamid)
+
+
+    def _buttons_sent(self, interactive: dict[str, Any], who: str) -> str:
+        buttons = interactive["action"]["buttons"]
+        titles = " ".join(f"[{b['reply']['title']}]" for b in buttons)
+        ids = {b["reply"]["id"] for b in buttons}
+        if NOTICES_IN_BUTTON in ids:
+            return f"bridge → WhatsApp   notices consent text with buttons {titles} sent to {who}"
+        if NOTICES_OUT_BUTTON in ids:  # only the opt-out button: the confirmation
+            code = SUBSCRIPTION_CODE.search(interactive["body"]["text"])
+            return (f"bridge → WhatsApp   confirmation with subscription code "
+                    f"{code.group() if code else '?'} and button {titles} sent to {who}")
+        return f"bridge → WhatsApp   privacy notice with buttons {titles} sent to {who}"
+
+    async def _notice_sent(self, body: dict[str, Any], payload: dict[str, Any],
+                           who: str) -> str:
+        """The template exactly as WhatsApp received it; the reference only from the log."""
+        template = body["template"]
+        params = [str(p.get("text")) for c in template.get("components", [])
+                  for p in c.get("parameters", [])]
+        shown = ", ".join(quote(p) for p in params) or "none"
+        line = (f"bridge → WhatsApp   notice of availability sent to {who}: template "
+                f"{template['name']} ({template['language']['code']}), "
+                f"{'its only parameter' if len(params) == 1 else 'parameters'} {shown}")
+        notice_id = payload.get("notice_id")
+        notice = await self._bridge.db.notices.get(int(notice_id)) if notice_id else None
+        if notice is not None:
+            sent = json.dumps(body, ensure_ascii=False)
+            where = "not in the message" if notice.reference not in sent else \
+                "IN THE MESSAGE (a bug)"
+            line += f"; reference {notice.reference} {where}"
+        return line
 
 
 async def stop_task(task: asyncio.Task[None] | None) -> None:

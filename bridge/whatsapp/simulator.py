@@ -5,7 +5,8 @@ lookup / download / delete) with the validation and error shapes of the real API
 records what it accepted, lets a test inject Graph errors or hold a send's answer or a
 media upload, and delivers webhooks signed the way Meta signs them (HMAC-SHA256 of the
 raw body with the app secret). Statuses it builds echo the send's
-`biz_opaque_callback_data`, as Meta does.
+`biz_opaque_callback_data`, as Meta does. `GET /_simulator/sent` (not part of Graph;
+same bearer token) lists what it accepted, for a test that runs it in another process.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ OBJECT = "whatsapp_business_account"
 MEDIA_KINDS = ("image", "document", "audio", "video", "sticker")
 SEND_TYPES = (*MEDIA_KINDS, "text", "template", "interactive", "reaction")
 DOWNLOAD_PATH = "/whatsapp_business/attachments/"
+SENT_PATH = "/_simulator/sent"
 MAX_CALLBACK_DATA = 512
 _DEFAULT_MESSAGES = {
     100: "(#100) Invalid parameter",
@@ -189,6 +191,7 @@ class CloudAPISimulator:
         self.app.router.add_get(f"/{version}/{{media_id}}", self._media_info)
         self.app.router.add_delete(f"/{version}/{{media_id}}", self._media_delete)
         self.app.router.add_get(DOWNLOAD_PATH, self._download)
+        self.app.router.add_get(SENT_PATH, self._sent)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -266,7 +269,7 @@ class CloudAPISimulator:
         return response
 
     async def _dispatch(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._faults and request.path != DOWNLOAD_PATH:
+        if self._faults and request.path not in (DOWNLOAD_PATH, SENT_PATH):
             fault = self._faults[0]
             fault.count -= 1
             if fault.count <= 0:
@@ -335,6 +338,13 @@ class CloudAPISimulator:
         self.sent.append(body)
         self.sent_ids.append(wamid)
         self._sent_event.set()
+
+    async def _sent(self, request: web.Request) -> web.Response:
+        """The recorded sends in order: `{"sent": [{"wamid": ..., "body": ...}]}`
+        (wamid null for a mark-as-read call)."""
+        return web.json_response({"sent": [{"wamid": wamid, "body": body}
+                                           for wamid, body in zip(self.sent_ids, self.sent,
+                                                                  strict=True)]})
 
     async def _upload(self, request: web.Request) -> web.Response:
         if (refused := self._check_phone(request)) is not None:

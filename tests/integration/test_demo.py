@@ -2,8 +2,10 @@
 
 The demo starts its own Synapse, simulator and bridge; `demo send` (a second process)
 makes the simulated citizen write; a nio E2EE staff client reads it in the portal;
-`demo reply` answers and the demo's console shows it delivered. SIGINT stops
-everything, and a second run on the same directory reuses it all.
+`demo reply` answers and the demo's console shows it delivered. Before the banner, a
+second simulated citizen subscribes to notices of availability and the demo sends one
+(the simulator is asked what it received). SIGINT stops everything, and a second run on
+the same directory reuses it all, with a new notice.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from bridge.config import ENV_PREFIX
+from bridge.devtools.demo_notices import ISSUER, REFERENCE_PREFIX
 from bridge.devtools.demo_state import leftover_synapse, stop_leftover
 from bridge.devtools.demo_text import READY
 from bridge.devtools.synapse import LocalSynapse
+from bridge.whatsapp.simulator import SENT_PATH
 from tests.fixtures.staff import StaffClient, staff_login
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -115,6 +120,54 @@ async def staff_in_portal(directory: Path, state: dict[str, Any], store: Path) -
     return staff
 
 
+async def get_json(url: str, token: str) -> Any:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
+            http.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 200, url
+        return await resp.json()
+
+
+def sent_to(body: dict[str, Any], citizen: dict[str, Any]) -> bool:
+    return body.get("to") == citizen["wa_id"] or body.get("recipient") == citizen["user_id"]
+
+
+async def check_notices_step(state: dict[str, Any], output: str, n: int) -> None:
+    """What the notices citizen received, per the simulator: the subscription dialogue
+    (first run only) and one template whose only parameter is the issuer."""
+    simulator = f"http://127.0.0.1:{state['ports']['simulator']}{SENT_PATH}"
+    sent = [s["body"] for s in (await get_json(simulator, state["secrets"]["access_token"]))
+            ["sent"]]
+    citizen = state["notices_citizen"]
+    kinds = [b.get("type") for b in sent if sent_to(b, citizen)]
+    assert kinds == (["interactive", "interactive", "template"] if n == 1 else ["template"])
+    [template] = [b for b in sent if b.get("type") == "template"]
+    assert sent_to(template, citizen)
+    assert template["template"]["components"] == [
+        {"type": "body", "parameters": [{"type": "text", "text": ISSUER}]}]
+    reference = f"{REFERENCE_PREFIX}{n:04d}"
+    assert state["notices_sent"] == n
+    assert reference not in json.dumps(template)
+
+    code = state["notices_code"]
+    assert code and f"subscription code {code}" in output
+    if n == 1:
+        assert "wrote “AVISOS”: asks for notices" in output, output
+        assert "tapped «Acepto»: consent to notices recorded" in output, output
+    subscribed = "(no ghost, no portal)" if n == 1 else "(kept from the last run)"
+    assert any("✔ Notices" in line and subscribed in line for line in output.splitlines()), \
+        output
+    assert f"✔ Notice             {reference} for pseudonym {state['notices_pseudonym']}: " \
+        "HTTP 202" in output, output
+    assert "notice of availability sent to pseudonym" in output
+    assert '"proof_of_notification": false' in output
+
+    # Notices only: no portal of theirs (the chat citizen's is the only one).
+    rooms = await get_json(f"{state['urls']['admin_api']}/rooms",
+                           state["secrets"]["admin_token"])
+    assert [r["room_id"] for r in rooms if r.get("kind") == "portal"] == \
+        [state["portal_room_id"]]
+
+
 FIRST_MESSAGE = "Hola, ¿me pueden ayudar?"
 
 
@@ -135,6 +188,7 @@ async def run_once(directory: Path, tmp_path: Path, n: int) -> RunResult:
         state = json.loads((directory / "demo.json").read_text(encoding="utf-8"))
         assert state["pid"] == demo.proc.pid
         room_id = state["portal_room_id"]
+        await check_notices_step(state, "".join(demo.out), n)
         staff = await staff_in_portal(directory, state, tmp_path / f"nio-{n}")
 
         text = f"hola desde el test ({n})"
@@ -183,9 +237,11 @@ async def test_demo_headless(tmp_path: Path) -> None:
     assert "kept from the last run" in second.output
     assert "(created)" not in second.output
 
-    citizen = json.loads((directory / "demo.json").read_text(encoding="utf-8"))["citizen"]
-    for identifier in (citizen["wa_id"], citizen["wa_id"][2:], citizen["user_id"]):
-        assert identifier not in first.output + second.output, "a citizen identifier printed"
+    state = json.loads((directory / "demo.json").read_text(encoding="utf-8"))
+    for citizen in (state["citizen"], state["notices_citizen"]):
+        for identifier in (citizen["wa_id"], citizen["wa_id"][2:], citizen["user_id"]):
+            assert identifier not in first.output + second.output, \
+                "a citizen identifier printed"
 
     # The citizen's first message was relayed before the staff device existed: the
     # ghost's device sends that device the earlier room key (bridge.matrix.keyshare).
