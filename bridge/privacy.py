@@ -299,6 +299,9 @@ def display_name(template: str, code: str) -> str:
 AAD_IDENTIFIER = b"citizen.identifier"
 AAD_WA_ID = b"citizen.wa_id"
 AAD_PAYLOAD = b"queue.payload"
+# A bridge device's signed Megolm session key (bridge.matrix.keystore adds the row's owner,
+# session and index, so a key copied to another row does not decrypt there).
+AAD_ROOM_KEY = b"room_key.session_key"
 
 
 @dataclass(frozen=True, slots=True)

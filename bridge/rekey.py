@@ -9,6 +9,7 @@ left to expire rather than rewritten.
 from __future__ import annotations
 
 from bridge.db import Database
+from bridge.matrix.keystore import room_key_aad
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Cipher
 from bridge.types import UserID
 
@@ -28,5 +29,10 @@ async def rekey_database(db: Database, cipher: Cipher) -> int:
         if ct and cipher.needs_rekey(ct):
             aad = ghost.user_id.encode()
             await db.ghosts.set_cross_signing(UserID(ghost.user_id), cipher.rekey(ct, aad=aad))
+            count += 1
+    for key in await db.room_keys.sealed():
+        if cipher.needs_rekey(key.session_key_ct):
+            aad = room_key_aad(key.owner, key.session_id, key.message_index)
+            await db.room_keys.reseal(key.id, cipher.rekey(key.session_key_ct, aad=aad))
             count += 1
     return count

@@ -27,6 +27,7 @@ from bridge.leader import Election, Role, SingleProcess, election_for
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.devices import Devices
 from bridge.matrix.ghosts import Ghosts
+from bridge.matrix.keystore import RoomKeyStore
 from bridge.matrix.relay import Relay
 from bridge.matrix.rooms import RoomPolicy, Rooms
 from bridge.matrix.trust import Trust
@@ -239,7 +240,8 @@ async def build_bridge(config: Config) -> Bridge:
     trust = Trust(db, http, config.homeserver.url, config.appservice.as_token, privacy.cipher)
     devices = Devices(api, Path(config.appservice.store_dir),
                       base64.b64decode(config.privacy.data_key), on_ready=trust,
-                      long_poll_user=UserID(config.bot_mxid))
+                      long_poll_user=UserID(config.bot_mxid),
+                      room_keys=RoomKeyStore(db.room_keys, privacy.cipher))
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)
     rooms = Rooms(api, ghosts.bot, RoomPolicy(federate=config.rooms.federate,

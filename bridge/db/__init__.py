@@ -33,8 +33,11 @@ from bridge.db.records import (
     NoticeSubscription,
     OutboxItem,
     OutboxStatus,
+    OwnerRoomKeys,
     Room,
+    RoomKeyDelivery,
     RoomKind,
+    StoredRoomKey,
 )
 from bridge.db.repos import Repositories
 
@@ -59,10 +62,13 @@ __all__ = [
     "NoticeSubscription",
     "OutboxItem",
     "OutboxStatus",
+    "OwnerRoomKeys",
     "Repositories",
     "Room",
+    "RoomKeyDelivery",
     "RoomKind",
     "SchemaStatus",
+    "StoredRoomKey",
     "downgrade",
     "head_revision",
     "safe_url",

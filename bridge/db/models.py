@@ -299,3 +299,34 @@ class KVRow(Base):
 
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class RoomKeyRow(Base):
+    """A signed Megolm session key one of the bridge's devices created, at the index from
+    which `audience` may read (bridge.matrix.keyshare): later staff devices get it."""
+
+    __tablename__ = "room_keys"
+    __table_args__ = (UniqueConstraint("owner", "session_id", "message_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(ID)  # the bridge user whose device made the session
+    room_id: Mapped[str] = mapped_column(ID)
+    session_id: Mapped[str] = mapped_column(ID)
+    message_index: Mapped[int] = mapped_column(Integer)
+    # Decrypts the room's messages from `message_index` on: sealed with the data key.
+    session_key_ct: Mapped[str] = mapped_column(Text)
+    audience: Mapped[str] = mapped_column(Text)  # JSON list of Matrix user IDs
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RoomKeyDeliveryRow(Base):
+    """Which device already has which of an owner's sessions, from which index on."""
+
+    __tablename__ = "room_key_deliveries"
+    __table_args__ = (UniqueConstraint("owner", "session_id", "curve25519"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(ID)
+    session_id: Mapped[str] = mapped_column(ID)
+    curve25519: Mapped[str] = mapped_column(ID)
+    message_index: Mapped[int] = mapped_column(Integer)

@@ -205,3 +205,34 @@ class Notice:
         if self.delivered_at:
             return "delivered"
         return "sent" if self.sent_at else "queued"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRoomKey:
+    """A checkpoint of a bridge device's Megolm session; the key is still sealed."""
+
+    id: int
+    owner: UserID
+    room_id: RoomID
+    session_id: str
+    message_index: int
+    session_key_ct: str
+    audience: tuple[str, ...]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RoomKeyDelivery:
+    """The device with identity key `curve25519` has `session_id` from `message_index` on."""
+
+    session_id: str
+    curve25519: str
+    message_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerRoomKeys:
+    """Everything kept for one owner's devices (`RoomKeyRepo.load`)."""
+
+    keys: list[StoredRoomKey]
+    deliveries: list[RoomKeyDelivery]

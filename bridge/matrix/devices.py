@@ -19,7 +19,9 @@ as nio does when it sees the change in a sync, so a removed member gets no later
 
 Crypto state lives in nio's SQLite store under `appservice.store_dir`, pickled with a
 key derived from `privacy.data_key`, so it survives restarts; the device id is fixed
-per user (stored in the ghosts table) so keys are reused, never regenerated.
+per user (stored in the ghosts table) so keys are reused, never regenerated. The room
+keys kept for staff devices that appear later (bridge.matrix.keyshare) are in the
+bridge's database, sealed with the data key, and reloaded when a device opens.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from typing import Any
 
 import nio
 
-from bridge.matrix.api import MatrixAPI
-from bridge.matrix.keyshare import KeyForwarder
+from bridge.matrix.api import MatrixAPI, MatrixError
+from bridge.matrix.keyshare import KeyForwarder, LedgerStore
+from bridge.matrix.keystore import RoomKeyStore
 from bridge.types import DeviceID, RoomID, UserID
 
 log = logging.getLogger(__name__)
@@ -98,12 +101,13 @@ class Device:
     """
 
     def __init__(self, client: nio.AsyncClient, api: MatrixAPI, long_poll: bool,
-                 is_ours: Callable[[str], bool] = lambda _user: False) -> None:
+                 is_ours: Callable[[str], bool] = lambda _user: False,
+                 key_store: LedgerStore | None = None) -> None:
         self.client = client
         self.api = api
         self.long_poll = long_poll
         # Room keys of earlier messages for staff devices that appear later.
-        self.keys = KeyForwarder(client, is_ours)
+        self.keys = KeyForwarder(client, is_ours, key_store)
         self._wake = asyncio.Event()
         self.synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -179,7 +183,14 @@ class Device:
         """Send earlier room keys to devices that are owed them; never fails a send."""
         try:
             for room_id in self.keys.ledger.rooms():
-                await self.prepare_room(self.api, RoomID(room_id))
+                try:
+                    await self.prepare_room(self.api, RoomID(room_id))
+                except MatrixError as exc:
+                    if exc.status not in (403, 404):
+                        raise  # transient: the next upkeep tries again
+                    # No longer readable by this device (left and forgotten, or gone):
+                    # forwarding then forgets what was kept for it.
+                    self.client.rooms.pop(room_id, None)
             await self.keys.forward()
         except asyncio.CancelledError:
             raise
@@ -313,8 +324,11 @@ class Devices:
 
     def __init__(self, api: MatrixAPI, store_dir: Path, pickle_secret: bytes,
                  on_ready: DeviceReadyHook | None = None,
-                 long_poll_user: UserID | None = None) -> None:
+                 long_poll_user: UserID | None = None,
+                 room_keys: RoomKeyStore | None = None) -> None:
         self._api = api
+        # Where each device's key ledger outlives a restart (None: in memory only).
+        self._room_keys = room_keys
         self._long_poll_user = long_poll_user
         self._store_dir = store_dir
         # nio pickles Olm/Megolm state with this passphrase: derive it from the data key
@@ -357,7 +371,16 @@ class Devices:
             )
             client.restore_login(user_id, device_id, token)
             device = Device(client, self._api, long_poll=user_id == self._long_poll_user,
-                            is_ours=lambda user: self.is_ours(user))
+                            is_ours=lambda user: self.is_ours(user),
+                            key_store=self._room_keys.owner(user_id) if self._room_keys
+                            else None)
+            try:  # before anything is sent or forwarded: what was kept before a restart
+                restored = await device.keys.restore()
+            except BaseException:
+                await client.close()
+                raise
+            if restored:
+                log.info("%s: %d room key checkpoint(s) restored", user_id, restored)
             if client.should_upload_keys:
                 try:
                     await upload_keys(client)
@@ -376,12 +399,15 @@ class Devices:
             return device
 
     async def forget(self, user_id: UserID) -> None:
-        """Close the user's device and delete its crypto store (the account is gone)."""
+        """Close the user's device and delete its crypto store and the room keys kept
+        for later devices (the account is gone)."""
         device = self._devices.pop(user_id, None)
         if device is not None:
             await device.stop()
         store = self._store_dir / user_id[1:].split(":", 1)[0]
         await asyncio.to_thread(shutil.rmtree, store, True)
+        if self._room_keys is not None:
+            await self._room_keys.forget(user_id)
 
     async def close(self) -> None:
         devices, self._devices = list(self._devices.values()), {}

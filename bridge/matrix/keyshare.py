@@ -26,18 +26,29 @@ Who is owed what (`owed_keys`, pure):
 - to every active (not blacklisted) device of such a user that has not received the
   session from that index or earlier (nio's own share, or an earlier forward).
 
-State is in memory only: the signed session key at index 0 cannot be rebuilt after a
-restart (nio does not persist outbound sessions), so messages encrypted before a
-restart reach only devices that existed before it. After a restart nothing is
-forwarded twice because nothing old is remembered; a key sent twice would be harmless.
+What is kept, and when (with a `LedgerStore`; bridge.matrix.keystore puts it in the
+bridge's database, the session key sealed with the privacy data key):
+- a checkpoint (room, session, index, signed session key, audience) is stored in
+  `before_send`, before the message that needs it is sent: a crash right after the send
+  cannot lose the only key that opens it for later devices;
+- a delivery mark (session, device curve25519, lowest index it has) after nio shared
+  the session with the device (noted in `before_send`) and after each forwarded key;
+  a crash between a forward and its mark only means the key goes out once more;
+- `restore` loads the owner's rows when the device opens, before it sends or forwards
+  anything. nio does not persist outbound sessions, so the stored key is the only way
+  to give a device that appears after a restart the messages sent before it.
+- sessions of rooms the device left are deleted with their marks, and erasure of the
+  owner (Devices.forget) deletes everything kept for it.
+Without a store the ledger lives in memory only, as in the unit tests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import nio
 
@@ -119,51 +130,123 @@ def owed_keys(records: Iterable[SessionRecord], members: Mapping[str, Iterable[s
 
 
 class KeyLedger:
-    """What one device created and handed out (in memory)."""
+    """What one device created and handed out (in memory; `LedgerStore` keeps a copy)."""
 
     def __init__(self) -> None:
         self.records: dict[tuple[str, str], SessionRecord] = {}
         self.delivered: dict[tuple[str, str], int] = {}
 
-    def note(self, room_id: str, session_id: str, index: int, session_key: str,
-             entitled: frozenset[str]) -> None:
-        """Before encrypting at `index`: remember the key if someone new is entitled."""
-        record = self.records.setdefault((room_id, session_id),
-                                         SessionRecord(room_id, session_id))
+    def entitles(self, room_id: str, session_id: str, index: int, session_key: str,
+                 entitled: frozenset[str]) -> Checkpoint | None:
+        """The checkpoint to keep before encrypting at `index`, if someone new is entitled.
+
+        At the index of the newest checkpoint it widens that checkpoint's audience.
+        """
+        record = self.records.get((room_id, session_id))
+        if record is None or not record.checkpoints:
+            return Checkpoint(index, session_key, entitled)
         known: set[str] = set()
         for checkpoint in record.checkpoints:
             known |= checkpoint.audience
-        if not record.checkpoints or not entitled <= known:
-            record.checkpoints.append(Checkpoint(index, session_key, entitled))
+        if entitled <= known:
+            return None
+        last = record.checkpoints[-1]
+        if last.index == index:
+            return Checkpoint(index, session_key, last.audience | entitled)
+        return Checkpoint(index, session_key, entitled)
 
-    def mark(self, session_id: str, curve25519: str, index: int) -> None:
-        key = (session_id, curve25519)
-        self.delivered[key] = min(index, self.delivered.get(key, index))
+    def add(self, room_id: str, session_id: str, checkpoint: Checkpoint) -> None:
+        """Keep `checkpoint` (it replaces one at the same index), in index order."""
+        record = self.records.setdefault((room_id, session_id),
+                                         SessionRecord(room_id, session_id))
+        record.checkpoints = sorted(
+            [c for c in record.checkpoints if c.index != checkpoint.index] + [checkpoint],
+            key=lambda c: c.index)
+
+    def note(self, room_id: str, session_id: str, index: int, session_key: str,
+             entitled: frozenset[str]) -> Checkpoint | None:
+        """Before encrypting at `index`: remember the key if someone new is entitled."""
+        checkpoint = self.entitles(room_id, session_id, index, session_key, entitled)
+        if checkpoint is not None:
+            self.add(room_id, session_id, checkpoint)
+        return checkpoint
+
+    def lowers(self, session_id: str, curve25519: str, index: int) -> bool:
+        """Whether the device would get the session from an earlier index than it has."""
+        have = self.delivered.get((session_id, curve25519))
+        return have is None or index < have
+
+    def mark(self, session_id: str, curve25519: str, index: int) -> bool:
+        """The device has the session from `index` on; True if that is news."""
+        if not self.lowers(session_id, curve25519, index):
+            return False
+        self.delivered[(session_id, curve25519)] = index
+        return True
 
     def rooms(self) -> set[str]:
         """Rooms this device created sessions in."""
         return {room_id for room_id, _ in self.records}
 
-    def forget_rooms_except(self, rooms: set[str]) -> None:
-        """Drop what was kept for rooms this device is no longer in."""
+    def forget_rooms_except(self, rooms: set[str]) -> list[str]:
+        """Drop what was kept for rooms this device is no longer in; returns the sessions."""
         gone = [key for key in self.records if key[0] not in rooms]
         for room_id, session_id in gone:
             del self.records[(room_id, session_id)]
             for key in [k for k in self.delivered if k[0] == session_id]:
                 del self.delivered[key]
+        return [session_id for _, session_id in gone]
 
     def owed(self, members: Mapping[str, Iterable[str]], devices: Mapping[str, Iterable[Target]],
              is_ours: Callable[[str], bool]) -> list[Owed]:
         return owed_keys(self.records.values(), members, devices, self.delivered, is_ours)
 
 
-class KeyForwarder:
-    """The nio side: records sessions as the device encrypts, sends what is owed."""
+class LedgerStore(Protocol):
+    """Where one device's ledger outlives the process (bridge.matrix.keystore)."""
 
-    def __init__(self, client: nio.AsyncClient, is_ours: Callable[[str], bool]) -> None:
+    async def add(self, room_id: str, session_id: str, checkpoint: Checkpoint) -> None:
+        """Keep a checkpoint (again at the same index: its wider audience replaces)."""
+
+    async def delivered(self, marks: Mapping[tuple[str, str], int]) -> None:
+        """(session id, device curve25519) -> index: lower what is kept, never raise it."""
+
+    async def load(self) -> tuple[list[SessionRecord], dict[tuple[str, str], int]]:
+        """Everything kept: the sessions' checkpoints and the deliveries."""
+
+    async def drop(self, session_ids: Iterable[str]) -> None:
+        """Forget these sessions (their room was left)."""
+
+
+class KeyForwarder:
+    """The nio side: records sessions as the device encrypts, sends what is owed.
+
+    With a `store`, every checkpoint is stored before the message it is needed for goes
+    out, every delivery after it happened, and `restore` reloads them after a restart.
+    """
+
+    def __init__(self, client: nio.AsyncClient, is_ours: Callable[[str], bool],
+                 store: LedgerStore | None = None) -> None:
         self.client = client
         self.is_ours = is_ours
+        self.store = store
         self.ledger = KeyLedger()
+        self.sent = 0  # keys forwarded since the device opened
+        # One forward at a time: two at once would both send what neither marked yet.
+        self._forwarding = asyncio.Lock()
+
+    async def restore(self) -> int:
+        """Load what the store kept into the ledger; returns how many checkpoints."""
+        if self.store is None:
+            return 0
+        records, delivered = await self.store.load()
+        count = 0
+        for record in records:
+            for checkpoint in record.checkpoints:
+                self.ledger.add(record.room_id, record.session_id, checkpoint)
+                count += 1
+        for (session_id, curve25519), index in delivered.items():
+            self.ledger.mark(session_id, curve25519, index)
+        return count
 
     async def before_send(self, room_id: str) -> None:
         """Share the room's outbound session now (as room_send would) and note its key."""
@@ -184,13 +267,24 @@ class KeyForwarder:
             return
         invited = set(room.invited_users)
         joined = set(room.users) - invited
-        index = int(session.message_index)
-        self.ledger.note(room_id, str(session.id), index, str(session.session_key),
-                         audience(str(room.history_visibility), joined, invited))
+        session_id = str(session.id)
+        checkpoint = self.ledger.entitles(
+            room_id, session_id, int(session.message_index), str(session.session_key),
+            audience(str(room.history_visibility), joined, invited))
+        if checkpoint is not None:
+            if self.store is not None:  # stored first: the message it unlocks comes next
+                await self.store.add(room_id, session_id, checkpoint)
+            self.ledger.add(room_id, session_id, checkpoint)
+        marks: dict[tuple[str, str], int] = {}
         for user_id, device_id in set(session.users_shared_with):
             device = olm.device_store[user_id].get(device_id)
-            if device is not None:
-                self.ledger.mark(str(session.id), str(device.curve25519), 0)
+            if device is not None and self.ledger.lowers(session_id, str(device.curve25519), 0):
+                marks[(session_id, str(device.curve25519))] = 0
+        if marks:
+            if self.store is not None:
+                await self.store.delivered(marks)
+            for (sid, curve25519), index in marks.items():
+                self.ledger.mark(sid, curve25519, index)
 
     def _targets(self, users: Iterable[str]) -> dict[str, list[Target]]:
         olm = self.client.olm
@@ -205,10 +299,16 @@ class KeyForwarder:
 
     async def forward(self) -> int:
         """Send every owed key; returns how many went out."""
+        async with self._forwarding:
+            return await self._forward()
+
+    async def _forward(self) -> int:
         olm = self.client.olm
         if olm is None or not self.ledger.records:
             return 0
-        self.ledger.forget_rooms_except(set(self.client.rooms))
+        dropped = self.ledger.forget_rooms_except(set(self.client.rooms))
+        if dropped and self.store is not None:
+            await self.store.drop(dropped)
         members: dict[str, set[str]] = {}
         for record in self.ledger.records.values():
             members[record.room_id] = set(self.client.rooms[record.room_id].users)
@@ -226,11 +326,18 @@ class KeyForwarder:
                 log.warning("claiming one-time keys to forward room keys failed: %s",
                             resp.status_code)
         sent = 0
+        marks: dict[tuple[str, str], int] = {}
         for item in owed:
             if await self._send(item):
                 sent += 1
+                key = (item.session_id, item.target.curve25519)
+                marks[key] = min(item.checkpoint.index, marks.get(key, item.checkpoint.index))
+        self.sent += sent
         if sent:
             log.info("forwarded %d room key(s) to later devices", sent)
+        if marks and self.store is not None:
+            # After sending: a crash in between only means the key is sent once more.
+            await self.store.delivered(marks)
         return sent
 
     async def _send(self, item: Owed) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 from urllib.parse import quote
 
+import nio
 import pytest
 
 from bridge.matrix.devices import Device
@@ -81,6 +82,78 @@ async def test_late_device_reads_earlier_message_after_next_send(
         assert _got_forward(_ghost_device(bridge, ghost), _curve(late))
     finally:
         await late.close()
+
+
+async def test_late_device_after_a_restart_reads_messages_from_before_it(
+        bridge: BridgeHarness) -> None:
+    """The ledger is in the database: a device that appears after a restart gets the
+    earlier session's key, and one that had it before the restart is not sent it again."""
+    staff = await _account(bridge, "restart")
+    room_id, ghost = await _portal_like(bridge, staff)
+    early = await staff_login(bridge.synapse.synapse, staff.localpart, staff.password)
+    try:
+        await early.join(room_id)
+        m1 = await _say(bridge, ghost, room_id, "antes del reinicio")
+        await early.wait_for_message(room_id, lambda m: m.body == m1, timeout=30)
+        session = str(_ghost_device(bridge, ghost).client.olm
+                      .outbound_group_sessions[room_id].id)
+        kept = await bridge.running.bridge.db.room_keys.load(ghost)
+        assert [(k.session_id, k.message_index) for k in kept.keys] == [(session, 0)]
+        assert staff.user_id in kept.keys[0].audience
+        resent: list[str] = []  # room keys of the first session the early device gets again
+
+        def room_key(event: nio.RoomKeyEvent) -> None:
+            if event.session_id == session:
+                resent.append(event.session_id)
+
+        early.client.add_to_device_callback(room_key, nio.RoomKeyEvent)
+
+        await bridge.running.stop()
+        await bridge.running.start()
+
+        late = await staff_login(bridge.synapse.synapse, staff.localpart, staff.password)
+        try:
+            await late.join(room_id)
+            m2 = await _say(bridge, ghost, room_id, "después del reinicio")
+            earlier = await late.wait_for_message(room_id, lambda m: m.body == m1, timeout=30)
+            await late.wait_for_message(room_id, lambda m: m.body == m2, timeout=30)
+            device = _ghost_device(bridge, ghost)
+            assert earlier.sender == ghost
+            assert earlier.sender_key == device.client.olm.account.identity_keys["curve25519"]
+            await device.upkeep()  # every trigger has run at least once
+            ledger = device.keys.ledger
+            assert ledger.delivered[(session, _curve(late))] == 0
+            assert ledger.delivered[(session, _curve(early))] == 0
+            assert device.keys.sent >= 1
+            # The early device had the key before the restart: it is not sent again.
+            await early.sync_once()
+            assert resent == []
+        finally:
+            await late.close()
+    finally:
+        await early.close()
+
+
+async def test_keys_of_a_room_the_ghost_left_are_deleted(bridge: BridgeHarness) -> None:
+    staff = await _account(bridge, "left")
+    room_id, ghost = await _portal_like(bridge, staff)
+    other_room, _ = await _portal_like(bridge, staff)
+    b = bridge.running.bridge
+    await b.api.invite(b.ghosts.bot, RoomID(other_room), ghost)
+    await b.api.join(ghost, RoomID(other_room))
+    await _say(bridge, ghost, room_id, "en la sala que deja")
+    await _say(bridge, ghost, other_room, "en la sala que sigue")
+    assert {k.room_id for k in (await b.db.room_keys.load(ghost)).keys} == {room_id, other_room}
+
+    await b.api.leave(ghost, RoomID(room_id))
+    device = _ghost_device(bridge, ghost)
+    device.room_changed(room_id)
+    await device.upkeep()  # reads the room again, finds the ghost gone, forwards
+    kept = await b.db.room_keys.load(ghost)
+    assert {k.room_id for k in kept.keys} == {other_room}
+    sessions = {k.session_id for k in kept.keys}
+    assert kept.deliveries and {d.session_id for d in kept.deliveries} <= sessions
+    assert device.keys.ledger.rooms() == {other_room}
 
 
 async def test_join_alone_brings_earlier_keys(bridge: BridgeHarness) -> None:

@@ -525,6 +525,10 @@ async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: 
         await j.seen(lambda ev: getattr(ev, "body", "").startswith("Retenido"))
         assert await b.db.kv.get(HELD_KEY + held) is not None
 
+        # The ghost's device kept its room keys for staff devices that appear later.
+        kept = await b.db.room_keys.load(row.ghost_user_id)
+        assert kept.keys and kept.deliveries
+
         # The same from the command line, which also erases (exit 0, the API's answer).
         exported = await admin_cli(bridge, tmp_path, "citizen", "export", row.ghost_user_id,
                                    "--reason", "solicitud de acceso")
@@ -557,6 +561,8 @@ async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: 
         assert await b.db.ghosts.get(row.ghost_user_id) is None
         assert b.devices.get_open(row.ghost_user_id) is None
         assert not (Path(b.config.appservice.store_dir) / ghost_localpart).exists()
+        kept = await b.db.room_keys.load(row.ghost_user_id)
+        assert kept.keys == [] and kept.deliveries == []
 
         # Writing again is a first contact: asked again, nothing relayed.
         notices = len([s for s in bridge.wa.sent if to_citizen(s, citizen)

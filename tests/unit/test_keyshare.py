@@ -93,3 +93,34 @@ def test_rooms_left_are_forgotten() -> None:
     ledger.mark("s1", "curve", 0)
     ledger.forget_rooms_except({"!other"})
     assert ledger.records == {} and ledger.delivered == {}
+
+
+def test_someone_new_at_the_same_index_widens_that_checkpoint() -> None:
+    ledger = ledger_with_one_session()
+    widened = ledger.note(ROOM, "s1", 0, "key@0", audience("invited", [BOT], [LATE]))
+    assert widened is not None and widened.audience == {BOT, GHOST, STAFF, LATE}
+    assert ledger.records[(ROOM, "s1")].checkpoints == [widened]
+    assert ledger.entitles(ROOM, "s1", 0, "key@0", frozenset({LATE})) is None
+
+
+def test_a_ledger_rebuilt_from_stored_parts_keeps_index_order() -> None:
+    stored = ledger_with_one_session().records[(ROOM, "s1")].checkpoints[0]
+    ledger = KeyLedger()
+    later = ledger.note(ROOM, "s1", 5, "key@5", frozenset({LATE}))
+    assert later is not None
+    ledger.add(ROOM, "s1", stored)  # restored after a newer one: still first
+    assert [c.index for c in ledger.records[(ROOM, "s1")].checkpoints] == [0, 5]
+
+
+def test_marks_only_ever_go_down_and_say_so() -> None:
+    ledger = KeyLedger()
+    assert ledger.mark("s1", "curve", 5)
+    assert not ledger.mark("s1", "curve", 7) and not ledger.lowers("s1", "curve", 5)
+    assert ledger.mark("s1", "curve", 2) and ledger.delivered == {("s1", "curve"): 2}
+
+
+def test_forgetting_rooms_names_the_sessions_dropped() -> None:
+    ledger = ledger_with_one_session()
+    ledger.note("!other", "s9", 0, "k", frozenset({STAFF}))
+    assert ledger.forget_rooms_except({"!other"}) == ["s1"]
+    assert set(ledger.records) == {("!other", "s9")}
