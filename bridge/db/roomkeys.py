@@ -71,6 +71,12 @@ class RoomKeyRepo:
                             for row in await session.scalars(deliveries)],
             )
 
+    async def owners_in(self, room_id: RoomID) -> set[UserID]:
+        """The bridge users that kept keys of the room."""
+        stmt = select(RoomKeyRow.owner).where(RoomKeyRow.room_id == room_id).distinct()
+        async with self._scope.session() as session:
+            return {UserID(owner) for owner in await session.scalars(stmt)}
+
     async def delete_sessions(self, owner: UserID, session_ids: Iterable[str]) -> int:
         """Forget sessions of rooms the owner left; returns how many rows went."""
         ids = sorted(set(session_ids))

@@ -119,8 +119,7 @@ def banner(state: DemoState, directory: Path) -> str:
     → username "{STAFF_LOCALPART}" and the password above; skip the offers to set up key
     backup or verify. Accept the invitation to the portal room. The citizen's first
     message was relayed before your client existed: the citizen's device sends your
-    new one its key when you join (after a restart of the demo, with the citizen's
-    next message), so it may show "unable to decrypt" for a moment.
+    new one its key when you join, so it may show "unable to decrypt" for a moment.
  2. Make the simulated citizen write, from a second terminal in this directory:
         {send}{same}
  3. Answer in the portal from Element; the reply shows up below as delivered to the

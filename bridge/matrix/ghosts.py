@@ -15,7 +15,7 @@ from bridge.db import Database, GhostKind
 from bridge.matrix.api import MatrixAPI
 from bridge.matrix.devices import Device, Devices
 from bridge.privacy import Privacy, new_localpart, new_pseudonym_code
-from bridge.types import DeviceID, UserID
+from bridge.types import DeviceID, RoomID, UserID
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,17 @@ class Ghosts:
 
     def room_changed(self, room_id: str) -> None:
         self._devices.room_changed(room_id)
+
+    async def open_keepers(self, room_id: RoomID) -> None:
+        """Open the closed devices that kept earlier keys of the room (after a restart
+        a ghost's device opens only when it speaks): opening restores their ledger, and
+        their first upkeep forwards what a member who just arrived is owed."""
+        for user_id in await self._db.room_keys.owners_in(room_id):
+            if self._devices.get_open(user_id) is None:
+                try:
+                    await self.device(user_id)
+                except LookupError:  # erased meanwhile: its keys go with it
+                    continue
 
     def is_ours(self, user_id: str) -> bool:
         return user_id.startswith(f"@{self._prefix}") and user_id.endswith(f":{self._domain}")

@@ -74,6 +74,10 @@ class Relay:
         if etype in ROOM_KEY_STATE:
             self._ghosts.room_changed(str(event.get("room_id")))
         if etype == "m.room.member":
+            if not self._ghosts.is_ours(str(event.get("state_key", ""))) and \
+                    event.get("content", {}).get("membership") in ("join", "invite"):
+                # Someone who may be owed earlier room keys arrived.
+                await self._ghosts.open_keepers(RoomID(str(event.get("room_id"))))
             if not self._ghosts.is_ours(sender):
                 await self._on_member(event)
             return
