@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import base64
 import copy
+import fnmatch
 import secrets
+import subprocess
+import sys
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,6 +35,7 @@ from bridge.whatsapp.contract import (
 )
 from bridge.whatsapp.graph import GraphClient, Recipient
 
+ROOT = Path(__file__).resolve().parents[2]
 NUMBER = "34600111222"
 BSUID = "ES.13491208655302741918"
 WAMID = "wamid.HBgLMzQ2MDAxMTEyMjIVAgARGBI5QTNDQTVCM0Q0Q0Q2RTY3RTcA"
@@ -183,6 +189,26 @@ VALID: dict[str, dict[str, Any]] = {
 def test_schema_is_valid_draft_2020_12() -> None:
     Draft202012Validator.check_schema(schema())
     assert schema()["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+def test_schema_is_installed_with_the_package() -> None:
+    """The simulator (and `civic-bridge demo`) load it from the installed package."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["bridge"]
+    shipped = [p.relative_to(ROOT / "bridge").as_posix()
+               for p in (ROOT / "bridge" / "whatsapp" / "schemas").glob("*.json")]
+    assert shipped and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in shipped)
+    assert any(d.startswith("jsonschema") for d in pyproject["project"]["dependencies"])
+
+
+def test_contract_module_does_no_io() -> None:
+    """Importing the contract loads no HTTP client, ORM or Matrix library."""
+    code = ("import sys, bridge.whatsapp.contract; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'aiohttp', 'sqlalchemy', 'alembic', 'nio', 'asyncpg'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("body", VALID.values(), ids=VALID.keys())
