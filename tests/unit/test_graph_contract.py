@@ -20,6 +20,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from bridge.admin.notices import notice_template
@@ -29,6 +31,7 @@ from bridge.whatsapp.contract import (
     INVALID_PARAMETER,
     INVALID_VALUE,
     MISSING_PARAMETER,
+    TITLES,
     schema,
     validate_message,
     validate_upload,
@@ -461,6 +464,46 @@ def test_refusals_never_echo_what_was_sent() -> None:
         shown = refusal.message + refusal.details
         for secret in ("12345678Z", "Calle Mayor", "600 111 222"):
             assert secret not in shown
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=16)
+
+
+def _graft(body: Any, choices: list[int], value: Any) -> Any:
+    """Replace (or add) one node of `body`, found by walking `choices`, with `value`."""
+    node: Any = body
+    for choice in choices:
+        keys: list[Any] = list(node) if isinstance(node, dict) else list(range(len(node)))
+        if not keys:
+            break
+        key = keys[choice % len(keys)]
+        if not isinstance(node[key], dict | list) or choice % 3 == 0:
+            node[key] = value
+            return body
+        node = node[key]
+    if isinstance(node, dict):
+        node["extra"] = value
+    return body
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(VALID)), choices=st.lists(st.integers(0, 50), max_size=6),
+       value=JSON)
+def test_any_damaged_body_gets_an_answer_not_a_crash(name: str, choices: list[int],
+                                                     value: Any) -> None:
+    refusal = validate_message(_graft(copy.deepcopy(VALID[name]), choices, value))
+    assert refusal is None or (refusal.code in TITLES and refusal.details)
+
+
+@settings(max_examples=100)
+@given(body=JSON)
+def test_any_json_gets_an_answer_not_a_crash(body: Any) -> None:
+    refusal = validate_message(body)
+    assert refusal is not None and refusal.code in TITLES
 
 
 # -- (c) every body the bridge builds -------------------------------------------------------
