@@ -38,7 +38,7 @@ TITLES: Final[dict[int, str]] = {
     INVALID_VALUE: "Parameter value is not valid",
 }
 MAX_LIST_ROWS: Final = 10
-# Keywords whose failure means "this value is wrong" rather than "missing"/"unknown".
+# Keywords whose failure means "a parameter Meta does not define here".
 _UNKNOWN_KEYWORDS: Final = frozenset({"additionalProperties", "unevaluatedProperties"})
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
 
@@ -97,10 +97,7 @@ def validate_upload(fields: Mapping[str, str], has_file: bool) -> GraphContractE
 
 
 def _key(error: ValidationError) -> tuple[Any, ...]:
-    # An object that fails its own rules also leaves itself "unevaluated" in its parent:
-    # report the rule, not that echo of it, and of several such echoes the deepest.
-    echo = error.validator == "unevaluatedProperties"
-    return (not echo, len(error.path) if echo else 0, *cast(tuple[Any, ...], relevance(error)))
+    return cast(tuple[Any, ...], relevance(error))
 
 
 def _first_error(errors: Iterable[ValidationError]) -> GraphContractError | None:
@@ -140,6 +137,14 @@ def _describe(error: ValidationError) -> GraphContractError:
     where = _where(error.absolute_path)
     kind, rule, instance = cast(Any, error.validator), cast(Any, error.validator_value), \
         error.instance
+    schema_path = list(error.absolute_schema_path)
+    if "dependentSchemas" in schema_path:  # one type's field in an object of another type
+        field = schema_path[schema_path.index("dependentSchemas") + 1]
+        # The failure is on the object's `type` (its value, or its absence).
+        parent = where if kind == "required" else _where(list(error.absolute_path)[:-1])
+        return GraphContractError(INVALID_PARAMETER,
+                                  f"{parent or 'the request'}: {_field(field)} is not a "
+                                  f"parameter of this type")
     if kind == "required":
         missing = next((n for n in rule if not (isinstance(instance, dict) and n in instance)),
                        rule[0])
@@ -167,14 +172,11 @@ def _alternatives(rule: Any) -> str:
 
 
 def _unexpected(error: ValidationError) -> list[Any]:
-    instance = error.instance
-    if not isinstance(instance, dict):
+    instance, schema_ = error.instance, error.schema
+    if not (isinstance(instance, dict) and isinstance(schema_, dict)):
         return []
-    if error.validator == "additionalProperties":
-        known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
-        return [k for k in instance if k not in known]
-    # unevaluatedProperties: jsonschema names them in its message as 'a', 'b' (repr).
-    return [k for k in instance if repr(k) in error.message]
+    known = schema_.get("properties", {})
+    return [k for k in instance if k not in known]
 
 
 def _rule(kind: str, rule: Any) -> str:
