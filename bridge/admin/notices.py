@@ -63,6 +63,12 @@ def notice_entry(n: Notice) -> dict[str, Any]:
     }
 
 
+def notice_template(n: NoticesConfig) -> dict[str, Any]:
+    """The outbox payload of a notice: the approved template, the issuer its only value."""
+    return {"name": n.template_name, "language": n.template_language,
+            "components": [{"type": "body", "parameters": [{"type": "text", "text": n.issuer}]}]}
+
+
 def _only(body: dict[str, Any], fields: tuple[str, ...], why: str) -> None:
     for key in body:
         if key not in fields:
@@ -140,9 +146,7 @@ class Notices:
         if sub is None or sub.state != "granted":
             await self._outcome(actor, what, "no_consent", reference)
             raise NoNoticesConsent("the recipient has not consented to notices (or withdrew)")
-        template = {"name": n.template_name, "language": n.template_language,
-                    "components": [{"type": "body",
-                                    "parameters": [{"type": "text", "text": n.issuer}]}]}
+        template = notice_template(n)
         async with self._db.transaction() as tx:  # the log entry and the send, or neither
             notice, created = await tx.notices.add(
                 reference=reference, citizen_id=citizen.id, pseudonym=pseudonym,

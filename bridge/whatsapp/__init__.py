@@ -3,4 +3,6 @@
 - `bridge.whatsapp.webhook_parse`: `parse_webhook(body, phone_number_id) -> WebhookBatch`.
 - `bridge.whatsapp.graph`: `GraphClient`, `Recipient`, `GraphError`, `MediaIntegrityError`.
 - `bridge.whatsapp.simulator`: `CloudAPISimulator` for tests and `civic-bridge demo`.
+- `bridge.whatsapp.contract`: Meta's request contract (`schemas/messages.json`):
+  `validate_message(body) -> GraphContractError | None`, `validate_upload(...)`.
 """

@@ -1,9 +1,11 @@
 """A local simulator of the WhatsApp Cloud API, for tests and `civic-bridge demo`.
 
 It answers the Graph endpoints the bridge uses (send, mark read, media upload /
-lookup / download / delete) with the validation and error shapes of the real API,
-records what it accepted, lets a test inject Graph errors or hold a send's answer or a
-media upload, and delivers webhooks signed the way Meta signs them (HMAC-SHA256 of the
+lookup / download / delete) with the validation and error shapes of the real API:
+every request body is checked against Meta's contract (`bridge.whatsapp.contract`) and
+refused as Graph refuses it (400, codes 100 / 131008 / 131009). It records what it
+accepted, lets a test inject Graph errors or hold a send's answer or a media upload,
+and delivers webhooks signed the way Meta signs them (HMAC-SHA256 of the
 raw body with the app secret). Statuses it builds echo the send's
 `biz_opaque_callback_data`, as Meta does. `GET /_simulator/sent` (not part of Graph;
 same bearer token) lists what it accepted, for a test that runs it in another process.
@@ -17,7 +19,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import re
 import secrets
 import time
 from collections import deque
@@ -28,12 +29,11 @@ from typing import Any, Literal, NamedTuple
 import aiohttp
 from aiohttp import web
 
+from bridge.whatsapp import contract
+
 OBJECT = "whatsapp_business_account"
-MEDIA_KINDS = ("image", "document", "audio", "video", "sticker")
-SEND_TYPES = (*MEDIA_KINDS, "text", "template", "interactive", "reaction")
 DOWNLOAD_PATH = "/whatsapp_business/attachments/"
 SENT_PATH = "/_simulator/sent"
-MAX_CALLBACK_DATA = 512
 _DEFAULT_MESSAGES = {
     100: "(#100) Invalid parameter",
     190: "Invalid OAuth access token - Cannot parse access token",
@@ -105,55 +105,9 @@ def _graph_error(http_status: int, code: int, message: str, subcode: int | None 
     return web.json_response({"error": error}, status=http_status)
 
 
-class _Invalid(Exception):
-    """A request the real API would refuse with 400 / code 100."""
-
-
-def _require(condition: bool, details: str) -> None:
-    if not condition:
-        raise _Invalid(details)
-
-
-def _is_str(value: Any, max_len: int | None = None) -> bool:
-    return isinstance(value, str) and bool(value) and (max_len is None or len(value) <= max_len)
-
-
-def _validate_object(kind: str, obj: Any) -> None:
-    _require(isinstance(obj, dict), f"{kind} must be an object")
-    if kind == "text":
-        _require(_is_str(obj.get("body"), 4096), "text.body must be 1-4096 characters")
-    elif kind in MEDIA_KINDS:
-        _require(_is_str(obj.get("id")) != _is_str(obj.get("link")),
-                 f"{kind} needs exactly one of id or link")
-        _require(not (kind in ("audio", "sticker") and "caption" in obj),
-                 f"{kind} cannot have a caption")
-        _require(kind == "document" or "filename" not in obj, "only documents have a filename")
-    elif kind == "template":
-        language = obj.get("language")
-        _require(_is_str(obj.get("name")), "template.name is required")
-        _require(isinstance(language, dict) and _is_str(language.get("code")),
-                 "template.language.code is required")
-        _require(isinstance(obj.get("components", []), list), "template.components must be a list")
-    elif kind == "reaction":
-        _require(_is_str(obj.get("message_id")), "reaction.message_id is required")
-        _require(isinstance(obj.get("emoji"), str), "reaction.emoji must be a string")
-    elif kind == "interactive":
-        body, action = obj.get("body"), obj.get("action")
-        _require(obj.get("type") == "button", "only interactive type button is simulated")
-        _require(isinstance(body, dict) and _is_str(body.get("text"), 1024),
-                 "interactive.body.text must be 1-1024 characters")
-        buttons = action.get("buttons") if isinstance(action, dict) else None
-        _require(isinstance(buttons, list) and 1 <= len(buttons) <= 3, "1-3 buttons allowed")
-        assert isinstance(buttons, list)
-        ids = set()
-        for button in buttons:
-            reply = button.get("reply") if isinstance(button, dict) else None
-            _require(isinstance(button, dict) and button.get("type") == "reply"
-                     and isinstance(reply, dict) and _is_str(reply.get("id"), 256)
-                     and _is_str(reply.get("title"), 20), "button title must be 1-20 characters")
-            assert isinstance(reply, dict)
-            ids.add(reply["id"])
-        _require(len(ids) == len(buttons), "button ids must be unique")
+def _refuse(refusal: contract.GraphContractError) -> web.Response:
+    """Graph's answer to a request that breaks its contract (bridge.whatsapp.contract)."""
+    return _graph_error(400, refusal.code, refusal.message, details=refusal.details)
 
 
 def _new_wamid() -> str:
@@ -294,33 +248,15 @@ class CloudAPISimulator:
             return refused
         try:
             body = await request.json()
-            _require(isinstance(body, dict), "body must be a JSON object")
-            _require(body.get("messaging_product") == "whatsapp",
-                     "messaging_product must be whatsapp")
-            if "status" in body:
-                _require(body["status"] == "read" and _is_str(body.get("message_id")),
-                         "status must be read, with message_id")
-                self._record(body, None)
-                return web.json_response({"success": True})
-            to, bsuid = body.get("to"), body.get("recipient")
-            _require(_is_str(to) != _is_str(bsuid), "exactly one of to or recipient")
-            if isinstance(to, str):
-                _require(bool(re.fullmatch(r"\+?[0-9]{6,15}", to)), "to must be a phone number")
-            _require(body.get("recipient_type", "individual") == "individual",
-                     "recipient_type must be individual")
-            kind = body.get("type", "text")
-            _require(kind in SEND_TYPES, "unsupported message type")
-            _validate_object(kind, body.get(kind))
-            context = body.get("context")
-            _require(context is None or (isinstance(context, dict)
-                                         and _is_str(context.get("message_id"))),
-                     "context.message_id is required")
-            callback = body.get("biz_opaque_callback_data")
-            _require(callback is None or _is_str(callback, MAX_CALLBACK_DATA),
-                     f"biz_opaque_callback_data must be a string of at most "
-                     f"{MAX_CALLBACK_DATA} characters")
-        except (_Invalid, ValueError) as exc:
-            return _graph_error(400, 100, "(#100) Invalid parameter", details=str(exc))
+        except ValueError:
+            body = None
+        if (refusal := contract.validate_message(body)) is not None:
+            return _refuse(refusal)
+        if "status" in body:  # mark as read (and maybe show typing)
+            self._record(body, None)
+            return web.json_response({"success": True})
+        to, bsuid, callback = (body.get("to"), body.get("recipient"),
+                               body.get("biz_opaque_callback_data"))
         wamid = _new_wamid()
         if isinstance(callback, str):
             self.callback_data[wamid] = callback
@@ -351,10 +287,11 @@ class CloudAPISimulator:
             return refused
         form = await request.post()
         upload = form.get("file")
-        if (form.get("messaging_product") != "whatsapp" or not isinstance(upload, web.FileField)
-                or not isinstance(form.get("type"), str)):
-            return _graph_error(400, 100, "(#100) Invalid parameter",
-                                details="file, type and messaging_product are required")
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        if (refusal := contract.validate_upload(
+                fields, isinstance(upload, web.FileField))) is not None:
+            return _refuse(refusal)
+        assert isinstance(upload, web.FileField)
         if self._upload_holds:
             hold = self._upload_holds.popleft()
             hold.arrived.set()

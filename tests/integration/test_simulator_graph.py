@@ -151,33 +151,90 @@ async def test_wait_for_sent(graph: GraphClient, simulator: CloudAPISimulator) -
         await simulator.wait_for_sent(lambda b: b.get("type") == "template", timeout=0.05)
 
 
-@pytest.mark.parametrize(("payload", "details"), [
+async def _post(sim: tuple[CloudAPISimulator, str], session: aiohttp.ClientSession,
+                path: str, *, content_type: str | None = None, **kwargs: Any
+                ) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    async with session.post(f"{sim[1]}/{PHONE_ID}/{path}", headers=headers, **kwargs) as resp:
+        return resp.status, await resp.json()
+
+
+def _assert_graph_refusal(status: int, answer: Any, code: int) -> dict[str, Any]:
+    """Graph's own error shape: HTTP 400, an OAuthException with code, message, details
+    and a trace id, and nothing else."""
+    assert status == 400
+    assert set(answer) == {"error"}
+    error = answer["error"]
+    assert set(error) == {"message", "type", "code", "error_data", "fbtrace_id"}
+    assert (error["type"], error["code"]) == ("OAuthException", code)
+    assert error["message"].startswith(f"(#{code}) ")
+    assert error["error_data"]["messaging_product"] == "whatsapp"
+    assert isinstance(error["fbtrace_id"], str) and error["fbtrace_id"]
+    details: dict[str, Any] = error["error_data"]
+    return details
+
+
+@pytest.mark.parametrize(("payload", "code", "details"), [
     ({"messaging_product": "whatsapp", "to": NUMBER, "type": "interactive", "interactive": {
         "type": "button", "body": {"text": "x"}, "action": {"buttons": [
             {"type": "reply", "reply": {"id": str(i), "title": "t"}} for i in range(4)]}}},
-     "1-3 buttons"),
+     131009, "buttons must have at most 3"),
     ({"messaging_product": "whatsapp", "to": NUMBER, "type": "text", "text": {"body": ""}},
-     "text.body"),
-    ({"messaging_product": "sms", "to": NUMBER, "text": {"body": "x"}}, "messaging_product"),
-    ({"messaging_product": "whatsapp", "type": "text", "text": {"body": "x"}}, "to or recipient"),
+     131009, "text.body"),
+    ({"messaging_product": "sms", "to": NUMBER, "text": {"body": "x"}}, 131009,
+     "messaging_product"),
+    ({"messaging_product": "whatsapp", "type": "text", "text": {"body": "x"}}, 131008,
+     "to or recipient"),
     ({"messaging_product": "whatsapp", "to": NUMBER, "type": "image",
-      "image": {"id": "1", "link": "https://x"}}, "exactly one of id or link"),
-    ({"messaging_product": "whatsapp", "status": "delivered", "message_id": "w"}, "status"),
+      "image": {"id": "1", "link": "https://x"}}, 100, "only one of"),
+    ({"messaging_product": "whatsapp", "to": NUMBER, "type": "text",
+      "text": {"body": "x", "caption": "y"}}, 100, "caption is not a parameter"),
+    ({"messaging_product": "whatsapp", "status": "delivered", "message_id": "w"}, 131009,
+     "status"),
+    ({"messaging_product": "whatsapp", "status": "read"}, 131008, "message_id is required"),
     ({"messaging_product": "whatsapp", "to": NUMBER, "text": {"body": "x"},
-      "biz_opaque_callback_data": "x" * 513}, "biz_opaque_callback_data"),
+      "biz_opaque_callback_data": "x" * 513}, 131009, "biz_opaque_callback_data"),
     ({"messaging_product": "whatsapp", "to": NUMBER, "text": {"body": "x"},
-      "biz_opaque_callback_data": {"id": 1}}, "biz_opaque_callback_data"),
+      "biz_opaque_callback_data": {"id": 1}}, 131009, "biz_opaque_callback_data"),
+    (["not", "an", "object"], 100, "JSON object"),
 ])
-async def test_simulator_validates_sends(sim: tuple[CloudAPISimulator, str],
-                                         session: aiohttp.ClientSession,
-                                         payload: dict[str, Any], details: str) -> None:
-    simulator, base = sim
-    async with session.post(f"{base}/{PHONE_ID}/messages", json=payload,
-                            headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
-        answer = await resp.json()
-    assert resp.status == 400 and answer["error"]["code"] == 100
-    assert details in answer["error"]["error_data"]["details"]
+async def test_simulator_refuses_malformed_sends_as_graph_does(
+        sim: tuple[CloudAPISimulator, str], session: aiohttp.ClientSession,
+        payload: Any, code: int, details: str) -> None:
+    status, answer = await _post(sim, session, "messages", json=payload)
+    assert details in _assert_graph_refusal(status, answer, code)["details"]
+    assert sim[0].sent == []
+    assert sim[0].requests[-1] == ("POST", f"/v23.0/{PHONE_ID}/messages", 400)
+
+
+async def test_simulator_refuses_a_body_that_is_not_json(
+        sim: tuple[CloudAPISimulator, str], session: aiohttp.ClientSession) -> None:
+    status, answer = await _post(sim, session, "messages", data=b"{messaging_product",
+                                 content_type="application/json")
+    _assert_graph_refusal(status, answer, 100)
+
+
+async def test_refused_send_becomes_a_permanent_graph_error(
+        graph: GraphClient, simulator: CloudAPISimulator) -> None:
+    """A body Meta would refuse fails the bridge's send for good (no retry), with Graph's
+    code, and the refusal does not echo the text."""
+    with pytest.raises(GraphError) as info:
+        await graph.send_text(TO, "Mi expediente 2024/00017 " * 200)  # over 4,096
+    assert (info.value.status, info.value.code, info.value.retryable) == (400, 131009, False)
+    assert "2024/00017" not in str(info.value)
     assert simulator.sent == []
+
+
+async def test_simulator_checks_the_upload_form(
+        sim: tuple[CloudAPISimulator, str], session: aiohttp.ClientSession) -> None:
+    form = aiohttp.FormData()
+    form.add_field("messaging_product", "whatsapp")
+    form.add_field("type", "application/pdf")
+    status, answer = await _post(sim, session, "media", data=form)  # no file part
+    assert "file is required" in _assert_graph_refusal(status, answer, 131008)["details"]
+    assert sim[0].media == {}
 
 
 async def test_callback_data_sent_and_echoed_in_statuses(
