@@ -23,9 +23,14 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import phonenumbers
+
 from bridge.config import LoggingConfig
 
 __all__ = ["JsonFormatter", "RedactingFilter", "TextFormatter", "redact", "setup_logging"]
+
+# Numbers without a country code are read as Spanish ones (the agencies' own).
+PHONE_REGION = "ES"
 
 # Strings shorter than this are not treated as secrets: redacting every "a" or
 # "1234" would destroy the log, and real tokens/keys are far longer.
@@ -75,9 +80,10 @@ _KEEP = (
 )
 _BSUID = r"(?<![A-Za-z0-9])[A-Z]{2}\.[A-Za-z0-9]{8,}"
 # Phones (digits of any script): 7+ consecutive digits anywhere (URLs, ids,
-# glued to words); or 7+ digits written with + ( ) space dash dot separators,
-# not starting inside a word, and never swallowing a following ISO date.
-_SEP = r"[\s.\-()\u00a0]{0,3}"
+# glued to words); or 7+ digits written with + ( ) space dash dot slash underscore
+# middle-dot comma separators, not starting inside a word, and never swallowing a
+# following ISO date. `phonenumbers`' own matcher then looks at what is left.
+_SEP = r"[\s.\-()\u00a0/_\u00b7,]{0,3}"
 _PHONE = (
     r"\d{7,}"
     rf"|(?<![A-Za-z0-9_])\+?\(?\d(?:{_SEP}(?!{_DATE})\d){{6,}}"
@@ -129,7 +135,21 @@ def redact(text: str) -> str:
     # Only a BSUID can match with fewer than 7 digits in the whole text.
     if len(_DIGIT.findall(text)) < 7 and not _BSUID_HINT.search(text):
         return text
-    return _SCAN.sub(_scan_sub, text)
+    return _phonenumbers_sub(_SCAN.sub(_scan_sub, text))
+
+
+def _phonenumbers_sub(text: str) -> str:
+    """Numbers `phonenumbers` recognises (any format it knows, Spanish or international)
+    in what the patterns above left: a second opinion from a library that tracks the
+    numbering plans, not a replacement (it wants valid numbers; a log line may hold a
+    truncated or mistyped one, which the patterns catch)."""
+    if len(_DIGIT.findall(text)) < 7:
+        return text
+    spans = [(m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(
+        text, PHONE_REGION, leniency=phonenumbers.Leniency.POSSIBLE, max_tries=200)]
+    for start, end in reversed(spans):
+        text = text[:start] + _mark("phone") + text[end:]
+    return text
 
 
 # --------------------------------------------------------------------------- filter

@@ -57,13 +57,17 @@ def safe_url(url: str) -> str:
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """An async engine with our per-backend settings."""
+    """An async engine with our per-backend settings.
+
+    hide_parameters: a database error's text (logged, and shown in tracebacks) would
+    otherwise end with `[parameters: ...]`: message bodies, ciphertexts, hashes.
+    """
     if make_url(url).get_backend_name() == "sqlite":
-        engine = create_async_engine(url)
+        engine = create_async_engine(url, hide_parameters=True)
         _configure_sqlite(engine)
         return engine
     # pre_ping: a PostgreSQL restart or failover must not surface as errors on stale connections.
-    return create_async_engine(url, pool_pre_ping=True)
+    return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:

@@ -156,3 +156,19 @@ async def test_timestamps_are_aware_utc_and_naive_ones_refused(db: Database) -> 
     assert stored.last_inbound_at == datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
     with pytest.raises((StatementError, ValueError), match="naive datetime"):
         await db.citizens.touch_inbound(citizen.id, datetime(2025, 3, 2, 12, 0))
+
+
+async def test_database_errors_do_not_carry_the_parameters(db: Database) -> None:
+    """A failing statement's error text (logged, shown in tracebacks) must not end with
+    `[parameters: ...]`: the values are message bodies, ciphertexts and hashes."""
+    engine = create_engine(db.engine.url.render_as_string(hide_password=False))
+    secret = "cuerpo del mensaje 600112233"
+    try:
+        async with engine.begin() as conn:
+            with pytest.raises(StatementError) as caught:
+                await conn.execute(text("INSERT INTO no_such_table (x) VALUES (:x)"),
+                                   {"x": secret})
+    finally:
+        await engine.dispose()
+    assert secret not in str(caught.value)
+    assert "hidden due to hide_parameters" in str(caught.value)

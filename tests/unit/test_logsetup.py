@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -338,3 +339,25 @@ def test_redaction_is_fast_and_linear() -> None:
     for text in nasty:
         redact(text)
     assert time.perf_counter() - start < 3.0
+
+
+# One number, written the ways people and systems write it. Each must leave no run of
+# its digits in the redacted line (the separators the review found missing: / _ · ,;
+# the en and em dashes and the non-breaking hyphen only `phonenumbers` knows).
+PHONE_CORPUS = [
+    "600112233", "600 112 233", "600-11-22-33", "600.11.22.33", "(600) 112 233",
+    "+34 600 112 233", "+34600112233", "0034 600 112 233", "(+34) 600-112-233",
+    "600/11/22/33", "600_112_233", "600·11·22·33", "600,112,233", "600 / 112 / 233",
+    "600\u2013112\u2013233", "600\u2014112\u2014233", "600\u2011112\u2011233",
+    "+34\u00a0600\u00a0112\u00a0233", "tel:+34-600-112-233", "wa.me/34600112233",
+    "\uff16\uff10\uff10\uff11\uff11\uff12\uff12\uff13\uff13",
+]
+
+
+@pytest.mark.parametrize("phone", PHONE_CORPUS)
+@pytest.mark.parametrize("frame", ["{}", "llame al {} por favor", "número: {}.",
+                                   '{{"texto": "{}"}}', "({})"])
+def test_phone_corpus_is_redacted(phone: str, frame: str) -> None:
+    out = redact(frame.format(phone))
+    digits = re.sub(r"\D", "", unicodedata.normalize("NFKC", out))
+    assert "112" not in digits and "233" not in digits, out
