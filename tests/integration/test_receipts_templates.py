@@ -20,6 +20,7 @@ from nio import RoomReadMarkersResponse, RoomTypingResponse
 from bridge.config import Config, TemplateConfig
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_whatsapp import (
+    USED_IDENTIFIERS,
     Journey,
     admin_cli,
     body_is,
@@ -269,3 +270,20 @@ async def test_admin_route_sends_a_template_and_is_audited(templated: BridgeHarn
         assert sent_count == 2
     finally:
         await j.desk.close()
+
+
+async def test_no_wamid_or_identifier_in_the_logs(templated: BridgeHarness) -> None:
+    """The bridge's own log records of the run (before redaction) carry none of the
+    wamids this module's receipts and templates used; no record at all carries a test
+    citizen's number or BSUID. (Third-party debug logs, such as aiosqlite's SQL
+    parameters, do hold wamids: the message map keeps them, as before.)"""
+    h = templated
+    wamids = {s["message_id"] for s in h.wa.sent if s.get("status") == "read"}
+    wamids |= {w for w in h.wa.sent_ids if w}
+    assert wamids and USED_IDENTIFIERS
+    ours = [line for line in h.log_lines if line.startswith("bridge")]
+    assert ours
+    for secrets_, lines in ((wamids, ours), (set(USED_IDENTIFIERS), h.log_lines)):
+        for secret in secrets_:
+            found = next((x for x in lines if secret in x), None)
+            assert found is None, f"logged: {found.replace(secret, '<SECRET>')[:300]}"
