@@ -2,10 +2,10 @@
 
 They arrive as ephemeral events in appservice transactions (`receive_ephemeral` in the
 registration): `m.receipt` (`m.read` only; private receipts stay private) and
-`m.typing`. Only staff count, never the bridge's own users (bot, ghosts). A read
-receipt marks the citizen's newest message up to the event staff read (Graph's
-`status: read`, which also marks the earlier ones; an event the message map does not
-know, such as a bridge notice, counts as newer than every message); typing sends the typing indicator on
+`m.typing`. Only staff count, never the bridge's own users (bot, ghosts). A read receipt
+marks the citizen's newest message up to the event staff read (Graph's `status: read`,
+which also marks the earlier ones; an event the message map does not know, such as a
+bridge notice, counts as newer than every message); typing sends the typing indicator on
 the citizen's newest message (it marks that read too), at most once per citizen every
 TYPING_SECONDS (WhatsApp shows it for up to 25 s) and only while a free-form answer is
 possible. What was last marked read is remembered per room as the message map's row id

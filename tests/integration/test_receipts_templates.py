@@ -172,7 +172,11 @@ async def test_templates_listed_and_sent_after_the_window(templated: BridgeHarne
     h, b = templated, templated.running.bridge
     j = await late_journey(h, "Escribí el viernes")
     try:
-        await j.seen(body_is("Escribí el viernes"))
+        first = await j.seen(body_is("Escribí el viernes"))
+        link = await b.db.messages.by_event(first.event_id)
+        assert link is not None
+        # No typing indicator while staff could not answer with free text.
+        await typing(j)
         await j.desk.send_text(j.room_id, "!plantilla")
         listing = await j.seen(notice_with("Plantillas aprobadas"))
         assert "seguimiento_consulta" in listing.body and "cita_confirmada" in listing.body
@@ -182,7 +186,8 @@ async def test_templates_listed_and_sent_after_the_window(templated: BridgeHarne
 
         # Free text is refused with the window notice; a template goes.
         await j.desk.send_text(j.room_id, "¿Sigue necesitando ayuda?")
-        await j.seen(notice_with("más de 24 horas"))
+        window = await j.seen(notice_with("más de 24 horas"))
+        assert "!plantilla" in window.body
         await j.desk.send_text(j.room_id,
                                "!plantilla seguimiento_consulta asunto=su empadronamiento")
         sent = await j.sent_to_citizen(lambda s: s.get("type") == "template")
@@ -207,6 +212,12 @@ async def test_templates_listed_and_sent_after_the_window(templated: BridgeHarne
         templates_sent = [s for s in h.wa.sent if to_citizen(s, j.citizen)
                           and s.get("type") == "template"]
         assert len(templates_sent) == 1
+        async def typing_refused() -> bool:
+            metrics = (await h.running.call("GET", "/metrics", token=None))[1]
+            return 'kind="typing",outcome="window_closed"' in metrics
+        await wait_until(typing_refused, 30, "typing seen and not sent")
+        assert not [s for s in reads(h, link.wamid) if "typing_indicator" in s]
+        await typing(j, False)
 
         # The citizen answers: the window reopens for free text.
         await j.write(h.wa.text_message(j.citizen, "Sí, gracias"))
