@@ -137,3 +137,22 @@ def test_listing_names_every_template_and_how_to_use_it() -> None:
         assert t.description in text and t.body in text
     assert "!plantilla cita_confirmada fecha=… hora=… lugar=…" in text
     assert "whatsapp.templates" in tpl.listing([])
+
+
+def test_config_problems_name_the_template_key_path() -> None:
+    from bridge.config import parse_config
+    from bridge.errors import ConfigError
+    from tests.unit.test_config import valid
+
+    raw = valid()
+    raw["whatsapp"] = {"templates": [
+        {"name": "ok", "description": "d", "body": "Hola"},
+        {"name": "mal", "description": "d", "body": "Hola {{nombre}}"}]}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert err.value.problems == [
+        "whatsapp.templates[1].body: placeholders ['nombre'] do not match parameters "
+        "(expected none)"]
+    raw["whatsapp"] = {"templates": [{"name": "ok", "description": "d", "body": "Hola"}] * 2}
+    with pytest.raises(ConfigError, match=r"whatsapp\.templates: template names must be unique"):
+        parse_config(raw)
