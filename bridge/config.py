@@ -160,6 +160,44 @@ class PrivacyConfig(_Section):
         return self
 
 
+# Meta's limits for an approved template: its body is at most 1,024 characters; a
+# named parameter is lowercase letters, digits and underscores.
+TEMPLATE_PARAMETER = r"^[a-z_][a-z0-9_]{0,19}$"
+_PLACEHOLDER_RE = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
+
+
+class TemplateConfig(_Section):
+    """An approved WhatsApp template staff may send (`whatsapp.templates`): the body as
+    Meta approved it, so the room can show what was sent, and its parameters in order."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9_]{1,512}$")]
+    language: Annotated[str, Field(pattern=r"^[a-z]{2,3}(_[A-Z]{2})?$")] = "es"
+    category: Literal["utility", "marketing", "authentication"] = "utility"
+    description: Annotated[str, Field(min_length=1, max_length=300)]
+    body: Annotated[str, Field(min_length=1, max_length=1024)]
+    # `named`: {{nombre}} placeholders, sent with parameter_name; `positional`: {{1}}, {{2}}.
+    parameter_format: Literal["named", "positional"] = "named"
+    # Named: the placeholders' names. Positional: a label per {{n}}, in order, for staff.
+    parameters: list[Annotated[str, Field(pattern=TEMPLATE_PARAMETER)]] = []
+
+    @model_validator(mode="after")
+    def _placeholders_match(self) -> TemplateConfig:
+        found = _PLACEHOLDER_RE.findall(self.body)
+        if len(set(self.parameters)) != len(self.parameters):
+            raise FieldProblem("parameters", "names must be unique")
+        if self.parameter_format == "named":
+            expected = set(self.parameters)
+            shown = "{{" + "}}, {{".join(self.parameters) + "}}" if self.parameters else "none"
+        else:
+            expected = {str(i) for i in range(1, len(self.parameters) + 1)}
+            shown = f"{{{{1}}}} to {{{{{len(self.parameters)}}}}}" if self.parameters \
+                else "none"
+        if set(found) != expected:
+            raise FieldProblem("body", f"placeholders {sorted(set(found)) or 'none'} do not "
+                               f"match parameters (expected {shown})")
+        return self
+
+
 class WhatsAppConfig(_Section):
     enabled: bool = False
     api_base: str = "https://graph.facebook.com/v23.0"
@@ -172,6 +210,11 @@ class WhatsAppConfig(_Section):
     # again (bridge.whatsapp.outbox). Meta reports `sent` within seconds; the margin
     # covers webhook retries and a restart.
     outbox_confirm_window_seconds: int = 600
+    # A staff read receipt marks the citizen's message read (blue ticks), staff typing
+    # shows "escribiendo…" (bridge.whatsapp.receipts).
+    send_read_receipts: bool = True
+    # Approved templates staff may send with `!plantilla` or the admin API.
+    templates: list[TemplateConfig] = []
 
     _url = field_validator("api_base")(_http_url)
 
@@ -185,6 +228,14 @@ class WhatsAppConfig(_Section):
         if value > 86400:
             raise ValueError("must be at most 86400 (a day): a message cut short would wait "
                              "that long before it is sent again; lower it (default 600)")
+        return value
+
+    @field_validator("templates")
+    @classmethod
+    def _unique_templates(cls, value: list[TemplateConfig]) -> list[TemplateConfig]:
+        names = [t.name for t in value]
+        if len(set(names)) != len(names):
+            raise ValueError("template names must be unique (staff pick a template by name)")
         return value
 
     @model_validator(mode="after")

@@ -49,3 +49,12 @@ class Metrics:
         self.active = Gauge("civic_bridge_active",
                             "1 while this process holds the leader lock and processes",
                             registry=r)
+        # outcome: listed/queued/repeat/unknown/refused_parameters/no_consent/not_portal.
+        self.staff_templates = Counter("civic_bridge_staff_templates",
+                                       "Approved templates staff asked to send, by outcome",
+                                       ["outcome"], registry=r)
+        # kind: read/typing; outcome: sent/failed/no_message/repeat/rate_limited/
+        # window_closed.
+        self.receipts = Counter("civic_bridge_whatsapp_receipts",
+                                "Staff read receipts and typing sent on to WhatsApp",
+                                ["kind", "outcome"], registry=r)

@@ -41,6 +41,8 @@ from bridge.whatsapp.mirror import Mirror
 from bridge.whatsapp.outbound import WINDOW, StaffToWhatsApp, drop_held
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.portal import Portals
+from bridge.whatsapp.receipts import StaffReceipts
+from bridge.whatsapp.staff_templates import StaffTemplates
 from bridge.whatsapp.subscriptions import NoticeSubscriptions
 from bridge.worker import Handler, InboundWorker
 
@@ -81,6 +83,9 @@ class Bridge:
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     # Why processing stopped for good (set with `lost`): the process should exit.
     stop_reason: str = "leader lock lost"
+    # Staff read receipts and typing → WhatsApp (None when off or WhatsApp is off).
+    receipts: StaffReceipts | None = None
+    templates: StaffTemplates | None = None
 
     async def lead(self) -> None:
         """Wait to be elected, then start; stop processing the moment the lock is lost.
@@ -260,11 +265,18 @@ async def build_bridge(config: Config) -> Bridge:
     mirror = Mirror(db, api, relay, graph, portals, metrics)
     subscriptions = NoticeSubscriptions(config, db, outbox, metrics)
     handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}
+    receipts: StaffReceipts | None = None
+    templates: StaffTemplates | None = None
     if config.whatsapp.enabled:
         inbound = WhatsAppInbound(config, db, privacy, portals, mirror, outbox, metrics,
                                   subscriptions)
         handlers["whatsapp"] = inbound
-        relay.add_handler(StaffToWhatsApp(db, portals, outbox, privacy))
+        # `!plantilla` commands are answered in front of the staff → WhatsApp relay.
+        templates = StaffTemplates(config.whatsapp, db, portals, outbox, metrics,
+                                   then=StaffToWhatsApp(db, portals, outbox, privacy))
+        relay.add_handler(templates)
+        if config.whatsapp.send_read_receipts:
+            receipts = StaffReceipts(db, graph, metrics, ghosts.is_ours)
     worker = InboundWorker(db, handlers, metrics=metrics)
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
@@ -275,4 +287,5 @@ async def build_bridge(config: Config) -> Bridge:
                                         subscriptions),
                   notices=Notices(config, db, outbox, metrics, subscriptions, ghosts.is_ours),
                   election=election_for(config.database.url),
-                  pod=await PodLabeler.from_environment(http))
+                  pod=await PodLabeler.from_environment(http),
+                  receipts=receipts, templates=templates)

@@ -109,6 +109,14 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
         if args.citizen_command == "export":
             return "GET", f"{path}/export?reason={quote(args.reason, safe='')}", None
         return "DELETE", path, {"reason": args.reason}
+    if what == "template":
+        values: list[str] = args.values
+        named = [v for v in values if "=" in v]
+        parameters: dict[str, str] | list[str] = (
+            dict(v.split("=", 1) for v in values) if named and len(named) == len(values)
+            else values)
+        return "POST", f"/admin/v1/portals/{quote(args.room, safe='')}/templates", {
+            "name": args.name, "parameters": parameters}
     if what == "rooms":
         if args.rooms_command == "create":
             return "POST", "/admin/v1/rooms", {"name": args.name, "kind": args.kind,
@@ -278,6 +286,11 @@ def add_admin_parser(sub: Any) -> None:
     p.add_argument("--topic", default=None)
     p.add_argument("--join-rule", default="invite", choices=("invite", "knock"))
 
+    p = cmds.add_parser("template", help="send an approved template (whatsapp.templates) "
+                                         "to a portal's citizen")
+    p.add_argument("room", help="the portal's room id")
+    p.add_argument("name", help="the template's name")
+    p.add_argument("values", nargs="*", help="NAME=VALUE per parameter, or values in order")
     cmds.add_parser("members", help="pseudonyms and roles").add_argument("room")
     p = cmds.add_parser("invite", help="invite a staff member")
     p.add_argument("room")

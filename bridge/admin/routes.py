@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge.admin.notices import LABEL
-from bridge.errors import BadRequest, InvalidParam
+from bridge.errors import BadRequest, InvalidParam, Unavailable
 from bridge.invites.service import parse_expires_in
 from bridge.services import Bridge
 from bridge.web.middleware import require_bearer
@@ -269,3 +269,20 @@ async def keys(request: web.Request) -> web.Response:
     bridge = _bridge(request)
     return web.json_response([{"user_id": u, "kind": k, "master_key": f}
                               for u, k, f in await bridge.trust.fingerprints()])
+
+
+@routes.post("/admin/v1/portals/{room_id}/templates")
+async def send_template(request: web.Request) -> web.Response:
+    """`{name, parameters}` (parameters by name, or a list in order) → 202 with the text
+    the citizen will read; 400 for bad parameters, 404 for no such portal or template,
+    409 without consent. Audited; sent through the outbox; the room gets a notice."""
+    bridge, body = await _body(request)
+    if bridge.templates is None:
+        raise Unavailable("WhatsApp is off (whatsapp.enabled)")
+    for key in body:
+        if key not in ("name", "parameters"):
+            raise InvalidParam(f"{str(key)[:40]}: unknown field; only name and parameters")
+    name = _str(body, "name") or ""
+    result = await bridge.templates.send_api(ACTOR, _room(request), name,
+                                             body.get("parameters"))
+    return web.json_response(result, status=202 if result["queued"] else 200)

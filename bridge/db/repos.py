@@ -54,6 +54,22 @@ class MessageRepo:
             row = await session.scalar(stmt)
             return None if row is None else _link(row)
 
+    async def latest_inbound(self, room_id: RoomID, up_to: EventID | None = None
+                             ) -> MessageLink | None:
+        """The room's newest message from the citizen; with `up_to` (an event of the
+        room that is in the map), the newest one linked no later than that event."""
+        stmt = (select(MessageMapRow)
+                .where(MessageMapRow.room_id == room_id, MessageMapRow.direction == "in")
+                .order_by(MessageMapRow.id.desc()).limit(1))
+        async with self._scope.session() as session:
+            if up_to is not None:
+                bound = await session.scalar(select(MessageMapRow.id).where(
+                    MessageMapRow.event_id == up_to, MessageMapRow.room_id == room_id))
+                if bound is not None:
+                    stmt = stmt.where(MessageMapRow.id <= bound)
+            row = await session.scalar(stmt)
+            return None if row is None else _link(row)
+
 
 def _link(row: MessageMapRow) -> MessageLink:
     return MessageLink(

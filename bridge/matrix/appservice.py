@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -35,6 +35,8 @@ class Transaction:
     events: list[dict[str, Any]]
     # MSC3202: users whose device lists changed (a hint for our ghosts' devices).
     changed_users: set[str]
+    # Receipts, typing, presence (`receive_ephemeral`; MSC2409's unstable key too).
+    ephemeral: list[dict[str, Any]] = field(default_factory=list)
 
 
 def parse_transaction(raw: bytes) -> Transaction:
@@ -53,7 +55,17 @@ def parse_transaction(raw: bytes) -> Transaction:
     lists = body.get("org.matrix.msc3202.device_lists")
     changed = lists.get("changed") if isinstance(lists, dict) else None
     users = {u for u in changed if isinstance(u, str)} if isinstance(changed, list) else set()
-    return Transaction(events, users)
+    return Transaction(events, users, ephemeral_events(body))
+
+
+def ephemeral_events(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ephemeral events, under the stable key or MSC2409's (Synapse may send both
+    with the same events: the stable key wins)."""
+    for key in ("ephemeral", "de.sorunome.msc2409.ephemeral"):
+        events = body.get(key)
+        if isinstance(events, list):
+            return [e for e in events if isinstance(e, dict)]
+    return []
 
 
 def transaction_key(txn_id: str, events: list[dict[str, Any]]) -> str:
@@ -84,6 +96,9 @@ async def put_transaction(request: web.Request) -> web.Response:
                     transaction_key(request.match_info["txn_id"], txn.events), events)
     if txn.changed_users:
         bridge.devices.users_changed(txn.changed_users)
+    if txn.ephemeral and bridge.receipts is not None:
+        # Not stored: a lost read tick is no lost message; don't hold the transaction.
+        bridge.spawn(bridge.receipts.handle(txn.ephemeral))
     if stored:
         bridge.metrics.transactions.inc()
         bridge.worker.wake("matrix", *{event_lane(e) for e in events})

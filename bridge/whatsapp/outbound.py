@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 WINDOW = timedelta(hours=24)
 WINDOW_NOTICE = ("No enviado: han pasado más de 24 horas desde el último mensaje de esta "
-                 "persona. WhatsApp solo permite enviar una plantilla aprobada; el mensaje se "
-                 "podrá enviar cuando vuelva a escribir.")
+                 "persona. WhatsApp solo permite enviar una plantilla aprobada (escriba "
+                 "!plantilla para verlas); el mensaje se podrá enviar cuando vuelva a "
+                 "escribir.")
 NO_CONSENT_NOTICE = "No enviado: esta persona no tiene activo el reenvío por WhatsApp."
 EDIT_NOTICE = "Las ediciones no se envían a WhatsApp; envíe un mensaje nuevo si es necesario."
 HELD_NOTICE = ("Retenido, no enviado: el mensaje parece contener datos personales ({kinds}). "
