@@ -28,6 +28,16 @@ from typing import Any, Final, Literal
 from bridge.errors import BadRequest
 from bridge.privacy import KeyedIndex
 from bridge.whatsapp.graph import MAX_CALLBACK_DATA  # the send's limit, echoed on statuses
+from bridge.whatsapp.rich_content import (
+    ContactCard,
+    FlowReply,
+    Order,
+    Referral,
+    parse_contacts,
+    parse_flow,
+    parse_order,
+    parse_referral,
+)
 
 OBJECT: Final = "whatsapp_business_account"
 MEDIA_KINDS: Final = frozenset({"image", "video", "sticker", "document", "audio"})
@@ -36,7 +46,7 @@ _TIMESTAMP = re.compile(r"^[0-9]{1,11}$")
 
 MessageKind = Literal[
     "text", "image", "video", "sticker", "document", "audio", "location", "reaction",
-    "button", "edit", "revoke", "system", "unsupported",
+    "button", "edit", "revoke", "system", "unsupported", "contacts", "order", "flow",
 ]
 
 
@@ -138,6 +148,11 @@ class InboundMessage:
     forwarded: bool = False
     button_id: str | None = field(default=None, repr=False)
     button_title: str | None = field(default=None, repr=False)
+    button_description: str | None = field(default=None, repr=False)  # list rows
+    contacts: tuple[ContactCard, ...] = ()
+    order: Order | None = None
+    flow: FlowReply | None = None
+    referral: Referral | None = None  # the ad or post the citizen came from
     edit: Edit | None = None
     revoke_of: str | None = None
     system: SystemChange | None = None
@@ -242,16 +257,22 @@ def _media(kind: str, obj: dict[str, Any]) -> dict[str, Any] | None:
 
 def _interactive(obj: dict[str, Any]) -> dict[str, Any] | None:
     sub = obj.get("type")
+    if sub == "nfm_reply" and (flow := _dict(obj.get("nfm_reply"))) is not None:
+        return {"kind": "flow", "flow": parse_flow(flow)}
     reply = _dict(obj.get(sub)) if sub in ("button_reply", "list_reply") else None
     if reply is None or _str(reply.get("id")) is None:
         return None
     return {"kind": "button", "button_id": reply["id"],
-            "button_title": _opt_str(reply.get("title"))}
+            "button_title": _opt_str(reply.get("title")),
+            "button_description": _str(reply.get("description"))}
 
 
 def _content(raw_type: str, obj: Any, *, nested: bool = False) -> dict[str, Any]:
     """Kind-specific fields for InboundMessage/Edit; unsupported when unusable."""
     unsupported: dict[str, Any] = {"kind": "unsupported"}
+    if raw_type == "contacts" and not nested:  # the only type whose object is a list
+        cards = parse_contacts(obj)
+        return {"kind": "contacts", "contacts": cards} if cards else unsupported
     body = _dict(obj)
     if body is None:
         return unsupported
@@ -275,6 +296,9 @@ def _content(raw_type: str, obj: Any, *, nested: bool = False) -> dict[str, Any]
                       "reaction": Reaction(target, _opt_str(body.get("emoji")) or "")}
     elif raw_type == "interactive":
         result = _interactive(body)
+    elif raw_type == "order":
+        order = parse_order(body)
+        result = None if order is None else {"kind": "order", "order": order}
     elif raw_type == "button":
         payload, label = _opt_str(body.get("payload")), _opt_str(body.get("text"))
         if payload is not None or label is not None:
@@ -374,6 +398,7 @@ def _message(msg: Any, contacts: list[Sender], where: str, ignored: list[str]
         context_id=_str(context.get("id")),
         forwarded=context.get("forwarded") is True or context.get("frequently_forwarded") is True,
         errors=_errors(msg.get("errors")),
+        referral=parse_referral(msg.get("referral")),
         **_content(raw_type, msg.get(raw_type)),
     )
 
