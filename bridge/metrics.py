@@ -49,3 +49,14 @@ class Metrics:
         self.active = Gauge("civic_bridge_active",
                             "1 while this process holds the leader lock and processes",
                             registry=r)
+        # reason: media_too_large / media_failed / unsupported / whatsapp_error
+        self.inbound_not_relayed = Counter(
+            "civic_bridge_inbound_not_relayed",
+            "WhatsApp messages staff got a notice for instead of the content, by reason",
+            ["reason"], registry=r)
+        # change: user_changed_number / user_changed_user_id / other;
+        # result: rekeyed / notice_only / conflict / unknown_citizen
+        self.identity_changes = Counter(
+            "civic_bridge_identity_changes",
+            "WhatsApp number or BSUID changes reported for citizens", ["change", "result"],
+            registry=r)

@@ -23,6 +23,7 @@ from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy, new_
 from bridge.types import EventID, Pseudonym, RoomID
 from bridge.whatsapp import consent, notice_consent
 from bridge.whatsapp.consent import Action
+from bridge.whatsapp.identity import IdentityChanges
 from bridge.whatsapp.mirror import Mirror
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.portal import Portals
@@ -51,6 +52,7 @@ class WhatsAppInbound:
         self._outbox = outbox
         self._metrics = metrics
         self._subscriptions = subscriptions
+        self._identity = IdentityChanges(db, privacy, portals, metrics)
 
     async def __call__(self, item: InboundItem) -> InboundStatus | None:
         value = self._privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)
@@ -96,6 +98,11 @@ class WhatsAppInbound:
     # --- messages ---------------------------------------------------------------------
 
     async def _message(self, item: InboundItem, msg: InboundMessage) -> InboundStatus | None:
+        if msg.kind == "system":
+            # Not something the citizen wrote: no consent prompt, no reply window;
+            # a number or BSUID change re-keys the citizen.
+            await self._identity.handle(msg)
+            return None
         # One transaction for what every message needs: who, when, and where it goes.
         async with self._db.transaction() as tx:
             citizen = await self.citizen_for(msg.sender, tx)

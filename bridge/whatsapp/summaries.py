@@ -80,8 +80,9 @@ def reaction_to_unknown(emoji: str) -> str:
     return f"Ha reaccionado con {emoji} a un mensaje que no está en esta sala."
 
 
-def unsupported_notice(type_name: str) -> str:
-    return (f"[Mensaje de WhatsApp de un tipo no compatible: {type_name}] No se puede "
+def unsupported_notice(type_name: str | None) -> str:
+    shown = f": {type_name}" if type_name else ""
+    return (f"[Mensaje de WhatsApp de un tipo no compatible{shown}] No se puede "
             "mostrar aquí; pida a la persona que lo envíe como texto, foto o documento.")
 
 
