@@ -12,13 +12,20 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from bridge.whatsapp.graph import error_title
 from bridge.whatsapp.rich_content import ContactCard, FlowReply, Order, Referral
 
 # Names with gender and article, for "una imagen" / "el vídeo"...
 KIND_NAMES: Final = {"image": "una imagen", "video": "un vídeo", "audio": "un audio",
                      "document": "un documento", "sticker": "un sticker"}
 _MB: Final = 1024 * 1024
+# Meta's codes on inbound messages, in words staff can act on.
+_ERRORS: Final = {
+    131000: "error interno de WhatsApp",
+    131026: "mensaje no entregable",
+    131051: "tipo de mensaje no compatible",
+    131052: "no se pudo descargar el archivo",
+    131053: "no se pudo subir el archivo",
+}
 
 
 def _join(parts: list[str | None], sep: str = ", ") -> str:
@@ -87,7 +94,8 @@ def unsupported_notice(type_name: str | None) -> str:
 
 
 def error_notice(code: int | None) -> str:
-    shown = f"código {code}: {error_title(code)}" if code is not None else "sin código"
+    shown = (f"código {code}: {_ERRORS.get(code, 'error de WhatsApp')}" if code is not None
+             else "sin código")
     return (f"WhatsApp no pudo entregar un mensaje de esta persona ({shown}). "
             "Pídale que lo vuelva a enviar, si es posible como texto, foto o documento.")
 

@@ -4,6 +4,8 @@ the citizen chose to share."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -108,3 +110,13 @@ def test_notices_explain_and_say_what_to_do() -> None:
     assert "no compatible: poll" in summaries.unsupported_notice("poll")
     assert "cambiado de número" in summaries.identity_notice("user_changed_number")
     assert summaries.choice_text("Padrón", "Certificado") == "Padrón — Certificado"
+
+
+def test_inbound_parsing_and_texts_import_no_io_library() -> None:
+    """The sans-I/O halves stay pure: importing them loads no network or database code."""
+    code = ("import sys; import bridge.whatsapp.message_content, bridge.whatsapp.rich_content, "
+            "bridge.whatsapp.summaries, bridge.whatsapp.vcard; "
+            "print(sorted(m for m in ('aiohttp', 'nio', 'sqlalchemy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
