@@ -12,7 +12,9 @@ class Metrics:
     WhatsApp message kind (in) or an outbox payload type (out); reason
     `signature`/`json`/`format`; purpose `mirroring`/`notices`; state a consent state;
     source `matrix`/`whatsapp`; outcome of a notice `queued`/`repeat`/`no_consent`/
-    `unknown_recipient`/`sent`/`delivered`/`read`/`failed`. Never an identifier, a
+    `unknown_recipient`/`sent`/`delivered`/`read`/`failed`; an inbound message not
+    relayed as sent `media_too_large`/`media_failed`/`unsupported`/`whatsapp_error`/
+    `account_error`; an identity change and its result. Never an identifier, a
     number or content.
     """
 
