@@ -30,9 +30,23 @@ REKEY_TYPES = ("user_changed_number", "user_changed_user_id")
 
 
 @dataclass(frozen=True, slots=True, repr=False)
-class _Identity:
+class Identity:
+    """How a citizen is addressed: `key` (BSUID, else the number) and the number."""
+
     key: str
     wa_id: str | None
+
+
+def identity_after(change: SystemChange, old: Identity) -> Identity | None:
+    """The identity after `change`, or None when the payload does not say (pure)."""
+    keyed_by_bsuid = old.key != old.wa_id
+    if change.type == "user_changed_number" and change.new_wa_id:
+        # A BSUID-keyed citizen keeps their key unless a new one is given too.
+        user_id = change.new_user_id or (old.key if keyed_by_bsuid else None)
+        return Identity(user_id or change.new_wa_id, change.new_wa_id)
+    if change.type == "user_changed_user_id" and change.new_user_id:
+        return Identity(change.new_user_id, old.wa_id)
+    return None
 
 
 class IdentityChanges:
@@ -56,7 +70,7 @@ class IdentityChanges:
             self._metrics.identity_changes.labels(label, "unknown_citizen").inc()
             return
         old = self._current(citizen)
-        new = self._new_identity(change, old)
+        new = identity_after(change, old)
         room_id = await self._portals.room_of(citizen)
         if new is None or new == old:
             await self._tell(room_id, summaries.identity_notice(change.type), msg.wamid)
@@ -97,23 +111,11 @@ class IdentityChanges:
         if room_id is not None:
             await self._portals.notice(room_id, text, txn_id=txn_id(wamid, suffix))
 
-    def _current(self, citizen: Citizen) -> _Identity:
+    def _current(self, citizen: Citizen) -> Identity:
         cipher = self._privacy.cipher
         key = cipher.decrypt_str(citizen.identifier_ct, aad=AAD_IDENTIFIER)
         wa_id = cipher.decrypt_str(citizen.wa_id_ct, aad=AAD_WA_ID) if citizen.wa_id_ct else None
-        return _Identity(key, wa_id)
-
-    @staticmethod
-    def _new_identity(change: SystemChange, old: _Identity) -> _Identity | None:
-        """The identity after the change, or None when the payload does not say."""
-        keyed_by_bsuid = old.key != old.wa_id
-        if change.type == "user_changed_number" and change.new_wa_id:
-            # A BSUID-keyed citizen keeps their key unless a new one is given too.
-            user_id = change.new_user_id or (old.key if keyed_by_bsuid else None)
-            return _Identity(user_id or change.new_wa_id, change.new_wa_id)
-        if change.type == "user_changed_user_id" and change.new_user_id:
-            return _Identity(change.new_user_id, old.wa_id)
-        return None
+        return Identity(key, wa_id)
 
     async def _find(self, sender: Sender) -> Citizen | None:
         index = self._privacy.index

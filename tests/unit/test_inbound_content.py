@@ -6,17 +6,22 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.whatsapp import summaries
+from bridge.whatsapp.identity import Identity, identity_after
+from bridge.whatsapp.message_content import SystemChange
 from bridge.whatsapp.rich_content import (
     CardAddress,
     CardValue,
     ContactCard,
     FlowReply,
     parse_contacts,
+    parse_flow,
     parse_order,
     parse_referral,
 )
@@ -120,3 +125,51 @@ def test_inbound_parsing_and_texts_import_no_io_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("change", "old", "new"), [
+    # Keyed by BSUID: a new number keeps the key, replaces the number.
+    (SystemChange("user_changed_number", new_wa_id="34611"), Identity("ES.A", "34600"),
+     Identity("ES.A", "34611")),
+    # ...unless a new BSUID comes with it.
+    (SystemChange("user_changed_number", new_wa_id="34611", new_user_id="ES.B"),
+     Identity("ES.A", "34600"), Identity("ES.B", "34611")),
+    # Keyed by number (no BSUID known): the new number is the new key.
+    (SystemChange("user_changed_number", new_wa_id="34611"), Identity("34600", "34600"),
+     Identity("34611", "34611")),
+    # A username-only citizen's BSUID changes; no number appears.
+    (SystemChange("user_changed_user_id", new_user_id="ES.B"), Identity("ES.A", None),
+     Identity("ES.B", None)),
+    (SystemChange("user_changed_user_id", new_user_id="ES.B"), Identity("ES.A", "34600"),
+     Identity("ES.B", "34600")),
+    # Nothing to move to.
+    (SystemChange("user_changed_number"), Identity("ES.A", "34600"), None),
+    (SystemChange("customer_identity_changed", new_wa_id="34611"), Identity("ES.A", None),
+     None),
+])
+def test_identity_after_a_change(change: SystemChange, old: Identity,
+                                 new: Identity | None) -> None:
+    assert identity_after(change, old) == new
+
+
+card_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["name", "formatted_name", "first_name", "org", "company", "title",
+                         "phones", "phone", "type", "emails", "email", "addresses", "street",
+                         "product_items", "product_retailer_id", "quantity", "item_price",
+                         "text", "response_json", "flow_token", "source_url", "headline"])
+        | st.text(max_size=4), inner, max_size=6), max_leaves=25)
+
+
+@given(card_like)
+def test_structured_parsers_and_texts_never_raise(value: Any) -> None:
+    cards = parse_contacts(value if isinstance(value, list) else [value])
+    if cards:
+        assert summaries.contacts_summary(cards) and to_vcf(cards).endswith(b"END:VCARD\r\n")
+    obj = value if isinstance(value, dict) else {"product_items": value, "response_json": value}
+    if (order := parse_order(obj)) is not None:
+        assert summaries.order_summary(order).startswith("Pedido")
+    assert summaries.flow_summary(parse_flow(obj))
+    if (referral := parse_referral(value)) is not None:
+        assert summaries.referral_notice(referral).startswith("Este mensaje")
