@@ -258,6 +258,23 @@ async def test_oversize_media_gets_a_notice_and_its_caption(portal: Portal) -> N
     assert len([r for r in wa.requests if r.path.startswith("/whatsapp_business/")]) == downloads
 
 
+async def test_media_that_cannot_be_fetched_gets_a_notice(portal: Portal) -> None:
+    p, wa, c = portal, portal.h.wa, who(portal.j.citizen)
+    before = p.not_relayed("media_failed")
+    media_id = wa.add_media(b"%PDF-1.7 original", "application/pdf")
+    sha = wa.media[media_id].sha256
+    wa.tamper_media(media_id)
+    await p.post(wp.media(p.business, c, "document", media_id, "application/pdf", sha,
+                          filename="nomina.pdf"))
+    await p.seen(body_has("un documento", "comprobación de integridad", "vuelva a enviar"))
+    gone = "9" * 16  # a media id Graph does not know (expired)
+    await p.post(wp.media(p.business, c, "video", gone, "video/mp4", "0" * 64,
+                          caption="el vídeo de la obra"))
+    await p.seen(body_has("un vídeo", "código 100", "vuelva a enviar"))
+    await p.seen(body_is("el vídeo de la obra"))
+    await wait_until(lambda: p.not_relayed("media_failed") == before + 2, 10, "metric")
+
+
 async def test_other_fields_and_account_errors_are_acknowledged(portal: Portal) -> None:
     p = portal
     await p.h.running.idle("whatsapp")
