@@ -40,7 +40,15 @@ MEDIA_LIMITS: Final[dict[str, int]] = {
     "document": MAX_MEDIA_BYTES,
     "sticker": 500 * 1024,
 }
+STATIC_STICKER_LIMIT: Final = 100 * 1024
 DOWNLOAD_CHUNK: Final = 64 * 1024
+
+
+def media_limit(kind: str, animated: bool | None = None) -> int:
+    """The cap for one media kind; a sticker known to be static gets the lower one."""
+    if kind == "sticker" and animated is False:
+        return STATIC_STICKER_LIMIT
+    return MEDIA_LIMITS.get(kind, MAX_MEDIA_BYTES)
 MAX_BUTTONS: Final = 3
 MAX_BUTTON_TITLE: Final = 20
 # Wire contract: `biz_opaque_callback_data` is an arbitrary string (max 512 chars) that

@@ -30,6 +30,7 @@ class MediaRef:
     sha256: str | None
     filename: str | None = field(default=None, repr=False)
     voice: bool = False
+    animated: bool | None = None  # stickers: their size limit depends on it
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,7 @@ def _media(kind: str, obj: dict[str, Any]) -> dict[str, Any] | None:
         sha256=_str(obj.get("sha256")),
         filename=_str(obj.get("filename")) if kind == "document" else None,
         voice=obj.get("voice") is True,
+        animated=obj["animated"] if isinstance(obj.get("animated"), bool) else None,
     )
     return {"kind": kind, "media": ref, "caption": _str(obj.get("caption"))}
 

@@ -26,11 +26,11 @@ from bridge.privacy import looks_like_personal_id
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp import summaries
 from bridge.whatsapp.graph import (
-    MEDIA_LIMITS,
     GraphClient,
     GraphError,
     MediaIntegrityError,
     MediaTooLarge,
+    media_limit,
 )
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.vcard import MIME_TYPE as VCARD_MIME
@@ -219,7 +219,8 @@ class Mirror:
                      reply_to: EventID | None) -> dict[str, Any]:
         media = msg.media
         assert media is not None
-        downloaded = await self._graph.fetch_media(media.id, max_bytes=MEDIA_LIMITS[msg.kind])
+        downloaded = await self._graph.fetch_media(
+            media.id, max_bytes=media_limit(msg.kind, media.animated))
         # Graph's lookup hash was checked on download; the webhook's claim must match too.
         if media.sha256 and not downloaded.matches(media.sha256):
             raise MediaIntegrityError("media does not match the webhook's sha256")

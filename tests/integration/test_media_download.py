@@ -15,6 +15,7 @@ from bridge.whatsapp.graph import (
     GraphClient,
     MediaIntegrityError,
     MediaTooLarge,
+    media_limit,
 )
 from bridge.whatsapp.simulator import CloudAPISimulator
 
@@ -37,6 +38,10 @@ async def wa() -> AsyncIterator[tuple[CloudAPISimulator, GraphClient]]:
 def test_caps_are_metas_limits() -> None:
     assert MEDIA_LIMITS == {"image": 5 * 2**20, "video": 16 * 2**20, "audio": 16 * 2**20,
                             "document": 100 * 2**20, "sticker": 500 * 2**10}
+    # Stickers: 100 KB static, 500 KB animated (or when the webhook does not say).
+    assert media_limit("sticker", animated=False) == 100 * 2**10
+    assert media_limit("sticker", animated=True) == media_limit("sticker") == 500 * 2**10
+    assert media_limit("image", animated=False) == 5 * 2**20
 
 
 @pytest.mark.parametrize("report_size", [True, False])

@@ -91,6 +91,14 @@ def test_media(kind: str) -> None:
     assert m.media.voice is True
 
 
+@pytest.mark.parametrize(("animated", "parsed"), [(True, True), (False, False), ("yes", None),
+                                                  (None, None)])
+def test_sticker_says_whether_it_is_animated(animated: Any, parsed: bool | None) -> None:
+    m = one("sticker", {"id": "1", "mime_type": "image/webp", "sha256": "a",
+                        "animated": animated})
+    assert m.media is not None and m.media.animated is parsed
+
+
 def test_media_without_id_is_unsupported() -> None:
     m = one("image", {"mime_type": "image/jpeg"})
     assert m.kind == "unsupported" and m.raw_type == "image" and m.media is None
