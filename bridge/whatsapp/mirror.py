@@ -117,6 +117,9 @@ class Mirror:
         if msg.referral is not None:
             await self._portals.notice(room_id, summaries.referral_notice(msg.referral),
                                        txn_id=txn_id(msg.wamid, ":referral"))
+        if msg.referred_product is not None:
+            await self._portals.notice(room_id, summaries.product_notice(msg.referred_product),
+                                       txn_id=txn_id(msg.wamid, ":product"))
         kinds = looks_like_personal_id(readable_text(msg) or msg.caption or "")
         if kinds:
             await self._portals.notice(room_id, PERSONAL_ID_WARNING.format(kinds=", ".join(kinds)),

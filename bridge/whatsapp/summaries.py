@@ -83,6 +83,10 @@ def referral_notice(referral: Referral) -> str:
     return f"Este mensaje llega desde {source}" + (f": {detail}." if detail else ".")
 
 
+def product_notice(product_retailer_id: str) -> str:
+    return f"Este mensaje pregunta por el producto «{product_retailer_id}» del catálogo."
+
+
 def reaction_to_unknown(emoji: str) -> str:
     return f"Ha reaccionado con {emoji} a un mensaje que no está en esta sala."
 

@@ -105,6 +105,7 @@ class InboundMessage:
     order: Order | None = None
     flow: FlowReply | None = None
     referral: Referral | None = None  # the ad or post the citizen came from
+    referred_product: str | None = None  # a catalogue product the message asks about
     edit: Edit | None = None
     revoke_of: str | None = None
     system: SystemChange | None = None
@@ -244,6 +245,8 @@ def _message(msg: Any, contacts: list[Sender], where: str, ignored: list[str]
         forwarded=context.get("forwarded") is True or context.get("frequently_forwarded") is True,
         errors=_errors(msg.get("errors")),
         referral=parse_referral(msg.get("referral")),
+        referred_product=_str((_dict(context.get("referred_product")) or {}).get(
+            "product_retailer_id")),
         **parse_content(raw_type, msg.get(raw_type)),
     )
 

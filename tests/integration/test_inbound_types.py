@@ -138,6 +138,11 @@ async def test_text_reply_and_ad_referral(portal: Portal) -> None:
     assert notice["sender"] == p.b.ghosts.bot
     SECRETS.append("Afe3M6yA1nHw8vK4K1A7lQ0Yc1aRkBm5u0B3n")  # the ad click id is not shown
 
+    await p.post(wp.product_inquiry(p.business, c, "¿Esta tasa se puede fraccionar?"))
+    await p.seen(body_is("¿Esta tasa se puede fraccionar?"))
+    await p.seen(body_is("Este mensaje pregunta por el producto «tasa-basuras-2026» del "
+                         "catálogo."))
+
 
 async def test_media_types(portal: Portal) -> None:
     p, c, wa = portal, who(portal.j.citizen), portal.h.wa

@@ -220,6 +220,15 @@ def test_referral_from_an_ad() -> None:
     assert one("text", {"body": "x"}, referral="junk").referral is None
 
 
+def test_product_inquiry() -> None:
+    m = one("text", {"body": "¿Cuánto es?"}, context={
+        "from": "34910000000", "id": "wamid.CAT",
+        "referred_product": {"catalog_id": "1", "product_retailer_id": "tasa-2026"}})
+    assert (m.kind, m.text, m.referred_product) == ("text", "¿Cuánto es?", "tasa-2026")
+    assert one("text", {"body": "x"}, context={"referred_product": "junk"}).referred_product \
+        is None
+
+
 def test_system_user_id_change() -> None:
     m = one("system", {"type": "user_changed_user_id", "body": "x", "user_id": "ES.NEW2"})
     assert m.system is not None and m.system.type == "user_changed_user_id"
