@@ -14,7 +14,7 @@ class Metrics:
     source `matrix`/`whatsapp`; outcome of a notice `queued`/`repeat`/`no_consent`/
     `unknown_recipient`/`sent`/`delivered`/`read`/`failed`; an inbound message not
     relayed as sent `media_too_large`/`media_failed`/`unsupported`/`whatsapp_error`/
-    `account_error`; an identity change and its result. Never an identifier, a
+    `account_error`/`failed`; an identity change and its result. Never an identifier, a
     number or content.
     """
 
@@ -51,7 +51,8 @@ class Metrics:
         self.active = Gauge("civic_bridge_active",
                             "1 while this process holds the leader lock and processes",
                             registry=r)
-        # reason: media_too_large / media_failed / unsupported / whatsapp_error
+        # reason: media_too_large / media_failed / unsupported / whatsapp_error /
+        # account_error / failed (the worker gave up)
         self.inbound_not_relayed = Counter(
             "civic_bridge_inbound_not_relayed",
             "WhatsApp messages staff got a notice for instead of the content, by reason",

@@ -280,6 +280,19 @@ async def test_media_that_cannot_be_fetched_gets_a_notice(portal: Portal) -> Non
     await wait_until(lambda: p.not_relayed("media_failed") == before + 2, 10, "metric")
 
 
+async def test_a_message_that_keeps_failing_is_not_lost_in_silence(portal: Portal) -> None:
+    """Graph answers 500 to every attempt: after the worker's last try, staff are told."""
+    p, wa = portal, portal.h.wa
+    before = p.not_relayed("failed")
+    media_id = wa.add_media(b"\x89PNG nunca llega", "image/png")
+    wa.fail_next(code=1, http_status=500, count=5)  # each attempt's media lookup
+    await p.post(wp.media(p.business, who(p.j.citizen), "image", media_id, "image/png",
+                          wa.media[media_id].sha256))
+    await p.seen(body_has("una imagen de esta persona tras varios intentos", "Pídale"),
+                 timeout=90)
+    await wait_until(lambda: p.not_relayed("failed") == before + 1, 10, "metric")
+
+
 async def test_other_fields_and_account_errors_are_acknowledged(portal: Portal) -> None:
     p = portal
     await p.h.running.idle("whatsapp")
