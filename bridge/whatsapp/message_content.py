@@ -129,6 +129,9 @@ def parse_content(raw_type: str, obj: Any, *, nested: bool = False) -> dict[str,
     body = _dict(obj)
     if body is None:
         return unsupported
+    if raw_type == "unsupported" and not nested:
+        # Newer payloads name what the citizen sent (e.g. a poll): worth telling staff.
+        return unsupported | {"unsupported_type": _str(body.get("type"))}
     result: dict[str, Any] | None = None
     if raw_type == "text":
         text = _opt_str(body.get("body"))

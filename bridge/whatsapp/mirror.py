@@ -173,7 +173,8 @@ class Mirror:
             await self._not_relayed(room_id, msg, "whatsapp_error",
                                     summaries.error_notice(codes[0]))
         else:
-            name = None if msg.raw_type == "unsupported" else safe_type_name(msg.raw_type)
+            shown = msg.unsupported_type if msg.raw_type == "unsupported" else msg.raw_type
+            name = safe_type_name(shown) if shown else None
             await self._not_relayed(room_id, msg, "unsupported",
                                     summaries.unsupported_notice(name))
         return None

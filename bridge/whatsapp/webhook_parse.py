@@ -106,6 +106,7 @@ class InboundMessage:
     flow: FlowReply | None = None
     referral: Referral | None = None  # the ad or post the citizen came from
     referred_product: str | None = None  # a catalogue product the message asks about
+    unsupported_type: str | None = None  # what an `unsupported` message was, if said
     edit: Edit | None = None
     revoke_of: str | None = None
     system: SystemChange | None = None

@@ -237,7 +237,7 @@ async def test_unsupported_and_errors_become_notices(portal: Portal) -> None:
     p, c = portal, who(portal.j.citizen)
     unsupported, errors = p.not_relayed("unsupported"), p.not_relayed("whatsapp_error")
     await p.post(wp.unsupported(p.business, c))
-    notice = await p.seen(body_has("tipo no compatible]", "texto, foto o documento"))
+    notice = await p.seen(body_has("tipo no compatible: poll]", "texto, foto o documento"))
     assert content(notice)["msgtype"] == "m.notice" and notice["sender"] == p.b.ghosts.bot
     await p.post(wp.message_with_errors(p.business, c))
     await p.seen(body_has("WhatsApp no pudo entregar un mensaje de esta persona",

@@ -280,6 +280,9 @@ def test_unsupported_with_errors() -> None:
     m = one("unsupported", None, errors=[{"code": 131051, "title": "Message type unknown"}])
     assert (m.kind, m.raw_type) == ("unsupported", "unsupported")
     assert [(e.code, e.title) for e in m.errors] == [(131051, "Message type unknown")]
+    assert m.unsupported_type is None
+    m = one("unsupported", {"type": "poll"}, errors=[{"code": 131051}])
+    assert (m.kind, m.unsupported_type) == ("unsupported", "poll")
 
 
 def test_unknown_future_type_and_missing_type() -> None:
