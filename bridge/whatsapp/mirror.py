@@ -77,7 +77,8 @@ def location_content(msg: InboundMessage) -> dict[str, Any]:
     loc = msg.location
     assert loc is not None
     label = ", ".join(p for p in (loc.name, loc.address) if p) or "Ubicación"
-    return {"msgtype": "m.location", "body": f"{label} ({loc.latitude}, {loc.longitude})",
+    body = f"{label} ({loc.latitude}, {loc.longitude})" + (f" {loc.url}" if loc.url else "")
+    return {"msgtype": "m.location", "body": body,
             "geo_uri": f"geo:{loc.latitude},{loc.longitude}"}
 
 

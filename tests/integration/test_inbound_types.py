@@ -170,7 +170,8 @@ async def test_location(portal: Portal) -> None:
     await p.post(wp.location(p.business, who(p.j.citizen)))
     ev = await p.seen(lambda s: content(s).get("msgtype") == "m.location")
     assert content(ev)["geo_uri"] == "geo:40.4154,-3.7074"
-    assert "Plaza Mayor" in content(ev)["body"]
+    assert content(ev)["body"] == ("Plaza Mayor, Plaza Mayor, 1, 28012 Madrid (40.4154, -3.7074)"
+                                   " https://maps.example/plaza-mayor")
 
 
 async def test_contact_card_summary_and_vcf(portal: Portal) -> None:
