@@ -12,7 +12,9 @@ class Metrics:
     WhatsApp message kind (in) or an outbox payload type (out); reason
     `signature`/`json`/`format`; purpose `mirroring`/`notices`; state a consent state;
     source `matrix`/`whatsapp`; outcome of a notice `queued`/`repeat`/`no_consent`/
-    `unknown_recipient`/`sent`/`delivered`/`read`/`failed`. Never an identifier, a
+    `unknown_recipient`/`sent`/`delivered`/`read`/`failed`; an inbound message not
+    relayed as sent `media_too_large`/`media_failed`/`unsupported`/`whatsapp_error`/
+    `account_error`/`failed`; an identity change and its result. Never an identifier, a
     number or content.
     """
 
@@ -58,3 +60,15 @@ class Metrics:
         self.receipts = Counter("civic_bridge_whatsapp_receipts",
                                 "Staff read receipts and typing sent on to WhatsApp",
                                 ["kind", "outcome"], registry=r)
+        # reason: media_too_large / media_failed / unsupported / whatsapp_error /
+        # account_error / failed (the worker gave up)
+        self.inbound_not_relayed = Counter(
+            "civic_bridge_inbound_not_relayed",
+            "WhatsApp messages staff got a notice for instead of the content, by reason",
+            ["reason"], registry=r)
+        # change: user_changed_number / user_changed_user_id / other;
+        # result: rekeyed / notice_only / conflict / unknown_citizen
+        self.identity_changes = Counter(
+            "civic_bridge_identity_changes",
+            "WhatsApp number or BSUID changes reported for citizens", ["change", "result"],
+            registry=r)

@@ -124,6 +124,23 @@ class CitizenRepo:
     ) -> None:
         await self._update(citizen_id, identifier_ct=identifier_ct, wa_id_ct=wa_id_ct)
 
+    async def rekey(self, citizen_id: int, *, index_hash: str, identifier_ct: str,
+                    wa_id_ct: str | None) -> None:
+        """Move a citizen to a new WhatsApp identity (a number or BSUID change): the
+        same row, so the same pseudonym, ghost, portal and consent.
+
+        Raises Conflict if another citizen already has `index_hash` (the person wrote
+        from the new identity before WhatsApp reported the change), NotFound if the
+        citizen is gone.
+        """
+        taken = select(CitizenRow.id).where(CitizenRow.index_hash == index_hash,
+                                            CitizenRow.id != citizen_id)
+        async with self._scope.session() as session:
+            if await session.scalar(taken) is not None:
+                raise Conflict("the new identity belongs to another citizen")
+        await self._update(citizen_id, index_hash=index_hash, identifier_ct=identifier_ct,
+                           wa_id_ct=wa_id_ct)
+
     async def delete(self, citizen_id: int) -> bool:
         """Erase a citizen. Their queued and held messages go with them (ON DELETE
         CASCADE); ghosts, portal rooms and consent evidence stay, unlinked (SET NULL).

@@ -169,7 +169,7 @@ class MatrixAPI:
 
     # --- media ----------------------------------------------------------------
 
-    async def upload(self, as_user: UserID, data: bytes, filename: str) -> str:
+    async def upload(self, as_user: UserID, data: bytes | bytearray, filename: str) -> str:
         """Upload bytes (already encrypted by the caller) and return the mxc:// URI."""
         async with self._session.post(
             f"{self.url}/_matrix/media/v3/upload", data=data,

@@ -30,6 +30,25 @@ RETRYABLE_CODES: Final = frozenset({130429, 131056})
 API_TIMEOUT: Final = aiohttp.ClientTimeout(total=30, connect=10, sock_read=25)
 MEDIA_TIMEOUT: Final = aiohttp.ClientTimeout(total=300, connect=10, sock_read=60)
 MAX_MEDIA_BYTES: Final = 100 * 1024 * 1024  # WhatsApp's largest attachment (documents)
+# Meta's per-type limits ("Supported media types"): what a WhatsApp message can carry,
+# so anything bigger is not a file a citizen sent. Stickers: 100 KB static, 500 KB
+# animated; the webhook does not always say which, so the larger bound applies.
+MEDIA_LIMITS: Final[dict[str, int]] = {
+    "image": 5 * 1024 * 1024,
+    "video": 16 * 1024 * 1024,
+    "audio": 16 * 1024 * 1024,
+    "document": MAX_MEDIA_BYTES,
+    "sticker": 500 * 1024,
+}
+STATIC_STICKER_LIMIT: Final = 100 * 1024
+DOWNLOAD_CHUNK: Final = 64 * 1024
+
+
+def media_limit(kind: str, animated: bool | None = None) -> int:
+    """The cap for one media kind; a sticker known to be static gets the lower one."""
+    if kind == "sticker" and animated is False:
+        return STATIC_STICKER_LIMIT
+    return MEDIA_LIMITS.get(kind, MAX_MEDIA_BYTES)
 MAX_BUTTONS: Final = 3
 MAX_BUTTON_TITLE: Final = 20
 # Wire contract: `biz_opaque_callback_data` is an arbitrary string (max 512 chars) that
@@ -115,6 +134,17 @@ class MediaIntegrityError(GraphError):
         self.permanent_title = "media failed its integrity check"
 
 
+class MediaTooLarge(GraphError):
+    """Media over the cap for its type; `size` is what Graph reported (None if unknown:
+    the download was cut off at `limit`)."""
+
+    def __init__(self, limit: int, size: int | None) -> None:
+        super().__init__(None, None, None, "media larger than allowed", retryable=False)
+        self.limit = limit
+        self.size = size
+        self.permanent_title = "media larger than allowed"
+
+
 def _is_retryable(status: int | None, code: int | None) -> bool:
     return status == 429 or (status is not None and status >= 500) or code in RETRYABLE_CODES
 
@@ -174,9 +204,26 @@ class MediaInfo:
     file_size: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class DownloadedMedia:
+    """Downloaded media: one buffer, filled in place as the chunks arrived."""
+
+    data: bytearray
+    mime_type: str
+    sha256: bytes  # raw digest of `data`, computed while streaming
+
+    def matches(self, expected: str) -> bool:
+        """Does `expected` (hex or base64, as in a webhook) name these bytes?"""
+        return digest_equals(self.sha256, expected)
+
+
 def digest_matches(data: bytes, expected: str) -> bool:
     """Graph reports sha256 as hex; webhooks have used base64. Accept either."""
-    digest = hashlib.sha256(data).digest()
+    return digest_equals(hashlib.sha256(data).digest(), expected)
+
+
+def digest_equals(digest: bytes, expected: str) -> bool:
+    """`digest` (raw sha256) against a hex or base64 rendering of one."""
     candidate = expected.strip()
     if re.fullmatch(r"[0-9a-fA-F]{64}", candidate):
         return hmac.compare_digest(digest.hex(), candidate.lower())
@@ -388,12 +435,25 @@ class GraphClient:
                              ) -> tuple[bytes, str]:
         """Fetch media by id; returns (data, mime_type) after checking its sha256.
 
-        Raises MediaIntegrityError when the bytes do not match what Graph reported.
+        Raises MediaIntegrityError when the bytes do not match what Graph reported,
+        MediaTooLarge over `max_bytes`.
+        """
+        media = await self.fetch_media(media_id, max_bytes=max_bytes)
+        return bytes(media.data), media.mime_type
+
+    async def fetch_media(self, media_id: str, *, max_bytes: int = MAX_MEDIA_BYTES
+                          ) -> DownloadedMedia:
+        """Stream media into one bounded buffer, hashing as it arrives.
+
+        The size is checked three times, so an oversize file is refused as early as
+        possible and never read past `max_bytes`: Graph's `file_size`, the CDN's
+        Content-Length, then the bytes actually received.
         """
         info = await self.media_info(media_id)
         if info.file_size is not None and info.file_size > max_bytes:
-            raise GraphError(200, None, None, "media larger than allowed", retryable=False)
+            raise MediaTooLarge(max_bytes, info.file_size)
         headers = {"Authorization": f"Bearer {self._token}"}
+        digest = hashlib.sha256()
         try:
             async with self._session.get(info.url, headers=headers,
                                          timeout=self._media_timeout) as resp:
@@ -403,19 +463,21 @@ class GraphClient:
                     except ValueError:
                         payload = None
                     raise error_from_response(resp.status, payload, self._known())
-                chunks, total = [], 0
-                async for chunk in resp.content.iter_chunked(64 * 1024):
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise GraphError(resp.status, None, None, "media larger than allowed",
-                                         retryable=False)
-                    chunks.append(chunk)
+                length = resp.content_length
+                if length is not None and length > max_bytes:
+                    raise MediaTooLarge(max_bytes, length)
+                buffer = bytearray()
+                async for chunk in resp.content.iter_chunked(DOWNLOAD_CHUNK):
+                    if len(buffer) + len(chunk) > max_bytes:
+                        raise MediaTooLarge(max_bytes, info.file_size)
+                    buffer += chunk
+                    digest.update(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("graph media download failed: network error %s", type(exc).__name__)
             raise GraphError(None, None, None, f"network error ({type(exc).__name__})",
                              retryable=True) from exc
-        data = b"".join(chunks)
-        if not digest_matches(data, info.sha256):
+        media = DownloadedMedia(buffer, info.mime_type, digest.digest())
+        if not media.matches(info.sha256):
             log.warning("graph media download failed the sha256 check")
             raise MediaIntegrityError()
-        return data, info.mime_type
+        return media

@@ -1,9 +1,13 @@
-"""WhatsApp → Matrix: one inbound message becomes one event from the citizen's ghost.
+"""WhatsApp → Matrix: one inbound message becomes an event from the citizen's ghost.
 
-Media is downloaded from Graph (sha256-checked), encrypted as a Matrix attachment and
-uploaded; replies, reactions, edits and revokes are mapped through `message_map`.
-The transaction id is derived from the wamid, so a retry after a crash returns the
-event the homeserver already stored instead of a duplicate.
+Media is streamed from Graph into one buffer (capped per type, sha256-checked),
+encrypted in place as a Matrix attachment and uploaded; replies, reactions, edits and
+revokes are mapped through `message_map`. Types Matrix has no event for (contact
+cards, orders, Flow answers, list rows) arrive as readable text, a card also as a
+`.vcf`. What cannot be shown (too large, unsupported, an error from WhatsApp) becomes
+a notice to staff saying why and what to do, counted by reason.
+Transaction ids are derived from the wamid, so a retry after a crash returns the
+events the homeserver already stored instead of duplicates.
 """
 
 from __future__ import annotations
@@ -13,16 +17,24 @@ import logging
 import re
 from typing import Any
 
-from nio.crypto.attachments import encrypt_attachment
-
 from bridge.db import Citizen, Database
 from bridge.matrix.api import MatrixAPI
+from bridge.matrix.attachments import encrypt_in_place
 from bridge.matrix.relay import Relay
 from bridge.metrics import Metrics
 from bridge.privacy import looks_like_personal_id
 from bridge.types import EventID, RoomID, UserID
-from bridge.whatsapp.graph import GraphClient, MediaIntegrityError, digest_matches
+from bridge.whatsapp import summaries
+from bridge.whatsapp.graph import (
+    GraphClient,
+    GraphError,
+    MediaIntegrityError,
+    MediaTooLarge,
+    media_limit,
+)
 from bridge.whatsapp.portal import Portals
+from bridge.whatsapp.vcard import MIME_TYPE as VCARD_MIME
+from bridge.whatsapp.vcard import to_vcf
 from bridge.whatsapp.webhook_parse import InboundMessage
 
 log = logging.getLogger(__name__)
@@ -48,11 +60,25 @@ def text_content(body: str, reply_to: EventID | None = None) -> dict[str, Any]:
     return content
 
 
+def readable_text(msg: InboundMessage) -> str | None:
+    """The text staff read for a message that is text to Matrix (None: it is not)."""
+    if msg.kind == "text":
+        return msg.text or ""
+    if msg.kind == "button":
+        return summaries.choice_text(msg.button_title, msg.button_description)
+    if msg.kind == "flow" and msg.flow is not None:
+        return summaries.flow_summary(msg.flow)
+    if msg.kind == "order" and msg.order is not None:
+        return summaries.order_summary(msg.order)
+    return None
+
+
 def location_content(msg: InboundMessage) -> dict[str, Any]:
     loc = msg.location
     assert loc is not None
     label = ", ".join(p for p in (loc.name, loc.address) if p) or "Ubicación"
-    return {"msgtype": "m.location", "body": f"{label} ({loc.latitude}, {loc.longitude})",
+    body = f"{label} ({loc.latitude}, {loc.longitude})" + (f" {loc.url}" if loc.url else "")
+    return {"msgtype": "m.location", "body": body,
             "geo_uri": f"geo:{loc.latitude},{loc.longitude}"}
 
 
@@ -89,24 +115,39 @@ class Mirror:
         if event_id:
             await self._db.messages.link(msg.wamid, room_id, event_id, "in")
             self._metrics.relayed.labels("in", msg.kind).inc()
-        kinds = looks_like_personal_id(msg.text or msg.caption or "")
+        if msg.referral is not None:
+            await self._portals.notice(room_id, summaries.referral_notice(msg.referral),
+                                       txn_id=txn_id(msg.wamid, ":referral"))
+        if msg.referred_product is not None:
+            await self._portals.notice(room_id, summaries.product_notice(msg.referred_product),
+                                       txn_id=txn_id(msg.wamid, ":product"))
+        kinds = looks_like_personal_id(readable_text(msg) or msg.caption or "")
         if kinds:
-            await self._portals.notice(room_id, PERSONAL_ID_WARNING.format(kinds=", ".join(kinds)))
+            await self._portals.notice(room_id, PERSONAL_ID_WARNING.format(kinds=", ".join(kinds)),
+                                       txn_id=txn_id(msg.wamid, ":personal-id"))
 
     async def _send(self, ghost: UserID, room_id: RoomID, content: dict[str, Any],
-                    wamid: str, event_type: str = "m.room.message") -> EventID:
-        return await self._relay.send_as(ghost, room_id, content, event_type, txn_id(wamid))
+                    wamid: str, event_type: str = "m.room.message", suffix: str = ""
+                    ) -> EventID:
+        return await self._relay.send_as(ghost, room_id, content, event_type,
+                                         txn_id(wamid, suffix))
+
+    async def _not_relayed(self, room_id: RoomID, msg: InboundMessage, reason: str,
+                           text: str) -> None:
+        """Staff are told what arrived and what to do; the metric counts it by reason."""
+        await self._portals.notice(room_id, text, txn_id=txn_id(msg.wamid, ":notice"))
+        self._metrics.inbound_not_relayed.labels(reason).inc()
 
     async def _relay_one(self, ghost: UserID, room_id: RoomID,
                          msg: InboundMessage) -> EventID | None:
         reply_to = await self._event_for(msg.context_id)
         kind = msg.kind
-        if kind == "text" or kind == "button":
-            body = msg.text if kind == "text" else msg.button_title
-            return await self._send(ghost, room_id, text_content(body or "", reply_to), msg.wamid)
+        if (text := readable_text(msg)) is not None:
+            return await self._send(ghost, room_id, text_content(text, reply_to), msg.wamid)
+        if kind == "contacts":
+            return await self._contacts(ghost, room_id, msg, reply_to)
         if kind in MATRIX_MSGTYPE:
-            return await self._send(ghost, room_id, await self._media(ghost, msg, reply_to),
-                                    msg.wamid)
+            return await self._media_or_notice(ghost, room_id, msg, reply_to)
         if kind == "location":
             return await self._send(ghost, room_id, location_content(msg), msg.wamid)
         if kind == "reaction":
@@ -124,31 +165,81 @@ class Mirror:
                 await self._api.redact(ghost, room_id, original, txn_id(msg.wamid),
                                        "deleted on WhatsApp")
             return None
-        if kind == "system":
-            await self._portals.notice(room_id, "WhatsApp informa de que esta persona ha "
-                                                "cambiado de número o de identidad.")
+        if kind == "system":  # identity changes are handled before relay; others land here
+            await self._portals.notice(room_id, summaries.identity_notice(
+                msg.system.type if msg.system else ""), txn_id=txn_id(msg.wamid, ":notice"))
             return None
-        name = safe_type_name(msg.raw_type)
-        return await self._send(ghost, room_id, {
-            "msgtype": "m.notice",
-            "body": f"[Mensaje de WhatsApp de un tipo no compatible: {name}]"}, msg.wamid)
+        codes = [e.code for e in msg.errors if e.code is not None and e.code != 131051]
+        if codes:
+            await self._not_relayed(room_id, msg, "whatsapp_error",
+                                    summaries.error_notice(codes[0]))
+        else:
+            shown = msg.unsupported_type if msg.raw_type == "unsupported" else msg.raw_type
+            name = safe_type_name(shown) if shown else None
+            await self._not_relayed(room_id, msg, "unsupported",
+                                    summaries.unsupported_notice(name))
+        return None
+
+    async def _contacts(self, ghost: UserID, room_id: RoomID, msg: InboundMessage,
+                        reply_to: EventID | None) -> EventID:
+        """A readable summary, then the cards themselves as one encrypted `.vcf`."""
+        summary = await self._send(ghost, room_id, text_content(
+            summaries.contacts_summary(msg.contacts), reply_to), msg.wamid)
+        data = bytearray(to_vcf(msg.contacts))
+        size = len(data)
+        keys = encrypt_in_place(data)
+        filename = "contacto.vcf" if len(msg.contacts) == 1 else "contactos.vcf"
+        mxc = await self._api.upload(ghost, data, filename)
+        await self._send(ghost, room_id, {
+            "msgtype": "m.file", "body": filename, "filename": filename,
+            "file": {**keys, "url": mxc, "mimetype": VCARD_MIME},
+            "info": {"mimetype": VCARD_MIME, "size": size}}, msg.wamid, suffix=":vcf")
+        return summary
+
+    async def _media_or_notice(self, ghost: UserID, room_id: RoomID, msg: InboundMessage,
+                               reply_to: EventID | None) -> EventID | None:
+        """The attachment, or a notice saying why it is not here (the caption, if any,
+        still arrives as text: nothing the citizen wrote is dropped)."""
+        try:
+            return await self._send(ghost, room_id, await self._media(ghost, msg, reply_to),
+                                    msg.wamid)
+        except MediaTooLarge as exc:
+            await self._not_relayed(room_id, msg, "media_too_large", summaries.too_large_notice(
+                msg.kind, exc.size, exc.limit))
+        except GraphError as exc:
+            if exc.retryable:
+                raise  # the worker tries again later
+            reason = ("no superó la comprobación de integridad"
+                      if isinstance(exc, MediaIntegrityError)
+                      else f"WhatsApp no lo entregó, código {exc.code}" if exc.code
+                      else "WhatsApp no lo entregó")
+            await self._not_relayed(room_id, msg, "media_failed",
+                                    summaries.media_failed_notice(msg.kind, reason))
+        if msg.caption:
+            return await self._send(ghost, room_id, text_content(msg.caption, reply_to),
+                                    msg.wamid, suffix=":caption")
+        return None
 
     async def _media(self, ghost: UserID, msg: InboundMessage,
                      reply_to: EventID | None) -> dict[str, Any]:
         media = msg.media
         assert media is not None
-        data, mime = await self._graph.download_media(media.id)
+        downloaded = await self._graph.fetch_media(
+            media.id, max_bytes=media_limit(msg.kind, media.animated))
         # Graph's lookup hash was checked on download; the webhook's claim must match too.
-        if media.sha256 and not digest_matches(data, media.sha256):
+        if media.sha256 and not downloaded.matches(media.sha256):
             raise MediaIntegrityError("media does not match the webhook's sha256")
-        ciphertext, keys = encrypt_attachment(data)
+        data = downloaded.data
+        size = len(data)
+        keys = encrypt_in_place(data)  # the one buffer now holds the ciphertext
         filename = media.filename or DEFAULT_NAMES[msg.kind]
-        mxc = await self._api.upload(ghost, ciphertext, filename)
+        mxc = await self._api.upload(ghost, data, filename)
+        mime = downloaded.mime_type or media.mime_type
         content: dict[str, Any] = {
             "msgtype": MATRIX_MSGTYPE[msg.kind],
             "body": msg.caption or filename,
-            "file": {**keys, "url": mxc, "mimetype": mime or media.mime_type},
-            "info": {"mimetype": mime or media.mime_type, "size": len(data)},
+            "file": {**keys, "url": mxc, "mimetype": mime},
+            "info": {"mimetype": mime, "size": size},
         }
         if media.filename:
             content["filename"] = media.filename
@@ -162,7 +253,11 @@ class Mirror:
         assert reaction is not None
         target = await self._event_for(reaction.message_id)
         if target is None:
-            return None
+            if reaction.removed:
+                return None  # nothing here to take back
+            # E.g. a reaction to the privacy notice, which is not in the room.
+            return await self._send(ghost, room_id, text_content(
+                summaries.reaction_to_unknown(reaction.emoji)), msg.wamid)
         key = f"reaction:{ghost}:{target}"
         if reaction.removed:
             previous = await self._db.kv.get(key)

@@ -88,7 +88,10 @@ class Portals:
         """The citizen read a staff message on WhatsApp: their ghost marks it read."""
         await self._api.receipt(ghost, room_id, event_id)
 
-    async def notice(self, room_id: RoomID, text: str) -> EventID:
-        """A bridge notice to staff in the room (encrypted by the bot's device)."""
+    async def notice(self, room_id: RoomID, text: str, *, txn_id: str | None = None
+                     ) -> EventID:
+        """A bridge notice to staff in the room (encrypted by the bot's device);
+        `txn_id` makes a retried notice the same event, not a second one."""
         return await self._relay.send_as(self._ghosts.bot, room_id,
-                                         {"msgtype": "m.notice", "body": text})
+                                         {"msgtype": "m.notice", "body": text},
+                                         txn_id=txn_id)

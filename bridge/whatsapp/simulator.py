@@ -92,6 +92,7 @@ class _Media:
     mime_type: str
     sha256: str
     filename: str | None = None
+    report_size: bool = True  # False: no file_size, and the download is chunked
 
 
 def _graph_error(http_status: int, code: int, message: str, subcode: int | None = None,
@@ -185,10 +186,15 @@ class CloudAPISimulator:
         self._upload_holds.append(hold)
         return hold
 
-    def add_media(self, data: bytes, mime_type: str, filename: str | None = None) -> str:
-        """Store media as if a user had sent it; returns its media id."""
+    def add_media(self, data: bytes, mime_type: str, filename: str | None = None, *,
+                  report_size: bool = True) -> str:
+        """Store media as if a user had sent it; returns its media id.
+
+        `report_size=False` leaves `file_size` out of the lookup and streams the
+        download chunked, without Content-Length: only the bytes tell the size."""
         media_id = str(10**15 + secrets.randbelow(9 * 10**15))
-        self.media[media_id] = _Media(data, mime_type, hashlib.sha256(data).hexdigest(), filename)
+        self.media[media_id] = _Media(data, mime_type, hashlib.sha256(data).hexdigest(), filename,
+                                      report_size)
         return media_id
 
     def tamper_media(self, media_id: str) -> None:
@@ -309,14 +315,12 @@ class CloudAPISimulator:
         # Points back at this server, the way Graph points at its lookaside CDN.
         url = request.url.origin().with_path(DOWNLOAD_PATH).with_query(
             {"mid": media_id, "hash": secrets.token_hex(8)})
-        return web.json_response({
-            "messaging_product": "whatsapp",
-            "url": str(url),
-            "mime_type": item.mime_type,
-            "sha256": item.sha256,
-            "file_size": len(item.data),
-            "id": media_id,
-        })
+        answer: dict[str, Any] = {"messaging_product": "whatsapp", "url": str(url),
+                                  "mime_type": item.mime_type, "sha256": item.sha256,
+                                  "file_size": len(item.data), "id": media_id}
+        if not item.report_size:
+            del answer["file_size"]
+        return web.json_response(answer)
 
     async def _media_delete(self, request: web.Request) -> web.Response:
         if self.media.pop(request.match_info["media_id"], None) is None:
@@ -324,11 +328,20 @@ class CloudAPISimulator:
                                 subcode=33)
         return web.json_response({"success": True})
 
-    async def _download(self, request: web.Request) -> web.Response:
+    async def _download(self, request: web.Request) -> web.StreamResponse:
         item = self.media.get(request.query.get("mid", ""))
         if item is None:
             return web.Response(status=404)
-        return web.Response(body=item.data, content_type=item.mime_type)
+        if item.report_size:
+            return web.Response(body=item.data, content_type=item.mime_type)
+        response = web.StreamResponse(headers={"Content-Type": item.mime_type})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionResetError):  # the client may stop reading
+            for start in range(0, len(item.data), 64 * 1024):
+                await response.write(item.data[start:start + 64 * 1024])
+            await response.write_eof()
+        return response
 
     # -- webhooks --------------------------------------------------------------------
 

@@ -97,6 +97,11 @@ async def _verify_and_store(request: web.Request, bridge: Bridge) -> web.Respons
         raise
     for reason in batch.ignored:
         log.info("webhook: ignored %s", reason)
+    for error in batch.errors:
+        # About the business number, not a citizen's message: there is no portal to
+        # tell, so operators learn it from the log and the metric.
+        log.warning("webhook: WhatsApp reports an error for this number (code %s)", error.code)
+        bridge.metrics.inbound_not_relayed.labels("account_error").inc()
     cipher = bridge.privacy.cipher
     lanes = set()
     for key, value in split_delivery(body, cfg.phone_number_id):

@@ -13,31 +13,44 @@ Meta's serialiser), so the parser is strict about the envelope and lenient insid
   kind ``"unsupported"`` with `raw_type` kept, so the relay can still tell staff that
   something arrived.
 
+The kind-specific content is parsed in `message_content` (and the structured types
+in `rich_content`); this module keeps the envelope, senders, messages and statuses.
+
 Dataclass reprs leave out personal data (numbers, BSUIDs, names, text), so logging a
 parsed message by mistake does not leak it.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from bridge.errors import BadRequest
 from bridge.privacy import KeyedIndex
 from bridge.whatsapp.graph import MAX_CALLBACK_DATA  # the send's limit, echoed on statuses
+from bridge.whatsapp.message_content import (
+    MEDIA_KINDS,
+    Edit,
+    Location,
+    MediaRef,
+    MessageKind,
+    Reaction,
+    SystemChange,
+    parse_content,
+)
+from bridge.whatsapp.rich_content import ContactCard, FlowReply, Order, Referral, parse_referral
+
+__all__ = ["MEDIA_KINDS", "OBJECT", "Edit", "InboundMessage", "Location", "MediaRef",
+           "MessageKind", "Reaction", "Sender", "StatusUpdate", "SystemChange",
+           "WebhookBatch", "WebhookFormatError", "WhatsAppError", "citizen_lane", "lane_of",
+           "parse_webhook"]
 
 OBJECT: Final = "whatsapp_business_account"
-MEDIA_KINDS: Final = frozenset({"image", "video", "sticker", "document", "audio"})
 # Unix seconds as Meta sends them; the bound keeps datetime in range.
 _TIMESTAMP = re.compile(r"^[0-9]{1,11}$")
 
-MessageKind = Literal[
-    "text", "image", "video", "sticker", "document", "audio", "location", "reaction",
-    "button", "edit", "revoke", "system", "unsupported",
-]
 
 
 class WebhookFormatError(BadRequest):
@@ -64,57 +77,6 @@ class Sender:
 
 
 @dataclass(frozen=True, slots=True)
-class MediaRef:
-    """A media attachment; `id` is fetched through the Graph API."""
-
-    id: str
-    mime_type: str | None
-    sha256: str | None
-    filename: str | None = field(default=None, repr=False)
-    voice: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Location:
-    latitude: float = field(repr=False)
-    longitude: float = field(repr=False)
-    name: str | None = field(default=None, repr=False)
-    address: str | None = field(default=None, repr=False)
-    url: str | None = field(default=None, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Reaction:
-    message_id: str
-    emoji: str  # "" when the reaction was removed
-
-    @property
-    def removed(self) -> bool:
-        return self.emoji == ""
-
-
-@dataclass(frozen=True, slots=True)
-class Edit:
-    """The new content of an edited message (text or a media caption)."""
-
-    original_message_id: str
-    kind: MessageKind
-    text: str | None = field(default=None, repr=False)
-    caption: str | None = field(default=None, repr=False)
-    media: MediaRef | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SystemChange:
-    """`user_changed_number` / `customer_identity_changed`; the body names numbers."""
-
-    type: str
-    body: str | None = field(default=None, repr=False)
-    new_wa_id: str | None = field(default=None, repr=False)
-    new_user_id: str | None = field(default=None, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
 class WhatsAppError:
     code: int | None
     title: str | None
@@ -138,6 +100,13 @@ class InboundMessage:
     forwarded: bool = False
     button_id: str | None = field(default=None, repr=False)
     button_title: str | None = field(default=None, repr=False)
+    button_description: str | None = field(default=None, repr=False)  # list rows
+    contacts: tuple[ContactCard, ...] = ()
+    order: Order | None = None
+    flow: FlowReply | None = None
+    referral: Referral | None = None  # the ad or post the citizen came from
+    referred_product: str | None = None  # a catalogue product the message asks about
+    unsupported_type: str | None = None  # what an `unsupported` message was, if said
     edit: Edit | None = None
     revoke_of: str | None = None
     system: SystemChange | None = None
@@ -208,110 +177,12 @@ def _timestamp(value: Any) -> datetime | None:
         return None
 
 
-def _coordinate(value: Any, bound: float) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) and -bound <= number <= bound else None
-
-
 def _errors(value: Any) -> tuple[WhatsAppError, ...]:
     return tuple(
         WhatsAppError(_int(e.get("code")), _str(e.get("title")) or _str(e.get("message")))
         for e in _list(value)
         if isinstance(e, dict)
     )
-
-
-# -- message content -------------------------------------------------------------------
-
-
-def _media(kind: str, obj: dict[str, Any]) -> dict[str, Any] | None:
-    media_id = _str(obj.get("id"))
-    if media_id is None:
-        return None
-    ref = MediaRef(
-        id=media_id,
-        mime_type=_str(obj.get("mime_type")),
-        sha256=_str(obj.get("sha256")),
-        filename=_str(obj.get("filename")) if kind == "document" else None,
-        voice=obj.get("voice") is True,
-    )
-    return {"kind": kind, "media": ref, "caption": _str(obj.get("caption"))}
-
-
-def _interactive(obj: dict[str, Any]) -> dict[str, Any] | None:
-    sub = obj.get("type")
-    reply = _dict(obj.get(sub)) if sub in ("button_reply", "list_reply") else None
-    if reply is None or _str(reply.get("id")) is None:
-        return None
-    return {"kind": "button", "button_id": reply["id"],
-            "button_title": _opt_str(reply.get("title"))}
-
-
-def _content(raw_type: str, obj: Any, *, nested: bool = False) -> dict[str, Any]:
-    """Kind-specific fields for InboundMessage/Edit; unsupported when unusable."""
-    unsupported: dict[str, Any] = {"kind": "unsupported"}
-    body = _dict(obj)
-    if body is None:
-        return unsupported
-    result: dict[str, Any] | None = None
-    if raw_type == "text":
-        text = _opt_str(body.get("body"))
-        result = None if text is None else {"kind": "text", "text": text}
-    elif raw_type in MEDIA_KINDS:
-        result = _media(raw_type, body)
-    elif nested:
-        result = None  # an edit only carries text or media
-    elif raw_type == "location":
-        lat, lon = _coordinate(body.get("latitude"), 90), _coordinate(body.get("longitude"), 180)
-        if lat is not None and lon is not None:
-            result = {"kind": "location", "location": Location(
-                lat, lon, _str(body.get("name")), _str(body.get("address")), _str(body.get("url")))}
-    elif raw_type == "reaction":
-        target = _str(body.get("message_id"))
-        if target is not None:
-            result = {"kind": "reaction",
-                      "reaction": Reaction(target, _opt_str(body.get("emoji")) or "")}
-    elif raw_type == "interactive":
-        result = _interactive(body)
-    elif raw_type == "button":
-        payload, label = _opt_str(body.get("payload")), _opt_str(body.get("text"))
-        if payload is not None or label is not None:
-            result = {"kind": "button", "button_id": payload, "button_title": label}
-    elif raw_type == "edit":
-        result = _edit(body)
-    elif raw_type == "revoke":
-        target = _str(body.get("original_message_id"))
-        result = None if target is None else {"kind": "revoke", "revoke_of": target}
-    elif raw_type == "system":
-        result = _system(body)
-    return result or unsupported
-
-
-def _edit(body: dict[str, Any]) -> dict[str, Any] | None:
-    original = _str(body.get("original_message_id"))
-    inner = _dict(body.get("message"))
-    if original is None or inner is None:
-        return None
-    inner_type = _str(inner.get("type")) or "text"
-    content = _content(inner_type, inner.get(inner_type), nested=True)
-    edit = Edit(original, content["kind"], content.get("text"), content.get("caption"),
-                content.get("media"))
-    return {"kind": "edit", "edit": edit}
-
-
-def _system(body: dict[str, Any]) -> dict[str, Any] | None:
-    change_type = _str(body.get("type"))
-    if change_type is None:
-        return None
-    change = SystemChange(
-        type=change_type,
-        body=_str(body.get("body")),
-        new_wa_id=_str(body.get("new_wa_id")) or _str(body.get("wa_id")),
-        new_user_id=_str(body.get("new_user_id")) or _str(body.get("user_id")),
-    )
-    return {"kind": "system", "system": change}
 
 
 # -- items -----------------------------------------------------------------------------
@@ -374,7 +245,10 @@ def _message(msg: Any, contacts: list[Sender], where: str, ignored: list[str]
         context_id=_str(context.get("id")),
         forwarded=context.get("forwarded") is True or context.get("frequently_forwarded") is True,
         errors=_errors(msg.get("errors")),
-        **_content(raw_type, msg.get(raw_type)),
+        referral=parse_referral(msg.get("referral")),
+        referred_product=_str((_dict(context.get("referred_product")) or {}).get(
+            "product_retailer_id")),
+        **parse_content(raw_type, msg.get(raw_type)),
     )
 
 

@@ -101,6 +101,35 @@ async def test_identifiers_for_key_rotation(db: Database) -> None:
     assert updated.index_hash == one.index_hash  # the lookup key does not change
 
 
+async def test_rekey_keeps_the_row_and_refuses_a_taken_identity(db: Database) -> None:
+    """A number/BSUID change moves the same citizen (pseudonym, ghost, consent) to the
+    new identity; an identity another citizen already has is a Conflict, not a merge."""
+    citizen = await _citizen(db, 1)
+    await db.citizens.set_ghost(citizen.id, GHOST)
+    await db.citizens.set_consent_state(citizen.id, "granted")
+    other = await _citizen(db, 2)
+    new_hash = "a" * 64
+    await db.citizens.rekey(citizen.id, index_hash=new_hash, identifier_ct="ctN",
+                            wa_id_ct="waN")
+    assert await db.citizens.by_index(f"{1:064x}") is None
+    moved = await db.citizens.by_index(new_hash)
+    assert moved is not None
+    assert (moved.id, moved.pseudonym_code, moved.ghost_user_id, moved.consent_state,
+            moved.identifier_ct, moved.wa_id_ct) == (
+        citizen.id, "C001", GHOST, "granted", "ctN", "waN")
+    with pytest.raises(Conflict):
+        await db.citizens.rekey(citizen.id, index_hash=other.index_hash, identifier_ct="x",
+                                wa_id_ct=None)
+    assert (await db.citizens.by_index(new_hash)) == moved  # unchanged
+    async with db.transaction() as tx:  # also inside a transaction
+        await tx.citizens.rekey(citizen.id, index_hash="b" * 64, identifier_ct="ctB",
+                                wa_id_ct=None)
+    again = await db.citizens.get(citizen.id)
+    assert again is not None and (again.index_hash, again.wa_id_ct) == ("b" * 64, None)
+    with pytest.raises(NotFound):
+        await db.citizens.rekey(999, index_hash="c" * 64, identifier_ct="x", wa_id_ct=None)
+
+
 async def test_erasure_removes_messages_and_keeps_evidence_unlinked(db: Database) -> None:
     citizen, other = await _citizen(db, 1), await _citizen(db, 2)
     await db.ghosts.create(GHOST, DeviceID("DEV"), "Ciudadano/a C001", "citizen",

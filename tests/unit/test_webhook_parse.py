@@ -91,6 +91,14 @@ def test_media(kind: str) -> None:
     assert m.media.voice is True
 
 
+@pytest.mark.parametrize(("animated", "parsed"), [(True, True), (False, False), ("yes", None),
+                                                  (None, None)])
+def test_sticker_says_whether_it_is_animated(animated: Any, parsed: bool | None) -> None:
+    m = one("sticker", {"id": "1", "mime_type": "image/webp", "sha256": "a",
+                        "animated": animated})
+    assert m.media is not None and m.media.animated is parsed
+
+
 def test_media_without_id_is_unsupported() -> None:
     m = one("image", {"mime_type": "image/jpeg"})
     assert m.kind == "unsupported" and m.raw_type == "image" and m.media is None
@@ -135,8 +143,105 @@ def test_interactive_button_and_list_reply() -> None:
 
 
 def test_interactive_unknown_subtype_is_unsupported() -> None:
-    m = one("interactive", {"type": "nfm_reply", "nfm_reply": {"response_json": "{}"}})
+    m = one("interactive", {"type": "hologram_reply", "hologram_reply": {"id": "x"}})
     assert m.kind == "unsupported" and m.raw_type == "interactive"
+
+
+def test_list_reply_keeps_its_description() -> None:
+    m = one("interactive", {"type": "list_reply", "list_reply": {
+        "id": "row2", "title": "Padrón", "description": "Certificado de empadronamiento"}})
+    assert (m.kind, m.button_title, m.button_description) == (
+        "button", "Padrón", "Certificado de empadronamiento")
+
+
+def test_flow_reply_answers_without_the_flow_token() -> None:
+    response = json.dumps({"flow_token": "T-1", "nombre_tramite": "Licencia de obra",
+                           "fecha": "2026-12-03", "acepta": True, "servicios": ["a", "b"]})
+    m = one("interactive", {"type": "nfm_reply", "nfm_reply": {
+        "name": "flow", "body": "Sent", "response_json": response}})
+    assert (m.kind, m.raw_type) == ("flow", "interactive") and m.flow is not None
+    assert m.flow.answers == (("nombre_tramite", "Licencia de obra"), ("fecha", "2026-12-03"),
+                              ("acepta", "sí"), ("servicios", "a, b"))
+    assert m.flow.name == "flow"
+
+
+@pytest.mark.parametrize("response_json", ["not json", "[1, 2]", 7, None, '{"flow_token": "t"}'])
+def test_flow_reply_with_unusable_answers_still_arrives(response_json: Any) -> None:
+    m = one("interactive", {"type": "nfm_reply", "nfm_reply": {
+        "name": "flow", "body": "Sent", "response_json": response_json}})
+    assert m.kind == "flow" and m.flow is not None and m.flow.answers == ()
+
+
+def test_contacts_card() -> None:
+    card = {"name": {"formatted_name": "Lucía Gómez", "first_name": "Lucía",
+                     "last_name": "Gómez"},
+            "org": {"company": "Gestoría Gómez", "title": "Gestora"},
+            "phones": [{"phone": "+34 910 000 123", "wa_id": "34910000123", "type": "WORK"},
+                       "junk"],
+            "emails": [{"email": "g@ejemplo.es", "type": "WORK"}],
+            "addresses": [{"street": "Calle Mayor, 5", "city": "Madrid", "type": "WORK"}],
+            "urls": [{"url": "https://g.ejemplo.es"}], "birthday": "1980-02-29"}
+    m = one("contacts", [card, {"name": {"first_name": "Sin", "last_name": "Formato"}}])
+    assert (m.kind, m.raw_type) == ("contacts", "contacts")
+    first, second = m.contacts
+    assert (first.formatted_name, first.company, first.job_title) == (
+        "Lucía Gómez", "Gestoría Gómez", "Gestora")
+    assert [(p.value, p.type) for p in first.phones] == [("+34 910 000 123", "WORK")]
+    assert [e.value for e in first.emails] == ["g@ejemplo.es"]
+    assert first.addresses[0].street == "Calle Mayor, 5" and first.birthday == "1980-02-29"
+    assert second.display_name == "Sin Formato"
+
+
+@pytest.mark.parametrize("payload", [[], "x", [1, "a"], {"name": "x"}])
+def test_contacts_without_usable_cards_are_unsupported(payload: Any) -> None:
+    assert one("contacts", payload).kind == "unsupported"
+
+
+def test_order() -> None:
+    m = one("order", {"catalog_id": "194836987003835", "text": "Lo recojo el lunes",
+                      "product_items": [
+                          {"product_retailer_id": "tasa", "quantity": 1, "item_price": 45.5,
+                           "currency": "EUR"},
+                          {"product_retailer_id": "abono", "quantity": "2",
+                           "item_price": "12", "currency": "EUR"}, "junk"]})
+    assert m.kind == "order" and m.order is not None
+    assert (m.order.catalog_id, m.order.text) == ("194836987003835", "Lo recojo el lunes")
+    assert [(i.product_retailer_id, i.quantity, i.item_price, i.currency)
+            for i in m.order.items] == [("tasa", "1", "45.5", "EUR"), ("abono", "2", "12", "EUR")]
+
+
+def test_referral_from_an_ad() -> None:
+    m = one("text", {"body": "Quiero cita"}, referral={
+        "source_url": "https://fb.me/x", "source_type": "ad", "source_id": "1",
+        "headline": "Cita previa", "body": "Pida cita", "ctwa_clid": "CLID"})
+    assert m.kind == "text" and m.referral is not None
+    assert (m.referral.source_type, m.referral.headline, m.referral.source_url) == (
+        "ad", "Cita previa", "https://fb.me/x")
+    assert one("text", {"body": "x"}, referral="junk").referral is None
+
+
+def test_product_inquiry() -> None:
+    m = one("text", {"body": "¿Cuánto es?"}, context={
+        "from": "34910000000", "id": "wamid.CAT",
+        "referred_product": {"catalog_id": "1", "product_retailer_id": "tasa-2026"}})
+    assert (m.kind, m.text, m.referred_product) == ("text", "¿Cuánto es?", "tasa-2026")
+    assert one("text", {"body": "x"}, context={"referred_product": "junk"}).referred_product \
+        is None
+
+
+def test_system_user_id_change() -> None:
+    m = one("system", {"type": "user_changed_user_id", "body": "x", "user_id": "ES.NEW2"})
+    assert m.system is not None and m.system.type == "user_changed_user_id"
+    assert m.system.new_user_id == "ES.NEW2" and m.system.new_wa_id is None
+
+
+def test_system_message_without_contacts_array() -> None:
+    """Meta's system webhooks carry no `contacts[]`: the sender is `from` alone."""
+    v = value([msg("system", {"type": "user_changed_number", "body": "x",
+                              "wa_id": "34600999888"})], contacts=[])
+    del v["messages"][0]["from_user_id"]
+    (m,) = parse_webhook(envelope(v), PHONE_ID).messages
+    assert m.sender.wa_id == WA_ID and m.sender.user_id is None
 
 
 def test_template_quick_reply_button() -> None:
@@ -175,6 +280,9 @@ def test_unsupported_with_errors() -> None:
     m = one("unsupported", None, errors=[{"code": 131051, "title": "Message type unknown"}])
     assert (m.kind, m.raw_type) == ("unsupported", "unsupported")
     assert [(e.code, e.title) for e in m.errors] == [(131051, "Message type unknown")]
+    assert m.unsupported_type is None
+    m = one("unsupported", {"type": "poll"}, errors=[{"code": 131051}])
+    assert (m.kind, m.unsupported_type) == ("unsupported", "poll")
 
 
 def test_unknown_future_type_and_missing_type() -> None:
@@ -351,6 +459,14 @@ def test_reprs_hide_personal_data() -> None:
     shown = repr(m)
     for secret in (WA_ID, BSUID, "Ana", "12345678Z"):
         assert secret not in shown
+    card = one("contacts", [{"name": {"formatted_name": "Lucía Gómez"},
+                             "phones": [{"phone": "+34910000123", "wa_id": "34910000123"}],
+                             "emails": [{"email": "g@ejemplo.es"}]}])
+    flow = one("interactive", {"type": "nfm_reply", "nfm_reply": {
+        "name": "flow", "response_json": '{"dni": "12345678Z"}'}})
+    shown = repr(card) + repr(flow)
+    for secret in ("Lucía", "34910000123", "g@ejemplo.es", "12345678Z"):
+        assert secret not in shown
 
 
 # -- properties ------------------------------------------------------------------------
@@ -363,13 +479,18 @@ json_values = st.recursive(
     max_leaves=20,
 )
 TYPES = ["text", "image", "video", "sticker", "document", "audio", "location", "reaction",
-         "interactive", "button", "edit", "revoke", "system", "unsupported", "contacts"]
+         "interactive", "button", "edit", "revoke", "system", "unsupported", "contacts",
+         "order"]
 KEYS = ["from", "from_user_id", "id", "timestamp", "type", "context", "errors", *TYPES,
         "body", "message_id", "emoji", "latitude", "longitude", "original_message_id",
         "message", "button_reply", "list_reply", "payload", "title", "caption", "status",
-        "recipient_id", "recipient_user_id", "wa_id", "user_id", "profile", "name"]
+        "recipient_id", "recipient_user_id", "wa_id", "user_id", "profile", "name",
+        "nfm_reply", "response_json", "referral", "headline", "source_url", "formatted_name",
+        "org", "company", "phones", "phone", "catalog_id", "product_items", "quantity",
+        "item_price", "currency", "product_retailer_id", "description"]
 plausible = st.recursive(
-    json_scalars | st.sampled_from([*TYPES, TS, WA_ID, BSUID, "button_reply", "list_reply"]),
+    json_scalars | st.sampled_from([*TYPES, TS, WA_ID, BSUID, "button_reply", "list_reply",
+                                    "nfm_reply", '{"a": [1, {"b": null}]}']),
     lambda children: st.lists(children, max_size=3)
     | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=5), children, max_size=6),
     max_leaves=30,
