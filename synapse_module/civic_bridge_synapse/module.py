@@ -48,10 +48,10 @@ class PolicyModule:
             user_may_join_room=self.user_may_join_room,
             user_may_create_room_alias=self.user_may_create_room_alias,
             user_may_publish_room=self.user_may_publish_room,
-            check_event_for_spam=self.check_event_for_spam,
             check_username_for_spam=self.check_username_for_spam,
         )
-        api.register_third_party_rules_callbacks(on_profile_update=self.on_profile_update)
+        api.register_third_party_rules_callbacks(check_event_allowed=self.check_event_allowed,
+                                                 on_profile_update=self.on_profile_update)
         api.register_web_resource(POLICY_PATH, PolicyResource(self, api))
         log.info("civic-bridge policy module %s loaded", __version__)
 
@@ -93,7 +93,12 @@ class PolicyModule:
 
     async def user_may_join_room(self, user_id: str, room_id: str,
                                  is_invited: bool) -> SpamResult:
-        return self._refuse(self._policy.may_join(user_id, is_invited))
+        refusal = self._policy.may_join(user_id, is_invited)
+        # Synapse asks again for every join->join event (a profile change copied into
+        # the room): someone already in the room is not joining it.
+        if refusal is not None and await self._membership(user_id, room_id) == "join":
+            return NOT_SPAM
+        return self._refuse(refusal)
 
     async def user_may_create_room_alias(self, user_id: str, alias: object) -> SpamResult:
         return self._refuse(self._policy.may_use_room_directory(user_id))
@@ -101,16 +106,27 @@ class PolicyModule:
     async def user_may_publish_room(self, user_id: str, room_id: str) -> SpamResult:
         return self._refuse(self._policy.may_use_room_directory(user_id))
 
-    async def check_event_for_spam(self, event: Any) -> SpamResult:
+    async def check_event_allowed(self, event: Any,
+                                  state: Any) -> tuple[bool, dict[str, Any] | None]:
         """A citizen's own member event (a per-room name, or the profile copied into
-        their rooms) may not carry a forbidden display name or an avatar."""
+        their rooms) may not carry a forbidden display name or an avatar.
+
+        The spam checker's `check_event_for_spam` never sees member events, so this is a
+        third-party-rules callback; Synapse passes a SynapseError raised here to the
+        client as is, which is how the refusal keeps its reason.
+        """
         if event.type != "m.room.member" or event.sender != event.state_key:
-            return NOT_SPAM
+            return True, None
         content = event.content
         if content.get("membership") != "join":
-            return NOT_SPAM
-        return self._refuse(self._policy.may_set_profile(
-            event.sender, content.get("displayname"), content.get("avatar_url")))
+            return True, None
+        refusal = self._policy.may_set_profile(event.sender, content.get("displayname"),
+                                               content.get("avatar_url"))
+        if refusal is not None:
+            self._count(refusal.action)
+            raise SynapseError(403, refusal.error, Codes.FORBIDDEN,
+                               additional_fields=refusal.fields())
+        return True, None
 
     async def check_username_for_spam(self, profile: dict[str, Any], searcher: str) -> bool:
         """True hides `profile` from `searcher`'s user-directory results."""
@@ -128,7 +144,7 @@ class PolicyModule:
         Synapse (up to 1.163 at least) has no callback that runs before a profile
         change, so `PUT /profile/.../displayname` still answers 200; but this runs
         inside that request, before the name is copied into any room (and that copy
-        is refused by `check_event_for_spam`), so nobody sees the forbidden name.
+        is refused by `check_event_allowed`), so nobody sees the forbidden name.
         Admins (`by_admin`, which includes this module's own revert) are not checked.
         """
         if by_admin or deactivation or not self._policy.restricted(user_id):
@@ -155,6 +171,16 @@ class PolicyModule:
             if self._policy.may_set_profile(user_id, name, None) is None:
                 return name
         return FALLBACK_NAME
+
+    async def _membership(self, user_id: str, room_id: str) -> str | None:
+        def query(txn: Any) -> str | None:
+            txn.execute("SELECT membership FROM local_current_membership"
+                        " WHERE user_id = ? AND room_id = ?", (user_id, room_id))
+            row = txn.fetchone()
+            return None if row is None else str(row[0])
+
+        result = await self._api.run_db_interaction("civic_bridge_membership", query)
+        return None if result is None else str(result)
 
     async def _share_joined_room(self, one: str, other: str) -> bool:
         def query(txn: Any) -> bool:
