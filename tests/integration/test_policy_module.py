@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import pytest
+import yaml
 
-from tests.fixtures.synapse import SynapseHarness
+from bridge.config import Config
+from bridge.devtools.synapse import LocalSynapse, free_port
+from bridge.homeserver.probe import NO_MODULE
+from bridge.homeserver.settings import module_entry
+from bridge.registration import registration_yaml
+from tests.fixtures.bridge import RunningBridge
+from tests.fixtures.synapse import SynapseHarness, build_test_config
 
 pytestmark = pytest.mark.integration
 Json = dict[str, Any]
@@ -214,3 +223,91 @@ async def test_policy_resource_needs_the_bridge_or_an_admin(synapse: SynapseHarn
     counts = await policy_counts(h)
     assert set(counts) == {"create_room", "invite", "join", "room_directory",
                            "display_name", "avatar"}
+
+
+# --- the bridge's side: homeserver-config, check-homeserver, check-config, /ready ------
+
+ROOT = Path(__file__).resolve().parents[2]
+FRAGMENT = ROOT / "deploy" / "synapse" / "homeserver-hardening.yaml"
+
+
+async def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", *args, cwd=cwd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+def write_config(config: Config, directory: Path) -> Path:
+    path = directory / "bridge-config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    return path
+
+
+async def test_homeserver_config_prints_the_module_entry(synapse: SynapseHarness,
+                                                         tmp_path: Path) -> None:
+    path = write_config(synapse.config, tmp_path)
+    code, out, err = await cli("homeserver-config", "-c", str(path), cwd=tmp_path)
+    assert code == 0, err
+    data = yaml.safe_load(out)
+    assert data["modules"] == [module_entry(synapse.config)]
+    assert data["enable_registration"] is False
+
+
+async def test_check_homeserver_flags_a_weak_config_line_by_line(synapse: SynapseHarness,
+                                                                 tmp_path: Path) -> None:
+    path = write_config(synapse.config, tmp_path)
+    weak = tmp_path / "homeserver.yaml"
+    # The fixture's own file: open registration, no hardening, but the module loaded.
+    weak.write_text(synapse.synapse.config_path.read_text(encoding="utf-8"), encoding="utf-8")
+    code, out, _ = await cli("check-homeserver", "-c", str(path), "--homeserver-config",
+                             str(weak), cwd=tmp_path)
+    assert code == 1
+    lines = dict(line.split(": ", 1)[0].split(None, 1)[::-1] for line in out.splitlines()
+                 if line.startswith(("OK", "FAIL")))
+    assert lines == {
+        "enable_registration": "FAIL",
+        "limit_profile_requests_to_users_who_share_rooms": "FAIL",
+        "require_auth_for_profile_requests": "FAIL",
+        "user_directory.search_all_users": "OK",
+        "federation_domain_whitelist": "OK",
+        "retention": "FAIL",
+        "modules (civic_bridge_synapse)": "OK",
+        "experimental_features": "OK",
+        "homeserver (live)": "OK",
+        "registration (live)": "FAIL",  # the fixture's Synapse lets tests register
+        "policy module (live)": "OK",
+    }, out
+    assert all("; fix: " in line for line in out.splitlines() if line.startswith("FAIL"))
+    assert out.splitlines()[-1] == "5 of 11 checks failed"
+
+    code, out, _ = await cli("check-homeserver", "-c", str(path), "--homeserver-config",
+                             str(FRAGMENT), "--no-live", cwd=tmp_path)
+    assert (code, out.splitlines()[-1]) == (0, "all 8 checks passed"), out
+
+
+async def test_without_the_module_check_config_and_ready_warn(tmp_path: Path) -> None:
+    """A Synapse without the module (installed in its venv, not configured): the bridge
+    still works and is ready, but says so in check-config, /ready and check-homeserver."""
+    hs_port, as_port = free_port(), free_port()
+    config = build_test_config(f"http://127.0.0.1:{hs_port}", as_port, tmp_path)
+    registration = tmp_path / "registration.yaml"
+    registration.write_text(registration_yaml(config), encoding="utf-8")
+    bare = LocalSynapse(tmp_path / "synapse", registration_files=[registration], port=hs_port)
+    path = write_config(config, tmp_path)
+    async with bare:
+        code, out, err = await cli("check-config", "-c", str(path), cwd=tmp_path)
+        assert code == 0 and "ok" in out
+        assert err.strip() == f"warning: {NO_MODULE}"
+        code, out, _ = await cli("check-homeserver", "-c", str(path), cwd=tmp_path)
+        assert code == 1
+        assert "FAIL  policy module (live): the homeserver runs without" in out
+        running = RunningBridge(config)
+        await running.start()
+        try:
+            status, ready = await running.call("GET", "/ready", token=None)
+        finally:
+            await running.stop()
+    assert status == 200, ready
+    assert ready["warnings"] == [NO_MODULE]
