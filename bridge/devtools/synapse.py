@@ -163,11 +163,14 @@ class LocalSynapse:
                  registration_files: Sequence[Path] = (), port: int | None = None,
                  venv: Path | None = None, access_log: Path | None = None,
                  postgres_dsn: str | None = None,
-                 settings: Mapping[str, Any] | None = None) -> None:
+                 settings: Mapping[str, Any] | None = None,
+                 metrics_port: int | None = None) -> None:
         self.workdir = Path(workdir).absolute()
         # Written over the generated homeserver.yaml last, e.g. the policy module's
         # `modules:` entry from bridge.homeserver.settings (what homeserver-config prints).
         self.settings: dict[str, Any] = dict(settings or {})
+        # Synapse's Prometheus endpoint (/_synapse/metrics) on this port, if given.
+        self.metrics_port = metrics_port
         # Synapse's own database: SQLite in the workdir, or this PostgreSQL database
         # (libpq URL; it must be empty, UTF8 with C collation, as Synapse requires).
         self._postgres_dsn = postgres_dsn
@@ -245,7 +248,10 @@ class LocalSynapse:
         config.update({
             "pid_file": str(self.workdir / "homeserver.pid"),
             "listeners": [{"port": self.port, "bind_addresses": ["127.0.0.1"], "type": "http",
-                           "resources": [{"names": ["client"]}]}],
+                           "resources": [{"names": ["client"]}]},
+                          *([{"port": self.metrics_port, "bind_addresses": ["127.0.0.1"],
+                              "type": "metrics"}] if self.metrics_port else [])],
+            "enable_metrics": self.metrics_port is not None,
             "database": self._database_config(),
             "log_config": str(log_config),
             "media_store_path": str(self.workdir / "media_store"),

@@ -18,6 +18,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import Config
 from bridge.devtools.synapse import LocalSynapse, free_port
@@ -109,6 +110,21 @@ async def test_citizen_cannot_create_rooms_or_direct_chats(synapse: SynapseHarne
     assert (await create_room(h, ana, preset="private_chat"))[0] == 200
     after = await policy_counts(h)
     assert after["create_room"] == before["create_room"] + 2
+    # The same count on Synapse's own Prometheus endpoint.
+    assert await prometheus_count(h, "create_room") == after["create_room"]
+
+
+async def prometheus_count(h: SynapseHarness, action: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{h.synapse.metrics_port}/_synapse/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "civic_bridge_policy_refusals_total" and \
+                    sample.labels == {"server_name": "localhost", "action": action}:
+                return sample.value
+    raise AssertionError("civic_bridge_policy_refusals_total not exposed")
 
 
 async def test_citizen_cannot_invite_but_staff_can(synapse: SynapseHarness) -> None:
