@@ -9,7 +9,6 @@ own virtualenv. Pure but for `install_module`.
 
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -31,17 +30,12 @@ EXPERIMENTAL_FEATURES = {"msc2409_to_device_messages_enabled": True,
                          "msc3202_transaction_extensions": True}
 
 
-def _template_text(template: str) -> str:
-    """The fixed words of the pseudonym template ("Ciudadano/a {code}" -> "Ciudadano/a"):
-    a citizen who took them could pass for a WhatsApp member."""
-    return " ".join(re.sub(r"\{[^}]*\}", " ", template).split())
-
-
 def module_entry(config: Config) -> dict[str, Any]:
     """The `modules:` item that loads the policy module with this bridge's prefixes."""
     asc = config.appservice
-    reserved = [w for w in (_template_text(config.privacy.pseudonym_template),
-                            config.consent.agency_name) if w]
+    # The agency's name, on top of the module's built-in staff words. Not the pseudonym
+    # template's text: invite-link citizens who leave the pseudonym empty get it too.
+    reserved = [config.consent.agency_name] if config.consent.agency_name else []
     return {"module": MODULE_CLASS, "config": {
         "citizen_prefixes": [config.invites.localpart_prefix],
         "ghost_prefixes": [asc.ghost_prefix],

@@ -30,6 +30,8 @@ REFUSALS = Counter("civic_bridge_policy_refusals",
                    ["server_name", "action"])
 
 SpamResult = Literal["NOT_SPAM"] | tuple[Codes, dict[str, Any]]
+# Synapse's own object: it compares with `is`.
+ALLOWED: Literal["NOT_SPAM"] = NOT_SPAM
 
 
 class PolicyModule:
@@ -68,7 +70,7 @@ class PolicyModule:
 
     def _refuse(self, refusal: Refusal | None) -> SpamResult:
         if refusal is None:
-            return NOT_SPAM
+            return ALLOWED
         self._count(refusal.action)
         return Codes.FORBIDDEN, refusal.fields()
 
@@ -97,7 +99,7 @@ class PolicyModule:
         # Synapse asks again for every join->join event (a profile change copied into
         # the room): someone already in the room is not joining it.
         if refusal is not None and await self._membership(user_id, room_id) == "join":
-            return NOT_SPAM
+            return ALLOWED
         return self._refuse(refusal)
 
     async def user_may_create_room_alias(self, user_id: str, alias: object) -> SpamResult:
@@ -166,7 +168,8 @@ class PolicyModule:
                 " AND m.display_name IS NOT NULL", (user_id,))
             return [str(row[0]) for row in txn.fetchall()]
 
-        names = await self._api.run_db_interaction("civic_bridge_previous_name", query)
+        names: list[str] = await self._api.run_db_interaction("civic_bridge_previous_name",
+                                                              query)
         for name in names:
             if self._policy.may_set_profile(user_id, name, None) is None:
                 return name

@@ -8,6 +8,7 @@ documented Spanish/English reason; staff do the same and succeed.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import sys
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from bridge.devtools.synapse import LocalSynapse, free_port
 from bridge.homeserver.probe import NO_MODULE
 from bridge.homeserver.settings import module_entry
 from bridge.registration import registration_yaml
-from tests.fixtures.bridge import RunningBridge
+from tests.fixtures.bridge import BridgeHarness, RunningBridge
 from tests.fixtures.synapse import SynapseHarness, build_test_config
 
 pytestmark = pytest.mark.integration
@@ -327,3 +328,37 @@ async def test_without_the_module_check_config_and_ready_warn(tmp_path: Path) ->
             await running.stop()
     assert status == 200, ready
     assert ready["warnings"] == [NO_MODULE]
+
+
+async def test_a_citizen_from_an_invite_link(bridge: BridgeHarness) -> None:
+    """The real path: an invite link redeemed on the bridge's page (empty pseudonym, so
+    a generated "Ciudadano/a …" name), then the account tries what it may not do."""
+    h = bridge.synapse
+    status, room = await bridge.running.call("POST", "/admin/v1/rooms",
+                                             {"name": "Vecinos", "kind": "citizen"})
+    assert status == 201, room
+    room_id = room["room_id"]
+    status, link = await bridge.running.call(
+        "POST", f"/admin/v1/rooms/{room_id}/invite-links", {})
+    assert status == 201, link
+    password = "una clave larga " + secrets.token_hex(4)
+    async with aiohttp.ClientSession() as http, http.post(link["url"], data={
+            "pseudonym": "", "password": password, "password2": password,
+            "consent": "yes", "lang": "es"}) as resp:
+        assert resp.status == 200
+        page = await resp.text()
+    match = re.search(r'id="user-id"[^>]*>([^<]+)<', page)
+    assert match is not None, page
+    localpart = match.group(1).strip().removeprefix("@").split(":")[0]
+    user_id, token, _ = await h.synapse.login(localpart, password)
+    vecina = User(user_id, token)
+
+    assert (await join(h, vecina, room_id))[0] == 200  # invited by the bridge: allowed
+    assert_refused(await create_room(h, vecina, preset="private_chat"), "create_room")
+    assert_refused(await invite(h, vecina, room_id, bridge.desk.user_id), "invite")
+    profile = f"/_matrix/client/v3/profile/{q(user_id)}/displayname"
+    name = (await call(h, vecina, "GET", profile))[1]["displayname"]
+    assert name.startswith("Ciudadano/a ")
+    assert (await call(h, vecina, "PUT", profile, {"displayname": "vecina@correo.es"}))[0] \
+        == 200
+    assert (await call(h, vecina, "GET", profile))[1]["displayname"] == name

@@ -42,7 +42,7 @@ def test_homeserver_yaml_parses_and_carries_the_module_entry() -> None:
     assert entry["config"]["citizen_prefixes"] == ["vecino_"]
     assert entry["config"]["ghost_prefixes"] == ["wa_"]
     assert entry["config"]["bridge_localparts"] == ["civicbridge", "wa_bot"]
-    assert entry["config"]["extra_reserved_words"] == ["Ciudadano/a", "Ayuntamiento de Villa"]
+    assert entry["config"]["extra_reserved_words"] == ["Ayuntamiento de Villa"]
     assert data["enable_registration"] is False
     assert data["federation_domain_whitelist"] == []
     # The module's own parser accepts what we generate.
