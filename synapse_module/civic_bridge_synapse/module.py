@@ -111,23 +111,29 @@ class PolicyModule:
     async def check_event_allowed(self, event: Any,
                                   state: Any) -> tuple[bool, dict[str, Any] | None]:
         """A citizen's own member event (a per-room name, or the profile copied into
-        their rooms) may not carry a forbidden display name or an avatar.
+        their rooms) may not carry a forbidden display name, and loses its avatar.
 
         The spam checker's `check_event_for_spam` never sees member events, so this is a
         third-party-rules callback; Synapse passes a SynapseError raised here to the
-        client as is, which is how the refusal keeps its reason.
+        client as is, which is how the refusal keeps its reason. An avatar is left out
+        rather than refused: refusing would also block every later copy of the profile
+        (a harmless rename) into the citizen's rooms while the avatar stays set.
         """
         if event.type != "m.room.member" or event.sender != event.state_key:
             return True, None
         content = event.content
         if content.get("membership") != "join":
             return True, None
-        refusal = self._policy.may_set_profile(event.sender, content.get("displayname"),
-                                               content.get("avatar_url"))
+        refusal = self._policy.may_set_profile(event.sender, content.get("displayname"))
         if refusal is not None:
             self._count(refusal.action)
             raise SynapseError(403, refusal.error, Codes.FORBIDDEN,
                                additional_fields=refusal.fields())
+        if self._policy.strips_avatar(event.sender, content.get("avatar_url")):
+            self._count("avatar")
+            replacement = event.get_dict()
+            replacement["content"] = {k: v for k, v in content.items() if k != "avatar_url"}
+            return True, replacement
         return True, None
 
     async def check_username_for_spam(self, profile: dict[str, Any], searcher: str) -> bool:
@@ -151,7 +157,7 @@ class PolicyModule:
         """
         if by_admin or deactivation or not self._policy.restricted(user_id):
             return
-        refusal = self._policy.may_set_profile(user_id, profile.display_name, None)
+        refusal = self._policy.may_set_profile(user_id, profile.display_name)
         if refusal is None:
             return
         self._count(refusal.action)
@@ -171,7 +177,7 @@ class PolicyModule:
         names: list[str] = await self._api.run_db_interaction("civic_bridge_previous_name",
                                                               query)
         for name in names:
-            if self._policy.may_set_profile(user_id, name, None) is None:
+            if self._policy.may_set_profile(user_id, name) is None:
                 return name
         return FALLBACK_NAME
 

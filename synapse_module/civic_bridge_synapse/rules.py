@@ -48,8 +48,6 @@ TEXTS: Mapping[str, str] = {
     "display_name.reserved": "El nombre visible no puede contener «{word}»: está reservado al "
                              "personal. / A display name cannot contain '{word}': it is "
                              "reserved for staff.",
-    "avatar": "Las cuentas de participante no pueden poner imagen de perfil. / "
-              "Participant accounts cannot set an avatar.",
 }
 
 
@@ -160,14 +158,16 @@ class Policy:
     def may_use_room_directory(self, user_id: str) -> Refusal | None:
         return refusal("room_directory") if self.restricted(user_id) else None
 
-    def may_set_profile(self, user_id: str, display_name: object,
-                        avatar_url: object) -> Refusal | None:
-        """Display name and avatar a citizen wants (in a member event or their profile)."""
+    def may_set_profile(self, user_id: str, display_name: object) -> Refusal | None:
+        """The display name a citizen wants (in a member event or their profile)."""
         if not self.restricted(user_id):
             return None
-        if avatar_url and not self.allow_citizen_avatars:
-            return refusal("avatar")
         return display_name_refusal(display_name, self.reserved_words)
+
+    def strips_avatar(self, user_id: str, avatar_url: object) -> bool:
+        """Whether an avatar must be left out of this user's member events: an image
+        can show anything (a phone number, a staff member's face) and cannot be read."""
+        return bool(avatar_url) and self.restricted(user_id) and not self.allow_citizen_avatars
 
     def may_see_in_directory(self, searcher: str, found: str, share_room: bool) -> bool:
         """Directory search: a citizen or ghost only shows up for (and a citizen only

@@ -58,17 +58,18 @@ def test_citizens_are_restricted_and_nobody_else() -> None:
 
 
 def test_profile_rules() -> None:
-    assert POLICY.may_set_profile(CITIZEN, "María", None) is None
-    phone = POLICY.may_set_profile(CITIZEN, "612345678", None)
+    assert POLICY.may_set_profile(CITIZEN, "María") is None
+    phone = POLICY.may_set_profile(CITIZEN, "612345678")
     assert phone is not None and phone.action == "display_name"
     assert "teléfono" in phone.error and "phone number" in phone.error
-    reserved = POLICY.may_set_profile(CITIZEN, "Soporte", None)
+    reserved = POLICY.may_set_profile(CITIZEN, "Soporte")
     assert reserved is not None and "«soporte»" in reserved.error
-    avatar = POLICY.may_set_profile(CITIZEN, "María", "mxc://agency.example/x")
-    assert avatar is not None and avatar.action == "avatar"
-    assert POLICY.may_set_profile(STAFF, "Soporte 612345678", "mxc://a/b") is None
+    assert POLICY.may_set_profile(STAFF, "Soporte 612345678") is None
+    assert POLICY.strips_avatar(CITIZEN, "mxc://agency.example/x")
+    assert not POLICY.strips_avatar(CITIZEN, None)
+    assert not any(POLICY.strips_avatar(u, "mxc://a/b") for u in (STAFF, GHOST, BOT))
     allowed = parse_policy({"citizen_prefixes": ["v_"], "allow_citizen_avatars": True})
-    assert allowed.may_set_profile("@v_a:", "María", "mxc://a/b") is None
+    assert not allowed.strips_avatar("@v_a:", "mxc://a/b")
 
 
 def test_directory_visibility() -> None:
