@@ -77,12 +77,13 @@ def _ensure_policy_module(venv: Path) -> None:
     """Install civic-bridge's Synapse module (synapse_module/) into `venv` unless this
     very version is there already: the same step `homeserver-config --synapse-python`
     runs for operators. Call with the venv's lock held."""
+    # The stamp lives in the venv (gone with it) and is written only after
+    # install_module has imported the module there.
     stamp = venv / f".civic-bridge-synapse-{_module_digest()}"
-    python = venv / "bin" / "python"
-    if stamp.exists() and _importable(python, "civic_bridge_synapse.module"):
+    if stamp.exists():
         return
     try:
-        install_module(python)
+        install_module(venv / "bin" / "python")
     except ModuleInstallError as exc:
         raise LocalSynapseError(str(exc)) from None
     for old in venv.glob(".civic-bridge-synapse-*"):

@@ -91,10 +91,13 @@ def install_module(python: Path, source: Path = MODULE_SOURCE) -> None:
     if not (source / "pyproject.toml").is_file():
         raise ModuleInstallError(f"{source} is not the civic-bridge-synapse source "
                                  "(expected synapse_module/ next to bridge/)")
-    result = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "--no-deps", "--force-reinstall", str(source)],
-        capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+             "--no-deps", "--force-reinstall", str(source)],
+            capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise ModuleInstallError(f"cannot run {python}: {exc.strerror}") from None
     if result.returncode != 0:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-10:])
         raise ModuleInstallError(f"{python} -m pip install {source} failed:\n{tail}")

@@ -22,7 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import Config
-from bridge.devtools.synapse import LocalSynapse, free_port
+from bridge.devtools.synapse import LocalSynapse, default_venv_path, free_port
 from bridge.homeserver.probe import NO_MODULE
 from bridge.homeserver.settings import module_entry
 from bridge.registration import registration_yaml
@@ -286,6 +286,27 @@ async def test_homeserver_config_prints_the_module_entry(synapse: SynapseHarness
     data = yaml.safe_load(out)
     assert data["modules"] == [module_entry(synapse.config)]
     assert data["enable_registration"] is False
+
+
+async def test_homeserver_config_installs_into_synapse_python(synapse: SynapseHarness,
+                                                               tmp_path: Path) -> None:
+    path = write_config(synapse.config, tmp_path)
+    python = default_venv_path() / "bin" / "python"
+    code, out, err = await cli("homeserver-config", "-c", str(path), "--synapse-python",
+                               str(python), cwd=tmp_path)
+    assert code == 0, err
+    assert "installed civic-bridge-synapse" in err
+    assert yaml.safe_load(out)["modules"] == [module_entry(synapse.config)]
+    proc = await asyncio.create_subprocess_exec(
+        str(python), "-c", "import civic_bridge_synapse.module as m; print(m.POLICY_PATH)",
+        stdout=asyncio.subprocess.PIPE)
+    assert (await proc.communicate())[0].decode().strip() == "/_civic_bridge/policy"
+
+    # An interpreter without pip/Synapse: nothing printed, exit 1 with the reason.
+    code, out, err = await cli("homeserver-config", "-c", str(path), "--synapse-python",
+                               str(tmp_path / "no-python"), cwd=tmp_path)
+    assert (code, out) == (1, "")
+    assert err.startswith("error: cannot run ") and "Traceback" not in err, err
 
 
 async def test_check_homeserver_flags_a_weak_config_line_by_line(synapse: SynapseHarness,
