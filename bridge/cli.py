@@ -121,8 +121,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    _load(args.config)
+    config = _load(args.config)
     print(f"{args.config}: ok")
+    from bridge.homeserver.cli import warn_without_policy_module
+
+    warn_without_policy_module(config)  # warns, never fails: the config itself is fine
     return 0
 
 
@@ -283,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     from bridge.admin.cli import add_admin_parser
 
     add_admin_parser(sub)
+
+    from bridge.homeserver.cli import add_homeserver_parsers
+
+    add_homeserver_parsers(sub)
     return parser
 
 

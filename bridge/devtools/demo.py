@@ -49,6 +49,7 @@ from bridge.devtools.demo_state import (
 from bridge.devtools.demo_text import Print, banner, quote
 from bridge.devtools.demo_watch import RelayWatcher, stop_task
 from bridge.devtools.synapse import LocalSynapse, LocalSynapseError, default_venv_path
+from bridge.homeserver.settings import module_entry
 from bridge.logsetup import RedactingFilter, TextFormatter, setup_logging
 from bridge.registration import registration_yaml
 from bridge.services import Bridge
@@ -133,6 +134,10 @@ class Demo:
                                               [registration], port=state.ports.synapse)
         await asyncio.to_thread(synapse.write_config)
         config = await asyncio.to_thread(self._write_configs, state, registration)
+        # The policy module, as `civic-bridge homeserver-config` prints it (it needs the
+        # bridge's config, which needs Synapse's shared secret: hence the second write).
+        synapse.settings = {"modules": [module_entry(config)]}
+        await asyncio.to_thread(synapse.write_config)
         self.out(f"  … starting Synapse, a throwaway homeserver, on {synapse.url}")
         started = time.monotonic()
         await synapse.start(timeout=STEP_TIMEOUT)

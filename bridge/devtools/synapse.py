@@ -16,12 +16,14 @@ import secrets
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import aiohttp
 import yaml
+
+from bridge.homeserver.settings import MODULE_SOURCE, ModuleInstallError, install_module
 
 SYNAPSE_REQUIREMENT = "matrix-synapse>=1.130,<2"
 POSTGRES_REQUIREMENT = "psycopg2>=2.9,<3"
@@ -59,8 +61,41 @@ def _importable(python: Path, module: str) -> bool:
         [python, "-c", f"import {module}"], capture_output=True, check=False).returncode == 0
 
 
-def ensure_synapse_venv(path: Path | None = None, postgres: bool = False) -> Path:
+def _module_digest() -> str:
+    """A hash of the policy module's source: a changed module is installed again."""
+    digest = hashlib.sha256()
+    files = [MODULE_SOURCE / "pyproject.toml",
+             *sorted((MODULE_SOURCE / "civic_bridge_synapse").glob("*.py"))]
+    for file in files:
+        if file.is_file():
+            digest.update(str(file.relative_to(MODULE_SOURCE)).encode() + b"\0")
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _ensure_policy_module(venv: Path) -> None:
+    """Install civic-bridge's Synapse module (synapse_module/) into `venv` unless this
+    very version is there already: the same step `homeserver-config --synapse-python`
+    runs for operators. Call with the venv's lock held."""
+    # The stamp lives in the venv (gone with it) and is written only after
+    # install_module has imported the module there.
+    stamp = venv / f".civic-bridge-synapse-{_module_digest()}"
+    if stamp.exists():
+        return
+    try:
+        install_module(venv / "bin" / "python")
+    except ModuleInstallError as exc:
+        raise LocalSynapseError(str(exc)) from None
+    for old in venv.glob(".civic-bridge-synapse-*"):
+        old.unlink()
+    stamp.touch()
+
+
+def ensure_synapse_venv(path: Path | None = None, postgres: bool = False,
+                        policy_module: bool = True) -> Path:
     """Return a virtualenv with `matrix-synapse` in it, building it first if needed.
+
+    `policy_module` also installs (or refreshes) the project's Synapse module.
 
     `postgres` adds psycopg2 (built from source: Synapse's dependency check wants that
     distribution, not psycopg2-binary; needs libpq's headers). Blocking (a first build
@@ -81,6 +116,8 @@ def ensure_synapse_venv(path: Path | None = None, postgres: bool = False) -> Pat
         if postgres and not (steps == [] and _importable(python, "psycopg2")):
             steps.append([str(python), "-m", "pip", "install", POSTGRES_REQUIREMENT])
         if not steps:
+            if policy_module:
+                _ensure_policy_module(venv)
             return venv
         failed = ""
         with log.open("w", encoding="utf-8") as out:
@@ -95,6 +132,8 @@ def ensure_synapse_venv(path: Path | None = None, postgres: bool = False) -> Pat
             failed = f"`{failed or 'python -c import synapse'}` failed"
             raise LocalSynapseError(f"could not build the Synapse virtualenv {venv}: {failed}; "
                                     f"full log: {log}\n{_tail(log, 15)}")
+        if policy_module:
+            _ensure_policy_module(venv)
     return venv
 
 
@@ -124,8 +163,15 @@ class LocalSynapse:
     def __init__(self, workdir: Path, server_name: str = "localhost",
                  registration_files: Sequence[Path] = (), port: int | None = None,
                  venv: Path | None = None, access_log: Path | None = None,
-                 postgres_dsn: str | None = None) -> None:
+                 postgres_dsn: str | None = None,
+                 settings: Mapping[str, Any] | None = None,
+                 metrics_port: int | None = None) -> None:
         self.workdir = Path(workdir).absolute()
+        # Written over the generated homeserver.yaml last, e.g. the policy module's
+        # `modules:` entry from bridge.homeserver.settings (what homeserver-config prints).
+        self.settings: dict[str, Any] = dict(settings or {})
+        # Synapse's Prometheus endpoint (/_synapse/metrics) on this port, if given.
+        self.metrics_port = metrics_port
         # Synapse's own database: SQLite in the workdir, or this PostgreSQL database
         # (libpq URL; it must be empty, UTF8 with C collation, as Synapse requires).
         self._postgres_dsn = postgres_dsn
@@ -203,7 +249,10 @@ class LocalSynapse:
         config.update({
             "pid_file": str(self.workdir / "homeserver.pid"),
             "listeners": [{"port": self.port, "bind_addresses": ["127.0.0.1"], "type": "http",
-                           "resources": [{"names": ["client"]}]}],
+                           "resources": [{"names": ["client"]}]},
+                          *([{"port": self.metrics_port, "bind_addresses": ["127.0.0.1"],
+                              "type": "metrics"}] if self.metrics_port else [])],
+            "enable_metrics": self.metrics_port is not None,
             "database": self._database_config(),
             "log_config": str(log_config),
             "media_store_path": str(self.workdir / "media_store"),
@@ -221,6 +270,7 @@ class LocalSynapse:
             "experimental_features": {"msc2409_to_device_messages_enabled": True,
                                       "msc3202_transaction_extensions": True},
             **_rate_limits(),
+            **self.settings,
         })
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         return self.config_path

@@ -41,7 +41,25 @@ async def ready(request: web.Request) -> web.Response:
     except Exception as exc:
         log.warning("readiness: homeserver %s", type(exc).__name__)
     ok = all(checks.values()) and bridge.role != "lost"
-    return web.json_response({"role": bridge.role, **checks}, status=200 if ok else 503)
+    answer: dict[str, object] = {"role": bridge.role, **checks}
+    if checks["homeserver"]:
+        # A warning, not a failure: the bridge works without the policy module, but
+        # citizens' accounts are then only as limited as Synapse's defaults.
+        warning = await _policy_module_warning(request)
+        if warning is not None:
+            answer["warnings"] = [warning]
+    return web.json_response(answer, status=200 if ok else 503)
+
+
+async def _policy_module_warning(request: web.Request) -> str | None:
+    from bridge.homeserver.probe import api_module_warning
+
+    bridge = request.app[BRIDGE]
+    try:
+        return await api_module_warning(bridge.api, bridge.config)
+    except Exception as exc:
+        log.warning("readiness: policy module probe %s", type(exc).__name__)
+        return "could not ask the homeserver about its policy module"
 
 
 @routes.get("/metrics")

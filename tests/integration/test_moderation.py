@@ -305,18 +305,24 @@ async def test_citizens_cannot_invite_or_dm_ghosts(bridge: BridgeHarness) -> Non
                                  {"user_id": other.user_id})
     assert status == 403 and body["errcode"] == "M_FORBIDDEN"
 
-    # A DM to a citizen's ghost: the ghost leaves at once.
+    # A DM to a citizen's ghost: the homeserver's policy module refuses it outright
+    # (tests/integration/test_policy_module.py) ...
     b = bridge.running.bridge
     ghost = await b.ghosts.create()
+    dm_body = {"preset": "trusted_private_chat", "is_direct": True, "invite": [ghost]}
     status, body = await as_user(bridge, citizen, "POST", "/_matrix/client/v3/createRoom",
-                                 {"preset": "trusted_private_chat", "is_direct": True,
-                                  "invite": [ghost]})
+                                 dm_body)
+    assert (status, body.get("org.civic_bridge.policy")) == (403, "create_room"), body
+    # ... and the bridge's own guard holds where the module does not apply (or is not
+    # installed): the ghost leaves any DM at once.
+    status, body = await as_user(bridge, other, "POST", "/_matrix/client/v3/createRoom",
+                                 dm_body)
     assert status == 200, body
     dm = body["room_id"]
 
     async def ghost_left() -> bool:
         status, member = await as_user(
-            bridge, citizen, "GET", f"/_matrix/client/v3/rooms/{q(dm)}/state/m.room.member/"
+            bridge, other, "GET", f"/_matrix/client/v3/rooms/{q(dm)}/state/m.room.member/"
             f"{q(ghost)}")
         return status == 200 and member.get("membership") == "leave"
 
