@@ -17,6 +17,8 @@ from bridge.types import EventID, RoomID, UserID
 
 log = logging.getLogger(__name__)
 
+_DOWNLOAD_CHUNK = 256 * 1024
+
 
 class MatrixError(Exception):
     """An error answer from the homeserver."""
@@ -196,10 +198,19 @@ class MatrixAPI:
         ) as resp:
             if resp.status >= 400:
                 raise MatrixError(resp.status, "M_UNKNOWN", "media download failed")
-            data = await resp.content.read(max_bytes + 1)
-            if len(data) > max_bytes:
+            declared = resp.content_length
+            if declared is not None and declared > max_bytes:
                 raise MatrixError(413, "M_TOO_LARGE", "media too large")
-            return data
+            # `content.read(n)` answers with what is buffered so far, not n bytes: read
+            # the whole body chunk by chunk, and stop as soon as it passes the cap.
+            chunks: list[bytes] = []
+            total = 0
+            async for chunk in resp.content.iter_chunked(_DOWNLOAD_CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise MatrixError(413, "M_TOO_LARGE", "media too large")
+                chunks.append(chunk)
+            return b"".join(chunks)
 
     async def receipt(self, as_user: UserID, room_id: RoomID, event_id: str) -> None:
         await self.request(
