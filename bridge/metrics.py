@@ -49,3 +49,8 @@ class Metrics:
         self.active = Gauge("civic_bridge_active",
                             "1 while this process holds the leader lock and processes",
                             registry=r)
+        # Appended by the robustness fixes (issue 14): kept at the end for easy merges.
+        self.ignored_parts = Counter(
+            "civic_bridge_ignored_parts",
+            "Malformed parts of accepted webhooks or transactions, ignored", ["source"],
+            registry=r)
