@@ -54,3 +54,7 @@ class Metrics:
             "civic_bridge_ignored_parts",
             "Malformed parts of accepted webhooks or transactions, ignored", ["source"],
             registry=r)
+        self.bot_invites_declined = Counter(
+            "civic_bridge_bot_invites_declined",
+            "Invites of the bot declined: not from admin.users/portals.staff, not a "
+            "bridge room", registry=r)

@@ -25,6 +25,7 @@ from bridge.db import Database, InboundItem, InboundSource
 from bridge.invites.service import InviteLinks
 from bridge.leader import Election, Role, SingleProcess, election_for
 from bridge.matrix.api import MatrixAPI, MatrixError
+from bridge.matrix.bot_invites import BotInvitePolicy
 from bridge.matrix.devices import Devices
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.keystore import RoomKeyStore
@@ -34,7 +35,7 @@ from bridge.matrix.trust import Trust
 from bridge.metrics import Metrics
 from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy
-from bridge.types import UserID
+from bridge.types import RoomID, UserID
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.inbound import WhatsAppInbound
 from bridge.whatsapp.mirror import Mirror
@@ -246,8 +247,13 @@ async def build_bridge(config: Config) -> Bridge:
                     config.homeserver.domain)
     rooms = Rooms(api, ghosts.bot, RoomPolicy(federate=config.rooms.federate,
                                               admins=tuple(config.admin.users)))
-    relay = Relay(api, ghosts)
     metrics = Metrics()
+
+    async def managed(room_id: RoomID) -> bool:
+        return await db.rooms.get(room_id) is not None
+
+    relay = Relay(api, ghosts, BotInvitePolicy(
+        [*config.admin.users, *config.portals.staff], managed, metrics.bot_invites_declined))
 
     async def handle_matrix(item: InboundItem) -> None:
         await relay.handle_event(json.loads(item.payload))

@@ -16,6 +16,7 @@ from typing import Any
 import nio
 
 from bridge.matrix.api import MatrixAPI
+from bridge.matrix.bot_invites import BotInvitePolicy
 from bridge.matrix.ghosts import Ghosts
 from bridge.types import EventID, RoomID, UserID
 
@@ -49,9 +50,12 @@ class UndecryptableEvent(Exception):
 
 
 class Relay:
-    def __init__(self, api: MatrixAPI, ghosts: Ghosts) -> None:
+    def __init__(self, api: MatrixAPI, ghosts: Ghosts,
+                 bot_invites: BotInvitePolicy | None = None) -> None:
         self._api = api
         self._ghosts = ghosts
+        # None: the bot accepts no invite at all (only rooms it creates itself).
+        self._bot_invites = bot_invites
         self._handlers: list[StaffHandler] = []
 
     def add_handler(self, handler: StaffHandler) -> None:
@@ -117,8 +121,13 @@ class Relay:
         if membership != "invite" or not self._ghosts.is_ours(target):
             return
         if target == self._ghosts.bot:
-            # The bot accepts invites (admins DM it for the management room).
-            await self._api.join(self._ghosts.bot, room_id)
+            # Admins DM the bot for the management room; see bridge.matrix.bot_invites.
+            inviter = str(event.get("sender", ""))
+            if self._bot_invites is not None and \
+                    await self._bot_invites.accepts(inviter, room_id):
+                await self._api.join(self._ghosts.bot, room_id)
+            else:
+                await self._api.leave(self._ghosts.bot, room_id)
         else:
             # Ghosts only sit in rooms the bridge put them in: nobody can start a DM
             # with a citizen through their pseudonym.
