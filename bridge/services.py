@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +35,18 @@ from bridge.matrix.trust import Trust
 from bridge.metrics import Metrics
 from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy
+from bridge.retention import EVERY_SECONDS, Retention
 from bridge.types import RoomID, UserID
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.inbound import WhatsAppInbound
 from bridge.whatsapp.mirror import Mirror
-from bridge.whatsapp.outbound import WINDOW, StaffToWhatsApp, drop_held
+from bridge.whatsapp.outbound import StaffToWhatsApp
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.subscriptions import NoticeSubscriptions
 from bridge.worker import Handler, InboundWorker
 
 log = logging.getLogger(__name__)
-# Finished queue rows (and transaction ids) are kept this long to deduplicate redeliveries.
-FINISHED_RETENTION = timedelta(days=7)
 
 
 @dataclass
@@ -193,30 +192,17 @@ class Bridge:
 
         task.add_done_callback(done)
 
-    async def retention(self, every: float = 600.0) -> None:
-        """Scheduled purge, every `every` seconds."""
-        while True:
-            await self.purge(datetime.now(UTC))
-            await asyncio.sleep(every)
+    async def retention(self, every: float = EVERY_SECONDS) -> None:
+        """Scheduled purge, every `every` seconds; survives failures (bridge.retention)."""
+        await Retention(self.db, self.privacy.cipher, self.config, self.metrics).loop(every)
 
     async def purge(self, now: datetime) -> dict[str, int]:
         """Held messages past `consent.hold_hours`, old finished queue rows, unconfirmed
         staff messages, notice log entries past `notices.log_retention_days`; logs and
-        returns how many of each went."""
-        notices_before = now - timedelta(days=self.config.notices.log_retention_days)
-        deleted = {
-            "expired held messages": await self.db.inbound.purge_expired_holds(now),
-            "finished queue rows": await self.db.inbound.purge_finished(
-                now - FINISHED_RETENTION),
-            "transaction ids": await self.db.transactions.purge(now - FINISHED_RETENTION),
-            "unconfirmed staff messages": await drop_held(self.db, self.privacy.cipher,
-                                                          before=now - WINDOW),
-            "notice log entries": await self.db.notices.purge(notices_before),
-        }
-        if any(deleted.values()):
-            log.info("retention purge: %s", ", ".join(f"{n} {what}" for what, n in
-                                                       deleted.items()))
-        return deleted
+        returns how many of each went (failures: see bridge.retention)."""
+        report = await Retention(self.db, self.privacy.cipher, self.config,
+                                 self.metrics).run(now)
+        return report.deleted
 
     async def close(self) -> None:
         for task in list(self.tasks):
