@@ -32,6 +32,7 @@ from bridge.matrix.keystore import RoomKeyStore
 from bridge.matrix.relay import Relay
 from bridge.matrix.rooms import RoomPolicy, Rooms
 from bridge.matrix.trust import Trust
+from bridge.matrix.undecryptable import UndecryptableStore
 from bridge.metrics import Metrics
 from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy
@@ -176,6 +177,7 @@ class Bridge:
         if self.config.whatsapp.enabled:
             self.outbox.start()
         self.spawn(self.retention())
+        self.spawn(self.relay.retry_parked())
         self.ready.set()
         log.info("bridge ready")
         self.spawn(self.nudge_homeserver())
@@ -239,7 +241,9 @@ async def build_bridge(config: Config) -> Bridge:
         return await db.rooms.get(room_id) is not None
 
     relay = Relay(api, ghosts, BotInvitePolicy(
-        [*config.admin.users, *config.portals.staff], managed, metrics.bot_invites_declined))
+        [*config.admin.users, *config.portals.staff], managed, metrics.bot_invites_declined),
+        UndecryptableStore(db, privacy.cipher, config.appservice.undecryptable_retry_seconds),
+        metrics.undecryptable)
 
     async def handle_matrix(item: InboundItem) -> None:
         await relay.handle_event(json.loads(item.payload))
