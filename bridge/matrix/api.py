@@ -212,6 +212,25 @@ class MatrixAPI:
                 chunks.append(chunk)
             return b"".join(chunks)
 
+    async def resolve_alias(self, alias: str) -> RoomID | None:
+        """The room an alias points to; None if there is no such alias."""
+        try:
+            body = await self.request("GET", f"/_matrix/client/v3/directory/room/{_q(alias)}")
+        except MatrixError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return RoomID(str(body["room_id"]))
+
+    async def delete_alias(self, as_user: UserID, alias: str) -> None:
+        """Remove an alias; one that is already gone is fine."""
+        try:
+            await self.request("DELETE", f"/_matrix/client/v3/directory/room/{_q(alias)}",
+                               as_user=as_user)
+        except MatrixError as exc:
+            if exc.status != 404:
+                raise
+
     async def receipt(self, as_user: UserID, room_id: RoomID, event_id: str) -> None:
         await self.request(
             "POST",
