@@ -169,12 +169,12 @@ class InviteLinks:
         try:
             user_id, name = await self._create_account(form, made)
             await self._api.invite(self._bot, link.room_id, user_id, "invite link")
+            await self._record(link, view.room_name, user_id, name, form.lang)
         except Exception as exc:
             # Anything (a refusal, a timeout, a cut connection, a database error): undo,
             # so the link stays usable and no account is left behind.
             await self._undo(link, made, form.password, exc)
             raise LinkUnusable("failed") from None
-        await self._record(link, view.room_name, user_id, name, form.lang)
         return Joined(user_id, name, view.room_name)
 
     async def _undo(self, link: InviteLink, made: list[str], password: str,
@@ -191,7 +191,10 @@ class InviteLinks:
             await self._db.invites.release(link.id)
         except Exception as db_exc:
             outcome += f"; use not given back ({type(db_exc).__name__})"
-        log.warning("invite link %d: account not made (%s); %s", link.id, code, outcome)
+        # The outcome names the account (for the audit); the log line says less.
+        log.warning("invite link %d: account not made (%s); %s", link.id, code,
+                    "cleanup needs an admin, see the audit log" if "may exist" in outcome
+                    else "cleaned up")
         try:
             await self._db.audit.append(f"invite-link:{link.id}", "invite_link.redeem",
                                         link.room_id, f"error {code}", outcome)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # Room keys come over the bot's /sync, usually within milliseconds of the event; past
 # this the event waits aside (bridge.matrix.undecryptable) and frees its lane.
 KEY_WAIT_SECONDS = 1.0
+NOTICE_QUIET_SECONDS = 600.0  # at most one undecryptable notice per sender and room
 UNDECRYPTABLE_NOTICE = (
     "No se ha podido descifrar un mensaje de {sender} ({time} UTC): la clave de cifrado no "
     "ha llegado al puente, así que no se ha reenviado. Vuelva a enviarlo, por favor; si "
@@ -78,6 +79,8 @@ class Relay:
         self._parked = parked
         self._undecryptable = undecryptable
         self._parked_changed = asyncio.Event()
+        self._next_retry: datetime | None = None  # when the retry loop wakes next
+        self._told: dict[tuple[RoomID, str], float] = {}  # (room, sender) -> last notice
         self._handlers: list[StaffHandler] = []
 
     def add_handler(self, handler: StaffHandler) -> None:
@@ -146,9 +149,10 @@ class Relay:
             delay = min(delay * 2, 0.5)
         if self._parked is None:
             raise UndecryptableEvent("room key not received")
-        await self._parked.park(event, utcnow())
+        parked = await self._parked.park(event, utcnow())
         await request_key(bot.client, event)
-        self._parked_changed.set()
+        if self._next_retry is None or parked.due < self._next_retry:
+            self._parked_changed.set()  # else the loop wakes early enough anyway
         log.info("a staff event waits for its room key (%d s at most)",
                  int(sum(self._parked.delays)))
         return None
@@ -165,6 +169,7 @@ class Relay:
                     if parked.due <= utcnow():
                         await self._retry(parked)
                 due = next_due(await self._parked.all())
+                self._next_retry = due
                 timeout = None if due is None else \
                     max(0.05, (due - utcnow()).total_seconds())
             except asyncio.CancelledError:
@@ -182,10 +187,9 @@ class Relay:
             try:
                 await self._dispatch(parked.event, plain, encrypted=True)
             except Exception as exc:
+                # Decrypted, but relaying failed (the database, Synapse...): keep trying.
                 log.warning("a late-decrypted staff event failed (%s)", type(exc).__name__)
-                if await self._parked.retry_later(parked, utcnow()):
-                    return
-                await self._give_up(parked)
+                await self._parked.postpone(parked, utcnow())
                 return
             await self._parked.forget(parked)
             return
@@ -201,13 +205,20 @@ class Relay:
         sender = str(event.get("sender", ""))
         sent = datetime.fromtimestamp(int(event.get("origin_server_ts", 0)) / 1000, UTC)
         body = UNDECRYPTABLE_NOTICE.format(sender=sender, time=sent.strftime("%H:%M"))
-        try:
-            await self.send_as(self._ghosts.bot, RoomID(str(event["room_id"])), {
-                "msgtype": "m.notice", "body": body, "m.mentions": {"user_ids": [sender]}})
-        except MatrixError as exc:
-            if exc.status >= 500 or exc.status == 429:
-                raise  # the homeserver is away: the loop tries again
-            log.warning("undecryptable event: the room refused the notice (%s)", exc.errcode)
+        room_id = RoomID(str(event["room_id"]))
+        # One notice per sender and room in a while: a burst of undecryptable events
+        # (a broken client, or someone doing it on purpose) is not echoed one by one.
+        now = asyncio.get_running_loop().time()
+        if self._told.get((room_id, sender), -NOTICE_QUIET_SECONDS) + NOTICE_QUIET_SECONDS <= now:
+            try:
+                await self.send_as(self._ghosts.bot, room_id, {
+                    "msgtype": "m.notice", "body": body, "m.mentions": {"user_ids": [sender]}})
+            except MatrixError as exc:
+                if exc.status >= 500 or exc.status == 429:
+                    raise  # the homeserver is away: the loop tries again
+                log.warning("undecryptable event: the room refused the notice (%s)",
+                            exc.errcode)
+            self._told[(room_id, sender)] = now
         if self._undecryptable is not None:
             self._undecryptable.inc()
         log.warning("a staff event stayed undecryptable; staff were told")

@@ -83,6 +83,12 @@ class UndecryptableStore:
                                 now + timedelta(seconds=self.delays[attempts])))
         return True
 
+    async def postpone(self, parked: Parked, now: datetime) -> None:
+        """Try again later without counting a try (the failure was not the key's)."""
+        delay = self.delays[min(parked.attempts, len(self.delays) - 1)]
+        await self._save(Parked(parked.key, parked.event, parked.attempts, parked.parked_at,
+                                now + timedelta(seconds=delay)))
+
     async def forget(self, parked: Parked) -> None:
         await self._db.kv.delete(parked.key)
 
