@@ -60,3 +60,6 @@ async def test_a_crash_between_create_room_and_insert_yields_one_portal(
     await asyncio.sleep(1)  # room for a second createRoom, should there be one
     created = await bot_rooms(h) - before
     assert created == {portal.room_id}
+    # The message held before the opt-in is relayed into that portal; nothing stays queued.
+    await h.running.idle("whatsapp", timeout=60)
+    assert await b.db.inbound.pending("whatsapp") == []

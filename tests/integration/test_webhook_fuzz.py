@@ -46,6 +46,9 @@ async def test_no_webhook_body_gets_a_5xx(bridge: BridgeHarness) -> None:
         assert status < 500, f"{status} for {raw[:300]!r}"
 
     await asyncio.to_thread(check)
+    # Whatever was accepted gets processed: nothing stays queued.
+    await bridge.running.idle("whatsapp", timeout=120)
+    assert await bridge.running.bridge.db.inbound.pending("whatsapp") == []
 
 
 async def test_lone_surrogate_in_a_webhook_is_stored_and_processed(
