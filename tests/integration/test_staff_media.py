@@ -8,8 +8,12 @@ import os
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from nio.crypto.attachments import encrypt_attachment
 
+from bridge.matrix.api import MatrixAPI, MatrixError
+from bridge.types import UserID
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_whatsapp import new_citizen, opt_in
 
@@ -43,3 +47,30 @@ async def test_large_encrypted_attachment_reaches_whatsapp_intact(
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
     finally:
         await j.desk.close()
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_download_reads_everything_up_to_the_cap(declared: bool) -> None:
+    """A loopback media server streaming 3 MiB in small writes (with or without a
+    Content-Length): all of it comes back, and a cap below its size is a 413."""
+    data = os.urandom(3 * 1024 * 1024)
+
+    async def media(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        if declared:
+            resp.content_length = len(data)
+        await resp.prepare(request)
+        for i in range(0, len(data), 100_000):
+            await resp.write(data[i:i + 100_000])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/_matrix/client/v1/media/download/{server}/{media_id}", media)
+    async with TestServer(app) as server, aiohttp.ClientSession() as http:
+        api = MatrixAPI(http, str(server.make_url("/")), "as-token")
+        got = await api.download(UserID("@bot:localhost"), "mxc://localhost/abc", len(data))
+        assert got == data
+        with pytest.raises(MatrixError) as too_big:
+            await api.download(UserID("@bot:localhost"), "mxc://localhost/abc", len(data) - 1)
+        assert too_big.value.status == 413
