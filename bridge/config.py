@@ -86,6 +86,11 @@ class AppserviceConfig(_Section):
     bot_localpart: Localpart = "civicbridge"
     ghost_prefix: Localpart = "cb_"
     store_dir: str = "./store"
+    # A staff event whose room key has not reached the bot waits aside and is retried
+    # after each of these delays (with a key request); after the last, staff are told.
+    undecryptable_retry_seconds: Annotated[
+        list[Annotated[float, Field(gt=0, le=86400)]], Field(min_length=1, max_length=20)
+    ] = [2, 10, 30, 60, 120, 300]
 
     _url = field_validator("url")(lambda v: None if v is None else _http_url(v))
 

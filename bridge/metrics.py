@@ -72,3 +72,25 @@ class Metrics:
             "civic_bridge_identity_changes",
             "WhatsApp number or BSUID changes reported for citizens", ["change", "result"],
             registry=r)
+        # Appended by the robustness fixes (issue 14): kept at the end for easy merges.
+        self.ignored_parts = Counter(
+            "civic_bridge_ignored_parts",
+            "Malformed parts of accepted webhooks or transactions, ignored", ["source"],
+            registry=r)
+        self.bot_invites_declined = Counter(
+            "civic_bridge_bot_invites_declined",
+            "Invites of the bot declined: not from admin.users/portals.staff, not a "
+            "bridge room", registry=r)
+        # what: held_inbound, finished_queue_rows, transaction_ids, held_staff_messages,
+        # notice_log (bridge.retention.STEPS).
+        self.retention_purged = Counter("civic_bridge_retention_purged",
+                                        "Rows deleted by the retention purge", ["what"],
+                                        registry=r)
+        self.retention_failures = Counter(
+            "civic_bridge_retention_failures",
+            "Rows (or whole steps) the retention purge could not handle", ["what"],
+            registry=r)
+        self.retention_runs = Counter("civic_bridge_retention_runs",
+                                      "Retention purge runs", registry=r)
+        self.retention_last_run = Gauge("civic_bridge_retention_last_run_timestamp_seconds",
+                                        "When the retention purge last ran", registry=r)

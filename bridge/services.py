@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +25,23 @@ from bridge.db import Database, InboundItem, InboundSource
 from bridge.invites.service import InviteLinks
 from bridge.leader import Election, Role, SingleProcess, election_for
 from bridge.matrix.api import MatrixAPI, MatrixError
+from bridge.matrix.bot_invites import BotInvitePolicy
 from bridge.matrix.devices import Devices
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.keystore import RoomKeyStore
 from bridge.matrix.relay import Relay
 from bridge.matrix.rooms import RoomPolicy, Rooms
 from bridge.matrix.trust import Trust
+from bridge.matrix.undecryptable import UndecryptableStore
 from bridge.metrics import Metrics
 from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy
-from bridge.types import UserID
+from bridge.retention import EVERY_SECONDS, Retention
+from bridge.types import RoomID, UserID
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.inbound import WhatsAppInbound
 from bridge.whatsapp.mirror import Mirror
-from bridge.whatsapp.outbound import WINDOW, StaffToWhatsApp, drop_held
+from bridge.whatsapp.outbound import StaffToWhatsApp
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.receipts import StaffReceipts
@@ -47,8 +50,6 @@ from bridge.whatsapp.subscriptions import NoticeSubscriptions
 from bridge.worker import Handler, InboundWorker
 
 log = logging.getLogger(__name__)
-# Finished queue rows (and transaction ids) are kept this long to deduplicate redeliveries.
-FINISHED_RETENTION = timedelta(days=7)
 
 
 @dataclass
@@ -181,6 +182,7 @@ class Bridge:
         if self.config.whatsapp.enabled:
             self.outbox.start()
         self.spawn(self.retention())
+        self.spawn(self.relay.retry_parked())
         self.ready.set()
         log.info("bridge ready")
         self.spawn(self.nudge_homeserver())
@@ -197,30 +199,17 @@ class Bridge:
 
         task.add_done_callback(done)
 
-    async def retention(self, every: float = 600.0) -> None:
-        """Scheduled purge, every `every` seconds."""
-        while True:
-            await self.purge(datetime.now(UTC))
-            await asyncio.sleep(every)
+    async def retention(self, every: float = EVERY_SECONDS) -> None:
+        """Scheduled purge, every `every` seconds; survives failures (bridge.retention)."""
+        await Retention(self.db, self.privacy.cipher, self.config, self.metrics).loop(every)
 
     async def purge(self, now: datetime) -> dict[str, int]:
         """Held messages past `consent.hold_hours`, old finished queue rows, unconfirmed
         staff messages, notice log entries past `notices.log_retention_days`; logs and
-        returns how many of each went."""
-        notices_before = now - timedelta(days=self.config.notices.log_retention_days)
-        deleted = {
-            "expired held messages": await self.db.inbound.purge_expired_holds(now),
-            "finished queue rows": await self.db.inbound.purge_finished(
-                now - FINISHED_RETENTION),
-            "transaction ids": await self.db.transactions.purge(now - FINISHED_RETENTION),
-            "unconfirmed staff messages": await drop_held(self.db, self.privacy.cipher,
-                                                          before=now - WINDOW),
-            "notice log entries": await self.db.notices.purge(notices_before),
-        }
-        if any(deleted.values()):
-            log.info("retention purge: %s", ", ".join(f"{n} {what}" for what, n in
-                                                       deleted.items()))
-        return deleted
+        returns how many of each went (failures: see bridge.retention)."""
+        report = await Retention(self.db, self.privacy.cipher, self.config,
+                                 self.metrics).run(now)
+        return report.deleted
 
     async def close(self) -> None:
         for task in list(self.tasks):
@@ -251,8 +240,15 @@ async def build_bridge(config: Config) -> Bridge:
                     config.homeserver.domain)
     rooms = Rooms(api, ghosts.bot, RoomPolicy(federate=config.rooms.federate,
                                               admins=tuple(config.admin.users)))
-    relay = Relay(api, ghosts)
     metrics = Metrics()
+
+    async def managed(room_id: RoomID) -> bool:
+        return await db.rooms.get(room_id) is not None
+
+    relay = Relay(api, ghosts, BotInvitePolicy(
+        [*config.admin.users, *config.portals.staff], managed, metrics.bot_invites_declined),
+        UndecryptableStore(db, privacy.cipher, config.appservice.undecryptable_retry_seconds),
+        metrics.undecryptable)
 
     async def handle_matrix(item: InboundItem) -> None:
         await relay.handle_event(json.loads(item.payload))

@@ -43,7 +43,8 @@ class SynapseRegistrar:
 
     def __init__(self, http: aiohttp.ClientSession, homeserver_url: str, secret: str) -> None:
         self._http = http
-        self._url = homeserver_url.rstrip("/") + PATH
+        self._base = homeserver_url.rstrip("/")
+        self._url = self._base + PATH
         self._secret = secret
 
     async def _call(self, method: str, json: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -67,3 +68,34 @@ class SynapseRegistrar:
             "mac": registration_mac(self._secret, nonce, localpart, password),
         })
         return UserID(str(body["user_id"]))
+
+    async def remove(self, localpart: str, password: str) -> bool:
+        """Deactivate (and erase) `@localpart` if it exists with this password, as the
+        account itself: a citizen's account is outside the appservice's namespace and the
+        bridge holds no homeserver admin token. True if deactivated, False if there was
+        no such account; RegistrationError or a network error if it could not tell."""
+        login = {"type": "m.login.password", "password": password,
+                 "identifier": {"type": "m.id.user", "user": localpart}}
+        status, body = await self._client("POST", "/_matrix/client/v3/login", login)
+        if status == 403:
+            return False  # never made (or already deactivated): nothing to undo
+        if status != 200:
+            raise RegistrationError(status, str(body.get("errcode", "M_UNKNOWN")))
+        token = str(body.get("access_token", ""))
+        status, body = await self._client(
+            "POST", "/_matrix/client/v3/account/deactivate",
+            {"auth": {**login, "user": localpart}, "erase": True}, token)
+        if status != 200:
+            raise RegistrationError(status, str(body.get("errcode", "M_UNKNOWN")))
+        return True
+
+    async def _client(self, method: str, path: str, json: dict[str, Any],
+                      token: str | None = None) -> tuple[int, dict[str, Any]]:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        async with self._http.request(method, self._base + path, json=json, headers=headers,
+                                      timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            try:
+                body = await resp.json(content_type=None)
+            except ValueError:
+                body = {}
+            return resp.status, body if isinstance(body, dict) else {}

@@ -6,6 +6,7 @@ Referer (the token is in the URL), and nothing is created unless the token is va
 
 from __future__ import annotations
 
+import logging
 from importlib.resources import files
 
 from aiohttp import web
@@ -15,6 +16,7 @@ from bridge.invites.page import CSS_PATH, done_page, form_page, problem_page
 from bridge.invites.service import FormInvalid, InviteLinks, LinkUnusable
 from bridge.web.state import BRIDGE
 
+log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 CSS = (files("bridge.web") / "static" / "civic-bridge.css").read_bytes()
 
@@ -47,6 +49,9 @@ async def show(request: web.Request) -> web.Response:
         view = await links.view(request.match_info["token"])
     except LinkUnusable as exc:
         return _problem(links, lang, exc)
+    except Exception as exc:  # see submit()
+        log.error("invite page: link lookup failed (%s)", type(exc).__name__)
+        return _problem(links, lang, LinkUnusable("failed"))
     return _html(form_page(
         lang=lang, agency=links.agency, room=view.room_name, action=request.path,
         pseudonym=links.suggest_pseudonym(), consent=False,
@@ -72,6 +77,11 @@ async def submit(request: web.Request) -> web.Response:
             lang=lang, agency=links.agency, room=view.room_name, action=request.path,
             pseudonym=form.pseudonym, consent=form.consent, errors=exc.errors,
             min_password=request.app[BRIDGE].config.invites.min_password_length), 400)
+    except Exception as exc:
+        # E.g. the database is down: still a page in the citizen's language, not JSON;
+        # and the log gets the kind only (the URL holds the link's token).
+        log.error("invite page: redemption failed (%s)", type(exc).__name__)
+        return _problem(links, lang, LinkUnusable("failed"))
     return _html(done_page(lang=lang, agency=links.agency, room=joined.room_name,
                            user_id=joined.user_id, display_name=joined.display_name,
                            homeserver_url=links.homeserver_url,

@@ -9,6 +9,7 @@ single-use link yields at most one account however many browsers race for it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -37,6 +38,9 @@ LINK_KINDS = ("citizen", "announcement")
 MAX_USES = 1000
 MIN_EXPIRY = timedelta(minutes=5)
 MAX_EXPIRY = timedelta(hours=720)
+# Undoing a failed redemption: tries to deactivate a half-made account, seconds apart.
+CLEANUP_ATTEMPTS = 3
+CLEANUP_DELAY = 1.0
 Problem = Literal["unknown", "expired", "used", "closed", "off", "failed"]
 
 
@@ -161,34 +165,77 @@ class InviteLinks:
         if not await self._db.invites.claim(link.id, datetime.now(UTC)):
             _, _, problem = await self._lookup(token)
             await self._refused(link, problem or "used")
+        made: list[str] = []  # the localpart Synapse may have made (an answer was lost)
         try:
-            user_id, name = await self._create_account(form)
+            user_id, name = await self._create_account(form, made)
             await self._api.invite(self._bot, link.room_id, user_id, "invite link")
-        except (RegistrationError, MatrixError) as exc:
-            await self._db.invites.release(link.id)
-            code = (f"registration {exc.status} {exc.errcode}"
-                    if isinstance(exc, RegistrationError) else f"invite {exc.errcode}")
-            await self._db.audit.append(f"invite-link:{link.id}", "invite_link.redeem",
-                                        link.room_id, f"error {code}", None)
-            log.warning("invite link %d: account not made (%s)", link.id, code)
+            await self._record(link, view.room_name, user_id, name, form.lang)
+        except Exception as exc:
+            # Anything (a refusal, a timeout, a cut connection, a database error): undo,
+            # so the link stays usable and no account is left behind.
+            await self._undo(link, made, form.password, exc)
             raise LinkUnusable("failed") from None
-        await self._record(link, view.room_name, user_id, name, form.lang)
         return Joined(user_id, name, view.room_name)
+
+    async def _undo(self, link: InviteLink, made: list[str], password: str,
+                    exc: Exception) -> None:
+        """Give the use back and deactivate a half-made account; never raises. Logs and
+        audits kinds and the link's id only, never its token."""
+        code = (f"registration {exc.status} {exc.errcode}" if isinstance(exc, RegistrationError)
+                else f"invite {exc.errcode}" if isinstance(exc, MatrixError)
+                else type(exc).__name__)
+        outcome = "no account made"
+        if made:
+            outcome = await self._remove_account(made[-1], password)
+        try:
+            await self._db.invites.release(link.id)
+        except Exception as db_exc:
+            outcome += f"; use not given back ({type(db_exc).__name__})"
+        # The outcome names the account (for the audit); the log line says less.
+        log.warning("invite link %d: account not made (%s); %s", link.id, code,
+                    "cleanup needs an admin, see the audit log" if "may exist" in outcome
+                    else "cleaned up")
+        try:
+            await self._db.audit.append(f"invite-link:{link.id}", "invite_link.redeem",
+                                        link.room_id, f"error {code}", outcome)
+        except Exception as db_exc:
+            log.error("invite link %d: could not audit the failure (%s)", link.id,
+                      type(db_exc).__name__)
+
+    async def _remove_account(self, localpart: str, password: str) -> str:
+        assert self._registrar is not None
+        user_id = f"@{localpart}:{self._config.homeserver.domain}"
+        for attempt in range(CLEANUP_ATTEMPTS):
+            try:
+                if await self._registrar.remove(localpart, password):
+                    return f"account {user_id} deactivated"
+                return "no account made"
+            except Exception as exc:
+                problem = type(exc).__name__
+                if attempt + 1 < CLEANUP_ATTEMPTS:
+                    await asyncio.sleep(CLEANUP_DELAY * (attempt + 1))
+        # The pseudonymous id only (random letters): an admin deactivates it by hand.
+        return f"account {user_id} may exist, deactivate it ({problem})"
 
     async def _refused(self, link: InviteLink, problem: Problem) -> None:
         await self._db.audit.append(f"invite-link:{link.id}", "invite_link.redeem",
                                     link.room_id, f"refused {problem}", None)
         raise LinkUnusable(problem)
 
-    async def _create_account(self, form: SignupForm) -> tuple[UserID, str]:
+    async def _create_account(self, form: SignupForm, made: list[str]
+                              ) -> tuple[UserID, str]:
+        """Register a fresh localpart; `made` gets each one Synapse may have created
+        (all but those it definitely refused)."""
         assert self._registrar is not None
         name = form.pseudonym or self.suggest_pseudonym()
         prefix = self._config.invites.localpart_prefix
         for attempt in range(3):
+            localpart = new_localpart(prefix)
+            made.append(localpart)
             try:
-                return await self._registrar.register(new_localpart(prefix), form.password,
-                                                      name), name
+                return await self._registrar.register(localpart, form.password, name), name
             except RegistrationError as exc:
+                made.remove(localpart)  # a definite answer: nothing was made
                 # 16 random letters collide practically never; retry all the same.
                 if exc.errcode != "M_USER_IN_USE" or attempt == 2:
                     raise

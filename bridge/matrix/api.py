@@ -17,6 +17,8 @@ from bridge.types import EventID, RoomID, UserID
 
 log = logging.getLogger(__name__)
 
+_DOWNLOAD_CHUNK = 256 * 1024
+
 
 class MatrixError(Exception):
     """An error answer from the homeserver."""
@@ -196,10 +198,38 @@ class MatrixAPI:
         ) as resp:
             if resp.status >= 400:
                 raise MatrixError(resp.status, "M_UNKNOWN", "media download failed")
-            data = await resp.content.read(max_bytes + 1)
-            if len(data) > max_bytes:
+            declared = resp.content_length
+            if declared is not None and declared > max_bytes:
                 raise MatrixError(413, "M_TOO_LARGE", "media too large")
-            return data
+            # `content.read(n)` answers with what is buffered so far, not n bytes: read
+            # the whole body chunk by chunk, and stop as soon as it passes the cap.
+            chunks: list[bytes] = []
+            total = 0
+            async for chunk in resp.content.iter_chunked(_DOWNLOAD_CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise MatrixError(413, "M_TOO_LARGE", "media too large")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    async def resolve_alias(self, alias: str) -> RoomID | None:
+        """The room an alias points to; None if there is no such alias."""
+        try:
+            body = await self.request("GET", f"/_matrix/client/v3/directory/room/{_q(alias)}")
+        except MatrixError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return RoomID(str(body["room_id"]))
+
+    async def delete_alias(self, as_user: UserID, alias: str) -> None:
+        """Remove an alias; one that is already gone is fine."""
+        try:
+            await self.request("DELETE", f"/_matrix/client/v3/directory/room/{_q(alias)}",
+                               as_user=as_user)
+        except MatrixError as exc:
+            if exc.status != 404:
+                raise
 
     async def receipt(self, as_user: UserID, room_id: RoomID, event_id: str) -> None:
         await self.request(

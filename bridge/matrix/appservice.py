@@ -9,7 +9,6 @@ and dropping would lose messages.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ from aiohttp import web
 
 from bridge.db.queues import event_lane
 from bridge.errors import BadRequest, NotFound
+from bridge.jsonbody import MAX_DEPTH, BodyError, clean, load_body
 from bridge.types import UserID
 from bridge.web.middleware import require_bearer
 from bridge.web.state import BRIDGE
@@ -37,13 +37,19 @@ class Transaction:
     changed_users: set[str]
     # Receipts, typing, presence (`receive_ephemeral`; MSC2409's unstable key too).
     ephemeral: list[dict[str, Any]] = field(default_factory=list)
+    # Events dropped as unusable (nested deeper than any real event): counted, since
+    # refusing the transaction would only make Synapse send it again forever.
+    ignored: int = 0
 
 
 def parse_transaction(raw: bytes) -> Transaction:
-    """The transaction's room events; BadRequest for anything malformed."""
+    """The transaction's room events; BadRequest for anything malformed.
+
+    Lone surrogates in strings are replaced (bridge.jsonbody), so every event stores.
+    """
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        body = load_body(raw, max_depth=_MAX_BODY_DEPTH)
+    except BodyError:
         raise BadRequest("body is not JSON") from None
     if not isinstance(body, dict) or not isinstance(body.get("events", []), list):
         raise BadRequest("expected an object with an `events` list")
@@ -52,10 +58,11 @@ def parse_transaction(raw: bytes) -> Transaction:
         if not (isinstance(ev, dict) and isinstance(ev.get("event_id"), str)
                 and isinstance(ev.get("room_id"), str) and isinstance(ev.get("type"), str)):
             raise BadRequest("every event needs event_id, room_id and type")
+    usable = [ev for ev in events if _shallow_enough(ev)]
     lists = body.get("org.matrix.msc3202.device_lists")
     changed = lists.get("changed") if isinstance(lists, dict) else None
     users = {u for u in changed if isinstance(u, str)} if isinstance(changed, list) else set()
-    return Transaction(events, users, ephemeral_events(body))
+    return Transaction(usable, users, ephemeral_events(body), len(events) - len(usable))
 
 
 def ephemeral_events(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -66,6 +73,19 @@ def ephemeral_events(body: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(events, list):
             return [e for e in events if isinstance(e, dict)]
     return []
+
+
+# json.loads itself stops near Python's recursion limit; an event deeper than
+# MAX_DEPTH is dropped alone rather than refusing the whole transaction.
+_MAX_BODY_DEPTH = 900
+
+
+def _shallow_enough(event: dict[str, Any]) -> bool:
+    try:
+        clean(event, MAX_DEPTH)
+    except BodyError:
+        return False
+    return True
 
 
 def transaction_key(txn_id: str, events: list[dict[str, Any]]) -> str:
@@ -86,6 +106,9 @@ async def put_transaction(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     with bridge.metrics.transaction_latency.time():
         txn = parse_transaction(await request.read())
+        if txn.ignored:
+            log.warning("transaction: %d event(s) nested too deeply, ignored", txn.ignored)
+            bridge.metrics.ignored_parts.labels("matrix").inc(txn.ignored)
         # Our own messages come back as echoes; only membership matters from those.
         events = [e for e in txn.events if e["type"] == "m.room.member"
                   or not bridge.ghosts.is_ours(str(e.get("sender", "")))]

@@ -8,21 +8,39 @@ decrypted with the bot's device, which is a member of every agency room.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import nio
+from prometheus_client import Counter
 
-from bridge.matrix.api import MatrixAPI
+from bridge.matrix.api import MatrixAPI, MatrixError
+from bridge.matrix.bot_invites import BotInvitePolicy
 from bridge.matrix.ghosts import Ghosts
+from bridge.matrix.undecryptable import (
+    Parked,
+    UndecryptableStore,
+    next_due,
+    request_key,
+    utcnow,
+)
 from bridge.types import EventID, RoomID, UserID
 
 log = logging.getLogger(__name__)
 
-# Room keys come over the bot's /sync, usually within milliseconds of the event.
-KEY_WAIT_SECONDS = 20.0
+# Room keys come over the bot's /sync, usually within milliseconds of the event; past
+# this the event waits aside (bridge.matrix.undecryptable) and frees its lane.
+KEY_WAIT_SECONDS = 1.0
+NOTICE_QUIET_SECONDS = 600.0  # at most one undecryptable notice per sender and room
+UNDECRYPTABLE_NOTICE = (
+    "No se ha podido descifrar un mensaje de {sender} ({time} UTC): la clave de cifrado no "
+    "ha llegado al puente, así que no se ha reenviado. Vuelva a enviarlo, por favor; si "
+    "ocurre de nuevo, verifique su sesión (o cierre la sesión y vuelva a entrar) en su "
+    "aplicación de Matrix.")
 # State that decides who may read a room's messages: devices re-read it before they
 # next encrypt there (they do not sync rooms; see bridge.matrix.devices).
 ROOM_KEY_STATE = ("m.room.member", "m.room.history_visibility")
@@ -49,9 +67,20 @@ class UndecryptableEvent(Exception):
 
 
 class Relay:
-    def __init__(self, api: MatrixAPI, ghosts: Ghosts) -> None:
+    def __init__(self, api: MatrixAPI, ghosts: Ghosts,
+                 bot_invites: BotInvitePolicy | None = None,
+                 parked: UndecryptableStore | None = None,
+                 undecryptable: Counter | None = None) -> None:
         self._api = api
         self._ghosts = ghosts
+        # None: the bot accepts no invite at all (only rooms it creates itself).
+        self._bot_invites = bot_invites
+        # None: an undecryptable event fails its queue item (retried there) instead.
+        self._parked = parked
+        self._undecryptable = undecryptable
+        self._parked_changed = asyncio.Event()
+        self._next_retry: datetime | None = None  # when the retry loop wakes next
+        self._told: dict[tuple[RoomID, str], float] = {}  # (room, sender) -> last notice
         self._handlers: list[StaffHandler] = []
 
     def add_handler(self, handler: StaffHandler) -> None:
@@ -86,18 +115,27 @@ class Relay:
         content = event.get("content")
         if not isinstance(content, dict):
             return
-        encrypted = etype == "m.room.encrypted"
-        if encrypted:
-            plain = (await self._decrypt(event)).source
+        if etype != "m.room.encrypted":
+            await self._dispatch(event, etype, content, encrypted=False)
+            return
+        plain = await self._decrypt(event)
+        if plain is not None:
+            await self._dispatch(event, plain, encrypted=True)
+
+    async def _dispatch(self, event: dict[str, Any], etype: str | nio.Event,
+                        content: dict[str, Any] | None = None, *, encrypted: bool) -> None:
+        if isinstance(etype, nio.Event):  # decrypted: type and content from inside
+            plain = etype.source
             etype, content = str(plain.get("type", "")), dict(plain.get("content", {}))
         staff_event = StaffEvent(
-            room_id=RoomID(str(event["room_id"])), sender=UserID(sender),
-            event_id=EventID(str(event["event_id"])), type=str(etype), content=content,
+            room_id=RoomID(str(event["room_id"])), sender=UserID(str(event.get("sender"))),
+            event_id=EventID(str(event["event_id"])), type=str(etype), content=content or {},
             origin_server_ts=int(event.get("origin_server_ts", 0)), encrypted=encrypted)
         for handler in self._handlers:
             await handler(staff_event)
 
-    async def _decrypt(self, event: dict[str, Any]) -> nio.Event:
+    async def _decrypt(self, event: dict[str, Any]) -> nio.Event | None:
+        """The decrypted event, or None once it waits aside for its key."""
         bot = await self._ghosts.device(self._ghosts.bot)
         delay, waited = 0.05, 0.0
         while True:
@@ -105,10 +143,86 @@ class Relay:
             if decrypted is not None:
                 return decrypted
             if waited >= KEY_WAIT_SECONDS:
-                raise UndecryptableEvent("room key not received")
+                break
             await asyncio.sleep(delay)
             waited += delay
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, 0.5)
+        if self._parked is None:
+            raise UndecryptableEvent("room key not received")
+        parked = await self._parked.park(event, utcnow())
+        await request_key(bot.client, event)
+        if self._next_retry is None or parked.due < self._next_retry:
+            self._parked_changed.set()  # else the loop wakes early enough anyway
+        log.info("a staff event waits for its room key (%d s at most)",
+                 int(sum(self._parked.delays)))
+        return None
+
+    async def retry_parked(self) -> None:
+        """Background task: retry parked events when due, until cancelled."""
+        if self._parked is None:
+            return
+        while True:
+            self._parked_changed.clear()
+            timeout: float | None = 1.0
+            try:
+                for parked in await self._parked.all():
+                    if parked.due <= utcnow():
+                        await self._retry(parked)
+                due = next_due(await self._parked.all())
+                self._next_retry = due
+                timeout = None if due is None else \
+                    max(0.05, (due - utcnow()).total_seconds())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database may be away: try again shortly
+                log.warning("retrying parked events failed (%s)", type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._parked_changed.wait(), timeout)
+
+    async def _retry(self, parked: Parked) -> None:
+        assert self._parked is not None
+        bot = await self._ghosts.device(self._ghosts.bot)
+        plain = bot.decrypt(parked.event)
+        if plain is not None:
+            try:
+                await self._dispatch(parked.event, plain, encrypted=True)
+            except Exception as exc:
+                # Decrypted, but relaying failed (the database, Synapse...): keep trying.
+                log.warning("a late-decrypted staff event failed (%s)", type(exc).__name__)
+                await self._parked.postpone(parked, utcnow())
+                return
+            await self._parked.forget(parked)
+            return
+        if await self._parked.retry_later(parked, utcnow()):
+            await request_key(bot.client, parked.event)
+            return
+        await self._give_up(parked)
+
+    async def _give_up(self, parked: Parked) -> None:
+        """Tell the room (and so the sender) and count it; then forget the event."""
+        assert self._parked is not None
+        event = parked.event
+        sender = str(event.get("sender", ""))
+        sent = datetime.fromtimestamp(int(event.get("origin_server_ts", 0)) / 1000, UTC)
+        body = UNDECRYPTABLE_NOTICE.format(sender=sender, time=sent.strftime("%H:%M"))
+        room_id = RoomID(str(event["room_id"]))
+        # One notice per sender and room in a while: a burst of undecryptable events
+        # (a broken client, or someone doing it on purpose) is not echoed one by one.
+        now = asyncio.get_running_loop().time()
+        if self._told.get((room_id, sender), -NOTICE_QUIET_SECONDS) + NOTICE_QUIET_SECONDS <= now:
+            try:
+                await self.send_as(self._ghosts.bot, room_id, {
+                    "msgtype": "m.notice", "body": body, "m.mentions": {"user_ids": [sender]}})
+            except MatrixError as exc:
+                if exc.status >= 500 or exc.status == 429:
+                    raise  # the homeserver is away: the loop tries again
+                log.warning("undecryptable event: the room refused the notice (%s)",
+                            exc.errcode)
+            self._told[(room_id, sender)] = now
+        if self._undecryptable is not None:
+            self._undecryptable.inc()
+        log.warning("a staff event stayed undecryptable; staff were told")
+        await self._parked.forget(parked)
 
     async def _on_member(self, event: dict[str, Any]) -> None:
         target = str(event.get("state_key", ""))
@@ -117,8 +231,13 @@ class Relay:
         if membership != "invite" or not self._ghosts.is_ours(target):
             return
         if target == self._ghosts.bot:
-            # The bot accepts invites (admins DM it for the management room).
-            await self._api.join(self._ghosts.bot, room_id)
+            # Admins DM the bot for the management room; see bridge.matrix.bot_invites.
+            inviter = str(event.get("sender", ""))
+            if self._bot_invites is not None and \
+                    await self._bot_invites.accepts(inviter, room_id):
+                await self._api.join(self._ghosts.bot, room_id)
+            else:
+                await self._api.leave(self._ghosts.bot, room_id)
         else:
             # Ghosts only sit in rooms the bridge put them in: nobody can start a DM
             # with a citizen through their pseudonym.

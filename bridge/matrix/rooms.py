@@ -110,9 +110,14 @@ class Rooms:
         self.policy = policy
 
     async def create(self, kind: str, name: str, topic: str | None = None,
-                     invite: list[str] | None = None, knock: bool = False) -> RoomID:
+                     invite: list[str] | None = None, knock: bool = False,
+                     alias_localpart: str | None = None) -> RoomID:
+        """`alias_localpart` (in the bridge's alias namespace) names the room while its
+        creation is not yet recorded, so that a retry can find it (bridge.whatsapp.portal)."""
         invitees = [u for u in (invite or []) if u != self._bot]
         body = room_create_body(kind, name, topic, self.policy, invitees, knock)
+        if alias_localpart is not None:
+            body["room_alias_name"] = alias_localpart
         room_id = await self._api.create_room(self._bot, body)
         log.info("created %s room %s", kind, room_id)
         return room_id

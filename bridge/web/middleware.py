@@ -33,7 +33,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         # Never a stack trace or a secret to the caller; the log gets the type only
         # plus a redacted traceback.
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        # The route's pattern, not the path: paths carry secrets (an invite link's token).
+        route = request.match_info.route.resource
+        where = route.canonical if route is not None else "(no route)"
+        log.exception("unhandled error on %s %s", request.method, where)
         return json_error(500, "M_UNKNOWN", "internal error")
 
 

@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import io
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -407,7 +408,9 @@ class GraphClient:
         form = aiohttp.FormData()
         form.add_field("messaging_product", "whatsapp")
         form.add_field("type", mime_type)
-        form.add_field("file", data, filename=filename, content_type=mime_type)
+        # A file-like body is streamed; raw bytes of many MiB would be copied in one go on
+        # the event loop (aiohttp warns about it).
+        form.add_field("file", io.BytesIO(data), filename=filename, content_type=mime_type)
         payload = await self._request("POST", f"{self._base}/{self._phone_number_id}/media",
                                       data=form, known=(filename,))
         media_id = payload.get("id")

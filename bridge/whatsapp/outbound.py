@@ -65,14 +65,28 @@ async def drop_held(db: Database, cipher: Cipher, *, before: datetime | None = N
 
     For the retention purge (a hold expires with the 24-hour window) and for a citizen's
     erasure (what staff wrote to them goes too)."""
-    dropped = 0
+    return (await drop_held_report(db, cipher, before=before, room_id=room_id))[0]
+
+
+async def drop_held_report(db: Database, cipher: Cipher, *, before: datetime | None = None,
+                           room_id: str | None = None) -> tuple[int, int]:
+    """drop_held, also counting rows it could not read (kept: a key may come back);
+    one unreadable row never stops the others from going."""
+    dropped = unreadable = 0
     for key, sealed in await db.kv.with_prefix(HELD_KEY):
-        held = cipher.decrypt_json(sealed, aad=AAD_PAYLOAD)
-        if (before is not None and datetime.fromisoformat(held["at"]) < before) or \
+        try:
+            held = cipher.decrypt_json(sealed, aad=AAD_PAYLOAD)
+            at = datetime.fromisoformat(held["at"])
+        except Exception as exc:
+            # Never the key: it holds a Matrix event id.
+            log.warning("held staff message unreadable (%s); kept", type(exc).__name__)
+            unreadable += 1
+            continue
+        if (before is not None and at < before) or \
                 (room_id is not None and held.get("room_id") == room_id):
             await db.kv.delete(key)
             dropped += 1
-    return dropped
+    return dropped, unreadable
 
 
 class StaffToWhatsApp:

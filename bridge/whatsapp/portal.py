@@ -8,6 +8,7 @@ can still read the first messages (the ghost's device shares keys with invited d
 from __future__ import annotations
 
 import logging
+import secrets
 
 from bridge.config import Config
 from bridge.db import Citizen, Database
@@ -19,6 +20,9 @@ from bridge.types import EventID, RoomID, UserID
 
 log = logging.getLogger(__name__)
 
+
+# + citizen id -> the creation token of the portal being created (see Portals._create)
+PORTAL_INTENT = "portal-creating:"
 
 OPTED_OUT_NOTICE = ("La persona ha retirado su consentimiento: el puente ya no reenvía "
                     "mensajes en ninguna dirección.")
@@ -48,19 +52,56 @@ class Portals:
         ghost = await self.ghost_for(citizen)
         room = await self._db.rooms.portal_for(citizen.id)
         if room is None or room.closed_at is not None:
-            ghost_row = await self._db.ghosts.get(ghost)
-            name = f"WhatsApp · {ghost_row.display_name if ghost_row else 'Ciudadano/a'}"
-            room_id = await self._rooms.create(
-                "portal", name, topic="Conversación de WhatsApp (cifrada, con seudónimo)",
-                invite=[*self._config.portals.staff, ghost])
-            await self._db.rooms.create(room_id, "portal", name, self._ghosts.bot,
-                                        citizen_id=citizen.id)
-            log.info("portal %s opened", room_id)
+            room_id = await self._create(citizen, ghost)
         else:
             room_id = RoomID(room.room_id)
             await self._invite_quietly(room_id, ghost)
         await self._api.join(ghost, room_id)
         return room_id
+
+    async def _create(self, citizen: Citizen, ghost: UserID) -> RoomID:
+        """Create and record the portal, once, even if a crash splits the two steps.
+
+        Before `createRoom` a random creation token is stored; the room is created with
+        an alias made from it (the bridge's alias namespace; a random token, never an
+        identifier). A retry that finds the token looks the alias up and records the
+        room that already exists instead of creating another. The alias goes once the
+        room is recorded.
+        """
+        key = PORTAL_INTENT + str(citizen.id)
+        token = await self._db.kv.get(key)
+        room_id = None
+        if token is not None:
+            room_id = await self._api.resolve_alias(self._alias(token))
+            if room_id is not None and await self._db.rooms.get(room_id) is not None:
+                room_id = None  # an earlier portal whose alias was left: not this one
+        ghost_row = await self._db.ghosts.get(ghost)
+        name = f"WhatsApp · {ghost_row.display_name if ghost_row else 'Ciudadano/a'}"
+        if room_id is None:
+            token = secrets.token_hex(12)
+            await self._db.kv.set(key, token)
+            room_id = await self._rooms.create(
+                "portal", name, topic="Conversación de WhatsApp (cifrada, con seudónimo)",
+                invite=[*self._config.portals.staff, ghost],
+                alias_localpart=self._alias_localpart(token))
+        else:
+            log.info("portal %s found after an interrupted creation", room_id)
+        await self._db.rooms.create(room_id, "portal", name, self._ghosts.bot,
+                                    citizen_id=citizen.id)
+        await self._db.kv.delete(key)
+        assert token is not None
+        try:
+            await self._api.delete_alias(self._ghosts.bot, self._alias(token))
+        except MatrixError as exc:  # harmless if left: random, and ignored once recorded
+            log.warning("portal alias not removed (%s)", exc.errcode)
+        log.info("portal %s opened", room_id)
+        return room_id
+
+    def _alias_localpart(self, token: str) -> str:
+        return f"{self._config.appservice.ghost_prefix}portal_{token}"
+
+    def _alias(self, token: str) -> str:
+        return f"#{self._alias_localpart(token)}:{self._config.homeserver.domain}"
 
     async def _invite_quietly(self, room_id: RoomID, user_id: str) -> None:
         try:

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from bridge.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from bridge.privacy import AAD_PAYLOAD
+from bridge.jsonbody import BodyError, load_body
+from bridge.privacy import AAD_PAYLOAD, Cipher, KeyedIndex
 from bridge.web.state import BRIDGE
-from bridge.whatsapp.webhook_parse import lane_of, parse_webhook
+from bridge.whatsapp.webhook_parse import WhatsAppError, lane_of, parse_webhook
 
 if TYPE_CHECKING:
     from bridge.services import Bridge
@@ -34,28 +35,80 @@ def signature_valid(secret: str, body: bytes, header: str | None) -> bool:
     return hmac.compare_digest(expected, header[len("sha256="):].strip().lower())
 
 
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _items(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def split_delivery(body: dict[str, Any], phone_number_id: str) -> list[tuple[str, dict[str, Any]]]:
     """(dedupe key, single-item value) for every message and status of a delivery.
 
     Each stored value keeps its `metadata` and `contacts`, so it re-parses on its own.
+    It reads the body with the parser's leniency (a part of the wrong type counts as
+    absent), so whatever the parser accepts splits without an exception.
     """
     items: list[tuple[str, dict[str, Any]]] = []
-    for entry in body.get("entry", []):
-        for change in entry.get("changes", []) if isinstance(entry, dict) else []:
-            value = change.get("value") if isinstance(change, dict) else None
-            if not isinstance(value, dict) or change.get("field") != "messages":
+    for entry in _items(body.get("entry")):
+        for change in _items(_obj(entry).get("changes")):
+            value = _obj(change).get("value")
+            if not isinstance(value, dict) or _obj(change).get("field") != "messages":
                 continue
-            if (value.get("metadata") or {}).get("phone_number_id") != phone_number_id:
+            if _obj(value.get("metadata")).get("phone_number_id") != phone_number_id:
                 continue
             base = {k: v for k, v in value.items() if k not in ("messages", "statuses")}
-            for msg in value.get("messages") or []:
+            for msg in _items(value.get("messages")):
                 if isinstance(msg, dict) and isinstance(msg.get("id"), str):
                     items.append((f"msg:{msg['id']}", {**base, "messages": [msg]}))
-            for st in value.get("statuses") or []:
+            for st in _items(value.get("statuses")):
                 if isinstance(st, dict) and isinstance(st.get("id"), str):
                     key = f"status:{st['id']}:{st.get('status')}"
                     items.append((key, {**base, "statuses": [st]}))
     return items
+
+
+def _bounded(key: str) -> str:
+    """A dedupe key that fits its column (255): an overlong wamid is hashed, the same
+    way every time, so redeliveries still match."""
+    if len(key) <= _MAX_KEY:
+        return key
+    kind = key.split(":", 1)[0]
+    return f"{kind}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+_MAX_KEY = 200
+
+
+class NotJSON(BadRequest):
+    """The body is not JSON the bridge accepts (see bridge.jsonbody)."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a verified webhook body becomes: rows to store, and what was ignored."""
+
+    rows: list[tuple[str, str, str]]  # (dedupe key, encrypted value, lane)
+    ignored: tuple[str, ...]
+    errors: tuple[WhatsAppError, ...]  # about the business number itself
+
+
+def prepare_delivery(raw: bytes, phone_number_id: str, index: KeyedIndex,
+                     cipher: Cipher) -> Delivery:
+    """Decode, parse and split a signed body into encrypted queue rows.
+
+    Raises NotJSON or WebhookFormatError (both 400) for a body refused as a whole;
+    anything else it accepts becomes rows or `ignored` reasons, never an exception.
+    """
+    try:
+        body = load_body(raw)
+    except BodyError:
+        raise NotJSON("body is not JSON") from None
+    batch = parse_webhook(body, phone_number_id)
+    rows = [(_bounded(key), cipher.encrypt_json(value, aad=AAD_PAYLOAD), lane_of(value, index))
+            for key, value in split_delivery(body, phone_number_id)]
+    return Delivery(rows, batch.ignored, batch.errors)
 
 
 @routes.get("/whatsapp/webhook")
@@ -87,26 +140,25 @@ async def _verify_and_store(request: web.Request, bridge: Bridge) -> web.Respons
         bridge.metrics.webhook_rejects.labels("signature").inc()
         raise Unauthorized("missing or invalid X-Hub-Signature-256")
     try:
-        body = json.loads(raw)
-        batch = parse_webhook(body, cfg.phone_number_id)
-    except (ValueError, UnicodeDecodeError):
+        delivery = prepare_delivery(raw, cfg.phone_number_id, bridge.privacy.index,
+                                    bridge.privacy.cipher)
+    except NotJSON:
         bridge.metrics.webhook_rejects.labels("json").inc()
-        raise BadRequest("body is not JSON") from None
+        raise
     except BadRequest:
         bridge.metrics.webhook_rejects.labels("format").inc()
         raise
-    for reason in batch.ignored:
+    for reason in delivery.ignored:
         log.info("webhook: ignored %s", reason)
-    for error in batch.errors:
+    for error in delivery.errors:
         # About the business number, not a citizen's message: there is no portal to
         # tell, so operators learn it from the log and the metric.
         log.warning("webhook: WhatsApp reports an error for this number (code %s)", error.code)
         bridge.metrics.inbound_not_relayed.labels("account_error").inc()
-    cipher = bridge.privacy.cipher
+    if delivery.ignored:
+        bridge.metrics.ignored_parts.labels("whatsapp").inc(len(delivery.ignored))
     lanes = set()
-    for key, value in split_delivery(body, cfg.phone_number_id):
-        payload = cipher.encrypt_json(value, aad=AAD_PAYLOAD)
-        lane = lane_of(value, bridge.privacy.index)
+    for key, payload, lane in delivery.rows:
         with bridge.db.urgent():
             if await bridge.db.inbound.enqueue("whatsapp", key, payload,
                                                lane=lane) is not None:

@@ -144,7 +144,8 @@ class WebhookBatch:
 
 
 def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+    # Blank counts as absent: a blank identifier cannot be hashed (normalise_identifier).
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def _opt_str(value: Any) -> str | None:

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.db.records import ConsentPurpose, ConsentState, InboundSource
+from bridge.retention import STEPS as RETENTION_STEPS
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.webhook_parse import MessageKind
@@ -31,6 +32,7 @@ ALLOWED_LABELS: dict[str, set[str]] = {
     "purpose": set(get_args(ConsentPurpose)),
     "state": set(get_args(ConsentState)),
     "source": set(get_args(InboundSource)),
+    "what": {label for _, label in RETENTION_STEPS},
 }
 LOOKS_PERSONAL = re.compile(r"\d{5,}|[A-Z]{2}\.[A-Za-z0-9]{6,}|^[@!$#+]|wamid|:")
 EXPECTED_FAMILIES = {

@@ -1,0 +1,65 @@
+"""Opening a portal is idempotent across a failure between `createRoom` and recording
+the room: the retry (here after a restart) finds the room Synapse already made instead
+of making a second one. The fault is real: the database refuses the insert."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from bridge.whatsapp.consent import OPT_IN_BUTTON
+from tests.fixtures.bridge import BridgeHarness
+from tests.integration.test_whatsapp import _in_state, new_citizen, to_citizen, wait_until
+
+pytestmark = pytest.mark.integration
+
+FAIL_PORTAL_INSERT = """
+CREATE TRIGGER fail_portal_insert BEFORE INSERT ON rooms WHEN NEW.kind = 'portal'
+BEGIN SELECT RAISE(ABORT, 'injected fault'); END
+"""
+
+
+async def bot_rooms(h: BridgeHarness) -> set[str]:
+    b = h.running.bridge
+    body = await b.api.request("GET", "/_matrix/client/v3/joined_rooms", as_user=b.ghosts.bot)
+    return set(body.get("joined_rooms", []))
+
+
+async def test_a_crash_between_create_room_and_insert_yields_one_portal(
+        bridge: BridgeHarness) -> None:
+    h = bridge
+    assert h.running.bridge.db.dialect == "sqlite"  # the trigger below is SQLite's
+    citizen = new_citizen()
+    assert await h.wa.deliver(h.webhook_url, h.wa.text_message(citizen, "Hola")) == 200
+    await h.wa.wait_for_sent(
+        lambda s: s.get("type") == "interactive" and to_citizen(s, citizen), timeout=30)
+    before = await bot_rooms(h)
+    # A connection of its own: the trigger outlives the bridge's stop below.
+    engine = create_async_engine(h.running.config.database.url)
+    async with engine.begin() as conn:
+        await conn.execute(text(FAIL_PORTAL_INSERT))
+    mark = len(h.log_lines)
+    try:
+        tap = h.wa.button_reply(citizen, OPT_IN_BUTTON, "Acepto")
+        assert await h.wa.deliver(h.webhook_url, tap) == 200
+        await wait_until(lambda: any("inbound whatsapp" in line and "failed (" in line
+                                     for line in h.log_lines[mark:]), 30, "the insert fails")
+        assert len(await bot_rooms(h) - before) == 1  # createRoom did happen
+        await h.running.stop()  # ...and the bridge dies before it could record the room
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TRIGGER IF EXISTS fail_portal_insert"))
+        await engine.dispose()
+    await h.running.start()
+    b = h.running.bridge
+    row = await wait_until(lambda: _in_state(h, citizen, "granted"), 30, "opt-in")
+    portal = await wait_until(lambda: b.db.rooms.portal_for(row.id), 30, "portal")
+    await asyncio.sleep(1)  # room for a second createRoom, should there be one
+    created = await bot_rooms(h) - before
+    assert created == {portal.room_id}
+    # The message held before the opt-in is relayed into that portal; nothing stays queued.
+    await h.running.idle("whatsapp", timeout=60)
+    assert await b.db.inbound.pending("whatsapp") == []

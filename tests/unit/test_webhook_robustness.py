@@ -1,0 +1,103 @@
+"""The webhook pipeline (decode, parse, split, encrypt) on arbitrary input: a body is
+either refused whole with a 400 error, or every message the parser accepts becomes a
+stored row; nothing else escapes. Plus the JSON decoding rules behind it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bridge.errors import BadRequest
+from bridge.jsonbody import REPLACEMENT, BodyError, load_body
+from bridge.privacy import AAD_PAYLOAD, Cipher, KeyedIndex
+from bridge.whatsapp.webhook import prepare_delivery
+from bridge.whatsapp.webhook_parse import parse_webhook
+from tests.fixtures.webhook_fuzz import TS, bodies, encode
+
+PHONE_ID = "106540352242922"
+CIPHER = Cipher(os.urandom(32))
+INDEX = KeyedIndex(os.urandom(32))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=bodies(PHONE_ID))
+def test_every_accepted_message_becomes_a_row(body: dict[str, Any]) -> None:
+    raw = encode(body)
+    try:
+        delivery = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER)
+    except BadRequest:
+        return
+    keys = {key for key, _, _ in delivery.rows}
+    for message in parse_webhook(load_body(raw), PHONE_ID).messages:
+        assert f"msg:{message.wamid}" in keys
+    for _, payload, lane in delivery.rows:
+        value = CIPHER.decrypt_json(payload, aad=AAD_PAYLOAD)
+        parse_webhook({"object": "whatsapp_business_account",
+                       "entry": [{"changes": [{"field": "messages", "value": value}]}]},
+                      PHONE_ID)
+        assert lane == "statuses" or lane.startswith("citizen:")
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_arbitrary_bytes_are_refused_with_400_or_accepted(raw: bytes) -> None:
+    try:
+        prepare_delivery(raw, PHONE_ID, INDEX, CIPHER)
+    except BadRequest as exc:
+        assert exc.status == 400
+
+
+def _value(**parts: Any) -> dict[str, Any]:
+    return {"object": "whatsapp_business_account", "entry": [{"changes": [
+        {"field": "messages", "value": {"messaging_product": "whatsapp", **parts}}]}]}
+
+
+MESSAGE = {"id": "wamid.A", "from": "34600111222", "timestamp": TS, "type": "text",
+           "text": {"body": "hola"}}
+
+
+@pytest.mark.parametrize("parts", [
+    {"metadata": True, "messages": [MESSAGE]},
+    {"metadata": ["x"], "messages": [MESSAGE]},
+    {"metadata": {"phone_number_id": PHONE_ID}, "messages": 5},
+    {"metadata": {"phone_number_id": PHONE_ID}, "messages": {"id": "x"}},
+    {"metadata": {"phone_number_id": PHONE_ID}, "statuses": 1.5},
+])
+def test_malformed_parts_are_ignored_not_fatal(parts: dict[str, Any]) -> None:
+    delivery = prepare_delivery(encode(_value(**parts)), PHONE_ID, INDEX, CIPHER)
+    assert delivery.rows == []
+
+
+def test_lone_surrogate_is_replaced_and_the_message_kept() -> None:
+    message = {**MESSAGE, "id": "wamid.\ud800", "text": {"body": "a\udfffb"}}
+    raw = encode(_value(metadata={"phone_number_id": PHONE_ID}, messages=[message],
+                        contacts=[{"wa_id": "34600111222", "profile": {"name": "\udbff"}}]))
+    assert b"\\ud800" in raw
+    (key, payload, _), = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows
+    assert key == f"msg:wamid.{REPLACEMENT}"
+    stored = CIPHER.decrypt_json(payload, aad=AAD_PAYLOAD)
+    assert stored["messages"][0]["text"]["body"] == f"a{REPLACEMENT}b"
+
+
+def test_overlong_message_id_gets_a_bounded_stable_key() -> None:
+    raw = encode(_value(metadata={"phone_number_id": PHONE_ID},
+                        messages=[{**MESSAGE, "id": "w" * 1000}]))
+    first = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows[0][0]
+    again = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows[0][0]
+    assert first == again and len(first) <= 255 and first.startswith("msg:")
+
+
+@pytest.mark.parametrize("raw", [b"[NaN]", b'{"a": Infinity}', b"\xff\xfe",
+                                 b"[" * 5000, b"[" * 80 + b"]" * 80])
+def test_load_body_refuses_what_cannot_be_stored(raw: bytes) -> None:
+    with pytest.raises(BodyError):
+        load_body(raw)
+
+
+def test_load_body_keeps_valid_pairs_and_replaces_lone_halves() -> None:
+    got = load_body(b'{"k\\ud800": ["\\ud83d\\ude00", "\\udc00x"]}')
+    assert got == {f"k{REPLACEMENT}": ["\U0001f600", f"{REPLACEMENT}x"]}
