@@ -49,3 +49,11 @@ class Metrics:
         self.active = Gauge("civic_bridge_active",
                             "1 while this process holds the leader lock and processes",
                             registry=r)
+        # Dead letters (bridge.deadletters): source matrix/whatsapp/outbox, reason a
+        # bridge.retry.DeadReason.
+        self.dead_letters = Counter("civic_bridge_dead_letters",
+                                    "Queued items set aside after a permanent failure",
+                                    ["source", "reason"], registry=r)
+        self.dead_letters_current = Gauge("civic_bridge_dead_letters_current",
+                                          "Dead letters waiting for an admin to retry or "
+                                          "discard them", registry=r)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Final, Literal, get_args
 
 import aiohttp
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import exc as sa_exc
 
 from bridge.errors import Unavailable

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import aiohttp
@@ -30,7 +29,6 @@ TRANSIENT = [
     ConnectionRefusedError(),
     ConnectionResetError(),
     TimeoutError(),
-    asyncio.TimeoutError(),
     OSError("network unreachable"),
     MatrixError(502, "M_UNKNOWN", "bad gateway"),
     MatrixError(503, "M_UNKNOWN", ""),
