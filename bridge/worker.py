@@ -49,8 +49,10 @@ class InboundWorker:
     """
 
     def __init__(self, db: Database, handlers: dict[InboundSource, Handler],
-                 metrics: Metrics | None = None, on_dead: OnDead | None = None) -> None:
+                 metrics: Metrics | None = None, on_dead: OnDead | None = None,
+                 backoff: Callable[[int], float] = backoff) -> None:
         self._db = db
+        self._delay = backoff  # seconds before retry n (tests shorten it)
         self._metrics = metrics
         self._on_dead = on_dead
         self._announcing: set[asyncio.Task[None]] = set()
@@ -229,7 +231,7 @@ class InboundWorker:
         return nxt
 
     def _retry_later(self, source: InboundSource, lane: str, attempts: int) -> None:
-        delay = backoff(attempts)
+        delay = self._delay(attempts)
         loop = asyncio.get_running_loop()
         self._backoff[(source, lane)] = loop.time() + delay
         loop.call_later(delay, self.wake, source, lane)
