@@ -90,6 +90,18 @@ def reason_of(exc: BaseException) -> DeadReason:
     return "internal"
 
 
+def error_label(exc: BaseException) -> str:
+    """A short label of a failure, safe to store, log and list (statuses and codes,
+    never text from a payload): "MatrixError 403 M_FORBIDDEN", "GraphError 400 131026",
+    else the exception type."""
+    name = type(exc).__name__
+    if isinstance(exc, MatrixError):
+        return f"{name} {exc.status} {exc.errcode}"[:120]
+    if isinstance(exc, GraphError):
+        return f"{name} {exc.status} {exc.code}"
+    return name
+
+
 def _jitter() -> float:
     """A factor in [0.5, 1.0]: retries of many items spread out instead of stampeding
     ("equal jitter": at least half the delay, so a retry is never immediate)."""

@@ -22,7 +22,7 @@ from typing import Any
 
 from bridge.db import Database, InboundItem, InboundSource, InboundStatus
 from bridge.metrics import Metrics
-from bridge.retry import backoff, is_transient, reason_of
+from bridge.retry import backoff, error_label, is_transient, reason_of
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class InboundWorker:
                       ) -> InboundItem | None:
         # Log the kind of failure only: messages may carry personal data.
         attempts = item.attempts + 1
-        error = type(exc).__name__
+        error = error_label(exc)
         if is_transient(exc):
             log.warning("inbound %s #%d failed (%s, attempt %d); retrying", source, item.id,
                         error, attempts)

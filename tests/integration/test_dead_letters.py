@@ -5,13 +5,32 @@ end against the real Synapse and the WhatsApp Cloud API simulator."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from bridge.db import Database, InboundItem, InboundStatus
+import pytest_asyncio
+
+from bridge.db import Citizen, Database, InboundItem, InboundStatus
 from bridge.matrix.api import MatrixError
 from bridge.privacy import DecryptError
+from bridge.types import RoomID
+from bridge.whatsapp.consent import OPT_IN_BUTTON
+from bridge.whatsapp.simulator import SimulatedUser
+from bridge.whatsapp.webhook_parse import citizen_lane
 from bridge.worker import InboundWorker
+from tests.fixtures.bridge import BridgeHarness
+from tests.fixtures.staff import staff_login
+from tests.integration.test_whatsapp import (
+    Journey,
+    body_is,
+    new_citizen,
+    opt_in,
+    to_citizen,
+    wait_until,
+)
 
 Handler = Callable[[InboundItem], Awaitable[InboundStatus | None]]
 
@@ -151,3 +170,178 @@ async def test_retry_and_discard_of_dead_letters(db: Database) -> None:
     gone = await db.outbox.get(o2)
     assert gone is not None and gone.status == "cancelled"
     assert await db.dead_letters.count() == 0
+
+
+# --- end to end: real Synapse, the Cloud API simulator, the admin API --------------------
+
+UNDECRYPTABLE = "v1.zz.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"  # e.g. its data key retired
+LETTER_FIELDS = {"id", "source", "lane_kind", "reason", "error", "attempts",
+                 "first_failed_at", "last_failed_at"}
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def journey(bridge: BridgeHarness) -> AsyncIterator[Journey]:
+    j = await opt_in(bridge, new_citizen(), "Hola, tengo una consulta")
+    yield j
+    await j.desk.close()
+
+
+def _has(text: str) -> Callable[[Any], bool]:
+    return lambda ev: text in str(getattr(ev, "body", ""))
+
+
+async def _letters(h: BridgeHarness) -> dict[str, dict[str, Any]]:
+    status, answer = await h.running.call("GET", "/admin/v1/dead-letters")
+    assert status == 200
+    return {d["id"]: d for d in answer["dead_letters"]}
+
+
+async def _metric(h: BridgeHarness, sample: str) -> float:
+    status, text = await h.running.call("GET", "/metrics", token=None)
+    assert status == 200
+    for line in str(text).splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def _citizen_row(h: BridgeHarness, citizen: SimulatedUser) -> Citizen:
+    b = h.running.bridge
+    row = await b.db.citizens.by_index(b.privacy.index.digest(citizen.user_id))
+    assert row is not None
+    return row
+
+
+async def test_poison_inbound_item_becomes_a_dead_letter_and_the_lane_goes_on(
+        journey: Journey) -> None:
+    j, h = journey, journey.h
+    b = h.running.bridge
+    counted = 'civic_bridge_dead_letters_total{reason="undecryptable",source="whatsapp"}'
+    before = await _metric(h, counted)
+    lane = citizen_lane((await _citizen_row(h, j.citizen)).index_hash)
+    poison = await b.db.inbound.enqueue("whatsapp", f"msg:poison-{secrets.token_hex(4)}",
+                                        UNDECRYPTABLE, lane=lane)
+    assert poison is not None
+    letter_id = f"in-{poison}"
+    b.worker.wake("whatsapp", lane)
+    await j.write(h.wa.text_message(j.citizen, "escrito tras un mensaje ilegible"))  # 200
+    await j.seen(body_is("escrito tras un mensaje ilegible"))
+    notice = await j.seen(_has(letter_id))
+    assert notice.body.startswith("Un mensaje de WhatsApp no se ha podido reenviar")
+
+    letter = (await _letters(h))[letter_id]
+    assert set(letter) == LETTER_FIELDS  # nothing more: no payload, room or person
+    assert (letter["source"], letter["lane_kind"], letter["reason"], letter["error"],
+            letter["attempts"]) == ("whatsapp", "citizen", "undecryptable", "DecryptError", 1)
+    assert await _metric(h, counted) == before + 1
+    assert await _metric(h, "civic_bridge_dead_letters_current") >= 1
+
+    path = f"/admin/v1/dead-letters/{letter_id}"
+    assert (await h.running.call("POST", f"{path}/retry", {}))[0] == 400  # a reason, please
+    assert (await h.running.call("POST", "/admin/v1/dead-letters/in-999999999/retry",
+                                 {"reason": "x"}))[0] == 404
+    status, answer = await h.running.call("POST", f"{path}/retry",
+                                          {"reason": "clave restaurada, ticket 41"})
+    assert status == 200 and answer["status"] == "pending"
+    # Still undecryptable: it is processed again and set aside again.
+    await wait_until(lambda: _metric_above(h, counted, before + 1), 30, "second failure")
+    assert letter_id in await _letters(h)
+    status, answer = await h.running.call("POST", f"{path}/discard",
+                                          {"reason": "no recuperable, ticket 41"})
+    assert status == 200 and answer["status"] == "discarded"
+    assert letter_id not in await _letters(h)
+    item = await b.db.inbound.get(poison)
+    assert item is not None and item.status == "dropped"
+
+    status, audit = await h.running.call("GET", "/admin/v1/audit?limit=20")
+    mine = [(e["actor"], e["action"], e["reason"]) for e in audit["entries"]
+            if e["object"] == letter_id]
+    assert mine == [("admin-api", "dead_letter.discard", "no recuperable, ticket 41"),
+                    ("admin-api", "dead_letter.retry", "clave restaurada, ticket 41")]
+
+
+async def _metric_above(h: BridgeHarness, sample: str, value: float) -> bool:
+    return await _metric(h, sample) > value
+
+
+async def test_outbox_dead_letters_never_block_later_sends(journey: Journey) -> None:
+    j, h = journey, journey.h
+    b = h.running.bridge
+    citizen = await _citizen_row(h, j.citizen)
+    # A row whose payload no longer decrypts: set aside, the sends behind it go out.
+    broken = await b.db.outbox.add(f"$broken-{secrets.token_hex(4)}", citizen.id,
+                                   RoomID(j.room_id), UNDECRYPTABLE)
+    assert broken is not None
+    b.outbox.wake()
+    await j.desk.send_text(j.room_id, "detrás de la fila rota")
+    await j.sent_to_citizen(lambda s: s.get("text", {}).get("body") == "detrás de la fila rota")
+    notice = await j.seen(_has(f"out-{broken}"))
+    assert notice.body.startswith("Mensaje no enviado a WhatsApp")
+    assert (await _letters(h))[f"out-{broken}"]["reason"] == "undecryptable"
+
+    # Graph refuses a send for good: a dead letter, staff told why, the next one goes.
+    h.wa.fail_next(code=131026, http_status=400)
+    await j.desk.send_text(j.room_id, "rechazado por WhatsApp")
+    refused = await j.seen(lambda e: "message undeliverable" in str(getattr(e, "body", "")))
+    letter_id = re.search(r"out-\d+", refused.body).group(0)  # type: ignore[union-attr]
+    letter = (await _letters(h))[letter_id]
+    assert (letter["source"], letter["lane_kind"], letter["reason"], letter["error"]) == (
+        "outbox", "staff", "graph_refused", "400 131026")
+    await j.desk.send_text(j.room_id, "el siguiente sí sale")
+    await j.sent_to_citizen(lambda s: s.get("text", {}).get("body") == "el siguiente sí sale")
+
+    # An admin retries it (say, the citizen's number works again): it goes out once.
+    status, _ = await h.running.call("POST", f"/admin/v1/dead-letters/{letter_id}/retry",
+                                     {"reason": "número reactivado"})
+    assert status == 200
+    await j.sent_to_citizen(lambda s: s.get("text", {}).get("body") == "rechazado por WhatsApp")
+    row_id = int(letter_id.removeprefix("out-"))
+
+    async def sent() -> bool:
+        row = await b.db.outbox.get(row_id)
+        return row is not None and row.status == "sent"
+
+    await wait_until(sent, 30, "the retried row marked sent")
+    assert [s.get("text", {}).get("body") for s in h.wa.sent].count(
+        "rechazado por WhatsApp") == 1
+    assert letter_id not in await _letters(h)
+
+
+async def test_synapse_outage_longer_than_the_old_give_up_loses_nothing(
+        bridge: BridgeHarness) -> None:
+    """Synapse stopped for 40 s (the old worker gave up after about 30 s) while a new
+    citizen writes, opts in and writes again: afterwards all of it is in the portal and
+    nothing was set aside."""
+    h = bridge
+    b = h.running.bridge
+    before = set(await b.db.dead_letters.list())
+    desk = await staff_login(h.synapse.synapse, h.desk.localpart, h.desk.password)
+    citizen = new_citizen("Lucía Gómez")
+    try:
+        await h.synapse.synapse.stop()
+        try:
+            outage = asyncio.get_running_loop().time()
+            assert await h.wa.deliver(h.webhook_url, h.wa.text_message(
+                citizen, "primer mensaje con el servidor caído")) == 200
+            await h.wa.wait_for_sent(lambda s: s.get("type") == "interactive"
+                                     and to_citizen(s, citizen), timeout=30)
+            tap = h.wa.button_reply(citizen, OPT_IN_BUTTON, "Acepto")
+            assert await h.wa.deliver(h.webhook_url, tap) == 200
+            assert await h.wa.deliver(h.webhook_url, h.wa.text_message(
+                citizen, "segundo mensaje con el servidor caído")) == 200
+            await asyncio.sleep(40 - (asyncio.get_running_loop().time() - outage))
+            row = await _citizen_row(h, citizen)
+            lane = citizen_lane(row.index_hash)
+            waiting = await b.db.inbound.count_lane("whatsapp", lane)
+            assert waiting.get("pending", 0) >= 1 and "dead" not in waiting
+        finally:
+            await h.synapse.synapse.start()
+        room = await wait_until(lambda: b.db.rooms.portal_for(row.id), 150, "portal")
+        await desk.join(room.room_id)
+        j = Journey(h, citizen, room.room_id, desk)
+        await j.seen(body_is("primer mensaje con el servidor caído"), timeout=60)
+        await j.seen(body_is("segundo mensaje con el servidor caído"), timeout=60)
+        assert set(await b.db.dead_letters.list()) == before
+        assert (await b.db.citizens.get(row.id)).consent_state == "granted"  # type: ignore[union-attr]
+    finally:
+        await desk.close()
