@@ -5,18 +5,24 @@ end against the real Synapse and the WhatsApp Cloud API simulator."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest_asyncio
+import yaml
 
 from bridge.db import Citizen, Database, InboundItem, InboundStatus
+from bridge.deadletters import DeadLetters
 from bridge.matrix.api import MatrixError
+from bridge.metrics import Metrics
 from bridge.privacy import DecryptError
-from bridge.types import RoomID
+from bridge.types import RoomID, UserID
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.webhook_parse import citizen_lane
@@ -345,3 +351,83 @@ async def test_synapse_outage_longer_than_the_old_give_up_loses_nothing(
         assert (await b.db.citizens.get(row.id)).consent_state == "granted"  # type: ignore[union-attr]
     finally:
         await desk.close()
+
+
+async def test_announcements_go_to_the_conversation_or_the_management_room(
+        db: Database) -> None:
+    """A dead letter is announced in the open portal of the citizen it concerns, else in
+    the management room; the notice names the letter and the reason class, no content."""
+    told: list[tuple[str, str]] = []
+
+    async def notify(room_id: RoomID, text: str) -> None:
+        told.append((room_id, text))
+
+    metrics = Metrics()
+    letters = DeadLetters(db, metrics, notify, management_room="!mgmt:x")
+    with_portal, _ = await db.citizens.get_or_create(
+        index_hash="a" * 64, identifier_ct="x", wa_id_ct=None, pseudonym_code="AAAA")
+    await db.rooms.create(RoomID("!portal:x"), "portal", "WhatsApp", UserID("@bot:x"),
+                          citizen_id=with_portal.id)
+    ids = []
+    for index_hash, body in (("a" * 64, "secreto uno"), ("b" * 64, "secreto dos")):
+        item_id = await _queue(db, citizen_lane(index_hash), body)
+        item = await db.inbound.get(item_id)
+        assert item is not None
+        await db.inbound.set_aside(item, "bad_payload", "KeyError", 1)
+        ids.append(f"in-{item_id}")
+        await letters.announce(f"in-{item_id}")
+    assert [room for room, _ in told] == ["!portal:x", "!mgmt:x"]
+    for (_, text), letter_id in zip(told, ids, strict=True):
+        assert letter_id in text and "formato válido" in text and "secreto" not in text
+    sample = metrics.registry.get_sample_value(
+        "civic_bridge_dead_letters_total", {"source": "whatsapp", "reason": "bad_payload"})
+    assert sample == 2
+    assert metrics.registry.get_sample_value("civic_bridge_dead_letters_current") == 2
+
+    await letters.discard("tester", ids[0], "duplicado")
+    assert metrics.registry.get_sample_value("civic_bridge_dead_letters_current") == 1
+    [entry] = await db.audit.list(limit=1)
+    assert (entry.actor, entry.action, entry.object, entry.reason) == (
+        "tester", "dead_letter.discard", ids[0], "duplicado")
+
+
+async def test_the_admin_cli_lists_retries_and_discards(bridge: BridgeHarness,
+                                                        tmp_path: Path) -> None:
+    h = bridge
+    b = h.running.bridge
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(h.running.config.model_dump(mode="json")),
+                      encoding="utf-8")
+    # An appservice event whose stored form is not JSON any more: a dead letter at once.
+    item_id = await b.db.inbound.enqueue("matrix", f"$junk{secrets.token_hex(4)}",
+                                         "{not json", lane="!elsewhere:localhost")
+    letter_id = f"in-{item_id}"
+    b.worker.wake("matrix", "!elsewhere:localhost")
+    await wait_until(lambda: b.db.dead_letters.get(letter_id), 30, "dead letter")
+
+    code, out, _ = await _cli(config, "dead-letters")
+    assert code == 0
+    [line] = [x for x in out.splitlines() if x.startswith(letter_id + " ")]
+    assert line.split()[:4] == [letter_id, "matrix", "room", "bad_payload"]
+    code, _, err = await _cli(config, "dead-letters", "retry", letter_id)
+    assert code == 2 and "--reason" in err
+    code, out, _ = await _cli(config, "dead-letters", "retry", letter_id, "--reason", "prueba")
+    assert code == 0 and "pending" in out
+    await wait_until(lambda: b.db.dead_letters.get(letter_id), 30, "dead letter again")
+    code, out, _ = await _cli(config, "dead-letters", "discard", letter_id,
+                              "--reason", "evento basura")
+    assert code == 0 and "discarded" in out
+    code, out, _ = await _cli(config, "--json", "dead-letters")
+    assert code == 0 and letter_id not in {d["id"] for d in json.loads(out)["dead_letters"]}
+    code, _, err = await _cli(config, "dead-letters", "discard", "in-999999999",
+                              "--reason", "x")
+    assert code == 1 and "M_NOT_FOUND" in err
+
+
+async def _cli(config: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "admin", "-c", str(config), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
