@@ -32,7 +32,7 @@ WakeInbound = Callable[[Any, str], None]  # (source, lane)
 WakeOutbox = Callable[[], None]
 
 WHY: Final[dict[str, str]] = {
-    "undecryptable": "sus datos guardados ya no se pueden descifrar",
+    "undecryptable": "no se puede descifrar",
     "bad_payload": "su contenido no tiene un formato válido",
     "matrix_refused": "el servidor Matrix lo rechazó",
     "graph_refused": "WhatsApp lo rechazó",

@@ -7,7 +7,7 @@ must tell a passing fault from one that will never heal):
   throughput codes, database connection errors. They are retried with `backoff` for as
   long as it takes: an outage of hours loses nothing.
 - everything else is permanent: retrying the same payload cannot help (it no longer
-  decrypts, it is malformed, Synapse or Graph refused it with a 4xx, or the code has a
+  decrypts or its room key never came, it is malformed, Synapse or Graph refused it with a 4xx, or the code has a
   bug). Such an item becomes a dead letter (`bridge.deadletters`), with the reason
   class `reason_of(exc)`.
 
@@ -28,6 +28,7 @@ from sqlalchemy import exc as sa_exc
 
 from bridge.errors import Unavailable
 from bridge.matrix.api import MatrixError
+from bridge.matrix.relay import UndecryptableEvent
 from bridge.privacy import DecryptError
 from bridge.whatsapp.graph import GraphError
 
@@ -79,7 +80,10 @@ def is_transient(exc: BaseException) -> bool:
 
 def reason_of(exc: BaseException) -> DeadReason:
     """The reason class of a permanent failure (a fixed set: safe in metrics and lists)."""
-    if isinstance(exc, DecryptError):
+    if isinstance(exc, (DecryptError, UndecryptableEvent)):
+        # A stored payload that no longer opens, or a staff event whose room key did
+        # not arrive within the bot's wait: retrying blindly would hold its lane for
+        # ever; an admin retries it once the key is there.
         return "undecryptable"
     if isinstance(exc, GraphError):
         return "graph_refused"

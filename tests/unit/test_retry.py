@@ -13,6 +13,7 @@ from sqlalchemy import exc as sa_exc
 
 from bridge.errors import NotFound, Unavailable
 from bridge.matrix.api import MatrixError
+from bridge.matrix.relay import UndecryptableEvent
 from bridge.privacy import DecryptError
 from bridge.retry import BACKOFF_CAP, DEAD_REASONS, backoff, is_transient, reason_of
 from bridge.whatsapp.graph import GraphError, MediaIntegrityError
@@ -47,6 +48,7 @@ TRANSIENT = [
 ]
 PERMANENT = [
     (DecryptError("token failed authentication"), "undecryptable"),
+    (UndecryptableEvent("room key not received"), "undecryptable"),
     (MatrixError(403, "M_FORBIDDEN", "not in room"), "matrix_refused"),
     (MatrixError(400, "M_BAD_JSON", ""), "matrix_refused"),
     (MatrixError(404, "M_NOT_FOUND", ""), "matrix_refused"),
