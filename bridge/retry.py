@@ -7,9 +7,9 @@ must tell a passing fault from one that will never heal):
   throughput codes, database connection errors. They are retried with `backoff` for as
   long as it takes: an outage of hours loses nothing.
 - everything else is permanent: retrying the same payload cannot help (it no longer
-  decrypts or its room key never came, it is malformed, Synapse or Graph refused it with a 4xx, or the code has a
-  bug). Such an item becomes a dead letter (`bridge.deadletters`), with the reason
-  class `reason_of(exc)`.
+  decrypts or its room key never came, it is malformed, Synapse or Graph refused it
+  with a 4xx, or the code has a bug). Such an item becomes a dead letter
+  (`bridge.deadletters`), with the reason class `reason_of(exc)`.
 
 A wrapper keeps the verdict of what it wraps: an exception raised `from` a transient
 one is transient.
