@@ -104,8 +104,12 @@ class InboundWorker:
         await asyncio.gather(*running, return_exceptions=True)
         for lanes in self._running.values():
             lanes.clear()
-        if self._announcing:
-            await asyncio.wait(self._announcing, timeout=grace)
+        if self._announcing:  # notices of dead letters: stored already, may be cut
+            announcing = list(self._announcing)
+            await asyncio.wait(announcing, timeout=grace)
+            for task in announcing:
+                task.cancel()
+            await asyncio.gather(*announcing, return_exceptions=True)
 
     async def _run(self, source: InboundSource) -> None:
         while True:
