@@ -398,11 +398,18 @@ async def test_the_admin_cli_lists_retries_and_discards(bridge: BridgeHarness,
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(h.running.config.model_dump(mode="json")),
                       encoding="utf-8")
-    # An appservice event whose stored form is not JSON any more: a dead letter at once.
-    item_id = await b.db.inbound.enqueue("matrix", f"$junk{secrets.token_hex(4)}",
-                                         "{not json", lane="!elsewhere:localhost")
-    letter_id = f"in-{item_id}"
-    b.worker.wake("matrix", "!elsewhere:localhost")
+    # A transaction whose message event has a timestamp that is not a number: stored and
+    # answered 200 (never a 5xx that Synapse would retry for ever), then a dead letter.
+    room = f"!elsewhere{secrets.token_hex(4)}:localhost"
+    junk = {"type": "m.room.message", "room_id": room, "sender": h.desk.user_id,
+            "event_id": f"$junk{secrets.token_hex(4)}", "origin_server_ts": "ayer",
+            "content": {"msgtype": "m.text", "body": "hora ilegible"}}
+    status, _ = await h.running.call(
+        "PUT", f"/_matrix/app/v1/transactions/junk{secrets.token_hex(4)}",
+        {"events": [junk]}, token="hs")
+    assert status == 200
+    [item] = await _lane_items(b.db, room)
+    letter_id = f"in-{item}"
     await wait_until(lambda: b.db.dead_letters.get(letter_id), 30, "dead letter")
 
     code, out, _ = await _cli(config, "dead-letters")
@@ -422,6 +429,10 @@ async def test_the_admin_cli_lists_retries_and_discards(bridge: BridgeHarness,
     code, _, err = await _cli(config, "dead-letters", "discard", "in-999999999",
                               "--reason", "x")
     assert code == 1 and "M_NOT_FOUND" in err
+
+
+async def _lane_items(db: Database, lane: str) -> list[int]:
+    return [i.id for i in await db.inbound.after(0, 100_000) if i.lane == lane]
 
 
 async def _cli(config: Path, *args: str) -> tuple[int, str, str]:
