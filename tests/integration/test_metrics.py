@@ -32,6 +32,8 @@ ALLOWED_LABELS: dict[str, set[str]] = {
     "purpose": set(get_args(ConsentPurpose)),
     "state": set(get_args(ConsentState)),
     "source": {*get_args(InboundSource), "outbox"},
+    "outcome": {"queued", "repeat", "no_consent", "unknown_recipient", "sent", "delivered",
+                "read", "failed"},
 }
 LOOKS_PERSONAL = re.compile(r"\d{5,}|[A-Z]{2}\.[A-Za-z0-9]{6,}|^[@!$#+]|wamid|:")
 EXPECTED_FAMILIES = {
