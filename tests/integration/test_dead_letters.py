@@ -17,11 +17,11 @@ from typing import Any
 import pytest_asyncio
 import yaml
 
-from bridge.db import Citizen, Database, InboundItem, InboundStatus
+from bridge.db import Citizen, Database, InboundItem, InboundStatus, OutboxItem
 from bridge.deadletters import DeadLetters
 from bridge.matrix.api import MatrixError
 from bridge.metrics import Metrics
-from bridge.privacy import DecryptError
+from bridge.privacy import AAD_PAYLOAD, DecryptError
 from bridge.types import RoomID, UserID
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
@@ -442,3 +442,33 @@ async def _cli(config: Path, *args: str) -> tuple[int, str, str]:
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_outbox_never_gives_up_on_a_transient_failure(journey: Journey) -> None:
+    """The old outbox failed a send for good at its 8th attempt; at its 51st, a Graph 500
+    still only schedules the next attempt, at most 5 minutes ahead."""
+    j, h = journey, journey.h
+    b = h.running.bridge
+    citizen = await _citizen_row(h, j.citizen)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    token = b.privacy.cipher.encrypt_json(
+        {"type": "text", "body": "insistente", "system": True}, aad=AAD_PAYLOAD)
+    row_id = await b.db.outbox.add(f"persistent-{secrets.token_hex(4)}", citizen.id,
+                                   RoomID(""), token, not_before=later)
+    assert row_id is not None
+    for _ in range(49):
+        await b.db.outbox.retry_later(row_id, later, "500 1")
+    h.wa.fail_next(code=1, http_status=500)
+    await b.db.outbox.retry_later(row_id, datetime.now(UTC), "500 1")  # due now: #51
+    b.outbox.wake()
+
+    async def failed_again() -> OutboxItem | None:
+        row = await b.db.outbox.get(row_id)
+        return row if row is not None and row.attempts == 51 else None
+
+    row = await wait_until(failed_again, 30, "the 51st attempt")
+    assert row.status == "pending" and row.last_error == "500 1"
+    assert row.next_attempt_at <= datetime.now(UTC) + timedelta(seconds=300)
+    await b.db.outbox.retry_later(row_id, datetime.now(UTC), "500 1")  # due now: #52
+    b.outbox.wake()
+    await j.sent_to_citizen(lambda s: s.get("text", {}).get("body") == "insistente")
