@@ -6,13 +6,14 @@ import json
 
 import aiohttp
 import asyncpg
+import nio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import exc as sa_exc
 
 from bridge.errors import NotFound, Unavailable
-from bridge.matrix.api import MatrixError
+from bridge.matrix.api import MatrixError, nio_failure
 from bridge.matrix.relay import UndecryptableEvent
 from bridge.privacy import DecryptError
 from bridge.retry import BACKOFF_CAP, DEAD_REASONS, backoff, is_transient, reason_of
@@ -116,3 +117,32 @@ def test_backoff_stays_within_half_and_all_of_its_step(attempts: int) -> None:
 
 def test_backoff_is_jittered() -> None:
     assert len({backoff(20) for _ in range(50)}) > 10
+
+
+class _Transport:
+    """What nio keeps of the HTTP answer (aiohttp's ClientResponse): its status."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+@pytest.mark.parametrize(("status", "errcode", "transient"), [
+    (502, None, True),  # a reverse proxy while Synapse restarts: no Matrix body
+    (503, "M_UNKNOWN", True),
+    (403, "M_FORBIDDEN", False),
+    (400, "M_UNKNOWN_TOKEN", False),
+])
+def test_a_nio_error_answer_is_classified_by_its_http_status(
+        status: int, errcode: str | None, transient: bool) -> None:
+    resp = nio.RoomSendError(message="x", status_code=errcode)
+    resp.transport_response = _Transport(status)  # type: ignore[assignment]
+    failure = nio_failure(resp, "send")
+    assert (failure.status, failure.errcode) == (status, errcode or "M_UNKNOWN")
+    assert is_transient(failure) is transient
+    assert "x" not in str(failure).split(":")[-1]  # the server's text is not kept
+
+
+def test_a_nio_error_without_an_answer_is_not_retried_blindly() -> None:
+    failure = nio_failure(nio.ShareGroupSessionError(message="x"), "sharing the room key")
+    assert failure.status == 0 and not is_transient(failure)
+    assert reason_of(failure) == "matrix_refused"
