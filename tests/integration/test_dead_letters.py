@@ -16,18 +16,21 @@ from typing import Any
 
 import pytest_asyncio
 import yaml
+from sqlalchemy.engine import make_url
 
-from bridge.db import Citizen, Database, InboundItem, InboundStatus, OutboxItem
+from bridge.db import Citizen, Database, InboundItem, InboundStatus, OutboxItem, upgrade
 from bridge.deadletters import DeadLetters
 from bridge.matrix.api import MatrixError
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_PAYLOAD, DecryptError
+from bridge.retry import is_transient
 from bridge.types import RoomID, UserID
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.webhook_parse import citizen_lane
 from bridge.worker import InboundWorker
 from tests.fixtures.bridge import BridgeHarness
+from tests.fixtures.db import PgServer
 from tests.fixtures.staff import staff_login
 from tests.integration.test_whatsapp import (
     Journey,
@@ -472,3 +475,33 @@ async def test_the_outbox_never_gives_up_on_a_transient_failure(journey: Journey
     await b.db.outbox.retry_later(row_id, datetime.now(UTC), "500 1")  # due now: #52
     b.outbox.wake()
     await j.sent_to_citizen(lambda s: s.get("text", {}).get("body") == "insistente")
+
+
+async def test_a_postgresql_connection_cut_is_a_transient_failure(pg_server: PgServer) -> None:
+    """What the worker sees when PostgreSQL restarts under it mid-transaction (its
+    connection is terminated): a transient failure, so the item is retried; the next
+    attempt gets a fresh connection."""
+    url = await pg_server.create()
+    await upgrade(url)
+    name = make_url(url).database
+    async with await Database.open(url) as db:
+        item_id = await _queue(db, "a", "a1")
+        failure: BaseException | None = None
+        try:
+            async with db.transaction() as tx:
+                await tx.inbound.get(item_id)
+                admin = await pg_server._admin()
+                try:
+                    await admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = $1 AND pid <> pg_backend_pid()", name)
+                finally:
+                    await admin.close()
+                await tx.inbound.note_failure(item_id, "x", 1)
+        except Exception as exc:
+            failure = exc
+        assert failure is not None, "the connection was not cut: the test proves nothing"
+        assert is_transient(failure), repr(failure)
+        await db.inbound.note_failure(item_id, "ConnectionError", 1)  # reconnects
+        assert await _status(db, item_id) == "pending"
+    await pg_server.drop(url)
