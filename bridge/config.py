@@ -370,6 +370,10 @@ class PortalsConfig(_Section):
 class AdminConfig(_Section):
     token: Secret
     users: list[MXID] = []
+    # Where the bridge posts operational notices that concern no agency room (e.g. a
+    # dead letter of a citizen without a portal yet): a room the bot is in, such as an
+    # admin's DM with it. None: such events are only logged, counted and listed.
+    management_room: Annotated[str, Field(pattern=r"^![^\s]+$")] | None = None
 
 
 class RoomsConfig(_Section):

@@ -61,7 +61,7 @@ class Metrics:
                                 "Staff read receipts and typing sent on to WhatsApp",
                                 ["kind", "outcome"], registry=r)
         # reason: media_too_large / media_failed / unsupported / whatsapp_error /
-        # account_error / failed (the worker gave up)
+        # account_error
         self.inbound_not_relayed = Counter(
             "civic_bridge_inbound_not_relayed",
             "WhatsApp messages staff got a notice for instead of the content, by reason",
@@ -94,3 +94,11 @@ class Metrics:
                                       "Retention purge runs", registry=r)
         self.retention_last_run = Gauge("civic_bridge_retention_last_run_timestamp_seconds",
                                         "When the retention purge last ran", registry=r)
+        # Dead letters (bridge.deadletters): source matrix/whatsapp/outbox, reason a
+        # bridge.retry.DeadReason.
+        self.dead_letters = Counter("civic_bridge_dead_letters",
+                                    "Queued items set aside after a permanent failure",
+                                    ["source", "reason"], registry=r)
+        self.dead_letters_current = Gauge("civic_bridge_dead_letters_current",
+                                          "Dead letters waiting for an admin to retry or "
+                                          "discard them", registry=r)

@@ -22,6 +22,7 @@ from bridge.admin.service import AdminService
 from bridge.admin.wiring import build_admin
 from bridge.config import Config
 from bridge.db import Database, InboundItem, InboundSource
+from bridge.deadletters import DeadLetters
 from bridge.invites.service import InviteLinks
 from bridge.leader import Election, Role, SingleProcess, election_for
 from bridge.matrix.api import MatrixAPI, MatrixError
@@ -75,6 +76,7 @@ class Bridge:
     invites: InviteLinks
     citizens: CitizenData
     notices: Notices
+    dead_letters: DeadLetters
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     # High availability (bridge.leader): only the elected process starts and processes.
@@ -178,6 +180,10 @@ class Bridge:
                             type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+        try:  # dead letters left from before the start show at once in the gauge
+            await self.dead_letters.refresh_gauge()
+        except Exception as exc:
+            log.warning("could not count dead letters: %s", type(exc).__name__)
         self.worker.start()
         if self.config.whatsapp.enabled:
             self.outbox.start()
@@ -255,9 +261,11 @@ async def build_bridge(config: Config) -> Bridge:
 
     graph = GraphClient.from_config(http, config.whatsapp)
     portals = Portals(config, db, api, ghosts, rooms, relay)
+    dead_letters = DeadLetters(db, metrics, portals.notice, config.admin.management_room)
     outbox = Outbox(db, privacy, graph, api, ghosts.bot, portals.notice, metrics,
                     confirm_window=timedelta(
-                        seconds=config.whatsapp.outbox_confirm_window_seconds))
+                        seconds=config.whatsapp.outbox_confirm_window_seconds),
+                    on_dead=dead_letters.announce)
     mirror = Mirror(db, api, relay, graph, portals, metrics)
     subscriptions = NoticeSubscriptions(config, db, outbox, metrics)
     handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}
@@ -273,7 +281,8 @@ async def build_bridge(config: Config) -> Bridge:
         relay.add_handler(templates)
         if config.whatsapp.send_read_receipts:
             receipts = StaffReceipts(db, graph, metrics, ghosts.is_ours)
-    worker = InboundWorker(db, handlers, metrics=metrics)
+    worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce)
+    dead_letters.wake_inbound, dead_letters.wake_outbox = worker.wake, outbox.wake
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
@@ -282,6 +291,7 @@ async def build_bridge(config: Config) -> Bridge:
                   citizens=CitizenData(config, db, privacy, portals, ghosts,
                                         subscriptions),
                   notices=Notices(config, db, outbox, metrics, subscriptions, ghosts.is_ours),
+                  dead_letters=dead_letters,
                   election=election_for(config.database.url),
                   pod=await PodLabeler.from_environment(http),
                   receipts=receipts, templates=templates)

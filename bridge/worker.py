@@ -3,23 +3,33 @@
 Requests are acknowledged once their payload is stored; this worker does the work
 afterwards, so a crash between the two only delays processing: on restart every row
 still `pending` is processed again.
+
+Nothing is given up silently (bridge.retry decides): an item that fails transiently
+(Synapse or the database unreachable, 5xx, 429, timeouts) is retried after a capped,
+jittered backoff for as long as it takes, holding its lane (order per room and per
+citizen) but no running slot; one that fails permanently becomes a dead letter
+(bridge.deadletters: counted, listed, announced, retryable by an admin) and its lane
+goes on with the next item.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
+from typing import Any
 
 from bridge.db import Database, InboundItem, InboundSource, InboundStatus
 from bridge.metrics import Metrics
+from bridge.retry import backoff, error_label, is_transient, reason_of
 
 log = logging.getLogger(__name__)
 
 # A handler returns None when the item is done, or the status it already set ("held").
 Handler = Callable[[InboundItem], Awaitable[InboundStatus | None]]
-MAX_ATTEMPTS = 5
+# Told about each new dead letter (by its id, "in-N"); must not raise.
+OnDead = Callable[[str], Coroutine[Any, Any, None]]
 MAX_RUNNING = 32  # lanes processed at once per source (bounds the load on Synapse)
 STOP_GRACE_SECONDS = 10.0
 GLOBAL_LANE = ""  # runs alone, after everything older (rows queued before lanes existed)
@@ -39,9 +49,13 @@ class InboundWorker:
     """
 
     def __init__(self, db: Database, handlers: dict[InboundSource, Handler],
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, on_dead: OnDead | None = None,
+                 backoff: Callable[[int], float] = backoff) -> None:
         self._db = db
+        self._delay = backoff  # seconds before retry n (tests shorten it)
         self._metrics = metrics
+        self._on_dead = on_dead
+        self._announcing: set[asyncio.Task[None]] = set()
         self._handlers = handlers
         self._wake = {source: asyncio.Event() for source in handlers}
         self._tasks: list[asyncio.Task[None]] = []
@@ -90,6 +104,12 @@ class InboundWorker:
         await asyncio.gather(*running, return_exceptions=True)
         for lanes in self._running.values():
             lanes.clear()
+        if self._announcing:  # notices of dead letters: stored already, may be cut
+            announcing = list(self._announcing)
+            await asyncio.wait(announcing, timeout=grace)
+            for task in announcing:
+                task.cancel()
+            await asyncio.gather(*announcing, return_exceptions=True)
 
     async def _run(self, source: InboundSource) -> None:
         while True:
@@ -182,27 +202,40 @@ class InboundWorker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # Log the kind of failure only: messages may carry personal data.
-            attempts = item.attempts + 1
-            status: InboundStatus = "failed" if attempts >= MAX_ATTEMPTS else "pending"
-            log.warning("inbound %s #%d failed (%s, attempt %d)", source, item.id,
-                        type(exc).__name__, attempts)
-            if status == "pending":
-                await self._db.inbound.set_status(item.id, status, error=type(exc).__name__,
-                                                  attempts=attempts)
-                if self._metrics is not None:
-                    self._metrics.inbound_retries.labels(source).inc()
-                # Keep order: this lane waits; the item is retried first.
-                self._retry_later(source, item.lane, attempts)
-                return None
-            return await self._db.inbound.complete(item, status, error=type(exc).__name__,
-                                                   attempts=attempts)
+            return await self._failed(source, item, exc)
         self._backoff.pop((source, item.lane), None)
         # A handler that set the status itself ("held") returned it.
         return await self._db.inbound.complete(item, "done" if result is None else None)
 
+    async def _failed(self, source: InboundSource, item: InboundItem, exc: Exception
+                      ) -> InboundItem | None:
+        # Log the kind of failure only: messages may carry personal data.
+        attempts = item.attempts + 1
+        error = error_label(exc)
+        if is_transient(exc):
+            log.warning("inbound %s #%d failed (%s, attempt %d); retrying", source, item.id,
+                        error, attempts)
+            await self._db.inbound.note_failure(item.id, error, attempts)
+            if self._metrics is not None:
+                self._metrics.inbound_retries.labels(source).inc()
+            # Keep order: this lane waits (without a running slot); the item goes first.
+            self._retry_later(source, item.lane, attempts)
+            return None
+        reason = reason_of(exc)
+        log.error("inbound %s #%d failed for good (%s, %s): set aside as dead letter in-%d",
+                  source, item.id, reason, error, item.id)
+        nxt = await self._db.inbound.set_aside(item, reason, error, attempts)
+        self._backoff.pop((source, item.lane), None)
+        if self._on_dead is not None:
+            # Announced aside: the lane goes on at once, whatever the notice costs.
+            task = asyncio.create_task(self._on_dead(f"in-{item.id}"),
+                                       name=f"dead letter in-{item.id}")
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
+        return nxt
+
     def _retry_later(self, source: InboundSource, lane: str, attempts: int) -> None:
-        delay = 2.0**attempts
+        delay = self._delay(attempts)
         loop = asyncio.get_running_loop()
         self._backoff[(source, lane)] = loop.time() + delay
         loop.call_later(delay, self.wake, source, lane)

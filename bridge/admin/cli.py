@@ -29,6 +29,10 @@ URL_ENV = "CIVIC_BRIDGE_ADMIN_URL"
 MEMBER_ACTIONS = ("kick", "ban", "unban", "mute", "unmute")
 
 
+class UsageError(Exception):
+    """A command line the parser accepted but that cannot be called as is."""
+
+
 class Refused(Exception):
     def __init__(self, status: int, errcode: str, message: str) -> None:
         super().__init__(message)
@@ -93,6 +97,13 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
         return "GET", "/admin/v1/audit" + query, None
     if what == "keys":
         return "GET", "/admin/v1/keys", None
+    if what == "dead-letters":
+        if args.action == "list":
+            return "GET", "/admin/v1/dead-letters", None
+        if not args.id or not args.reason:
+            raise UsageError(f"dead-letters {args.action} needs an ID and --reason")
+        return ("POST", f"/admin/v1/dead-letters/{quote(args.id, safe='')}/{args.action}",
+                {"reason": args.reason})
     if what == "notice":
         if args.notice_command == "send":
             return "POST", "/admin/v1/notices", {"recipient": args.recipient,
@@ -179,6 +190,13 @@ def render(args: argparse.Namespace, data: Any) -> tuple[str, str, int]:
         out = table(rows, ("id", "reference", "pseudonym", "status", "created (UTC)", "sent",
                            "delivered", "read", "error"))
         return f"{out}\n{data['label']}", "", EXIT_OK  # both answers carry the label
+    if what == "dead-letters":
+        letters = data["dead_letters"] if args.action == "list" else [data]
+        rows = [(d["id"], d["source"], d["lane_kind"], d["reason"], d["error"], d["attempts"],
+                 *(d[k][:19].replace("T", " ") for k in ("first_failed_at", "last_failed_at")),
+                 d.get("status", "dead")) for d in letters]
+        return table(rows, ("id", "source", "lane", "reason", "error", "attempts",
+                            "first failure (UTC)", "last failure", "status")), "", EXIT_OK
     if what == "keys":
         return table([(k["kind"], k["user_id"], k["master_key"]) for k in data],
                      ("kind", "user_id", "master key fingerprint")), "", EXIT_OK
@@ -205,7 +223,11 @@ def run_admin(args: argparse.Namespace) -> int:
             print(f"config error: {line}", file=sys.stderr)
         return EXIT_USAGE
     url = base_url(config, args.url)
-    method, path, body = request_for(args)
+    try:
+        method, path, body = request_for(args)
+    except UsageError as exc:
+        print(f"usage error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if body is not None:
         body = {k: v for k, v in body.items() if v is not None}
     try:
@@ -236,7 +258,7 @@ def run_admin(args: argparse.Namespace) -> int:
 def add_admin_parser(sub: Any) -> None:
     """Add `admin` and its subcommands to the top-level subparsers of `civic-bridge`."""
     admin = sub.add_parser("admin", help="call the admin API (rooms, moderation, citizens, "
-                                         "notices, audit)",
+                                         "notices, audit, dead letters)",
                            description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     admin.add_argument("-c", "--config", default="config.yaml")
@@ -253,6 +275,12 @@ def add_admin_parser(sub: Any) -> None:
     audit.add_parser("verify", help="check the hash chain (exit 4 if it was tampered with)")
 
     cmds.add_parser("keys", help="master-key fingerprints of the bot and the ghosts")
+    p = cmds.add_parser("dead-letters", help="items set aside after a permanent failure "
+                                             "(docs/reliability.md)")
+    p.add_argument("action", nargs="?", default="list", choices=("list", "retry", "discard"))
+    p.add_argument("id", nargs="?", default=None, help="a dead letter's id, e.g. in-12")
+    p.add_argument("--reason", default=None, help="why (required to retry or discard; "
+                                                  "recorded in the audit log)")
     notice = cmds.add_parser("notice", help="notices of availability (docs/notices.md)") \
         .add_subparsers(dest="notice_command", required=True)
     p = notice.add_parser("send", help="send the fixed notice template (never content)")

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.admin.common import reason as checked_reason
 from bridge.admin.notices import LABEL
 from bridge.errors import BadRequest, InvalidParam, Unavailable
 from bridge.invites.service import parse_expires_in
@@ -286,3 +287,20 @@ async def send_template(request: web.Request) -> web.Response:
     result = await bridge.templates.send_api(ACTOR, _room(request), name,
                                              body.get("parameters"))
     return web.json_response(result, status=202 if result["queued"] else 200)
+@routes.get("/admin/v1/dead-letters")
+async def dead_letters(request: web.Request) -> web.Response:
+    """Items set aside after a permanent failure (bridge.deadletters): ids, source, lane
+    kind, reason class, failure times and attempts; never a payload or a person."""
+    bridge = _bridge(request)
+    return web.json_response({"dead_letters": await bridge.dead_letters.list()})
+
+
+@routes.post("/admin/v1/dead-letters/{id}/{action:retry|discard}")
+async def settle_dead_letter(request: web.Request) -> web.Response:
+    """`{reason}` (required, audited): retry (back to its queue) or discard it."""
+    bridge, body = await _body(request)
+    why = checked_reason(_str(body, "reason", required=False)) or ""
+    letter_id = request.match_info["id"]
+    if request.match_info["action"] == "retry":
+        return web.json_response(await bridge.dead_letters.retry(ACTOR, letter_id, why))
+    return web.json_response(await bridge.dead_letters.discard(ACTOR, letter_id, why))

@@ -174,6 +174,11 @@ class InboundRow(Base):
     )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Failure bookkeeping (revision 0007): the first and the latest failed attempt of the
+    # current run of failures, and why a dead letter was set aside (bridge.retry).
+    first_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    dead_reason: Mapped[str | None] = mapped_column(String(32))
 
 
 class ConsentRecordRow(Base):
@@ -224,6 +229,10 @@ class OutboxRow(Base):
     # When the attempt now in flight began (NULL when none is): set before Graph is
     # called, cleared by its outcome; still set after a crash mid-send (revision 0005).
     sending_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # As on `inbound` (revision 0007).
+    first_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    dead_reason: Mapped[str | None] = mapped_column(String(32))
 
 
 class NoticeSubscriptionRow(Base):

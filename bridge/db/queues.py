@@ -11,7 +11,7 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Update, delete, func, select, update
+from sqlalchemy import Select, Update, and_, case, delete, func, select, update
 
 from bridge.db.models import InboundRow, OutboxRow, ProcessedTransactionRow, utcnow
 from bridge.db.records import InboundItem, InboundSource, InboundStatus, OutboxItem, OutboxStatus
@@ -143,14 +143,19 @@ class InboundRepo:
     async def lane_heads(
         self, source: InboundSource, busy: Collection[str] = (), limit: int = 100
     ) -> list[InboundItem]:
-        """The oldest pending item of each lane not in `busy`, oldest first."""
+        """The oldest pending item of each lane not in `busy`, oldest first — except that
+        lanes whose head failed before (a retry) come after the others: a retry keeps
+        its place in its lane, not its priority over other lanes (the global lane keeps
+        its place: it runs after everything older)."""
         heads = (
             select(func.min(InboundRow.id))
             .where(InboundRow.source == source, InboundRow.status == "pending",
                    InboundRow.lane.not_in(busy))
             .group_by(InboundRow.lane)
         )
-        stmt = select(InboundRow).where(InboundRow.id.in_(heads)).order_by(InboundRow.id)
+        retried = case((and_(InboundRow.attempts > 0, InboundRow.lane != ""), 1), else_=0)
+        stmt = (select(InboundRow).where(InboundRow.id.in_(heads))
+                .order_by(retried, InboundRow.id))
         async with self._scope.session() as session:
             return [_inbound(r) for r in await session.scalars(stmt.limit(limit))]
 
@@ -162,20 +167,44 @@ class InboundRepo:
         lane runs next, in one transaction: the oldest pending item of the lane or of
         the global lane "", whichever is older (the global lane runs after everything
         older)."""
-        nxt = (
-            select(InboundRow)
-            .where(InboundRow.source == item.source, InboundRow.status == "pending",
-                   InboundRow.lane.in_({item.lane, ""}), InboundRow.id != item.id)
-            .order_by(InboundRow.id).limit(1)
-        )
         async with self._scope.session() as session:
             if status is not None:
                 done = await session.execute(self._status_update(item.id, status, error,
                                                                  attempts))
                 if rowcount(done) == 0:
                     raise NotFound(f"inbound item {item.id} not found")
-            row = await session.scalar(nxt)
+            row = await session.scalar(_next_in_lane(item))
             return None if row is None else _inbound(row)
+
+    async def set_aside(self, item: InboundItem, reason: str, error: str, attempts: int
+                        ) -> InboundItem | None:
+        """Make `item` a dead letter (a permanent failure, class `reason`) and return what
+        its lane runs next, in one transaction (as `complete`): the lane goes on."""
+        now = utcnow()
+        stmt = (
+            update(InboundRow).where(InboundRow.id == item.id)
+            .values(status="dead", dead_reason=reason, error=error, attempts=attempts,
+                    first_failed_at=func.coalesce(InboundRow.first_failed_at, now),
+                    last_failed_at=now, processed_at=None)
+        )
+        async with self._scope.session() as session:
+            if rowcount(await session.execute(stmt)) == 0:
+                raise NotFound(f"inbound item {item.id} not found")
+            row = await session.scalar(_next_in_lane(item))
+            return None if row is None else _inbound(row)
+
+    async def note_failure(self, item_id: int, error: str, attempts: int) -> None:
+        """Record a transient failure of a pending item (it stays pending; the worker
+        retries it after a backoff): attempts so far, the error class, when."""
+        now = utcnow()
+        stmt = (
+            update(InboundRow).where(InboundRow.id == item_id)
+            .values(attempts=attempts, error=error, last_failed_at=now,
+                    first_failed_at=func.coalesce(InboundRow.first_failed_at, now))
+        )
+        async with self._scope.session() as session:
+            if rowcount(await session.execute(stmt)) == 0:
+                raise NotFound(f"inbound item {item_id} not found")
 
     async def count_lane(self, source: InboundSource, lane: str) -> dict[str, int]:
         """How many items of a lane are in each status."""
@@ -282,6 +311,16 @@ class InboundRepo:
                 raise NotFound(f"inbound item {item_id} not found")
 
 
+def _next_in_lane(item: InboundItem) -> Select[InboundRow]:
+    """The oldest pending item of `item`'s lane or of the global lane, but `item`."""
+    return (
+        select(InboundRow)
+        .where(InboundRow.source == item.source, InboundRow.status == "pending",
+               InboundRow.lane.in_({item.lane, ""}), InboundRow.id != item.id)
+        .order_by(InboundRow.id).limit(1)
+    )
+
+
 def _inbound(row: InboundRow) -> InboundItem:
     return InboundItem(
         id=row.id, source=cast(InboundSource, row.source), dedupe_key=row.dedupe_key,
@@ -377,10 +416,27 @@ class OutboxRepo:
 
     async def retry_later(self, item_id: int, next_at: datetime, error: str) -> None:
         """Count a transient failure (429, 5xx, network) and schedule the next attempt."""
+        now = utcnow()
         await self._update(
             item_id, attempts=OutboxRow.attempts + 1, next_attempt_at=next_at, last_error=error,
-            sending_at=None,
+            sending_at=None, last_failed_at=now,
+            first_failed_at=func.coalesce(OutboxRow.first_failed_at, now),
         )
+
+    async def set_aside(self, item_id: int, reason: str, error: str) -> bool:
+        """A permanent failure of a pending send (its payload no longer decrypts, Graph
+        refused it): a dead letter, until an admin retries or discards it. False,
+        writing nothing, if the row is no longer pending."""
+        now = utcnow()
+        stmt = (
+            update(OutboxRow)
+            .where(OutboxRow.id == item_id, OutboxRow.status == "pending")
+            .values(status="dead", dead_reason=reason, last_error=error, sending_at=None,
+                    attempts=OutboxRow.attempts + 1, updated_at=now, last_failed_at=now,
+                    first_failed_at=func.coalesce(OutboxRow.first_failed_at, now))
+        )
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt)) > 0
 
     async def mark_failed(self, item_id: int, error: str) -> None:
         """A permanent failure: never retried; staff are told by the caller."""

@@ -17,8 +17,10 @@ ConsentPurpose = Literal["mirroring", "notices", "membership"]
 GhostKind = Literal["bot", "citizen", "member"]
 RoomKind = Literal["team", "citizen", "announcement", "portal", "management"]
 InboundSource = Literal["matrix", "whatsapp"]
-InboundStatus = Literal["pending", "held", "done", "failed", "dropped"]
-OutboxStatus = Literal["pending", "sent", "failed", "cancelled"]
+# "dead": set aside after a permanent failure (a dead letter), until an admin retries
+# (back to "pending") or discards it ("dropped", resp. "cancelled"); bridge.deadletters.
+InboundStatus = Literal["pending", "held", "done", "failed", "dropped", "dead"]
+OutboxStatus = Literal["pending", "sent", "failed", "cancelled", "dead"]
 Direction = Literal["in", "out"]
 
 # The same value sets, for CHECK constraints in the models and the migrations.
@@ -137,6 +139,27 @@ class OutboxItem:
     created_at: datetime
     updated_at: datetime
     sending_at: datetime | None = None  # an attempt in flight (or cut short by a crash)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A queued item set aside after a permanent failure; its payload stays encrypted in
+    its queue row. `id` names the queue and the row ("in-12", "out-7").
+
+    `source`, `lane_kind`, `reason` and the times are safe to show anywhere; `room_id`
+    and `citizen_id` are for the bridge's own notice only (never listed)."""
+
+    id: str
+    source: str  # matrix, whatsapp (inbound queue) or outbox
+    lane_kind: str  # room, citizen, statuses, global; outbox: staff, system, notice
+    reason: str  # bridge.retry.DeadReason
+    error: str | None  # the exception type or Graph status/code: no content
+    attempts: int
+    first_failed_at: datetime
+    last_failed_at: datetime
+    room_id: RoomID | None = None
+    citizen_id: int | None = None
+    lane: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ from typing import cast
 from sqlalchemy import delete, select
 
 from bridge.db.audit import AuditRepo
+from bridge.db.deadletters import DeadLetterRepo
 from bridge.db.invites import InviteRepo
 from bridge.db.models import KVRow, MessageMapRow
 from bridge.db.notices import NoticeRepo, SubscriptionRepo
@@ -128,3 +129,4 @@ class Repositories:
         self.subscriptions = SubscriptionRepo(scope)
         self.notices = NoticeRepo(scope)
         self.room_keys = RoomKeyRepo(scope)
+        self.dead_letters = DeadLetterRepo(scope)

@@ -30,6 +30,17 @@ class MatrixError(Exception):
         self.error = error
 
 
+def nio_failure(resp: Any, what: str) -> MatrixError:
+    """A MatrixError for a nio error response, with the HTTP status nio received (0 if
+    none): `bridge.retry` can then tell a homeserver that is down (5xx, e.g. from a
+    reverse proxy while Synapse restarts) from one that refused the request."""
+    transport = getattr(resp, "transport_response", None)
+    status = getattr(transport, "status", 0)
+    errcode = getattr(resp, "status_code", None)
+    return MatrixError(status if isinstance(status, int) else 0, str(errcode or "M_UNKNOWN"),
+                       f"{what} failed")
+
+
 def _q(value: str) -> str:
     return quote(value, safe="")
 

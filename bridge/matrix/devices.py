@@ -37,7 +37,7 @@ from typing import Any
 
 import nio
 
-from bridge.matrix.api import MatrixAPI, MatrixError
+from bridge.matrix.api import MatrixAPI, MatrixError, nio_failure
 from bridge.matrix.keyshare import KeyForwarder, LedgerStore
 from bridge.matrix.keystore import RoomKeyStore
 from bridge.types import DeviceID, RoomID, UserID
@@ -304,7 +304,7 @@ class Device:
         resp = await self.client.room_send(room_id, event_type, content, tx_id=txn_id,
                                            ignore_unverified_devices=True)
         if isinstance(resp, nio.RoomSendError):
-            raise RuntimeError(f"send failed: {resp.status_code}")
+            raise nio_failure(resp, "send")
         return str(resp.event_id)
 
     def decrypt(self, event: dict[str, Any]) -> nio.Event | None:

@@ -80,6 +80,13 @@ class Ghosts:
             if not ghost.registered:
                 await self._register(UserID(ghost.user_id), ghost.display_name)
 
+    async def ensure_registered(self, user_id: UserID) -> None:
+        """Finish this ghost's registration if it was cut short (the homeserver was
+        down when it was created): its stored row alone cannot join a room."""
+        ghost = await self._db.ghosts.get(user_id)
+        if ghost is not None and not ghost.registered:
+            await self._register(user_id, ghost.display_name)
+
     async def _register(self, user_id: UserID, display_name: str) -> None:
         await self._api.register(user_id[1:].split(":", 1)[0])
         await self._api.set_displayname(user_id, display_name)

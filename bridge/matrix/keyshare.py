@@ -52,6 +52,8 @@ from typing import Any, Protocol
 
 import nio
 
+from bridge.matrix.api import nio_failure
+
 log = logging.getLogger(__name__)
 
 MEGOLM = "m.megolm.v1.aes-sha2"
@@ -261,7 +263,7 @@ class KeyForwarder:
             else:
                 resp = await client.share_group_session(room_id, ignore_unverified_devices=True)
                 if isinstance(resp, nio.ShareGroupSessionError):
-                    raise RuntimeError(f"sharing the room key failed: {resp.status_code}")
+                    raise nio_failure(resp, "sharing the room key")
         session = olm.outbound_group_sessions.get(room_id)
         if session is None or not session.shared:
             return

@@ -21,15 +21,14 @@ from bridge.errors import Conflict
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy, new_pseudonym_code
 from bridge.types import EventID, Pseudonym, RoomID
-from bridge.whatsapp import consent, notice_consent, summaries
+from bridge.whatsapp import consent, notice_consent
 from bridge.whatsapp.consent import Action
 from bridge.whatsapp.identity import IdentityChanges
-from bridge.whatsapp.mirror import Mirror, txn_id
+from bridge.whatsapp.mirror import Mirror
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.subscriptions import NoticeSubscriptions
 from bridge.whatsapp.webhook_parse import InboundMessage, Sender, StatusUpdate, parse_webhook
-from bridge.worker import MAX_ATTEMPTS
 
 log = logging.getLogger(__name__)
 
@@ -62,30 +61,11 @@ class WhatsAppInbound:
         batch = parse_webhook(envelope, self._config.whatsapp.phone_number_id)
         for status in batch.statuses:
             await self._status(status)
+        # A failure is retried for as long as it is transient; a permanent one makes
+        # the item a dead letter, announced in the portal (bridge.deadletters).
         for msg in batch.messages:
-            try:
-                return await self._message(item, msg)
-            except Exception:
-                if item.attempts + 1 >= MAX_ATTEMPTS:  # the worker gives up after this
-                    await self._gave_up(msg)
-                raise
+            return await self._message(item, msg)
         return None
-
-    async def _gave_up(self, msg: InboundMessage) -> None:
-        """The last attempt failed too: staff of an open portal are told, so the
-        message is not lost in silence (the citizen is asked to send it again)."""
-        self._metrics.inbound_not_relayed.labels("failed").inc()
-        citizen = await self._db.citizens.by_index(self._privacy.index.digest(msg.sender.key))
-        if citizen is None or citizen.consent_state != "granted":
-            return
-        room_id = await self._portals.room_of(citizen)
-        if room_id is None:
-            return
-        try:
-            await self._portals.notice(room_id, summaries.gave_up_notice(msg.kind),
-                                       txn_id=txn_id(msg.wamid, ":gave-up"))
-        except Exception as exc:  # Matrix itself may be what fails
-            log.warning("could not tell staff about a lost message: %s", type(exc).__name__)
 
     # --- citizens ---------------------------------------------------------------------
 

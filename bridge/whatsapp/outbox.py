@@ -1,8 +1,12 @@
 """The durable outbox: every send to WhatsApp is persisted first, then attempted.
 
-Retryable failures (429, 5xx, 130429/131056, network) back off exponentially with
-jitter; permanent ones are reported to staff in the portal. The idempotency key (the
-Matrix event id for staff messages) makes a redelivered event a no-op.
+Retryable failures (429, 5xx, 130429/131056, network; `bridge.retry.is_transient`)
+back off exponentially with jitter, capped at 5 minutes, for as long as it takes.
+Permanent ones (Graph refused the send with a 4xx, the payload no longer decrypts, a
+media file is gone) set the row aside as a dead letter (`bridge.deadletters`: counted,
+announced to staff in the portal, retryable by an admin), so later sends are never
+blocked behind it. The idempotency key (the Matrix event id for staff messages) makes a
+redelivered event a no-op.
 
 Graph has no idempotency key, so the outcome of a send whose answer the bridge never
 read (it crashed or was stopped mid-send) cannot be asked for. Instead every send
@@ -37,7 +41,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -50,16 +53,19 @@ from bridge.db.queues import NOTICE_KEY_PREFIX
 from bridge.matrix.api import MatrixAPI
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy
+from bridge.retry import backoff as retry_backoff
+from bridge.retry import is_transient, reason_of
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.graph import GraphClient, GraphError, Recipient, error_title
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 8
 MAX_MEDIA_BYTES = 100 * 1024 * 1024
 WHATSAPP_KIND = {"m.image": "image", "m.video": "video", "m.audio": "audio",
                  "m.file": "document"}
 Notify = Callable[[RoomID, str], Awaitable[Any]]
+# Told about each new dead letter (its id "out-N", and a staff-facing detail or None).
+OnDead = Callable[[str, str | None], Awaitable[None]]
 CALLBACK_PREFIX: Final = "cb1."
 _CALLBACK = re.compile(r"cb1\.([1-9][0-9]{0,17})")
 # Statuses that prove WhatsApp accepted the message.
@@ -78,9 +84,8 @@ def callback_item(data: str | None) -> int | None:
 
 
 def backoff(attempts: int) -> timedelta:
-    """2, 4, 8 … s (capped at 5 min) times a random factor in [0.5, 1.5)."""
-    base = min(2.0 ** attempts, 300.0)
-    return timedelta(seconds=base * (0.5 + secrets.randbelow(1000) / 1000))
+    """2, 4, 8 … s (capped at 5 min), jittered (bridge.retry.backoff); never gives up."""
+    return timedelta(seconds=retry_backoff(attempts))
 
 
 class Outbox:
@@ -93,7 +98,7 @@ class Outbox:
 
     def __init__(self, db: Database, privacy: Privacy, graph: GraphClient, api: MatrixAPI,
                  bot: UserID, notify: Notify, metrics: Metrics, *,
-                 confirm_window: timedelta) -> None:
+                 confirm_window: timedelta, on_dead: OnDead | None = None) -> None:
         self._db = db
         self._privacy = privacy
         self._graph = graph
@@ -102,6 +107,7 @@ class Outbox:
         self._notify = notify
         self._metrics = metrics
         self.confirm_window = confirm_window
+        self.on_dead = on_dead
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
@@ -170,7 +176,11 @@ class Outbox:
             self._wake.clear()
 
     async def _attempt(self, item: OutboxItem) -> None:
-        payload = self._payload(item)
+        try:
+            payload = self._payload(item)
+        except Exception as exc:  # it will not decrypt next time either: set it aside
+            await self._set_aside(item, exc, type(exc).__name__, None)
+            return
         citizen = await self._db.citizens.get(item.citizen_id)
         notice_id = payload.get("notice_id")
         if citizen is None or not await self._consented(citizen, payload):
@@ -192,15 +202,16 @@ class Outbox:
                         item.id, datetime.now(UTC) + self.confirm_window):
                     return  # cancelled, or settled by a delivery status, since `due` read it
                 wamid = await send()
-        except GraphError as exc:
-            await self._failed(item, exc.retryable, f"{exc.status} {exc.code}",
-                               exc.permanent_title or "error de WhatsApp", notice_id)
-            return
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # Matrix media download, decryption, a bug: retry, then report
-            await self._failed(item, True, type(exc).__name__, "error interno del puente",
-                               notice_id)
+        except Exception as exc:  # Graph, a Matrix media download, decryption, a bug
+            error = (f"{exc.status} {exc.code}" if isinstance(exc, GraphError)
+                     else type(exc).__name__)
+            if is_transient(exc):
+                await self._retry(item, error)
+            else:
+                title = exc.permanent_title if isinstance(exc, GraphError) else None
+                await self._set_aside(item, exc, error, title, notice_id)
             return
         if await self._db.outbox.mark_sent(item.id, wamid):
             await self._accepted(item, payload, wamid)
@@ -257,19 +268,29 @@ class Outbox:
             return sub is not None and sub.state == "granted"
         return citizen.consent_state == "granted"
 
-    async def _failed(self, item: OutboxItem, retryable: bool, error: str, title: str,
-                      notice_id: int | None = None) -> None:
-        """`error` is a status/code or exception type only: never content or numbers."""
+    async def _retry(self, item: OutboxItem, error: str) -> None:
+        """A transient failure: try again after a backoff, however many attempts it takes.
+        `error` is a status/code or exception type only: never content or numbers."""
         attempts = item.attempts + 1
-        if retryable and attempts < MAX_ATTEMPTS:
-            self._metrics.outbox_retries.inc()
-            log.warning("outbox #%d: retryable error %s (attempt %d)", item.id, error, attempts)
-            await self._db.outbox.retry_later(item.id, datetime.now(UTC) + backoff(attempts),
-                                              error)
-            return
-        log.warning("outbox #%d: giving up: %s", item.id, error)
-        await self._db.outbox.mark_failed(item.id, error)
-        await self._gave_up(item, notice_id, title)
+        self._metrics.outbox_retries.inc()
+        log.warning("outbox #%d: retryable error %s (attempt %d)", item.id, error, attempts)
+        await self._db.outbox.retry_later(item.id, datetime.now(UTC) + backoff(attempts), error)
+
+    async def _set_aside(self, item: OutboxItem, exc: Exception, error: str,
+                         title: str | None, notice_id: int | None = None) -> None:
+        """A permanent failure: the row becomes a dead letter and the queue goes on."""
+        log.warning("outbox #%d failed for good (%s): set aside as dead letter out-%d",
+                    item.id, error, item.id)
+        if not await self._db.outbox.set_aside(item.id, reason_of(exc), error):
+            return  # cancelled or settled meanwhile
+        if notice_id is not None:
+            await self._db.notices.mark_failed(notice_id, title or "error interno del puente")
+            self._metrics.notices.labels("failed").inc()
+        if self.on_dead is not None:
+            await self.on_dead(f"out-{item.id}", title)
+        elif item.room_id:
+            await self._notify(RoomID(item.room_id), f"Mensaje no enviado a WhatsApp: "
+                                                     f"{title or 'error interno del puente'}")
 
     async def _gave_up(self, item: OutboxItem, notice_id: int | None, title: str) -> None:
         """Tell whoever waits for a send that failed for good: the notice log, staff."""

@@ -40,11 +40,15 @@ class Portals:
 
     async def ghost_for(self, citizen: Citizen) -> UserID:
         if citizen.ghost_user_id:
-            return citizen.ghost_user_id
-        existing = await self._db.ghosts.by_citizen(citizen.id)
-        ghost = UserID(existing.user_id) if existing else await self._ghosts.create(
-            "citizen", citizen.id)
-        await self._db.citizens.set_ghost(citizen.id, ghost)
+            ghost = citizen.ghost_user_id
+        else:
+            existing = await self._db.ghosts.by_citizen(citizen.id)
+            ghost = UserID(existing.user_id) if existing else await self._ghosts.create(
+                "citizen", citizen.id)
+            await self._db.citizens.set_ghost(citizen.id, ghost)
+        # A retry after the homeserver was down mid-creation finishes the registration
+        # here rather than only at the next restart.
+        await self._ghosts.ensure_registered(ghost)
         return ghost
 
     async def open(self, citizen: Citizen) -> RoomID:

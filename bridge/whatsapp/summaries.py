@@ -112,12 +112,6 @@ def too_large_notice(kind: str, size: int | None, limit: int) -> str:
             "envíe más pequeño o por otro medio (por ejemplo, la sede electrónica).")
 
 
-def gave_up_notice(kind: str) -> str:
-    what = KIND_NAMES.get(kind, "un mensaje")
-    return (f"No se ha podido traer a la sala {what} de esta persona tras varios intentos "
-            "(WhatsApp o el servidor no respondían). Pídale que lo vuelva a enviar.")
-
-
 def media_failed_notice(kind: str, reason: str) -> str:
     what = KIND_NAMES.get(kind, "un archivo")
     return (f"No se ha podido traer a la sala {what} que envió la persona ({reason}). "

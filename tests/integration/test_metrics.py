@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.db.records import ConsentPurpose, ConsentState, InboundSource
 from bridge.retention import STEPS as RETENTION_STEPS
+from bridge.retry import DEAD_REASONS
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.webhook_parse import MessageKind
@@ -24,15 +25,17 @@ pytestmark = pytest.mark.integration
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-OUTBOX_TYPES = ("text", "buttons", "reaction", "media")
+OUTBOX_TYPES = ("text", "buttons", "template", "reaction", "media")
 ALLOWED_LABELS: dict[str, set[str]] = {
     "direction": {"in", "out"},
     "type": {*get_args(MessageKind), *OUTBOX_TYPES},
-    "reason": {"signature", "json", "format"},
+    "reason": {"signature", "json", "format", *DEAD_REASONS},
     "purpose": set(get_args(ConsentPurpose)),
     "state": set(get_args(ConsentState)),
-    "source": set(get_args(InboundSource)),
     "what": {label for _, label in RETENTION_STEPS},
+    "source": {*get_args(InboundSource), "outbox"},
+    "outcome": {"queued", "repeat", "no_consent", "unknown_recipient", "sent", "delivered",
+                "read", "failed"},
 }
 LOOKS_PERSONAL = re.compile(r"\d{5,}|[A-Z]{2}\.[A-Za-z0-9]{6,}|^[@!$#+]|wamid|:")
 EXPECTED_FAMILIES = {
@@ -40,7 +43,7 @@ EXPECTED_FAMILIES = {
     "civic_bridge_inbound_retries", "civic_bridge_webhook_rejects",
     "civic_bridge_consent_changes", "civic_bridge_relay_seconds", "civic_bridge_webhook_seconds",
     "civic_bridge_as_transaction_seconds", "civic_bridge_as_transactions",
-    "civic_bridge_active",
+    "civic_bridge_active", "civic_bridge_dead_letters_current",
 }
 
 

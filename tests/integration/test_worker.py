@@ -147,7 +147,7 @@ async def test_a_failing_item_holds_its_lane_only(db: Database) -> None:
     async def handler(item: InboundItem) -> None:
         if item.payload == "a1" and not failed:
             failed.append(item.payload)
-            raise RuntimeError("homeserver unavailable")
+            raise ConnectionRefusedError("homeserver unavailable")  # transient
         order.append(item.payload)
 
     a1 = await _queue(db, "a", "a1")
