@@ -49,3 +49,12 @@ class Metrics:
         self.active = Gauge("civic_bridge_active",
                             "1 while this process holds the leader lock and processes",
                             registry=r)
+        # reason: one of bridge.whatsapp.staff_events.NotSentReason
+        self.outbound_not_sent = Counter(
+            "civic_bridge_outbound_not_sent",
+            "Staff events in portals not sent to WhatsApp (staff were told), by reason",
+            ["reason"], registry=r)
+        self.media_delete_failures = Counter(
+            "civic_bridge_media_delete_failures",
+            "Media uploaded to Meta for a send that could not be deleted afterwards",
+            registry=r)

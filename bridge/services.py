@@ -264,7 +264,7 @@ async def build_bridge(config: Config) -> Bridge:
         inbound = WhatsAppInbound(config, db, privacy, portals, mirror, outbox, metrics,
                                   subscriptions)
         handlers["whatsapp"] = inbound
-        relay.add_handler(StaffToWhatsApp(db, portals, outbox, privacy))
+        relay.add_handler(StaffToWhatsApp(db, portals, outbox, privacy, metrics))
     worker = InboundWorker(db, handlers, metrics=metrics)
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,

@@ -324,6 +324,13 @@ class OutboxRepo:
             row = await session.get(OutboxRow, item_id)
             return None if row is None else _outbox(row)
 
+    async def by_key(self, idempotency_key: str) -> OutboxItem | None:
+        """The send queued under `idempotency_key` (for a staff message: its event id)."""
+        async with self._scope.session() as session:
+            row = await session.scalar(
+                select(OutboxRow).where(OutboxRow.idempotency_key == idempotency_key))
+            return None if row is None else _outbox(row)
+
     async def by_wamid(self, wamid: str) -> OutboxItem | None:
         """The send a WhatsApp delivery status refers to."""
         async with self._scope.session() as session:

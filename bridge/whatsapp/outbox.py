@@ -47,18 +47,17 @@ from nio.crypto.attachments import decrypt_attachment
 
 from bridge.db import Citizen, Database, OutboxItem, Repositories
 from bridge.db.queues import NOTICE_KEY_PREFIX
-from bridge.matrix.api import MatrixAPI
+from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.graph import GraphClient, GraphError, Recipient, error_title
+from bridge.whatsapp.staff_events import NotSentReason, failure_advice, media_kind
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 8
 MAX_MEDIA_BYTES = 100 * 1024 * 1024
-WHATSAPP_KIND = {"m.image": "image", "m.video": "video", "m.audio": "audio",
-                 "m.file": "document"}
 Notify = Callable[[RoomID, str], Awaitable[Any]]
 CALLBACK_PREFIX: Final = "cb1."
 _CALLBACK = re.compile(r"cb1\.([1-9][0-9]{0,17})")
@@ -134,9 +133,16 @@ class Outbox:
         return await repos.outbox.add(key, citizen.id, RoomID(""), token) is not None
 
     async def staff(self, citizen: Citizen, room_id: RoomID, event_id: EventID,
-                    payload: dict[str, Any]) -> bool:
-        """Queue a staff message; False if this Matrix event was queued before."""
-        return await self._add(citizen, event_id, room_id, {**payload, "event_id": event_id})
+                    payload: dict[str, Any], part: int = 0) -> bool:
+        """Queue a staff message (`part` n > 0 of a message sent in several parts gets
+        its own key); False if it was queued before."""
+        key = event_id if part == 0 else f"{event_id}#{part}"
+        return await self._add(citizen, key, room_id, {**payload, "event_id": event_id})
+
+    async def queued(self, event_id: str) -> tuple[str, dict[str, Any]] | None:
+        """(status, payload) of what staff event `event_id` queued (its first part)."""
+        item = await self._db.outbox.by_key(event_id)
+        return None if item is None else (item.status, self._payload(item))
 
     # --- worker -----------------------------------------------------------------------
 
@@ -194,13 +200,22 @@ class Outbox:
                 wamid = await send()
         except GraphError as exc:
             await self._failed(item, exc.retryable, f"{exc.status} {exc.code}",
-                               exc.permanent_title or "error de WhatsApp", notice_id)
+                               exc.permanent_title or "error de WhatsApp", notice_id,
+                               code=exc.code)
             return
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # Matrix media download, decryption, a bug: retry, then report
+        except MatrixError as exc:
+            # 413: larger than any WhatsApp attachment (its size was not announced).
+            too_large = exc.status == 413
+            await self._failed(item, not too_large, f"matrix {exc.status}",
+                               "archivo demasiado grande para WhatsApp" if too_large
+                               else "no se pudo descargar el archivo de Matrix", notice_id,
+                               reason="too_large" if too_large else "internal")
+            return
+        except Exception as exc:  # decryption, a bug: retry, then report
             await self._failed(item, True, type(exc).__name__, "error interno del puente",
-                               notice_id)
+                               notice_id, reason="internal")
             return
         if await self._db.outbox.mark_sent(item.id, wamid):
             await self._accepted(item, payload, wamid)
@@ -240,7 +255,7 @@ class Outbox:
                 return False
             log.warning("outbox #%d: failed per delivery status %s", item_id, error_code)
             await self._gave_up(item, self._payload(item).get("notice_id"),
-                                error_title(error_code))
+                                error_title(error_code), code=error_code)
             return True
         return False
 
@@ -258,7 +273,8 @@ class Outbox:
         return citizen.consent_state == "granted"
 
     async def _failed(self, item: OutboxItem, retryable: bool, error: str, title: str,
-                      notice_id: int | None = None) -> None:
+                      notice_id: int | None = None, *, code: int | None = None,
+                      reason: NotSentReason = "graph_error") -> None:
         """`error` is a status/code or exception type only: never content or numbers."""
         attempts = item.attempts + 1
         if retryable and attempts < MAX_ATTEMPTS:
@@ -269,15 +285,20 @@ class Outbox:
             return
         log.warning("outbox #%d: giving up: %s", item.id, error)
         await self._db.outbox.mark_failed(item.id, error)
-        await self._gave_up(item, notice_id, title)
+        await self._gave_up(item, notice_id, title, code=code, reason=reason)
 
-    async def _gave_up(self, item: OutboxItem, notice_id: int | None, title: str) -> None:
-        """Tell whoever waits for a send that failed for good: the notice log, staff."""
+    async def _gave_up(self, item: OutboxItem, notice_id: int | None, title: str, *,
+                       code: int | None = None, reason: NotSentReason = "graph_error"
+                       ) -> None:
+        """Tell whoever waits for a send that failed for good: the notice log, staff
+        (with what to do), the not-sent metric."""
         if notice_id is not None:
             await self._db.notices.mark_failed(notice_id, title)
             self._metrics.notices.labels("failed").inc()
         if item.room_id:
-            await self._notify(RoomID(item.room_id), f"Mensaje no enviado a WhatsApp: {title}")
+            self._metrics.outbound_not_sent.labels(reason).inc()
+            await self._notify(RoomID(item.room_id),
+                               f"Mensaje no enviado a WhatsApp: {title}. {failure_advice(code)}")
 
     def _recipient(self, citizen: Citizen) -> Recipient:
         cipher = self._privacy.cipher
@@ -303,15 +324,51 @@ class Outbox:
         if kind == "reaction":
             return partial(self._graph.send_reaction, to, payload["message_id"],
                            payload["emoji"], callback_data=cb)
-        if kind == "media":
-            data = await self._api.download(self._bot, payload["url"], MAX_MEDIA_BYTES)
-            if payload.get("file"):
-                f = payload["file"]
-                data = decrypt_attachment(data, f["key"]["k"], f["hashes"]["sha256"], f["iv"])
-            media_id = await self._graph.upload_media(
-                data, payload["mimetype"], payload["filename"])
-            caption = payload.get("caption") if payload["kind"] not in ("audio",) else None
-            return partial(self._graph.send_media, to, payload["kind"], media_id, caption,
-                           payload["filename"] if payload["kind"] == "document" else None,
+        if kind == "location":
+            return partial(self._graph.send_location, to, payload["latitude"],
+                           payload["longitude"], payload.get("name"), payload.get("address"),
                            payload.get("reply_to"), callback_data=cb)
+        if kind == "media":
+            return await self._prepare_media(to, payload, cb)
         raise ValueError(f"unknown outbox payload type {kind!r}")
+
+    async def _prepare_media(self, to: Recipient, payload: dict[str, Any], cb: str
+                             ) -> Callable[[], Awaitable[str]]:
+        """Download (and decrypt) the Matrix file, upload it to Meta, and return the send,
+        which deletes the upload once Graph has answered (Meta keeps the file for the
+        message; our copy there is no longer needed)."""
+        data = await self._api.download(self._bot, payload["url"], MAX_MEDIA_BYTES)
+        if payload.get("file"):
+            f = payload["file"]
+            data = decrypt_attachment(data, f["key"]["k"], f["hashes"]["sha256"], f["iv"])
+        # The real size may differ from the announced one: a file too big for its kind
+        # goes as a document.
+        kind = media_kind(payload.get("requested", payload["kind"]), payload["mimetype"],
+                          len(data)) or payload["kind"]
+        if kind != payload["kind"] and payload["kind"] != "document":
+            log.info("outbox: media sent as %s instead of %s", kind, payload["kind"])
+        media_id = await self._graph.upload_media(data, payload["mimetype"],
+                                                  payload["filename"])
+        caption = payload.get("caption") if kind not in ("audio", "sticker") else None
+        send = partial(self._graph.send_media, to, kind, media_id, caption,
+                       payload["filename"] if kind == "document" else None,
+                       payload.get("reply_to"), callback_data=cb)
+
+        async def send_then_delete() -> str:
+            try:
+                wamid = await send()
+            except GraphError as exc:
+                if exc.status is not None:  # refused: the next attempt uploads again
+                    await self._delete_upload(media_id)
+                raise
+            await self._delete_upload(media_id)
+            return wamid
+        return send_then_delete
+
+    async def _delete_upload(self, media_id: str) -> None:
+        try:
+            await self._graph.delete_media(media_id)
+        except GraphError as exc:  # the send stands; Meta expires uploads after 30 days
+            self._metrics.media_delete_failures.inc()
+            log.warning("outbox: uploaded media not deleted: http=%s code=%s",
+                        exc.status, exc.code)

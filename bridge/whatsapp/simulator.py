@@ -30,7 +30,7 @@ from aiohttp import web
 
 OBJECT = "whatsapp_business_account"
 MEDIA_KINDS = ("image", "document", "audio", "video", "sticker")
-SEND_TYPES = (*MEDIA_KINDS, "text", "template", "interactive", "reaction")
+SEND_TYPES = (*MEDIA_KINDS, "text", "template", "interactive", "reaction", "location")
 DOWNLOAD_PATH = "/whatsapp_business/attachments/"
 SENT_PATH = "/_simulator/sent"
 MAX_CALLBACK_DATA = 512
@@ -134,6 +134,11 @@ def _validate_object(kind: str, obj: Any) -> None:
         _require(isinstance(language, dict) and _is_str(language.get("code")),
                  "template.language.code is required")
         _require(isinstance(obj.get("components", []), list), "template.components must be a list")
+    elif kind == "location":
+        _require(all(isinstance(obj.get(k), int | float) and not isinstance(obj.get(k), bool)
+                     for k in ("latitude", "longitude")), "location needs latitude, longitude")
+        _require(set(obj) <= {"latitude", "longitude", "name", "address"},
+                 "unknown location field")
     elif kind == "reaction":
         _require(_is_str(obj.get("message_id")), "reaction.message_id is required")
         _require(isinstance(obj.get("emoji"), str), "reaction.emoji must be a string")
@@ -176,6 +181,7 @@ class CloudAPISimulator:
         self.sent_ids: list[str | None] = []  # wamid per `sent` entry (None for mark-read)
         self.requests: list[RequestRecord] = []
         self.media: dict[str, _Media] = {}
+        self.deleted_media: dict[str, _Media] = {}  # what DELETE /{media-id} removed
         self.callback_data: dict[str, str] = {}  # wamid -> biz_opaque_callback_data sent
         self.clock: Callable[[], float] = time.time  # timestamps of built payloads
         self._faults: deque[_Fault] = deque()
@@ -382,9 +388,11 @@ class CloudAPISimulator:
         })
 
     async def _media_delete(self, request: web.Request) -> web.Response:
-        if self.media.pop(request.match_info["media_id"], None) is None:
+        media_id = request.match_info["media_id"]
+        if (item := self.media.pop(media_id, None)) is None:
             return _graph_error(400, 100, "Unsupported delete request. Object does not exist",
                                 subcode=33)
+        self.deleted_media[media_id] = item
         return web.json_response({"success": True})
 
     async def _download(self, request: web.Request) -> web.Response:
