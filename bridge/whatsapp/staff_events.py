@@ -94,16 +94,22 @@ def strip_reply_fallback(body: str) -> str:
     return "\n".join(lines) or body
 
 
-def rendered_text(content: dict[str, Any], is_reply: bool) -> str:
+def _is_reply(content: dict[str, Any]) -> bool:
+    relates = content.get("m.relates_to")
+    return isinstance(relates, dict) and isinstance(relates.get("m.in_reply_to"), dict)
+
+
+def rendered_text(content: dict[str, Any]) -> str:
     """The WhatsApp text of a message: its HTML converted when it has any, else its
-    plain body (reply fallback removed either way)."""
+    plain body. The reply fallback (which quotes a Matrix ID) is removed either way,
+    also when the message replied to is not one the citizen has."""
     html = content.get("formatted_body")
     if content.get("format") == "org.matrix.custom.html" and isinstance(html, str):
         text = html_to_whatsapp(html)
         if text.strip():
             return text
     body = str(content.get("body") or "")
-    return strip_reply_fallback(body) if is_reply else body
+    return strip_reply_fallback(body) if _is_reply(content) else body
 
 
 def text_payloads(text: str, reply_to: str | None) -> list[dict[str, Any]]:
@@ -177,7 +183,7 @@ def _media(requested: str, content: dict[str, Any], reply_to: str | None) -> Dec
     filename = content.get("filename") if isinstance(content.get("filename"), str) else None
     caption = None
     if filename and body and body != filename:  # MSC2530: body is the caption
-        caption = rendered_text(content, reply_to is not None).strip() or None
+        caption = rendered_text(content).strip() or None
     filename = filename or body or "archivo"
     payloads: list[dict[str, Any]] = [{
         "type": "media", "kind": kind, "requested": requested, "url": url, "file": source,
@@ -204,7 +210,7 @@ def translate(etype: str, content: dict[str, Any], reply_to: str | None) -> Deci
             what="este tipo de evento"))
     msgtype = content.get("msgtype")
     if msgtype in TEXT_MSGTYPES:
-        payloads = text_payloads(rendered_text(content, reply_to is not None), reply_to)
+        payloads = text_payloads(rendered_text(content), reply_to)
         return payloads or NotSent("invalid", INVALID_NOTICE.format(what="el mensaje está vacío"))
     if msgtype in MSGTYPE_KIND:
         return _media(MSGTYPE_KIND[msgtype], content, reply_to)

@@ -64,10 +64,15 @@ def test_formatted_text_is_converted_and_long_text_split() -> None:
     assert " ".join(p["body"] for p in parts) == long
 
 
-def test_reply_fallback_removed_from_plain_body() -> None:
+@pytest.mark.parametrize("reply_to", ["wamid.A", None])
+def test_reply_fallback_removed_from_plain_body(reply_to: str | None) -> None:
+    """Also when the message replied to is not on WhatsApp (a colleague's): the fallback
+    quotes a Matrix ID the citizen must not see."""
     payloads = translate("m.room.message", {
-        "msgtype": "m.text", "body": "> <@a:b> pregunta\n\nrespuesta"}, "wamid.A")
-    assert isinstance(payloads, list) and payloads[0]["body"] == "respuesta"
+        "msgtype": "m.text", "body": "> <@ana:agencia.es> pregunta\n\nrespuesta",
+        "m.relates_to": {"m.in_reply_to": {"event_id": "$x"}}}, reply_to)
+    assert isinstance(payloads, list)
+    assert payloads == [{"type": "text", "body": "respuesta", "reply_to": reply_to}]
 
 
 def test_location_and_sticker() -> None:
