@@ -52,7 +52,12 @@ from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.graph import GraphClient, GraphError, Recipient, error_title
-from bridge.whatsapp.staff_events import NotSentReason, failure_advice, media_kind
+from bridge.whatsapp.staff_events import (
+    TOO_LARGE_ADVICE,
+    NotSentReason,
+    failure_advice,
+    media_kind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +214,7 @@ class Outbox:
             # 413: larger than any WhatsApp attachment (its size was not announced).
             too_large = exc.status == 413
             await self._failed(item, not too_large, f"matrix {exc.status}",
-                               "archivo demasiado grande para WhatsApp" if too_large
+                               "el archivo supera los 100 MB que admite WhatsApp" if too_large
                                else "no se pudo descargar el archivo de Matrix", notice_id,
                                reason="too_large" if too_large else "internal")
             return
@@ -297,8 +302,9 @@ class Outbox:
             self._metrics.notices.labels("failed").inc()
         if item.room_id:
             self._metrics.outbound_not_sent.labels(reason).inc()
+            advice = (TOO_LARGE_ADVICE if reason == "too_large" else failure_advice(code))
             await self._notify(RoomID(item.room_id),
-                               f"Mensaje no enviado a WhatsApp: {title}. {failure_advice(code)}")
+                               f"Mensaje no enviado a WhatsApp: {title}. {advice}")
 
     def _recipient(self, citizen: Citizen) -> Recipient:
         cipher = self._privacy.cipher

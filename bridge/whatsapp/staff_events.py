@@ -53,6 +53,7 @@ UNSUPPORTED_NOTICE: Final = ("No enviado a WhatsApp: {what} no se puede enviar p
 TOO_LARGE_NOTICE: Final = ("No enviado a WhatsApp: el archivo ocupa {size} y WhatsApp admite "
                            "{kind} de hasta {limit}. Envíe un archivo más pequeño o un "
                            "enlace para descargarlo.")
+TOO_LARGE_ADVICE: Final = "Envíe un archivo más pequeño o un enlace para descargarlo."
 INVALID_NOTICE: Final = ("No enviado a WhatsApp: {what}. Vuelva a enviarlo desde otro "
                          "cliente o como texto.")
 EDIT_NOTICE: Final = ("Las ediciones no se envían a WhatsApp; envíe un mensaje nuevo si es "

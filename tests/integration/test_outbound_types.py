@@ -17,7 +17,12 @@ from nio import RoomRedactResponse, RoomSendResponse
 from nio.crypto.attachments import encrypt_attachment
 
 from bridge.whatsapp.markup import MAX_TEXT
-from bridge.whatsapp.outbound import NO_CONSENT_NOTICE, WINDOW_NOTICE
+from bridge.whatsapp.outbound import (
+    DROPPED_HELD_NOTICE,
+    HELD_KEY,
+    NO_CONSENT_NOTICE,
+    WINDOW_NOTICE,
+)
 from bridge.whatsapp.staff_events import (
     EDIT_NOTICE,
     REACTION_TARGET_NOTICE,
@@ -302,3 +307,24 @@ async def test_window_closed_and_no_consent_are_noticed(bridge: BridgeHarness) -
                     and s.get("type") == "location"]
     finally:
         await j.desk.close()
+
+
+async def test_redacting_a_held_message_drops_it(journey: Journey) -> None:
+    j, b = journey, journey.h.running.bridge
+    await citizen_message(j, "¿Me confirma mis datos?")
+    text = "Su DNI consta como 12345678Z."
+    held = await send(j, {"msgtype": "m.text", "body": text})
+    await wait_until(lambda: b.db.kv.get(HELD_KEY + held), 30, "held")
+    before = await notice_count(j, DROPPED_HELD_NOTICE)
+    answer = await j.desk.client.room_redact(j.room_id, held)
+    assert isinstance(answer, RoomRedactResponse), answer
+    await expect_notice(j, DROPPED_HELD_NOTICE, before)
+    assert await b.db.kv.get(HELD_KEY + held) is None
+    # A later ✅ on it sends nothing (the hold is gone), and staff are told.
+    before = await notice_count(j, REACTION_TARGET_NOTICE)
+    await send(j, {"m.relates_to": {"rel_type": "m.annotation", "event_id": held,
+                                    "key": "✅"}}, "m.reaction")
+    await expect_notice(j, REACTION_TARGET_NOTICE, before)
+    assert not [s for s in j.h.wa.sent if s.get("text", {}).get("body") == text]
+    actions = [e.action for e in await b.db.audit.list(limit=10)]
+    assert "message.drop" in actions
