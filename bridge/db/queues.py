@@ -389,6 +389,10 @@ class OutboxRepo:
             sending_at=None,
         )
 
+    async def postpone(self, item_id: int, next_at: datetime) -> None:
+        """Not attempted now (it waits for another send): no attempt is counted."""
+        await self._update(item_id, next_attempt_at=next_at)
+
     async def mark_failed(self, item_id: int, error: str) -> None:
         """A permanent failure: never retried; staff are told by the caller."""
         await self._update(

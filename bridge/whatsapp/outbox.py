@@ -81,6 +81,11 @@ def callback_item(data: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def part_key(event_id: str, part: int) -> str:
+    """The outbox key of part `part` of staff message `event_id` (the first: the id)."""
+    return event_id if part == 0 else f"{event_id}#{part}"
+
+
 def backoff(attempts: int) -> timedelta:
     """2, 4, 8 … s (capped at 5 min) times a random factor in [0.5, 1.5)."""
     base = min(2.0 ** attempts, 300.0)
@@ -141,8 +146,9 @@ class Outbox:
                     payload: dict[str, Any], part: int = 0) -> bool:
         """Queue a staff message (`part` n > 0 of a message sent in several parts gets
         its own key); False if it was queued before."""
-        key = event_id if part == 0 else f"{event_id}#{part}"
-        return await self._add(citizen, key, room_id, {**payload, "event_id": event_id})
+        key = part_key(event_id, part)
+        extra = {"part": part} if part else {}
+        return await self._add(citizen, key, room_id, {**payload, "event_id": event_id, **extra})
 
     async def queued(self, event_id: str) -> tuple[str, dict[str, Any]] | None:
         """(status, payload) of what staff event `event_id` queued (its first part)."""
@@ -190,6 +196,8 @@ class Outbox:
                 await self._db.notices.mark_failed(notice_id, "consent withdrawn")
                 self._metrics.notices.labels("failed").inc()
             return
+        if payload.get("part") and not await self._after_previous_part(item, payload):
+            return
         if item.sending_at is not None:
             log.warning("outbox #%d: no delivery status within the confirmation window "
                         "after an interrupted send; sending again", item.id)
@@ -224,6 +232,20 @@ class Outbox:
             return
         if await self._db.outbox.mark_sent(item.id, wamid):
             await self._accepted(item, payload, wamid)
+
+    async def _after_previous_part(self, item: OutboxItem, payload: dict[str, Any]) -> bool:
+        """Parts of a long message go in order: a part waits while the one before it is
+        retrying, and is dropped (staff were told about that one) if it failed."""
+        previous = await self._db.outbox.by_key(part_key(payload["event_id"],
+                                                         payload["part"] - 1))
+        if previous is None or previous.status in ("sent", "cancelled"):
+            return True
+        if previous.status == "failed":
+            await self._db.outbox.mark_failed(item.id, "earlier part failed")
+            return False
+        later = max(previous.next_attempt_at, datetime.now(UTC)) + timedelta(seconds=1)
+        await self._db.outbox.postpone(item.id, later)
+        return False
 
     async def _accepted(self, item: OutboxItem, payload: dict[str, Any], wamid: str) -> None:
         """The bookkeeping of a send WhatsApp accepted as `wamid`, however we learnt it

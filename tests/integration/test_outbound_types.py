@@ -328,3 +328,23 @@ async def test_redacting_a_held_message_drops_it(journey: Journey) -> None:
     assert not [s for s in j.h.wa.sent if s.get("text", {}).get("body") == text]
     actions = [e.action for e in await b.db.audit.list(limit=10)]
     assert "message.drop" in actions
+
+
+async def test_parts_stay_in_order_when_the_first_is_retried(journey: Journey) -> None:
+    j, wa = journey, journey.h.wa
+    await citizen_message(j, "Cuénteme todo con detalle")
+    sentence = "Frase {} de una explicación larga sobre el procedimiento administrativo. "
+    long = "".join(sentence.format(i) for i in range(120))  # ~8,800 characters
+    start = len(wa.sent)
+    wa.fail_next(code=1, http_status=500)  # the first part's send: retried with backoff
+    await send(j, {"msgtype": "m.text", "body": long})
+
+    def parts() -> list[str]:
+        return [s["text"]["body"] for s in wa.sent[start:]
+                if s.get("to") == j.citizen.wa_id and s.get("type") == "text"]
+    await wait_until(lambda: len(parts()) == 3, 60, "three parts")
+    got = parts()
+    assert got[0].startswith("Frase 0 ") and got[-1].endswith("Frase 119 de una "
+                                                              "explicación larga sobre el "
+                                                              "procedimiento administrativo.")
+    assert " ".join(got) == long.strip()
