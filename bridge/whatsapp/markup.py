@@ -94,7 +94,7 @@ class _Converter(HTMLParser):
         if tag in _SKIPPED:
             self.skipping = 1
             return
-        values = {k: v or "" for k, v in attrs}
+        values = {k: (v or "").replace("\x00", "") for k, v in attrs}
         if tag == "br":
             self._emit("\n")
         elif tag == "hr":
@@ -126,6 +126,7 @@ class _Converter(HTMLParser):
     def handle_data(self, data: str) -> None:
         if self.skipping:
             return
+        data = data.replace("\x00", "")  # NUL marks our placeholders: never from input
         if self.pre:
             self._emit(data)
             return
@@ -247,7 +248,8 @@ _BOUNDARIES: tuple[tuple[re.Pattern[str], bool], ...] = (
 
 
 def _fit(text: str, start: int, limit: int) -> int:
-    """The largest end such that text[start:end] is within `limit` UTF-16 units."""
+    """The largest end such that text[start:end] is within `limit` UTF-16 units, and
+    at least one character (progress, even for an astral character and a limit of 1)."""
     end, used = start, 0
     while end < len(text):
         width = 2 if ord(text[end]) > 0xFFFF else 1
@@ -255,7 +257,7 @@ def _fit(text: str, start: int, limit: int) -> int:
             break
         used += width
         end += 1
-    return end
+    return max(end, min(start + 1, len(text)))
 
 
 def _cut(text: str, start: int, end: int) -> int:
@@ -277,8 +279,8 @@ def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:
     """`text` in order as parts of at most `limit` UTF-16 units, each stripped and
     non-empty, cut at the best boundary (paragraph, line, sentence, word) in the back
     half of what fits; only a word longer than the limit is cut inside."""
-    if limit < 1:
-        raise ValueError("limit must be positive")
+    if limit < 2:
+        raise ValueError("limit must be at least 2 (one astral character)")
     parts: list[str] = []
     start = 0
     while start < len(text):

@@ -67,6 +67,11 @@ def test_unclosed_and_misnested_tags() -> None:
     assert html_to_whatsapp("<script>x()</script><b>ok") == "*ok*"
 
 
+def test_nul_characters_in_the_input_are_dropped() -> None:
+    """NUL marks the converter's own placeholders: input cannot forge one."""
+    assert html_to_whatsapp("a\x005\x00b<pre>x</pre>\x000\x00") == "a5b\n\n```x```\n\n0"
+
+
 @given(st.text())
 @settings(max_examples=200)
 def test_converter_never_fails_on_any_input(html: str) -> None:
@@ -119,7 +124,13 @@ def test_split_preserves_text_in_order_within_the_limit(
         assert position == len(text) or text[position].isspace()
 
 
-@given(st.text(min_size=1, max_size=2000), st.integers(min_value=1, max_value=100))
+def test_split_limit_must_fit_any_character() -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        split_text("😀", 1)
+    assert split_text("😀😀a", 2) == ["😀", "😀", "a"]
+
+
+@given(st.text(min_size=1, max_size=2000), st.integers(min_value=2, max_value=100))
 @settings(max_examples=200)
 def test_split_any_text(text: str, limit: int) -> None:
     parts = split_text(text, limit)
