@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.db.records import ConsentPurpose, ConsentState, InboundSource
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
+from bridge.whatsapp.staff_events import NotSentReason
 from bridge.whatsapp.webhook_parse import MessageKind
 from tests.fixtures.bridge import BridgeHarness
 
@@ -23,11 +24,11 @@ pytestmark = pytest.mark.integration
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-OUTBOX_TYPES = ("text", "buttons", "reaction", "media")
+OUTBOX_TYPES = ("text", "buttons", "reaction", "media", "location")
 ALLOWED_LABELS: dict[str, set[str]] = {
     "direction": {"in", "out"},
     "type": {*get_args(MessageKind), *OUTBOX_TYPES},
-    "reason": {"signature", "json", "format"},
+    "reason": {"signature", "json", "format", *get_args(NotSentReason)},
     "purpose": set(get_args(ConsentPurpose)),
     "state": set(get_args(ConsentState)),
     "source": set(get_args(InboundSource)),
