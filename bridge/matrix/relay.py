@@ -99,12 +99,12 @@ class Relay:
         if encrypted:
             plain = (await self._decrypt(event)).source
             etype, content = str(plain.get("type", "")), dict(plain.get("content", {}))
+        state_key = event.get("state_key")
         staff_event = StaffEvent(
             room_id=RoomID(str(event["room_id"])), sender=UserID(sender),
             event_id=EventID(str(event["event_id"])), type=str(etype), content=content,
             origin_server_ts=int(event.get("origin_server_ts", 0)), encrypted=encrypted,
-            state_key=state_key if isinstance(state_key := event.get("state_key"), str)
-            else None,
+            state_key=state_key if isinstance(state_key, str) else None,
             redacts=_redacted_id(event, content) if etype == "m.room.redaction" else None)
         for handler in self._handlers:
             await handler(staff_event)

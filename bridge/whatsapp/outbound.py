@@ -65,7 +65,6 @@ CONFIRM_WORDS = ("enviar", "enviar igualmente", "confirmar")
 # A phone number alone is not held: staff give the agency's numbers all the time.
 HELD_KINDS = ("dni", "nie", "iban", "card")
 HELD_KEY = "held-out:"  # + Matrix event id -> the encrypted payloads and when held
-LIVE_LOCATION_TYPES = ("m.beacon_info", "org.matrix.msc3672.beacon_info")
 
 
 def within_window(citizen: Citizen, now: datetime) -> bool:
@@ -107,10 +106,8 @@ class StaffToWhatsApp:
         if citizen is None:
             return
         if event.state_key is not None:
-            # Room state is not a message, except live location, which staff expect
-            # the citizen to see.
-            if event.type in LIVE_LOCATION_TYPES and event.content.get("live"):
-                await self._not_sent(event.room_id, translate(event.type, {}, None))
+            # Room state is not a message (live location could be, but portals' power
+            # levels keep staff from starting it: state needs moderator level).
             return
         held = await self._confirmation_of(event)
         if held is not None:

@@ -43,8 +43,7 @@ _QUIET_PREFIXES: Final = ("m.key.verification.", "m.call.", "org.matrix.call.",
                           "m.typing", "m.room.redaction", "m.reaction")
 _NOTICED_TYPES: Final = {
     "m.poll.start": "una encuesta", "org.matrix.msc3381.poll.start": "una encuesta",
-    "m.call.invite": "una llamada", "m.beacon_info": "la ubicación en tiempo real",
-    "org.matrix.msc3672.beacon_info": "la ubicación en tiempo real",
+    "m.call.invite": "una llamada",
 }
 
 UNSUPPORTED_NOTICE: Final = ("No enviado a WhatsApp: {what} no se puede enviar por "
