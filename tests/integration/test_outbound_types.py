@@ -36,6 +36,9 @@ from tests.integration.test_whatsapp import (
     opt_in,
     wait_until,
 )
+from tests.integration.test_whatsapp import (
+    test_privacy_sweep_finds_no_identifiers as _privacy_sweep,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -349,3 +352,9 @@ async def test_parts_stay_in_order_when_the_first_is_retried(journey: Journey) -
                                                               "explicación larga sobre el "
                                                               "procedimiento administrativo.")
     assert " ".join(got) == long.strip()
+
+
+async def test_privacy_sweep_after_outbound(bridge: BridgeHarness) -> None:
+    """Last in this module: nothing above put a test citizen's number or BSUID in a
+    room, a notice, a metric or a log line."""
+    await _privacy_sweep(bridge)
