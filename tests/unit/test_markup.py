@@ -73,7 +73,7 @@ def test_nul_characters_in_the_input_are_dropped() -> None:
 
 
 @given(st.text())
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)  # timing varies on a shared machine
 def test_converter_never_fails_on_any_input(html: str) -> None:
     assert isinstance(html_to_whatsapp(html), str)
 
@@ -107,7 +107,7 @@ _separators = st.sampled_from([" ", "  ", "\n", "\n\n", ". ", "! ", ".\n\n", "\t
 
 @given(_words, st.lists(_separators, min_size=200, max_size=200),
        st.integers(min_value=24, max_value=300))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)  # timing varies on a shared machine
 def test_split_preserves_text_in_order_within_the_limit(
         words: list[str], seps: list[str], limit: int) -> None:
     text = "".join(w + s for w, s in zip(words, seps, strict=False))
@@ -131,7 +131,7 @@ def test_split_limit_must_fit_any_character() -> None:
 
 
 @given(st.text(min_size=1, max_size=2000), st.integers(min_value=2, max_value=100))
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)  # timing varies on a shared machine
 def test_split_any_text(text: str, limit: int) -> None:
     parts = split_text(text, limit)
     assert all(0 < utf16_len(p) <= limit for p in parts)
