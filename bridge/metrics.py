@@ -102,3 +102,12 @@ class Metrics:
         self.dead_letters_current = Gauge("civic_bridge_dead_letters_current",
                                           "Dead letters waiting for an admin to retry or "
                                           "discard them", registry=r)
+        # reason: one of bridge.whatsapp.staff_events.NotSentReason
+        self.outbound_not_sent = Counter(
+            "civic_bridge_outbound_not_sent",
+            "Staff events in portals not sent to WhatsApp (staff were told), by reason",
+            ["reason"], registry=r)
+        self.media_delete_failures = Counter(
+            "civic_bridge_media_delete_failures",
+            "Media uploaded to Meta for a send that could not be deleted afterwards",
+            registry=r)

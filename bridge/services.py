@@ -277,7 +277,7 @@ async def build_bridge(config: Config) -> Bridge:
         handlers["whatsapp"] = inbound
         # `!plantilla` commands are answered in front of the staff → WhatsApp relay.
         templates = StaffTemplates(config.whatsapp, db, portals, outbox, metrics,
-                                   then=StaffToWhatsApp(db, portals, outbox, privacy))
+                                   then=StaffToWhatsApp(db, portals, outbox, privacy, metrics))
         relay.add_handler(templates)
         if config.whatsapp.send_read_receipts:
             receipts = StaffReceipts(db, graph, metrics, ghosts.is_ours)

@@ -363,6 +363,13 @@ class OutboxRepo:
             row = await session.get(OutboxRow, item_id)
             return None if row is None else _outbox(row)
 
+    async def by_key(self, idempotency_key: str) -> OutboxItem | None:
+        """The send queued under `idempotency_key` (for a staff message: its event id)."""
+        async with self._scope.session() as session:
+            row = await session.scalar(
+                select(OutboxRow).where(OutboxRow.idempotency_key == idempotency_key))
+            return None if row is None else _outbox(row)
+
     async def by_wamid(self, wamid: str) -> OutboxItem | None:
         """The send a WhatsApp delivery status refers to."""
         async with self._scope.session() as session:
@@ -437,6 +444,9 @@ class OutboxRepo:
         )
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt)) > 0
+    async def postpone(self, item_id: int, next_at: datetime) -> None:
+        """Not attempted now (it waits for another send): no attempt is counted."""
+        await self._update(item_id, next_attempt_at=next_at)
 
     async def mark_failed(self, item_id: int, error: str) -> None:
         """A permanent failure: never retried; staff are told by the caller."""

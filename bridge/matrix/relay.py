@@ -57,9 +57,18 @@ class StaffEvent:
     content: dict[str, Any]
     origin_server_ts: int
     encrypted: bool
+    state_key: str | None = None  # set on state events (a room name, a pinned event...)
+    redacts: str | None = None  # what an m.room.redaction removes (any room version)
 
 
 StaffHandler = Callable[[StaffEvent], Awaitable[None]]
+
+
+def _redacted_id(event: dict[str, Any], content: dict[str, Any]) -> str | None:
+    """The event a redaction removes: in `content` from room version 11 on, at the top
+    level before (Synapse sends both to clients of newer rooms)."""
+    target = content.get("redacts") or event.get("redacts")
+    return target if isinstance(target, str) else None
 
 
 class UndecryptableEvent(Exception):
@@ -127,10 +136,14 @@ class Relay:
         if isinstance(etype, nio.Event):  # decrypted: type and content from inside
             plain = etype.source
             etype, content = str(plain.get("type", "")), dict(plain.get("content", {}))
+        content = content or {}
+        state_key = event.get("state_key")
         staff_event = StaffEvent(
             room_id=RoomID(str(event["room_id"])), sender=UserID(str(event.get("sender"))),
-            event_id=EventID(str(event["event_id"])), type=str(etype), content=content or {},
-            origin_server_ts=int(event.get("origin_server_ts", 0)), encrypted=encrypted)
+            event_id=EventID(str(event["event_id"])), type=str(etype), content=content,
+            origin_server_ts=int(event.get("origin_server_ts", 0)), encrypted=encrypted,
+            state_key=state_key if isinstance(state_key, str) else None,
+            redacts=_redacted_id(event, content) if etype == "m.room.redaction" else None)
         for handler in self._handlers:
             await handler(staff_event)
 

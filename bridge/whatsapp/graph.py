@@ -354,6 +354,19 @@ class GraphClient:
         return await self._send(to, kind, obj, reply_to, known=(caption, filename),
                                 callback_data=callback_data)
 
+    async def send_location(self, to: Recipient, latitude: float, longitude: float,
+                            name: str | None = None, address: str | None = None,
+                            reply_to: str | None = None, *, callback_data: str | None = None
+                            ) -> str:
+        """Send a location pin (`name` and `address` optional)."""
+        obj: dict[str, Any] = {"latitude": latitude, "longitude": longitude}
+        if name:
+            obj["name"] = name
+        if address:
+            obj["address"] = address
+        return await self._send(to, "location", obj, reply_to, known=(name, address),
+                                callback_data=callback_data)
+
     async def send_reaction(self, to: Recipient, message_id: str, emoji: str, *,
                             callback_data: str | None = None) -> str:
         """React to `message_id`; an empty `emoji` removes the reaction."""
@@ -432,7 +445,10 @@ class GraphClient:
                          size if isinstance(size, int) and not isinstance(size, bool) else None)
 
     async def delete_media(self, media_id: str) -> None:
-        await self._request("DELETE", f"{self._base}/{media_id}")
+        """Delete media the bridge uploaded (Graph answers `{"success": true}`)."""
+        payload = await self._request("DELETE", f"{self._base}/{media_id}")
+        if payload.get("success") is not True:
+            raise GraphError(200, None, None, "media delete not acknowledged", retryable=False)
 
     async def download_media(self, media_id: str, *, max_bytes: int = MAX_MEDIA_BYTES
                              ) -> tuple[bytes, str]:

@@ -1,30 +1,53 @@
 """Matrix → WhatsApp: staff events in a portal become outbox entries.
 
-Refused (with a notice to staff, nothing sent): the citizen has not consented or has
-withdrawn; more than 24 h have passed since the citizen's last message (only approved
-templates may be sent then); edits (WhatsApp cannot edit a business message).
+What each event becomes is decided in `bridge.whatsapp.staff_events` (pure); this
+handler looks up what that needs (the wamid a reply or reaction points at, what a
+redaction removes), applies the policy, queues, and tells staff about anything it does
+not send (with a metric by reason): an unsupported event, a file over WhatsApp's
+limits, an edit or redaction (the Cloud API can apply neither), a reaction to a
+message that is not in the WhatsApp conversation, no consent, the 24 h window closed.
 
 Held for confirmation: a text or caption that looks like a DNI/NIE, IBAN or card number
 (once it leaves on WhatsApp it can be forwarded out of anyone's control). Staff
-are told; reacting ✅ to the message, or replying «enviar» to it, sends it. The held
-payload is kept encrypted until then.
+are told; reacting ✅ to the message, or replying «enviar» to it, sends it; redacting
+it drops it. The held payloads are kept encrypted until then.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bridge.db import Citizen, Database
 from bridge.matrix.relay import StaffEvent
+from bridge.metrics import Metrics
 from bridge.privacy import AAD_PAYLOAD, Cipher, Privacy, looks_like_personal_id
-from bridge.types import EventID
-from bridge.whatsapp.outbox import WHATSAPP_KIND, Outbox
+from bridge.types import EventID, RoomID
+from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.portal import Portals
+from bridge.whatsapp.staff_events import (
+    EDIT_NOTICE,
+    REACTION_TARGET_NOTICE,
+    REDACTION_NOTICE,
+    Decision,
+    Ignored,
+    NotSent,
+    strip_reply_fallback,
+    translate,
+)
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "EDIT_NOTICE",
+    "HELD_KEY",
+    "WINDOW",
+    "StaffToWhatsApp",
+    "drop_held",
+    "strip_reply_fallback",
+    "within_window",
+]
 
 WINDOW = timedelta(hours=24)
 WINDOW_NOTICE = ("No enviado: han pasado más de 24 horas desde el último mensaje de esta "
@@ -32,27 +55,17 @@ WINDOW_NOTICE = ("No enviado: han pasado más de 24 horas desde el último mensa
                  "!plantilla para verlas); el mensaje se podrá enviar cuando vuelva a "
                  "escribir.")
 NO_CONSENT_NOTICE = "No enviado: esta persona no tiene activo el reenvío por WhatsApp."
-EDIT_NOTICE = "Las ediciones no se envían a WhatsApp; envíe un mensaje nuevo si es necesario."
 HELD_NOTICE = ("Retenido, no enviado: el mensaje parece contener datos personales ({kinds}). "
                "Si debe enviarse igualmente por WhatsApp, reaccione con ✅ a ese mensaje o "
                "respóndale «enviar».")
 RELEASED_NOTICE = "Enviado a WhatsApp tras su confirmación."
 EXPIRED_NOTICE = "No enviado: la confirmación llegó más de 24 horas después del mensaje."
+DROPPED_HELD_NOTICE = "Mensaje retenido descartado: no se enviará a WhatsApp."
 CONFIRM_REACTIONS = ("✅", "✔️", "✔", "👍")
 CONFIRM_WORDS = ("enviar", "enviar igualmente", "confirmar")
 # A phone number alone is not held: staff give the agency's numbers all the time.
 HELD_KINDS = ("dni", "nie", "iban", "card")
-HELD_KEY = "held-out:"  # + Matrix event id -> the encrypted payload and when it was held
-
-
-def strip_reply_fallback(body: str) -> str:
-    """Drop the `> <@user> quoted` lines clients prepend to replies."""
-    lines = body.split("\n")
-    while lines and lines[0].startswith(">"):
-        lines.pop(0)
-    if lines and not lines[0].strip():
-        lines.pop(0)
-    return "\n".join(lines) or body
+HELD_KEY = "held-out:"  # + Matrix event id -> the encrypted payloads and when held
 
 
 def within_window(citizen: Citizen, now: datetime) -> bool:
@@ -93,11 +106,12 @@ class StaffToWhatsApp:
     """A `Relay` handler: called with every decrypted staff event."""
 
     def __init__(self, db: Database, portals: Portals, outbox: Outbox,
-                 privacy: Privacy) -> None:
+                 privacy: Privacy, metrics: Metrics) -> None:
         self._db = db
         self._portals = portals
         self._outbox = outbox
         self._cipher = privacy.cipher
+        self._metrics = metrics
 
     async def __call__(self, event: StaffEvent) -> None:
         room = await self._db.rooms.get(event.room_id)
@@ -106,37 +120,109 @@ class StaffToWhatsApp:
         citizen = await self._db.citizens.get(room.citizen_id)
         if citizen is None:
             return
+        if event.state_key is not None:
+            # Room state is not a message (live location could be, but portals' power
+            # levels keep staff from starting it: state needs moderator level).
+            return
         held = await self._confirmation_of(event)
         if held is not None:
             await self._release(citizen, event, *held)
             return
-        payload = await self._payload(event)
-        if payload is None:
+        decision = await self._decide(event)
+        if isinstance(decision, Ignored):
+            return
+        if isinstance(decision, NotSent):
+            await self._not_sent(event.room_id, decision)
             return
         if not await self._may_send(citizen, event):
             return
-        text = str(payload.get("body") or payload.get("caption") or "")
+        text = "\n".join(str(p.get("body") or p.get("caption") or "") for p in decision)
         kinds = [k for k in looks_like_personal_id(text) if k in HELD_KINDS]
         if kinds:
-            await self._hold(event, payload, kinds)
+            await self._hold(event, decision, kinds)
             return
-        await self._outbox.staff(citizen, event.room_id, event.event_id, payload)
+        await self._queue(citizen, event.room_id, event.event_id, decision)
+
+    async def _queue(self, citizen: Citizen, room_id: RoomID, event_id: EventID,
+                     payloads: list[dict[str, Any]]) -> None:
+        for part, payload in enumerate(payloads):
+            await self._outbox.staff(citizen, room_id, event_id, payload, part)
+
+    async def _not_sent(self, room_id: RoomID, decision: Decision) -> None:
+        if isinstance(decision, NotSent):
+            self._metrics.outbound_not_sent.labels(decision.reason).inc()
+            await self._portals.notice(room_id, decision.notice)
 
     async def _may_send(self, citizen: Citizen, event: StaffEvent) -> bool:
         if citizen.consent_state != "granted":
-            await self._portals.notice(event.room_id, NO_CONSENT_NOTICE)
+            await self._not_sent(event.room_id, NotSent("no_consent", NO_CONSENT_NOTICE))
             return False
         if not within_window(citizen, datetime.now(UTC)):
-            await self._portals.notice(event.room_id, WINDOW_NOTICE)
+            await self._not_sent(event.room_id, NotSent("window_closed", WINDOW_NOTICE))
             return False
         return True
 
+    # --- what the event becomes -------------------------------------------------------
+
+    async def _decide(self, event: StaffEvent) -> Decision:
+        content = event.content
+        relates = content.get("m.relates_to")
+        relates = relates if isinstance(relates, dict) else {}
+        if event.type == "m.reaction":
+            key = relates.get("key")
+            if relates.get("rel_type") != "m.annotation" or not isinstance(key, str) or not key:
+                return Ignored()
+            target = await self._wamid_of(relates.get("event_id"))
+            if target is None:
+                return NotSent("reaction_target", REACTION_TARGET_NOTICE)
+            return [{"type": "reaction", "message_id": target, "emoji": key}]
+        if event.type == "m.room.redaction":
+            return await self._redaction(event)
+        if relates.get("rel_type") == "m.replace":
+            return NotSent("edit", EDIT_NOTICE)
+        in_reply_to = relates.get("m.in_reply_to")
+        reply_to = await self._wamid_of(in_reply_to.get("event_id")
+                                        if isinstance(in_reply_to, dict) else None)
+        return translate(event.type, content, reply_to)
+
+    async def _redaction(self, event: StaffEvent) -> Decision:
+        """A redacted reaction is taken back on WhatsApp (an empty emoji); a redacted
+        held message is dropped; a redacted message that went out stays on the
+        citizen's phone, and staff are told so."""
+        target = event.redacts
+        if target is None:
+            return Ignored()
+        if await self._db.kv.get(HELD_KEY + target) is not None:
+            await self._db.kv.delete(HELD_KEY + target)
+            await self._db.audit.append(event.sender, "message.drop", f"room {event.room_id}",
+                                        "dropped", "redacted by staff")
+            await self._portals.notice(event.room_id, DROPPED_HELD_NOTICE)
+            return Ignored()
+        queued = await self._outbox.queued(target)
+        if queued is None:
+            return Ignored()  # never sent (a notice, a citizen's message): Matrix only
+        status, payload = queued
+        if status in ("failed", "cancelled"):
+            return Ignored()
+        if payload.get("type") == "reaction":
+            if not payload.get("emoji"):
+                return Ignored()
+            return [{"type": "reaction", "message_id": payload["message_id"], "emoji": ""}]
+        return NotSent("redaction", REDACTION_NOTICE)
+
+    async def _wamid_of(self, event_id: Any) -> str | None:
+        if not isinstance(event_id, str):
+            return None
+        link = await self._db.messages.by_event(EventID(event_id))
+        return link.wamid if link else None
+
     # --- hold for confirmation (personal identifiers) ---------------------------------
 
-    async def _hold(self, event: StaffEvent, payload: dict[str, Any], kinds: list[str]) -> None:
+    async def _hold(self, event: StaffEvent, payloads: list[dict[str, Any]],
+                    kinds: list[str]) -> None:
         sealed = self._cipher.encrypt_json(
-            {"at": datetime.now(UTC).isoformat(), "room_id": event.room_id, "payload": payload},
-            aad=AAD_PAYLOAD)
+            {"at": datetime.now(UTC).isoformat(), "room_id": event.room_id,
+             "payloads": payloads}, aad=AAD_PAYLOAD)
         await self._db.kv.set(HELD_KEY + event.event_id, sealed)
         await self._db.audit.append(event.sender, "message.hold", f"room {event.room_id}",
                                     "held", ", ".join(kinds))
@@ -173,49 +259,9 @@ class StaffToWhatsApp:
             return  # kept: it may still be confirmed once the citizen writes again
         # Queued (idempotent per held event) before the hold is forgotten: a crash in
         # between sends it once when the confirmation is processed again.
-        await self._outbox.staff(citizen, event.room_id, held_id, held["payload"])
+        payloads = held.get("payloads") or [held["payload"]]  # "payload": before parts
+        await self._queue(citizen, event.room_id, held_id, payloads)
         await self._db.kv.delete(HELD_KEY + held_id)
         await self._db.audit.append(event.sender, "message.release", f"room {event.room_id}",
                                     "ok", "confirmed by staff")
         await self._portals.notice(event.room_id, RELEASED_NOTICE)
-
-    async def _wamid_of(self, event_id: Any) -> str | None:
-        if not isinstance(event_id, str):
-            return None
-        link = await self._db.messages.by_event(event_id)  # type: ignore[arg-type]
-        return link.wamid if link else None
-
-    async def _payload(self, event: StaffEvent) -> dict[str, Any] | None:
-        content = event.content
-        relates = content.get("m.relates_to") or {}
-        if event.type == "m.reaction":
-            target = await self._wamid_of(relates.get("event_id"))
-            key = relates.get("key")
-            if relates.get("rel_type") != "m.annotation" or not target or not isinstance(key, str):
-                return None
-            return {"type": "reaction", "message_id": target, "emoji": key}
-        if event.type != "m.room.message":
-            return None
-        if relates.get("rel_type") == "m.replace":
-            await self._portals.notice(event.room_id, EDIT_NOTICE)
-            return None
-        reply_to = await self._wamid_of((relates.get("m.in_reply_to") or {}).get("event_id"))
-        msgtype, body = content.get("msgtype"), content.get("body")
-        if not isinstance(body, str):
-            return None
-        if msgtype in ("m.text", "m.notice", "m.emote"):
-            text = strip_reply_fallback(body) if reply_to else body
-            return {"type": "text", "body": re.sub(r"\s+$", "", text), "reply_to": reply_to}
-        if msgtype in WHATSAPP_KIND:
-            source = content.get("file") or {}
-            url = source.get("url") or content.get("url")
-            if not isinstance(url, str):
-                return None
-            info = content.get("info") or {}
-            filename = content.get("filename") or body
-            caption = body if content.get("filename") and body != content.get("filename") else None
-            return {"type": "media", "kind": WHATSAPP_KIND[msgtype], "url": url,
-                    "file": content.get("file"), "filename": filename, "caption": caption,
-                    "mimetype": info.get("mimetype") or "application/octet-stream",
-                    "reply_to": reply_to}
-        return None

@@ -50,19 +50,23 @@ from nio.crypto.attachments import decrypt_attachment
 
 from bridge.db import Citizen, Database, OutboxItem, Repositories
 from bridge.db.queues import NOTICE_KEY_PREFIX
-from bridge.matrix.api import MatrixAPI
+from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy
 from bridge.retry import backoff as retry_backoff
 from bridge.retry import is_transient, reason_of
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.graph import GraphClient, GraphError, Recipient, error_title
+from bridge.whatsapp.staff_events import (
+    TOO_LARGE_ADVICE,
+    NotSentReason,
+    failure_advice,
+    media_kind,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_MEDIA_BYTES = 100 * 1024 * 1024
-WHATSAPP_KIND = {"m.image": "image", "m.video": "video", "m.audio": "audio",
-                 "m.file": "document"}
 Notify = Callable[[RoomID, str], Awaitable[Any]]
 # Told about each new dead letter (its id "out-N", and a staff-facing detail or None).
 OnDead = Callable[[str, str | None], Awaitable[None]]
@@ -81,6 +85,11 @@ def callback_item(data: str | None) -> int | None:
     """The outbox row id in callback data we set; None for anything else."""
     match = _CALLBACK.fullmatch(data) if data else None
     return int(match.group(1)) if match else None
+
+
+def part_key(event_id: str, part: int) -> str:
+    """The outbox key of part `part` of staff message `event_id` (the first: the id)."""
+    return event_id if part == 0 else f"{event_id}#{part}"
 
 
 def backoff(attempts: int) -> timedelta:
@@ -140,9 +149,17 @@ class Outbox:
         return await repos.outbox.add(key, citizen.id, RoomID(""), token) is not None
 
     async def staff(self, citizen: Citizen, room_id: RoomID, event_id: EventID,
-                    payload: dict[str, Any]) -> bool:
-        """Queue a staff message; False if this Matrix event was queued before."""
-        return await self._add(citizen, event_id, room_id, {**payload, "event_id": event_id})
+                    payload: dict[str, Any], part: int = 0) -> bool:
+        """Queue a staff message (`part` n > 0 of a message sent in several parts gets
+        its own key); False if it was queued before."""
+        key = part_key(event_id, part)
+        extra = {"part": part} if part else {}
+        return await self._add(citizen, key, room_id, {**payload, "event_id": event_id, **extra})
+
+    async def queued(self, event_id: str) -> tuple[str, dict[str, Any]] | None:
+        """(status, payload) of what staff event `event_id` queued (its first part)."""
+        item = await self._db.outbox.by_key(event_id)
+        return None if item is None else (item.status, self._payload(item))
 
     # --- worker -----------------------------------------------------------------------
 
@@ -189,6 +206,8 @@ class Outbox:
                 await self._db.notices.mark_failed(notice_id, "consent withdrawn")
                 self._metrics.notices.labels("failed").inc()
             return
+        if payload.get("part") and not await self._after_previous_part(item, payload):
+            return
         if item.sending_at is not None:
             log.warning("outbox #%d: no delivery status within the confirmation window "
                         "after an interrupted send; sending again", item.id)
@@ -205,16 +224,32 @@ class Outbox:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Graph, a Matrix media download, decryption, a bug
+            # 413 from Matrix: larger than any WhatsApp attachment (size not announced).
+            too_large = isinstance(exc, MatrixError) and exc.status == 413
             error = (f"{exc.status} {exc.code}" if isinstance(exc, GraphError)
+                     else f"matrix {exc.status}" if isinstance(exc, MatrixError)
                      else type(exc).__name__)
-            if is_transient(exc):
+            if is_transient(exc) and not too_large:
                 await self._retry(item, error)
             else:
-                title = exc.permanent_title if isinstance(exc, GraphError) else None
-                await self._set_aside(item, exc, error, title, notice_id)
+                await self._set_aside(item, exc, error, notice_id, too_large=too_large)
             return
         if await self._db.outbox.mark_sent(item.id, wamid):
             await self._accepted(item, payload, wamid)
+
+    async def _after_previous_part(self, item: OutboxItem, payload: dict[str, Any]) -> bool:
+        """Parts of a long message go in order: a part waits while the one before it is
+        retrying, and is dropped (staff were told about that one) if it failed."""
+        previous = await self._db.outbox.by_key(part_key(payload["event_id"],
+                                                         payload["part"] - 1))
+        if previous is None or previous.status in ("sent", "cancelled"):
+            return True
+        if previous.status in ("failed", "dead"):
+            await self._db.outbox.mark_failed(item.id, "earlier part failed")
+            return False
+        later = max(previous.next_attempt_at, datetime.now(UTC)) + timedelta(seconds=1)
+        await self._db.outbox.postpone(item.id, later)
+        return False
 
     async def _accepted(self, item: OutboxItem, payload: dict[str, Any], wamid: str) -> None:
         """The bookkeeping of a send WhatsApp accepted as `wamid`, however we learnt it
@@ -251,7 +286,7 @@ class Outbox:
                 return False
             log.warning("outbox #%d: failed per delivery status %s", item_id, error_code)
             await self._gave_up(item, self._payload(item).get("notice_id"),
-                                error_title(error_code))
+                                error_title(error_code), code=error_code)
             return True
         return False
 
@@ -277,28 +312,45 @@ class Outbox:
         await self._db.outbox.retry_later(item.id, datetime.now(UTC) + backoff(attempts), error)
 
     async def _set_aside(self, item: OutboxItem, exc: Exception, error: str,
-                         title: str | None, notice_id: int | None = None) -> None:
-        """A permanent failure: the row becomes a dead letter and the queue goes on."""
+                         notice_id: int | None, *, too_large: bool = False) -> None:
+        """A permanent failure: the row becomes a dead letter (an admin may retry it),
+        the queue goes on, and whoever waits for the send is told what to do."""
         log.warning("outbox #%d failed for good (%s): set aside as dead letter out-%d",
                     item.id, error, item.id)
         if not await self._db.outbox.set_aside(item.id, reason_of(exc), error):
             return  # cancelled or settled meanwhile
-        if notice_id is not None:
-            await self._db.notices.mark_failed(notice_id, title or "error interno del puente")
-            self._metrics.notices.labels("failed").inc()
-        if self.on_dead is not None:
-            await self.on_dead(f"out-{item.id}", title)
-        elif item.room_id:
-            await self._notify(RoomID(item.room_id), f"Mensaje no enviado a WhatsApp: "
-                                                     f"{title or 'error interno del puente'}")
+        code: int | None = None
+        reason: NotSentReason = "internal"
+        if too_large:
+            title, reason = "el archivo supera los 100 MB que admite WhatsApp", "too_large"
+        elif isinstance(exc, GraphError):
+            title, reason = exc.permanent_title or "error de WhatsApp", "graph_error"
+            code = exc.code
+        elif isinstance(exc, MatrixError):
+            title = "no se pudo descargar el archivo de Matrix"
+        else:
+            title = "error interno del puente"
+        await self._gave_up(item, notice_id, title, code=code, reason=reason,
+                            dead_letter=f"out-{item.id}")
 
-    async def _gave_up(self, item: OutboxItem, notice_id: int | None, title: str) -> None:
-        """Tell whoever waits for a send that failed for good: the notice log, staff."""
+    async def _gave_up(self, item: OutboxItem, notice_id: int | None, title: str, *,
+                       code: int | None = None, reason: NotSentReason = "graph_error",
+                       dead_letter: str | None = None) -> None:
+        """Tell whoever waits for a send that failed for good: the notice log, staff
+        (with what to do, and the dead letter's id when it is one), the not-sent metric."""
         if notice_id is not None:
             await self._db.notices.mark_failed(notice_id, title)
             self._metrics.notices.labels("failed").inc()
-        if item.room_id:
-            await self._notify(RoomID(item.room_id), f"Mensaje no enviado a WhatsApp: {title}")
+        advice = (TOO_LARGE_ADVICE if reason == "too_large" else failure_advice(code))
+        if dead_letter is not None and self.on_dead is not None:
+            if item.room_id:
+                self._metrics.outbound_not_sent.labels(reason).inc()
+            # One notice, from bridge.deadletters: the reason, the advice, the id to retry.
+            await self.on_dead(dead_letter, f"{title}. {advice}".rstrip("."))
+        elif item.room_id:
+            self._metrics.outbound_not_sent.labels(reason).inc()
+            await self._notify(RoomID(item.room_id),
+                               f"Mensaje no enviado a WhatsApp: {title}. {advice}")
 
     def _recipient(self, citizen: Citizen) -> Recipient:
         cipher = self._privacy.cipher
@@ -324,15 +376,51 @@ class Outbox:
         if kind == "reaction":
             return partial(self._graph.send_reaction, to, payload["message_id"],
                            payload["emoji"], callback_data=cb)
-        if kind == "media":
-            data = await self._api.download(self._bot, payload["url"], MAX_MEDIA_BYTES)
-            if payload.get("file"):
-                f = payload["file"]
-                data = decrypt_attachment(data, f["key"]["k"], f["hashes"]["sha256"], f["iv"])
-            media_id = await self._graph.upload_media(
-                data, payload["mimetype"], payload["filename"])
-            caption = payload.get("caption") if payload["kind"] not in ("audio",) else None
-            return partial(self._graph.send_media, to, payload["kind"], media_id, caption,
-                           payload["filename"] if payload["kind"] == "document" else None,
+        if kind == "location":
+            return partial(self._graph.send_location, to, payload["latitude"],
+                           payload["longitude"], payload.get("name"), payload.get("address"),
                            payload.get("reply_to"), callback_data=cb)
+        if kind == "media":
+            return await self._prepare_media(to, payload, cb)
         raise ValueError(f"unknown outbox payload type {kind!r}")
+
+    async def _prepare_media(self, to: Recipient, payload: dict[str, Any], cb: str
+                             ) -> Callable[[], Awaitable[str]]:
+        """Download (and decrypt) the Matrix file, upload it to Meta, and return the send,
+        which deletes the upload once Graph has answered (Meta keeps the file for the
+        message; our copy there is no longer needed)."""
+        data = await self._api.download(self._bot, payload["url"], MAX_MEDIA_BYTES)
+        if payload.get("file"):
+            f = payload["file"]
+            data = decrypt_attachment(data, f["key"]["k"], f["hashes"]["sha256"], f["iv"])
+        # The real size may differ from the announced one: a file too big for its kind
+        # goes as a document.
+        kind = media_kind(payload.get("requested", payload["kind"]), payload["mimetype"],
+                          len(data)) or payload["kind"]
+        if kind != payload["kind"] and payload["kind"] != "document":
+            log.info("outbox: media sent as %s instead of %s", kind, payload["kind"])
+        media_id = await self._graph.upload_media(data, payload["mimetype"],
+                                                  payload["filename"])
+        caption = payload.get("caption") if kind not in ("audio", "sticker") else None
+        send = partial(self._graph.send_media, to, kind, media_id, caption,
+                       payload["filename"] if kind == "document" else None,
+                       payload.get("reply_to"), callback_data=cb)
+
+        async def send_then_delete() -> str:
+            try:
+                wamid = await send()
+            except GraphError as exc:
+                if exc.status is not None:  # refused: the next attempt uploads again
+                    await self._delete_upload(media_id)
+                raise
+            await self._delete_upload(media_id)
+            return wamid
+        return send_then_delete
+
+    async def _delete_upload(self, media_id: str) -> None:
+        try:
+            await self._graph.delete_media(media_id)
+        except GraphError as exc:  # the send stands; Meta expires uploads after 30 days
+            self._metrics.media_delete_failures.inc()
+            log.warning("outbox: uploaded media not deleted: http=%s code=%s",
+                        exc.status, exc.code)

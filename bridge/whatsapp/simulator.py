@@ -131,6 +131,7 @@ class CloudAPISimulator:
         self.sent_ids: list[str | None] = []  # wamid per `sent` entry (None for mark-read)
         self.requests: list[RequestRecord] = []
         self.media: dict[str, _Media] = {}
+        self.deleted_media: dict[str, _Media] = {}  # what DELETE /{media-id} removed
         self.callback_data: dict[str, str] = {}  # wamid -> biz_opaque_callback_data sent
         self.clock: Callable[[], float] = time.time  # timestamps of built payloads
         self._faults: deque[_Fault] = deque()
@@ -323,9 +324,11 @@ class CloudAPISimulator:
         return web.json_response(answer)
 
     async def _media_delete(self, request: web.Request) -> web.Response:
-        if self.media.pop(request.match_info["media_id"], None) is None:
+        media_id = request.match_info["media_id"]
+        if (item := self.media.pop(media_id, None)) is None:
             return _graph_error(400, 100, "Unsupported delete request. Object does not exist",
                                 subcode=33)
+        self.deleted_media[media_id] = item
         return web.json_response({"success": True})
 
     async def _download(self, request: web.Request) -> web.StreamResponse:

@@ -18,6 +18,7 @@ from bridge.retention import STEPS as RETENTION_STEPS
 from bridge.retry import DEAD_REASONS
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
+from bridge.whatsapp.staff_events import NotSentReason
 from bridge.whatsapp.webhook_parse import MessageKind
 from tests.fixtures.bridge import BridgeHarness
 
@@ -25,11 +26,11 @@ pytestmark = pytest.mark.integration
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-OUTBOX_TYPES = ("text", "buttons", "template", "reaction", "media")
+OUTBOX_TYPES = ("text", "buttons", "template", "reaction", "media", "location")
 ALLOWED_LABELS: dict[str, set[str]] = {
     "direction": {"in", "out"},
     "type": {*get_args(MessageKind), *OUTBOX_TYPES},
-    "reason": {"signature", "json", "format", *DEAD_REASONS},
+    "reason": {"signature", "json", "format", *DEAD_REASONS, *get_args(NotSentReason)},
     "purpose": set(get_args(ConsentPurpose)),
     "state": set(get_args(ConsentState)),
     "what": {label for _, label in RETENTION_STEPS},

@@ -186,8 +186,8 @@ async def test_crash_mid_send_then_failed_status_is_a_permanent_error(
                                          errors=[(131026, "Message undeliverable")]))
         failed = await wait_until(lambda: row_in(b, item.id, "failed"), 30, "failed row")
         assert failed.last_error == "status failed 131026" and failed.sending_at is None
-        await j.seen(lambda e: getattr(e, "body", "") == (
-            "Mensaje no enviado a WhatsApp: message undeliverable to this recipient"))
+        await j.seen(lambda e: getattr(e, "body", "").startswith(
+            "Mensaje no enviado a WhatsApp: message undeliverable to this recipient. "))
         await asyncio.sleep(1.5)
         assert sum(map(text_to(j, text), h.wa.sent)) == 1
     finally:

@@ -344,7 +344,10 @@ async def test_outbound_types_and_statuses(journey: Journey) -> None:
         "file": {**keys, "url": mxc}}, ignore_unverified_devices=True)
     doc = await j.sent_to_citizen(lambda s: s.get("type") == "document")
     assert doc["document"]["filename"] == "instrucciones.pdf"
-    assert wa.media[doc["document"]["id"]].data == data
+    # The upload is deleted from Meta once the send is accepted.
+    await wait_until(lambda: doc["document"]["id"] in wa.deleted_media, 30, "media deleted")
+    assert doc["document"]["id"] not in wa.media
+    assert wa.deleted_media[doc["document"]["id"]].data == data
 
     # Reaction to the citizen's message.
     await j.desk.client.room_send(j.room_id, "m.reaction", {"m.relates_to": {
