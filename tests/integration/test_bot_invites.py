@@ -1,9 +1,10 @@
-"""The bridge bot goes only where staff bring it: an invite from anyone else (a
-citizen's account from an invite link, say) is declined, counted, and never joined."""
+"""The bridge bot goes only where staff bring it: an invite from anyone else is
+declined, counted, and never joined (a citizen's account cannot even make the room)."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from urllib.parse import quote
 
 import pytest
@@ -43,15 +44,31 @@ def declined(h: BridgeHarness) -> float:
     return value or 0.0
 
 
-async def test_citizen_invite_is_declined_and_counted(bridge: BridgeHarness) -> None:
+async def test_citizen_cannot_invite_the_bot_anywhere(bridge: BridgeHarness) -> None:
+    """First barrier: the homeserver's policy module refuses a citizen's room (and so
+    the invite in it)."""
     citizen = await citizen_from_link(bridge)
-    before = declined(bridge)
     status, body = await bridge.synapse.synapse.request(
         "POST", "/_matrix/client/v3/createRoom",
         {"preset": "private_chat", "invite": [bridge.running.bridge.ghosts.bot]},
         citizen.token)
+    assert status == 403 and body["errcode"] == "M_FORBIDDEN", body
+
+
+async def test_invite_from_someone_not_staff_is_declined_and_counted(
+        bridge: BridgeHarness) -> None:
+    """Second barrier, the bridge's own (a homeserver without the module, an account
+    it does not cover): a local user who is neither staff nor admin invites the bot
+    to a room the bridge does not manage; the bot declines and never joins."""
+    localpart, password = f"vecino_{secrets.token_hex(3)}", secrets.token_urlsafe(16)
+    await bridge.synapse.synapse.register_user(localpart, password)
+    _, token, _ = await bridge.synapse.synapse.login(localpart, password)
+    before = declined(bridge)
+    status, body = await bridge.synapse.synapse.request(
+        "POST", "/_matrix/client/v3/createRoom",
+        {"preset": "private_chat", "invite": [bridge.running.bridge.ghosts.bot]}, token)
     assert status == 200, body
-    assert await settled(bridge, body["room_id"], citizen.token) == "leave"
+    assert await settled(bridge, body["room_id"], token) == "leave"
     assert declined(bridge) == before + 1
 
 
