@@ -280,12 +280,22 @@ class Meta:
         self.reaction_share = reaction_share
         self.reacting = False  # reactions only while traffic runs
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.errors: list[BaseException] = []
         self.sent_at: list[float] = []  # perf_counter() of each simulator record seen
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.errors.append(error)  # raised by the next sample
+
+    def check(self) -> None:
+        if self.errors:
+            raise BenchError(f"a traffic task failed: {self.errors[0]!r}") from self.errors[0]
 
     async def deliver(self, value: dict[str, Any], give_up_after: float = 300) -> bool:
         body = json.dumps(self.wa.envelope(value), separators=(",", ":")).encode()
@@ -643,6 +653,7 @@ async def sample(s: Setup, t0: float, cpu_bridge: CPU, cpu_synapse: CPU) -> Samp
     if not s.bridge.alive():
         raise BenchError("the bridge process exited:\n" + s.bridge.tail())
     s.observer.check_running()
+    s.meta.check()
     async with s.queues.connect() as conn:
         row = (await conn.execute(text(
             "SELECT (SELECT count(*) FROM inbound WHERE status = 'pending'), "
@@ -718,13 +729,16 @@ async def run_traffic(s: Setup, args: argparse.Namespace, tracker: Tracker,
             s, tracker, rng, args.media_share, args.image_kib * 1024), s, tracker),
         paced(args.staff_rate, stop_at, staff_sender(s, tracker), s, tracker))
     progress(HEADER)
-    minute_start = samples[0]
+    minute_start, ticks = samples[0], 0
+    per_minute = round(60 / SAMPLE_SECONDS)
     try:
         while not generators.done():
-            await asyncio.wait([generators], timeout=SAMPLE_SECONDS)
+            ticks += 1  # on a fixed grid, so that sample times do not drift
+            await asyncio.wait([generators], timeout=max(
+                0.0, t0 + ticks * SAMPLE_SECONDS - time.perf_counter()))
             samples.append(await sample(s, t0, cpu_bridge, cpu_synapse))
             now = samples[-1]
-            if now.t - minute_start.t >= 60 - 0.5 or generators.done():
+            if ticks % per_minute == 0 or (generators.done() and now.t - minute_start.t > 2):
                 rows.append(window_row(f"min {len(rows) + 1}", t0 + minute_start.t,
                                        t0 + now.t, tracker, minute_start, now))
                 print_row(rows[-1])
