@@ -644,7 +644,10 @@ class Sample:
     t: float  # seconds since the measured run started
     rss_kib: int
     fds: int
-    inbound_pending: int
+    inbound_pending: int  # every inbound row pending: the sum of the three below
+    messages_pending: int  # WhatsApp messages (citizens' lanes)
+    statuses_pending: int  # WhatsApp delivery statuses (the bridge gives them one lane)
+    matrix_pending: int  # Matrix events from appservice transactions
     outbox_pending: int
     cpu: tuple[float, float, float]  # CPU seconds so far: bench, bridge, Synapse
 
@@ -655,12 +658,19 @@ async def sample(s: Setup, t0: float, cpu_bridge: CPU, cpu_synapse: CPU) -> Samp
     s.observer.check_running()
     s.meta.check()
     async with s.queues.connect() as conn:
+        # 'statuses' is the lane the bridge's webhook gives every delivery status.
         row = (await conn.execute(text(
-            "SELECT (SELECT count(*) FROM inbound WHERE status = 'pending'), "
+            "SELECT (SELECT count(*) FROM inbound WHERE status = 'pending' "
+            "AND source = 'whatsapp' AND lane <> 'statuses'), "
+            "(SELECT count(*) FROM inbound WHERE status = 'pending' "
+            "AND source = 'whatsapp' AND lane = 'statuses'), "
+            "(SELECT count(*) FROM inbound WHERE status = 'pending' AND source = 'matrix'), "
             "(SELECT count(*) FROM outbox WHERE status = 'pending')"))).one()
     bench, bridge = cpu_bridge.now()
-    return Sample(time.perf_counter() - t0, s.bridge.rss_kib(), s.bridge.fds(), int(row[0]),
-                  int(row[1]), (bench, bridge, cpu_synapse.now()[1]))
+    messages, statuses, matrix, outbox = (int(x) for x in row)
+    return Sample(time.perf_counter() - t0, s.bridge.rss_kib(), s.bridge.fds(),
+                  messages + statuses + matrix, messages, statuses, matrix, outbox,
+                  (bench, bridge, cpu_synapse.now()[1]))
 
 
 def _ms(values: list[float], q: int) -> float | None:
@@ -692,7 +702,8 @@ def window_row(label: str, a: float, b: float, tracker: Tracker, first: Sample,
         "out_p50_ms": _ms([i.latency for i in out], 50),
         "out_p99_ms": _ms([i.latency for i in out], 99),
         "rss_mib": round(last.rss_kib / 1024, 1), "fds": last.fds,
-        "inbound_pending": last.inbound_pending, "outbox_pending": last.outbox_pending,
+        "messages_pending": last.messages_pending, "statuses_pending": last.statuses_pending,
+        "matrix_pending": last.matrix_pending, "outbox_pending": last.outbox_pending,
         "cpu_pct_bench": cpu[0], "cpu_pct_bridge": cpu[1], "cpu_pct_synapse": cpu[2],
         "load": load_average(),
     }
@@ -704,14 +715,16 @@ def print_row(r: dict[str, Any], file: Any = sys.stderr) -> None:
     print(f"{r['window']:>7} {f(r['in_sent_per_s']):>6} {f(r['in_per_s']):>6} "
           f"{f(r['in_p50_ms']):>8} {f(r['in_p99_ms']):>8} {f(r['out_sent_per_s']):>6} "
           f"{f(r['out_per_s']):>6} {f(r['out_p50_ms']):>8} {f(r['out_p99_ms']):>8} "
-          f"{f(r['rss_mib']):>7} {r['fds']:>4} {r['inbound_pending']:>5} "
+          f"{f(r['rss_mib']):>7} {r['fds']:>4} {r['messages_pending']:>5} "
+          f"{r['statuses_pending']:>5} {r['matrix_pending']:>5} "
           f"{r['outbox_pending']:>5} {f(r['cpu_pct_bridge']):>6} {f(r['cpu_pct_synapse']):>6} "
           f"{f(r['cpu_pct_bench']):>6}  {r['load']}", file=file, flush=True)
 
 
 HEADER = (f"{'window':>7} {'in off':>6} {'in/s':>6} {'in p50':>8} {'in p99':>8} "
           f"{'out off':>6} {'out/s':>6} {'out p50':>8} {'out p99':>8} {'RSS MiB':>7} "
-          f"{'fds':>4} {'inQ':>5} {'outQ':>5} {'%br':>6} {'%syn':>6} {'%bench':>6}  load")
+          f"{'fds':>4} {'inQ':>5} {'stQ':>5} {'mxQ':>5} {'outQ':>5} {'%br':>6} {'%syn':>6} "
+          f"{'%bench':>6}  load")
 
 
 async def run_traffic(s: Setup, args: argparse.Namespace, tracker: Tracker,
@@ -859,7 +872,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": os.cpu_count(), "load_before": load_before, "load_after": load_average(),
         "rows": rows,
         "samples": [{"t": round(x.t, 1), "rss_kib": x.rss_kib, "fds": x.fds,
-                     "inbound_pending": x.inbound_pending, "outbox_pending": x.outbox_pending}
+                     "messages_pending": x.messages_pending,
+                     "statuses_pending": x.statuses_pending, "matrix_pending": x.matrix_pending,
+                     "outbox_pending": x.outbox_pending}
                     for x in samples],
         "counts": counts,
         "images": {"sent": len(images), "arrived": sum(i.copies > 0 for i in images)},
@@ -888,8 +903,9 @@ def print_table(r: dict[str, Any]) -> None:
         print_row(row, sys.stdout)
     print("(per window: off = offered/s, in/s and out/s = arrived/s; latency ms: in = webhook "
           "POST until staff decrypted it, out = staff send until Graph got it; RSS, fds, "
-          "%br = the bridge process; inQ/outQ = inbound pending / outbox not sent at the "
-          "window's end; %CPU of one core)")
+          "%br = the bridge process; queues at the window's end: inQ = WhatsApp messages "
+          "pending, stQ = statuses pending, mxQ = Matrix events pending, outQ = outbox not "
+          "sent; %CPU of one core)")
     lat = r["latency_ms"]
     print(f"whole run latency p50/p99: inbound {lat['in']['p50']} / {lat['in']['p99']} ms, "
           f"outbound {lat['out']['p50']} / {lat['out']['p99']} ms")
