@@ -281,7 +281,7 @@ class Meta:
         self.reacting = False  # reactions only while traffic runs
         self.tasks: set[asyncio.Task[Any]] = set()
         self.errors: list[BaseException] = []
-        self.sent_at: list[float] = []  # perf_counter() of each simulator record seen
+        self.seen_sends = 0  # simulator records looked at so far
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -319,23 +319,23 @@ class Meta:
         """Runs until cancelled: notes every Graph send as the simulator records it and
         answers it with statuses (and, for a share of staff replies, a reaction)."""
         while True:
-            n = len(self.sent_at)
+            n = self.seen_sends
 
             def news(_: dict[str, Any], n: int = n) -> bool:
                 return len(self.wa.sent) > n
             # The simulator's public wait: returns as soon as there is a record past n.
             await self.wa.wait_for_sent(news, timeout=3600)
             now = time.perf_counter()
-            for index in range(n, len(self.wa.sent)):
-                self.sent_at.append(now)
+            self.seen_sends = len(self.wa.sent)
+            for index in range(n, self.seen_sends):
                 self._on_sent(self.wa.sent[index], self.wa.sent_ids[index], now)
 
     def _on_sent(self, body: dict[str, Any], wamid: str | None, now: float) -> None:
         if wamid is None:
             return  # a mark-as-read call
-        lane = self.by_wamid_lane(body)
+        lane = self.by_wa_id.get(str(body.get("to", "")))
         if lane is None:
-            return
+            return  # not to one of our citizens
         text_body = str((body.get("text") or {}).get("body", ""))
         item = self.tracker.outbound.get(text_body)
         if item is not None:
@@ -343,9 +343,6 @@ class Meta:
             if item.copies == 1 and self.reacting and self.rng.random() < self.reaction_share:
                 self.spawn(self._react(item, lane, wamid, self.rng.uniform(2.0, 5.0)))
         self.spawn(self._statuses(wamid, lane))
-
-    def by_wamid_lane(self, body: dict[str, Any]) -> int | None:
-        return self.by_wa_id.get(str(body.get("to", "")))
 
     async def _statuses(self, wamid: str, lane: int) -> None:
         for status, delay in (("sent", self.rng.uniform(0.2, 0.6)),
