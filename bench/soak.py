@@ -687,7 +687,7 @@ def window_row(label: str, a: float, b: float, tracker: Tracker, first: Sample,
     cpu = [round((y - x) / (last.t - first.t) * 100, 1) if last.t > first.t else None
            for x, y in zip(first.cpu, last.cpu, strict=True)]
     return {
-        "window": label,
+        "window": label, "seconds": round(b - a, 1),
         "in_sent_per_s": round(sum(a <= i.sent < b for i in tracker.inbound.values())
                                / seconds, 2),
         "in_per_s": round(len(inb) / seconds, 2),
@@ -767,10 +767,11 @@ async def run_traffic(s: Setup, args: argparse.Namespace, tracker: Tracker,
             break
         await asyncio.sleep(1.0)
         samples.append(await sample(s, t0, cpu_bridge, cpu_synapse))
+    settled = samples[-1].t - drain_start.t
     await asyncio.sleep(1.0)  # a duplicate would show up right behind the original
     samples.append(await sample(s, t0, cpu_bridge, cpu_synapse))
     rows.append(window_row("drain", t0 + drain_start.t, t0 + samples[-1].t + 1, tracker,
-                           drain_start, samples[-1]))
+                           drain_start, samples[-1]) | {"settled_s": round(settled, 1)})
     print_row(rows[-1])
     return rows, samples
 
@@ -904,6 +905,8 @@ def print_table(r: dict[str, Any]) -> None:
           "pending, stQ = statuses pending, mxQ = Matrix events pending, outQ = outbox not "
           "sent; %CPU of one core)")
     lat = r["latency_ms"]
+    print(f"drain: {r['rows'][-1]['settled_s']:g} s until everything had arrived and the "
+          "queues were empty (or --drain-seconds ran out)")
     print(f"whole run latency p50/p99: inbound {lat['in']['p50']} / {lat['in']['p99']} ms, "
           f"outbound {lat['out']['p50']} / {lat['out']['p99']} ms")
     for way, c in r["counts"].items():
