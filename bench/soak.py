@@ -38,7 +38,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -754,8 +754,10 @@ async def run_traffic(s: Setup, args: argparse.Namespace, tracker: Tracker,
         generators.result()
     finally:
         s.meta.reacting = False
-        if not generators.done():
+        if not generators.done():  # interrupted
             generators.cancel()
+            with suppress(asyncio.CancelledError):
+                await generators
     # Drain: everything accepted arrives, every status is posted, the queues empty.
     drain_start, deadline = samples[-1], loop.time() + args.drain_seconds
     while loop.time() < deadline:
@@ -794,13 +796,13 @@ def out_of_order(order: dict[int, list[int]]) -> int:
 
 def growth(samples: list[Sample], minutes: float, what: str) -> dict[str, Any]:
     """Median of the last traffic minute against the median of minute 2 (minute 1 is
-    warm-up); n/a for runs shorter than two minutes."""
+    warm-up); n/a for runs shorter than three minutes (nothing to compare)."""
     def median(a: float, b: float) -> float | None:
         values = [getattr(x, what) for x in samples if a <= x.t < b]
         return statistics.median(values) if values else None
     end = minutes * 60
-    base = median(60, 120) if minutes >= 2 else None
-    last = median(end - 60, end + 0.5) if minutes >= 2 else None
+    base = median(60, 120) if minutes >= 3 else None
+    last = median(end - 60, end + 0.5) if minutes >= 3 else None
     if base is None or last is None:
         return {"target": f"{what}_growth", "verdict": "n/a", "value": None,
                 "baseline": base, "last": last, "limit": TARGET_GROWTH}
@@ -934,7 +936,7 @@ def print_table(r: dict[str, Any]) -> None:
                 return f"{x / 1024:.1f} MiB" if rss else f"{x:g}"
             detail = (f"{unit(base)} (minute 2) -> {unit(last)} (last minute): "
                       f"{v['value']:+.1%}" if v["value"] is not None
-                      else "needs --minutes >= 2")
+                      else "needs --minutes >= 3")
             print(f"{v['target']}: {detail} (target <= {v['limit']:.0%}) {v['verdict']}")
         else:
             print(f"{v['target']}: {v['value']} (target {v['limit']}) {v['verdict']}")
