@@ -75,6 +75,7 @@ PHONE_NUMBER_ID = "109876543210"
 PREFIX = "soak "  # every body the bench sends starts with this
 TARGET_GROWTH = 0.10  # RSS and fds, first measured minute after warm-up to the last
 SAMPLE_SECONDS = 5.0  # RSS, fds and queue depths are sampled this often
+IDLE_SECONDS = 20.0  # after the drain, before the last sample
 REACTIONS = ("👍", "❤️", "🙏")
 STAFF_SYNC_TIMEOUT_MS = 200
 SYNC_FAILURES_TOLERATED = 30  # in a row, 2 s apart
@@ -768,7 +769,10 @@ async def run_traffic(s: Setup, args: argparse.Namespace, tracker: Tracker,
         await asyncio.sleep(1.0)
         samples.append(await sample(s, t0, cpu_bridge, cpu_synapse))
     settled = samples[-1].t - drain_start.t
-    await asyncio.sleep(1.0)  # a duplicate would show up right behind the original
+    # Idle, so that the last sample is comparable with the first (taken idle, after the
+    # warm-up): HTTP keep-alive connections close after 15 s unused. A duplicate would
+    # show up meanwhile too.
+    await asyncio.sleep(IDLE_SECONDS)
     samples.append(await sample(s, t0, cpu_bridge, cpu_synapse))
     rows.append(window_row("drain", t0 + drain_start.t, t0 + samples[-1].t + 1, tracker,
                            drain_start, samples[-1]) | {"settled_s": round(settled, 1)})
@@ -876,6 +880,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                      "outbox_pending": x.outbox_pending}
                     for x in samples],
         "counts": counts,
+        "idle": {"before_traffic": {"rss_kib": samples[0].rss_kib, "fds": samples[0].fds},
+                 "after_drain": {"rss_kib": samples[-1].rss_kib, "fds": samples[-1].fds}},
         "images": {"sent": len(images), "arrived": sum(i.copies > 0 for i in images)},
         "latency_ms": {way: {"p50": _ms(v, 50), "p99": _ms(v, 99)}
                        for way, v in everything.items()},
@@ -905,6 +911,11 @@ def print_table(r: dict[str, Any]) -> None:
           "%br = the bridge process; queues at the window's end: inQ = WhatsApp messages "
           "pending, stQ = statuses pending, mxQ = Matrix events pending, outQ = outbox not "
           "sent; %CPU of one core)")
+    idle = r["idle"]
+    print(f"bridge idle: before the traffic RSS {idle['before_traffic']['rss_kib'] / 1024:.1f} "
+          f"MiB, {idle['before_traffic']['fds']} fds; {IDLE_SECONDS:g} s after the drain RSS "
+          f"{idle['after_drain']['rss_kib'] / 1024:.1f} MiB, {idle['after_drain']['fds']} fds "
+          "(fds while busy follow the open HTTP connections)")
     lat = r["latency_ms"]
     print(f"drain: {r['rows'][-1]['settled_s']:g} s until everything had arrived and the "
           "queues were empty (or --drain-seconds ran out)")
