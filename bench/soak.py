@@ -912,8 +912,9 @@ def print_table(r: dict[str, Any]) -> None:
           "pending, stQ = statuses pending, mxQ = Matrix events pending, outQ = outbox not "
           "sent; %CPU of one core)")
     idle = r["idle"]
-    print(f"bridge idle: before the traffic RSS {idle['before_traffic']['rss_kib'] / 1024:.1f} "
-          f"MiB, {idle['before_traffic']['fds']} fds; {IDLE_SECONDS:g} s after the drain RSS "
+    print(f"bridge right after the warm-up: RSS "
+          f"{idle['before_traffic']['rss_kib'] / 1024:.1f} MiB, {idle['before_traffic']['fds']} "
+          f"fds; after the drain and {IDLE_SECONDS:g} s idle: RSS "
           f"{idle['after_drain']['rss_kib'] / 1024:.1f} MiB, {idle['after_drain']['fds']} fds "
           "(fds while busy follow the open HTTP connections)")
     lat = r["latency_ms"]
