@@ -29,7 +29,7 @@ from bridge.whatsapp import consent
 from bridge.whatsapp.outbound import drop_held
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE, NoticeSubscriptions
-from bridge.whatsapp.webhook_parse import citizen_lane
+from bridge.whatsapp.webhook_parse import citizen_lane, status_lane
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,10 @@ class CitizenData:
         await self._portals.close(citizen, ERASED_NOTICE)
         if citizen.ghost_user_id is not None:
             await self._ghosts.retire(citizen.ghost_user_id)
-        # Queued webhooks hold the identifiers (encrypted): every one of the lane goes.
+        # Queued webhooks hold the identifiers (encrypted): every one of their lanes
+        # goes, the statuses of sends to them too.
         await self._db.inbound.delete_lane("whatsapp", citizen_lane(citizen.index_hash))
+        await self._db.inbound.delete_lane("whatsapp", status_lane(citizen.index_hash))
         if portal is not None:
             await self._db.messages.delete_room(RoomID(portal.room_id))
             await drop_held(self._db, self._privacy.cipher, room_id=portal.room_id)

@@ -40,7 +40,7 @@ def inbound_lane_kind(source: str, lane: str) -> str:
         return "room"
     if lane.startswith("citizen:"):
         return "citizen"
-    return "statuses" if lane == "statuses" else "other"
+    return "statuses" if lane.split(":", 1)[0] == "statuses" else "other"
 
 
 def _from_inbound(row: InboundRow) -> DeadLetter:

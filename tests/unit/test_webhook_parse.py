@@ -563,7 +563,16 @@ def test_lane_is_the_citizens_keyed_hash(message: dict[str, Any],
     assert lane_of(v, INDEX) == citizen_lane(INDEX.digest(parsed.sender.key))
 
 
-def test_statuses_share_one_lane() -> None:
-    v = value(statuses=[{"id": "wamid.OUT", "status": "read", "timestamp": TS,
-                         "recipient_id": WA_ID}])
-    assert lane_of(v, INDEX) == "statuses"
+def test_statuses_have_a_lane_per_recipient() -> None:
+    """Statuses of sends to one person stay in order; different people's run in
+    parallel; the lane names the recipient by keyed hash only."""
+    def status(**recipient: str) -> dict[str, Any]:
+        return value(statuses=[{"id": "wamid.OUT", "status": "read", "timestamp": TS}
+                               | recipient])
+    by_number = lane_of(status(recipient_id=WA_ID), INDEX)
+    assert by_number == "statuses:" + INDEX.digest(WA_ID)
+    assert WA_ID not in by_number
+    assert lane_of(status(recipient_id=WA_ID, recipient_user_id="ES.abcdefghij"), INDEX) == (
+        "statuses:" + INDEX.digest("ES.abcdefghij"))
+    assert lane_of(status(recipient_id="34699999999"), INDEX) != by_number
+    assert lane_of(status(), INDEX) == "statuses"
