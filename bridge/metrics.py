@@ -49,3 +49,21 @@ class Metrics:
         self.active = Gauge("civic_bridge_active",
                             "1 while this process holds the leader lock and processes",
                             registry=r)
+        # Moderation (bridge.moderation): source `matrix`/`whatsapp`/`flag`; action one of
+        # redact/mute/kick/ban/dismiss; outcome `reverted`/`not_reverted`; what
+        # `management`/`reporter`.
+        self.reports = Counter("civic_bridge_reports", "Reports filed for moderators, by "
+                               "source (flags included)", ["source"], registry=r)
+        self.report_actions = Counter("civic_bridge_report_actions",
+                                      "Reports closed by a moderator, by action", ["action"],
+                                      registry=r)
+        self.flags = Counter("civic_bridge_flags",
+                             "Messages flagged to moderators by moderation.flag_terms",
+                             registry=r)
+        self.display_names = Counter("civic_bridge_display_names_refused",
+                                     "Citizens' display names that broke the rules",
+                                     ["outcome"], registry=r)
+        self.moderation_undelivered = Counter(
+            "civic_bridge_moderation_undelivered",
+            "Moderation notices or answers to reporters that could not be delivered",
+            ["what"], registry=r)

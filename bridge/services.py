@@ -32,6 +32,7 @@ from bridge.matrix.relay import Relay
 from bridge.matrix.rooms import RoomPolicy, Rooms
 from bridge.matrix.trust import Trust
 from bridge.metrics import Metrics
+from bridge.moderation.wiring import ModerationParts
 from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy
 from bridge.types import UserID
@@ -81,6 +82,8 @@ class Bridge:
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     # Why processing stopped for good (set with `lost`): the process should exit.
     stop_reason: str = "leader lock lost"
+    # Reports, flags, watched display names (bridge.moderation).
+    safety: ModerationParts | None = None
 
     async def lead(self) -> None:
         """Wait to be elected, then start; stop processing the moment the lock is lost.
@@ -176,6 +179,8 @@ class Bridge:
         if self.config.whatsapp.enabled:
             self.outbox.start()
         self.spawn(self.retention())
+        if self.safety and self.safety.poller:
+            self.spawn(self.safety.poller.run())
         self.ready.set()
         log.info("bridge ready")
         self.spawn(self.nudge_homeserver())
@@ -260,13 +265,17 @@ async def build_bridge(config: Config) -> Bridge:
     mirror = Mirror(db, api, relay, graph, portals, metrics)
     subscriptions = NoticeSubscriptions(config, db, outbox, metrics)
     handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}
+    inbound: WhatsAppInbound | None = None
     if config.whatsapp.enabled:
         inbound = WhatsAppInbound(config, db, privacy, portals, mirror, outbox, metrics,
                                   subscriptions)
         handlers["whatsapp"] = inbound
         relay.add_handler(StaffToWhatsApp(db, portals, outbox, privacy))
     worker = InboundWorker(db, handlers, metrics=metrics)
-    parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy)
+    parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy,
+                        outbox if config.whatsapp.enabled else None, metrics)
+    if inbound is not None and parts.safety.whatsapp is not None:
+        inbound.set_report_hook(parts.safety.whatsapp)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
                   outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,
@@ -274,5 +283,5 @@ async def build_bridge(config: Config) -> Bridge:
                   citizens=CitizenData(config, db, privacy, portals, ghosts,
                                         subscriptions),
                   notices=Notices(config, db, outbox, metrics, subscriptions, ghosts.is_ours),
-                  election=election_for(config.database.url),
+                  election=election_for(config.database.url), safety=parts.safety,
                   pod=await PodLabeler.from_environment(http))
