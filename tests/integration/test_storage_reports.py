@@ -1,0 +1,61 @@
+"""Reports (revision 0008), on SQLite and PostgreSQL: filed once per external id,
+closed once, listed newest first."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bridge.db import Database
+from bridge.types import EventID, RoomID, UserID
+
+ROOM = RoomID("!plaza:agency.example")
+REPORTER = UserID("@v_reporter:agency.example")
+AUTHOR = UserID("@v_author:agency.example")
+
+
+async def _file(db: Database, external: str, event: str = "$ev") -> tuple[int, bool]:
+    report, created = await db.reports.add(
+        source="matrix", external_id=external, room_id=ROOM, event_id=EventID(event),
+        reporter=REPORTER, author=AUTHOR, reason_ct="v1.k.sealed", language="en")
+    return report.id, created
+
+
+async def test_a_report_is_filed_once_per_external_id(db: Database) -> None:
+    first, created = await _file(db, "synapse:1")
+    assert created
+    again, created_again = await _file(db, "synapse:1", "$other")
+    assert (again, created_again) == (first, False)
+    # Concurrent arrivals of the same report file one row.
+    results = await asyncio.gather(*(_file(db, "synapse:2") for _ in range(5)))
+    assert len({r[0] for r in results}) == 1 and sum(r[1] for r in results) == 1
+    assert await db.reports.known(["synapse:1", "synapse:2", "synapse:3"]) == {
+        "synapse:1", "synapse:2"}
+    assert await db.reports.known([]) == set()
+    report = await db.reports.get(first)
+    assert report is not None
+    assert (report.source, report.room_id, report.event_id, report.reporter, report.author,
+            report.reason_ct, report.language, report.status, report.handled_by) == (
+        "matrix", ROOM, "$ev", REPORTER, AUTHOR, "v1.k.sealed", "en", "open", None)
+    assert report.created_at.tzinfo is not None
+
+
+async def test_a_report_is_closed_once_and_can_be_reopened(db: Database) -> None:
+    report_id, _ = await _file(db, "wa:abc")
+    assert await db.reports.close(report_id, "ban", "@admin:agency.example")
+    assert not await db.reports.close(report_id, "kick", "@other:agency.example")
+    closed = await db.reports.get(report_id)
+    assert closed is not None and (closed.status, closed.handled_by) == (
+        "ban", "@admin:agency.example")
+    assert closed.handled_at is not None
+    await db.reports.reopen(report_id)
+    reopened = await db.reports.get(report_id)
+    assert reopened is not None and (reopened.status, reopened.handled_at) == ("open", None)
+    assert await db.reports.get(report_id + 1000) is None
+
+
+async def test_listing_newest_first_and_by_status(db: Database) -> None:
+    ids = [(await _file(db, f"flag:$e{i}"))[0] for i in range(4)]
+    await db.reports.close(ids[1], "dismiss", "admin-api")
+    assert [r.id for r in await db.reports.list()] == ids[::-1]
+    assert [r.id for r in await db.reports.list(status="open")] == [ids[3], ids[2], ids[0]]
+    assert [r.id for r in await db.reports.list(limit=2, before_id=ids[3])] == [ids[2], ids[1]]
