@@ -22,6 +22,8 @@ from bridge.db.models import ID, Base, UTCDateTime, one_of, utcnow
 from bridge.db.scope import Scope, rowcount
 from bridge.types import EventID, RoomID, UserID
 
+# Additional data of a sealed reason: a ciphertext cannot be moved to another column.
+AAD_REPORT_REASON = b"report.reason"
 ReportSource = Literal["matrix", "whatsapp", "flag"]
 REPORT_SOURCES: tuple[str, ...] = ("matrix", "whatsapp", "flag")
 # "open", or the one action that closed it.
@@ -123,6 +125,17 @@ class ReportRepo:
                 .values(status=action, handled_by=actor, handled_at=utcnow()))
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt)) == 1
+
+    async def sealed(self) -> builtins.list[tuple[int, str]]:
+        """(id, reason ciphertext) of every report with a reason (for `rekey`)."""
+        stmt = select(ReportRow.id, ReportRow.reason_ct).where(ReportRow.reason_ct.is_not(None))
+        async with self._scope.session() as session:
+            return [(i, str(ct)) for i, ct in (await session.execute(stmt)).all()]
+
+    async def reseal(self, report_id: int, reason_ct: str) -> None:
+        stmt = update(ReportRow).where(ReportRow.id == report_id).values(reason_ct=reason_ct)
+        async with self._scope.session() as session:
+            await session.execute(stmt)
 
     async def reopen(self, report_id: int) -> None:
         """Undo `close` when the action itself then failed on the homeserver."""

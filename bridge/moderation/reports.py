@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from bridge.admin.moderation import Moderation
 from bridge.db import Database
-from bridge.db.reports import Report, ReportSource
+from bridge.db.reports import AAD_REPORT_REASON, Report, ReportSource
 from bridge.errors import Conflict, InvalidParam, NotFound
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.rooms import Rooms
@@ -29,7 +29,6 @@ from bridge.privacy import Cipher
 from bridge.types import EventID, RoomID, UserID
 
 log = logging.getLogger(__name__)
-AAD_REPORT_REASON = b"report.reason"
 MAX_REASON = 1000
 
 

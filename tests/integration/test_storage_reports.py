@@ -4,8 +4,12 @@ closed once, listed newest first."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 from bridge.db import Database
+from bridge.db.reports import AAD_REPORT_REASON
+from bridge.privacy import Cipher
+from bridge.rekey import rekey_database
 from bridge.types import EventID, RoomID, UserID
 
 ROOM = RoomID("!plaza:agency.example")
@@ -59,3 +63,18 @@ async def test_listing_newest_first_and_by_status(db: Database) -> None:
     assert [r.id for r in await db.reports.list()] == ids[::-1]
     assert [r.id for r in await db.reports.list(status="open")] == [ids[3], ids[2], ids[0]]
     assert [r.id for r in await db.reports.list(limit=2, before_id=ids[3])] == [ids[2], ids[1]]
+
+
+async def test_reasons_are_resealed_by_rekey(db: Database) -> None:
+    old_key, new_key = os.urandom(32), os.urandom(32)
+    old = Cipher(old_key)
+    report, _ = await db.reports.add(
+        source="whatsapp", external_id="wa:rekey", room_id=ROOM, event_id=EventID("$r"),
+        reporter=REPORTER, author=None, language="es",
+        reason_ct=old.encrypt("me insulta", aad=AAD_REPORT_REASON))
+    rotated = Cipher(new_key, [old_key])
+    assert await rekey_database(db, rotated) == 1
+    assert await rekey_database(db, rotated) == 0
+    sealed = (await db.reports.get(report.id)).reason_ct  # type: ignore[union-attr]
+    assert sealed is not None and not rotated.needs_rekey(sealed)
+    assert Cipher(new_key).decrypt_str(sealed, aad=AAD_REPORT_REASON) == "me insulta"
