@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -28,6 +29,7 @@ from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.webhook_parse import InboundMessage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SEEN_KEY = "reports:synapse_seen"  # the highest Synapse report id already looked at
 MAX_PAGES = 50
 
@@ -38,6 +40,11 @@ class ReportPoller:
     Synapse numbers reports in order; the highest id looked at is kept, so each poll
     reads only what is new, and a restart resumes where it stopped. Reports about rooms
     that are not the bridge's are left in Synapse's list, untouched.
+
+    A poll touches the database only when Synapse has something new, and that work is
+    finished before a cancellation (shutdown) takes effect: a statement cancelled
+    half-way can leave SQLite's write lock held, and the next start would find the
+    database locked.
     """
 
     def __init__(self, db: Database, admin: SynapseAdmin, reports: Reports,
@@ -46,10 +53,19 @@ class ReportPoller:
         self._admin = admin
         self._reports = reports
         self._every = every
+        self._seen: int | None = None
 
     async def poll_once(self) -> int:
         """File every new report; returns how many were filed."""
-        seen = int(await self._db.kv.get(SEEN_KEY) or 0)
+        if self._seen is None:
+            self._seen = await _uncancelled(self._read_seen())
+        new = await self._fetch_new(self._seen)
+        return await _uncancelled(self._file(new)) if new else 0
+
+    async def _read_seen(self) -> int:
+        return int(await self._db.kv.get(SEEN_KEY) or 0)
+
+    async def _fetch_new(self, seen: int) -> list[dict[str, Any]]:
         new: list[dict[str, Any]] = []
         start: int | None = 0
         for _ in range(MAX_PAGES):
@@ -59,8 +75,11 @@ class ReportPoller:
             new.extend(fresh)
             if start is None or len(fresh) < len(page):
                 break
+        return sorted(new, key=lambda r: int(r["id"]))
+
+    async def _file(self, new: list[dict[str, Any]]) -> int:
         filed = 0
-        for raw in sorted(new, key=lambda r: int(r["id"])):
+        for raw in new:
             report = await self._reports.file(
                 source="matrix", external_id=f"synapse:{raw['id']}",
                 room_id=RoomID(str(raw.get("room_id", ""))),
@@ -71,6 +90,7 @@ class ReportPoller:
                 else None)
             filed += report is not None
             await self._db.kv.set(SEEN_KEY, str(raw["id"]))
+            self._seen = int(raw["id"])
         return filed
 
     async def run(self) -> None:
@@ -83,6 +103,16 @@ class ReportPoller:
                             "moderation.synapse_admin_token", getattr(exc, "errcode",
                                                                       type(exc).__name__))
             await asyncio.sleep(self._every)
+
+
+async def _uncancelled(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to its end even if the caller is cancelled meanwhile (then re-raise)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 class WhatsAppReports:
