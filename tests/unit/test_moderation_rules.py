@@ -183,3 +183,11 @@ def test_report_commands_parse(text: str, expected: Command) -> None:
 def test_report_commands_refused(text: str, error: str) -> None:
     with pytest.raises(CommandError, match=error):
         parse(text)
+
+
+def test_help_lists_the_report_commands() -> None:
+    from bridge.matrix.management import help_text
+
+    text = help_text()
+    assert "\n  reports " in text and "\n  report N redact|mute|kick|ban|dismiss" in text
+    assert "denuncia N borrar|silenciar|expulsar|vetar|descartar" in text
