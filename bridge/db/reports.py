@@ -28,6 +28,7 @@ ReportSource = Literal["matrix", "whatsapp", "flag"]
 REPORT_SOURCES: tuple[str, ...] = ("matrix", "whatsapp", "flag")
 # "open", or the one action that closed it.
 REPORT_STATUSES: tuple[str, ...] = ("open", "redact", "mute", "kick", "ban", "dismiss")
+ERASED = "(erased)"  # the reporter of a report whose reporter was erased (GDPR art. 17)
 
 
 class ReportRow(Base):
@@ -136,6 +137,14 @@ class ReportRepo:
         stmt = update(ReportRow).where(ReportRow.id == report_id).values(reason_ct=reason_ct)
         async with self._scope.session() as session:
             await session.execute(stmt)
+
+    async def forget_reporter(self, user_id: UserID) -> int:
+        """An erased citizen's reports stay for the moderators, without their reason and
+        with the reporter replaced by ERASED; returns how many."""
+        stmt = (update(ReportRow).where(ReportRow.reporter == user_id)
+                .values(reporter=ERASED, reason_ct=None))
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt))
 
     async def reopen(self, report_id: int) -> None:
         """Undo `close` when the action itself then failed on the homeserver."""

@@ -326,6 +326,14 @@ async def test_denunciar_on_whatsapp_quoting_a_staff_message_reaches_moderators(
         for line in bridge.log_lines:
             if line.startswith("bridge"):
                 assert "faltado al respeto" not in line and quoted not in line
+
+        # Erasure keeps the report for the moderators, without its reporter or reason.
+        status, body = await bridge.running.call(
+            "DELETE", f"/admin/v1/citizens/{q(ghost.ghost_user_id or '')}",
+            {"reason": "supresión"})
+        assert status == 200, body
+        report = await b.db.reports.get(number)
+        assert report is not None and (report.reporter, report.reason_ct) == ("(erased)", None)
     finally:
         await j.desk.close()
         await talk.staff.close()

@@ -7,7 +7,7 @@ import asyncio
 import os
 
 from bridge.db import Database
-from bridge.db.reports import AAD_REPORT_REASON
+from bridge.db.reports import AAD_REPORT_REASON, ERASED
 from bridge.privacy import Cipher
 from bridge.rekey import rekey_database
 from bridge.types import EventID, RoomID, UserID
@@ -78,3 +78,19 @@ async def test_reasons_are_resealed_by_rekey(db: Database) -> None:
     sealed = (await db.reports.get(report.id)).reason_ct  # type: ignore[union-attr]
     assert sealed is not None and not rotated.needs_rekey(sealed)
     assert Cipher(new_key).decrypt_str(sealed, aad=AAD_REPORT_REASON) == "me insulta"
+
+
+async def test_an_erased_reporter_is_forgotten_but_the_report_stays(db: Database) -> None:
+    mine, _ = await db.reports.add(
+        source="whatsapp", external_id="wa:erase-1", room_id=ROOM, event_id=EventID("$a"),
+        reporter=REPORTER, author=AUTHOR, language="es", reason_ct="v1.k.reason")
+    other, _ = await db.reports.add(
+        source="matrix", external_id="synapse:erase-2", room_id=ROOM, event_id=EventID("$b"),
+        reporter=AUTHOR, author=REPORTER, language="es", reason_ct="v1.k.other")
+    assert await db.reports.forget_reporter(REPORTER) == 1
+    kept = await db.reports.get(mine.id)
+    assert kept is not None and (kept.reporter, kept.reason_ct, kept.status) == (
+        ERASED, None, "open")
+    untouched = await db.reports.get(other.id)
+    assert untouched is not None and (untouched.reporter, untouched.reason_ct) == (
+        AUTHOR, "v1.k.other")
