@@ -51,7 +51,7 @@ class Metrics:
                             registry=r)
         # Moderation (bridge.moderation): source `matrix`/`whatsapp`/`flag`; action one of
         # redact/mute/kick/ban/dismiss; outcome `reverted`/`not_reverted`; what
-        # `management`/`reporter`.
+        # `management`/`reporter`/`poll` (Synapse's event reports could not be read).
         self.reports = Counter("civic_bridge_reports", "Reports filed for moderators, by "
                                "source (flags included)", ["source"], registry=r)
         self.report_actions = Counter("civic_bridge_report_actions",
@@ -65,5 +65,6 @@ class Metrics:
                                      ["outcome"], registry=r)
         self.moderation_undelivered = Counter(
             "civic_bridge_moderation_undelivered",
-            "Moderation notices or answers to reporters that could not be delivered",
+            "Moderation notices or answers to reporters that could not be delivered, and "
+            "failed reads of Synapse's event reports",
             ["what"], registry=r)

@@ -48,11 +48,12 @@ class ReportPoller:
     """
 
     def __init__(self, db: Database, admin: SynapseAdmin, reports: Reports,
-                 every: float) -> None:
+                 every: float, metrics: Metrics) -> None:
         self._db = db
         self._admin = admin
         self._reports = reports
         self._every = every
+        self._metrics = metrics
         self._seen: int | None = None
 
     async def poll_once(self) -> int:
@@ -99,6 +100,7 @@ class ReportPoller:
                 await self.poll_once()
             except (MatrixError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 # e.g. a token that is not an admin's: M_FORBIDDEN, every poll, loudly.
+                self._metrics.moderation_undelivered.labels("poll").inc()
                 log.warning("reading Synapse's event reports failed (%s); check "
                             "moderation.synapse_admin_token", getattr(exc, "errcode",
                                                                       type(exc).__name__))

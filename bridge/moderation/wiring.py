@@ -50,7 +50,7 @@ def build_moderation(config: Config, db: Database, http: aiohttp.ClientSession,
     relay.add_handler(Flagger(config, db, reports, bot, metrics))
     relay.add_member_handler(DisplayNameWatch(config, db, api, ghosts, admin, management,
                                               reporters, metrics))
-    poller = ReportPoller(db, admin, reports, config.moderation.reports_poll_seconds) \
-        if admin else None
+    poller = ReportPoller(db, admin, reports, config.moderation.reports_poll_seconds,
+                          metrics) if admin else None
     whatsapp = WhatsAppReports(db, privacy, outbox, reports) if outbox else None
     return ModerationParts(reports, poller, whatsapp)

@@ -15,6 +15,9 @@ import aiohttp
 import pytest
 from nio import EncryptionError, MegolmEvent, RoomMessageNotice
 
+from bridge.metrics import Metrics
+from bridge.moderation.intake import ReportPoller
+from bridge.moderation.synapse_admin import SynapseAdmin
 from bridge.types import RoomID
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_moderation import (
@@ -26,6 +29,7 @@ from tests.integration.test_moderation import (
     eventually,
     joined,
     membership,
+    new_user,
     q,
     send_text,
     state,
@@ -375,3 +379,26 @@ async def test_a_flagged_term_is_flagged_and_nothing_is_deleted(bridge: BridgeHa
             (await bridge.running.call("GET", "/admin/v1/reports?limit=1000"))[1])
     finally:
         await talk.staff.close()
+
+
+async def test_a_token_that_is_not_a_synapse_admins_is_counted_and_logged(
+        bridge: BridgeHarness) -> None:
+    b = bridge.running.bridge
+    assert b.safety is not None
+    user = await new_user(bridge, "noadmin")
+    metrics = Metrics()
+    poller = ReportPoller(b.db, SynapseAdmin(b.http, b.config.homeserver.url, user.token),
+                          b.safety.reports, 0.1, metrics)
+    task = asyncio.create_task(poller.run())
+    try:
+        async def counted() -> bool:
+            value = metrics.registry.get_sample_value(
+                "civic_bridge_moderation_undelivered_total", {"what": "poll"})
+            return (value or 0) >= 2
+        await eventually(counted, timeout=20)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert any("M_FORBIDDEN" in line and "synapse_admin_token" in line
+               for line in bridge.log_lines if line.startswith("bridge"))
+    assert not [line for line in bridge.log_lines if user.token in line]

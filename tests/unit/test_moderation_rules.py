@@ -191,3 +191,19 @@ def test_help_lists_the_report_commands() -> None:
     text = help_text()
     assert "\n  reports " in text and "\n  report N redact|mute|kick|ban|dismiss" in text
     assert "denuncia N borrar|silenciar|expulsar|vetar|descartar" in text
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["reports", "list"], ("GET", "/admin/v1/reports?limit=100", None)),
+    (["reports", "list", "--status", "open", "--limit", "5"],
+     ("GET", "/admin/v1/reports?limit=5&status=open", None)),
+    (["reports", "act", "12", "ban", "--reason", "reincide"],
+     ("POST", "/admin/v1/reports/12/ban", {"reason": "reincide"})),
+])
+def test_cli_reports_calls_the_admin_api(argv: list[str],
+                                         expected: tuple[str, str, object]) -> None:
+    from bridge.admin.cli import request_for
+    from bridge.cli import build_parser
+
+    args = build_parser().parse_args(["admin", "-c", "config.yaml", *argv])
+    assert request_for(args) == expected
