@@ -103,6 +103,15 @@ class ReportRepo:
         async with self._scope.session() as session:
             return set(await session.scalars(stmt))
 
+    async def open_for(self, event_id: EventID, reporter: UserID) -> Report | None:
+        """The reporter's open report about this event, if any."""
+        stmt = select(ReportRow).where(ReportRow.event_id == event_id,
+                                       ReportRow.reporter == reporter,
+                                       ReportRow.status == "open").limit(1)
+        async with self._scope.session() as session:
+            row = await session.scalar(stmt)
+            return None if row is None else _report(row)
+
     async def get(self, report_id: int) -> Report | None:
         async with self._scope.session() as session:
             row = await session.get(ReportRow, report_id)

@@ -57,6 +57,11 @@ class Reports:
         room = await self._db.rooms.get(room_id)
         if room is None or room.kind == "management":
             return None
+        # The same person reporting the same message again while it is open adds nothing
+        # for moderators: it would only flood the management room.
+        earlier = await self._db.reports.open_for(event_id, reporter)
+        if earlier is not None:
+            return earlier
         if author is None:
             author = await self._author(room_id, event_id)
         text = (reason or "").strip()[:MAX_REASON] or None

@@ -94,3 +94,12 @@ async def test_an_erased_reporter_is_forgotten_but_the_report_stays(db: Database
     untouched = await db.reports.get(other.id)
     assert untouched is not None and (untouched.reporter, untouched.reason_ct) == (
         AUTHOR, "v1.k.other")
+
+
+async def test_the_open_report_of_a_reporter_about_an_event(db: Database) -> None:
+    report_id, _ = await _file(db, "synapse:open-for", "$same")
+    found = await db.reports.open_for(EventID("$same"), REPORTER)
+    assert found is not None and found.id == report_id
+    assert await db.reports.open_for(EventID("$same"), AUTHOR) is None
+    await db.reports.close(report_id, "dismiss", "admin-api")
+    assert await db.reports.open_for(EventID("$same"), REPORTER) is None
