@@ -49,11 +49,11 @@ class Metrics:
         self.active = Gauge("civic_bridge_active",
                             "1 while this process holds the leader lock and processes",
                             registry=r)
-        # Moderation (bridge.moderation): source `matrix`/`whatsapp`/`flag`; action one of
-        # redact/mute/kick/ban/dismiss; outcome `reverted`/`not_reverted`; what
+        # Moderation (bridge.moderation): origin `matrix`/`whatsapp`/`flag`; action one of
+        # redact/mute/kick/ban/dismiss; result `reverted`/`not_reverted`; what
         # `management`/`reporter`/`poll` (Synapse's event reports could not be read).
         self.reports = Counter("civic_bridge_reports", "Reports filed for moderators, by "
-                               "source (flags included)", ["source"], registry=r)
+                               "origin (flags included)", ["origin"], registry=r)
         self.report_actions = Counter("civic_bridge_report_actions",
                                       "Reports closed by a moderator, by action", ["action"],
                                       registry=r)
@@ -62,7 +62,7 @@ class Metrics:
                              registry=r)
         self.display_names = Counter("civic_bridge_display_names_refused",
                                      "Citizens' display names that broke the rules",
-                                     ["outcome"], registry=r)
+                                     ["result"], registry=r)
         self.moderation_undelivered = Counter(
             "civic_bridge_moderation_undelivered",
             "Moderation notices or answers to reporters that could not be delivered, and "

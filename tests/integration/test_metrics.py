@@ -14,6 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.db.records import ConsentPurpose, ConsentState, InboundSource
+from bridge.db.reports import REPORT_SOURCES
+from bridge.moderation.rules import ACTIONS
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.webhook_parse import MessageKind
@@ -31,6 +33,11 @@ ALLOWED_LABELS: dict[str, set[str]] = {
     "purpose": set(get_args(ConsentPurpose)),
     "state": set(get_args(ConsentState)),
     "source": set(get_args(InboundSource)),
+    # bridge.moderation
+    "origin": set(REPORT_SOURCES),
+    "action": set(ACTIONS),
+    "result": {"reverted", "not_reverted"},
+    "what": {"management", "reporter", "poll"},
 }
 LOOKS_PERSONAL = re.compile(r"\d{5,}|[A-Z]{2}\.[A-Za-z0-9]{6,}|^[@!$#+]|wamid|:")
 EXPECTED_FAMILIES = {

@@ -138,7 +138,7 @@ async def test_a_citizens_display_name_with_a_phone_number_is_set_back(
     try:
         room = await create_room(bridge, "Barrio Norte")
         citizen, pseudonym = await invite_citizen(bridge, room, "Vecina Norte")
-        before = metric(bridge, "civic_bridge_display_names_refused_total", outcome="reverted")
+        before = metric(bridge, "civic_bridge_display_names_refused_total", result="reverted")
         status, _ = await as_user(bridge, citizen, "PUT",
                                   f"/_matrix/client/v3/profile/{q(citizen.user_id)}/displayname",
                                   {"displayname": "Vecina 612 345 678"})
@@ -157,7 +157,7 @@ async def test_a_citizens_display_name_with_a_phone_number_is_set_back(
         assert [(e.actor, e.object, e.result, e.reason) for e in entries] == [
             ("bridge", f"{room} {citizen.user_id}", "ok", "phone")]
         assert metric(bridge, "civic_bridge_display_names_refused_total",
-                      outcome="reverted") == before + 1
+                      result="reverted") == before + 1
         await told(bridge, citizen, "se ha restablecido su seudónimo")
 
         # A ghost given a staff word (only the bridge can rename ghosts; here it plays
