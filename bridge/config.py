@@ -388,6 +388,9 @@ class ModerationConfig(_Section):
     flag_terms: FlagTerms = []
     # Per room: {"!room:server": [...] | default | []} replaces flag_terms in that room.
     room_flag_terms: dict[str, FlagTerms] = {}
+    # Handled reports (who reported what, the encrypted reason) are deleted after this;
+    # open ones stay until a moderator acts.
+    reports_retention_days: Annotated[int, Field(ge=1, le=3650)] = 365
 
     @field_validator("room_flag_terms")
     @classmethod

@@ -205,8 +205,9 @@ class Bridge:
 
     async def purge(self, now: datetime) -> dict[str, int]:
         """Held messages past `consent.hold_hours`, old finished queue rows, unconfirmed
-        staff messages, notice log entries past `notices.log_retention_days`; logs and
-        returns how many of each went."""
+        staff messages, notice log entries past `notices.log_retention_days`, reports
+        handled more than `moderation.reports_retention_days` ago; logs and returns how
+        many of each went."""
         notices_before = now - timedelta(days=self.config.notices.log_retention_days)
         deleted = {
             "expired held messages": await self.db.inbound.purge_expired_holds(now),
@@ -216,6 +217,8 @@ class Bridge:
             "unconfirmed staff messages": await drop_held(self.db, self.privacy.cipher,
                                                           before=now - WINDOW),
             "notice log entries": await self.db.notices.purge(notices_before),
+            "handled reports": await self.db.reports.purge(
+                now - timedelta(days=self.config.moderation.reports_retention_days)),
         }
         if any(deleted.values()):
             log.info("retention purge: %s", ", ".join(f"{n} {what}" for what, n in

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import CheckConstraint, Integer, String, Text, select, update
+from sqlalchemy import CheckConstraint, Integer, String, Text, delete, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from bridge.db.models import ID, Base, UTCDateTime, one_of, utcnow
@@ -152,6 +152,13 @@ class ReportRepo:
         with the reporter replaced by ERASED; returns how many."""
         stmt = (update(ReportRow).where(ReportRow.reporter == user_id)
                 .values(reporter=ERASED, reason_ct=None))
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt))
+
+    async def purge(self, handled_before: datetime) -> int:
+        """Delete reports handled before `handled_before` (retention); returns how many."""
+        stmt = delete(ReportRow).where(ReportRow.status != "open",
+                                       ReportRow.handled_at < handled_before)
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import UTC, datetime, timedelta
 
 from bridge.db import Database
 from bridge.db.reports import AAD_REPORT_REASON, ERASED
@@ -103,3 +104,14 @@ async def test_the_open_report_of_a_reporter_about_an_event(db: Database) -> Non
     assert await db.reports.open_for(EventID("$same"), AUTHOR) is None
     await db.reports.close(report_id, "dismiss", "admin-api")
     assert await db.reports.open_for(EventID("$same"), REPORTER) is None
+
+
+async def test_handled_reports_are_purged_after_retention_open_ones_stay(db: Database) -> None:
+    handled, _ = await _file(db, "synapse:purge-1")
+    still_open, _ = await _file(db, "synapse:purge-2")
+    await db.reports.close(handled, "kick", "admin-api")
+    now = datetime.now(UTC)
+    assert await db.reports.purge(now - timedelta(days=1)) == 0  # handled just now
+    assert await db.reports.purge(now + timedelta(seconds=1)) == 1
+    assert await db.reports.get(handled) is None
+    assert await db.reports.get(still_open) is not None
