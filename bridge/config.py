@@ -40,6 +40,7 @@ SECRET_KEYS: tuple[tuple[str, str], ...] = (
     ("whatsapp", "verify_token"),
     ("admin", "token"),
     ("invites", "registration_shared_secret"),
+    ("moderation", "synapse_admin_token"),
 )
 
 
@@ -411,6 +412,60 @@ class InvitesConfig(_Section):
         return value
 
 
+# Words a citizen's display name may not contain (compared ignoring case and accents):
+# names that pass for the agency or its staff. Staff display names and consent.agency_name
+# are added at run time.
+DEFAULT_RESERVED_NAMES = [
+    "Ayuntamiento", "Administración", "Administrador", "Administradora", "Admin",
+    "Moderador", "Moderadora", "Alcalde", "Alcaldesa", "Concejal", "Concejala",
+    "Funcionario", "Funcionaria", "Policía", "Soporte", "Oficial",
+]
+# The built-in flag list (`moderation.flag_terms: default`): insults, slurs and threats
+# that are worth a moderator's look in a public agency's room. Matched as whole words,
+# ignoring case and accents. Flagging never deletes anything.
+DEFAULT_FLAG_TERMS = [
+    "idiota", "imbécil", "gilipollas", "subnormal", "retrasado", "cabrón", "cabrona",
+    "hijo de puta", "hija de puta", "puta", "zorra", "maricón", "mierda", "capullo",
+    "te voy a matar", "os voy a matar", "te mato", "te voy a encontrar", "sé dónde vives",
+    "panchito", "sudaca", "moro de mierda", "negrata",
+]
+FlagTerms = list[str] | Literal["default"]
+
+
+class ModerationConfig(_Section):
+    """Reports, flags and watched display names (bridge.moderation; docs/moderation.md)."""
+
+    # The access token of a Synapse admin account: reads the client's event reports
+    # (/_synapse/admin/v1/event_reports), sends server notices to Matrix reporters and
+    # resets invite-link citizens' display names. "" = those three are off.
+    synapse_admin_token: str = ""
+    reports_poll_seconds: Annotated[float, Field(ge=1, le=3600)] = 30
+    # Revert citizens' display names that hold a phone number, an e-mail address or a
+    # reserved word, and tell the management room.
+    watch_display_names: bool = True
+    reserved_names: list[str] = DEFAULT_RESERVED_NAMES
+    # [] = no flagging; `default` = DEFAULT_FLAG_TERMS; or your own list.
+    flag_terms: FlagTerms = []
+    # Per room: {"!room:server": [...] | default | []} replaces flag_terms in that room.
+    room_flag_terms: dict[str, FlagTerms] = {}
+    # Handled reports (who reported what, the encrypted reason) are deleted after this;
+    # open ones stay until a moderator acts.
+    reports_retention_days: Annotated[int, Field(ge=1, le=3650)] = 365
+
+    @field_validator("room_flag_terms")
+    @classmethod
+    def _room_ids(cls, value: dict[str, FlagTerms]) -> dict[str, FlagTerms]:
+        for room_id in value:
+            if not re.match(r"^![^\s:]+:\S+$", room_id):
+                raise ValueError(f"{_shown(room_id)[:80]}: keys must be room IDs like !abc:server")
+        return value
+
+    def terms_for(self, room_id: str) -> list[str]:
+        """The flag terms of one room (empty: flagging off there)."""
+        terms = self.room_flag_terms.get(room_id, self.flag_terms)
+        return list(DEFAULT_FLAG_TERMS) if terms == "default" else list(terms)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -434,6 +489,7 @@ class Config(_Section):
     rooms: RoomsConfig = RoomsConfig()
     invites: InvitesConfig = InvitesConfig()
     notices: NoticesConfig = NoticesConfig()
+    moderation: ModerationConfig = ModerationConfig()
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
 
@@ -512,8 +568,8 @@ def _resolve_secrets(raw: dict[str, Any], base: Path, problems: list[str]) -> No
 
 
 def _required(section: str, key: str, sect: dict[str, Any]) -> bool:
-    if section == "invites":
-        return False  # optional: invite links are off without it
+    if section in ("invites", "moderation"):
+        return False  # optional: invite links, or reports from the client, are off without it
     if section == "whatsapp":
         enabled = sect.get("enabled")
         if isinstance(enabled, str):

@@ -111,3 +111,22 @@ class Metrics:
             "civic_bridge_media_delete_failures",
             "Media uploaded to Meta for a send that could not be deleted afterwards",
             registry=r)
+        # Moderation (bridge.moderation): origin `matrix`/`whatsapp`/`flag`; action one of
+        # redact/mute/kick/ban/dismiss; result `reverted`/`not_reverted`; what
+        # `management`/`reporter`/`poll` (Synapse's event reports could not be read).
+        self.reports = Counter("civic_bridge_reports", "Reports filed for moderators, by "
+                               "origin (flags included)", ["origin"], registry=r)
+        self.report_actions = Counter("civic_bridge_report_actions",
+                                      "Reports closed by a moderator, by action", ["action"],
+                                      registry=r)
+        self.flags = Counter("civic_bridge_flags",
+                             "Messages flagged to moderators by moderation.flag_terms",
+                             registry=r)
+        self.display_names = Counter("civic_bridge_display_names_refused",
+                                     "Citizens' display names that broke the rules",
+                                     ["result"], registry=r)
+        self.moderation_undelivered = Counter(
+            "civic_bridge_moderation_undelivered",
+            "Moderation notices or answers to reporters that could not be delivered, and "
+            "failed reads of Synapse's event reports",
+            ["what"], registry=r)

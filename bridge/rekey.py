@@ -9,6 +9,7 @@ left to expire rather than rewritten.
 from __future__ import annotations
 
 from bridge.db import Database
+from bridge.db.reports import AAD_REPORT_REASON
 from bridge.matrix.keystore import room_key_aad
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Cipher
 from bridge.types import UserID
@@ -34,5 +35,9 @@ async def rekey_database(db: Database, cipher: Cipher) -> int:
         if cipher.needs_rekey(key.session_key_ct):
             aad = room_key_aad(key.owner, key.session_id, key.message_index)
             await db.room_keys.reseal(key.id, cipher.rekey(key.session_key_ct, aad=aad))
+            count += 1
+    for report_id, reason_ct in await db.reports.sealed():
+        if cipher.needs_rekey(reason_ct):
+            await db.reports.reseal(report_id, cipher.rekey(reason_ct, aad=AAD_REPORT_REASON))
             count += 1
     return count

@@ -34,6 +34,7 @@ STEPS: Final = (
     ("transaction ids", "transaction_ids"),
     ("unconfirmed staff messages", "held_staff_messages"),
     ("notice log entries", "notice_log"),
+    ("handled reports", "handled_reports"),
 )
 
 # A step returns (rows deleted, rows it could not handle).
@@ -58,6 +59,7 @@ class Retention:
                  metrics: Metrics | None = None) -> None:
         self._metrics = metrics
         notice_days = timedelta(days=config.notices.log_retention_days)
+        report_days = timedelta(days=config.moderation.reports_retention_days)
 
         async def counted(n: Awaitable[int]) -> tuple[int, int]:
             return await n, 0
@@ -71,6 +73,7 @@ class Retention:
             "unconfirmed staff messages": lambda now: drop_held_report(
                 db, cipher, before=now - WINDOW),
             "notice log entries": lambda now: counted(db.notices.purge(now - notice_days)),
+            "handled reports": lambda now: counted(db.reports.purge(now - report_days)),
         }
 
     async def run(self, now: datetime) -> PurgeReport:

@@ -35,6 +35,7 @@ from bridge.matrix.rooms import RoomPolicy, Rooms
 from bridge.matrix.trust import Trust
 from bridge.matrix.undecryptable import UndecryptableStore
 from bridge.metrics import Metrics
+from bridge.moderation.wiring import ModerationParts
 from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy
 from bridge.retention import EVERY_SECONDS, Retention
@@ -89,6 +90,8 @@ class Bridge:
     # Staff read receipts and typing → WhatsApp (None when off or WhatsApp is off).
     receipts: StaffReceipts | None = None
     templates: StaffTemplates | None = None
+    # Reports, flags, watched display names (bridge.moderation).
+    safety: ModerationParts | None = None
 
     async def lead(self) -> None:
         """Wait to be elected, then start; stop processing the moment the lock is lost.
@@ -189,6 +192,8 @@ class Bridge:
             self.outbox.start()
         self.spawn(self.retention())
         self.spawn(self.relay.retry_parked())
+        if self.safety and self.safety.poller:
+            self.spawn(self.safety.poller.run())
         self.ready.set()
         log.info("bridge ready")
         self.spawn(self.nudge_homeserver())
@@ -271,6 +276,7 @@ async def build_bridge(config: Config) -> Bridge:
     handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}
     receipts: StaffReceipts | None = None
     templates: StaffTemplates | None = None
+    inbound: WhatsAppInbound | None = None
     if config.whatsapp.enabled:
         inbound = WhatsAppInbound(config, db, privacy, portals, mirror, outbox, metrics,
                                   subscriptions)
@@ -283,7 +289,10 @@ async def build_bridge(config: Config) -> Bridge:
             receipts = StaffReceipts(db, graph, metrics, ghosts.is_ours)
     worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce)
     dead_letters.wake_inbound, dead_letters.wake_outbox = worker.wake, outbox.wake
-    parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy)
+    parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy,
+                        outbox if config.whatsapp.enabled else None, metrics)
+    if inbound is not None and parts.safety.whatsapp is not None:
+        inbound.set_report_hook(parts.safety.whatsapp)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
                   outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,
@@ -292,6 +301,6 @@ async def build_bridge(config: Config) -> Bridge:
                                         subscriptions),
                   notices=Notices(config, db, outbox, metrics, subscriptions, ghosts.is_ours),
                   dead_letters=dead_letters,
-                  election=election_for(config.database.url),
+                  election=election_for(config.database.url), safety=parts.safety,
                   pod=await PodLabeler.from_environment(http),
                   receipts=receipts, templates=templates)

@@ -127,6 +127,8 @@ class CitizenData:
         portal = await self._db.rooms.portal_for(citizen.id)
         await self._portals.close(citizen, ERASED_NOTICE)
         if citizen.ghost_user_id is not None:
+            # Their reports stay for the moderators, without what they wrote.
+            await self._db.reports.forget_reporter(citizen.ghost_user_id)
             await self._ghosts.retire(citizen.ghost_user_id)
         # Queued webhooks hold the identifiers (encrypted): every one of their lanes
         # goes, the statuses of sends to them too.

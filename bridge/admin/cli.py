@@ -104,6 +104,11 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
             raise UsageError(f"dead-letters {args.action} needs an ID and --reason")
         return ("POST", f"/admin/v1/dead-letters/{quote(args.id, safe='')}/{args.action}",
                 {"reason": args.reason})
+    if what == "reports":
+        if args.reports_command == "act":
+            return "POST", f"/admin/v1/reports/{args.id}/{args.action}", {"reason": args.reason}
+        query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
+        return "GET", "/admin/v1/reports" + query, None
     if what == "notice":
         if args.notice_command == "send":
             return "POST", "/admin/v1/notices", {"recipient": args.recipient,
@@ -197,6 +202,12 @@ def render(args: argparse.Namespace, data: Any) -> tuple[str, str, int]:
                  d.get("status", "dead")) for d in letters]
         return table(rows, ("id", "source", "lane", "reason", "error", "attempts",
                             "first failure (UTC)", "last failure", "status")), "", EXIT_OK
+    if what == "reports" and args.reports_command == "list":
+        found = [(r["id"], r["source"], r["status"], r["room_id"], r["event_id"],
+                  r["author"] or "", r["reporter"], r["created_at"][:19].replace("T", " "))
+                 for r in data["reports"]]
+        return table(found, ("id", "source", "status", "room", "event", "author", "reporter",
+                            "created (UTC)")), "", EXIT_OK
     if what == "keys":
         return table([(k["kind"], k["user_id"], k["master_key"]) for k in data],
                      ("kind", "user_id", "master key fingerprint")), "", EXIT_OK
@@ -281,6 +292,15 @@ def add_admin_parser(sub: Any) -> None:
     p.add_argument("id", nargs="?", default=None, help="a dead letter's id, e.g. in-12")
     p.add_argument("--reason", default=None, help="why (required to retry or discard; "
                                                   "recorded in the audit log)")
+    reports = cmds.add_parser("reports", help="reports and flags for moderators") \
+        .add_subparsers(dest="reports_command", required=True)
+    p = reports.add_parser("list", help="newest first (no reasons: see the management room)")
+    p.add_argument("--status", default=None, help="e.g. open")
+    p.add_argument("--limit", type=int, default=100)
+    p = reports.add_parser("act", help="close a report with one action")
+    p.add_argument("id", type=int)
+    p.add_argument("action", help="redact, mute, kick, ban or dismiss")
+    p.add_argument("--reason", default=None)
     notice = cmds.add_parser("notice", help="notices of availability (docs/notices.md)") \
         .add_subparsers(dest="notice_command", required=True)
     p = notice.add_parser("send", help="send the fixed notice template (never content)")

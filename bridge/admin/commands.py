@@ -27,7 +27,9 @@ from bridge.errors import BridgeError
 from bridge.invites.service import InviteLinks
 from bridge.matrix.management import Command, CommandError, help_text, parse
 from bridge.matrix.relay import StaffEvent
-from bridge.types import RoomID
+from bridge.moderation.reports import Reports
+from bridge.moderation.texts import event_link
+from bridge.types import RoomID, UserID
 
 log = logging.getLogger(__name__)
 CONFIRM_SECONDS = 300.0
@@ -40,7 +42,8 @@ class ManagementRoom:
 
     def __init__(self, config: Config, db: Database, admin: AdminService,
                  moderation: Moderation, links: InviteLinks, reply: Reply,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 reports: Reports | None = None) -> None:
         self._admins = frozenset(config.admin.users)
         self._db = db
         self._admin = admin
@@ -48,6 +51,7 @@ class ManagementRoom:
         self._links = links
         self._reply = reply
         self._clock = clock
+        self._reports = reports
         self._pending: dict[tuple[str, str], tuple[Command, float]] = {}
         self._refused: dict[str, float] = {}  # sender -> until when refusals go unrecorded
 
@@ -77,6 +81,9 @@ class ManagementRoom:
             return f"⚠️ {exc}"
         if sender not in self._admins:
             return await self._refuse(event, command.name)
+        if self._reports is not None:
+            # Reports and flags are posted here from now on (bridge.moderation.notify).
+            await self._reports.management.remember(event.room_id, UserID(sender))
         key = (str(event.room_id), sender)
         if command.name in ("confirm", "cancel"):
             parked = self._pending.pop(key, None)
@@ -155,7 +162,25 @@ class ManagementRoom:
             return f"Announcement posted in {room}."
         if c.name == "audit":
             return await self._audit(c.limit or 10)
+        if c.name in ("report", "reports"):
+            return await self._report(actor, c)
         raise BridgeError(f"command {c.name} is not implemented")
+
+    async def _report(self, actor: str, c: Command) -> str:
+        if self._reports is None:
+            raise BridgeError("reports are not available")
+        if c.name == "report":
+            word, _, why = (c.text or "").partition(" ")
+            done = await self._reports.act(actor, c.number or 0, word, why or None)
+            told = "" if done["reporter_told"] else " (the reporter could not be told)"
+            return f"Report {done['id']}: {done['status']} done{told}."
+        lines = []
+        for r in await self._reports.open_reports():
+            reason = self._reports.reason(r)
+            lines.append(f"• {r.id} ({r.source}) {event_link(r.room_id, r.event_id)} — "
+                         f"author {r.author or '(unknown)'}"
+                         + (f" — reason: {reason}" if reason else ""))
+        return "\n".join(["Open reports:", *lines]) if lines else "No open reports."
 
     async def _audit(self, limit: int) -> str:
         intact, first_bad = await self._db.audit.verify()

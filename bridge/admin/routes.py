@@ -14,8 +14,10 @@ from aiohttp import web
 
 from bridge.admin.common import reason as checked_reason
 from bridge.admin.notices import LABEL
-from bridge.errors import BadRequest, InvalidParam, Unavailable
+from bridge.db.reports import REPORT_STATUSES
+from bridge.errors import BadRequest, InvalidParam, NotFound, Unavailable
 from bridge.invites.service import parse_expires_in
+from bridge.moderation.reports import Reports
 from bridge.services import Bridge
 from bridge.web.middleware import require_bearer
 from bridge.web.state import BRIDGE
@@ -304,3 +306,31 @@ async def settle_dead_letter(request: web.Request) -> web.Response:
     if request.match_info["action"] == "retry":
         return web.json_response(await bridge.dead_letters.retry(ACTOR, letter_id, why))
     return web.json_response(await bridge.dead_letters.discard(ACTOR, letter_id, why))
+def _reports(bridge: Bridge) -> Reports:
+    if bridge.safety is None:
+        raise NotFound("reports are not available")
+    return bridge.safety.reports
+
+
+@routes.get("/admin/v1/reports")
+async def list_reports(request: web.Request) -> web.Response:
+    """Reports and flags, newest first (`status=open`, `limit`): pseudonymous IDs and
+    states only; the reasons are shown in the management room, never here."""
+    bridge = _bridge(request)
+    status = request.query.get("status")
+    if status is not None and status not in REPORT_STATUSES:
+        raise InvalidParam(f"status: one of {', '.join(REPORT_STATUSES)}")
+    limit = min(_query_int(request, "limit", 100) or 100, MAX_AUDIT_PAGE)
+    return web.json_response({"reports": await _reports(bridge).listing(status, limit)})
+
+
+@routes.post("/admin/v1/reports/{report_id}/{action}")
+async def act_on_report(request: web.Request) -> web.Response:
+    """redact, mute, kick, ban or dismiss; body `{reason?}` (added to the audit)."""
+    bridge, body = await _body(request)
+    raw = request.match_info["report_id"]
+    if not raw.isdigit():
+        raise InvalidParam("report id: must be a whole number")
+    done = await _reports(bridge).act(ACTOR, int(raw), request.match_info["action"],
+                                      _str(body, "reason", False))
+    return web.json_response(done)

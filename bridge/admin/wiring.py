@@ -19,8 +19,11 @@ from bridge.matrix.api import MatrixAPI
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.relay import Relay
 from bridge.matrix.rooms import Rooms
+from bridge.metrics import Metrics
+from bridge.moderation.wiring import ModerationParts, build_moderation
 from bridge.privacy import Privacy
 from bridge.types import EventID, RoomID
+from bridge.whatsapp.outbox import Outbox
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,12 @@ class AdminParts:
     moderation: Moderation
     invites: InviteLinks
     management: ManagementRoom
+    safety: ModerationParts
 
 
 def build_admin(config: Config, db: Database, http: aiohttp.ClientSession, api: MatrixAPI,
-                rooms: Rooms, ghosts: Ghosts, relay: Relay, privacy: Privacy) -> AdminParts:
+                rooms: Rooms, ghosts: Ghosts, relay: Relay, privacy: Privacy,
+                outbox: Outbox | None = None, metrics: Metrics | None = None) -> AdminParts:
     """Wire the admin services; the management room is registered as a relay handler."""
     bot = ghosts.bot
 
@@ -47,6 +52,9 @@ def build_admin(config: Config, db: Database, http: aiohttp.ClientSession, api: 
     admin = AdminService(config, db, api, rooms, ghosts)
     moderation = Moderation(config, db, api, rooms, bot, send, ghosts.room_changed)
     invites = InviteLinks(config, db, api, rooms, bot, privacy, registrar)
-    management = ManagementRoom(config, db, admin, moderation, invites, reply)
+    safety = build_moderation(config, db, http, api, rooms, ghosts, relay, privacy, moderation,
+                              outbox, metrics or Metrics())
+    management = ManagementRoom(config, db, admin, moderation, invites, reply,
+                                reports=safety.reports)
     relay.add_handler(management)
-    return AdminParts(admin, moderation, invites, management)
+    return AdminParts(admin, moderation, invites, management, safety)

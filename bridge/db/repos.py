@@ -14,6 +14,7 @@ from bridge.db.notices import NoticeRepo, SubscriptionRepo
 from bridge.db.people import CitizenRepo, ConsentRepo, GhostRepo, RoomRepo
 from bridge.db.queues import InboundRepo, OutboxRepo, TransactionRepo
 from bridge.db.records import Direction, MessageLink
+from bridge.db.reports import ReportRepo
 from bridge.db.roomkeys import RoomKeyRepo
 from bridge.db.scope import Scope, rowcount
 from bridge.types import EventID, RoomID
@@ -130,3 +131,4 @@ class Repositories:
         self.notices = NoticeRepo(scope)
         self.room_keys = RoomKeyRepo(scope)
         self.dead_letters = DeadLetterRepo(scope)
+        self.reports = ReportRepo(scope)

@@ -267,6 +267,10 @@ class LocalSynapse:
             "federation_domain_whitelist": [],
             "presence": {"enabled": False},
             "app_service_config_files": [str(p) for p in self._registration_files],
+            # Lets the bridge tell Matrix reporters about their reports (docs/moderation.md).
+            "server_notices": {"system_mxid_localpart": "server",
+                               "system_mxid_display_name": "Avisos del servidor",
+                               "room_name": "Avisos del servidor"},
             "experimental_features": {"msc2409_to_device_messages_enabled": True,
                                       "msc3202_transaction_extensions": True},
             **_rate_limits(),

@@ -25,9 +25,11 @@ MATRIX_TO = "https://matrix.to/#/"
 MAX_USES = 1000
 MAX_HOURS = 720
 MAX_LIMIT = 50
+MAX_REPORT = 10**9
 
 # verb -> (arguments, reason/text needed, usage, summary)
-#   arguments: R = room, U = user, E = event; reason: "required", "optional", "text", ""
+#   arguments: R = room, U = user, E = event, N = a report number;
+#   reason: "required", "optional", "text", ""
 _SPECS: dict[str, tuple[str, str, str, str]] = {
     "help": ("", "", "help", "this list"),
     "rooms": ("", "", "rooms", "the agency rooms with their IDs"),
@@ -47,11 +49,15 @@ _SPECS: dict[str, tuple[str, str, str, str]] = {
               "remove everyone and end the room for good"),
     "announce": ("R", "text", "announce ROOM TEXT", "post in an announcement room"),
     "audit": ("", "", "audit [N]", "check the audit chain and show the last N entries"),
+    "reports": ("", "", "reports", "the open reports and flags"),
+    "report": ("N", "text", "report N redact|mute|kick|ban|dismiss [REASON]",
+               "act on report N (denuncia N borrar|silenciar|expulsar|vetar|descartar)"),
     "confirm": ("", "", "confirm", "go ahead with the action waiting for confirmation"),
     "cancel": ("", "", "cancel", "drop the action waiting for confirmation"),
 }
 ALIASES = {"ayuda": "help", "salas": "rooms", "miembros": "members", "enlace": "link",
-           "confirmar": "confirm", "cancelar": "cancel"}
+           "confirmar": "confirm", "cancelar": "cancel", "denuncias": "reports",
+           "denuncia": "report"}
 
 
 class CommandError(ValueError):
@@ -71,6 +77,7 @@ class Command:
     hours: int | None = None
     limit: int | None = None
     confirm: bool = False
+    number: int | None = None  # a report's number
 
 
 def help_text() -> str:
@@ -125,6 +132,11 @@ def parse(body: str) -> Command:
     found: dict[str, str] = {}
     for kind in args:
         token, rest = _take(rest)
+        if kind == "N":
+            if not token:
+                raise CommandError(f"missing report number; usage: {usage}")
+            found[kind] = str(_number(token.lstrip("#"), "the report number", MAX_REPORT))
+            continue
         value = _clean_id(token)
         pattern, what = {"R": (ROOM, "a room ID like !abc:server"),
                          "U": (MXID, "a user ID like @name:server"),
@@ -143,6 +155,10 @@ def parse(body: str) -> Command:
     if verb == "audit":
         limit = _number(rest, "N", MAX_LIMIT) if rest else 10
         return Command(verb, limit=limit)
+    if verb == "report":
+        if not rest:
+            raise CommandError(f"missing action; usage: {usage}")
+        return Command(verb, number=int(found["N"]), text=rest.strip())
     if wants in ("required", "text") and not rest:
         raise CommandError(f"missing {'text' if wants == 'text' else 'reason'}; usage: {usage}")
     if not wants and rest:

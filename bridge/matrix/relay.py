@@ -62,6 +62,8 @@ class StaffEvent:
 
 
 StaffHandler = Callable[[StaffEvent], Awaitable[None]]
+# Sees every m.room.member event (the raw event; member events are never encrypted).
+MemberHandler = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def _redacted_id(event: dict[str, Any], content: dict[str, Any]) -> str | None:
@@ -91,9 +93,13 @@ class Relay:
         self._next_retry: datetime | None = None  # when the retry loop wakes next
         self._told: dict[tuple[RoomID, str], float] = {}  # (room, sender) -> last notice
         self._handlers: list[StaffHandler] = []
+        self._member_handlers: list[MemberHandler] = []
 
     def add_handler(self, handler: StaffHandler) -> None:
         self._handlers.append(handler)
+
+    def add_member_handler(self, handler: MemberHandler) -> None:
+        self._member_handlers.append(handler)
 
     async def send_as(self, user_id: UserID, room_id: RoomID, content: dict[str, Any],
                       event_type: str = "m.room.message", txn_id: str | None = None) -> EventID:
@@ -118,6 +124,8 @@ class Relay:
                 await self._ghosts.open_keepers(RoomID(str(event.get("room_id"))))
             if not self._ghosts.is_ours(sender):
                 await self._on_member(event)
+            for member_handler in self._member_handlers:
+                await member_handler(event)
             return
         if self._ghosts.is_ours(sender) or not isinstance(etype, str):
             return  # our own echo

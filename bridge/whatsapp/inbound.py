@@ -13,6 +13,7 @@ the state first so that relay stops at once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from bridge.config import Config
@@ -31,6 +32,9 @@ from bridge.whatsapp.subscriptions import NoticeSubscriptions
 from bridge.whatsapp.webhook_parse import InboundMessage, Sender, StatusUpdate, parse_webhook
 
 log = logging.getLogger(__name__)
+# Looks at a granted citizen's message before it is mirrored; True = it was a report
+# (bridge.moderation.intake.WhatsAppReports) and is not mirrored.
+ReportHook = Callable[[Citizen, RoomID, InboundMessage], Awaitable[bool]]
 
 OPT_IN_CONFIRMATION = ("Gracias. Hemos abierto una conversación privada con el personal de "
                        "{agency}. Puede escribir BAJA en cualquier momento para dejarla.")
@@ -53,6 +57,10 @@ class WhatsAppInbound:
         self._metrics = metrics
         self._subscriptions = subscriptions
         self._identity = IdentityChanges(db, privacy, portals, metrics)
+        self._report_hook: ReportHook | None = None
+
+    def set_report_hook(self, hook: ReportHook) -> None:
+        self._report_hook = hook
 
     async def __call__(self, item: InboundItem) -> InboundStatus | None:
         value = self._privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)
@@ -116,6 +124,9 @@ class WhatsAppInbound:
             if notices_intent is not None:
                 await self._subscriptions.handle(citizen, notices_intent, msg.wamid)
                 return None
+        if self._report_hook is not None and citizen.consent_state == "granted" and \
+                room_id is not None and await self._report_hook(citizen, room_id, msg):
+            return None
         intent = consent.intent_of(msg, self._config.consent)
         decision = consent.decide(citizen.consent_state, intent)
         result: InboundStatus | None = None

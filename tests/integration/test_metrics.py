@@ -14,6 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.db.records import ConsentPurpose, ConsentState, InboundSource
+from bridge.db.reports import REPORT_SOURCES
+from bridge.moderation.rules import ACTIONS
 from bridge.retention import STEPS as RETENTION_STEPS
 from bridge.retry import DEAD_REASONS
 from bridge.whatsapp.consent import OPT_IN_BUTTON
@@ -33,10 +35,14 @@ ALLOWED_LABELS: dict[str, set[str]] = {
     "reason": {"signature", "json", "format", *DEAD_REASONS, *get_args(NotSentReason)},
     "purpose": set(get_args(ConsentPurpose)),
     "state": set(get_args(ConsentState)),
-    "what": {label for _, label in RETENTION_STEPS},
+    "what": {*(label for _, label in RETENTION_STEPS), "management", "reporter", "poll"},
     "source": {*get_args(InboundSource), "outbox"},
     "outcome": {"queued", "repeat", "no_consent", "unknown_recipient", "sent", "delivered",
                 "read", "failed"},
+    # bridge.moderation
+    "origin": set(REPORT_SOURCES),
+    "action": set(ACTIONS),
+    "result": {"reverted", "not_reverted"},
 }
 LOOKS_PERSONAL = re.compile(r"\d{5,}|[A-Z]{2}\.[A-Za-z0-9]{6,}|^[@!$#+]|wamid|:")
 EXPECTED_FAMILIES = {
