@@ -18,6 +18,7 @@ import aiohttp
 from bridge.admin.citizens import CitizenData
 from bridge.admin.moderation import Moderation
 from bridge.admin.notices import Notices
+from bridge.admin.reidentify import Reidentification
 from bridge.admin.service import AdminService
 from bridge.admin.wiring import build_admin
 from bridge.config import Config
@@ -86,6 +87,8 @@ class Bridge:
     # Staff read receipts and typing → WhatsApp (None when off or WhatsApp is off).
     receipts: StaffReceipts | None = None
     templates: StaffTemplates | None = None
+    # Re-identification and look-up by phone number (admin API, scoped; bridge.admin.auth).
+    reidentify: Reidentification | None = None
 
     async def lead(self) -> None:
         """Wait to be elected, then start; stop processing the moment the lock is lost.
@@ -279,13 +282,14 @@ async def build_bridge(config: Config) -> Bridge:
             receipts = StaffReceipts(db, graph, metrics, ghosts.is_ours)
     worker = InboundWorker(db, handlers, metrics=metrics)
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy)
+    citizens = CitizenData(config, db, privacy, portals, ghosts, subscriptions)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
                   outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,
                   moderation=parts.moderation, invites=parts.invites,
-                  citizens=CitizenData(config, db, privacy, portals, ghosts,
-                                        subscriptions),
+                  citizens=citizens,
                   notices=Notices(config, db, outbox, metrics, subscriptions, ghosts.is_ours),
                   election=election_for(config.database.url),
                   pod=await PodLabeler.from_environment(http),
-                  receipts=receipts, templates=templates)
+                  receipts=receipts, templates=templates,
+                  reidentify=Reidentification(config, db, privacy, citizens))
