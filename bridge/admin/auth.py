@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 ACTOR_HEADER = ADMIN_ACTOR_HEADER
 _SCOPE_ATTR = "__civic_bridge_scope__"
-_PRINCIPAL = "civic_bridge.admin_principal"
 MAX_ACTOR = 255  # the audit log's actor column
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -53,6 +52,9 @@ class Principal:
         """How the audit log names this caller."""
         base = f"api:{self.name}"
         return f"{base} as {self.on_behalf_of}" if self.on_behalf_of else base
+
+
+_PRINCIPAL = web.RequestKey("civic_bridge_admin_principal", Principal)
 
 
 def requires(scope: str) -> Callable[[F], F]:
