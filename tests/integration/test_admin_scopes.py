@@ -268,3 +268,30 @@ async def test_reveal_and_lookup(bridge: BridgeHarness, tmp_path: Path) -> None:
         assert (await api(bridge, "only-reidentify", "POST", reveal, {"reason": why}))[0] == 200
     finally:
         await j.desk.close()
+
+
+async def test_lookup_finds_a_contact_keyed_by_number_who_never_consented(
+        bridge: BridgeHarness) -> None:
+    """Someone who wrote once without a BSUID (keyed by the number's keyed hash) and never
+    answered the consent question is found too (a rights request reaches everyone)."""
+    citizen = new_citizen()
+    assert citizen.wa_id is not None
+    value = bridge.wa.text_message(citizen, "¿a qué hora abren?")
+    for contact in value["contacts"]:
+        contact.pop("user_id")
+    for message in value["messages"]:
+        message.pop("from_user_id")
+    assert await bridge.wa.deliver(bridge.webhook_url, value) == 200
+    b = bridge.running.bridge
+    row = await wait_until(lambda: b.db.citizens.by_index(
+        b.privacy.index.digest(citizen.wa_id or "")), 30, "contact keyed by number")
+    assert row.ghost_user_id is None
+    wa = citizen.wa_id
+    status, body = await api(bridge, "only-citizens.export", "POST", "/admin/v1/citizens/lookup",
+                             {"phone": f"{wa[2:5]} {wa[5:7]} {wa[7:9]} {wa[9:]}",
+                              "reason": "solicitud de supresión en ventanilla"})
+    assert status == 200, body
+    assert body["citizens"] == [{"pseudonym": row.pseudonym_code, "matrix_user_id": None,
+                                 "consent_state": row.consent_state, "subscription_code": None,
+                                 "notices_consent_state": None}]
+    assert row.consent_state in ("unknown", "prompted")
