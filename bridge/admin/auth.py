@@ -129,12 +129,13 @@ def actor(request: web.Request) -> str:
 @web.middleware
 async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate `/admin/` calls and enforce the route's declared scope."""
-    if not request.path.startswith("/admin/"):
+    declared = scope_of(request.match_info.handler)
+    if not request.path.startswith("/admin/") and declared is None:
         return await handler(request)
     config = request.app[BRIDGE].config.admin
     who = authenticate(config, bearer(request))
     if request.match_info.http_exception is None:  # 404/405 answer as they are
-        scope = scope_of(request.match_info.handler)
+        scope = declared
         if scope is None:
             log.error("admin route %s %s declares no scope: refused to every token",
                       request.method, request.match_info.route.resource.canonical
