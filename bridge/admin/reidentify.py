@@ -25,10 +25,12 @@ from typing import Any
 import phonenumbers
 
 from bridge.admin.citizens import CitizenData
+from bridge.admin.common import MXID
 from bridge.config import Config
 from bridge.db import Citizen, CitizenIdentifiers, Database
 from bridge.errors import BridgeError, InvalidParam, NotFound
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
+from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE
 
 MIN_REASON = 10
 MAX_REASON = 500
@@ -100,7 +102,10 @@ class Reidentification:
     async def reveal(self, actor: str, token_name: str, user_id: str,
                      reason: object) -> dict[str, Any]:
         why = check_reason(reason)
-        obj = user_id[:200]  # a ghost ID or subscription code: a pseudonym, not a number
+        # A ghost ID or subscription code is a pseudonym; anything else might be what an
+        # operator typed by mistake (a phone number), so it is not recorded.
+        obj = user_id if (MXID.match(user_id) or SUBSCRIPTION_CODE.fullmatch(
+            user_id.upper())) and len(user_id) <= 200 else "(not a pseudonym)"
         if not self.limiter.take(token_name):
             await self._db.audit.append(actor, "citizen.reveal", obj, "rate_limited", why)
             raise RateLimited("too many re-identifications with this token in the last "

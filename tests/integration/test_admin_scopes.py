@@ -204,6 +204,14 @@ async def test_reveal_and_lookup(bridge: BridgeHarness, tmp_path: Path) -> None:
             "actor": f"api:only-reidentify as {bridge.admin.user_id}",
             "object": f"pseudonym {row.pseudonym_code}", "result": "ok", "reason": why}
 
+        # A number typed where the pseudonym goes finds nobody and is not recorded.
+        status, body = await api(bridge, "only-reidentify", "POST",
+                                 f"/admin/v1/citizens/{quote('+' + citizen.wa_id)}/reveal",
+                                 {"reason": why})
+        assert status == 404, body
+        entry = await newest(bridge, "citizen.reveal")
+        assert (entry["object"], entry["result"]) == ("(not a pseudonym)", "not_found")
+
         # Look-up by the number, however it is written.
         wa = citizen.wa_id
         national = f"{wa[2:5]} {wa[5:7]} {wa[7:9]} {wa[9:]}"
