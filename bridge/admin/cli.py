@@ -1,10 +1,11 @@
 """`civic-bridge admin ...`: the admin HTTP API from the command line.
 
-It reads the bridge's config for the admin token and the address (override with
---url or $CIVIC_BRIDGE_ADMIN_URL) and prints readable tables (or the raw JSON with
---json). Exit codes: 0 done; 1 the bridge refused; 2 usage or config error;
-3 bridge unreachable; 4 the audit chain is broken; 5 confirmation required
-(repeat with --confirm).
+It reads the bridge's config for the admin token (admin.token, or the admin.tokens
+entry --token-name NAME) and the address (override with --url or
+$CIVIC_BRIDGE_ADMIN_URL); --as @user:domain records who acts in the audit log. It
+prints readable tables (or the raw JSON with --json). Exit codes: 0 done; 1 the bridge
+refused; 2 usage or config error; 3 bridge unreachable; 4 the audit chain is broken;
+5 confirmation required (repeat with --confirm).
 """
 
 from __future__ import annotations
