@@ -103,14 +103,17 @@ class Reidentification:
                      reason: object) -> dict[str, Any]:
         why = check_reason(reason)
         # A ghost ID or subscription code is a pseudonym; anything else might be what an
-        # operator typed by mistake (a phone number), so it is not recorded.
-        obj = user_id if (MXID.match(user_id) or SUBSCRIPTION_CODE.fullmatch(
-            user_id.upper())) and len(user_id) <= 200 else "(not a pseudonym)"
+        # operator typed by mistake (a phone number): not recorded, not even queried.
+        pseudonym = (MXID.match(user_id) is not None or SUBSCRIPTION_CODE.fullmatch(
+            user_id.upper()) is not None) and len(user_id) <= 200
+        obj = user_id if pseudonym else "(not a pseudonym)"
         if not self.limiter.take(token_name):
             await self._db.audit.append(actor, "citizen.reveal", obj, "rate_limited", why)
             raise RateLimited("too many re-identifications with this token in the last "
                               "hour (admin.reveal_per_hour); try later")
         try:
+            if not pseudonym:
+                raise NotFound("not a citizen's Matrix user id or subscription code")
             citizen = await self._citizens.find(user_id)
         except NotFound:
             await self._db.audit.append(actor, "citizen.reveal", obj, "not_found", why)
