@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from bridge.admin.auth import admin_auth
 from bridge.admin.routes import routes as admin_routes
 from bridge.config import Config
 from bridge.invites.routes import routes as invite_routes
@@ -22,7 +23,8 @@ MAX_BODY = 16 * 1024 * 1024  # appservice transactions can be large; media never
 
 def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
     """The web app; builds (and later closes) the Bridge unless one is given."""
-    app = web.Application(middlewares=[error_middleware, active_only], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[error_middleware, active_only, admin_auth],
+                          client_max_size=MAX_BODY)
     app.add_routes(appservice_routes)
     app.add_routes(admin_routes)
     app.add_routes(invite_routes)

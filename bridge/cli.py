@@ -252,7 +252,8 @@ def _secrets(config: Config) -> list[str]:
                         config.admin.token, config.privacy.data_key, config.privacy.index_key,
                         config.whatsapp.access_token, config.whatsapp.app_secret,
                         config.whatsapp.verify_token,
-                        config.invites.registration_shared_secret) if s]
+                        config.invites.registration_shared_secret,
+                        *(t.token for t in config.admin.tokens)) if s]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -368,13 +368,56 @@ class PortalsConfig(_Section):
     staff: list[MXID] = []
 
 
+# What a named admin API token may do (bridge.admin.auth maps every route to one).
+ADMIN_SCOPES = ("rooms", "moderation", "invites", "notices", "citizens.export",
+                "citizens.erase", "reidentify", "audit.read")
+AdminScope = Literal["rooms", "moderation", "invites", "notices", "citizens.export",
+                     "citizens.erase", "reidentify", "audit.read"]
+LEGACY_TOKEN_NAME = "admin"
+# Who acts through an admin token (`civic-bridge admin --as`); here, not in bridge.admin,
+# so the CLI stays light to import.
+ADMIN_ACTOR_HEADER = "X-Civic-Bridge-Actor"
+
+
+class AdminTokenConfig(_Section):
+    """One named API token (`admin.tokens[]`): the audit names the caller by `name`."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+    # `token_file` is read into `token` before validation (see _resolve_token_files).
+    token: Annotated[str, Field(min_length=32)]
+    scopes: Annotated[list[AdminScope], Field(min_length=1)]
+
+
 class AdminConfig(_Section):
+    # Legacy: the all-scopes token, named "admin" in the audit log.
     token: Secret
     users: list[MXID] = []
     # Where the bridge posts operational notices that concern no agency room (e.g. a
     # dead letter of a citizen without a portal yet): a room the bot is in, such as an
     # admin's DM with it. None: such events are only logged, counted and listed.
     management_room: Annotated[str, Field(pattern=r"^![^\s]+$")] | None = None
+    tokens: list[AdminTokenConfig] = []
+    # Re-identifications (POST /admin/v1/citizens/{id}/reveal) per token and hour.
+    reveal_per_hour: Annotated[int, Field(ge=1, le=1000)] = 10
+
+    @field_validator("tokens")
+    @classmethod
+    def _distinct(cls, value: list[AdminTokenConfig]) -> list[AdminTokenConfig]:
+        names = [t.name for t in value]
+        if LEGACY_TOKEN_NAME in names:
+            raise ValueError(f"the name {LEGACY_TOKEN_NAME!r} is the legacy admin.token's; "
+                             "pick another")
+        if len(set(names)) != len(names):
+            raise ValueError("token names must be unique (the audit log names the caller)")
+        if len({t.token for t in value}) != len(value):
+            raise ValueError("two tokens are the same; give each system its own")
+        return value
+
+    @model_validator(mode="after")
+    def _not_the_legacy_token(self) -> AdminConfig:
+        if any(t.token == self.token for t in self.tokens):
+            raise FieldProblem("tokens", "a named token equals admin.token; give it its own")
+        return self
 
 
 class RoomsConfig(_Section):
@@ -567,6 +610,27 @@ def _resolve_secrets(raw: dict[str, Any], base: Path, problems: list[str]) -> No
                             f"or ${ENV_PREFIX}{section.upper()}_{key.upper()}")
 
 
+def _resolve_token_files(raw: dict[str, Any], base: Path, problems: list[str]) -> None:
+    """`admin.tokens[i].token_file`, read like the other secret files, in place."""
+    admin = raw.get("admin")
+    tokens = admin.get("tokens") if isinstance(admin, dict) else None
+    if not isinstance(tokens, list):
+        return  # absent, or the model reports the wrong type
+    for i, item in enumerate(tokens):
+        if not isinstance(item, dict) or "token_file" not in item:
+            continue
+        item = tokens[i] = dict(item)
+        where = f"admin.tokens[{i}].token_file"
+        path = Path(str(item.pop("token_file")))
+        path = path if path.is_absolute() else base / path
+        try:
+            item["token"] = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            problems.append(f"{where}: cannot read {_shown(path)}: {exc.strerror}")
+        except (UnicodeDecodeError, ValueError):
+            problems.append(f"{where}: not a readable UTF-8 text file name")
+
+
 def _required(section: str, key: str, sect: dict[str, Any]) -> bool:
     if section in ("invites", "moderation"):
         return False  # optional: invite links, or reports from the client, are off without it
@@ -625,6 +689,7 @@ def parse_config(raw: Any, base: Path = Path(".")) -> Config:
            for k, v in raw.items()}
     problems: list[str] = []
     _resolve_secrets(raw, base, problems)
+    _resolve_token_files(raw, base, problems)
     _placeholders(raw, "", problems)
     try:
         config = Config.model_validate(raw)

@@ -18,6 +18,7 @@ import aiohttp
 from bridge.admin.citizens import CitizenData
 from bridge.admin.moderation import Moderation
 from bridge.admin.notices import Notices
+from bridge.admin.reidentify import Reidentification
 from bridge.admin.service import AdminService
 from bridge.admin.wiring import build_admin
 from bridge.config import Config
@@ -92,6 +93,8 @@ class Bridge:
     templates: StaffTemplates | None = None
     # Reports, flags, watched display names (bridge.moderation).
     safety: ModerationParts | None = None
+    # Re-identification and look-up by phone number (admin API, scoped; bridge.admin.auth).
+    reidentify: Reidentification | None = None
 
     async def lead(self) -> None:
         """Wait to be elected, then start; stop processing the moment the lock is lost.
@@ -293,14 +296,15 @@ async def build_bridge(config: Config) -> Bridge:
                         outbox if config.whatsapp.enabled else None, metrics)
     if inbound is not None and parts.safety.whatsapp is not None:
         inbound.set_report_hook(parts.safety.whatsapp)
+    citizens = CitizenData(config, db, privacy, portals, ghosts, subscriptions)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
                   outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,
                   moderation=parts.moderation, invites=parts.invites,
-                  citizens=CitizenData(config, db, privacy, portals, ghosts,
-                                        subscriptions),
+                  citizens=citizens,
                   notices=Notices(config, db, outbox, metrics, subscriptions, ghosts.is_ours),
                   dead_letters=dead_letters,
                   election=election_for(config.database.url), safety=parts.safety,
                   pod=await PodLabeler.from_environment(http),
-                  receipts=receipts, templates=templates)
+                  receipts=receipts, templates=templates,
+                  reidentify=Reidentification(config, db, privacy, citizens))

@@ -59,6 +59,10 @@ class CitizenData:
         self._ghosts = ghosts
         self._subscriptions = subscriptions
 
+    async def find(self, user_id: str) -> Citizen:
+        """The citizen of a ghost Matrix ID or notices subscription code; 404 otherwise."""
+        return await self._citizen(user_id)
+
     async def _citizen(self, user_id: str) -> Citizen:
         citizen = None
         if SUBSCRIPTION_CODE.fullmatch(user_id.upper()):

@@ -1,10 +1,11 @@
 """`civic-bridge admin ...`: the admin HTTP API from the command line.
 
-It reads the bridge's config for the admin token and the address (override with
---url or $CIVIC_BRIDGE_ADMIN_URL) and prints readable tables (or the raw JSON with
---json). Exit codes: 0 done; 1 the bridge refused; 2 usage or config error;
-3 bridge unreachable; 4 the audit chain is broken; 5 confirmation required
-(repeat with --confirm).
+It reads the bridge's config for the admin token (admin.token, or the admin.tokens
+entry --token-name NAME) and the address (override with --url or
+$CIVIC_BRIDGE_ADMIN_URL); --as @user:domain records who acts in the audit log. It
+prints readable tables (or the raw JSON with --json). Exit codes: 0 done; 1 the bridge
+refused; 2 usage or config error; 3 bridge unreachable; 4 the audit chain is broken;
+5 confirmation required (repeat with --confirm).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from bridge.config import Config, load_config
+from bridge.config import ADMIN_ACTOR_HEADER, LEGACY_TOKEN_NAME, Config, load_config
 from bridge.errors import ConfigError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TAMPERED, EXIT_CONFIRM = range(6)
@@ -68,9 +69,12 @@ def base_url(config: Config, override: str | None) -> str:
 
 
 async def call(url: str, token: str, method: str, path: str,
-               body: dict[str, Any] | None = None) -> Any:
+               body: dict[str, Any] | None = None, acting: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"}
+    if acting:  # recorded next to the token's name in the audit log
+        headers[ADMIN_ACTOR_HEADER] = acting
     async with aiohttp.ClientSession() as http, http.request(
-            method, url + path, json=body, headers={"Authorization": f"Bearer {token}"},
+            method, url + path, json=body, headers=headers,
             timeout=aiohttp.ClientTimeout(total=120)) as resp:
         try:
             data = await resp.json(content_type=None)
@@ -81,6 +85,13 @@ async def call(url: str, token: str, method: str, path: str,
             raise Refused(resp.status, str(data.get("errcode", "M_UNKNOWN")),
                           str(data.get("error", f"HTTP {resp.status}")))
         return data
+
+
+def token_for(config: Config, name: str) -> str | None:
+    """The token the CLI calls with: admin.token, or the admin.tokens entry `name`."""
+    if name == LEGACY_TOKEN_NAME:
+        return config.admin.token
+    return next((t.token for t in config.admin.tokens if t.name == name), None)
 
 
 def _room(room_id: str) -> str:
@@ -125,6 +136,12 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
         if args.citizen_command == "export":
             return "GET", f"{path}/export?reason={quote(args.reason, safe='')}", None
         return "DELETE", path, {"reason": args.reason}
+    if what == "reveal":
+        return "POST", f"/admin/v1/citizens/{quote(args.user, safe='')}/reveal", {
+            "reason": args.reason}
+    if what == "lookup":
+        return "POST", "/admin/v1/citizens/lookup", {"phone": args.phone,
+                                                     "reason": args.reason}
     if what == "template":
         values: list[str] = args.values
         named = [v for v in values if "=" in v]
@@ -177,6 +194,12 @@ def render(args: argparse.Namespace, data: Any) -> tuple[str, str, int]:
         if data.get("next_before"):
             out += f"\n(more: --before {data['next_before']})"
         return f"{out}\n{status}".rstrip("\n"), problem, code
+    if what == "lookup":
+        return table([(c["pseudonym"], c["matrix_user_id"], c["consent_state"],
+                       c["subscription_code"], c["notices_consent_state"])
+                      for c in data["citizens"]],
+                     ("pseudonym", "matrix_user_id", "consent", "subscription_code",
+                      "notices")), "", EXIT_OK
     if what == "citizen" and args.citizen_command == "export":
         return json.dumps(data, indent=2, ensure_ascii=False), "", EXIT_OK  # machine-readable
     if what == "notice" and args.notice_command == "withdraw":
@@ -234,6 +257,11 @@ def run_admin(args: argparse.Namespace) -> int:
             print(f"config error: {line}", file=sys.stderr)
         return EXIT_USAGE
     url = base_url(config, args.url)
+    token = token_for(config, args.token_name)
+    if token is None:
+        print(f"config error: admin.tokens has no token named {args.token_name!r}",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         method, path, body = request_for(args)
     except UsageError as exc:
@@ -242,7 +270,7 @@ def run_admin(args: argparse.Namespace) -> int:
     if body is not None:
         body = {k: v for k, v in body.items() if v is not None}
     try:
-        data = asyncio.run(call(url, config.admin.token, method, path, body))
+        data = asyncio.run(call(url, token, method, path, body, args.acting))
     except Refused as exc:
         print(f"refused ({exc.status} {exc.errcode}): {exc}", file=sys.stderr)
         if exc.errcode == "CB_CONFIRM_REQUIRED":
@@ -275,6 +303,10 @@ def add_admin_parser(sub: Any) -> None:
     admin.add_argument("-c", "--config", default="config.yaml")
     admin.add_argument("--url", default=None, help=f"the bridge's base URL (or ${URL_ENV})")
     admin.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    admin.add_argument("--token-name", default=LEGACY_TOKEN_NAME,
+                       help="which admin.tokens entry to call with (default: admin.token)")
+    admin.add_argument("--as", dest="acting", default=None, metavar="@USER:DOMAIN",
+                       help="who is acting: recorded in the audit log next to the token")
     admin.set_defaults(func=run_admin)
     cmds = admin.add_subparsers(dest="admin_command", required=True)
 
@@ -325,6 +357,14 @@ def add_admin_parser(sub: Any) -> None:
     p = citizen.add_parser("erase", help="stop relay and delete their data (irreversible)")
     p.add_argument("user")
     p.add_argument("--reason", required=True, help="recorded in the audit log")
+    p = cmds.add_parser("reveal", help="a citizen's phone number / BSUID (scope reidentify; "
+                                       "audited, rate-limited)")
+    p.add_argument("user", help="the citizen's Matrix user id or subscription code")
+    p.add_argument("--reason", required=True, help="why (at least 10 characters; audit log)")
+    p = cmds.add_parser("lookup", help="a person's pseudonyms by phone number (rights "
+                                       "requests; audited)")
+    p.add_argument("phone", help="e.g. '+34 600 11 22 33' or '600112233' (Spain by default)")
+    p.add_argument("--reason", required=True, help="why (at least 10 characters; audit log)")
     rooms = cmds.add_parser("rooms", help="agency rooms").add_subparsers(
         dest="rooms_command", required=True)
     rooms.add_parser("list", help="open rooms")

@@ -1,7 +1,8 @@
-"""HTTP routes of the admin API (`/admin/v1`, Bearer admin.token).
+"""HTTP routes of the admin API (`/admin/v1`, Bearer token with scopes).
 
 Routes parse and answer; the logic is in AdminService, Moderation and InviteLinks.
-The actor recorded in the audit log for API calls is "admin-api".
+Each route declares its scope with `@requires` (bridge.admin.auth checks it); the actor
+recorded in the audit log is the token's name, `api:<name>` (see `actor`).
 """
 
 from __future__ import annotations
@@ -12,24 +13,24 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.admin.auth import actor, principal, requires
 from bridge.admin.common import reason as checked_reason
 from bridge.admin.notices import LABEL
+from bridge.admin.reidentify import Reidentification
 from bridge.db.reports import REPORT_STATUSES
 from bridge.errors import BadRequest, InvalidParam, NotFound, Unavailable
 from bridge.invites.service import parse_expires_in
 from bridge.moderation.reports import Reports
 from bridge.services import Bridge
-from bridge.web.middleware import require_bearer
 from bridge.web.state import BRIDGE
 
 routes = web.RouteTableDef()
-ACTOR = "admin-api"
 MAX_AUDIT_PAGE = 1000
 
 
 def _bridge(request: web.Request) -> Bridge:
-    bridge = request.app[BRIDGE]
-    require_bearer(request, bridge.config.admin.token)
+    # The token and its scope were checked by bridge.admin.auth.admin_auth.
+    bridge: Bridge = request.app[BRIDGE]
     return bridge
 
 
@@ -73,37 +74,43 @@ def _room(request: web.Request) -> str:
 
 
 @routes.post("/admin/v1/rooms")
+@requires("rooms")
 async def create_room(request: web.Request) -> web.Response:
     bridge, body = await _body(request)
     room_id = await bridge.admin.create_room(
-        ACTOR, _str(body, "name") or "", _str(body, "kind") or "", _str(body, "topic", False),
-        _str(body, "join_rule", False) or "invite")
+        actor(request), _str(body, "name") or "", _str(body, "kind") or "",
+        _str(body, "topic", False), _str(body, "join_rule", False) or "invite")
     return web.json_response({"room_id": room_id}, status=201)
 
 
 @routes.get("/admin/v1/rooms")
+@requires("rooms")
 async def list_rooms(request: web.Request) -> web.Response:
     rooms = await _bridge(request).admin.list_rooms()
     return web.json_response([dataclasses.asdict(r) for r in rooms])
 
 
 @routes.get("/admin/v1/rooms/{room_id}/members")
+@requires("rooms")
 async def members(request: web.Request) -> web.Response:
     return web.json_response(await _bridge(request).admin.members(_room(request)))
 
 
 @routes.post("/admin/v1/rooms/{room_id}/invite")
+@requires("invites")
 async def invite(request: web.Request) -> web.Response:
     bridge, body = await _body(request)
-    await bridge.admin.invite(ACTOR, _room(request), _str(body, "user_id") or "",
+    await bridge.admin.invite(actor(request), _room(request), _str(body, "user_id") or "",
                               _str(body, "reason", False), _bool(body, "confirm"))
     return web.json_response({})
 
 
 @routes.post("/admin/v1/rooms/{room_id}/invite-links")
+@requires("invites")
 async def invite_link(request: web.Request) -> web.Response:
     bridge, body = await _body(request)
-    link = await bridge.invites.create(ACTOR, _room(request), _int(body.get("uses"), "uses", 1),
+    link = await bridge.invites.create(actor(request), _room(request),
+                                       _int(body.get("uses"), "uses", 1),
                                        parse_expires_in(body.get("expires_in")),
                                        _bool(body, "confirm"))
     return web.json_response({"url": link.url, "uses": link.uses,
@@ -111,9 +118,10 @@ async def invite_link(request: web.Request) -> web.Response:
 
 
 def _membership_route(action: str) -> None:
+    @requires("moderation")
     async def handler(request: web.Request) -> web.Response:
         bridge, body = await _body(request)
-        await bridge.moderation.membership(ACTOR, action, _room(request),
+        await bridge.moderation.membership(actor(request), action, _room(request),
                                            _str(body, "user_id") or "",
                                            _str(body, "reason", False))
         return web.json_response({})
@@ -126,57 +134,65 @@ for _action in ("kick", "ban", "unban"):
 
 
 @routes.post("/admin/v1/rooms/{room_id}/mute")
+@requires("moderation")
 async def mute(request: web.Request) -> web.Response:
     bridge, body = await _body(request)
-    await bridge.moderation.mute(ACTOR, _room(request), _str(body, "user_id") or "",
+    await bridge.moderation.mute(actor(request), _room(request), _str(body, "user_id") or "",
                                  _str(body, "reason", False))
     return web.json_response({})
 
 
 @routes.post("/admin/v1/rooms/{room_id}/unmute")
+@requires("moderation")
 async def unmute(request: web.Request) -> web.Response:
     bridge, body = await _body(request)
-    await bridge.moderation.unmute(ACTOR, _room(request), _str(body, "user_id") or "",
+    await bridge.moderation.unmute(actor(request), _room(request), _str(body, "user_id") or "",
                                    _str(body, "reason", False))
     return web.json_response({})
 
 
 @routes.post("/admin/v1/rooms/{room_id}/redact")
+@requires("moderation")
 async def redact(request: web.Request) -> web.Response:
     bridge, body = await _body(request)
-    event_id = await bridge.moderation.redact(ACTOR, _room(request),
+    event_id = await bridge.moderation.redact(actor(request), _room(request),
                                               _str(body, "event_id") or "",
                                               _str(body, "reason", False))
     return web.json_response({"event_id": event_id})
 
 
 @routes.post("/admin/v1/rooms/{room_id}/knocks/approve")
+@requires("moderation")
 async def approve_knock(request: web.Request) -> web.Response:
     bridge, body = await _body(request)
-    await bridge.moderation.knock(ACTOR, _room(request), _str(body, "user_id") or "", True,
+    await bridge.moderation.knock(actor(request), _room(request), _str(body, "user_id") or "", True,
                                   _str(body, "reason", False))
     return web.json_response({})
 
 
 @routes.post("/admin/v1/rooms/{room_id}/knocks/deny")
+@requires("moderation")
 async def deny_knock(request: web.Request) -> web.Response:
     bridge, body = await _body(request)
-    await bridge.moderation.knock(ACTOR, _room(request), _str(body, "user_id") or "", False,
-                                  _str(body, "reason", False))
+    await bridge.moderation.knock(actor(request), _room(request), _str(body, "user_id") or "",
+                                  False, _str(body, "reason", False))
     return web.json_response({})
 
 
 @routes.post("/admin/v1/rooms/{room_id}/close")
+@requires("moderation")
 async def close(request: web.Request) -> web.Response:
     bridge, body = await _body(request)
-    removed = await bridge.moderation.close(ACTOR, _room(request), _str(body, "reason", False))
+    removed = await bridge.moderation.close(actor(request), _room(request),
+                                            _str(body, "reason", False))
     return web.json_response({"removed": removed})
 
 
 @routes.post("/admin/v1/rooms/{room_id}/announce")
+@requires("moderation")
 async def announce(request: web.Request) -> web.Response:
     bridge, body = await _body(request)
-    event_id = await bridge.moderation.announce(ACTOR, _room(request),
+    event_id = await bridge.moderation.announce(actor(request), _room(request),
                                                 _str(body, "body") or "",
                                                 _bool(body, "confirm"))
     return web.json_response({"event_id": event_id})
@@ -197,6 +213,7 @@ async def _chain(bridge: Bridge) -> dict[str, Any]:
 
 
 @routes.get("/admin/v1/audit")
+@requires("audit.read")
 async def audit(request: web.Request) -> web.Response:
     """Entries newest first (`limit`, `before` = an id to page back from) and the chain check."""
     bridge = _bridge(request)
@@ -213,11 +230,13 @@ async def audit(request: web.Request) -> web.Response:
 
 
 @routes.get("/admin/v1/audit/verify")
+@requires("audit.read")
 async def audit_verify(request: web.Request) -> web.Response:
     return web.json_response(await _chain(_bridge(request)))
 
 
 @routes.get("/admin/v1/citizens/{user_id}/export")
+@requires("citizens.export")
 async def export_citizen(request: web.Request) -> web.Response:
     """Everything held about one citizen, for that citizen (GDPR art. 15/20).
 
@@ -228,35 +247,67 @@ async def export_citizen(request: web.Request) -> web.Response:
     if not reason:
         raise InvalidParam("reason: required (recorded in the audit log), e.g. "
                            "?reason=solicitud%20de%20acceso%202026-17")
-    data = await bridge.citizens.export(request.match_info["user_id"], ACTOR, reason)
+    data = await bridge.citizens.export(request.match_info["user_id"], actor(request), reason)
+    return web.json_response(data, headers={"Cache-Control": "no-store"})
+
+
+def _reidentification(bridge: Bridge) -> Reidentification:
+    if bridge.reidentify is None:
+        raise Unavailable("re-identification is not wired in this process")
+    return bridge.reidentify
+
+
+@routes.post("/admin/v1/citizens/{user_id}/reveal")
+@requires("reidentify")
+async def reveal_citizen(request: web.Request) -> web.Response:
+    """`{reason}` → the citizen's phone number / BSUID. Audited (by pseudonym, with the
+    reason), rate-limited per token (admin.reveal_per_hour)."""
+    bridge, body = await _body(request)
+    who = principal(request)
+    data = await _reidentification(bridge).reveal(
+        who.actor, who.name, request.match_info["user_id"], body.get("reason"))
+    return web.json_response(data, headers={"Cache-Control": "no-store"})
+
+
+@routes.post("/admin/v1/citizens/lookup")
+@requires("citizens.export")
+async def lookup_citizen(request: web.Request) -> web.Response:
+    """`{phone, reason}` → the person's pseudonyms (for a rights request); 404 if none."""
+    bridge, body = await _body(request)
+    data = await _reidentification(bridge).lookup(actor(request), body.get("phone"),
+                                                  body.get("reason"))
     return web.json_response(data, headers={"Cache-Control": "no-store"})
 
 
 @routes.delete("/admin/v1/citizens/{user_id}")
+@requires("citizens.erase")
 async def erase_citizen(request: web.Request) -> web.Response:
     """Erase one citizen (GDPR art. 17); body `{reason?}`, recorded in the audit log."""
     bridge, body = await _body(request)
     reason = _str(body, "reason", required=False)
     return web.json_response(await bridge.citizens.erase(request.match_info["user_id"],
-                                                         ACTOR, reason))
+                                                         actor(request), reason))
 
 
 @routes.post("/admin/v1/notices")
+@requires("notices")
 async def send_notice(request: web.Request) -> web.Response:
     """`{recipient, reference}` → 202 with the new log entry, 200 with the existing one."""
     bridge, body = await _body(request)
-    entry, created = await bridge.notices.send(ACTOR, body)
+    entry, created = await bridge.notices.send(actor(request), body)
     return web.json_response(entry, status=202 if created else 200)
 
 
 @routes.post("/admin/v1/notices/withdrawals")
+@requires("notices")
 async def withdraw_notices(request: web.Request) -> web.Response:
     """`{recipient, staff_id, evidence}`: the citizen withdrew notices consent in person."""
     bridge, body = await _body(request)
-    return web.json_response(await bridge.notices.withdraw(ACTOR, body))
+    return web.json_response(await bridge.notices.withdraw(actor(request), body))
 
 
 @routes.get("/admin/v1/notices")
+@requires("notices")
 async def list_notices(request: web.Request) -> web.Response:
     """The notice log, newest first (`reference`, `recipient`, `limit`)."""
     bridge = _bridge(request)
@@ -267,6 +318,7 @@ async def list_notices(request: web.Request) -> web.Response:
 
 
 @routes.get("/admin/v1/keys")
+@requires("rooms")
 async def keys(request: web.Request) -> web.Response:
     """Master-key fingerprints of the bot and the ghosts (to verify the bridge once)."""
     bridge = _bridge(request)
@@ -275,6 +327,7 @@ async def keys(request: web.Request) -> web.Response:
 
 
 @routes.post("/admin/v1/portals/{room_id}/templates")
+@requires("rooms")
 async def send_template(request: web.Request) -> web.Response:
     """`{name, parameters}` (parameters by name, or a list in order) → 202 with the text
     the citizen will read; 400 for bad parameters, 404 for no such portal or template,
@@ -286,10 +339,13 @@ async def send_template(request: web.Request) -> web.Response:
         if key not in ("name", "parameters"):
             raise InvalidParam(f"{str(key)[:40]}: unknown field; only name and parameters")
     name = _str(body, "name") or ""
-    result = await bridge.templates.send_api(ACTOR, _room(request), name,
+    result = await bridge.templates.send_api(actor(request), _room(request), name,
                                              body.get("parameters"))
     return web.json_response(result, status=202 if result["queued"] else 200)
+
+
 @routes.get("/admin/v1/dead-letters")
+@requires("moderation")
 async def dead_letters(request: web.Request) -> web.Response:
     """Items set aside after a permanent failure (bridge.deadletters): ids, source, lane
     kind, reason class, failure times and attempts; never a payload or a person."""
@@ -298,14 +354,18 @@ async def dead_letters(request: web.Request) -> web.Response:
 
 
 @routes.post("/admin/v1/dead-letters/{id}/{action:retry|discard}")
+@requires("moderation")
 async def settle_dead_letter(request: web.Request) -> web.Response:
     """`{reason}` (required, audited): retry (back to its queue) or discard it."""
     bridge, body = await _body(request)
     why = checked_reason(_str(body, "reason", required=False)) or ""
     letter_id = request.match_info["id"]
     if request.match_info["action"] == "retry":
-        return web.json_response(await bridge.dead_letters.retry(ACTOR, letter_id, why))
-    return web.json_response(await bridge.dead_letters.discard(ACTOR, letter_id, why))
+        return web.json_response(await bridge.dead_letters.retry(actor(request), letter_id,
+                                                                 why))
+    return web.json_response(await bridge.dead_letters.discard(actor(request), letter_id, why))
+
+
 def _reports(bridge: Bridge) -> Reports:
     if bridge.safety is None:
         raise NotFound("reports are not available")
@@ -313,6 +373,7 @@ def _reports(bridge: Bridge) -> Reports:
 
 
 @routes.get("/admin/v1/reports")
+@requires("moderation")
 async def list_reports(request: web.Request) -> web.Response:
     """Reports and flags, newest first (`status=open`, `limit`): pseudonymous IDs and
     states only; the reasons are shown in the management room, never here."""
@@ -325,12 +386,13 @@ async def list_reports(request: web.Request) -> web.Response:
 
 
 @routes.post("/admin/v1/reports/{report_id}/{action}")
+@requires("moderation")
 async def act_on_report(request: web.Request) -> web.Response:
     """redact, mute, kick, ban or dismiss; body `{reason?}` (added to the audit)."""
     bridge, body = await _body(request)
     raw = request.match_info["report_id"]
     if not raw.isdigit():
         raise InvalidParam("report id: must be a whole number")
-    done = await _reports(bridge).act(ACTOR, int(raw), request.match_info["action"],
+    done = await _reports(bridge).act(actor(request), int(raw), request.match_info["action"],
                                       _str(body, "reason", False))
     return web.json_response(done)

@@ -265,8 +265,8 @@ async def test_poison_inbound_item_becomes_a_dead_letter_and_the_lane_goes_on(
     status, audit = await h.running.call("GET", "/admin/v1/audit?limit=20")
     mine = [(e["actor"], e["action"], e["reason"]) for e in audit["entries"]
             if e["object"] == letter_id]
-    assert mine == [("admin-api", "dead_letter.discard", "no recuperable, ticket 41"),
-                    ("admin-api", "dead_letter.retry", "clave restaurada, ticket 41")]
+    assert mine == [("api:admin", "dead_letter.discard", "no recuperable, ticket 41"),
+                    ("api:admin", "dead_letter.retry", "clave restaurada, ticket 41")]
 
 
 async def _metric_above(h: BridgeHarness, sample: str, value: float) -> bool:

@@ -115,7 +115,7 @@ async def test_kick_ban_unban(bridge: BridgeHarness) -> None:
     assert member["content"]["reason"] == "insultos"
     entry = await last_audit(bridge)
     assert (entry.actor, entry.action, entry.object, entry.result, entry.reason) == (
-        "admin-api", "room.kick", f"{room} {user.user_id}", "ok", "insultos")
+        "api:admin", "room.kick", f"{room} {user.user_id}", "ok", "insultos")
 
     assert (await admin_call(bridge, room, "ban",
                              {"user_id": user.user_id, "reason": "reincide"}))[0] == 200

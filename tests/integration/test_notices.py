@@ -190,7 +190,7 @@ async def test_notice_is_one_fixed_template_and_statuses_fill_the_log(
     assert data["template"] == {"name": "aviso_puesta_disposicion", "language": "es",
                                 "version": "7"}
     assert data["proof_of_notification"] is False and data["label"] == LABEL
-    assert data["requested_by"] == "admin-api"
+    assert data["requested_by"] == "api:admin"
 
     sent = await h.wa.wait_for_sent(
         lambda s: to_citizen(s, citizen) and s.get("type") == "template", timeout=30)
@@ -467,7 +467,7 @@ async def test_assisted_withdrawal_is_recorded_and_cancels_unsent_notices(
         "1", consent_hash(h.running.config), "es")
     audit = [(e.actor, e.action, e.result, e.reason) for e in await b.db.audit.list(limit=50)
              if e.object == f"pseudonym {pseudonym}" and e.action == "consent.withdrawn"]
-    assert audit == [("admin-api", "consent.withdrawn", "ok", "notices")]
+    assert audit == [("api:admin", "consent.withdrawn", "ok", "notices")]
 
     status, data = await send(h, code, "NOT-2026/DESK2")
     assert status == 409 and data["errcode"] == "CB_NO_NOTICES_CONSENT"

@@ -274,8 +274,8 @@ async def test_admin_route_sends_a_template_and_is_audited(templated: BridgeHarn
 
         entries = [(e.actor, e.action, e.result) for e in await b.db.audit.list(limit=30)
                    if e.object == f"room {j.room_id}"]
-        assert entries.count(("admin-api", "template.send", "queued")) == 2
-        assert ("admin-api", "template.send", "refused_parameters") in entries
+        assert entries.count(("api:admin", "template.send", "queued")) == 2
+        assert ("api:admin", "template.send", "refused_parameters") in entries
         sent_count = len([s for s in h.wa.sent if to_citizen(s, j.citizen)
                           and s.get("type") == "template"])
         assert sent_count == 2

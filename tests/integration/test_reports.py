@@ -226,7 +226,7 @@ async def test_reports_from_the_client_reach_moderators_and_each_action_works(
                     "POST", f"/admin/v1/reports/{number}/{action}", {"reason": "revisado"})
                 assert status == 200, answer_body
                 assert answer_body == {"id": number, "status": action, "reporter_told": True}
-                actor = "admin-api"
+                actor = "api:admin"
 
             members = await state(bridge, room)
             if action == "redact":
