@@ -54,7 +54,7 @@ EXPECTED: dict[tuple[str, str], str] = {
 # Placeholders filled so that an allowed call is harmless (404 or 400, nothing changes).
 FILL = {"{room_id}": quote("!nosuchroom:localhost", safe=""),
         "{user_id}": quote("@nosuchcitizen:localhost", safe=""),
-        "{id}": "in-999999999", "{action}": "dismiss", "{report_id}": "999999999"}
+        "{id}": "in-999999999", "{action}": "discard", "{report_id}": "999999999"}
 
 
 def token(h: BridgeHarness, name: str) -> str:
