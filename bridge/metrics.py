@@ -72,3 +72,9 @@ class Metrics:
             "civic_bridge_identity_changes",
             "WhatsApp number or BSUID changes reported for citizens", ["change", "result"],
             registry=r)
+        # outcome: released / expired / other_portal (a ✅ or «enviar» written in another
+        # portal than the held message's: refused, with a notice there)
+        self.held_confirmations = Counter(
+            "civic_bridge_held_confirmations",
+            "Confirmations of staff messages held for personal data, by outcome",
+            ["outcome"], registry=r)

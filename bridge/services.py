@@ -272,8 +272,9 @@ async def build_bridge(config: Config) -> Bridge:
                                   subscriptions)
         handlers["whatsapp"] = inbound
         # `!plantilla` commands are answered in front of the staff → WhatsApp relay.
+        staff_out = StaffToWhatsApp(db, portals, outbox, privacy, metrics)
         templates = StaffTemplates(config.whatsapp, db, portals, outbox, metrics,
-                                   then=StaffToWhatsApp(db, portals, outbox, privacy))
+                                   then=staff_out)
         relay.add_handler(templates)
         if config.whatsapp.send_read_receipts:
             receipts = StaffReceipts(db, graph, metrics, ghosts.is_ours)

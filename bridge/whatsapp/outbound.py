@@ -7,7 +7,8 @@ templates may be sent then); edits (WhatsApp cannot edit a business message).
 Held for confirmation: a text or caption that looks like a DNI/NIE, IBAN or card number
 (once it leaves on WhatsApp it can be forwarded out of anyone's control). Staff
 are told; reacting ✅ to the message, or replying «enviar» to it, sends it. The held
-payload is kept encrypted until then.
+payload is kept encrypted until then. Only a confirmation in the held message's own
+portal releases it: one written in another portal is refused there with a notice.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from bridge.db import Citizen, Database
 from bridge.matrix.relay import StaffEvent
+from bridge.metrics import Metrics
 from bridge.privacy import AAD_PAYLOAD, Cipher, Privacy, looks_like_personal_id
 from bridge.types import EventID
 from bridge.whatsapp.outbox import WHATSAPP_KIND, Outbox
@@ -38,6 +40,8 @@ HELD_NOTICE = ("Retenido, no enviado: el mensaje parece contener datos personale
                "respóndale «enviar».")
 RELEASED_NOTICE = "Enviado a WhatsApp tras su confirmación."
 EXPIRED_NOTICE = "No enviado: la confirmación llegó más de 24 horas después del mensaje."
+OTHER_PORTAL_NOTICE = ("No enviado: ese mensaje retenido es de otra sala y solo puede "
+                       "confirmarse en la sala donde se escribió.")
 CONFIRM_REACTIONS = ("✅", "✔️", "✔", "👍")
 CONFIRM_WORDS = ("enviar", "enviar igualmente", "confirmar")
 # A phone number alone is not held: staff give the agency's numbers all the time.
@@ -79,11 +83,12 @@ class StaffToWhatsApp:
     """A `Relay` handler: called with every decrypted staff event."""
 
     def __init__(self, db: Database, portals: Portals, outbox: Outbox,
-                 privacy: Privacy) -> None:
+                 privacy: Privacy, metrics: Metrics | None = None) -> None:
         self._db = db
         self._portals = portals
         self._outbox = outbox
         self._cipher = privacy.cipher
+        self._metrics = metrics
 
     async def __call__(self, event: StaffEvent) -> None:
         room = await self._db.rooms.get(event.room_id)
@@ -151,8 +156,16 @@ class StaffToWhatsApp:
     async def _release(self, citizen: Citizen, event: StaffEvent, held_id: EventID,
                        sealed: str) -> None:
         held = self._cipher.decrypt_json(sealed, aad=AAD_PAYLOAD)
+        if held.get("room_id") != event.room_id:
+            # Event ids are not secret and staff sit in many portals: a ✅ written here
+            # must not send what was written to another citizen (to theirs, or to this
+            # room's). The hold stays for its own portal.
+            self._count_confirmation("other_portal")
+            await self._portals.notice(event.room_id, OTHER_PORTAL_NOTICE)
+            return
         if datetime.now(UTC) - datetime.fromisoformat(held["at"]) > WINDOW:
             await self._db.kv.delete(HELD_KEY + held_id)
+            self._count_confirmation("expired")
             await self._portals.notice(event.room_id, EXPIRED_NOTICE)
             return
         if not await self._may_send(citizen, event):
@@ -163,7 +176,12 @@ class StaffToWhatsApp:
         await self._db.kv.delete(HELD_KEY + held_id)
         await self._db.audit.append(event.sender, "message.release", f"room {event.room_id}",
                                     "ok", "confirmed by staff")
+        self._count_confirmation("released")
         await self._portals.notice(event.room_id, RELEASED_NOTICE)
+
+    def _count_confirmation(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.held_confirmations.labels(outcome).inc()
 
     async def _wamid_of(self, event_id: Any) -> str | None:
         if not isinstance(event_id, str):
