@@ -26,6 +26,7 @@ from bridge.invites.service import InviteLinks
 from bridge.leader import Election, Role, SingleProcess, election_for
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.devices import Devices
+from bridge.matrix.devicetrust import CrossSignedDevices
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.keystore import RoomKeyStore
 from bridge.matrix.relay import Relay
@@ -246,7 +247,9 @@ async def build_bridge(config: Config) -> Bridge:
     devices = Devices(api, Path(config.appservice.store_dir),
                       base64.b64decode(config.privacy.data_key), on_ready=trust,
                       long_poll_user=UserID(config.bot_mxid),
-                      room_keys=RoomKeyStore(db.room_keys, privacy.cipher))
+                      room_keys=RoomKeyStore(db.room_keys, privacy.cipher),
+                      key_trust=CrossSignedDevices(api)
+                      if config.e2ee.forward_keys_to == "cross-signed" else None)
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)
     rooms = Rooms(api, ghosts.bot, RoomPolicy(federate=config.rooms.federate,
