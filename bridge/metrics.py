@@ -78,3 +78,7 @@ class Metrics:
             "civic_bridge_held_confirmations",
             "Confirmations of staff messages held for personal data, by outcome",
             ["outcome"], registry=r)
+        self.room_keys_withheld = Counter(
+            "civic_bridge_room_keys_withheld",
+            "Times earlier room keys were withheld from a device its owner has not "
+            "cross-signed (e2ee.forward_keys_to: cross-signed)", registry=r)

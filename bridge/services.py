@@ -244,18 +244,18 @@ async def build_bridge(config: Config) -> Bridge:
     api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
     privacy = Privacy.from_config(config.privacy)
     trust = Trust(db, http, config.homeserver.url, config.appservice.as_token, privacy.cipher)
+    metrics = Metrics()
     devices = Devices(api, Path(config.appservice.store_dir),
                       base64.b64decode(config.privacy.data_key), on_ready=trust,
                       long_poll_user=UserID(config.bot_mxid),
                       room_keys=RoomKeyStore(db.room_keys, privacy.cipher),
-                      key_trust=CrossSignedDevices(api)
+                      key_trust=CrossSignedDevices(api, metrics)
                       if config.e2ee.forward_keys_to == "cross-signed" else None)
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)
     rooms = Rooms(api, ghosts.bot, RoomPolicy(federate=config.rooms.federate,
                                               admins=tuple(config.admin.users)))
     relay = Relay(api, ghosts)
-    metrics = Metrics()
 
     async def handle_matrix(item: InboundItem) -> None:
         await relay.handle_event(json.loads(item.payload))

@@ -25,6 +25,7 @@ from typing import Any
 from bridge.matrix.api import MatrixAPI
 from bridge.matrix.crosssign import verify_signed_json
 from bridge.matrix.keyshare import Target
+from bridge.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ class CrossSignedDevices:
     in appservice transactions) forgets what was refused for those users.
     """
 
-    def __init__(self, api: MatrixAPI) -> None:
+    def __init__(self, api: MatrixAPI, metrics: Metrics | None = None) -> None:
         self._api = api
+        self._metrics = metrics
         # (user, device, curve25519) -> when it was found not cross-signed
         self._refused: dict[tuple[str, str, str], float] = {}
 
@@ -106,6 +108,8 @@ class CrossSignedDevices:
             else:
                 self._refused[(target.user_id, target.device_id, target.curve25519)] = now
         if len(allowed) < len(wanted):
+            if self._metrics is not None:
+                self._metrics.room_keys_withheld.inc(len(wanted) - len(allowed))
             log.info("earlier room keys withheld from %d device(s) not cross-signed by "
                      "their owner", len(wanted) - len(allowed))
         return allowed

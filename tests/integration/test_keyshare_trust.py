@@ -85,6 +85,9 @@ async def test_only_cross_signed_devices_get_earlier_keys(bridge: BridgeHarness)
             assert (first, _curve(client)) not in device.keys.ledger.delivered
             assert not _has_session(client, room_id, ghost_key, first)
         assert device.keys.ledger.delivered[(first, _curve(good))] == 0
+        withheld = bridge.running.bridge.metrics.registry.get_sample_value(
+            "civic_bridge_room_keys_withheld_total")
+        assert withheld is not None and withheld >= 2  # rogue and plain, counted
 
         # Once the owner verifies the session from another one, it gets the key too.
         await cross_sign_own_device(rogue)
