@@ -29,7 +29,7 @@ from bridge.devtools.demo_state import leftover_synapse, stop_leftover
 from bridge.devtools.demo_text import READY
 from bridge.devtools.synapse import LocalSynapse
 from bridge.whatsapp.simulator import SENT_PATH
-from tests.fixtures.staff import StaffClient, verified_login
+from tests.fixtures.staff import StaffClient, staff_login
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -115,9 +115,9 @@ def port_open(port: int) -> bool:
 async def staff_in_portal(directory: Path, state: dict[str, Any], store: Path) -> StaffClient:
     # staff_login only needs the homeserver's URL and name: the demo's Synapse, unstarted here.
     synapse = LocalSynapse(directory / "synapse", port=state["ports"]["synapse"])
-    # Verified by its owner, as Element's first session is (it sets up cross-signing):
-    # only such devices get the keys of messages sent before they appeared.
-    staff = await verified_login(synapse, "staff", state["staff_password"], store_root=store)
+    # Not verified, as the walkthrough's Element session: the demo forwards earlier
+    # keys to any device (e2ee.forward_keys_to: all).
+    staff = await staff_login(synapse, "staff", state["staff_password"], store_root=store)
     await staff.join(state["portal_room_id"])
     return staff
 
