@@ -161,6 +161,9 @@ class StaffToWhatsApp:
             # must not send what was written to another citizen (to theirs, or to this
             # room's). The hold stays for its own portal.
             self._count_confirmation("other_portal")
+            await self._db.audit.append(event.sender, "message.release",
+                                        f"room {event.room_id}", "refused",
+                                        "held in another portal")
             await self._portals.notice(event.room_id, OTHER_PORTAL_NOTICE)
             return
         if datetime.now(UTC) - datetime.fromisoformat(held["at"]) > WINDOW:

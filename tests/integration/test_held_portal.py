@@ -62,6 +62,9 @@ async def test_held_message_is_released_only_from_its_own_portal(
                 ignore_unverified_devices=True)
             await bp.seen(lambda ev: "otra sala" in getattr(ev, "body", ""))
             assert _other_portal_count(bridge) == before + 1
+            refusals = [e for e in await b.db.audit.list(limit=50)
+                        if e.action == "message.release" and e.result == "refused"]
+            assert refusals and refusals[0].object == f"room {bp.room_id}"
             await asyncio.sleep(0.5)  # anything wrongly queued has had time to go out
             assert not [s for s in bridge.wa.sent if iban in str(s)]
             # Nor did the «enviar» itself go to B's citizen: it was a confirmation.

@@ -31,6 +31,8 @@ ALLOWED_LABELS: dict[str, set[str]] = {
     "purpose": set(get_args(ConsentPurpose)),
     "state": set(get_args(ConsentState)),
     "source": set(get_args(InboundSource)),
+    # Outcomes of the held-message confirmations (civic_bridge_held_confirmations).
+    "outcome": {"released", "expired", "other_portal"},
 }
 LOOKS_PERSONAL = re.compile(r"\d{5,}|[A-Z]{2}\.[A-Za-z0-9]{6,}|^[@!$#+]|wamid|:")
 EXPECTED_FAMILIES = {
