@@ -518,6 +518,15 @@ class MetricsConfig(_Section):
     enabled: bool = True
 
 
+class E2EEConfig(_Section):
+    """End-to-end encryption policy of the bridge's devices (docs/e2ee.md)."""
+
+    # Which staff devices a ghost sends the keys of messages sent before the device
+    # appeared: only those their owner cross-signed (verified from another session), or
+    # any device of a member. A phished password must not open every portal's history.
+    forward_keys_to: Literal["cross-signed", "all"] = "cross-signed"
+
+
 class Config(_Section):
     """The whole configuration; build it with `load_config`."""
 
@@ -535,6 +544,7 @@ class Config(_Section):
     moderation: ModerationConfig = ModerationConfig()
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    e2ee: E2EEConfig = E2EEConfig()
 
     @model_validator(mode="after")
     def _invite_prefix(self) -> Config:

@@ -130,3 +130,13 @@ class Metrics:
             "Moderation notices or answers to reporters that could not be delivered, and "
             "failed reads of Synapse's event reports",
             ["what"], registry=r)
+        # outcome: released / expired / other_portal (a ✅ or «enviar» written in another
+        # portal than the held message's: refused, with a notice there)
+        self.held_confirmations = Counter(
+            "civic_bridge_held_confirmations",
+            "Confirmations of staff messages held for personal data, by outcome",
+            ["outcome"], registry=r)
+        self.room_keys_withheld = Counter(
+            "civic_bridge_room_keys_withheld",
+            "Times earlier room keys were withheld from a device its owner has not "
+            "cross-signed (e2ee.forward_keys_to: cross-signed)", registry=r)

@@ -29,6 +29,7 @@ from bridge.leader import Election, Role, SingleProcess, election_for
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.bot_invites import BotInvitePolicy
 from bridge.matrix.devices import Devices
+from bridge.matrix.devicetrust import CrossSignedDevices
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.keystore import RoomKeyStore
 from bridge.matrix.relay import Relay
@@ -246,15 +247,17 @@ async def build_bridge(config: Config) -> Bridge:
     api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
     privacy = Privacy.from_config(config.privacy)
     trust = Trust(db, http, config.homeserver.url, config.appservice.as_token, privacy.cipher)
+    metrics = Metrics()
     devices = Devices(api, Path(config.appservice.store_dir),
                       base64.b64decode(config.privacy.data_key), on_ready=trust,
                       long_poll_user=UserID(config.bot_mxid),
-                      room_keys=RoomKeyStore(db.room_keys, privacy.cipher))
+                      room_keys=RoomKeyStore(db.room_keys, privacy.cipher),
+                      key_trust=CrossSignedDevices(api, metrics)
+                      if config.e2ee.forward_keys_to == "cross-signed" else None)
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)
     rooms = Rooms(api, ghosts.bot, RoomPolicy(federate=config.rooms.federate,
                                               admins=tuple(config.admin.users)))
-    metrics = Metrics()
 
     async def managed(room_id: RoomID) -> bool:
         return await db.rooms.get(room_id) is not None
@@ -285,8 +288,9 @@ async def build_bridge(config: Config) -> Bridge:
                                   subscriptions)
         handlers["whatsapp"] = inbound
         # `!plantilla` commands are answered in front of the staff → WhatsApp relay.
+        staff_out = StaffToWhatsApp(db, portals, outbox, privacy, metrics)
         templates = StaffTemplates(config.whatsapp, db, portals, outbox, metrics,
-                                   then=StaffToWhatsApp(db, portals, outbox, privacy, metrics))
+                                   then=staff_out)
         relay.add_handler(templates)
         if config.whatsapp.send_read_receipts:
             receipts = StaffReceipts(db, graph, metrics, ghosts.is_ours)

@@ -92,6 +92,9 @@ def bridge_config(state: DemoState, directory: Path, shared_secret: str) -> dict
         "admin": {"token": s["admin_token"], "users": [state.staff_user_id]},
         "invites": {"registration_shared_secret": shared_secret},
         "logging": {"level": "INFO", "format": "text"},
+        # The walkthrough skips Element's verification: let the demo's one staff
+        # session read what came before it. Production keeps `cross-signed`.
+        "e2ee": {"forward_keys_to": "all"},
     }
 
 

@@ -120,6 +120,8 @@ def banner(state: DemoState, directory: Path) -> str:
     backup or verify. Accept the invitation to the portal room. The citizen's first
     message was relayed before your client existed: the citizen's device sends your
     new one its key when you join, so it may show "unable to decrypt" for a moment.
+    (The demo sets e2ee.forward_keys_to: all; by default only sessions you verified
+    get keys of messages from before they existed: docs/e2ee.md.)
  2. Make the simulated citizen write, from a second terminal in this directory:
         {send}{same}
  3. Answer in the portal from Element; the reply shows up below as delivered to the

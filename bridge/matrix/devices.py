@@ -38,7 +38,7 @@ from typing import Any
 import nio
 
 from bridge.matrix.api import MatrixAPI, MatrixError, nio_failure
-from bridge.matrix.keyshare import KeyForwarder, LedgerStore
+from bridge.matrix.keyshare import KeyForwarder, KeyTrust, LedgerStore
 from bridge.matrix.keystore import RoomKeyStore
 from bridge.types import DeviceID, RoomID, UserID
 
@@ -102,12 +102,13 @@ class Device:
 
     def __init__(self, client: nio.AsyncClient, api: MatrixAPI, long_poll: bool,
                  is_ours: Callable[[str], bool] = lambda _user: False,
-                 key_store: LedgerStore | None = None) -> None:
+                 key_store: LedgerStore | None = None,
+                 key_trust: KeyTrust | None = None) -> None:
         self.client = client
         self.api = api
         self.long_poll = long_poll
         # Room keys of earlier messages for staff devices that appear later.
-        self.keys = KeyForwarder(client, is_ours, key_store)
+        self.keys = KeyForwarder(client, is_ours, key_store, key_trust)
         self._wake = asyncio.Event()
         self.synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -204,6 +205,10 @@ class Device:
             tracked = users & set(olm.device_store.users)
             if tracked:
                 olm.users_for_key_query.update(tracked)
+                if self.keys.trust is not None and self.keys.ledger.records:
+                    # A device may just have been cross-signed: it is owed earlier keys
+                    # now, not at the next routine upkeep.
+                    self.wake()
 
     async def maintain_keys(self) -> None:
         """What nio's sync_forever does after each sync and a manual sync() does not."""
@@ -325,8 +330,11 @@ class Devices:
     def __init__(self, api: MatrixAPI, store_dir: Path, pickle_secret: bytes,
                  on_ready: DeviceReadyHook | None = None,
                  long_poll_user: UserID | None = None,
-                 room_keys: RoomKeyStore | None = None) -> None:
+                 room_keys: RoomKeyStore | None = None,
+                 key_trust: KeyTrust | None = None) -> None:
         self._api = api
+        # Who may have earlier room keys (None: any later device of a member).
+        self._key_trust = key_trust
         # Where each device's key ledger outlives a restart (None: in memory only).
         self._room_keys = room_keys
         self._long_poll_user = long_poll_user
@@ -349,6 +357,8 @@ class Devices:
             device.room_changed(room_id)
 
     def users_changed(self, users: set[str]) -> None:
+        if self._key_trust is not None:  # e.g. a device was just cross-signed
+            self._key_trust.users_changed(users)
         for device in self._devices.values():
             device.users_changed(users)
 
@@ -373,7 +383,7 @@ class Devices:
             device = Device(client, self._api, long_poll=user_id == self._long_poll_user,
                             is_ours=lambda user: self.is_ours(user),
                             key_store=self._room_keys.owner(user_id) if self._room_keys
-                            else None)
+                            else None, key_trust=self._key_trust)
             try:  # before anything is sent or forwarded: what was kept before a restart
                 restored = await device.keys.restore()
             except BaseException:

@@ -24,7 +24,11 @@ Who is owed what (`owed_keys`, pure):
   and anything unknown), joined only for `joined`. A user invited later gets nothing
   from before their invitation.
 - to every active (not blacklisted) device of such a user that has not received the
-  session from that index or earlier (nio's own share, or an earlier forward).
+  session from that index or earlier (nio's own share, or an earlier forward);
+- with a `KeyTrust` (`e2ee.forward_keys_to: cross-signed`, bridge.matrix.devicetrust),
+  only to devices their owner cross-signed: a device logged in with a phished password
+  gets the keys of what is sent after it appeared (nio's ordinary sharing), never
+  earlier ones. A refused device stays owed and gets them once its owner signs it.
 
 What is kept, and when (with a `LedgerStore`; bridge.matrix.keystore puts it in the
 bridge's database, the session key sealed with the privacy data key):
@@ -219,6 +223,16 @@ class LedgerStore(Protocol):
         """Forget these sessions (their room was left)."""
 
 
+class KeyTrust(Protocol):
+    """Which later devices may have earlier keys (bridge.matrix.devicetrust)."""
+
+    async def __call__(self, as_user: str, targets: Iterable[Target]) -> set[Target]:
+        """The subset of `targets` allowed; `as_user` asks the homeserver."""
+
+    def users_changed(self, users: Iterable[str]) -> None:
+        """These users' device lists changed: forget what was decided for them."""
+
+
 class KeyForwarder:
     """The nio side: records sessions as the device encrypts, sends what is owed.
 
@@ -227,10 +241,11 @@ class KeyForwarder:
     """
 
     def __init__(self, client: nio.AsyncClient, is_ours: Callable[[str], bool],
-                 store: LedgerStore | None = None) -> None:
+                 store: LedgerStore | None = None, trust: KeyTrust | None = None) -> None:
         self.client = client
         self.is_ours = is_ours
         self.store = store
+        self.trust = trust  # None: every later device of a member (`forward_keys_to: all`)
         self.ledger = KeyLedger()
         self.sent = 0  # keys forwarded since the device opened
         # One forward at a time: two at once would both send what neither marked yet.
@@ -316,6 +331,9 @@ class KeyForwarder:
             members[record.room_id] = set(self.client.rooms[record.room_id].users)
         users = set().union(*members.values())
         owed = self.ledger.owed(members, self._targets(users), self.is_ours)
+        if owed and self.trust is not None:
+            allowed = await self.trust(str(self.client.user_id), {o.target for o in owed})
+            owed = [o for o in owed if o.target in allowed]
         if not owed:
             return 0
         missing: dict[str, list[str]] = {}

@@ -10,7 +10,9 @@ message that is not in the WhatsApp conversation, no consent, the 24 h window cl
 Held for confirmation: a text or caption that looks like a DNI/NIE, IBAN or card number
 (once it leaves on WhatsApp it can be forwarded out of anyone's control). Staff
 are told; reacting ✅ to the message, or replying «enviar» to it, sends it; redacting
-it drops it. The held payloads are kept encrypted until then.
+it drops it. The held payloads are kept encrypted until then. Only a confirmation in
+the held message's own portal releases it: one written in another portal is refused
+there with a notice.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ HELD_NOTICE = ("Retenido, no enviado: el mensaje parece contener datos personale
 RELEASED_NOTICE = "Enviado a WhatsApp tras su confirmación."
 EXPIRED_NOTICE = "No enviado: la confirmación llegó más de 24 horas después del mensaje."
 DROPPED_HELD_NOTICE = "Mensaje retenido descartado: no se enviará a WhatsApp."
+OTHER_PORTAL_NOTICE = ("No enviado: ese mensaje retenido es de otra sala y solo puede "
+                       "confirmarse en la sala donde se escribió.")
 CONFIRM_REACTIONS = ("✅", "✔️", "✔", "👍")
 CONFIRM_WORDS = ("enviar", "enviar igualmente", "confirmar")
 # A phone number alone is not held: staff give the agency's numbers all the time.
@@ -251,8 +255,19 @@ class StaffToWhatsApp:
     async def _release(self, citizen: Citizen, event: StaffEvent, held_id: EventID,
                        sealed: str) -> None:
         held = self._cipher.decrypt_json(sealed, aad=AAD_PAYLOAD)
+        if held.get("room_id") != event.room_id:
+            # Event ids are not secret and staff sit in many portals: a ✅ written here
+            # must not send what was written to another citizen (to theirs, or to this
+            # room's). The hold stays for its own portal.
+            self._count_confirmation("other_portal")
+            await self._db.audit.append(event.sender, "message.release",
+                                        f"room {event.room_id}", "refused",
+                                        "held in another portal")
+            await self._portals.notice(event.room_id, OTHER_PORTAL_NOTICE)
+            return
         if datetime.now(UTC) - datetime.fromisoformat(held["at"]) > WINDOW:
             await self._db.kv.delete(HELD_KEY + held_id)
+            self._count_confirmation("expired")
             await self._portals.notice(event.room_id, EXPIRED_NOTICE)
             return
         if not await self._may_send(citizen, event):
@@ -264,4 +279,8 @@ class StaffToWhatsApp:
         await self._db.kv.delete(HELD_KEY + held_id)
         await self._db.audit.append(event.sender, "message.release", f"room {event.room_id}",
                                     "ok", "confirmed by staff")
+        self._count_confirmation("released")
         await self._portals.notice(event.room_id, RELEASED_NOTICE)
+
+    def _count_confirmation(self, outcome: str) -> None:
+        self._metrics.held_confirmations.labels(outcome).inc()

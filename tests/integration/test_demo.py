@@ -115,6 +115,8 @@ def port_open(port: int) -> bool:
 async def staff_in_portal(directory: Path, state: dict[str, Any], store: Path) -> StaffClient:
     # staff_login only needs the homeserver's URL and name: the demo's Synapse, unstarted here.
     synapse = LocalSynapse(directory / "synapse", port=state["ports"]["synapse"])
+    # Not verified, as the walkthrough's Element session: the demo forwards earlier
+    # keys to any device (e2ee.forward_keys_to: all).
     staff = await staff_login(synapse, "staff", state["staff_password"], store_root=store)
     await staff.join(state["portal_room_id"])
     return staff

@@ -2,7 +2,9 @@
 
 A portal-like room (history visibility `invited`), a ghost speaks, THEN a staff member
 logs in a brand-new device: the ghost's device sends it the earlier session's key.
-Users who left or were never members get nothing.
+Users who left or were never members get nothing. The new devices here are verified
+(cross-signed) by their owner, as the default `e2ee.forward_keys_to` requires; unsigned
+ones are test_keyshare_trust.py's subject.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 from bridge.matrix.devices import Device
 from bridge.types import RoomID, UserID
 from tests.fixtures.bridge import BridgeHarness, StaffAccount
-from tests.fixtures.staff import StaffClient, staff_login
+from tests.fixtures.staff import StaffClient, staff_login, verified_login
 from tests.integration.test_matrix_core import _ghost_in_room, create_room
 from tests.integration.test_moderation import create_room as create_knock_room
 
@@ -69,7 +71,7 @@ async def test_late_device_reads_earlier_message_after_next_send(
     room_id, ghost = await _portal_like(bridge, staff)
     m1 = await _say(bridge, ghost, room_id, "primer mensaje")
 
-    late = await staff_login(bridge.synapse.synapse, staff.localpart, staff.password)
+    late = await verified_login(bridge.synapse.synapse, staff.localpart, staff.password)
     try:
         await late.join(room_id)
         m2 = await _say(bridge, ghost, room_id, "segundo mensaje")
@@ -111,7 +113,7 @@ async def test_late_device_after_a_restart_reads_messages_from_before_it(
         await bridge.running.stop()
         await bridge.running.start()
 
-        late = await staff_login(bridge.synapse.synapse, staff.localpart, staff.password)
+        late = await verified_login(bridge.synapse.synapse, staff.localpart, staff.password)
         try:
             await late.join(room_id)
             m2 = await _say(bridge, ghost, room_id, "después del reinicio")
@@ -169,7 +171,7 @@ async def test_join_alone_brings_earlier_keys(bridge: BridgeHarness, restart: bo
         await bridge.running.start()
         assert bridge.running.bridge.devices.get_open(ghost) is None
 
-    late = await staff_login(bridge.synapse.synapse, staff.localpart, staff.password)
+    late = await verified_login(bridge.synapse.synapse, staff.localpart, staff.password)
     try:
         await late.join(room_id)
         msg = await late.wait_for_message(room_id, lambda m: m.body == m1, timeout=45)
@@ -197,10 +199,10 @@ async def test_left_and_never_invited_users_get_nothing(bridge: BridgeHarness) -
 
     # New devices: the leaver's (no longer a member) and an outsider's (never one),
     # then a staff member's new device, which IS owed the key.
-    late_leaver = await staff_login(bridge.synapse.synapse, leaver.localpart, leaver.password)
-    late_outsider = await staff_login(bridge.synapse.synapse, outsider.localpart,
+    late_leaver = await verified_login(bridge.synapse.synapse, leaver.localpart, leaver.password)
+    late_outsider = await verified_login(bridge.synapse.synapse, outsider.localpart,
                                       outsider.password)
-    late_staff = await staff_login(bridge.synapse.synapse, staff.localpart, staff.password)
+    late_staff = await verified_login(bridge.synapse.synapse, staff.localpart, staff.password)
     try:
         await late_staff.join(room_id)
         m2 = await _say(bridge, ghost, room_id, "después")

@@ -38,7 +38,7 @@ ALLOWED_LABELS: dict[str, set[str]] = {
     "what": {*(label for _, label in RETENTION_STEPS), "management", "reporter", "poll"},
     "source": {*get_args(InboundSource), "outbox"},
     "outcome": {"queued", "repeat", "no_consent", "unknown_recipient", "sent", "delivered",
-                "read", "failed"},
+                "read", "failed", "released", "expired", "other_portal"},
     # bridge.moderation
     "origin": set(REPORT_SOURCES),
     "action": set(ACTIONS),
