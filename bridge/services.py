@@ -20,6 +20,7 @@ from bridge.admin.moderation import Moderation
 from bridge.admin.notices import Notices
 from bridge.admin.service import AdminService
 from bridge.admin.wiring import build_admin
+from bridge.auditchain import AuditKeys
 from bridge.config import Config
 from bridge.db import Database, InboundItem, InboundSource
 from bridge.invites.service import InviteLinks
@@ -238,7 +239,11 @@ class Bridge:
 
 async def build_bridge(config: Config) -> Bridge:
     """Open the database (refusing a wrong schema) and wire every service."""
-    db = await Database.open(config.database.url)
+    db = await Database.open(config.database.url, audit_keys=AuditKeys.from_base64(
+        config.audit.key, config.audit.previous_keys))
+    # Before anything can read or write the trail: after an upgrade or a key rotation,
+    # the newest entry must be keyed with the current key (bridge.auditchain).
+    await db.audit.seal()
     http = aiohttp.ClientSession()
     api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
     privacy = Privacy.from_config(config.privacy)

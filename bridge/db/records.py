@@ -163,6 +163,8 @@ class AuditEntry:
     reason: str | None
     prev_hash: str
     hash: str
+    scheme: str = "hmac-sha256"
+    key_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -412,6 +412,7 @@ async def test_nothing_lost_or_duplicated_under_faults(
                        "store_dir": str(tmp_path / "store")},
         "database": {"url": db_url},
         "privacy": {k: base["privacy"][k] for k in ("data_key", "index_key")},
+        "audit": {"key": base["audit"]["key"]},
         "admin": {"token": base["admin"]["token"], "users": [desk_user.user_id]},
         "portals": {"staff": [desk_user.user_id]},
         "whatsapp": {"enabled": True, "api_base": proxy_base, "phone_number_id": PHONE_NUMBER_ID,
