@@ -134,6 +134,7 @@ class Builder:
         fields: dict[str, Any] = {"at": T0 + timedelta(seconds=n), "actor": "admin",
                                   "action": "room.kick", "object": f"!r @u{n}",
                                   "result": "ok", "reason": "spam", "prev_hash": prev}
+        fields.update(change)
         if key is None:
             row = ChainRow(id=n, scheme=LEGACY, key_id=None,
                            hash=legacy_hash(**fields), **fields)
@@ -183,8 +184,9 @@ def test_an_attacker_without_the_key_cannot_recompute_the_chain() -> None:
     forged = Builder()
     forged.rows = b.rows[:1]
     mine = secrets.token_bytes(32)
-    for row in b.rows[1:]:
-        forged.add(mine)
+    forged.add(mine, reason="nada que ver")
+    forged.add(mine)
+    forged.add(mine)
     assert check(keys, forged.rows) == (False, 2)
     # …claiming the real key id…
     claimed = [ChainRow(**{**_as_dict(r), "key_id": keys.current_id}) for r in forged.rows]
