@@ -72,3 +72,9 @@ class Metrics:
             "civic_bridge_identity_changes",
             "WhatsApp number or BSUID changes reported for citizens", ["change", "result"],
             registry=r)
+        # result: ok / failed (the anchor command failed; retried) / broken (the chain
+        # check failed, so the head was not exported)
+        self.audit_anchors = Counter(
+            "civic_bridge_audit_anchors",
+            "Daily exports of the audit chain's head (audit.anchor_command)", ["result"],
+            registry=r)

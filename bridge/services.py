@@ -20,6 +20,7 @@ from bridge.admin.moderation import Moderation
 from bridge.admin.notices import Notices
 from bridge.admin.service import AdminService
 from bridge.admin.wiring import build_admin
+from bridge.auditanchor import AnchorPublisher
 from bridge.auditchain import AuditKeys
 from bridge.config import Config
 from bridge.db import Database, InboundItem, InboundSource
@@ -182,6 +183,9 @@ class Bridge:
         if self.config.whatsapp.enabled:
             self.outbox.start()
         self.spawn(self.retention())
+        if self.config.audit.anchor_command:
+            self.spawn(AnchorPublisher(self.db, self.config.audit.anchor_command,
+                                       self.metrics).run())
         self.ready.set()
         log.info("bridge ready")
         self.spawn(self.nudge_homeserver())
