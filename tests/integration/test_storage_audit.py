@@ -6,17 +6,30 @@ from __future__ import annotations
 
 import base64
 import secrets
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import insert, text
 
-from bridge.auditchain import GENESIS, AuditKeys, entry_mac, key_id, legacy_hash
+from bridge.auditanchor import LAST_ANCHOR_DAY, AnchorPublisher
+from bridge.auditchain import (
+    GENESIS,
+    Anchor,
+    AuditKeys,
+    entry_mac,
+    key_id,
+    legacy_hash,
+    parse_anchors,
+)
 from bridge.db import Database, upgrade
 from bridge.db.audit import AuditKeyMissing
 from bridge.db.engine import create_engine
 from bridge.db.models import AuditRow, utcnow
 from bridge.db.records import AuditEntry
+from bridge.metrics import Metrics
 
 
 async def _raw(db: Database, sql: str, **params: object) -> None:
@@ -221,3 +234,53 @@ async def test_upgrade_from_the_unkeyed_chain(blank_db_url: str) -> None:
         assert await db.audit.verify() == (False, seal.id)
     finally:
         await db.close()
+
+
+# --- the daily anchor (bridge.auditanchor), with a real command --------------------
+
+
+def _writer(path: Path, status: int = 0) -> list[str]:
+    """A command that appends its stdin to `path` and exits with `status`."""
+    script = (f"import sys; open({str(path)!r}, 'a').write(sys.stdin.read()); "
+              f"sys.exit({status})")
+    return [sys.executable, "-c", script]
+
+
+async def test_the_anchor_is_exported_once_a_day_and_retried_when_it_fails(
+        db: Database, tmp_path: Path) -> None:
+    entries = await _entries(db, 3)
+    metrics = Metrics()
+    day = [datetime(2026, 12, 1, 23, 0, tzinfo=UTC)]
+    out = tmp_path / "anchors.log"
+
+    def counted(result: str) -> float:
+        return metrics.registry.get_sample_value("civic_bridge_audit_anchors_total",
+                                                 {"result": result}) or 0.0
+
+    failing = AnchorPublisher(db, _writer(out, status=3), metrics, now=lambda: day[0])
+    assert await failing.tick() is None
+    assert counted("failed") == 1 and await db.kv.get(LAST_ANCHOR_DAY) is None
+    missing = AnchorPublisher(db, [str(tmp_path / "no-such-program")], metrics,
+                              now=lambda: day[0])
+    assert await missing.tick() is None and counted("failed") == 2
+
+    publisher = AnchorPublisher(db, _writer(out), metrics, now=lambda: day[0])
+    out.unlink()
+    anchor = await publisher.tick()
+    assert anchor == Anchor("2026-12-01", entries[-1].id, entries[-1].hash)
+    assert parse_anchors(out.read_text()) == [anchor]
+    assert counted("ok") == 1
+    head = await db.audit.head()
+    assert head is not None and (head.action, head.object) == ("audit.anchor",
+                                                               f"entry {anchor.id}")
+    assert await publisher.tick() is None  # once a day, also after a restart (kv)
+    day[0] += timedelta(hours=2)
+    second = await publisher.tick()
+    assert second is not None and second.date == "2026-12-02" and second.id == head.id
+    assert len(parse_anchors(out.read_text())) == 2
+
+    # A tampered trail is not vouched for: counted and logged, nothing exported.
+    await _raw(db, "UPDATE audit_log SET reason = 'x' WHERE id = :i", i=entries[0].id)
+    day[0] += timedelta(days=1)
+    assert await publisher.tick() is None and counted("broken") == 1
+    assert len(parse_anchors(out.read_text())) == 2
