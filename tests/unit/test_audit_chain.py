@@ -227,3 +227,14 @@ def test_anchor_lines_round_trip_with_a_syslog_prefix() -> None:
     assert parse_anchors(text) == [anchor, Anchor("2026-12-02", 50, "cd" * 32)]
     with pytest.raises(ValueError, match="line 1"):
         parse_anchors('{"civic_bridge_audit_anchor": 1, "id": "x"}')
+
+
+def test_the_chain_maths_import_no_database_or_network_code() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, bridge.auditchain; "
+            "print(sorted(m for m in ('sqlalchemy', 'aiohttp', 'nio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
