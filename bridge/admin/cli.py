@@ -235,7 +235,8 @@ def run_admin(args: argparse.Namespace) -> int:
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         print(f"cannot reach the bridge at {url}: {type(exc).__name__}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    if args.json:
+    # An anchor is JSON already: --json prints the same line.
+    if args.json and not (args.admin_command == "audit" and args.audit_command == "anchor"):
         print(json.dumps(data, indent=2, ensure_ascii=False))
         if args.admin_command == "audit":
             return audit_cli.exit_code(data)

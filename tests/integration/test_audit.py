@@ -217,6 +217,8 @@ async def test_anchors_catch_a_rewrite_with_the_key_and_removed_newest_entries(
     code, line, err = await cli(config_file, "audit", "anchor")
     assert code == 0, err
     anchored = json.loads(line)
+    code, same, err = await cli(config_file, "--json", "audit", "anchor")
+    assert (code, same) == (0, line), err
     assert anchored["id"] >= first.id and len(anchored["hash"]) == 64
     assert anchored["date"] == datetime.now(UTC).date().isoformat()
     anchors = tmp_path / "anchors.log"
