@@ -80,6 +80,7 @@ def bench_config(homeserver_url: str, as_port: int, workdir: Path, admin: str,
                        "store_dir": str(workdir / "store")},
         "database": {"url": f"sqlite+aiosqlite:///{workdir / 'bridge.db'}"},
         "privacy": {"data_key": random_key(), "index_key": random_key()},
+        "audit": {"key": random_key()},
         "admin": {"token": secrets.token_hex(32), "users": [admin]},
         "logging": {"level": "WARNING"},
     }

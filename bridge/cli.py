@@ -71,6 +71,7 @@ def init_config(domain: str, homeserver: str,
         "database": {"url": f"sqlite+aiosqlite:///{db_path}"},
         "privacy": {"data_key": _key(), "index_key": _key(),
                     "pseudonym_template": "Ciudadano/a {code}"},
+        "audit": {"key": _key()},
         "whatsapp": {"enabled": False},
         "admin": {"token": secrets.token_urlsafe(32), "users": []},
         "portals": {"staff": []},
@@ -161,6 +162,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_rekey(args: argparse.Namespace) -> int:
+    from bridge.auditchain import AuditKeys
     from bridge.db import Database
     from bridge.privacy import Privacy
     from bridge.rekey import rekey_database
@@ -168,7 +170,8 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     config = _load(args.config)
 
     async def run() -> int:
-        db = await Database.open(config.database.url)
+        db = await Database.open(config.database.url, audit_keys=AuditKeys.from_base64(
+            config.audit.key, config.audit.previous_keys))
         try:
             return await rekey_database(db, Privacy.from_config(config.privacy).cipher)
         finally:
@@ -252,7 +255,8 @@ def _secrets(config: Config) -> list[str]:
                         config.admin.token, config.privacy.data_key, config.privacy.index_key,
                         config.whatsapp.access_token, config.whatsapp.app_secret,
                         config.whatsapp.verify_token,
-                        config.invites.registration_shared_secret,
+                        config.invites.registration_shared_secret, config.audit.key,
+                        *config.audit.previous_keys,
                         *(t.token for t in config.admin.tokens)) if s]
 
 

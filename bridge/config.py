@@ -41,6 +41,7 @@ SECRET_KEYS: tuple[tuple[str, str], ...] = (
     ("admin", "token"),
     ("invites", "registration_shared_secret"),
     ("moderation", "synapse_admin_token"),
+    ("audit", "key"),
 )
 
 
@@ -507,6 +508,34 @@ class ModerationConfig(_Section):
         """The flag terms of one room (empty: flagging off there)."""
         terms = self.room_flag_terms.get(room_id, self.flag_terms)
         return list(DEFAULT_FLAG_TERMS) if terms == "default" else list(terms)
+class AuditConfig(_Section):
+    """The audit trail's integrity (bridge.db.audit, docs/data-protection.md).
+
+    `key` keys the chain (HMAC-SHA256): without it nobody can rewrite an entry and
+    recompute the chain. Required: a bridge without it would write a trail anyone with
+    write access to the database can rewrite, so it refuses to start instead.
+    """
+
+    key: str
+    # Keys retired by rotation: entries keyed with them still verify.
+    previous_keys: list[str] = []
+    # Run once a day with the chain's head (one JSON line) on stdin, e.g.
+    # ["logger", "-t", "civic-bridge-audit"]; [] = off. An argv list, no shell.
+    anchor_command: list[str] = []
+
+    _key = field_validator("key")(_key32)
+
+    @field_validator("previous_keys")
+    @classmethod
+    def _old_keys(cls, value: list[str]) -> list[str]:
+        return [_key32(v) for v in value]
+
+    @model_validator(mode="after")
+    def _current_not_retired(self) -> AuditConfig:
+        if self.key in self.previous_keys:
+            raise FieldProblem("previous_keys", "contains audit.key itself; list only "
+                               "retired keys")
+        return self
 
 
 class LoggingConfig(_Section):
@@ -542,6 +571,7 @@ class Config(_Section):
     invites: InvitesConfig = InvitesConfig()
     notices: NoticesConfig = NoticesConfig()
     moderation: ModerationConfig = ModerationConfig()
+    audit: AuditConfig
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
     e2ee: E2EEConfig = E2EEConfig()
@@ -552,6 +582,13 @@ class Config(_Section):
         if ours.startswith(theirs) or theirs.startswith(ours):
             raise ValueError("invites.localpart_prefix: must not overlap "
                              "appservice.ghost_prefix (that namespace is the bridge's)")
+        return self
+
+    @model_validator(mode="after")
+    def _audit_key_separate(self) -> Config:
+        if self.audit.key in (self.privacy.data_key, self.privacy.index_key):
+            raise ValueError("audit.key: must be a different key from privacy.data_key and "
+                             "privacy.index_key (generate one: openssl rand -base64 32)")
         return self
 
     @model_validator(mode="after")
@@ -617,7 +654,15 @@ def _resolve_secrets(raw: dict[str, Any], base: Path, problems: list[str]) -> No
         elif not sect.get(key) and _required(section, key, sect):
             # An empty value counts as missing: the example ships `app_secret: ""`.
             problems.append(f"{section}.{key}: missing; set it or {section}.{file_key} "
-                            f"or ${ENV_PREFIX}{section.upper()}_{key.upper()}")
+                            f"or ${ENV_PREFIX}{section.upper()}_{key.upper()}"
+                            + _MISSING_HINTS.get((section, key), ""))
+
+
+# What to do about a missing secret, where the key name alone does not say it.
+_MISSING_HINTS = {
+    ("audit", "key"): " (keys the audit chain; generate one with `openssl rand -base64 32`; "
+                      "existing audit entries stay verifiable, see docs/data-protection.md)",
+}
 
 
 def _resolve_token_files(raw: dict[str, Any], base: Path, problems: list[str]) -> None:

@@ -140,3 +140,9 @@ class Metrics:
             "civic_bridge_room_keys_withheld",
             "Times earlier room keys were withheld from a device its owner has not "
             "cross-signed (e2ee.forward_keys_to: cross-signed)", registry=r)
+        # result: ok / failed (the anchor command failed; retried) / broken (the chain
+        # check failed, so the head was not exported)
+        self.audit_anchors = Counter(
+            "civic_bridge_audit_anchors",
+            "Daily exports of the audit chain's head (audit.anchor_command)", ["result"],
+            registry=r)

@@ -21,6 +21,8 @@ from bridge.admin.notices import Notices
 from bridge.admin.reidentify import Reidentification
 from bridge.admin.service import AdminService
 from bridge.admin.wiring import build_admin
+from bridge.auditanchor import AnchorPublisher
+from bridge.auditchain import AuditKeys
 from bridge.config import Config
 from bridge.db import Database, InboundItem, InboundSource
 from bridge.deadletters import DeadLetters
@@ -198,6 +200,9 @@ class Bridge:
         self.spawn(self.relay.retry_parked())
         if self.safety and self.safety.poller:
             self.spawn(self.safety.poller.run())
+        if self.config.audit.anchor_command:
+            self.spawn(AnchorPublisher(self.db, self.config.audit.anchor_command,
+                                       self.metrics).run())
         self.ready.set()
         log.info("bridge ready")
         self.spawn(self.nudge_homeserver())
@@ -242,7 +247,11 @@ class Bridge:
 
 async def build_bridge(config: Config) -> Bridge:
     """Open the database (refusing a wrong schema) and wire every service."""
-    db = await Database.open(config.database.url)
+    db = await Database.open(config.database.url, audit_keys=AuditKeys.from_base64(
+        config.audit.key, config.audit.previous_keys))
+    # Before anything can read or write the trail: after an upgrade or a key rotation,
+    # the newest entry must be keyed with the current key (bridge.auditchain).
+    await db.audit.seal()
     http = aiohttp.ClientSession()
     api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
     privacy = Privacy.from_config(config.privacy)

@@ -104,6 +104,8 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
     if what == "audit":
         if args.audit_command == "verify":
             return "GET", "/admin/v1/audit/verify", None
+        if args.audit_command == "anchor":
+            return "GET", "/admin/v1/audit?limit=1", None
         query = f"?limit={args.limit}" + (f"&before={args.before}" if args.before else "")
         return "GET", "/admin/v1/audit" + query, None
     if what == "keys":
@@ -178,6 +180,11 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
 def render(args: argparse.Namespace, data: Any) -> tuple[str, str, int]:
     """What to print on stdout and on stderr for a successful answer, and the exit code."""
     what = args.admin_command
+    if what == "audit" and (args.audit_command == "anchor" or "anchors" in data):
+        from bridge.admin import audit_cli
+
+        return (audit_cli.render_anchor(data) if args.audit_command == "anchor"
+                else audit_cli.render_verify(data))
     if what == "audit":
         chain = data if args.audit_command == "verify" else data["chain"]
         if chain["intact"]:
@@ -269,8 +276,17 @@ def run_admin(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if body is not None:
         body = {k: v for k, v in body.items() if v is not None}
+    from bridge.admin import audit_cli
+
+    anchors = None
+    if args.admin_command == "audit" and getattr(args, "anchor", None):
+        anchors = audit_cli.read_anchors(args.anchor)
+        if anchors is None:
+            return EXIT_USAGE
     try:
-        data = asyncio.run(call(url, token, method, path, body, args.acting))
+        data = asyncio.run(
+            audit_cli.verify_against(url, token, anchors) if anchors
+            else call(url, token, method, path, body, args.acting))
     except Refused as exc:
         print(f"refused ({exc.status} {exc.errcode}): {exc}", file=sys.stderr)
         if exc.errcode == "CB_CONFIRM_REQUIRED":
@@ -280,11 +296,11 @@ def run_admin(args: argparse.Namespace) -> int:
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         print(f"cannot reach the bridge at {url}: {type(exc).__name__}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    if args.json:
+    # An anchor is JSON already: --json prints the same line.
+    if args.json and not (args.admin_command == "audit" and args.audit_command == "anchor"):
         print(json.dumps(data, indent=2, ensure_ascii=False))
         if args.admin_command == "audit":
-            chain = data if args.audit_command == "verify" else data["chain"]
-            return EXIT_OK if chain["intact"] else EXIT_TAMPERED
+            return audit_cli.exit_code(data)
         return EXIT_OK
     out, err, code = render(args, data)
     if out:
@@ -315,7 +331,12 @@ def add_admin_parser(sub: Any) -> None:
     p = audit.add_parser("list", help="entries, newest first, and the chain check")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--before", type=int, default=None, help="page back from this entry id")
-    audit.add_parser("verify", help="check the hash chain (exit 4 if it was tampered with)")
+    p = audit.add_parser("verify", help="check the hash chain (exit 4 if it was tampered with)")
+    p.add_argument("--anchor", metavar="FILE", default=None,
+                   help="also check the entries anchored in FILE (lines printed by `audit "
+                        "anchor` or sent by audit.anchor_command) still match")
+    audit.add_parser("anchor", help="print the chain's head as one JSON line, for an external "
+                                    "log (exit 4 if the chain is broken)")
 
     cmds.add_parser("keys", help="master-key fingerprints of the bot and the ghosts")
     p = cmds.add_parser("dead-letters", help="items set aside after a permanent failure "

@@ -1,10 +1,10 @@
-"""The audit log: a hash chain, so editing or removing an entry is detectable.
+"""The audit log: a keyed hash chain, so editing, removing or reordering an entry is
+detectable, also by someone who can write the table but does not hold `audit.key`.
 
-Each entry's `hash` is SHA-256 over the canonical JSON of its fields and the previous
-entry's hash (`prev_hash`; the first entry links to GENESIS). `verify` recomputes the
-chain. What it cannot see: the newest entries removed together (the chain is still
-consistent); anchoring the head hash elsewhere (e.g. a periodic notice in the
-management room) covers that.
+The chain's maths (schemes, key rotation, what counts as bad) is in `bridge.auditchain`.
+What the chain alone cannot see: the newest entries removed together, or a rewrite by
+someone holding the key; the daily anchor (the head exported elsewhere,
+`bridge.auditanchor`) covers both up to the last anchor.
 
 Appends must be serialised or two writers would link to the same predecessor and fork
 the chain. On PostgreSQL, `append` takes a transaction-scoped advisory lock
@@ -16,45 +16,48 @@ transaction begins IMMEDIATE (see `bridge.db.engine`), which already allows one 
 from __future__ import annotations
 
 import builtins
-import hashlib
-from datetime import datetime
 from typing import Any
 
-from canonicaljson import encode_canonical_json
 from sqlalchemy import select, text
 
+from bridge.auditchain import GENESIS, KEYED, LEGACY, AuditKeys, ChainCheck, ChainRow, entry_mac
+from bridge.auditchain import legacy_hash as entry_hash
 from bridge.db.models import AuditRow, utcnow
 from bridge.db.records import AuditEntry
 from bridge.db.scope import Scope
 
-GENESIS = "0" * 64
+__all__ = ["AUDIT_LOCK_KEY", "GENESIS", "AuditKeyMissing", "AuditRepo", "entry_hash"]
+
 # Key of the advisory lock guarding the chain head ("cbaudit" in ASCII); other locks
 # (e.g. the leader lock of the scaling path) must use other keys.
 AUDIT_LOCK_KEY = 0x63_62_61_75_64_69_74
 _VERIFY_BATCH = 1000
 
 
-def entry_hash(
-    *, at: datetime, actor: str, action: str, object: str, result: str,
-    reason: str | None, prev_hash: str,
-) -> str:
-    """The chain hash of one entry (the id is left out: it is assigned by the database)."""
-    doc = {
-        "at": at.isoformat(), "actor": actor, "action": action, "object": object,
-        "result": result, "reason": reason, "prev_hash": prev_hash,
-    }
-    return hashlib.sha256(encode_canonical_json(doc)).hexdigest()
+class AuditKeyMissing(RuntimeError):
+    """An audit entry was to be written by a database opened without `audit.key`."""
 
 
 class AuditRepo:
-    """Who did what to which object, and why; append-only and tamper-evident."""
+    """Who did what to which object, and why; append-only and tamper-evident.
 
-    def __init__(self, scope: Scope) -> None:
+    `keys` is None only for tools that never write or check the trail (e.g. `rekey`);
+    then `append` and `verify` raise AuditKeyMissing instead of writing an unkeyed entry.
+    """
+
+    def __init__(self, scope: Scope, keys: AuditKeys | None = None) -> None:
         self._scope = scope
+        self._keys = keys
+
+    def _require_keys(self) -> AuditKeys:
+        if self._keys is None:
+            raise AuditKeyMissing("audit.key is not configured for this database handle")
+        return self._keys
 
     async def append(
         self, actor: str, action: str, object: str, result: str, reason: str | None = None
     ) -> AuditEntry:
+        keys = self._require_keys()
         async with self._scope.session() as session:
             if self._scope.dialect == "postgresql":
                 await session.execute(
@@ -68,11 +71,45 @@ class AuditRepo:
                 "at": at, "actor": actor, "action": action, "object": object,
                 "result": result, "reason": reason,
             }
-            digest = entry_hash(**fields, prev_hash=prev_hash)
-            row = AuditRow(**fields, prev_hash=prev_hash, hash=digest)
+            # The MAC covers the id, which the database assigns: insert, then seal.
+            row = AuditRow(**fields, prev_hash=prev_hash, hash=GENESIS, scheme=KEYED,
+                           key_id=keys.current_id)
             session.add(row)
             await session.flush()
+            row.hash = entry_mac(keys.current, kid=keys.current_id, id=row.id,
+                                 prev_hash=prev_hash, **fields)
+            await session.flush()
             return _entry(row)
+
+    async def seal(self) -> AuditEntry | None:
+        """At start-up: make the newest entry one keyed with the current key.
+
+        After an upgrade the head is a legacy (unkeyed) entry; after a key rotation it is
+        keyed with a retired key. Either way a new entry, chained to it, says so: the
+        chain check requires the newest run of entries to use the current key.
+        """
+        keys = self._require_keys()
+        async with self._scope.session() as session:
+            head = (await session.execute(
+                select(AuditRow.id, AuditRow.scheme, AuditRow.key_id)
+                .order_by(AuditRow.id.desc()).limit(1))).first()
+        if head is None:
+            return None
+        head_id, scheme, kid = head
+        if scheme == LEGACY:
+            return await self.append(
+                "bridge", "audit.chain.keyed", "audit_log", "ok",
+                f"entries up to {head_id} were chained with plain SHA-256 (before "
+                f"audit.key); from here on with key {keys.current_id}")
+        if kid != keys.current_id:
+            return await self.append("bridge", "audit.key.rotated", "audit_log", "ok",
+                                     f"key {kid} -> {keys.current_id}")
+        return None
+
+    async def head(self) -> AuditEntry | None:
+        """The newest entry (what an anchor exports)."""
+        entries = await self.list(limit=1)
+        return entries[0] if entries else None
 
     async def list(
         self, limit: int = 100, before_id: int | None = None
@@ -87,35 +124,32 @@ class AuditRepo:
     async def verify(self) -> tuple[bool, int | None]:
         """Recompute the chain: (True, None) if intact, else (False, id of the first bad entry).
 
-        An edited entry fails its own hash; a removed one breaks the `prev_hash` link of
-        the entry after it.
+        An edited entry fails its own MAC; a removed one breaks the `prev_hash` link of
+        the entry after it; so do reordered ones. See `bridge.auditchain.ChainCheck`.
         """
-        expected_prev = GENESIS
+        check = ChainCheck(self._require_keys())
         last_id = 0
         # Plain column tuples, not entities: nothing piles up in the session's identity map.
         columns = (
             AuditRow.id, AuditRow.at, AuditRow.actor, AuditRow.action, AuditRow.object,
-            AuditRow.result, AuditRow.reason, AuditRow.prev_hash, AuditRow.hash,
+            AuditRow.result, AuditRow.reason, AuditRow.scheme, AuditRow.key_id,
+            AuditRow.prev_hash, AuditRow.hash,
         )
         async with self._scope.session() as session:
             while True:
                 stmt = select(*columns).where(AuditRow.id > last_id).order_by(AuditRow.id)
                 rows = (await session.execute(stmt.limit(_VERIFY_BATCH))).all()
                 if not rows:
-                    return True, None
-                for row_id, at, actor, action, obj, result, reason, prev_hash, hash_ in rows:
-                    recomputed = entry_hash(
-                        at=at, actor=actor, action=action, object=obj, result=result,
-                        reason=reason, prev_hash=prev_hash,
-                    )
-                    if prev_hash != expected_prev or hash_ != recomputed:
-                        return False, row_id
-                    expected_prev = hash_
-                    last_id = row_id
+                    return check.finish()
+                for row in rows:
+                    if not check.feed(ChainRow(*row)):
+                        return check.finish()
+                    last_id = row[0]
 
 
 def _entry(row: AuditRow) -> AuditEntry:
     return AuditEntry(
         id=row.id, at=row.at, actor=row.actor, action=row.action, object=row.object,
         result=row.result, reason=row.reason, prev_hash=row.prev_hash, hash=row.hash,
+        scheme=row.scheme, key_id=row.key_id,
     )

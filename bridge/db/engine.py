@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from bridge.auditchain import AuditKeys
 from bridge.db.repos import Repositories
 from bridge.db.scope import Scope, shared
 from bridge.errors import SchemaError
@@ -265,19 +266,23 @@ class Database(Repositories):
     standalone call made inside it would wait for the open transaction's write lock.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, audit_keys: AuditKeys | None = None) -> None:
         self.engine = engine
+        self._audit_keys = audit_keys
         self.dialect = engine.dialect.name
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         # SQLite has one writer and every session begins IMMEDIATE: queue sessions in
         # this process (FIFO) instead of letting them poll SQLite's busy handler, whose
         # sleeps of up to 100 ms made webhook acknowledgements wait behind the worker.
         self._sqlite_turns = _Turns() if self.dialect == "sqlite" else None
-        super().__init__(Scope(self.session, self.dialect))
+        super().__init__(Scope(self.session, self.dialect), audit_keys)
 
     @classmethod
-    async def open(cls, url: str, *, check: bool = True) -> Database:
-        """Connect; with `check`, raise SchemaError unless the schema is ours and current."""
+    async def open(cls, url: str, *, check: bool = True,
+                   audit_keys: AuditKeys | None = None) -> Database:
+        """Connect; with `check`, raise SchemaError unless the schema is ours and current.
+
+        `audit_keys` (from `audit.key`) are needed to write or check the audit trail."""
         script = await asyncio.to_thread(load_scripts) if check else None
         engine = create_engine(url)
         if script is not None:
@@ -291,7 +296,7 @@ class Database(Repositories):
                 await engine.dispose()
                 raise SchemaError(_explain(status, current, url, script))
         log.info("database %s opened", safe_url(url))
-        return cls(engine)
+        return cls(engine, audit_keys)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -330,7 +335,7 @@ class Database(Repositories):
     async def transaction(self) -> AsyncIterator[Repositories]:
         """Repositories sharing one transaction, for changes that must land together."""
         async with self.session() as session:
-            yield Repositories(shared(session, self.dialect))
+            yield Repositories(shared(session, self.dialect), self._audit_keys)
 
     async def ping(self) -> None:
         """Raise if the database cannot be reached (for /ready)."""

@@ -301,6 +301,10 @@ class AuditRow(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(HEX64)
     hash: Mapped[str] = mapped_column(HEX64)
+    # How `hash` is computed (bridge.auditchain): "sha256" for entries written before
+    # audit.key existed, "hmac-sha256" since; `key_id` names the audit key.
+    scheme: Mapped[str] = mapped_column(String(16), server_default="sha256")
+    key_id: Mapped[str | None] = mapped_column(String(16))
 
 
 class KVRow(Base):

@@ -186,6 +186,8 @@ class AuditEntry:
     reason: str | None
     prev_hash: str
     hash: str
+    scheme: str = "hmac-sha256"
+    key_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ from typing import cast
 
 from sqlalchemy import delete, select
 
+from bridge.auditchain import AuditKeys
 from bridge.db.audit import AuditRepo
 from bridge.db.deadletters import DeadLetterRepo
 from bridge.db.invites import InviteRepo
@@ -115,7 +116,7 @@ class KVRepo:
 class Repositories:
     """Every repository over one scope (see `Scope`)."""
 
-    def __init__(self, scope: Scope) -> None:
+    def __init__(self, scope: Scope, audit_keys: AuditKeys | None = None) -> None:
         self.transactions = TransactionRepo(scope)
         self.inbound = InboundRepo(scope)
         self.citizens = CitizenRepo(scope)
@@ -124,7 +125,7 @@ class Repositories:
         self.consent = ConsentRepo(scope)
         self.outbox = OutboxRepo(scope)
         self.messages = MessageRepo(scope)
-        self.audit = AuditRepo(scope)
+        self.audit = AuditRepo(scope, audit_keys)
         self.kv = KVRepo(scope)
         self.invites = InviteRepo(scope)
         self.subscriptions = SubscriptionRepo(scope)

@@ -41,6 +41,7 @@ from bridge.devtools.demo_state import (
     choose_ports,
     leftover_synapse,
     load,
+    new_key,
     reusable,
     save,
     stop_leftover,
@@ -83,6 +84,7 @@ def bridge_config(state: DemoState, directory: Path, shared_secret: str) -> dict
                        "store_dir": str(directory / "store")},
         "database": {"url": f"sqlite+aiosqlite:///{directory / 'bridge.db'}"},
         "privacy": {"data_key": s["data_key"], "index_key": s["index_key"]},
+        "audit": {"key": s["audit_key"]},
         "whatsapp": {"enabled": True, "api_base": state.api_base,
                      "phone_number_id": PHONE_NUMBER_ID, "access_token": s["access_token"],
                      "app_secret": s["app_secret"], "verify_token": s["verify_token"]},
@@ -176,6 +178,8 @@ class Demo:
         ports = choose_ports(self.opts.port_base)
         state = previous or DemoState.new(ports)
         state.ports, state.pid = ports, None
+        # A demo kept from before audit.key existed gets one now, kept for later runs.
+        state.secrets.setdefault("audit_key", new_key())
         save(self.dir, state)
         return state
 

@@ -39,8 +39,12 @@ class DemoStateError(RuntimeError):
     """The demo directory cannot be used; the message says what to do."""
 
 
-def _key() -> str:
+def new_key() -> str:
+    """A fresh 32-byte key, base64 (as config keys are written)."""
     return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+_key = new_key
 
 
 def _digits(n: int) -> str:
@@ -98,7 +102,7 @@ class DemoState:
         return cls(ports=ports, citizen=Citizen.new(), staff_password=secrets.token_urlsafe(12),
                    secrets={"as_token": secrets.token_hex(32), "hs_token": secrets.token_hex(32),
                             "admin_token": secrets.token_urlsafe(32),
-                            "data_key": _key(), "index_key": _key(),
+                            "data_key": _key(), "index_key": _key(), "audit_key": _key(),
                             "access_token": secrets.token_urlsafe(24),
                             "app_secret": secrets.token_hex(16),
                             "verify_token": secrets.token_urlsafe(16)})

@@ -32,7 +32,7 @@ DOMAIN = "agency.example"
 # Nothing listens here: a command that tries the homeserver would hang or fail differently.
 DEAD_HOMESERVER = f"http://127.0.0.1:{free_port()}"
 SECRET_PATHS = [("appservice", "as_token"), ("appservice", "hs_token"), ("admin", "token"),
-                ("privacy", "data_key"), ("privacy", "index_key")]
+                ("privacy", "data_key"), ("privacy", "index_key"), ("audit", "key")]
 
 
 @dataclass
@@ -121,6 +121,7 @@ async def test_init_writes_a_working_config_and_matching_registration(tmp_path: 
     for key in ("data_key", "index_key"):
         assert len(base64.b64decode(cfg["privacy"][key], validate=True)) == 32
     assert cfg["privacy"]["data_key"] != cfg["privacy"]["index_key"]
+    assert len(base64.b64decode(cfg["audit"]["key"], validate=True)) == 32
     for section, key in (("appservice", "as_token"), ("appservice", "hs_token"),
                          ("admin", "token")):
         assert len(cfg[section][key]) >= 32
@@ -226,7 +227,7 @@ async def test_check_config_rejects_the_example_as_is(tmp_path: Path) -> None:
     result = await cli("check-config", "-c", "config.yaml", cwd=tmp_path)
     assert result.returncode == 2
     assert_no_traceback(result)
-    assert len(result.err_lines) == 5  # the five CHANGE_ME secrets, nothing else
+    assert len(result.err_lines) == 6  # the six CHANGE_ME secrets, nothing else
     assert all("still the placeholder" in line for line in result.err_lines)
 
 

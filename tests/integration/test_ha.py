@@ -192,6 +192,7 @@ class Cluster:
                            "store_dir": str(store)},
             "database": {"url": db_url},
             "privacy": {"data_key": base.privacy.data_key, "index_key": base.privacy.index_key},
+            "audit": {"key": base.audit.key},
             "admin": {"token": base.admin.token},
             "whatsapp": {"enabled": True, "api_base": api_base,
                          "phone_number_id": PHONE_NUMBER_ID, "access_token": wa.access_token,

@@ -79,6 +79,7 @@ def valid() -> dict[str, Any]:
         "appservice": {"as_token": secrets.token_urlsafe(32),
                        "hs_token": secrets.token_urlsafe(32)},
         "privacy": {"data_key": _key(), "index_key": _key()},
+        "audit": {"key": _key()},
         "admin": {"token": secrets.token_urlsafe(32)},
     }
 
@@ -185,7 +186,7 @@ def test_example_as_is_is_rejected_naming_every_placeholder() -> None:
         for key, value in keys.items() if isinstance(value, str) and "CHANGE_ME" in value
     )
     assert placeholders == ["admin.token", "appservice.as_token", "appservice.hs_token",
-                            "privacy.data_key", "privacy.index_key"]
+                            "audit.key", "privacy.data_key", "privacy.index_key"]
     with pytest.raises(ConfigError) as err:
         load_config(EXAMPLE)
     lines = err.value.problems
@@ -201,6 +202,7 @@ def test_example_with_real_secrets_is_valid(tmp_path: Path) -> None:
     raw["appservice"].update(as_token=secrets.token_urlsafe(32),
                              hs_token=secrets.token_urlsafe(32))
     raw["privacy"].update(data_key=_key(), index_key=_key())
+    raw["audit"]["key"] = _key()
     raw["admin"]["token"] = secrets.token_urlsafe(32)
     config = parse_config(raw, tmp_path)
     assert config.consent.opt_in_words == ["ACEPTO", "SI", "SÍ", "YES"]

@@ -122,7 +122,8 @@ def image_tag(ref: str) -> str | None:
 def fake_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     """Valid stand-ins for every secret, as the real deployment passes them: env vars."""
     keys = {"CIVIC_BRIDGE_PRIVACY_DATA_KEY": bytes(range(32)),
-            "CIVIC_BRIDGE_PRIVACY_INDEX_KEY": bytes(range(32, 64))}
+            "CIVIC_BRIDGE_PRIVACY_INDEX_KEY": bytes(range(32, 64)),
+            "CIVIC_BRIDGE_AUDIT_KEY": bytes(range(64, 96))}
     for name in SECRET_ENV:
         value = (base64.b64encode(keys[name]).decode() if name in keys
                  else f"test-{name.lower()}-0123456789")

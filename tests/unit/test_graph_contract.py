@@ -555,6 +555,7 @@ def _config() -> Config:
         "appservice": {"as_token": secrets.token_urlsafe(32),
                        "hs_token": secrets.token_urlsafe(32)},
         "privacy": {"data_key": key(), "index_key": key()},
+        "audit": {"key": key()},
         "admin": {"token": secrets.token_urlsafe(32)},
         "consent": {"agency_name": "Ayuntamiento de Ejemplo de la Comarca del Río"},
         "whatsapp": {"enabled": True, "phone_number_id": "1234567890",

@@ -24,6 +24,7 @@ def config(**sections: dict[str, Any]) -> Config:
         "homeserver": {"url": "http://127.0.0.1:8008", "domain": "agency.example"},
         "appservice": {"as_token": "a" * 32, "hs_token": "h" * 32},
         "privacy": {"data_key": KEY, "index_key": base64.b64encode(bytes(32)).decode()},
+        "audit": {"key": base64.b64encode(bytes([1]) * 32).decode()},
         "admin": {"token": "t" * 32},
     }
     for name, values in sections.items():

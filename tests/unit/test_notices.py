@@ -42,6 +42,7 @@ def raw(notices: dict[str, Any] | None = None, whatsapp: bool = True) -> dict[st
         "appservice": {"as_token": secrets.token_urlsafe(32),
                        "hs_token": secrets.token_urlsafe(32)},
         "privacy": {"data_key": _key(), "index_key": _key()},
+        "audit": {"key": _key()},
         "admin": {"token": secrets.token_urlsafe(32)},
         "consent": {"agency_name": "Ayuntamiento de Ejemplo"},
     }
