@@ -309,6 +309,7 @@ async def build_bridge(config: Config) -> Bridge:
                         outbox if config.whatsapp.enabled else None, metrics)
     if inbound is not None and parts.safety.whatsapp is not None:
         inbound.set_report_hook(parts.safety.whatsapp)
+    mirror.set_flag_hook(parts.safety.flagger.check)
     citizens = CitizenData(config, db, privacy, portals, ghosts, subscriptions)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,

@@ -167,17 +167,25 @@ class Flagger:
     async def __call__(self, event: StaffEvent) -> None:
         if event.type != "m.room.message":
             return
-        terms = self._config.terms_for(event.room_id)
         edited = event.content.get("m.new_content")
         body = (edited if isinstance(edited, dict) else event.content).get("body")
-        if not terms or not isinstance(body, str):
-            return
-        term = flagged_term(body, terms)
+        if isinstance(body, str):
+            await self.check(event.room_id, event.event_id, event.sender, body)
+
+    async def check(self, room_id: RoomID, event_id: EventID, author: UserID,
+                    body: str) -> None:
+        """Flag `body` (posted as `event_id` by `author`) if it matches the room's terms.
+
+        Also called by the WhatsApp mirror with the text a citizen wrote: the bridge
+        posts it as their ghost, whose echo the relay does not read back.
+        """
+        terms = self._config.terms_for(room_id)
+        term = flagged_term(body, terms) if terms else None
         if term is None:
             return
         report = await self._reports.file(
-            source="flag", external_id=f"flag:{event.event_id}", room_id=event.room_id,
-            event_id=event.event_id, reporter=self._bot, reason=f"matches «{term}»",
-            author=event.sender)
+            source="flag", external_id=f"flag:{event_id}", room_id=room_id,
+            event_id=event_id, reporter=self._bot, reason=f"matches «{term}»",
+            author=author)
         if report is not None:
             self._metrics.flags.inc()

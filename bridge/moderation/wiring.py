@@ -30,6 +30,7 @@ class ModerationParts:
     reports: Reports
     poller: ReportPoller | None  # None without moderation.synapse_admin_token
     whatsapp: WhatsAppReports | None  # None without WhatsApp
+    flagger: Flagger
 
 
 def build_moderation(config: Config, db: Database, http: aiohttp.ClientSession,
@@ -47,10 +48,11 @@ def build_moderation(config: Config, db: Database, http: aiohttp.ClientSession,
     reporters = Reporters(db, outbox, admin, metrics)
     reports = Reports(db, api, rooms, bot, privacy.cipher, moderation, management, reporters,
                       metrics)
-    relay.add_handler(Flagger(config, db, reports, bot, metrics))
+    flagger = Flagger(config, db, reports, bot, metrics)
+    relay.add_handler(flagger)
     relay.add_member_handler(DisplayNameWatch(config, db, api, ghosts, admin, management,
                                               reporters, metrics))
     poller = ReportPoller(db, admin, reports, config.moderation.reports_poll_seconds,
                           metrics) if admin else None
     whatsapp = WhatsAppReports(db, privacy, outbox, reports) if outbox else None
-    return ModerationParts(reports, poller, whatsapp)
+    return ModerationParts(reports, poller, whatsapp, flagger)

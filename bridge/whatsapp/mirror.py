@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bridge.db import Citizen, Database
@@ -36,6 +37,9 @@ from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.vcard import MIME_TYPE as VCARD_MIME
 from bridge.whatsapp.vcard import to_vcf
 from bridge.whatsapp.webhook_parse import InboundMessage
+
+# (room, event the ghost posted, the ghost, what the citizen wrote)
+FlagHook = Callable[[RoomID, EventID, UserID, str], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +107,16 @@ class Mirror:
         self._portals = portals
         self._metrics = metrics
 
+    _flag_hook: FlagHook | None = None
+
     async def _event_for(self, wamid: str | None) -> EventID | None:
         link = await self._db.messages.by_wamid(wamid) if wamid else None
         return EventID(link.event_id) if link else None
+
+    def set_flag_hook(self, hook: FlagHook) -> None:
+        """Moderation's flagging (bridge.moderation.intake.Flagger.check) of what
+        citizens write: their ghosts' echoes are not read back by the relay."""
+        self._flag_hook = hook
 
     async def relay(self, citizen: Citizen, room_id: RoomID, msg: InboundMessage) -> None:
         ghost = citizen.ghost_user_id
@@ -115,6 +126,9 @@ class Mirror:
         if event_id:
             await self._db.messages.link(msg.wamid, room_id, event_id, "in")
             self._metrics.relayed.labels("in", msg.kind).inc()
+            written = readable_text(msg) or msg.caption
+            if self._flag_hook is not None and written:
+                await self._flag_hook(room_id, event_id, ghost, written)
         if msg.referral is not None:
             await self._portals.notice(room_id, summaries.referral_notice(msg.referral),
                                        txn_id=txn_id(msg.wamid, ":referral"))

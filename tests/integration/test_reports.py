@@ -389,6 +389,30 @@ async def test_a_flagged_term_is_flagged_and_nothing_is_deleted(bridge: BridgeHa
         await talk.staff.close()
 
 
+async def test_a_whatsapp_citizens_message_with_a_flag_term_is_flagged(
+        bridge: BridgeHarness) -> None:
+    """What a citizen writes on WhatsApp is posted by their ghost, whose echo the relay
+    does not read back: the mirror hands the text to the flagger itself."""
+    talk = await management(bridge)
+    j = await opt_in(bridge, new_citizen(), "Hola, una queja")
+    try:
+        before = metric(bridge, "civic_bridge_flags_total")
+        await j.write(bridge.wa.text_message(j.citizen, "Es usted un IDIOTA"))
+        sent = await j.seen(lambda ev: getattr(ev, "body", None) == "Es usted un IDIOTA")
+        notice = await bot_notice(talk, lambda t: sent.event_id in t)
+        assert "flagged by the bridge" in notice and "matches «idiota»" in notice
+        assert "nothing was deleted" in notice
+        assert metric(bridge, "civic_bridge_flags_total") == before + 1
+        status, body = await bridge.running.call("GET", "/admin/v1/reports?status=open")
+        assert status == 200
+        assert [r["source"] for r in body["reports"] if r["event_id"] == sent.event_id] == [
+            "flag"]
+        assert "IDIOTA" not in json.dumps(body)
+    finally:
+        await j.desk.close()
+        await talk.staff.close()
+
+
 async def test_a_token_that_is_not_a_synapse_admins_is_counted_and_logged(
         bridge: BridgeHarness) -> None:
     b = bridge.running.bridge
