@@ -141,7 +141,11 @@ class Relay:
 
     async def _dispatch(self, event: dict[str, Any], etype: str | nio.Event,
                         content: dict[str, Any] | None = None, *, encrypted: bool) -> None:
-        if isinstance(etype, nio.Event):  # decrypted: type and content from inside
+        if not isinstance(etype, str):
+            # Decrypted: type and content from inside. nio returns a BadEvent, which is
+            # no nio.Event, for content its schemas refuse (an m.file with a plain
+            # `url` in an encrypted room): it is still staff's message, and gets the
+            # same handling (a send, or a notice saying why not).
             plain = etype.source
             etype, content = str(plain.get("type", "")), dict(plain.get("content", {}))
         content = content or {}

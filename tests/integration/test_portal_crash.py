@@ -42,10 +42,14 @@ async def test_a_crash_between_create_room_and_insert_yields_one_portal(
     async with engine.begin() as conn:
         await conn.execute(text(FAIL_PORTAL_INSERT))
     mark = len(h.log_lines)
+    letters_before = {d["id"] for d in (await h.running.call(
+        "GET", "/admin/v1/dead-letters"))[1]["dead_letters"]}
     try:
         tap = h.wa.button_reply(citizen, OPT_IN_BUTTON, "Acepto")
         assert await h.wa.deliver(h.webhook_url, tap) == 200
-        await wait_until(lambda: any("inbound whatsapp" in line and "failed (" in line
+        # The refused insert is an IntegrityError: permanent, so the opt-in becomes a
+        # dead letter (a real failure of that kind would need an admin too).
+        await wait_until(lambda: any("inbound whatsapp" in line and "failed" in line
                                      for line in h.log_lines[mark:]), 30, "the insert fails")
         assert len(await bot_rooms(h) - before) == 1  # createRoom did happen
         await h.running.stop()  # ...and the bridge dies before it could record the room
@@ -55,6 +59,15 @@ async def test_a_crash_between_create_room_and_insert_yields_one_portal(
         await engine.dispose()
     await h.running.start()
     b = h.running.bridge
+    # An admin retries what was set aside; the retry must find the room made before.
+    status, body = await h.running.call("GET", "/admin/v1/dead-letters")
+    assert status == 200
+    for letter in body["dead_letters"]:
+        if letter["id"] not in letters_before:
+            status, _ = await h.running.call(
+                "POST", f"/admin/v1/dead-letters/{letter['id']}/retry",
+                {"reason": "fallo de base de datos corregido"})
+            assert status == 200
     row = await wait_until(lambda: _in_state(h, citizen, "granted"), 30, "opt-in")
     portal = await wait_until(lambda: b.db.rooms.portal_for(row.id), 30, "portal")
     await asyncio.sleep(1)  # room for a second createRoom, should there be one
