@@ -89,7 +89,11 @@ class Portals:
                 invite=[*self._config.portals.staff, ghost],
                 alias_localpart=self._alias_localpart(token))
         else:
+            # createRoom may have been cut short after the room existed but before its
+            # invites went out (Synapse stopped mid-request): invite again, quietly.
             log.info("portal %s found after an interrupted creation", room_id)
+            for user_id in (*self._config.portals.staff, ghost):
+                await self._invite_quietly(room_id, user_id)
         await self._db.rooms.create(room_id, "portal", name, self._ghosts.bot,
                                     citizen_id=citizen.id)
         await self._db.kv.delete(key)
