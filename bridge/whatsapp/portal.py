@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from urllib.parse import quote
 
 from bridge.config import Config
 from bridge.db import Citizen, Database
@@ -79,6 +80,12 @@ class Portals:
             room_id = await self._api.resolve_alias(self._alias(token))
             if room_id is not None and await self._db.rooms.get(room_id) is not None:
                 room_id = None  # an earlier portal whose alias was left: not this one
+            if room_id is not None and not await self._bot_joined(room_id):
+                # Synapse stopped mid-createRoom can leave a room the bot never joined
+                # (its events have no prev_events): unusable for good, so make a new one.
+                log.warning("portal %s left unusable by an interrupted creation; "
+                            "creating another", room_id)
+                room_id = None
         ghost_row = await self._db.ghosts.get(ghost)
         name = f"WhatsApp · {ghost_row.display_name if ghost_row else 'Ciudadano/a'}"
         if room_id is None:
@@ -104,6 +111,18 @@ class Portals:
             log.warning("portal alias not removed (%s)", exc.errcode)
         log.info("portal %s opened", room_id)
         return room_id
+
+    async def _bot_joined(self, room_id: RoomID) -> bool:
+        """Whether the bot is joined to `room_id` (a 5xx is raised: ask again later)."""
+        try:
+            await self._api.request(
+                "GET", f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/joined_members",
+                as_user=self._ghosts.bot)
+        except MatrixError as exc:
+            if exc.status >= 500 or exc.status == 429:
+                raise
+            return False
+        return True
 
     def _alias_localpart(self, token: str) -> str:
         return f"{self._config.appservice.ghost_prefix}portal_{token}"

@@ -522,10 +522,13 @@ async def _fault_run(backend: str, pg: PgServer | None,
             await eventually(lambda: asyncio.sleep(0, len(desk.portal_of) == CITIZENS),
                              "every portal, with the first message, to reach the desk", 180)
         except AssertionError as exc:
+            failures = [line for line in bridge.lines
+                        if '"level": "WARNING"' in line or '"level": "ERROR"' in line]
             raise AssertionError(f"{exc}: {len(desk.portal_of)} of {CITIZENS}; joined "
                                  f"{len(desk_user.client.rooms)}, invited "
                                  f"{len(desk_user.client.invited_rooms)}; "
-                                 f"{await _queues(db)}") from None
+                                 f"{await _queues(db)}; the bridge's last warnings:\n"
+                                 + "".join(failures[-15:])) from None
 
         # (b) Graph fails a third of the calls and drops a tenth, from now on.
         proxy.fail_ratio, proxy.drop_ratio = 1 / 3, 1 / 10
