@@ -25,7 +25,8 @@ log = logging.getLogger("bridge")
 EXIT_LEADERSHIP_LOST = 3
 
 
-def _load(path: str) -> Config:
+def load_or_exit(path: str) -> Config:
+    """The config at `path`, or exit 2 after one line per problem on stderr."""
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -122,7 +123,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_or_exit(args.config)
     print(f"{args.config}: ok")
     from bridge.homeserver.cli import warn_without_policy_module
 
@@ -133,7 +134,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_registration(args: argparse.Namespace) -> int:
     from bridge.registration import registration_yaml
 
-    text = registration_yaml(_load(args.config))
+    text = registration_yaml(load_or_exit(args.config))
     if args.output in (None, "-"):
         sys.stdout.write(text)
     else:
@@ -154,7 +155,7 @@ def cmd_registration(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from bridge.db.engine import upgrade
 
-    config = _load(args.config)
+    config = load_or_exit(args.config)
     with _database_errors(args.config, config.database.url):
         asyncio.run(upgrade(config.database.url))
     print("database schema is current")
@@ -167,7 +168,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     from bridge.privacy import Privacy
     from bridge.rekey import rekey_database
 
-    config = _load(args.config)
+    config = load_or_exit(args.config)
 
     async def run() -> int:
         db = await Database.open(config.database.url, audit_keys=AuditKeys.from_base64(
@@ -221,7 +222,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from bridge.logsetup import setup_logging
 
-    config = _load(args.config)
+    config = load_or_exit(args.config)
     setup_logging(config.logging, secrets=_secrets(config))
     # Before anything else (port, homeserver): a wrong database is the commonest
     # first-run mistake, and its message names the command that fixes it.

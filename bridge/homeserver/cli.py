@@ -14,23 +14,14 @@ from typing import Any
 
 import yaml
 
-from bridge.config import Config, load_config
-from bridge.errors import ConfigError
-
-
-def _load(path: str) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(f"config error: {line}", file=sys.stderr)
-        raise SystemExit(2) from None
+from bridge.cli import load_or_exit
+from bridge.config import Config
 
 
 def cmd_homeserver_config(args: argparse.Namespace) -> int:
     from bridge.homeserver.settings import ModuleInstallError, homeserver_yaml, install_module
 
-    config = _load(args.config)
+    config = load_or_exit(args.config)
     if args.synapse_python:
         try:
             install_module(Path(args.synapse_python))
@@ -80,7 +71,7 @@ def cmd_check_homeserver(args: argparse.Namespace) -> int:
     from bridge.homeserver.checks import check_homeserver_config
     from bridge.homeserver.probe import live_checks
 
-    config = _load(args.config)
+    config = load_or_exit(args.config)
     if not args.homeserver_config and args.no_live:
         print("nothing to check: give --homeserver-config, or drop --no-live",
               file=sys.stderr)
