@@ -314,6 +314,22 @@ class Desk:
             except (AssertionError, LocalSynapseError, aiohttp.ClientError, TimeoutError):
                 await asyncio.sleep(1)
 
+    async def reply(self, room_id: str, body: str) -> None:
+        """Send `body` encrypted; first make sure the room is encrypted on the server, not
+        only that this client's /sync has caught up with its state."""
+        for _ in range(20):
+            room = self.staff.client.rooms.get(room_id)
+            if room is not None and room.encrypted:
+                await self.staff.send_text(room_id, body)
+                return
+            status, _state = await self.synapse.request(
+                "GET", f"/_matrix/client/v3/rooms/{room_id}/state/m.room.encryption/",
+                token=self.staff.client.access_token)
+            if status == 404:
+                raise AssertionError(f"{room_id} has no m.room.encryption on the server")
+            await asyncio.sleep(0.5)  # /sync has not brought the state yet
+        raise AssertionError(f"{room_id}: the desk's /sync never showed it encrypted")
+
     async def history(self, room_id: str) -> list[Event]:
         """The whole room timeline, oldest first, read with /messages (a /sync timeline
         can be gappy). Undecryptable events stay MegolmEvent."""
@@ -536,7 +552,7 @@ async def _fault_run(backend: str, pg: PgServer | None,
 
         async def answer(i: int, count: int, start: int) -> None:
             for body in replies[i][start:start + count]:
-                await desk_user.send_text(desk.portal_of[i], body)
+                await desk.reply(desk.portal_of[i], body)
 
         half_replies = (REPLIES + 1) // 2
         await asyncio.gather(*(write(i, per_round) for i in range(CITIZENS)),
