@@ -273,6 +273,9 @@ class ConsentConfig(_Section):
     opt_in_words: list[str] = ["ACEPTO", "SI", "SÍ", "YES"]
     opt_out_words: list[str] = ["BAJA", "STOP", "CANCELAR"]
     hold_hours: Annotated[int, Field(ge=1, le=720)] = 72
+    # The language notice_text is written in: every mirroring consent record carries it
+    # (evidence of what the citizen was shown, issue 15 point 7).
+    notice_language: Annotated[str, Field(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$")] = "es"
 
     @model_validator(mode="after")
     def _disjoint(self) -> ConsentConfig:
@@ -538,6 +541,36 @@ class AuditConfig(_Section):
         return self
 
 
+Days = Annotated[int, Field(ge=1, le=3650)]
+
+
+class RetentionConfig(_Section):
+    """How long each kind of kept data lives (bridge.retention; docs/data-protection.md).
+
+    The purge runs in the bridge every ten minutes and on demand with
+    `civic-bridge purge [--dry-run]`. Periods of other data stay where they were:
+    consent.hold_hours, notices.log_retention_days, moderation.reports_retention_days.
+    """
+
+    # Settled WhatsApp sends (sent, failed, cancelled), counted from their last change;
+    # pending or in-flight ones are never purged.
+    outbox_days: Days = 30
+    # WhatsApp message id <-> Matrix event id pairs: replies, reactions and receipts to
+    # messages older than this are no longer linked across.
+    message_map_days: Days = 90
+    # Contacts who wrote but never gave any consent, counted from their last message:
+    # their row and everything linked to it go (as an erasure).
+    never_consented_days: Days = 30
+    # Invite links that expired, were revoked or used up this long ago.
+    invite_links_days: Days = 30
+    # Accounts made through an invite link that never logged in nor joined a room, this
+    # long after they were made: deactivated and erased on the homeserver (needs
+    # moderation.synapse_admin_token).
+    unused_invite_accounts_days: Days = 30
+    # Dead letters nobody retried or discarded, counted from their last failure.
+    dead_letters_days: Days = 90
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -571,6 +604,7 @@ class Config(_Section):
     invites: InvitesConfig = InvitesConfig()
     notices: NoticesConfig = NoticesConfig()
     moderation: ModerationConfig = ModerationConfig()
+    retention: RetentionConfig = RetentionConfig()
     audit: AuditConfig
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
