@@ -105,10 +105,11 @@ class InviteAccounts:
         return {"erased": True, "matrix_user_id": account.user_id, "kept": KEPT_AFTER_ERASURE}
 
     async def _retire(self, account: InviteAccount, actor: str, action: str,
-                      reason: str | None) -> None:
+                      reason: str | None, *, on_homeserver: bool = True) -> None:
         assert self._admin is not None
         # The homeserver first: a failure leaves the row, so the next attempt finds it.
-        await self._admin.deactivate(account.user_id)
+        if on_homeserver:
+            await self._admin.deactivate(account.user_id)
         await self._db.reports.forget_reporter(account.user_id)
         await self._db.invites.delete_account(account.user_id)
         await self._db.audit.append(actor, action, f"invite account {account.user_id}", "ok",
@@ -130,11 +131,11 @@ class InviteAccounts:
                         await self._db.invites.mark_in_use(account.user_id)
                     continue
                 if not dry_run:
-                    if used is None:  # gone from the homeserver already
-                        await self._db.invites.delete_account(account.user_id)
-                    else:
-                        await self._retire(account, "retention", "invite_account.retire",
-                                           "never used: no login, no room")
+                    # None: deactivated (or removed) on the homeserver already.
+                    await self._retire(account, "retention", "invite_account.retire",
+                                       "never used: no login, no room" if used is False
+                                       else "already deactivated on the homeserver",
+                                       on_homeserver=used is False)
                 retired += 1
             except Exception as exc:
                 log.warning("unused invite account not retired (%s)", type(exc).__name__)

@@ -27,7 +27,13 @@ from bridge.whatsapp.simulator import SimulatedUser
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_admin_scopes import api, refused_for_scope
 from tests.integration.test_moderation import User, as_user, create_room, q
-from tests.integration.test_whatsapp import new_citizen, opt_in, to_citizen, wait_until
+from tests.integration.test_whatsapp import (
+    admin_cli,
+    new_citizen,
+    opt_in,
+    to_citizen,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 REASON = "solicitud presentada en la oficina de atención 2026/118"
@@ -56,7 +62,7 @@ async def audit_actions(h: BridgeHarness, limit: int = 30) -> list[Any]:
 
 
 async def test_a_contact_who_never_consented_is_exported_and_erased_by_phone(
-        bridge: BridgeHarness) -> None:
+        bridge: BridgeHarness, tmp_path: Path) -> None:
     citizen = new_citizen("Rosa Díaz")
     assert citizen.wa_id is not None
     row = await first_contact(bridge, citizen, "¿Puedo pedir cita para el padrón?")
@@ -92,6 +98,11 @@ async def test_a_contact_who_never_consented_is_exported_and_erased_by_phone(
     assert (entries[1].action, entries[1].result) == ("citizen.lookup", "ok")
     trail = json.dumps([(e.object, e.reason) for e in entries])
     assert citizen.wa_id not in trail and citizen.wa_id[2:] not in trail
+
+    # The same from the command line (the number in the body, never in a URL).
+    exported = await admin_cli(bridge, tmp_path, "--token-name", "only-citizens.export",
+                               "citizen", "export", "--phone", phone, "--reason", REASON)
+    assert json.loads(exported)["citizens"][0]["pseudonym"] == row.pseudonym_code
 
     # The pseudonym code the look-up answers names them too.
     status, by_code = await api(bridge, "only-citizens.export", "GET",
