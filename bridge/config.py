@@ -545,30 +545,16 @@ Days = Annotated[int, Field(ge=1, le=3650)]
 
 
 class RetentionConfig(_Section):
-    """How long each kind of kept data lives (bridge.retention; docs/data-protection.md).
+    """Days each kind of kept data lives (bridge.retention; documented key by key in
+    config.example.yaml). Older periods stay where they were: consent.hold_hours,
+    notices.log_retention_days, moderation.reports_retention_days."""
 
-    The purge runs in the bridge every ten minutes and on demand with
-    `civic-bridge purge [--dry-run]`. Periods of other data stay where they were:
-    consent.hold_hours, notices.log_retention_days, moderation.reports_retention_days.
-    """
-
-    # Settled WhatsApp sends (sent, failed, cancelled), counted from their last change;
-    # pending or in-flight ones are never purged.
-    outbox_days: Days = 30
-    # WhatsApp message id <-> Matrix event id pairs: replies, reactions and receipts to
-    # messages older than this are no longer linked across.
+    outbox_days: Days = 30  # settled sends, from their last change
     message_map_days: Days = 90
-    # Contacts who wrote but never gave any consent, counted from their last message:
-    # their row and everything linked to it go (as an erasure).
-    never_consented_days: Days = 30
-    # Invite links that expired, were revoked or used up this long ago.
-    invite_links_days: Days = 30
-    # Accounts made through an invite link that never logged in nor joined a room, this
-    # long after they were made: deactivated and erased on the homeserver (needs
-    # moderation.synapse_admin_token).
-    unused_invite_accounts_days: Days = 30
-    # Dead letters nobody retried or discarded, counted from their last failure.
-    dead_letters_days: Days = 90
+    never_consented_days: Days = 30  # from the contact's last message
+    invite_links_days: Days = 30  # after expiry, revocation or last use
+    unused_invite_accounts_days: Days = 30  # needs moderation.synapse_admin_token
+    dead_letters_days: Days = 90  # from the last failure
 
 
 class LoggingConfig(_Section):
