@@ -177,3 +177,23 @@ async def test_unused_invite_accounts_are_listed_until_found_in_use(db: Database
     assert await db.invites.delete_account(UserID("@v_old:agency.example"))
     assert not await db.invites.delete_account(UserID("@v_old:agency.example"))
     assert await db.invites.unused_accounts(days_ago(30)) == []
+
+
+async def test_a_citizens_copies_are_found_for_their_export(db: Database) -> None:
+    """What the export decrypts: held items (by citizen), queued items (by lane, any
+    status), sends (by citizen); nobody else's."""
+    c, other = await citizen(db), await citizen(db)
+    held = await db.inbound.enqueue("whatsapp", "w1", "sealed", lane="citizen:x")
+    done = await db.inbound.enqueue("whatsapp", "w2", "sealed", lane="citizen:x")
+    status = await db.inbound.enqueue("whatsapp", "w3", "sealed", lane="statuses:x")
+    await db.inbound.enqueue("whatsapp", "w4", "sealed", lane="citizen:y")
+    await db.inbound.enqueue("matrix", "$e", "{}", lane="citizen:x")  # not a webhook
+    assert held and done and status
+    await db.inbound.hold(held, c.id, NOW + timedelta(days=1))
+    await db.inbound.set_status(done, "done")
+    found = await db.inbound.of_citizen(c.id, ["citizen:x", "statuses:x"])
+    assert [(i.id, i.status) for i in found] == [(held, "held"), (done, "done"),
+                                                 (status, "pending")]
+    mine, theirs = await outbox(db, c, "sent", 1), await outbox(db, other, "sent", 1)
+    assert [o.id for o in await db.outbox.for_citizen(c.id)] == [mine]
+    assert [o.id for o in await db.outbox.for_citizen(other.id)] == [theirs]
