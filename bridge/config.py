@@ -273,6 +273,9 @@ class ConsentConfig(_Section):
     opt_in_words: list[str] = ["ACEPTO", "SI", "SÍ", "YES"]
     opt_out_words: list[str] = ["BAJA", "STOP", "CANCELAR"]
     hold_hours: Annotated[int, Field(ge=1, le=720)] = 72
+    # The language notice_text is written in: every mirroring consent record carries it
+    # (evidence of what the citizen was shown, issue 15 point 7).
+    notice_language: Annotated[str, Field(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$")] = "es"
 
     @model_validator(mode="after")
     def _disjoint(self) -> ConsentConfig:
@@ -538,6 +541,22 @@ class AuditConfig(_Section):
         return self
 
 
+Days = Annotated[int, Field(ge=1, le=3650)]
+
+
+class RetentionConfig(_Section):
+    """Days each kind of kept data lives (bridge.retention; documented key by key in
+    config.example.yaml). Older periods stay where they were: consent.hold_hours,
+    notices.log_retention_days, moderation.reports_retention_days."""
+
+    outbox_days: Days = 30  # settled sends, from their last change
+    message_map_days: Days = 90
+    never_consented_days: Days = 30  # from the contact's last message
+    invite_links_days: Days = 30  # after expiry, revocation or last use
+    unused_invite_accounts_days: Days = 30  # needs moderation.synapse_admin_token
+    dead_letters_days: Days = 90  # from the last failure
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -571,6 +590,7 @@ class Config(_Section):
     invites: InvitesConfig = InvitesConfig()
     notices: NoticesConfig = NoticesConfig()
     moderation: ModerationConfig = ModerationConfig()
+    retention: RetentionConfig = RetentionConfig()
     audit: AuditConfig
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()

@@ -26,6 +26,7 @@ from bridge.auditchain import AuditKeys
 from bridge.config import Config
 from bridge.db import Database, InboundItem, InboundSource
 from bridge.deadletters import DeadLetters
+from bridge.invites.rights import InviteAccounts
 from bridge.invites.service import InviteLinks
 from bridge.leader import Election, Role, SingleProcess, election_for
 from bridge.matrix.api import MatrixAPI, MatrixError
@@ -39,6 +40,7 @@ from bridge.matrix.rooms import RoomPolicy, Rooms
 from bridge.matrix.trust import Trust
 from bridge.matrix.undecryptable import UndecryptableStore
 from bridge.metrics import Metrics
+from bridge.moderation.synapse_admin import SynapseAdmin
 from bridge.moderation.wiring import ModerationParts
 from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy
@@ -219,17 +221,21 @@ class Bridge:
 
         task.add_done_callback(done)
 
+    def retention_job(self, *, offline: bool = False) -> Retention:
+        """The retention purge over every kind of kept data (bridge.retention); `offline`
+        for `civic-bridge purge` next to a running bridge."""
+        return Retention(self.db, self.privacy.cipher, self.config,
+                         None if offline else self.metrics, contacts=self.citizens,
+                         accounts=self.citizens.accounts, offline=offline)
+
     async def retention(self, every: float = EVERY_SECONDS) -> None:
         """Scheduled purge, every `every` seconds; survives failures (bridge.retention)."""
-        await Retention(self.db, self.privacy.cipher, self.config, self.metrics).loop(every)
+        await self.retention_job().loop(every)
 
     async def purge(self, now: datetime) -> dict[str, int]:
-        """Held messages past `consent.hold_hours`, old finished queue rows, unconfirmed
-        staff messages, notice log entries past `notices.log_retention_days`; logs and
-        returns how many of each went (failures: see bridge.retention)."""
-        report = await Retention(self.db, self.privacy.cipher, self.config,
-                                 self.metrics).run(now)
-        return report.deleted
+        """One purge run now; logs and returns how many rows of each kind went (failures:
+        see bridge.retention)."""
+        return (await self.retention_job().run(now)).deleted
 
     async def close(self) -> None:
         for task in list(self.tasks):
@@ -310,7 +316,10 @@ async def build_bridge(config: Config) -> Bridge:
     if inbound is not None and parts.safety.whatsapp is not None:
         inbound.set_report_hook(parts.safety.whatsapp)
     mirror.set_flag_hook(parts.safety.flagger.check)
-    citizens = CitizenData(config, db, privacy, portals, ghosts, subscriptions)
+    token = config.moderation.synapse_admin_token
+    accounts = InviteAccounts(db, api, ghosts.bot,
+                              SynapseAdmin(http, config.homeserver.url, token) if token else None)
+    citizens = CitizenData(config, db, privacy, portals, ghosts, subscriptions, accounts)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
                   outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,

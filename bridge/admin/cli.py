@@ -134,6 +134,12 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
         return "GET", "/admin/v1/notices?" + "&".join(
             f"{k}={quote(str(v), safe='')}" for k, v in params.items() if v is not None), None
     if what == "citizen":
+        if (args.user is None) == (args.phone is None):
+            raise UsageError(f"citizen {args.citizen_command} needs either a pseudonym or "
+                             "Matrix user id, or --phone")
+        if args.phone is not None:  # in the body: a number never goes into a URL
+            return "POST", f"/admin/v1/citizens/{args.citizen_command}", {
+                "phone": args.phone, "reason": args.reason}
         path = "/admin/v1/citizens/" + quote(args.user, safe="")
         if args.citizen_command == "export":
             return "GET", f"{path}/export?reason={quote(args.reason, safe='')}", None
@@ -207,6 +213,8 @@ def render(args: argparse.Namespace, data: Any) -> tuple[str, str, int]:
                       for c in data["citizens"]],
                      ("pseudonym", "matrix_user_id", "consent", "subscription_code",
                       "notices")), "", EXIT_OK
+    if what == "citizen" and isinstance(data.get("erased"), list):  # erase --phone
+        return "\n".join(f"erased: {e['pseudonym']}" for e in data["erased"]), "", EXIT_OK
     if what == "citizen" and args.citizen_command == "export":
         return json.dumps(data, indent=2, ensure_ascii=False), "", EXIT_OK  # machine-readable
     if what == "notice" and args.notice_command == "withdraw":
@@ -370,13 +378,20 @@ def add_admin_parser(sub: Any) -> None:
     p.add_argument("--reference", default=None)
     p.add_argument("--recipient", default=None)
     p.add_argument("--limit", type=int, default=50)
-    citizen = cmds.add_parser("citizen", help="a citizen's data (by their Matrix user id)") \
+    citizen = cmds.add_parser("citizen", help="a person's data (by Matrix user id, pseudonym, "
+                                              "subscription code or --phone)") \
         .add_subparsers(dest="citizen_command", required=True)
+    who = ("a citizen's ghost Matrix ID, pseudonym or subscription code, or an invite-link "
+           "account's Matrix ID")
+    phone = "or their phone number instead, e.g. '+34 600 11 22 33' (every record under it)"
     p = citizen.add_parser("export", help="everything held about them, as JSON (for them only)")
-    p.add_argument("user")
-    p.add_argument("--reason", required=True, help="why they are re-identified (audit log)")
+    p.add_argument("user", nargs="?", help=who)
+    p.add_argument("--phone", help=phone)
+    p.add_argument("--reason", required=True, help="why they are re-identified (audit log; "
+                                                   "with --phone at least 10 characters)")
     p = citizen.add_parser("erase", help="stop relay and delete their data (irreversible)")
-    p.add_argument("user")
+    p.add_argument("user", nargs="?", help=who)
+    p.add_argument("--phone", help=phone)
     p.add_argument("--reason", required=True, help="recorded in the audit log")
     p = cmds.add_parser("reveal", help="a citizen's phone number / BSUID (scope reidentify; "
                                        "audited, rate-limited)")

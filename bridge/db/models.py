@@ -285,6 +285,8 @@ class MessageMapRow(Base):
     room_id: Mapped[str] = mapped_column(ID)
     event_id: Mapped[str] = mapped_column(ID, unique=True)
     direction: Mapped[str] = mapped_column(String(8))
+    # When the pair was linked: the retention purge (retention.message_map_days) goes by it.
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class AuditRow(Base):

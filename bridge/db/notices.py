@@ -10,11 +10,11 @@ import builtins
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 
 from bridge.db.models import NoticeRow, NoticeSubscriptionRow, utcnow
 from bridge.db.records import ConsentState, Notice, NoticeSubscription
-from bridge.db.scope import Scope, rowcount
+from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.errors import Conflict
 from bridge.types import Pseudonym
 
@@ -156,11 +156,10 @@ class NoticeRepo:
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt)) > 0
 
-    async def purge(self, before: datetime) -> int:
+    async def purge(self, before: datetime, *, dry_run: bool = False) -> int:
         """Delete log entries created before `before` (retention); returns how many."""
-        stmt = delete(NoticeRow).where(NoticeRow.created_at < before)
-        async with self._scope.session() as session:
-            return rowcount(await session.execute(stmt))
+        return await purge_rows(self._scope, NoticeRow, NoticeRow.created_at < before,
+                                dry_run=dry_run)
 
     async def _fail(self, error: str, *where: Any) -> int:
         stmt = (update(NoticeRow)

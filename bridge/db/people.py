@@ -6,7 +6,7 @@ import builtins
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, exists, func, or_, select, update
 
 from bridge.db.models import CitizenRow, ConsentRecordRow, GhostRow, RoomRow, utcnow
 from bridge.db.records import (
@@ -109,6 +109,21 @@ class CitizenRepo:
         )
         async with self._scope.session() as session:
             await session.execute(stmt)
+
+    async def never_consented(self, last_seen_before: datetime, limit: int = 100
+                              ) -> builtins.list[Citizen]:
+        """Contacts who never gave consent to anything (no `granted` record for any
+        purpose) and whose last message (or first contact) was before `last_seen_before`,
+        the longest silent first."""
+        last_seen = func.coalesce(CitizenRow.last_inbound_at, CitizenRow.created_at)
+        granted = select(ConsentRecordRow.id).where(
+            ConsentRecordRow.citizen_id == CitizenRow.id, ConsentRecordRow.state == "granted")
+        stmt = (select(CitizenRow)
+                .where(CitizenRow.consent_state != "granted", last_seen < last_seen_before,
+                       ~exists(granted))
+                .order_by(last_seen, CitizenRow.id).limit(limit))
+        async with self._scope.session() as session:
+            return [_citizen(r) for r in await session.scalars(stmt)]
 
     async def list_identifiers(self) -> builtins.list[CitizenIdentifiers]:
         """Every citizen's ciphertexts, for re-encryption under a new data key."""

@@ -11,15 +11,16 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, Update, and_, case, delete, func, select, update
+from sqlalchemy import Select, Update, and_, case, delete, func, or_, select, update
 
 from bridge.db.models import InboundRow, OutboxRow, ProcessedTransactionRow, utcnow
 from bridge.db.records import InboundItem, InboundSource, InboundStatus, OutboxItem, OutboxStatus
-from bridge.db.scope import Scope, rowcount
+from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.errors import NotFound
 from bridge.types import RoomID
 
 FINISHED: tuple[InboundStatus, ...] = ("done", "failed", "dropped")
+SETTLED: tuple[OutboxStatus, ...] = ("sent", "failed", "cancelled")
 # Outbox idempotency keys of notices of availability: "availability:{notice id}".
 NOTICE_KEY_PREFIX = "availability:"
 
@@ -73,11 +74,10 @@ class TransactionRepo:
             found = await session.get(ProcessedTransactionRow, txn_id)
             return found is not None
 
-    async def purge(self, before: datetime) -> int:
+    async def purge(self, before: datetime, *, dry_run: bool = False) -> int:
         """Forget transaction ids received before `before`; returns how many."""
-        stmt = delete(ProcessedTransactionRow).where(ProcessedTransactionRow.received_at < before)
-        async with self._scope.session() as session:
-            return rowcount(await session.execute(stmt))
+        return await purge_rows(self._scope, ProcessedTransactionRow,
+                                ProcessedTransactionRow.received_at < before, dry_run=dry_run)
 
 
 def event_lane(event: Mapping[str, Any]) -> str:
@@ -290,19 +290,24 @@ class InboundRepo:
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt))
 
-    async def purge_expired_holds(self, now: datetime) -> int:
+    async def purge_expired_holds(self, now: datetime, *, dry_run: bool = False) -> int:
         """Delete held items whose hold ran out (privacy: `consent.hold_hours`)."""
-        stmt = delete(InboundRow).where(InboundRow.status == "held", InboundRow.hold_until < now)
-        async with self._scope.session() as session:
-            return rowcount(await session.execute(stmt))
+        return await purge_rows(self._scope, InboundRow, InboundRow.status == "held",
+                                InboundRow.hold_until < now, dry_run=dry_run)
 
-    async def purge_finished(self, before: datetime) -> int:
+    async def purge_finished(self, before: datetime, *, dry_run: bool = False) -> int:
         """Delete finished items processed before `before` (they hold message payloads)."""
-        stmt = delete(InboundRow).where(
-            InboundRow.status.in_(FINISHED), InboundRow.processed_at < before
-        )
+        return await purge_rows(self._scope, InboundRow, InboundRow.status.in_(FINISHED),
+                                InboundRow.processed_at < before, dry_run=dry_run)
+
+    async def of_citizen(self, citizen_id: int, lanes: Collection[str]) -> list[InboundItem]:
+        """Every WhatsApp item of a citizen, whatever its status, oldest first: those
+        linked to them (held) and those in their `lanes` (their own export)."""
+        stmt = select(InboundRow).where(
+            or_(InboundRow.citizen_id == citizen_id,
+                and_(InboundRow.source == "whatsapp", InboundRow.lane.in_(lanes))))
         async with self._scope.session() as session:
-            return rowcount(await session.execute(stmt))
+            return [_inbound(r) for r in await session.scalars(stmt.order_by(InboundRow.id))]
 
     async def _update(self, item_id: int, **values: Any) -> None:
         stmt = update(InboundRow).where(InboundRow.id == item_id).values(**values)
@@ -495,6 +500,19 @@ class OutboxRepo:
         )
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt))
+
+    async def purge_settled(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Delete sends settled (sent, failed, cancelled) before `before`; never a pending
+        one, nor one with an attempt in flight, nor a dead letter (`DeadLetterRepo.purge`)."""
+        return await purge_rows(self._scope, OutboxRow, OutboxRow.status.in_(SETTLED),
+                                OutboxRow.sending_at.is_(None), OutboxRow.updated_at < before,
+                                dry_run=dry_run)
+
+    async def for_citizen(self, citizen_id: int) -> list[OutboxItem]:
+        """A citizen's sends, whatever their status, oldest first (their own export)."""
+        stmt = select(OutboxRow).where(OutboxRow.citizen_id == citizen_id).order_by(OutboxRow.id)
+        async with self._scope.session() as session:
+            return [_outbox(r) for r in await session.scalars(stmt)]
 
     async def depth(self) -> int:
         """How many sends are pending (a metric and a readiness signal)."""

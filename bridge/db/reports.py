@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import CheckConstraint, Integer, String, Text, delete, select, update
+from sqlalchemy import CheckConstraint, Integer, String, Text, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from bridge.db.models import ID, Base, UTCDateTime, one_of, utcnow
-from bridge.db.scope import Scope, rowcount
+from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.types import EventID, RoomID, UserID
 
 # Additional data of a sealed reason: a ciphertext cannot be moved to another column.
@@ -155,12 +155,10 @@ class ReportRepo:
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt))
 
-    async def purge(self, handled_before: datetime) -> int:
+    async def purge(self, handled_before: datetime, *, dry_run: bool = False) -> int:
         """Delete reports handled before `handled_before` (retention); returns how many."""
-        stmt = delete(ReportRow).where(ReportRow.status != "open",
-                                       ReportRow.handled_at < handled_before)
-        async with self._scope.session() as session:
-            return rowcount(await session.execute(stmt))
+        return await purge_rows(self._scope, ReportRow, ReportRow.status != "open",
+                                ReportRow.handled_at < handled_before, dry_run=dry_run)
 
     async def reopen(self, report_id: int) -> None:
         """Undo `close` when the action itself then failed on the homeserver."""

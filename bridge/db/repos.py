@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import cast
 
 from sqlalchemy import delete, select
@@ -10,14 +11,14 @@ from bridge.auditchain import AuditKeys
 from bridge.db.audit import AuditRepo
 from bridge.db.deadletters import DeadLetterRepo
 from bridge.db.invites import InviteRepo
-from bridge.db.models import KVRow, MessageMapRow
+from bridge.db.models import KVRow, MessageMapRow, utcnow
 from bridge.db.notices import NoticeRepo, SubscriptionRepo
 from bridge.db.people import CitizenRepo, ConsentRepo, GhostRepo, RoomRepo
 from bridge.db.queues import InboundRepo, OutboxRepo, TransactionRepo
 from bridge.db.records import Direction, MessageLink
 from bridge.db.reports import ReportRepo
 from bridge.db.roomkeys import RoomKeyRepo
-from bridge.db.scope import Scope, rowcount
+from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.types import EventID, RoomID
 
 
@@ -33,7 +34,8 @@ class MessageRepo:
         """Record a pair; False if either side is already linked (the first link wins)."""
         stmt = (
             self._scope.insert(MessageMapRow)
-            .values(wamid=wamid, room_id=room_id, event_id=event_id, direction=direction)
+            .values(wamid=wamid, room_id=room_id, event_id=event_id, direction=direction,
+                    created_at=utcnow())
             .on_conflict_do_nothing()
             .returning(MessageMapRow.id)
         )
@@ -50,6 +52,11 @@ class MessageRepo:
         async with self._scope.session() as session:
             stmt = delete(MessageMapRow).where(MessageMapRow.room_id == room_id)
             return rowcount(await session.execute(stmt))
+
+    async def purge(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Forget pairs linked before `before` (retention.message_map_days)."""
+        return await purge_rows(self._scope, MessageMapRow, MessageMapRow.created_at < before,
+                                dry_run=dry_run)
 
     async def by_event(self, event_id: EventID) -> MessageLink | None:
         async with self._scope.session() as session:

@@ -100,7 +100,8 @@ class WhatsAppInbound:
             await tx.consent.append(
                 citizen_id=citizen.id, pseudonym=Pseudonym(citizen.pseudonym_code),
                 purpose="mirroring", state=state, notice_version=cfg.notice_version,
-                notice_hash=consent.notice_hash(cfg), channel="whatsapp", evidence=evidence)
+                notice_hash=consent.notice_hash(cfg), channel="whatsapp",
+                language=cfg.notice_language, evidence=evidence)
             await tx.audit.append("citizen", f"consent.{state}",
                                   f"pseudonym {citizen.pseudonym_code}", "ok", "mirroring")
         self._metrics.consent_changes.labels("mirroring", state).inc()

@@ -41,6 +41,8 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/admin/v1/audit/verify"): "audit.read",
     ("GET", "/admin/v1/citizens/{user_id}/export"): "citizens.export",
     ("POST", "/admin/v1/citizens/lookup"): "citizens.export",
+    ("POST", "/admin/v1/citizens/export"): "citizens.export",
+    ("POST", "/admin/v1/citizens/erase"): "citizens.erase",
     ("DELETE", "/admin/v1/citizens/{user_id}"): "citizens.erase",
     ("POST", "/admin/v1/citizens/{user_id}/reveal"): "reidentify",
     ("POST", "/admin/v1/notices"): "notices",

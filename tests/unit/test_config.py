@@ -232,6 +232,16 @@ def test_example_with_real_secrets_is_valid(tmp_path: Path) -> None:
     ("portals.staff", ["alice"], "portals.staff[0]: String should match pattern"),
     ("rooms.federate", "perhaps", "rooms.federate: Input should be a valid boolean"),
     ("appservice.as_token", 12345678901234567890, "appservice.as_token: Input should be"),
+    ("consent.notice_language", "Spanish", "consent.notice_language: String should match"),
+    ("retention.outbox_days", 0, "retention.outbox_days: Input should be greater than"),
+    ("retention.message_map_days", 3651, "retention.message_map_days: Input should be less"),
+    ("retention.never_consented_days", "soon",
+     "retention.never_consented_days: Input should be a valid integer"),
+    ("retention.invite_links_days", -1, "retention.invite_links_days: Input should be greater"),
+    ("retention.unused_invite_accounts_days", 0,
+     "retention.unused_invite_accounts_days: Input should be greater"),
+    ("retention.dead_letters_days", 1.5, "retention.dead_letters_days: Input should be a valid"),
+    ("retention.forever_days", 5, "retention.forever_days: unknown key"),
 ])
 def test_one_bad_value_gives_one_line_with_its_path(path: str, value: Any,
                                                     expected: str) -> None:
@@ -633,3 +643,14 @@ def test_parse_config_raises_only_config_error(tmp_path: Path, raw: Any) -> None
         assert all(isinstance(p, str) and p and "\n" not in p for p in exc.problems)
     else:
         assert isinstance(config, Config)
+
+
+def test_retention_periods_have_defaults_and_are_read() -> None:
+    raw = valid()
+    assert parse_config(raw).retention.model_dump() == {
+        "outbox_days": 30, "message_map_days": 90, "never_consented_days": 30,
+        "invite_links_days": 30, "unused_invite_accounts_days": 30, "dead_letters_days": 90}
+    raw["retention"] = {"outbox_days": 7, "dead_letters_days": 365}
+    retention = parse_config(raw).retention
+    assert (retention.outbox_days, retention.dead_letters_days) == (7, 365)
+    assert parse_config(raw).consent.notice_language == "es"
