@@ -76,8 +76,8 @@ Step = Callable[[datetime, bool], Awaitable[Outcome]]
 class ContactEraser(Protocol):
     """The erasure path (bridge.admin.citizens.CitizenData.erase_citizen)."""
 
-    async def erase_citizen(self, citizen: Citizen, actor: str,
-                            reason: str | None) -> object: ...
+    async def erase_citizen(self, citizen: Citizen, actor: str, reason: str | None, *,
+                            keep_new_messages: bool = False) -> object: ...
 
 
 @dataclass
@@ -204,7 +204,7 @@ class Retention:
             try:
                 await self._contacts.erase_citizen(
                     citizen, "retention", f"never consented; silent for {days} days "
-                    "(retention.never_consented_days)")
+                    "(retention.never_consented_days)", keep_new_messages=True)
                 deleted += 1
             except asyncio.CancelledError:
                 raise

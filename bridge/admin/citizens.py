@@ -170,10 +170,13 @@ class CitizenData:
         return {"erased": [await self.erase_citizen(c, actor, check_reason(reason))
                            for c in found]}
 
-    async def erase_citizen(self, citizen: Citizen, actor: str, reason: str | None
-                            ) -> dict[str, Any]:
+    async def erase_citizen(self, citizen: Citizen, actor: str, reason: str | None, *,
+                            keep_new_messages: bool = False) -> dict[str, Any]:
         """Stop relay, close the portal, delete the citizen's identifiers and queues (also
-        the retention purge's way to remove a contact who never consented)."""
+        the retention purge's way to remove a contact who never consented).
+
+        `keep_new_messages` (the purge): a message that arrived while the contact was
+        being removed stays queued and is handled as a new first contact, never lost."""
         pseudonym = citizen.pseudonym_code
         if citizen.consent_state == "granted":
             async with self._db.transaction() as tx:  # relay stops first, as on opt-out
@@ -195,7 +198,8 @@ class CitizenData:
             await self._ghosts.retire(citizen.ghost_user_id)
         # Queued webhooks hold the identifiers (encrypted): every one of their lanes
         # goes, the statuses of sends to them too.
-        await self._db.inbound.delete_lane("whatsapp", citizen_lane(citizen.index_hash))
+        await self._db.inbound.delete_lane("whatsapp", citizen_lane(citizen.index_hash),
+                                           keep_pending=keep_new_messages)
         await self._db.inbound.delete_lane("whatsapp", status_lane(citizen.index_hash))
         if portal is not None:
             await self._db.messages.delete_room(RoomID(portal.room_id))

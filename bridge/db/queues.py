@@ -216,9 +216,13 @@ class InboundRepo:
         async with self._scope.session() as session:
             return {status: int(n) for status, n in (await session.execute(stmt)).all()}
 
-    async def delete_lane(self, source: InboundSource, lane: str) -> int:
-        """Delete every item of a lane, whatever its status (erasure); returns how many."""
+    async def delete_lane(self, source: InboundSource, lane: str, *,
+                          keep_pending: bool = False) -> int:
+        """Delete every item of a lane, whatever its status (erasure), or all but the
+        pending ones (`keep_pending`); returns how many."""
         stmt = delete(InboundRow).where(InboundRow.source == source, InboundRow.lane == lane)
+        if keep_pending:
+            stmt = stmt.where(InboundRow.status != "pending")
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt))
 

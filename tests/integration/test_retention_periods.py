@@ -197,3 +197,19 @@ async def test_a_citizens_copies_are_found_for_their_export(db: Database) -> Non
     mine, theirs = await outbox(db, c, "sent", 1), await outbox(db, other, "sent", 1)
     assert [o.id for o in await db.outbox.for_citizen(c.id)] == [mine]
     assert [o.id for o in await db.outbox.for_citizen(other.id)] == [theirs]
+
+
+async def test_the_purge_keeps_a_message_that_arrives_while_the_contact_goes(
+        db: Database) -> None:
+    """The purge erases a silent contact with `keep_new_messages`: a webhook stored just
+    before their lane is cleared stays pending (handled as a new first contact), while
+    an erasure the person asked for takes everything."""
+    done = await db.inbound.enqueue("whatsapp", "w1", "sealed", lane="citizen:z")
+    new = await db.inbound.enqueue("whatsapp", "w2", "sealed", lane="citizen:z")
+    assert done and new
+    await db.inbound.set_status(done, "done")
+    assert await db.inbound.delete_lane("whatsapp", "citizen:z", keep_pending=True) == 1
+    left = await db.inbound.of_citizen(0, ["citizen:z"])
+    assert [(i.id, i.status) for i in left] == [(new, "pending")]
+    assert await db.inbound.delete_lane("whatsapp", "citizen:z") == 1
+    assert await db.inbound.of_citizen(0, ["citizen:z"]) == []
