@@ -365,7 +365,10 @@ async def test_a_flagged_term_is_flagged_and_nothing_is_deleted(bridge: BridgeHa
         assert "flagged by the bridge" in notice and "matches «imbécil»" in notice
         assert re.search(rf"Author: .*{re.escape(user.user_id)}", notice)
         assert "nothing was deleted" in notice
-        assert metric(bridge, "civic_bridge_flags_total") == before + 1
+        # The counter moves right after the notice is posted: wait for it, not a race.
+        async def counted() -> bool:
+            return metric(bridge, "civic_bridge_flags_total") == before + 1
+        await eventually(counted, timeout=10)
         event = await b.api.request(
             "GET", f"/_matrix/client/v3/rooms/{q(room)}/event/{q(sent['event_id'])}",
             as_user=b.ghosts.bot)
