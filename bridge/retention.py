@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 # Finished queue rows (and transaction ids) are kept this long to deduplicate redeliveries.
 FINISHED_RETENTION: Final = timedelta(days=7)
+# Webhook items sent longer ago than this are replays, acknowledged and never queued
+# (bridge.whatsapp.webhook): a row is processed after its item was sent, so its key
+# outlives the window; the hour covers a clock of Meta's running ahead of ours.
+REPLAY_WINDOW: Final = FINISHED_RETENTION - timedelta(hours=1)
 EVERY_SECONDS: Final = 600.0
 
 # (what the report says, metric label) per step, in the order they run.
