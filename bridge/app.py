@@ -20,7 +20,7 @@ from aiohttp import web
 
 from bridge.admin.auth import admin_auth
 from bridge.admin.routes import routes as admin_routes
-from bridge.config import Config, local_url
+from bridge.config import Config
 from bridge.invites.routes import routes as invite_routes
 from bridge.matrix.appservice import routes as appservice_routes
 from bridge.services import Bridge, build_bridge
@@ -97,11 +97,6 @@ class Listeners:
     @property
     def bridge(self) -> Bridge:
         return self.public[BRIDGE]
-
-    def url(self, name: str) -> str:
-        """Where a client on this host reaches listener `name` (public, admin, metrics)."""
-        return next(local_url(host, port) for n, host, port in self.config.listeners()
-                    if n == name)
 
     async def setup(self) -> None:
         """Build the apps (and the Bridge); no port is bound yet."""
