@@ -133,4 +133,3 @@ class Listeners:
         while self._runners:
             _, runner, _, _ = self._runners.pop()
             await runner.cleanup()
-
