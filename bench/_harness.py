@@ -134,7 +134,8 @@ async def start_synapse(workdir: Path, config: Config, hs_port: int,
 
 
 async def start_bridge(config: Config, stack: AsyncExitStack) -> Bridge:
-    """The bridge in-process on the appservice port, as `civic-bridge run` would start it."""
+    """The bridge in-process on the appservice port, as `civic-bridge run` would start
+    it, without the admin and metrics listeners (the benches read the Bridge itself)."""
     await upgrade(config.database.url)
     app = make_app(config)
     runner = web.AppRunner(app, access_log=None)

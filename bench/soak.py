@@ -137,9 +137,10 @@ class Tracker:
 class BridgeProcess:
     """`python -m bridge run -c CONFIG`; stderr (JSON log lines) goes to a file."""
 
-    def __init__(self, config_path: Path, url: str) -> None:
+    def __init__(self, config_path: Path, url: str, metrics_url: str) -> None:
         self.config_path = config_path
-        self.url = url
+        self.url = url  # the public listener
+        self.metrics_url = metrics_url
         self.log = config_path.parent / "bridge.log"
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -403,7 +404,7 @@ async def bridge_database(workdir: Path, kind: str, stack: AsyncExitStack) -> st
 
 async def set_up(workdir: Path, stack: AsyncExitStack, args: argparse.Namespace,
                  tracker: Tracker, rng: random.Random) -> Setup:
-    hs_port, as_port = free_ports(2)
+    hs_port, as_port, admin_port, metrics_port = free_ports(4)
     staff_local = f"staff_{secrets.token_hex(3)}"
     staff_id = f"@{staff_local}:localhost"
     wa = CloudAPISimulator(access_token=secrets.token_urlsafe(24),
@@ -420,7 +421,8 @@ async def set_up(workdir: Path, stack: AsyncExitStack, args: argparse.Namespace,
         "database": {"url": db_url},
         "privacy": {"data_key": random_key(), "index_key": random_key()},
         "audit": {"key": random_key()},
-        "admin": {"token": secrets.token_hex(32)},
+        "admin": {"token": secrets.token_hex(32), "listen_port": admin_port},
+        "metrics": {"listen_port": metrics_port},
         "portals": {"staff": [staff_id]},
         "whatsapp": {"enabled": True, "api_base": api_base, "phone_number_id": PHONE_NUMBER_ID,
                      "access_token": wa.access_token, "app_secret": wa.app_secret,
@@ -435,7 +437,8 @@ async def set_up(workdir: Path, stack: AsyncExitStack, args: argparse.Namespace,
     await upgrade(db_url)
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
     stack.push_async_callback(http.close)
-    bridge = BridgeProcess(config_path, f"http://127.0.0.1:{as_port}")
+    bridge = BridgeProcess(config_path, f"http://127.0.0.1:{as_port}",
+                           f"http://127.0.0.1:{metrics_port}")
     stack.push_async_callback(bridge.stop)
     await bridge.start(http)
     queues = create_async_engine(db_url, pool_size=1) if args.bridge_db == "postgresql" \
@@ -792,7 +795,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                      f"{len(s.citizens)} citizens; bridge pid {s.bridge.pid} "
                      "(RSS, fds and CPU are that process's)")
             rows, samples = await run_traffic(s, args, tracker, rng)
-            bridge_metrics = await metrics(s.http, s.bridge.url)
+            bridge_metrics = await metrics(s.http, s.bridge.metrics_url)
             obs = s.observer
             staff = {"syncs": obs.syncs, "sync_errors": obs.sync_errors,
                      "undecryptable": obs.undecryptable,

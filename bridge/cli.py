@@ -74,11 +74,12 @@ def init_config(domain: str, homeserver: str,
                     "pseudonym_template": "Ciudadano/a {code}"},
         "audit": {"key": _key()},
         "whatsapp": {"enabled": False},
-        "admin": {"token": secrets.token_urlsafe(32), "users": []},
+        "admin": {"listen_host": "127.0.0.1", "listen_port": 29341,
+                  "token": secrets.token_urlsafe(32), "users": []},
         "portals": {"staff": []},
         "rooms": {"federate": False},
         "logging": {"level": "INFO", "format": "text"},
-        "metrics": {"enabled": True},
+        "metrics": {"enabled": True, "listen_host": "127.0.0.1", "listen_port": 29342},
     }
 
 
@@ -221,29 +222,23 @@ async def check_database(url: str) -> None:
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Serve until `stop`; raise LeadershipLost if the leader lock is lost first."""
-    from aiohttp import web
-
-    from bridge.app import make_app
+    from bridge.app import Listeners
     from bridge.leader import LeadershipLost
-    from bridge.web.state import BRIDGE
 
-    # runner.setup() opens the database (refusing a wrong schema) before the port is bound.
-    app = make_app(config)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    lost = app[BRIDGE].lost
-    site = web.TCPSite(runner, config.appservice.listen_host, config.appservice.listen_port)
-    await site.start()
-    log.info("listening on %s:%d", config.appservice.listen_host, config.appservice.listen_port)
-    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(lost.wait())]
+    # The public app's setup opens the database (refusing a wrong schema) before any
+    # port is bound.
+    listeners = Listeners(config)
+    await listeners.start()
+    bridge = listeners.bridge
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(bridge.lost.wait())]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in waits:
             task.cancel()
-        await runner.cleanup()
-    if lost.is_set():
-        raise LeadershipLost(app[BRIDGE].stop_reason)
+        await listeners.stop()
+    if bridge.lost.is_set():
+        raise LeadershipLost(bridge.stop_reason)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -354,7 +349,8 @@ def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--dir", default=DEFAULT_DIR,
                    help=f"where the demo keeps its data between runs (default: ./{DEFAULT_DIR})")
     p.add_argument("--port-base", type=int, default=DEFAULT_PORT_BASE,
-                   help="Synapse on this port, the bridge and simulator on the next two, "
+                   help="Synapse on this port; the bridge, the simulator, the bridge's admin "
+                        "API and its metrics on the next four, "
                         f"where free (default: {DEFAULT_PORT_BASE})")
     p.add_argument("--fresh", action="store_true",
                    help="throw away the previous run's data and start over")

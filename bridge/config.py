@@ -12,13 +12,22 @@ directory it is started from.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bridge.errors import ConfigError
 
@@ -63,6 +72,32 @@ Secret = Annotated[str, Field(min_length=16)]
 Localpart = Annotated[str, Field(pattern=r"^[a-z0-9._=\-/]+$")]
 
 
+Port = Annotated[int, Field(ge=1, le=65535)]
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _listen_host(value: str) -> str:
+    """An address to bind: an IP address (`0.0.0.0`, `::`, `127.0.0.1`) or a host name."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(value):
+            raise ValueError("must be an IP address (e.g. 127.0.0.1, 0.0.0.0, ::) or a "
+                             "host name, without scheme or port") from None
+    return value
+
+
+ListenHost = Annotated[str, AfterValidator(_listen_host)]
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL a client on this host uses for a listener bound to `host`."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
 def _http_url(value: str) -> str:
     if not re.match(r"^https?://[^\s/]+", value):
         raise ValueError("must be an http(s) URL")
@@ -78,8 +113,9 @@ class HomeserverConfig(_Section):
 
 class AppserviceConfig(_Section):
     id: Localpart = "civic-bridge"
-    listen_host: str = "127.0.0.1"
-    listen_port: Annotated[int, Field(ge=1, le=65535)] = 29340
+    # The public listener: the appservice API, the WhatsApp webhook, invite pages, probes.
+    listen_host: ListenHost = "127.0.0.1"
+    listen_port: Port = 29340
     url: str | None = None
     as_token: Secret
     hs_token: Secret
@@ -393,6 +429,9 @@ class AdminTokenConfig(_Section):
 
 
 class AdminConfig(_Section):
+    # The admin API's own listener (/admin/v1 and the probes); loopback by default.
+    listen_host: ListenHost = "127.0.0.1"
+    listen_port: Port = 29341
     # Legacy: the all-scopes token, named "admin" in the audit log.
     token: Secret
     users: list[MXID] = []
@@ -564,6 +603,9 @@ class LoggingConfig(_Section):
 
 class MetricsConfig(_Section):
     enabled: bool = True
+    # The metrics listener (/metrics and the probes), bound only when enabled.
+    listen_host: ListenHost = "127.0.0.1"
+    listen_port: Port = 29342
 
 
 class E2EEConfig(_Section):
@@ -605,6 +647,19 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _listeners_apart(self) -> Config:
+        taken = {self.appservice.listen_port: "appservice.listen_port"}
+        ours = [("admin.listen_port", self.admin.listen_port)]
+        if self.metrics.enabled:
+            ours.append(("metrics.listen_port", self.metrics.listen_port))
+        for key, port in ours:
+            if port in taken:
+                raise ValueError(f"{key}: {port} is {taken[port]} already; each listener "
+                                 "needs a port of its own")
+            taken[port] = key
+        return self
+
+    @model_validator(mode="after")
     def _audit_key_separate(self) -> Config:
         if self.audit.key in (self.privacy.data_key, self.privacy.index_key):
             raise ValueError("audit.key: must be a different key from privacy.data_key and "
@@ -639,6 +694,14 @@ class Config(_Section):
         n = self.notices
         return (n.consent_text.replace("{agency}", self.consent.agency_name)
                 .replace("{issuer}", n.issuer).replace("{sede}", n.sede_url))
+
+    def listeners(self) -> list[tuple[str, str, int]]:
+        """(name, host, port) of every HTTP listener to bind: public, admin, metrics."""
+        found = [("public", self.appservice.listen_host, self.appservice.listen_port),
+                 ("admin", self.admin.listen_host, self.admin.listen_port)]
+        if self.metrics.enabled:
+            found.append(("metrics", self.metrics.listen_host, self.metrics.listen_port))
+        return found
 
     @property
     def bot_mxid(self) -> str:

@@ -27,6 +27,11 @@ class Metrics:
                                "Messages relayed", ["direction", "type"], registry=r)
         self.webhook_rejects = Counter("civic_bridge_webhook_rejects",
                                        "Webhook requests rejected", ["reason"], registry=r)
+        # part: message / status, sent before the replay window (bridge.retention)
+        self.webhook_replays = Counter(
+            "civic_bridge_webhook_replays",
+            "Webhook messages and statuses acknowledged but ignored: sent too long ago to "
+            "tell a redelivery from a new one", ["part"], registry=r)
         self.consent_changes = Counter("civic_bridge_consent_changes",
                                        "Consent state changes", ["purpose", "state"], registry=r)
         self.outbox_depth = Gauge("civic_bridge_outbox_depth",

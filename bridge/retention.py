@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 # Finished queue rows (and transaction ids) are kept this long to deduplicate redeliveries.
 FINISHED_RETENTION: Final = timedelta(days=7)
+# Webhook items sent longer ago than this are replays, acknowledged and never queued
+# (bridge.whatsapp.webhook): a row is processed after its item was sent, so its key
+# outlives the window; the hour covers a clock of Meta's running ahead of ours.
+REPLAY_WINDOW: Final = FINISHED_RETENTION - timedelta(hours=1)
 EVERY_SECONDS: Final = 600.0
 BATCH: Final = 500  # contacts erased per run at most; the next run goes on
 

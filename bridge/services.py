@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from bridge.matrix.devices import Devices
 from bridge.matrix.devicetrust import CrossSignedDevices
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.keystore import RoomKeyStore
+from bridge.matrix.queued import open_event, seal_unsealed
 from bridge.matrix.relay import Relay
 from bridge.matrix.rooms import RoomPolicy, Rooms
 from bridge.matrix.trust import Trust
@@ -177,6 +177,11 @@ class Bridge:
 
     async def start(self) -> None:
         """Bring up the bot device, then process queued work; retries until Synapse answers."""
+        try:  # before the worker reads them: rows an earlier version queued in clear
+            await seal_unsealed(self.db, self.privacy.cipher)
+        except Exception as exc:
+            log.warning("could not seal Matrix events queued in clear (%s); they are "
+                        "read as they are", type(exc).__name__)
         delay = 1.0
         while True:
             try:
@@ -283,7 +288,7 @@ async def build_bridge(config: Config) -> Bridge:
         metrics.undecryptable)
 
     async def handle_matrix(item: InboundItem) -> None:
-        await relay.handle_event(json.loads(item.payload))
+        await relay.handle_event(open_event(privacy.cipher, item))
 
     graph = GraphClient.from_config(http, config.whatsapp)
     portals = Portals(config, db, api, ghosts, rooms, relay)

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from bridge.config import ADMIN_ACTOR_HEADER, LEGACY_TOKEN_NAME, Config, load_config
+from bridge.config import ADMIN_ACTOR_HEADER, LEGACY_TOKEN_NAME, Config, load_config, local_url
 from bridge.errors import ConfigError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TAMPERED, EXIT_CONFIRM = range(6)
@@ -60,12 +60,10 @@ def duration(value: str) -> int:
 
 
 def base_url(config: Config, override: str | None) -> str:
+    """--url, else $CIVIC_BRIDGE_ADMIN_URL, else the admin listener (admin.listen_*)."""
     if override or os.environ.get(URL_ENV):
         return str(override or os.environ[URL_ENV]).rstrip("/")
-    host = config.appservice.listen_host
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{config.appservice.listen_port}"
+    return local_url(config.admin.listen_host, config.admin.listen_port)
 
 
 async def call(url: str, token: str, method: str, path: str,
@@ -325,7 +323,9 @@ def add_admin_parser(sub: Any) -> None:
                            description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     admin.add_argument("-c", "--config", default="config.yaml")
-    admin.add_argument("--url", default=None, help=f"the bridge's base URL (or ${URL_ENV})")
+    admin.add_argument("--url", default=None,
+                       help=f"the admin listener's base URL (or ${URL_ENV}; default: "
+                            "admin.listen_host/listen_port)")
     admin.add_argument("--json", action="store_true", help="print the API's JSON answer")
     admin.add_argument("--token-name", default=LEGACY_TOKEN_NAME,
                        help="which admin.tokens entry to call with (default: admin.token)")

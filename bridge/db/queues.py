@@ -6,8 +6,7 @@ leaves is stored before the first attempt; these repositories are that storage.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -31,8 +30,10 @@ class TransactionRepo:
     def __init__(self, scope: Scope) -> None:
         self._scope = scope
 
-    async def store(self, txn_id: str, events: Sequence[Mapping[str, Any]]) -> bool:
-        """Record `txn_id` and queue its events, all in one DB transaction.
+    async def store(self, txn_id: str, events: Sequence[Mapping[str, Any]], *,
+                    seal: Callable[[str, Mapping[str, Any]], str]) -> bool:
+        """Record `txn_id` and queue its events, all in one DB transaction; each row's
+        payload is `seal(dedupe key, event)` (bridge.matrix.queued encrypts it).
 
         Returns False, writing nothing, if the transaction was stored before (also by a
         concurrent request). An event id already queued is skipped: Synapse can send
@@ -50,17 +51,18 @@ class TransactionRepo:
             )
             if await session.scalar(claim) is None:
                 return False
+            keys = [_event_key(txn_id, i, event) for i, event in enumerate(events)]
             rows = [
                 {
                     "source": "matrix",
-                    "dedupe_key": _event_key(txn_id, i, event),
+                    "dedupe_key": key,
                     "lane": event_lane(event),
-                    "payload": json.dumps(event, ensure_ascii=False, separators=(",", ":")),
+                    "payload": seal(key, event),
                     "status": "pending",
                     "attempts": 0,
                     "created_at": now,
                 }
-                for i, event in enumerate(events)
+                for key, event in zip(keys, events, strict=True)
             ]
             if rows:
                 insert = scope.insert(InboundRow).on_conflict_do_nothing(
@@ -233,6 +235,27 @@ class InboundRepo:
         async with self._scope.session() as session:
             rows = await session.scalars(stmt.order_by(InboundRow.id).limit(limit))
             return [_inbound(r) for r in rows]
+
+    async def unsealed(self, source: InboundSource, limit: int = 500) -> list[InboundItem]:
+        """Items of `source`, in any status, whose payload is still a JSON object in
+        clear (queued by a version that stored it so), oldest first."""
+        stmt = (select(InboundRow)
+                .where(InboundRow.source == source, InboundRow.payload.startswith("{"))
+                .order_by(InboundRow.id).limit(limit))
+        async with self._scope.session() as session:
+            return [_inbound(r) for r in await session.scalars(stmt)]
+
+    async def reseal(self, payloads: Sequence[tuple[int, str, str]]) -> int:
+        """Replace payloads: (item id, old payload, new payload), each only if the row
+        still holds the old one; one transaction. Returns how many were replaced."""
+        done = 0
+        async with self._scope.session() as session:
+            for item_id, old, new in payloads:
+                stmt = (update(InboundRow)
+                        .where(InboundRow.id == item_id, InboundRow.payload == old)
+                        .values(payload=new))
+                done += rowcount(await session.execute(stmt))
+        return done
 
     async def held_for(self, citizen_id: int) -> list[InboundItem]:
         """A citizen's messages held until they decide on consent, oldest first."""

@@ -3,6 +3,10 @@
 A delivery is verified (HMAC-SHA256 of the raw body, constant-time), split into one
 queue row per message/status (deduplicated by wamid, resp. wamid+status), stored
 encrypted, and only then acknowledged; the inbound worker does the rest.
+
+Dedupe keys live as long as their finished rows (bridge.retention): a message or status
+sent before the replay window could no longer be recognised as a redelivery, so it is
+acknowledged, counted (`civic_bridge_webhook_replays`) and never queued.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +24,7 @@ from aiohttp import web
 from bridge.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from bridge.jsonbody import BodyError, load_body
 from bridge.privacy import AAD_PAYLOAD, Cipher, KeyedIndex
+from bridge.retention import REPLAY_WINDOW
 from bridge.web.state import BRIDGE
 from bridge.whatsapp.webhook_parse import WhatsAppError, lane_of, parse_webhook
 
@@ -69,6 +76,21 @@ def split_delivery(body: dict[str, Any], phone_number_id: str) -> list[tuple[str
     return items
 
 
+_UNIX_TIME = re.compile(r"[0-9]{1,12}")
+
+
+def sent_at(value: dict[str, Any]) -> int | None:
+    """When the message or status of a split item was sent (Unix seconds), if it says."""
+    for part in ("messages", "statuses"):
+        for item in _items(value.get(part)):
+            stamp = _obj(item).get("timestamp")
+            if isinstance(stamp, str) and _UNIX_TIME.fullmatch(stamp):
+                return int(stamp)
+            if isinstance(stamp, int) and not isinstance(stamp, bool) and stamp >= 0:
+                return stamp
+    return None
+
+
 def _bounded(key: str) -> str:
     """A dedupe key that fits its column (255): an overlong wamid is hashed, the same
     way every time, so redeliveries still match."""
@@ -92,11 +114,13 @@ class Delivery:
     rows: list[tuple[str, str, str]]  # (dedupe key, encrypted value, lane)
     ignored: tuple[str, ...]
     errors: tuple[WhatsAppError, ...]  # about the business number itself
+    replays: tuple[str, ...] = ()  # "message" or "status", per item sent too long ago
 
 
 def prepare_delivery(raw: bytes, phone_number_id: str, index: KeyedIndex,
-                     cipher: Cipher) -> Delivery:
-    """Decode, parse and split a signed body into encrypted queue rows.
+                     cipher: Cipher, *, oldest: float = 0.0) -> Delivery:
+    """Decode, parse and split a signed body into encrypted queue rows; items sent
+    before `oldest` (Unix seconds) become `replays` instead.
 
     Raises NotJSON or WebhookFormatError (both 400) for a body refused as a whole;
     anything else it accepts becomes rows or `ignored` reasons, never an exception.
@@ -106,9 +130,15 @@ def prepare_delivery(raw: bytes, phone_number_id: str, index: KeyedIndex,
     except BodyError:
         raise NotJSON("body is not JSON") from None
     batch = parse_webhook(body, phone_number_id)
-    rows = [(_bounded(key), cipher.encrypt_json(value, aad=AAD_PAYLOAD), lane_of(value, index))
-            for key, value in split_delivery(body, phone_number_id)]
-    return Delivery(rows, batch.ignored, batch.errors)
+    rows, replays = [], []
+    for key, value in split_delivery(body, phone_number_id):
+        sent = sent_at(value)
+        if sent is not None and sent < oldest:
+            replays.append("message" if key.startswith("msg:") else "status")
+            continue
+        rows.append((_bounded(key), cipher.encrypt_json(value, aad=AAD_PAYLOAD),
+                     lane_of(value, index)))
+    return Delivery(rows, batch.ignored, batch.errors, tuple(replays))
 
 
 @routes.get("/whatsapp/webhook")
@@ -141,7 +171,8 @@ async def _verify_and_store(request: web.Request, bridge: Bridge) -> web.Respons
         raise Unauthorized("missing or invalid X-Hub-Signature-256")
     try:
         delivery = prepare_delivery(raw, cfg.phone_number_id, bridge.privacy.index,
-                                    bridge.privacy.cipher)
+                                    bridge.privacy.cipher,
+                                    oldest=time.time() - REPLAY_WINDOW.total_seconds())
     except NotJSON:
         bridge.metrics.webhook_rejects.labels("json").inc()
         raise
@@ -157,6 +188,10 @@ async def _verify_and_store(request: web.Request, bridge: Bridge) -> web.Respons
         bridge.metrics.inbound_not_relayed.labels("account_error").inc()
     if delivery.ignored:
         bridge.metrics.ignored_parts.labels("whatsapp").inc(len(delivery.ignored))
+    for part in delivery.replays:
+        # Its dedupe key may be purged already: handling it could relay it twice.
+        log.info("webhook: ignored a %s sent before the replay window", part)
+        bridge.metrics.webhook_replays.labels(part).inc()
     lanes = set()
     for key, payload, lane in delivery.rows:
         with bridge.db.urgent():

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 import yaml
 
-from bridge.app import make_app
+from bridge.app import make_admin_app, make_app
 from bridge.config import ADMIN_SCOPES
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_whatsapp import new_citizen, opt_in, wait_until
@@ -71,12 +71,13 @@ async def api(h: BridgeHarness, name: str, method: str, path: str, body: Any = N
     if acting is not None:
         headers["X-Civic-Bridge-Actor"] = acting
     async with aiohttp.ClientSession() as http, http.request(
-            method, h.running.url + path, json=body, headers=headers) as resp:
+            method, h.running.url_for(path), json=body, headers=headers) as resp:
         return resp.status, await resp.json(content_type=None)
 
 
 def admin_routes(h: BridgeHarness) -> set[tuple[str, str]]:
-    app = make_app(h.running.config)  # not started: only its routing table is read
+    # Not started: only its routing table is read.
+    app = make_admin_app(make_app(h.running.config))
     return {(r.method, r.resource.canonical) for r in app.router.routes()
             if r.resource is not None and r.resource.canonical.startswith("/admin/")
             and r.method != "HEAD"}
@@ -113,7 +114,7 @@ async def test_unknown_or_missing_token_is_401(bridge: BridgeHarness) -> None:
     for header in ({}, {"Authorization": "Bearer " + "y" * 40},
                    {"Authorization": "Bearer " + token(bridge, "only-rooms")[:-1]}):
         async with aiohttp.ClientSession() as http, http.get(
-                bridge.running.url + "/admin/v1/rooms", headers=header) as resp:
+                bridge.running.admin_url + "/admin/v1/rooms", headers=header) as resp:
             assert resp.status == 401
             assert (await resp.json())["errcode"] == "M_UNKNOWN_TOKEN"
 
@@ -143,7 +144,7 @@ async def test_audit_names_the_token_and_who_acts_through_it(bridge: BridgeHarne
                              {"name": "Sala", "kind": "team"}, acting="Ana (jefa)")
     assert status == 400 and "X-Civic-Bridge-Actor" in body["error"]
     async with aiohttp.ClientSession() as http, http.get(
-            bridge.running.url + "/admin/v1/rooms",
+            bridge.running.admin_url + "/admin/v1/rooms",
             headers={"X-Civic-Bridge-Actor": bridge.admin.user_id}) as resp:
         assert resp.status == 401
 

@@ -27,6 +27,7 @@ from bridge.config import ENV_PREFIX, load_config
 from bridge.db import downgrade, schema_status, upgrade
 from bridge.db.engine import create_engine
 from bridge.devtools.synapse import free_port
+from tests.fixtures.synapse import other_free_port
 
 DOMAIN = "agency.example"
 # Nothing listens here: a command that tries the homeserver would hang or fail differently.
@@ -342,6 +343,8 @@ async def test_run_starts_on_a_migrated_database(deployment: Deployment) -> None
     """The counterpart: after `migrate`, `run` gets past the check and serves."""
     cfg = _read(deployment.config_path)
     cfg["appservice"]["listen_port"] = port = free_port()
+    cfg["admin"]["listen_port"] = admin_port = other_free_port(port)
+    cfg.setdefault("metrics", {})["listen_port"] = other_free_port(port, admin_port)
     _write(deployment.config_path, cfg)
     assert (await cli("migrate", "-c", deployment.config_arg,
                       cwd=deployment.root)).returncode == 0

@@ -55,7 +55,7 @@ from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 from tests.fixtures.db import PgServer
 from tests.fixtures.staff import StaffClient, staff_client
-from tests.fixtures.synapse import build_test_config
+from tests.fixtures.synapse import build_test_config, other_free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -399,7 +399,8 @@ async def own_synapse(tmp_path_factory: pytest.TempPathFactory
                       ) -> AsyncIterator[tuple[LocalSynapse, Path]]:
     """A Synapse of this module's own: the test stops it, and the session's is shared."""
     workdir = tmp_path_factory.mktemp("faults")
-    hs_port, as_port = free_port(), free_port()
+    hs_port = free_port()
+    as_port = other_free_port(hs_port)
     config = build_test_config(f"http://127.0.0.1:{hs_port}", as_port, workdir)
     registration = workdir / "registration.yaml"
     registration.write_text(registration_yaml(config), encoding="utf-8")
@@ -466,7 +467,9 @@ async def _fault_run(backend: str, pg: PgServer | None,
         "database": {"url": db_url},
         "privacy": {k: base["privacy"][k] for k in ("data_key", "index_key")},
         "audit": {"key": base["audit"]["key"]},
-        "admin": {"token": base["admin"]["token"], "users": [desk_user.user_id]},
+        "admin": {"token": base["admin"]["token"], "users": [desk_user.user_id],
+                  "listen_port": base["admin"]["listen_port"]},
+        "metrics": {"listen_port": base["metrics"]["listen_port"]},
         "portals": {"staff": [desk_user.user_id]},
         "whatsapp": {"enabled": True, "api_base": proxy_base, "phone_number_id": PHONE_NUMBER_ID,
                      "access_token": wa.access_token, "app_secret": wa.app_secret,

@@ -40,7 +40,7 @@ from bridge.leader import APPLICATION_NAME
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 from tests.fixtures.db import PgServer
-from tests.fixtures.synapse import SynapseHarness
+from tests.fixtures.synapse import SynapseHarness, other_free_port
 
 pytestmark = pytest.mark.integration
 
@@ -87,6 +87,12 @@ class BridgeProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.config.appservice.listen_port}"
 
+    def url_for(self, path: str) -> str:
+        """/metrics on the metrics listener, everything else on the public one."""
+        port = (self.config.metrics.listen_port if path == "/metrics"
+                else self.config.appservice.listen_port)
+        return f"http://127.0.0.1:{port}{path}"
+
     async def start(self) -> None:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(ENV_PREFIX) and not k.startswith(("POD_", "KUBERNETES_"))}
@@ -110,7 +116,7 @@ class BridgeProcess:
 
     async def get(self, path: str) -> tuple[int, Any]:
         try:
-            async with self.http.get(self.url + path,
+            async with self.http.get(self.url_for(path),
                                      timeout=aiohttp.ClientTimeout(total=5)) as resp:
                 body = await resp.read()
                 try:
@@ -203,10 +209,13 @@ class Cluster:
         self.procs: list[BridgeProcess] = []
         for name in ("a", "b"):
             port = free_port()
+            admin_port = other_free_port(port)
             conf_dir = tmp / name
             conf_dir.mkdir()
             path = conf_dir / "config.yaml"
-            cfg = {**raw, "appservice": {**raw["appservice"], "listen_port": port}}
+            cfg = {**raw, "appservice": {**raw["appservice"], "listen_port": port},
+                   "admin": {**raw["admin"], "listen_port": admin_port},
+                   "metrics": {"listen_port": other_free_port(port, admin_port)}}
             path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
             self.procs.append(BridgeProcess(name, path, load_config(path), http))
 

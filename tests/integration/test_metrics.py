@@ -43,6 +43,8 @@ ALLOWED_LABELS: dict[str, set[str]] = {
     "origin": set(REPORT_SOURCES),
     "action": set(ACTIONS),
     "result": {"reverted", "not_reverted"},
+    # bridge.whatsapp.webhook: items sent before the replay window
+    "part": {"message", "status"},
 }
 LOOKS_PERSONAL = re.compile(r"\d{5,}|[A-Z]{2}\.[A-Za-z0-9]{6,}|^[@!$#+]|wamid|:")
 EXPECTED_FAMILIES = {

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 from sqlalchemy import func, select
@@ -13,12 +13,15 @@ from sqlalchemy import func, select
 from bridge.db import Citizen, Database
 from bridge.db.models import InboundRow, OutboxRow
 from bridge.errors import NotFound
+from bridge.matrix.queued import open_event, seal_event
 from bridge.privacy import AAD_PAYLOAD, Cipher
 from bridge.types import EventID, RoomID
 from bridge.whatsapp.outbound import HELD_KEY, WINDOW, drop_held
 
 ROOM = RoomID("!portal:agency.example")
 T0 = datetime(2025, 1, 1, 9, 0, tzinfo=UTC)
+CIPHER = Cipher(os.urandom(32))
+SEAL = partial(seal_event, CIPHER)
 
 
 async def _count(db: Database, model: type[InboundRow] | type[OutboxRow]) -> int:
@@ -40,37 +43,39 @@ def _event(event_id: str, body: str = "hola") -> dict[str, object]:
 
 
 async def test_transaction_is_stored_once(db: Database) -> None:
-    assert await db.transactions.store("t1", [_event("$a"), _event("$b")]) is True
+    assert await db.transactions.store("t1", [_event("$a"), _event("$b")], seal=SEAL) is True
     items = await db.inbound.pending("matrix")
     assert [i.dedupe_key for i in items] == ["$a", "$b"]
-    assert json.loads(items[0].payload) == _event("$a")
+    assert open_event(CIPHER, items[0]) == _event("$a")
     assert all(i.status == "pending" and i.attempts == 0 for i in items)
 
     # A retried transaction is a no-op, even if Synapse sent different contents.
-    assert await db.transactions.store("t1", [_event("$a"), _event("$c")]) is False
+    assert await db.transactions.store("t1", [_event("$a"), _event("$c")], seal=SEAL) is False
     assert await _count(db, InboundRow) == 2
     assert await db.transactions.seen("t1")
     assert not await db.transactions.seen("t2")
 
 
 async def test_event_already_queued_is_skipped(db: Database) -> None:
-    assert await db.transactions.store("t1", [_event("$a")])
-    assert await db.transactions.store("t2", [_event("$a", "again"), _event("$c")])
+    assert await db.transactions.store("t1", [_event("$a")], seal=SEAL)
+    assert await db.transactions.store("t2", [_event("$a", "again"), _event("$c")], seal=SEAL)
     items = await db.inbound.pending("matrix")
     assert [i.dedupe_key for i in items] == ["$a", "$c"]
-    assert json.loads(items[0].payload)["content"]["body"] == "hola"  # first copy kept
+    assert open_event(CIPHER, items[0])["content"]["body"] == "hola"  # first copy kept
 
 
 async def test_concurrent_duplicate_transaction_stores_once(db: Database) -> None:
     events = [_event("$a"), _event("$b"), _event("$c")]
-    results = await asyncio.gather(*(db.transactions.store("dup", events) for _ in range(8)))
+    results = await asyncio.gather(
+        *(db.transactions.store("dup", events, seal=SEAL) for _ in range(8)))
     assert sorted(results) == [False] * 7 + [True]
     assert await _count(db, InboundRow) == 3
 
 
 async def test_concurrent_transactions_sharing_an_event(db: Database) -> None:
     results = await asyncio.gather(
-        *(db.transactions.store(f"t{i}", [_event("$shared"), _event(f"$own{i}")]) for i in range(6))
+        *(db.transactions.store(f"t{i}", [_event("$shared"), _event(f"$own{i}")], seal=SEAL)
+          for i in range(6))
     )
     assert results == [True] * 6
     keys = [i.dedupe_key for i in await db.inbound.pending("matrix", limit=100)]
@@ -79,15 +84,15 @@ async def test_concurrent_transactions_sharing_an_event(db: Database) -> None:
 
 async def test_events_without_event_id_are_keyed_by_position(db: Database) -> None:
     ephemeral = {"type": "m.typing", "content": {}}
-    assert await db.transactions.store("t9", [ephemeral, _event("$a"), ephemeral])
+    assert await db.transactions.store("t9", [ephemeral, _event("$a"), ephemeral], seal=SEAL)
     keys = [i.dedupe_key for i in await db.inbound.pending("matrix")]
     assert keys == ["txn:t9:0", "$a", "txn:t9:2"]
 
 
 async def test_old_transaction_ids_are_purged(db: Database) -> None:
-    await db.transactions.store("old", [])
+    await db.transactions.store("old", [], seal=SEAL)
     assert await db.transactions.purge(datetime.now(UTC) + timedelta(seconds=1)) == 1
-    assert await db.transactions.store("old", [])  # forgotten, so new again
+    assert await db.transactions.store("old", [], seal=SEAL)  # forgotten, so new again
 
 
 # --- inbound queue -----------------------------------------------------------------

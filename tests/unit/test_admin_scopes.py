@@ -11,7 +11,7 @@ import pytest
 
 from bridge.admin.auth import Principal, authenticate, scope_of
 from bridge.admin.reidentify import RevealLimiter, check_reason, normalise_phone
-from bridge.app import make_app
+from bridge.app import make_admin_app, make_app
 from bridge.config import ADMIN_SCOPES, parse_config
 from bridge.errors import ConfigError, InvalidParam, Unauthorized
 from tests.unit.test_config import problems, valid
@@ -110,7 +110,7 @@ def test_actor_is_the_token_name_and_who_says_they_act() -> None:
 def test_every_admin_route_declares_a_known_scope() -> None:
     """A route another branch adds without `@requires(...)` fails here (and is refused
     to every token at run time)."""
-    app = make_app(parse_config(valid()))
+    app = make_admin_app(make_app(parse_config(valid())))
     admin = [r for r in app.router.routes()
              if r.resource is not None and r.resource.canonical.startswith("/admin/")]
     assert len(admin) >= 25  # the walk really saw the admin routes

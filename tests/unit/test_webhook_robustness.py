@@ -91,6 +91,22 @@ def test_overlong_message_id_gets_a_bounded_stable_key() -> None:
     assert first == again and len(first) <= 255 and first.startswith("msg:")
 
 
+def test_items_sent_before_the_window_are_replays_not_rows() -> None:
+    sent = int(TS)
+    status = {"id": "wamid.OUT", "status": "read", "timestamp": str(sent - 10),
+              "recipient_id": "34600111222"}
+    messages = [{**MESSAGE, "id": "wamid.OLD", "timestamp": str(sent - 1)},
+                {**MESSAGE, "id": "wamid.NOW"},
+                {**MESSAGE, "id": "wamid.UNDATED", "timestamp": "pronto"}]
+    raw = encode(_value(metadata={"phone_number_id": PHONE_ID}, messages=messages,
+                        statuses=[status]))
+    delivery = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER, oldest=sent)
+    # Undated: nothing says it is old, so it is handled (and deduplicated) as ever.
+    assert [key for key, _, _ in delivery.rows] == ["msg:wamid.NOW", "msg:wamid.UNDATED"]
+    assert delivery.replays == ("message", "status")
+    assert len(prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows) == 4  # no window
+
+
 @pytest.mark.parametrize("raw", [b"[NaN]", b'{"a": Infinity}', b"\xff\xfe",
                                  b"[" * 5000, b"[" * 80 + b"]" * 80])
 def test_load_body_refuses_what_cannot_be_stored(raw: bytes) -> None:
