@@ -142,7 +142,7 @@ class Reidentification:
 
     async def _find(self, wa_id: str) -> list[Citizen]:
         found: dict[int, Citizen] = {}
-        keyed = await self._db.citizens.by_index(self._privacy.index.digest(wa_id))
+        keyed = await self._db.citizens.by_any_index(self._privacy.index.digests(wa_id))
         if keyed is not None:
             found[keyed.id] = keyed
         stored = await self._db.citizens.list_identifiers()
