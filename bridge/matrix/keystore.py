@@ -2,8 +2,9 @@
 
 A stored session key decrypts a portal's messages, so it is sealed with the privacy
 cipher like the citizens' identifiers (nio's own store is pickled with the store key,
-bridge.matrix.storekey, itself sealed with the same data key). The associated data names the row's owner, session and index:
-a token copied into another row does not decrypt there.
+bridge.matrix.storekey, itself sealed with the same data key). The associated data
+names the row's owner, session and index: a token copied into another row does not
+decrypt there.
 """
 
 from __future__ import annotations
