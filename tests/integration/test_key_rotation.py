@@ -38,7 +38,7 @@ from tests.integration.test_whatsapp import Journey, body_is, new_citizen, opt_i
 
 pytestmark = pytest.mark.integration
 
-IBAN = "Ingrese en ES91 2100 0418 4502 0005 1332, concepto 2026/17."
+IBAN = "Para la rotación, la cuenta es ES91 2100 0418 4502 0005 1332."
 
 
 def _key() -> str:
