@@ -146,8 +146,11 @@ def _kv_aad(row: RowMapping) -> bytes:
 
 
 def _inbound_aad(row: RowMapping) -> bytes:
-    """WhatsApp rows are sealed by bridge.whatsapp.webhook.prepare_delivery; a source
-    whose writer binds other associated data (e.g. the row's key) must say so here."""
+    """WhatsApp rows are sealed by bridge.whatsapp.webhook.prepare_delivery with
+    AAD_PAYLOAD; Matrix events (where sealed) are bound to their row, source and dedupe
+    key (the writer's `row_aad` in bridge.matrix.queued)."""
+    if row["source"] == "matrix":
+        return AAD_PAYLOAD + f"\0matrix\0{row['dedupe_key']}".encode()
     return AAD_PAYLOAD
 
 

@@ -87,6 +87,10 @@ async def _write_everything(db: Database, k: Keys, tmp_path: Path) -> dict[str, 
         ids.append(await db.inbound.enqueue("whatsapp", key, payload, lane=lane,
                                             status=status))  # type: ignore[arg-type]
     await db.inbound.enqueue("matrix", "txn/0", json.dumps({"type": "m.room.message"}))
+    # A Matrix event sealed as its writer seals it: bound to its source and dedupe key.
+    ids.append(await db.inbound.enqueue("matrix", "txn/1", old.encrypt_json(
+        {"type": "m.room.message", "content": {"body": "mensaje 3"}},
+        aad=AAD_PAYLOAD + b"\0matrix\0txn/1")))
     # Outbox: one pending, one dead letter.
     sends = []
     for n in range(2):
@@ -114,7 +118,7 @@ async def test_rekey_covers_every_kind_and_the_old_keys_can_go(
     assert report.complete, report.lines()
     assert dict(report.resealed) == {
         "citizen identifiers": 2, "cross-signing seeds": 1, "room keys": 1,
-        "report reasons": 1, "outbox": 1, "dead letters": 2, "inbound queue": 2,
+        "report reasons": 1, "outbox": 1, "dead letters": 2, "inbound queue": 3,
         "held staff messages": 1, "parked undecryptable events": 1, "E2EE store key": 1}
     # The citizen and the lanes of the rows still to run (not the finished one).
     assert dict(report.rehashed) == {"citizen index hashes": 1, "queue lanes": 2}
@@ -135,6 +139,10 @@ async def test_rekey_covers_every_kind_and_the_old_keys_can_go(
     for n, item_id in enumerate(stored["inbound"]):
         item = await db.inbound.get(item_id)
         assert item is not None
+        if item.source == "matrix":
+            value = new.decrypt_json(item.payload, aad=AAD_PAYLOAD + b"\0matrix\0txn/1")
+            assert value["content"]["body"] == f"mensaje {n}"
+            continue
         value = new.decrypt_json(item.payload, aad=AAD_PAYLOAD)
         assert value["messages"][0]["text"]["body"] == f"mensaje {n}"
         if item.status != "done":
