@@ -167,21 +167,33 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     from bridge.auditchain import AuditKeys
     from bridge.db import Database
     from bridge.privacy import Privacy
-    from bridge.rekey import rekey_database
+    from bridge.rekey import RekeyReport, rekey_database
 
     config = load_or_exit(args.config)
 
-    async def run() -> int:
+    async def run() -> RekeyReport:
         db = await Database.open(config.database.url, audit_keys=AuditKeys.from_base64(
             config.audit.key, config.audit.previous_keys))
         try:
-            return await rekey_database(db, Privacy.from_config(config.privacy).cipher)
+            privacy = Privacy.from_config(config.privacy)
+            report = await rekey_database(db, privacy.cipher, privacy.index)
+            await db.audit.seal()
+            await db.audit.append("cli", "privacy.rekey", "stored data",
+                                  "ok" if report.complete else "incomplete", report.summary())
+            return report
         finally:
             await db.close()
 
     with _database_errors(args.config, config.database.url):
-        count = asyncio.run(run())
-    print(f"re-encrypted {count} values with the current data key")
+        report = asyncio.run(run())
+    for line in report.lines():
+        print(line)
+    if not report.complete:
+        print("some values still need a previous key: keep privacy.previous_data_keys and "
+              "privacy.previous_index_keys until this reports none", file=sys.stderr)
+        return 1
+    print("every value is under the current keys: privacy.previous_data_keys and "
+          "privacy.previous_index_keys can be removed")
     return 0
 
 
@@ -259,11 +271,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         await serve(config, stop)
 
     from bridge.leader import LeadershipLost
+    from bridge.matrix.storekey import StoreKeyError
 
     try:
         asyncio.run(main())
     except SchemaError as exc:
         print(f"database error: {exc}", file=sys.stderr)
+        return 2
+    except StoreKeyError as exc:
+        print(f"key error: {exc}", file=sys.stderr)
         return 2
     except LeadershipLost as exc:
         # Not 0: the supervisor (systemd Restart=on-failure, Kubernetes) must start us
@@ -276,6 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _secrets(config: Config) -> list[str]:
     return [s for s in (config.appservice.as_token, config.appservice.hs_token,
                         config.admin.token, config.privacy.data_key, config.privacy.index_key,
+                        *config.privacy.previous_data_keys, *config.privacy.previous_index_keys,
                         config.whatsapp.access_token, config.whatsapp.app_secret,
                         config.whatsapp.verify_token,
                         config.invites.registration_shared_secret, config.audit.key,
@@ -298,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("check-config", cmd_check_config, "validate a config file; prints every problem"),
         ("migrate", cmd_migrate, "create or upgrade the database schema"),
         ("run", cmd_run, "run the bridge"),
-        ("rekey", cmd_rekey, "re-encrypt stored identifiers with the current data key"),
+        ("rekey", cmd_rekey, "re-seal stored data and re-hash citizens under the current "
+                             "privacy keys (run with the bridge stopped)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("-c", "--config", default="config.yaml")

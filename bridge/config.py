@@ -177,11 +177,13 @@ class PrivacyConfig(_Section):
     index_key: str
     # Keys retired by rotation: still decrypt old rows until `civic-bridge rekey` runs.
     previous_data_keys: list[str] = []
+    # Retired index keys: rows hashed with them are still found until `rekey` rehashes.
+    previous_index_keys: list[str] = []
     pseudonym_template: str = "Ciudadano/a {code}"
 
     _keys = field_validator("data_key", "index_key")(_key32)
 
-    @field_validator("previous_data_keys")
+    @field_validator("previous_data_keys", "previous_index_keys")
     @classmethod
     def _old_keys(cls, value: list[str]) -> list[str]:
         return [_key32(v) for v in value]
@@ -200,6 +202,11 @@ class PrivacyConfig(_Section):
         if self.data_key == self.index_key:
             raise FieldProblem("index_key", "must be a different key from data_key "
                                "(generate one: openssl rand -base64 32)")
+        # A key used both ways would let one leak serve two purposes.
+        data = {self.data_key, *self.previous_data_keys}
+        if data & {self.index_key, *self.previous_index_keys}:
+            raise FieldProblem("previous_index_keys", "a data key is listed as an index key "
+                               "(or the other way round): keep the two kinds apart")
         return self
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "KeyedIndex",
     "Privacy",
     "contains_phone_or_email",
+    "data_keys",
     "display_name",
     "key_id",
     "looks_like_personal_id",
@@ -144,7 +145,8 @@ class Cipher:
         sealed = self._keys[self._current].encrypt(nonce, data, header + aad)
         return header.decode("ascii") + _b64encode(nonce + sealed)
 
-    def _parse(self, token: str) -> tuple[str, bytes]:
+    @staticmethod
+    def _parse(token: str) -> tuple[str, bytes]:
         if not isinstance(token, str):
             raise DecryptError("token must be a str")
         match = _TOKEN.fullmatch(token)
@@ -192,6 +194,17 @@ class Cipher:
             return json.loads(text)
         except ValueError:
             raise DecryptError("plaintext is not JSON") from None
+
+    @classmethod
+    def is_token(cls, value: object) -> bool:
+        """True if `value` is a well-formed token (of any key; nothing is decrypted)."""
+        if not isinstance(value, str):
+            return False
+        try:
+            cls._parse(value)
+        except DecryptError:
+            return False
+        return True
 
     def needs_rekey(self, token: str) -> bool:
         """True if the token was not made with the current key.
@@ -242,17 +255,32 @@ class KeyedIndex:
     Deterministic, so equal identifiers find the same row; keyed, so a leaked
     database cannot be reversed by hashing every phone number (a plain hash of
     the ~10**9 Spanish mobile numbers is brute-forced in seconds).
+
+    ``previous`` keys (`privacy.previous_index_keys`) are retired by rotation: rows
+    hashed with them are still found (`digests`) until `rekey` recomputes them.
     """
 
-    def __init__(self, key: bytes) -> None:
-        if len(key) != _KEY_LEN:
-            raise ValueError(f"index key must be {_KEY_LEN} bytes, got {len(key)}")
-        self._key = key
+    def __init__(self, key: bytes, previous: Sequence[bytes] = ()) -> None:
+        keys: list[bytes] = []
+        for k in (key, *previous):
+            if len(k) != _KEY_LEN:
+                raise ValueError(f"index keys must be {_KEY_LEN} bytes, got {len(k)}")
+            if not any(hmac.compare_digest(k, seen) for seen in keys):
+                keys.append(k)
+        self._keys = tuple(keys)
 
     def digest(self, identifier: str) -> str:
-        """Hex HMAC-SHA256 of `normalise_identifier(identifier)` (64 chars)."""
+        """Hex HMAC-SHA256 of `normalise_identifier(identifier)` (64 chars), current key."""
+        return self._mac(self._keys[0], identifier)
+
+    def digests(self, identifier: str) -> tuple[str, ...]:
+        """The lookup values under the current key, then under each previous key."""
+        return tuple(self._mac(k, identifier) for k in self._keys)
+
+    @staticmethod
+    def _mac(key: bytes, identifier: str) -> str:
         data = normalise_identifier(identifier).encode("utf-8")
-        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
+        return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
 # --------------------------------------------------------------------------- pseudonyms
@@ -302,6 +330,15 @@ AAD_PAYLOAD = b"queue.payload"
 # A bridge device's signed Megolm session key (bridge.matrix.keystore adds the row's owner,
 # session and index, so a key copied to another row does not decrypt there).
 AAD_ROOM_KEY = b"room_key.session_key"
+# The random key the E2EE (nio) stores are pickled with, wrapped by the data key
+# (bridge.matrix.storekey).
+AAD_STORE_KEY = b"e2ee.store_key"
+
+
+def data_keys(cfg: PrivacyConfig) -> list[bytes]:
+    """`privacy.data_key`, then `privacy.previous_data_keys`, decoded."""
+    return [base64.b64decode(k, validate=True)
+            for k in (cfg.data_key, *cfg.previous_data_keys)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,12 +352,12 @@ class Privacy:
     @classmethod
     def from_config(cls, cfg: PrivacyConfig) -> Privacy:
         """Decode the base64 keys of a validated `PrivacyConfig`."""
-        data_key = base64.b64decode(cfg.data_key, validate=True)
-        previous = [base64.b64decode(k, validate=True) for k in cfg.previous_data_keys]
-        index_key = base64.b64decode(cfg.index_key, validate=True)
+        data_key, *previous = data_keys(cfg)
+        index_key, *old_index = (base64.b64decode(k, validate=True)
+                                 for k in (cfg.index_key, *cfg.previous_index_keys))
         return cls(
             cipher=Cipher(data_key, previous),
-            index=KeyedIndex(index_key),
+            index=KeyedIndex(index_key, old_index),
             pseudonym_template=cfg.pseudonym_template,
         )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 from collections.abc import Coroutine
@@ -37,13 +36,14 @@ from bridge.matrix.keystore import RoomKeyStore
 from bridge.matrix.queued import open_event, seal_unsealed
 from bridge.matrix.relay import Relay
 from bridge.matrix.rooms import RoomPolicy, Rooms
+from bridge.matrix.storekey import load_store_key, pickle_passphrase
 from bridge.matrix.trust import Trust
 from bridge.matrix.undecryptable import UndecryptableStore
 from bridge.metrics import Metrics
 from bridge.moderation.synapse_admin import SynapseAdmin
 from bridge.moderation.wiring import ModerationParts
 from bridge.podlabel import PodLabeler
-from bridge.privacy import Privacy
+from bridge.privacy import Privacy, data_keys
 from bridge.retention import EVERY_SECONDS, Retention
 from bridge.types import RoomID, UserID
 from bridge.whatsapp.graph import GraphClient
@@ -263,13 +263,21 @@ async def build_bridge(config: Config) -> Bridge:
     # Before anything can read or write the trail: after an upgrade or a key rotation,
     # the newest entry must be keyed with the current key (bridge.auditchain).
     await db.audit.seal()
+    privacy = Privacy.from_config(config.privacy)
+    store_dir = Path(config.appservice.store_dir)
+    try:
+        store_key = await load_store_key(
+            db.kv, privacy.cipher, store_dir,
+            installed=await db.ghosts.get(UserID(config.bot_mxid)) is not None,
+            data_keys=data_keys(config.privacy))
+    except BaseException:
+        await db.close()
+        raise
     http = aiohttp.ClientSession()
     api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
-    privacy = Privacy.from_config(config.privacy)
     trust = Trust(db, http, config.homeserver.url, config.appservice.as_token, privacy.cipher)
     metrics = Metrics()
-    devices = Devices(api, Path(config.appservice.store_dir),
-                      base64.b64decode(config.privacy.data_key), on_ready=trust,
+    devices = Devices(api, store_dir, pickle_passphrase(store_key), on_ready=trust,
                       long_poll_user=UserID(config.bot_mxid),
                       room_keys=RoomKeyStore(db.room_keys, privacy.cipher),
                       key_trust=CrossSignedDevices(api, metrics)

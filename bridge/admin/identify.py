@@ -52,7 +52,7 @@ def normalise_phone(value: object) -> str:
 async def citizens_with_number(db: Database, privacy: Privacy, wa_id: str) -> list[Citizen]:
     """Every citizen whose WhatsApp number is `wa_id` (normalised), oldest first."""
     found: dict[int, Citizen] = {}
-    keyed = await db.citizens.by_index(privacy.index.digest(wa_id))
+    keyed = await db.citizens.by_any_index(privacy.index.digests(wa_id))
     if keyed is not None:
         found[keyed.id] = keyed
     stored = await db.citizens.list_identifiers()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -80,6 +81,31 @@ class CitizenRepo:
 
     async def by_index(self, index_hash: str) -> Citizen | None:
         return await self._one(CitizenRow.index_hash == index_hash)
+
+    async def by_any_index(self, index_hashes: Sequence[str]) -> Citizen | None:
+        """The citizen with the first of `index_hashes` found (the lookup values of one
+        identifier under the current and the previous index keys, in that order)."""
+        if not index_hashes:
+            return None
+        stmt = select(CitizenRow).where(CitizenRow.index_hash.in_(index_hashes))
+        async with self._scope.session() as session:
+            rows = {row.index_hash: row for row in await session.scalars(stmt)}
+        for index_hash in index_hashes:
+            if index_hash in rows:
+                return _citizen(rows[index_hash])
+        return None
+
+    async def set_index_hash(self, citizen_id: int, index_hash: str) -> bool:
+        """Move a citizen to a lookup value under another index key; False (nothing
+        changed) if another citizen already has it."""
+        taken = select(CitizenRow.id).where(CitizenRow.index_hash == index_hash,
+                                            CitizenRow.id != citizen_id)
+        async with self._scope.session() as session:
+            if await session.scalar(taken) is not None:
+                return False
+            await session.execute(update(CitizenRow).where(CitizenRow.id == citizen_id)
+                                  .values(index_hash=index_hash))
+            return True
 
     async def by_ghost(self, user_id: UserID) -> Citizen | None:
         return await self._one(CitizenRow.ghost_user_id == user_id)

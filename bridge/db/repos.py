@@ -19,6 +19,7 @@ from bridge.db.records import Direction, MessageLink
 from bridge.db.reports import ReportRepo
 from bridge.db.roomkeys import RoomKeyRepo
 from bridge.db.scope import Scope, purge_rows, rowcount
+from bridge.db.sealed import SealedRepo
 from bridge.types import EventID, RoomID
 
 
@@ -108,6 +109,13 @@ class KVRepo:
         async with self._scope.session() as session:
             await session.execute(stmt)
 
+    async def add(self, key: str, value: str) -> bool:
+        """Store `value` unless `key` is already set; True if it was stored (the first
+        of two racing writers wins, the other reads what it wrote)."""
+        stmt = self._scope.insert(KVRow).values(key=key, value=value).on_conflict_do_nothing()
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt)) == 1
+
     async def delete(self, key: str) -> None:
         async with self._scope.session() as session:
             await session.execute(delete(KVRow).where(KVRow.key == key))
@@ -138,5 +146,6 @@ class Repositories:
         self.subscriptions = SubscriptionRepo(scope)
         self.notices = NoticeRepo(scope)
         self.room_keys = RoomKeyRepo(scope)
+        self.sealed = SealedRepo(scope)
         self.dead_letters = DeadLetterRepo(scope)
         self.reports = ReportRepo(scope)

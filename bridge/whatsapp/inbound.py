@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from bridge.config import Config
@@ -79,7 +80,17 @@ class WhatsAppInbound:
 
     async def citizen_for(self, sender: Sender, repos: Repositories | None = None) -> Citizen:
         cipher = self._privacy.cipher
-        index = self._privacy.index.digest(sender.key)
+        index, *previous = self._privacy.index.digests(sender.key)
+        if previous:
+            # The index key was rotated and `rekey` has not rehashed everyone yet: a
+            # known citizen is found under an old key and moved to the current one, so
+            # their row and the webhook's lanes (current key) agree again.
+            found = await (repos or self._db).citizens.by_any_index([index, *previous])
+            if found is not None:
+                if found.index_hash != index and \
+                        await (repos or self._db).citizens.set_index_hash(found.id, index):
+                    found = replace(found, index_hash=index)
+                return found
         for _ in range(5):  # a pseudonym code collision is rare; draw again
             try:
                 citizen, _ = await (repos or self._db).citizens.get_or_create(

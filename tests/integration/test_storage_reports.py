@@ -74,8 +74,8 @@ async def test_reasons_are_resealed_by_rekey(db: Database) -> None:
         reporter=REPORTER, author=None, language="es",
         reason_ct=old.encrypt("me insulta", aad=AAD_REPORT_REASON))
     rotated = Cipher(new_key, [old_key])
-    assert await rekey_database(db, rotated) == 1
-    assert await rekey_database(db, rotated) == 0
+    assert (await rekey_database(db, rotated)).resealed == {"report reasons": 1}
+    assert (await rekey_database(db, rotated)).total == 0
     sealed = (await db.reports.get(report.id)).reason_ct  # type: ignore[union-attr]
     assert sealed is not None and not rotated.needs_rekey(sealed)
     assert Cipher(new_key).decrypt_str(sealed, aad=AAD_REPORT_REASON) == "me insulta"

@@ -379,6 +379,20 @@ def test_keys_must_differ() -> None:
     assert line.startswith("privacy.index_key: must be a different key from data_key")
 
 
+def test_retired_index_keys_are_checked_and_kept_apart_from_data_keys() -> None:
+    raw = valid()
+    raw["privacy"]["previous_index_keys"] = ["c2hvcnQ="]
+    [line] = problems(raw)
+    assert line.startswith("privacy.previous_index_keys: ") and "32 bytes" in line
+    raw["privacy"]["previous_index_keys"] = [raw["privacy"]["data_key"]]
+    [line] = problems(raw)
+    assert line.startswith("privacy.previous_index_keys: a data key is listed as an index key")
+    raw["privacy"]["previous_index_keys"] = []
+    raw["privacy"]["previous_data_keys"] = [raw["privacy"]["index_key"]]
+    [line] = problems(raw)
+    assert line.startswith("privacy.previous_index_keys: a data key is listed")
+
+
 # --- WhatsApp ----------------------------------------------------------------------------
 
 
