@@ -1,0 +1,320 @@
+"""Identifiers at rest (issue #15, point 1): only as keyed hash or ciphertext.
+
+The full journey runs over the real HTTP API, with the real Synapse and the Cloud API
+simulator (whose wamids embed the number, as Meta's do), on SQLite and on PostgreSQL:
+first contact, opt-in, portal, staff replies, statuses, replies and reactions with
+context both ways, an edit and a revoke, a report, notices of availability with their
+statuses, opt-out, and one citizen's erasure. Then every table and column of the
+database (on SQLite also the raw file bytes) is searched for the citizens' numbers in
+every common spelling, their BSUIDs and profile names, and every wamid the simulator
+issued or the test sent — also inside anything that decodes as base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import secrets
+import string
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from bridge.db import upgrade
+from bridge.whatsapp.consent import OPT_IN_BUTTON
+from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON
+from bridge.whatsapp.simulator import SimulatedUser
+from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE
+from tests.fixtures.bridge import BridgeHarness, RunningBridge
+from tests.fixtures.db import PgServer
+from tests.fixtures.dbdump import dump, files_under, find_clear, phone_forms
+from tests.fixtures.staff import staff_login
+from tests.integration.test_whatsapp import Journey, body_is, to_citizen, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def pg(request: pytest.FixtureRequest) -> PgServer | None:
+    # Sync, so that only the chosen backend's session fixture is asked for.
+    return request.getfixturevalue("pg_server") if request.param == "postgresql" else None
+
+
+async def new_db(pg: PgServer | None, tmp: Path) -> str:
+    url = await pg.create() if pg else f"sqlite+aiosqlite:///{tmp / 'bridge.db'}"
+    await upgrade(url)
+    return url
+
+
+@asynccontextmanager
+async def bridge_on(h: BridgeHarness, db_url: str, tmp: Path) -> AsyncIterator[BridgeHarness]:
+    """A bridge of this test's own on `db_url`, in the session bridge's place (the port
+    Synapse pushes transactions to), with a ghost prefix and store of its own so the
+    session bridge's bot and keys are not touched; the session bridge comes back after."""
+    cfg = h.running.config
+    config = cfg.model_copy(update={
+        "database": cfg.database.model_copy(update={"url": db_url}),
+        "appservice": cfg.appservice.model_copy(update={
+            "ghost_prefix": f"cb_r{secrets.token_hex(3)}", "store_dir": str(tmp / "store")}),
+    })
+    await h.running.stop()
+    own = RunningBridge(config)
+    try:
+        await own.start()
+        yield dataclasses.replace(h, running=own)
+    finally:
+        await own.stop()
+        await h.running.start()
+
+
+@dataclasses.dataclass
+class Traces:
+    """What the test must not find at rest: identifiers, wamids; and every admin answer."""
+
+    identifiers: list[str] = dataclasses.field(default_factory=list)
+    wamids: list[str] = dataclasses.field(default_factory=list)
+    answers: list[str] = dataclasses.field(default_factory=list)
+
+    def citizen(self, name: str, with_number: bool = True) -> SimulatedUser:
+        wa_id = "346" + "".join(secrets.choice(string.digits) for _ in range(8))
+        bsuid = "ES." + "".join(secrets.choice(string.ascii_letters + string.digits)
+                                for _ in range(20))
+        profile = f"{name} {secrets.choice(['Tejada', 'Vilalta', 'Olmedo'])} " \
+                  f"{secrets.token_hex(3)}"
+        self.identifiers += [bsuid, profile] + (phone_forms(wa_id) if with_number else [])
+        return SimulatedUser(wa_id=wa_id if with_number else None, user_id=bsuid, name=profile)
+
+    def wamid_needles(self) -> list[str]:
+        # The whole id, and its base64 part alone (stored without the "wamid." prefix).
+        return [w for wamid in self.wamids for w in (wamid, wamid.removeprefix("wamid."))]
+
+
+class Run:
+    """One journey's helpers: webhooks, admin calls, what staff see and WhatsApp got."""
+
+    def __init__(self, h: BridgeHarness, traces: Traces) -> None:
+        self.h, self.t = h, traces
+        self.first_sent = len(h.wa.sent)
+
+    async def write(self, value: dict[str, Any]) -> str:
+        assert await self.h.wa.deliver(self.h.webhook_url, value) == 200
+        if "messages" in value:
+            wamid = str(value["messages"][0]["id"])
+            self.t.wamids.append(wamid)
+            return wamid
+        return ""
+
+    async def admin(self, method: str, path: str, body: Any = None) -> Any:
+        status, data = await self.h.running.call(method, path, body)
+        assert status < 300, (method, path, status, data)
+        self.t.answers.append(json.dumps(data, ensure_ascii=False))
+        return data
+
+    def issued(self) -> list[str]:
+        """Every wamid the simulator gave out during this run."""
+        return [w for w in self.h.wa.sent_ids[self.first_sent:] if w]
+
+    def wamid_of(self, sent: dict[str, Any]) -> str:
+        wamid = self.h.wa.sent_ids[next(i for i, s in enumerate(self.h.wa.sent) if s is sent)]
+        assert wamid is not None
+        return wamid
+
+    async def statuses(self, sent: dict[str, Any], citizen: SimulatedUser,
+                       *kinds: str) -> None:
+        wamid = self.wamid_of(sent)
+        for kind in kinds:
+            await self.write(self.h.wa.status_update(wamid, kind, citizen))
+
+    async def subscribe(self, citizen: SimulatedUser) -> str:
+        """AVISOS → consent text → «Acepto» → confirmation with the code."""
+        wa = self.h.wa
+        await self.write(wa.text_message(citizen, "Avisos"))
+        await wa.wait_for_sent(lambda s: to_citizen(s, citizen) and _buttons(s) == [
+            NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON], timeout=30)
+        await self.write(wa.button_reply(citizen, NOTICES_IN_BUTTON, "Acepto"))
+        confirm = await wa.wait_for_sent(
+            lambda s: to_citizen(s, citizen) and _buttons(s) == [NOTICES_OUT_BUTTON], timeout=30)
+        code = SUBSCRIPTION_CODE.search(confirm["interactive"]["body"]["text"])
+        assert code is not None
+        return code.group()
+
+    async def notice(self, citizen: SimulatedUser, code: str, reference: str) -> None:
+        """A notice of availability, delivered and read; the log entry over the API."""
+        await self.admin("POST", "/admin/v1/notices", {"recipient": code, "reference": reference})
+        sent = await self.h.wa.wait_for_sent(
+            lambda s: to_citizen(s, citizen) and s.get("type") == "template", timeout=30)
+        await self.statuses(sent, citizen, "sent", "delivered", "read")
+
+        async def read() -> bool:
+            data = await self.admin("GET", "/admin/v1/notices?reference=" + quote(reference))
+            return bool(data["notices"]) and data["notices"][0]["status"] == "read"
+        await wait_until(read, 30, "notice read")
+
+
+def _buttons(sent: dict[str, Any]) -> list[str]:
+    if sent.get("type") != "interactive":
+        return []
+    return [b["reply"]["id"] for b in sent["interactive"]["action"]["buttons"]]
+
+
+def _text(body: str) -> Any:
+    return lambda s: s.get("text", {}).get("body") == body
+
+
+async def _conversation(run: Run, j: Journey) -> None:
+    """Staff and citizen talk: replies and reactions with context both ways, statuses,
+    an edit, a revoke, a report of a staff message."""
+    c, wa = j.citizen, run.h.wa
+    await j.desk.send_text(j.room_id, "Buenos días, ¿en qué le ayudo?")
+    staff_msg = await j.sent_to_citizen(_text("Buenos días, ¿en qué le ayudo?"))
+    await run.statuses(staff_msg, c, "sent", "delivered", "read")
+    staff_wamid = run.wamid_of(staff_msg)
+    # The citizen answers in reply to it, and reacts to it.
+    await run.write(wa.text_message(c, "Sobre el padrón", context_id=staff_wamid))
+    await j.seen(body_is("Sobre el padrón"))
+    await run.write(wa.reaction_message(c, staff_wamid, "👍"))
+    await j.seen(lambda e: e.source.get("content", {}).get("m.relates_to", {}).get("key")
+                 == "👍")
+    # Staff answer in reply to the citizen's message and react to it: WhatsApp gets the
+    # citizen's wamid back (the message map must still give it).
+    asked = await run.write(wa.text_message(c, "¿Qué necesito?"))
+    asked_ev = await j.seen(body_is("¿Qué necesito?"))
+    await j.desk.client.room_send(j.room_id, "m.room.message", {
+        "msgtype": "m.text", "body": f"> <{asked_ev.sender}> ¿Qué necesito?\n\nEl DNI",
+        "m.relates_to": {"m.in_reply_to": {"event_id": asked_ev.event_id}}},
+        ignore_unverified_devices=True)
+    reply = await j.sent_to_citizen(_text("El DNI"))
+    assert reply["context"] == {"message_id": asked}
+    await j.desk.client.room_send(j.room_id, "m.reaction", {"m.relates_to": {
+        "rel_type": "m.annotation", "event_id": asked_ev.event_id, "key": "✅"}},
+        ignore_unverified_devices=True)
+    react = await j.sent_to_citizen(lambda s: s.get("type") == "reaction")
+    assert react["reaction"] == {"message_id": asked, "emoji": "✅"}
+    await run.statuses(reply, c, "delivered", "read")
+    # An edit and a revoke find their originals.
+    await run.write(wa.edit_message(c, asked, "¿Qué documentos necesito?"))
+    await j.seen(body_is("* ¿Qué documentos necesito?"))
+    doomed = await run.write(wa.text_message(c, "me equivoqué"))
+    await j.seen(body_is("me equivoqué"))
+    await run.write(wa.revoke_message(c, doomed))
+    # A report of the staff message, by replying DENUNCIAR to it.
+    await run.write(wa.text_message(c, "DENUNCIAR no me gusta", context_id=staff_wamid))
+    async def reported() -> bool:
+        data = await run.admin("GET", "/admin/v1/reports")
+        return any(r["source"] == "whatsapp" and r["room_id"] == j.room_id
+                   for r in data["reports"])
+    await wait_until(reported, 30, "report filed")
+
+
+async def _journey(run: Run) -> dict[str, Any]:
+    """The whole journey; returns what the checks need."""
+    h, wa, t = run.h, run.h.wa, run.t
+    b = h.running.bridge
+    # A citizen who opts in, talks, takes notices, and opts out of both.
+    ana = t.citizen("Anabel")
+    j = await _opt_in(run, ana, "Hola, quería preguntar por el padrón")
+    try:
+        await j.seen(body_is("Hola, quería preguntar por el padrón"))
+        await _conversation(run, j)
+        code = await run.subscribe(ana)
+        await run.notice(ana, code, "NOT-2026/ID-0001")
+        await run.write(wa.text_message(ana, "BAJA"))
+        await j.sent_to_citizen(lambda s: "no reenviaremos" in s.get("text", {}).get("body", ""))
+    finally:
+        await j.desk.close()
+    # A citizen without a number (BSUID only) who talks, then is erased.
+    bea = t.citizen("Beatriz", with_number=False)
+    j = await _opt_in(run, bea, "Buenas, soy nueva por aquí")
+    try:
+        await j.seen(body_is("Buenas, soy nueva por aquí"))
+        await _conversation(run, j)
+        code = await run.subscribe(bea)
+        await run.notice(bea, code, "NOT-2026/ID-0002")
+        row = await b.db.citizens.by_index(b.privacy.index.digest(bea.user_id))
+        assert row is not None and row.ghost_user_id is not None
+        path = "/admin/v1/citizens/" + quote(row.ghost_user_id, safe="")
+        # The export is the one answer that may carry identifiers: it is for the citizen.
+        status, exported = await h.running.call("GET", path + "/export?reason=art.%2015")
+        assert status == 200 and exported["whatsapp"]["identifier"] == bea.user_id
+        erased = await run.admin("DELETE", path, {"reason": "art. 17"})
+        assert erased["erased"] is True
+        await j.seen(lambda e: getattr(e, "body", "").startswith("Los datos de esta persona"))
+    finally:
+        await j.desk.close()
+    bea_wamids = [w for w in t.wamids if _about(w, bea)] + [
+        w for w in run.issued() if _about(w, bea)]
+    # A citizen who writes once and never answers the privacy notice (held, prompted).
+    cai = t.citizen("Caietana")
+    await run.write(wa.text_message(cai, "¿Está abierto el registro?"))
+    await wa.wait_for_sent(lambda s: to_citizen(s, cai) and OPT_IN_BUTTON in _buttons(s),
+                           timeout=30)
+    # Every list an admin can read.
+    for path in ("/admin/v1/notices", "/admin/v1/audit?limit=500", "/admin/v1/reports",
+                 "/admin/v1/dead-letters", "/admin/v1/rooms"):
+        await run.admin("GET", path)
+    t.wamids.extend(run.issued())
+    return {"erased_wamids": bea_wamids, "erased": bea}
+
+
+def _about(wamid: str, citizen: SimulatedUser) -> bool:
+    """Whether a (simulated) wamid was issued for a message to or from `citizen`."""
+    raw = base64.b64decode(wamid.removeprefix("wamid."))
+    return (citizen.wa_id or citizen.user_id).encode() in raw
+
+
+async def _opt_in(run: Run, citizen: SimulatedUser, first: str) -> Journey:
+    """`opt_in` of test_whatsapp, with every posted wamid recorded."""
+    h = run.h
+    desk = await staff_login(h.synapse.synapse, h.desk.localpart, h.desk.password)
+    try:
+        await run.write(h.wa.text_message(citizen, first))
+        await h.wa.wait_for_sent(lambda s: OPT_IN_BUTTON in _buttons(s)
+                                 and to_citizen(s, citizen), timeout=30)
+        await run.write(h.wa.button_reply(citizen, OPT_IN_BUTTON, "Acepto"))
+        b = h.running.bridge
+
+        async def portal() -> Any:
+            row = await b.db.citizens.by_index(b.privacy.index.digest(citizen.user_id))
+            if row is None or row.consent_state != "granted":
+                return None
+            return await b.db.rooms.portal_for(row.id)
+        room = await wait_until(portal, 30, "portal")
+        await desk.join(room.room_id)
+    except BaseException:
+        await desk.close()
+        raise
+    return Journey(h, citizen, room.room_id, desk)
+
+
+async def test_no_identifier_or_wamid_in_clear_at_rest(
+        bridge: BridgeHarness, pg: PgServer | None, tmp_path: Path) -> None:
+    traces = Traces()
+    db_url = await new_db(pg, tmp_path)
+    async with bridge_on(bridge, db_url, tmp_path) as h:
+        run = Run(h, traces)
+        seen = await _journey(run)
+        privacy = h.running.bridge.privacy
+        stored = await dump(db_url)
+        store = files_under(tmp_path / "store")
+    wamids = traces.wamid_needles()
+    assert len(traces.wamids) > 20
+    leaked = find_clear(stored.everything + store, traces.identifiers + wamids)
+    assert not leaked, f"{len(leaked)} identifiers or wamids in clear at rest: " + \
+        "; ".join(f"{'wamid' if k in wamids else 'identifier'} in {v!r}"
+                  for k, v in list(leaked.items())[:5])
+    # No admin answer but the citizen's own export carries any of them either.
+    in_answers = find_clear(traces.answers, traces.identifiers + wamids)
+    assert not in_answers, f"in admin API answers: {list(in_answers.values())[:3]}"
+    assert not any('"wamid"' in a for a in traces.answers)
+    # Erasure: the erased citizen's wamids are unlinkable — their keyed hashes are kept
+    # only as consent evidence (legal evidence, by pseudonym).
+    erased = {privacy.index.wamid(w) for w in seen["erased_wamids"]}
+    assert len(erased) > 5
+    linked = [row[:90] for row in stored.rows for digest in erased
+              if digest in row and not row.startswith("consent_records: ")]
+    assert not linked, f"the erased citizen's wamid hashes are still stored: {linked[:3]}"
