@@ -11,7 +11,7 @@ from __future__ import annotations
 from bridge.db import Database
 from bridge.db.reports import AAD_REPORT_REASON
 from bridge.matrix.keystore import room_key_aad
-from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Cipher
+from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Cipher, wamid_aad
 from bridge.types import UserID
 
 
@@ -35,6 +35,10 @@ async def rekey_database(db: Database, cipher: Cipher) -> int:
         if cipher.needs_rekey(key.session_key_ct):
             aad = room_key_aad(key.owner, key.session_id, key.message_index)
             await db.room_keys.reseal(key.id, cipher.rekey(key.session_key_ct, aad=aad))
+            count += 1
+    for link_id, wamid_hash, wamid_ct in await db.messages.sealed():
+        if wamid_ct and cipher.needs_rekey(wamid_ct):
+            await db.messages.reseal(link_id, cipher.rekey(wamid_ct, aad=wamid_aad(wamid_hash)))
             count += 1
     for report_id, reason_ct in await db.reports.sealed():
         if cipher.needs_rekey(reason_ct):

@@ -1,7 +1,8 @@
 """`GET|POST /whatsapp/webhook`: Meta's handshake and signed deliveries.
 
 A delivery is verified (HMAC-SHA256 of the raw body, constant-time), split into one
-queue row per message/status (deduplicated by wamid, resp. wamid+status), stored
+queue row per message/status (deduplicated by the wamid's keyed hash, resp. that and
+the status: a wamid embeds the number, so it is never a key in clear), stored
 encrypted, and only then acknowledged; the inbound worker does the rest.
 """
 
@@ -19,7 +20,7 @@ from bridge.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from bridge.jsonbody import BodyError, load_body
 from bridge.privacy import AAD_PAYLOAD, Cipher, KeyedIndex
 from bridge.web.state import BRIDGE
-from bridge.whatsapp.webhook_parse import WhatsAppError, lane_of, parse_webhook
+from bridge.whatsapp.webhook_parse import WhatsAppError, dedupe_key, lane_of, parse_webhook
 
 if TYPE_CHECKING:
     from bridge.services import Bridge
@@ -43,8 +44,10 @@ def _items(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def split_delivery(body: dict[str, Any], phone_number_id: str) -> list[tuple[str, dict[str, Any]]]:
-    """(dedupe key, single-item value) for every message and status of a delivery.
+def split_delivery(body: dict[str, Any], phone_number_id: str, index: KeyedIndex
+                   ) -> list[tuple[str, dict[str, Any]]]:
+    """(dedupe key, single-item value) for every message and status of a delivery; the
+    key names the wamid by its keyed hash (`dedupe_key`).
 
     Each stored value keeps its `metadata` and `contacts`, so it re-parses on its own.
     It reads the body with the parser's leniency (a part of the wrong type counts as
@@ -61,24 +64,12 @@ def split_delivery(body: dict[str, Any], phone_number_id: str) -> list[tuple[str
             base = {k: v for k, v in value.items() if k not in ("messages", "statuses")}
             for msg in _items(value.get("messages")):
                 if isinstance(msg, dict) and isinstance(msg.get("id"), str):
-                    items.append((f"msg:{msg['id']}", {**base, "messages": [msg]}))
+                    items.append((dedupe_key(index, msg["id"]), {**base, "messages": [msg]}))
             for st in _items(value.get("statuses")):
                 if isinstance(st, dict) and isinstance(st.get("id"), str):
-                    key = f"status:{st['id']}:{st.get('status')}"
+                    key = dedupe_key(index, st["id"], str(st.get("status")))
                     items.append((key, {**base, "statuses": [st]}))
     return items
-
-
-def _bounded(key: str) -> str:
-    """A dedupe key that fits its column (255): an overlong wamid is hashed, the same
-    way every time, so redeliveries still match."""
-    if len(key) <= _MAX_KEY:
-        return key
-    kind = key.split(":", 1)[0]
-    return f"{kind}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
-
-
-_MAX_KEY = 200
 
 
 class NotJSON(BadRequest):
@@ -106,8 +97,8 @@ def prepare_delivery(raw: bytes, phone_number_id: str, index: KeyedIndex,
     except BodyError:
         raise NotJSON("body is not JSON") from None
     batch = parse_webhook(body, phone_number_id)
-    rows = [(_bounded(key), cipher.encrypt_json(value, aad=AAD_PAYLOAD), lane_of(value, index))
-            for key, value in split_delivery(body, phone_number_id)]
+    rows = [(key, cipher.encrypt_json(value, aad=AAD_PAYLOAD), lane_of(value, index))
+            for key, value in split_delivery(body, phone_number_id, index)]
     return Delivery(rows, batch.ignored, batch.errors)
 
 
