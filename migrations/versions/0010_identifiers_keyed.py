@@ -71,6 +71,8 @@ def downgrade() -> None:
         batch.drop_column("wamid_ct")
         batch.alter_column("wamid_hash", new_column_name="wamid", existing_type=ID,
                            existing_nullable=False)
+    # A batch of its own: in the same one, SQLite's copy would lose it (renamed column).
+    with op.batch_alter_table("message_map") as batch:
         batch.create_unique_constraint("uq_message_map_wamid", ["wamid"])
     _rename("notices", "wamid_hash", "wamid", ("ix_notices_wamid_hash", "ix_notices_wamid"))
     _rename("outbox", "wamid_hash", "wamid", ("ix_outbox_wamid_hash", "ix_outbox_wamid"))

@@ -24,9 +24,14 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from sqlalchemy import func, select, text
 
-from bridge.db import upgrade
-from bridge.whatsapp.consent import OPT_IN_BUTTON
+from bridge.db import downgrade, upgrade
+from bridge.db.engine import create_engine
+from bridge.db.models import InboundRow
+from bridge.legacy_wamids import key_legacy_wamids
+from bridge.types import WamidHash
+from bridge.whatsapp.consent import EVIDENCE_PREFIX, OPT_IN_BUTTON, message_evidence
 from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE
@@ -52,24 +57,38 @@ async def new_db(pg: PgServer | None, tmp: Path) -> str:
 
 
 @asynccontextmanager
-async def bridge_on(h: BridgeHarness, db_url: str, tmp: Path) -> AsyncIterator[BridgeHarness]:
-    """A bridge of this test's own on `db_url`, in the session bridge's place (the port
-    Synapse pushes transactions to), with a ghost prefix and store of its own so the
-    session bridge's bot and keys are not touched; the session bridge comes back after."""
+async def in_place_of(h: BridgeHarness) -> AsyncIterator[None]:
+    """The session bridge stopped for the block (its port is the one Synapse pushes
+    transactions to) and started again after it."""
+    await h.running.stop()
+    try:
+        yield
+    finally:
+        await h.running.start()
+
+
+@asynccontextmanager
+async def own_bridge(h: BridgeHarness, db_url: str, tmp: Path, prefix: str
+                     ) -> AsyncIterator[BridgeHarness]:
+    """A bridge of this test's own on `db_url`, inside `in_place_of`, with a ghost
+    prefix (`prefix`, so its own bot) and store of its own: the session bridge's bot and
+    keys are not touched. The same prefix and store again is the same bridge restarted."""
     cfg = h.running.config
     config = cfg.model_copy(update={
         "database": cfg.database.model_copy(update={"url": db_url}),
         "appservice": cfg.appservice.model_copy(update={
-            "ghost_prefix": f"cb_r{secrets.token_hex(3)}", "store_dir": str(tmp / "store")}),
+            "ghost_prefix": prefix, "store_dir": str(tmp / "store")}),
     })
-    await h.running.stop()
     own = RunningBridge(config)
     try:
         await own.start()
         yield dataclasses.replace(h, running=own)
     finally:
         await own.stop()
-        await h.running.start()
+
+
+def new_prefix() -> str:
+    return f"cb_r{secrets.token_hex(3)}"
 
 
 @dataclasses.dataclass
@@ -295,7 +314,7 @@ async def test_no_identifier_or_wamid_in_clear_at_rest(
         bridge: BridgeHarness, pg: PgServer | None, tmp_path: Path) -> None:
     traces = Traces()
     db_url = await new_db(pg, tmp_path)
-    async with bridge_on(bridge, db_url, tmp_path) as h:
+    async with in_place_of(bridge), own_bridge(bridge, db_url, tmp_path, new_prefix()) as h:
         run = Run(h, traces)
         seen = await _journey(run)
         privacy = h.running.bridge.privacy
@@ -318,3 +337,129 @@ async def test_no_identifier_or_wamid_in_clear_at_rest(
     linked = [row[:90] for row in stored.rows for digest in erased
               if digest in row and not row.startswith("consent_records: ")]
     assert not linked, f"the erased citizen's wamid hashes are still stored: {linked[:3]}"
+
+
+# --- rows stored in clear before revision 0010 -----------------------------------------
+
+# Where the code before revision 0010 put wamids (as they were, or inside a key).
+_AS_IS = (("message_map", "wamid"), ("outbox", "wamid"), ("notices", "wamid"))
+_INSIDE = (("inbound", "dedupe_key"), ("outbox", "idempotency_key"))
+
+
+async def _as_before_0010(db_url: str, clear: dict[str, str]) -> None:
+    """Put back, at revision 0009, the clear wamids the old code stored: `clear` maps
+    each keyed hash to its wamid."""
+    engine = create_engine(db_url)
+    try:
+        async with engine.begin() as conn:
+            for digest, wamid in clear.items():
+                params = {"h": digest, "w": wamid, "e": message_evidence(WamidHash(digest))}
+                for table, column in _AS_IS:
+                    await conn.execute(text(
+                        f"UPDATE {table} SET {column} = :w WHERE {column} = :h"), params)
+                for table, column in _INSIDE:
+                    await conn.execute(text(
+                        f"UPDATE {table} SET {column} = replace({column}, :h, :w)"), params)
+                await conn.execute(text(
+                    "UPDATE consent_records SET evidence = :w WHERE evidence = :e"), params)
+    finally:
+        await engine.dispose()
+
+
+async def _inbound_rows(b: Any) -> int:
+    async with b.db.session() as session:
+        return int(await session.scalar(select(func.count()).select_from(InboundRow)))
+
+
+async def test_wamids_stored_in_clear_before_0010_are_keyed_at_start(
+        bridge: BridgeHarness, pg: PgServer | None, tmp_path: Path) -> None:
+    """A conversation stored by the code before revision 0010 (its wamids in clear), then
+    the upgrade and a start: nothing is left in clear, and every use of the stored ids
+    still works — a reply's context and a reaction's target, a redelivery's dedupe, a
+    notice's status."""
+    traces = Traces()
+    db_url = await new_db(pg, tmp_path)
+    c = traces.citizen("Dolores")
+    desks: list[Journey] = []
+    try:
+        await _legacy_journey(bridge, db_url, tmp_path, traces, c, desks)
+    finally:
+        for j in desks:
+            await j.desk.close()
+
+
+async def _legacy_journey(bridge: BridgeHarness, db_url: str, tmp_path: Path, traces: Traces,
+                          c: SimulatedUser, desks: list[Journey]) -> None:
+    prefix, wa = new_prefix(), bridge.wa
+    async with in_place_of(bridge):
+        async with own_bridge(bridge, db_url, tmp_path, prefix) as h:
+            run = Run(h, traces)
+            b = h.running.bridge
+            j = await _opt_in(run, c, "Hola, buenas")
+            desks.append(j)
+            await j.seen(body_is("Hola, buenas"))
+            asked_value = wa.text_message(c, "¿Cuál es el horario?")
+            asked = await run.write(asked_value)
+            asked_ev = await j.seen(body_is("¿Cuál es el horario?"))
+            staff_event = await j.desk.send_text(j.room_id, "De 9 a 14")
+            staff_msg = await j.sent_to_citizen(_text("De 9 a 14"))
+            staff_wamid = run.wamid_of(staff_msg)
+            status_value = wa.status_update(staff_wamid, "delivered", c)
+            await run.write(status_value)
+            await wait_until(lambda: b.db.messages.by_event(staff_event), 30, "staff link")
+            code = await run.subscribe(c)
+            reference = "NOT-2026/LEGACY"
+            await run.admin("POST", "/admin/v1/notices", {"recipient": code,
+                                                         "reference": reference})
+            template = await wa.wait_for_sent(
+                lambda s: to_citizen(s, c) and s.get("type") == "template", timeout=30)
+            notice_wamid = run.wamid_of(template)
+
+            async def notice_status(status: str) -> bool:
+                data = await run.admin("GET", "/admin/v1/notices?reference=" + quote(reference))
+                return bool(data["notices"]) and data["notices"][0]["status"] == status
+            await wait_until(lambda: notice_status("sent"), 30, "notice accepted")
+            await h.running.idle("whatsapp")
+            privacy = b.privacy
+        known = traces.wamids + run.issued()
+        await downgrade(db_url, "0009")
+        await _as_before_0010(db_url, {privacy.index.wamid(w): w for w in known})
+        before = await dump(db_url)
+        assert len(find_clear(before.rows, known)) > 5  # what the old code kept in clear
+        await upgrade(db_url)
+
+        async with own_bridge(bridge, db_url, tmp_path, prefix) as h:
+            run.h = h
+            b = h.running.bridge
+            stored = await dump(db_url)
+            leaked = find_clear(stored.everything, traces.wamid_needles() + traces.identifiers)
+            assert not leaked, f"left in clear after the start: {list(leaked.values())[:3]}"
+            assert any("wamids stored in clear before revision 0010 are now keyed" in line
+                       for line in h.log_lines)
+            # Redeliveries of a message and of a status stored before are no-ops.
+            rows = await _inbound_rows(b)
+            assert await wa.deliver(h.webhook_url, asked_value) == 200
+            assert await wa.deliver(h.webhook_url, status_value) == 200
+            assert await _inbound_rows(b) == rows
+            # Staff answer the citizen's old message: WhatsApp gets its wamid back.
+            await j.desk.client.room_send(j.room_id, "m.room.message", {
+                "msgtype": "m.text", "body": f"> <{asked_ev.sender}> ¿Cuál…\n\nEso es",
+                "m.relates_to": {"m.in_reply_to": {"event_id": asked_ev.event_id}}},
+                ignore_unverified_devices=True)
+            reply = await j.sent_to_citizen(_text("Eso es"))
+            assert reply["context"] == {"message_id": asked}
+            # The citizen reacts to the old staff message: the reaction finds its event.
+            await run.write(wa.reaction_message(c, staff_wamid, "🙏"))
+            await j.seen(lambda e: e.source.get("content", {}).get("m.relates_to") == {
+                "rel_type": "m.annotation", "event_id": staff_event, "key": "🙏"})
+            # A status of the old notice fills in its log entry.
+            await run.write(wa.status_update(notice_wamid, "delivered", c))
+            await wait_until(lambda: notice_status("delivered"), 30, "notice delivered")
+            # Consent evidence names the messages by their keyed hash.
+            row = await b.db.citizens.by_index(b.privacy.index.digest(c.user_id))
+            assert row is not None
+            evidence = [r.evidence for r in await b.db.consent.for_citizen(row.id)
+                        if r.channel == "whatsapp"]
+            assert evidence and all(e and e.startswith(EVIDENCE_PREFIX) for e in evidence)
+            # Done once: the next start does not look again.
+            assert await key_legacy_wamids(b.db, b.privacy) == {}
