@@ -99,14 +99,19 @@ class Traces:
     wamids: list[str] = dataclasses.field(default_factory=list)
     answers: list[str] = dataclasses.field(default_factory=list)
 
-    def citizen(self, name: str, with_number: bool = True) -> SimulatedUser:
+    def number(self) -> str:
         wa_id = "346" + "".join(secrets.choice(string.digits) for _ in range(8))
+        self.identifiers += phone_forms(wa_id)
+        return wa_id
+
+    def citizen(self, name: str, with_number: bool = True) -> SimulatedUser:
+        wa_id = self.number() if with_number else None
         bsuid = "ES." + "".join(secrets.choice(string.ascii_letters + string.digits)
                                 for _ in range(20))
         profile = f"{name} {secrets.choice(['Tejada', 'Vilalta', 'Olmedo'])} " \
                   f"{secrets.token_hex(3)}"
-        self.identifiers += [bsuid, profile] + (phone_forms(wa_id) if with_number else [])
-        return SimulatedUser(wa_id=wa_id if with_number else None, user_id=bsuid, name=profile)
+        self.identifiers += [bsuid, profile]
+        return SimulatedUser(wa_id=wa_id, user_id=bsuid, name=profile)
 
     def wamid_needles(self) -> list[str]:
         # The whole id, and its base64 part alone (stored without the "wamid." prefix).
@@ -242,12 +247,17 @@ async def _journey(run: Run) -> dict[str, Any]:
         await _conversation(run, j)
         code = await run.subscribe(ana)
         await run.notice(ana, code, "NOT-2026/ID-0001")
-        await run.write(wa.text_message(ana, "BAJA"))
-        await j.sent_to_citizen(lambda s: "no reenviaremos" in s.get("text", {}).get("body", ""))
+        # She changes her number: the same conversation, the new number kept like the old.
+        moved = dataclasses.replace(ana, wa_id=t.number())
+        await run.write(wa.system_message(ana, new_wa_id=moved.wa_id))
+        await j.seen(lambda e: "ha cambiado de número" in getattr(e, "body", ""))
+        await run.write(wa.text_message(moved, "BAJA"))
+        await wa.wait_for_sent(lambda s: to_citizen(s, moved) and "no reenviaremos" in
+                               s.get("text", {}).get("body", ""), timeout=30)
     finally:
         await j.desk.close()
     # A citizen without a number (BSUID only) who talks, then is erased.
-    bea = t.citizen("Beatriz", with_number=False)
+    bea = t.citizen("Begoña Muñoz", with_number=False)
     j = await _opt_in(run, bea, "Buenas, soy nueva por aquí")
     try:
         await j.seen(body_is("Buenas, soy nueva por aquí"))
