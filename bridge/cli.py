@@ -154,12 +154,24 @@ def cmd_registration(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from bridge.db import Database
     from bridge.db.engine import upgrade
+    from bridge.legacy_wamids import key_legacy_wamids
+    from bridge.privacy import Privacy
 
     config = load_or_exit(args.config)
+
+    async def run() -> dict[str, int]:
+        await upgrade(config.database.url)
+        # The data part of revision 0010, which needs the keys (bridge.legacy_wamids).
+        async with await Database.open(config.database.url) as db:
+            return await key_legacy_wamids(db, Privacy.from_config(config.privacy))
+
     with _database_errors(args.config, config.database.url):
-        asyncio.run(upgrade(config.database.url))
+        keyed = asyncio.run(run())
     print("database schema is current")
+    if any(keyed.values()):
+        print(f"wamids stored in clear, now keyed: {sum(keyed.values())}")
     return 0
 
 

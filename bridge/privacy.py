@@ -8,7 +8,8 @@ business-scoped user id (BSUID) goes through this module:
   tokens name their key so keys can rotate without a flag day.
 * `KeyedIndex` gives the stable lookup value for a citizen (HMAC-SHA256 with the
   separate `privacy.index_key`), so the database can find a row without holding
-  the identifier in clear.
+  the identifier in clear; `KeyedIndex.wamid` does the same for WhatsApp message
+  ids (a wamid embeds the number), under a key of their own.
 * `new_localpart` / `new_pseudonym_code` / `display_name` make the Matrix-facing
   identity; they are random and letters-only, so they can never carry a digit of
   the phone number they stand for.
@@ -37,6 +38,8 @@ from stdnum import luhn
 from stdnum.es import dni as stdnum_dni
 from stdnum.es import nie as stdnum_nie
 
+from bridge.types import WamidHash
+
 if TYPE_CHECKING:
     from bridge.config import PrivacyConfig
 
@@ -50,6 +53,7 @@ __all__ = [
     "contains_phone_or_email",
     "data_keys",
     "display_name",
+    "is_keyed_hash",
     "key_id",
     "looks_like_personal_id",
     "new_localpart",
@@ -268,6 +272,9 @@ class KeyedIndex:
             if not any(hmac.compare_digest(k, seen) for seen in keys):
                 keys.append(k)
         self._keys = tuple(keys)
+        # Message ids get a key derived for them alone: a wamid's hash can never equal
+        # a citizen's, whatever the two strings are.
+        self._wamid_key = hmac.new(key, _WAMID_DOMAIN, hashlib.sha256).digest()
 
     def digest(self, identifier: str) -> str:
         """Hex HMAC-SHA256 of `normalise_identifier(identifier)` (64 chars), current key."""
@@ -281,6 +288,24 @@ class KeyedIndex:
     def _mac(key: bytes, identifier: str) -> str:
         data = normalise_identifier(identifier).encode("utf-8")
         return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+    def wamid(self, wamid: str) -> WamidHash:
+        """The stored form of a WhatsApp message id: hex HMAC-SHA256 (64 chars) under
+        the wamid key. A wamid is base64 that embeds the counterpart's number, so it is
+        never stored as it is; lookups (statuses, replies, reactions, redeliveries) go
+        by this hash. Ids are opaque: hashed exactly as given."""
+        data = wamid.encode("utf-8", "surrogatepass")
+        return WamidHash(hmac.new(self._wamid_key, data, hashlib.sha256).hexdigest())
+
+
+_WAMID_DOMAIN = b"civic-bridge wamid index v1"
+_KEYED_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def is_keyed_hash(value: str) -> bool:
+    """Whether `value` has the shape of a `KeyedIndex` hash (64 lowercase hex): tells a
+    value stored since revision 0010 from a wamid stored in clear before it."""
+    return _KEYED_HASH.fullmatch(value) is not None
 
 
 # --------------------------------------------------------------------------- pseudonyms
@@ -341,6 +366,12 @@ def data_keys(cfg: PrivacyConfig) -> list[bytes]:
             for k in (cfg.data_key, *cfg.previous_data_keys)]
 
 
+def wamid_aad(wamid_hash: str) -> bytes:
+    """A message map wamid's associated data: its own hash, so the ciphertext opens
+    only in the row it was written for."""
+    return b"message_map.wamid:" + wamid_hash.encode("ascii")
+
+
 @dataclass(frozen=True, slots=True)
 class Privacy:
     """The privacy primitives configured for this bridge, built once in the app."""
@@ -364,6 +395,16 @@ class Privacy:
     def display_name(self, code: str) -> str:
         """`display_name` with the configured template."""
         return display_name(self.pseudonym_template, code)
+
+    def seal_wamid(self, wamid: str) -> tuple[WamidHash, str]:
+        """(keyed hash, ciphertext) of a wamid the bridge must be able to send back to
+        Graph (a reply's context, a reaction's target, a read receipt)."""
+        digest = self.index.wamid(wamid)
+        return digest, self.cipher.encrypt(wamid, aad=wamid_aad(digest))
+
+    def open_wamid(self, wamid_hash: str, wamid_ct: str) -> str:
+        """The wamid `seal_wamid` sealed (raises DecryptError if it was moved or altered)."""
+        return self.cipher.decrypt_str(wamid_ct, aad=wamid_aad(wamid_hash))
 
 
 # --------------------------------------------------------------------------- detectors

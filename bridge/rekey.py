@@ -24,7 +24,16 @@ from typing import Any, cast
 from sqlalchemy import RowMapping, Table
 
 from bridge.db import Database
-from bridge.db.models import Base, CitizenRow, GhostRow, InboundRow, KVRow, OutboxRow, RoomKeyRow
+from bridge.db.models import (
+    Base,
+    CitizenRow,
+    GhostRow,
+    InboundRow,
+    KVRow,
+    MessageMapRow,
+    OutboxRow,
+    RoomKeyRow,
+)
 from bridge.db.reports import AAD_REPORT_REASON, ReportRow
 from bridge.matrix.keystore import room_key_aad
 from bridge.matrix.queued import SOURCE as QUEUED_SOURCE
@@ -39,6 +48,7 @@ from bridge.privacy import (
     Cipher,
     DecryptError,
     KeyedIndex,
+    wamid_aad,
 )
 from bridge.whatsapp.outbound import HELD_KEY
 from bridge.whatsapp.webhook_parse import lane_of
@@ -55,10 +65,11 @@ PARKED = "parked undecryptable events"
 ROOM_KEYS = "room keys"
 CROSS_SIGNING = "cross-signing seeds"
 REPORTS = "report reasons"
+MESSAGE_MAP = "message map wamids"
 STORE = "E2EE store key"
 OTHER_KV = "other kv values"
 KINDS = (IDENTIFIERS, INDEX_HASHES, LANES, INBOUND, OUTBOX, DEAD_LETTERS, HELD, PARKED,
-         ROOM_KEYS, CROSS_SIGNING, REPORTS, STORE, OTHER_KV)
+         ROOM_KEYS, CROSS_SIGNING, REPORTS, MESSAGE_MAP, STORE, OTHER_KV)
 _FINISHED = ("done", "dropped")  # inbound rows whose lane no longer matters
 
 
@@ -116,6 +127,7 @@ async def rekey_database(db: Database, cipher: Cipher,
     await db.sealed.rewrite(_table(RoomKeyRow), run.column(
         "session_key_ct", lambda row: ROOM_KEYS,
         lambda row: room_key_aad(row["owner"], row["session_id"], row["message_index"])))
+    await db.sealed.rewrite(_table(MessageMapRow), run.message_link)
     await db.sealed.rewrite(_table(ReportRow), run.column(
         "reason_ct", lambda row: REPORTS, lambda row: AAD_REPORT_REASON))
     await db.sealed.rewrite(_table(OutboxRow), run.column(
@@ -205,6 +217,28 @@ class _Rekey:
         if (wa_id := self.reseal(IDENTIFIERS, row["wa_id_ct"], AAD_WA_ID)):
             values["wa_id_ct"] = wa_id
         return values or None
+
+    def message_link(self, row: RowMapping) -> Mapping[str, Any] | None:
+        """The map keeps each wamid sealed (bound to its own hash) beside the hash, so
+        both follow a rotation: re-sealed under a new data key, re-hashed (and re-sealed
+        to the new hash) under a new index key."""
+        token, old_hash = row["wamid_ct"], str(row["wamid_hash"])
+        if not self.cipher.is_token(token):
+            return None
+        if self.index is None and not self.cipher.needs_rekey(token):
+            return None
+        plain = self.open(MESSAGE_MAP, token, wamid_aad(old_hash))
+        if plain is None:
+            return None
+        new_hash = self.index.wamid(plain.decode("utf-8")) if self.index else old_hash
+        if new_hash == old_hash and not self.cipher.needs_rekey(token):
+            return None
+        if new_hash != old_hash:
+            self.report.rehashed[MESSAGE_MAP] += 1
+        else:
+            self.report.resealed[MESSAGE_MAP] += 1
+        return {"wamid_hash": new_hash,
+                "wamid_ct": self.cipher.encrypt(plain, aad=wamid_aad(new_hash))}
 
     def inbound(self, row: RowMapping) -> Mapping[str, Any] | None:
         payload = row["payload"]

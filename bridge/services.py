@@ -27,6 +27,7 @@ from bridge.deadletters import DeadLetters
 from bridge.invites.rights import InviteAccounts
 from bridge.invites.service import InviteLinks
 from bridge.leader import Election, Role, SingleProcess, election_for
+from bridge.legacy_wamids import key_legacy_wamids
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.bot_invites import BotInvitePolicy
 from bridge.matrix.devices import Devices
@@ -273,6 +274,8 @@ async def build_bridge(config: Config) -> Bridge:
     except BaseException:
         await db.close()
         raise
+    # Before anything looks a message up: wamids from before revision 0010 get keyed.
+    await key_legacy_wamids(db, privacy)
     http = aiohttp.ClientSession()
     api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
     trust = Trust(db, http, config.homeserver.url, config.appservice.as_token, privacy.cipher)
@@ -305,7 +308,7 @@ async def build_bridge(config: Config) -> Bridge:
                     confirm_window=timedelta(
                         seconds=config.whatsapp.outbox_confirm_window_seconds),
                     on_dead=dead_letters.announce)
-    mirror = Mirror(db, api, relay, graph, portals, metrics)
+    mirror = Mirror(db, privacy, api, relay, graph, portals, metrics)
     subscriptions = NoticeSubscriptions(config, db, outbox, metrics)
     handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}
     receipts: StaffReceipts | None = None
@@ -321,7 +324,7 @@ async def build_bridge(config: Config) -> Bridge:
                                    then=staff_out)
         relay.add_handler(templates)
         if config.whatsapp.send_read_receipts:
-            receipts = StaffReceipts(db, graph, metrics, ghosts.is_ours)
+            receipts = StaffReceipts(db, privacy, graph, metrics, ghosts.is_ours)
     worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce)
     dead_letters.wake_inbound, dead_letters.wake_outbox = worker.wake, outbox.wake
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy,

@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 ERASED_NOTICE = ("Los datos de esta persona se han borrado a petición suya: el puente ya no "
                  "reenvía mensajes en ninguna dirección.")
 KEPT_AFTER_ERASURE = [
-    "consent records and audit entries (legal evidence; they name the pseudonym only)",
-    "notice log entries (informative; pseudonym only; deleted after "
+    "consent records and audit entries (legal evidence; they name the pseudonym only; "
+    "a message given as evidence is named by a keyed hash of its id)",
+    "notice log entries (informative; pseudonym only, no message id; deleted after "
     "notices.log_retention_days)",
     "messages already delivered to staff in the end-to-end encrypted portal room",
 ]
@@ -189,6 +190,9 @@ class CitizenData:
                     language=self._config.consent.notice_language, evidence="erasure")
         await self._subscriptions.withdraw(citizen, "erasure", "admin")
         await self._db.notices.fail_unsent(citizen.id, "citizen erased")
+        # The log entries stay, unlinked from the messages they were (a late status
+        # finds nothing to update).
+        await self._db.notices.forget_wamids(citizen.id)
         await self._db.outbox.cancel_for_citizen(citizen.id)
         portal = await self._db.rooms.portal_for(citizen.id)
         await self._portals.close(citizen, ERASED_NOTICE)

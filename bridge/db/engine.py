@@ -83,6 +83,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             # WAL: readers do not block the writer; the mode persists in the file.
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            # Deleted and overwritten content is zeroed, not left in free space: an
+            # erased citizen's rows must not live on in the file.
+            cursor.execute("PRAGMA secure_delete=ON")
         finally:
             cursor.close()
 
@@ -336,6 +339,20 @@ class Database(Repositories):
         """Repositories sharing one transaction, for changes that must land together."""
         async with self.session() as session:
             yield Repositories(shared(session, self.dialect), self._audit_keys)
+
+    async def drop_old_pages(self) -> None:
+        """SQLite: copy the write-ahead log into the file and truncate it, so old versions
+        of rewritten rows do not live on there (with secure_delete, the file itself
+        keeps none). PostgreSQL keeps old row versions until (auto)vacuum reuses their
+        space; nothing is done there."""
+        if self.dialect != "sqlite":
+            return
+        async with self.engine.connect() as conn:
+            # On the driver's connection: SQLAlchemy would wrap it in BEGIN, and a
+            # checkpoint cannot run inside a transaction.
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            await driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def ping(self) -> None:
         """Raise if the database cannot be reached (for /ready)."""

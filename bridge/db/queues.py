@@ -16,7 +16,7 @@ from bridge.db.models import InboundRow, OutboxRow, ProcessedTransactionRow, utc
 from bridge.db.records import InboundItem, InboundSource, InboundStatus, OutboxItem, OutboxStatus
 from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.errors import NotFound
-from bridge.types import RoomID
+from bridge.types import RoomID, WamidHash
 
 FINISHED: tuple[InboundStatus, ...] = ("done", "failed", "dropped")
 SETTLED: tuple[OutboxStatus, ...] = ("sent", "failed", "cancelled")
@@ -402,10 +402,11 @@ class OutboxRepo:
                 select(OutboxRow).where(OutboxRow.idempotency_key == idempotency_key))
             return None if row is None else _outbox(row)
 
-    async def by_wamid(self, wamid: str) -> OutboxItem | None:
-        """The send a WhatsApp delivery status refers to."""
+    async def by_wamid(self, wamid_hash: WamidHash) -> OutboxItem | None:
+        """The send a WhatsApp delivery status refers to (by its wamid's keyed hash)."""
         async with self._scope.session() as session:
-            row = await session.scalar(select(OutboxRow).where(OutboxRow.wamid == wamid))
+            row = await session.scalar(select(OutboxRow).where(
+                OutboxRow.wamid_hash == wamid_hash))
             return None if row is None else _outbox(row)
 
     async def due(self, now: datetime, limit: int = 50) -> list[OutboxItem]:
@@ -436,14 +437,14 @@ class OutboxRepo:
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt)) > 0
 
-    async def mark_sent(self, item_id: int, wamid: str) -> bool:
+    async def mark_sent(self, item_id: int, wamid_hash: WamidHash) -> bool:
         """Graph accepted the send. False, writing nothing, if the row was settled
         already (a delivery status confirmed or failed it first); a send cancelled while
         in flight did go out, so it is marked sent. NotFound if there is no such row."""
         stmt = (
             update(OutboxRow)
             .where(OutboxRow.id == item_id, OutboxRow.status.in_(("pending", "cancelled")))
-            .values(status="sent", wamid=wamid, attempts=OutboxRow.attempts + 1,
+            .values(status="sent", wamid_hash=wamid_hash, attempts=OutboxRow.attempts + 1,
                     last_error=None, sending_at=None, updated_at=utcnow())
         )
         async with self._scope.session() as session:
@@ -487,11 +488,12 @@ class OutboxRepo:
             sending_at=None,
         )
 
-    async def confirm_in_flight(self, item_id: int, wamid: str) -> OutboxItem | None:
-        """A delivery status shows that the send in flight was accepted as `wamid`:
+    async def confirm_in_flight(self, item_id: int, wamid_hash: WamidHash
+                                ) -> OutboxItem | None:
+        """A delivery status shows that the send in flight was accepted (its wamid's hash):
         mark it sent. None, writing nothing, unless the row is pending with an attempt
         in flight (`sending_at` set) — anything else was settled or never sent."""
-        return await self._settle_in_flight(item_id, status="sent", wamid=wamid,
+        return await self._settle_in_flight(item_id, status="sent", wamid_hash=wamid_hash,
                                             last_error=None)
 
     async def fail_in_flight(self, item_id: int, error: str) -> OutboxItem | None:
@@ -560,6 +562,7 @@ def _outbox(row: OutboxRow) -> OutboxItem:
         id=row.id, idempotency_key=row.idempotency_key, citizen_id=row.citizen_id,
         room_id=RoomID(row.room_id), payload=row.payload, status=cast(OutboxStatus, row.status),
         attempts=row.attempts, next_attempt_at=row.next_attempt_at, last_error=row.last_error,
-        wamid=row.wamid, created_at=row.created_at, updated_at=row.updated_at,
+        wamid_hash=WamidHash(row.wamid_hash) if row.wamid_hash else None,
+        created_at=row.created_at, updated_at=row.updated_at,
         sending_at=row.sending_at,
     )

@@ -15,7 +15,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import CheckConstraint, Integer, String, Text, select, update
+from sqlalchemy import (
+    CheckConstraint,
+    Integer,
+    String,
+    Text,
+    case,
+    cast,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from bridge.db.models import ID, Base, UTCDateTime, one_of, utcnow
@@ -149,9 +159,14 @@ class ReportRepo:
 
     async def forget_reporter(self, user_id: UserID) -> int:
         """An erased citizen's reports stay for the moderators, without their reason and
-        with the reporter replaced by ERASED; returns how many."""
+        with the reporter replaced by ERASED; returns how many. A WhatsApp report's
+        external id (the keyed hash of the citizen's message) becomes `erased:<id>`,
+        so nothing links the report to that message any more."""
+        erased_id = case((ReportRow.source == "whatsapp",
+                          literal("erased:") + cast(ReportRow.id, String)),
+                         else_=ReportRow.external_id)
         stmt = (update(ReportRow).where(ReportRow.reporter == user_id)
-                .values(reporter=ERASED, reason_ct=None))
+                .values(reporter=ERASED, reason_ct=None, external_id=erased_id))
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt))
 

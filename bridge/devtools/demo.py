@@ -290,7 +290,8 @@ class Demo:
             citizen = await b.db.citizens.by_index(b.privacy.index.digest(user.user_id))
             if citizen is None or await b.portals.room_of(citizen) is None:
                 return False
-            return first is None or await b.db.messages.by_wamid(first) is not None
+            return first is None or \
+                await b.db.messages.by_wamid(b.privacy.index.wamid(first)) is not None
 
         deadline = time.monotonic() + STEP_TIMEOUT
         while not await relayed():

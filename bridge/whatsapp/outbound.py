@@ -116,6 +116,7 @@ class StaffToWhatsApp:
         self._db = db
         self._portals = portals
         self._outbox = outbox
+        self._privacy = privacy
         self._cipher = privacy.cipher
         self._metrics = metrics
 
@@ -220,7 +221,7 @@ class StaffToWhatsApp:
         if not isinstance(event_id, str):
             return None
         link = await self._db.messages.by_event(EventID(event_id))
-        return link.wamid if link else None
+        return self._privacy.open_wamid(link.wamid_hash, link.wamid_ct) if link else None
 
     # --- hold for confirmation (personal identifiers) ---------------------------------
 

@@ -1,7 +1,8 @@
 """`GET|POST /whatsapp/webhook`: Meta's handshake and signed deliveries.
 
 A delivery is verified (HMAC-SHA256 of the raw body, constant-time), split into one
-queue row per message/status (deduplicated by wamid, resp. wamid+status), stored
+queue row per message/status (deduplicated by the wamid's keyed hash, resp. that and
+the status: a wamid embeds the number, so it is never a key in clear), stored
 encrypted, and only then acknowledged; the inbound worker does the rest.
 
 Dedupe keys live as long as their finished rows (bridge.retention): a message or status
@@ -26,7 +27,7 @@ from bridge.jsonbody import BodyError, load_body
 from bridge.privacy import AAD_PAYLOAD, Cipher, KeyedIndex
 from bridge.retention import REPLAY_WINDOW
 from bridge.web.state import BRIDGE
-from bridge.whatsapp.webhook_parse import WhatsAppError, lane_of, parse_webhook
+from bridge.whatsapp.webhook_parse import WhatsAppError, dedupe_key, lane_of, parse_webhook
 
 if TYPE_CHECKING:
     from bridge.services import Bridge
@@ -50,8 +51,10 @@ def _items(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def split_delivery(body: dict[str, Any], phone_number_id: str) -> list[tuple[str, dict[str, Any]]]:
-    """(dedupe key, single-item value) for every message and status of a delivery.
+def split_delivery(body: dict[str, Any], phone_number_id: str, index: KeyedIndex
+                   ) -> list[tuple[str, dict[str, Any]]]:
+    """(dedupe key, single-item value) for every message and status of a delivery; the
+    key names the wamid by its keyed hash (`dedupe_key`).
 
     Each stored value keeps its `metadata` and `contacts`, so it re-parses on its own.
     It reads the body with the parser's leniency (a part of the wrong type counts as
@@ -68,10 +71,10 @@ def split_delivery(body: dict[str, Any], phone_number_id: str) -> list[tuple[str
             base = {k: v for k, v in value.items() if k not in ("messages", "statuses")}
             for msg in _items(value.get("messages")):
                 if isinstance(msg, dict) and isinstance(msg.get("id"), str):
-                    items.append((f"msg:{msg['id']}", {**base, "messages": [msg]}))
+                    items.append((dedupe_key(index, msg["id"]), {**base, "messages": [msg]}))
             for st in _items(value.get("statuses")):
                 if isinstance(st, dict) and isinstance(st.get("id"), str):
-                    key = f"status:{st['id']}:{st.get('status')}"
+                    key = dedupe_key(index, st["id"], str(st.get("status")))
                     items.append((key, {**base, "statuses": [st]}))
     return items
 
@@ -89,18 +92,6 @@ def sent_at(value: dict[str, Any]) -> int | None:
             if isinstance(stamp, int) and not isinstance(stamp, bool) and stamp >= 0:
                 return stamp
     return None
-
-
-def _bounded(key: str) -> str:
-    """A dedupe key that fits its column (255): an overlong wamid is hashed, the same
-    way every time, so redeliveries still match."""
-    if len(key) <= _MAX_KEY:
-        return key
-    kind = key.split(":", 1)[0]
-    return f"{kind}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
-
-
-_MAX_KEY = 200
 
 
 class NotJSON(BadRequest):
@@ -131,13 +122,12 @@ def prepare_delivery(raw: bytes, phone_number_id: str, index: KeyedIndex,
         raise NotJSON("body is not JSON") from None
     batch = parse_webhook(body, phone_number_id)
     rows, replays = [], []
-    for key, value in split_delivery(body, phone_number_id):
+    for key, value in split_delivery(body, phone_number_id, index):
         sent = sent_at(value)
         if sent is not None and sent < oldest:
             replays.append("message" if key.startswith("msg:") else "status")
             continue
-        rows.append((_bounded(key), cipher.encrypt_json(value, aad=AAD_PAYLOAD),
-                     lane_of(value, index)))
+        rows.append((key, cipher.encrypt_json(value, aad=AAD_PAYLOAD), lane_of(value, index)))
     return Delivery(rows, batch.ignored, batch.errors, tuple(replays))
 
 

@@ -24,9 +24,10 @@ from sqlalchemy import text
 
 from bridge.cli import init_config
 from bridge.config import ENV_PREFIX, load_config
-from bridge.db import downgrade, schema_status, upgrade
+from bridge.db import Database, downgrade, schema_status, upgrade
 from bridge.db.engine import create_engine
 from bridge.devtools.synapse import free_port
+from bridge.privacy import Privacy
 from tests.fixtures.synapse import other_free_port
 
 DOMAIN = "agency.example"
@@ -306,6 +307,23 @@ async def test_migrate_creates_the_schema_and_is_idempotent(deployment: Deployme
     second = await cli("migrate", "-c", deployment.config_arg, cwd=deployment.root)
     assert second.returncode == 0, second.stderr
     assert await schema_status(deployment.url) == "current"
+
+
+async def test_migrate_keys_wamids_stored_in_clear_before_0010(deployment: Deployment) -> None:
+    """`migrate` from revision 0009 also does the data part of 0010, which needs the
+    keys: a wamid the old code kept in clear is a keyed hash afterwards."""
+    await upgrade(deployment.url, "0009")
+    wamid = "wamid.HBgLMzQ2MDAxMTIyMzMVAgASGBQzRUIwRjJCMjQ4NjA2QzU3MTk0NQA="
+    await _execute(deployment.url, "INSERT INTO inbound (source, dedupe_key, lane, payload, "
+                   "status, attempts, created_at) VALUES ('whatsapp', 'msg:" + wamid +
+                   "', '', 'x', 'done', 0, '2026-12-01 10:00:00')")
+    result = await cli("migrate", "-c", deployment.config_arg, cwd=deployment.root)
+    assert result.returncode == 0, result.stderr
+    assert "wamids stored in clear, now keyed: 1" in result.stdout
+    index = Privacy.from_config(load_config(deployment.config_path).privacy).index
+    async with await Database.open(deployment.url) as db:
+        [item] = await db.inbound.after(0)
+        assert item.dedupe_key == f"msg:{index.wamid(wamid)}"
 
 
 @pytest.mark.parametrize("state", ["empty", "behind", "foreign"])

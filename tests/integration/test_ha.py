@@ -37,6 +37,7 @@ from bridge.config import ENV_PREFIX, Config, load_config
 from bridge.db import Database, upgrade
 from bridge.devtools.synapse import free_port
 from bridge.leader import APPLICATION_NAME
+from bridge.privacy import Privacy
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 from tests.fixtures.db import PgServer
@@ -251,6 +252,7 @@ async def test_standby_takes_over_and_loses_nothing(cluster: Cluster) -> None:
     a, b = cluster.procs
     wa = cluster.wa
     db = await Database.open(cluster.db_url)
+    index = Privacy.from_config(cluster.procs[0].config.privacy).index
     try:
         # --- A starts first and is elected; B waits as a warm standby ------------------
         await a.start()
@@ -275,7 +277,7 @@ async def test_standby_takes_over_and_loses_nothing(cluster: Cluster) -> None:
         await wa.wait_for_sent(notice_to(first), timeout=60)
         assert await wa.deliver(f"{a.url}/whatsapp/webhook",
                                 wa.button_reply(first, OPT_IN_BUTTON, "Acepto")) == 200
-        await eventually(lambda: db.messages.by_wamid(hello["messages"][0]["id"]),
+        await eventually(lambda: db.messages.by_wamid(index.wamid(hello["messages"][0]["id"])),
                          "the held first message relayed into the portal")
 
         # --- A acknowledges more work, cannot finish it, and is killed ------------------
@@ -312,7 +314,7 @@ async def test_standby_takes_over_and_loses_nothing(cluster: Cluster) -> None:
         # --- B did all of it, each thing once -------------------------------------------
         for n in newcomers:
             await wa.wait_for_sent(notice_to(n), timeout=60)
-        await eventually(lambda: db.messages.by_wamid(again["messages"][0]["id"]),
+        await eventually(lambda: db.messages.by_wamid(index.wamid(again["messages"][0]["id"])),
                          "the message relayed by B through the ghost device A created")
 
         async def settled() -> bool:

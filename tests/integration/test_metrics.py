@@ -117,9 +117,9 @@ async def test_counters_move_and_labels_stay_impersonal(bridge: BridgeHarness) -
                              and s.get("type") == "interactive", timeout=30)
     tap = h.wa.button_reply(citizen, OPT_IN_BUTTON, "Acepto")
     assert await h.wa.deliver(h.webhook_url, tap) == 200
-    db = h.running.bridge.db
+    db, index = h.running.bridge.db, h.running.bridge.privacy.index
     async with asyncio.timeout(30):
-        while await db.messages.by_wamid(hello["messages"][0]["id"]) is None:
+        while await db.messages.by_wamid(index.wamid(hello["messages"][0]["id"])) is None:
             await asyncio.sleep(0.1)
 
     # An appservice transaction, stored and acknowledged.

@@ -316,12 +316,12 @@ async def test_denunciar_on_whatsapp_quoting_a_staff_message_reaches_moderators(
             s.get("text", {}).get("body", ""))
         assert received["type"] == "text"
         # The report is for moderators: it is not mirrored into the portal.
-        assert await b.db.messages.by_wamid(wamid) is None
+        assert await b.db.messages.by_wamid(b.privacy.index.wamid(wamid)) is None
         # A redelivered webhook, or the same report again while open, files nothing new.
         assert await bridge.wa.deliver(bridge.webhook_url, report_msg) == 200
         again = await j.write(bridge.wa.text_message(citizen, "DENUNCIAR", context_id=quoted))
         await bridge.running.idle("whatsapp")
-        assert await b.db.messages.by_wamid(again) is None
+        assert await b.db.messages.by_wamid(b.privacy.index.wamid(again)) is None
         status, body = await bridge.running.call("POST", f"/admin/v1/reports/{number}/dismiss",
                                                  {})
         assert status == 200 and body["reporter_told"] is True

@@ -92,9 +92,12 @@ async def test_an_erased_reporter_is_forgotten_but_the_report_stays(db: Database
     kept = await db.reports.get(mine.id)
     assert kept is not None and (kept.reporter, kept.reason_ct, kept.status) == (
         ERASED, None, "open")
+    # Its external id (the keyed hash of the citizen's message) links it to nothing.
+    assert kept.external_id == f"erased:{mine.id}"
     untouched = await db.reports.get(other.id)
-    assert untouched is not None and (untouched.reporter, untouched.reason_ct) == (
-        AUTHOR, "v1.k.other")
+    assert untouched is not None and (untouched.reporter, untouched.reason_ct,
+                                      untouched.external_id) == (
+        AUTHOR, "v1.k.other", "synapse:erase-2")
 
 
 async def test_the_open_report_of_a_reporter_about_an_event(db: Database) -> None:

@@ -358,7 +358,9 @@ async def test_outbound_types_and_statuses(journey: Journey) -> None:
 
     # Statuses: read → the ghost's read receipt; failed → a notice naming the error.
     link = await wait_until(lambda: b.db.messages.by_event(reply_event), 30, "link")
-    await j.write(wa.status_update(link.wamid, "read", c))
+    reply_wamid = wa.sent_ids[wa.sent.index(sent)]
+    assert reply_wamid is not None and link.wamid_hash == b.privacy.index.wamid(reply_wamid)
+    await j.write(wa.status_update(reply_wamid, "read", c))
 
     async def receipt() -> bool:
         ghost = (await b.db.citizens.by_index(b.privacy.index.digest(c.user_id))).ghost_user_id
@@ -367,7 +369,7 @@ async def test_outbound_types_and_statuses(journey: Journey) -> None:
         return ghost in room.read_receipts and \
             room.read_receipts[ghost].event_id == reply_event
     await wait_until(receipt, 30, "read receipt")
-    await j.write(wa.status_update(link.wamid, "failed", c,
+    await j.write(wa.status_update(reply_wamid, "failed", c,
                                    errors=[(131026, "Message undeliverable")]))
     await j.seen(lambda e: "Message undeliverable" in getattr(e, "body", ""))
 

@@ -20,6 +20,7 @@ from bridge.privacy import (
     contains_phone_or_email,
     data_keys,
     display_name,
+    is_keyed_hash,
     key_id,
     looks_like_personal_id,
     new_localpart,
@@ -297,6 +298,40 @@ def test_ten_thousand_numbers_do_not_collide() -> None:
     index = KeyedIndex(KEY_A)
     digests = {index.digest(f"34600{n:06d}") for n in range(10_000)}
     assert len(digests) == 10_000
+
+
+WAMID = "wamid.HBgLMzQ2MDAxMTIyMzMVAgASGBQzRUIwRjJCMjQ4NjA2QzU3MTk0NQA="
+
+
+def test_wamid_hash_is_keyed_hex_and_never_a_citizen_digest() -> None:
+    index = KeyedIndex(KEY_A)
+    digest = index.wamid(WAMID)
+    assert digest == KeyedIndex(KEY_A).wamid(WAMID) and is_keyed_hash(digest)
+    assert digest != KeyedIndex(KEY_B).wamid(WAMID)
+    # A key of its own: the same string hashed as an identifier gives something else.
+    assert digest != index.digest(WAMID)
+    assert index.wamid("34600112233") != index.digest("34600112233")
+    # Opaque: not normalised like a number.
+    assert index.wamid(" " + WAMID) != digest
+    assert not is_keyed_hash(WAMID) and not is_keyed_hash(digest.upper())
+
+
+@given(st.lists(st.text(min_size=1, max_size=80), min_size=2, max_size=100, unique=True))
+def test_distinct_wamids_do_not_collide(wamids: list[str]) -> None:
+    index = KeyedIndex(KEY_A)
+    assert len({index.wamid(w) for w in wamids}) == len(wamids)
+
+
+def test_a_sealed_wamid_opens_only_with_its_own_hash() -> None:
+    privacy = Privacy(cipher=Cipher(KEY_B), index=KeyedIndex(KEY_C))
+    digest, sealed = privacy.seal_wamid(WAMID)
+    assert digest == privacy.index.wamid(WAMID) and WAMID not in sealed
+    assert privacy.open_wamid(digest, sealed) == WAMID
+    other, _ = privacy.seal_wamid(WAMID + "x")
+    with pytest.raises(DecryptError):  # copied to another row of the message map
+        privacy.open_wamid(other, sealed)
+    with pytest.raises(DecryptError):  # or to another column
+        privacy.cipher.decrypt_str(sealed)
 
 
 # --------------------------------------------------------------------------- pseudonyms
