@@ -24,7 +24,7 @@ from bridge.db.models import (
     MessageMapRow,
     OutboxRow,
 )
-from bridge.types import EventID, Pseudonym, UserID
+from bridge.types import EventID, Pseudonym, UserID, WamidHash
 from bridge.whatsapp.webhook_parse import citizen_lane
 from tests.fixtures.db import Backend
 from tests.integration.test_cli import DEAD_HOMESERVER, assert_no_traceback, cli
@@ -62,7 +62,7 @@ async def seed(db: Database) -> dict[str, Any]:
     old_send, new_send = await outbox(db, granted, "sent", 31), await outbox(db, granted,
                                                                              "sent", 29)
     for n, age in enumerate((91, 89)):
-        assert await db.messages.link(f"wamid.{n}", ROOM, EventID(f"$e{n}"), "out")
+        assert await db.messages.link((WamidHash(f"{n:064x}"), ""), ROOM, EventID(f"$e{n}"), "out")
         await set_row(db, MessageMapRow, MessageMapRow.event_id == f"$e{n}",
                       created_at=days_ago(age))
     old_link, new_link = await link(db, 40, expires=31), await link(db, 20, expires=10)

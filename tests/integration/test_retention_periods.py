@@ -18,7 +18,7 @@ from bridge.db.invites import InviteAccountRow, InviteLinkRow
 from bridge.db.models import Base, CitizenRow, InboundRow, MessageMapRow, OutboxRow
 from bridge.privacy import Cipher
 from bridge.retention import STEPS, TABLES, Retention
-from bridge.types import EventID, Pseudonym, RoomID, UserID
+from bridge.types import EventID, Pseudonym, RoomID, UserID, WamidHash
 from tests.fixtures.synapse import build_test_config
 
 NOW = datetime.now(UTC)
@@ -91,7 +91,7 @@ async def test_each_kind_goes_after_its_period_and_a_dry_run_only_counts(
                   await outbox(db, c, "dead", 60)]
     # message_map_days 90.
     for n, age in enumerate((91, 89)):
-        assert await db.messages.link(f"wamid.{n}", ROOM, EventID(f"$e{n}"), "in")
+        assert await db.messages.link((WamidHash(f"{n:064x}"), ""), ROOM, EventID(f"$e{n}"), "in")
         await set_row(db, MessageMapRow, MessageMapRow.event_id == f"$e{n}",
                       created_at=days_ago(age))
     # invite_links_days 30: expired, revoked or used up that long ago.

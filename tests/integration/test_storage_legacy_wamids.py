@@ -104,9 +104,26 @@ async def test_rekey_reseals_the_message_map(db: Database) -> None:
     # A row from before revision 0010 not yet keyed has no ciphertext: left alone.
     await db.messages.link((WamidHash(W_OUT), ""), ROOM, EventID("$legacy"), "in")
     rotated = Privacy(cipher=Cipher(new_key, [old_key]), index=index)
-    assert await rekey_database(db, rotated.cipher) == 1
-    assert await rekey_database(db, rotated.cipher) == 0
+    assert (await rekey_database(db, rotated.cipher)).total == 1
+    assert (await rekey_database(db, rotated.cipher)).total == 0
     link = await db.messages.by_wamid(index.wamid(W_IN))
     assert link is not None and not rotated.cipher.needs_rekey(link.wamid_ct)
     assert Privacy(cipher=Cipher(new_key), index=index).open_wamid(
         link.wamid_hash, link.wamid_ct) == W_IN
+
+
+async def test_rekey_rehashes_the_message_map_under_a_new_index_key(db: Database) -> None:
+    """The map holds each wamid sealed, so a rotated `privacy.index_key` re-hashes it:
+    replies and reactions to messages from before the rotation still find their event."""
+    cipher = Cipher(os.urandom(32))
+    old_index, new_index = KeyedIndex(os.urandom(32)), KeyedIndex(os.urandom(32))
+    await db.messages.link(Privacy(cipher=cipher, index=old_index).seal_wamid(W_IN), ROOM,
+                           EventID("$in"), "in")
+    report = await rekey_database(db, cipher, new_index)
+    assert report.rehashed["message map wamids"] == 1
+    assert await db.messages.by_wamid(old_index.wamid(W_IN)) is None
+    link = await db.messages.by_wamid(new_index.wamid(W_IN))
+    assert link is not None and link.event_id == "$in"
+    assert Privacy(cipher=cipher, index=new_index).open_wamid(
+        link.wamid_hash, link.wamid_ct) == W_IN
+    assert (await rekey_database(db, cipher, new_index)).rehashed["message map wamids"] == 0

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from bridge.db.models import InboundRow
 from bridge.retention import FINISHED_RETENTION, REPLAY_WINDOW
+from bridge.whatsapp.webhook_parse import dedupe_key
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_metrics import scrape, value
 from tests.integration.test_whatsapp import new_citizen, wamid_of
@@ -19,6 +20,12 @@ from tests.integration.test_whatsapp import new_citizen, wamid_of
 pytestmark = pytest.mark.integration
 
 DAY = 86400.0
+
+
+def key_of(bridge: BridgeHarness, wamid: str, status: str | None = None) -> str:
+    """The queue's dedupe key of a message or status (the wamid by its keyed hash)."""
+    return dedupe_key(bridge.running.bridge.privacy.index, wamid, status)
+
 
 
 @contextmanager
@@ -52,8 +59,8 @@ async def test_old_message_and_status_are_acknowledged_counted_and_not_queued(
         status = bridge.wa.status_update("wamid.viejo", "read", citizen)
     assert await bridge.wa.deliver(bridge.webhook_url, message) == 200
     assert await bridge.wa.deliver(bridge.webhook_url, status, field="messages") == 200
-    assert not await queued(bridge, f"msg:{wamid_of(message)}")
-    assert not await queued(bridge, "status:wamid.viejo:read")
+    assert not await queued(bridge, key_of(bridge, wamid_of(message)))
+    assert not await queued(bridge, key_of(bridge, "wamid.viejo", "read"))
     _, after = await scrape(bridge)
     name = "civic_bridge_webhook_replays_total"
     assert value(after, name, part="message") == value(before, name, part="message") + 1
@@ -65,5 +72,5 @@ async def test_a_message_inside_the_window_is_queued(bridge: BridgeHarness) -> N
     with sent_ago(bridge, REPLAY_WINDOW.total_seconds() - DAY):
         message = bridge.wa.text_message(citizen, "escribí hace días")
     assert await bridge.wa.deliver(bridge.webhook_url, message) == 200
-    assert await queued(bridge, f"msg:{wamid_of(message)}")
+    assert await queued(bridge, key_of(bridge, wamid_of(message)))
     await bridge.running.idle("whatsapp")
