@@ -107,6 +107,10 @@ class Metrics:
         self.dead_letters_current = Gauge("civic_bridge_dead_letters_current",
                                           "Dead letters waiting for an admin to retry or "
                                           "discard them", registry=r)
+        # reason: unauthenticated (no or an unknown token) or forbidden (a token without
+        # the route's scope): refused admin API calls (bridge.admin.auth).
+        self.admin_refusals = Counter("civic_bridge_admin_refusals",
+                                      "Admin API calls refused", ["reason"], registry=r)
         # reason: one of bridge.whatsapp.staff_events.NotSentReason
         self.outbound_not_sent = Counter(
             "civic_bridge_outbound_not_sent",

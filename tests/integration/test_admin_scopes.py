@@ -119,6 +119,34 @@ async def test_unknown_or_missing_token_is_401(bridge: BridgeHarness) -> None:
             assert (await resp.json())["errcode"] == "M_UNKNOWN_TOKEN"
 
 
+async def test_refusals_are_counted_logged_and_a_known_callers_audited(
+        bridge: BridgeHarness) -> None:
+    """A probe with no or a wrong token is logged (route, never the token) and counted; a
+    known token reaching beyond its scope is also audited under its name (ENS op.exp.8)."""
+    registry = bridge.running.bridge.metrics.registry
+
+    def refused(reason: str) -> float:
+        return registry.get_sample_value("civic_bridge_admin_refusals_total",
+                                         {"reason": reason}) or 0.0
+
+    before = refused("unauthenticated"), refused("forbidden")
+    mark = len(bridge.log_lines)
+    wrong = "z" * 40
+    async with aiohttp.ClientSession() as http, http.get(
+            bridge.running.admin_url + "/admin/v1/citizens/lookup",
+            headers={"Authorization": f"Bearer {wrong}"}) as resp:
+        assert resp.status == 401
+    status, _ = await api(bridge, "only-notices", "GET", "/admin/v1/audit")
+    assert status == 403
+    assert (refused("unauthenticated"), refused("forbidden")) == (before[0] + 1, before[1] + 1)
+    lines = "".join(bridge.log_lines[mark:])
+    assert "/admin/v1/citizens/lookup refused" in lines and wrong not in lines
+    assert "refused to token only-notices (lacks audit.read)" in lines
+    entry = await newest(bridge, "admin.refused")
+    assert (entry["actor"], entry["object"], entry["result"]) == (
+        "api:only-notices", "GET /admin/v1/audit", "forbidden")
+
+
 async def newest(h: BridgeHarness, action: str) -> dict[str, Any]:
     status, page = await api(h, "only-audit.read", "GET", "/admin/v1/audit?limit=50")
     assert status == 200, page

@@ -32,7 +32,8 @@ OUTBOX_TYPES = ("text", "buttons", "template", "reaction", "media", "location")
 ALLOWED_LABELS: dict[str, set[str]] = {
     "direction": {"in", "out"},
     "type": {*get_args(MessageKind), *OUTBOX_TYPES},
-    "reason": {"signature", "json", "format", *DEAD_REASONS, *get_args(NotSentReason)},
+    "reason": {"signature", "json", "format", *DEAD_REASONS, *get_args(NotSentReason),
+               "unauthenticated", "forbidden"},
     "purpose": set(get_args(ConsentPurpose)),
     "state": set(get_args(ConsentState)),
     "what": {*(label for _, label in RETENTION_STEPS), "management", "reporter", "poll"},
