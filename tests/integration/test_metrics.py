@@ -33,17 +33,27 @@ ALLOWED_LABELS: dict[str, set[str]] = {
     "direction": {"in", "out"},
     "type": {*get_args(MessageKind), *OUTBOX_TYPES},
     "reason": {"signature", "json", "format", *DEAD_REASONS, *get_args(NotSentReason),
-               "unauthenticated", "forbidden"},
+               "unauthenticated", "forbidden",
+               # bridge.whatsapp.mirror: inbound messages staff got a notice for instead
+               "media_too_large", "media_failed", "unsupported", "whatsapp_error",
+               "account_error"},
     "purpose": set(get_args(ConsentPurpose)),
     "state": set(get_args(ConsentState)),
     "what": {*(label for _, label in RETENTION_STEPS), "management", "reporter", "poll"},
     "source": {*get_args(InboundSource), "outbox"},
     "outcome": {"queued", "repeat", "no_consent", "unknown_recipient", "sent", "delivered",
-                "read", "failed", "released", "expired", "other_portal"},
+                "read", "failed", "released", "expired", "other_portal",
+                # receipts, staff templates
+                "window_closed", "rate_limited", "no_message", "listed", "not_portal",
+                "unknown", "refused_parameters"},
+    "kind": {"read", "typing"},
+    # bridge.whatsapp.identity
+    "change": {"user_changed_number", "user_changed_user_id", "other"},
     # bridge.moderation
     "origin": set(REPORT_SOURCES),
     "action": set(ACTIONS),
-    "result": {"reverted", "not_reverted"},
+    "result": {"reverted", "not_reverted", "rekeyed", "notice_only", "conflict",
+               "unknown_citizen", "ok", "failed", "broken"},
     # bridge.whatsapp.webhook: items sent before the replay window
     "part": {"message", "status"},
 }
