@@ -218,8 +218,15 @@ async def test_templates_listed_and_sent_after_the_window(templated: BridgeHarne
         assert len(templates_sent) == 1
         async def typing_refused() -> bool:
             metrics = (await h.running.call("GET", "/metrics", token=None))[1]
-            return 'kind="typing",outcome="window_closed"' in metrics
-        await wait_until(typing_refused, 30, "typing seen and not sent")
+            if 'kind="typing",outcome="window_closed"' in metrics:
+                return True
+            # Typing is ephemeral: Synapse does not retry it to an appservice it saw
+            # down (the fixtures restart the bridge), so start typing again.
+            await typing(j, False)
+            await typing(j)
+            await asyncio.sleep(1)
+            return False
+        await wait_until(typing_refused, 60, "typing seen and not sent")
         assert not [s for s in reads(h, wamid) if "typing_indicator" in s]
         await typing(j, False)
 
@@ -293,12 +300,16 @@ async def test_no_wamid_or_identifier_in_the_logs(templated: BridgeHarness) -> N
     third-party debug logs such as aiosqlite's SQL parameters: the database is given
     keyed hashes and ciphertexts of wamids only."""
     h = templated
+    used = set(USED_IDENTIFIERS)
     wamids = {s["message_id"] for s in h.wa.sent if s.get("status") == "read"}
-    wamids |= {w for w in h.wa.sent_ids if w}
-    assert wamids and USED_IDENTIFIERS
+    # Sends to the citizens these tests made (other modules' tests, such as one that
+    # writes clear wamids into a database on purpose, use the same simulator).
+    wamids |= {w for w, s in zip(h.wa.sent_ids, h.wa.sent, strict=True)
+               if w and (s.get("to") in used or s.get("recipient") in used)}
+    assert wamids and used
     ours = [line for line in h.log_lines if line.startswith("bridge")]
     assert ours
-    for secrets_, lines in ((wamids, h.log_lines), (set(USED_IDENTIFIERS), h.log_lines)):
+    for secrets_, lines in ((wamids, h.log_lines), (used, h.log_lines)):
         for secret in secrets_:
             found = next((x for x in lines if secret in x), None)
             assert found is None, f"logged: {found.replace(secret, '<SECRET>')[:300]}"
