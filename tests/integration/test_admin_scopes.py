@@ -6,21 +6,18 @@ rate-limited. The session bridge has one `only-<scope>` token per scope
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import pytest
-import yaml
 
 from bridge.app import make_admin_app, make_app
 from bridge.config import ADMIN_SCOPES
 from tests.fixtures.bridge import BridgeHarness
-from tests.integration.test_whatsapp import new_citizen, opt_in, wait_until
+from tests.integration.test_whatsapp import bridge_cli, new_citizen, opt_in, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -197,15 +194,7 @@ async def test_auditor_reads_and_verifies_the_trail_only(bridge: BridgeHarness) 
 
 
 async def cli(h: BridgeHarness, tmp_path: Path, *args: str) -> tuple[int, str, str]:
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(h.running.config.model_dump(mode="json")),
-                      encoding="utf-8")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge", "admin", "-c", str(config), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await bridge_cli(h, tmp_path, "admin", *args)
 
 
 async def test_reveal_and_lookup(bridge: BridgeHarness, tmp_path: Path) -> None:

@@ -6,18 +6,15 @@ are retired by `civic-bridge purge`; consent records carry their language."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import secrets
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from sqlalchemy import update
 
 from bridge.db.invites import InviteAccountRow, InviteLinkRow
@@ -29,6 +26,7 @@ from tests.integration.test_admin_scopes import api, refused_for_scope
 from tests.integration.test_moderation import User, as_user, create_room, q
 from tests.integration.test_whatsapp import (
     admin_cli,
+    bridge_cli,
     new_citizen,
     opt_in,
     to_citizen,
@@ -203,15 +201,7 @@ async def test_an_invite_link_account_is_exported_and_erased(bridge: BridgeHarne
 
 
 async def purge_cli(h: BridgeHarness, tmp_path: Path, *args: str) -> tuple[int, str, str]:
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(h.running.config.model_dump(mode="json")),
-                      encoding="utf-8")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge", "purge", "-c", str(config), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await bridge_cli(h, tmp_path, "purge", *args, timeout=120)
 
 
 async def test_unused_invite_accounts_are_retired_and_spent_links_purged(

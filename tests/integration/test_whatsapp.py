@@ -486,17 +486,26 @@ async def test_staff_message_with_a_personal_id_is_held_until_confirmed(
         await j.desk.close()
 
 
-async def admin_cli(h: BridgeHarness, tmp_path: Path, *args: str) -> str:
-    """`civic-bridge admin ARGS` against the running bridge; its stdout (exit 0 asserted)."""
+async def bridge_cli(h: BridgeHarness, tmp_path: Path, command: str, *args: str,
+                     timeout: float | None = None) -> tuple[int, str, str]:
+    """`civic-bridge COMMAND -c CONFIG ARGS` with the running bridge's config: (exit
+    code, stdout, stderr)."""
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(h.running.config.model_dump(mode="json")),
                       encoding="utf-8")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge", "admin", "-c", str(config), *args,
+        sys.executable, "-m", "bridge", command, "-c", str(config), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def admin_cli(h: BridgeHarness, tmp_path: Path, *args: str) -> str:
+    """`civic-bridge admin ARGS` against the running bridge; its stdout (exit 0 asserted)."""
+    code, out, err = await bridge_cli(h, tmp_path, "admin", *args)
+    assert code == 0, err
+    return out
 
 
 async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: Path) -> None:
