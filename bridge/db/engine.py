@@ -12,8 +12,10 @@ check loads the script directory on a worker thread before it touches the databa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
+import sqlite3
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -64,11 +66,30 @@ def create_engine(url: str) -> AsyncEngine:
     otherwise end with `[parameters: ...]`: message bodies, ciphertexts, hashes.
     """
     if make_url(url).get_backend_name() == "sqlite":
-        engine = create_async_engine(url, hide_parameters=True)
+        engine = create_async_engine(url, hide_parameters=True,
+                                     connect_args={"factory": _RollbackOnClose})
         _configure_sqlite(engine)
         return engine
     # pre_ping: a PostgreSQL restart or failover must not surface as errors on stale connections.
     return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
+
+
+class _RollbackOnClose(sqlite3.Connection):
+    """An SQLite connection that ends its transaction before it closes.
+
+    A task cancelled in the middle of a session leaves a statement of its cursor
+    unfinished; SQLAlchemy then closes the connection, and SQLite keeps a connection
+    with unfinished statements alive as a "zombie" until they are finalized, which
+    can be never: with the write lock of BEGIN IMMEDIATE still held, every later
+    writer (a restarted bridge, `civic-bridge migrate`) gets "database is locked".
+    ROLLBACK resets the statements and releases the lock first.
+    """
+
+    def close(self) -> None:
+        if self.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.rollback()
+        super().close()
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
