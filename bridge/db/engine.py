@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
+import aiosqlite
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -67,7 +68,7 @@ def create_engine(url: str) -> AsyncEngine:
     """
     if make_url(url).get_backend_name() == "sqlite":
         engine = create_async_engine(url, hide_parameters=True,
-                                     connect_args={"factory": _RollbackOnClose})
+                                     connect_args={"async_creator_fn": _connect_sqlite})
         _configure_sqlite(engine)
         return engine
     # pre_ping: a PostgreSQL restart or failover must not surface as errors on stale connections.
@@ -90,6 +91,32 @@ class _RollbackOnClose(sqlite3.Connection):
             with contextlib.suppress(sqlite3.Error):
                 self.rollback()
         super().close()
+
+
+class _SQLiteConnection(aiosqlite.Connection):
+    """aiosqlite's connection, safe to close after SQLAlchemy has terminated it.
+
+    When a task is cancelled mid-session, SQLAlchemy terminates the connection
+    (aiosqlite `stop()`: the connection closes on its thread, which then ends) and may
+    close it again right after. aiosqlite 0.22's `close()` then queues a second stop
+    behind the first, for a thread that has ended, and waits for it for ever
+    (omnilib/aiosqlite#369): a bridge stopping or restarting hung.
+    """
+
+    async def close(self) -> None:
+        if not self._running:  # stopped: its thread closes the connection already
+            return
+        await super().close()
+
+
+def _connect_sqlite(database: str, **kwargs: Any) -> aiosqlite.Connection:
+    """aiosqlite.connect with the two fixes above (the sqlite3 factory, the close)."""
+    def connector() -> sqlite3.Connection:
+        return sqlite3.connect(database, factory=_RollbackOnClose, **kwargs)
+
+    connection = _SQLiteConnection(connector, iter_chunk_size=64)
+    connection._thread.daemon = True  # as SQLAlchemy does: never hold up the exit
+    return connection
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:

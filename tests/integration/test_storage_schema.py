@@ -207,3 +207,20 @@ async def test_sessions_cancelled_midway_leave_no_write_lock(tmp_path: Path) -> 
             probe.execute("ROLLBACK")
         finally:
             probe.close()
+
+
+async def test_closing_a_connection_sqlalchemy_terminated_returns(tmp_path: Path) -> None:
+    """After a cancellation SQLAlchemy terminates an SQLite connection and may close it
+    right after; with aiosqlite 0.22 as it comes, that close waits for ever."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'close.db'}")
+    try:
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            driver.stop()  # what terminating does
+            async with asyncio.timeout(5):
+                await driver.close()
+            await conn.invalidate()  # the pool must not hand it out again
+    finally:
+        await engine.dispose()
