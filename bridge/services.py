@@ -36,7 +36,8 @@ from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.keystore import RoomKeyStore
 from bridge.matrix.queued import open_event, seal_unsealed
 from bridge.matrix.relay import Relay
-from bridge.matrix.rooms import RoomPolicy, Rooms
+from bridge.matrix.room_policy import RoomPolicy
+from bridge.matrix.rooms import Rooms
 from bridge.matrix.storekey import load_store_key, pickle_passphrase
 from bridge.matrix.trust import Trust
 from bridge.matrix.undecryptable import UndecryptableStore

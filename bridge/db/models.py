@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from bridge.db.records import (
+from bridge.model import (
     CONSENT_PURPOSES,
     CONSENT_STATES,
     DIRECTIONS,

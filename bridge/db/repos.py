@@ -16,11 +16,11 @@ from bridge.db.models import KVRow, MessageMapRow, utcnow
 from bridge.db.notices import NoticeRepo, SubscriptionRepo
 from bridge.db.people import CitizenRepo, ConsentRepo, GhostRepo, RoomRepo
 from bridge.db.queues import InboundRepo, OutboxRepo, TransactionRepo
-from bridge.db.records import Direction, MessageLink
 from bridge.db.reports import ReportRepo
 from bridge.db.roomkeys import RoomKeyRepo
 from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.db.sealed import SealedRepo
+from bridge.model import Direction, MessageLink
 from bridge.types import EventID, RoomID, WamidHash
 
 

@@ -31,8 +31,8 @@ from bridge.whatsapp.graph import (
     GraphError,
     MediaIntegrityError,
     MediaTooLarge,
-    media_limit,
 )
+from bridge.whatsapp.limits import media_limit
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.vcard import MIME_TYPE as VCARD_MIME
 from bridge.whatsapp.vcard import to_vcf
