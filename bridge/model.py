@@ -266,3 +266,13 @@ class OwnerRoomKeys:
 
     keys: list[StoredRoomKey]
     deliveries: list[RoomKeyDelivery]
+
+
+@dataclass(frozen=True)
+class HeldStaffMessage:
+    """A staff message held for confirmation; `payloads_ct` sealed, bound to `event_id`."""
+
+    event_id: EventID
+    room_id: RoomID
+    held_at: datetime
+    payloads_ct: str

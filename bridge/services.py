@@ -51,7 +51,7 @@ from bridge.types import RoomID, UserID
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.inbound import WhatsAppInbound
 from bridge.whatsapp.mirror import Mirror
-from bridge.whatsapp.outbound import StaffToWhatsApp
+from bridge.whatsapp.outbound import StaffToWhatsApp, adopt_legacy_holds
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.receipts import StaffReceipts
@@ -277,6 +277,7 @@ async def build_bridge(config: Config) -> Bridge:
         raise
     # Before anything looks a message up: wamids from before revision 0010 get keyed.
     await key_legacy_wamids(db, privacy)
+    await adopt_legacy_holds(db, privacy.cipher)  # the data part of revision 0015
     http = aiohttp.ClientSession()
     api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
     trust = Trust(db, http, config.homeserver.url, config.appservice.as_token, privacy.cipher)

@@ -10,6 +10,7 @@ from sqlalchemy import delete, select, update
 from bridge.auditchain import AuditKeys
 from bridge.db.audit import AuditRepo
 from bridge.db.deadletters import DeadLetterRepo
+from bridge.db.held import HeldRepo, MuteRepo, ReactionRepo
 from bridge.db.invites import InviteRepo
 from bridge.db.legacy import LegacyRepo
 from bridge.db.models import KVRow, MessageMapRow, utcnow
@@ -169,3 +170,6 @@ class Repositories:
         self.dead_letters = DeadLetterRepo(scope)
         self.reports = ReportRepo(scope)
         self.legacy = LegacyRepo(scope)
+        self.held = HeldRepo(scope)
+        self.mutes = MuteRepo(scope)
+        self.reactions = ReactionRepo(scope)
