@@ -17,7 +17,8 @@ CORE = [
     "bridge.text",
     "bridge.privacy",  # keyed hashes and sealing
     "bridge.auditchain",
-    "bridge.whatsapp.consent",  # consent decisions
+    "bridge.whatsapp.consent",  # consent decisions (chat)
+    "bridge.whatsapp.notice_consent",  # consent decisions (notices)
     "bridge.whatsapp.webhook_parse",
     "bridge.whatsapp.limits",
     "bridge.whatsapp.message_content",
