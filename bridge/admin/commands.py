@@ -18,7 +18,6 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-from bridge.admin.common import ConfirmRequired
 from bridge.admin.moderation import Moderation
 from bridge.admin.service import AdminService
 from bridge.config import Config
@@ -29,6 +28,7 @@ from bridge.matrix.management import Command, CommandError, help_text, parse
 from bridge.matrix.relay import StaffEvent
 from bridge.moderation.reports import Reports
 from bridge.moderation.texts import event_link
+from bridge.roomguard import ConfirmRequired
 from bridge.types import RoomID, UserID
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge.admin.auth import actor, principal, requires
-from bridge.admin.common import reason as checked_reason
+from bridge.admin.checks import reason as checked_reason
 from bridge.admin.notices import LABEL
 from bridge.admin.reidentify import Reidentification
 from bridge.db.reports import REPORT_STATUSES
