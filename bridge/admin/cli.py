@@ -16,18 +16,18 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
+from bridge.admin.verbs import VERBS, Verb
 from bridge.config import ADMIN_ACTOR_HEADER, LEGACY_TOKEN_NAME, Config, load_config, local_url
 from bridge.errors import ConfigError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TAMPERED, EXIT_CONFIRM = range(6)
 URL_ENV = "CIVIC_BRIDGE_ADMIN_URL"
-MEMBER_ACTIONS = ("kick", "ban", "unban", "mute", "unmute")
 
 
 class UsageError(Exception):
@@ -99,6 +99,9 @@ def _room(room_id: str) -> str:
 def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
     """(method, path, body) of the API call a parsed command line stands for."""
     what = args.admin_command
+    verb: Verb | None = getattr(args, "admin_verb", None)  # set by _verb_parser
+    if verb is not None:
+        return _request(verb, args)
     if what == "audit":
         if args.audit_command == "verify":
             return "GET", "/admin/v1/audit/verify", None
@@ -161,24 +164,27 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
             return "POST", "/admin/v1/rooms", {"name": args.name, "kind": args.kind,
                                                "topic": args.topic, "join_rule": args.join_rule}
         return "GET", "/admin/v1/rooms", None
-    room = _room(args.room)
-    if what == "members":
-        return "GET", room + "/members", None
-    if what == "invite":
-        return "POST", room + "/invite", {"user_id": args.user, "reason": args.reason,
-                                          "confirm": args.confirm}
-    if what == "link":
-        return "POST", room + "/invite-links", {"uses": args.uses, "expires_in": args.expires_in,
-                                                "confirm": args.confirm}
-    if what in MEMBER_ACTIONS:
-        return "POST", f"{room}/{what}", {"user_id": args.user, "reason": args.reason}
-    if what == "redact":
-        return "POST", room + "/redact", {"event_id": args.event, "reason": args.reason}
-    if what in ("approve", "deny"):
-        return "POST", f"{room}/knocks/{what}", {"user_id": args.user, "reason": args.reason}
-    if what == "close":
-        return "POST", room + "/close", {"reason": args.reason}
-    return "POST", room + "/announce", {"body": args.text, "confirm": args.confirm}
+    if what != "link":
+        raise UsageError(f"unknown admin command {what}")
+    return "POST", _room(args.room) + "/invite-links", {
+        "uses": args.uses, "expires_in": args.expires_in, "confirm": args.confirm}
+
+
+def _request(verb: Verb, args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
+    assert verb.http is not None
+    method = verb.http[0]
+    path = verb.path_for(**{a.key: quote(getattr(args, a.cli), safe="")
+                            for a in verb.args if verb.in_path(a)})
+    if method == "GET":
+        return method, path, None
+    body = {a.key: getattr(args, a.cli) for a in verb.args if not verb.in_path(a)}
+    if verb.text:
+        body["body"] = args.text
+    if verb.reason != "none":
+        body["reason"] = args.reason
+    if verb.confirm:
+        body["confirm"] = args.confirm
+    return method, path, body
 
 
 def render(args: argparse.Namespace, data: Any) -> tuple[str, str, int]:
@@ -415,38 +421,34 @@ def add_admin_parser(sub: Any) -> None:
     p.add_argument("room", help="the portal's room id")
     p.add_argument("name", help="the template's name")
     p.add_argument("values", nargs="*", help="NAME=VALUE per parameter, or values in order")
-    cmds.add_parser("members", help="pseudonyms and roles").add_argument("room")
-    p = cmds.add_parser("invite", help="invite a staff member")
-    p.add_argument("room")
-    p.add_argument("user")
-    p.add_argument("--reason", default=None)
-    p.add_argument("--confirm", action="store_true")
-    p = cmds.add_parser("link", help="an invite link for citizens")
+    for verb in VERBS:  # the rest in the registry's order, from their declarations
+        if verb.cli is not None and verb.cli not in cmds.choices:
+            _BESPOKE.get(verb.cli, _verb_parser)(cmds, verb)
+
+
+def _verb_parser(cmds: Any, verb: Verb) -> None:
+    p = cmds.add_parser(verb.cli, help=verb.cli_help)
+    p.set_defaults(admin_verb=verb)
+    for arg in verb.args:
+        p.add_argument(arg.cli)
+    if verb.text:
+        p.add_argument("text")
+    if verb.reason == "required":
+        p.add_argument("--reason", required=True)
+    elif verb.reason == "optional":
+        p.add_argument("--reason", default=None)
+    if verb.confirm:
+        p.add_argument("--confirm", action="store_true")
+
+
+def _link_parser(cmds: Any, verb: Verb) -> None:
+    p = cmds.add_parser(verb.name, help=verb.cli_help)
     p.add_argument("room")
     p.add_argument("--uses", type=int, default=None)
     p.add_argument("--expires-in", type=duration, default=None, help="e.g. 48h, 7d")
     p.add_argument("--confirm", action="store_true")
-    for action in MEMBER_ACTIONS:
-        p = cmds.add_parser(action, help=f"{action} a user")
-        p.add_argument("room")
-        p.add_argument("user")
-        p.add_argument("--reason", required=True)
-    p = cmds.add_parser("redact", help="remove a message")
-    p.add_argument("room")
-    p.add_argument("event")
-    p.add_argument("--reason", required=True)
-    p = cmds.add_parser("approve", help="let a knocking user in")
-    p.add_argument("room")
-    p.add_argument("user")
-    p.add_argument("--reason", default=None)
-    p = cmds.add_parser("deny", help="turn a knocking user away")
-    p.add_argument("room")
-    p.add_argument("user")
-    p.add_argument("--reason", required=True)
-    p = cmds.add_parser("close", help="remove everyone and tombstone the room")
-    p.add_argument("room")
-    p.add_argument("--reason", required=True)
-    p = cmds.add_parser("announce", help="post in an announcement room")
-    p.add_argument("room")
-    p.add_argument("text")
-    p.add_argument("--confirm", action="store_true")
+
+
+# Commands add_admin_parser builds in the registry's order but by hand, by `cli` word (the
+# ones above the loop are written inline; every other verb's is built by _verb_parser).
+_BESPOKE: dict[str, Callable[[Any, Verb], None]] = {"link": _link_parser}
