@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from bridge.admin.service import AdminService
 
 Reason = Literal["required", "optional", "none"]
+_PLACEHOLDER = re.compile(r"\{(\w+)(?::[^}]*)?\}")
 
 
 @dataclass(frozen=True)
@@ -151,9 +152,10 @@ class Verb:
         return "" if self.reason == "none" else self.reason
 
     def path_for(self, **values: str) -> str:
-        """The HTTP path with its `{key}`s filled (values already quoted)."""
+        """The HTTP path with its `{key}`s (and `{key:regex}`s) filled, values already
+        quoted."""
         assert self.http is not None
-        return self.http[1].format(**values)
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.http[1])
 
     def in_path(self, arg: Arg) -> bool:
         return self.http is not None and "{" + arg.key + "}" in self.http[1]
