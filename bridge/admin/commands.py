@@ -20,7 +20,7 @@ from datetime import timedelta
 
 from bridge.admin.moderation import Moderation
 from bridge.admin.service import AdminService
-from bridge.admin.verbs import BY_NAME, Call, VerbServices
+from bridge.admin.verbs import BY_NAME, VerbServices, call_of
 from bridge.config import Config
 from bridge.db import Database
 from bridge.errors import BridgeError
@@ -118,10 +118,10 @@ class ManagementRoom:
             return help_text()
         verb = BY_NAME[c.name]
         if verb.run is not None and verb.reply is not None:
-            call = Call(room_id=str(c.room_id or ""), user_id=str(c.user_id or ""),
-                        event_id=str(c.event_id or ""),
-                        text=(c.text or "") if verb.text else "",
-                        reason=None if verb.text else c.text, confirm=c.confirm)
+            ids = {"room_id": c.room_id, "user_id": c.user_id, "event_id": c.event_id}
+            call = call_of({**{k: str(v) for k, v in ids.items() if v}, **dict(c.extra)},
+                           text=(c.text or "") if verb.text else "",
+                           reason=None if verb.text else c.text, confirm=c.confirm)
             return verb.reply(call, await verb.run(self._services, actor, call))
         if c.name == "link":
             ttl = timedelta(hours=c.hours) if c.hours else None

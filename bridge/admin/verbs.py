@@ -53,9 +53,16 @@ EVENT = Arg("event_id", "event", "EVENT", "an event ID like $abc", re.compile(r"
 NUMBER = Arg("report_id", "id", "N", "report number", None)
 
 
+ID_KEYS = ("room_id", "user_id", "event_id")
+
+
 @dataclass(frozen=True)
 class Call:
-    """One verb's arguments, however they arrived (HTTP body, CLI, management room)."""
+    """One verb's arguments, however they arrived (HTTP body, CLI, management room).
+
+    Arguments of a kind other than the three IDs (an `Arg` declared for a new verb) are
+    carried in `extra`, by key; `arg(key)` reads either.
+    """
 
     room_id: str = ""
     user_id: str = ""
@@ -63,14 +70,22 @@ class Call:
     text: str = ""  # an announcement's body
     reason: str | None = None
     confirm: bool = False
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def arg(self, key: str) -> str:
+        if key in ID_KEYS:
+            value: str = getattr(self, key)
+            return value
+        return dict(self.extra).get(key, "")
 
 
 def call_of(values: Mapping[str, str], text: str = "", reason: str | None = None,
             confirm: bool = False) -> Call:
-    """A call from its arguments by key (`room_id`, `user_id`, `event_id`)."""
+    """A call from its arguments by key (`room_id`, `user_id`, `event_id`, others)."""
     return Call(room_id=values.get("room_id", ""), user_id=values.get("user_id", ""),
                 event_id=values.get("event_id", ""), text=text, reason=reason,
-                confirm=confirm)
+                confirm=confirm,
+                extra=tuple((k, v) for k, v in values.items() if k not in ID_KEYS))
 
 
 class Services(Protocol):
@@ -162,10 +177,10 @@ class Verb:
 
 
 def said(template: str) -> Reply:
-    """A reply from a template over the call (`{room}`, `{user}`, `{event}`) and the
-    handler's JSON answer (its keys)."""
+    """A reply from a template over the call (`{room}`, `{user}`, `{event}`, other
+    arguments by key) and the handler's JSON answer (its keys)."""
     def reply(call: Call, result: Any) -> str:
-        fields = result if isinstance(result, dict) else {}
+        fields = {**dict(call.extra), **(result if isinstance(result, dict) else {})}
         return template.format(room=call.room_id, user=call.user_id, event=call.event_id,
                                **fields)
     return reply

@@ -12,10 +12,11 @@ text is the rest of the message. `bridge.admin.commands` executes what this retu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from bridge.admin.verbs import VERBS, WORDS, Verb
+from bridge.admin.verbs import ID_KEYS, VERBS, WORDS, Verb
 from bridge.types import EventID, RoomID, UserID
 
 MATRIX_TO = "https://matrix.to/#/"
@@ -46,6 +47,7 @@ class Command:
     limit: int | None = None
     confirm: bool = False
     number: int | None = None  # a report's number
+    extra: tuple[tuple[str, str], ...] = ()  # arguments of other kinds, by key
 
 
 def help_text() -> str:
@@ -112,7 +114,8 @@ def parse(body: str) -> Command:
     rest = rest.strip()
     cmd = Command(verb, room_id=RoomID(found["room_id"]) if "room_id" in found else None,
                   user_id=UserID(found["user_id"]) if "user_id" in found else None,
-                  event_id=EventID(found["event_id"]) if "event_id" in found else None)
+                  event_id=EventID(found["event_id"]) if "event_id" in found else None,
+                  extra=tuple((k, v) for k, v in found.items() if k not in ID_KEYS))
     if verb == "link":
         return _link_options(cmd, rest, usage)
     if verb == "audit":
@@ -127,7 +130,7 @@ def parse(body: str) -> Command:
         raise CommandError(f"missing {'text' if wants == 'text' else 'reason'}; usage: {usage}")
     if not wants and rest:
         raise CommandError(f"unexpected `{rest[:60]}`; usage: {usage}")
-    return Command(cmd.name, cmd.room_id, cmd.user_id, cmd.event_id, text=rest or None)
+    return dataclasses.replace(cmd, text=rest or None)
 
 
 def _link_options(cmd: Command, rest: str, usage: str) -> Command:

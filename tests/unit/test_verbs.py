@@ -14,7 +14,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from bridge.admin.auth import scope_of
 from bridge.admin.cli import request_for
-from bridge.admin.verbs import BY_NAME, VERBS, WORDS, Call, Verb
+from bridge.admin.verbs import BY_NAME, VERBS, WORDS, Call, Verb, call_of, said
 from bridge.app import make_admin_app, make_app
 from bridge.cli import build_parser
 from bridge.config import ADMIN_SCOPES, parse_config
@@ -227,3 +227,12 @@ def test_reason_policy_is_the_same_in_the_cli_and_the_room() -> None:
             assert verb.rest == "required"
         else:
             parser.parse_args(["admin", *argv])
+
+
+def test_an_argument_of_a_new_kind_reaches_the_handler_and_the_reply() -> None:
+    """A verb declared later with its own kind of argument (say a citizen's subscription
+    code) needs no change to Call or to the replies."""
+    call = call_of({"room_id": ROOM, "citizen": "ABCD-EFGH"}, reason="alta")
+    assert (call.arg("room_id"), call.arg("citizen"), call.arg("user_id")) == (
+        ROOM, "ABCD-EFGH", "")
+    assert said("Added {citizen} to {room}.")(call, {"n": 1}) == f"Added ABCD-EFGH to {ROOM}."
