@@ -260,7 +260,9 @@ def _member_verb(name: str, cli_help: str, summary: str, run: Run, reply: str) -
                 args=(ROOM, USER), reason="required", run=run, reply=said(reply))
 
 
-# In the management room's help order; the CLI lists its own bespoke commands first.
+# In the management room's help order; the CLI lists its own bespoke commands first. The
+# reason policy of a hand-written verb is what its surfaces check (HTTP, as the API
+# answers; the CLI may ask for more, e.g. `citizen erase --reason` is required there).
 VERBS: tuple[Verb, ...] = (
     Verb("help", None, summary="this list", aliases=("ayuda",)),
     Verb("rooms", "rooms", ("GET", _V1 + "/rooms"), "rooms",
@@ -310,7 +312,7 @@ VERBS: tuple[Verb, ...] = (
          summary="the open reports and flags", aliases=("denuncias",)),
     Verb("report", "moderation", ("POST", _V1 + "/reports/{report_id}/{action}"), "reports",
          summary="act on report N (denuncia N borrar|silenciar|expulsar|vetar|descartar)",
-         aliases=("denuncia",), args=(NUMBER,),
+         aliases=("denuncia",), args=(NUMBER,), reason="optional",
          usage_line="report N redact|mute|kick|ban|dismiss [REASON]"),
     Verb("confirm", None, summary="go ahead with the action waiting for confirmation",
          aliases=("confirmar",)),
@@ -319,21 +321,24 @@ VERBS: tuple[Verb, ...] = (
     Verb("keys", "rooms", ("GET", _V1 + "/keys"), "keys"),
     Verb("template", "rooms", ("POST", _V1 + "/portals/{room_id}/templates"), "template"),
     Verb("citizen.export", "citizens.export", ("GET", _V1 + "/citizens/{user_id}/export"),
-         "citizen"),
+         "citizen", reason="required"),
     Verb("citizen.export-by-phone", "citizens.export", ("POST", _V1 + "/citizens/export"),
-         "citizen"),
+         "citizen", reason="required"),
     Verb("citizen.erase", "citizens.erase", ("DELETE", _V1 + "/citizens/{user_id}"),
-         "citizen"),
+         "citizen", reason="optional"),
     Verb("citizen.erase-by-phone", "citizens.erase", ("POST", _V1 + "/citizens/erase"),
-         "citizen"),
-    Verb("lookup", "citizens.export", ("POST", _V1 + "/citizens/lookup"), "lookup"),
-    Verb("reveal", "reidentify", ("POST", _V1 + "/citizens/{user_id}/reveal"), "reveal"),
+         "citizen", reason="required"),
+    Verb("lookup", "citizens.export", ("POST", _V1 + "/citizens/lookup"), "lookup",
+         reason="required"),
+    Verb("reveal", "reidentify", ("POST", _V1 + "/citizens/{user_id}/reveal"), "reveal",
+         reason="required"),
     Verb("notice.send", "notices", ("POST", _V1 + "/notices"), "notice"),
     Verb("notice.withdraw", "notices", ("POST", _V1 + "/notices/withdrawals"), "notice"),
     Verb("notice.list", "notices", ("GET", _V1 + "/notices"), "notice"),
     Verb("dead-letters", "moderation", ("GET", _V1 + "/dead-letters"), "dead-letters"),
     Verb("dead-letters.settle", "moderation",
-         ("POST", _V1 + "/dead-letters/{id}/{action:retry|discard}"), "dead-letters"),
+         ("POST", _V1 + "/dead-letters/{id}/{action:retry|discard}"), "dead-letters",
+         reason="required"),
 )
 BY_NAME: dict[str, Verb] = {v.name: v for v in VERBS}
 # management-room word or alias -> verb
