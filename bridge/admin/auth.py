@@ -25,7 +25,7 @@ from typing import TypeVar
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from bridge.admin.common import MXID
+from bridge.admin.checks import MXID
 from bridge.config import ADMIN_ACTOR_HEADER, ADMIN_SCOPES, LEGACY_TOKEN_NAME, AdminConfig
 from bridge.errors import Forbidden, InvalidParam, Unauthorized
 from bridge.web.middleware import bearer

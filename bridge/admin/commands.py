@@ -18,9 +18,9 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-from bridge.admin.common import ConfirmRequired
 from bridge.admin.moderation import Moderation
 from bridge.admin.service import AdminService
+from bridge.admin.verbs import BY_NAME, VerbServices, call_of
 from bridge.config import Config
 from bridge.db import Database
 from bridge.errors import BridgeError
@@ -29,6 +29,7 @@ from bridge.matrix.management import Command, CommandError, help_text, parse
 from bridge.matrix.relay import StaffEvent
 from bridge.moderation.reports import Reports
 from bridge.moderation.texts import event_link
+from bridge.roomguard import ConfirmRequired
 from bridge.types import RoomID, UserID
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,7 @@ class ManagementRoom:
                  reports: Reports | None = None) -> None:
         self._admins = frozenset(config.admin.users)
         self._db = db
-        self._admin = admin
-        self._moderation = moderation
+        self._services = VerbServices(admin, moderation)
         self._links = links
         self._reply = reply
         self._clock = clock
@@ -114,52 +114,21 @@ class ManagementRoom:
         return "Only the bridge's admins (admin.users) can run commands here."
 
     async def _run(self, actor: str, c: Command) -> str:
-        room = str(c.room_id or "")
-        user = str(c.user_id or "")
         if c.name == "help":
             return help_text()
-        if c.name == "rooms":
-            rooms = await self._admin.list_rooms()
-            lines = [f"• {r.name} ({r.kind}) — {r.room_id}" for r in rooms]
-            return "\n".join(["Rooms:", *lines]) if lines else "No rooms yet."
-        if c.name == "members":
-            members = await self._admin.members(room)
-            return "\n".join([f"Members of {room}:"] + [
-                f"• {m['display_name'] or '(no name)'} — {m['role']}, {m['kind']}, "
-                f"{m['membership']} — {m['user_id']}" for m in members])
-        if c.name == "invite":
-            await self._admin.invite(actor, room, user, c.text, c.confirm)
-            return f"Invited {user}."
+        verb = BY_NAME[c.name]
+        if verb.run is not None and verb.reply is not None:
+            ids = {"room_id": c.room_id, "user_id": c.user_id, "event_id": c.event_id}
+            call = call_of({**{k: str(v) for k, v in ids.items() if v}, **dict(c.extra)},
+                           text=(c.text or "") if verb.text else "",
+                           reason=None if verb.text else c.text, confirm=c.confirm)
+            return verb.reply(call, await verb.run(self._services, actor, call))
         if c.name == "link":
             ttl = timedelta(hours=c.hours) if c.hours else None
-            link = await self._links.create(actor, room, c.uses or 1, ttl, c.confirm)
+            link = await self._links.create(actor, str(c.room_id or ""), c.uses or 1, ttl,
+                                            c.confirm)
             return (f"Invite link ({link.uses} use(s), expires {link.expires_at:%Y-%m-%d %H:%M} "
                     f"UTC):\n{link.url}")
-        return await self._moderate(actor, c, room, user)
-
-    async def _moderate(self, actor: str, c: Command, room: str, user: str) -> str:
-        m = self._moderation
-        if c.name in ("kick", "ban", "unban"):
-            await m.membership(actor, c.name, room, user, c.text)
-            return f"Done: {c.name} {user}."
-        if c.name == "mute":
-            await m.mute(actor, room, user, c.text)
-            return f"Muted {user}."
-        if c.name == "unmute":
-            await m.unmute(actor, room, user, c.text)
-            return f"Unmuted {user}."
-        if c.name == "redact":
-            await m.redact(actor, room, str(c.event_id), c.text)
-            return f"Redacted {c.event_id}."
-        if c.name in ("approve", "deny"):
-            await m.knock(actor, room, user, c.name == "approve", c.text)
-            return f"{'Approved' if c.name == 'approve' else 'Denied'} {user}'s knock."
-        if c.name == "close":
-            removed = await m.close(actor, room, c.text)
-            return f"Closed {room}; {removed} member(s) removed."
-        if c.name == "announce":
-            await m.announce(actor, room, c.text or "", c.confirm)
-            return f"Announcement posted in {room}."
         if c.name == "audit":
             return await self._audit(c.limit or 10)
         if c.name in ("report", "reports"):

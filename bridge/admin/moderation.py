@@ -11,20 +11,14 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bridge.admin.common import (
-    audited,
-    event_id,
-    guard_size,
-    member_count,
-    open_room,
-    reason,
-    user_id,
-)
+from bridge.admin.audited import audited
+from bridge.admin.checks import event_id, reason, user_id
 from bridge.config import Config
 from bridge.db import Database, Room
 from bridge.errors import Conflict, InvalidParam, Unavailable
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.rooms import Rooms
+from bridge.roomguard import guard_size, member_count, open_room
 from bridge.types import EventID, RoomID, UserID
 
 log = logging.getLogger(__name__)

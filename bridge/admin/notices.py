@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from bridge.admin.common import MXID
+from bridge.admin.checks import MXID
 from bridge.config import Config, NoticesConfig
 from bridge.db import Citizen, Database, Notice
 from bridge.errors import BridgeError, InvalidParam, NotFound, Unavailable

@@ -17,8 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from bridge.admin.checks import MXID
 from bridge.admin.citizens import CitizenData
-from bridge.admin.common import MXID
 from bridge.admin.identify import (
     DEFAULT_REGION,
     MAX_REASON,

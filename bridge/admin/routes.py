@@ -1,22 +1,27 @@
 """HTTP routes of the admin API (`/admin/v1`, Bearer token with scopes).
 
 Routes parse and answer; the logic is in AdminService, Moderation and InviteLinks.
-Each route declares its scope with `@requires` (bridge.admin.auth checks it); the actor
-recorded in the audit log is the token's name, `api:<name>` (see `actor`).
+Each route's method, path and scope come from its verb in bridge.admin.verbs: the verbs
+with a handler there get a generic route (`_verb_handler`), the others are written here
+under `@verb_route(name)`. The scope is declared with `@requires` (bridge.admin.auth
+checks it); the actor recorded in the audit log is the token's name, `api:<name>` (see
+`actor`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from bridge.admin.auth import actor, principal, requires
-from bridge.admin.common import reason as checked_reason
+from bridge.admin.checks import reason as checked_reason
 from bridge.admin.notices import LABEL
 from bridge.admin.reidentify import Reidentification
+from bridge.admin.verbs import BY_NAME, VERBS, Verb, call_of
 from bridge.db.reports import REPORT_STATUSES
 from bridge.errors import BadRequest, InvalidParam, NotFound, Unavailable
 from bridge.invites.service import parse_expires_in
@@ -73,8 +78,47 @@ def _room(request: web.Request) -> str:
     return request.match_info["room_id"]
 
 
-@routes.post("/admin/v1/rooms")
-@requires("rooms")
+def verb_route(name: str) -> Callable[[Handler], Handler]:
+    """Register a hand-written handler under its verb's method, path and scope."""
+    verb = BY_NAME[name]
+    if verb.http is None or verb.scope is None:
+        raise ValueError(f"verb {name} has no HTTP route")
+    method, path = verb.http
+    scope = verb.scope
+
+    def register(handler: Handler) -> Handler:
+        routes.route(method, path)(requires(scope)(handler))
+        return handler
+
+    return register
+
+
+def _verb_handler(verb: Verb) -> Handler:
+    """The route of a verb declared with its handler: arguments from the path or the JSON
+    body (strings), then `body` (a text), `reason` and `confirm` as the verb takes them."""
+    assert verb.http is not None and verb.run is not None and verb.scope is not None
+    run, method = verb.run, verb.http[0]
+
+    async def handler(request: web.Request) -> web.Response:
+        bridge, body = (_bridge(request), {}) if method == "GET" else await _body(request)
+        values = {a.key: request.match_info[a.key] if verb.in_path(a) else _str(body, a.key)
+                  or "" for a in verb.args}
+        call = call_of(values,
+                       text=(_str(body, "body") or "") if verb.text else "",
+                       reason=_str(body, "reason", False) if verb.reason != "none" else None,
+                       confirm=_bool(body, "confirm") if verb.confirm else False)
+        return web.json_response(await run(bridge, actor(request), call), status=verb.status)
+
+    handler.__name__ = verb.name
+    return requires(verb.scope)(handler)
+
+
+for _verb in VERBS:
+    if _verb.run is not None and _verb.http is not None:
+        routes.route(*_verb.http)(_verb_handler(_verb))
+
+
+@verb_route("rooms.create")
 async def create_room(request: web.Request) -> web.Response:
     bridge, body = await _body(request)
     room_id = await bridge.admin.create_room(
@@ -83,30 +127,7 @@ async def create_room(request: web.Request) -> web.Response:
     return web.json_response({"room_id": room_id}, status=201)
 
 
-@routes.get("/admin/v1/rooms")
-@requires("rooms")
-async def list_rooms(request: web.Request) -> web.Response:
-    rooms = await _bridge(request).admin.list_rooms()
-    return web.json_response([dataclasses.asdict(r) for r in rooms])
-
-
-@routes.get("/admin/v1/rooms/{room_id}/members")
-@requires("rooms")
-async def members(request: web.Request) -> web.Response:
-    return web.json_response(await _bridge(request).admin.members(_room(request)))
-
-
-@routes.post("/admin/v1/rooms/{room_id}/invite")
-@requires("invites")
-async def invite(request: web.Request) -> web.Response:
-    bridge, body = await _body(request)
-    await bridge.admin.invite(actor(request), _room(request), _str(body, "user_id") or "",
-                              _str(body, "reason", False), _bool(body, "confirm"))
-    return web.json_response({})
-
-
-@routes.post("/admin/v1/rooms/{room_id}/invite-links")
-@requires("invites")
+@verb_route("link")
 async def invite_link(request: web.Request) -> web.Response:
     bridge, body = await _body(request)
     link = await bridge.invites.create(actor(request), _room(request),
@@ -115,87 +136,6 @@ async def invite_link(request: web.Request) -> web.Response:
                                        _bool(body, "confirm"))
     return web.json_response({"url": link.url, "uses": link.uses,
                               "expires_at": link.expires_at.isoformat()}, status=201)
-
-
-def _membership_route(action: str) -> None:
-    @requires("moderation")
-    async def handler(request: web.Request) -> web.Response:
-        bridge, body = await _body(request)
-        await bridge.moderation.membership(actor(request), action, _room(request),
-                                           _str(body, "user_id") or "",
-                                           _str(body, "reason", False))
-        return web.json_response({})
-
-    routes.post(f"/admin/v1/rooms/{{room_id}}/{action}")(handler)
-
-
-for _action in ("kick", "ban", "unban"):
-    _membership_route(_action)
-
-
-@routes.post("/admin/v1/rooms/{room_id}/mute")
-@requires("moderation")
-async def mute(request: web.Request) -> web.Response:
-    bridge, body = await _body(request)
-    await bridge.moderation.mute(actor(request), _room(request), _str(body, "user_id") or "",
-                                 _str(body, "reason", False))
-    return web.json_response({})
-
-
-@routes.post("/admin/v1/rooms/{room_id}/unmute")
-@requires("moderation")
-async def unmute(request: web.Request) -> web.Response:
-    bridge, body = await _body(request)
-    await bridge.moderation.unmute(actor(request), _room(request), _str(body, "user_id") or "",
-                                   _str(body, "reason", False))
-    return web.json_response({})
-
-
-@routes.post("/admin/v1/rooms/{room_id}/redact")
-@requires("moderation")
-async def redact(request: web.Request) -> web.Response:
-    bridge, body = await _body(request)
-    event_id = await bridge.moderation.redact(actor(request), _room(request),
-                                              _str(body, "event_id") or "",
-                                              _str(body, "reason", False))
-    return web.json_response({"event_id": event_id})
-
-
-@routes.post("/admin/v1/rooms/{room_id}/knocks/approve")
-@requires("moderation")
-async def approve_knock(request: web.Request) -> web.Response:
-    bridge, body = await _body(request)
-    await bridge.moderation.knock(actor(request), _room(request), _str(body, "user_id") or "", True,
-                                  _str(body, "reason", False))
-    return web.json_response({})
-
-
-@routes.post("/admin/v1/rooms/{room_id}/knocks/deny")
-@requires("moderation")
-async def deny_knock(request: web.Request) -> web.Response:
-    bridge, body = await _body(request)
-    await bridge.moderation.knock(actor(request), _room(request), _str(body, "user_id") or "",
-                                  False, _str(body, "reason", False))
-    return web.json_response({})
-
-
-@routes.post("/admin/v1/rooms/{room_id}/close")
-@requires("moderation")
-async def close(request: web.Request) -> web.Response:
-    bridge, body = await _body(request)
-    removed = await bridge.moderation.close(actor(request), _room(request),
-                                            _str(body, "reason", False))
-    return web.json_response({"removed": removed})
-
-
-@routes.post("/admin/v1/rooms/{room_id}/announce")
-@requires("moderation")
-async def announce(request: web.Request) -> web.Response:
-    bridge, body = await _body(request)
-    event_id = await bridge.moderation.announce(actor(request), _room(request),
-                                                _str(body, "body") or "",
-                                                _bool(body, "confirm"))
-    return web.json_response({"event_id": event_id})
 
 
 def _query_int(request: web.Request, key: str, default: int | None) -> int | None:
@@ -212,8 +152,7 @@ async def _chain(bridge: Bridge) -> dict[str, Any]:
     return {"intact": intact, "first_bad_id": first_bad}
 
 
-@routes.get("/admin/v1/audit")
-@requires("audit.read")
+@verb_route("audit")
 async def audit(request: web.Request) -> web.Response:
     """Entries newest first (`limit`, `before` = an id to page back from) and the chain check."""
     bridge = _bridge(request)
@@ -229,14 +168,12 @@ async def audit(request: web.Request) -> web.Response:
     })
 
 
-@routes.get("/admin/v1/audit/verify")
-@requires("audit.read")
+@verb_route("audit.verify")
 async def audit_verify(request: web.Request) -> web.Response:
     return web.json_response(await _chain(_bridge(request)))
 
 
-@routes.get("/admin/v1/citizens/{user_id}/export")
-@requires("citizens.export")
+@verb_route("citizen.export")
 async def export_citizen(request: web.Request) -> web.Response:
     """Everything held about one person, for that person (GDPR art. 15/20): a citizen
     by ghost Matrix ID, pseudonym or subscription code, or an invite-link account by its
@@ -259,8 +196,7 @@ def _reidentification(bridge: Bridge) -> Reidentification:
     return bridge.reidentify
 
 
-@routes.post("/admin/v1/citizens/{user_id}/reveal")
-@requires("reidentify")
+@verb_route("reveal")
 async def reveal_citizen(request: web.Request) -> web.Response:
     """`{reason}` → the citizen's phone number / BSUID. Audited (by pseudonym, with the
     reason), rate-limited per token (admin.reveal_per_hour)."""
@@ -271,8 +207,7 @@ async def reveal_citizen(request: web.Request) -> web.Response:
     return web.json_response(data, headers={"Cache-Control": "no-store"})
 
 
-@routes.post("/admin/v1/citizens/lookup")
-@requires("citizens.export")
+@verb_route("lookup")
 async def lookup_citizen(request: web.Request) -> web.Response:
     """`{phone, reason}` → the person's pseudonyms (for a rights request); 404 if none."""
     bridge, body = await _body(request)
@@ -281,8 +216,7 @@ async def lookup_citizen(request: web.Request) -> web.Response:
     return web.json_response(data, headers={"Cache-Control": "no-store"})
 
 
-@routes.post("/admin/v1/citizens/export")
-@requires("citizens.export")
+@verb_route("citizen.export-by-phone")
 async def export_by_phone(request: web.Request) -> web.Response:
     """`{phone, reason}` → `{citizens: [export, ...]}`: every record the bridge holds
     under that number (a rights request at the desk). The number travels in the body,
@@ -293,8 +227,7 @@ async def export_by_phone(request: web.Request) -> web.Response:
     return web.json_response(data, headers={"Cache-Control": "no-store"})
 
 
-@routes.post("/admin/v1/citizens/erase")
-@requires("citizens.erase")
+@verb_route("citizen.erase-by-phone")
 async def erase_by_phone(request: web.Request) -> web.Response:
     """`{phone, reason}` → `{erased: [...]}`: erase every citizen with that number."""
     bridge, body = await _body(request)
@@ -302,8 +235,7 @@ async def erase_by_phone(request: web.Request) -> web.Response:
         actor(request), body.get("phone"), body.get("reason")))
 
 
-@routes.delete("/admin/v1/citizens/{user_id}")
-@requires("citizens.erase")
+@verb_route("citizen.erase")
 async def erase_citizen(request: web.Request) -> web.Response:
     """Erase one person (GDPR art. 17), named as for the export; body `{reason?}`,
     recorded in the audit log. An invite-link account is deactivated and erased on the
@@ -314,8 +246,7 @@ async def erase_citizen(request: web.Request) -> web.Response:
                                                          actor(request), reason))
 
 
-@routes.post("/admin/v1/notices")
-@requires("notices")
+@verb_route("notice.send")
 async def send_notice(request: web.Request) -> web.Response:
     """`{recipient, reference}` → 202 with the new log entry, 200 with the existing one."""
     bridge, body = await _body(request)
@@ -323,16 +254,14 @@ async def send_notice(request: web.Request) -> web.Response:
     return web.json_response(entry, status=202 if created else 200)
 
 
-@routes.post("/admin/v1/notices/withdrawals")
-@requires("notices")
+@verb_route("notice.withdraw")
 async def withdraw_notices(request: web.Request) -> web.Response:
     """`{recipient, staff_id, evidence}`: the citizen withdrew notices consent in person."""
     bridge, body = await _body(request)
     return web.json_response(await bridge.notices.withdraw(actor(request), body))
 
 
-@routes.get("/admin/v1/notices")
-@requires("notices")
+@verb_route("notice.list")
 async def list_notices(request: web.Request) -> web.Response:
     """The notice log, newest first (`reference`, `recipient`, `limit`)."""
     bridge = _bridge(request)
@@ -342,8 +271,7 @@ async def list_notices(request: web.Request) -> web.Response:
     return web.json_response({"notices": entries, "label": LABEL})
 
 
-@routes.get("/admin/v1/keys")
-@requires("rooms")
+@verb_route("keys")
 async def keys(request: web.Request) -> web.Response:
     """Master-key fingerprints of the bot and the ghosts (to verify the bridge once)."""
     bridge = _bridge(request)
@@ -351,8 +279,7 @@ async def keys(request: web.Request) -> web.Response:
                               for u, k, f in await bridge.trust.fingerprints()])
 
 
-@routes.post("/admin/v1/portals/{room_id}/templates")
-@requires("rooms")
+@verb_route("template")
 async def send_template(request: web.Request) -> web.Response:
     """`{name, parameters}` (parameters by name, or a list in order) → 202 with the text
     the citizen will read; 400 for bad parameters, 404 for no such portal or template,
@@ -369,8 +296,7 @@ async def send_template(request: web.Request) -> web.Response:
     return web.json_response(result, status=202 if result["queued"] else 200)
 
 
-@routes.get("/admin/v1/dead-letters")
-@requires("moderation")
+@verb_route("dead-letters")
 async def dead_letters(request: web.Request) -> web.Response:
     """Items set aside after a permanent failure (bridge.deadletters): ids, source, lane
     kind, reason class, failure times and attempts; never a payload or a person."""
@@ -378,8 +304,7 @@ async def dead_letters(request: web.Request) -> web.Response:
     return web.json_response({"dead_letters": await bridge.dead_letters.list()})
 
 
-@routes.post("/admin/v1/dead-letters/{id}/{action:retry|discard}")
-@requires("moderation")
+@verb_route("dead-letters.settle")
 async def settle_dead_letter(request: web.Request) -> web.Response:
     """`{reason}` (required, audited): retry (back to its queue) or discard it."""
     bridge, body = await _body(request)
@@ -397,8 +322,7 @@ def _reports(bridge: Bridge) -> Reports:
     return bridge.safety.reports
 
 
-@routes.get("/admin/v1/reports")
-@requires("moderation")
+@verb_route("reports")
 async def list_reports(request: web.Request) -> web.Response:
     """Reports and flags, newest first (`status=open`, `limit`): pseudonymous IDs and
     states only; the reasons are shown in the management room, never here."""
@@ -410,8 +334,7 @@ async def list_reports(request: web.Request) -> web.Response:
     return web.json_response({"reports": await _reports(bridge).listing(status, limit)})
 
 
-@routes.post("/admin/v1/reports/{report_id}/{action}")
-@requires("moderation")
+@verb_route("report")
 async def act_on_report(request: web.Request) -> web.Response:
     """redact, mute, kick, ban or dismiss; body `{reason?}` (added to the audit)."""
     bridge, body = await _body(request)

@@ -1,7 +1,7 @@
 """Admin actions on rooms and membership: the logic behind /admin/v1 and the management room.
 
 Moderation (kick, ban, mute, redact, knocks, close, announce) is in
-`bridge.admin.moderation`; both audit every action (see `bridge.admin.common`).
+`bridge.admin.moderation`; both audit every action (see `bridge.admin.audited`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, cast
 
-from bridge.admin.common import audited, guard_size, open_room, user_id
+from bridge.admin.audited import audited
+from bridge.admin.checks import user_id
 from bridge.config import Config
 from bridge.db import Database, RoomKind
 from bridge.errors import InvalidParam, NotFound
@@ -18,6 +19,7 @@ from bridge.matrix.api import MatrixAPI
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.room_policy import ADMIN, CREATOR, KINDS, MODERATOR
 from bridge.matrix.rooms import Rooms
+from bridge.roomguard import guard_size, open_room
 from bridge.types import RoomID, UserID
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from bridge.admin.common import guard_size, open_room
 from bridge.config import Config
 from bridge.db import Database, Room
 from bridge.db.invites import InviteLink
@@ -29,6 +28,7 @@ from bridge.invites.texts import notice, notice_hash
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.rooms import Rooms
 from bridge.privacy import Privacy, new_localpart, new_pseudonym_code
+from bridge.roomguard import guard_size, open_room
 from bridge.types import Pseudonym, UserID
 
 log = logging.getLogger(__name__)

@@ -12,52 +12,21 @@ text is the rest of the message. `bridge.admin.commands` executes what this retu
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from bridge.admin.verbs import ID_KEYS, VERBS, WORDS, Verb
 from bridge.types import EventID, RoomID, UserID
 
-MXID = re.compile(r"^@[^:\s]+:[A-Za-z0-9.\-]+(:\d+)?$")
-ROOM = re.compile(r"^![^\s/?#]+$")
-EVENT = re.compile(r"^\$[^\s/?#]+$")
 MATRIX_TO = "https://matrix.to/#/"
 MAX_USES = 1000
 MAX_HOURS = 720
 MAX_LIMIT = 50
 MAX_REPORT = 10**9
-
-# verb -> (arguments, reason/text needed, usage, summary)
-#   arguments: R = room, U = user, E = event, N = a report number;
-#   reason: "required", "optional", "text", ""
-_SPECS: dict[str, tuple[str, str, str, str]] = {
-    "help": ("", "", "help", "this list"),
-    "rooms": ("", "", "rooms", "the agency rooms with their IDs"),
-    "members": ("R", "", "members ROOM", "pseudonyms and roles in a room"),
-    "invite": ("RU", "optional", "invite ROOM USER [REASON]", "invite a staff member"),
-    "link": ("R", "", "link ROOM [uses=N] [hours=N]",
-             "an invite link for citizens (default: 1 use)"),
-    "kick": ("RU", "required", "kick ROOM USER REASON", "remove someone from a room"),
-    "ban": ("RU", "required", "ban ROOM USER REASON", "remove someone and keep them out"),
-    "unban": ("RU", "required", "unban ROOM USER REASON", "lift a ban"),
-    "mute": ("RU", "required", "mute ROOM USER REASON", "stop someone from posting"),
-    "unmute": ("RU", "required", "unmute ROOM USER REASON", "let them post again"),
-    "redact": ("RE", "required", "redact ROOM EVENT REASON", "remove a message"),
-    "approve": ("RU", "optional", "approve ROOM USER", "let a knocking user in"),
-    "deny": ("RU", "required", "deny ROOM USER REASON", "turn a knocking user away"),
-    "close": ("R", "required", "close ROOM REASON",
-              "remove everyone and end the room for good"),
-    "announce": ("R", "text", "announce ROOM TEXT", "post in an announcement room"),
-    "audit": ("", "", "audit [N]", "check the audit chain and show the last N entries"),
-    "reports": ("", "", "reports", "the open reports and flags"),
-    "report": ("N", "text", "report N redact|mute|kick|ban|dismiss [REASON]",
-               "act on report N (denuncia N borrar|silenciar|expulsar|vetar|descartar)"),
-    "confirm": ("", "", "confirm", "go ahead with the action waiting for confirmation"),
-    "cancel": ("", "", "cancel", "drop the action waiting for confirmation"),
-}
-ALIASES = {"ayuda": "help", "salas": "rooms", "miembros": "members", "enlace": "link",
-           "confirmar": "confirm", "cancelar": "cancel", "denuncias": "reports",
-           "denuncia": "report"}
+# The words, arguments, reason policy and help line of each command are declared with the
+# verb in bridge.admin.verbs (WORDS maps every word and alias to its verb).
+SPECS: tuple[Verb, ...] = tuple(v for v in VERBS if v.in_room)
 
 
 class CommandError(ValueError):
@@ -78,12 +47,13 @@ class Command:
     limit: int | None = None
     confirm: bool = False
     number: int | None = None  # a report's number
+    extra: tuple[tuple[str, str], ...] = ()  # arguments of other kinds, by key
 
 
 def help_text() -> str:
-    width = max(len(usage) for _, _, usage, _ in _SPECS.values())
+    width = max(len(v.usage) for v in SPECS)
     lines = ["civic-bridge commands (ROOM = !room ID, USER = @user:server, EVENT = $event ID):"]
-    lines += [f"  {usage.ljust(width)}  {summary}" for _, _, usage, summary in _SPECS.values()]
+    lines += [f"  {v.usage.ljust(width)}  {v.summary}" for v in SPECS]
     lines.append("Actions on more than rooms.confirm_above members, and every announcement, "
                  "ask for `confirm` first.")
     return "\n".join(lines)
@@ -122,34 +92,30 @@ def _number(value: str, what: str, top: int) -> int:
 def parse(body: str) -> Command:
     """Parse one message; raises CommandError with a message for the sender."""
     text = _strip_reply_fallback(body).strip()
-    verb, rest = _take(text)
-    verb = verb.lstrip("!").lower()
-    verb = ALIASES.get(verb, verb)
-    if verb not in _SPECS:
-        shown = verb[:30] or "(empty)"
+    word, rest = _take(text)
+    word = word.lstrip("!").lower()
+    spec = WORDS.get(word)
+    if spec is None:
+        shown = word[:30] or "(empty)"
         raise CommandError(f"unknown command `{shown}`; send `help` for the list")
-    args, wants, usage, _ = _SPECS[verb]
+    verb, usage = spec.name, spec.usage
     found: dict[str, str] = {}
-    for kind in args:
+    for arg in spec.args:
         token, rest = _take(rest)
-        if kind == "N":
-            if not token:
-                raise CommandError(f"missing report number; usage: {usage}")
-            found[kind] = str(_number(token.lstrip("#"), "the report number", MAX_REPORT))
+        if not token:
+            raise CommandError(f"missing {arg.what}; usage: {usage}")
+        if arg.pattern is None:  # a number
+            found[arg.key] = str(_number(token.lstrip("#"), f"the {arg.what}", MAX_REPORT))
             continue
         value = _clean_id(token)
-        pattern, what = {"R": (ROOM, "a room ID like !abc:server"),
-                         "U": (MXID, "a user ID like @name:server"),
-                         "E": (EVENT, "an event ID like $abc")}[kind]
-        if not token:
-            raise CommandError(f"missing {what}; usage: {usage}")
-        if not pattern.match(value):
-            raise CommandError(f"`{token[:60]}` is not {what}; usage: {usage}")
-        found[kind] = value
+        if not arg.pattern.match(value):
+            raise CommandError(f"`{token[:60]}` is not {arg.what}; usage: {usage}")
+        found[arg.key] = value
     rest = rest.strip()
-    cmd = Command(verb, room_id=RoomID(found["R"]) if "R" in found else None,
-                  user_id=UserID(found["U"]) if "U" in found else None,
-                  event_id=EventID(found["E"]) if "E" in found else None)
+    cmd = Command(verb, room_id=RoomID(found["room_id"]) if "room_id" in found else None,
+                  user_id=UserID(found["user_id"]) if "user_id" in found else None,
+                  event_id=EventID(found["event_id"]) if "event_id" in found else None,
+                  extra=tuple((k, v) for k, v in found.items() if k not in ID_KEYS))
     if verb == "link":
         return _link_options(cmd, rest, usage)
     if verb == "audit":
@@ -158,12 +124,13 @@ def parse(body: str) -> Command:
     if verb == "report":
         if not rest:
             raise CommandError(f"missing action; usage: {usage}")
-        return Command(verb, number=int(found["N"]), text=rest.strip())
+        return Command(verb, number=int(found["report_id"]), text=rest.strip())
+    wants = spec.rest
     if wants in ("required", "text") and not rest:
         raise CommandError(f"missing {'text' if wants == 'text' else 'reason'}; usage: {usage}")
     if not wants and rest:
         raise CommandError(f"unexpected `{rest[:60]}`; usage: {usage}")
-    return Command(cmd.name, cmd.room_id, cmd.user_id, cmd.event_id, text=rest or None)
+    return dataclasses.replace(cmd, text=rest or None)
 
 
 def _link_options(cmd: Command, rest: str, usage: str) -> Command:
