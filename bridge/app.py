@@ -11,6 +11,7 @@ from bridge.admin.routes import routes as admin_routes
 from bridge.config import Config
 from bridge.invites.routes import routes as invite_routes
 from bridge.matrix.appservice import routes as appservice_routes
+from bridge.rooms_wa.routes import routes as wa_rooms_routes
 from bridge.services import Bridge, build_bridge
 from bridge.web.middleware import error_middleware
 from bridge.web.ops import routes as ops_routes
@@ -27,6 +28,7 @@ def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
                           client_max_size=MAX_BODY)
     app.add_routes(appservice_routes)
     app.add_routes(admin_routes)
+    app.add_routes(wa_rooms_routes)
     app.add_routes(invite_routes)
     app.add_routes(whatsapp_routes)
     app.add_routes(ops_routes)

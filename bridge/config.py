@@ -424,6 +424,29 @@ class AdminConfig(_Section):
 class RoomsConfig(_Section):
     federate: bool = False
     confirm_above: Annotated[int, Field(ge=1)] = 25
+    # WhatsApp members of agency rooms (bridge.rooms_wa, docs/rooms-over-whatsapp.md).
+    # The approved template sent once per closed 24 h window: body parameters {{1}} the
+    # number of new messages, {{2}} the room's name; "" = no template (the backlog
+    # still waits for the citizen's next message).
+    digest_template: Annotated[str, Field(pattern=r"^([a-z0-9_]{1,512})?$")] = ""
+    digest_language: Annotated[str, Field(pattern=r"^[a-z]{2,3}(_[A-Z]{2})?$")] = "es"
+    # At most this many queued messages are delivered when the window opens again;
+    # older ones are summed up in one line.
+    backlog_max: Annotated[int, Field(ge=1, le=200)] = 20
+    # How staff (power >= 50) are named to WhatsApp members; {name} is their display
+    # name in the room (e.g. "Ayuntamiento · {name}").
+    staff_label: Annotated[str, Field(min_length=1, max_length=100)] = "{name}"
+    # Defaults of the per-room switches (POST /admin/v1/rooms/{id}/whatsapp-settings);
+    # `team` rooms never allow WhatsApp members unless switched on for that room.
+    whatsapp_members: bool = True
+    relay_media: bool = True
+
+    @field_validator("staff_label")
+    @classmethod
+    def _label_has_name(cls, value: str) -> str:
+        if "{name}" not in value:
+            raise ValueError("must contain {name}")
+        return value
 
 
 class InvitesConfig(_Section):

@@ -43,6 +43,7 @@ from bridge.moderation.wiring import ModerationParts
 from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy
 from bridge.retention import EVERY_SECONDS, Retention
+from bridge.rooms_wa.wiring import WhatsAppRooms, build_rooms_wa
 from bridge.types import RoomID, UserID
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.inbound import WhatsAppInbound
@@ -98,6 +99,8 @@ class Bridge:
     safety: ModerationParts | None = None
     # Re-identification and look-up by phone number (admin API, scoped; bridge.admin.auth).
     reidentify: Reidentification | None = None
+    # WhatsApp citizens as members of agency rooms (None when WhatsApp is off).
+    wa_rooms: WhatsAppRooms | None = None
 
     async def lead(self) -> None:
         """Wait to be elected, then start; stop processing the moment the lock is lost.
@@ -292,6 +295,7 @@ async def build_bridge(config: Config) -> Bridge:
     receipts: StaffReceipts | None = None
     templates: StaffTemplates | None = None
     inbound: WhatsAppInbound | None = None
+    wa_rooms: WhatsAppRooms | None = None
     if config.whatsapp.enabled:
         inbound = WhatsAppInbound(config, db, privacy, portals, mirror, outbox, metrics,
                                   subscriptions)
@@ -300,7 +304,11 @@ async def build_bridge(config: Config) -> Bridge:
         staff_out = StaffToWhatsApp(db, portals, outbox, privacy, metrics)
         templates = StaffTemplates(config.whatsapp, db, portals, outbox, metrics,
                                    then=staff_out)
-        relay.add_handler(templates)
+        # `!invitar` is answered in front of `!plantilla` and the relay to the citizen.
+        wa_rooms = build_rooms_wa(config, db, api, ghosts, rooms, relay, outbox, privacy,
+                                  mirror, portals, templates)
+        relay.add_handler(wa_rooms.commands)
+        inbound.set_rooms_hook(wa_rooms.replies)
         if config.whatsapp.send_read_receipts:
             receipts = StaffReceipts(db, graph, metrics, ghosts.is_ours)
     worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce)
@@ -321,4 +329,5 @@ async def build_bridge(config: Config) -> Bridge:
                   election=election_for(config.database.url), safety=parts.safety,
                   pod=await PodLabeler.from_environment(http),
                   receipts=receipts, templates=templates,
-                  reidentify=Reidentification(config, db, privacy, citizens))
+                  reidentify=Reidentification(config, db, privacy, citizens),
+                  wa_rooms=wa_rooms)

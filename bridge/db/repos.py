@@ -18,6 +18,7 @@ from bridge.db.records import Direction, MessageLink
 from bridge.db.reports import ReportRepo
 from bridge.db.roomkeys import RoomKeyRepo
 from bridge.db.scope import Scope, rowcount
+from bridge.db.wa_rooms import RoomMemberRepo
 from bridge.types import EventID, RoomID
 
 
@@ -133,3 +134,4 @@ class Repositories:
         self.room_keys = RoomKeyRepo(scope)
         self.dead_letters = DeadLetterRepo(scope)
         self.reports = ReportRepo(scope)
+        self.wa_rooms = RoomMemberRepo(scope)

@@ -140,6 +140,13 @@ class Mirror:
             await self._portals.notice(room_id, PERSONAL_ID_WARNING.format(kinds=", ".join(kinds)),
                                        txn_id=txn_id(msg.wamid, ":personal-id"))
 
+    async def post_as(self, ghost: UserID, room_id: RoomID, msg: InboundMessage
+                      ) -> EventID | None:
+        """Post `msg` as `ghost` in `room_id` without linking it in the message map: a
+        WhatsApp member's message in an agency room (bridge.rooms_wa keeps its own map)."""
+        with self._metrics.relay_latency.labels("in").time():
+            return await self._relay_one(ghost, room_id, msg)
+
     async def _send(self, ghost: UserID, room_id: RoomID, content: dict[str, Any],
                     wamid: str, event_type: str = "m.room.message", suffix: str = ""
                     ) -> EventID:

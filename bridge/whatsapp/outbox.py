@@ -139,6 +139,12 @@ class Outbox:
         return await self._add(citizen, key, "", {"type": "buttons", "body": body,
                                                   "buttons": buttons, "system": True})
 
+    async def room(self, citizen: Citizen, key: str, payload: dict[str, Any]) -> bool:
+        """Queue a message for a WhatsApp member of an agency room (bridge.rooms_wa):
+        `payload["wa_room"]` names the room; it is sent only while the citizen is a
+        member there, and `payload["wr_event"]`, if set, is the room event it relays."""
+        return await self._add(citizen, key, "", payload)
+
     async def notice(self, repos: Repositories, citizen: Citizen, notice_id: int,
                      template: dict[str, Any]) -> bool:
         """Queue a notice of availability (an approved template) in the caller's
@@ -261,6 +267,9 @@ class Outbox:
             self._metrics.notices.labels("sent").inc()
         if payload.get("event_id"):
             await self._db.messages.link(wamid, item.room_id, payload["event_id"], "out")
+        if payload.get("wr_event"):  # one room event, one wamid per member
+            await self._db.wa_rooms.link(wamid, item.citizen_id, RoomID(payload["wa_room"]),
+                                         EventID(payload["wr_event"]))
         self._metrics.relayed.labels("out", payload["type"]).inc()
 
     async def settle_by_status(self, data: str | None, wamid: str, status: str,
@@ -298,6 +307,8 @@ class Outbox:
     async def _consented(self, citizen: Citizen, payload: dict[str, Any]) -> bool:
         if payload.get("system"):
             return True
+        if payload.get("wa_room"):  # left, kicked or banned since: not sent
+            return await self._db.wa_rooms.is_joined(RoomID(payload["wa_room"]), citizen.id)
         if payload.get("notice_id") is not None:
             sub = await self._db.subscriptions.get(citizen.id)
             return sub is not None and sub.state == "granted"
@@ -370,6 +381,10 @@ class Outbox:
         if kind == "buttons":
             return partial(self._graph.send_buttons, to, payload["body"],
                            [tuple(b) for b in payload["buttons"]], callback_data=cb)
+        if kind == "list":
+            return partial(self._graph.send_list, to, payload["body"], payload["button"],
+                           payload["section"], [tuple(r) for r in payload["rows"]],
+                           callback_data=cb)
         if kind == "template":
             return partial(self._graph.send_template, to, payload["name"], payload["language"],
                            payload["components"], callback_data=cb)

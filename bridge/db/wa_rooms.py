@@ -1,0 +1,218 @@
+"""WhatsApp members of agency rooms (revision 0014): memberships, per-room switches,
+the window-closed backlog and the per-member wamid map (bridge.rooms_wa)."""
+
+from __future__ import annotations
+
+import builtins
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import delete, func, select, update
+
+from bridge.db.models import (
+    OutboxRow,
+    RoomBacklogRow,
+    RoomMemberRow,
+    RoomMessageRow,
+    RoomSettingsRow,
+    utcnow,
+)
+from bridge.db.records import BacklogEntry, RoomMember, RoomMemberState, RoomSettings
+from bridge.db.scope import Scope, rowcount
+from bridge.types import EventID, RoomID, UserID
+
+
+class RoomMemberRepo:
+    """Memberships, switches, backlog and message map of WhatsApp room members."""
+
+    def __init__(self, scope: Scope) -> None:
+        self._scope = scope
+
+    # --- memberships ------------------------------------------------------------------
+
+    async def invite(self, room_id: RoomID, citizen_id: int, display_name: str,
+                     invited_by: str, notice_hash: str) -> RoomMember:
+        """Create the invitation, or renew one that was declined or left (the pseudonym
+        drawn the first time stays); an invited or joined member is returned as is."""
+        now = utcnow()
+        stmt = (
+            self._scope.insert(RoomMemberRow)
+            .values(room_id=room_id, citizen_id=citizen_id, state="invited",
+                    display_name=display_name, invited_by=invited_by,
+                    notice_hash=notice_hash, created_at=now, updated_at=now)
+            .on_conflict_do_nothing()
+        )
+        async with self._scope.session() as session:
+            await session.execute(stmt)
+            await session.execute(
+                update(RoomMemberRow)
+                .where(RoomMemberRow.room_id == room_id,
+                       RoomMemberRow.citizen_id == citizen_id,
+                       RoomMemberRow.state.in_(("left", "declined")))
+                .values(state="invited", invited_by=invited_by, notice_hash=notice_hash,
+                        updated_at=now))
+            row = await session.scalar(select(RoomMemberRow).where(
+                RoomMemberRow.room_id == room_id, RoomMemberRow.citizen_id == citizen_id))
+            assert row is not None
+            return _member(row)
+
+    async def get(self, member_id: int) -> RoomMember | None:
+        async with self._scope.session() as session:
+            row = await session.get(RoomMemberRow, member_id)
+            return None if row is None else _member(row)
+
+    async def find(self, room_id: RoomID, citizen_id: int) -> RoomMember | None:
+        return await self._one(RoomMemberRow.room_id == room_id,
+                               RoomMemberRow.citizen_id == citizen_id)
+
+    async def by_ghost(self, user_id: UserID) -> RoomMember | None:
+        return await self._one(RoomMemberRow.ghost_user_id == user_id)
+
+    async def of_citizen(self, citizen_id: int, state: RoomMemberState = "joined"
+                         ) -> builtins.list[RoomMember]:
+        return await self._many(RoomMemberRow.citizen_id == citizen_id,
+                                RoomMemberRow.state == state)
+
+    async def in_room(self, room_id: RoomID, state: RoomMemberState = "joined"
+                      ) -> builtins.list[RoomMember]:
+        return await self._many(RoomMemberRow.room_id == room_id,
+                                RoomMemberRow.state == state)
+
+    async def count_joined(self, room_id: RoomID) -> int:
+        stmt = select(func.count()).select_from(RoomMemberRow).where(
+            RoomMemberRow.room_id == room_id, RoomMemberRow.state == "joined")
+        async with self._scope.session() as session:
+            return int(await session.scalar(stmt) or 0)
+
+    async def is_joined(self, room_id: RoomID, citizen_id: int) -> bool:
+        member = await self.find(room_id, citizen_id)
+        return member is not None and member.state == "joined"
+
+    async def set_ghost(self, member_id: int, user_id: UserID) -> None:
+        await self._update(member_id, ghost_user_id=user_id)
+
+    async def set_state(self, member_id: int, state: RoomMemberState,
+                        *, only_from: tuple[RoomMemberState, ...] | None = None) -> bool:
+        """Change the state; with `only_from`, only from one of those (False if not)."""
+        stmt = update(RoomMemberRow).where(RoomMemberRow.id == member_id)
+        if only_from is not None:
+            stmt = stmt.where(RoomMemberRow.state.in_(only_from))
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(
+                stmt.values(state=state, updated_at=utcnow()))) > 0
+
+    async def choose(self, member_id: int, at: datetime) -> None:
+        await self._update(member_id, chosen_at=at)
+
+    async def _one(self, *where: Any) -> RoomMember | None:
+        async with self._scope.session() as session:
+            row = await session.scalar(select(RoomMemberRow).where(*where))
+            return None if row is None else _member(row)
+
+    async def _many(self, *where: Any) -> builtins.list[RoomMember]:
+        async with self._scope.session() as session:
+            rows = await session.scalars(
+                select(RoomMemberRow).where(*where).order_by(RoomMemberRow.id))
+            return [_member(r) for r in rows]
+
+    async def _update(self, member_id: int, **values: Any) -> None:
+        async with self._scope.session() as session:
+            await session.execute(update(RoomMemberRow).where(RoomMemberRow.id == member_id)
+                                  .values(updated_at=utcnow(), **values))
+
+    # --- per-room switches ------------------------------------------------------------
+
+    async def settings(self, room_id: RoomID) -> RoomSettings | None:
+        async with self._scope.session() as session:
+            row = await session.get(RoomSettingsRow, room_id)
+            return None if row is None else RoomSettings(
+                RoomID(row.room_id), row.whatsapp_allowed, row.relay_media)
+
+    async def save_settings(self, settings: RoomSettings) -> None:
+        values = {"whatsapp_allowed": settings.whatsapp_allowed,
+                  "relay_media": settings.relay_media, "updated_at": utcnow()}
+        stmt = (self._scope.insert(RoomSettingsRow)
+                .values(room_id=settings.room_id, **values)
+                .on_conflict_do_update(index_elements=["room_id"], set_=values))
+        async with self._scope.session() as session:
+            await session.execute(stmt)
+
+    # --- backlog while the window is closed -------------------------------------------
+
+    async def keep(self, citizen_id: int, room_id: RoomID, event_key: str, payload: str
+                   ) -> bool:
+        """Keep one payload; False if it was kept before (a redelivered event)."""
+        stmt = (self._scope.insert(RoomBacklogRow)
+                .values(citizen_id=citizen_id, room_id=room_id, event_key=event_key,
+                        payload=payload, created_at=utcnow())
+                .on_conflict_do_nothing()
+                .returning(RoomBacklogRow.id))
+        async with self._scope.session() as session:
+            return await session.scalar(stmt) is not None
+
+    async def backlog(self, citizen_id: int) -> builtins.list[BacklogEntry]:
+        """Oldest first."""
+        stmt = (select(RoomBacklogRow).where(RoomBacklogRow.citizen_id == citizen_id)
+                .order_by(RoomBacklogRow.id))
+        async with self._scope.session() as session:
+            return [BacklogEntry(r.id, r.citizen_id, RoomID(r.room_id), r.event_key, r.payload,
+                                 r.created_at) for r in await session.scalars(stmt)]
+
+    async def forget(self, ids: builtins.list[int]) -> None:
+        async with self._scope.session() as session:
+            await session.execute(delete(RoomBacklogRow).where(RoomBacklogRow.id.in_(ids)))
+
+    async def forget_event(self, key_prefix: str) -> int:
+        """A redacted event's kept copies (every part, every member)."""
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(delete(RoomBacklogRow).where(
+                RoomBacklogRow.event_key.startswith(key_prefix, autoescape=True))))
+
+    async def forget_room(self, citizen_id: int, room_id: RoomID) -> int:
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(delete(RoomBacklogRow).where(
+                RoomBacklogRow.citizen_id == citizen_id, RoomBacklogRow.room_id == room_id)))
+
+    async def cancel_unsent(self, key_prefix: str) -> int:
+        """Cancel the pending outbox rows of one relayed room event (its keys start with
+        `key_prefix`): it was redacted before it went. One in flight still goes."""
+        stmt = (update(OutboxRow)
+                .where(OutboxRow.idempotency_key.startswith(key_prefix, autoescape=True),
+                       OutboxRow.status == "pending", OutboxRow.sending_at.is_(None))
+                .values(status="cancelled", updated_at=utcnow()))
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt))
+
+    # --- wamid <-> room event, per member ---------------------------------------------
+
+    async def link(self, wamid: str, citizen_id: int, room_id: RoomID, event_id: EventID
+                   ) -> None:
+        stmt = (self._scope.insert(RoomMessageRow)
+                .values(wamid=wamid, citizen_id=citizen_id, room_id=room_id, event_id=event_id)
+                .on_conflict_do_nothing())
+        async with self._scope.session() as session:
+            await session.execute(stmt)
+
+    async def by_wamid(self, wamid: str) -> tuple[RoomID, EventID, int] | None:
+        async with self._scope.session() as session:
+            row = await session.scalar(select(RoomMessageRow)
+                                       .where(RoomMessageRow.wamid == wamid))
+            return None if row is None else (RoomID(row.room_id), EventID(row.event_id),
+                                             row.citizen_id)
+
+    async def wamid_for(self, event_id: str, citizen_id: int) -> str | None:
+        """The wamid under which `citizen_id` has room event `event_id` (to quote it)."""
+        async with self._scope.session() as session:
+            return cast(str | None, await session.scalar(
+                select(RoomMessageRow.wamid).where(RoomMessageRow.event_id == event_id,
+                                                   RoomMessageRow.citizen_id == citizen_id)
+                .limit(1)))
+
+
+def _member(row: RoomMemberRow) -> RoomMember:
+    return RoomMember(
+        id=row.id, room_id=RoomID(row.room_id), citizen_id=row.citizen_id,
+        state=cast(RoomMemberState, row.state), display_name=row.display_name,
+        ghost_user_id=None if row.ghost_user_id is None else UserID(row.ghost_user_id),
+        invited_by=row.invited_by, notice_hash=row.notice_hash, chosen_at=row.chosen_at,
+        created_at=row.created_at)

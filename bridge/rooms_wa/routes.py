@@ -1,0 +1,85 @@
+"""Admin API of rooms over WhatsApp (parse, call, answer; scopes as the other routes).
+
+- `POST /admin/v1/rooms/{room_id}/whatsapp-members {citizen, confirm?}` (scope
+  `invites`): `citizen` is the portal ghost's user ID or a subscription code; answers
+  201 `{member_id, pseudonym, state}` (never a number).
+- `GET /admin/v1/rooms/{room_id}/whatsapp-members` (scope `rooms`): pseudonyms and
+  states only.
+- `POST /admin/v1/rooms/{room_id}/whatsapp-settings {whatsapp_allowed?, relay_media?}`
+  (scope `rooms`): the per-room switches; answers them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from bridge.admin.auth import actor, requires
+from bridge.errors import BadRequest, InvalidParam, Unavailable
+from bridge.rooms_wa.wiring import WhatsAppRooms
+from bridge.types import RoomID
+from bridge.web.state import BRIDGE
+
+routes = web.RouteTableDef()
+
+
+def _parts(request: web.Request) -> WhatsAppRooms:
+    parts: WhatsAppRooms | None = request.app[BRIDGE].wa_rooms
+    if parts is None:
+        raise Unavailable("WhatsApp is not enabled")
+    return parts
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except ValueError:
+        raise BadRequest("body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def _flag(body: dict[str, Any], key: str) -> bool | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidParam(f"{key}: must be true or false")
+    return value
+
+
+@routes.post("/admin/v1/rooms/{room_id}/whatsapp-members")
+@requires("invites")
+async def add_member(request: web.Request) -> web.Response:
+    body = await _body(request)
+    citizen = body.get("citizen")
+    if not isinstance(citizen, str):
+        raise InvalidParam("citizen: must be a string (portal ghost or subscription code)")
+    result = await _parts(request).members.invite(
+        actor(request), request.match_info["room_id"], citizen,
+        confirm=_flag(body, "confirm") is True)
+    return web.json_response(result, status=201)
+
+
+@routes.get("/admin/v1/rooms/{room_id}/whatsapp-members")
+@requires("rooms")
+async def list_members(request: web.Request) -> web.Response:
+    db = request.app[BRIDGE].db
+    members: list[dict[str, Any]] = []
+    for state in ("invited", "joined"):
+        members += [{"member_id": m.id, "pseudonym": m.display_name, "state": m.state,
+                     "user_id": m.ghost_user_id}
+                    for m in await db.wa_rooms.in_room(RoomID(request.match_info["room_id"]),
+                                                       state)]
+    return web.json_response(members)
+
+
+@routes.post("/admin/v1/rooms/{room_id}/whatsapp-settings")
+@requires("rooms")
+async def settings(request: web.Request) -> web.Response:
+    body = await _body(request)
+    result = await _parts(request).members.configure(
+        actor(request), request.match_info["room_id"], _flag(body, "whatsapp_allowed"),
+        _flag(body, "relay_media"))
+    return web.json_response(result)
