@@ -1,0 +1,357 @@
+"""Rooms over WhatsApp end to end (issue 17): real Synapse, the Cloud API simulator,
+E2EE on. A `citizen` room with a staff member (nio), a Matrix citizen from an invite
+link and two WhatsApp citizens, each under a pseudonym of that room only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from nio import EncryptionError, MegolmEvent, RoomMessageNotice
+from sqlalchemy import update
+
+from bridge.db.models import CitizenRow
+from bridge.rooms_wa import texts
+from bridge.types import RoomID
+from bridge.whatsapp.simulator import SimulatedUser
+from tests.fixtures.bridge import BridgeHarness
+from tests.fixtures.staff import StaffClient, staff_login
+from tests.integration.test_whatsapp import (
+    USED_IDENTIFIERS,
+    new_citizen,
+    opt_in,
+    to_citizen,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+SEEN_BY_STAFF: list[str] = []  # every decrypted room event, for the privacy sweep
+SENT_TO_CITIZENS: list[str] = []  # every body the other WhatsApp members received
+
+
+@dataclass
+class Member:
+    """A WhatsApp citizen with a portal (its ghost is how staff name them)."""
+
+    user: SimulatedUser
+    portal_ghost: str
+    citizen_id: int
+    pseudonyms: dict[str, str] = field(default_factory=dict)  # room -> display name
+
+
+@dataclass
+class World:
+    h: BridgeHarness
+    staff: StaffClient
+    room_id: str
+    ana: Member
+    bea: Member
+    closers: list[Any]
+
+    async def write(self, member: Member, value: dict[str, Any]) -> str:
+        assert await self.h.wa.deliver(self.h.webhook_url, value) == 200
+        return str(value["messages"][0]["id"])
+
+    async def sent_to(self, member: Member, predicate: Callable[[dict[str, Any]], bool],
+                      timeout: float = 30) -> tuple[dict[str, Any], str]:
+        """The first send to `member` matching `predicate`, and its wamid."""
+        body = await self.h.wa.wait_for_sent(
+            lambda s: to_citizen(s, member.user) and predicate(s), timeout=timeout)
+        # What the citizen reads (the envelope's `to` is their own number).
+        SENT_TO_CITIZENS.append(json.dumps({k: v for k, v in body.items()
+                                            if k not in ("to", "recipient")},
+                                           ensure_ascii=False))
+        index = next(i for i, b in enumerate(self.h.wa.sent) if b is body)
+        return body, str(self.h.wa.sent_ids[index])
+
+    def sent_count(self, member: Member, predicate: Callable[[dict[str, Any]], bool]) -> int:
+        return sum(1 for s in self.h.wa.sent if to_citizen(s, member.user) and predicate(s))
+
+    async def staff_sees(self, room_id: str, predicate: Callable[[Any], bool],
+                         timeout: float = 30) -> Any:
+        """The first event in `room_id` matching `predicate`, decrypted by staff."""
+        async def find() -> Any:
+            await self.staff.sync_once(timeout_ms=200)
+            events = self.staff._timeline.get(room_id, [])
+            for index, ev in enumerate(events):
+                if isinstance(ev, MegolmEvent):
+                    try:  # the room key may have come in a later sync
+                        ev = events[index] = self.staff.client.decrypt_event(ev)
+                    except EncryptionError:
+                        continue
+                SEEN_BY_STAFF.append(str(ev.source))
+                if predicate(ev):
+                    return ev
+            return None
+        return await wait_until(find, timeout, "event in room")
+
+
+def text_body(s: dict[str, Any]) -> str:
+    if s.get("type") == "text":
+        return str(s["text"]["body"])
+    if s.get("type") == "interactive":
+        return str(s["interactive"]["body"]["text"])
+    return ""
+
+
+def says(fragment: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda s: fragment in text_body(s)
+
+
+async def join_room(w: World, member: Member, room_id: str, expect_first: bool = False
+                    ) -> str:
+    """Admin API invitation → WhatsApp buttons → accept → the member's room pseudonym."""
+    status, answer = await w.h.running.call(
+        "POST", f"/admin/v1/rooms/{room_id}/whatsapp-members",
+        {"citizen": member.portal_ghost})
+    assert status == 201, answer
+    pseudonym = answer["pseudonym"]
+    invitation, _ = await w.sent_to(member, lambda s: s.get("type") == "interactive" and
+                                    pseudonym in text_body(s))
+    buttons = invitation["interactive"]["action"]["buttons"]
+    ids = [b["reply"]["id"] for b in buttons]
+    assert ids == [f"{texts.ACCEPT_BUTTON}{answer['member_id']}",
+                   f"{texts.DECLINE_BUTTON}{answer['member_id']}"]
+    body = text_body(invitation)
+    assert "SALIR" in body and "cifrado de extremo a extremo" in body
+    await w.write(member, w.h.wa.button_reply(member.user, ids[0], texts.ACCEPT_TITLE))
+    await w.sent_to(member, says(f"como «{pseudonym}»"))
+    member.pseudonyms[room_id] = pseudonym
+    return pseudonym
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def world(bridge: BridgeHarness) -> AsyncIterator[World]:
+    h = bridge
+    staff = await staff_login(h.synapse.synapse, h.admin.localpart, h.admin.password)
+    status, created = await h.running.call("POST", "/admin/v1/rooms",
+                                           {"name": "Vecinos de Ejemplo", "kind": "citizen"})
+    assert status == 201, created
+    room_id = created["room_id"]
+    await staff.join(room_id)
+    members = []
+    closers: list[Any] = [staff]
+    for name in ("Ana Martínez", "Beatriz Gómez"):
+        journey = await opt_in(h, new_citizen(name), f"Hola, soy {name}")
+        closers.append(journey.desk)
+        row = await h.running.bridge.db.rooms.get(RoomID(journey.room_id))
+        assert row is not None and row.citizen_id is not None
+        citizen = await h.running.bridge.db.citizens.get(row.citizen_id)
+        assert citizen is not None and citizen.ghost_user_id
+        members.append(Member(journey.citizen, citizen.ghost_user_id, citizen.id))
+        USED_IDENTIFIERS.append(name)
+    w = World(h, staff, room_id, members[0], members[1], closers)
+    yield w
+    for closer in closers:
+        await closer.close()
+
+
+async def test_team_rooms_refuse_whatsapp_members_by_default(world: World) -> None:
+    status, created = await world.h.running.call("POST", "/admin/v1/rooms",
+                                                 {"name": "Equipo", "kind": "team"})
+    assert status == 201
+    status, answer = await world.h.running.call(
+        "POST", f"/admin/v1/rooms/{created['room_id']}/whatsapp-members",
+        {"citizen": world.ana.portal_ghost})
+    assert status == 409, answer
+
+
+async def test_joining_and_the_room_is_told(world: World) -> None:
+    w = world
+    pseudonym = await join_room(w, w.ana, w.room_id, expect_first=True)
+    # Everyone in the room is told, once, and the topic says it.
+    await w.staff_sees(w.room_id, lambda ev: isinstance(ev, RoomMessageNotice) and
+                       ev.body == texts.ROOM_NOTICE)
+    b = w.h.running.bridge
+    topic = await b.api.get_state_event(b.ghosts.bot, RoomID(w.room_id), "m.room.topic")
+    assert texts.TOPIC_LINE in topic["topic"]
+    # Consent for that room: purpose room:<id>, version, hash and language.
+    records = [r for r in await b.db.consent.for_citizen(w.ana.citizen_id)
+               if r.purpose == f"room:{w.room_id}"]
+    assert [r.state for r in records] == ["granted"]
+    assert records[0].notice_version == texts.INVITATION_VERSION
+    assert records[0].language == "es" and len(records[0].notice_hash) == 64
+    # A pseudonym of this room only: not the portal ghost, not its name.
+    member = await b.db.wa_rooms.find(RoomID(w.room_id), w.ana.citizen_id)
+    assert member is not None and member.ghost_user_id is not None
+    assert member.ghost_user_id != w.ana.portal_ghost
+    portal = await b.db.ghosts.get(w.ana.portal_ghost)  # type: ignore[arg-type]
+    assert portal is not None and portal.display_name != pseudonym
+    await join_room(w, w.bea, w.room_id)
+
+
+async def test_staff_post_reaches_every_whatsapp_member_with_the_label(world: World) -> None:
+    w = world
+    await w.staff.send_text(w.room_id, "Mañana se corta el agua de 9 a 12")
+    for member in (w.ana, w.bea):
+        body, _ = await w.sent_to(member, says("se corta el agua"))
+        assert text_body(body).startswith("*Ayuntamiento · ")
+        assert w.h.admin.user_id not in text_body(body)
+
+
+async def test_a_whatsapp_reply_is_posted_under_the_pseudonym_and_relayed(world: World
+                                                                          ) -> None:
+    w = world
+    # Ana has two conversations (the room and her portal) and has chosen none: a list.
+    await w.write(w.ana, w.h.wa.text_message(w.ana.user, "¿A qué hora vuelve?"))
+    picker, _ = await w.sent_to(w.ana, lambda s: s.get("type") == "interactive" and
+                                s["interactive"]["type"] == "list")
+    rows = picker["interactive"]["action"]["sections"][0]["rows"]
+    assert [r["title"] for r in rows] == ["Vecinos de Ejemplo", texts.PORTAL_TITLE]
+    await w.write(w.ana, w.h.wa.button_reply(w.ana.user, rows[0]["id"], rows[0]["title"],
+                                             kind="list_reply"))
+    event = await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
+                               "¿A qué hora vuelve?")
+    b = w.h.running.bridge
+    ghost = await b.db.ghosts.get(event.sender)
+    assert ghost is not None and ghost.display_name == w.ana.pseudonyms[w.room_id]
+    # The other WhatsApp member gets it with Ana's room pseudonym; Ana no echo.
+    body, _ = await w.sent_to(w.bea, says("¿A qué hora vuelve?"))
+    assert text_body(body) == f"*{w.ana.pseudonyms[w.room_id]}*: ¿A qué hora vuelve?"
+    assert w.sent_count(w.ana, says("¿A qué hora vuelve?")) == 0
+    # From now on Ana's messages go to the room she chose.
+    await w.write(w.ana, w.h.wa.text_message(w.ana.user, "Gracias"))
+    await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) == "Gracias")
+
+
+async def test_a_quote_routes_to_its_conversation(world: World) -> None:
+    w = world
+    # Bea has one room and her portal; she quotes the room's message: it goes there.
+    _, wamid = await w.sent_to(w.bea, says("se corta el agua"))
+    await w.write(w.bea, w.h.wa.text_message(w.bea.user, "Vale, gracias", context_id=wamid))
+    event = await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
+                               "Vale, gracias")
+    b = w.h.running.bridge
+    ghost = await b.db.ghosts.get(event.sender)
+    assert ghost is not None and ghost.display_name == w.bea.pseudonyms[w.room_id]
+
+
+async def test_per_room_pseudonyms_differ(world: World) -> None:
+    w = world
+    status, created = await w.h.running.call("POST", "/admin/v1/rooms",
+                                             {"name": "Fiestas 2027", "kind": "citizen"})
+    assert status == 201
+    other = created["room_id"]
+    await w.staff.join(other)
+    second = await join_room(w, w.ana, other)
+    assert second != w.ana.pseudonyms[w.room_id]
+    b = w.h.running.bridge
+    one = await b.db.wa_rooms.find(RoomID(w.room_id), w.ana.citizen_id)
+    two = await b.db.wa_rooms.find(RoomID(other), w.ana.citizen_id)
+    assert one and two and one.ghost_user_id != two.ghost_user_id
+    # In two rooms now: messages carry the room's short name.
+    await w.staff.send_text(other, "Reunión de la comisión el jueves")
+    body, _ = await w.sent_to(w.ana, says("Reunión de la comisión"))
+    assert text_body(body).startswith("[Fiestas 2027] *Ayuntamiento · ")
+
+
+async def test_window_closed_digest_once_then_backlog_in_order(world: World) -> None:
+    w = world
+    b = w.h.running.bridge
+    # Bea last wrote 25 hours ago.
+    engine_time = datetime.now(UTC) - timedelta(hours=25)
+    async with b.db.session() as session:
+        await session.execute(update(CitizenRow).where(CitizenRow.id == w.bea.citizen_id)
+                              .values(last_inbound_at=engine_time))
+    for n in (1, 2, 3):
+        await w.staff.send_text(w.room_id, f"Aviso número {n}")
+    digest, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "template")
+    assert digest["template"]["name"] == "mensajes_nuevos_sala"
+    params = [p["text"] for p in digest["template"]["components"][0]["parameters"]]
+    assert params[1] == "Vecinos de Ejemplo"
+    assert "Aviso" not in json.dumps(digest)
+    await wait_until(lambda: _backlog(b, w.bea.citizen_id, 3), 30, "three kept")
+    assert w.sent_count(w.bea, lambda s: s.get("type") == "template") == 1
+    assert w.sent_count(w.bea, says("Aviso número")) == 0
+    # Bea answers: the newest two (rooms.backlog_max) arrive in order after one line.
+    await w.write(w.bea, w.h.wa.text_message(w.bea.user, "Aquí estoy"))
+    await w.sent_to(w.bea, says("1 mensajes anteriores"))
+    await w.sent_to(w.bea, says("Aviso número 3"))
+    got = [text_body(s) for s in w.h.wa.sent if to_citizen(s, w.bea.user) and
+           ("Aviso número" in text_body(s) or "anteriores" in text_body(s))]
+    assert [g.split(": ", 1)[-1] for g in got] == [got[0].split(": ", 1)[-1],
+                                                  "Aviso número 2", "Aviso número 3"]
+    assert "anteriores" in got[0]
+
+
+async def _backlog(b: Any, citizen_id: int, count: int) -> bool:
+    return len(await b.db.wa_rooms.backlog(citizen_id)) >= count
+
+
+async def test_mute_then_kick_stop_the_relay(world: World) -> None:
+    w = world
+    b = w.h.running.bridge
+    member = await b.db.wa_rooms.find(RoomID(w.room_id), w.ana.citizen_id)
+    assert member is not None and member.ghost_user_id
+    status, answer = await w.h.running.call(
+        "POST", f"/admin/v1/rooms/{w.room_id}/mute",
+        {"user_id": member.ghost_user_id, "reason": "prueba"})
+    assert status == 200, answer
+    await w.write(w.ana, w.h.wa.text_message(w.ana.user, "¿Me oyen?"))
+    await w.sent_to(w.ana, says("silenciado"))
+    await w.write(w.ana, w.h.wa.text_message(w.ana.user, "¿Y ahora?"))
+    status, answer = await w.h.running.call(
+        "POST", f"/admin/v1/rooms/{w.room_id}/kick",
+        {"user_id": member.ghost_user_id, "reason": "prueba"})
+    assert status == 200, answer
+    await w.sent_to(w.ana, says("le han retirado de la sala «Vecinos de Ejemplo»"))
+    assert w.sent_count(w.ana, says("silenciado")) == 1
+    await w.staff.send_text(w.room_id, "Tras la expulsión")
+    await w.sent_to(w.bea, says("Tras la expulsión"))
+    assert w.sent_count(w.ana, says("Tras la expulsión")) == 0
+    await w.h.running.idle("matrix")
+    assert not any(getattr(ev, "body", None) in ("¿Me oyen?", "¿Y ahora?")
+                   for ev in w.staff._timeline.get(w.room_id, []))
+
+
+async def test_salir_leaves_the_room(world: World) -> None:
+    w = world
+    b = w.h.running.bridge
+    await w.write(w.bea, w.h.wa.text_message(w.bea.user, "SALIR"))
+    await w.sent_to(w.bea, says("Ha dejado la sala «Vecinos de Ejemplo»"))
+    member = await b.db.wa_rooms.find(RoomID(w.room_id), w.bea.citizen_id)
+    assert member is not None and member.state == "left"
+    states = [r.state for r in await b.db.consent.for_citizen(w.bea.citizen_id)
+              if r.purpose == f"room:{w.room_id}"]
+    assert states == ["granted", "withdrawn"]
+    await w.staff.send_text(w.room_id, "Después de SALIR")
+    await w.h.running.idle("matrix")
+    assert w.sent_count(w.bea, says("Después de SALIR")) == 0
+
+
+async def test_announcement_rooms_refuse_whatsapp_posts(world: World) -> None:
+    w = world
+    status, created = await w.h.running.call("POST", "/admin/v1/rooms",
+                                             {"name": "Avisos", "kind": "announcement"})
+    assert status == 201
+    room = created["room_id"]
+    await w.staff.join(room)
+    await join_room(w, w.bea, room)
+    await w.staff.send_text(room, "Bando: fiestas el día 15")
+    _, wamid = await w.sent_to(w.bea, says("Bando: fiestas"))
+    await w.write(w.bea, w.h.wa.text_message(w.bea.user, "¡Genial!", context_id=wamid))
+    await w.sent_to(w.bea, says("es una sala de avisos"))
+
+
+async def test_privacy_sweep(world: World) -> None:
+    w = world
+    seen = "\n".join(SEEN_BY_STAFF + SENT_TO_CITIZENS)
+    received = "\n".join(json.dumps({k: v for k, v in s.items() if k not in ("to", "recipient")},
+                                    ensure_ascii=False)
+                         for s in w.h.wa.sent if to_citizen(s, w.bea.user))
+    logs = "\n".join(w.h.log_lines)
+    for identifier in [w.ana.user.wa_id, w.ana.user.user_id, w.bea.user.wa_id,
+                       w.bea.user.user_id, "Ana Martínez", "Beatriz Gómez"]:
+        assert identifier
+        assert identifier not in seen
+        assert identifier not in logs
+        assert identifier not in received
+    # No Matrix ID of anyone in what the WhatsApp members received.
+    assert w.h.admin.user_id not in received
+    assert w.ana.portal_ghost not in received
