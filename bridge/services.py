@@ -306,7 +306,7 @@ async def build_bridge(config: Config) -> Bridge:
                                    then=staff_out)
         # `!invitar` is answered in front of `!plantilla` and the relay to the citizen.
         wa_rooms = build_rooms_wa(config, db, api, ghosts, rooms, relay, outbox, privacy,
-                                  mirror, portals, templates)
+                                  mirror, portals, templates, metrics)
         relay.add_handler(wa_rooms.commands)
         inbound.set_rooms_hook(wa_rooms.replies)
         if config.whatsapp.send_read_receipts:

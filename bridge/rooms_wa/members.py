@@ -30,6 +30,7 @@ from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.relay import Relay
 from bridge.matrix.rooms import Rooms
+from bridge.metrics import Metrics
 from bridge.privacy import Privacy, new_pseudonym_code
 from bridge.rooms_wa import policy, texts
 from bridge.types import Pseudonym, RoomID, UserID
@@ -49,7 +50,8 @@ class Members:
     """Membership of WhatsApp citizens in agency rooms."""
 
     def __init__(self, config: Config, db: Database, api: MatrixAPI, ghosts: Ghosts,
-                 rooms: Rooms, relay: Relay, outbox: Outbox, privacy: Privacy) -> None:
+                 rooms: Rooms, relay: Relay, outbox: Outbox, privacy: Privacy,
+                 metrics: Metrics) -> None:
         self._config = config
         self._db = db
         self._api = api
@@ -58,6 +60,7 @@ class Members:
         self._relay = relay
         self._outbox = outbox
         self._privacy = privacy
+        self._metrics = metrics
 
     # --- settings ---------------------------------------------------------------------
 
@@ -170,6 +173,7 @@ class Members:
                 staff_id=UserID(staff) if staff else None)
             await tx.audit.append("citizen", "consent.granted",
                                   f"pseudonym {citizen.pseudonym_code}", "ok", "room")
+        self._metrics.consent_changes.labels("room", "granted").inc()
         log.info("WhatsApp member joined room %s", room.room_id)
         await self._tell_room(room)
         await self._outbox.system_text(citizen, f"wr-joined:{wamid}", texts.JOINED.format(
@@ -209,6 +213,7 @@ class Members:
                     channel="whatsapp", language=texts.LANGUAGE, evidence=wamid)
                 await tx.audit.append("citizen", "consent.withdrawn",
                                       f"pseudonym {citizen.pseudonym_code}", "ok", "room")
+                self._metrics.consent_changes.labels("room", "withdrawn").inc()
         await self._db.wa_rooms.forget_room(citizen.id, member.room_id)
         if member.ghost_user_id:
             try:

@@ -10,6 +10,7 @@ from bridge.matrix.api import MatrixAPI
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.relay import Relay, StaffHandler
 from bridge.matrix.rooms import Rooms
+from bridge.metrics import Metrics
 from bridge.privacy import Privacy
 from bridge.rooms_wa.commands import PortalCommands
 from bridge.rooms_wa.fanout import FanOut
@@ -30,10 +31,10 @@ class WhatsAppRooms:
 
 def build_rooms_wa(config: Config, db: Database, api: MatrixAPI, ghosts: Ghosts,
                    rooms: Rooms, relay: Relay, outbox: Outbox, privacy: Privacy,
-                   mirror: Mirror, portals: Portals, portal_handler: StaffHandler
-                   ) -> WhatsAppRooms:
+                   mirror: Mirror, portals: Portals, portal_handler: StaffHandler,
+                   metrics: Metrics) -> WhatsAppRooms:
     """`portal_handler`: the staff-event handler `!invitar` stands in front of."""
-    members = Members(config, db, api, ghosts, rooms, relay, outbox, privacy)
+    members = Members(config, db, api, ghosts, rooms, relay, outbox, privacy, metrics)
     fanout = FanOut(config, db, api, ghosts, members, outbox, privacy)
     replies = RoomReplies(config, db, privacy, relay, mirror, outbox, members, fanout)
     commands = PortalCommands(db, portals, members, fanout, config.rooms.staff_label,

@@ -28,12 +28,12 @@ pytestmark = pytest.mark.integration
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-OUTBOX_TYPES = ("text", "buttons", "template", "reaction", "media", "location")
+OUTBOX_TYPES = ("text", "buttons", "template", "reaction", "media", "location", "list")
 ALLOWED_LABELS: dict[str, set[str]] = {
     "direction": {"in", "out"},
     "type": {*get_args(MessageKind), *OUTBOX_TYPES},
     "reason": {"signature", "json", "format", *DEAD_REASONS, *get_args(NotSentReason)},
-    "purpose": set(get_args(ConsentPurpose)),
+    "purpose": {*get_args(ConsentPurpose), "room"},  # "room": any agency room (issue 17)
     "state": set(get_args(ConsentState)),
     "what": {*(label for _, label in RETENTION_STEPS), "management", "reporter", "poll"},
     "source": {*get_args(InboundSource), "outbox"},

@@ -4,7 +4,9 @@ link and two WhatsApp citizens, each under a pseudonym of that room only."""
 
 from __future__ import annotations
 
+import html
 import json
+import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,6 +22,7 @@ from bridge.rooms_wa import texts
 from bridge.types import RoomID
 from bridge.whatsapp.simulator import SimulatedUser
 from tests.fixtures.bridge import BridgeHarness
+from tests.fixtures.citizens import USER_ID, invite_link, submit_form
 from tests.fixtures.staff import StaffClient, staff_login
 from tests.integration.test_whatsapp import (
     USED_IDENTIFIERS,
@@ -52,6 +55,7 @@ class World:
     room_id: str
     ana: Member
     bea: Member
+    neighbour: StaffClient  # a Matrix citizen who came by an invite link
     closers: list[Any]
 
     async def write(self, member: Member, value: dict[str, Any]) -> str:
@@ -135,8 +139,16 @@ async def world(bridge: BridgeHarness) -> AsyncIterator[World]:
     assert status == 201, created
     room_id = created["room_id"]
     await staff.join(room_id)
+    password = secrets.token_urlsafe(16)
+    status_code, page = await submit_form(await invite_link(h, room_id), password)
+    assert status_code == 200, page
+    found = USER_ID.search(page)
+    assert found, page
+    neighbour = await staff_login(h.synapse.synapse,
+                                  html.unescape(found.group(1))[1:].split(":", 1)[0], password)
+    await neighbour.join(room_id)
     members = []
-    closers: list[Any] = [staff]
+    closers: list[Any] = [staff, neighbour]
     for name in ("Ana Martínez", "Beatriz Gómez"):
         journey = await opt_in(h, new_citizen(name), f"Hola, soy {name}")
         closers.append(journey.desk)
@@ -146,7 +158,7 @@ async def world(bridge: BridgeHarness) -> AsyncIterator[World]:
         assert citizen is not None and citizen.ghost_user_id
         members.append(Member(journey.citizen, citizen.ghost_user_id, citizen.id))
         USED_IDENTIFIERS.append(name)
-    w = World(h, staff, room_id, members[0], members[1], closers)
+    w = World(h, staff, room_id, members[0], members[1], neighbour, closers)
     yield w
     for closer in closers:
         await closer.close()
@@ -193,6 +205,12 @@ async def test_staff_post_reaches_every_whatsapp_member_with_the_label(world: Wo
         body, _ = await w.sent_to(member, says("se corta el agua"))
         assert text_body(body).startswith("*Ayuntamiento · ")
         assert w.h.admin.user_id not in text_body(body)
+    # A Matrix citizen (no staff label, no Matrix ID) reaches them too.
+    await w.neighbour.send_text(w.room_id, "Yo tengo garrafas, por si alguien necesita")
+    for member in (w.ana, w.bea):
+        body, _ = await w.sent_to(member, says("tengo garrafas"))
+        assert not text_body(body).startswith("*Ayuntamiento")
+        assert w.neighbour.user_id not in text_body(body)
 
 
 async def test_a_whatsapp_reply_is_posted_under_the_pseudonym_and_relayed(world: World
@@ -211,6 +229,10 @@ async def test_a_whatsapp_reply_is_posted_under_the_pseudonym_and_relayed(world:
     b = w.h.running.bridge
     ghost = await b.db.ghosts.get(event.sender)
     assert ghost is not None and ghost.display_name == w.ana.pseudonyms[w.room_id]
+    # The Matrix citizen reads it, decrypted, from the same pseudonym.
+    seen = await w.neighbour.wait_for_message(w.room_id,
+                                              lambda ev: ev.body == "¿A qué hora vuelve?")
+    assert seen.sender == event.sender
     # The other WhatsApp member gets it with Ana's room pseudonym; Ana no echo.
     body, _ = await w.sent_to(w.bea, says("¿A qué hora vuelve?"))
     assert text_body(body) == f"*{w.ana.pseudonyms[w.room_id]}*: ¿A qué hora vuelve?"
@@ -251,6 +273,22 @@ async def test_per_room_pseudonyms_differ(world: World) -> None:
     assert text_body(body).startswith("[Fiestas 2027] *Ayuntamiento · ")
 
 
+async def test_edits_follow_and_moderated_redactions_are_announced(world: World) -> None:
+    w = world
+    original = await w.staff.send_text(w.room_id, "La reunión es el lunes")
+    await w.sent_to(w.bea, says("La reunión es el lunes"))
+    edit = {"msgtype": "m.text", "body": "* La reunión es el martes",
+            "m.new_content": {"msgtype": "m.text", "body": "La reunión es el martes"},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": original}}
+    await w.staff.client.room_send(w.room_id, "m.room.message", edit,
+                                   ignore_unverified_devices=True)
+    body, _ = await w.sent_to(w.bea, says("(editado) La reunión es el martes"))
+    assert text_body(body).startswith("*Ayuntamiento · ")
+    await w.staff.client.room_redact(w.room_id, original, "error")
+    await w.sent_to(w.bea, says("Los moderadores han retirado un mensaje"))
+    await w.sent_to(w.ana, says("Los moderadores han retirado un mensaje"))
+
+
 async def test_window_closed_digest_once_then_backlog_in_order(world: World) -> None:
     w = world
     b = w.h.running.bridge
@@ -259,14 +297,21 @@ async def test_window_closed_digest_once_then_backlog_in_order(world: World) -> 
     async with b.db.session() as session:
         await session.execute(update(CitizenRow).where(CitizenRow.id == w.bea.citizen_id)
                               .values(last_inbound_at=engine_time))
-    for n in (1, 2, 3):
+    for n in (1, 2):
         await w.staff.send_text(w.room_id, f"Aviso número {n}")
+    # Redacted while it waits: never sent.
+    withdrawn = await w.staff.send_text(w.room_id, "Aviso que se retira")
+    await wait_until(lambda: _backlog(b, w.bea.citizen_id, 3), 30, "kept")
+    await w.staff.client.room_redact(w.room_id, withdrawn, "error")
+    await w.staff.send_text(w.room_id, "Aviso número 3")
     digest, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "template")
     assert digest["template"]["name"] == "mensajes_nuevos_sala"
     params = [p["text"] for p in digest["template"]["components"][0]["parameters"]]
     assert params[1] == "Vecinos de Ejemplo"
-    assert "Aviso" not in json.dumps(digest)
+    assert "Aviso" not in json.dumps(digest, ensure_ascii=False)
+    await w.h.running.idle("matrix")
     await wait_until(lambda: _backlog(b, w.bea.citizen_id, 3), 30, "three kept")
+    assert len(await b.db.wa_rooms.backlog(w.bea.citizen_id)) == 3
     assert w.sent_count(w.bea, lambda s: s.get("type") == "template") == 1
     assert w.sent_count(w.bea, says("Aviso número")) == 0
     # Bea answers: the newest two (rooms.backlog_max) arrive in order after one line.
@@ -278,6 +323,7 @@ async def test_window_closed_digest_once_then_backlog_in_order(world: World) -> 
     assert [g.split(": ", 1)[-1] for g in got] == [got[0].split(": ", 1)[-1],
                                                   "Aviso número 2", "Aviso número 3"]
     assert "anteriores" in got[0]
+    assert w.sent_count(w.bea, says("Aviso que se retira")) == 0
 
 
 async def _backlog(b: Any, citizen_id: int, count: int) -> bool:
