@@ -222,6 +222,12 @@ class WhatsAppConfig(_Section):
     send_read_receipts: bool = True
     # Approved templates staff may send with `!plantilla` or the admin API.
     templates: list[TemplateConfig] = []
+    # Meta's rate limits (bridge.whatsapp.pacing): sends per second from this business
+    # number (Cloud API default 80; higher tiers up to 1000; 0 = no limit), and the least
+    # time between two sends to the same citizen (0 = none; Meta's pair limit is about
+    # one message every 6 s, and answers 131056 beyond its burst, which is retried).
+    max_sends_per_second: Annotated[float, Field(ge=0, le=1000)] = 80
+    recipient_interval_seconds: Annotated[float, Field(ge=0, le=60)] = 0
 
     _url = field_validator("api_base")(_http_url)
 

@@ -50,6 +50,7 @@ from bridge.whatsapp.inbound import WhatsAppInbound
 from bridge.whatsapp.mirror import Mirror
 from bridge.whatsapp.outbound import StaffToWhatsApp
 from bridge.whatsapp.outbox import Outbox
+from bridge.whatsapp.pacing import Pacer
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.receipts import StaffReceipts
 from bridge.whatsapp.staff_templates import StaffTemplates
@@ -289,6 +290,8 @@ async def build_bridge(config: Config) -> Bridge:
                     confirm_window=timedelta(
                         seconds=config.whatsapp.outbox_confirm_window_seconds),
                     on_dead=dead_letters.announce)
+    outbox.pacer = Pacer(config.whatsapp.max_sends_per_second,
+                         config.whatsapp.recipient_interval_seconds)
     mirror = Mirror(db, api, relay, graph, portals, metrics)
     subscriptions = NoticeSubscriptions(config, db, outbox, metrics)
     handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}

@@ -183,6 +183,17 @@ class RoomMemberRepo:
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt))
 
+    async def older_waiting(self, citizen_id: int, item_id: int, now: datetime
+                            ) -> datetime | None:
+        """When the oldest room send to `citizen_id` queued before `item_id` is next due,
+        if it is still pending and not due yet (backing off); None if none is."""
+        stmt = (select(func.min(OutboxRow.next_attempt_at))
+                .where(OutboxRow.citizen_id == citizen_id, OutboxRow.id < item_id,
+                       OutboxRow.status == "pending", OutboxRow.next_attempt_at > now,
+                       OutboxRow.idempotency_key.startswith("wr", autoescape=True)))
+        async with self._scope.session() as session:
+            return cast(datetime | None, await session.scalar(stmt))
+
     # --- wamid <-> room event, per member ---------------------------------------------
 
     async def link(self, wamid: str, citizen_id: int, room_id: RoomID, event_id: EventID

@@ -57,6 +57,7 @@ from bridge.retry import backoff as retry_backoff
 from bridge.retry import is_transient, reason_of
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.graph import GraphClient, GraphError, Recipient, error_title
+from bridge.whatsapp.pacing import Pacer
 from bridge.whatsapp.staff_events import (
     TOO_LARGE_ADVICE,
     NotSentReason,
@@ -117,6 +118,8 @@ class Outbox:
         self._metrics = metrics
         self.confirm_window = confirm_window
         self.on_dead = on_dead
+        # Meta's rate limits (bridge.whatsapp.pacing); None: no pacing.
+        self.pacer: Pacer | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
@@ -214,6 +217,11 @@ class Outbox:
             return
         if payload.get("part") and not await self._after_previous_part(item, payload):
             return
+        if payload.get("wa_room") and not await self._after_older_room_sends(item):
+            return
+        if self.pacer is not None and (wait := self.pacer.too_early(item.citizen_id)) > 0:
+            await self._db.outbox.postpone(item.id, datetime.now(UTC) + timedelta(seconds=wait))
+            return
         if item.sending_at is not None:
             log.warning("outbox #%d: no delivery status within the confirmation window "
                         "after an interrupted send; sending again", item.id)
@@ -221,6 +229,8 @@ class Outbox:
             with self._metrics.relay_latency.labels("out").time():
                 send = await self._prepare(self._recipient(citizen), payload,
                                            callback_data(item.id))
+                if self.pacer is not None:
+                    await self.pacer.slot()  # this number's sends per second
                 # In flight only from here: a send stopped earlier (say, mid-upload)
                 # created no message, so it is due again at once.
                 if not await self._db.outbox.begin_attempt(
@@ -240,8 +250,20 @@ class Outbox:
             else:
                 await self._set_aside(item, exc, error, notice_id, too_large=too_large)
             return
+        if self.pacer is not None:
+            self.pacer.sent(item.citizen_id)
         if await self._db.outbox.mark_sent(item.id, wamid):
             await self._accepted(item, payload, wamid)
+
+    async def _after_older_room_sends(self, item: OutboxItem) -> bool:
+        """Room messages reach a citizen in order: one waits while an older one to the
+        same citizen is backing off (a 429, a 5xx) instead of overtaking it."""
+        waiting = await self._db.wa_rooms.older_waiting(item.citizen_id, item.id,
+                                                        datetime.now(UTC))
+        if waiting is None:
+            return True
+        await self._db.outbox.postpone(item.id, waiting + timedelta(milliseconds=1))
+        return False
 
     async def _after_previous_part(self, item: OutboxItem, payload: dict[str, Any]) -> bool:
         """Parts of a long message go in order: a part waits while the one before it is

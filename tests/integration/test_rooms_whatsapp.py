@@ -289,6 +289,18 @@ async def test_edits_follow_and_moderated_redactions_are_announced(world: World)
     await w.sent_to(w.ana, says("Los moderadores han retirado un mensaje"))
 
 
+async def test_fanout_keeps_each_citizens_order_through_a_429(world: World) -> None:
+    w = world
+    w.h.wa.fail_next(130429, 429)  # Meta's throughput limit, once: that send backs off
+    for n in (1, 2, 3):
+        await w.staff.send_text(w.room_id, f"Orden {n}")
+    for member in (w.ana, w.bea):
+        await w.sent_to(member, says("Orden 3"), timeout=60)
+        got = [text_body(s).rsplit(" ", 1)[-1] for s in w.h.wa.sent
+               if to_citizen(s, member.user) and "Orden " in text_body(s)]
+        assert got == ["1", "2", "3"]
+
+
 async def test_window_closed_digest_once_then_backlog_in_order(world: World) -> None:
     w = world
     b = w.h.running.bridge
