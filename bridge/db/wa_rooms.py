@@ -84,6 +84,17 @@ class RoomMemberRepo:
         async with self._scope.session() as session:
             return int(await session.scalar(stmt) or 0)
 
+    async def joined_counts(self, citizen_ids: builtins.list[int]) -> dict[int, int]:
+        """How many rooms each of these citizens is a member of (absent: none)."""
+        if not citizen_ids:
+            return {}
+        stmt = (select(RoomMemberRow.citizen_id, func.count())
+                .where(RoomMemberRow.citizen_id.in_(set(citizen_ids)),
+                       RoomMemberRow.state == "joined")
+                .group_by(RoomMemberRow.citizen_id))
+        async with self._scope.session() as session:
+            return {int(c): int(n) for c, n in (await session.execute(stmt)).all()}
+
     async def is_joined(self, room_id: RoomID, citizen_id: int) -> bool:
         member = await self.find(room_id, citizen_id)
         return member is not None and member.state == "joined"

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bridge.config import Config
-from bridge.db import Citizen, Database
+from bridge.db import Citizen, Database, Repositories
 from bridge.db.records import Room, RoomMember
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.ghosts import Ghosts
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 AGENCY_KINDS = ("citizen", "announcement", "team")
 STAFF_POWER = 50
+BATCH = 200  # members queued per transaction (one commit, not one per member)
 DIGEST_KEY = "wr-digest:"  # + citizen id -> the closure the digest was sent for
 
 
@@ -87,22 +88,30 @@ class FanOut:
     async def send(self, room: Room, event_id: EventID, etype: str, content: dict[str, Any],
                    label: str, recipients: list[RoomMember],
                    exclude_citizen: int | None = None) -> None:
+        """Queue one room event for every recipient but `exclude_citizen` (own messages
+        are not echoed): one transaction per BATCH members, the outbox woken after each."""
         media = await self._members.relay_media(room.room_id)
-        for member in recipients:
-            if member.citizen_id == exclude_citizen:
-                continue  # own messages are not echoed
-            citizen = await self._db.citizens.get(member.citizen_id)
-            if citizen is None:
-                continue
-            several = len(await self._db.wa_rooms.of_citizen(citizen.id)) > 1
-            start = policy.prefix(label, room.name, several)
-            payloads = await self._payloads(citizen, etype, content, start, media)
-            for part, payload in enumerate(payloads):
-                await self.deliver(citizen, room, event_key(event_id, citizen.id, part),
-                                   {**payload, "wa_room": room.room_id, "wr_event": event_id})
+        targets = [m for m in recipients if m.citizen_id != exclude_citizen]
+        rooms_of = await self._db.wa_rooms.joined_counts([m.citizen_id for m in targets])
+        now = datetime.now(UTC)
+        for first in range(0, len(targets), BATCH):
+            async with self._db.transaction() as tx:
+                for member in targets[first:first + BATCH]:
+                    citizen = await tx.citizens.get(member.citizen_id)
+                    if citizen is None:
+                        continue
+                    start = policy.prefix(label, room.name, rooms_of.get(citizen.id, 0) > 1)
+                    payloads = await self._payloads(tx, citizen, etype, content, start, media)
+                    for part, payload in enumerate(payloads):
+                        await self.deliver(tx, citizen, room, event_key(event_id, citizen.id,
+                                                                        part),
+                                           {**payload, "wa_room": room.room_id,
+                                            "wr_event": event_id}, now)
+            self._outbox.wake()
 
-    async def _payloads(self, citizen: Citizen, etype: str, content: dict[str, Any],
-                        start: str, media: bool) -> list[dict[str, Any]]:
+    async def _payloads(self, repos: Repositories, citizen: Citizen, etype: str,
+                        content: dict[str, Any], start: str, media: bool
+                        ) -> list[dict[str, Any]]:
         relates = content.get("m.relates_to")
         relates = relates if isinstance(relates, dict) else {}
         if relates.get("rel_type") == "m.replace":
@@ -112,7 +121,7 @@ class FanOut:
                 if text.strip() else []
         in_reply = relates.get("m.in_reply_to")
         target = in_reply.get("event_id") if isinstance(in_reply, dict) else None
-        reply_to = await self._db.wa_rooms.wamid_for(target, citizen.id) \
+        reply_to = await repos.wa_rooms.wamid_for(target, citizen.id) \
             if isinstance(target, str) else None
         if etype == "m.room.message" and content.get("msgtype") in TEXT_MSGTYPES:
             return text_payloads(start + rendered_text(content), reply_to)
@@ -134,32 +143,33 @@ class FanOut:
 
     # --- the 24 h window --------------------------------------------------------------
 
-    async def deliver(self, citizen: Citizen, room: Room, key: str, payload: dict[str, Any]
-                      ) -> None:
-        """Send now while the window is open; else keep it and send the digest once."""
-        if policy.window_open(citizen.last_inbound_at, datetime.now(UTC)):
-            await self._outbox.room(citizen, key, payload)
+    async def deliver(self, repos: Repositories, citizen: Citizen, room: Room, key: str,
+                      payload: dict[str, Any], now: datetime) -> None:
+        """Queue now while the window is open; else keep it and queue the digest once.
+        In the caller's transaction: wake the outbox once it has committed."""
+        if policy.window_open(citizen.last_inbound_at, now):
+            await self._outbox.room(citizen, key, payload, repos)
             return
         sealed = self._cipher.encrypt_json(payload, aad=AAD_PAYLOAD)
-        await self._db.wa_rooms.keep(citizen.id, room.room_id, key, sealed)
-        await self._digest(citizen, room)
+        await repos.wa_rooms.keep(citizen.id, room.room_id, key, sealed)
+        await self._digest(repos, citizen, room)
 
-    async def _digest(self, citizen: Citizen, room: Room) -> None:
+    async def _digest(self, repos: Repositories, citizen: Citizen, room: Room) -> None:
         mark = policy.closure_mark(citizen.last_inbound_at)
-        if not policy.digest_due(await self._db.kv.get(DIGEST_KEY + str(citizen.id)),
+        if not policy.digest_due(await repos.kv.get(DIGEST_KEY + str(citizen.id)),
                                  citizen.last_inbound_at):
             return
         rooms = self._config.rooms
         if rooms.digest_template:
-            count = len(await self._db.wa_rooms.backlog(citizen.id))
+            count = len(await repos.wa_rooms.backlog(citizen.id))
             # The count and the room's name only: nothing of the content (Meta sees it).
             await self._outbox.room(citizen, f"wr-digest:{citizen.id}:{mark}", {
                 "type": "template", "name": rooms.digest_template,
                 "language": rooms.digest_language, "wa_room": room.room_id,
                 "components": [{"type": "body", "parameters": [
                     {"type": "text", "text": str(count)},
-                    {"type": "text", "text": policy.short_name(room.name)}]}]})
-        await self._db.kv.set(DIGEST_KEY + str(citizen.id), mark)
+                    {"type": "text", "text": policy.short_name(room.name)}]}]}, repos)
+        await repos.kv.set(DIGEST_KEY + str(citizen.id), mark)
 
     async def deliver_backlog(self, citizen: Citizen) -> None:
         """The citizen wrote: their window is open again; what waited goes, in order.
@@ -188,16 +198,20 @@ class FanOut:
             return
         await self._db.wa_rooms.cancel_unsent(f"wr:{target}:")
         await self._db.wa_rooms.forget_event(f"wr:{target}:")
-        for member in recipients:
-            if await self._db.wa_rooms.wamid_for(target, member.citizen_id) is None:
-                continue  # never reached them
-            citizen = await self._db.citizens.get(member.citizen_id)
-            if citizen is None:
-                continue
-            several = len(await self._db.wa_rooms.of_citizen(citizen.id)) > 1
-            text = texts.WITHDRAWN.format(room_prefix=policy.room_prefix(room.name, several))
-            await self.deliver(citizen, room, f"wr-withdrawn:{target}:{citizen.id}",
-                               {"type": "text", "body": text, "wa_room": room.room_id})
+        rooms_of = await self._db.wa_rooms.joined_counts([m.citizen_id for m in recipients])
+        async with self._db.transaction() as tx:
+            for member in recipients:
+                if await tx.wa_rooms.wamid_for(target, member.citizen_id) is None:
+                    continue  # never reached them
+                citizen = await tx.citizens.get(member.citizen_id)
+                if citizen is None:
+                    continue
+                text = texts.WITHDRAWN.format(room_prefix=policy.room_prefix(
+                    room.name, rooms_of.get(citizen.id, 0) > 1))
+                await self.deliver(tx, citizen, room, f"wr-withdrawn:{target}:{citizen.id}",
+                                   {"type": "text", "body": text, "wa_room": room.room_id},
+                                   datetime.now(UTC))
+        self._outbox.wake()
 
     # --- room state -------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge.admin.auth import actor, requires
+from bridge.admin.common import open_room
 from bridge.errors import BadRequest, InvalidParam, Unavailable
 from bridge.rooms_wa.wiring import WhatsAppRooms
 from bridge.types import RoomID
@@ -66,6 +67,7 @@ async def add_member(request: web.Request) -> web.Response:
 @requires("rooms")
 async def list_members(request: web.Request) -> web.Response:
     db = request.app[BRIDGE].db
+    await open_room(db, request.match_info["room_id"])  # 404 for a room not ours
     members: list[dict[str, Any]] = []
     for state in ("invited", "joined"):
         members += [{"member_id": m.id, "pseudonym": m.display_name, "state": m.state,

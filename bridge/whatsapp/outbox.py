@@ -142,11 +142,16 @@ class Outbox:
         return await self._add(citizen, key, "", {"type": "buttons", "body": body,
                                                   "buttons": buttons, "system": True})
 
-    async def room(self, citizen: Citizen, key: str, payload: dict[str, Any]) -> bool:
+    async def room(self, citizen: Citizen, key: str, payload: dict[str, Any],
+                   repos: Repositories | None = None) -> bool:
         """Queue a message for a WhatsApp member of an agency room (bridge.rooms_wa):
         `payload["wa_room"]` names the room; it is sent only while the citizen is a
-        member there, and `payload["wr_event"]`, if set, is the room event it relays."""
-        return await self._add(citizen, key, "", payload)
+        member there, and `payload["wr_event"]`, if set, is the room event it relays.
+        With `repos`, in the caller's transaction: call `wake()` once it has committed."""
+        if repos is None:
+            return await self._add(citizen, key, "", payload)
+        token = self._privacy.cipher.encrypt_json(payload, aad=AAD_PAYLOAD)
+        return await repos.outbox.add(key, citizen.id, RoomID(""), token) is not None
 
     async def notice(self, repos: Repositories, citizen: Citizen, notice_id: int,
                      template: dict[str, Any]) -> bool:

@@ -19,6 +19,7 @@ from sqlalchemy import update
 
 from bridge.db.models import CitizenRow
 from bridge.rooms_wa import texts
+from bridge.rooms_wa.fanout import event_key
 from bridge.types import RoomID
 from bridge.whatsapp.simulator import SimulatedUser
 from tests.fixtures.bridge import BridgeHarness
@@ -291,14 +292,20 @@ async def test_edits_follow_and_moderated_redactions_are_announced(world: World)
 
 async def test_fanout_keeps_each_citizens_order_through_a_429(world: World) -> None:
     w = world
+    b = w.h.running.bridge
     w.h.wa.fail_next(130429, 429)  # Meta's throughput limit, once: that send backs off
     for n in (1, 2, 3):
-        await w.staff.send_text(w.room_id, f"Orden {n}")
+        event_id = await w.staff.send_text(w.room_id, f"Orden {n}")
+        # Each post queued before the next is written: the order the room has (a post
+        # whose key comes late is decrypted later, and would be relayed later).
+        await wait_until(lambda e=event_id: b.db.outbox.by_key(
+            event_key(e, w.bea.citizen_id)), 30, "queued")
     for member in (w.ana, w.bea):
         await w.sent_to(member, says("Orden 3"), timeout=60)
         got = [text_body(s).rsplit(" ", 1)[-1] for s in w.h.wa.sent
                if to_citizen(s, member.user) and "Orden " in text_body(s)]
         assert got == ["1", "2", "3"]
+    assert await b.db.outbox.by_key(event_key(event_id, w.ana.citizen_id)) is not None
 
 
 async def test_window_closed_digest_once_then_backlog_in_order(world: World) -> None:
