@@ -227,6 +227,10 @@ class WhatsAppConfig(_Section):
     # time between two sends to the same citizen (0 = none; Meta's pair limit is about
     # one message every 6 s, and answers 131056 beyond its burst, which is retried).
     max_sends_per_second: Annotated[float, Field(ge=0, le=1000)] = 80
+    # The agency's WhatsApp number as citizens dial it (e.g. "+34 900 000 000"): invite
+    # links then offer "join by WhatsApp" (a wa.me link with a one-time join code);
+    # "" = not offered.
+    display_phone_number: Annotated[str, Field(pattern=r"^(\+?[0-9][0-9 ]{5,20})?$")] = ""
     recipient_interval_seconds: Annotated[float, Field(ge=0, le=60)] = 0
 
     _url = field_validator("api_base")(_http_url)

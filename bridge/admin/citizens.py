@@ -134,6 +134,8 @@ class CitizenData:
             # Their reports stay for the moderators, without what they wrote.
             await self._db.reports.forget_reporter(citizen.ghost_user_id)
             await self._ghosts.retire(citizen.ghost_user_id)
+        for room_ghost in await self._db.wa_rooms.ghosts_of(citizen.id):
+            await self._ghosts.retire(room_ghost)  # their pseudonyms in agency rooms
         # Queued webhooks hold the identifiers (encrypted): every one of their lanes
         # goes, the statuses of sends to them too.
         await self._db.inbound.delete_lane("whatsapp", citizen_lane(citizen.index_hash))

@@ -99,6 +99,13 @@ class RoomMemberRepo:
         member = await self.find(room_id, citizen_id)
         return member is not None and member.state == "joined"
 
+    async def ghosts_of(self, citizen_id: int) -> builtins.list[UserID]:
+        """Every room pseudonym the citizen ever had (for erasure)."""
+        stmt = select(RoomMemberRow.ghost_user_id).where(
+            RoomMemberRow.citizen_id == citizen_id, RoomMemberRow.ghost_user_id.is_not(None))
+        async with self._scope.session() as session:
+            return [UserID(g) for g in await session.scalars(stmt) if g]
+
     async def set_ghost(self, member_id: int, user_id: UserID) -> None:
         await self._update(member_id, ghost_user_id=user_id)
 

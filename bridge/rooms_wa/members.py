@@ -100,6 +100,11 @@ class Members:
             raise Conflict("WhatsApp members are not allowed in this room")
         citizen = await self.resolve(reference)
         await guard_size(self._rooms, room, confirm, self._config.rooms.confirm_above)
+        return await self.invite_citizen(actor, room, citizen, inviter)
+
+    async def invite_citizen(self, actor: str, room: Room, citizen: Citizen,
+                             inviter: str | None) -> dict[str, Any]:
+        """`invite` once the room and the citizen are settled (also a join code's)."""
         existing = await self._db.wa_rooms.find(room.room_id, citizen.id)
         if existing is not None and existing.state == "joined":
             raise Conflict("already a member of this room")

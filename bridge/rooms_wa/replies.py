@@ -17,6 +17,7 @@ from bridge.matrix.relay import Relay
 from bridge.privacy import AAD_PAYLOAD, Privacy
 from bridge.rooms_wa import policy, texts
 from bridge.rooms_wa.fanout import FanOut
+from bridge.rooms_wa.join import SelfServiceJoin
 from bridge.rooms_wa.members import Members
 from bridge.types import EventID, RoomID
 from bridge.whatsapp import consent
@@ -35,7 +36,8 @@ class RoomReplies:
     """The inbound hook (WhatsAppInbound.set_rooms_hook)."""
 
     def __init__(self, config: Config, db: Database, privacy: Privacy, relay: Relay,
-                 mirror: Mirror, outbox: Outbox, members: Members, fanout: FanOut) -> None:
+                 mirror: Mirror, outbox: Outbox, members: Members, fanout: FanOut,
+                 join: SelfServiceJoin) -> None:
         self._config = config
         self._db = db
         self._privacy = privacy
@@ -44,6 +46,7 @@ class RoomReplies:
         self._outbox = outbox
         self._members = members
         self._fanout = fanout
+        self._join = join
 
     async def __call__(self, citizen: Citizen, item: InboundItem, msg: InboundMessage,
                        portal: RoomID | None) -> bool:
@@ -51,6 +54,8 @@ class RoomReplies:
         if button.startswith((texts.ACCEPT_BUTTON, texts.DECLINE_BUTTON)):
             await self._members.answer(citizen, button, msg.wamid)
             return True
+        if msg.kind == "text" and await self._join.redeem(citizen, msg.text, msg.wamid):
+            return True  # «UNIRME <code>» from an invite link's page
         # Any message opens the window again: what waited goes first, in order.
         await self._fanout.deliver_backlog(citizen)
         joined = await self._db.wa_rooms.of_citizen(citizen.id)

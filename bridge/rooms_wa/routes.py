@@ -7,6 +7,8 @@
   states only.
 - `POST /admin/v1/rooms/{room_id}/whatsapp-settings {whatsapp_allowed?, relay_media?}`
   (scope `rooms`): the per-room switches; answers them.
+- `GET /invite/{token}/whatsapp` (public, no token): join by WhatsApp from an invite
+  link (bridge.rooms_wa.join); 404 where not offered.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from aiohttp import web
 from bridge.admin.auth import actor, requires
 from bridge.admin.common import open_room
 from bridge.errors import BadRequest, InvalidParam, Unavailable
+from bridge.invites.forms import pick_language
+from bridge.invites.page import whatsapp_page
+from bridge.invites.routes import SECURITY_HEADERS
+from bridge.invites.service import LinkUnusable
+from bridge.rooms_wa import texts
 from bridge.rooms_wa.wiring import WhatsAppRooms
 from bridge.types import RoomID
 from bridge.web.state import BRIDGE
@@ -85,3 +92,23 @@ async def settings(request: web.Request) -> web.Response:
         actor(request), request.match_info["room_id"], _flag(body, "whatsapp_allowed"),
         _flag(body, "relay_media"))
     return web.json_response(result)
+
+
+@routes.get("/invite/{token}/whatsapp")
+async def join_page(request: web.Request) -> web.Response:
+    """Draw a one-time code for the link's room and show the wa.me link (no account)."""
+    bridge = request.app[BRIDGE]
+    lang = pick_language(request.query.get("lang"), request.headers.get("Accept-Language"))
+    parts = bridge.wa_rooms
+    try:
+        view = await bridge.invites.view(request.match_info["token"])
+    except LinkUnusable:
+        raise web.HTTPNotFound() from None
+    if parts is None or not await parts.join.offered(view.link.room_id):
+        raise web.HTTPNotFound()
+    code = await parts.join.issue(view.link.room_id, view.link.id)
+    body = whatsapp_page(lang=lang, agency=bridge.invites.agency, room=view.room_name,
+                         href=parts.join.wa_me(code), number=parts.join.number,
+                         message=f"{texts.JOIN_WORD} {code}")
+    return web.Response(text=body, content_type="text/html", charset="utf-8",
+                        headers=SECURITY_HEADERS)

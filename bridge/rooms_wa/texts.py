@@ -66,3 +66,8 @@ ROOM_NOTICE: Final = (
     "Solo ven los nombres visibles de la sala, nunca los identificadores de Matrix.")
 TOPIC_LINE: Final = ("Con participantes por WhatsApp: los mensajes se reenvían fuera del "
                      "cifrado de extremo a extremo.")
+
+# Self-service joining from an invite link.
+JOIN_WORD: Final = "UNIRME"
+JOIN_CODE_BAD: Final = ("Ese código para unirse no es válido o ha caducado. Pida un enlace "
+                        "nuevo a quien le invitó.")

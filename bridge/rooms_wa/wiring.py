@@ -14,6 +14,7 @@ from bridge.metrics import Metrics
 from bridge.privacy import Privacy
 from bridge.rooms_wa.commands import PortalCommands
 from bridge.rooms_wa.fanout import FanOut
+from bridge.rooms_wa.join import SelfServiceJoin
 from bridge.rooms_wa.members import Members
 from bridge.rooms_wa.replies import RoomReplies
 from bridge.whatsapp.mirror import Mirror
@@ -27,6 +28,7 @@ class WhatsAppRooms:
     fanout: FanOut
     replies: RoomReplies
     commands: PortalCommands
+    join: SelfServiceJoin
 
 
 def build_rooms_wa(config: Config, db: Database, api: MatrixAPI, ghosts: Ghosts,
@@ -36,9 +38,10 @@ def build_rooms_wa(config: Config, db: Database, api: MatrixAPI, ghosts: Ghosts,
     """`portal_handler`: the staff-event handler `!invitar` stands in front of."""
     members = Members(config, db, api, ghosts, rooms, relay, outbox, privacy, metrics)
     fanout = FanOut(config, db, api, ghosts, members, outbox, privacy)
-    replies = RoomReplies(config, db, privacy, relay, mirror, outbox, members, fanout)
+    join = SelfServiceJoin(config, db, members, outbox)
+    replies = RoomReplies(config, db, privacy, relay, mirror, outbox, members, fanout, join)
     commands = PortalCommands(db, portals, members, fanout, config.rooms.staff_label,
                               config.rooms.confirm_above, then=portal_handler)
     relay.add_handler(fanout)
     relay.add_member_handler(members.on_member_event)
-    return WhatsAppRooms(members, fanout, replies, commands)
+    return WhatsAppRooms(members, fanout, replies, commands, join)

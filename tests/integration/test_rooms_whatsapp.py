@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from nio import EncryptionError, MegolmEvent, RoomMessageNotice
@@ -420,3 +423,51 @@ async def test_privacy_sweep(world: World) -> None:
     # No Matrix ID of anyone in what the WhatsApp members received.
     assert w.h.admin.user_id not in received
     assert w.ana.portal_ghost not in received
+
+
+async def test_self_service_join_from_an_invite_link(world: World) -> None:
+    w = world
+    url = await invite_link(w.h, w.room_id)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            page = await resp.text()
+        offer = re.search(r'href="([^"]+/whatsapp\?lang=es)"', page)
+        assert offer, page
+        async with http.get(w.h.running.url + html.unescape(offer.group(1))) as resp:
+            assert resp.status == 200
+            join = await resp.text()
+    found = re.search(r"UNIRME ([A-Z0-9]{4}-[A-Z0-9]{4})", join)
+    assert found and "https://wa.me/34900000000?text=UNIRME%20" in join
+    carla = Member(new_citizen("Carla Ruiz"), "", 0)
+    USED_IDENTIFIERS.append("Carla Ruiz")
+    await w.write(carla, w.h.wa.text_message(carla.user, f"unirme {found.group(1)}"))
+    invitation, _ = await w.sent_to(carla, lambda s: s.get("type") == "interactive")
+    accept = invitation["interactive"]["action"]["buttons"][0]["reply"]["id"]
+    assert accept.startswith(texts.ACCEPT_BUTTON)
+    await w.write(carla, w.h.wa.button_reply(carla.user, accept, texts.ACCEPT_TITLE))
+    await w.sent_to(carla, says("Ya participa en «Vecinos de Ejemplo»"))
+    await w.staff.send_text(w.room_id, "Bienvenida a quien llega")
+    await w.sent_to(carla, says("Bienvenida a quien llega"))
+    # One room, no portal: what she writes goes to the room, no privacy notice of the
+    # private conversation is asked for.
+    await w.write(carla, w.h.wa.text_message(carla.user, "Gracias por añadirme"))
+    await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
+                       "Gracias por añadirme")
+    assert w.sent_count(carla, lambda s: s.get("type") == "interactive") == 1
+    # The code was spent.
+    await w.write(carla, w.h.wa.text_message(carla.user, f"UNIRME {found.group(1)}"))
+    await w.sent_to(carla, says("no es válido o ha caducado"))
+
+
+async def test_erasure_retires_every_room_pseudonym(world: World) -> None:
+    w = world
+    b = w.h.running.bridge
+    ghosts = await b.db.wa_rooms.ghosts_of(w.ana.citizen_id)
+    assert len(ghosts) == 2  # two rooms, two pseudonyms
+    status, answer = await w.h.running.call(
+        "DELETE", f"/admin/v1/citizens/{quote(w.ana.portal_ghost, safe='')}",
+        {"reason": "derecho de supresión"})
+    assert status == 200, answer
+    assert await b.db.wa_rooms.ghosts_of(w.ana.citizen_id) == []
+    for ghost in ghosts:
+        assert await b.db.ghosts.get(ghost) is None
