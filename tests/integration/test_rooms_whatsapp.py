@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from nio import EncryptionError, MegolmEvent, RoomMessageNotice
+from nio.crypto.attachments import encrypt_attachment
 from sqlalchemy import update
 
 from bridge.db.models import CitizenRow
@@ -50,6 +52,8 @@ class Member:
     portal_ghost: str
     citizen_id: int
     pseudonyms: dict[str, str] = field(default_factory=dict)  # room -> display name
+    portal: str = ""  # their portal room
+    desk: StaffClient | None = None  # the service desk, joined to the portal
 
 
 @dataclass
@@ -84,13 +88,17 @@ class World:
     async def staff_sees(self, room_id: str, predicate: Callable[[Any], bool],
                          timeout: float = 30) -> Any:
         """The first event in `room_id` matching `predicate`, decrypted by staff."""
+        return await self.staff_sees_as(self.staff, room_id, predicate, timeout)
+
+    async def staff_sees_as(self, who: StaffClient, room_id: str,
+                            predicate: Callable[[Any], bool], timeout: float = 30) -> Any:
         async def find() -> Any:
-            await self.staff.sync_once(timeout_ms=200)
-            events = self.staff._timeline.get(room_id, [])
+            await who.sync_once(timeout_ms=200)
+            events = who._timeline.get(room_id, [])
             for index, ev in enumerate(events):
                 if isinstance(ev, MegolmEvent):
                     try:  # the room key may have come in a later sync
-                        ev = events[index] = self.staff.client.decrypt_event(ev)
+                        ev = events[index] = who.client.decrypt_event(ev)
                     except EncryptionError:
                         continue
                 SEEN_BY_STAFF.append(str(ev.source))
@@ -154,13 +162,14 @@ async def world(bridge: BridgeHarness) -> AsyncIterator[World]:
     members = []
     closers: list[Any] = [staff, neighbour]
     for name in ("Ana Martínez", "Beatriz Gómez"):
-        journey = await opt_in(h, new_citizen(name), f"Hola, soy {name}")
+        journey = await opt_in(h, new_citizen(name), "Hola, quería preguntar una cosa")
         closers.append(journey.desk)
         row = await h.running.bridge.db.rooms.get(RoomID(journey.room_id))
         assert row is not None and row.citizen_id is not None
         citizen = await h.running.bridge.db.citizens.get(row.citizen_id)
         assert citizen is not None and citizen.ghost_user_id
-        members.append(Member(journey.citizen, citizen.ghost_user_id, citizen.id))
+        members.append(Member(journey.citizen, citizen.ghost_user_id, citizen.id,
+                              portal=journey.room_id, desk=journey.desk))
         USED_IDENTIFIERS.append(name)
     w = World(h, staff, room_id, members[0], members[1], neighbour, closers)
     yield w
@@ -215,6 +224,41 @@ async def test_staff_post_reaches_every_whatsapp_member_with_the_label(world: Wo
         body, _ = await w.sent_to(member, says("tengo garrafas"))
         assert not text_body(body).startswith("*Ayuntamiento")
         assert w.neighbour.user_id not in text_body(body)
+
+
+async def _staff_image(w: World, data: bytes, caption: str) -> None:
+    ciphertext, keys = encrypt_attachment(data)
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{w.h.synapse.synapse.url}/_matrix/media/v3/upload", data=ciphertext,
+            params={"filename": "plano.png"},
+            headers={"Authorization": f"Bearer {w.staff.client.access_token}",
+                     "Content-Type": "application/octet-stream"}) as up:
+        assert up.status == 200, await up.text()
+        mxc = (await up.json())["content_uri"]
+    await w.staff.client.room_send(w.room_id, "m.room.message", {
+        "msgtype": "m.image", "body": caption, "filename": "plano.png",
+        "info": {"mimetype": "image/png", "size": len(data)},
+        "file": {**keys, "url": mxc}}, ignore_unverified_devices=True)
+
+
+async def test_staff_media_is_relayed_unless_switched_off(world: World) -> None:
+    w = world
+    data = b"\x89PNG\r\n\x1a\n" + os.urandom(2048)
+    await _staff_image(w, data, "Plano de la zona afectada")
+    for member in (w.ana, w.bea):
+        image, _ = await w.sent_to(member, lambda s: s.get("type") == "image")
+        assert image["image"]["caption"].startswith("*Ayuntamiento · ")
+        assert image["image"]["caption"].endswith("Plano de la zona afectada")
+        assert w.h.wa.media[image["image"]["id"]].data == data
+    status, answer = await w.h.running.call(
+        "POST", f"/admin/v1/rooms/{w.room_id}/whatsapp-settings", {"relay_media": False})
+    assert (status, answer) == (200, {"whatsapp_allowed": True, "relay_media": False})
+    await _staff_image(w, data, "Otro plano")
+    await w.sent_to(w.bea, says("ha enviado un archivo, que no se reenvía"))
+    assert w.sent_count(w.bea, lambda s: s.get("type") == "image") == 1
+    status, _ = await w.h.running.call(
+        "POST", f"/admin/v1/rooms/{w.room_id}/whatsapp-settings", {"relay_media": True})
+    assert status == 200
 
 
 async def test_a_whatsapp_reply_is_posted_under_the_pseudonym_and_relayed(world: World
@@ -309,6 +353,31 @@ async def test_fanout_keeps_each_citizens_order_through_a_429(world: World) -> N
                if to_citizen(s, member.user) and "Orden " in text_body(s)]
         assert got == ["1", "2", "3"]
     assert await b.db.outbox.by_key(event_key(event_id, w.ana.citizen_id)) is not None
+
+
+async def test_invitar_in_the_portal(world: World) -> None:
+    w = world
+    status, created = await w.h.running.call("POST", "/admin/v1/rooms",
+                                             {"name": "Huertos urbanos", "kind": "citizen"})
+    assert status == 201
+    assert w.bea.desk is not None
+    await w.bea.desk.send_text(w.bea.portal, "!invitar huertos URBANOS")
+    invitation, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
+                                    "«Huertos urbanos»" in text_body(s))
+    # Named by their display name in the portal (with the staff label), never their ID.
+    assert "Ayuntamiento · " in text_body(invitation)
+    assert w.bea.desk.user_id not in text_body(invitation)
+    notice = await w.staff_sees_as(w.bea.desk, w.bea.portal, lambda ev: isinstance(
+        ev, RoomMessageNotice) and "Invitación enviada" in ev.body)
+    assert "Huertos urbanos" in notice.body
+    # The command itself never reached the citizen as a message.
+    assert w.sent_count(w.bea, says("!invitar")) == 0
+    await w.bea.desk.send_text(w.bea.portal, "!invitar Sala que no existe")
+    await w.staff_sees_as(w.bea.desk, w.bea.portal, lambda ev: isinstance(
+        ev, RoomMessageNotice) and ev.body.startswith("Uso: !invitar"))
+    member = await w.h.running.bridge.db.wa_rooms.find(RoomID(created["room_id"]),
+                                                       w.bea.citizen_id)
+    assert member is not None and member.state == "invited"
 
 
 async def test_window_closed_digest_once_then_backlog_in_order(world: World) -> None:
