@@ -143,6 +143,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             box = Outbox(db, privacy, graph, api, UserID("@bot:localhost"), nobody, metrics,
                          confirm_window=timedelta(seconds=60))
             box.pacer = Pacer(args.rate, args.interval)
+            box.concurrency = args.concurrency
             return box
 
         try:
@@ -200,6 +201,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "queue_seconds": round(queued, 2), "last_delivery_seconds": round(last, 2),
             "bridge_msgs_per_s": round(ours, 1), "bare_msgs_per_s": round(theirs, 1),
             "ratio": round(ours / theirs, 3), "rate_limit": args.rate,
+            "concurrency": args.concurrency,
             "restarted": bool(args.restart_at),
             "rss_idle_mb": round(idle, 1), "rss_peak_mb": round(peak_rss_mb(), 1),
             "rss_over_idle_mb": round(peak_rss_mb() - idle, 1)}
@@ -211,6 +213,8 @@ def main() -> None:
     parser.add_argument("--posts", type=int, default=20)
     parser.add_argument("--rate", type=float, default=0.0)
     parser.add_argument("--interval", type=float, default=0.0)
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="whatsapp.outbox_concurrency (sends at once)")
     parser.add_argument("--restart-at", type=float, default=0.3)
     parser.add_argument("--database-url", default="")
     parser.add_argument("--json", action="store_true")

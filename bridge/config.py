@@ -232,6 +232,9 @@ class WhatsAppConfig(_Section):
     # "" = not offered.
     display_phone_number: Annotated[str, Field(pattern=r"^(\+?[0-9][0-9 ]{5,20})?$")] = ""
     recipient_interval_seconds: Annotated[float, Field(ge=0, le=60)] = 0
+    # Sends the outbox makes at once, each to a different citizen (a citizen's own
+    # messages always go one after another, in order). 1 = strictly one at a time.
+    outbox_concurrency: Annotated[int, Field(ge=1, le=64)] = 1
 
     _url = field_validator("api_base")(_http_url)
 

@@ -292,6 +292,7 @@ async def build_bridge(config: Config) -> Bridge:
                     on_dead=dead_letters.announce)
     outbox.pacer = Pacer(config.whatsapp.max_sends_per_second,
                          config.whatsapp.recipient_interval_seconds)
+    outbox.concurrency = config.whatsapp.outbox_concurrency
     mirror = Mirror(db, api, relay, graph, portals, metrics)
     subscriptions = NoticeSubscriptions(config, db, outbox, metrics)
     handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}

@@ -120,6 +120,8 @@ class Outbox:
         self.on_dead = on_dead
         # Meta's rate limits (bridge.whatsapp.pacing); None: no pacing.
         self.pacer: Pacer | None = None
+        # Sends in flight at once, to different citizens (whatsapp.outbox_concurrency).
+        self.concurrency = 1
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
@@ -193,8 +195,7 @@ class Outbox:
         while True:
             try:
                 while items := await self._db.outbox.due(datetime.now(UTC)):
-                    for item in items:
-                        await self._attempt(item)
+                    await self._attempt_all(items)
                 self._metrics.outbox_depth.set(await self._db.outbox.depth())
             except asyncio.CancelledError:
                 raise
@@ -205,6 +206,30 @@ class Outbox:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             self._wake.clear()
+
+    async def _attempt_all(self, items: list[OutboxItem]) -> None:
+        """One due batch: in order; with `concurrency` > 1, several citizens' sends at
+        once (a room post to many members), each citizen's still one after another."""
+        if self.concurrency <= 1:
+            for item in items:
+                await self._attempt(item)
+            return
+        lanes: dict[int, list[OutboxItem]] = {}
+        for item in items:
+            lanes.setdefault(item.citizen_id, []).append(item)
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def lane(queue: list[OutboxItem]) -> None:
+            async with gate:
+                for queued in queue:
+                    await self._attempt(queued)
+
+        for outcome in await asyncio.gather(*(lane(q) for q in lanes.values()),
+                                            return_exceptions=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, Exception):
+                log.error("outbox send error: %s", type(outcome).__name__)
 
     async def _attempt(self, item: OutboxItem) -> None:
         try:

@@ -340,6 +340,7 @@ async def test_edits_follow_and_moderated_redactions_are_announced(world: World)
 async def test_fanout_keeps_each_citizens_order_through_a_429(world: World) -> None:
     w = world
     b = w.h.running.bridge
+    b.outbox.concurrency = 8  # whatsapp.outbox_concurrency: citizens' lanes at once
     w.h.wa.fail_next(130429, 429)  # Meta's throughput limit, once: that send backs off
     for n in (1, 2, 3):
         event_id = await w.staff.send_text(w.room_id, f"Orden {n}")
@@ -353,6 +354,7 @@ async def test_fanout_keeps_each_citizens_order_through_a_429(world: World) -> N
                if to_citizen(s, member.user) and "Orden " in text_body(s)]
         assert got == ["1", "2", "3"]
     assert await b.db.outbox.by_key(event_key(event_id, w.ana.citizen_id)) is not None
+    b.outbox.concurrency = 1
 
 
 async def test_invitar_in_the_portal(world: World) -> None:
