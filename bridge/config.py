@@ -446,6 +446,9 @@ class RoomsConfig(_Section):
     # At most this many queued messages are delivered when the window opens again;
     # older ones are summed up in one line.
     backlog_max: Annotated[int, Field(ge=1, le=200)] = 20
+    # Room messages still waiting for a member who has not written back are deleted
+    # after this many days (the scheduled retention purge).
+    backlog_days: Annotated[int, Field(ge=1, le=90)] = 14
     # How staff (power >= 50) are named to WhatsApp members; {name} is their display
     # name in the room (e.g. "Ayuntamiento · {name}").
     staff_label: Annotated[str, Field(min_length=1, max_length=100)] = "{name}"

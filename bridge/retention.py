@@ -35,6 +35,7 @@ STEPS: Final = (
     ("unconfirmed staff messages", "held_staff_messages"),
     ("notice log entries", "notice_log"),
     ("handled reports", "handled_reports"),
+    ("undelivered room messages", "room_backlog"),
 )
 
 # A step returns (rows deleted, rows it could not handle).
@@ -74,6 +75,8 @@ class Retention:
                 db, cipher, before=now - WINDOW),
             "notice log entries": lambda now: counted(db.notices.purge(now - notice_days)),
             "handled reports": lambda now: counted(db.reports.purge(now - report_days)),
+            "undelivered room messages": lambda now: counted(db.wa_rooms.purge_backlog(
+                now - timedelta(days=config.rooms.backlog_days))),
         }
 
     async def run(self, now: datetime) -> PurgeReport:

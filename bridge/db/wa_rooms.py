@@ -186,6 +186,12 @@ class RoomMemberRepo:
             return rowcount(await session.execute(delete(RoomBacklogRow).where(
                 RoomBacklogRow.event_key.startswith(key_prefix, autoescape=True))))
 
+    async def purge_backlog(self, before: datetime) -> int:
+        """Room messages kept longer than their retention (the member never wrote back)."""
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(
+                delete(RoomBacklogRow).where(RoomBacklogRow.created_at < before)))
+
     async def forget_room(self, citizen_id: int, room_id: RoomID) -> int:
         async with self._scope.session() as session:
             return rowcount(await session.execute(delete(RoomBacklogRow).where(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy.exc import IntegrityError
@@ -126,4 +126,13 @@ async def test_room_consent_purpose_and_erasure_cascade(db: Database) -> None:
     assert await db.citizens.delete(citizen.id)
     assert await db.wa_rooms.get(member.id) is None
     assert await db.wa_rooms.by_wamid("wamid.9") is None
+    assert await db.wa_rooms.backlog(citizen.id) == []
+
+
+async def test_backlog_retention(db: Database) -> None:
+    citizen = await _citizen(db)
+    await db.wa_rooms.keep(citizen.id, ROOM, "wr:$old:1", "s")
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    assert await db.wa_rooms.purge_backlog(later - timedelta(days=1)) == 0
+    assert await db.wa_rooms.purge_backlog(later) == 1
     assert await db.wa_rooms.backlog(citizen.id) == []
