@@ -85,7 +85,9 @@ class SelfServiceJoin:
         room = await self._db.rooms.get(RoomID(target["room"])) if target else None
         if target is None or room is None or room.closed_at is not None or \
                 datetime.fromisoformat(target["until"]) < datetime.now(UTC) or \
-                not await self._members.allowed(room):
+                not await self._members.allowed(room) or \
+                not await self._db.invites.claim(int(target["link"]), datetime.now(UTC)):
+            # (claim: the code spends one use of its invite link, like an account would)
             await self._outbox.system_text(citizen, f"wr-badcode:{wamid}", texts.JOIN_CODE_BAD)
             return True
         try:

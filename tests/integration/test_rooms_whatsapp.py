@@ -525,9 +525,12 @@ async def test_self_service_join_from_an_invite_link(world: World) -> None:
     await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
                        "Gracias por añadirme")
     assert w.sent_count(carla, lambda s: s.get("type") == "interactive") == 1
-    # The code was spent.
+    # The code was spent, and so was the link's one use.
     await w.write(carla, w.h.wa.text_message(carla.user, f"UNIRME {found.group(1)}"))
     await w.sent_to(carla, says("no es válido o ha caducado"))
+    async with aiohttp.ClientSession() as http, \
+            http.get(w.h.running.url + html.unescape(offer.group(1))) as resp:
+        assert resp.status == 404
 
 
 async def test_erasure_retires_every_room_pseudonym(world: World) -> None:
