@@ -21,7 +21,7 @@ from bridge.rooms_wa.join import SelfServiceJoin
 from bridge.rooms_wa.members import Members
 from bridge.types import EventID, RoomID
 from bridge.whatsapp import consent
-from bridge.whatsapp.mirror import Mirror, location_content, text_content, txn_id
+from bridge.whatsapp.mirror import Mirror, text_content, txn_id
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.webhook_parse import InboundMessage, parse_webhook
 
@@ -200,24 +200,27 @@ class RoomReplies:
         if msg.context_id:
             hit = await self._db.wa_rooms.by_wamid(msg.context_id)
             reply_to = hit[1] if hit is not None and hit[0] == room.room_id else None
-        content: dict[str, Any] | None = None
+        posted: list[tuple[str, dict[str, Any]]] = []
         if msg.kind == "text":
             content = text_content(msg.text or "", reply_to)
             event_id: EventID | None = await self._relay.send_as(
                 ghost, room.room_id, content, txn_id=txn_id(msg.wamid))
+            posted.append(("m.room.message", content))
         else:
-            if msg.kind == "location":
-                content = location_content(msg)
-            event_id = await self._mirror.post_as(ghost, room.room_id, msg)
+            event_id = await self._mirror.post_as(ghost, room.room_id, msg, posted)
         if event_id is None:
             return
         await self._db.wa_rooms.link(msg.wamid, citizen.id, room.room_id, event_id)
         others = [m for m in await self._db.wa_rooms.in_room(room.room_id)
                   if m.citizen_id != citizen.id]
-        if not others:
-            return
-        if content is None:  # media and the like: named, not forwarded between members
-            content = {"msgtype": "m.text", "body": texts.FILE_NOT_RELAYED.format(prefix="")
-                       .strip()}
-        await self._fanout.send(room, event_id, "m.room.message", content,
-                                member.display_name, others)
+        # What was posted (a text, a file with its keys, a location) goes on to the
+        # room's other WhatsApp members like anyone's message; reactions stay in the room.
+        first = next((c for etype, c in posted if etype == "m.room.message"), None)
+        if first is not None and msg.caption and "filename" not in first:
+            # The mirror's file event carries the caption as its body (no filename):
+            # name the file so that the body is read as the caption (MSC2530).
+            first = {**first, "filename": (msg.media.filename if msg.media else None)
+                     or "archivo"}
+        if others and first is not None:
+            await self._fanout.send(room, event_id, "m.room.message", first,
+                                    member.display_name, others)

@@ -137,6 +137,12 @@ async def join_room(w: World, member: Member, room_id: str, expect_first: bool =
     body = text_body(invitation)
     assert "SALIR" in body and "cifrado de extremo a extremo" in body
     await w.write(member, w.h.wa.button_reply(member.user, ids[0], texts.ACCEPT_TITLE))
+    db = w.h.running.bridge.db
+
+    async def joined() -> bool:
+        row = await db.wa_rooms.find(RoomID(room_id), member.citizen_id)
+        return row is not None and row.state == "joined"
+    await wait_until(joined, 30, "joined")
     await w.sent_to(member, says(f"como «{pseudonym}»"))
     member.pseudonyms[room_id] = pseudonym
     return pseudonym
@@ -525,6 +531,25 @@ async def test_self_service_join_from_an_invite_link(world: World) -> None:
     await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
                        "Gracias por añadirme")
     assert w.sent_count(carla, lambda s: s.get("type") == "interactive") == 1
+    # Bea, who left with SALIR, is invited again and comes back (same pseudonym).
+    again = await join_room(w, w.bea, w.room_id)
+    assert again == w.bea.pseudonyms[w.room_id]
+    # Carla's photo reaches the room (encrypted) and the other WhatsApp member, as hers.
+    photo = b"\xff\xd8\xff\xe0" + os.urandom(4096)
+    media_id = w.h.wa.add_media(photo, "image/jpeg")
+    await w.write(carla, w.h.wa.media_message(carla.user, "image", media_id,
+                                              caption="El bache de la calle Mayor"))
+    row = await w.h.running.bridge.db.citizens.by_index(
+        w.h.running.bridge.privacy.index.digest(carla.user.user_id))
+    assert row is not None
+    member = await w.h.running.bridge.db.wa_rooms.find(RoomID(w.room_id), row.id)
+    assert member is not None
+    image, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "image" and
+                               "bache" in s["image"].get("caption", ""))
+    assert image["image"]["caption"] == (f"[Vecinos de Ejemplo] *{member.display_name}*: "
+                                         "El bache de la calle Mayor")
+    assert w.h.wa.media[image["image"]["id"]].data == photo
+    assert w.sent_count(carla, lambda s: s.get("type") == "image") == 0  # no echo
     # The code was spent, and so was the link's one use.
     await w.write(carla, w.h.wa.text_message(carla.user, f"UNIRME {found.group(1)}"))
     await w.sent_to(carla, says("no es válido o ha caducado"))
