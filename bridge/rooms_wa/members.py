@@ -140,7 +140,8 @@ class Members:
         member = await self._db.wa_rooms.get(int(raw)) if raw.isdigit() else None
         room = await self._db.rooms.get(member.room_id) if member else None
         if member is None or room is None or member.citizen_id != citizen.id or \
-                room.closed_at is not None or member.state not in ("invited", "joined"):
+                room.closed_at is not None or member.state not in ("invited", "joined") or \
+                not await self.allowed(room):  # switched off since the invitation
             await self._outbox.system_text(citizen, f"wr-gone:{wamid}", texts.INVITATION_GONE)
             return
         if member.state == "joined":
