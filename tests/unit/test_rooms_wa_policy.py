@@ -112,3 +112,22 @@ def test_the_policy_imports_no_io() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("said,code", [
+    ("UNIRME BCDF-GH23", "BCDF-GH23"), ("unirme bcdfgh23", "BCDF-GH23"),
+    ("  Unirme  BCDF-GH23. ", "BCDF-GH23"), ("UNIRME", None), ("quiero unirme BCDF-GH23", None),
+    ("UNIRME BCDF-GH2", None), (None, None)])
+def test_join_codes_are_read_leniently(said: str | None, code: str | None) -> None:
+    from bridge.rooms_wa.join import code_in
+    assert code_in(said) == code
+
+
+def test_join_codes_are_random_and_wordless() -> None:
+    from bridge.rooms_wa.join import CODE_ALPHABET, code_in, new_code
+    codes = {new_code() for _ in range(200)}
+    assert len(codes) == 200
+    for code in codes:
+        assert code_in(f"UNIRME {code}") == code
+        assert set(code.replace("-", "")) <= set(CODE_ALPHABET)
+        assert not set("AEIOU01") & set(code)
