@@ -134,7 +134,8 @@ async def start_synapse(workdir: Path, config: Config, hs_port: int,
 
 
 async def start_bridge(config: Config, stack: AsyncExitStack) -> Bridge:
-    """The bridge in-process on the appservice port, as `civic-bridge run` would start it."""
+    """The bridge in-process on the appservice port, as `civic-bridge run` would start
+    it, without the admin and metrics listeners (the benches read the Bridge itself)."""
     await upgrade(config.database.url)
     app = make_app(config)
     runner = web.AppRunner(app, access_log=None)
@@ -214,6 +215,99 @@ class NioUser:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+STAFF_SYNC_TIMEOUT_MS = 200
+STAFF_FILTER: dict[str, Any] = {
+    "presence": {"not_types": ["*"]},
+    "account_data": {"not_types": ["*"]},
+    "room": {"timeline": {"limit": 400}, "ephemeral": {"not_types": ["*"]},
+             "account_data": {"not_types": ["*"]}},
+}
+
+
+class StaffObserver:
+    """A staff device syncing continuously in the background, handing every timeline
+    event it can read to `take` (a subclass decides what to note) as soon as the /sync
+    response that made it readable arrives: its own event, or a later room key for it.
+
+    `failures_tolerated`: failed syncs in a row (2 s apart) before the loop gives up; a
+    long run may see a busy Synapse fail one now and then.
+    """
+
+    def __init__(self, staff: NioUser, failures_tolerated: int = 1) -> None:
+        self.staff = staff
+        self.failures_tolerated = failures_tolerated
+        self.limited = 0  # timelines with a gap: messages may have been skipped
+        self.syncs = 0
+        self.sync_errors = 0
+        self._undecrypted: list[nio.MegolmEvent] = []
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def undecryptable(self) -> int:
+        return len(self._undecrypted)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="staff sync")
+
+    def check_running(self) -> None:
+        if self._task is not None and self._task.done():
+            self._task.result()  # re-raise what stopped the sync loop
+            raise BenchError("staff sync loop stopped")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def wants(self, room_id: str) -> bool:
+        return True
+
+    def take(self, event: nio.Event, room_id: str, now: float) -> None:
+        raise NotImplementedError
+
+    def synced(self) -> None:
+        """Called after each sync's events were taken."""
+
+    async def _run(self) -> None:
+        client = self.staff.client
+        failures = 0
+        while True:
+            resp = await client.sync(timeout=STAFF_SYNC_TIMEOUT_MS, sync_filter=STAFF_FILTER)
+            if not isinstance(resp, nio.SyncResponse):
+                failures += 1
+                self.sync_errors += 1
+                if failures >= self.failures_tolerated:
+                    raise BenchError(f"staff sync failed {failures} times in a row: {resp}")
+                await asyncio.sleep(2.0)
+                continue
+            failures = 0
+            now = time.perf_counter()
+            self.syncs += 1
+            # nio has processed to-device room keys and decrypted what it could.
+            for room_id, info in resp.rooms.join.items():
+                if not self.wants(room_id):
+                    continue
+                self.limited += bool(info.timeline.limited)
+                for event in info.timeline.events:
+                    self._take(event, room_id, now)
+            if self._undecrypted:  # a room key may have come in this sync
+                pending, self._undecrypted = self._undecrypted, []
+                for event in pending:
+                    try:
+                        self._take(client.decrypt_event(event), event.room_id, now)
+                    except nio.EncryptionError:
+                        self._undecrypted.append(event)
+            self.synced()
+            await self.staff.upkeep(resp)
+
+    def _take(self, event: nio.Event, room_id: str, now: float) -> None:
+        if isinstance(event, nio.MegolmEvent):
+            event.room_id = room_id
+            self._undecrypted.append(event)
+        else:
+            self.take(event, room_id, now)
 
 
 def synapse_pid() -> int | None:

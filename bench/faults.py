@@ -36,7 +36,10 @@ def main() -> int:
                if line.startswith(("{", "fault run seed", "postgresql "))]
     print("\n".join(figures) if figures else proc.stdout[-4000:])
     if proc.returncode != 0:
-        print(proc.stdout[-6000:], file=sys.stderr)
+        # The failure itself, without the thousands of nio warnings around it.
+        failure = proc.stdout.split("= FAILURES =", 1)[-1].split("short test summary")[0]
+        kept = [line for line in failure.splitlines() if not line.startswith("WARNING  nio")]
+        print("\n".join(kept)[-8000:], file=sys.stderr)
     return proc.returncode
 
 

@@ -50,6 +50,7 @@ from _harness import (
     CPU,
     BenchError,
     NioUser,
+    StaffObserver,
     add_output_options,
     check,
     free_ports,
@@ -77,14 +78,7 @@ TARGET_GROWTH = 0.10  # RSS and fds, first measured minute after warm-up to the 
 SAMPLE_SECONDS = 5.0  # RSS, fds and queue depths are sampled this often
 IDLE_SECONDS = 20.0  # after the drain, before the last sample
 REACTIONS = ("👍", "❤️", "🙏")
-STAFF_SYNC_TIMEOUT_MS = 200
 SYNC_FAILURES_TOLERATED = 30  # in a row, 2 s apart
-STAFF_FILTER: dict[str, Any] = {
-    "presence": {"not_types": ["*"]},
-    "account_data": {"not_types": ["*"]},
-    "room": {"timeline": {"limit": 400}, "ephemeral": {"not_types": ["*"]},
-             "account_data": {"not_types": ["*"]}},
-}
 
 
 def progress(line: str) -> None:
@@ -143,9 +137,10 @@ class Tracker:
 class BridgeProcess:
     """`python -m bridge run -c CONFIG`; stderr (JSON log lines) goes to a file."""
 
-    def __init__(self, config_path: Path, url: str) -> None:
+    def __init__(self, config_path: Path, url: str, metrics_url: str) -> None:
         self.config_path = config_path
-        self.url = url
+        self.url = url  # the public listener
+        self.metrics_url = metrics_url
         self.log = config_path.parent / "bridge.log"
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -354,73 +349,17 @@ class Meta:
 # --- the staff device -----------------------------------------------------------------
 
 
-class Observer:
-    """The staff device syncing continuously: which bench messages it can read, when."""
+class Observer(StaffObserver):
+    """The staff device: which bench messages it can read, when."""
 
     def __init__(self, staff: NioUser, tracker: Tracker) -> None:
-        self.staff = staff
+        super().__init__(staff, failures_tolerated=SYNC_FAILURES_TOLERATED)
         self.tracker = tracker
         self.portal_of: dict[int, str] = {}  # citizen -> portal room
         self.event_ids: set[str] = set()
         self.notices: Counter[str] = Counter()  # bridge notices to staff, by text
-        self.limited = 0  # timelines with a gap: messages may have been skipped
-        self.syncs = 0
-        self.sync_errors = 0
-        self._undecrypted: list[nio.MegolmEvent] = []
-        self._task: asyncio.Task[None] | None = None
 
-    @property
-    def undecryptable(self) -> int:
-        return len(self._undecrypted)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="staff sync")
-
-    def check_running(self) -> None:
-        if self._task is not None and self._task.done():
-            self._task.result()  # re-raise what stopped the sync loop
-            raise BenchError("staff sync loop stopped")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        client = self.staff.client
-        failures = 0
-        while True:
-            resp = await client.sync(timeout=STAFF_SYNC_TIMEOUT_MS, sync_filter=STAFF_FILTER)
-            if not isinstance(resp, nio.SyncResponse):
-                # A busy Synapse may fail a sync now and then (a soak runs for long);
-                # a staff device that cannot sync for a minute ends the run.
-                failures += 1
-                self.sync_errors += 1
-                if failures >= SYNC_FAILURES_TOLERATED:
-                    raise BenchError(f"staff sync failed {failures} times in a row: {resp}")
-                await asyncio.sleep(2.0)
-                continue
-            failures = 0
-            now = time.perf_counter()
-            self.syncs += 1
-            for room_id, info in resp.rooms.join.items():
-                self.limited += bool(info.timeline.limited)
-                for event in info.timeline.events:
-                    self._take(event, room_id, now)
-            if self._undecrypted:  # a room key may have come in this sync
-                pending, self._undecrypted = self._undecrypted, []
-                for event in pending:
-                    try:
-                        self._take(client.decrypt_event(event), event.room_id, now)
-                    except nio.EncryptionError:
-                        self._undecrypted.append(event)
-            await self.staff.upkeep(resp)
-
-    def _take(self, event: nio.Event, room_id: str, now: float) -> None:
-        if isinstance(event, nio.MegolmEvent):
-            event.room_id = room_id
-            self._undecrypted.append(event)
-            return
+    def take(self, event: nio.Event, room_id: str, now: float) -> None:
         if event.sender == self.staff.user_id or event.event_id in self.event_ids:
             return
         self.event_ids.add(event.event_id)
@@ -465,7 +404,7 @@ async def bridge_database(workdir: Path, kind: str, stack: AsyncExitStack) -> st
 
 async def set_up(workdir: Path, stack: AsyncExitStack, args: argparse.Namespace,
                  tracker: Tracker, rng: random.Random) -> Setup:
-    hs_port, as_port = free_ports(2)
+    hs_port, as_port, admin_port, metrics_port = free_ports(4)
     staff_local = f"staff_{secrets.token_hex(3)}"
     staff_id = f"@{staff_local}:localhost"
     wa = CloudAPISimulator(access_token=secrets.token_urlsafe(24),
@@ -482,7 +421,8 @@ async def set_up(workdir: Path, stack: AsyncExitStack, args: argparse.Namespace,
         "database": {"url": db_url},
         "privacy": {"data_key": random_key(), "index_key": random_key()},
         "audit": {"key": random_key()},
-        "admin": {"token": secrets.token_hex(32)},
+        "admin": {"token": secrets.token_hex(32), "listen_port": admin_port},
+        "metrics": {"listen_port": metrics_port},
         "portals": {"staff": [staff_id]},
         "whatsapp": {"enabled": True, "api_base": api_base, "phone_number_id": PHONE_NUMBER_ID,
                      "access_token": wa.access_token, "app_secret": wa.app_secret,
@@ -497,7 +437,8 @@ async def set_up(workdir: Path, stack: AsyncExitStack, args: argparse.Namespace,
     await upgrade(db_url)
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
     stack.push_async_callback(http.close)
-    bridge = BridgeProcess(config_path, f"http://127.0.0.1:{as_port}")
+    bridge = BridgeProcess(config_path, f"http://127.0.0.1:{as_port}",
+                           f"http://127.0.0.1:{metrics_port}")
     stack.push_async_callback(bridge.stop)
     await bridge.start(http)
     queues = create_async_engine(db_url, pool_size=1) if args.bridge_db == "postgresql" \
@@ -854,7 +795,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                      f"{len(s.citizens)} citizens; bridge pid {s.bridge.pid} "
                      "(RSS, fds and CPU are that process's)")
             rows, samples = await run_traffic(s, args, tracker, rng)
-            bridge_metrics = await metrics(s.http, s.bridge.url)
+            bridge_metrics = await metrics(s.http, s.bridge.metrics_url)
             obs = s.observer
             staff = {"syncs": obs.syncs, "sync_errors": obs.sync_errors,
                      "undecryptable": obs.undecryptable,

@@ -67,6 +67,7 @@ from _harness import (
     ENCRYPTION_STATE,
     BenchError,
     NioUser,
+    StaffObserver,
     add_output_options,
     bench_config,
     check,
@@ -91,80 +92,33 @@ PHONE_NUMBER_ID = "109876543210"
 PREFIX = "bench "  # every measured message body starts with this
 # The staff device's /sync: a short long-poll (it returns at once when there is news);
 # a timeline limit above what one sync can bring, so no message is skipped.
-STAFF_SYNC_TIMEOUT_MS = 200
-STAFF_FILTER: dict[str, Any] = {
-    "presence": {"not_types": ["*"]},
-    "account_data": {"not_types": ["*"]},
-    "room": {"timeline": {"limit": 400}, "ephemeral": {"not_types": ["*"]},
-             "account_data": {"not_types": ["*"]}},
-}
-
-
 # --- the staff device -----------------------------------------------------------------
 
 
-class Observer:
-    """The staff device syncing continuously: when did each bench message become readable?
+class Observer(StaffObserver):
+    """When did each bench message become readable to the staff device?
 
     `seen[body]` is the perf_counter() at which the /sync response that made the message
     decryptable arrived (its own event, or a later room key for it).
     """
 
     def __init__(self, staff: NioUser, rooms: Iterable[str]) -> None:
-        self.staff = staff
+        super().__init__(staff)
         self.rooms = set(rooms)
         self.seen: dict[str, float] = {}
         self.seen_in: dict[str, str] = {}  # body -> room id
-        self.limited = 0  # timelines with a gap: messages may have been skipped
-        self.syncs = 0
-        self._undecrypted: list[nio.MegolmEvent] = []
         self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
-    @property
-    def undecryptable(self) -> int:
-        return len(self._undecrypted)
+    def wants(self, room_id: str) -> bool:
+        return room_id in self.rooms
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="staff sync")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        client = self.staff.client
-        while True:
-            resp = check(await client.sync(timeout=STAFF_SYNC_TIMEOUT_MS,
-                                           sync_filter=STAFF_FILTER),
-                         nio.SyncResponse, "staff sync")
-            now = time.perf_counter()
-            self.syncs += 1
-            # nio has processed to-device room keys and decrypted what it could.
-            for room_id, info in resp.rooms.join.items():
-                if room_id not in self.rooms:
-                    continue
-                self.limited += bool(info.timeline.limited)
-                for event in info.timeline.events:
-                    self._take(event, room_id, now)
-            if self._undecrypted:
-                pending, self._undecrypted = self._undecrypted, []
-                for event in pending:
-                    try:
-                        self._take(client.decrypt_event(event), event.room_id, now)
-                    except nio.EncryptionError:
-                        self._undecrypted.append(event)
-            self._changed.set()
-            await self.staff.upkeep(resp)
-
-    def _take(self, event: nio.Event, room_id: str, now: float) -> None:
-        if isinstance(event, nio.MegolmEvent):
-            event.room_id = room_id
-            self._undecrypted.append(event)
-        elif isinstance(event, nio.RoomMessageText) and event.body.startswith(PREFIX):
+    def take(self, event: nio.Event, room_id: str, now: float) -> None:
+        if isinstance(event, nio.RoomMessageText) and event.body.startswith(PREFIX):
             self.seen.setdefault(event.body, now)
             self.seen_in.setdefault(event.body, room_id)
+
+    def synced(self) -> None:
+        self._changed.set()
 
     async def wait_for(self, bodies: Iterable[str], deadline: float) -> int:
         """Wait (until `deadline`, loop time) for all `bodies`; returns how many are missing."""

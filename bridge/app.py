@@ -1,7 +1,19 @@
-"""The aiohttp application: routes from each layer plus the bridge's lifecycle."""
+"""The aiohttp applications, one per listener, and the bridge's lifecycle around them.
+
+- public (`appservice.listen_host/port`): the appservice API Synapse calls, the WhatsApp
+  webhook, invite pages and their stylesheet;
+- admin (`admin.listen_host/port`, loopback by default): `/admin/v1/*`;
+- metrics (`metrics.listen_host/port`, loopback by default, only if enabled): `/metrics`.
+
+Each also answers `/health` and `/ready`, so probes can use whichever they reach. A path
+is routed on its own listener only: the public app has no admin or metrics route at all.
+The public app builds (and closes) the Bridge; the others share it, so they start after
+it and stop before it (`Listeners` does both).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -11,27 +23,30 @@ from bridge.admin.routes import routes as admin_routes
 from bridge.config import Config
 from bridge.invites.routes import routes as invite_routes
 from bridge.matrix.appservice import routes as appservice_routes
-from bridge.rooms_wa.routes import routes as wa_rooms_routes
+from bridge.rooms_wa.routes import admin_routes as wa_rooms_admin_routes
+from bridge.rooms_wa.routes import public_routes as wa_rooms_public_routes
 from bridge.services import Bridge, build_bridge
 from bridge.web.middleware import error_middleware
-from bridge.web.ops import routes as ops_routes
+from bridge.web.ops import metrics_routes
+from bridge.web.ops import routes as probe_routes
 from bridge.web.standby import active_only
 from bridge.web.state import BRIDGE
 from bridge.whatsapp.webhook import routes as whatsapp_routes
+
+log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024 * 1024  # appservice transactions can be large; media never passes here
 
 
 def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
-    """The web app; builds (and later closes) the Bridge unless one is given."""
-    app = web.Application(middlewares=[error_middleware, active_only, admin_auth],
+    """The public listener's app; builds (and later closes) the Bridge unless one is given."""
+    app = web.Application(middlewares=[error_middleware, active_only],
                           client_max_size=MAX_BODY)
     app.add_routes(appservice_routes)
-    app.add_routes(admin_routes)
-    app.add_routes(wa_rooms_routes)
     app.add_routes(invite_routes)
+    app.add_routes(wa_rooms_public_routes)
     app.add_routes(whatsapp_routes)
-    app.add_routes(ops_routes)
+    app.add_routes(probe_routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         b = bridge or await build_bridge(config)
@@ -42,3 +57,83 @@ def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def make_admin_app(owner: web.Application) -> web.Application:
+    """The admin listener's app, sharing the Bridge of `owner` (a started `make_app`)."""
+    app = web.Application(middlewares=[error_middleware, active_only, admin_auth])
+    app.add_routes(admin_routes)
+    app.add_routes(wa_rooms_admin_routes)
+    app.add_routes(probe_routes)
+    return _sharing(app, owner)
+
+
+def make_metrics_app(owner: web.Application) -> web.Application:
+    """The metrics listener's app, sharing the Bridge of `owner` (a started `make_app`)."""
+    app = web.Application(middlewares=[error_middleware, active_only])
+    app.add_routes(metrics_routes)
+    app.add_routes(probe_routes)
+    return _sharing(app, owner)
+
+
+def _sharing(app: web.Application, owner: web.Application) -> web.Application:
+    async def share(app: web.Application) -> AsyncIterator[None]:
+        app[BRIDGE] = owner[BRIDGE]  # KeyError: started before its owner
+        yield
+
+    app.cleanup_ctx.append(share)
+    return app
+
+
+class Listeners:
+    """Every listener of one bridge process (`Config.listeners`), started and stopped
+    together: the public app first (it opens the database, refusing a wrong schema,
+    before any port is bound), then the others; stopped in the reverse order."""
+
+    def __init__(self, config: Config, bridge: Bridge | None = None) -> None:
+        self.config = config
+        self.public = make_app(config, bridge)
+        makers = {"admin": make_admin_app, "metrics": make_metrics_app}
+        self._apps = {name: self.public if name == "public" else makers[name](self.public)
+                      for name, _, _ in config.listeners()}
+        self._runners: list[tuple[str, web.AppRunner, str, int]] = []
+
+    @property
+    def bridge(self) -> Bridge:
+        return self.public[BRIDGE]
+
+    async def setup(self) -> None:
+        """Build the apps (and the Bridge); no port is bound yet."""
+        try:
+            for name, host, port in self.config.listeners():
+                runner = web.AppRunner(self._apps[name], access_log=None)
+                await runner.setup()
+                self._runners.append((name, runner, host, port))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def bind(self) -> None:
+        """Start serving on every listener's address."""
+        try:
+            for name, runner, host, port in self._runners:
+                try:
+                    await web.TCPSite(runner, host, port).start()
+                except OSError as exc:
+                    log.error("%s listener: cannot listen on %s:%d (%s)", name, host, port,
+                              exc.strerror or type(exc).__name__)
+                    raise
+                log.info("listening on %s:%d (%s)", host, port, name)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def start(self) -> None:
+        await self.setup()
+        await self.bind()
+
+    async def stop(self) -> None:
+        """Stop serving; the Bridge closes with the public app, last."""
+        while self._runners:
+            _, runner, _, _ = self._runners.pop()
+            await runner.cleanup()

@@ -74,11 +74,12 @@ def init_config(domain: str, homeserver: str,
                     "pseudonym_template": "Ciudadano/a {code}"},
         "audit": {"key": _key()},
         "whatsapp": {"enabled": False},
-        "admin": {"token": secrets.token_urlsafe(32), "users": []},
+        "admin": {"listen_host": "127.0.0.1", "listen_port": 29341,
+                  "token": secrets.token_urlsafe(32), "users": []},
         "portals": {"staff": []},
         "rooms": {"federate": False},
         "logging": {"level": "INFO", "format": "text"},
-        "metrics": {"enabled": True},
+        "metrics": {"enabled": True, "listen_host": "127.0.0.1", "listen_port": 29342},
     }
 
 
@@ -153,12 +154,24 @@ def cmd_registration(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from bridge.db import Database
     from bridge.db.engine import upgrade
+    from bridge.legacy_wamids import key_legacy_wamids
+    from bridge.privacy import Privacy
 
     config = load_or_exit(args.config)
+
+    async def run() -> dict[str, int]:
+        await upgrade(config.database.url)
+        # The data part of revision 0010, which needs the keys (bridge.legacy_wamids).
+        async with await Database.open(config.database.url) as db:
+            return await key_legacy_wamids(db, Privacy.from_config(config.privacy))
+
     with _database_errors(args.config, config.database.url):
-        asyncio.run(upgrade(config.database.url))
+        keyed = asyncio.run(run())
     print("database schema is current")
+    if any(keyed.values()):
+        print(f"wamids stored in clear, now keyed: {sum(keyed.values())}")
     return 0
 
 
@@ -166,22 +179,61 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     from bridge.auditchain import AuditKeys
     from bridge.db import Database
     from bridge.privacy import Privacy
-    from bridge.rekey import rekey_database
+    from bridge.rekey import RekeyReport, rekey_database
 
     config = load_or_exit(args.config)
 
-    async def run() -> int:
+    async def run() -> RekeyReport:
         db = await Database.open(config.database.url, audit_keys=AuditKeys.from_base64(
             config.audit.key, config.audit.previous_keys))
         try:
-            return await rekey_database(db, Privacy.from_config(config.privacy).cipher)
+            privacy = Privacy.from_config(config.privacy)
+            report = await rekey_database(db, privacy.cipher, privacy.index)
+            await db.audit.seal()
+            await db.audit.append("cli", "privacy.rekey", "stored data",
+                                  "ok" if report.complete else "incomplete", report.summary())
+            return report
         finally:
             await db.close()
 
     with _database_errors(args.config, config.database.url):
-        count = asyncio.run(run())
-    print(f"re-encrypted {count} values with the current data key")
+        report = asyncio.run(run())
+    for line in report.lines():
+        print(line)
+    if not report.complete:
+        print("some values still need a previous key: keep privacy.previous_data_keys and "
+              "privacy.previous_index_keys until this reports none", file=sys.stderr)
+        return 1
+    print("every value is under the current keys: privacy.previous_data_keys and "
+          "privacy.previous_index_keys can be removed")
     return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """One retention purge now, as the running bridge does every ten minutes; exit 1 if a
+    step failed (the log says which)."""
+    from datetime import UTC, datetime
+
+    from bridge.retention import PurgeReport
+    from bridge.services import build_bridge
+
+    config = load_or_exit(args.config)
+
+    async def run() -> PurgeReport:
+        # The composition root, not started: no devices, no workers, no leader lock.
+        bridge = await build_bridge(config)
+        try:
+            return await bridge.retention_job(offline=True).run(datetime.now(UTC),
+                                                                dry_run=args.dry_run)
+        finally:
+            await bridge.close()
+
+    with _database_errors(args.config, config.database.url):
+        report = asyncio.run(run())
+    print("\n".join(report.lines()))
+    if args.dry_run:
+        print("dry run: nothing was deleted")
+    return 1 if report.failed else 0
 
 
 async def check_database(url: str) -> None:
@@ -194,29 +246,23 @@ async def check_database(url: str) -> None:
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Serve until `stop`; raise LeadershipLost if the leader lock is lost first."""
-    from aiohttp import web
-
-    from bridge.app import make_app
+    from bridge.app import Listeners
     from bridge.leader import LeadershipLost
-    from bridge.web.state import BRIDGE
 
-    # runner.setup() opens the database (refusing a wrong schema) before the port is bound.
-    app = make_app(config)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    lost = app[BRIDGE].lost
-    site = web.TCPSite(runner, config.appservice.listen_host, config.appservice.listen_port)
-    await site.start()
-    log.info("listening on %s:%d", config.appservice.listen_host, config.appservice.listen_port)
-    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(lost.wait())]
+    # The public app's setup opens the database (refusing a wrong schema) before any
+    # port is bound.
+    listeners = Listeners(config)
+    await listeners.start()
+    bridge = listeners.bridge
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(bridge.lost.wait())]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in waits:
             task.cancel()
-        await runner.cleanup()
-    if lost.is_set():
-        raise LeadershipLost(app[BRIDGE].stop_reason)
+        await listeners.stop()
+    if bridge.lost.is_set():
+        raise LeadershipLost(bridge.stop_reason)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -237,11 +283,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         await serve(config, stop)
 
     from bridge.leader import LeadershipLost
+    from bridge.matrix.storekey import StoreKeyError
 
     try:
         asyncio.run(main())
     except SchemaError as exc:
         print(f"database error: {exc}", file=sys.stderr)
+        return 2
+    except StoreKeyError as exc:
+        print(f"key error: {exc}", file=sys.stderr)
         return 2
     except LeadershipLost as exc:
         # Not 0: the supervisor (systemd Restart=on-failure, Kubernetes) must start us
@@ -254,6 +304,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _secrets(config: Config) -> list[str]:
     return [s for s in (config.appservice.as_token, config.appservice.hs_token,
                         config.admin.token, config.privacy.data_key, config.privacy.index_key,
+                        *config.privacy.previous_data_keys, *config.privacy.previous_index_keys,
                         config.whatsapp.access_token, config.whatsapp.app_secret,
                         config.whatsapp.verify_token,
                         config.invites.registration_shared_secret, config.audit.key,
@@ -276,11 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
         ("check-config", cmd_check_config, "validate a config file; prints every problem"),
         ("migrate", cmd_migrate, "create or upgrade the database schema"),
         ("run", cmd_run, "run the bridge"),
-        ("rekey", cmd_rekey, "re-encrypt stored identifiers with the current data key"),
+        ("rekey", cmd_rekey, "re-seal stored data and re-hash citizens under the current "
+                             "privacy keys (run with the bridge stopped)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("-c", "--config", default="config.yaml")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("purge", help="delete what is past its retention period now "
+                                     "(one line per table)")
+    p.add_argument("-c", "--config", default="config.yaml")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only count what would be deleted; change nothing")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("registration", help="write the Synapse appservice registration")
     p.add_argument("-c", "--config", default="config.yaml")
@@ -320,7 +379,8 @@ def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--dir", default=DEFAULT_DIR,
                    help=f"where the demo keeps its data between runs (default: ./{DEFAULT_DIR})")
     p.add_argument("--port-base", type=int, default=DEFAULT_PORT_BASE,
-                   help="Synapse on this port, the bridge and simulator on the next two, "
+                   help="Synapse on this port; the bridge, the simulator, the bridge's admin "
+                        "API and its metrics on the next four, "
                         f"where free (default: {DEFAULT_PORT_BASE})")
     p.add_argument("--fresh", action="store_true",
                    help="throw away the previous run's data and start over")

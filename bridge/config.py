@@ -12,13 +12,22 @@ directory it is started from.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bridge.errors import ConfigError
 
@@ -63,6 +72,32 @@ Secret = Annotated[str, Field(min_length=16)]
 Localpart = Annotated[str, Field(pattern=r"^[a-z0-9._=\-/]+$")]
 
 
+Port = Annotated[int, Field(ge=1, le=65535)]
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _listen_host(value: str) -> str:
+    """An address to bind: an IP address (`0.0.0.0`, `::`, `127.0.0.1`) or a host name."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(value):
+            raise ValueError("must be an IP address (e.g. 127.0.0.1, 0.0.0.0, ::) or a "
+                             "host name, without scheme or port") from None
+    return value
+
+
+ListenHost = Annotated[str, AfterValidator(_listen_host)]
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL a client on this host uses for a listener bound to `host`."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
 def _http_url(value: str) -> str:
     if not re.match(r"^https?://[^\s/]+", value):
         raise ValueError("must be an http(s) URL")
@@ -78,8 +113,9 @@ class HomeserverConfig(_Section):
 
 class AppserviceConfig(_Section):
     id: Localpart = "civic-bridge"
-    listen_host: str = "127.0.0.1"
-    listen_port: Annotated[int, Field(ge=1, le=65535)] = 29340
+    # The public listener: the appservice API, the WhatsApp webhook, invite pages, probes.
+    listen_host: ListenHost = "127.0.0.1"
+    listen_port: Port = 29340
     url: str | None = None
     as_token: Secret
     hs_token: Secret
@@ -141,11 +177,13 @@ class PrivacyConfig(_Section):
     index_key: str
     # Keys retired by rotation: still decrypt old rows until `civic-bridge rekey` runs.
     previous_data_keys: list[str] = []
+    # Retired index keys: rows hashed with them are still found until `rekey` rehashes.
+    previous_index_keys: list[str] = []
     pseudonym_template: str = "Ciudadano/a {code}"
 
     _keys = field_validator("data_key", "index_key")(_key32)
 
-    @field_validator("previous_data_keys")
+    @field_validator("previous_data_keys", "previous_index_keys")
     @classmethod
     def _old_keys(cls, value: list[str]) -> list[str]:
         return [_key32(v) for v in value]
@@ -164,6 +202,11 @@ class PrivacyConfig(_Section):
         if self.data_key == self.index_key:
             raise FieldProblem("index_key", "must be a different key from data_key "
                                "(generate one: openssl rand -base64 32)")
+        # A key used both ways would let one leak serve two purposes.
+        data = {self.data_key, *self.previous_data_keys}
+        if data & {self.index_key, *self.previous_index_keys}:
+            raise FieldProblem("previous_index_keys", "a data key is listed as an index key "
+                               "(or the other way round): keep the two kinds apart")
         return self
 
 
@@ -286,6 +329,9 @@ class ConsentConfig(_Section):
     opt_in_words: list[str] = ["ACEPTO", "SI", "SÍ", "YES"]
     opt_out_words: list[str] = ["BAJA", "STOP", "CANCELAR"]
     hold_hours: Annotated[int, Field(ge=1, le=720)] = 72
+    # The language notice_text is written in: every mirroring consent record carries it
+    # (evidence of what the citizen was shown, issue 15 point 7).
+    notice_language: Annotated[str, Field(pattern=r"^[a-z]{2,3}(-[A-Z]{2})?$")] = "es"
 
     @model_validator(mode="after")
     def _disjoint(self) -> ConsentConfig:
@@ -403,6 +449,9 @@ class AdminTokenConfig(_Section):
 
 
 class AdminConfig(_Section):
+    # The admin API's own listener (/admin/v1 and the probes); loopback by default.
+    listen_host: ListenHost = "127.0.0.1"
+    listen_port: Port = 29341
     # Legacy: the all-scopes token, named "admin" in the audit log.
     token: Secret
     users: list[MXID] = []
@@ -577,6 +626,22 @@ class AuditConfig(_Section):
         return self
 
 
+Days = Annotated[int, Field(ge=1, le=3650)]
+
+
+class RetentionConfig(_Section):
+    """Days each kind of kept data lives (bridge.retention; documented key by key in
+    config.example.yaml). Older periods stay where they were: consent.hold_hours,
+    notices.log_retention_days, moderation.reports_retention_days."""
+
+    outbox_days: Days = 30  # settled sends, from their last change
+    message_map_days: Days = 90
+    never_consented_days: Days = 30  # from the contact's last message
+    invite_links_days: Days = 30  # after expiry, revocation or last use
+    unused_invite_accounts_days: Days = 30  # needs moderation.synapse_admin_token
+    dead_letters_days: Days = 90  # from the last failure
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -584,6 +649,9 @@ class LoggingConfig(_Section):
 
 class MetricsConfig(_Section):
     enabled: bool = True
+    # The metrics listener (/metrics and the probes), bound only when enabled.
+    listen_host: ListenHost = "127.0.0.1"
+    listen_port: Port = 29342
 
 
 class E2EEConfig(_Section):
@@ -610,6 +678,7 @@ class Config(_Section):
     invites: InvitesConfig = InvitesConfig()
     notices: NoticesConfig = NoticesConfig()
     moderation: ModerationConfig = ModerationConfig()
+    retention: RetentionConfig = RetentionConfig()
     audit: AuditConfig
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -621,6 +690,19 @@ class Config(_Section):
         if ours.startswith(theirs) or theirs.startswith(ours):
             raise ValueError("invites.localpart_prefix: must not overlap "
                              "appservice.ghost_prefix (that namespace is the bridge's)")
+        return self
+
+    @model_validator(mode="after")
+    def _listeners_apart(self) -> Config:
+        taken = {self.appservice.listen_port: "appservice.listen_port"}
+        ours = [("admin.listen_port", self.admin.listen_port)]
+        if self.metrics.enabled:
+            ours.append(("metrics.listen_port", self.metrics.listen_port))
+        for key, port in ours:
+            if port in taken:
+                raise ValueError(f"{key}: {port} is {taken[port]} already; each listener "
+                                 "needs a port of its own")
+            taken[port] = key
         return self
 
     @model_validator(mode="after")
@@ -658,6 +740,14 @@ class Config(_Section):
         n = self.notices
         return (n.consent_text.replace("{agency}", self.consent.agency_name)
                 .replace("{issuer}", n.issuer).replace("{sede}", n.sede_url))
+
+    def listeners(self) -> list[tuple[str, str, int]]:
+        """(name, host, port) of every HTTP listener to bind: public, admin, metrics."""
+        found = [("public", self.appservice.listen_host, self.appservice.listen_port),
+                 ("admin", self.admin.listen_host, self.admin.listen_port)]
+        if self.metrics.enabled:
+            found.append(("metrics", self.metrics.listen_host, self.metrics.listen_port))
+        return found
 
     @property
     def bot_mxid(self) -> str:

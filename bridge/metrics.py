@@ -27,6 +27,11 @@ class Metrics:
                                "Messages relayed", ["direction", "type"], registry=r)
         self.webhook_rejects = Counter("civic_bridge_webhook_rejects",
                                        "Webhook requests rejected", ["reason"], registry=r)
+        # part: message / status, sent before the replay window (bridge.retention)
+        self.webhook_replays = Counter(
+            "civic_bridge_webhook_replays",
+            "Webhook messages and statuses acknowledged but ignored: sent too long ago to "
+            "tell a redelivery from a new one", ["part"], registry=r)
         self.consent_changes = Counter("civic_bridge_consent_changes",
                                        "Consent state changes", ["purpose", "state"], registry=r)
         self.outbox_depth = Gauge("civic_bridge_outbox_depth",
@@ -102,6 +107,10 @@ class Metrics:
         self.dead_letters_current = Gauge("civic_bridge_dead_letters_current",
                                           "Dead letters waiting for an admin to retry or "
                                           "discard them", registry=r)
+        # reason: unauthenticated (no or an unknown token) or forbidden (a token without
+        # the route's scope): refused admin API calls (bridge.admin.auth).
+        self.admin_refusals = Counter("civic_bridge_admin_refusals",
+                                      "Admin API calls refused", ["reason"], registry=r)
         # reason: one of bridge.whatsapp.staff_events.NotSentReason
         self.outbound_not_sent = Counter(
             "civic_bridge_outbound_not_sent",

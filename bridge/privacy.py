@@ -8,7 +8,8 @@ business-scoped user id (BSUID) goes through this module:
   tokens name their key so keys can rotate without a flag day.
 * `KeyedIndex` gives the stable lookup value for a citizen (HMAC-SHA256 with the
   separate `privacy.index_key`), so the database can find a row without holding
-  the identifier in clear.
+  the identifier in clear; `KeyedIndex.wamid` does the same for WhatsApp message
+  ids (a wamid embeds the number), under a key of their own.
 * `new_localpart` / `new_pseudonym_code` / `display_name` make the Matrix-facing
   identity; they are random and letters-only, so they can never carry a digit of
   the phone number they stand for.
@@ -37,6 +38,8 @@ from stdnum import luhn
 from stdnum.es import dni as stdnum_dni
 from stdnum.es import nie as stdnum_nie
 
+from bridge.types import WamidHash
+
 if TYPE_CHECKING:
     from bridge.config import PrivacyConfig
 
@@ -48,7 +51,9 @@ __all__ = [
     "KeyedIndex",
     "Privacy",
     "contains_phone_or_email",
+    "data_keys",
     "display_name",
+    "is_keyed_hash",
     "key_id",
     "looks_like_personal_id",
     "new_localpart",
@@ -144,7 +149,8 @@ class Cipher:
         sealed = self._keys[self._current].encrypt(nonce, data, header + aad)
         return header.decode("ascii") + _b64encode(nonce + sealed)
 
-    def _parse(self, token: str) -> tuple[str, bytes]:
+    @staticmethod
+    def _parse(token: str) -> tuple[str, bytes]:
         if not isinstance(token, str):
             raise DecryptError("token must be a str")
         match = _TOKEN.fullmatch(token)
@@ -192,6 +198,17 @@ class Cipher:
             return json.loads(text)
         except ValueError:
             raise DecryptError("plaintext is not JSON") from None
+
+    @classmethod
+    def is_token(cls, value: object) -> bool:
+        """True if `value` is a well-formed token (of any key; nothing is decrypted)."""
+        if not isinstance(value, str):
+            return False
+        try:
+            cls._parse(value)
+        except DecryptError:
+            return False
+        return True
 
     def needs_rekey(self, token: str) -> bool:
         """True if the token was not made with the current key.
@@ -242,17 +259,53 @@ class KeyedIndex:
     Deterministic, so equal identifiers find the same row; keyed, so a leaked
     database cannot be reversed by hashing every phone number (a plain hash of
     the ~10**9 Spanish mobile numbers is brute-forced in seconds).
+
+    ``previous`` keys (`privacy.previous_index_keys`) are retired by rotation: rows
+    hashed with them are still found (`digests`) until `rekey` recomputes them.
     """
 
-    def __init__(self, key: bytes) -> None:
-        if len(key) != _KEY_LEN:
-            raise ValueError(f"index key must be {_KEY_LEN} bytes, got {len(key)}")
-        self._key = key
+    def __init__(self, key: bytes, previous: Sequence[bytes] = ()) -> None:
+        keys: list[bytes] = []
+        for k in (key, *previous):
+            if len(k) != _KEY_LEN:
+                raise ValueError(f"index keys must be {_KEY_LEN} bytes, got {len(k)}")
+            if not any(hmac.compare_digest(k, seen) for seen in keys):
+                keys.append(k)
+        self._keys = tuple(keys)
+        # Message ids get a key derived for them alone: a wamid's hash can never equal
+        # a citizen's, whatever the two strings are.
+        self._wamid_key = hmac.new(key, _WAMID_DOMAIN, hashlib.sha256).digest()
 
     def digest(self, identifier: str) -> str:
-        """Hex HMAC-SHA256 of `normalise_identifier(identifier)` (64 chars)."""
+        """Hex HMAC-SHA256 of `normalise_identifier(identifier)` (64 chars), current key."""
+        return self._mac(self._keys[0], identifier)
+
+    def digests(self, identifier: str) -> tuple[str, ...]:
+        """The lookup values under the current key, then under each previous key."""
+        return tuple(self._mac(k, identifier) for k in self._keys)
+
+    @staticmethod
+    def _mac(key: bytes, identifier: str) -> str:
         data = normalise_identifier(identifier).encode("utf-8")
-        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
+        return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+    def wamid(self, wamid: str) -> WamidHash:
+        """The stored form of a WhatsApp message id: hex HMAC-SHA256 (64 chars) under
+        the wamid key. A wamid is base64 that embeds the counterpart's number, so it is
+        never stored as it is; lookups (statuses, replies, reactions, redeliveries) go
+        by this hash. Ids are opaque: hashed exactly as given."""
+        data = wamid.encode("utf-8", "surrogatepass")
+        return WamidHash(hmac.new(self._wamid_key, data, hashlib.sha256).hexdigest())
+
+
+_WAMID_DOMAIN = b"civic-bridge wamid index v1"
+_KEYED_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def is_keyed_hash(value: str) -> bool:
+    """Whether `value` has the shape of a `KeyedIndex` hash (64 lowercase hex): tells a
+    value stored since revision 0010 from a wamid stored in clear before it."""
+    return _KEYED_HASH.fullmatch(value) is not None
 
 
 # --------------------------------------------------------------------------- pseudonyms
@@ -302,6 +355,21 @@ AAD_PAYLOAD = b"queue.payload"
 # A bridge device's signed Megolm session key (bridge.matrix.keystore adds the row's owner,
 # session and index, so a key copied to another row does not decrypt there).
 AAD_ROOM_KEY = b"room_key.session_key"
+# The random key the E2EE (nio) stores are pickled with, wrapped by the data key
+# (bridge.matrix.storekey).
+AAD_STORE_KEY = b"e2ee.store_key"
+
+
+def data_keys(cfg: PrivacyConfig) -> list[bytes]:
+    """`privacy.data_key`, then `privacy.previous_data_keys`, decoded."""
+    return [base64.b64decode(k, validate=True)
+            for k in (cfg.data_key, *cfg.previous_data_keys)]
+
+
+def wamid_aad(wamid_hash: str) -> bytes:
+    """A message map wamid's associated data: its own hash, so the ciphertext opens
+    only in the row it was written for."""
+    return b"message_map.wamid:" + wamid_hash.encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,18 +383,28 @@ class Privacy:
     @classmethod
     def from_config(cls, cfg: PrivacyConfig) -> Privacy:
         """Decode the base64 keys of a validated `PrivacyConfig`."""
-        data_key = base64.b64decode(cfg.data_key, validate=True)
-        previous = [base64.b64decode(k, validate=True) for k in cfg.previous_data_keys]
-        index_key = base64.b64decode(cfg.index_key, validate=True)
+        data_key, *previous = data_keys(cfg)
+        index_key, *old_index = (base64.b64decode(k, validate=True)
+                                 for k in (cfg.index_key, *cfg.previous_index_keys))
         return cls(
             cipher=Cipher(data_key, previous),
-            index=KeyedIndex(index_key),
+            index=KeyedIndex(index_key, old_index),
             pseudonym_template=cfg.pseudonym_template,
         )
 
     def display_name(self, code: str) -> str:
         """`display_name` with the configured template."""
         return display_name(self.pseudonym_template, code)
+
+    def seal_wamid(self, wamid: str) -> tuple[WamidHash, str]:
+        """(keyed hash, ciphertext) of a wamid the bridge must be able to send back to
+        Graph (a reply's context, a reaction's target, a read receipt)."""
+        digest = self.index.wamid(wamid)
+        return digest, self.cipher.encrypt(wamid, aad=wamid_aad(digest))
+
+    def open_wamid(self, wamid_hash: str, wamid_ct: str) -> str:
+        """The wamid `seal_wamid` sealed (raises DecryptError if it was moved or altered)."""
+        return self.cipher.decrypt_str(wamid_ct, aad=wamid_aad(wamid_hash))
 
 
 # --------------------------------------------------------------------------- detectors

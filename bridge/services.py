@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -26,22 +24,27 @@ from bridge.auditchain import AuditKeys
 from bridge.config import Config
 from bridge.db import Database, InboundItem, InboundSource
 from bridge.deadletters import DeadLetters
+from bridge.invites.rights import InviteAccounts
 from bridge.invites.service import InviteLinks
 from bridge.leader import Election, Role, SingleProcess, election_for
+from bridge.legacy_wamids import key_legacy_wamids
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.bot_invites import BotInvitePolicy
 from bridge.matrix.devices import Devices
 from bridge.matrix.devicetrust import CrossSignedDevices
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.keystore import RoomKeyStore
+from bridge.matrix.queued import open_event, seal_unsealed
 from bridge.matrix.relay import Relay
 from bridge.matrix.rooms import RoomPolicy, Rooms
+from bridge.matrix.storekey import load_store_key, pickle_passphrase
 from bridge.matrix.trust import Trust
 from bridge.matrix.undecryptable import UndecryptableStore
 from bridge.metrics import Metrics
+from bridge.moderation.synapse_admin import SynapseAdmin
 from bridge.moderation.wiring import ModerationParts
 from bridge.podlabel import PodLabeler
-from bridge.privacy import Privacy
+from bridge.privacy import Privacy, data_keys
 from bridge.retention import EVERY_SECONDS, Retention
 from bridge.rooms_wa.wiring import WhatsAppRooms, build_rooms_wa
 from bridge.types import RoomID, UserID
@@ -179,6 +182,11 @@ class Bridge:
 
     async def start(self) -> None:
         """Bring up the bot device, then process queued work; retries until Synapse answers."""
+        try:  # before the worker reads them: rows an earlier version queued in clear
+            await seal_unsealed(self.db, self.privacy.cipher)
+        except Exception as exc:
+            log.warning("could not seal Matrix events queued in clear (%s); they are "
+                        "read as they are", type(exc).__name__)
         delay = 1.0
         while True:
             try:
@@ -223,17 +231,21 @@ class Bridge:
 
         task.add_done_callback(done)
 
+    def retention_job(self, *, offline: bool = False) -> Retention:
+        """The retention purge over every kind of kept data (bridge.retention); `offline`
+        for `civic-bridge purge` next to a running bridge."""
+        return Retention(self.db, self.privacy.cipher, self.config,
+                         None if offline else self.metrics, contacts=self.citizens,
+                         accounts=self.citizens.accounts, offline=offline)
+
     async def retention(self, every: float = EVERY_SECONDS) -> None:
         """Scheduled purge, every `every` seconds; survives failures (bridge.retention)."""
-        await Retention(self.db, self.privacy.cipher, self.config, self.metrics).loop(every)
+        await self.retention_job().loop(every)
 
     async def purge(self, now: datetime) -> dict[str, int]:
-        """Held messages past `consent.hold_hours`, old finished queue rows, unconfirmed
-        staff messages, notice log entries past `notices.log_retention_days`; logs and
-        returns how many of each went (failures: see bridge.retention)."""
-        report = await Retention(self.db, self.privacy.cipher, self.config,
-                                 self.metrics).run(now)
-        return report.deleted
+        """One purge run now; logs and returns how many rows of each kind went (failures:
+        see bridge.retention)."""
+        return (await self.retention_job().run(now)).deleted
 
     async def close(self) -> None:
         for task in list(self.tasks):
@@ -256,13 +268,23 @@ async def build_bridge(config: Config) -> Bridge:
     # Before anything can read or write the trail: after an upgrade or a key rotation,
     # the newest entry must be keyed with the current key (bridge.auditchain).
     await db.audit.seal()
+    privacy = Privacy.from_config(config.privacy)
+    store_dir = Path(config.appservice.store_dir)
+    try:
+        store_key = await load_store_key(
+            db.kv, privacy.cipher, store_dir,
+            installed=await db.ghosts.get(UserID(config.bot_mxid)) is not None,
+            data_keys=data_keys(config.privacy))
+    except BaseException:
+        await db.close()
+        raise
+    # Before anything looks a message up: wamids from before revision 0010 get keyed.
+    await key_legacy_wamids(db, privacy)
     http = aiohttp.ClientSession()
     api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
-    privacy = Privacy.from_config(config.privacy)
     trust = Trust(db, http, config.homeserver.url, config.appservice.as_token, privacy.cipher)
     metrics = Metrics()
-    devices = Devices(api, Path(config.appservice.store_dir),
-                      base64.b64decode(config.privacy.data_key), on_ready=trust,
+    devices = Devices(api, store_dir, pickle_passphrase(store_key), on_ready=trust,
                       long_poll_user=UserID(config.bot_mxid),
                       room_keys=RoomKeyStore(db.room_keys, privacy.cipher),
                       key_trust=CrossSignedDevices(api, metrics)
@@ -281,7 +303,7 @@ async def build_bridge(config: Config) -> Bridge:
         metrics.undecryptable)
 
     async def handle_matrix(item: InboundItem) -> None:
-        await relay.handle_event(json.loads(item.payload))
+        await relay.handle_event(open_event(privacy.cipher, item))
 
     graph = GraphClient.from_config(http, config.whatsapp)
     portals = Portals(config, db, api, ghosts, rooms, relay)
@@ -293,7 +315,7 @@ async def build_bridge(config: Config) -> Bridge:
     outbox.pacer = Pacer(config.whatsapp.max_sends_per_second,
                          config.whatsapp.recipient_interval_seconds)
     outbox.concurrency = config.whatsapp.outbox_concurrency
-    mirror = Mirror(db, api, relay, graph, portals, metrics)
+    mirror = Mirror(db, privacy, api, relay, graph, portals, metrics)
     subscriptions = NoticeSubscriptions(config, db, outbox, metrics)
     handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}
     receipts: StaffReceipts | None = None
@@ -314,7 +336,7 @@ async def build_bridge(config: Config) -> Bridge:
         relay.add_handler(wa_rooms.commands)
         inbound.set_rooms_hook(wa_rooms.replies)
         if config.whatsapp.send_read_receipts:
-            receipts = StaffReceipts(db, graph, metrics, ghosts.is_ours)
+            receipts = StaffReceipts(db, privacy, graph, metrics, ghosts.is_ours)
     worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce)
     dead_letters.wake_inbound, dead_letters.wake_outbox = worker.wake, outbox.wake
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy,
@@ -322,7 +344,10 @@ async def build_bridge(config: Config) -> Bridge:
     if inbound is not None and parts.safety.whatsapp is not None:
         inbound.set_report_hook(parts.safety.whatsapp)
     mirror.set_flag_hook(parts.safety.flagger.check)
-    citizens = CitizenData(config, db, privacy, portals, ghosts, subscriptions)
+    token = config.moderation.synapse_admin_token
+    accounts = InviteAccounts(db, api, ghosts.bot,
+                              SynapseAdmin(http, config.homeserver.url, token) if token else None)
+    citizens = CitizenData(config, db, privacy, portals, ghosts, subscriptions, accounts)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
                   outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,

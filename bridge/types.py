@@ -7,3 +7,5 @@ RoomID = NewType("RoomID", str)
 EventID = NewType("EventID", str)
 DeviceID = NewType("DeviceID", str)
 Pseudonym = NewType("Pseudonym", str)
+# A WhatsApp message id's keyed hash (bridge.privacy.KeyedIndex.wamid): what is stored.
+WamidHash = NewType("WamidHash", str)

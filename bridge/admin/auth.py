@@ -132,16 +132,30 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
     declared = scope_of(request.match_info.handler)
     if not request.path.startswith("/admin/") and declared is None:
         return await handler(request)
-    config = request.app[BRIDGE].config.admin
-    who = authenticate(config, bearer(request))
+    bridge = request.app[BRIDGE]
+    route = request.match_info.route.resource.canonical \
+        if request.match_info.route.resource else request.path
+    try:
+        who = authenticate(bridge.config.admin, bearer(request))
+    except Unauthorized as exc:
+        # Never the token itself; the route, so a probe shows in the log (ENS op.exp.8).
+        bridge.metrics.admin_refusals.labels("unauthenticated").inc()
+        log.warning("admin API: %s %s refused: %s", request.method, route, exc.message)
+        raise
     if request.match_info.http_exception is None:  # 404/405 answer as they are
         scope = declared
         if scope is None:
             log.error("admin route %s %s declares no scope: refused to every token",
-                      request.method, request.match_info.route.resource.canonical
-                      if request.match_info.route.resource else "?")
+                      request.method, route)
             raise Forbidden("this route declares no scope; refused")
         if scope not in who.scopes:
+            # A known caller reaching beyond its role: audited under its name.
+            bridge.metrics.admin_refusals.labels("forbidden").inc()
+            log.warning("admin API: %s %s refused to token %s (lacks %s)",
+                        request.method, route, who.name, scope)
+            await bridge.db.audit.append(who.actor,
+                                         "admin.refused", f"{request.method} {route}"[:255],
+                                         "forbidden", f"lacks the scope {scope}")
             raise Forbidden(f"this token lacks the scope {scope}")
     request[_PRINCIPAL] = Principal(who.name, who.scopes, _on_behalf_of(request))
     return await handler(request)

@@ -1,8 +1,10 @@
-"""A citizen's rights over their data: export (GDPR art. 15/20) and erasure (art. 17).
+"""A person's rights over their data: export (GDPR art. 15/20) and erasure (art. 17).
 
-Citizens are named by their ghost's Matrix ID, the only identifier staff see, or (for
-those who only take notices of availability, and have no ghost) by their notices
-subscription code. The export
+A WhatsApp citizen is named by their ghost's Matrix ID (the only identifier staff see),
+their notices subscription code, their pseudonym code (what a look-up by phone number
+answers: a contact who never consented has nothing else), or their phone number
+(`*_by_phone`, found as `bridge.admin.identify` finds it). The Matrix ID of an account
+made through an invite link names that account (bridge.invites.rights). The export
 is the one place where the bridge hands out a citizen's WhatsApp identifiers in the
 clear: it is for that citizen, and it is audited. Erasure stops relay first (as an
 opt-out does), then removes what identifies the person. Kept, by design and documented
@@ -15,13 +17,17 @@ cannot read or delete them).
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime
 from typing import Any
 
+from bridge.admin.copies import copies
+from bridge.admin.identify import check_reason, citizens_with_number, normalise_phone
 from bridge.admin.notices import notice_entry
 from bridge.config import Config
 from bridge.db import Citizen, Database
 from bridge.errors import NotFound
+from bridge.invites.rights import InviteAccounts
 from bridge.matrix.ghosts import Ghosts
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
 from bridge.types import Pseudonym, RoomID, UserID
@@ -36,11 +42,13 @@ log = logging.getLogger(__name__)
 ERASED_NOTICE = ("Los datos de esta persona se han borrado a petición suya: el puente ya no "
                  "reenvía mensajes en ninguna dirección.")
 KEPT_AFTER_ERASURE = [
-    "consent records and audit entries (legal evidence; they name the pseudonym only)",
-    "notice log entries (informative; pseudonym only; deleted after "
+    "consent records and audit entries (legal evidence; they name the pseudonym only; "
+    "a message given as evidence is named by a keyed hash of its id)",
+    "notice log entries (informative; pseudonym only, no message id; deleted after "
     "notices.log_retention_days)",
     "messages already delivered to staff in the end-to-end encrypted portal room",
 ]
+PSEUDONYM_CODE = re.compile(r"[A-Z0-9]{4}-[A-Z0-9]{4}")
 
 
 def _time(value: datetime | None) -> str | None:
@@ -51,33 +59,67 @@ class CitizenData:
     """Export and erasure of one citizen's data, for the admin API and CLI."""
 
     def __init__(self, config: Config, db: Database, privacy: Privacy, portals: Portals,
-                 ghosts: Ghosts, subscriptions: NoticeSubscriptions) -> None:
+                 ghosts: Ghosts, subscriptions: NoticeSubscriptions,
+                 accounts: InviteAccounts) -> None:
         self._config = config
         self._db = db
         self._privacy = privacy
         self._portals = portals
         self._ghosts = ghosts
         self._subscriptions = subscriptions
+        self.accounts = accounts
 
     async def find(self, user_id: str) -> Citizen:
         """The citizen of a ghost Matrix ID or notices subscription code; 404 otherwise."""
         return await self._citizen(user_id)
 
-    async def _citizen(self, user_id: str) -> Citizen:
+    async def _citizen(self, user_id: str, *, by_code: bool = False) -> Citizen:
         citizen = None
         if SUBSCRIPTION_CODE.fullmatch(user_id.upper()):
             sub = await self._db.subscriptions.by_code(user_id.upper())
             citizen = await self._db.citizens.get(sub.citizen_id) if sub else None
+        elif by_code and PSEUDONYM_CODE.fullmatch(user_id.upper()):
+            citizen = await self._db.citizens.by_pseudonym(user_id.upper())
         else:
             citizen = await self._db.citizens.by_ghost(UserID(user_id))
         if citizen is None:
-            raise NotFound("no citizen has this Matrix user id or subscription code")
+            raise NotFound("no citizen has this Matrix user id, pseudonym or subscription "
+                           "code")
         return citizen
 
+    async def by_phone(self, actor: str, phone: object, reason: object) -> list[Citizen]:
+        """The citizens with this phone number (audited as `citizen.lookup`, by
+        pseudonym, with the reason); 404 if none."""
+        why = check_reason(reason)
+        found = await citizens_with_number(self._db, self._privacy, normalise_phone(phone))
+        if not found:
+            await self._db.audit.append(actor, "citizen.lookup", "-", "not_found", why)
+            raise NotFound("no citizen has this phone number")
+        await self._db.audit.append(
+            actor, "citizen.lookup",
+            ("pseudonym " + ",".join(c.pseudonym_code for c in found))[:255], "ok", why)
+        return found
+
     async def export(self, user_id: str, actor: str, reason: str) -> dict[str, Any]:
+        """Everything the bridge holds about the person named by `user_id` (a citizen's
+        ghost, subscription or pseudonym code, or an invite-link account)."""
+        account = await self.accounts.find(user_id)
+        if account is not None:
+            return await self.accounts.export(account, actor, reason)
+        return await self.export_citizen(await self._citizen(user_id, by_code=True), actor,
+                                         reason)
+
+    async def export_by_phone(self, actor: str, phone: object, reason: object
+                              ) -> dict[str, Any]:
+        """The export of every citizen with this phone number."""
+        found = await self.by_phone(actor, phone, reason)
+        return {"citizens": [await self.export_citizen(c, actor, check_reason(reason))
+                             for c in found]}
+
+    async def export_citizen(self, citizen: Citizen, actor: str, reason: str
+                             ) -> dict[str, Any]:
         """Everything the bridge holds about the citizen, machine-readable (audited: it
         re-identifies them)."""
-        citizen = await self._citizen(user_id)
         cipher = self._privacy.cipher
         identifier = cipher.decrypt_str(citizen.identifier_ct, aad=AAD_IDENTIFIER)
         wa_id = cipher.decrypt_str(citizen.wa_id_ct, aad=AAD_WA_ID) if citizen.wa_id_ct else None
@@ -86,6 +128,7 @@ class CitizenData:
         queued = await self._db.inbound.count_lane("whatsapp", citizen_lane(citizen.index_hash))
         sub = await self._db.subscriptions.get(citizen.id)
         notices = await self._db.notices.list(citizen_id=citizen.id, limit=100_000)
+        held_and_queued = await copies(self._db, cipher, citizen)
         await self._db.audit.append(actor, "citizen.export",
                                     f"pseudonym {citizen.pseudonym_code}", "ok", reason)
         return {
@@ -104,6 +147,7 @@ class CitizenData:
                 "room_id": portal.room_id, "opened_at": _time(portal.created_at),
                 "closed_at": _time(portal.closed_at)},
             "queued_messages": queued,
+            **held_and_queued,
             "notices": {
                 "consent_state": sub.state if sub else "unknown",
                 "subscription_code": sub.code if sub else None,
@@ -113,8 +157,27 @@ class CitizenData:
         }
 
     async def erase(self, user_id: str, actor: str, reason: str | None) -> dict[str, Any]:
-        """Stop relay, close the portal, delete the citizen's identifiers and queues."""
-        citizen = await self._citizen(user_id)
+        """Erase the person named by `user_id` (as for `export`)."""
+        account = await self.accounts.find(user_id)
+        if account is not None:
+            return await self.accounts.erase(account, actor, reason)
+        return await self.erase_citizen(await self._citizen(user_id, by_code=True), actor,
+                                        reason)
+
+    async def erase_by_phone(self, actor: str, phone: object, reason: object
+                             ) -> dict[str, Any]:
+        """Erase every citizen with this phone number."""
+        found = await self.by_phone(actor, phone, reason)
+        return {"erased": [await self.erase_citizen(c, actor, check_reason(reason))
+                           for c in found]}
+
+    async def erase_citizen(self, citizen: Citizen, actor: str, reason: str | None, *,
+                            keep_new_messages: bool = False) -> dict[str, Any]:
+        """Stop relay, close the portal, delete the citizen's identifiers and queues (also
+        the retention purge's way to remove a contact who never consented).
+
+        `keep_new_messages` (the purge): a message that arrived while the contact was
+        being removed stays queued and is handled as a new first contact, never lost."""
         pseudonym = citizen.pseudonym_code
         if citizen.consent_state == "granted":
             async with self._db.transaction() as tx:  # relay stops first, as on opt-out
@@ -124,9 +187,12 @@ class CitizenData:
                     purpose="mirroring", state="withdrawn",
                     notice_version=self._config.consent.notice_version,
                     notice_hash=consent.notice_hash(self._config.consent), channel="admin",
-                    evidence="erasure")
+                    language=self._config.consent.notice_language, evidence="erasure")
         await self._subscriptions.withdraw(citizen, "erasure", "admin")
         await self._db.notices.fail_unsent(citizen.id, "citizen erased")
+        # The log entries stay, unlinked from the messages they were (a late status
+        # finds nothing to update).
+        await self._db.notices.forget_wamids(citizen.id)
         await self._db.outbox.cancel_for_citizen(citizen.id)
         portal = await self._db.rooms.portal_for(citizen.id)
         await self._portals.close(citizen, ERASED_NOTICE)
@@ -138,7 +204,8 @@ class CitizenData:
             await self._ghosts.retire(room_ghost)  # their pseudonyms in agency rooms
         # Queued webhooks hold the identifiers (encrypted): every one of their lanes
         # goes, the statuses of sends to them too.
-        await self._db.inbound.delete_lane("whatsapp", citizen_lane(citizen.index_hash))
+        await self._db.inbound.delete_lane("whatsapp", citizen_lane(citizen.index_hash),
+                                           keep_pending=keep_new_messages)
         await self._db.inbound.delete_lane("whatsapp", status_lane(citizen.index_hash))
         if portal is not None:
             await self._db.messages.delete_room(RoomID(portal.room_id))

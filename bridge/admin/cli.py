@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from bridge.config import ADMIN_ACTOR_HEADER, LEGACY_TOKEN_NAME, Config, load_config
+from bridge.config import ADMIN_ACTOR_HEADER, LEGACY_TOKEN_NAME, Config, load_config, local_url
 from bridge.errors import ConfigError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TAMPERED, EXIT_CONFIRM = range(6)
@@ -60,12 +60,10 @@ def duration(value: str) -> int:
 
 
 def base_url(config: Config, override: str | None) -> str:
+    """--url, else $CIVIC_BRIDGE_ADMIN_URL, else the admin listener (admin.listen_*)."""
     if override or os.environ.get(URL_ENV):
         return str(override or os.environ[URL_ENV]).rstrip("/")
-    host = config.appservice.listen_host
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{config.appservice.listen_port}"
+    return local_url(config.admin.listen_host, config.admin.listen_port)
 
 
 async def call(url: str, token: str, method: str, path: str,
@@ -134,6 +132,12 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
         return "GET", "/admin/v1/notices?" + "&".join(
             f"{k}={quote(str(v), safe='')}" for k, v in params.items() if v is not None), None
     if what == "citizen":
+        if (args.user is None) == (args.phone is None):
+            raise UsageError(f"citizen {args.citizen_command} needs either a pseudonym or "
+                             "Matrix user id, or --phone")
+        if args.phone is not None:  # in the body: a number never goes into a URL
+            return "POST", f"/admin/v1/citizens/{args.citizen_command}", {
+                "phone": args.phone, "reason": args.reason}
         path = "/admin/v1/citizens/" + quote(args.user, safe="")
         if args.citizen_command == "export":
             return "GET", f"{path}/export?reason={quote(args.reason, safe='')}", None
@@ -207,6 +211,8 @@ def render(args: argparse.Namespace, data: Any) -> tuple[str, str, int]:
                       for c in data["citizens"]],
                      ("pseudonym", "matrix_user_id", "consent", "subscription_code",
                       "notices")), "", EXIT_OK
+    if what == "citizen" and isinstance(data.get("erased"), list):  # erase --phone
+        return "\n".join(f"erased: {e['pseudonym']}" for e in data["erased"]), "", EXIT_OK
     if what == "citizen" and args.citizen_command == "export":
         return json.dumps(data, indent=2, ensure_ascii=False), "", EXIT_OK  # machine-readable
     if what == "notice" and args.notice_command == "withdraw":
@@ -317,7 +323,9 @@ def add_admin_parser(sub: Any) -> None:
                            description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     admin.add_argument("-c", "--config", default="config.yaml")
-    admin.add_argument("--url", default=None, help=f"the bridge's base URL (or ${URL_ENV})")
+    admin.add_argument("--url", default=None,
+                       help=f"the admin listener's base URL (or ${URL_ENV}; default: "
+                            "admin.listen_host/listen_port)")
     admin.add_argument("--json", action="store_true", help="print the API's JSON answer")
     admin.add_argument("--token-name", default=LEGACY_TOKEN_NAME,
                        help="which admin.tokens entry to call with (default: admin.token)")
@@ -370,13 +378,20 @@ def add_admin_parser(sub: Any) -> None:
     p.add_argument("--reference", default=None)
     p.add_argument("--recipient", default=None)
     p.add_argument("--limit", type=int, default=50)
-    citizen = cmds.add_parser("citizen", help="a citizen's data (by their Matrix user id)") \
+    citizen = cmds.add_parser("citizen", help="a person's data (by Matrix user id, pseudonym, "
+                                              "subscription code or --phone)") \
         .add_subparsers(dest="citizen_command", required=True)
+    who = ("a citizen's ghost Matrix ID, pseudonym or subscription code, or an invite-link "
+           "account's Matrix ID")
+    phone = "or their phone number instead, e.g. '+34 600 11 22 33' (every record under it)"
     p = citizen.add_parser("export", help="everything held about them, as JSON (for them only)")
-    p.add_argument("user")
-    p.add_argument("--reason", required=True, help="why they are re-identified (audit log)")
+    p.add_argument("user", nargs="?", help=who)
+    p.add_argument("--phone", help=phone)
+    p.add_argument("--reason", required=True, help="why they are re-identified (audit log; "
+                                                   "with --phone at least 10 characters)")
     p = citizen.add_parser("erase", help="stop relay and delete their data (irreversible)")
-    p.add_argument("user")
+    p.add_argument("user", nargs="?", help=who)
+    p.add_argument("--phone", help=phone)
     p.add_argument("--reason", required=True, help="recorded in the audit log")
     p = cmds.add_parser("reveal", help="a citizen's phone number / BSUID (scope reidentify; "
                                        "audited, rate-limited)")

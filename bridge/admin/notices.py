@@ -56,7 +56,10 @@ def notice_entry(n: Notice) -> dict[str, Any]:
         "id": n.id, "reference": n.reference, "pseudonym": n.pseudonym, "status": n.status,
         "template": {"name": n.template_name, "language": n.template_language,
                      "version": n.template_version},
-        "wamid": n.wamid, "requested_by": n.requested_by, "created_at": _time(n.created_at),
+        # Whether WhatsApp's message id is on record (as a keyed hash), never the id: a
+        # wamid embeds the citizen's number.
+        "has_wamid": n.wamid_hash is not None, "requested_by": n.requested_by,
+        "created_at": _time(n.created_at),
         "sent_at": _time(n.sent_at), "delivered_at": _time(n.delivered_at),
         "read_at": _time(n.read_at), "failed_at": _time(n.failed_at), "error": n.error,
         "proof_of_notification": False, "label": LABEL,

@@ -6,68 +6,40 @@
   (`admin.reveal_per_hour`) and every attempt is audited by pseudonym, never by number.
 * `lookup` goes the other way for rights requests (GDPR art. 15-17, issue 15 point 7):
   a person at the desk with only their phone number learns which pseudonyms the bridge
-  holds for them, so the export or erasure can be run on those.
-
-Citizens are keyed by their BSUID when WhatsApp gives one, so the keyed hash of the
-number finds only those keyed by number; the others are found by decrypting the stored
-numbers (a linear scan, fine for a rare, audited request).
+  holds for them, so the export or erasure can be run on those (or on the number
+  itself: bridge.admin.citizens). How a number finds citizens: bridge.admin.identify.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import phonenumbers
-
 from bridge.admin.citizens import CitizenData
 from bridge.admin.common import MXID
+from bridge.admin.identify import (
+    DEFAULT_REGION,
+    MAX_REASON,
+    MIN_REASON,
+    check_reason,
+    normalise_phone,
+)
 from bridge.config import Config
-from bridge.db import Citizen, CitizenIdentifiers, Database
-from bridge.errors import BridgeError, InvalidParam, NotFound
+from bridge.db import Citizen, Database
+from bridge.errors import BridgeError, NotFound
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
 from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE
 
-MIN_REASON = 10
-MAX_REASON = 500
-DEFAULT_REGION = "ES"  # the agency's country: numbers written without +34
+__all__ = ["DEFAULT_REGION", "MAX_REASON", "MIN_REASON", "Reidentification", "RevealLimiter",
+           "check_reason", "normalise_phone"]
 WINDOW_SECONDS = 3600.0
 
 
 class RateLimited(BridgeError):
     status = 429
     errcode = "M_LIMIT_EXCEEDED"
-
-
-def check_reason(value: object) -> str:
-    """A reason that says something (it is what the DPO reads in the audit log)."""
-    text = value.strip() if isinstance(value, str) else ""
-    if len(text) < MIN_REASON:
-        raise InvalidParam(f"reason: required, at least {MIN_REASON} characters (it goes to "
-                           "the audit log), e.g. 'oficio juzgado 123/2026'")
-    if len(text) > MAX_REASON:
-        raise InvalidParam(f"reason: at most {MAX_REASON} characters")
-    return text
-
-
-def normalise_phone(value: object) -> str:
-    """The number as WhatsApp's wa_id writes it (E.164 digits, no +); Spanish by default.
-
-    The error never repeats the input: it is a phone number.
-    """
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidParam("phone: required, e.g. +34 600 11 22 33")
-    try:
-        number = phonenumbers.parse(value, DEFAULT_REGION)
-    except phonenumbers.NumberParseException:
-        raise InvalidParam("phone: not a phone number") from None
-    if not phonenumbers.is_possible_number(number):
-        raise InvalidParam("phone: not a possible phone number (check the digits)")
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)[1:]
 
 
 class RevealLimiter:
@@ -128,33 +100,8 @@ class Reidentification:
                 "bsuid": identifier if identifier != wa_id else None}
 
     async def lookup(self, actor: str, phone: object, reason: object) -> dict[str, Any]:
-        why = check_reason(reason)
-        wa_id = normalise_phone(phone)
-        found = await self._find(wa_id)
-        if not found:
-            await self._db.audit.append(actor, "citizen.lookup", "-", "not_found", why)
-            raise NotFound("no citizen has this phone number")
-        people = [await self._describe(c) for c in found]
-        await self._db.audit.append(
-            actor, "citizen.lookup",
-            ("pseudonym " + ",".join(p["pseudonym"] for p in people))[:255], "ok", why)
-        return {"citizens": people}
-
-    async def _find(self, wa_id: str) -> list[Citizen]:
-        found: dict[int, Citizen] = {}
-        keyed = await self._db.citizens.by_index(self._privacy.index.digest(wa_id))
-        if keyed is not None:
-            found[keyed.id] = keyed
-        stored = await self._db.citizens.list_identifiers()
-        for citizen_id in await asyncio.to_thread(self._matching, stored, wa_id):
-            if citizen_id not in found and (c := await self._db.citizens.get(citizen_id)):
-                found[citizen_id] = c
-        return list(found.values())
-
-    def _matching(self, stored: list[CitizenIdentifiers], wa_id: str) -> list[int]:
-        cipher = self._privacy.cipher
-        return [item.id for item in stored if item.wa_id_ct and hmac.compare_digest(
-            cipher.decrypt_str(item.wa_id_ct, aad=AAD_WA_ID).encode(), wa_id.encode())]
+        found = await self._citizens.by_phone(actor, phone, reason)
+        return {"citizens": [await self._describe(c) for c in found]}
 
     async def _describe(self, citizen: Citizen) -> dict[str, Any]:
         sub = await self._db.subscriptions.get(citizen.id)

@@ -238,7 +238,9 @@ async def audit_verify(request: web.Request) -> web.Response:
 @routes.get("/admin/v1/citizens/{user_id}/export")
 @requires("citizens.export")
 async def export_citizen(request: web.Request) -> web.Response:
-    """Everything held about one citizen, for that citizen (GDPR art. 15/20).
+    """Everything held about one person, for that person (GDPR art. 15/20): a citizen
+    by ghost Matrix ID, pseudonym or subscription code, or an invite-link account by its
+    Matrix ID.
 
     It re-identifies the person, so `?reason=` is required and recorded in the audit log.
     """
@@ -279,10 +281,33 @@ async def lookup_citizen(request: web.Request) -> web.Response:
     return web.json_response(data, headers={"Cache-Control": "no-store"})
 
 
+@routes.post("/admin/v1/citizens/export")
+@requires("citizens.export")
+async def export_by_phone(request: web.Request) -> web.Response:
+    """`{phone, reason}` → `{citizens: [export, ...]}`: every record the bridge holds
+    under that number (a rights request at the desk). The number travels in the body,
+    never in a URL; it is found as the look-up finds it, audited the same way."""
+    bridge, body = await _body(request)
+    data = await bridge.citizens.export_by_phone(actor(request), body.get("phone"),
+                                                 body.get("reason"))
+    return web.json_response(data, headers={"Cache-Control": "no-store"})
+
+
+@routes.post("/admin/v1/citizens/erase")
+@requires("citizens.erase")
+async def erase_by_phone(request: web.Request) -> web.Response:
+    """`{phone, reason}` → `{erased: [...]}`: erase every citizen with that number."""
+    bridge, body = await _body(request)
+    return web.json_response(await bridge.citizens.erase_by_phone(
+        actor(request), body.get("phone"), body.get("reason")))
+
+
 @routes.delete("/admin/v1/citizens/{user_id}")
 @requires("citizens.erase")
 async def erase_citizen(request: web.Request) -> web.Response:
-    """Erase one citizen (GDPR art. 17); body `{reason?}`, recorded in the audit log."""
+    """Erase one person (GDPR art. 17), named as for the export; body `{reason?}`,
+    recorded in the audit log. An invite-link account is deactivated and erased on the
+    homeserver (needs moderation.synapse_admin_token, else 503 and nothing is done)."""
     bridge, body = await _body(request)
     reason = _str(body, "reason", required=False)
     return web.json_response(await bridge.citizens.erase(request.match_info["user_id"],

@@ -1,18 +1,20 @@
 """Dead letters: queued items (inbound or outbox) set aside after a permanent failure.
 
-They stay in their queue row with status "dead", payload still encrypted, outside
-every retention purge, until an admin retries them (back to "pending", with a fresh
-count of attempts) or discards them (inbound: "dropped", outbox: "cancelled"; the
-ordinary retention then removes them). A dead letter's id names its queue and row:
-"in-12" (inbound #12) or "out-7" (outbox #7).
+They stay in their queue row with status "dead", payload still encrypted, until an
+admin retries them (back to "pending", with a fresh count of attempts) or discards them
+(inbound: "dropped", outbox: "cancelled"; the ordinary retention then removes them), or
+until retention.dead_letters_days after their last failure (`purge`). A dead letter's
+id names its queue and row: "in-12" (inbound #12) or "out-7" (outbox #7).
 """
 
 from __future__ import annotations
 
+import builtins
 import re
+from datetime import datetime
 from typing import Any, Final, Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from bridge.db.models import InboundRow, OutboxRow, utcnow
 from bridge.db.queues import NOTICE_KEY_PREFIX
@@ -93,6 +95,26 @@ class DeadLetterRepo:
             outbox = await session.scalar(
                 select(func.count()).select_from(OutboxRow).where(OutboxRow.status == "dead"))
         return int(inbound or 0) + int(outbox or 0)
+
+    async def purge(self, before: datetime, *, dry_run: bool = False) -> builtins.list[str]:
+        """Delete dead letters whose last failure was before `before` (nobody retried or
+        discarded them within retention.dead_letters_days); returns their ids."""
+        inbound_at = func.coalesce(InboundRow.last_failed_at, InboundRow.created_at)
+        outbox_at = func.coalesce(OutboxRow.last_failed_at, OutboxRow.updated_at)
+        dead_in = (InboundRow.status == "dead", inbound_at < before)
+        dead_out = (OutboxRow.status == "dead", outbox_at < before)
+        async with self._scope.session() as session:
+            ins = list(await session.scalars(select(InboundRow.id).where(*dead_in)))
+            outs = list(await session.scalars(select(OutboxRow.id).where(*dead_out)))
+            if not dry_run:
+                # The same conditions again: a row retried meanwhile is not deleted.
+                if ins:
+                    await session.execute(delete(InboundRow).where(
+                        InboundRow.id.in_(ins), *dead_in))
+                if outs:
+                    await session.execute(delete(OutboxRow).where(
+                        OutboxRow.id.in_(outs), *dead_out))
+        return [f"in-{i}" for i in sorted(ins)] + [f"out-{o}" for o in sorted(outs)]
 
     async def get(self, dead_letter_id: str) -> DeadLetter | None:
         """The dead letter with this id; None if there is none (or it is not dead)."""

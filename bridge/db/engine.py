@@ -12,8 +12,10 @@ check loads the script directory on a worker thread before it touches the databa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
+import sqlite3
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -21,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
+import aiosqlite
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -64,11 +67,56 @@ def create_engine(url: str) -> AsyncEngine:
     otherwise end with `[parameters: ...]`: message bodies, ciphertexts, hashes.
     """
     if make_url(url).get_backend_name() == "sqlite":
-        engine = create_async_engine(url, hide_parameters=True)
+        engine = create_async_engine(url, hide_parameters=True,
+                                     connect_args={"async_creator_fn": _connect_sqlite})
         _configure_sqlite(engine)
         return engine
     # pre_ping: a PostgreSQL restart or failover must not surface as errors on stale connections.
     return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
+
+
+class _RollbackOnClose(sqlite3.Connection):
+    """An SQLite connection that ends its transaction before it closes.
+
+    A task cancelled in the middle of a session leaves a statement of its cursor
+    unfinished; SQLAlchemy then closes the connection, and SQLite keeps a connection
+    with unfinished statements alive as a "zombie" until they are finalized, which
+    can be never: with the write lock of BEGIN IMMEDIATE still held, every later
+    writer (a restarted bridge, `civic-bridge migrate`) gets "database is locked".
+    ROLLBACK resets the statements and releases the lock first.
+    """
+
+    def close(self) -> None:
+        if self.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.rollback()
+        super().close()
+
+
+class _SQLiteConnection(aiosqlite.Connection):
+    """aiosqlite's connection, safe to close after SQLAlchemy has terminated it.
+
+    When a task is cancelled mid-session, SQLAlchemy terminates the connection
+    (aiosqlite `stop()`: the connection closes on its thread, which then ends) and may
+    close it again right after. aiosqlite 0.22's `close()` then queues a second stop
+    behind the first, for a thread that has ended, and waits for it for ever
+    (omnilib/aiosqlite#369): a bridge stopping or restarting hung.
+    """
+
+    async def close(self) -> None:
+        if not self._running:  # stopped: its thread closes the connection already
+            return
+        await super().close()
+
+
+def _connect_sqlite(database: str, **kwargs: Any) -> aiosqlite.Connection:
+    """aiosqlite.connect with the two fixes above (the sqlite3 factory, the close)."""
+    def connector() -> sqlite3.Connection:
+        return sqlite3.connect(database, factory=_RollbackOnClose, **kwargs)
+
+    connection = _SQLiteConnection(connector, iter_chunk_size=64)
+    connection._thread.daemon = True  # as SQLAlchemy does: never hold up the exit
+    return connection
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -83,6 +131,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             # WAL: readers do not block the writer; the mode persists in the file.
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            # Deleted and overwritten content is zeroed, not left in free space: an
+            # erased citizen's rows must not live on in the file.
+            cursor.execute("PRAGMA secure_delete=ON")
         finally:
             cursor.close()
 
@@ -336,6 +387,20 @@ class Database(Repositories):
         """Repositories sharing one transaction, for changes that must land together."""
         async with self.session() as session:
             yield Repositories(shared(session, self.dialect), self._audit_keys)
+
+    async def drop_old_pages(self) -> None:
+        """SQLite: copy the write-ahead log into the file and truncate it, so old versions
+        of rewritten rows do not live on there (with secure_delete, the file itself
+        keeps none). PostgreSQL keeps old row versions until (auto)vacuum reuses their
+        space; nothing is done there."""
+        if self.dialect != "sqlite":
+            return
+        async with self.engine.connect() as conn:
+            # On the driver's connection: SQLAlchemy would wrap it in BEGIN, and a
+            # checkpoint cannot run inside a transaction.
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            await driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def ping(self) -> None:
         """Raise if the database cannot be reached (for /ready)."""

@@ -12,11 +12,21 @@ import builtins
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, ForeignKey, Integer, String, select, update
+from sqlalchemy import (
+    CheckConstraint,
+    ForeignKey,
+    Integer,
+    String,
+    and_,
+    delete,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from bridge.db.models import HEX64, ID, Base, UTCDateTime, utcnow
-from bridge.db.scope import Scope, rowcount
+from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.types import RoomID, UserID
 
 
@@ -45,6 +55,9 @@ class InviteAccountRow(Base):
     room_id: Mapped[str] = mapped_column(ID)
     display_name: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # When the retention purge found the account in use (logged in or in a room): it is
+    # never checked again (revision 0013).
+    in_use_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +87,7 @@ class InviteAccount:
     room_id: RoomID
     display_name: str
     created_at: datetime
+    in_use_at: datetime | None = None
 
 
 class InviteRepo:
@@ -158,6 +172,38 @@ class InviteRepo:
             row = await session.get(InviteAccountRow, user_id)
             return None if row is None else _account(row)
 
+    async def purge_links(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Delete links that expired, were revoked, or were used up (counted from their
+        creation: a link lives at most 30 days) before `before`. Their accounts stay,
+        unlinked (SET NULL): they are retired on their own terms (`unused_accounts`)."""
+        row = InviteLinkRow
+        return await purge_rows(self._scope, row, or_(
+            row.expires_at < before, row.revoked_at < before,
+            and_(row.uses >= row.max_uses, row.created_at < before)), dry_run=dry_run)
+
+    async def unused_accounts(self, made_before: datetime, limit: int = 100
+                              ) -> builtins.list[InviteAccount]:
+        """Accounts made before `made_before` not yet found in use, oldest first."""
+        stmt = (select(InviteAccountRow)
+                .where(InviteAccountRow.created_at < made_before,
+                       InviteAccountRow.in_use_at.is_(None))
+                .order_by(InviteAccountRow.created_at).limit(limit))
+        async with self._scope.session() as session:
+            return [_account(r) for r in await session.scalars(stmt)]
+
+    async def mark_in_use(self, user_id: UserID) -> None:
+        """The account was used: the retention purge never considers it again."""
+        stmt = (update(InviteAccountRow).where(InviteAccountRow.user_id == user_id)
+                .values(in_use_at=utcnow()))
+        async with self._scope.session() as session:
+            await session.execute(stmt)
+
+    async def delete_account(self, user_id: UserID) -> bool:
+        """Forget an account (erased, or retired unused); False if there was none."""
+        stmt = delete(InviteAccountRow).where(InviteAccountRow.user_id == user_id)
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt)) > 0
+
     async def accounts(self, user_ids: builtins.list[str]) -> builtins.list[InviteAccount]:
         """The invite accounts among `user_ids`."""
         if not user_ids:
@@ -178,5 +224,5 @@ def _link(row: InviteLinkRow) -> InviteLink:
 def _account(row: InviteAccountRow) -> InviteAccount:
     return InviteAccount(
         user_id=UserID(row.user_id), link_id=row.link_id, room_id=RoomID(row.room_id),
-        display_name=row.display_name, created_at=row.created_at,
+        display_name=row.display_name, created_at=row.created_at, in_use_at=row.in_use_at,
     )

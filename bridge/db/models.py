@@ -50,6 +50,10 @@ NAMING_CONVENTION = {
 
 ID = String(255)  # Matrix IDs are at most 255 bytes
 HEX64 = String(64)  # sha256 / HMAC-SHA256 hex digests
+# A wamid's keyed hash (bridge.privacy.KeyedIndex.wamid). 255, not 64: revision 0010
+# renamed the clear `wamid` columns in place, and a row from before it holds its wamid
+# here until the bridge's next start hashes it (bridge.legacy_wamids).
+WAMID_HASH = String(255)
 
 
 def one_of(column: str, values: tuple[str, ...]) -> str:
@@ -166,6 +170,7 @@ class InboundRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     source: Mapped[str] = mapped_column(String(16))
+    # WhatsApp items: "msg:<wamid hash>", "status:<wamid hash>:<status>" (revision 0010).
     dedupe_key: Mapped[str] = mapped_column(ID)
     # Items of one lane (a room, a citizen's keyed hash) are processed in order, one at
     # a time; "" is the global lane: such an item runs alone, after everything older.
@@ -208,6 +213,7 @@ class ConsentRecordRow(Base):
     notice_hash: Mapped[str] = mapped_column(HEX64)
     channel: Mapped[str] = mapped_column(String(32))
     language: Mapped[str | None] = mapped_column(String(16))
+    # A citizen's message: "wamid-hmac:<its keyed hash>" (revision 0010), never the wamid.
     evidence: Mapped[str | None] = mapped_column(String(255))
     staff_id: Mapped[str | None] = mapped_column(ID)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -231,7 +237,7 @@ class OutboxRow(Base):
     attempts: Mapped[int] = mapped_column(Integer)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
-    wamid: Mapped[str | None] = mapped_column(ID, index=True)
+    wamid_hash: Mapped[str | None] = mapped_column(WAMID_HASH, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # When the attempt now in flight began (NULL when none is): set before Graph is
@@ -274,7 +280,8 @@ class NoticeRow(Base):
     template_name: Mapped[str] = mapped_column(String(512))
     template_language: Mapped[str] = mapped_column(String(16))
     template_version: Mapped[str] = mapped_column(String(64))
-    wamid: Mapped[str | None] = mapped_column(ID, index=True)
+    # Looked up by delivery statuses; never shown (the admin API says whether there is one).
+    wamid_hash: Mapped[str | None] = mapped_column(WAMID_HASH, index=True)
     requested_by: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -289,10 +296,15 @@ class MessageMapRow(Base):
     __table_args__ = (CheckConstraint(one_of("direction", DIRECTIONS), name="direction"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    wamid: Mapped[str] = mapped_column(ID, unique=True)
+    # Found by the hash (statuses, replies, reactions, edits, revokes); the ciphertext
+    # (privacy.wamid_aad) is what goes back to Graph as a reply's or reaction's target.
+    wamid_hash: Mapped[str] = mapped_column(WAMID_HASH, unique=True)
+    wamid_ct: Mapped[str] = mapped_column(Text)
     room_id: Mapped[str] = mapped_column(ID)
     event_id: Mapped[str] = mapped_column(ID, unique=True)
     direction: Mapped[str] = mapped_column(String(8))
+    # When the pair was linked: the retention purge (retention.message_map_days) goes by it.
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class AuditRow(Base):

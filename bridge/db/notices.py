@@ -10,13 +10,13 @@ import builtins
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 
 from bridge.db.models import NoticeRow, NoticeSubscriptionRow, utcnow
 from bridge.db.records import ConsentState, Notice, NoticeSubscription
-from bridge.db.scope import Scope, rowcount
+from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.errors import Conflict
-from bridge.types import Pseudonym
+from bridge.types import Pseudonym, WamidHash
 
 # Webhook status -> the column it fills (the first report wins: redeliveries are no-ops).
 STATUS_COLUMNS = {"sent": "sent_at", "delivered": "delivered_at", "read": "read_at",
@@ -124,10 +124,10 @@ class NoticeRepo:
             rows = await session.scalars(stmt.order_by(NoticeRow.id.desc()).limit(limit))
             return [_notice(r) for r in rows]
 
-    async def mark_accepted(self, notice_id: int, wamid: str) -> None:
-        """Graph accepted the template message: its wamid, and the send time."""
+    async def mark_accepted(self, notice_id: int, wamid_hash: WamidHash) -> None:
+        """Graph accepted the template message: its wamid's hash, and the send time."""
         stmt = (update(NoticeRow).where(NoticeRow.id == notice_id)
-                .values(wamid=wamid, sent_at=utcnow()))
+                .values(wamid_hash=wamid_hash, sent_at=utcnow()))
         async with self._scope.session() as session:
             await session.execute(stmt)
 
@@ -138,12 +138,22 @@ class NoticeRepo:
     async def fail_unsent(self, citizen_id: int, error: str) -> int:
         """Mark a citizen's notices not yet accepted by WhatsApp as failed; returns how many."""
         return await self._fail(error, NoticeRow.citizen_id == citizen_id,
-                                NoticeRow.wamid.is_(None))
+                                NoticeRow.wamid_hash.is_(None))
 
-    async def record_status(self, wamid: str, status: str, at: datetime,
+    async def forget_wamids(self, citizen_id: int) -> int:
+        """Unlink a citizen's entries from their messages (erasure): the wamid hashes go,
+        the entries stay (by pseudonym). Returns how many entries had one."""
+        stmt = (update(NoticeRow)
+                .where(NoticeRow.citizen_id == citizen_id, NoticeRow.wamid_hash.is_not(None))
+                .values(wamid_hash=None))
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt))
+
+    async def record_status(self, wamid_hash: WamidHash, status: str, at: datetime,
                             error: str | None = None) -> bool:
-        """Apply a webhook status to the notice with this wamid; True if that changed its
-        entry. The first report of each status wins: a redelivery changes nothing."""
+        """Apply a webhook status to the notice whose wamid has this hash; True if that
+        changed its entry. The first report of each status wins: a redelivery changes
+        nothing."""
         column = STATUS_COLUMNS.get(status)
         if column is None:
             return False
@@ -151,16 +161,15 @@ class NoticeRepo:
         if status == "failed":
             values["error"] = (error or "error")[:255]
         stmt = (update(NoticeRow)
-                .where(NoticeRow.wamid == wamid, getattr(NoticeRow, column).is_(None))
+                .where(NoticeRow.wamid_hash == wamid_hash, getattr(NoticeRow, column).is_(None))
                 .values(**values))
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt)) > 0
 
-    async def purge(self, before: datetime) -> int:
+    async def purge(self, before: datetime, *, dry_run: bool = False) -> int:
         """Delete log entries created before `before` (retention); returns how many."""
-        stmt = delete(NoticeRow).where(NoticeRow.created_at < before)
-        async with self._scope.session() as session:
-            return rowcount(await session.execute(stmt))
+        return await purge_rows(self._scope, NoticeRow, NoticeRow.created_at < before,
+                                dry_run=dry_run)
 
     async def _fail(self, error: str, *where: Any) -> int:
         stmt = (update(NoticeRow)
@@ -180,7 +189,8 @@ def _notice(row: NoticeRow) -> Notice:
         id=row.id, reference=row.reference, citizen_id=row.citizen_id,
         pseudonym=Pseudonym(row.pseudonym), template_name=row.template_name,
         template_language=row.template_language, template_version=row.template_version,
-        wamid=row.wamid, requested_by=row.requested_by, created_at=row.created_at,
+        wamid_hash=WamidHash(row.wamid_hash) if row.wamid_hash else None,
+        requested_by=row.requested_by, created_at=row.created_at,
         sent_at=row.sent_at, delivered_at=row.delivered_at, read_at=row.read_at,
         failed_at=row.failed_at, error=row.error,
     )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, exists, func, or_, select, update
 
 from bridge.db.models import CitizenRow, ConsentRecordRow, GhostRow, RoomRow, utcnow
 from bridge.db.records import (
@@ -81,6 +82,31 @@ class CitizenRepo:
     async def by_index(self, index_hash: str) -> Citizen | None:
         return await self._one(CitizenRow.index_hash == index_hash)
 
+    async def by_any_index(self, index_hashes: Sequence[str]) -> Citizen | None:
+        """The citizen with the first of `index_hashes` found (the lookup values of one
+        identifier under the current and the previous index keys, in that order)."""
+        if not index_hashes:
+            return None
+        stmt = select(CitizenRow).where(CitizenRow.index_hash.in_(index_hashes))
+        async with self._scope.session() as session:
+            rows = {row.index_hash: row for row in await session.scalars(stmt)}
+        for index_hash in index_hashes:
+            if index_hash in rows:
+                return _citizen(rows[index_hash])
+        return None
+
+    async def set_index_hash(self, citizen_id: int, index_hash: str) -> bool:
+        """Move a citizen to a lookup value under another index key; False (nothing
+        changed) if another citizen already has it."""
+        taken = select(CitizenRow.id).where(CitizenRow.index_hash == index_hash,
+                                            CitizenRow.id != citizen_id)
+        async with self._scope.session() as session:
+            if await session.scalar(taken) is not None:
+                return False
+            await session.execute(update(CitizenRow).where(CitizenRow.id == citizen_id)
+                                  .values(index_hash=index_hash))
+            return True
+
     async def by_ghost(self, user_id: UserID) -> Citizen | None:
         return await self._one(CitizenRow.ghost_user_id == user_id)
 
@@ -109,6 +135,21 @@ class CitizenRepo:
         )
         async with self._scope.session() as session:
             await session.execute(stmt)
+
+    async def never_consented(self, last_seen_before: datetime, limit: int = 100
+                              ) -> builtins.list[Citizen]:
+        """Contacts who never gave consent to anything (no `granted` record for any
+        purpose) and whose last message (or first contact) was before `last_seen_before`,
+        the longest silent first."""
+        last_seen = func.coalesce(CitizenRow.last_inbound_at, CitizenRow.created_at)
+        granted = select(ConsentRecordRow.id).where(
+            ConsentRecordRow.citizen_id == CitizenRow.id, ConsentRecordRow.state == "granted")
+        stmt = (select(CitizenRow)
+                .where(CitizenRow.consent_state != "granted", last_seen < last_seen_before,
+                       ~exists(granted))
+                .order_by(last_seen, CitizenRow.id).limit(limit))
+        async with self._scope.session() as session:
+            return [_citizen(r) for r in await session.scalars(stmt)]
 
     async def list_identifiers(self) -> builtins.list[CitizenIdentifiers]:
         """Every citizen's ciphertexts, for re-encryption under a new data key."""

@@ -6,20 +6,20 @@ leaves is stored before the first attempt; these repositories are that storage.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, Update, and_, case, delete, func, select, update
+from sqlalchemy import Select, Update, and_, case, delete, func, or_, select, update
 
 from bridge.db.models import InboundRow, OutboxRow, ProcessedTransactionRow, utcnow
 from bridge.db.records import InboundItem, InboundSource, InboundStatus, OutboxItem, OutboxStatus
-from bridge.db.scope import Scope, rowcount
+from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.errors import NotFound
-from bridge.types import RoomID
+from bridge.types import RoomID, WamidHash
 
 FINISHED: tuple[InboundStatus, ...] = ("done", "failed", "dropped")
+SETTLED: tuple[OutboxStatus, ...] = ("sent", "failed", "cancelled")
 # Outbox idempotency keys of notices of availability: "availability:{notice id}".
 NOTICE_KEY_PREFIX = "availability:"
 
@@ -30,8 +30,10 @@ class TransactionRepo:
     def __init__(self, scope: Scope) -> None:
         self._scope = scope
 
-    async def store(self, txn_id: str, events: Sequence[Mapping[str, Any]]) -> bool:
-        """Record `txn_id` and queue its events, all in one DB transaction.
+    async def store(self, txn_id: str, events: Sequence[Mapping[str, Any]], *,
+                    seal: Callable[[str, Mapping[str, Any]], str]) -> bool:
+        """Record `txn_id` and queue its events, all in one DB transaction; each row's
+        payload is `seal(dedupe key, event)` (bridge.matrix.queued encrypts it).
 
         Returns False, writing nothing, if the transaction was stored before (also by a
         concurrent request). An event id already queued is skipped: Synapse can send
@@ -49,17 +51,18 @@ class TransactionRepo:
             )
             if await session.scalar(claim) is None:
                 return False
+            keys = [_event_key(txn_id, i, event) for i, event in enumerate(events)]
             rows = [
                 {
                     "source": "matrix",
-                    "dedupe_key": _event_key(txn_id, i, event),
+                    "dedupe_key": key,
                     "lane": event_lane(event),
-                    "payload": json.dumps(event, ensure_ascii=False, separators=(",", ":")),
+                    "payload": seal(key, event),
                     "status": "pending",
                     "attempts": 0,
                     "created_at": now,
                 }
-                for i, event in enumerate(events)
+                for key, event in zip(keys, events, strict=True)
             ]
             if rows:
                 insert = scope.insert(InboundRow).on_conflict_do_nothing(
@@ -73,11 +76,10 @@ class TransactionRepo:
             found = await session.get(ProcessedTransactionRow, txn_id)
             return found is not None
 
-    async def purge(self, before: datetime) -> int:
+    async def purge(self, before: datetime, *, dry_run: bool = False) -> int:
         """Forget transaction ids received before `before`; returns how many."""
-        stmt = delete(ProcessedTransactionRow).where(ProcessedTransactionRow.received_at < before)
-        async with self._scope.session() as session:
-            return rowcount(await session.execute(stmt))
+        return await purge_rows(self._scope, ProcessedTransactionRow,
+                                ProcessedTransactionRow.received_at < before, dry_run=dry_run)
 
 
 def event_lane(event: Mapping[str, Any]) -> str:
@@ -216,9 +218,13 @@ class InboundRepo:
         async with self._scope.session() as session:
             return {status: int(n) for status, n in (await session.execute(stmt)).all()}
 
-    async def delete_lane(self, source: InboundSource, lane: str) -> int:
-        """Delete every item of a lane, whatever its status (erasure); returns how many."""
+    async def delete_lane(self, source: InboundSource, lane: str, *,
+                          keep_pending: bool = False) -> int:
+        """Delete every item of a lane, whatever its status (erasure), or all but the
+        pending ones (`keep_pending`); returns how many."""
         stmt = delete(InboundRow).where(InboundRow.source == source, InboundRow.lane == lane)
+        if keep_pending:
+            stmt = stmt.where(InboundRow.status != "pending")
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt))
 
@@ -229,6 +235,27 @@ class InboundRepo:
         async with self._scope.session() as session:
             rows = await session.scalars(stmt.order_by(InboundRow.id).limit(limit))
             return [_inbound(r) for r in rows]
+
+    async def unsealed(self, source: InboundSource, limit: int = 500) -> list[InboundItem]:
+        """Items of `source`, in any status, whose payload is still a JSON object in
+        clear (queued by a version that stored it so), oldest first."""
+        stmt = (select(InboundRow)
+                .where(InboundRow.source == source, InboundRow.payload.startswith("{"))
+                .order_by(InboundRow.id).limit(limit))
+        async with self._scope.session() as session:
+            return [_inbound(r) for r in await session.scalars(stmt)]
+
+    async def reseal(self, payloads: Sequence[tuple[int, str, str]]) -> int:
+        """Replace payloads: (item id, old payload, new payload), each only if the row
+        still holds the old one; one transaction. Returns how many were replaced."""
+        done = 0
+        async with self._scope.session() as session:
+            for item_id, old, new in payloads:
+                stmt = (update(InboundRow)
+                        .where(InboundRow.id == item_id, InboundRow.payload == old)
+                        .values(payload=new))
+                done += rowcount(await session.execute(stmt))
+        return done
 
     async def held_for(self, citizen_id: int) -> list[InboundItem]:
         """A citizen's messages held until they decide on consent, oldest first."""
@@ -290,19 +317,24 @@ class InboundRepo:
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt))
 
-    async def purge_expired_holds(self, now: datetime) -> int:
+    async def purge_expired_holds(self, now: datetime, *, dry_run: bool = False) -> int:
         """Delete held items whose hold ran out (privacy: `consent.hold_hours`)."""
-        stmt = delete(InboundRow).where(InboundRow.status == "held", InboundRow.hold_until < now)
-        async with self._scope.session() as session:
-            return rowcount(await session.execute(stmt))
+        return await purge_rows(self._scope, InboundRow, InboundRow.status == "held",
+                                InboundRow.hold_until < now, dry_run=dry_run)
 
-    async def purge_finished(self, before: datetime) -> int:
+    async def purge_finished(self, before: datetime, *, dry_run: bool = False) -> int:
         """Delete finished items processed before `before` (they hold message payloads)."""
-        stmt = delete(InboundRow).where(
-            InboundRow.status.in_(FINISHED), InboundRow.processed_at < before
-        )
+        return await purge_rows(self._scope, InboundRow, InboundRow.status.in_(FINISHED),
+                                InboundRow.processed_at < before, dry_run=dry_run)
+
+    async def of_citizen(self, citizen_id: int, lanes: Collection[str]) -> list[InboundItem]:
+        """Every WhatsApp item of a citizen, whatever its status, oldest first: those
+        linked to them (held) and those in their `lanes` (their own export)."""
+        stmt = select(InboundRow).where(
+            or_(InboundRow.citizen_id == citizen_id,
+                and_(InboundRow.source == "whatsapp", InboundRow.lane.in_(lanes))))
         async with self._scope.session() as session:
-            return rowcount(await session.execute(stmt))
+            return [_inbound(r) for r in await session.scalars(stmt.order_by(InboundRow.id))]
 
     async def _update(self, item_id: int, **values: Any) -> None:
         stmt = update(InboundRow).where(InboundRow.id == item_id).values(**values)
@@ -370,10 +402,11 @@ class OutboxRepo:
                 select(OutboxRow).where(OutboxRow.idempotency_key == idempotency_key))
             return None if row is None else _outbox(row)
 
-    async def by_wamid(self, wamid: str) -> OutboxItem | None:
-        """The send a WhatsApp delivery status refers to."""
+    async def by_wamid(self, wamid_hash: WamidHash) -> OutboxItem | None:
+        """The send a WhatsApp delivery status refers to (by its wamid's keyed hash)."""
         async with self._scope.session() as session:
-            row = await session.scalar(select(OutboxRow).where(OutboxRow.wamid == wamid))
+            row = await session.scalar(select(OutboxRow).where(
+                OutboxRow.wamid_hash == wamid_hash))
             return None if row is None else _outbox(row)
 
     async def due(self, now: datetime, limit: int = 50) -> list[OutboxItem]:
@@ -404,14 +437,14 @@ class OutboxRepo:
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt)) > 0
 
-    async def mark_sent(self, item_id: int, wamid: str) -> bool:
+    async def mark_sent(self, item_id: int, wamid_hash: WamidHash) -> bool:
         """Graph accepted the send. False, writing nothing, if the row was settled
         already (a delivery status confirmed or failed it first); a send cancelled while
         in flight did go out, so it is marked sent. NotFound if there is no such row."""
         stmt = (
             update(OutboxRow)
             .where(OutboxRow.id == item_id, OutboxRow.status.in_(("pending", "cancelled")))
-            .values(status="sent", wamid=wamid, attempts=OutboxRow.attempts + 1,
+            .values(status="sent", wamid_hash=wamid_hash, attempts=OutboxRow.attempts + 1,
                     last_error=None, sending_at=None, updated_at=utcnow())
         )
         async with self._scope.session() as session:
@@ -455,11 +488,12 @@ class OutboxRepo:
             sending_at=None,
         )
 
-    async def confirm_in_flight(self, item_id: int, wamid: str) -> OutboxItem | None:
-        """A delivery status shows that the send in flight was accepted as `wamid`:
+    async def confirm_in_flight(self, item_id: int, wamid_hash: WamidHash
+                                ) -> OutboxItem | None:
+        """A delivery status shows that the send in flight was accepted (its wamid's hash):
         mark it sent. None, writing nothing, unless the row is pending with an attempt
         in flight (`sending_at` set) — anything else was settled or never sent."""
-        return await self._settle_in_flight(item_id, status="sent", wamid=wamid,
+        return await self._settle_in_flight(item_id, status="sent", wamid_hash=wamid_hash,
                                             last_error=None)
 
     async def fail_in_flight(self, item_id: int, error: str) -> OutboxItem | None:
@@ -496,6 +530,19 @@ class OutboxRepo:
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt))
 
+    async def purge_settled(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Delete sends settled (sent, failed, cancelled) before `before`; never a pending
+        one, nor one with an attempt in flight, nor a dead letter (`DeadLetterRepo.purge`)."""
+        return await purge_rows(self._scope, OutboxRow, OutboxRow.status.in_(SETTLED),
+                                OutboxRow.sending_at.is_(None), OutboxRow.updated_at < before,
+                                dry_run=dry_run)
+
+    async def for_citizen(self, citizen_id: int) -> list[OutboxItem]:
+        """A citizen's sends, whatever their status, oldest first (their own export)."""
+        stmt = select(OutboxRow).where(OutboxRow.citizen_id == citizen_id).order_by(OutboxRow.id)
+        async with self._scope.session() as session:
+            return [_outbox(r) for r in await session.scalars(stmt)]
+
     async def depth(self) -> int:
         """How many sends are pending (a metric and a readiness signal)."""
         stmt = select(func.count()).select_from(OutboxRow).where(OutboxRow.status == "pending")
@@ -515,6 +562,7 @@ def _outbox(row: OutboxRow) -> OutboxItem:
         id=row.id, idempotency_key=row.idempotency_key, citizen_id=row.citizen_id,
         room_id=RoomID(row.room_id), payload=row.payload, status=cast(OutboxStatus, row.status),
         attempts=row.attempts, next_attempt_at=row.next_attempt_at, last_error=row.last_error,
-        wamid=row.wamid, created_at=row.created_at, updated_at=row.updated_at,
+        wamid_hash=WamidHash(row.wamid_hash) if row.wamid_hash else None,
+        created_at=row.created_at, updated_at=row.updated_at,
         sending_at=row.sending_at,
     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, get_args
 
-from bridge.types import DeviceID, EventID, Pseudonym, RoomID, UserID
+from bridge.types import DeviceID, EventID, Pseudonym, RoomID, UserID, WamidHash
 
 ConsentState = Literal["unknown", "prompted", "granted", "withdrawn", "refused"]
 ConsentPurpose = Literal["mirroring", "notices", "membership"]
@@ -141,7 +141,7 @@ class OutboxItem:
     attempts: int
     next_attempt_at: datetime
     last_error: str | None
-    wamid: str | None
+    wamid_hash: WamidHash | None  # the message WhatsApp made of it (keyed hash)
     created_at: datetime
     updated_at: datetime
     sending_at: datetime | None = None  # an attempt in flight (or cut short by a crash)
@@ -170,10 +170,12 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class MessageLink:
-    """A WhatsApp message id and the Matrix event it corresponds to."""
+    """A WhatsApp message id and the Matrix event it corresponds to. The wamid is kept
+    as its keyed hash and a ciphertext (`Privacy.open_wamid` opens it)."""
 
     id: int
-    wamid: str
+    wamid_hash: WamidHash
+    wamid_ct: str
     room_id: RoomID
     event_id: EventID
     direction: Direction
@@ -217,7 +219,7 @@ class Notice:
     template_name: str
     template_language: str
     template_version: str
-    wamid: str | None
+    wamid_hash: WamidHash | None  # set once WhatsApp accepted it
     requested_by: str
     created_at: datetime
     sent_at: datetime | None

@@ -15,11 +15,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import CheckConstraint, Integer, String, Text, delete, select, update
+from sqlalchemy import (
+    CheckConstraint,
+    Integer,
+    String,
+    Text,
+    case,
+    cast,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from bridge.db.models import ID, Base, UTCDateTime, one_of, utcnow
-from bridge.db.scope import Scope, rowcount
+from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.types import EventID, RoomID, UserID
 
 # Additional data of a sealed reason: a ciphertext cannot be moved to another column.
@@ -149,18 +159,21 @@ class ReportRepo:
 
     async def forget_reporter(self, user_id: UserID) -> int:
         """An erased citizen's reports stay for the moderators, without their reason and
-        with the reporter replaced by ERASED; returns how many."""
+        with the reporter replaced by ERASED; returns how many. A WhatsApp report's
+        external id (the keyed hash of the citizen's message) becomes `erased:<id>`,
+        so nothing links the report to that message any more."""
+        erased_id = case((ReportRow.source == "whatsapp",
+                          literal("erased:") + cast(ReportRow.id, String)),
+                         else_=ReportRow.external_id)
         stmt = (update(ReportRow).where(ReportRow.reporter == user_id)
-                .values(reporter=ERASED, reason_ct=None))
+                .values(reporter=ERASED, reason_ct=None, external_id=erased_id))
         async with self._scope.session() as session:
             return rowcount(await session.execute(stmt))
 
-    async def purge(self, handled_before: datetime) -> int:
+    async def purge(self, handled_before: datetime, *, dry_run: bool = False) -> int:
         """Delete reports handled before `handled_before` (retention); returns how many."""
-        stmt = delete(ReportRow).where(ReportRow.status != "open",
-                                       ReportRow.handled_at < handled_before)
-        async with self._scope.session() as session:
-            return rowcount(await session.execute(stmt))
+        return await purge_rows(self._scope, ReportRow, ReportRow.status != "open",
+                                ReportRow.handled_at < handled_before, dry_run=dry_run)
 
     async def reopen(self, report_id: int) -> None:
         """Undo `close` when the action itself then failed on the homeserver."""

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from bridge.auditchain import AuditKeys
 from bridge.db.audit import AuditRepo
 from bridge.db.deadletters import DeadLetterRepo
 from bridge.db.invites import InviteRepo
-from bridge.db.models import KVRow, MessageMapRow
+from bridge.db.legacy import LegacyRepo
+from bridge.db.models import KVRow, MessageMapRow, utcnow
 from bridge.db.notices import NoticeRepo, SubscriptionRepo
 from bridge.db.people import CitizenRepo, ConsentRepo, GhostRepo, RoomRepo
 from bridge.db.queues import InboundRepo, OutboxRepo, TransactionRepo
 from bridge.db.records import Direction, MessageLink
 from bridge.db.reports import ReportRepo
 from bridge.db.roomkeys import RoomKeyRepo
-from bridge.db.scope import Scope, rowcount
+from bridge.db.scope import Scope, purge_rows, rowcount
+from bridge.db.sealed import SealedRepo
+from bridge.types import EventID, RoomID, WamidHash
 from bridge.db.wa_rooms import RoomMemberRepo
-from bridge.types import EventID, RoomID
 
 
 class MessageRepo:
@@ -29,28 +32,51 @@ class MessageRepo:
         self._scope = scope
 
     async def link(
-        self, wamid: str, room_id: RoomID, event_id: EventID, direction: Direction
+        self, wamid: tuple[WamidHash, str], room_id: RoomID, event_id: EventID,
+        direction: Direction,
     ) -> bool:
-        """Record a pair; False if either side is already linked (the first link wins)."""
+        """Record a pair, the wamid as `Privacy.seal_wamid` gives it (hash, ciphertext);
+        False if either side is already linked (the first link wins)."""
+        wamid_hash, wamid_ct = wamid
         stmt = (
             self._scope.insert(MessageMapRow)
-            .values(wamid=wamid, room_id=room_id, event_id=event_id, direction=direction)
+            .values(wamid_hash=wamid_hash, wamid_ct=wamid_ct, room_id=room_id,
+                    event_id=event_id, direction=direction, created_at=utcnow())
             .on_conflict_do_nothing()
             .returning(MessageMapRow.id)
         )
         async with self._scope.session() as session:
             return await session.scalar(stmt) is not None
 
-    async def by_wamid(self, wamid: str) -> MessageLink | None:
+    async def by_wamid(self, wamid_hash: WamidHash) -> MessageLink | None:
+        """The link of a wamid, by its keyed hash (`KeyedIndex.wamid`)."""
         async with self._scope.session() as session:
-            row = await session.scalar(select(MessageMapRow).where(MessageMapRow.wamid == wamid))
+            row = await session.scalar(select(MessageMapRow).where(
+                MessageMapRow.wamid_hash == wamid_hash))
             return None if row is None else _link(row)
+
+    async def sealed(self) -> list[tuple[int, str, str]]:
+        """(id, wamid hash, wamid ciphertext) of every link (for `rekey`)."""
+        stmt = select(MessageMapRow.id, MessageMapRow.wamid_hash, MessageMapRow.wamid_ct)
+        async with self._scope.session() as session:
+            return [(i, h, ct) for i, h, ct in (await session.execute(stmt)).all()]
+
+    async def reseal(self, link_id: int, wamid_ct: str) -> None:
+        stmt = (update(MessageMapRow).where(MessageMapRow.id == link_id)
+                .values(wamid_ct=wamid_ct))
+        async with self._scope.session() as session:
+            await session.execute(stmt)
 
     async def delete_room(self, room_id: RoomID) -> int:
         """Forget every link of a room (a citizen's erasure); returns how many."""
         async with self._scope.session() as session:
             stmt = delete(MessageMapRow).where(MessageMapRow.room_id == room_id)
             return rowcount(await session.execute(stmt))
+
+    async def purge(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Forget pairs linked before `before` (retention.message_map_days)."""
+        return await purge_rows(self._scope, MessageMapRow, MessageMapRow.created_at < before,
+                                dry_run=dry_run)
 
     async def by_event(self, event_id: EventID) -> MessageLink | None:
         async with self._scope.session() as session:
@@ -77,7 +103,8 @@ class MessageRepo:
 
 def _link(row: MessageMapRow) -> MessageLink:
     return MessageLink(
-        id=row.id, wamid=row.wamid, room_id=RoomID(row.room_id), event_id=EventID(row.event_id),
+        id=row.id, wamid_hash=WamidHash(row.wamid_hash), wamid_ct=row.wamid_ct,
+        room_id=RoomID(row.room_id), event_id=EventID(row.event_id),
         direction=cast(Direction, row.direction),
     )
 
@@ -101,6 +128,13 @@ class KVRepo:
         )
         async with self._scope.session() as session:
             await session.execute(stmt)
+
+    async def add(self, key: str, value: str) -> bool:
+        """Store `value` unless `key` is already set; True if it was stored (the first
+        of two racing writers wins, the other reads what it wrote)."""
+        stmt = self._scope.insert(KVRow).values(key=key, value=value).on_conflict_do_nothing()
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt)) == 1
 
     async def delete(self, key: str) -> None:
         async with self._scope.session() as session:
@@ -132,6 +166,8 @@ class Repositories:
         self.subscriptions = SubscriptionRepo(scope)
         self.notices = NoticeRepo(scope)
         self.room_keys = RoomKeyRepo(scope)
+        self.sealed = SealedRepo(scope)
         self.dead_letters = DeadLetterRepo(scope)
         self.reports = ReportRepo(scope)
         self.wa_rooms = RoomMemberRepo(scope)
+        self.legacy = LegacyRepo(scope)

@@ -7,7 +7,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Result
+from sqlalchemy import ColumnElement, CursorResult, Result, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -58,3 +58,14 @@ def shared(session: AsyncSession, dialect: str) -> Scope:
 def rowcount(result: Result[Any]) -> int:
     """Rows touched by an UPDATE or DELETE (the typed API hides it on `Result`)."""
     return cast(CursorResult[Any], result).rowcount
+
+
+async def purge_rows(scope: Scope, model: type[Base], *where: ColumnElement[bool],
+                     dry_run: bool = False) -> int:
+    """Delete the rows of `model` matching `where`, or with `dry_run` only count them:
+    one condition for both, so a dry run counts exactly what a purge deletes."""
+    async with scope.session() as session:
+        if dry_run:
+            count = select(func.count()).select_from(model).where(*where)
+            return int(await session.scalar(count) or 0)
+        return rowcount(await session.execute(delete(model).where(*where)))

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
-from aiohttp import web
 
-from bridge.app import make_app
+from bridge.app import Listeners
 from bridge.config import Config, LoggingConfig
 from bridge.db.engine import upgrade
 from bridge.devtools import demo_client
@@ -54,7 +53,6 @@ from bridge.homeserver.settings import module_entry
 from bridge.logsetup import RedactingFilter, TextFormatter, setup_logging
 from bridge.registration import registration_yaml
 from bridge.services import Bridge
-from bridge.web.state import BRIDGE
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import CloudAPISimulator
 
@@ -82,6 +80,7 @@ def bridge_config(state: DemoState, directory: Path, shared_secret: str) -> dict
         "appservice": {"listen_host": "127.0.0.1", "listen_port": state.ports.bridge,
                        "as_token": s["as_token"], "hs_token": s["hs_token"],
                        "store_dir": str(directory / "store")},
+        "metrics": {"listen_host": "127.0.0.1", "listen_port": state.ports.metrics},
         "database": {"url": f"sqlite+aiosqlite:///{directory / 'bridge.db'}"},
         "privacy": {"data_key": s["data_key"], "index_key": s["index_key"]},
         "audit": {"key": s["audit_key"]},
@@ -91,7 +90,8 @@ def bridge_config(state: DemoState, directory: Path, shared_secret: str) -> dict
         "consent": {"agency_name": "el Ayuntamiento de Ejemplo (demo)"},
         "notices": notices_config(),
         "portals": {"staff": [state.staff_user_id]},
-        "admin": {"token": s["admin_token"], "users": [state.staff_user_id]},
+        "admin": {"listen_host": "127.0.0.1", "listen_port": state.ports.admin,
+                  "token": s["admin_token"], "users": [state.staff_user_id]},
         "invites": {"registration_shared_secret": shared_secret},
         "logging": {"level": "INFO", "format": "text"},
         # The walkthrough skips Element's verification: let the demo's one staff
@@ -117,7 +117,7 @@ class Demo:
         self.state: DemoState | None = None
         self.synapse: LocalSynapse | None = None
         self.sim: CloudAPISimulator | None = None
-        self.runner: web.AppRunner | None = None
+        self.listeners: Listeners | None = None
         self.bridge: Bridge | None = None
         self.watcher: RelayWatcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -211,16 +211,15 @@ class Demo:
     async def _start_bridge(self, config: Config) -> None:
         assert self.sim is not None
         await upgrade(config.database.url)
-        app = make_app(config)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        bridge = self.bridge = app[BRIDGE]
+        self.listeners = Listeners(config)
+        await self.listeners.setup()
+        bridge = self.bridge = self.listeners.bridge
         # Synapse on SQLite numbers appservice transactions from 1 again after each restart
         # (its sequence is seeded from the table of *pending* transactions), so the ids the
         # bridge remembers from the last run would make it skip new transactions as
         # repeats. The demo restarts both together: forget them before Synapse can push.
         await bridge.db.transactions.purge(datetime.now(UTC) + timedelta(days=1))
-        await web.TCPSite(self.runner, "127.0.0.1", config.appservice.listen_port).start()
+        await self.listeners.bind()
         await asyncio.wait_for(bridge.ready.wait(), STEP_TIMEOUT)
         self.out(f"  ✔ Bridge             http://127.0.0.1:{config.appservice.listen_port}  "
                  f"(SQLite {self.dir / 'bridge.db'})")
@@ -291,7 +290,8 @@ class Demo:
             citizen = await b.db.citizens.by_index(b.privacy.index.digest(user.user_id))
             if citizen is None or await b.portals.room_of(citizen) is None:
                 return False
-            return first is None or await b.db.messages.by_wamid(first) is not None
+            return first is None or \
+                await b.db.messages.by_wamid(b.privacy.index.wamid(first)) is not None
 
         deadline = time.monotonic() + STEP_TIMEOUT
         while not await relayed():
@@ -320,7 +320,7 @@ class Demo:
         """Stop everything that was started, in reverse order; never raises."""
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("progress display", lambda: stop_task(self._watch_task)),
-            ("bridge", lambda: self.runner.cleanup() if self.runner else _nothing()),
+            ("bridge", lambda: self.listeners.stop() if self.listeners else _nothing()),
             ("WhatsApp simulator", lambda: self.sim.stop() if self.sim else _nothing()),
             ("Synapse", lambda: self.synapse.stop() if self.synapse else _nothing()),
         ]

@@ -105,10 +105,10 @@ async def _portal(state: DemoState) -> str:
     headers = {"Authorization": f"Bearer {state.secrets['admin_token']}"}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
-                http.get(f"{state.bridge_url}/admin/v1/rooms", headers=headers) as resp:
+                http.get(f"{state.admin_url}/admin/v1/rooms", headers=headers) as resp:
             rooms = await resp.json()
     except (aiohttp.ClientError, OSError, ValueError) as exc:
-        raise DemoClientError(f"the admin API at {state.bridge_url} did not answer "
+        raise DemoClientError(f"the admin API at {state.admin_url} did not answer "
                               f"({type(exc).__name__})") from None
     portals = [r["room_id"] for r in rooms if isinstance(r, dict) and r.get("kind") == "portal"]
     if not portals:

@@ -181,7 +181,7 @@ class NoticesStep:
     async def _admin(self, method: str, path: str, body: Any = None
                      ) -> tuple[int, dict[str, Any]]:
         headers = {"Authorization": f"Bearer {self._state.secrets['admin_token']}"}
-        url = f"{self._state.bridge_url}/admin/v1{path}"
+        url = f"{self._state.admin_url}/admin/v1{path}"
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http, \
                     http.request(method, url, json=body, headers=headers) as resp:

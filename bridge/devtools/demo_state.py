@@ -25,7 +25,9 @@ from typing import Any
 STATE_FILE = "demo.json"
 FORMAT = 1
 DEFAULT_DIR = "demo-data"
-DEFAULT_PORT_BASE = 8008  # Synapse's usual port; the bridge and simulator take the next two
+# Synapse's usual port; the bridge, the simulator, the admin API and the metrics listener
+# take the next four.
+DEFAULT_PORT_BASE = 8008
 STAFF_LOCALPART = "staff"
 SERVER_NAME = "localhost"
 PHONE_NUMBER_ID = "109876543210"
@@ -56,6 +58,10 @@ class Ports:
     synapse: int
     bridge: int
     simulator: int
+    # The bridge's admin and metrics listeners (0 in a demo.json from before they had
+    # their own; the next start chooses them).
+    admin: int = 0
+    metrics: int = 0
 
 
 @dataclass
@@ -117,6 +123,11 @@ class DemoState:
         return f"http://127.0.0.1:{self.ports.bridge}"
 
     @property
+    def admin_url(self) -> str:
+        """The admin listener (`/admin/v1/...`)."""
+        return f"http://127.0.0.1:{self.ports.admin}"
+
+    @property
     def webhook_url(self) -> str:
         return f"{self.bridge_url}/whatsapp/webhook"
 
@@ -129,7 +140,7 @@ class DemoState:
         data["format"] = FORMAT
         data["urls"] = {"homeserver": self.homeserver_url, "bridge": self.bridge_url,
                         "webhook": self.webhook_url, "simulator_api_base": self.api_base,
-                        "admin_api": f"{self.bridge_url}/admin/v1"}  # for humans
+                        "admin_api": f"{self.admin_url}/admin/v1"}  # for humans
         return data
 
     @classmethod
@@ -239,7 +250,7 @@ def port_free(port: int) -> bool:
 
 
 def choose_ports(base: int) -> Ports:
-    """base, base+1, base+2 where free (predictable URLs), else any free ports."""
+    """base, base+1, ... base+4 where free (predictable URLs), else any free ports."""
     from bridge.devtools.synapse import free_port  # keeps `civic-bridge --help` light
 
     taken: set[int] = set()
@@ -251,4 +262,5 @@ def choose_ports(base: int) -> Ports:
         taken.add(port)
         return port
 
-    return Ports(synapse=pick(base), bridge=pick(base + 1), simulator=pick(base + 2))
+    return Ports(synapse=pick(base), bridge=pick(base + 1), simulator=pick(base + 2),
+                 admin=pick(base + 3), metrics=pick(base + 4))

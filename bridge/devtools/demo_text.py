@@ -95,7 +95,7 @@ def _notices_lines(state: DemoState, token: str, admin: str) -> tuple[str, str]:
 def banner(state: DemoState, directory: Path) -> str:
     token = state.secrets["admin_token"]
     hs = state.homeserver_url
-    admin = f"{state.bridge_url}/admin/v1"
+    admin = f"{state.admin_url}/admin/v1"
     send, send_direct = demo_commands(directory, "send", "hola")
     reply, _ = demo_commands(directory, "reply", "Buenos días, ¿en qué puedo ayudarle?")
     same = f"\n        (same as: {send_direct})" if send_direct else ""

@@ -149,7 +149,7 @@ class RelayWatcher:
 
     async def _done(self, msg: InboundMessage, citizen: Citizen | None, who: str) -> str:
         b = self._bridge
-        link = await b.db.messages.by_wamid(msg.wamid)
+        link = await b.db.messages.by_wamid(b.privacy.index.wamid(msg.wamid))
         if link is not None and link.direction == "in":
             what = quote(msg.text) if msg.kind == "text" else f"[{msg.kind}]"
             return f"WhatsApp → Matrix   {what} from {who} relayed into the portal (E2EE)"
@@ -172,8 +172,9 @@ class RelayWatcher:
         """A notices keyword or button, by the consent record this message caused."""
         said = (f"tapped «{msg.button_title}»" if msg.kind == "button"
                 else f"wrote {quote(msg.text)}")
+        evidence = consent.message_evidence(self._bridge.privacy.index.wamid(msg.wamid))
         records = [r for r in await self._bridge.db.consent.for_citizen(citizen.id)
-                   if r.purpose == "notices" and r.evidence == msg.wamid]
+                   if r.purpose == "notices" and r.evidence == evidence]
         state = records[-1].state if records else None
         if state == "prompted":
             what = "asks for notices of availability (a command: nothing reaches Matrix)"
@@ -190,7 +191,7 @@ class RelayWatcher:
 
     async def _is_notice(self, status: StatusUpdate) -> bool:
         b = self._bridge
-        item = await b.db.outbox.by_wamid(status.wamid)
+        item = await b.db.outbox.by_wamid(b.privacy.index.wamid(status.wamid))
         return item is not None and \
             b.privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD).get("type") == "template"
 
@@ -234,7 +235,7 @@ class RelayWatcher:
         body = self._sim.sent[entry.index]
         wamid = self._sim.sent_ids[entry.index] or ""
         b = self._bridge
-        item = await b.db.outbox.by_wamid(wamid)
+        item = await b.db.outbox.by_wamid(b.privacy.index.wamid(wamid))
         if item is None and now - entry.seen_at < OUTBOX_LOOKUP_SECONDS:
             return None  # not marked sent yet; look again next poll
         payload: dict[str, Any] = (b.privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)

@@ -1,9 +1,9 @@
 """The application-service API the homeserver calls (`/_matrix/app/v1`).
 
-A transaction is answered 200 only after its events are durably stored; a repeated
-txnId is a no-op (the stored id survives restarts). Synapse retries refused
-transactions with backoff, so refusing on a storage error is safe; answering 200
-and dropping would lose messages.
+A transaction is answered 200 only after its events are durably stored, each sealed
+(bridge.matrix.queued); a repeated txnId is a no-op (the stored id survives restarts).
+Synapse retries refused transactions with backoff, so refusing on a storage error is
+safe; answering 200 and dropping would lose messages.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from aiohttp import web
 from bridge.db.queues import event_lane
 from bridge.errors import BadRequest, NotFound
 from bridge.jsonbody import MAX_DEPTH, BodyError, clean, load_body
+from bridge.matrix.queued import seal_event
 from bridge.types import UserID
 from bridge.web.middleware import require_bearer
 from bridge.web.state import BRIDGE
@@ -116,7 +118,8 @@ async def put_transaction(request: web.Request) -> web.Response:
         if events:  # nothing to process, so nothing to deduplicate: no write at all
             with bridge.db.urgent():
                 stored = await bridge.db.transactions.store(
-                    transaction_key(request.match_info["txn_id"], txn.events), events)
+                    transaction_key(request.match_info["txn_id"], txn.events), events,
+                    seal=partial(seal_event, bridge.privacy.cipher))
     if txn.changed_users:
         bridge.devices.users_changed(txn.changed_users)
     if txn.ephemeral and bridge.receipts is not None:

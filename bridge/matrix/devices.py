@@ -17,8 +17,9 @@ first sends there, and again after a transaction reports a membership or visibil
 change (`Devices.room_changed`). A changed member list ends the room's Megolm session,
 as nio does when it sees the change in a sync, so a removed member gets no later keys.
 
-Crypto state lives in nio's SQLite store under `appservice.store_dir`, pickled with a
-key derived from `privacy.data_key`, so it survives restarts; the device id is fixed
+Crypto state lives in nio's SQLite store under `appservice.store_dir`, pickled with the
+store key (bridge.matrix.storekey: random, wrapped by `privacy.data_key`, so rotating the
+data key leaves the stores alone), so it survives restarts; the device id is fixed
 per user (stored in the ghosts table) so keys are reused, never regenerated. The room
 keys kept for staff devices that appear later (bridge.matrix.keyshare) are in the
 bridge's database, sealed with the data key, and reloaded when a device opens.
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import shutil
 from collections.abc import Awaitable, Callable
@@ -327,7 +327,7 @@ class Device:
 class Devices:
     """Opens, caches and closes the E2EE devices of users in the bridge's namespace."""
 
-    def __init__(self, api: MatrixAPI, store_dir: Path, pickle_secret: bytes,
+    def __init__(self, api: MatrixAPI, store_dir: Path, pickle_key: str,
                  on_ready: DeviceReadyHook | None = None,
                  long_poll_user: UserID | None = None,
                  room_keys: RoomKeyStore | None = None,
@@ -339,9 +339,8 @@ class Devices:
         self._room_keys = room_keys
         self._long_poll_user = long_poll_user
         self._store_dir = store_dir
-        # nio pickles Olm/Megolm state with this passphrase: derive it from the data key
-        # so crypto state at rest is as protected as the rest of the bridge's data.
-        self._pickle_key = hashlib.sha256(b"civic-bridge nio pickle\0" + pickle_secret).hexdigest()
+        # nio pickles Olm/Megolm state with this passphrase (storekey.pickle_passphrase).
+        self._pickle_key = pickle_key
         self._on_ready = on_ready
         self._devices: dict[UserID, Device] = {}
         # Users in the bridge's namespace (set by Ghosts): never sent earlier room keys.

@@ -1,9 +1,10 @@
 """The key ledgers of the bridge's devices in the database (`LedgerStore` of keyshare).
 
 A stored session key decrypts a portal's messages, so it is sealed with the privacy
-cipher like the citizens' identifiers (nio's own store is pickled with a key derived
-from the same data key). The associated data names the row's owner, session and index:
-a token copied into another row does not decrypt there.
+cipher like the citizens' identifiers (nio's own store is pickled with the store key,
+bridge.matrix.storekey, itself sealed with the same data key). The associated data
+names the row's owner, session and index: a token copied into another row does not
+decrypt there.
 """
 
 from __future__ import annotations

@@ -93,6 +93,16 @@ def room_create_body(kind: str, name: str, topic: str | None, policy: RoomPolicy
     return body
 
 
+def portal_state_keys() -> list[tuple[str, str]]:
+    """The (type, state_key) pairs a portal's createRoom writes before its invites
+    (Synapse sends power levels, the preset's rules, `initial_state`, then name and
+    topic, then invites): a room missing one was cut short mid-creation."""
+    body = room_create_body("portal", "-", "-", RoomPolicy(), [])
+    keys = [(str(e["type"]), str(e["state_key"])) for e in body["initial_state"]]
+    return [("m.room.create", ""), ("m.room.power_levels", ""), *keys,
+            ("m.room.name", ""), ("m.room.topic", "")]
+
+
 @dataclass(frozen=True)
 class Member:
     user_id: str

@@ -25,7 +25,7 @@ from bridge.moderation.rules import flagged_term, report_request
 from bridge.moderation.synapse_admin import SynapseAdmin
 from bridge.privacy import Privacy
 from bridge.types import EventID, RoomID, UserID
-from bridge.whatsapp.outbox import Outbox
+from bridge.whatsapp.outbox import Outbox, reply_key
 from bridge.whatsapp.webhook_parse import InboundMessage
 
 log = logging.getLogger(__name__)
@@ -135,19 +135,23 @@ class WhatsAppReports:
         if request is None:
             return False
         language, reason = request
-        link = await self._db.messages.by_wamid(msg.context_id) if msg.context_id else None
+        index = self._privacy.index
+        link = await self._db.messages.by_wamid(index.wamid(msg.context_id)) \
+            if msg.context_id else None
         if msg.context_id is None:
-            await self._outbox.system_text(citizen, f"report-howto:{msg.wamid}",
+            await self._outbox.system_text(citizen, reply_key("report-howto",
+                                                              index.wamid(msg.wamid)),
                                            texts.how_to_report(language))
             return True
         if link is None or link.room_id != room_id or link.direction != "out":
             # Only what reached them from the room can be reported: their own messages
             # or unknown ids are answered, not filed.
-            await self._outbox.system_text(citizen, f"report-unknown:{msg.wamid}",
+            await self._outbox.system_text(citizen, reply_key("report-unknown",
+                                                              index.wamid(msg.wamid)),
                                            texts.not_found(language))
             return True
         await self._reports.file(
-            source="whatsapp", external_id="wa:" + self._privacy.index.digest(msg.wamid),
+            source="whatsapp", external_id="wa:" + index.wamid(msg.wamid),
             room_id=room_id, event_id=link.event_id, reporter=citizen.ghost_user_id,
             reason=reason, language=language)
         return True

@@ -30,7 +30,10 @@ from bridge.rooms_wa.wiring import WhatsAppRooms
 from bridge.types import RoomID
 from bridge.web.state import BRIDGE
 
-routes = web.RouteTableDef()
+# On the admin listener (bridge.app.make_admin_app), behind admin_auth.
+admin_routes = web.RouteTableDef()
+# On the public listener (bridge.app.make_app): the invite link's "join by WhatsApp".
+public_routes = web.RouteTableDef()
 
 
 def _parts(request: web.Request) -> WhatsAppRooms:
@@ -57,7 +60,7 @@ def _flag(body: dict[str, Any], key: str) -> bool | None:
     return value
 
 
-@routes.post("/admin/v1/rooms/{room_id}/whatsapp-members")
+@admin_routes.post("/admin/v1/rooms/{room_id}/whatsapp-members")
 @requires("invites")
 async def add_member(request: web.Request) -> web.Response:
     body = await _body(request)
@@ -70,7 +73,7 @@ async def add_member(request: web.Request) -> web.Response:
     return web.json_response(result, status=201)
 
 
-@routes.get("/admin/v1/rooms/{room_id}/whatsapp-members")
+@admin_routes.get("/admin/v1/rooms/{room_id}/whatsapp-members")
 @requires("rooms")
 async def list_members(request: web.Request) -> web.Response:
     db = request.app[BRIDGE].db
@@ -84,7 +87,7 @@ async def list_members(request: web.Request) -> web.Response:
     return web.json_response(members)
 
 
-@routes.post("/admin/v1/rooms/{room_id}/whatsapp-settings")
+@admin_routes.post("/admin/v1/rooms/{room_id}/whatsapp-settings")
 @requires("rooms")
 async def settings(request: web.Request) -> web.Response:
     body = await _body(request)
@@ -94,7 +97,7 @@ async def settings(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
-@routes.get("/invite/{token}/whatsapp")
+@public_routes.get("/invite/{token}/whatsapp")
 async def join_page(request: web.Request) -> web.Response:
     """Draw a one-time code for the link's room and show the wa.me link (no account)."""
     bridge = request.app[BRIDGE]

@@ -1,9 +1,10 @@
 """Operational endpoints: /health (process alive), /ready (DB + homeserver), /metrics.
 
-All three are served in every role (bridge.leader). `/ready` is 200 on a healthy
-standby as well, with `"role": "standby"`: a Deployment counts only Ready pods, and
-a standby that never became Ready would block every rolling update
-(deploy/README.md). Only the active process must also have started.
+The probes (`routes`) are on every listener; /metrics (`metrics_routes`) only on the
+metrics listener (bridge.app). All three are served in every role (bridge.leader).
+`/ready` is 200 on a healthy standby as well, with `"role": "standby"`: a Deployment
+counts only Ready pods, and a standby that never became Ready would block every rolling
+update (deploy/README.md). Only the active process must also have started.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from bridge.web.state import BRIDGE
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
+metrics_routes = web.RouteTableDef()
 
 
 @routes.get("/health")
@@ -62,7 +64,7 @@ async def _policy_module_warning(request: web.Request) -> str | None:
         return "could not ask the homeserver about its policy module"
 
 
-@routes.get("/metrics")
+@metrics_routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     if not bridge.config.metrics.enabled:

@@ -16,6 +16,7 @@ from typing import Literal
 from bridge.config import ConsentConfig
 from bridge.db import ConsentState
 from bridge.text import fold
+from bridge.types import WamidHash
 from bridge.whatsapp.webhook_parse import InboundMessage
 
 OPT_IN_BUTTON = "civic-bridge.opt-in"
@@ -86,3 +87,13 @@ def notice_text(cfg: ConsentConfig) -> str:
 def notice_hash(cfg: ConsentConfig) -> str:
     """Evidence of exactly which text the citizen saw."""
     return hashlib.sha256(notice_text(cfg).encode()).hexdigest()
+
+
+EVIDENCE_PREFIX = "wamid-hmac:"
+
+
+def message_evidence(wamid_hash: WamidHash) -> str:
+    """A consent record's evidence when the citizen's own message is the evidence: the
+    keyed hash of its wamid, never the wamid (it embeds the number). Whoever holds the
+    message (WhatsApp, the citizen's phone) and the index key can show it matches."""
+    return EVIDENCE_PREFIX + wamid_hash

@@ -76,8 +76,8 @@ class IdentityChanges:
             await self._tell(room_id, summaries.identity_notice(change.type), msg.wamid)
             self._metrics.identity_changes.labels(label, "notice_only").inc()
             return
-        new_hash = self._privacy.index.digest(new.key)
-        taken = await self._db.citizens.by_index(new_hash)
+        new_hash, *_ = hashes = self._privacy.index.digests(new.key)
+        taken = await self._db.citizens.by_any_index(hashes)
         if taken is not None and taken.id != citizen.id:
             await self._conflict(citizen, room_id, label, msg.wamid)
             return
@@ -120,7 +120,7 @@ class IdentityChanges:
     async def _find(self, sender: Sender) -> Citizen | None:
         index = self._privacy.index
         for key in dict.fromkeys(k for k in (sender.user_id, sender.wa_id) if k):
-            if (citizen := await self._db.citizens.by_index(index.digest(key))) is not None:
+            if (citizen := await self._db.citizens.by_any_index(index.digests(key))) is not None:
                 return citizen
         if sender.wa_id is None:
             return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from bridge.config import Config
@@ -21,12 +22,12 @@ from bridge.db import Citizen, ConsentState, Database, InboundItem, InboundStatu
 from bridge.errors import Conflict
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy, new_pseudonym_code
-from bridge.types import EventID, Pseudonym, RoomID
+from bridge.types import EventID, Pseudonym, RoomID, WamidHash
 from bridge.whatsapp import consent, notice_consent
 from bridge.whatsapp.consent import Action
 from bridge.whatsapp.identity import IdentityChanges
 from bridge.whatsapp.mirror import Mirror
-from bridge.whatsapp.outbox import Outbox
+from bridge.whatsapp.outbox import Outbox, reply_key
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.subscriptions import NoticeSubscriptions
 from bridge.whatsapp.webhook_parse import InboundMessage, Sender, StatusUpdate, parse_webhook
@@ -86,7 +87,17 @@ class WhatsAppInbound:
 
     async def citizen_for(self, sender: Sender, repos: Repositories | None = None) -> Citizen:
         cipher = self._privacy.cipher
-        index = self._privacy.index.digest(sender.key)
+        index, *previous = self._privacy.index.digests(sender.key)
+        if previous:
+            # The index key was rotated and `rekey` has not rehashed everyone yet: a
+            # known citizen is found under an old key and moved to the current one, so
+            # their row and the webhook's lanes (current key) agree again.
+            found = await (repos or self._db).citizens.by_any_index([index, *previous])
+            if found is not None:
+                if found.index_hash != index and \
+                        await (repos or self._db).citizens.set_index_hash(found.id, index):
+                    found = replace(found, index_hash=index)
+                return found
         for _ in range(5):  # a pseudonym code collision is rare; draw again
             try:
                 citizen, _ = await (repos or self._db).citizens.get_or_create(
@@ -100,14 +111,16 @@ class WhatsAppInbound:
                 continue
         raise Conflict("could not allocate a pseudonym code")
 
-    async def _record(self, citizen: Citizen, state: ConsentState, evidence: str) -> None:
+    async def _record(self, citizen: Citizen, state: ConsentState, wamid_hash: WamidHash
+                      ) -> None:
         cfg = self._config.consent
         async with self._db.transaction() as tx:
             await tx.citizens.set_consent_state(citizen.id, state)
             await tx.consent.append(
                 citizen_id=citizen.id, pseudonym=Pseudonym(citizen.pseudonym_code),
                 purpose="mirroring", state=state, notice_version=cfg.notice_version,
-                notice_hash=consent.notice_hash(cfg), channel="whatsapp", evidence=evidence)
+                notice_hash=consent.notice_hash(cfg), channel="whatsapp",
+                language=cfg.notice_language, evidence=consent.message_evidence(wamid_hash))
             await tx.audit.append("citizen", f"consent.{state}",
                                   f"pseudonym {citizen.pseudonym_code}", "ok", "mirroring")
         self._metrics.consent_changes.labels("mirroring", state).inc()
@@ -126,10 +139,12 @@ class WhatsAppInbound:
             await tx.citizens.touch_inbound(citizen.id, msg.timestamp)
             portal = await tx.rooms.portal_for(citizen.id)
         room_id = RoomID(portal.room_id) if portal and portal.closed_at is None else None
+        # What is kept of this message's id (consent evidence, reply keys): its keyed hash.
+        wamid_hash = self._privacy.index.wamid(msg.wamid)
         if self._config.notices.enabled:
             notices_intent = notice_consent.intent_of(msg, self._config.notices)
             if notices_intent is not None:
-                await self._subscriptions.handle(citizen, notices_intent, msg.wamid)
+                await self._subscriptions.handle(citizen, notices_intent, wamid_hash)
                 return None
         if self._rooms_hook is not None and await self._rooms_hook(citizen, item, msg, room_id):
             return None
@@ -141,25 +156,27 @@ class WhatsAppInbound:
         result: InboundStatus | None = None
         opt_out_text = OPT_OUT_CONFIRMATION
         if intent == "opt_out" and msg.button_id != consent.OPT_OUT_BUTTON and \
-                await self._subscriptions.withdraw(citizen, msg.wamid, "whatsapp"):
+                await self._subscriptions.withdraw(
+                    citizen, consent.message_evidence(wamid_hash), "whatsapp"):
             # A plain BAJA/STOP withdraws every purpose; the confirmation says so.
             opt_out_text += notice_consent.also_notices(self._config)
         if decision.state != citizen.consent_state and intent == "opt_out":
-            await self._record(citizen, decision.state, msg.wamid)  # stop relay first
+            await self._record(citizen, decision.state, wamid_hash)  # stop relay first
         for action in decision.actions:
-            result = await self._perform(action, citizen, item, msg, room_id,
+            result = await self._perform(action, citizen, item, msg, wamid_hash, room_id,
                                          opt_out_text) or result
         if decision.state != citizen.consent_state and intent != "opt_out":
-            await self._record(citizen, decision.state, msg.wamid)
+            await self._record(citizen, decision.state, wamid_hash)
         return result
 
     async def _perform(self, action: Action, citizen: Citizen, item: InboundItem,
-                       msg: InboundMessage, room_id: RoomID | None,
+                       msg: InboundMessage, wamid_hash: WamidHash, room_id: RoomID | None,
                        opt_out_text: str = OPT_OUT_CONFIRMATION) -> InboundStatus | None:
         agency = self._config.consent.agency_name
         if action is Action.SEND_NOTICE:
             await self._outbox.system_buttons(
-                citizen, f"notice:{msg.wamid}", consent.notice_text(self._config.consent),
+                citizen, reply_key("notice", wamid_hash),
+                consent.notice_text(self._config.consent),
                 [(consent.OPT_IN_BUTTON, "Acepto"), (consent.OPT_OUT_BUTTON, "No, gracias")])
         elif action is Action.HOLD:
             until = datetime.now(UTC) + timedelta(hours=self._config.consent.hold_hours)
@@ -172,10 +189,11 @@ class WhatsAppInbound:
             await self._db.inbound.release_held(citizen.id)
             log.info("citizen opted in; portal %s", portal)
         elif action is Action.CONFIRM_OPT_IN:
-            await self._outbox.system_text(citizen, f"optin:{msg.wamid}",
+            await self._outbox.system_text(citizen, reply_key("optin", wamid_hash),
                                            OPT_IN_CONFIRMATION.format(agency=agency))
         elif action is Action.CONFIRM_OPT_OUT:
-            await self._outbox.system_text(citizen, f"optout:{msg.wamid}", opt_out_text)
+            await self._outbox.system_text(citizen, reply_key("optout", wamid_hash),
+                                           opt_out_text)
         elif action is Action.CLOSE_PORTAL:
             await self._db.outbox.cancel_for_citizen(citizen.id)
             await self._portals.close(citizen)
@@ -199,9 +217,10 @@ class WhatsAppInbound:
             code = next((e.code for e in status.errors if e.code is not None), None)
             await self._outbox.settle_by_status(status.callback_data, status.wamid,
                                                 status.status, code)
-        link = await self._db.messages.by_wamid(status.wamid)
+        wamid_hash = self._privacy.index.wamid(status.wamid)
+        link = await self._db.messages.by_wamid(wamid_hash)
         if link is None or link.direction != "out":
-            await self._notice_status(status)
+            await self._notice_status(status, wamid_hash)
             return
         room_id, event_id = RoomID(link.room_id), EventID(link.event_id)
         citizen = await self._citizen_of_room(room_id)
@@ -211,10 +230,10 @@ class WhatsAppInbound:
             title = next((e.title for e in status.errors if e.title), "error desconocido")
             await self._portals.notice(room_id, f"WhatsApp no pudo entregar un mensaje: {title}")
 
-    async def _notice_status(self, status: StatusUpdate) -> None:
+    async def _notice_status(self, status: StatusUpdate, wamid_hash: WamidHash) -> None:
         """A status of a notice of availability fills in its log entry (first report wins)."""
         title = next((e.title for e in status.errors if e.title), None)
-        if await self._db.notices.record_status(status.wamid, status.status,
+        if await self._db.notices.record_status(wamid_hash, status.status,
                                                 status.timestamp, title) \
                 and status.status in ("delivered", "read", "failed"):
             self._metrics.notices.labels(status.status).inc()

@@ -24,7 +24,7 @@ from bridge.matrix.api import MatrixAPI
 from bridge.matrix.attachments import encrypt_in_place
 from bridge.matrix.relay import Relay
 from bridge.metrics import Metrics
-from bridge.privacy import looks_like_personal_id
+from bridge.privacy import Privacy, looks_like_personal_id
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp import summaries
 from bridge.whatsapp.graph import (
@@ -102,9 +102,10 @@ def safe_type_name(raw_type: str) -> str:
 
 
 class Mirror:
-    def __init__(self, db: Database, api: MatrixAPI, relay: Relay, graph: GraphClient,
-                 portals: Portals, metrics: Metrics) -> None:
+    def __init__(self, db: Database, privacy: Privacy, api: MatrixAPI, relay: Relay,
+                 graph: GraphClient, portals: Portals, metrics: Metrics) -> None:
         self._db = db
+        self._privacy = privacy
         self._api = api
         self._relay = relay
         self._graph = graph
@@ -114,7 +115,8 @@ class Mirror:
     _flag_hook: FlagHook | None = None
 
     async def _event_for(self, wamid: str | None) -> EventID | None:
-        link = await self._db.messages.by_wamid(wamid) if wamid else None
+        link = await self._db.messages.by_wamid(self._privacy.index.wamid(wamid)) \
+            if wamid else None
         return EventID(link.event_id) if link else None
 
     def set_flag_hook(self, hook: FlagHook) -> None:
@@ -128,7 +130,8 @@ class Mirror:
         with self._metrics.relay_latency.labels("in").time():
             event_id = await self._relay_one(ghost, room_id, msg)
         if event_id:
-            await self._db.messages.link(msg.wamid, room_id, event_id, "in")
+            await self._db.messages.link(self._privacy.seal_wamid(msg.wamid), room_id,
+                                         event_id, "in")
             self._metrics.relayed.labels("in", msg.kind).inc()
             written = readable_text(msg) or msg.caption
             if self._flag_hook is not None and written:

@@ -86,9 +86,10 @@ async def drop_held(db: Database, cipher: Cipher, *, before: datetime | None = N
 
 
 async def drop_held_report(db: Database, cipher: Cipher, *, before: datetime | None = None,
-                           room_id: str | None = None) -> tuple[int, int]:
+                           room_id: str | None = None, dry_run: bool = False
+                           ) -> tuple[int, int]:
     """drop_held, also counting rows it could not read (kept: a key may come back);
-    one unreadable row never stops the others from going."""
+    one unreadable row never stops the others from going. `dry_run` only counts."""
     dropped = unreadable = 0
     for key, sealed in await db.kv.with_prefix(HELD_KEY):
         try:
@@ -101,7 +102,8 @@ async def drop_held_report(db: Database, cipher: Cipher, *, before: datetime | N
             continue
         if (before is not None and at < before) or \
                 (room_id is not None and held.get("room_id") == room_id):
-            await db.kv.delete(key)
+            if not dry_run:
+                await db.kv.delete(key)
             dropped += 1
     return dropped, unreadable
 
@@ -114,6 +116,7 @@ class StaffToWhatsApp:
         self._db = db
         self._portals = portals
         self._outbox = outbox
+        self._privacy = privacy
         self._cipher = privacy.cipher
         self._metrics = metrics
 
@@ -218,7 +221,7 @@ class StaffToWhatsApp:
         if not isinstance(event_id, str):
             return None
         link = await self._db.messages.by_event(EventID(event_id))
-        return link.wamid if link else None
+        return self._privacy.open_wamid(link.wamid_hash, link.wamid_ct) if link else None
 
     # --- hold for confirmation (personal identifiers) ---------------------------------
 

@@ -44,7 +44,7 @@ import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 from nio.crypto.attachments import decrypt_attachment
 
@@ -55,7 +55,7 @@ from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy
 from bridge.retry import backoff as retry_backoff
 from bridge.retry import is_transient, reason_of
-from bridge.types import EventID, RoomID, UserID
+from bridge.types import EventID, RoomID, UserID, WamidHash
 from bridge.whatsapp.graph import GraphClient, GraphError, Recipient, error_title
 from bridge.whatsapp.pacing import Pacer
 from bridge.whatsapp.staff_events import (
@@ -86,6 +86,18 @@ def callback_item(data: str | None) -> int | None:
     """The outbox row id in callback data we set; None for anything else."""
     match = _CALLBACK.fullmatch(data) if data else None
     return int(match.group(1)) if match else None
+
+
+# A system reply answers one citizen message: its key is "<kind>:<that wamid's hash>",
+# so a message handled again (a retry, a redelivery) is answered once.
+ReplyKind = Literal["notice", "optin", "optout", "notices-text", "notices-in",
+                    "notices-out", "report-howto", "report-unknown"]
+REPLY_KINDS: Final[tuple[str, ...]] = get_args(ReplyKind)
+
+
+def reply_key(kind: ReplyKind, wamid_hash: WamidHash) -> str:
+    """The outbox key of the system reply of `kind` to the message with this wamid hash."""
+    return f"{kind}:{wamid_hash}"
 
 
 def part_key(event_id: str, part: int) -> str:
@@ -282,7 +294,7 @@ class Outbox:
             return
         if self.pacer is not None:
             self.pacer.sent(item.citizen_id)
-        if await self._db.outbox.mark_sent(item.id, wamid):
+        if await self._db.outbox.mark_sent(item.id, self._privacy.index.wamid(wamid)):
             await self._accepted(item, payload, wamid)
 
     async def _after_older_room_sends(self, item: OutboxItem) -> bool:
@@ -315,10 +327,11 @@ class Outbox:
         receipts and replies need, metrics."""
         notice_id = payload.get("notice_id")
         if notice_id is not None:
-            await self._db.notices.mark_accepted(notice_id, wamid)
+            await self._db.notices.mark_accepted(notice_id, self._privacy.index.wamid(wamid))
             self._metrics.notices.labels("sent").inc()
         if payload.get("event_id"):
-            await self._db.messages.link(wamid, item.room_id, payload["event_id"], "out")
+            await self._db.messages.link(self._privacy.seal_wamid(wamid), item.room_id,
+                                         payload["event_id"], "out")
         if payload.get("wr_event"):  # one room event, one wamid per member
             await self._db.wa_rooms.link(wamid, item.citizen_id, RoomID(payload["wa_room"]),
                                          EventID(payload["wr_event"]))
@@ -335,7 +348,8 @@ class Outbox:
         if item_id is None:
             return False
         if status in ACCEPTED_STATUSES:
-            item = await self._db.outbox.confirm_in_flight(item_id, wamid)
+            item = await self._db.outbox.confirm_in_flight(item_id,
+                                                           self._privacy.index.wamid(wamid))
             if item is None:
                 return False
             log.info("outbox #%d: confirmed by a delivery status", item_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import Any
 from urllib.parse import quote
 
 from bridge.config import Config
@@ -16,7 +17,7 @@ from bridge.db import Citizen, Database
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.relay import Relay
-from bridge.matrix.rooms import Rooms
+from bridge.matrix.rooms import Rooms, portal_state_keys
 from bridge.types import EventID, RoomID, UserID
 
 log = logging.getLogger(__name__)
@@ -80,11 +81,13 @@ class Portals:
             room_id = await self._api.resolve_alias(self._alias(token))
             if room_id is not None and await self._db.rooms.get(room_id) is not None:
                 room_id = None  # an earlier portal whose alias was left: not this one
-            if room_id is not None and not await self._bot_joined(room_id):
-                # Synapse stopped mid-createRoom can leave a room the bot never joined
-                # (its events have no prev_events): unusable for good, so make a new one.
-                log.warning("portal %s left unusable by an interrupted creation; "
+            if room_id is not None and not await self._complete(room_id):
+                # Synapse stopped mid-createRoom persists a prefix of the room's events:
+                # one the bot never joined (no prev_events), or one without its
+                # encryption or join rules yet. Never use such a room: make a new one.
+                log.warning("portal %s left incomplete by an interrupted creation; "
                             "creating another", room_id)
+                await self._abandon(room_id, token)
                 room_id = None
         ghost_row = await self._db.ghosts.get(ghost)
         name = f"WhatsApp · {ghost_row.display_name if ghost_row else 'Ciudadano/a'}"
@@ -112,17 +115,33 @@ class Portals:
         log.info("portal %s opened", room_id)
         return room_id
 
-    async def _bot_joined(self, room_id: RoomID) -> bool:
-        """Whether the bot is joined to `room_id` (a 5xx is raised: ask again later)."""
+    async def _complete(self, room_id: RoomID) -> bool:
+        """Whether `room_id` holds every state event a portal's createRoom sends before
+        its invites (the bot's own join included: the state is only readable when it is
+        joined). A 5xx or 429 is raised: ask again later."""
         try:
-            await self._api.request(
-                "GET", f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/joined_members",
+            state = await self._api.request(
+                "GET", f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/state",
                 as_user=self._ghosts.bot)
         except MatrixError as exc:
             if exc.status >= 500 or exc.status == 429:
                 raise
             return False
-        return True
+        events: Any = state  # GET /state answers a JSON list
+        present: set[tuple[Any, Any]] = {
+            (e.get("type"), e.get("state_key")) for e in events if isinstance(e, dict)
+        } if isinstance(events, list) else set()
+        return all(key in present for key in portal_state_keys())
+
+    async def _abandon(self, room_id: RoomID, token: str) -> None:
+        """Best effort: nobody was invited into an incomplete room (invites come last),
+        so the bot leaving it and its alias going leaves nothing behind."""
+        for step in (self._api.delete_alias(self._ghosts.bot, self._alias(token)),
+                     self._api.leave(self._ghosts.bot, room_id)):
+            try:
+                await step
+            except MatrixError as exc:
+                log.info("abandoned portal %s: cleanup step refused (%s)", room_id, exc.errcode)
 
     def _alias_localpart(self, token: str) -> str:
         return f"{self._config.appservice.ghost_prefix}portal_{token}"

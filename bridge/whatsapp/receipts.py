@@ -26,6 +26,7 @@ from typing import Any, Final, Literal
 
 from bridge.db import Database
 from bridge.metrics import Metrics
+from bridge.privacy import Privacy
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.graph import GraphClient, GraphError
 from bridge.whatsapp.outbound import within_window
@@ -74,10 +75,11 @@ def staff_signals(ephemeral: list[dict[str, Any]], is_ours: Callable[[str], bool
 class StaffReceipts:
     """Sends staff read receipts and typing on to WhatsApp (module docstring)."""
 
-    def __init__(self, db: Database, graph: GraphClient, metrics: Metrics,
+    def __init__(self, db: Database, privacy: Privacy, graph: GraphClient, metrics: Metrics,
                  is_ours: Callable[[str], bool],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._db = db
+        self._privacy = privacy
         self._graph = graph
         self._metrics = metrics
         self._is_ours = is_ours
@@ -128,7 +130,8 @@ class StaffReceipts:
             done = await self._db.kv.get(READ_KEY + signal.room_id)
             if not typing and done is not None and int(done) >= link.id:
                 return "repeat"
-            await self._graph.mark_read(link.wamid, typing=typing)
+            await self._graph.mark_read(self._privacy.open_wamid(link.wamid_hash, link.wamid_ct),
+                                        typing=typing)
             if typing:
                 self._forget_old_typing(now)
                 self._typing[citizen.id] = now

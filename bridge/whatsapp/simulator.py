@@ -111,8 +111,16 @@ def _refuse(refusal: contract.GraphContractError) -> web.Response:
     return _graph_error(400, refusal.code, refusal.message, details=refusal.details)
 
 
-def _new_wamid() -> str:
-    return "wamid." + base64.b64encode(secrets.token_bytes(24)).decode()
+def new_wamid(counterpart: str | None) -> str:
+    """A message id shaped like Meta's: base64 of a small structure that embeds the
+    counterpart's number (or BSUID) and a random message id, e.g.
+    ``wamid.HBgLMzQ2MDAxMTIyMzMVAgASGBQ...``. Realistic on purpose: whoever keeps a
+    wamid keeps the number inside it, which the privacy tests check for."""
+    who = (counterpart or "").lstrip("+").encode()[:255]
+    message_id = secrets.token_hex(10).upper().encode()
+    raw = (b"\x1c\x18" + bytes([len(who)]) + who + b"\x15\x02\x00\x12\x18"
+           + bytes([len(message_id)]) + message_id + b"\x00")
+    return "wamid." + base64.b64encode(raw).decode()
 
 
 class CloudAPISimulator:
@@ -264,7 +272,8 @@ class CloudAPISimulator:
             return web.json_response({"success": True})
         to, bsuid, callback = (body.get("to"), body.get("recipient"),
                                body.get("biz_opaque_callback_data"))
-        wamid = _new_wamid()
+        wamid = new_wamid(to if isinstance(to, str) else bsuid if isinstance(bsuid, str)
+                          else None)
         if isinstance(callback, str):
             self.callback_data[wamid] = callback
         self._record(body, wamid)
@@ -413,7 +422,7 @@ class CloudAPISimulator:
         message: dict[str, Any] = {}
         if sender.wa_id:
             message["from"] = sender.wa_id
-        message |= {"from_user_id": sender.user_id, "id": _new_wamid(),
+        message |= {"from_user_id": sender.user_id, "id": new_wamid(sender.wa_id or sender.user_id),
                     "timestamp": str(int(self.clock())), "type": kind}
         if context_id or forwarded:
             context: dict[str, Any] = {}

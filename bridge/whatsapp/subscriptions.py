@@ -17,10 +17,11 @@ from bridge.db import Citizen, ConsentState, Database, NoticeSubscription
 from bridge.errors import Conflict
 from bridge.metrics import Metrics
 from bridge.privacy import CODE_ALPHABET
-from bridge.types import Pseudonym, UserID
+from bridge.types import Pseudonym, UserID, WamidHash
 from bridge.whatsapp import notice_consent
+from bridge.whatsapp.consent import message_evidence
 from bridge.whatsapp.notice_consent import NoticeAction, NoticesIntent
-from bridge.whatsapp.outbox import Outbox
+from bridge.whatsapp.outbox import Outbox, reply_key
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +46,21 @@ class NoticeSubscriptions:
         self._outbox = outbox
         self._metrics = metrics
 
-    async def handle(self, citizen: Citizen, intent: NoticesIntent, wamid: str) -> None:
-        """A notices keyword or button from the citizen."""
+    async def handle(self, citizen: Citizen, intent: NoticesIntent,
+                     wamid_hash: WamidHash) -> None:
+        """A notices keyword or button from the citizen (the keyed hash of its wamid)."""
         sub = await self._subscription(citizen)
         decision = notice_consent.decide(sub.state, intent)
         changed = decision.state != sub.state
+        evidence = message_evidence(wamid_hash)
         if changed and decision.state != "granted":
-            await self._record(citizen, decision.state, "whatsapp", wamid, only_from=sub.state)
+            await self._record(citizen, decision.state, "whatsapp", evidence,
+                               only_from=sub.state)
         for action in decision.actions:
-            await self._perform(action, citizen, sub, wamid)
+            await self._perform(action, citizen, sub, wamid_hash)
         if changed and decision.state == "granted":
-            await self._record(citizen, decision.state, "whatsapp", wamid, only_from=sub.state)
+            await self._record(citizen, decision.state, "whatsapp", evidence,
+                               only_from=sub.state)
 
     async def withdraw(self, citizen: Citizen, evidence: str, channel: str) -> bool:
         """Withdraw notices if granted (chat opt-out keyword, erasure); True if it was.
@@ -95,19 +100,20 @@ class NoticeSubscriptions:
         raise Conflict("could not allocate a subscription code")
 
     async def _perform(self, action: NoticeAction, citizen: Citizen, sub: NoticeSubscription,
-                       wamid: str) -> None:
+                       wamid_hash: WamidHash) -> None:
         cfg = self._config
         if action is NoticeAction.SEND_TEXT:
             await self._outbox.system_buttons(
-                citizen, f"notices-text:{wamid}", notice_consent.consent_text(cfg),
+                citizen, reply_key("notices-text", wamid_hash), notice_consent.consent_text(cfg),
                 [(notice_consent.NOTICES_IN_BUTTON, "Acepto"),
                  (notice_consent.NOTICES_OUT_BUTTON, "No, gracias")])
         elif action is NoticeAction.CONFIRM_IN:
             await self._outbox.system_buttons(
-                citizen, f"notices-in:{wamid}", notice_consent.confirm_in(cfg, sub.code),
+                citizen, reply_key("notices-in", wamid_hash),
+                notice_consent.confirm_in(cfg, sub.code),
                 [(notice_consent.NOTICES_OUT_BUTTON, "Baja de avisos")])
         elif action is NoticeAction.CONFIRM_OUT:
-            await self._outbox.system_text(citizen, f"notices-out:{wamid}",
+            await self._outbox.system_text(citizen, reply_key("notices-out", wamid_hash),
                                            notice_consent.confirm_out(cfg))
         elif action is NoticeAction.CANCEL_PENDING:
             await self._cancel(citizen)

@@ -1,8 +1,13 @@
 """`GET|POST /whatsapp/webhook`: Meta's handshake and signed deliveries.
 
 A delivery is verified (HMAC-SHA256 of the raw body, constant-time), split into one
-queue row per message/status (deduplicated by wamid, resp. wamid+status), stored
+queue row per message/status (deduplicated by the wamid's keyed hash, resp. that and
+the status: a wamid embeds the number, so it is never a key in clear), stored
 encrypted, and only then acknowledged; the inbound worker does the rest.
+
+Dedupe keys live as long as their finished rows (bridge.retention): a message or status
+sent before the replay window could no longer be recognised as a redelivery, so it is
+acknowledged, counted (`civic_bridge_webhook_replays`) and never queued.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +25,9 @@ from aiohttp import web
 from bridge.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from bridge.jsonbody import BodyError, load_body
 from bridge.privacy import AAD_PAYLOAD, Cipher, KeyedIndex
+from bridge.retention import REPLAY_WINDOW
 from bridge.web.state import BRIDGE
-from bridge.whatsapp.webhook_parse import WhatsAppError, lane_of, parse_webhook
+from bridge.whatsapp.webhook_parse import WhatsAppError, dedupe_key, lane_of, parse_webhook
 
 if TYPE_CHECKING:
     from bridge.services import Bridge
@@ -43,8 +51,10 @@ def _items(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def split_delivery(body: dict[str, Any], phone_number_id: str) -> list[tuple[str, dict[str, Any]]]:
-    """(dedupe key, single-item value) for every message and status of a delivery.
+def split_delivery(body: dict[str, Any], phone_number_id: str, index: KeyedIndex
+                   ) -> list[tuple[str, dict[str, Any]]]:
+    """(dedupe key, single-item value) for every message and status of a delivery; the
+    key names the wamid by its keyed hash (`dedupe_key`).
 
     Each stored value keeps its `metadata` and `contacts`, so it re-parses on its own.
     It reads the body with the parser's leniency (a part of the wrong type counts as
@@ -61,24 +71,27 @@ def split_delivery(body: dict[str, Any], phone_number_id: str) -> list[tuple[str
             base = {k: v for k, v in value.items() if k not in ("messages", "statuses")}
             for msg in _items(value.get("messages")):
                 if isinstance(msg, dict) and isinstance(msg.get("id"), str):
-                    items.append((f"msg:{msg['id']}", {**base, "messages": [msg]}))
+                    items.append((dedupe_key(index, msg["id"]), {**base, "messages": [msg]}))
             for st in _items(value.get("statuses")):
                 if isinstance(st, dict) and isinstance(st.get("id"), str):
-                    key = f"status:{st['id']}:{st.get('status')}"
+                    key = dedupe_key(index, st["id"], str(st.get("status")))
                     items.append((key, {**base, "statuses": [st]}))
     return items
 
 
-def _bounded(key: str) -> str:
-    """A dedupe key that fits its column (255): an overlong wamid is hashed, the same
-    way every time, so redeliveries still match."""
-    if len(key) <= _MAX_KEY:
-        return key
-    kind = key.split(":", 1)[0]
-    return f"{kind}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+_UNIX_TIME = re.compile(r"[0-9]{1,12}")
 
 
-_MAX_KEY = 200
+def sent_at(value: dict[str, Any]) -> int | None:
+    """When the message or status of a split item was sent (Unix seconds), if it says."""
+    for part in ("messages", "statuses"):
+        for item in _items(value.get(part)):
+            stamp = _obj(item).get("timestamp")
+            if isinstance(stamp, str) and _UNIX_TIME.fullmatch(stamp):
+                return int(stamp)
+            if isinstance(stamp, int) and not isinstance(stamp, bool) and stamp >= 0:
+                return stamp
+    return None
 
 
 class NotJSON(BadRequest):
@@ -92,11 +105,13 @@ class Delivery:
     rows: list[tuple[str, str, str]]  # (dedupe key, encrypted value, lane)
     ignored: tuple[str, ...]
     errors: tuple[WhatsAppError, ...]  # about the business number itself
+    replays: tuple[str, ...] = ()  # "message" or "status", per item sent too long ago
 
 
 def prepare_delivery(raw: bytes, phone_number_id: str, index: KeyedIndex,
-                     cipher: Cipher) -> Delivery:
-    """Decode, parse and split a signed body into encrypted queue rows.
+                     cipher: Cipher, *, oldest: float = 0.0) -> Delivery:
+    """Decode, parse and split a signed body into encrypted queue rows; items sent
+    before `oldest` (Unix seconds) become `replays` instead.
 
     Raises NotJSON or WebhookFormatError (both 400) for a body refused as a whole;
     anything else it accepts becomes rows or `ignored` reasons, never an exception.
@@ -106,9 +121,14 @@ def prepare_delivery(raw: bytes, phone_number_id: str, index: KeyedIndex,
     except BodyError:
         raise NotJSON("body is not JSON") from None
     batch = parse_webhook(body, phone_number_id)
-    rows = [(_bounded(key), cipher.encrypt_json(value, aad=AAD_PAYLOAD), lane_of(value, index))
-            for key, value in split_delivery(body, phone_number_id)]
-    return Delivery(rows, batch.ignored, batch.errors)
+    rows, replays = [], []
+    for key, value in split_delivery(body, phone_number_id, index):
+        sent = sent_at(value)
+        if sent is not None and sent < oldest:
+            replays.append("message" if key.startswith("msg:") else "status")
+            continue
+        rows.append((key, cipher.encrypt_json(value, aad=AAD_PAYLOAD), lane_of(value, index)))
+    return Delivery(rows, batch.ignored, batch.errors, tuple(replays))
 
 
 @routes.get("/whatsapp/webhook")
@@ -141,7 +161,8 @@ async def _verify_and_store(request: web.Request, bridge: Bridge) -> web.Respons
         raise Unauthorized("missing or invalid X-Hub-Signature-256")
     try:
         delivery = prepare_delivery(raw, cfg.phone_number_id, bridge.privacy.index,
-                                    bridge.privacy.cipher)
+                                    bridge.privacy.cipher,
+                                    oldest=time.time() - REPLAY_WINDOW.total_seconds())
     except NotJSON:
         bridge.metrics.webhook_rejects.labels("json").inc()
         raise
@@ -157,6 +178,10 @@ async def _verify_and_store(request: web.Request, bridge: Bridge) -> web.Respons
         bridge.metrics.inbound_not_relayed.labels("account_error").inc()
     if delivery.ignored:
         bridge.metrics.ignored_parts.labels("whatsapp").inc(len(delivery.ignored))
+    for part in delivery.replays:
+        # Its dedupe key may be purged already: handling it could relay it twice.
+        log.info("webhook: ignored a %s sent before the replay window", part)
+        bridge.metrics.webhook_replays.labels(part).inc()
     lanes = set()
     for key, payload, lane in delivery.rows:
         with bridge.db.urgent():

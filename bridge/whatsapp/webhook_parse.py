@@ -22,6 +22,7 @@ parsed message by mistake does not leak it.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -362,6 +363,25 @@ def lane_of(value: dict[str, Any], index: KeyedIndex) -> str:
 
 
 STATUS_LANE = "statuses"  # + ":<recipient's keyed hash>" when the status names one
+
+
+def dedupe_key(index: KeyedIndex, wamid: str, status: str | None = None) -> str:
+    """The inbound queue's key of a message (`msg:<wamid hash>`) or of one status of a
+    message (`status:<wamid hash>:<status>`)."""
+    digest = index.wamid(wamid)
+    return _bounded(f"msg:{digest}" if status is None else f"status:{digest}:{status}")
+
+
+def _bounded(key: str) -> str:
+    """A dedupe key that fits its column (255): one with an overlong status is hashed,
+    the same way every time, so redeliveries still match."""
+    if len(key) <= _MAX_KEY:
+        return key
+    kind = key.split(":", 1)[0]
+    return f"{kind}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+_MAX_KEY = 200
 
 
 def status_lane(index_hash: str) -> str:

@@ -6,21 +6,18 @@ rate-limited. The session bridge has one `only-<scope>` token per scope
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import pytest
-import yaml
 
-from bridge.app import make_app
+from bridge.app import make_admin_app, make_app
 from bridge.config import ADMIN_SCOPES
 from tests.fixtures.bridge import BridgeHarness
-from tests.integration.test_whatsapp import new_citizen, opt_in, wait_until
+from tests.integration.test_whatsapp import bridge_cli, new_citizen, opt_in, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +41,8 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/admin/v1/audit/verify"): "audit.read",
     ("GET", "/admin/v1/citizens/{user_id}/export"): "citizens.export",
     ("POST", "/admin/v1/citizens/lookup"): "citizens.export",
+    ("POST", "/admin/v1/citizens/export"): "citizens.export",
+    ("POST", "/admin/v1/citizens/erase"): "citizens.erase",
     ("DELETE", "/admin/v1/citizens/{user_id}"): "citizens.erase",
     ("POST", "/admin/v1/citizens/{user_id}/reveal"): "reidentify",
     ("POST", "/admin/v1/notices"): "notices",
@@ -72,12 +71,13 @@ async def api(h: BridgeHarness, name: str, method: str, path: str, body: Any = N
     if acting is not None:
         headers["X-Civic-Bridge-Actor"] = acting
     async with aiohttp.ClientSession() as http, http.request(
-            method, h.running.url + path, json=body, headers=headers) as resp:
+            method, h.running.url_for(path), json=body, headers=headers) as resp:
         return resp.status, await resp.json(content_type=None)
 
 
 def admin_routes(h: BridgeHarness) -> set[tuple[str, str]]:
-    app = make_app(h.running.config)  # not started: only its routing table is read
+    # Not started: only its routing table is read.
+    app = make_admin_app(make_app(h.running.config))
     return {(r.method, r.resource.canonical) for r in app.router.routes()
             if r.resource is not None and r.resource.canonical.startswith("/admin/")
             and r.method != "HEAD"}
@@ -114,9 +114,37 @@ async def test_unknown_or_missing_token_is_401(bridge: BridgeHarness) -> None:
     for header in ({}, {"Authorization": "Bearer " + "y" * 40},
                    {"Authorization": "Bearer " + token(bridge, "only-rooms")[:-1]}):
         async with aiohttp.ClientSession() as http, http.get(
-                bridge.running.url + "/admin/v1/rooms", headers=header) as resp:
+                bridge.running.admin_url + "/admin/v1/rooms", headers=header) as resp:
             assert resp.status == 401
             assert (await resp.json())["errcode"] == "M_UNKNOWN_TOKEN"
+
+
+async def test_refusals_are_counted_logged_and_a_known_callers_audited(
+        bridge: BridgeHarness) -> None:
+    """A probe with no or a wrong token is logged (route, never the token) and counted; a
+    known token reaching beyond its scope is also audited under its name (ENS op.exp.8)."""
+    registry = bridge.running.bridge.metrics.registry
+
+    def refused(reason: str) -> float:
+        return registry.get_sample_value("civic_bridge_admin_refusals_total",
+                                         {"reason": reason}) or 0.0
+
+    before = refused("unauthenticated"), refused("forbidden")
+    mark = len(bridge.log_lines)
+    wrong = "z" * 40
+    async with aiohttp.ClientSession() as http, http.get(
+            bridge.running.admin_url + "/admin/v1/citizens/lookup",
+            headers={"Authorization": f"Bearer {wrong}"}) as resp:
+        assert resp.status == 401
+    status, _ = await api(bridge, "only-notices", "GET", "/admin/v1/audit")
+    assert status == 403
+    assert (refused("unauthenticated"), refused("forbidden")) == (before[0] + 1, before[1] + 1)
+    lines = "".join(bridge.log_lines[mark:])
+    assert "/admin/v1/citizens/lookup refused" in lines and wrong not in lines
+    assert "refused to token only-notices (lacks audit.read)" in lines
+    entry = await newest(bridge, "admin.refused")
+    assert (entry["actor"], entry["object"], entry["result"]) == (
+        "api:only-notices", "GET /admin/v1/audit", "forbidden")
 
 
 async def newest(h: BridgeHarness, action: str) -> dict[str, Any]:
@@ -144,7 +172,7 @@ async def test_audit_names_the_token_and_who_acts_through_it(bridge: BridgeHarne
                              {"name": "Sala", "kind": "team"}, acting="Ana (jefa)")
     assert status == 400 and "X-Civic-Bridge-Actor" in body["error"]
     async with aiohttp.ClientSession() as http, http.get(
-            bridge.running.url + "/admin/v1/rooms",
+            bridge.running.admin_url + "/admin/v1/rooms",
             headers={"X-Civic-Bridge-Actor": bridge.admin.user_id}) as resp:
         assert resp.status == 401
 
@@ -169,15 +197,7 @@ async def test_auditor_reads_and_verifies_the_trail_only(bridge: BridgeHarness) 
 
 
 async def cli(h: BridgeHarness, tmp_path: Path, *args: str) -> tuple[int, str, str]:
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(h.running.config.model_dump(mode="json")),
-                      encoding="utf-8")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge", "admin", "-c", str(config), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await bridge_cli(h, tmp_path, "admin", *args)
 
 
 async def test_reveal_and_lookup(bridge: BridgeHarness, tmp_path: Path) -> None:

@@ -24,9 +24,11 @@ from sqlalchemy import text
 
 from bridge.cli import init_config
 from bridge.config import ENV_PREFIX, load_config
-from bridge.db import downgrade, schema_status, upgrade
+from bridge.db import Database, downgrade, schema_status, upgrade
 from bridge.db.engine import create_engine
 from bridge.devtools.synapse import free_port
+from bridge.privacy import Privacy
+from tests.fixtures.synapse import other_free_port
 
 DOMAIN = "agency.example"
 # Nothing listens here: a command that tries the homeserver would hang or fail differently.
@@ -307,6 +309,23 @@ async def test_migrate_creates_the_schema_and_is_idempotent(deployment: Deployme
     assert await schema_status(deployment.url) == "current"
 
 
+async def test_migrate_keys_wamids_stored_in_clear_before_0010(deployment: Deployment) -> None:
+    """`migrate` from revision 0009 also does the data part of 0010, which needs the
+    keys: a wamid the old code kept in clear is a keyed hash afterwards."""
+    await upgrade(deployment.url, "0009")
+    wamid = "wamid.HBgLMzQ2MDAxMTIyMzMVAgASGBQzRUIwRjJCMjQ4NjA2QzU3MTk0NQA="
+    await _execute(deployment.url, "INSERT INTO inbound (source, dedupe_key, lane, payload, "
+                   "status, attempts, created_at) VALUES ('whatsapp', 'msg:" + wamid +
+                   "', '', 'x', 'done', 0, '2026-12-01 10:00:00')")
+    result = await cli("migrate", "-c", deployment.config_arg, cwd=deployment.root)
+    assert result.returncode == 0, result.stderr
+    assert "wamids stored in clear, now keyed: 1" in result.stdout
+    index = Privacy.from_config(load_config(deployment.config_path).privacy).index
+    async with await Database.open(deployment.url) as db:
+        [item] = await db.inbound.after(0)
+        assert item.dedupe_key == f"msg:{index.wamid(wamid)}"
+
+
 @pytest.mark.parametrize("state", ["empty", "behind", "foreign"])
 async def test_run_refuses_a_wrong_database_with_the_fix(deployment: Deployment,
                                                          state: str) -> None:
@@ -342,6 +361,8 @@ async def test_run_starts_on_a_migrated_database(deployment: Deployment) -> None
     """The counterpart: after `migrate`, `run` gets past the check and serves."""
     cfg = _read(deployment.config_path)
     cfg["appservice"]["listen_port"] = port = free_port()
+    cfg["admin"]["listen_port"] = admin_port = other_free_port(port)
+    cfg.setdefault("metrics", {})["listen_port"] = other_free_port(port, admin_port)
     _write(deployment.config_path, cfg)
     assert (await cli("migrate", "-c", deployment.config_arg,
                       cwd=deployment.root)).returncode == 0

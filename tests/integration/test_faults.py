@@ -55,7 +55,7 @@ from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 from tests.fixtures.db import PgServer
 from tests.fixtures.staff import StaffClient, staff_client
-from tests.fixtures.synapse import build_test_config
+from tests.fixtures.synapse import build_test_config, other_free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -314,6 +314,22 @@ class Desk:
             except (AssertionError, LocalSynapseError, aiohttp.ClientError, TimeoutError):
                 await asyncio.sleep(1)
 
+    async def reply(self, room_id: str, body: str) -> None:
+        """Send `body` encrypted; first make sure the room is encrypted on the server, not
+        only that this client's /sync has caught up with its state."""
+        for _ in range(20):
+            room = self.staff.client.rooms.get(room_id)
+            if room is not None and room.encrypted:
+                await self.staff.send_text(room_id, body)
+                return
+            status, _state = await self.synapse.request(
+                "GET", f"/_matrix/client/v3/rooms/{room_id}/state/m.room.encryption/",
+                token=self.staff.client.access_token)
+            if status == 404:
+                raise AssertionError(f"{room_id} has no m.room.encryption on the server")
+            await asyncio.sleep(0.5)  # /sync has not brought the state yet
+        raise AssertionError(f"{room_id}: the desk's /sync never showed it encrypted")
+
     async def history(self, room_id: str) -> list[Event]:
         """The whole room timeline, oldest first, read with /messages (a /sync timeline
         can be gappy). Undecryptable events stay MegolmEvent."""
@@ -383,7 +399,8 @@ async def own_synapse(tmp_path_factory: pytest.TempPathFactory
                       ) -> AsyncIterator[tuple[LocalSynapse, Path]]:
     """A Synapse of this module's own: the test stops it, and the session's is shared."""
     workdir = tmp_path_factory.mktemp("faults")
-    hs_port, as_port = free_port(), free_port()
+    hs_port = free_port()
+    as_port = other_free_port(hs_port)
     config = build_test_config(f"http://127.0.0.1:{hs_port}", as_port, workdir)
     registration = workdir / "registration.yaml"
     registration.write_text(registration_yaml(config), encoding="utf-8")
@@ -450,7 +467,9 @@ async def _fault_run(backend: str, pg: PgServer | None,
         "database": {"url": db_url},
         "privacy": {k: base["privacy"][k] for k in ("data_key", "index_key")},
         "audit": {"key": base["audit"]["key"]},
-        "admin": {"token": base["admin"]["token"], "users": [desk_user.user_id]},
+        "admin": {"token": base["admin"]["token"], "users": [desk_user.user_id],
+                  "listen_port": base["admin"]["listen_port"]},
+        "metrics": {"listen_port": base["metrics"]["listen_port"]},
         "portals": {"staff": [desk_user.user_id]},
         "whatsapp": {"enabled": True, "api_base": proxy_base, "phone_number_id": PHONE_NUMBER_ID,
                      "access_token": wa.access_token, "app_secret": wa.app_secret,
@@ -536,7 +555,7 @@ async def _fault_run(backend: str, pg: PgServer | None,
 
         async def answer(i: int, count: int, start: int) -> None:
             for body in replies[i][start:start + count]:
-                await desk_user.send_text(desk.portal_of[i], body)
+                await desk.reply(desk.portal_of[i], body)
 
         half_replies = (REPLIES + 1) // 2
         await asyncio.gather(*(write(i, per_round) for i in range(CITIZENS)),

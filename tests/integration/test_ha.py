@@ -37,10 +37,11 @@ from bridge.config import ENV_PREFIX, Config, load_config
 from bridge.db import Database, upgrade
 from bridge.devtools.synapse import free_port
 from bridge.leader import APPLICATION_NAME
+from bridge.privacy import Privacy
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 from tests.fixtures.db import PgServer
-from tests.fixtures.synapse import SynapseHarness
+from tests.fixtures.synapse import SynapseHarness, other_free_port
 
 pytestmark = pytest.mark.integration
 
@@ -87,6 +88,12 @@ class BridgeProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.config.appservice.listen_port}"
 
+    def url_for(self, path: str) -> str:
+        """/metrics on the metrics listener, everything else on the public one."""
+        port = (self.config.metrics.listen_port if path == "/metrics"
+                else self.config.appservice.listen_port)
+        return f"http://127.0.0.1:{port}{path}"
+
     async def start(self) -> None:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(ENV_PREFIX) and not k.startswith(("POD_", "KUBERNETES_"))}
@@ -110,7 +117,7 @@ class BridgeProcess:
 
     async def get(self, path: str) -> tuple[int, Any]:
         try:
-            async with self.http.get(self.url + path,
+            async with self.http.get(self.url_for(path),
                                      timeout=aiohttp.ClientTimeout(total=5)) as resp:
                 body = await resp.read()
                 try:
@@ -203,10 +210,13 @@ class Cluster:
         self.procs: list[BridgeProcess] = []
         for name in ("a", "b"):
             port = free_port()
+            admin_port = other_free_port(port)
             conf_dir = tmp / name
             conf_dir.mkdir()
             path = conf_dir / "config.yaml"
-            cfg = {**raw, "appservice": {**raw["appservice"], "listen_port": port}}
+            cfg = {**raw, "appservice": {**raw["appservice"], "listen_port": port},
+                   "admin": {**raw["admin"], "listen_port": admin_port},
+                   "metrics": {"listen_port": other_free_port(port, admin_port)}}
             path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
             self.procs.append(BridgeProcess(name, path, load_config(path), http))
 
@@ -242,6 +252,7 @@ async def test_standby_takes_over_and_loses_nothing(cluster: Cluster) -> None:
     a, b = cluster.procs
     wa = cluster.wa
     db = await Database.open(cluster.db_url)
+    index = Privacy.from_config(cluster.procs[0].config.privacy).index
     try:
         # --- A starts first and is elected; B waits as a warm standby ------------------
         await a.start()
@@ -266,7 +277,7 @@ async def test_standby_takes_over_and_loses_nothing(cluster: Cluster) -> None:
         await wa.wait_for_sent(notice_to(first), timeout=60)
         assert await wa.deliver(f"{a.url}/whatsapp/webhook",
                                 wa.button_reply(first, OPT_IN_BUTTON, "Acepto")) == 200
-        await eventually(lambda: db.messages.by_wamid(hello["messages"][0]["id"]),
+        await eventually(lambda: db.messages.by_wamid(index.wamid(hello["messages"][0]["id"])),
                          "the held first message relayed into the portal")
 
         # --- A acknowledges more work, cannot finish it, and is killed ------------------
@@ -303,7 +314,7 @@ async def test_standby_takes_over_and_loses_nothing(cluster: Cluster) -> None:
         # --- B did all of it, each thing once -------------------------------------------
         for n in newcomers:
             await wa.wait_for_sent(notice_to(n), timeout=60)
-        await eventually(lambda: db.messages.by_wamid(again["messages"][0]["id"]),
+        await eventually(lambda: db.messages.by_wamid(index.wamid(again["messages"][0]["id"])),
                          "the message relayed by B through the ghost device A created")
 
         async def settled() -> bool:

@@ -113,7 +113,7 @@ async def test_notices_consent_journey(bridge: BridgeHarness) -> None:
     await in_state(h, citizen, "prompted")
 
     # Keyword fallback: the keyword again, once the text was shown, accepts.
-    await write(h, h.wa.text_message(citizen, "avisos"))
+    accepted = await write(h, h.wa.text_message(citizen, "avisos"))
     confirm = await h.wa.wait_for_sent(
         lambda s: to_citizen(s, citizen) and buttons(s) == [NOTICES_OUT_BUTTON], timeout=30)
     await in_state(h, citizen, "granted")
@@ -132,7 +132,8 @@ async def test_notices_consent_journey(bridge: BridgeHarness) -> None:
     granted = records[-1]
     assert (granted.notice_version, granted.notice_hash, granted.channel, granted.language) == (
         "1", consent_hash(h.running.config), "whatsapp", "es")
-    assert granted.evidence and granted.evidence.startswith("wamid.")
+    # The evidence is the citizen's message, named by the keyed hash of its wamid.
+    assert granted.evidence == "wamid-hmac:" + b.privacy.index.wamid(accepted)
 
     # Opt-out of notices only, by keyword: confirmed, withdrawn, chat still untouched.
     await write(h, h.wa.text_message(citizen, "Baja  avisos"))
@@ -212,13 +213,17 @@ async def test_notice_is_one_fixed_template_and_statuses_fill_the_log(
 
     await wait_until(lambda: _has_wamid(h, data["id"]), 30, "wamid logged")
     logged = await b.db.notices.get(data["id"])
-    assert logged is not None and logged.wamid == h.wa.sent_ids[h.wa.sent.index(sent)]
-    await write(h, h.wa.status_update(logged.wamid, "delivered", citizen))
-    await write(h, h.wa.status_update(logged.wamid, "read", citizen))
+    wamid = h.wa.sent_ids[h.wa.sent.index(sent)]
+    assert wamid is not None
+    assert logged is not None and logged.wamid_hash == b.privacy.index.wamid(wamid)
+    await write(h, h.wa.status_update(wamid, "delivered", citizen))
+    await write(h, h.wa.status_update(wamid, "read", citizen))
     await wait_until(lambda: _status_is(h, reference, "read"), 30, "read")
     shown = await entry(h, reference)
     assert shown["sent_at"] and shown["delivered_at"] and shown["read_at"]
-    assert shown["wamid"] == logged.wamid and shown["label"] == LABEL
+    # Whether WhatsApp's message id is on record, never the id (it embeds the number).
+    assert shown["has_wamid"] is True and "wamid" not in shown and shown["label"] == LABEL
+    assert wamid not in json.dumps(shown)
 
     actions = [(e.action, e.object, e.result, e.reason) for e in await b.db.audit.list(limit=20)]
     assert ("notice.send", f"pseudonym {pseudonym}", "queued", f"reference {reference}") in actions
@@ -230,7 +235,7 @@ async def test_notice_is_one_fixed_template_and_statuses_fill_the_log(
 
 async def _has_wamid(h: BridgeHarness, notice_id: int) -> bool:
     notice = await h.running.bridge.db.notices.get(notice_id)
-    return notice is not None and notice.wamid is not None
+    return notice is not None and notice.wamid_hash is not None
 
 
 async def _status_is(h: BridgeHarness, reference: str, status: str) -> bool:
@@ -244,9 +249,11 @@ async def test_failed_status_records_the_error(bridge: BridgeHarness) -> None:
     status, data = await send(h, code, "NOT-2026/FAIL")
     assert status == 202
     await wait_until(lambda: _has_wamid(h, data["id"]), 30, "wamid logged")
-    notice = await h.running.bridge.db.notices.get(data["id"])
-    assert notice is not None and notice.wamid
-    await write(h, h.wa.status_update(notice.wamid, "failed", citizen,
+    sent = next(s for s in reversed(h.wa.sent)
+                if to_citizen(s, citizen) and s.get("type") == "template")
+    wamid = h.wa.sent_ids[h.wa.sent.index(sent)]
+    assert wamid is not None
+    await write(h, h.wa.status_update(wamid, "failed", citizen,
                                       errors=[(131026, "Message undeliverable")]))
     await wait_until(lambda: _status_is(h, "NOT-2026/FAIL", "failed"), 30, "failed")
     shown = await entry(h, "NOT-2026/FAIL")

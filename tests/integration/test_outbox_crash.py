@@ -23,7 +23,9 @@ from bridge.db import OutboxItem
 from bridge.db.models import InboundRow, OutboxRow
 from bridge.services import Bridge
 from bridge.whatsapp.outbox import callback_data, callback_item
+from bridge.whatsapp.webhook_parse import dedupe_key
 from tests.fixtures.bridge import BridgeHarness
+from tests.fixtures.wamids import opened
 from tests.integration.test_notices import entry, send, subscribe, templates_to
 from tests.integration.test_whatsapp import (
     Journey,
@@ -121,8 +123,9 @@ async def test_crash_mid_send_is_confirmed_by_its_status_and_not_resent(
         # linked to the staff event like a normal success.
         await j.write(h.wa.status_update(wamid, "sent", j.citizen))
         confirmed = await wait_until(lambda: row_in(b, item.id, "sent"), 30, "confirmed")
-        assert confirmed.wamid == wamid and confirmed.sending_at is None
-        link = await b.db.messages.by_wamid(wamid)
+        assert confirmed.wamid_hash == b.privacy.index.wamid(wamid)
+        assert confirmed.sending_at is None
+        link = await b.db.messages.by_wamid(b.privacy.index.wamid(wamid))
         assert link is not None and (link.event_id, link.room_id, link.direction) == (
             event_id, j.room_id, "out")
 
@@ -160,11 +163,12 @@ async def test_crash_mid_send_without_status_is_resent_once_after_the_window(
         resent = await wait_until(lambda: row_in(b, item.id, "sent"), 30, "resent row")
         second_wamid = h.wa.sent_ids[max(i for i, s in enumerate(h.wa.sent)
                                          if text_to(j, text)(s))]
-        assert resent.wamid == second_wamid != first_wamid and resent.sending_at is None
+        assert second_wamid != first_wamid and resent.sending_at is None
+        assert resent.wamid_hash == b.privacy.index.wamid(second_wamid)
         assert [s.get("biz_opaque_callback_data") for s in h.wa.sent
                 if text_to(j, text)(s)] == [callback_data(item.id)] * 2
         link = await b.db.messages.by_event(event_id)
-        assert link is not None and link.wamid == second_wamid
+        assert link is not None and opened(b, link) == second_wamid
         assert any(f"outbox #{item.id}: no delivery status within the confirmation window"
                    in line for line in h.log_lines)
         await asyncio.sleep(2)
@@ -214,7 +218,7 @@ async def test_notice_cut_short_by_a_crash_is_logged_from_its_status(
     await h.running.start()
     b = h.running.bridge
     logged = await b.db.notices.get(data["id"])
-    assert logged is not None and logged.wamid is None  # Graph's answer was never read
+    assert logged is not None and logged.wamid_hash is None  # Graph's answer was never read
     await asyncio.sleep(2)
     assert len(templates_to(h, citizen)) == 1
 
@@ -225,7 +229,9 @@ async def test_notice_cut_short_by_a_crash_is_logged_from_its_status(
         return bool((await entry(h, "NOT-2026/CRASH"))["status"] == "delivered")
     await wait_until(delivered, 30, "notice delivered")
     shown = await entry(h, "NOT-2026/CRASH")
-    assert shown["wamid"] == wamid and shown["sent_at"] and shown["delivered_at"]
+    assert shown["has_wamid"] and shown["sent_at"] and shown["delivered_at"]
+    logged = await b.db.notices.get(data["id"])
+    assert logged is not None and logged.wamid_hash == b.privacy.index.wamid(wamid)
     item_id = callback_item(sent["biz_opaque_callback_data"])
     assert item_id is not None and await row_in(b, item_id, "sent") is not None
     await asyncio.sleep(1.5)
@@ -246,7 +252,8 @@ async def test_statuses_with_unknown_or_junk_callback_data_change_nothing(
         item_id = callback_item(sent["biz_opaque_callback_data"])
         assert item_id is not None
         before = await b.db.outbox.get(item_id)
-        assert before is not None and (before.status, before.wamid) == ("sent", link.wamid)
+        assert before is not None and (before.status, before.wamid_hash) == ("sent",
+                                                                              link.wamid_hash)
 
         # Unknown rows, junk, and the callback data of a row already settled, each on
         # a status (sent and failed) of a message the bridge does not know.
@@ -259,7 +266,7 @@ async def test_statuses_with_unknown_or_junk_callback_data_change_nothing(
                     stranger, status, j.citizen, callback_data=data,
                     errors=[(131026, "Message undeliverable")] if status == "failed" else None))
         # Statuses run in one lane, in order: the receipt shows the junk was handled.
-        await j.write(h.wa.status_update(link.wamid, "read", j.citizen))
+        await j.write(h.wa.status_update(opened(b, link), "read", j.citizen))
         ghost = (await b.db.citizens.by_index(
             b.privacy.index.digest(j.citizen.user_id))).ghost_user_id
 
@@ -273,9 +280,10 @@ async def test_statuses_with_unknown_or_junk_callback_data_change_nothing(
         after = await b.db.outbox.get(item_id)
         assert after == before
         for stranger in strangers:
-            assert await b.db.messages.by_wamid(stranger) is None
-            assert await b.db.outbox.by_wamid(stranger) is None
-        keys = [f"status:{w}:{status}" for w in strangers for status in ("sent", "failed")]
+            assert await b.db.messages.by_wamid(b.privacy.index.wamid(stranger)) is None
+            assert await b.db.outbox.by_wamid(b.privacy.index.wamid(stranger)) is None
+        keys = [dedupe_key(b.privacy.index, w, status) for w in strangers
+                for status in ("sent", "failed")]
         async with b.db.session() as session:
             statuses = list(await session.scalars(
                 select(InboundRow.status).where(InboundRow.dedupe_key.in_(keys))))
@@ -318,7 +326,7 @@ async def test_media_send_stopped_mid_upload_goes_out_once_without_waiting(
         done = await wait_until(lambda: row_in(b, item.id, "sent"), 30, "sent row")
         assert done.sending_at is None and done.attempts == 1
         link = await b.db.messages.by_event(event_id)
-        assert link is not None and link.wamid == done.wamid
+        assert link is not None and link.wamid_hash == done.wamid_hash
         assert not any(f"outbox #{item.id}: no delivery status" in line
                        for line in h.log_lines)
         await asyncio.sleep(1.5)

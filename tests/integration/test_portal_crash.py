@@ -5,12 +5,15 @@ of making a second one. The fault is real: the database refuses the insert."""
 from __future__ import annotations
 
 import asyncio
+import secrets
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bridge.whatsapp.consent import OPT_IN_BUTTON
+from bridge.whatsapp.portal import PORTAL_INTENT
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_whatsapp import _in_state, new_citizen, to_citizen, wait_until
 
@@ -76,3 +79,34 @@ async def test_a_crash_between_create_room_and_insert_yields_one_portal(
     # The message held before the opt-in is relayed into that portal; nothing stays queued.
     await h.running.idle("whatsapp", timeout=60)
     assert await b.db.inbound.pending("whatsapp") == []
+
+
+async def test_a_room_cut_short_before_its_encryption_is_never_used_as_portal(
+        bridge: BridgeHarness) -> None:
+    """Synapse stopped mid-createRoom persists a prefix of the room: here the bot's join
+    and the creation alias, but not `m.room.encryption` (found by bench/faults.py on
+    PostgreSQL: staff were invited into such a room and read the citizen in clear)."""
+    h = bridge
+    b = h.running.bridge
+    citizen = new_citizen()
+    assert await h.wa.deliver(h.webhook_url, h.wa.text_message(citizen, "Hola")) == 200
+    row = await wait_until(lambda: _in_state(h, citizen, "prompted"), 30, "the prompt")
+    token = secrets.token_hex(12)
+    alias_localpart = f"{h.running.config.appservice.ghost_prefix}portal_{token}"
+    alias = f"#{alias_localpart}:{h.running.config.homeserver.domain}"
+    cut_short = await b.api.create_room(b.ghosts.bot, {
+        "preset": "private_chat", "visibility": "private", "room_alias_name": alias_localpart})
+    await b.db.kv.set(PORTAL_INTENT + str(row.id), token)
+
+    tap = h.wa.button_reply(citizen, OPT_IN_BUTTON, "Acepto")
+    assert await h.wa.deliver(h.webhook_url, tap) == 200
+    portal = await wait_until(lambda: b.db.rooms.portal_for(row.id), 30, "portal")
+    assert portal.room_id != cut_short
+    encryption = await b.api.request(
+        "GET", f"/_matrix/client/v3/rooms/{quote(portal.room_id, safe='')}"
+               "/state/m.room.encryption/", as_user=b.ghosts.bot)
+    assert encryption["algorithm"] == "m.megolm.v1.aes-sha2"
+    # The abandoned room keeps nobody of ours and its alias is gone.
+    assert cut_short not in await bot_rooms(h)
+    assert await b.api.resolve_alias(alias) is None
+    await h.running.idle("whatsapp", timeout=60)

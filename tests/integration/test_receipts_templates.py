@@ -19,6 +19,7 @@ from nio import RoomReadMarkersResponse, RoomTypingResponse
 
 from bridge.config import Config, TemplateConfig
 from tests.fixtures.bridge import BridgeHarness
+from tests.fixtures.wamids import opened
 from tests.integration.test_whatsapp import (
     USED_IDENTIFIERS,
     Journey,
@@ -92,10 +93,11 @@ async def test_staff_read_receipt_and_typing_reach_whatsapp(templated: BridgeHar
         first = await j.seen(body_is("Hola, ¿me pueden ayudar?"))
         link = await b.db.messages.by_event(first.event_id)
         assert link is not None
+        wamid = opened(b, link)  # the citizen's message, as Meta named it
         await read_up_to(j, first.event_id)
-        sent = await h.wa.wait_for_sent(lambda s: s in reads(h, link.wamid), timeout=30)
+        sent = await h.wa.wait_for_sent(lambda s: s in reads(h, wamid), timeout=30)
         assert sent == {"messaging_product": "whatsapp", "status": "read",
-                        "message_id": link.wamid}
+                        "message_id": wamid}
 
         # A later receipt that covers no newer message of the citizen sends nothing.
         reply = await j.desk.send_text(j.room_id, "Claro, dígame.")
@@ -107,7 +109,7 @@ async def test_staff_read_receipt_and_typing_reach_whatsapp(templated: BridgeHar
         wamid2, event2 = await citizen_message(j, "Es sobre el padrón")
         await b.api.receipt(b.ghosts.bot, j.room_id, event2)
         await asyncio.sleep(2)
-        assert len(reads(h, link.wamid)) == 1
+        assert len(reads(h, wamid)) == 1
         assert reads(h, wamid2) == []
 
         # Staff typing: the typing indicator on the newest message, once per ~20 s.
@@ -139,6 +141,7 @@ async def test_send_read_receipts_false_sends_neither(templated: BridgeHarness) 
             first = await j.seen(body_is("Buenas tardes"))
             link = await h.running.bridge.db.messages.by_event(first.event_id)
             assert link is not None
+            wamid = opened(h.running.bridge, link)
             await read_up_to(j, first.event_id)
             await typing(j)
             # A later send proves the bridge processed what came before it.
@@ -146,7 +149,7 @@ async def test_send_read_receipts_false_sends_neither(templated: BridgeHarness) 
             await j.sent_to_citizen(
                 lambda s: s.get("text", {}).get("body") == "Un momento, por favor.")
             await asyncio.sleep(2)
-            assert reads(h, link.wamid) == []
+            assert reads(h, wamid) == []
             await typing(j, False)
         finally:
             await j.desk.close()
@@ -175,6 +178,7 @@ async def test_templates_listed_and_sent_after_the_window(templated: BridgeHarne
         first = await j.seen(body_is("Escribí el viernes"))
         link = await b.db.messages.by_event(first.event_id)
         assert link is not None
+        wamid = opened(b, link)
         # No typing indicator while staff could not answer with free text.
         await typing(j)
         await j.desk.send_text(j.room_id, "!plantilla")
@@ -214,9 +218,16 @@ async def test_templates_listed_and_sent_after_the_window(templated: BridgeHarne
         assert len(templates_sent) == 1
         async def typing_refused() -> bool:
             metrics = (await h.running.call("GET", "/metrics", token=None))[1]
-            return 'kind="typing",outcome="window_closed"' in metrics
-        await wait_until(typing_refused, 30, "typing seen and not sent")
-        assert not [s for s in reads(h, link.wamid) if "typing_indicator" in s]
+            if 'kind="typing",outcome="window_closed"' in metrics:
+                return True
+            # Typing is ephemeral: Synapse does not retry it to an appservice it saw
+            # down (the fixtures restart the bridge), so start typing again.
+            await typing(j, False)
+            await typing(j)
+            await asyncio.sleep(1)
+            return False
+        await wait_until(typing_refused, 60, "typing seen and not sent")
+        assert not [s for s in reads(h, wamid) if "typing_indicator" in s]
         await typing(j, False)
 
         # The citizen answers: the window reopens for free text.
@@ -284,17 +295,21 @@ async def test_admin_route_sends_a_template_and_is_audited(templated: BridgeHarn
 
 
 async def test_no_wamid_or_identifier_in_the_logs(templated: BridgeHarness) -> None:
-    """The bridge's own log records of the run (before redaction) carry none of the
-    wamids this module's receipts and templates used; no record at all carries a test
-    citizen's number or BSUID. (Third-party debug logs, such as aiosqlite's SQL
-    parameters, do hold wamids: the message map keeps them, as before.)"""
+    """No log record of the run (before redaction) carries a wamid this module's
+    receipts and templates used, nor a test citizen's number or BSUID. That includes
+    third-party debug logs such as aiosqlite's SQL parameters: the database is given
+    keyed hashes and ciphertexts of wamids only."""
     h = templated
+    used = set(USED_IDENTIFIERS)
     wamids = {s["message_id"] for s in h.wa.sent if s.get("status") == "read"}
-    wamids |= {w for w in h.wa.sent_ids if w}
-    assert wamids and USED_IDENTIFIERS
+    # Sends to the citizens these tests made (other modules' tests, such as one that
+    # writes clear wamids into a database on purpose, use the same simulator).
+    wamids |= {w for w, s in zip(h.wa.sent_ids, h.wa.sent, strict=True)
+               if w and (s.get("to") in used or s.get("recipient") in used)}
+    assert wamids and used
     ours = [line for line in h.log_lines if line.startswith("bridge")]
     assert ours
-    for secrets_, lines in ((wamids, ours), (set(USED_IDENTIFIERS), h.log_lines)):
+    for secrets_, lines in ((wamids, h.log_lines), (used, h.log_lines)):
         for secret in secrets_:
             found = next((x for x in lines if secret in x), None)
             assert found is None, f"logged: {found.replace(secret, '<SECRET>')[:300]}"

@@ -316,12 +316,12 @@ async def test_denunciar_on_whatsapp_quoting_a_staff_message_reaches_moderators(
             s.get("text", {}).get("body", ""))
         assert received["type"] == "text"
         # The report is for moderators: it is not mirrored into the portal.
-        assert await b.db.messages.by_wamid(wamid) is None
+        assert await b.db.messages.by_wamid(b.privacy.index.wamid(wamid)) is None
         # A redelivered webhook, or the same report again while open, files nothing new.
         assert await bridge.wa.deliver(bridge.webhook_url, report_msg) == 200
         again = await j.write(bridge.wa.text_message(citizen, "DENUNCIAR", context_id=quoted))
         await bridge.running.idle("whatsapp")
-        assert await b.db.messages.by_wamid(again) is None
+        assert await b.db.messages.by_wamid(b.privacy.index.wamid(again)) is None
         status, body = await bridge.running.call("POST", f"/admin/v1/reports/{number}/dismiss",
                                                  {})
         assert status == 200 and body["reporter_told"] is True
@@ -365,7 +365,10 @@ async def test_a_flagged_term_is_flagged_and_nothing_is_deleted(bridge: BridgeHa
         assert "flagged by the bridge" in notice and "matches «imbécil»" in notice
         assert re.search(rf"Author: .*{re.escape(user.user_id)}", notice)
         assert "nothing was deleted" in notice
-        assert metric(bridge, "civic_bridge_flags_total") == before + 1
+        # The counter moves right after the notice is posted: wait for it, not a race.
+        async def counted() -> bool:
+            return metric(bridge, "civic_bridge_flags_total") == before + 1
+        await eventually(counted, timeout=10)
         event = await b.api.request(
             "GET", f"/_matrix/client/v3/rooms/{q(room)}/event/{q(sent['event_id'])}",
             as_user=b.ghosts.bot)

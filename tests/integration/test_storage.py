@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 from sqlalchemy import func, select
@@ -13,12 +13,16 @@ from sqlalchemy import func, select
 from bridge.db import Citizen, Database
 from bridge.db.models import InboundRow, OutboxRow
 from bridge.errors import NotFound
+from bridge.matrix.queued import open_event, seal_event
 from bridge.privacy import AAD_PAYLOAD, Cipher
 from bridge.types import EventID, RoomID
 from bridge.whatsapp.outbound import HELD_KEY, WINDOW, drop_held
+from tests.fixtures.wamids import sealed, wamid_hash
 
 ROOM = RoomID("!portal:agency.example")
 T0 = datetime(2025, 1, 1, 9, 0, tzinfo=UTC)
+CIPHER = Cipher(os.urandom(32))
+SEAL = partial(seal_event, CIPHER)
 
 
 async def _count(db: Database, model: type[InboundRow] | type[OutboxRow]) -> int:
@@ -40,37 +44,39 @@ def _event(event_id: str, body: str = "hola") -> dict[str, object]:
 
 
 async def test_transaction_is_stored_once(db: Database) -> None:
-    assert await db.transactions.store("t1", [_event("$a"), _event("$b")]) is True
+    assert await db.transactions.store("t1", [_event("$a"), _event("$b")], seal=SEAL) is True
     items = await db.inbound.pending("matrix")
     assert [i.dedupe_key for i in items] == ["$a", "$b"]
-    assert json.loads(items[0].payload) == _event("$a")
+    assert open_event(CIPHER, items[0]) == _event("$a")
     assert all(i.status == "pending" and i.attempts == 0 for i in items)
 
     # A retried transaction is a no-op, even if Synapse sent different contents.
-    assert await db.transactions.store("t1", [_event("$a"), _event("$c")]) is False
+    assert await db.transactions.store("t1", [_event("$a"), _event("$c")], seal=SEAL) is False
     assert await _count(db, InboundRow) == 2
     assert await db.transactions.seen("t1")
     assert not await db.transactions.seen("t2")
 
 
 async def test_event_already_queued_is_skipped(db: Database) -> None:
-    assert await db.transactions.store("t1", [_event("$a")])
-    assert await db.transactions.store("t2", [_event("$a", "again"), _event("$c")])
+    assert await db.transactions.store("t1", [_event("$a")], seal=SEAL)
+    assert await db.transactions.store("t2", [_event("$a", "again"), _event("$c")], seal=SEAL)
     items = await db.inbound.pending("matrix")
     assert [i.dedupe_key for i in items] == ["$a", "$c"]
-    assert json.loads(items[0].payload)["content"]["body"] == "hola"  # first copy kept
+    assert open_event(CIPHER, items[0])["content"]["body"] == "hola"  # first copy kept
 
 
 async def test_concurrent_duplicate_transaction_stores_once(db: Database) -> None:
     events = [_event("$a"), _event("$b"), _event("$c")]
-    results = await asyncio.gather(*(db.transactions.store("dup", events) for _ in range(8)))
+    results = await asyncio.gather(
+        *(db.transactions.store("dup", events, seal=SEAL) for _ in range(8)))
     assert sorted(results) == [False] * 7 + [True]
     assert await _count(db, InboundRow) == 3
 
 
 async def test_concurrent_transactions_sharing_an_event(db: Database) -> None:
     results = await asyncio.gather(
-        *(db.transactions.store(f"t{i}", [_event("$shared"), _event(f"$own{i}")]) for i in range(6))
+        *(db.transactions.store(f"t{i}", [_event("$shared"), _event(f"$own{i}")], seal=SEAL)
+          for i in range(6))
     )
     assert results == [True] * 6
     keys = [i.dedupe_key for i in await db.inbound.pending("matrix", limit=100)]
@@ -79,31 +85,31 @@ async def test_concurrent_transactions_sharing_an_event(db: Database) -> None:
 
 async def test_events_without_event_id_are_keyed_by_position(db: Database) -> None:
     ephemeral = {"type": "m.typing", "content": {}}
-    assert await db.transactions.store("t9", [ephemeral, _event("$a"), ephemeral])
+    assert await db.transactions.store("t9", [ephemeral, _event("$a"), ephemeral], seal=SEAL)
     keys = [i.dedupe_key for i in await db.inbound.pending("matrix")]
     assert keys == ["txn:t9:0", "$a", "txn:t9:2"]
 
 
 async def test_old_transaction_ids_are_purged(db: Database) -> None:
-    await db.transactions.store("old", [])
+    await db.transactions.store("old", [], seal=SEAL)
     assert await db.transactions.purge(datetime.now(UTC) + timedelta(seconds=1)) == 1
-    assert await db.transactions.store("old", [])  # forgotten, so new again
+    assert await db.transactions.store("old", [], seal=SEAL)  # forgotten, so new again
 
 
 # --- inbound queue -----------------------------------------------------------------
 
 
 async def test_enqueue_dedupes_per_source_and_pending_keeps_order(db: Database) -> None:
-    first = await db.inbound.enqueue("whatsapp", "wamid.1", "p1")
+    first = await db.inbound.enqueue("whatsapp", "msg:1", "p1")
     assert first is not None
-    assert await db.inbound.enqueue("whatsapp", "wamid.1", "p1 again") is None
+    assert await db.inbound.enqueue("whatsapp", "msg:1", "p1 again") is None
     # The same key from the other source is a different item.
-    assert await db.inbound.enqueue("matrix", "wamid.1", "m") is not None
-    second = await db.inbound.enqueue("whatsapp", "wamid.2", "p2")
+    assert await db.inbound.enqueue("matrix", "msg:1", "m") is not None
+    second = await db.inbound.enqueue("whatsapp", "msg:2", "p2")
     assert second is not None and second > first
 
     whatsapp = await db.inbound.pending("whatsapp")
-    assert [(i.dedupe_key, i.payload) for i in whatsapp] == [("wamid.1", "p1"), ("wamid.2", "p2")]
+    assert [(i.dedupe_key, i.payload) for i in whatsapp] == [("msg:1", "p1"), ("msg:2", "p2")]
     assert [i.id for i in await db.inbound.pending("whatsapp", limit=1)] == [first]
     assert len(await db.inbound.pending()) == 3
 
@@ -225,9 +231,9 @@ async def test_outbox_due_order_retry_and_outcomes(db: Database) -> None:
         "$a", "$c", "$b",
     ]
 
-    await db.outbox.mark_sent(a, "wamid.A")
+    await db.outbox.mark_sent(a, wamid_hash("A"))
     await db.outbox.mark_failed(c, "131047")
-    sent = await db.outbox.by_wamid("wamid.A")
+    sent = await db.outbox.by_wamid(wamid_hash("A"))
     assert sent is not None and sent.id == a and sent.status == "sent" and sent.attempts == 1
     failed = await db.outbox.get(c)
     assert failed is not None and (failed.status, failed.last_error) == ("failed", "131047")
@@ -235,7 +241,7 @@ async def test_outbox_due_order_retry_and_outcomes(db: Database) -> None:
     assert await db.outbox.depth() == 2  # $b (retrying) and $f (future)
 
     with pytest.raises(NotFound):
-        await db.outbox.mark_sent(9999, "wamid.X")
+        await db.outbox.mark_sent(9999, wamid_hash("X"))
 
 
 async def test_outbox_send_in_flight_is_settled_once(db: Database) -> None:
@@ -249,7 +255,7 @@ async def test_outbox_send_in_flight_is_settled_once(db: Database) -> None:
     c = await db.outbox.add("$c", citizen.id, ROOM, "c")
     assert a is not None and b is not None and c is not None
     # Never attempted: no status can settle it.
-    assert await db.outbox.confirm_in_flight(a, "wamid.X") is None
+    assert await db.outbox.confirm_in_flight(a, wamid_hash("X")) is None
     assert await db.outbox.fail_in_flight(a, "x") is None
 
     window = now + timedelta(minutes=10)
@@ -261,28 +267,28 @@ async def test_outbox_send_in_flight_is_settled_once(db: Database) -> None:
     assert [i.id for i in await db.outbox.due(window)] == [b, c, a]
 
     # The crash case: a status confirms the send in flight, once.
-    confirmed = await db.outbox.confirm_in_flight(a, "wamid.A")
-    assert confirmed is not None and (confirmed.id, confirmed.status, confirmed.wamid,
+    confirmed = await db.outbox.confirm_in_flight(a, wamid_hash("A"))
+    assert confirmed is not None and (confirmed.id, confirmed.status, confirmed.wamid_hash,
                                       confirmed.sending_at, confirmed.attempts) == (
-        a, "sent", "wamid.A", None, 1)
-    assert await db.outbox.confirm_in_flight(a, "wamid.OTHER") is None
+        a, "sent", wamid_hash("A"), None, 1)
+    assert await db.outbox.confirm_in_flight(a, wamid_hash("OTHER")) is None
     assert await db.outbox.fail_in_flight(a, "late") is None
-    assert await db.outbox.mark_sent(a, "wamid.LATE") is False  # the answer came second
-    assert (await db.outbox.by_wamid("wamid.A")) is not None
+    assert await db.outbox.mark_sent(a, wamid_hash("LATE")) is False  # the answer came second
+    assert (await db.outbox.by_wamid(wamid_hash("A"))) is not None
 
     # A failed status fails it; Graph's answer after that changes nothing.
     assert await db.outbox.begin_attempt(b, window)
     failed = await db.outbox.fail_in_flight(b, "status failed 131026")
     assert failed is not None and (failed.status, failed.last_error, failed.sending_at) == (
         "failed", "status failed 131026", None)
-    assert await db.outbox.mark_sent(b, "wamid.B") is False
+    assert await db.outbox.mark_sent(b, wamid_hash("B")) is False
 
     # Graph's answer first: marked sent, the in-flight mark cleared, a status is late.
     assert await db.outbox.begin_attempt(c, window)
-    assert await db.outbox.mark_sent(c, "wamid.C") is True
+    assert await db.outbox.mark_sent(c, wamid_hash("C")) is True
     item = await db.outbox.get(c)
     assert item is not None and (item.status, item.sending_at) == ("sent", None)
-    assert await db.outbox.confirm_in_flight(c, "wamid.C") is None
+    assert await db.outbox.confirm_in_flight(c, wamid_hash("C")) is None
 
     # Retry and failure clear the mark too; a row no longer pending is not begun.
     d = await db.outbox.add("$d", citizen.id, ROOM, "d")
@@ -290,7 +296,7 @@ async def test_outbox_send_in_flight_is_settled_once(db: Database) -> None:
     await db.outbox.retry_later(d, now + timedelta(seconds=4), "500 None")
     item = await db.outbox.get(d)
     assert item is not None and item.sending_at is None and item.attempts == 1
-    assert await db.outbox.confirm_in_flight(d, "wamid.D") is None
+    assert await db.outbox.confirm_in_flight(d, wamid_hash("D")) is None
     assert await db.outbox.begin_attempt(d, window)
     await db.outbox.mark_failed(d, "131047")
     item = await db.outbox.get(d)
@@ -304,7 +310,7 @@ async def test_cancel_for_citizen_cancels_only_their_pending(db: Database) -> No
     sent = await db.outbox.add("$2", one.id, ROOM, "p")
     await db.outbox.add("$3", two.id, ROOM, "p")
     assert pending is not None and sent is not None
-    await db.outbox.mark_sent(sent, "wamid.2")
+    await db.outbox.mark_sent(sent, wamid_hash("2"))
 
     assert await db.outbox.cancel_for_citizen(one.id) == 1
     cancelled = await db.outbox.get(pending)
@@ -318,14 +324,14 @@ async def test_cancel_for_citizen_cancels_only_their_pending(db: Database) -> No
 
 
 async def test_message_links_map_both_ways(db: Database) -> None:
-    assert await db.messages.link("wamid.1", ROOM, EventID("$e1"), "in")
-    assert not await db.messages.link("wamid.1", ROOM, EventID("$e2"), "in")  # wamid taken
-    assert not await db.messages.link("wamid.2", ROOM, EventID("$e1"), "out")  # event taken
-    by_wamid = await db.messages.by_wamid("wamid.1")
+    assert await db.messages.link(sealed("1"), ROOM, EventID("$e1"), "in")
+    assert not await db.messages.link(sealed("1"), ROOM, EventID("$e2"), "in")  # wamid taken
+    assert not await db.messages.link(sealed("2"), ROOM, EventID("$e1"), "out")  # event taken
+    by_wamid = await db.messages.by_wamid(wamid_hash("1"))
     by_event = await db.messages.by_event(EventID("$e1"))
     assert by_wamid is not None and by_wamid == by_event
     assert (by_wamid.room_id, by_wamid.direction) == (ROOM, "in")
-    assert await db.messages.by_wamid("wamid.2") is None
+    assert await db.messages.by_wamid(wamid_hash("2")) is None
 
 
 async def test_kv(db: Database) -> None:

@@ -13,6 +13,7 @@ from bridge.db import Citizen, Database, Notice
 from bridge.db.queues import NOTICE_KEY_PREFIX
 from bridge.errors import Conflict
 from bridge.types import Pseudonym, RoomID
+from tests.fixtures.wamids import wamid_hash
 
 
 async def _citizen(db: Database, n: int = 1) -> Citizen:
@@ -54,7 +55,7 @@ async def test_subscription_is_created_once_with_a_unique_code(db: Database) -> 
 async def test_notice_is_idempotent_per_pseudonym_and_reference(db: Database) -> None:
     one, two = await _citizen(db, 1), await _citizen(db, 2)
     first, created = await _notice(db, one)
-    assert created and first.status == "queued" and first.wamid is None
+    assert created and first.status == "queued" and first.wamid_hash is None
     again, created = await _notice(db, one)
     assert not created and again == first
     assert (await _notice(db, two))[1]  # same reference, another citizen: a new notice
@@ -71,17 +72,18 @@ async def test_notice_is_idempotent_per_pseudonym_and_reference(db: Database) ->
 async def test_statuses_fill_the_times_and_the_first_report_wins(db: Database) -> None:
     citizen = await _citizen(db)
     notice, _ = await _notice(db, citizen)
-    assert await db.notices.record_status("wamid.nobody", "delivered", datetime.now(UTC)) is False
-    await db.notices.mark_accepted(notice.id, "wamid.A")
+    assert not await db.notices.record_status(wamid_hash("nobody"), "delivered",
+                                              datetime.now(UTC))
+    await db.notices.mark_accepted(notice.id, wamid_hash("A"))
     t1 = datetime(2026, 5, 1, 10, 0, tzinfo=UTC)
-    assert await db.notices.record_status("wamid.A", "delivered", t1)
-    assert not await db.notices.record_status("wamid.A", "delivered", t1 + timedelta(hours=1))
-    assert not await db.notices.record_status("wamid.A", "played", t1)
-    assert await db.notices.record_status("wamid.A", "read", t1 + timedelta(minutes=5))
+    assert await db.notices.record_status(wamid_hash("A"), "delivered", t1)
+    assert not await db.notices.record_status(wamid_hash("A"), "delivered", t1 + timedelta(hours=1))
+    assert not await db.notices.record_status(wamid_hash("A"), "played", t1)
+    assert await db.notices.record_status(wamid_hash("A"), "read", t1 + timedelta(minutes=5))
     got = await db.notices.get(notice.id)
     assert got is not None and got.status == "read" and got.sent_at is not None
     assert (got.delivered_at, got.read_at) == (t1, t1 + timedelta(minutes=5))
-    assert await db.notices.record_status("wamid.A", "failed", t1, "Message undeliverable")
+    assert await db.notices.record_status(wamid_hash("A"), "failed", t1, "Message undeliverable")
     got = await db.notices.get(notice.id)
     assert got is not None and got.status == "failed" and got.error == "Message undeliverable"
 
@@ -89,7 +91,7 @@ async def test_statuses_fill_the_times_and_the_first_report_wins(db: Database) -
 async def test_unsent_notices_fail_and_erasure_keeps_the_log_by_pseudonym(db: Database) -> None:
     citizen = await _citizen(db)
     sent, _ = await _notice(db, citizen, "R1")
-    await db.notices.mark_accepted(sent.id, "wamid.S")
+    await db.notices.mark_accepted(sent.id, wamid_hash("S"))
     unsent, _ = await _notice(db, citizen, "R2")
     await db.subscriptions.get_or_create(citizen.id, "BCDF-GHJK-LMNP")
     assert await db.notices.fail_unsent(citizen.id, "consent withdrawn") == 1
@@ -98,16 +100,22 @@ async def test_unsent_notices_fail_and_erasure_keeps_the_log_by_pseudonym(db: Da
     assert got is not None and got.status == "failed" and got.error == "consent withdrawn"
     assert (await db.notices.get(sent.id)).status == "sent"  # type: ignore[union-attr]
 
+    # Erasure unlinks the entries from the messages first: no wamid hash stays.
+    assert await db.notices.forget_wamids(citizen.id) == 1
+    assert await db.notices.forget_wamids(citizen.id) == 0
+    assert not await db.notices.record_status(wamid_hash("S"), "read", datetime.now(UTC))
     assert await db.citizens.delete(citizen.id)
     assert await db.subscriptions.by_code("BCDF-GHJK-LMNP") is None  # CASCADE
     kept = await db.notices.list(pseudonym=Pseudonym("C001"))
     assert len(kept) == 2 and all(n.citizen_id is None for n in kept)  # SET NULL
+    assert all(n.wamid_hash is None for n in kept)
+    assert [n.status for n in kept] == ["failed", "sent"]
 
 
 async def test_outbox_cancels_notices_and_chat_separately(db: Database) -> None:
     citizen = await _citizen(db)
     await db.outbox.add("$chat", citizen.id, RoomID("!p:x"), "p")
-    await db.outbox.add("optout:wamid.1", citizen.id, RoomID(""), "p")
+    await db.outbox.add("optout:" + wamid_hash("1"), citizen.id, RoomID(""), "p")
     await db.outbox.add(f"{NOTICE_KEY_PREFIX}1", citizen.id, RoomID(""), "p")
     assert await db.outbox.cancel_for_citizen(citizen.id) == 2  # a chat opt-out
     assert await db.outbox.depth() == 1

@@ -74,8 +74,8 @@ async def test_reasons_are_resealed_by_rekey(db: Database) -> None:
         reporter=REPORTER, author=None, language="es",
         reason_ct=old.encrypt("me insulta", aad=AAD_REPORT_REASON))
     rotated = Cipher(new_key, [old_key])
-    assert await rekey_database(db, rotated) == 1
-    assert await rekey_database(db, rotated) == 0
+    assert (await rekey_database(db, rotated)).resealed == {"report reasons": 1}
+    assert (await rekey_database(db, rotated)).total == 0
     sealed = (await db.reports.get(report.id)).reason_ct  # type: ignore[union-attr]
     assert sealed is not None and not rotated.needs_rekey(sealed)
     assert Cipher(new_key).decrypt_str(sealed, aad=AAD_REPORT_REASON) == "me insulta"
@@ -92,9 +92,12 @@ async def test_an_erased_reporter_is_forgotten_but_the_report_stays(db: Database
     kept = await db.reports.get(mine.id)
     assert kept is not None and (kept.reporter, kept.reason_ct, kept.status) == (
         ERASED, None, "open")
+    # Its external id (the keyed hash of the citizen's message) links it to nothing.
+    assert kept.external_id == f"erased:{mine.id}"
     untouched = await db.reports.get(other.id)
-    assert untouched is not None and (untouched.reporter, untouched.reason_ct) == (
-        AUTHOR, "v1.k.other")
+    assert untouched is not None and (untouched.reporter, untouched.reason_ct,
+                                      untouched.external_id) == (
+        AUTHOR, "v1.k.other", "synapse:erase-2")
 
 
 async def test_the_open_report_of_a_reporter_about_an_event(db: Database) -> None:

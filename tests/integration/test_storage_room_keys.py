@@ -106,7 +106,7 @@ async def test_rekey_reseals_room_keys_under_the_current_data_key(db: Database) 
     secret = "AgAAAAD-another-session-key"
     await RoomKeyStore(db.room_keys, Cipher(old_key)).owner(GHOST).add(
         ROOM, "s1", Checkpoint(2, secret, frozenset({STAFF})))
-    assert await rekey_database(db, Cipher(new_key, [old_key])) == 1
-    assert await rekey_database(db, Cipher(new_key, [old_key])) == 0
+    assert (await rekey_database(db, Cipher(new_key, [old_key]))).resealed == {"room keys": 1}
+    assert (await rekey_database(db, Cipher(new_key, [old_key]))).total == 0
     records, _ = await RoomKeyStore(db.room_keys, Cipher(new_key)).owner(GHOST).load()
     assert [c.session_key for r in records for c in r.checkpoints] == [secret]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+import sqlite3
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -172,3 +176,51 @@ async def test_database_errors_do_not_carry_the_parameters(db: Database) -> None
         await engine.dispose()
     assert secret not in str(caught.value)
     assert "hidden due to hide_parameters" in str(caught.value)
+
+
+async def test_sessions_cancelled_midway_leave_no_write_lock(tmp_path: Path) -> None:
+    """A task cancelled inside a session (a bridge stopping) must not leave SQLite's
+    write lock behind: the next writer on the file (the restarted bridge, `migrate`)
+    would find "database is locked" for good. Cancelled at random points, many times."""
+    path = tmp_path / "cancel.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    await _execute(url, "CREATE TABLE t (x INTEGER)")
+    rng = random.Random(2026)
+    for _ in range(150):
+        db = Database(create_engine(url))
+
+        async def write(db: Database = db) -> None:
+            while True:
+                async with db.session() as session:
+                    await session.execute(text("INSERT INTO t VALUES (1)"))
+                    await session.execute(text("SELECT count(*) FROM t"))
+
+        tasks = [asyncio.create_task(write()) for _ in range(3)]
+        await asyncio.sleep(rng.random() * 0.02)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await db.close()
+        probe = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")  # "database is locked" if a lock was left
+            probe.execute("ROLLBACK")
+        finally:
+            probe.close()
+
+
+async def test_closing_a_connection_sqlalchemy_terminated_returns(tmp_path: Path) -> None:
+    """After a cancellation SQLAlchemy terminates an SQLite connection and may close it
+    right after; with aiosqlite 0.22 as it comes, that close waits for ever."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'close.db'}")
+    try:
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            driver.stop()  # what terminating does
+            async with asyncio.timeout(5):
+                await driver.close()
+            await conn.invalidate()  # the pool must not hand it out again
+    finally:
+        await engine.dispose()

@@ -358,7 +358,9 @@ async def test_outbound_types_and_statuses(journey: Journey) -> None:
 
     # Statuses: read → the ghost's read receipt; failed → a notice naming the error.
     link = await wait_until(lambda: b.db.messages.by_event(reply_event), 30, "link")
-    await j.write(wa.status_update(link.wamid, "read", c))
+    reply_wamid = wa.sent_ids[wa.sent.index(sent)]
+    assert reply_wamid is not None and link.wamid_hash == b.privacy.index.wamid(reply_wamid)
+    await j.write(wa.status_update(reply_wamid, "read", c))
 
     async def receipt() -> bool:
         ghost = (await b.db.citizens.by_index(b.privacy.index.digest(c.user_id))).ghost_user_id
@@ -367,7 +369,7 @@ async def test_outbound_types_and_statuses(journey: Journey) -> None:
         return ghost in room.read_receipts and \
             room.read_receipts[ghost].event_id == reply_event
     await wait_until(receipt, 30, "read receipt")
-    await j.write(wa.status_update(link.wamid, "failed", c,
+    await j.write(wa.status_update(reply_wamid, "failed", c,
                                    errors=[(131026, "Message undeliverable")]))
     await j.seen(lambda e: "Message undeliverable" in getattr(e, "body", ""))
 
@@ -484,17 +486,26 @@ async def test_staff_message_with_a_personal_id_is_held_until_confirmed(
         await j.desk.close()
 
 
-async def admin_cli(h: BridgeHarness, tmp_path: Path, *args: str) -> str:
-    """`civic-bridge admin ARGS` against the running bridge; its stdout (exit 0 asserted)."""
+async def bridge_cli(h: BridgeHarness, tmp_path: Path, command: str, *args: str,
+                     timeout: float | None = None) -> tuple[int, str, str]:
+    """`civic-bridge COMMAND -c CONFIG ARGS` with the running bridge's config: (exit
+    code, stdout, stderr)."""
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(h.running.config.model_dump(mode="json")),
                       encoding="utf-8")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge", "admin", "-c", str(config), *args,
+        sys.executable, "-m", "bridge", command, "-c", str(config), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def admin_cli(h: BridgeHarness, tmp_path: Path, *args: str) -> str:
+    """`civic-bridge admin ARGS` against the running bridge; its stdout (exit 0 asserted)."""
+    code, out, err = await bridge_cli(h, tmp_path, "admin", *args)
+    assert code == 0, err
+    return out
 
 
 async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: Path) -> None:

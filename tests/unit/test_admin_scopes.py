@@ -11,7 +11,7 @@ import pytest
 
 from bridge.admin.auth import Principal, authenticate, scope_of
 from bridge.admin.reidentify import RevealLimiter, check_reason, normalise_phone
-from bridge.app import make_app
+from bridge.app import make_admin_app, make_app
 from bridge.config import ADMIN_SCOPES, parse_config
 from bridge.errors import ConfigError, InvalidParam, Unauthorized
 from tests.unit.test_config import problems, valid
@@ -110,7 +110,7 @@ def test_actor_is_the_token_name_and_who_says_they_act() -> None:
 def test_every_admin_route_declares_a_known_scope() -> None:
     """A route another branch adds without `@requires(...)` fails here (and is refused
     to every token at run time)."""
-    app = make_app(parse_config(valid()))
+    app = make_admin_app(make_app(parse_config(valid())))
     admin = [r for r in app.router.routes()
              if r.resource is not None and r.resource.canonical.startswith("/admin/")]
     assert len(admin) >= 25  # the walk really saw the admin routes
@@ -166,3 +166,37 @@ def test_config_error_type_is_reexported() -> None:
     # problems() relies on it: a malformed tokens list is a ConfigError, not a crash.
     with pytest.raises(ConfigError):
         parse_config(with_tokens("not a mapping"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["citizen", "export", "--phone", "600 11 22 33", "--reason", "acceso 2026/1"],
+     ("POST", "/admin/v1/citizens/export", {"phone": "600 11 22 33",
+                                             "reason": "acceso 2026/1"})),
+    (["citizen", "erase", "--phone", "+34600112233", "--reason", "supresión 2026/2"],
+     ("POST", "/admin/v1/citizens/erase", {"phone": "+34600112233",
+                                            "reason": "supresión 2026/2"})),
+    (["citizen", "export", "ABCD-EFGH", "--reason", "acceso"],
+     ("GET", "/admin/v1/citizens/ABCD-EFGH/export?reason=acceso", None)),
+    (["citizen", "erase", "@v_abc:agency.example", "--reason", "supresión"],
+     ("DELETE", "/admin/v1/citizens/%40v_abc%3Aagency.example", {"reason": "supresión"})),
+])
+def test_cli_citizen_export_and_erase_by_phone_keep_the_number_out_of_urls(
+        argv: list[str], expected: tuple[str, str, object]) -> None:
+    from bridge.admin.cli import request_for
+    from bridge.cli import build_parser
+
+    args = build_parser().parse_args(["admin", "-c", "config.yaml", *argv])
+    assert request_for(args) == expected
+
+
+@pytest.mark.parametrize("argv", [
+    ["citizen", "export", "--reason", "acceso"],
+    ["citizen", "erase", "@v_abc:agency.example", "--phone", "600112233", "--reason", "x"],
+])
+def test_cli_citizen_needs_one_way_to_name_the_person(argv: list[str]) -> None:
+    from bridge.admin.cli import UsageError, request_for
+    from bridge.cli import build_parser
+
+    args = build_parser().parse_args(["admin", "-c", "config.yaml", *argv])
+    with pytest.raises(UsageError, match="either a pseudonym or Matrix user id, or --phone"):
+        request_for(args)

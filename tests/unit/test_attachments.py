@@ -15,7 +15,8 @@ def test_in_place_encryption_decrypts_with_nio(size: int) -> None:
     plain = os.urandom(size)
     buffer = bytearray(plain)
     info = encrypt_in_place(buffer)
-    assert len(buffer) == size and (size == 0 or bytes(buffer) != plain)
+    # A 1-byte ciphertext equals its plaintext once in 256 runs: compare from 16 bytes.
+    assert len(buffer) == size and (size < 16 or bytes(buffer) != plain)
     assert decrypt_attachment(bytes(buffer), info["key"]["k"], info["hashes"]["sha256"],
                               info["iv"]) == plain
     assert info["v"] == "v2" and info["key"]["alg"] == "A256CTR"

@@ -232,6 +232,22 @@ def test_example_with_real_secrets_is_valid(tmp_path: Path) -> None:
     ("portals.staff", ["alice"], "portals.staff[0]: String should match pattern"),
     ("rooms.federate", "perhaps", "rooms.federate: Input should be a valid boolean"),
     ("appservice.as_token", 12345678901234567890, "appservice.as_token: Input should be"),
+    ("consent.notice_language", "Spanish", "consent.notice_language: String should match"),
+    ("retention.outbox_days", 0, "retention.outbox_days: Input should be greater than"),
+    ("retention.message_map_days", 3651, "retention.message_map_days: Input should be less"),
+    ("retention.never_consented_days", "soon",
+     "retention.never_consented_days: Input should be a valid integer"),
+    ("retention.invite_links_days", -1, "retention.invite_links_days: Input should be greater"),
+    ("retention.unused_invite_accounts_days", 0,
+     "retention.unused_invite_accounts_days: Input should be greater"),
+    ("retention.dead_letters_days", 1.5, "retention.dead_letters_days: Input should be a valid"),
+    ("retention.forever_days", 5, "retention.forever_days: unknown key"),
+    ("appservice.listen_host", "http://0.0.0.0", "appservice.listen_host: must be an IP"),
+    ("admin.listen_host", "127.0.0.1:29341", "admin.listen_host: must be an IP address"),
+    ("admin.listen_host", "", "admin.listen_host: must be an IP address"),
+    ("metrics.listen_host", "a host", "metrics.listen_host: must be an IP address"),
+    ("admin.listen_port", 70000, "admin.listen_port: Input should be less than"),
+    ("metrics.listen_port", 0, "metrics.listen_port: Input should be greater than"),
 ])
 def test_one_bad_value_gives_one_line_with_its_path(path: str, value: Any,
                                                     expected: str) -> None:
@@ -240,6 +256,61 @@ def test_one_bad_value_gives_one_line_with_its_path(path: str, value: Any,
     raw.setdefault(section, {})[key] = value
     [line] = problems(raw)
     assert line.startswith(expected), line
+
+
+# --- listeners -----------------------------------------------------------------------------
+
+
+def test_admin_and_metrics_listen_on_loopback_by_default() -> None:
+    config = parse_config(valid())
+    assert config.listeners() == [("public", "127.0.0.1", 29340),
+                                  ("admin", "127.0.0.1", 29341),
+                                  ("metrics", "127.0.0.1", 29342)]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "::1", "localhost", "bridge",
+                                  "civic-bridge.civic-bridge.svc.cluster.local"])
+def test_listen_hosts_may_be_addresses_or_names(host: str) -> None:
+    raw = valid()
+    raw["admin"]["listen_host"] = host
+    raw["metrics"] = {"listen_host": host}
+    raw["appservice"]["listen_host"] = host
+    assert parse_config(raw).admin.listen_host == host
+
+
+@pytest.mark.parametrize(("ports", "expected"), [
+    ({"admin": 29340}, "admin.listen_port: 29340 is appservice.listen_port already"),
+    ({"metrics": 29340}, "metrics.listen_port: 29340 is appservice.listen_port already"),
+    ({"admin": 9000, "metrics": 9000}, "metrics.listen_port: 9000 is admin.listen_port"),
+])
+def test_each_listener_needs_its_own_port(ports: dict[str, int], expected: str) -> None:
+    raw = valid()
+    for section, port in ports.items():
+        raw.setdefault(section, {})["listen_port"] = port
+    [line] = problems(raw)
+    assert line.startswith(expected), line
+
+
+def test_disabled_metrics_bind_nothing_and_clash_with_nothing() -> None:
+    raw = valid()
+    raw["metrics"] = {"enabled": False, "listen_port": 29340}
+    config = parse_config(raw)
+    assert [name for name, _, _ in config.listeners()] == ["public", "admin"]
+
+
+def test_the_admin_cli_calls_the_admin_listener(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.admin.cli import URL_ENV, base_url
+
+    raw = valid()
+    raw["admin"]["listen_port"] = 9441
+    assert base_url(parse_config(raw), None) == "http://127.0.0.1:9441"
+    raw["admin"]["listen_host"] = "0.0.0.0"  # bound everywhere: reached on loopback
+    assert base_url(parse_config(raw), None) == "http://127.0.0.1:9441"
+    raw["admin"]["listen_host"] = "::1"
+    assert base_url(parse_config(raw), None) == "http://[::1]:9441"
+    monkeypatch.setenv(URL_ENV, "http://admin.internal:80/")
+    assert base_url(parse_config(raw), None) == "http://admin.internal:80"
+    assert base_url(parse_config(raw), "http://x:1") == "http://x:1"
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -306,6 +377,20 @@ def test_keys_must_differ() -> None:
     raw["privacy"]["index_key"] = raw["privacy"]["data_key"]
     [line] = problems(raw)
     assert line.startswith("privacy.index_key: must be a different key from data_key")
+
+
+def test_retired_index_keys_are_checked_and_kept_apart_from_data_keys() -> None:
+    raw = valid()
+    raw["privacy"]["previous_index_keys"] = ["c2hvcnQ="]
+    [line] = problems(raw)
+    assert line.startswith("privacy.previous_index_keys: ") and "32 bytes" in line
+    raw["privacy"]["previous_index_keys"] = [raw["privacy"]["data_key"]]
+    [line] = problems(raw)
+    assert line.startswith("privacy.previous_index_keys: a data key is listed as an index key")
+    raw["privacy"]["previous_index_keys"] = []
+    raw["privacy"]["previous_data_keys"] = [raw["privacy"]["index_key"]]
+    [line] = problems(raw)
+    assert line.startswith("privacy.previous_index_keys: a data key is listed")
 
 
 # --- WhatsApp ----------------------------------------------------------------------------
@@ -633,3 +718,14 @@ def test_parse_config_raises_only_config_error(tmp_path: Path, raw: Any) -> None
         assert all(isinstance(p, str) and p and "\n" not in p for p in exc.problems)
     else:
         assert isinstance(config, Config)
+
+
+def test_retention_periods_have_defaults_and_are_read() -> None:
+    raw = valid()
+    assert parse_config(raw).retention.model_dump() == {
+        "outbox_days": 30, "message_map_days": 90, "never_consented_days": 30,
+        "invite_links_days": 30, "unused_invite_accounts_days": 30, "dead_letters_days": 90}
+    raw["retention"] = {"outbox_days": 7, "dead_letters_days": 365}
+    retention = parse_config(raw).retention
+    assert (retention.outbox_days, retention.dead_letters_days) == (7, 365)
+    assert parse_config(raw).consent.notice_language == "es"

@@ -35,7 +35,9 @@ UNIT_ENV = DEPLOY / "systemd" / "civic-bridge.env.example"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "docker" / "Dockerfile.dockerignore"
 
-PORT = 29340
+PORT = 29340  # the public listener
+METRICS_PORT = 29342
+LOOPBACK = "127.0.0.1"
 WEBHOOK = "/whatsapp/webhook"
 PLACEHOLDER = "CHANGE_ME"
 # The only image reference allowed without a tag: the Deployment's `civic-bridge`, a name
@@ -276,7 +278,7 @@ def test_deployment_active_standby_rollout() -> None:
 def test_deployment_probes_on_the_listener_port() -> None:
     container = bridge_container()
     ports = {p["containerPort"] for p in container["ports"]}
-    assert ports == {PORT}
+    assert ports == {PORT, METRICS_PORT}  # never the admin listener's
     for probe, path in (("livenessProbe", "/health"), ("readinessProbe", "/ready")):
         get = container[probe]["httpGet"]
         assert get["path"] == path, probe
@@ -350,6 +352,14 @@ def test_configmap_config_is_valid_and_has_no_secrets(monkeypatch: pytest.Monkey
     fake_secrets(monkeypatch)
     config = parse_config(replace_placeholders(raw, "1234567890"))
     assert config.appservice.public_url.endswith(f":{PORT}")
+    # The admin API only on the pod's loopback (kubectl exec); metrics for Prometheus on
+    # the port the container declares and the pods are annotated with.
+    assert config.admin.listen_host == LOOPBACK
+    assert (config.metrics.listen_host, config.metrics.listen_port) == ("0.0.0.0", METRICS_PORT)
+    annotations = k8s("Deployment", "civic-bridge")["spec"]["template"]["metadata"][
+        "annotations"]
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+    assert resolve_port(bridge_container(), "metrics") == METRICS_PORT
 
 
 def test_secret_holds_only_placeholders() -> None:
@@ -409,16 +419,20 @@ def test_network_policy_admits_only_synapse_ingress_controller_and_monitoring() 
     labels = k8s("Deployment", "civic-bridge")["spec"]["template"]["metadata"]["labels"]
     assert spec["podSelector"]["matchLabels"].items() <= labels.items()
     assert "Ingress" in spec["policyTypes"]
-    peers = []
+    peers = {}
     for rule in spec["ingress"]:
         assert rule.get("from"), "an ingress rule without `from` admits everyone"
-        assert rule["ports"] == [{"protocol": "TCP", "port": PORT}]
+        (port,) = rule["ports"]
+        assert port["protocol"] == "TCP" and port["port"] in (PORT, METRICS_PORT)
         for peer in rule["from"]:
             assert "ipBlock" not in peer, "admit pods by selector, not address ranges"
             assert peer.get("podSelector", {}).get("matchLabels"), "peer must select pods"
-            peers.append(peer["podSelector"]["matchLabels"].get("app.kubernetes.io/name"))
-    assert "synapse" in peers
-    assert "ingress-nginx" in peers
+            peers[peer["podSelector"]["matchLabels"].get("app.kubernetes.io/name")] = \
+                port["port"]
+    assert peers["synapse"] == PORT
+    assert peers["ingress-nginx"] == PORT
+    # Prometheus reaches the metrics listener only, never the appservice API or webhook.
+    assert peers.get("prometheus", METRICS_PORT) == METRICS_PORT
 
 
 def test_pdb_and_namespace() -> None:
@@ -504,7 +518,10 @@ def test_compose_bridge_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None
     assert raw["appservice"]["listen_port"] == PORT
     assert raw["appservice"]["url"] == f"http://bridge:{PORT}"
     fake_secrets(monkeypatch)
-    parse_config(raw)
+    config = parse_config(raw)
+    # `docker compose exec bridge civic-bridge admin` works on loopback; nothing else does.
+    assert config.admin.listen_host == LOOPBACK
+    assert bridge["expose"] == [str(PORT)]
 
 
 def test_compose_env_examples() -> None:

@@ -18,7 +18,9 @@ from bridge.privacy import (
     KeyedIndex,
     Privacy,
     contains_phone_or_email,
+    data_keys,
     display_name,
+    is_keyed_hash,
     key_id,
     looks_like_personal_id,
     new_localpart,
@@ -263,6 +265,24 @@ def test_different_keys_give_different_digests(identifier: str) -> None:
     assert KeyedIndex(KEY_A).digest(identifier) != KeyedIndex(KEY_B).digest(identifier)
 
 
+def test_previous_index_keys_give_the_old_lookup_values_after_the_current_one() -> None:
+    rotated = KeyedIndex(KEY_B, [KEY_A, KEY_B, KEY_A])  # repeats count once
+    assert rotated.digest("34600112233") == KeyedIndex(KEY_B).digest("+34 600 11 22 33")
+    assert rotated.digests("34600112233") == (KeyedIndex(KEY_B).digest("34600112233"),
+                                              KeyedIndex(KEY_A).digest("34600112233"))
+    assert KeyedIndex(KEY_A).digests("x") == (KeyedIndex(KEY_A).digest("x"),)
+    with pytest.raises(ValueError, match="32 bytes"):
+        KeyedIndex(KEY_A, [b"short"])
+
+
+def test_is_token_accepts_only_well_formed_tokens_of_any_key() -> None:
+    token = Cipher(KEY_A).encrypt("x")
+    assert Cipher.is_token(token) and Cipher(KEY_B).is_token(token)
+    for value in (None, 3, "", "v1.", "{}", "v1.0000000g.AAAA", token[:-1] + "*",
+                  "v1.00000000.AAAA"):
+        assert not Cipher.is_token(value), value
+
+
 identifiers = st.from_regex(r"[1-9][0-9]{7,14}", fullmatch=True) | st.from_regex(
     r"[A-Z]{2}\.[A-Za-z0-9]{8,24}", fullmatch=True
 )
@@ -278,6 +298,40 @@ def test_ten_thousand_numbers_do_not_collide() -> None:
     index = KeyedIndex(KEY_A)
     digests = {index.digest(f"34600{n:06d}") for n in range(10_000)}
     assert len(digests) == 10_000
+
+
+WAMID = "wamid.HBgLMzQ2MDAxMTIyMzMVAgASGBQzRUIwRjJCMjQ4NjA2QzU3MTk0NQA="
+
+
+def test_wamid_hash_is_keyed_hex_and_never_a_citizen_digest() -> None:
+    index = KeyedIndex(KEY_A)
+    digest = index.wamid(WAMID)
+    assert digest == KeyedIndex(KEY_A).wamid(WAMID) and is_keyed_hash(digest)
+    assert digest != KeyedIndex(KEY_B).wamid(WAMID)
+    # A key of its own: the same string hashed as an identifier gives something else.
+    assert digest != index.digest(WAMID)
+    assert index.wamid("34600112233") != index.digest("34600112233")
+    # Opaque: not normalised like a number.
+    assert index.wamid(" " + WAMID) != digest
+    assert not is_keyed_hash(WAMID) and not is_keyed_hash(digest.upper())
+
+
+@given(st.lists(st.text(min_size=1, max_size=80), min_size=2, max_size=100, unique=True))
+def test_distinct_wamids_do_not_collide(wamids: list[str]) -> None:
+    index = KeyedIndex(KEY_A)
+    assert len({index.wamid(w) for w in wamids}) == len(wamids)
+
+
+def test_a_sealed_wamid_opens_only_with_its_own_hash() -> None:
+    privacy = Privacy(cipher=Cipher(KEY_B), index=KeyedIndex(KEY_C))
+    digest, sealed = privacy.seal_wamid(WAMID)
+    assert digest == privacy.index.wamid(WAMID) and WAMID not in sealed
+    assert privacy.open_wamid(digest, sealed) == WAMID
+    other, _ = privacy.seal_wamid(WAMID + "x")
+    with pytest.raises(DecryptError):  # copied to another row of the message map
+        privacy.open_wamid(other, sealed)
+    with pytest.raises(DecryptError):  # or to another column
+        privacy.cipher.decrypt_str(sealed)
 
 
 # --------------------------------------------------------------------------- pseudonyms
@@ -342,6 +396,14 @@ def test_privacy_from_config() -> None:
     assert privacy.cipher.current_key_id == key_id(KEY_B)
     assert privacy.index.digest("+34 600112233") == KeyedIndex(KEY_C).digest("34600112233")
     assert privacy.display_name("KQTR-MWXZ") == "Vecino/a KQTR-MWXZ"
+    assert data_keys(cfg) == [KEY_B, KEY_A]
+
+
+def test_privacy_from_config_with_a_previous_index_key() -> None:
+    cfg = PrivacyConfig(data_key=_b64(KEY_B), index_key=_b64(KEY_C),
+                        previous_index_keys=[_b64(KEY_A)])
+    assert Privacy.from_config(cfg).index.digests("x") == (KeyedIndex(KEY_C).digest("x"),
+                                                           KeyedIndex(KEY_A).digest("x"))
 
 
 def test_privacy_default_template() -> None:

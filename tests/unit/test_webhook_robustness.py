@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from bridge.errors import BadRequest
 from bridge.jsonbody import REPLACEMENT, BodyError, load_body
-from bridge.privacy import AAD_PAYLOAD, Cipher, KeyedIndex
+from bridge.privacy import AAD_PAYLOAD, Cipher, KeyedIndex, is_keyed_hash
 from bridge.whatsapp.webhook import prepare_delivery
 from bridge.whatsapp.webhook_parse import parse_webhook
 from tests.fixtures.webhook_fuzz import TS, bodies, encode
@@ -33,7 +33,10 @@ def test_every_accepted_message_becomes_a_row(body: dict[str, Any]) -> None:
         return
     keys = {key for key, _, _ in delivery.rows}
     for message in parse_webhook(load_body(raw), PHONE_ID).messages:
-        assert f"msg:{message.wamid}" in keys
+        assert f"msg:{INDEX.wamid(message.wamid)}" in keys
+    # A wamid embeds the number: a dedupe key names it by its keyed hash only.
+    assert all(is_keyed_hash(key.split(":")[1]) or key.split(":")[1] == "sha256"
+               for key in keys)
     for _, payload, lane in delivery.rows:
         value = CIPHER.decrypt_json(payload, aad=AAD_PAYLOAD)
         parse_webhook({"object": "whatsapp_business_account",
@@ -78,7 +81,7 @@ def test_lone_surrogate_is_replaced_and_the_message_kept() -> None:
                         contacts=[{"wa_id": "34600111222", "profile": {"name": "\udbff"}}]))
     assert b"\\ud800" in raw
     (key, payload, _), = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows
-    assert key == f"msg:wamid.{REPLACEMENT}"
+    assert key == f"msg:{INDEX.wamid(f'wamid.{REPLACEMENT}')}"
     stored = CIPHER.decrypt_json(payload, aad=AAD_PAYLOAD)
     assert stored["messages"][0]["text"]["body"] == f"a{REPLACEMENT}b"
 
@@ -89,6 +92,35 @@ def test_overlong_message_id_gets_a_bounded_stable_key() -> None:
     first = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows[0][0]
     again = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows[0][0]
     assert first == again and len(first) <= 255 and first.startswith("msg:")
+
+
+def test_items_sent_before_the_window_are_replays_not_rows() -> None:
+    sent = int(TS)
+    status = {"id": "wamid.OUT", "status": "read", "timestamp": str(sent - 10),
+              "recipient_id": "34600111222"}
+    messages = [{**MESSAGE, "id": "wamid.OLD", "timestamp": str(sent - 1)},
+                {**MESSAGE, "id": "wamid.NOW"},
+                {**MESSAGE, "id": "wamid.UNDATED", "timestamp": "pronto"}]
+    raw = encode(_value(metadata={"phone_number_id": PHONE_ID}, messages=messages,
+                        statuses=[status]))
+    delivery = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER, oldest=sent)
+    # Undated: nothing says it is old, so it is handled (and deduplicated) as ever.
+    assert [key for key, _, _ in delivery.rows] == [
+        f"msg:{INDEX.wamid('wamid.NOW')}", f"msg:{INDEX.wamid('wamid.UNDATED')}"]
+    assert delivery.replays == ("message", "status")
+    assert len(prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows) == 4  # no window
+
+
+def test_status_keys_name_the_wamid_by_its_keyed_hash() -> None:
+    status = {"id": "wamid.HBgLMzQ2MDAxMTIyMzMVAgASGBQ", "status": "read",
+              "timestamp": TS, "recipient_id": "34600112233"}
+    raw = encode(_value(metadata={"phone_number_id": PHONE_ID}, statuses=[status]))
+    (key, _, _), = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows
+    assert key == f"status:{INDEX.wamid(status['id'])}:read"
+    long = {**status, "status": "x" * 300}
+    raw = encode(_value(metadata={"phone_number_id": PHONE_ID}, statuses=[long]))
+    (key, _, _), = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows
+    assert key.startswith("status:sha256:") and len(key) <= 255
 
 
 @pytest.mark.parametrize("raw", [b"[NaN]", b'{"a": Infinity}', b"\xff\xfe",
