@@ -431,9 +431,15 @@ class RoomMessageRow(Base):
                             "citizen_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    wamid: Mapped[str] = mapped_column(ID, unique=True)
+    # Like message_map (revision 0010): found by the keyed hash (quote routing,
+    # replies), the ciphertext (privacy.wamid_aad) is what goes back to Graph as a
+    # quoted message's id; never the wamid itself (it embeds the number).
+    wamid_hash: Mapped[str] = mapped_column(WAMID_HASH, unique=True)
+    wamid_ct: Mapped[str] = mapped_column(Text)
     citizen_id: Mapped[int] = mapped_column(
         ForeignKey("citizens.id", ondelete="CASCADE"), index=True
     )
     room_id: Mapped[str] = mapped_column(ID)
     event_id: Mapped[str] = mapped_column(ID)
+    # The retention purge (retention.message_map_days) goes by it.
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -40,6 +40,11 @@ ROOM_MEMBER_STATES: tuple[str, ...] = get_args(RoomMemberState)
 ROOM_PURPOSE_PREFIX = "room:"
 
 
+def room_purpose(room_id: str) -> ConsentPurpose:
+    """The consent purpose of one agency room (the column also holds these, 0014)."""
+    return ROOM_PURPOSE_PREFIX + room_id  # type: ignore[return-value]
+
+
 @dataclass(frozen=True, slots=True)
 class Citizen:
     """A WhatsApp contact. Identifiers are ciphertext tokens that only `bridge.privacy` opens."""

@@ -21,8 +21,8 @@ from bridge.db.reports import ReportRepo
 from bridge.db.roomkeys import RoomKeyRepo
 from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.db.sealed import SealedRepo
-from bridge.types import EventID, RoomID, WamidHash
 from bridge.db.wa_rooms import RoomMemberRepo
+from bridge.types import EventID, RoomID, WamidHash
 
 
 class MessageRepo:

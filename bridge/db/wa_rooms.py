@@ -18,8 +18,8 @@ from bridge.db.models import (
     utcnow,
 )
 from bridge.db.records import BacklogEntry, RoomMember, RoomMemberState, RoomSettings
-from bridge.db.scope import Scope, rowcount
-from bridge.types import EventID, RoomID, UserID
+from bridge.db.scope import Scope, purge_rows, rowcount
+from bridge.types import EventID, RoomID, UserID, WamidHash
 
 
 class RoomMemberRepo:
@@ -186,11 +186,10 @@ class RoomMemberRepo:
             return rowcount(await session.execute(delete(RoomBacklogRow).where(
                 RoomBacklogRow.event_key.startswith(key_prefix, autoescape=True))))
 
-    async def purge_backlog(self, before: datetime) -> int:
+    async def purge_backlog(self, before: datetime, *, dry_run: bool = False) -> int:
         """Room messages kept longer than their retention (the member never wrote back)."""
-        async with self._scope.session() as session:
-            return rowcount(await session.execute(
-                delete(RoomBacklogRow).where(RoomBacklogRow.created_at < before)))
+        return await purge_rows(self._scope, RoomBacklogRow, RoomBacklogRow.created_at < before,
+                                dry_run=dry_run)
 
     async def forget_room(self, citizen_id: int, room_id: RoomID) -> int:
         async with self._scope.session() as session:
@@ -220,28 +219,80 @@ class RoomMemberRepo:
 
     # --- wamid <-> room event, per member ---------------------------------------------
 
-    async def link(self, wamid: str, citizen_id: int, room_id: RoomID, event_id: EventID
-                   ) -> None:
+    async def link(self, wamid: tuple[WamidHash, str], citizen_id: int, room_id: RoomID,
+                   event_id: EventID) -> None:
+        """Record which room event a member's wamid stands for; the wamid as
+        `Privacy.seal_wamid` gives it (keyed hash, ciphertext), never in clear."""
+        wamid_hash, wamid_ct = wamid
         stmt = (self._scope.insert(RoomMessageRow)
-                .values(wamid=wamid, citizen_id=citizen_id, room_id=room_id, event_id=event_id)
+                .values(wamid_hash=wamid_hash, wamid_ct=wamid_ct, citizen_id=citizen_id,
+                        room_id=room_id, event_id=event_id, created_at=utcnow())
                 .on_conflict_do_nothing())
         async with self._scope.session() as session:
             await session.execute(stmt)
 
-    async def by_wamid(self, wamid: str) -> tuple[RoomID, EventID, int] | None:
+    async def by_wamid(self, wamid_hash: WamidHash) -> tuple[RoomID, EventID, int] | None:
+        """(room, event, citizen id) of a wamid, by its keyed hash (`KeyedIndex.wamid`)."""
         async with self._scope.session() as session:
             row = await session.scalar(select(RoomMessageRow)
-                                       .where(RoomMessageRow.wamid == wamid))
+                                       .where(RoomMessageRow.wamid_hash == wamid_hash))
             return None if row is None else (RoomID(row.room_id), EventID(row.event_id),
                                              row.citizen_id)
 
-    async def wamid_for(self, event_id: str, citizen_id: int) -> str | None:
-        """The wamid under which `citizen_id` has room event `event_id` (to quote it)."""
+    async def wamid_for(self, event_id: str, citizen_id: int) -> tuple[WamidHash, str] | None:
+        """(hash, ciphertext) of the wamid under which `citizen_id` has room event
+        `event_id` (`Privacy.open_wamid` gives the wamid, to quote it)."""
+        stmt = (select(RoomMessageRow.wamid_hash, RoomMessageRow.wamid_ct)
+                .where(RoomMessageRow.event_id == event_id,
+                       RoomMessageRow.citizen_id == citizen_id).limit(1))
         async with self._scope.session() as session:
-            return cast(str | None, await session.scalar(
-                select(RoomMessageRow.wamid).where(RoomMessageRow.event_id == event_id,
-                                                   RoomMessageRow.citizen_id == citizen_id)
-                .limit(1)))
+            row = (await session.execute(stmt)).first()
+            return None if row is None else (WamidHash(row[0]), row[1])
+
+    async def purge_messages(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Forget pairs linked before `before` (retention.message_map_days)."""
+        return await purge_rows(self._scope, RoomMessageRow, RoomMessageRow.created_at < before,
+                                dry_run=dry_run)
+
+    async def sealed(self) -> builtins.list[tuple[int, str, str]]:
+        """(id, wamid hash, wamid ciphertext) of every pair (for `rekey`)."""
+        stmt = select(RoomMessageRow.id, RoomMessageRow.wamid_hash, RoomMessageRow.wamid_ct)
+        async with self._scope.session() as session:
+            return [(i, h, ct) for i, h, ct in (await session.execute(stmt)).all()]
+
+    async def reseal(self, link_id: int, wamid_hash: str, wamid_ct: str) -> None:
+        stmt = (update(RoomMessageRow).where(RoomMessageRow.id == link_id)
+                .values(wamid_hash=wamid_hash, wamid_ct=wamid_ct))
+        async with self._scope.session() as session:
+            await session.execute(stmt)
+
+    # --- a citizen's data (export, erasure) ----------------------------------------
+
+    async def backlog_payloads(self) -> builtins.list[tuple[int, str]]:
+        """(id, sealed payload) of every kept room message (for `rekey`)."""
+        async with self._scope.session() as session:
+            return [(i, p) for i, p in (await session.execute(
+                select(RoomBacklogRow.id, RoomBacklogRow.payload))).all()]
+
+    async def reseal_backlog(self, entry_id: int, payload: str) -> None:
+        async with self._scope.session() as session:
+            await session.execute(update(RoomBacklogRow).where(RoomBacklogRow.id == entry_id)
+                                  .values(payload=payload))
+
+    async def of_citizen_all(self, citizen_id: int) -> builtins.list[RoomMember]:
+        """Every membership of a citizen, whatever its state (their data export)."""
+        return await self._many(RoomMemberRow.citizen_id == citizen_id)
+
+    async def erase_citizen(self, citizen_id: int) -> int:
+        """Their memberships, kept backlog and wamid pairs (an erasure); returns how
+        many memberships went. The room ghosts are retired by the caller first."""
+        async with self._scope.session() as session:
+            await session.execute(delete(RoomBacklogRow)
+                                  .where(RoomBacklogRow.citizen_id == citizen_id))
+            await session.execute(delete(RoomMessageRow)
+                                  .where(RoomMessageRow.citizen_id == citizen_id))
+            return rowcount(await session.execute(
+                delete(RoomMemberRow).where(RoomMemberRow.citizen_id == citizen_id)))
 
 
 def _member(row: RoomMemberRow) -> RoomMember:

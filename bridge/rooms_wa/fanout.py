@@ -61,6 +61,7 @@ class FanOut:
         self._members = members
         self._outbox = outbox
         self._cipher = privacy.cipher
+        self._privacy = privacy
 
     async def __call__(self, event: StaffEvent) -> None:
         if event.state_key is not None or event.type == "m.reaction":
@@ -121,8 +122,10 @@ class FanOut:
                 if text.strip() else []
         in_reply = relates.get("m.in_reply_to")
         target = in_reply.get("event_id") if isinstance(in_reply, dict) else None
-        reply_to = await repos.wa_rooms.wamid_for(target, citizen.id) \
+        sealed = await repos.wa_rooms.wamid_for(target, citizen.id) \
             if isinstance(target, str) else None
+        # The quoted message's wamid goes back to Graph inside the sealed outbox payload.
+        reply_to = self._privacy.open_wamid(*sealed) if sealed is not None else None
         if etype == "m.room.message" and content.get("msgtype") in TEXT_MSGTYPES:
             return text_payloads(start + rendered_text(content), reply_to)
         decision = translate(etype, content, reply_to)

@@ -23,7 +23,7 @@ from bridge.errors import BridgeError
 from bridge.rooms_wa import texts
 from bridge.rooms_wa.members import Members
 from bridge.text import fold_words
-from bridge.types import RoomID
+from bridge.types import RoomID, WamidHash
 from bridge.whatsapp.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class SelfServiceJoin:
         digits = re.sub(r"\D", "", self.number)
         return f"https://wa.me/{digits}?text={quote(f'{texts.JOIN_WORD} {code}')}"
 
-    async def redeem(self, citizen: Citizen, text: str | None, wamid: str) -> bool:
+    async def redeem(self, citizen: Citizen, text: str | None, wamid_hash: WamidHash
+                     ) -> bool:
         """True if the message was a join code (used, or refused with a reply)."""
         code = code_in(text)
         if code is None:
@@ -88,7 +89,7 @@ class SelfServiceJoin:
                 not await self._members.allowed(room) or \
                 not await self._db.invites.claim(int(target["link"]), datetime.now(UTC)):
             # (claim: the code spends one use of its invite link, like an account would)
-            await self._outbox.system_text(citizen, f"wr-badcode:{wamid}", texts.JOIN_CODE_BAD)
+            await self._outbox.system_text(citizen, f"wr-badcode:{wamid_hash}", texts.JOIN_CODE_BAD)
             return True
         try:
             await self._members.invite_citizen(f"invite-link:{target['link']}", room, citizen,

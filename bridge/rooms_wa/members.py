@@ -18,13 +18,7 @@ from typing import Any
 from bridge.admin.common import guard_size, open_room
 from bridge.config import Config
 from bridge.db import Citizen, Database
-from bridge.db.records import (
-    ROOM_PURPOSE_PREFIX,
-    ConsentPurpose,
-    Room,
-    RoomMember,
-    RoomSettings,
-)
+from bridge.db.records import Room, RoomMember, RoomSettings, room_purpose
 from bridge.errors import Conflict, InvalidParam, NotFound
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.ghosts import Ghosts
@@ -33,7 +27,8 @@ from bridge.matrix.rooms import Rooms
 from bridge.metrics import Metrics
 from bridge.privacy import Privacy, new_pseudonym_code
 from bridge.rooms_wa import policy, texts
-from bridge.types import Pseudonym, RoomID, UserID
+from bridge.types import Pseudonym, RoomID, UserID, WamidHash
+from bridge.whatsapp import consent
 from bridge.whatsapp.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -41,9 +36,7 @@ log = logging.getLogger(__name__)
 TOLD_KEY = "wr-told:"  # + room id: room members were told about WhatsApp members
 
 
-def purpose(room_id: str) -> ConsentPurpose:
-    # The column holds "room:<room id>" besides the fixed purposes (revision 0014).
-    return ROOM_PURPOSE_PREFIX + room_id  # type: ignore[return-value]
+purpose = room_purpose
 
 
 class Members:
@@ -133,7 +126,8 @@ class Members:
 
     # --- the citizen's answer ---------------------------------------------------------
 
-    async def answer(self, citizen: Citizen, button_id: str, wamid: str) -> None:
+    async def answer(self, citizen: Citizen, button_id: str, wamid_hash: WamidHash
+                     ) -> None:
         """An accept or decline button (ids from `invite`)."""
         accept = button_id.startswith(texts.ACCEPT_BUTTON)
         raw = button_id.split(":", 1)[1]
@@ -142,19 +136,19 @@ class Members:
         if member is None or room is None or member.citizen_id != citizen.id or \
                 room.closed_at is not None or member.state not in ("invited", "joined") or \
                 not await self.allowed(room):  # switched off since the invitation
-            await self._outbox.system_text(citizen, f"wr-gone:{wamid}", texts.INVITATION_GONE)
+            await self._outbox.system_text(citizen, f"wr-gone:{wamid_hash}", texts.INVITATION_GONE)
             return
         if member.state == "joined":
             return  # a repeated tap
         if not accept:
             await self._db.wa_rooms.set_state(member.id, "declined", only_from=("invited",))
-            await self._outbox.system_text(citizen, f"wr-declined:{wamid}",
+            await self._outbox.system_text(citizen, f"wr-declined:{wamid_hash}",
                                            texts.DECLINED.format(room=room.name))
             return
-        await self._join(citizen, member, room, wamid)
+        await self._join(citizen, member, room, wamid_hash)
 
-    async def _join(self, citizen: Citizen, member: RoomMember, room: Room, wamid: str
-                    ) -> None:
+    async def _join(self, citizen: Citizen, member: RoomMember, room: Room,
+                    wamid_hash: WamidHash) -> None:
         ghost = member.ghost_user_id
         if ghost is None:
             ghost = await self._ghosts.create("room", citizen.id, member.display_name)
@@ -175,14 +169,15 @@ class Members:
                 citizen_id=citizen.id, pseudonym=Pseudonym(citizen.pseudonym_code),
                 purpose=purpose(room.room_id), state="granted",
                 notice_version=texts.INVITATION_VERSION, notice_hash=member.notice_hash,
-                channel="whatsapp", language=texts.LANGUAGE, evidence=wamid,
+                channel="whatsapp", language=texts.LANGUAGE,
+                evidence=consent.message_evidence(wamid_hash),
                 staff_id=UserID(staff) if staff else None)
             await tx.audit.append("citizen", "consent.granted",
                                   f"pseudonym {citizen.pseudonym_code}", "ok", "room")
         self._metrics.consent_changes.labels("room", "granted").inc()
         log.info("WhatsApp member joined room %s", room.room_id)
         await self._tell_room(room)
-        await self._outbox.system_text(citizen, f"wr-joined:{wamid}", texts.JOINED.format(
+        await self._outbox.system_text(citizen, f"wr-joined:{wamid_hash}", texts.JOINED.format(
             room=room.name, pseudonym=member.display_name))
 
     async def _tell_room(self, room: Room) -> None:
@@ -206,7 +201,7 @@ class Members:
 
     # --- leaving ----------------------------------------------------------------------
 
-    async def leave(self, citizen: Citizen, member: RoomMember, wamid: str, *,
+    async def leave(self, citizen: Citizen, member: RoomMember, wamid_hash: WamidHash, *,
                     tell: bool = True) -> None:
         """SALIR (or BAJA, for every room): the consent record, the ghost leaves."""
         room = await self._db.rooms.get(member.room_id)
@@ -216,7 +211,8 @@ class Members:
                     citizen_id=citizen.id, pseudonym=Pseudonym(citizen.pseudonym_code),
                     purpose=purpose(member.room_id), state="withdrawn",
                     notice_version=texts.INVITATION_VERSION, notice_hash=member.notice_hash,
-                    channel="whatsapp", language=texts.LANGUAGE, evidence=wamid)
+                    channel="whatsapp", language=texts.LANGUAGE,
+                    evidence=consent.message_evidence(wamid_hash))
                 await tx.audit.append("citizen", "consent.withdrawn",
                                       f"pseudonym {citizen.pseudonym_code}", "ok", "room")
                 self._metrics.consent_changes.labels("room", "withdrawn").inc()
@@ -227,7 +223,7 @@ class Members:
             except MatrixError as exc:
                 log.warning("room ghost leave failed: %s", exc.errcode)
         if tell and room is not None:
-            await self._outbox.system_text(citizen, f"wr-left:{wamid}:{member.id}",
+            await self._outbox.system_text(citizen, f"wr-left:{wamid_hash}:{member.id}",
                                            texts.LEFT.format(room=room.name))
 
     async def on_member_event(self, event: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from bridge.rooms_wa import policy, texts
 from bridge.rooms_wa.fanout import FanOut
 from bridge.rooms_wa.join import SelfServiceJoin
 from bridge.rooms_wa.members import Members
-from bridge.types import EventID, RoomID
+from bridge.types import EventID, RoomID, WamidHash
 from bridge.whatsapp import consent
 from bridge.whatsapp.mirror import Mirror, text_content, txn_id
 from bridge.whatsapp.outbox import Outbox
@@ -51,10 +51,12 @@ class RoomReplies:
     async def __call__(self, citizen: Citizen, item: InboundItem, msg: InboundMessage,
                        portal: RoomID | None) -> bool:
         button = (msg.button_id or "") if msg.kind == "button" else ""
+        # What is kept of this message's id (reply keys, consent evidence): its keyed hash.
+        wamid_hash = self._privacy.index.wamid(msg.wamid)
         if button.startswith((texts.ACCEPT_BUTTON, texts.DECLINE_BUTTON)):
-            await self._members.answer(citizen, button, msg.wamid)
+            await self._members.answer(citizen, button, wamid_hash)
             return True
-        if msg.kind == "text" and await self._join.redeem(citizen, msg.text, msg.wamid):
+        if msg.kind == "text" and await self._join.redeem(citizen, msg.text, wamid_hash):
             return True  # «UNIRME <code>» from an invite link's page
         # Any message opens the window again: what waited goes first, in order.
         await self._fanout.deliver_backlog(citizen)
@@ -67,28 +69,28 @@ class RoomReplies:
             return False
         if consent.intent_of(msg, self._config.consent) == "opt_out":
             for member in joined:  # BAJA leaves every room too; the portal flow confirms
-                await self._members.leave(citizen, member, msg.wamid, tell=False)
+                await self._members.leave(citizen, member, wamid_hash, tell=False)
             return False
         conversations = await self._conversations(citizen, joined, portal)
         word = policy.keyword(msg.text) if msg.kind == "text" else None
         if word == "switch":
-            await self._ask(citizen, joined, portal, msg.wamid, texts.PICK_SWITCH_BODY)
+            await self._ask(citizen, joined, portal, wamid_hash, texts.PICK_SWITCH_BODY)
             return True
         if word == "leave":
             rooms_only = [c for c in conversations if c.key != "portal"]
             target = policy.route(rooms_only, None)
             if isinstance(target, policy.Post):
                 member = next(m for m in joined if str(m.id) == target.key)
-                await self._members.leave(citizen, member, msg.wamid)
+                await self._members.leave(citizen, member, wamid_hash)
             else:
-                await self._ask(citizen, joined, None, msg.wamid, texts.PICK_SWITCH_BODY)
+                await self._ask(citizen, joined, None, wamid_hash, texts.PICK_SWITCH_BODY)
             return True
         decision = policy.route(conversations, await self._quoted(msg.context_id, citizen))
         if decision is None:
             return False
         if isinstance(decision, policy.Ask):
             await self._db.kv.set(PENDING_KEY + str(citizen.id), str(item.id))
-            await self._ask(citizen, joined, portal, msg.wamid, texts.PICK_BODY)
+            await self._ask(citizen, joined, portal, wamid_hash, texts.PICK_BODY)
             return True
         if decision.key == "portal":
             if decision.choose:
@@ -114,11 +116,12 @@ class RoomReplies:
     async def _quoted(self, context_id: str | None, citizen: Citizen) -> str | None:
         if not context_id:
             return None
-        hit = await self._db.wa_rooms.by_wamid(context_id)
+        context_hash = self._privacy.index.wamid(context_id)
+        hit = await self._db.wa_rooms.by_wamid(context_hash)
         if hit is not None and hit[2] == citizen.id:
             member = await self._db.wa_rooms.find(hit[0], citizen.id)
             return str(member.id) if member else None
-        link = await self._db.messages.by_wamid(context_id)
+        link = await self._db.messages.by_wamid(context_hash)
         return "portal" if link is not None else None
 
     async def _choose_portal(self, citizen: Citizen) -> None:
@@ -126,7 +129,7 @@ class RoomReplies:
                               datetime.now(UTC).isoformat())
 
     async def _ask(self, citizen: Citizen, joined: list[RoomMember], portal: RoomID | None,
-                   wamid: str, body: str) -> None:
+                   wamid_hash: WamidHash, body: str) -> None:
         rows: list[tuple[str, str]] = []
         for member in joined[:9]:
             room = await self._db.rooms.get(member.room_id)
@@ -134,12 +137,13 @@ class RoomReplies:
                 rows.append((f"{texts.PICK_ROW}{member.id}", policy.short_name(room.name)))
         if portal is not None and citizen.consent_state == "granted":
             rows.append((f"{texts.PICK_ROW}{texts.PORTAL_CHOICE}", texts.PORTAL_TITLE))
-        await self._outbox.room(citizen, f"wr-ask:{wamid}", {
+        await self._outbox.room(citizen, f"wr-ask:{wamid_hash}", {
             "type": "list", "body": body, "button": texts.PICK_BUTTON,
             "section": texts.PICK_SECTION, "rows": rows, "system": True})
 
     async def _picked(self, citizen: Citizen, key: str, msg: InboundMessage,
                       joined: list[RoomMember], portal: RoomID | None) -> None:
+        wamid_hash = self._privacy.index.wamid(msg.wamid)
         pending_id = await self._db.kv.get(PENDING_KEY + str(citizen.id))
         pending = await self._pending(pending_id)
         if key == texts.PORTAL_CHOICE and portal is not None:
@@ -151,7 +155,7 @@ class RoomReplies:
             member = next((m for m in joined if str(m.id) == key), None)
             room = await self._db.rooms.get(member.room_id) if member else None
             if member is None or room is None:
-                await self._outbox.system_text(citizen, f"wr-gone:{msg.wamid}",
+                await self._outbox.system_text(citizen, f"wr-gone:{wamid_hash}",
                                                texts.INVITATION_GONE)
                 return
             await self._db.wa_rooms.choose(member.id, datetime.now(UTC))
@@ -160,7 +164,7 @@ class RoomReplies:
             name = room.name
         await self._db.kv.delete(PENDING_KEY + str(citizen.id))
         if pending is None:
-            await self._outbox.system_text(citizen, f"wr-picked:{msg.wamid}",
+            await self._outbox.system_text(citizen, f"wr-picked:{wamid_hash}",
                                            texts.PICKED.format(room=name))
 
     async def _pending(self, item_id: str | None) -> InboundMessage | None:
@@ -183,22 +187,23 @@ class RoomReplies:
         ghost = member.ghost_user_id
         if room is None or ghost is None:
             return
+        wamid_hash = self._privacy.index.wamid(msg.wamid)
         verdict = policy.may_post(room.kind, await self._fanout.power(room.room_id, ghost),
                                   await self._fanout.events_default(room.room_id))
         if verdict == "announcement":
-            await self._outbox.system_text(citizen, f"wr-ann:{msg.wamid}",
+            await self._outbox.system_text(citizen, f"wr-ann:{wamid_hash}",
                                            texts.ANNOUNCEMENT_ONLY.format(room=room.name))
             return
         if verdict == "muted":
             if await self._db.kv.get(MUTED_TOLD_KEY + str(member.id)) is None:
-                await self._outbox.system_text(citizen, f"wr-muted:{msg.wamid}",
+                await self._outbox.system_text(citizen, f"wr-muted:{wamid_hash}",
                                                texts.MUTED.format(room=room.name))
                 await self._db.kv.set(MUTED_TOLD_KEY + str(member.id), "1")
             return
         await self._db.kv.delete(MUTED_TOLD_KEY + str(member.id))
         reply_to = None
         if msg.context_id:
-            hit = await self._db.wa_rooms.by_wamid(msg.context_id)
+            hit = await self._db.wa_rooms.by_wamid(self._privacy.index.wamid(msg.context_id))
             reply_to = hit[1] if hit is not None and hit[0] == room.room_id else None
         posted: list[tuple[str, dict[str, Any]]] = []
         if msg.kind == "text":
@@ -210,7 +215,8 @@ class RoomReplies:
             event_id = await self._mirror.post_as(ghost, room.room_id, msg, posted)
         if event_id is None:
             return
-        await self._db.wa_rooms.link(msg.wamid, citizen.id, room.room_id, event_id)
+        await self._db.wa_rooms.link(self._privacy.seal_wamid(msg.wamid), citizen.id,
+                                     room.room_id, event_id)
         others = [m for m in await self._db.wa_rooms.in_room(room.room_id)
                   if m.citizen_id != citizen.id]
         # What was posted (a text, a file with its keys, a location) goes on to the

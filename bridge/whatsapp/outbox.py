@@ -333,7 +333,8 @@ class Outbox:
             await self._db.messages.link(self._privacy.seal_wamid(wamid), item.room_id,
                                          payload["event_id"], "out")
         if payload.get("wr_event"):  # one room event, one wamid per member
-            await self._db.wa_rooms.link(wamid, item.citizen_id, RoomID(payload["wa_room"]),
+            await self._db.wa_rooms.link(self._privacy.seal_wamid(wamid), item.citizen_id,
+                                         RoomID(payload["wa_room"]),
                                          EventID(payload["wr_event"]))
         self._metrics.relayed.labels("out", payload["type"]).inc()
 

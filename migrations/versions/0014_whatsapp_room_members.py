@@ -1,14 +1,15 @@
 """WhatsApp citizens as members of agency rooms (issue 17).
 
 Revision ID: 0014
-Revises: 0009
+Revises: 0013
 Create Date: 2026-12-01
 
 Hand-written; never edit once landed. Four new tables (memberships, per-room
 switches, the backlog kept while a citizen's 24 h window is closed, and the map from
-per-member wamids to room events); `consent_records.purpose` widens to hold
+per-member wamids to room events, the wamids only as keyed hash and ciphertext like
+`message_map` since revision 0010); `consent_records.purpose` widens to hold
 "room:<room id>" and its CHECK accepts that form; `ghosts.kind` gains "room". On SQLite
-batch mode copies the two altered tables. The lead re-chains `down_revision` at merge.
+batch mode copies the two altered tables.
 """
 
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0014"
-down_revision: str | Sequence[str] | None = "0009"
+down_revision: str | Sequence[str] | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -95,16 +96,19 @@ def upgrade() -> None:
     op.create_table(
         "wa_room_messages",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("wamid", ID, nullable=False),
+        sa.Column("wamid_hash", ID, nullable=False),
+        sa.Column("wamid_ct", sa.Text(), nullable=False),
         sa.Column("citizen_id", sa.Integer(), nullable=False),
         sa.Column("room_id", ID, nullable=False),
         sa.Column("event_id", ID, nullable=False),
+        _when(),
         sa.ForeignKeyConstraint(["citizen_id"], ["citizens.id"], ondelete="CASCADE",
                                 name="fk_wa_room_messages_citizen_id_citizens"),
         sa.PrimaryKeyConstraint("id", name="pk_wa_room_messages"),
-        sa.UniqueConstraint("wamid", name="uq_wa_room_messages_wamid"),
+        sa.UniqueConstraint("wamid_hash", name="uq_wa_room_messages_wamid_hash"),
     )
     op.create_index("ix_wa_room_messages_citizen_id", "wa_room_messages", ["citizen_id"])
+    op.create_index("ix_wa_room_messages_created_at", "wa_room_messages", ["created_at"])
     op.create_index("ix_wa_room_messages_event_id_citizen_id", "wa_room_messages",
                     ["event_id", "citizen_id"])
 

@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from bridge.db import Citizen, Database
 from bridge.db.records import RoomSettings
 from bridge.types import EventID, Pseudonym, RoomID, UserID
+from tests.fixtures.wamids import sealed, wamid_hash
 
 ROOM = RoomID("!vecinos:agency.example")
 OTHER = RoomID("!fiestas:agency.example")
@@ -89,12 +90,14 @@ async def test_backlog_in_order_once_and_forgotten(db: Database) -> None:
 async def test_message_map_per_member_and_cancel_unsent(db: Database) -> None:
     one, two = await _citizen(db, 1), await _citizen(db, 2)
     event = EventID("$ev")
-    await db.wa_rooms.link("wamid.1", one.id, ROOM, event)
-    await db.wa_rooms.link("wamid.2", two.id, ROOM, event)
-    await db.wa_rooms.link("wamid.1", two.id, OTHER, EventID("$x"))  # first link wins
-    assert await db.wa_rooms.by_wamid("wamid.1") == (ROOM, event, one.id)
-    assert await db.wa_rooms.wamid_for("$ev", two.id) == "wamid.2"
+    await db.wa_rooms.link(sealed("wamid.1"), one.id, ROOM, event)
+    await db.wa_rooms.link(sealed("wamid.2"), two.id, ROOM, event)
+    await db.wa_rooms.link(sealed("wamid.1"), two.id, OTHER, EventID("$x"))  # first wins
+    assert await db.wa_rooms.by_wamid(wamid_hash("wamid.1")) == (ROOM, event, one.id)
+    # Found by the keyed hash; what goes back to Graph is the ciphertext, never a wamid.
+    assert await db.wa_rooms.wamid_for("$ev", two.id) == sealed("wamid.2")
     assert await db.wa_rooms.wamid_for("$ev", 999) is None
+    assert await db.wa_rooms.by_wamid(wamid_hash("wamid.3")) is None
     await db.outbox.add("wr:$ev:1", one.id, RoomID(""), "p1")
     await db.outbox.add("wr:$ev:2", two.id, RoomID(""), "p2")
     await db.outbox.add("wr:$evil:1", one.id, RoomID(""), "p3")
@@ -109,7 +112,7 @@ async def test_room_consent_purpose_and_erasure_cascade(db: Database) -> None:
         citizen_id=citizen.id, pseudonym=Pseudonym("C001"),
         purpose=f"room:{ROOM}",  # type: ignore[arg-type]
         state="granted", notice_version="rooms-1", notice_hash="f" * 64, channel="whatsapp",
-        language="es", evidence="wamid.X")
+        language="es", evidence="wamid-hmac:" + wamid_hash("wamid.X"))
     assert record.purpose == f"room:{ROOM}"
     with pytest.raises(IntegrityError):
         await db.consent.append(
@@ -122,10 +125,10 @@ async def test_room_consent_purpose_and_erasure_cascade(db: Database) -> None:
     assert await db.ghosts.by_citizen(citizen.id) is None
     member = await db.wa_rooms.invite(ROOM, citizen.id, "P", "api:admin", "0" * 64)
     await db.wa_rooms.keep(citizen.id, ROOM, "wr:$e:1", "s")
-    await db.wa_rooms.link("wamid.9", citizen.id, ROOM, EventID("$e"))
+    await db.wa_rooms.link(sealed("wamid.9"), citizen.id, ROOM, EventID("$e"))
     assert await db.citizens.delete(citizen.id)
     assert await db.wa_rooms.get(member.id) is None
-    assert await db.wa_rooms.by_wamid("wamid.9") is None
+    assert await db.wa_rooms.by_wamid(wamid_hash("wamid.9")) is None
     assert await db.wa_rooms.backlog(citizen.id) == []
 
 
@@ -136,3 +139,39 @@ async def test_backlog_retention(db: Database) -> None:
     assert await db.wa_rooms.purge_backlog(later - timedelta(days=1)) == 0
     assert await db.wa_rooms.purge_backlog(later) == 1
     assert await db.wa_rooms.backlog(citizen.id) == []
+    # A dry run counts what a purge would delete, and deletes nothing.
+    await db.wa_rooms.keep(citizen.id, ROOM, "wr:$old2:1", "s")
+    assert await db.wa_rooms.purge_backlog(later, dry_run=True) == 1
+    assert len(await db.wa_rooms.backlog(citizen.id)) == 1
+
+
+async def test_room_message_map_retention(db: Database) -> None:
+    citizen = await _citizen(db)
+    await db.wa_rooms.link(sealed("wamid.old"), citizen.id, ROOM, EventID("$old"))
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    assert await db.wa_rooms.purge_messages(later - timedelta(days=1)) == 0
+    assert await db.wa_rooms.purge_messages(later, dry_run=True) == 1
+    assert await db.wa_rooms.by_wamid(wamid_hash("wamid.old")) is not None
+    assert await db.wa_rooms.purge_messages(later) == 1
+    assert await db.wa_rooms.by_wamid(wamid_hash("wamid.old")) is None
+
+
+async def test_erase_citizen_takes_memberships_backlog_and_pairs(db: Database) -> None:
+    one, two = await _citizen(db, 1), await _citizen(db, 2)
+    a = await db.wa_rooms.invite(ROOM, one.id, "P1", "api:admin", "0" * 64)
+    await db.wa_rooms.invite(OTHER, one.id, "P2", "api:admin", "0" * 64)
+    b = await db.wa_rooms.invite(ROOM, two.id, "P3", "api:admin", "0" * 64)
+    await db.wa_rooms.keep(one.id, ROOM, "wr:$e:1", "s1")
+    await db.wa_rooms.keep(two.id, ROOM, "wr:$e:2", "s2")
+    await db.wa_rooms.link(sealed("wamid.a"), one.id, ROOM, EventID("$e"))
+    await db.wa_rooms.link(sealed("wamid.b"), two.id, ROOM, EventID("$e"))
+    assert [m.id for m in await db.wa_rooms.of_citizen_all(one.id)] != []
+    assert await db.wa_rooms.erase_citizen(one.id) == 2
+    assert await db.wa_rooms.of_citizen_all(one.id) == []
+    assert await db.wa_rooms.get(a.id) is None
+    assert await db.wa_rooms.backlog(one.id) == []
+    assert await db.wa_rooms.by_wamid(wamid_hash("wamid.a")) is None
+    # Nobody else's.
+    assert await db.wa_rooms.get(b.id) is not None
+    assert len(await db.wa_rooms.backlog(two.id)) == 1
+    assert await db.wa_rooms.by_wamid(wamid_hash("wamid.b")) is not None
