@@ -4,6 +4,7 @@ link and two WhatsApp citizens, each under a pseudonym of that room only."""
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
@@ -20,15 +21,16 @@ import pytest
 import pytest_asyncio
 from nio import EncryptionError, MegolmEvent, RoomMessageNotice
 from nio.crypto.attachments import encrypt_attachment
-from sqlalchemy import update
+from sqlalchemy import select, update
 
-from bridge.db.models import CitizenRow
+from bridge.db.models import CitizenRow, ConsentRecordRow
 from bridge.rooms_wa import texts
 from bridge.rooms_wa.fanout import event_key
 from bridge.types import RoomID
 from bridge.whatsapp.simulator import SimulatedUser
 from tests.fixtures.bridge import BridgeHarness
 from tests.fixtures.citizens import USER_ID, invite_link, submit_form
+from tests.fixtures.dbdump import dump, find_clear, phone_forms
 from tests.fixtures.staff import StaffClient, staff_login
 from tests.integration.test_whatsapp import (
     USED_IDENTIFIERS,
@@ -42,6 +44,7 @@ pytestmark = pytest.mark.integration
 
 SEEN_BY_STAFF: list[str] = []  # every decrypted room event, for the privacy sweep
 SENT_TO_CITIZENS: list[str] = []  # every body the other WhatsApp members received
+WAMIDS: list[str] = []  # every wamid of this module's messages, both ways (privacy sweep)
 
 
 @dataclass
@@ -68,7 +71,8 @@ class World:
 
     async def write(self, member: Member, value: dict[str, Any]) -> str:
         assert await self.h.wa.deliver(self.h.webhook_url, value) == 200
-        return str(value["messages"][0]["id"])
+        WAMIDS.append(str(value["messages"][0]["id"]))
+        return WAMIDS[-1]
 
     async def sent_to(self, member: Member, predicate: Callable[[dict[str, Any]], bool],
                       timeout: float = 30) -> tuple[dict[str, Any], str]:
@@ -136,7 +140,8 @@ async def join_room(w: World, member: Member, room_id: str, expect_first: bool =
                    f"{texts.DECLINE_BUTTON}{answer['member_id']}"]
     body = text_body(invitation)
     assert "SALIR" in body and "cifrado de extremo a extremo" in body
-    await w.write(member, w.h.wa.button_reply(member.user, ids[0], texts.ACCEPT_TITLE))
+    accepted = await w.write(member, w.h.wa.button_reply(member.user, ids[0],
+                                                         texts.ACCEPT_TITLE))
     db = w.h.running.bridge.db
 
     async def joined() -> bool:
@@ -145,6 +150,11 @@ async def join_room(w: World, member: Member, room_id: str, expect_first: bool =
     await wait_until(joined, 30, "joined")
     await w.sent_to(member, says(f"como «{pseudonym}»"))
     member.pseudonyms[room_id] = pseudonym
+    # The consent's evidence is the accepting message, by the keyed hash of its id.
+    records = [r for r in await db.consent.for_citizen(member.citizen_id)
+               if r.purpose == f"room:{room_id}" and r.state == "granted"]
+    privacy = w.h.running.bridge.privacy
+    assert records[-1].evidence == f"wamid-hmac:{privacy.index.wamid(accepted)}"
     return pseudonym
 
 
@@ -181,6 +191,25 @@ async def world(bridge: BridgeHarness) -> AsyncIterator[World]:
     yield w
     for closer in closers:
         await closer.close()
+
+
+async def test_room_admin_routes_are_on_the_admin_listener_only(world: World) -> None:
+    w = world
+    token = {"Authorization": f"Bearer {w.h.running.config.admin.token}"}
+    async with aiohttp.ClientSession() as http:
+        for method, path in (("POST", "whatsapp-members"), ("GET", "whatsapp-members"),
+                             ("POST", "whatsapp-settings")):
+            async with http.request(method, f"{w.h.running.url}/admin/v1/rooms/"
+                                    f"{quote(w.room_id, safe='')}/{path}", headers=token,
+                                    json={"citizen": w.ana.portal_ghost}) as resp:
+                assert resp.status == 404, (method, path)
+    status, members = await w.h.running.call(
+        "GET", f"/admin/v1/rooms/{quote(w.room_id, safe='')}/whatsapp-members")
+    assert status == 200 and isinstance(members, list)
+    # The admin listener wants its token, like every admin route.
+    status, _ = await w.h.running.call(
+        "GET", f"/admin/v1/rooms/{quote(w.room_id, safe='')}/whatsapp-members", token=None)
+    assert status == 401
 
 
 async def test_team_rooms_refuse_whatsapp_members_by_default(world: World) -> None:
@@ -500,6 +529,26 @@ async def test_privacy_sweep(world: World) -> None:
     # No Matrix ID of anyone in what the WhatsApp members received.
     assert w.h.admin.user_id not in received
     assert w.ana.portal_ghost not in received
+    # At rest: no wamid of this module's messages (to or from a room member), in any
+    # table, in clear or inside base64; the message maps keep keyed hashes and
+    # ciphertexts only.
+    wamids = WAMIDS + [i for i in w.h.wa.sent_ids if i and any(
+        _about(i, m.user) for m in (w.ana, w.bea))]
+    assert len(wamids) > 20
+    needles = [x for wamid in wamids for x in (wamid, wamid.removeprefix("wamid."))]
+    stored = await dump(w.h.running.config.database.url)
+    people = [w.ana.user.user_id, w.bea.user.user_id, w.ana.user.name, w.bea.user.name,
+              *(f for m in (w.ana, w.bea) if m.user.wa_id for f in phone_forms(m.user.wa_id))]
+    leaked = find_clear(stored.everything, [*needles, *people])
+    assert not leaked, f"in clear at rest: {list(leaked.values())[:3]}"
+    pairs = [row for row in stored.rows if row.startswith("wa_room_messages: ")]
+    assert len(pairs) > 5
+
+
+def _about(wamid: str, user: SimulatedUser) -> bool:
+    """Whether a (simulated) wamid was issued for a message to or from `user`."""
+    raw = base64.b64decode(wamid.removeprefix("wamid."))
+    return (user.wa_id or user.user_id).encode() in raw
 
 
 async def test_self_service_join_from_an_invite_link(world: World) -> None:
@@ -563,6 +612,26 @@ async def test_erasure_retires_every_room_pseudonym(world: World) -> None:
     b = w.h.running.bridge
     ghosts = await b.db.wa_rooms.ghosts_of(w.ana.citizen_id)
     assert len(ghosts) == 2  # two rooms, two pseudonyms
+    # The export shows her memberships (pseudonyms, states).
+    path = f"/admin/v1/citizens/{quote(w.ana.portal_ghost, safe='')}"
+    status, exported = await w.h.running.call("GET", path + "/export?reason=art.%2015")
+    assert status == 200, exported
+    rooms = {m["room_id"]: m for m in exported["room_memberships"]}
+    assert rooms[w.room_id]["pseudonym"] == w.ana.pseudonyms[w.room_id]
+    assert {m["matrix_user_id"] for m in rooms.values()} == set(ghosts)
+    assert "room_backlog" in exported
+    # (The export is the citizen's own, and may hold her webhooks; the memberships
+    # themselves carry no message id.)
+    assert not find_clear([json.dumps(exported["room_memberships"])], WAMIDS)
+    # A room pseudonym names her too (staff know her by it in the room).
+    status, by_room_ghost = await w.h.running.call(
+        "GET", f"/admin/v1/citizens/{quote(ghosts[0], safe='')}/export?reason=art.%2015")
+    assert status == 200 and by_room_ghost["pseudonym"] == exported["pseudonym"]
+    joined = [r for r in exported["room_memberships"] if r["state"] == "joined"]
+    # Something waiting for her window: erasure takes it too.
+    citizen = await b.db.citizens.get(w.ana.citizen_id)
+    assert citizen is not None
+    await b.db.wa_rooms.keep(citizen.id, RoomID(w.room_id), "wr:$erased:1", "sealed")
     status, answer = await w.h.running.call(
         "DELETE", f"/admin/v1/citizens/{quote(w.ana.portal_ghost, safe='')}",
         {"reason": "derecho de supresión"})
@@ -570,3 +639,13 @@ async def test_erasure_retires_every_room_pseudonym(world: World) -> None:
     assert await b.db.wa_rooms.ghosts_of(w.ana.citizen_id) == []
     for ghost in ghosts:
         assert await b.db.ghosts.get(ghost) is None
+    assert await b.db.wa_rooms.of_citizen_all(w.ana.citizen_id) == []
+    assert await b.db.wa_rooms.backlog(w.ana.citizen_id) == []
+    assert await b.db.wa_rooms.find(RoomID(w.room_id), w.ana.citizen_id) is None
+    # Each room she was in has its consent withdrawn on record (by pseudonym).
+    async with b.db.session() as session:
+        withdrawn = list(await session.scalars(select(ConsentRecordRow.purpose).where(
+            ConsentRecordRow.pseudonym == exported["pseudonym"],
+            ConsentRecordRow.purpose.startswith("room:"),
+            ConsentRecordRow.state == "withdrawn", ConsentRecordRow.evidence == "erasure")))
+    assert joined and set(withdrawn) == {f"room:{m['room_id']}" for m in joined}
