@@ -25,6 +25,7 @@ from bridge.db.records import Room, RoomMember
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.relay import StaffEvent
+from bridge.metrics import Metrics
 from bridge.privacy import AAD_PAYLOAD, Privacy
 from bridge.rooms_wa import policy, texts
 from bridge.rooms_wa.members import Members
@@ -53,8 +54,10 @@ class FanOut:
     """A `Relay` handler for agency rooms, and the sender of WhatsApp members' posts."""
 
     def __init__(self, config: Config, db: Database, api: MatrixAPI, ghosts: Ghosts,
-                 members: Members, outbox: Outbox, privacy: Privacy) -> None:
+                 members: Members, outbox: Outbox, privacy: Privacy, metrics: Metrics
+                 ) -> None:
         self._config = config
+        self._metrics = metrics
         self._db = db
         self._api = api
         self._ghosts = ghosts
@@ -130,10 +133,13 @@ class FanOut:
             return text_payloads(start + rendered_text(content), reply_to)
         decision = translate(etype, content, reply_to)
         if not isinstance(decision, list):
-            return []  # unsupported or invalid: staff see it in Matrix; nothing to relay
+            # Unsupported or invalid: staff see it in Matrix; nothing to relay (counted).
+            self._metrics.room_not_relayed.labels("unsupported").inc()
+            return []
         out: list[dict[str, Any]] = []
         for payload in decision:
             if payload["type"] == "media" and not media:
+                self._metrics.room_not_relayed.labels("media_off").inc()
                 return text_payloads(texts.FILE_NOT_RELAYED.format(prefix=start), reply_to)
             if payload["type"] == "media" and payload["kind"] not in ("audio", "sticker"):
                 payload["caption"] = (start + (payload.get("caption") or "")).strip()[:1024]
@@ -182,6 +188,7 @@ class FanOut:
             return
         skipped, _ = policy.backlog_plan(len(entries), self._config.rooms.backlog_max)
         if skipped:
+            self._metrics.room_not_relayed.labels("left_out").inc(skipped)
             first = entries[skipped]
             await self._outbox.room(citizen, f"wr-earlier:{first.id}", {
                 "type": "text", "body": texts.EARLIER.format(count=skipped),

@@ -14,6 +14,7 @@ from bridge.config import Config
 from bridge.db import Citizen, Database, InboundItem
 from bridge.db.records import RoomMember
 from bridge.matrix.relay import Relay
+from bridge.metrics import Metrics
 from bridge.privacy import AAD_PAYLOAD, Privacy
 from bridge.rooms_wa import policy, texts
 from bridge.rooms_wa.fanout import FanOut
@@ -37,8 +38,9 @@ class RoomReplies:
 
     def __init__(self, config: Config, db: Database, privacy: Privacy, relay: Relay,
                  mirror: Mirror, outbox: Outbox, members: Members, fanout: FanOut,
-                 join: SelfServiceJoin) -> None:
+                 join: SelfServiceJoin, metrics: Metrics) -> None:
         self._config = config
+        self._metrics = metrics
         self._db = db
         self._privacy = privacy
         self._relay = relay
@@ -193,8 +195,10 @@ class RoomReplies:
         if verdict == "announcement":
             await self._outbox.system_text(citizen, f"wr-ann:{wamid_hash}",
                                            texts.ANNOUNCEMENT_ONLY.format(room=room.name))
+            self._metrics.room_not_relayed.labels("announcement").inc()
             return
         if verdict == "muted":
+            self._metrics.room_not_relayed.labels("muted").inc()
             if await self._db.kv.get(MUTED_TOLD_KEY + str(member.id)) is None:
                 await self._outbox.system_text(citizen, f"wr-muted:{wamid_hash}",
                                                texts.MUTED.format(room=room.name))

@@ -37,9 +37,10 @@ def build_rooms_wa(config: Config, db: Database, api: MatrixAPI, ghosts: Ghosts,
                    metrics: Metrics) -> WhatsAppRooms:
     """`portal_handler`: the staff-event handler `!invitar` stands in front of."""
     members = Members(config, db, api, ghosts, rooms, relay, outbox, privacy, metrics)
-    fanout = FanOut(config, db, api, ghosts, members, outbox, privacy)
+    fanout = FanOut(config, db, api, ghosts, members, outbox, privacy, metrics)
     join = SelfServiceJoin(config, db, members, outbox)
-    replies = RoomReplies(config, db, privacy, relay, mirror, outbox, members, fanout, join)
+    replies = RoomReplies(config, db, privacy, relay, mirror, outbox, members, fanout, join,
+                          metrics)
     commands = PortalCommands(db, portals, members, fanout, config.rooms.staff_label,
                               config.rooms.confirm_above, then=portal_handler)
     relay.add_handler(fanout)

@@ -253,6 +253,9 @@ class Outbox:
         notice_id = payload.get("notice_id")
         if citizen is None or not await self._consented(citizen, payload):
             await self._db.outbox.mark_failed(item.id, "consent withdrawn")
+            if payload.get("wa_room") and not payload.get("system"):
+                # Left, kicked or banned since it was queued (they were told then).
+                self._metrics.room_not_relayed.labels("not_member").inc()
             if notice_id is not None:
                 await self._db.notices.mark_failed(notice_id, "consent withdrawn")
                 self._metrics.notices.labels("failed").inc()

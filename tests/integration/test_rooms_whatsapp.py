@@ -112,6 +112,13 @@ class World:
         return await wait_until(find, timeout, "event in room")
 
 
+def not_relayed(w: World, reason: str) -> float:
+    """civic_bridge_room_not_relayed_total{reason} of the running bridge."""
+    value = w.h.running.bridge.metrics.registry.get_sample_value(
+        "civic_bridge_room_not_relayed_total", {"reason": reason})
+    return value or 0.0
+
+
 def text_body(s: dict[str, Any]) -> str:
     if s.get("type") == "text":
         return str(s["text"]["body"])
@@ -288,8 +295,10 @@ async def test_staff_media_is_relayed_unless_switched_off(world: World) -> None:
     status, answer = await w.h.running.call(
         "POST", f"/admin/v1/rooms/{w.room_id}/whatsapp-settings", {"relay_media": False})
     assert (status, answer) == (200, {"whatsapp_allowed": True, "relay_media": False})
+    before = not_relayed(w, "media_off")
     await _staff_image(w, data, "Otro plano")
     await w.sent_to(w.bea, says("ha enviado un archivo, que no se reenvía"))
+    assert not_relayed(w, "media_off") == before + 2  # one per WhatsApp member
     assert w.sent_count(w.bea, lambda s: s.get("type") == "image") == 1
     status, _ = await w.h.running.call(
         "POST", f"/admin/v1/rooms/{w.room_id}/whatsapp-settings", {"relay_media": True})
@@ -443,8 +452,10 @@ async def test_window_closed_digest_once_then_backlog_in_order(world: World) -> 
     assert w.sent_count(w.bea, lambda s: s.get("type") == "template") == 1
     assert w.sent_count(w.bea, says("Aviso número")) == 0
     # Bea answers: the newest two (rooms.backlog_max) arrive in order after one line.
+    left_out = not_relayed(w, "left_out")
     await w.write(w.bea, w.h.wa.text_message(w.bea.user, "Aquí estoy"))
     await w.sent_to(w.bea, says("1 mensajes anteriores"))
+    assert not_relayed(w, "left_out") == left_out + 1
     await w.sent_to(w.bea, says("Aviso número 3"))
     got = [text_body(s) for s in w.h.wa.sent if to_citizen(s, w.bea.user) and
            ("Aviso número" in text_body(s) or "anteriores" in text_body(s))]
@@ -467,9 +478,12 @@ async def test_mute_then_kick_stop_the_relay(world: World) -> None:
         "POST", f"/admin/v1/rooms/{w.room_id}/mute",
         {"user_id": member.ghost_user_id, "reason": "prueba"})
     assert status == 200, answer
+    muted = not_relayed(w, "muted")
     await w.write(w.ana, w.h.wa.text_message(w.ana.user, "¿Me oyen?"))
     await w.sent_to(w.ana, says("silenciado"))
     await w.write(w.ana, w.h.wa.text_message(w.ana.user, "¿Y ahora?"))
+    await w.h.running.idle("whatsapp")
+    assert not_relayed(w, "muted") == muted + 2  # told once, each message counted
     status, answer = await w.h.running.call(
         "POST", f"/admin/v1/rooms/{w.room_id}/kick",
         {"user_id": member.ghost_user_id, "reason": "prueba"})
@@ -497,6 +511,19 @@ async def test_salir_leaves_the_room(world: World) -> None:
     await w.staff.send_text(w.room_id, "Después de SALIR")
     await w.h.running.idle("matrix")
     assert w.sent_count(w.bea, says("Después de SALIR")) == 0
+    # A room message already queued when she left is not sent, and is counted.
+    citizen = await b.db.citizens.get(w.bea.citizen_id)
+    assert citizen is not None
+    gone = not_relayed(w, "not_member")
+    assert await b.outbox.room(citizen, "wr:$queued-before-salir:1", {
+        "type": "text", "body": "En cola al salir", "wa_room": w.room_id})
+
+    async def settled() -> bool:
+        item = await b.db.outbox.by_key("wr:$queued-before-salir:1")
+        return item is not None and item.status == "failed"
+    await wait_until(settled, 30, "not sent")
+    assert not_relayed(w, "not_member") == gone + 1
+    assert w.sent_count(w.bea, says("En cola al salir")) == 0
 
 
 async def test_announcement_rooms_refuse_whatsapp_posts(world: World) -> None:
@@ -509,8 +536,10 @@ async def test_announcement_rooms_refuse_whatsapp_posts(world: World) -> None:
     await join_room(w, w.bea, room)
     await w.staff.send_text(room, "Bando: fiestas el día 15")
     _, wamid = await w.sent_to(w.bea, says("Bando: fiestas"))
+    refused = not_relayed(w, "announcement")
     await w.write(w.bea, w.h.wa.text_message(w.bea.user, "¡Genial!", context_id=wamid))
     await w.sent_to(w.bea, says("es una sala de avisos"))
+    assert not_relayed(w, "announcement") == refused + 1
 
 
 async def test_privacy_sweep(world: World) -> None:
