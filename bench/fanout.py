@@ -155,7 +155,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             assert room is not None
             recipients = await db.wa_rooms.in_room(ROOM)
             box = outbox()
-            fan = FanOut(config, db, api, None, members, box, privacy)  # type: ignore[arg-type]
+            fan = FanOut(config, db, api, None, members, box, privacy,  # type: ignore[arg-type]
+                         metrics)
             total = args.members * args.posts
             box.start()
             start = time.perf_counter()
