@@ -186,7 +186,8 @@ class Run:
 def _buttons(sent: dict[str, Any]) -> list[str]:
     if sent.get("type") != "interactive":
         return []
-    return [b["reply"]["id"] for b in sent["interactive"]["action"]["buttons"]]
+    # (Interactive lists, the room picker of bridge.rooms_wa, have rows, not buttons.)
+    return [b["reply"]["id"] for b in sent["interactive"]["action"].get("buttons", [])]
 
 
 def _text(body: str) -> Any:
