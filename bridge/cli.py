@@ -158,6 +158,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from bridge.db.engine import upgrade
     from bridge.legacy_wamids import key_legacy_wamids
     from bridge.privacy import Privacy
+    from bridge.whatsapp.outbound import adopt_legacy_holds
 
     config = load_or_exit(args.config)
 
@@ -165,7 +166,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         await upgrade(config.database.url)
         # The data part of revision 0010, which needs the keys (bridge.legacy_wamids).
         async with await Database.open(config.database.url) as db:
-            return await key_legacy_wamids(db, Privacy.from_config(config.privacy))
+            privacy = Privacy.from_config(config.privacy)
+            await adopt_legacy_holds(db, privacy.cipher)  # the data part of 0015
+            return await key_legacy_wamids(db, privacy)
 
     with _database_errors(args.config, config.database.url):
         keyed = asyncio.run(run())

@@ -28,6 +28,7 @@ from bridge.db.models import (
     Base,
     CitizenRow,
     GhostRow,
+    HeldStaffMessageRow,
     InboundRow,
     KVRow,
     MessageMapRow,
@@ -52,7 +53,7 @@ from bridge.privacy import (
     KeyedIndex,
     wamid_aad,
 )
-from bridge.whatsapp.outbound import HELD_KEY
+from bridge.whatsapp.outbound import LEGACY_HELD_KEY, held_aad
 from bridge.whatsapp.webhook_parse import lane_of
 
 # What `civic-bridge rekey` prints, one count per kind.
@@ -143,6 +144,8 @@ async def rekey_database(db: Database, cipher: Cipher,
         "payload", lambda row: DEAD_LETTERS if row["status"] == "dead" else OUTBOX,
         lambda row: AAD_PAYLOAD))
     await db.sealed.rewrite(_table(InboundRow), run.inbound)
+    await db.sealed.rewrite(_table(HeldStaffMessageRow), run.column(
+        "payloads_ct", lambda row: HELD, lambda row: held_aad(str(row["event_id"]))))
     await db.sealed.rewrite(_table(KVRow), run.column("value", _kv_kind, _kv_aad))
     run.report.stale = await db.sealed.count_tokens(
         lambda value: cipher.is_token(value) and cipher.needs_rekey(value))
@@ -157,7 +160,7 @@ def _kv_kind(row: RowMapping) -> str:
     key = str(row["key"])
     if key == STORE_KEY:
         return STORE
-    if key.startswith(HELD_KEY):
+    if key.startswith(LEGACY_HELD_KEY):
         return HELD  # bridge.whatsapp.outbound
     if key.startswith(UNDECRYPTABLE_KEY):
         return PARKED  # bridge.matrix.undecryptable

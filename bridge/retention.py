@@ -27,7 +27,7 @@ from bridge.db import Citizen, Database
 from bridge.invites.rights import InviteAccounts
 from bridge.metrics import Metrics
 from bridge.privacy import Cipher
-from bridge.whatsapp.outbound import WINDOW, drop_held_report
+from bridge.whatsapp.outbound import WINDOW
 from bridge.whatsapp.webhook_parse import citizen_lane
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ STEPS: Final = (
 # Where each step deletes, for the per-table report of `civic-bridge purge`.
 TABLES: Final = {
     "held_inbound": "inbound", "finished_queue_rows": "inbound",
-    "transaction_ids": "processed_transactions", "held_staff_messages": "kv",
+    "transaction_ids": "processed_transactions",
+    "held_staff_messages": "held_staff_messages",
     "notice_log": "notices", "handled_reports": "reports", "outbox": "outbox",
     "message_map": "message_map", "never_consented": "citizens",
     "invite_links": "invite_links", "unused_invite_accounts": "invite_accounts",
@@ -140,10 +141,6 @@ class Retention:
         r = config.retention
         self._silent = timedelta(days=r.never_consented_days)
 
-        async def held_staff(now: datetime, dry: bool) -> Outcome:
-            return Outcome(*await drop_held_report(db, cipher, before=now - WINDOW,
-                                                   dry_run=dry))
-
         async def dead_letters(now: datetime, dry: bool) -> Outcome:
             ids = await db.dead_letters.purge(now - timedelta(days=r.dead_letters_days),
                                               dry_run=dry)
@@ -161,7 +158,8 @@ class Retention:
                 db.inbound.purge_finished(now - FINISHED_RETENTION, dry_run=dry)),
             "transaction_ids": lambda now, dry: self._n(
                 db.transactions.purge(now - FINISHED_RETENTION, dry_run=dry)),
-            "held_staff_messages": held_staff,
+            "held_staff_messages": lambda now, dry: self._n(
+                db.held.purge(before=now - WINDOW, dry_run=dry)),
             "notice_log": lambda now, dry: self._n(
                 db.notices.purge(now - notice_days, dry_run=dry)),
             "handled_reports": lambda now, dry: self._n(

@@ -36,7 +36,8 @@ from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.keystore import RoomKeyStore
 from bridge.matrix.queued import open_event, seal_unsealed
 from bridge.matrix.relay import Relay
-from bridge.matrix.rooms import RoomPolicy, Rooms
+from bridge.matrix.room_policy import RoomPolicy
+from bridge.matrix.rooms import Rooms
 from bridge.matrix.storekey import load_store_key, pickle_passphrase
 from bridge.matrix.trust import Trust
 from bridge.matrix.undecryptable import UndecryptableStore
@@ -51,7 +52,7 @@ from bridge.types import RoomID, UserID
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.inbound import WhatsAppInbound
 from bridge.whatsapp.mirror import Mirror
-from bridge.whatsapp.outbound import StaffToWhatsApp
+from bridge.whatsapp.outbound import StaffToWhatsApp, adopt_legacy_holds
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.pacing import Pacer
 from bridge.whatsapp.portal import Portals
@@ -280,6 +281,7 @@ async def build_bridge(config: Config) -> Bridge:
         raise
     # Before anything looks a message up: wamids from before revision 0010 get keyed.
     await key_legacy_wamids(db, privacy)
+    await adopt_legacy_holds(db, privacy.cipher)  # the data part of revision 0015
     http = aiohttp.ClientSession()
     api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
     trust = Trust(db, http, config.homeserver.url, config.appservice.as_token, privacy.cipher)

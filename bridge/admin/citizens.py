@@ -26,16 +26,15 @@ from bridge.admin.identify import check_reason, citizens_with_number, normalise_
 from bridge.admin.notices import notice_entry
 from bridge.config import Config
 from bridge.db import Citizen, Database
-from bridge.db.records import room_purpose
 from bridge.errors import NotFound
 from bridge.invites.rights import InviteAccounts
 from bridge.matrix.ghosts import Ghosts
+from bridge.model import room_purpose
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
 from bridge.rooms_wa.texts import INVITATION_VERSION as ROOM_NOTICE_VERSION
 from bridge.rooms_wa.texts import LANGUAGE as ROOM_LANGUAGE
 from bridge.types import Pseudonym, RoomID, UserID
 from bridge.whatsapp import consent
-from bridge.whatsapp.outbound import drop_held
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE, NoticeSubscriptions
 from bridge.whatsapp.webhook_parse import citizen_lane, status_lane
@@ -212,6 +211,8 @@ class CitizenData:
         if citizen.ghost_user_id is not None:
             # Their reports stay for the moderators, without what they wrote.
             await self._db.reports.forget_reporter(citizen.ghost_user_id)
+            await self._db.reactions.forget_ghost(citizen.ghost_user_id)
+            await self._db.mutes.forget_user(citizen.ghost_user_id)
             await self._ghosts.retire(citizen.ghost_user_id)
         await self._erase_room_memberships(citizen)
         # Queued webhooks hold the identifiers (encrypted): every one of their lanes
@@ -221,7 +222,7 @@ class CitizenData:
         await self._db.inbound.delete_lane("whatsapp", status_lane(citizen.index_hash))
         if portal is not None:
             await self._db.messages.delete_room(RoomID(portal.room_id))
-            await drop_held(self._db, self._privacy.cipher, room_id=portal.room_id)
+            await self._db.held.purge(room_id=RoomID(portal.room_id))
         await self._db.citizens.delete(citizen.id)
         await self._db.audit.append(actor, "citizen.erase", f"pseudonym {pseudonym}", "ok",
                                     reason)

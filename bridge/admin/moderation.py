@@ -6,7 +6,6 @@ outranks everyone in it (room version 12 creators). Each one is audited.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -79,23 +78,22 @@ class Moderation:
         text = reason(why)
         levels = await self._api.get_state_event(self._bot, room.room_id, "m.room.power_levels")
         users = levels.get("users", {})
-        key = _mute_key(room.room_id, uid)
         if users.get(uid) == MUTED:
             raise Conflict("already muted")
-        await self._db.kv.set(key, json.dumps(users.get(uid)))
+        previous = users.get(uid)
+        await self._db.mutes.add(room.room_id, uid,
+                                 previous if isinstance(previous, int) else None)
         await audited(self._db, actor, "room.mute", f"{room.room_id} {uid}", text,
                       lambda: self._rooms.set_power(room.room_id, uid, MUTED), "mute")
 
     async def unmute(self, actor: str, room_id: str, target: str, why: str | None) -> None:
         room, uid = await self._target(room_id, target)
         text = reason(why)
-        key = _mute_key(room.room_id, uid)
-        stored = await self._db.kv.get(key)
-        previous = json.loads(stored) if stored is not None else None
-        level = previous if isinstance(previous, int) and previous != MUTED else None
+        previous = await self._db.mutes.previous_level(room.room_id, uid)
+        level = previous if previous != MUTED else None
         await audited(self._db, actor, "room.unmute", f"{room.room_id} {uid}", text,
                       lambda: self._rooms.set_power(room.room_id, uid, level), "unmute")
-        await self._db.kv.delete(key)
+        await self._db.mutes.delete(room.room_id, uid)
 
     async def redact(self, actor: str, room_id: str, event: str, why: str | None) -> EventID:
         room = await open_room(self._db, room_id)
@@ -186,6 +184,3 @@ class Moderation:
         room = await open_room(self._db, room_id)
         return await member_count(self._rooms, room.room_id)
 
-
-def _mute_key(room_id: RoomID, uid: UserID) -> str:
-    return f"mute:{room_id}:{uid}"

@@ -16,7 +16,8 @@ from bridge.db import Database, RoomKind
 from bridge.errors import InvalidParam, NotFound
 from bridge.matrix.api import MatrixAPI
 from bridge.matrix.ghosts import Ghosts
-from bridge.matrix.rooms import ADMIN, CREATOR, KINDS, MODERATOR, Rooms
+from bridge.matrix.room_policy import ADMIN, CREATOR, KINDS, MODERATOR
+from bridge.matrix.rooms import Rooms
 from bridge.types import RoomID, UserID
 
 log = logging.getLogger(__name__)

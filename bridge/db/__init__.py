@@ -15,7 +15,8 @@ from bridge.db.engine import (
     schema_status,
     upgrade,
 )
-from bridge.db.records import (
+from bridge.db.repos import Repositories
+from bridge.model import (
     AuditEntry,
     Citizen,
     CitizenIdentifiers,
@@ -40,7 +41,6 @@ from bridge.db.records import (
     RoomKind,
     StoredRoomKey,
 )
-from bridge.db.repos import Repositories
 
 __all__ = [
     "FIX_COMMAND",

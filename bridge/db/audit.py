@@ -23,8 +23,8 @@ from sqlalchemy import select, text
 from bridge.auditchain import GENESIS, KEYED, LEGACY, AuditKeys, ChainCheck, ChainRow, entry_mac
 from bridge.auditchain import legacy_hash as entry_hash
 from bridge.db.models import AuditRow, utcnow
-from bridge.db.records import AuditEntry
 from bridge.db.scope import Scope
+from bridge.model import AuditEntry
 
 __all__ = ["AUDIT_LOCK_KEY", "GENESIS", "AuditKeyMissing", "AuditRepo", "entry_hash"]
 

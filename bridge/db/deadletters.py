@@ -18,8 +18,8 @@ from sqlalchemy import delete, func, select, update
 
 from bridge.db.models import InboundRow, OutboxRow, utcnow
 from bridge.db.queues import NOTICE_KEY_PREFIX
-from bridge.db.records import DeadLetter
 from bridge.db.scope import Scope
+from bridge.model import DeadLetter
 from bridge.types import RoomID
 
 _ID: Final = re.compile(r"(in|out)-([1-9][0-9]{0,17})")

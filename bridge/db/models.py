@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from bridge.db.records import (
+from bridge.model import (
     CONSENT_PURPOSES,
     CONSENT_STATES,
     DIRECTIONS,
@@ -443,3 +443,38 @@ class RoomMessageRow(Base):
     event_id: Mapped[str] = mapped_column(ID)
     # The retention purge (retention.message_map_days) goes by it.
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class HeldStaffMessageRow(Base):
+    """A staff message to a citizen held until staff confirm it (it looks like it holds a
+    DNI, an IBAN...: bridge.whatsapp.outbound); it expires with the 24-hour window."""
+
+    __tablename__ = "held_staff_messages"
+
+    event_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    room_id: Mapped[str] = mapped_column(ID, index=True)  # the portal it was written in
+    held_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # The WhatsApp payloads it becomes, sealed with the data key, bound to the event id.
+    payloads_ct: Mapped[str] = mapped_column(Text)
+
+
+class MuteRow(Base):
+    """A member muted in a room, with the power level to give back on unmute."""
+
+    __tablename__ = "mutes"
+
+    room_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, primary_key=True, index=True)
+    previous_level: Mapped[int | None] = mapped_column(Integer)
+    muted_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ReactionRow(Base):
+    """The Matrix reaction a citizen's ghost sent for a WhatsApp reaction, so that taking
+    the reaction back on WhatsApp redacts it (bridge.whatsapp.mirror)."""
+
+    __tablename__ = "reactions"
+
+    ghost_user_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    target_event_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    reaction_event_id: Mapped[str] = mapped_column(ID)

@@ -13,9 +13,9 @@ from typing import Any, cast
 from sqlalchemy import select, update
 
 from bridge.db.models import NoticeRow, NoticeSubscriptionRow, utcnow
-from bridge.db.records import ConsentState, Notice, NoticeSubscription
 from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.errors import Conflict
+from bridge.model import ConsentState, Notice, NoticeSubscription
 from bridge.types import Pseudonym, WamidHash
 
 # Webhook status -> the column it fills (the first report wins: redeliveries are no-ops).

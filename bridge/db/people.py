@@ -10,7 +10,9 @@ from typing import Any, cast
 from sqlalchemy import delete, exists, func, or_, select, update
 
 from bridge.db.models import CitizenRow, ConsentRecordRow, GhostRow, RoomRow, utcnow
-from bridge.db.records import (
+from bridge.db.scope import Scope, rowcount
+from bridge.errors import Conflict, NotFound
+from bridge.model import (
     Citizen,
     CitizenIdentifiers,
     ConsentPurpose,
@@ -21,8 +23,6 @@ from bridge.db.records import (
     Room,
     RoomKind,
 )
-from bridge.db.scope import Scope, rowcount
-from bridge.errors import Conflict, NotFound
 from bridge.types import DeviceID, Pseudonym, RoomID, UserID
 
 

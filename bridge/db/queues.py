@@ -13,9 +13,9 @@ from typing import Any, cast
 from sqlalchemy import Select, Update, and_, case, delete, func, or_, select, update
 
 from bridge.db.models import InboundRow, OutboxRow, ProcessedTransactionRow, utcnow
-from bridge.db.records import InboundItem, InboundSource, InboundStatus, OutboxItem, OutboxStatus
 from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.errors import NotFound
+from bridge.model import InboundItem, InboundSource, InboundStatus, OutboxItem, OutboxStatus
 from bridge.types import RoomID, WamidHash
 
 FINISHED: tuple[InboundStatus, ...] = ("done", "failed", "dropped")

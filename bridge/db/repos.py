@@ -10,18 +10,19 @@ from sqlalchemy import delete, select, update
 from bridge.auditchain import AuditKeys
 from bridge.db.audit import AuditRepo
 from bridge.db.deadletters import DeadLetterRepo
+from bridge.db.held import HeldRepo, MuteRepo, ReactionRepo
 from bridge.db.invites import InviteRepo
 from bridge.db.legacy import LegacyRepo
 from bridge.db.models import KVRow, MessageMapRow, utcnow
 from bridge.db.notices import NoticeRepo, SubscriptionRepo
 from bridge.db.people import CitizenRepo, ConsentRepo, GhostRepo, RoomRepo
 from bridge.db.queues import InboundRepo, OutboxRepo, TransactionRepo
-from bridge.db.records import Direction, MessageLink
 from bridge.db.reports import ReportRepo
 from bridge.db.roomkeys import RoomKeyRepo
 from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.db.sealed import SealedRepo
 from bridge.db.wa_rooms import RoomMemberRepo
+from bridge.model import Direction, MessageLink
 from bridge.types import EventID, RoomID, WamidHash
 
 
@@ -171,3 +172,6 @@ class Repositories:
         self.reports = ReportRepo(scope)
         self.wa_rooms = RoomMemberRepo(scope)
         self.legacy = LegacyRepo(scope)
+        self.held = HeldRepo(scope)
+        self.mutes = MuteRepo(scope)
+        self.reactions = ReactionRepo(scope)

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from sqlalchemy import delete, select
 
 from bridge.db.models import RoomKeyDeliveryRow, RoomKeyRow, utcnow
-from bridge.db.records import OwnerRoomKeys, RoomKeyDelivery, StoredRoomKey
 from bridge.db.scope import Scope, rowcount
+from bridge.model import OwnerRoomKeys, RoomKeyDelivery, StoredRoomKey
 from bridge.types import RoomID, UserID
 
 

@@ -17,8 +17,8 @@ from bridge.db.models import (
     RoomSettingsRow,
     utcnow,
 )
-from bridge.db.records import BacklogEntry, RoomMember, RoomMemberState, RoomSettings
 from bridge.db.scope import Scope, purge_rows, rowcount
+from bridge.model import BacklogEntry, RoomMember, RoomMemberState, RoomSettings
 from bridge.types import EventID, RoomID, UserID, WamidHash
 
 

@@ -25,7 +25,7 @@ import yaml
 
 from bridge.homeserver.settings import MODULE_SOURCE, ModuleInstallError, install_module
 
-SYNAPSE_REQUIREMENT = "matrix-synapse>=1.130,<2"
+SYNAPSE_REQUIREMENT = "matrix-synapse==1.163.2"  # what the suite and docs/design/ were run against
 POSTGRES_REQUIREMENT = "psycopg2>=2.9,<3"
 VENV_ENV = "CIVIC_BRIDGE_SYNAPSE_VENV"
 

@@ -38,7 +38,8 @@ from typing import Any
 import nio
 
 from bridge.matrix.api import MatrixAPI, MatrixError, nio_failure
-from bridge.matrix.keyshare import KeyForwarder, KeyTrust, LedgerStore
+from bridge.matrix.keyforward import KeyForwarder
+from bridge.matrix.keyshare import KeyTrust, LedgerStore
 from bridge.matrix.keystore import RoomKeyStore
 from bridge.types import DeviceID, RoomID, UserID
 

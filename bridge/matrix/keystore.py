@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
-from bridge.db.records import RoomKeyDelivery
 from bridge.db.roomkeys import RoomKeyRepo
 from bridge.matrix.keyshare import Checkpoint, SessionRecord
+from bridge.model import RoomKeyDelivery
 from bridge.privacy import AAD_ROOM_KEY, Cipher, DecryptError
 from bridge.types import RoomID, UserID
 

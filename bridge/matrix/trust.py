@@ -15,6 +15,7 @@ import aiohttp
 
 from bridge.db import Database
 from bridge.matrix import crosssign
+from bridge.matrix.crosssign_upload import ensure_cross_signed
 from bridge.privacy import Cipher
 from bridge.types import DeviceID, UserID
 
@@ -48,7 +49,7 @@ class Trust:
         return seeds
 
     async def __call__(self, user_id: UserID, device_id: DeviceID) -> None:
-        await crosssign.ensure_cross_signed(self._http, self._url, self._as_token, user_id,
+        await ensure_cross_signed(self._http, self._url, self._as_token, user_id,
                                             device_id, await self.seeds(user_id))
 
     async def fingerprints(self) -> list[tuple[str, str, str]]:

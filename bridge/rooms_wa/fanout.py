@@ -21,11 +21,11 @@ from typing import Any
 
 from bridge.config import Config
 from bridge.db import Citizen, Database, Repositories
-from bridge.db.records import Room, RoomMember
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.relay import StaffEvent
 from bridge.metrics import Metrics
+from bridge.model import Room, RoomMember
 from bridge.privacy import AAD_PAYLOAD, Privacy
 from bridge.rooms_wa import policy, texts
 from bridge.rooms_wa.members import Members

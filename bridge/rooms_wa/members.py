@@ -18,13 +18,13 @@ from typing import Any
 from bridge.admin.common import guard_size, open_room
 from bridge.config import Config
 from bridge.db import Citizen, Database
-from bridge.db.records import Room, RoomMember, RoomSettings, room_purpose
 from bridge.errors import Conflict, InvalidParam, NotFound
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.relay import Relay
 from bridge.matrix.rooms import Rooms
 from bridge.metrics import Metrics
+from bridge.model import Room, RoomMember, RoomSettings, room_purpose
 from bridge.privacy import Privacy, new_pseudonym_code
 from bridge.rooms_wa import policy, texts
 from bridge.types import Pseudonym, RoomID, UserID, WamidHash

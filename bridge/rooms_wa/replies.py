@@ -12,9 +12,9 @@ from typing import Any
 
 from bridge.config import Config
 from bridge.db import Citizen, Database, InboundItem
-from bridge.db.records import RoomMember
 from bridge.matrix.relay import Relay
 from bridge.metrics import Metrics
+from bridge.model import RoomMember
 from bridge.privacy import AAD_PAYLOAD, Privacy
 from bridge.rooms_wa import policy, texts
 from bridge.rooms_wa.fanout import FanOut

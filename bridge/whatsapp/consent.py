@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Literal
 
 from bridge.config import ConsentConfig
-from bridge.db import ConsentState
+from bridge.model import ConsentState
 from bridge.text import fold
 from bridge.types import WamidHash
 from bridge.whatsapp.webhook_parse import InboundMessage

@@ -32,8 +32,8 @@ from bridge.whatsapp.graph import (
     GraphError,
     MediaIntegrityError,
     MediaTooLarge,
-    media_limit,
 )
+from bridge.whatsapp.limits import media_limit
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.vcard import MIME_TYPE as VCARD_MIME
 from bridge.whatsapp.vcard import to_vcf
@@ -295,15 +295,14 @@ class Mirror:
             # E.g. a reaction to the privacy notice, which is not in the room.
             return await self._send(ghost, room_id, text_content(
                 summaries.reaction_to_unknown(reaction.emoji)), msg.wamid)
-        key = f"reaction:{ghost}:{target}"
         if reaction.removed:
-            previous = await self._db.kv.get(key)
-            if previous:
+            previous = await self._db.reactions.get(ghost, target)
+            if previous is not None:  # forgotten once redacted: a failed redaction retries
                 await self._api.redact(ghost, room_id, previous, txn_id(msg.wamid))
-                await self._db.kv.delete(key)
+                await self._db.reactions.delete(ghost, target)
             return None
         event_id = await self._send(ghost, room_id, {"m.relates_to": {
             "rel_type": "m.annotation", "event_id": target, "key": reaction.emoji}},
             msg.wamid, event_type="m.reaction")
-        await self._db.kv.set(key, event_id)
+        await self._db.reactions.set(ghost, target, event_id)
         return event_id

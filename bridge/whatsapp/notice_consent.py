@@ -23,7 +23,7 @@ from enum import Enum
 from typing import Literal
 
 from bridge.config import Config, NoticesConfig
-from bridge.db import ConsentState
+from bridge.model import ConsentState
 from bridge.text import fold_words
 from bridge.whatsapp.webhook_parse import InboundMessage
 

@@ -24,6 +24,7 @@ from typing import Any
 from bridge.db import Citizen, Database
 from bridge.matrix.relay import StaffEvent
 from bridge.metrics import Metrics
+from bridge.model import HeldStaffMessage
 from bridge.privacy import AAD_PAYLOAD, Cipher, Privacy, looks_like_personal_id
 from bridge.types import EventID, RoomID
 from bridge.whatsapp.outbox import Outbox
@@ -43,10 +44,11 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EDIT_NOTICE",
-    "HELD_KEY",
+    "LEGACY_HELD_KEY",
     "WINDOW",
     "StaffToWhatsApp",
-    "drop_held",
+    "adopt_legacy_holds",
+    "held_aad",
     "strip_reply_fallback",
     "within_window",
 ]
@@ -69,43 +71,43 @@ CONFIRM_REACTIONS = ("✅", "✔️", "✔", "👍")
 CONFIRM_WORDS = ("enviar", "enviar igualmente", "confirmar")
 # A phone number alone is not held: staff give the agency's numbers all the time.
 HELD_KINDS = ("dni", "nie", "iban", "card")
-HELD_KEY = "held-out:"  # + Matrix event id -> the encrypted payloads and when held
+# Before revision 0015 a hold was `kv` "held-out:<event id>" -> sealed {at, room_id,
+# payloads}; `adopt_legacy_holds` moves those into held_staff_messages at start.
+LEGACY_HELD_KEY = "held-out:"
+
+
+def held_aad(event_id: str) -> bytes:
+    """Binds a held message's sealed payloads to its event id (no swapping rows)."""
+    return b"civic-bridge held staff message " + event_id.encode()
 
 
 def within_window(citizen: Citizen, now: datetime) -> bool:
     return citizen.last_inbound_at is not None and now - citizen.last_inbound_at <= WINDOW
 
 
-async def drop_held(db: Database, cipher: Cipher, *, before: datetime | None = None,
-                    room_id: str | None = None) -> int:
-    """Delete held staff messages held before `before` or in `room_id`; returns how many.
-
-    For the retention purge (a hold expires with the 24-hour window) and for a citizen's
-    erasure (what staff wrote to them goes too)."""
-    return (await drop_held_report(db, cipher, before=before, room_id=room_id))[0]
-
-
-async def drop_held_report(db: Database, cipher: Cipher, *, before: datetime | None = None,
-                           room_id: str | None = None, dry_run: bool = False
-                           ) -> tuple[int, int]:
-    """drop_held, also counting rows it could not read (kept: a key may come back);
-    one unreadable row never stops the others from going. `dry_run` only counts."""
-    dropped = unreadable = 0
-    for key, sealed in await db.kv.with_prefix(HELD_KEY):
+async def adopt_legacy_holds(db: Database, cipher: Cipher) -> int:
+    """Move holds kept in `kv` before revision 0015 into their table (at start; a
+    migration has no data key). Unreadable ones are left (a key may come back) and
+    logged by kind only; returns how many moved."""
+    moved = 0
+    for key, sealed in await db.kv.with_prefix(LEGACY_HELD_KEY):
+        event_id = EventID(key.removeprefix(LEGACY_HELD_KEY))
         try:
             held = cipher.decrypt_json(sealed, aad=AAD_PAYLOAD)
-            at = datetime.fromisoformat(held["at"])
+            payloads = held.get("payloads") or [held["payload"]]  # "payload": before parts
+            await db.held.add(event_id, RoomID(held["room_id"]),
+                              datetime.fromisoformat(held["at"]),
+                              cipher.encrypt_json(payloads, aad=held_aad(event_id)))
         except Exception as exc:
             # Never the key: it holds a Matrix event id.
-            log.warning("held staff message unreadable (%s); kept", type(exc).__name__)
-            unreadable += 1
+            log.warning("held staff message from before 0015 unreadable (%s); kept",
+                        type(exc).__name__)
             continue
-        if (before is not None and at < before) or \
-                (room_id is not None and held.get("room_id") == room_id):
-            if not dry_run:
-                await db.kv.delete(key)
-            dropped += 1
-    return dropped, unreadable
+        await db.kv.delete(key)
+        moved += 1
+    if moved:
+        log.info("moved %d held staff message(s) into their table", moved)
+    return moved
 
 
 class StaffToWhatsApp:
@@ -133,7 +135,7 @@ class StaffToWhatsApp:
             return
         held = await self._confirmation_of(event)
         if held is not None:
-            await self._release(citizen, event, *held)
+            await self._release(citizen, event, held)
             return
         decision = await self._decide(event)
         if isinstance(decision, Ignored):
@@ -199,8 +201,7 @@ class StaffToWhatsApp:
         target = event.redacts
         if target is None:
             return Ignored()
-        if await self._db.kv.get(HELD_KEY + target) is not None:
-            await self._db.kv.delete(HELD_KEY + target)
+        if await self._db.held.delete(EventID(target)):
             await self._db.audit.append(event.sender, "message.drop", f"room {event.room_id}",
                                         "dropped", "redacted by staff")
             await self._portals.notice(event.room_id, DROPPED_HELD_NOTICE)
@@ -227,16 +228,15 @@ class StaffToWhatsApp:
 
     async def _hold(self, event: StaffEvent, payloads: list[dict[str, Any]],
                     kinds: list[str]) -> None:
-        sealed = self._cipher.encrypt_json(
-            {"at": datetime.now(UTC).isoformat(), "room_id": event.room_id,
-             "payloads": payloads}, aad=AAD_PAYLOAD)
-        await self._db.kv.set(HELD_KEY + event.event_id, sealed)
+        await self._db.held.add(event.event_id, event.room_id, datetime.now(UTC),
+                                self._cipher.encrypt_json(payloads,
+                                                          aad=held_aad(event.event_id)))
         await self._db.audit.append(event.sender, "message.hold", f"room {event.room_id}",
                                     "held", ", ".join(kinds))
         await self._portals.notice(event.room_id, HELD_NOTICE.format(kinds=", ".join(kinds)))
 
-    async def _confirmation_of(self, event: StaffEvent) -> tuple[EventID, str] | None:
-        """(held event id, sealed payload) if `event` confirms a held message."""
+    async def _confirmation_of(self, event: StaffEvent) -> HeldStaffMessage | None:
+        """The held message `event` confirms, if it confirms one."""
         relates = event.content.get("m.relates_to") or {}
         if event.type == "m.reaction":
             target = relates.get("event_id")
@@ -252,13 +252,11 @@ class StaffToWhatsApp:
             return None
         if not isinstance(target, str):
             return None
-        sealed = await self._db.kv.get(HELD_KEY + target)
-        return None if sealed is None else (EventID(target), sealed)
+        return await self._db.held.get(EventID(target))
 
-    async def _release(self, citizen: Citizen, event: StaffEvent, held_id: EventID,
-                       sealed: str) -> None:
-        held = self._cipher.decrypt_json(sealed, aad=AAD_PAYLOAD)
-        if held.get("room_id") != event.room_id:
+    async def _release(self, citizen: Citizen, event: StaffEvent,
+                       held: HeldStaffMessage) -> None:
+        if held.room_id != event.room_id:
             # Event ids are not secret and staff sit in many portals: a ✅ written here
             # must not send what was written to another citizen (to theirs, or to this
             # room's). The hold stays for its own portal.
@@ -268,8 +266,8 @@ class StaffToWhatsApp:
                                         "held in another portal")
             await self._portals.notice(event.room_id, OTHER_PORTAL_NOTICE)
             return
-        if datetime.now(UTC) - datetime.fromisoformat(held["at"]) > WINDOW:
-            await self._db.kv.delete(HELD_KEY + held_id)
+        if datetime.now(UTC) - held.held_at > WINDOW:
+            await self._db.held.delete(held.event_id)
             self._count_confirmation("expired")
             await self._portals.notice(event.room_id, EXPIRED_NOTICE)
             return
@@ -277,9 +275,9 @@ class StaffToWhatsApp:
             return  # kept: it may still be confirmed once the citizen writes again
         # Queued (idempotent per held event) before the hold is forgotten: a crash in
         # between sends it once when the confirmation is processed again.
-        payloads = held.get("payloads") or [held["payload"]]  # "payload": before parts
-        await self._queue(citizen, event.room_id, held_id, payloads)
-        await self._db.kv.delete(HELD_KEY + held_id)
+        payloads = self._cipher.decrypt_json(held.payloads_ct, aad=held_aad(held.event_id))
+        await self._queue(citizen, event.room_id, held.event_id, payloads)
+        await self._db.held.delete(held.event_id)
         await self._db.audit.append(event.sender, "message.release", f"room {event.room_id}",
                                     "ok", "confirmed by staff")
         self._count_confirmation("released")

@@ -17,7 +17,8 @@ from bridge.db import Citizen, Database
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.relay import Relay
-from bridge.matrix.rooms import Rooms, portal_state_keys
+from bridge.matrix.room_policy import portal_state_keys
+from bridge.matrix.rooms import Rooms
 from bridge.types import EventID, RoomID, UserID
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from typing import Any, Final
 
 from bridge.errors import BadRequest
 from bridge.privacy import KeyedIndex
-from bridge.whatsapp.graph import MAX_CALLBACK_DATA  # the send's limit, echoed on statuses
+from bridge.whatsapp.limits import MAX_CALLBACK_DATA  # the send's limit, echoed on statuses
 from bridge.whatsapp.message_content import (
     MEDIA_KINDS,
     Edit,

@@ -1,10 +1,12 @@
 """WhatsApp citizens as members of agency rooms (issue 17).
 
 Revision ID: 0014
-Revises: 0013
+Revises: 0015
 Create Date: 2026-12-01
 
-Hand-written; never edit once landed. Four new tables (memberships, per-room
+Hand-written; never edit once landed. Numbered 0014 when main's head was 0013; 0015
+(issue 18's staff-state tables) landed first on 0013, so this one follows it: one
+line of revisions, 0013 -> 0015 -> 0014. Four new tables (memberships, per-room
 switches, the backlog kept while a citizen's 24 h window is closed, and the map from
 per-member wamids to room events, the wamids only as keyed hash and ciphertext like
 `message_map` since revision 0010); `consent_records.purpose` widens to hold
@@ -18,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0014"
-down_revision: str | Sequence[str] | None = "0013"
+down_revision: str | Sequence[str] | None = "0015"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

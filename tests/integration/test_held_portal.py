@@ -12,7 +12,7 @@ import asyncio
 import pytest
 from nio import RoomSendError
 
-from bridge.whatsapp.outbound import HELD_KEY
+from bridge.types import EventID
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_whatsapp import (
     body_is,
@@ -70,7 +70,7 @@ async def test_held_message_is_released_only_from_its_own_portal(
             # Nor did the «enviar» itself go to B's citizen: it was a confirmation.
             assert not [s for s in bridge.wa.sent if to_citizen(s, citizen_b)
                         and s.get("text", {}).get("body", "").endswith("enviar")]
-            assert await b.db.kv.get(HELD_KEY + held) is not None  # still held
+            assert await b.db.held.get(EventID(held)) is not None  # still held
 
             # Confirmed in its own portal: it goes to A's citizen, and only to them.
             await a.desk.client.room_send(a.room_id, "m.reaction", {"m.relates_to": {
@@ -80,7 +80,7 @@ async def test_held_message_is_released_only_from_its_own_portal(
             await asyncio.sleep(0.5)
             went = [s for s in bridge.wa.sent if iban in str(s)]
             assert len(went) == 1 and to_citizen(went[0], citizen_a)
-            assert await b.db.kv.get(HELD_KEY + held) is None
+            assert await b.db.held.get(EventID(held)) is None
         finally:
             await bp.desk.close()
     finally:

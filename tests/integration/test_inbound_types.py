@@ -17,7 +17,7 @@ from nio import EncryptionError, MegolmEvent
 from nio.crypto.attachments import decrypt_attachment
 
 from bridge.privacy import AAD_WA_ID
-from bridge.whatsapp.graph import MEDIA_LIMITS
+from bridge.whatsapp.limits import MEDIA_LIMITS
 from bridge.whatsapp.simulator import SimulatedUser
 from tests.fixtures import whatsapp_payloads as wp
 from tests.fixtures.bridge import BridgeHarness

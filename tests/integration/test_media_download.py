@@ -10,13 +10,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from bridge.whatsapp.graph import (
-    MEDIA_LIMITS,
-    GraphClient,
-    MediaIntegrityError,
-    MediaTooLarge,
-    media_limit,
-)
+from bridge.whatsapp.graph import GraphClient, MediaIntegrityError, MediaTooLarge
+from bridge.whatsapp.limits import MEDIA_LIMITS, media_limit
 from bridge.whatsapp.simulator import CloudAPISimulator
 
 pytestmark = pytest.mark.integration

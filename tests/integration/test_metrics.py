@@ -13,8 +13,8 @@ from typing import Any, get_args
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.db.records import ConsentPurpose, ConsentState, InboundSource
 from bridge.db.reports import REPORT_SOURCES
+from bridge.model import ConsentPurpose, ConsentState, InboundSource
 from bridge.moderation.rules import ACTIONS
 from bridge.retention import STEPS as RETENTION_STEPS
 from bridge.retry import DEAD_REASONS

@@ -16,10 +16,10 @@ import pytest_asyncio
 from nio import RoomRedactResponse, RoomSendResponse
 from nio.crypto.attachments import encrypt_attachment
 
+from bridge.types import EventID
 from bridge.whatsapp.markup import MAX_TEXT
 from bridge.whatsapp.outbound import (
     DROPPED_HELD_NOTICE,
-    HELD_KEY,
     NO_CONSENT_NOTICE,
     WINDOW_NOTICE,
 )
@@ -324,12 +324,12 @@ async def test_redacting_a_held_message_drops_it(journey: Journey) -> None:
     await citizen_message(j, "¿Me confirma mis datos?")
     text = "Su DNI consta como 12345678Z."
     held = await send(j, {"msgtype": "m.text", "body": text})
-    await wait_until(lambda: b.db.kv.get(HELD_KEY + held), 30, "held")
+    await wait_until(lambda: b.db.held.get(EventID(held)), 30, "held")
     before = await notice_count(j, DROPPED_HELD_NOTICE)
     answer = await j.desk.client.room_redact(j.room_id, held)
     assert isinstance(answer, RoomRedactResponse), answer
     await expect_notice(j, DROPPED_HELD_NOTICE, before)
-    assert await b.db.kv.get(HELD_KEY + held) is None
+    assert await b.db.held.get(EventID(held)) is None
     # A later ✅ on it sends nothing (the hold is gone), and staff are told.
     before = await notice_count(j, REACTION_TARGET_NOTICE)
     await send(j, {"m.relates_to": {"rel_type": "m.annotation", "event_id": held,

@@ -6,17 +6,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from bridge.config import Config
-from bridge.db import Database
+from bridge.db import Citizen, Database
 from bridge.metrics import Metrics
-from bridge.privacy import AAD_PAYLOAD, Cipher
+from bridge.privacy import Cipher
 from bridge.retention import Retention
-from bridge.whatsapp.outbound import HELD_KEY
 from tests.fixtures.synapse import build_test_config
 
 
@@ -25,10 +25,26 @@ def config(tmp_path: Path) -> Config:
     return build_test_config("http://127.0.0.1:1", 1, tmp_path)
 
 
-async def hold(db: Database, cipher: Cipher, event_id: str, at: datetime) -> None:
-    sealed = cipher.encrypt_json({"at": at.isoformat(), "room_id": "!r",
-                                  "payload": {"type": "text", "body": "x"}}, aad=AAD_PAYLOAD)
-    await db.kv.set(HELD_KEY + event_id, sealed)
+class Eraser:
+    """The erasure path as the retention sees it (`ContactEraser`): it erases a contact
+    by deleting the row, and fails for `poison` as a broken erasure would."""
+
+    def __init__(self, db: Database, poison: str) -> None:
+        self._db = db
+        self.poison = poison
+
+    async def erase_citizen(self, citizen: Citizen, actor: str, reason: str | None, *,
+                            keep_new_messages: bool = False) -> object:
+        if citizen.pseudonym_code == self.poison:
+            raise RuntimeError("the homeserver refused")
+        await self._db.citizens.delete(citizen.id)
+        return None
+
+
+async def contact(db: Database, code: str) -> Citizen:
+    """A contact who wrote and never opted in to anything."""
+    return await db.citizens.create(index_hash=secrets.token_hex(32), identifier_ct="ct",
+                                    pseudonym_code=code)
 
 
 def sample(metrics: Metrics, name: str, what: str) -> float:
@@ -38,50 +54,52 @@ def sample(metrics: Metrics, name: str, what: str) -> float:
 async def test_a_row_that_fails_does_not_stop_the_purge(
         db: Database, config: Config, caplog: pytest.LogCaptureFixture) -> None:
     cipher, metrics = Cipher(os.urandom(32)), Metrics()
-    old = datetime.now(UTC) - timedelta(days=2)
-    # Sealed with a key the bridge no longer has: it cannot be read, so not purged.
-    await hold(db, Cipher(os.urandom(32)), "$poison", old)
-    await hold(db, cipher, "$old", old)
-    retention = Retention(db, cipher, config, metrics)
+    later = datetime.now(UTC) + timedelta(days=config.retention.never_consented_days + 1)
+    await contact(db, "POISON1")
+    erased = await contact(db, "GONE01")
+    retention = Retention(db, cipher, config, metrics, contacts=Eraser(db, "POISON1"))
 
     with caplog.at_level(logging.INFO, logger="bridge.retention"):
-        report = await retention.run(datetime.now(UTC))
-    assert report.deleted["unconfirmed staff messages"] == 1
-    assert report.failed == {"unconfirmed staff messages": 1}
-    assert await db.kv.get(HELD_KEY + "$old") is None
-    assert await db.kv.get(HELD_KEY + "$poison") is not None
-    assert sample(metrics, "civic_bridge_retention_failures_total", "held_staff_messages") == 1
-    assert sample(metrics, "civic_bridge_retention_purged_total", "held_staff_messages") == 1
+        report = await retention.run(later)
+    assert report.deleted["never-consented contacts"] == 1
+    assert report.failed == {"never-consented contacts": 1}
+    assert await db.citizens.get(erased.id) is None
+    assert [c.pseudonym_code for c in await db.citizens.never_consented(later)] == ["POISON1"]
+    assert sample(metrics, "civic_bridge_retention_failures_total", "never_consented") == 1
+    assert sample(metrics, "civic_bridge_retention_purged_total", "never_consented") == 1
     assert metrics.registry.get_sample_value("civic_bridge_retention_runs_total") == 1
     assert any("retention purge" in r.getMessage() and "1 failed" in r.getMessage()
                for r in caplog.records)
-    # Never the row's key (it holds a Matrix event id); SQL drivers' debug logs aside.
-    assert not any(HELD_KEY in r.getMessage() for r in caplog.records
-                   if r.name.startswith("bridge."))
+    # Never who it was (the pseudonym), nor the failure's text.
+    assert not any("POISON1" in r.getMessage() or "refused" in r.getMessage()
+                   for r in caplog.records if r.name.startswith("bridge."))
 
     # The next run still purges what came meanwhile.
-    await hold(db, cipher, "$later", old)
-    report = await retention.run(datetime.now(UTC))
-    assert report.deleted["unconfirmed staff messages"] == 1
-    assert await db.kv.get(HELD_KEY + "$later") is None
+    came = await contact(db, "LATER1")
+    report = await retention.run(later)
+    assert report.deleted["never-consented contacts"] == 1
+    assert await db.citizens.get(came.id) is None
 
 
 async def test_the_loop_keeps_running_after_failures(db: Database, config: Config) -> None:
     cipher, metrics = Cipher(os.urandom(32)), Metrics()
-    old = datetime.now(UTC) - timedelta(days=2)
-    await hold(db, Cipher(os.urandom(32)), "$poison", old)
-    loop = asyncio.create_task(Retention(db, cipher, config, metrics).loop(every=0.05))
+    # Whoever is silent now is due.
+    config = config.model_copy(update={"retention": config.retention.model_copy(
+        update={"never_consented_days": 0})})
+    await contact(db, "POISON1")
+    loop = asyncio.create_task(Retention(db, cipher, config, metrics,
+                                         contacts=Eraser(db, "POISON1")).loop(every=0.05))
     try:
         for n in range(3):
-            await hold(db, cipher, f"$old{n}", old)
+            due = await contact(db, f"OLD{n}")
             for _ in range(200):
-                if await db.kv.get(HELD_KEY + f"$old{n}") is None:
+                if await db.citizens.get(due.id) is None:
                     break
                 assert not loop.done(), "the retention loop died"
                 await asyncio.sleep(0.02)
             else:
-                raise AssertionError(f"$old{n} was never purged")
+                raise AssertionError(f"OLD{n} was never erased")
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
-    assert sample(metrics, "civic_bridge_retention_failures_total", "held_staff_messages") >= 3
+    assert sample(metrics, "civic_bridge_retention_failures_total", "never_consented") >= 3

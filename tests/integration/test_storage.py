@@ -14,9 +14,9 @@ from bridge.db import Citizen, Database
 from bridge.db.models import InboundRow, OutboxRow
 from bridge.errors import NotFound
 from bridge.matrix.queued import open_event, seal_event
-from bridge.privacy import AAD_PAYLOAD, Cipher
-from bridge.types import EventID, RoomID
-from bridge.whatsapp.outbound import HELD_KEY, WINDOW, drop_held
+from bridge.privacy import Cipher
+from bridge.types import EventID, RoomID, UserID
+from bridge.whatsapp.outbound import WINDOW
 from tests.fixtures.wamids import sealed, wamid_hash
 
 ROOM = RoomID("!portal:agency.example")
@@ -352,24 +352,40 @@ async def test_kv_prefix_is_literal(db: Database) -> None:
 
 
 async def test_unconfirmed_staff_messages_are_dropped_by_age_or_room(db: Database) -> None:
-    cipher = Cipher(os.urandom(32))
     now = datetime.now(UTC)
 
     async def hold(event_id: str, room_id: str, at: datetime) -> None:
-        sealed = cipher.encrypt_json({"at": at.isoformat(), "room_id": room_id,
-                                      "payload": {"type": "text", "body": "ES91..."}},
-                                     aad=AAD_PAYLOAD)
-        await db.kv.set(HELD_KEY + event_id, sealed)
+        await db.held.add(EventID(event_id), RoomID(room_id), at, "sealed payloads")
 
     await hold("$old", "!a", now - timedelta(hours=25))
     await hold("$new", "!a", now - timedelta(hours=1))
     await hold("$other", "!b", now)
-    await db.kv.set("sync", "s1")
-    assert await drop_held(db, cipher, before=now - WINDOW) == 1
-    assert await db.kv.get(HELD_KEY + "$old") is None
-    assert await drop_held(db, cipher, room_id="!a") == 1
-    assert [k for k, _ in await db.kv.with_prefix(HELD_KEY)] == [HELD_KEY + "$other"]
-    assert await db.kv.get("sync") == "s1"
+    await hold("$other", "!c", now - timedelta(days=9))  # a retried hold keeps the first
+    assert await db.held.purge(before=now - WINDOW, dry_run=True) == 1
+    assert await db.held.purge(before=now - WINDOW) == 1
+    assert await db.held.get(EventID("$old")) is None
+    assert await db.held.purge(room_id=RoomID("!a")) == 1
+    other = await db.held.get(EventID("$other"))
+    assert other is not None and (other.room_id, other.payloads_ct) == ("!b", "sealed payloads")
+    assert await db.held.delete(EventID("$other")) and not await db.held.delete(EventID("$other"))
+
+
+async def test_mutes_and_reactions_are_rows(db: Database) -> None:
+    room, user = RoomID("!r:x"), UserID("@cb_ghost:x")
+    await db.mutes.add(room, user, 50)
+    await db.mutes.add(RoomID("!s:x"), user, None)
+    assert await db.mutes.previous_level(room, user) == 50
+    assert await db.mutes.previous_level(RoomID("!s:x"), user) is None
+    await db.mutes.delete(room, user)
+    assert await db.mutes.previous_level(room, user) is None
+    assert await db.mutes.forget_user(user) == 1
+    await db.reactions.set(user, EventID("$t"), EventID("$r1"))
+    await db.reactions.set(user, EventID("$t"), EventID("$r2"))  # a new emoji replaces it
+    assert await db.reactions.get(user, EventID("$t")) == "$r2"
+    await db.reactions.delete(user, EventID("$t"))
+    assert await db.reactions.get(user, EventID("$t")) is None
+    await db.reactions.set(user, EventID("$u"), EventID("$r3"))
+    assert await db.reactions.forget_ghost(user) == 1
 
 
 async def test_transaction_commits_together_or_not_at_all(db: Database) -> None:

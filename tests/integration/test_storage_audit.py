@@ -28,8 +28,8 @@ from bridge.db import Database, upgrade
 from bridge.db.audit import AuditKeyMissing
 from bridge.db.engine import create_engine
 from bridge.db.models import AuditRow, utcnow
-from bridge.db.records import AuditEntry
 from bridge.metrics import Metrics
+from bridge.model import AuditEntry
 
 
 async def _raw(db: Database, sql: str, **params: object) -> None:

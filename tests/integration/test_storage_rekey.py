@@ -39,7 +39,7 @@ from bridge.privacy import (
 )
 from bridge.rekey import rekey_database
 from bridge.types import EventID, RoomID, UserID
-from bridge.whatsapp.outbound import HELD_KEY
+from bridge.whatsapp.outbound import held_aad
 from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 from bridge.whatsapp.webhook import prepare_delivery
 from bridge.whatsapp.webhook_parse import citizen_lane
@@ -107,9 +107,8 @@ async def _write_everything(db: Database, k: Keys, tmp_path: Path) -> dict[str, 
                                          old.encrypt_json({"type": "text", "body": f"r{n}"},
                                                           aad=AAD_PAYLOAD)))
     await db.outbox.set_aside(sends[1], "permanent", "131026")  # type: ignore[arg-type]
-    await db.kv.set(HELD_KEY + "$held", old.encrypt_json(
-        {"at": datetime.now(UTC).isoformat(), "room_id": ROOM, "payloads": []},
-        aad=AAD_PAYLOAD))
+    await db.held.add(EventID("$held"), ROOM, datetime.now(UTC), old.encrypt_json(
+        [{"type": "text", "body": "ES91..."}], aad=held_aad("$held")))
     await UndecryptableStore(db, old, [60.0]).park(
         {"event_id": "$parked", "type": "m.room.encrypted"}, datetime.now(UTC))
     # A WhatsApp room member's wamid pair and a room message kept for them (issue 17).
@@ -169,8 +168,9 @@ async def test_rekey_covers_every_kind_and_the_old_keys_can_go(
         send = await db.outbox.get(send_id)
         assert send is not None
         assert new.decrypt_json(send.payload, aad=AAD_PAYLOAD)["body"] == f"r{n}"
-    held = await db.kv.get(HELD_KEY + "$held")
-    assert new.decrypt_json(str(held), aad=AAD_PAYLOAD)["room_id"] == ROOM
+    held = await db.held.get(EventID("$held"))
+    assert held is not None
+    assert new.decrypt_json(held.payloads_ct, aad=held_aad("$held"))[0]["body"] == "ES91..."
     assert [p.event["event_id"] for p in await UndecryptableStore(db, new, [60.0]).all()] \
         == ["$parked"]
     assert await load_store_key(db.kv, new, tmp_path, installed=True,

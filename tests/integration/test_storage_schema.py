@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sqlite3
 from datetime import UTC, datetime
@@ -27,7 +28,9 @@ from bridge.db import (
 from bridge.db.engine import create_engine
 from bridge.db.models import Base
 from bridge.errors import SchemaError
-from bridge.types import RoomID
+from bridge.privacy import AAD_PAYLOAD, Cipher
+from bridge.types import EventID, RoomID, UserID
+from bridge.whatsapp.outbound import adopt_legacy_holds, held_aad
 
 
 async def _execute(url: str, *statements: str) -> None:
@@ -224,3 +227,45 @@ async def test_closing_a_connection_sqlalchemy_terminated_returns(tmp_path: Path
             await conn.invalidate()  # the pool must not hand it out again
     finally:
         await engine.dispose()
+
+
+async def test_revision_0015_moves_mutes_reactions_and_holds_out_of_kv(
+        blank_db_url: str) -> None:
+    """Mutes and reactions move in the migration; held messages (sealed, the migration
+    has no key) when the bridge starts; a downgrade puts mutes and reactions back."""
+    cipher = Cipher(os.urandom(32))
+    await upgrade(blank_db_url, "0013")
+    held_at = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+    legacy_held = cipher.encrypt_json({"at": held_at.isoformat(), "room_id": "!p:x",
+                                       "payloads": [{"type": "text", "body": "ES91"}]},
+                                      aad=AAD_PAYLOAD)
+    await _execute(blank_db_url, *[
+        f"INSERT INTO kv (key, value) VALUES ('{k}', '{v}')" for k, v in [
+            ("mute:!r:x:@cb_a:x", "50"), ("mute:!r:x:@cb_b:x", "null"),
+            ("reaction:@cb_a:x:$target", "$reaction"), ("held-out:$held", legacy_held),
+            ("sync", "s1")]])
+    await upgrade(blank_db_url)
+    db = await Database.open(blank_db_url)
+    try:
+        assert await db.mutes.previous_level(RoomID("!r:x"), UserID("@cb_a:x")) == 50
+        assert await db.mutes.forget_user(UserID("@cb_b:x")) == 1  # muted, no level kept
+        assert await db.reactions.get(UserID("@cb_a:x"), EventID("$target")) == "$reaction"
+        assert await db.held.get(EventID("$held")) is None  # not yet: needs the key
+        assert await adopt_legacy_holds(db, cipher) == 1
+        held = await db.held.get(EventID("$held"))
+        assert held is not None and (held.room_id, held.held_at) == ("!p:x", held_at)
+        assert cipher.decrypt_json(held.payloads_ct, aad=held_aad("$held")) == \
+            [{"type": "text", "body": "ES91"}]
+        assert [k for k, _ in await db.kv.with_prefix("")] == ["sync"]
+        assert await adopt_legacy_holds(db, cipher) == 0  # idempotent
+    finally:
+        await db.close()
+    await downgrade(blank_db_url, "0013")
+    engine = create_engine(blank_db_url)
+    try:
+        async with engine.connect() as conn:
+            rows = dict((await conn.execute(text("SELECT key, value FROM kv"))).all())
+    finally:
+        await engine.dispose()
+    assert rows == {"mute:!r:x:@cb_a:x": "50", "reaction:@cb_a:x:$target": "$reaction",
+                    "sync": "s1"}

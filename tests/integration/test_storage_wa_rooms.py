@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from bridge.db import Citizen, Database
-from bridge.db.records import RoomSettings
+from bridge.model import RoomSettings
 from bridge.types import EventID, Pseudonym, RoomID, UserID
 from tests.fixtures.wamids import sealed, wamid_hash
 

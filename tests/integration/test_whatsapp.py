@@ -22,10 +22,9 @@ from nio import RoomMessage
 from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
 
 from bridge.matrix.api import MatrixError
-from bridge.types import Pseudonym, RoomID
+from bridge.types import EventID, Pseudonym, RoomID, UserID
 from bridge.whatsapp import consent
 from bridge.whatsapp.consent import OPT_IN_BUTTON, OPT_OUT_BUTTON
-from bridge.whatsapp.outbound import HELD_KEY
 from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.webhook_parse import citizen_lane
 from tests.fixtures.bridge import BridgeHarness
@@ -294,8 +293,8 @@ async def test_every_inbound_type_reaches_staff(journey: Journey) -> None:
 
     await j.write(wa.reaction_message(c, text_id, "👍"))
     b = j.h.running.bridge
-    reaction_id = await wait_until(lambda: b.db.kv.get(
-        f"reaction:{text_ev.sender}:{text_ev.event_id}"), 30, "reaction")
+    reaction_id = await wait_until(lambda: b.db.reactions.get(
+        UserID(text_ev.sender), EventID(text_ev.event_id)), 30, "reaction")
     event = await b.api.request("GET", f"/_matrix/client/v3/rooms/{j.room_id}/event/"
                                 f"{reaction_id}", as_user=b.ghosts.bot)
     assert event["content"]["m.relates_to"]["key"] == "👍"
@@ -481,7 +480,7 @@ async def test_staff_message_with_a_personal_id_is_held_until_confirmed(
         assert [s.get("text", {}).get("body") for s in bridge.wa.sent].count(iban) == 1
         actions = [e.action for e in await b.db.audit.list(limit=20)]
         assert actions.count("message.hold") >= 2 and actions.count("message.release") >= 2
-        assert await b.db.kv.get("held-out:" + held) is None
+        assert await b.db.held.get(EventID(held)) is None
     finally:
         await j.desk.close()
 
@@ -537,7 +536,7 @@ async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: 
         # What staff wrote to them and is held for confirmation goes with the erasure.
         held = await j.desk.send_text(j.room_id, "Su DNI consta como 12345678Z.")
         await j.seen(lambda ev: getattr(ev, "body", "").startswith("Retenido"))
-        assert await b.db.kv.get(HELD_KEY + held) is not None
+        assert await b.db.held.get(EventID(held)) is not None
 
         # The ghost's device kept its room keys for staff devices that appear later.
         kept = await b.db.room_keys.load(row.ghost_user_id)
@@ -551,7 +550,7 @@ async def test_citizen_data_export_and_erasure(bridge: BridgeHarness, tmp_path: 
                                  "--reason", "derecho de supresión")
         assert "erased: True" in erased and row.pseudonym_code in erased
         assert await b.db.citizens.by_index(index_hash) is None
-        assert await b.db.kv.get(HELD_KEY + held) is None
+        assert await b.db.held.get(EventID(held)) is None
         assert await b.db.inbound.count_lane("whatsapp", citizen_lane(index_hash)) == {}
         records = await b.db.consent.for_pseudonym(Pseudonym(row.pseudonym_code))
         assert records[-1].state == "withdrawn" and records[-1].evidence == "erasure"

@@ -17,7 +17,6 @@ from bridge.matrix.crosssign import (
     CrossSigningError,
     CrossSigningSeeds,
     device_signing_upload_body,
-    ensure_cross_signed,
     fingerprint,
     generate,
     key_id,
@@ -27,6 +26,7 @@ from bridge.matrix.crosssign import (
     sign_json,
     verify_signed_json,
 )
+from bridge.matrix.crosssign_upload import ensure_cross_signed
 
 USER = "@ghost_ab12:localhost"
 DEVICE = "GHOSTDEV"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.whatsapp.graph import MAX_CALLBACK_DATA
+from bridge.whatsapp.limits import MAX_CALLBACK_DATA
 from bridge.whatsapp.outbox import callback_data, callback_item
 
 

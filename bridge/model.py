@@ -1,7 +1,10 @@
-"""What the repositories return: small frozen dataclasses, detached from any session.
+"""The records and state types of the core: small frozen dataclasses.
 
-Callers never see ORM rows, so nothing lazy-loads after its session has closed and
-no caller can change a row by assigning to an attribute.
+What the repositories (`bridge.db`) return, detached from any session, and what the
+pure core (consent, relay and room policy) reasons about; this module imports no
+storage or network library (tests/unit/test_core_imports.py). Callers never see ORM
+rows, so nothing lazy-loads after its session has closed and no caller can change a
+row by assigning to an attribute.
 """
 
 from __future__ import annotations
@@ -313,3 +316,13 @@ class BacklogEntry:
     event_key: str
     payload: str
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class HeldStaffMessage:
+    """A staff message held for confirmation; `payloads_ct` sealed, bound to `event_id`."""
+
+    event_id: EventID
+    room_id: RoomID
+    held_at: datetime
+    payloads_ct: str

@@ -1,0 +1,55 @@
+"""The core imports no I/O library (DESIGN.md, Layers): its records, policies, parsers and
+decisions run without aiohttp, matrix-nio or SQLAlchemy, so they stay pure by
+construction, not by habit. Each module is imported in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+CORE = [
+    "bridge.model",  # records and state types
+    "bridge.types",
+    "bridge.errors",
+    "bridge.text",
+    "bridge.privacy",  # keyed hashes and sealing
+    "bridge.auditchain",
+    "bridge.whatsapp.consent",  # consent decisions (chat)
+    "bridge.whatsapp.notice_consent",  # consent decisions (notices)
+    "bridge.whatsapp.webhook_parse",
+    "bridge.whatsapp.limits",
+    "bridge.whatsapp.message_content",
+    "bridge.whatsapp.rich_content",
+    "bridge.whatsapp.markup",
+    "bridge.whatsapp.summaries",
+    "bridge.whatsapp.staff_events",
+    "bridge.whatsapp.templates",
+    "bridge.whatsapp.vcard",
+    "bridge.matrix.room_policy",  # room policy
+    "bridge.matrix.keyshare",  # key-share ledger
+    "bridge.matrix.crosssign",  # cross-signing maths
+    "bridge.matrix.management",  # management-room command parsing
+    "bridge.moderation.rules",
+]
+IO_LIBRARIES = ("aiohttp", "nio", "sqlalchemy", "alembic")
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_module_loads_no_io_library(module: str) -> None:
+    probe = (f"import sys, json, {module}; "
+             f"print(json.dumps(sorted(m for m in {IO_LIBRARIES!r} if m in sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, timeout=60)
+    assert json.loads(result.stdout) == [], f"{module} loads {result.stdout.strip()}"
+
+
+def test_the_probe_sees_an_io_library_when_one_is_loaded() -> None:
+    """The check itself can fail: an adapter module is reported."""
+    probe = ("import sys, json, bridge.whatsapp.graph; "
+             f"print(json.dumps(sorted(m for m in {IO_LIBRARIES!r} if m in sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, timeout=60)
+    assert "aiohttp" in json.loads(result.stdout)
