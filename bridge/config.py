@@ -265,6 +265,19 @@ class WhatsAppConfig(_Section):
     send_read_receipts: bool = True
     # Approved templates staff may send with `!plantilla` or the admin API.
     templates: list[TemplateConfig] = []
+    # Meta's rate limits (bridge.whatsapp.pacing): sends per second from this business
+    # number (Cloud API default 80; higher tiers up to 1000; 0 = no limit), and the least
+    # time between two sends to the same citizen (0 = none; Meta's pair limit is about
+    # one message every 6 s, and answers 131056 beyond its burst, which is retried).
+    max_sends_per_second: Annotated[float, Field(ge=0, le=1000)] = 80
+    # The agency's WhatsApp number as citizens dial it (e.g. "+34 900 000 000"): invite
+    # links then offer "join by WhatsApp" (a wa.me link with a one-time join code);
+    # "" = not offered.
+    display_phone_number: Annotated[str, Field(pattern=r"^(\+?[0-9][0-9 ]{5,20})?$")] = ""
+    recipient_interval_seconds: Annotated[float, Field(ge=0, le=60)] = 0
+    # Sends the outbox makes at once, each to a different citizen (a citizen's own
+    # messages always go one after another, in order). 1 = strictly one at a time.
+    outbox_concurrency: Annotated[int, Field(ge=1, le=64)] = 1
 
     _url = field_validator("api_base")(_http_url)
 
@@ -473,6 +486,32 @@ class AdminConfig(_Section):
 class RoomsConfig(_Section):
     federate: bool = False
     confirm_above: Annotated[int, Field(ge=1)] = 25
+    # WhatsApp members of agency rooms (bridge.rooms_wa, docs/rooms-over-whatsapp.md).
+    # The approved template sent once per closed 24 h window: body parameters {{1}} the
+    # number of new messages, {{2}} the room's name; "" = no template (the backlog
+    # still waits for the citizen's next message).
+    digest_template: Annotated[str, Field(pattern=r"^([a-z0-9_]{1,512})?$")] = ""
+    digest_language: Annotated[str, Field(pattern=r"^[a-z]{2,3}(_[A-Z]{2})?$")] = "es"
+    # At most this many queued messages are delivered when the window opens again;
+    # older ones are summed up in one line.
+    backlog_max: Annotated[int, Field(ge=1, le=200)] = 20
+    # Room messages still waiting for a member who has not written back are deleted
+    # after this many days (the scheduled retention purge).
+    backlog_days: Annotated[int, Field(ge=1, le=90)] = 14
+    # How staff (power >= 50) are named to WhatsApp members; {name} is their display
+    # name in the room (e.g. "Ayuntamiento · {name}").
+    staff_label: Annotated[str, Field(min_length=1, max_length=100)] = "{name}"
+    # Defaults of the per-room switches (POST /admin/v1/rooms/{id}/whatsapp-settings);
+    # `team` rooms never allow WhatsApp members unless switched on for that room.
+    whatsapp_members: bool = True
+    relay_media: bool = True
+
+    @field_validator("staff_label")
+    @classmethod
+    def _label_has_name(cls, value: str) -> str:
+        if "{name}" not in value:
+            raise ValueError("must contain {name}")
+        return value
 
 
 class InvitesConfig(_Section):

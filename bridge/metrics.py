@@ -116,6 +116,17 @@ class Metrics:
             "civic_bridge_outbound_not_sent",
             "Staff events in portals not sent to WhatsApp (staff were told), by reason",
             ["reason"], registry=r)
+        # Rooms over WhatsApp (bridge.rooms_wa): a room message not relayed to or from a
+        # WhatsApp member, who (or whose room) was told. reason: `announcement` (a
+        # member's post in an announcement room), `muted` (a muted member's post),
+        # `media_off` (a file, to one member, in a room that does not relay media),
+        # `left_out` (older waiting messages beyond rooms.backlog_max), `not_member`
+        # (queued for someone who left or was removed before it went), `unsupported`
+        # (a room event with no WhatsApp form, per member).
+        self.room_not_relayed = Counter(
+            "civic_bridge_room_not_relayed",
+            "Agency-room messages not relayed to or from a WhatsApp member, by reason",
+            ["reason"], registry=r)
         self.media_delete_failures = Counter(
             "civic_bridge_media_delete_failures",
             "Media uploaded to Meta for a send that could not be deleted afterwards",

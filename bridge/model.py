@@ -17,7 +17,8 @@ from bridge.types import DeviceID, EventID, Pseudonym, RoomID, UserID, WamidHash
 
 ConsentState = Literal["unknown", "prompted", "granted", "withdrawn", "refused"]
 ConsentPurpose = Literal["mirroring", "notices", "membership"]
-GhostKind = Literal["bot", "citizen", "member"]
+# "room": a WhatsApp member's pseudonym in one agency room (bridge.rooms_wa).
+GhostKind = Literal["bot", "citizen", "member", "room"]
 RoomKind = Literal["team", "citizen", "announcement", "portal", "management"]
 InboundSource = Literal["matrix", "whatsapp"]
 # "dead": set aside after a permanent failure (a dead letter), until an admin retries
@@ -35,6 +36,16 @@ INBOUND_SOURCES: tuple[str, ...] = get_args(InboundSource)
 INBOUND_STATUSES: tuple[str, ...] = get_args(InboundStatus)
 OUTBOX_STATUSES: tuple[str, ...] = get_args(OutboxStatus)
 DIRECTIONS: tuple[str, ...] = get_args(Direction)
+# A WhatsApp citizen's place in an agency room (bridge.rooms_wa).
+RoomMemberState = Literal["invited", "joined", "left", "declined"]
+ROOM_MEMBER_STATES: tuple[str, ...] = get_args(RoomMemberState)
+# Consent for one agency room is recorded with purpose ROOM_PURPOSE_PREFIX + room id.
+ROOM_PURPOSE_PREFIX = "room:"
+
+
+def room_purpose(room_id: str) -> ConsentPurpose:
+    """The consent purpose of one agency room (the column also holds these, 0014)."""
+    return ROOM_PURPOSE_PREFIX + room_id  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +277,45 @@ class OwnerRoomKeys:
 
     keys: list[StoredRoomKey]
     deliveries: list[RoomKeyDelivery]
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMember:
+    """A WhatsApp citizen invited to (or taking part in) an agency room, as a separate
+    pseudonym there: `display_name` is drawn at invitation (the citizen is told it),
+    `ghost_user_id` exists once they accept."""
+
+    id: int
+    room_id: RoomID
+    citizen_id: int
+    state: RoomMemberState
+    display_name: str
+    ghost_user_id: UserID | None
+    invited_by: str
+    notice_hash: str
+    chosen_at: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RoomSettings:
+    """Per-room admin switches for WhatsApp members."""
+
+    room_id: RoomID
+    whatsapp_allowed: bool
+    relay_media: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BacklogEntry:
+    """A room message kept (encrypted) for a citizen while their 24 h window is closed."""
+
+    id: int
+    citizen_id: int
+    room_id: RoomID
+    event_key: str
+    payload: str
+    created_at: datetime
 
 
 @dataclass(frozen=True)

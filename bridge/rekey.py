@@ -33,7 +33,9 @@ from bridge.db.models import (
     KVRow,
     MessageMapRow,
     OutboxRow,
+    RoomBacklogRow,
     RoomKeyRow,
+    RoomMessageRow,
 )
 from bridge.db.reports import AAD_REPORT_REASON, ReportRow
 from bridge.matrix.keystore import room_key_aad
@@ -67,10 +69,13 @@ ROOM_KEYS = "room keys"
 CROSS_SIGNING = "cross-signing seeds"
 REPORTS = "report reasons"
 MESSAGE_MAP = "message map wamids"
+ROOM_MESSAGE_MAP = "room member wamids"  # bridge.rooms_wa: one wamid per member
+ROOM_BACKLOG = "room backlog"  # room messages waiting for a member's window
 STORE = "E2EE store key"
 OTHER_KV = "other kv values"
 KINDS = (IDENTIFIERS, INDEX_HASHES, LANES, INBOUND, OUTBOX, DEAD_LETTERS, HELD, PARKED,
-         ROOM_KEYS, CROSS_SIGNING, REPORTS, MESSAGE_MAP, STORE, OTHER_KV)
+         ROOM_KEYS, CROSS_SIGNING, REPORTS, MESSAGE_MAP, ROOM_MESSAGE_MAP, ROOM_BACKLOG,
+         STORE, OTHER_KV)
 _FINISHED = ("done", "dropped")  # inbound rows whose lane no longer matters
 
 
@@ -129,6 +134,10 @@ async def rekey_database(db: Database, cipher: Cipher,
         "session_key_ct", lambda row: ROOM_KEYS,
         lambda row: room_key_aad(row["owner"], row["session_id"], row["message_index"])))
     await db.sealed.rewrite(_table(MessageMapRow), run.message_link)
+    await db.sealed.rewrite(_table(RoomMessageRow),
+                            lambda row: run.message_link(row, ROOM_MESSAGE_MAP))
+    await db.sealed.rewrite(_table(RoomBacklogRow), run.column(
+        "payload", lambda row: ROOM_BACKLOG, lambda row: AAD_PAYLOAD))
     await db.sealed.rewrite(_table(ReportRow), run.column(
         "reason_ct", lambda row: REPORTS, lambda row: AAD_REPORT_REASON))
     await db.sealed.rewrite(_table(OutboxRow), run.column(
@@ -221,7 +230,8 @@ class _Rekey:
             values["wa_id_ct"] = wa_id
         return values or None
 
-    def message_link(self, row: RowMapping) -> Mapping[str, Any] | None:
+    def message_link(self, row: RowMapping, kind: str = MESSAGE_MAP
+                     ) -> Mapping[str, Any] | None:
         """The map keeps each wamid sealed (bound to its own hash) beside the hash, so
         both follow a rotation: re-sealed under a new data key, re-hashed (and re-sealed
         to the new hash) under a new index key."""
@@ -230,16 +240,16 @@ class _Rekey:
             return None
         if self.index is None and not self.cipher.needs_rekey(token):
             return None
-        plain = self.open(MESSAGE_MAP, token, wamid_aad(old_hash))
+        plain = self.open(kind, token, wamid_aad(old_hash))
         if plain is None:
             return None
         new_hash = self.index.wamid(plain.decode("utf-8")) if self.index else old_hash
         if new_hash == old_hash and not self.cipher.needs_rekey(token):
             return None
         if new_hash != old_hash:
-            self.report.rehashed[MESSAGE_MAP] += 1
+            self.report.rehashed[kind] += 1
         else:
-            self.report.resealed[MESSAGE_MAP] += 1
+            self.report.resealed[kind] += 1
         return {"wamid_hash": new_hash,
                 "wamid_ct": self.cipher.encrypt(plain, aad=wamid_aad(new_hash))}
 

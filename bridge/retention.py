@@ -55,6 +55,8 @@ STEPS: Final = (
     ("spent invite links", "invite_links"),
     ("unused invite accounts", "unused_invite_accounts"),
     ("dead letters", "dead_letters"),
+    ("undelivered room messages", "room_backlog"),
+    ("room message map pairs", "room_message_map"),
 )
 # Where each step deletes, for the per-table report of `civic-bridge purge`.
 TABLES: Final = {
@@ -64,7 +66,8 @@ TABLES: Final = {
     "notice_log": "notices", "handled_reports": "reports", "outbox": "outbox",
     "message_map": "message_map", "never_consented": "citizens",
     "invite_links": "invite_links", "unused_invite_accounts": "invite_accounts",
-    "dead_letters": "inbound+outbox",
+    "dead_letters": "inbound+outbox", "room_backlog": "wa_room_backlog",
+    "room_message_map": "wa_room_messages",
 }
 
 
@@ -168,6 +171,10 @@ class Retention:
             "invite_links": lambda now, dry: self._n(db.invites.purge_links(
                 now - timedelta(days=r.invite_links_days), dry_run=dry)),
             "dead_letters": dead_letters,
+            "room_backlog": lambda now, dry: self._n(db.wa_rooms.purge_backlog(
+                now - timedelta(days=config.rooms.backlog_days), dry_run=dry)),
+            "room_message_map": lambda now, dry: self._n(db.wa_rooms.purge_messages(
+                now - timedelta(days=r.message_map_days), dry_run=dry)),
         }
         if contacts is not None:
             self._steps["never_consented"] = self._never_consented

@@ -47,12 +47,14 @@ from bridge.moderation.wiring import ModerationParts
 from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy, data_keys
 from bridge.retention import EVERY_SECONDS, Retention
+from bridge.rooms_wa.wiring import WhatsAppRooms, build_rooms_wa
 from bridge.types import RoomID, UserID
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.inbound import WhatsAppInbound
 from bridge.whatsapp.mirror import Mirror
 from bridge.whatsapp.outbound import StaffToWhatsApp, adopt_legacy_holds
 from bridge.whatsapp.outbox import Outbox
+from bridge.whatsapp.pacing import Pacer
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.receipts import StaffReceipts
 from bridge.whatsapp.staff_templates import StaffTemplates
@@ -102,6 +104,8 @@ class Bridge:
     safety: ModerationParts | None = None
     # Re-identification and look-up by phone number (admin API, scoped; bridge.admin.auth).
     reidentify: Reidentification | None = None
+    # WhatsApp citizens as members of agency rooms (None when WhatsApp is off).
+    wa_rooms: WhatsAppRooms | None = None
 
     async def lead(self) -> None:
         """Wait to be elected, then start; stop processing the moment the lock is lost.
@@ -310,12 +314,16 @@ async def build_bridge(config: Config) -> Bridge:
                     confirm_window=timedelta(
                         seconds=config.whatsapp.outbox_confirm_window_seconds),
                     on_dead=dead_letters.announce)
+    outbox.pacer = Pacer(config.whatsapp.max_sends_per_second,
+                         config.whatsapp.recipient_interval_seconds)
+    outbox.concurrency = config.whatsapp.outbox_concurrency
     mirror = Mirror(db, privacy, api, relay, graph, portals, metrics)
     subscriptions = NoticeSubscriptions(config, db, outbox, metrics)
     handlers: dict[InboundSource, Handler] = {"matrix": handle_matrix}
     receipts: StaffReceipts | None = None
     templates: StaffTemplates | None = None
     inbound: WhatsAppInbound | None = None
+    wa_rooms: WhatsAppRooms | None = None
     if config.whatsapp.enabled:
         inbound = WhatsAppInbound(config, db, privacy, portals, mirror, outbox, metrics,
                                   subscriptions)
@@ -324,7 +332,11 @@ async def build_bridge(config: Config) -> Bridge:
         staff_out = StaffToWhatsApp(db, portals, outbox, privacy, metrics)
         templates = StaffTemplates(config.whatsapp, db, portals, outbox, metrics,
                                    then=staff_out)
-        relay.add_handler(templates)
+        # `!invitar` is answered in front of `!plantilla` and the relay to the citizen.
+        wa_rooms = build_rooms_wa(config, db, api, ghosts, rooms, relay, outbox, privacy,
+                                  mirror, portals, templates, metrics)
+        relay.add_handler(wa_rooms.commands)
+        inbound.set_rooms_hook(wa_rooms.replies)
         if config.whatsapp.send_read_receipts:
             receipts = StaffReceipts(db, privacy, graph, metrics, ghosts.is_ours)
     worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce)
@@ -348,4 +360,5 @@ async def build_bridge(config: Config) -> Bridge:
                   election=election_for(config.database.url), safety=parts.safety,
                   pod=await PodLabeler.from_environment(http),
                   receipts=receipts, templates=templates,
-                  reidentify=Reidentification(config, db, privacy, citizens))
+                  reidentify=Reidentification(config, db, privacy, citizens),
+                  wa_rooms=wa_rooms)

@@ -29,7 +29,10 @@ from bridge.db import Citizen, Database
 from bridge.errors import NotFound
 from bridge.invites.rights import InviteAccounts
 from bridge.matrix.ghosts import Ghosts
+from bridge.model import room_purpose
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
+from bridge.rooms_wa.texts import INVITATION_VERSION as ROOM_NOTICE_VERSION
+from bridge.rooms_wa.texts import LANGUAGE as ROOM_LANGUAGE
 from bridge.types import Pseudonym, RoomID, UserID
 from bridge.whatsapp import consent
 from bridge.whatsapp.portal import Portals
@@ -81,6 +84,9 @@ class CitizenData:
             citizen = await self._db.citizens.by_pseudonym(user_id.upper())
         else:
             citizen = await self._db.citizens.by_ghost(UserID(user_id))
+            if citizen is None:  # one of their pseudonyms in an agency room
+                member = await self._db.wa_rooms.by_ghost(UserID(user_id))
+                citizen = await self._db.citizens.get(member.citizen_id) if member else None
         if citizen is None:
             raise NotFound("no citizen has this Matrix user id, pseudonym or subscription "
                            "code")
@@ -128,6 +134,7 @@ class CitizenData:
         sub = await self._db.subscriptions.get(citizen.id)
         notices = await self._db.notices.list(citizen_id=citizen.id, limit=100_000)
         held_and_queued = await copies(self._db, cipher, citizen)
+        memberships = await self._db.wa_rooms.of_citizen_all(citizen.id)
         await self._db.audit.append(actor, "citizen.export",
                                     f"pseudonym {citizen.pseudonym_code}", "ok", reason)
         return {
@@ -145,6 +152,12 @@ class CitizenData:
             "portal": None if portal is None else {
                 "room_id": portal.room_id, "opened_at": _time(portal.created_at),
                 "closed_at": _time(portal.closed_at)},
+            "room_memberships": [
+                {"room_id": m.room_id, "pseudonym": m.display_name,
+                 "matrix_user_id": m.ghost_user_id, "state": m.state,
+                 "invited_by": m.invited_by, "invitation_hash": m.notice_hash,
+                 "invited_at": _time(m.created_at), "last_chosen_at": _time(m.chosen_at)}
+                for m in memberships],
             "queued_messages": queued,
             **held_and_queued,
             "notices": {
@@ -201,6 +214,7 @@ class CitizenData:
             await self._db.reactions.forget_ghost(citizen.ghost_user_id)
             await self._db.mutes.forget_user(citizen.ghost_user_id)
             await self._ghosts.retire(citizen.ghost_user_id)
+        await self._erase_room_memberships(citizen)
         # Queued webhooks hold the identifiers (encrypted): every one of their lanes
         # goes, the statuses of sends to them too.
         await self._db.inbound.delete_lane("whatsapp", citizen_lane(citizen.index_hash),
@@ -214,3 +228,21 @@ class CitizenData:
                                     reason)
         log.info("citizen %s erased", pseudonym)
         return {"erased": True, "pseudonym": pseudonym, "kept": KEPT_AFTER_ERASURE}
+
+    async def _erase_room_memberships(self, citizen: Citizen) -> None:
+        """Their places in agency rooms over WhatsApp (bridge.rooms_wa): each room's
+        consent is withdrawn (the record stays, like every consent record), each room
+        pseudonym is retired (deactivated: it leaves the room, and its link to them
+        goes with its record), then memberships, kept backlog and wamid pairs go."""
+        members = await self._db.wa_rooms.of_citizen_all(citizen.id)
+        for member in members:
+            if member.state == "joined":
+                await self._db.consent.append(
+                    citizen_id=citizen.id, pseudonym=Pseudonym(citizen.pseudonym_code),
+                    purpose=room_purpose(member.room_id), state="withdrawn",
+                    notice_version=ROOM_NOTICE_VERSION, notice_hash=member.notice_hash,
+                    channel="admin", language=ROOM_LANGUAGE, evidence="erasure")
+        for member in members:
+            if member.ghost_user_id is not None:
+                await self._ghosts.retire(member.ghost_user_id)
+        await self._db.wa_rooms.erase_citizen(citizen.id)

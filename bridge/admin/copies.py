@@ -1,6 +1,7 @@
 """The copies of a citizen's messages the bridge still holds, decrypted for their own
 export (GDPR arts. 15, 20): messages held before consent, webhook items queued or
-recently processed, and sends to them in the outbox.
+recently processed, sends to them in the outbox, and agency-room messages waiting for
+their 24 h window to open again (bridge.rooms_wa).
 
 Only the citizen's export shows them: they carry what the person wrote, their WhatsApp
 profile name and number. A copy that no longer decrypts (a retired key) is listed as
@@ -29,7 +30,8 @@ def _open(cipher: Cipher, payload: str) -> Any:
 
 
 async def copies(db: Database, cipher: Cipher, citizen: Citizen) -> dict[str, Any]:
-    """`held_messages`, `queued_items` and `outbox_items` of the citizen, oldest first."""
+    """`held_messages`, `queued_items`, `outbox_items` and `room_backlog` of the
+    citizen, oldest first."""
     lanes = {citizen_lane(citizen.index_hash): "message",
              status_lane(citizen.index_hash): "delivery status"}
     held, queued = [], []
@@ -46,4 +48,8 @@ async def copies(db: Database, cipher: Cipher, citizen: Citizen) -> dict[str, An
     outbox = [{"status": o.status, "queued_at": _time(o.created_at),
                "updated_at": _time(o.updated_at), "message": _open(cipher, o.payload)}
               for o in await db.outbox.for_citizen(citizen.id)]
-    return {"held_messages": held, "queued_items": queued, "outbox_items": outbox}
+    backlog = [{"room_id": b.room_id, "kept_at": _time(b.created_at),
+                "message": _open(cipher, b.payload)}
+               for b in await db.wa_rooms.backlog(citizen.id)]
+    return {"held_messages": held, "queued_items": queued, "outbox_items": outbox,
+            "room_backlog": backlog}

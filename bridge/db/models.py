@@ -35,6 +35,8 @@ from bridge.model import (
     INBOUND_STATUSES,
     OUTBOX_STATUSES,
     ROOM_KINDS,
+    ROOM_MEMBER_STATES,
+    ROOM_PURPOSE_PREFIX,
 )
 
 # Deterministic constraint names, so a later migration can drop or alter them by name.
@@ -87,6 +89,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# The fixed purposes, or one agency room's (shared with migration 0014).
+PURPOSE_CHECK = (f"{one_of('purpose', CONSENT_PURPOSES)} "
+                 f"OR purpose LIKE '{ROOM_PURPOSE_PREFIX}%'")
 
 
 class Base(DeclarativeBase):
@@ -189,7 +196,7 @@ class InboundRow(Base):
 class ConsentRecordRow(Base):
     __tablename__ = "consent_records"
     __table_args__ = (
-        CheckConstraint(one_of("purpose", CONSENT_PURPOSES), name="purpose"),
+        CheckConstraint(PURPOSE_CHECK, name="purpose"),
         CheckConstraint(one_of("state", CONSENT_STATES), name="state"),
     )
 
@@ -199,7 +206,8 @@ class ConsentRecordRow(Base):
         ForeignKey("citizens.id", ondelete="SET NULL"), index=True
     )
     pseudonym: Mapped[str] = mapped_column(String(255))
-    purpose: Mapped[str] = mapped_column(String(16))
+    # "room:<room id>" for an agency room's consent (revision 0014): a Matrix ID's length.
+    purpose: Mapped[str] = mapped_column(ID)
     state: Mapped[str] = mapped_column(String(16))
     notice_version: Mapped[str] = mapped_column(String(64))
     notice_hash: Mapped[str] = mapped_column(HEX64)
@@ -355,6 +363,86 @@ class RoomKeyDeliveryRow(Base):
     session_id: Mapped[str] = mapped_column(ID)
     curve25519: Mapped[str] = mapped_column(ID)
     message_index: Mapped[int] = mapped_column(Integer)
+
+
+# --- WhatsApp members of agency rooms (revision 0014, bridge.rooms_wa) --------------------
+
+
+class RoomMemberRow(Base):
+    """A WhatsApp citizen's place in one agency room, under a pseudonym of its own."""
+
+    __tablename__ = "wa_room_members"
+    __table_args__ = (
+        UniqueConstraint("room_id", "citizen_id"),
+        CheckConstraint(one_of("state", ROOM_MEMBER_STATES), name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    room_id: Mapped[str] = mapped_column(ID, index=True)
+    # CASCADE: erasing a citizen takes their memberships with them.
+    citizen_id: Mapped[int] = mapped_column(
+        ForeignKey("citizens.id", ondelete="CASCADE"), index=True
+    )
+    state: Mapped[str] = mapped_column(String(16))
+    display_name: Mapped[str] = mapped_column(String(255))
+    ghost_user_id: Mapped[str | None] = mapped_column(ID, unique=True)
+    invited_by: Mapped[str] = mapped_column(ID)
+    # sha256 of the invitation text the citizen was shown (consent evidence).
+    notice_hash: Mapped[str] = mapped_column(HEX64)
+    # When the citizen last chose this room for their replies (quote or list).
+    chosen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RoomSettingsRow(Base):
+    """Admin switches per room; no row = the defaults (`rooms.*` in the config)."""
+
+    __tablename__ = "wa_room_settings"
+
+    room_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    whatsapp_allowed: Mapped[bool] = mapped_column(Boolean)
+    relay_media: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RoomBacklogRow(Base):
+    """Room messages waiting for a citizen's 24 h window to open again (encrypted)."""
+
+    __tablename__ = "wa_room_backlog"
+    __table_args__ = (UniqueConstraint("citizen_id", "event_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    citizen_id: Mapped[int] = mapped_column(
+        ForeignKey("citizens.id", ondelete="CASCADE"), index=True
+    )
+    room_id: Mapped[str] = mapped_column(ID)
+    event_key: Mapped[str] = mapped_column(ID)
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RoomMessageRow(Base):
+    """Which room event a WhatsApp message to or from a room member stands for: one
+    event reaches many members, each with its own wamid (quote routing, replies)."""
+
+    __tablename__ = "wa_room_messages"
+    __table_args__ = (Index("ix_wa_room_messages_event_id_citizen_id", "event_id",
+                            "citizen_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Like message_map (revision 0010): found by the keyed hash (quote routing,
+    # replies), the ciphertext (privacy.wamid_aad) is what goes back to Graph as a
+    # quoted message's id; never the wamid itself (it embeds the number).
+    wamid_hash: Mapped[str] = mapped_column(WAMID_HASH, unique=True)
+    wamid_ct: Mapped[str] = mapped_column(Text)
+    citizen_id: Mapped[int] = mapped_column(
+        ForeignKey("citizens.id", ondelete="CASCADE"), index=True
+    )
+    room_id: Mapped[str] = mapped_column(ID)
+    event_id: Mapped[str] = mapped_column(ID)
+    # The retention purge (retention.message_map_days) goes by it.
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class HeldStaffMessageRow(Base):

@@ -244,7 +244,9 @@ class GhostRepo:
             return None if row is None else _ghost(row)
 
     async def by_citizen(self, citizen_id: int) -> Ghost | None:
-        stmt = select(GhostRow).where(GhostRow.citizen_id == citizen_id).order_by(
+        """The citizen's portal ghost (their room ghosts, kind "room", are others)."""
+        stmt = select(GhostRow).where(GhostRow.citizen_id == citizen_id,
+                                      GhostRow.kind == "citizen").order_by(
             GhostRow.created_at
         )
         async with self._scope.session() as session:

@@ -21,6 +21,7 @@ from bridge.db.reports import ReportRepo
 from bridge.db.roomkeys import RoomKeyRepo
 from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.db.sealed import SealedRepo
+from bridge.db.wa_rooms import RoomMemberRepo
 from bridge.model import Direction, MessageLink
 from bridge.types import EventID, RoomID, WamidHash
 
@@ -169,6 +170,7 @@ class Repositories:
         self.sealed = SealedRepo(scope)
         self.dead_letters = DeadLetterRepo(scope)
         self.reports = ReportRepo(scope)
+        self.wa_rooms = RoomMemberRepo(scope)
         self.legacy = LegacyRepo(scope)
         self.held = HeldRepo(scope)
         self.mutes = MuteRepo(scope)

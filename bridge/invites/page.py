@@ -65,8 +65,10 @@ def _input(name: str, label: str, hint: str | None, error: str | None, attrs: st
 
 
 def form_page(*, lang: str, agency: str, room: str, action: str, pseudonym: str,
-              consent: bool, min_password: int, errors: Sequence[FieldError] = ()) -> str:
-    """The invitation: who invites to what, the privacy notice, and the sign-up form."""
+              consent: bool, min_password: int, errors: Sequence[FieldError] = (),
+              whatsapp_href: str | None = None) -> str:
+    """The invitation: who invites to what, the privacy notice, and the sign-up form;
+    with `whatsapp_href`, also the way to take part from WhatsApp (bridge.rooms_wa)."""
     t = partial(text, lang)
     paragraphs = "".join(f"<p>{e(p)}</p>\n" for p in notice(lang, agency, room))
     summary = ""
@@ -105,8 +107,26 @@ def form_page(*, lang: str, agency: str, room: str, action: str, pseudonym: str,
         + (' aria-describedby="consent-error" aria-invalid="true"' if consent_error else "")
         + f'>\n<label for="consent">{e(t("consent"))}</label>\n</div>\n'
         f'<button type="submit">{e(t("submit"))}</button>\n</form>'
+        + (f'\n<p class="whatsapp">{e(t("whatsapp_offer"))} '
+           f'<a href="{e(whatsapp_href)}">{e(t("whatsapp_link"))}</a></p>'
+           if whatsapp_href else "")
     )
     return _layout(lang, agency, t("title_invite", room=room), main, f"?lang={t('other_lang')}")
+
+
+def whatsapp_page(*, lang: str, agency: str, room: str, href: str, number: str,
+                  message: str) -> str:
+    """Join by WhatsApp: a wa.me link with the one-time code (bridge.rooms_wa.join)."""
+    t = partial(text, lang)
+    main = (
+        f'<h1>{e(t("title_whatsapp", room=room))}</h1>\n'
+        f'<p class="lead">{e(t("whatsapp_steps", agency=agency))}</p>\n'
+        f'<p><a class="button" href="{e(href)}" rel="noopener">'
+        f'{e(t("whatsapp_open"))}</a></p>\n'
+        f'<p>{e(t("whatsapp_code", number=number, message=message))}</p>\n'
+        f'<p class="hint">{e(t("whatsapp_once"))}</p>'
+    )
+    return _layout(lang, agency, t("title_whatsapp", room=room), main, None)
 
 
 def done_page(*, lang: str, agency: str, room: str, user_id: str, display_name: str,

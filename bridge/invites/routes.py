@@ -52,10 +52,13 @@ async def show(request: web.Request) -> web.Response:
     except Exception as exc:  # see submit()
         log.error("invite page: link lookup failed (%s)", type(exc).__name__)
         return _problem(links, lang, LinkUnusable("failed"))
+    rooms_wa = request.app[BRIDGE].wa_rooms
+    offer = rooms_wa is not None and await rooms_wa.join.offered(view.link.room_id)
     return _html(form_page(
         lang=lang, agency=links.agency, room=view.room_name, action=request.path,
         pseudonym=links.suggest_pseudonym(), consent=False,
-        min_password=request.app[BRIDGE].config.invites.min_password_length))
+        min_password=request.app[BRIDGE].config.invites.min_password_length,
+        whatsapp_href=f"{request.path}/whatsapp?lang={lang}" if offer else None))
 
 
 @routes.post("/invite/{token}")

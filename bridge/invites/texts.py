@@ -31,6 +31,16 @@ TEXTS: dict[str, dict[str, str]] = {
         "consent": "He leído el aviso de privacidad y quiero unirme a la sala con este "
                    "seudónimo.",
         "submit": "Crear mi cuenta",
+        "whatsapp_offer": "¿Prefiere participar desde WhatsApp, sin crear una cuenta?",
+        "whatsapp_link": "Unirme por WhatsApp",
+        "title_whatsapp": "Unirse a «{room}» por WhatsApp",
+        "whatsapp_steps": "Pulse el botón: se abrirá WhatsApp con un mensaje ya escrito "
+                          "para {agency}. Envíelo y recibirá la invitación, con el "
+                          "seudónimo que verán los demás y los botones para aceptar o no.",
+        "whatsapp_open": "Abrir WhatsApp",
+        "whatsapp_code": "Si no se abre, envíe este mensaje al {number}: {message}",
+        "whatsapp_once": "El código sirve una sola vez y caduca en 24 horas. Nadie de la "
+                         "sala verá su número ni su nombre de WhatsApp.",
         "errors_title": "Revise lo siguiente:",
         "err_pseudonym_contact": "El seudónimo no puede contener un número de teléfono ni "
                                  "un correo electrónico. Elija otro nombre.",
@@ -81,6 +91,16 @@ TEXTS: dict[str, dict[str, str]] = {
         "consent": "I have read the privacy notice and want to join the room with this "
                    "pseudonym.",
         "submit": "Create my account",
+        "whatsapp_offer": "Would you rather take part from WhatsApp, without an account?",
+        "whatsapp_link": "Join by WhatsApp",
+        "title_whatsapp": "Join «{room}» by WhatsApp",
+        "whatsapp_steps": "Press the button: WhatsApp opens with a message already written "
+                          "to {agency}. Send it and you will get the invitation, with the "
+                          "pseudonym others will see and buttons to accept or not.",
+        "whatsapp_open": "Open WhatsApp",
+        "whatsapp_code": "If it does not open, send this message to {number}: {message}",
+        "whatsapp_once": "The code works once and expires in 24 hours. Nobody in the room "
+                         "will see your number or your WhatsApp name.",
         "errors_title": "Please check the following:",
         "err_pseudonym_contact": "The pseudonym must not contain a phone number or an "
                                  "e-mail address. Choose another name.",

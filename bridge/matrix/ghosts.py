@@ -65,10 +65,12 @@ class Ghosts:
         await self._register(self.bot, BOT_DISPLAY_NAME)
         return await self.device(self.bot)
 
-    async def create(self, kind: GhostKind = "citizen", citizen_id: int | None = None) -> UserID:
-        """A new pseudonymous ghost; returns its user ID."""
+    async def create(self, kind: GhostKind = "citizen", citizen_id: int | None = None,
+                     display_name: str | None = None) -> UserID:
+        """A new pseudonymous ghost; returns its user ID. `display_name`: one drawn
+        beforehand (a room member is told theirs in the invitation), else a new one."""
         user_id = UserID(f"@{new_localpart(self._prefix)}:{self._domain}")
-        display = self._privacy.display_name(new_pseudonym_code())
+        display = display_name or self._privacy.display_name(new_pseudonym_code())
         await self._db.ghosts.create(user_id=user_id, device_id=new_device_id(),
                                      display_name=display, kind=kind, citizen_id=citizen_id)
         await self._register(user_id, display)

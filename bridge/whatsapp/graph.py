@@ -382,6 +382,22 @@ class GraphClient:
         return await self._send(to, "interactive", obj, reply_to, known=(body,),
                                 callback_data=callback_data)
 
+    async def send_list(self, to: Recipient, body: str, button: str, section: str,
+                        rows: Sequence[tuple[str, str]], *,
+                        callback_data: str | None = None) -> str:
+        """Send an interactive list: one section of up to ten rows (id, title ≤ 24)."""
+        if not 1 <= len(rows) <= 10:
+            raise ValueError("between 1 and 10 list rows are allowed")
+        obj = {
+            "type": "list",
+            "body": {"text": body},
+            "action": {"button": button[:20], "sections": [{
+                "title": section[:24],
+                "rows": [{"id": i, "title": t[:24]} for i, t in rows]}]},
+        }
+        return await self._send(to, "interactive", obj, known=(body,),
+                                callback_data=callback_data)
+
     async def mark_read(self, message_id: str, *, typing: bool = False) -> None:
         """Mark an inbound message read (blue ticks), optionally showing 'typing…'."""
         body: dict[str, Any] = {"messaging_product": "whatsapp", "status": "read",

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # Looks at a granted citizen's message before it is mirrored; True = it was a report
 # (bridge.moderation.intake.WhatsAppReports) and is not mirrored.
 ReportHook = Callable[[Citizen, RoomID, InboundMessage], Awaitable[bool]]
+# Sees every message of a citizen (with their open portal, if any) before the consent
+# flow; True = it was for an agency room they are a member of (bridge.rooms_wa).
+RoomsHook = Callable[[Citizen, InboundItem, InboundMessage, RoomID | None], Awaitable[bool]]
 
 OPT_IN_CONFIRMATION = ("Gracias. Hemos abierto una conversación privada con el personal de "
                        "{agency}. Puede escribir BAJA en cualquier momento para dejarla.")
@@ -59,9 +62,13 @@ class WhatsAppInbound:
         self._subscriptions = subscriptions
         self._identity = IdentityChanges(db, privacy, portals, metrics)
         self._report_hook: ReportHook | None = None
+        self._rooms_hook: RoomsHook | None = None
 
     def set_report_hook(self, hook: ReportHook) -> None:
         self._report_hook = hook
+
+    def set_rooms_hook(self, hook: RoomsHook) -> None:
+        self._rooms_hook = hook
 
     async def __call__(self, item: InboundItem) -> InboundStatus | None:
         value = self._privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)
@@ -139,6 +146,8 @@ class WhatsAppInbound:
             if notices_intent is not None:
                 await self._subscriptions.handle(citizen, notices_intent, wamid_hash)
                 return None
+        if self._rooms_hook is not None and await self._rooms_hook(citizen, item, msg, room_id):
+            return None
         if self._report_hook is not None and citizen.consent_state == "granted" and \
                 room_id is not None and await self._report_hook(citizen, room_id, msg):
             return None

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 from bridge.db import Citizen, Database
@@ -42,6 +43,9 @@ from bridge.whatsapp.webhook_parse import InboundMessage
 FlagHook = Callable[[RoomID, EventID, UserID, str], Awaitable[None]]
 
 log = logging.getLogger(__name__)
+# What `post_as` collects for its caller (None: nothing; the ordinary portal relay).
+_POSTED: ContextVar[list[tuple[str, dict[str, Any]]] | None] = ContextVar("posted",
+                                                                          default=None)
 
 MATRIX_MSGTYPE = {"image": "m.image", "sticker": "m.image", "video": "m.video",
                   "audio": "m.audio", "document": "m.file"}
@@ -143,9 +147,25 @@ class Mirror:
             await self._portals.notice(room_id, PERSONAL_ID_WARNING.format(kinds=", ".join(kinds)),
                                        txn_id=txn_id(msg.wamid, ":personal-id"))
 
+    async def post_as(self, ghost: UserID, room_id: RoomID, msg: InboundMessage,
+                      posted: list[tuple[str, dict[str, Any]]] | None = None
+                      ) -> EventID | None:
+        """Post `msg` as `ghost` in `room_id` without linking it in the message map: a
+        WhatsApp member's message in an agency room (bridge.rooms_wa keeps its own map,
+        and relays to the room's other members what `posted` collects: the (event type,
+        content) of each event sent)."""
+        token = _POSTED.set(posted)
+        try:
+            with self._metrics.relay_latency.labels("in").time():
+                return await self._relay_one(ghost, room_id, msg)
+        finally:
+            _POSTED.reset(token)
+
     async def _send(self, ghost: UserID, room_id: RoomID, content: dict[str, Any],
                     wamid: str, event_type: str = "m.room.message", suffix: str = ""
                     ) -> EventID:
+        if (posted := _POSTED.get()) is not None:
+            posted.append((event_type, content))
         return await self._relay.send_as(ghost, room_id, content, event_type,
                                          txn_id(wamid, suffix))
 

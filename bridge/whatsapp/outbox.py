@@ -57,6 +57,7 @@ from bridge.retry import backoff as retry_backoff
 from bridge.retry import is_transient, reason_of
 from bridge.types import EventID, RoomID, UserID, WamidHash
 from bridge.whatsapp.graph import GraphClient, GraphError, Recipient, error_title
+from bridge.whatsapp.pacing import Pacer
 from bridge.whatsapp.staff_events import (
     TOO_LARGE_ADVICE,
     NotSentReason,
@@ -129,6 +130,10 @@ class Outbox:
         self._metrics = metrics
         self.confirm_window = confirm_window
         self.on_dead = on_dead
+        # Meta's rate limits (bridge.whatsapp.pacing); None: no pacing.
+        self.pacer: Pacer | None = None
+        # Sends in flight at once, to different citizens (whatsapp.outbox_concurrency).
+        self.concurrency = 1
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
@@ -150,6 +155,17 @@ class Outbox:
                              buttons: list[tuple[str, str]]) -> bool:
         return await self._add(citizen, key, "", {"type": "buttons", "body": body,
                                                   "buttons": buttons, "system": True})
+
+    async def room(self, citizen: Citizen, key: str, payload: dict[str, Any],
+                   repos: Repositories | None = None) -> bool:
+        """Queue a message for a WhatsApp member of an agency room (bridge.rooms_wa):
+        `payload["wa_room"]` names the room; it is sent only while the citizen is a
+        member there, and `payload["wr_event"]`, if set, is the room event it relays.
+        With `repos`, in the caller's transaction: call `wake()` once it has committed."""
+        if repos is None:
+            return await self._add(citizen, key, "", payload)
+        token = self._privacy.cipher.encrypt_json(payload, aad=AAD_PAYLOAD)
+        return await repos.outbox.add(key, citizen.id, RoomID(""), token) is not None
 
     async def notice(self, repos: Repositories, citizen: Citizen, notice_id: int,
                      template: dict[str, Any]) -> bool:
@@ -191,8 +207,7 @@ class Outbox:
         while True:
             try:
                 while items := await self._db.outbox.due(datetime.now(UTC)):
-                    for item in items:
-                        await self._attempt(item)
+                    await self._attempt_all(items)
                 self._metrics.outbox_depth.set(await self._db.outbox.depth())
             except asyncio.CancelledError:
                 raise
@@ -204,6 +219,30 @@ class Outbox:
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             self._wake.clear()
 
+    async def _attempt_all(self, items: list[OutboxItem]) -> None:
+        """One due batch: in order; with `concurrency` > 1, several citizens' sends at
+        once (a room post to many members), each citizen's still one after another."""
+        if self.concurrency <= 1:
+            for item in items:
+                await self._attempt(item)
+            return
+        lanes: dict[int, list[OutboxItem]] = {}
+        for item in items:
+            lanes.setdefault(item.citizen_id, []).append(item)
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def lane(queue: list[OutboxItem]) -> None:
+            async with gate:
+                for queued in queue:
+                    await self._attempt(queued)
+
+        for outcome in await asyncio.gather(*(lane(q) for q in lanes.values()),
+                                            return_exceptions=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, Exception):
+                log.error("outbox send error: %s", type(outcome).__name__)
+
     async def _attempt(self, item: OutboxItem) -> None:
         try:
             payload = self._payload(item)
@@ -214,11 +253,19 @@ class Outbox:
         notice_id = payload.get("notice_id")
         if citizen is None or not await self._consented(citizen, payload):
             await self._db.outbox.mark_failed(item.id, "consent withdrawn")
+            if payload.get("wa_room") and not payload.get("system"):
+                # Left, kicked or banned since it was queued (they were told then).
+                self._metrics.room_not_relayed.labels("not_member").inc()
             if notice_id is not None:
                 await self._db.notices.mark_failed(notice_id, "consent withdrawn")
                 self._metrics.notices.labels("failed").inc()
             return
         if payload.get("part") and not await self._after_previous_part(item, payload):
+            return
+        if payload.get("wa_room") and not await self._after_older_room_sends(item):
+            return
+        if self.pacer is not None and (wait := self.pacer.too_early(item.citizen_id)) > 0:
+            await self._db.outbox.postpone(item.id, datetime.now(UTC) + timedelta(seconds=wait))
             return
         if item.sending_at is not None:
             log.warning("outbox #%d: no delivery status within the confirmation window "
@@ -227,6 +274,8 @@ class Outbox:
             with self._metrics.relay_latency.labels("out").time():
                 send = await self._prepare(self._recipient(citizen), payload,
                                            callback_data(item.id))
+                if self.pacer is not None:
+                    await self.pacer.slot()  # this number's sends per second
                 # In flight only from here: a send stopped earlier (say, mid-upload)
                 # created no message, so it is due again at once.
                 if not await self._db.outbox.begin_attempt(
@@ -246,8 +295,20 @@ class Outbox:
             else:
                 await self._set_aside(item, exc, error, notice_id, too_large=too_large)
             return
+        if self.pacer is not None:
+            self.pacer.sent(item.citizen_id)
         if await self._db.outbox.mark_sent(item.id, self._privacy.index.wamid(wamid)):
             await self._accepted(item, payload, wamid)
+
+    async def _after_older_room_sends(self, item: OutboxItem) -> bool:
+        """Room messages reach a citizen in order: one waits while an older one to the
+        same citizen is backing off (a 429, a 5xx) instead of overtaking it."""
+        waiting = await self._db.wa_rooms.older_waiting(item.citizen_id, item.id,
+                                                        datetime.now(UTC))
+        if waiting is None:
+            return True
+        await self._db.outbox.postpone(item.id, waiting + timedelta(milliseconds=1))
+        return False
 
     async def _after_previous_part(self, item: OutboxItem, payload: dict[str, Any]) -> bool:
         """Parts of a long message go in order: a part waits while the one before it is
@@ -274,6 +335,10 @@ class Outbox:
         if payload.get("event_id"):
             await self._db.messages.link(self._privacy.seal_wamid(wamid), item.room_id,
                                          payload["event_id"], "out")
+        if payload.get("wr_event"):  # one room event, one wamid per member
+            await self._db.wa_rooms.link(self._privacy.seal_wamid(wamid), item.citizen_id,
+                                         RoomID(payload["wa_room"]),
+                                         EventID(payload["wr_event"]))
         self._metrics.relayed.labels("out", payload["type"]).inc()
 
     async def settle_by_status(self, data: str | None, wamid: str, status: str,
@@ -312,6 +377,8 @@ class Outbox:
     async def _consented(self, citizen: Citizen, payload: dict[str, Any]) -> bool:
         if payload.get("system"):
             return True
+        if payload.get("wa_room"):  # left, kicked or banned since: not sent
+            return await self._db.wa_rooms.is_joined(RoomID(payload["wa_room"]), citizen.id)
         if payload.get("notice_id") is not None:
             sub = await self._db.subscriptions.get(citizen.id)
             return sub is not None and sub.state == "granted"
@@ -384,6 +451,10 @@ class Outbox:
         if kind == "buttons":
             return partial(self._graph.send_buttons, to, payload["body"],
                            [tuple(b) for b in payload["buttons"]], callback_data=cb)
+        if kind == "list":
+            return partial(self._graph.send_list, to, payload["body"], payload["button"],
+                           payload["section"], [tuple(r) for r in payload["rows"]],
+                           callback_data=cb)
         if kind == "template":
             return partial(self._graph.send_template, to, payload["name"], payload["language"],
                            payload["components"], callback_data=cb)

@@ -31,6 +31,9 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("POST", "/admin/v1/portals/{room_id}/templates"): "rooms",
     ("POST", "/admin/v1/rooms/{room_id}/invite"): "invites",
     ("POST", "/admin/v1/rooms/{room_id}/invite-links"): "invites",
+    ("POST", "/admin/v1/rooms/{room_id}/whatsapp-members"): "invites",
+    ("GET", "/admin/v1/rooms/{room_id}/whatsapp-members"): "rooms",
+    ("POST", "/admin/v1/rooms/{room_id}/whatsapp-settings"): "rooms",
     **{("POST", f"/admin/v1/rooms/{{room_id}}/{action}"): "moderation"
        for action in ("kick", "ban", "unban", "mute", "unmute", "redact", "knocks/approve",
                       "knocks/deny", "close", "announce")},

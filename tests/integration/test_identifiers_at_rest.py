@@ -4,7 +4,9 @@ The full journey runs over the real HTTP API, with the real Synapse and the Clou
 simulator (whose wamids embed the number, as Meta's do), on SQLite and on PostgreSQL:
 first contact, opt-in, portal, staff replies, statuses, replies and reactions with
 context both ways, an edit and a revoke, a report, notices of availability with their
-statuses, opt-out, and one citizen's erasure. Then every table and column of the
+statuses, opt-out, two WhatsApp citizens in an agency room (issue 17: a staff post, a
+quoted answer relayed to the room and the other member, a staff reply quoting it), and
+two citizens' erasure. Then every table and column of the
 database (on SQLite also the raw file bytes) is searched for the citizens' numbers in
 every common spelling, their BSUIDs and profile names, and every wamid the simulator
 issued or the test sent — also inside anything that decodes as base64.
@@ -30,6 +32,7 @@ from bridge.db import downgrade, upgrade
 from bridge.db.engine import create_engine
 from bridge.db.models import InboundRow
 from bridge.legacy_wamids import key_legacy_wamids
+from bridge.rooms_wa.texts import ACCEPT_BUTTON, ACCEPT_TITLE
 from bridge.types import WamidHash
 from bridge.whatsapp.consent import EVIDENCE_PREFIX, OPT_IN_BUTTON, message_evidence
 from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON
@@ -183,7 +186,8 @@ class Run:
 def _buttons(sent: dict[str, Any]) -> list[str]:
     if sent.get("type") != "interactive":
         return []
-    return [b["reply"]["id"] for b in sent["interactive"]["action"]["buttons"]]
+    # (Interactive lists, the room picker of bridge.rooms_wa, have rows, not buttons.)
+    return [b["reply"]["id"] for b in sent["interactive"]["action"].get("buttons", [])]
 
 
 def _text(body: str) -> Any:
@@ -277,6 +281,7 @@ async def _journey(run: Run) -> dict[str, Any]:
         await j.desk.close()
     bea_wamids = [w for w in t.wamids if _about(w, bea)] + [
         w for w in run.issued() if _about(w, bea)]
+    room_erased = await _room_members(run)
     # A citizen who writes once and never answers the privacy notice (held, prompted).
     cai = t.citizen("Caietana")
     await run.write(wa.text_message(cai, "¿Está abierto el registro?"))
@@ -287,7 +292,68 @@ async def _journey(run: Run) -> dict[str, Any]:
                  "/admin/v1/dead-letters", "/admin/v1/rooms"):
         await run.admin("GET", path)
     t.wamids.extend(run.issued())
-    return {"erased_wamids": bea_wamids, "erased": bea}
+    return {"erased_wamids": bea_wamids + room_erased, "erased": bea}
+
+
+def _sent_text(sent: dict[str, Any]) -> str:
+    if sent.get("type") == "interactive":
+        return str(sent["interactive"]["body"]["text"])
+    return str(sent.get("text", {}).get("body", ""))
+
+
+async def _room_members(run: Run) -> list[str]:
+    """Two WhatsApp citizens in an agency room (issue 17): a staff post reaches both,
+    one answers quoting it (posted in the room under her room pseudonym, relayed to the
+    other), staff reply quoting her message (WhatsApp gets her wamid back, from the
+    room's sealed map); then the other is erased. Returns the erased one's wamids."""
+    h, wa, t = run.h, run.h.wa, run.t
+    b = h.running.bridge
+    staff = await staff_login(h.synapse.synapse, h.admin.localpart, h.admin.password)
+    try:
+        created = await run.admin("POST", "/admin/v1/rooms",
+                                  {"name": "Vecinos del barrio", "kind": "citizen"})
+        room = created["room_id"]
+        await staff.join(room)
+        members = []
+        for name in ("Dorotea", "Eloísa"):
+            user = t.citizen(name)
+            j = await _opt_in(run, user, "Hola, una consulta")
+            await j.desk.close()
+            row = await b.db.citizens.by_index(b.privacy.index.digest(user.user_id))
+            assert row is not None and row.ghost_user_id is not None
+            answer = await run.admin(
+                "POST", f"/admin/v1/rooms/{quote(room, safe='')}/whatsapp-members",
+                {"citizen": row.ghost_user_id})
+            invitation = await wa.wait_for_sent(
+                lambda s, u=user: to_citizen(s, u) and any(
+                    i.startswith(ACCEPT_BUTTON) for i in _buttons(s)), timeout=30)
+            await run.write(wa.button_reply(user, _buttons(invitation)[0], ACCEPT_TITLE))
+            await wa.wait_for_sent(lambda s, u=user: to_citizen(s, u) and "Ya participa"
+                                   in _sent_text(s), timeout=30)
+            members.append((user, row, str(answer["pseudonym"])))
+        (dora, _, dora_name), (eli, eli_row, _) = members
+        await staff.send_text(room, "Corte de agua el lunes")
+        post = await wa.wait_for_sent(lambda s: to_citizen(s, dora) and "Corte de agua" in
+                                      _sent_text(s), timeout=30)
+        asked = await run.write(wa.text_message(dora, "¿A qué hora?",
+                                                context_id=run.wamid_of(post)))
+        event = await staff.wait_for_message(room, lambda ev: ev.body == "¿A qué hora?",
+                                             timeout=30)
+        await wa.wait_for_sent(lambda s: to_citizen(s, eli) and _sent_text(s) ==
+                               f"*{dora_name}*: ¿A qué hora?", timeout=30)
+        await staff.client.room_send(room, "m.room.message", {
+            "msgtype": "m.text", "body": f"> <{event.sender}> ¿A qué hora?\n\nDe 9 a 12",
+            "m.relates_to": {"m.in_reply_to": {"event_id": event.event_id}}},
+            ignore_unverified_devices=True)
+        reply = await wa.wait_for_sent(lambda s: to_citizen(s, dora) and "De 9 a 12" in
+                                       _sent_text(s), timeout=30)
+        assert reply["context"] == {"message_id": asked}
+        erased = await run.admin("DELETE", "/admin/v1/citizens/" + quote(
+            str(eli_row.ghost_user_id), safe=""), {"reason": "art. 17"})
+        assert erased["erased"] is True
+    finally:
+        await staff.close()
+    return [w for w in [*t.wamids, *run.issued()] if _about(w, eli)]
 
 
 def _about(wamid: str, citizen: SimulatedUser) -> bool:

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-OUTBOX_TYPES = ("text", "buttons", "template", "reaction", "media", "location")
+OUTBOX_TYPES = ("text", "buttons", "template", "reaction", "media", "location", "list")
 ALLOWED_LABELS: dict[str, set[str]] = {
     "direction": {"in", "out"},
     "type": {*get_args(MessageKind), *OUTBOX_TYPES},
@@ -36,8 +36,10 @@ ALLOWED_LABELS: dict[str, set[str]] = {
                "unauthenticated", "forbidden",
                # bridge.whatsapp.mirror: inbound messages staff got a notice for instead
                "media_too_large", "media_failed", "unsupported", "whatsapp_error",
-               "account_error"},
-    "purpose": set(get_args(ConsentPurpose)),
+               "account_error",
+               # bridge.rooms_wa: civic_bridge_room_not_relayed
+               "announcement", "muted", "media_off", "left_out", "not_member"},
+    "purpose": {*get_args(ConsentPurpose), "room"},  # "room": any agency room (issue 17)
     "state": set(get_args(ConsentState)),
     "what": {*(label for _, label in RETENTION_STEPS), "management", "reporter", "poll"},
     "source": {*get_args(InboundSource), "outbox"},

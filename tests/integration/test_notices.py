@@ -50,7 +50,8 @@ async def write(h: BridgeHarness, value: dict[str, Any]) -> str:
 def buttons(sent: dict[str, Any]) -> list[str]:
     if sent.get("type") != "interactive":
         return []
-    return [b["reply"]["id"] for b in sent["interactive"]["action"]["buttons"]]
+    # (Interactive lists, the room picker of bridge.rooms_wa, have rows, not buttons.)
+    return [b["reply"]["id"] for b in sent["interactive"]["action"].get("buttons", [])]
 
 
 def templates_to(h: BridgeHarness, citizen: SimulatedUser) -> list[dict[str, Any]]:

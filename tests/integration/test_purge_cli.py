@@ -23,6 +23,8 @@ from bridge.db.models import (
     InboundRow,
     MessageMapRow,
     OutboxRow,
+    RoomBacklogRow,
+    RoomMessageRow,
 )
 from bridge.types import EventID, Pseudonym, UserID, WamidHash
 from bridge.whatsapp.webhook_parse import citizen_lane
@@ -38,7 +40,7 @@ from tests.integration.test_retention_periods import (
 )
 
 TABLES = (CitizenRow, OutboxRow, MessageMapRow, InviteLinkRow, InviteAccountRow, InboundRow,
-          ConsentRecordRow)
+          ConsentRecordRow, RoomBacklogRow, RoomMessageRow)
 
 
 async def counts(db: Database) -> dict[str, int]:
@@ -64,6 +66,17 @@ async def seed(db: Database) -> dict[str, Any]:
     for n, age in enumerate((91, 89)):
         assert await db.messages.link((WamidHash(f"{n:064x}"), ""), ROOM, EventID(f"$e{n}"), "out")
         await set_row(db, MessageMapRow, MessageMapRow.event_id == f"$e{n}",
+                      created_at=days_ago(age))
+    # A WhatsApp room member (issue 17): room messages kept for them 15 and 13 days
+    # (rooms.backlog_days: 14), and per-member wamid pairs 91 and 89 days old.
+    for n, age in enumerate((15, 13)):
+        assert await db.wa_rooms.keep(granted.id, ROOM, f"wr:$b{n}:{granted.id}", "sealed")
+        await set_row(db, RoomBacklogRow, RoomBacklogRow.event_key == f"wr:$b{n}:{granted.id}",
+                      created_at=days_ago(age))
+    for n, age in enumerate((91, 89)):
+        await db.wa_rooms.link((WamidHash(f"{n + 10:064x}"), "ct"), granted.id, ROOM,
+                               EventID(f"$r{n}"))
+        await set_row(db, RoomMessageRow, RoomMessageRow.event_id == f"$r{n}",
                       created_at=days_ago(age))
     old_link, new_link = await link(db, 40, expires=31), await link(db, 20, expires=10)
     account = UserID("@v_unused:agency.example")
@@ -100,9 +113,11 @@ async def test_purge_reports_per_table_and_a_dry_run_changes_nothing(
                 "invite_accounts: 0 unused invite accounts would be deleted, 1 left (cannot "
                 "tell without moderation.synapse_admin_token)",
                 "inbound+outbox: 0 dead letters would be deleted",
+                "wa_room_backlog: 1 undelivered room messages would be deleted",
+                "wa_room_messages: 1 room message map pairs would be deleted",
                 "dry run: nothing was deleted"):
             assert expected in lines, dry.stdout
-        assert len(lines) == 13  # every step, one line each, and the dry-run note
+        assert len(lines) == 15  # every step, one line each, and the dry-run note
         assert await counts(db) == before
 
         done = await cli("purge", "-c", "config.yaml", cwd=tmp_path)
@@ -121,6 +136,11 @@ async def test_purge_reports_per_table_and_a_dry_run_changes_nothing(
         assert await db.messages.by_event(EventID("$e1")) is not None
         assert await db.messages.by_event(EventID("$e0")) is None
         assert await db.invites.get(rows["old_link"]) is None
+        granted = rows["granted"]
+        assert [e.event_key for e in await db.wa_rooms.backlog(granted.id)] == [
+            f"wr:$b1:{granted.id}"]
+        assert await db.wa_rooms.wamid_for("$r0", granted.id) is None
+        assert await db.wa_rooms.wamid_for("$r1", granted.id) is not None
         assert await db.invites.get(rows["new_link"]) is not None
         # Consent evidence stays, by pseudonym; the erasure is audited with its reason.
         [record] = await db.consent.for_pseudonym(Pseudonym(silent.pseudonym_code))

@@ -29,7 +29,14 @@ from bridge.matrix.storekey import (
 )
 from bridge.matrix.trust import Trust
 from bridge.matrix.undecryptable import UndecryptableStore
-from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Cipher, KeyedIndex
+from bridge.privacy import (
+    AAD_IDENTIFIER,
+    AAD_PAYLOAD,
+    AAD_WA_ID,
+    Cipher,
+    KeyedIndex,
+    wamid_aad,
+)
 from bridge.rekey import rekey_database
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.outbound import held_aad
@@ -41,6 +48,8 @@ PHONE_ID = "109876543210"
 GHOST = UserID("@cb_rekey:agency.example")
 BOT = UserID("@cb_bot:agency.example")
 ROOM = RoomID("!portal:agency.example")
+AGENCY_ROOM = RoomID("!vecinos:agency.example")
+ROOM_WAMID = "wamid.HBgLMzQ2MDAxMTEyMjIVAgARGBJBQkNERUYwMTIzNDU2Nzg5AA=="
 USER = SimulatedUser(wa_id="34600111222", user_id="ES.rekeyUser0001", name="Ana")
 
 
@@ -102,6 +111,12 @@ async def _write_everything(db: Database, k: Keys, tmp_path: Path) -> dict[str, 
         [{"type": "text", "body": "ES91..."}], aad=held_aad("$held")))
     await UndecryptableStore(db, old, [60.0]).park(
         {"event_id": "$parked", "type": "m.room.encrypted"}, datetime.now(UTC))
+    # A WhatsApp room member's wamid pair and a room message kept for them (issue 17).
+    room_hash = k.index_before.wamid(ROOM_WAMID)
+    await db.wa_rooms.link((room_hash, old.encrypt(ROOM_WAMID, aad=wamid_aad(room_hash))),
+                           citizen.id, AGENCY_ROOM, EventID("$agency"))
+    await db.wa_rooms.keep(citizen.id, AGENCY_ROOM, "wr:$agency2:1", old.encrypt_json(
+        {"type": "text", "body": "aviso", "wa_room": AGENCY_ROOM}, aad=AAD_PAYLOAD))
     store_key = await load_store_key(db.kv, old, tmp_path, installed=False,
                                      data_keys=[k.old_data])
     return {"citizen": citizen, "seeds": seeds, "report": report, "inbound": ids,
@@ -118,9 +133,12 @@ async def test_rekey_covers_every_kind_and_the_old_keys_can_go(
     assert dict(report.resealed) == {
         "citizen identifiers": 2, "cross-signing seeds": 1, "room keys": 1,
         "report reasons": 1, "outbox": 1, "dead letters": 2, "inbound queue": 3,
-        "held staff messages": 1, "parked undecryptable events": 1, "E2EE store key": 1}
-    # The citizen and the lanes of the rows still to run (not the finished one).
-    assert dict(report.rehashed) == {"citizen index hashes": 1, "queue lanes": 2}
+        "held staff messages": 1, "parked undecryptable events": 1, "E2EE store key": 1,
+        "room backlog": 1}
+    # The citizen and the lanes of the rows still to run (not the finished one), and
+    # the room member's wamid (re-hashed, re-sealed to its new hash).
+    assert dict(report.rehashed) == {"citizen index hashes": 1, "queue lanes": 2,
+                                     "room member wamids": 1}
     again = await rekey_database(db, k.during, k.index_during)
     assert again.total == 0 and not again.rehashed and again.complete
 
@@ -157,6 +175,13 @@ async def test_rekey_covers_every_kind_and_the_old_keys_can_go(
         == ["$parked"]
     assert await load_store_key(db.kv, new, tmp_path, installed=True,
                                 data_keys=[k.new_data]) == stored["store_key"]
+    room_hash = index.wamid(ROOM_WAMID)
+    assert await db.wa_rooms.by_wamid(room_hash) == (AGENCY_ROOM, "$agency", citizen.id)
+    pair = await db.wa_rooms.wamid_for("$agency", citizen.id)
+    assert pair is not None
+    assert new.decrypt_str(pair[1], aad=wamid_aad(pair[0])) == ROOM_WAMID
+    [kept] = await db.wa_rooms.backlog(citizen.id)
+    assert new.decrypt_json(kept.payload, aad=AAD_PAYLOAD)["body"] == "aviso"
 
 
 async def test_rekey_counts_what_it_cannot_open_and_says_the_old_key_is_needed(

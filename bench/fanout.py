@@ -1,0 +1,237 @@
+"""Room fan-out at scale: one room, N WhatsApp members, P staff posts, through the outbox.
+
+Not a test: prints the outbox's send throughput against a bare aiohttp client posting
+the same bodies to the same Cloud API simulator in the same run (target >= 0.9x), the
+time from the first post to the last delivery, and peak RSS over idle (target <= 150 MB),
+then checks that every member got every post exactly once and in order.
+
+    .venv/bin/python bench/fanout.py [--members 1000] [--posts 20] [--rate 0] \
+        [--interval 0] [--restart-at 0.3] [--database-url URL] [--json]
+
+No Synapse: the posts enter where the relay hands a decrypted room event to
+`bridge.rooms_wa.fanout.FanOut.send` (display names and power levels are what Synapse
+would add), so the figures are the bridge's own: queueing (one outbox row per member and
+post, in the database), and the outbox sending them to Graph (the simulator, which checks
+every body against the Graph contract). `--rate` is `whatsapp.max_sends_per_second`
+(0 = unlimited; Meta's default is 80, which then bounds both figures), `--interval` is
+`whatsapp.recipient_interval_seconds`. `--restart-at F` stops the outbox after a fraction
+F of the sends and starts a new one on the same database (a restart: nothing may be lost
+or sent twice; the delivery statuses Meta would send are fed to it, as the webhook does).
+SQLite in a temporary directory unless `--database-url` (an empty database) is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import resource
+import secrets
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bridge.auditchain import AuditKeys
+from bridge.config import RoomsConfig, WhatsAppConfig, parse_config
+from bridge.db import Database, upgrade
+from bridge.matrix.api import MatrixAPI
+from bridge.metrics import Metrics
+from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
+from bridge.rooms_wa.fanout import FanOut
+from bridge.rooms_wa.members import Members
+from bridge.types import EventID, RoomID, UserID
+from bridge.whatsapp.graph import GraphClient
+from bridge.whatsapp.outbox import Outbox
+from bridge.whatsapp.pacing import Pacer
+from bridge.whatsapp.simulator import CloudAPISimulator
+
+PHONE_ID = "109876543210"
+ROOM = RoomID("!bench-announcements:localhost")
+
+
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc), in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+def _key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+async def populate(db: Database, privacy: Privacy, members: int) -> list[str]:
+    """N opted-in WhatsApp members of one announcement room, windows open."""
+    await db.rooms.create(ROOM, "announcement", "Avisos del Ayuntamiento", UserID("@a:x"))
+    numbers = []
+    now = datetime.now(UTC)
+    for n in range(members):
+        wa_id = f"3460{n:07d}"
+        numbers.append(wa_id)
+        citizen = await db.citizens.create(
+            index_hash=privacy.index.digest(wa_id),
+            identifier_ct=privacy.cipher.encrypt(wa_id, aad=AAD_IDENTIFIER),
+            wa_id_ct=privacy.cipher.encrypt(wa_id, aad=AAD_WA_ID),
+            pseudonym_code=f"B{n:06d}")
+        await db.citizens.touch_inbound(citizen.id, now)
+        member = await db.wa_rooms.invite(ROOM, citizen.id, f"Vecino/a {n}", "bench", "0" * 64)
+        await db.wa_rooms.set_state(member.id, "joined")
+    return numbers
+
+
+async def bare(api_base: str, token: str, bodies: list[dict[str, Any]]) -> float:
+    """A bare aiohttp client posting the same bodies one after another; seconds taken."""
+    url = f"{api_base}/{PHONE_ID}/messages"
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as http:
+        start = time.perf_counter()
+        for body in bodies:
+            async with http.post(url, json=body, headers=headers) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"bare send refused: {resp.status}")
+        return time.perf_counter() - start
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    idle = rss_mb()
+    with tempfile.TemporaryDirectory(prefix="fanout-") as tmp:
+        url = args.database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}"
+        await upgrade(url)
+        sim = CloudAPISimulator(access_token=secrets.token_urlsafe(16),
+                                app_secret=secrets.token_hex(16), phone_number_id=PHONE_ID,
+                                display_phone_number="+34 900 000 000")
+        api_base = await sim.start()
+        config = parse_config({
+            "homeserver": {"url": "http://127.0.0.1:9", "domain": "localhost"},
+            "appservice": {"as_token": secrets.token_hex(16), "hs_token": secrets.token_hex(16),
+                           "store_dir": str(Path(tmp) / "store")},
+            "database": {"url": url},
+            "privacy": {"data_key": _key(), "index_key": _key()},
+            "audit": {"key": _key()},
+            "admin": {"token": secrets.token_hex(16)},
+        }, base=Path(tmp)).model_copy(update={
+            "whatsapp": WhatsAppConfig(enabled=True, api_base=api_base,
+                                       phone_number_id=PHONE_ID, access_token=sim.access_token,
+                                       app_secret=sim.app_secret, verify_token="v",
+                                       max_sends_per_second=args.rate,
+                                       recipient_interval_seconds=args.interval),
+            "rooms": RoomsConfig(staff_label="Ayuntamiento · {name}")})
+        db = await Database.open(url, audit_keys=AuditKeys.from_base64(config.audit.key, []))
+        http = aiohttp.ClientSession()
+        privacy = Privacy.from_config(config.privacy)
+        metrics = Metrics()
+        graph = GraphClient.from_config(http, config.whatsapp)
+        api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
+
+        async def nobody(room_id: RoomID, text: str) -> None:
+            return None
+
+        def outbox() -> Outbox:
+            box = Outbox(db, privacy, graph, api, UserID("@bot:localhost"), nobody, metrics,
+                         confirm_window=timedelta(seconds=60))
+            box.pacer = Pacer(args.rate, args.interval)
+            box.concurrency = args.concurrency
+            return box
+
+        try:
+            await populate(db, privacy, args.members)
+            # Only what FanOut.send uses of Members is its database and config.
+            members = Members(config, db, api, None, None, None,  # type: ignore[arg-type]
+                              outbox(), privacy, metrics)
+            room = await db.rooms.get(ROOM)
+            assert room is not None
+            recipients = await db.wa_rooms.in_room(ROOM)
+            box = outbox()
+            fan = FanOut(config, db, api, None, members, box, privacy,  # type: ignore[arg-type]
+                         metrics)
+            total = args.members * args.posts
+            box.start()
+            start = time.perf_counter()
+            restarted = False
+            for p in range(args.posts):
+                await fan.send(room, EventID(f"$post{p}"), "m.room.message",
+                               {"msgtype": "m.text", "body": f"Aviso {p + 1:02d}: corte de "
+                                "agua mañana de 9 a 12 en la calle Mayor."},
+                               "Ayuntamiento · Ana", recipients)
+            queued = time.perf_counter() - start
+            while len(sim.sent) < total:
+                if not restarted and args.restart_at and len(sim.sent) >= args.restart_at * total:
+                    await box.stop()  # a restart: a new outbox on the same database
+                    box = outbox()
+                    box.start()
+                    restarted = True
+                    # The delivery statuses Meta sends settle a send cut short by the
+                    # stop (in production they come in by the webhook).
+                    for wamid, data in list(sim.callback_data.items()):
+                        await box.settle_by_status(data, wamid, "sent")
+                await asyncio.sleep(0.05)
+            last = time.perf_counter() - start
+            await asyncio.sleep(1.0)  # anything sent twice would show now
+            await box.stop()
+            sends = list(sim.sent)
+            bodies = [{k: v for k, v in b.items() if k != "biz_opaque_callback_data"}
+                      for b in sends]
+            bare_seconds = await bare(api_base, sim.access_token, bodies[:total])
+        finally:
+            await http.close()
+            await db.close()
+            await sim.stop()
+    per: dict[str, list[str]] = {}
+    for body in sends:
+        per.setdefault(str(body.get("to")), []).append(body["text"]["body"][:40])
+    expected = [f"*Ayuntamiento · Ana*: Aviso {p + 1:02d}" for p in range(args.posts)]
+    in_order = all([t[:len(expected[0])] for t in got] == expected for got in per.values())
+    ours = total / last
+    theirs = total / bare_seconds
+    return {"members": args.members, "posts": args.posts, "sends": len(sends),
+            "expected": total, "duplicates": len(sends) - total,
+            "recipients": len(per), "in_order_per_citizen": in_order,
+            "queue_seconds": round(queued, 2), "last_delivery_seconds": round(last, 2),
+            "bridge_msgs_per_s": round(ours, 1), "bare_msgs_per_s": round(theirs, 1),
+            "ratio": round(ours / theirs, 3), "rate_limit": args.rate,
+            "concurrency": args.concurrency,
+            "restarted": bool(args.restart_at),
+            "rss_idle_mb": round(idle, 1), "rss_peak_mb": round(peak_rss_mb(), 1),
+            "rss_over_idle_mb": round(peak_rss_mb() - idle, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--members", type=int, default=1000)
+    parser.add_argument("--posts", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=0.0)
+    parser.add_argument("--interval", type=float, default=0.0)
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="whatsapp.outbox_concurrency (sends at once)")
+    parser.add_argument("--restart-at", type=float, default=0.3)
+    parser.add_argument("--database-url", default="")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"{key:>24}: {value}")
+    ok = (result["duplicates"] == 0 and result["in_order_per_citizen"]
+          and result["sends"] == result["expected"] and result["ratio"] >= 0.9
+          and result["rss_over_idle_mb"] <= 150)
+    print("targets:", "met" if ok else "NOT met")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

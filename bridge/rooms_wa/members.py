@@ -1,0 +1,268 @@
+"""Invitations, consent, joining and leaving of WhatsApp members of agency rooms.
+
+A member is a separate ghost per (citizen, room): its own random user ID, the display
+name drawn at invitation (the citizen is told it) and its own device. Accepting records
+consent with purpose "room:<room id>" (the invitation's version, sha256 and language);
+declining or silence creates nothing but the invitation row. Steps are ordered so that
+a retried webhook item finishes the job: idempotent Matrix steps first, the consent
+record and the state change together, last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from typing import Any
+
+from bridge.admin.common import guard_size, open_room
+from bridge.config import Config
+from bridge.db import Citizen, Database
+from bridge.errors import Conflict, InvalidParam, NotFound
+from bridge.matrix.api import MatrixAPI, MatrixError
+from bridge.matrix.ghosts import Ghosts
+from bridge.matrix.relay import Relay
+from bridge.matrix.rooms import Rooms
+from bridge.metrics import Metrics
+from bridge.model import Room, RoomMember, RoomSettings, room_purpose
+from bridge.privacy import Privacy, new_pseudonym_code
+from bridge.rooms_wa import policy, texts
+from bridge.types import Pseudonym, RoomID, UserID, WamidHash
+from bridge.whatsapp import consent
+from bridge.whatsapp.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+TOLD_KEY = "wr-told:"  # + room id: room members were told about WhatsApp members
+
+
+purpose = room_purpose
+
+
+class Members:
+    """Membership of WhatsApp citizens in agency rooms."""
+
+    def __init__(self, config: Config, db: Database, api: MatrixAPI, ghosts: Ghosts,
+                 rooms: Rooms, relay: Relay, outbox: Outbox, privacy: Privacy,
+                 metrics: Metrics) -> None:
+        self._config = config
+        self._db = db
+        self._api = api
+        self._ghosts = ghosts
+        self._rooms = rooms
+        self._relay = relay
+        self._outbox = outbox
+        self._privacy = privacy
+        self._metrics = metrics
+
+    # --- settings ---------------------------------------------------------------------
+
+    async def allowed(self, room: Room) -> bool:
+        switch = await self._db.wa_rooms.settings(room.room_id)
+        return policy.allowed(room.kind, switch.whatsapp_allowed if switch else None,
+                              self._config.rooms.whatsapp_members)
+
+    async def relay_media(self, room_id: RoomID) -> bool:
+        switch = await self._db.wa_rooms.settings(room_id)
+        return switch.relay_media if switch else self._config.rooms.relay_media
+
+    # --- invitation -------------------------------------------------------------------
+
+    async def resolve(self, reference: str) -> Citizen:
+        """A citizen by their portal ghost's user ID or their subscription code."""
+        citizen = None
+        if reference.startswith("@"):
+            citizen = await self._db.citizens.by_ghost(UserID(reference))
+        elif reference.strip():
+            sub = await self._db.subscriptions.by_code(reference.strip())
+            citizen = await self._db.citizens.get(sub.citizen_id) if sub else None
+        else:
+            raise InvalidParam("citizen: a portal ghost or a subscription code")
+        if citizen is None:
+            raise NotFound("no WhatsApp citizen with that portal ghost or code")
+        return citizen
+
+    async def invite(self, actor: str, room_id: str, reference: str, *,
+                     inviter: str | None = None, confirm: bool = False) -> dict[str, Any]:
+        """Send the WhatsApp invitation (buttons); returns what the admin API answers:
+        the membership id, the pseudonym in that room and the state; never a number."""
+        room = await open_room(self._db, room_id)
+        if room.kind not in ("citizen", "announcement", "team"):
+            raise InvalidParam("WhatsApp members join rooms of kind citizen or announcement")
+        if not await self.allowed(room):
+            raise Conflict("WhatsApp members are not allowed in this room")
+        citizen = await self.resolve(reference)
+        await guard_size(self._rooms, room, confirm, self._config.rooms.confirm_above)
+        return await self.invite_citizen(actor, room, citizen, inviter)
+
+    async def invite_citizen(self, actor: str, room: Room, citizen: Citizen,
+                             inviter: str | None) -> dict[str, Any]:
+        """`invite` once the room and the citizen are settled (also a join code's)."""
+        existing = await self._db.wa_rooms.find(room.room_id, citizen.id)
+        if existing is not None and existing.state == "joined":
+            raise Conflict("already a member of this room")
+        pseudonym = existing.display_name if existing else \
+            self._privacy.display_name(new_pseudonym_code())
+        text = await self.invitation_text(room, pseudonym,
+                                          inviter or self._config.consent.agency_name)
+        member = await self._db.wa_rooms.invite(
+            room.room_id, citizen.id, pseudonym, actor,
+            hashlib.sha256(text.encode()).hexdigest())
+        await self._outbox.system_buttons(
+            citizen, f"wr-invite:{member.id}:{secrets.token_hex(6)}", text,
+            [(f"{texts.ACCEPT_BUTTON}{member.id}", texts.ACCEPT_TITLE),
+             (f"{texts.DECLINE_BUTTON}{member.id}", texts.DECLINE_TITLE)])
+        await self._db.audit.append(actor, "room.whatsapp_invite",
+                                    f"{room.room_id} {pseudonym}", "ok", None)
+        return {"member_id": member.id, "pseudonym": pseudonym, "state": member.state}
+
+    async def invitation_text(self, room: Room, pseudonym: str, inviter: str) -> str:
+        return texts.INVITATION.format(
+            inviter=inviter, room=room.name, agency=self._config.consent.agency_name,
+            pseudonym=pseudonym,
+            who_posts=texts.WHO_POSTS_ANNOUNCEMENT if room.kind == "announcement"
+            else texts.WHO_POSTS_CITIZEN,
+            media=texts.MEDIA_ON if await self.relay_media(room.room_id) else texts.MEDIA_OFF)
+
+    # --- the citizen's answer ---------------------------------------------------------
+
+    async def answer(self, citizen: Citizen, button_id: str, wamid_hash: WamidHash
+                     ) -> None:
+        """An accept or decline button (ids from `invite`)."""
+        accept = button_id.startswith(texts.ACCEPT_BUTTON)
+        raw = button_id.split(":", 1)[1]
+        member = await self._db.wa_rooms.get(int(raw)) if raw.isdigit() else None
+        room = await self._db.rooms.get(member.room_id) if member else None
+        if member is None or room is None or member.citizen_id != citizen.id or \
+                room.closed_at is not None or member.state not in ("invited", "joined") or \
+                not await self.allowed(room):  # switched off since the invitation
+            await self._outbox.system_text(citizen, f"wr-gone:{wamid_hash}", texts.INVITATION_GONE)
+            return
+        if member.state == "joined":
+            return  # a repeated tap
+        if not accept:
+            await self._db.wa_rooms.set_state(member.id, "declined", only_from=("invited",))
+            await self._outbox.system_text(citizen, f"wr-declined:{wamid_hash}",
+                                           texts.DECLINED.format(room=room.name))
+            return
+        await self._join(citizen, member, room, wamid_hash)
+
+    async def _join(self, citizen: Citizen, member: RoomMember, room: Room,
+                    wamid_hash: WamidHash) -> None:
+        ghost = member.ghost_user_id
+        if ghost is None:
+            ghost = await self._ghosts.create("room", citizen.id, member.display_name)
+            await self._db.wa_rooms.set_ghost(member.id, ghost)
+        await self._ghosts.ensure_registered(ghost)
+        await self._ghosts.device(ghost)  # its own device, cross-signed when it opens
+        try:
+            await self._api.invite(self._ghosts.bot, room.room_id, ghost)
+        except MatrixError as exc:
+            if exc.status != 403:  # 403: already invited or joined (a retry)
+                raise
+        await self._api.join(ghost, room.room_id)
+        staff = member.invited_by if member.invited_by.startswith("@") else None
+        async with self._db.transaction() as tx:
+            if not await tx.wa_rooms.set_state(member.id, "joined", only_from=("invited",)):
+                return
+            await tx.consent.append(
+                citizen_id=citizen.id, pseudonym=Pseudonym(citizen.pseudonym_code),
+                purpose=purpose(room.room_id), state="granted",
+                notice_version=texts.INVITATION_VERSION, notice_hash=member.notice_hash,
+                channel="whatsapp", language=texts.LANGUAGE,
+                evidence=consent.message_evidence(wamid_hash),
+                staff_id=UserID(staff) if staff else None)
+            await tx.audit.append("citizen", "consent.granted",
+                                  f"pseudonym {citizen.pseudonym_code}", "ok", "room")
+        self._metrics.consent_changes.labels("room", "granted").inc()
+        log.info("WhatsApp member joined room %s", room.room_id)
+        await self._tell_room(room)
+        await self._outbox.system_text(citizen, f"wr-joined:{wamid_hash}", texts.JOINED.format(
+            room=room.name, pseudonym=member.display_name))
+
+    async def _tell_room(self, room: Room) -> None:
+        """Once per room: a notice to everyone, and a line in the topic."""
+        if await self._db.kv.get(TOLD_KEY + room.room_id) is not None:
+            return
+        told = hashlib.sha256(room.room_id.encode()).hexdigest()[:24]
+        await self._relay.send_as(self._ghosts.bot, room.room_id,
+                                  {"msgtype": "m.notice", "body": texts.ROOM_NOTICE},
+                                  txn_id=f"wr-told-{told}")
+        try:
+            current = await self._api.get_state_event(self._ghosts.bot, room.room_id,
+                                                      "m.room.topic")
+            topic = str(current.get("topic") or "")
+        except MatrixError:
+            topic = ""
+        if texts.TOPIC_LINE not in topic:
+            await self._api.send_state(self._ghosts.bot, room.room_id, "m.room.topic",
+                                       {"topic": f"{topic}\n{texts.TOPIC_LINE}".strip()})
+        await self._db.kv.set(TOLD_KEY + room.room_id, "1")
+
+    # --- leaving ----------------------------------------------------------------------
+
+    async def leave(self, citizen: Citizen, member: RoomMember, wamid_hash: WamidHash, *,
+                    tell: bool = True) -> None:
+        """SALIR (or BAJA, for every room): the consent record, the ghost leaves."""
+        room = await self._db.rooms.get(member.room_id)
+        async with self._db.transaction() as tx:
+            if await tx.wa_rooms.set_state(member.id, "left", only_from=("joined",)):
+                await tx.consent.append(
+                    citizen_id=citizen.id, pseudonym=Pseudonym(citizen.pseudonym_code),
+                    purpose=purpose(member.room_id), state="withdrawn",
+                    notice_version=texts.INVITATION_VERSION, notice_hash=member.notice_hash,
+                    channel="whatsapp", language=texts.LANGUAGE,
+                    evidence=consent.message_evidence(wamid_hash))
+                await tx.audit.append("citizen", "consent.withdrawn",
+                                      f"pseudonym {citizen.pseudonym_code}", "ok", "room")
+                self._metrics.consent_changes.labels("room", "withdrawn").inc()
+        await self._db.wa_rooms.forget_room(citizen.id, member.room_id)
+        if member.ghost_user_id:
+            try:
+                await self._api.leave(member.ghost_user_id, member.room_id)
+            except MatrixError as exc:
+                log.warning("room ghost leave failed: %s", exc.errcode)
+        if tell and room is not None:
+            await self._outbox.system_text(citizen, f"wr-left:{wamid_hash}:{member.id}",
+                                           texts.LEFT.format(room=room.name))
+
+    async def on_member_event(self, event: dict[str, Any]) -> None:
+        """A room ghost kicked or banned by a moderator: relay stops, the citizen is told."""
+        target = str(event.get("state_key", ""))
+        content = event.get("content")
+        membership = content.get("membership") if isinstance(content, dict) else None
+        if membership not in ("leave", "ban") or event.get("sender") == target or \
+                not self._ghosts.is_ours(target):
+            return
+        member = await self._db.wa_rooms.by_ghost(UserID(target))
+        if member is None or member.room_id != event.get("room_id"):
+            return
+        if not await self._db.wa_rooms.set_state(member.id, "left", only_from=("joined",
+                                                                                 "invited")):
+            return
+        await self._db.wa_rooms.forget_room(member.citizen_id, member.room_id)
+        await self._db.audit.append(str(event.get("sender", "")), f"room.whatsapp_{membership}",
+                                    f"{member.room_id} {member.display_name}", "ok", None)
+        citizen = await self._db.citizens.get(member.citizen_id)
+        room = await self._db.rooms.get(member.room_id)
+        if citizen is not None and room is not None:
+            await self._outbox.system_text(
+                citizen, f"wr-removed:{event.get('event_id')}", texts.REMOVED.format(
+                    room=room.name))
+
+    # --- per-room switches ------------------------------------------------------------
+
+    async def configure(self, actor: str, room_id: str, allowed: bool | None,
+                        media: bool | None) -> dict[str, bool]:
+        room = await open_room(self._db, room_id)
+        if room.kind not in ("citizen", "announcement", "team"):
+            raise InvalidParam("only agency rooms have WhatsApp settings")
+        current = await self._db.wa_rooms.settings(room.room_id)
+        new_allowed = allowed if allowed is not None else await self.allowed(room)
+        new_media = media if media is not None else await self.relay_media(room.room_id)
+        await self._db.wa_rooms.save_settings(RoomSettings(room.room_id, new_allowed,
+                                                           new_media))
+        await self._db.audit.append(actor, "room.whatsapp_settings", room.room_id, "ok",
+                                    f"allowed={new_allowed} media={new_media}"
+                                    + ("" if current else " (first)"))
+        return {"whatsapp_allowed": new_allowed, "relay_media": new_media}

@@ -1,0 +1,117 @@
+"""Admin API of rooms over WhatsApp (parse, call, answer; scopes as the other routes).
+
+- `POST /admin/v1/rooms/{room_id}/whatsapp-members {citizen, confirm?}` (scope
+  `invites`): `citizen` is the portal ghost's user ID or a subscription code; answers
+  201 `{member_id, pseudonym, state}` (never a number).
+- `GET /admin/v1/rooms/{room_id}/whatsapp-members` (scope `rooms`): pseudonyms and
+  states only.
+- `POST /admin/v1/rooms/{room_id}/whatsapp-settings {whatsapp_allowed?, relay_media?}`
+  (scope `rooms`): the per-room switches; answers them.
+- `GET /invite/{token}/whatsapp` (public, no token): join by WhatsApp from an invite
+  link (bridge.rooms_wa.join); 404 where not offered.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from bridge.admin.auth import actor, requires
+from bridge.admin.common import open_room
+from bridge.errors import BadRequest, InvalidParam, Unavailable
+from bridge.invites.forms import pick_language
+from bridge.invites.page import whatsapp_page
+from bridge.invites.routes import SECURITY_HEADERS
+from bridge.invites.service import LinkUnusable
+from bridge.rooms_wa import texts
+from bridge.rooms_wa.wiring import WhatsAppRooms
+from bridge.types import RoomID
+from bridge.web.state import BRIDGE
+
+# On the admin listener (bridge.app.make_admin_app), behind admin_auth.
+admin_routes = web.RouteTableDef()
+# On the public listener (bridge.app.make_app): the invite link's "join by WhatsApp".
+public_routes = web.RouteTableDef()
+
+
+def _parts(request: web.Request) -> WhatsAppRooms:
+    parts: WhatsAppRooms | None = request.app[BRIDGE].wa_rooms
+    if parts is None:
+        raise Unavailable("WhatsApp is not enabled")
+    return parts
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except ValueError:
+        raise BadRequest("body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def _flag(body: dict[str, Any], key: str) -> bool | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidParam(f"{key}: must be true or false")
+    return value
+
+
+@admin_routes.post("/admin/v1/rooms/{room_id}/whatsapp-members")
+@requires("invites")
+async def add_member(request: web.Request) -> web.Response:
+    body = await _body(request)
+    citizen = body.get("citizen")
+    if not isinstance(citizen, str):
+        raise InvalidParam("citizen: must be a string (portal ghost or subscription code)")
+    result = await _parts(request).members.invite(
+        actor(request), request.match_info["room_id"], citizen,
+        confirm=_flag(body, "confirm") is True)
+    return web.json_response(result, status=201)
+
+
+@admin_routes.get("/admin/v1/rooms/{room_id}/whatsapp-members")
+@requires("rooms")
+async def list_members(request: web.Request) -> web.Response:
+    db = request.app[BRIDGE].db
+    await open_room(db, request.match_info["room_id"])  # 404 for a room not ours
+    members: list[dict[str, Any]] = []
+    for state in ("invited", "joined"):
+        members += [{"member_id": m.id, "pseudonym": m.display_name, "state": m.state,
+                     "user_id": m.ghost_user_id}
+                    for m in await db.wa_rooms.in_room(RoomID(request.match_info["room_id"]),
+                                                       state)]
+    return web.json_response(members)
+
+
+@admin_routes.post("/admin/v1/rooms/{room_id}/whatsapp-settings")
+@requires("rooms")
+async def settings(request: web.Request) -> web.Response:
+    body = await _body(request)
+    result = await _parts(request).members.configure(
+        actor(request), request.match_info["room_id"], _flag(body, "whatsapp_allowed"),
+        _flag(body, "relay_media"))
+    return web.json_response(result)
+
+
+@public_routes.get("/invite/{token}/whatsapp")
+async def join_page(request: web.Request) -> web.Response:
+    """Draw a one-time code for the link's room and show the wa.me link (no account)."""
+    bridge = request.app[BRIDGE]
+    lang = pick_language(request.query.get("lang"), request.headers.get("Accept-Language"))
+    parts = bridge.wa_rooms
+    try:
+        view = await bridge.invites.view(request.match_info["token"])
+    except LinkUnusable:
+        raise web.HTTPNotFound() from None
+    if parts is None or not await parts.join.offered(view.link.room_id):
+        raise web.HTTPNotFound()
+    code = await parts.join.issue(view.link.room_id, view.link.id)
+    body = whatsapp_page(lang=lang, agency=bridge.invites.agency, room=view.room_name,
+                         href=parts.join.wa_me(code), number=parts.join.number,
+                         message=f"{texts.JOIN_WORD} {code}")
+    return web.Response(text=body, content_type="text/html", charset="utf-8",
+                        headers=SECURITY_HEADERS)
