@@ -23,7 +23,6 @@ from bridge.admin.routes import routes as admin_routes
 from bridge.config import Config
 from bridge.invites.routes import routes as invite_routes
 from bridge.matrix.appservice import routes as appservice_routes
-from bridge.rooms_wa.routes import admin_routes as wa_rooms_admin_routes
 from bridge.rooms_wa.routes import public_routes as wa_rooms_public_routes
 from bridge.services import Bridge, build_bridge
 from bridge.web.middleware import error_middleware
@@ -63,7 +62,6 @@ def make_admin_app(owner: web.Application) -> web.Application:
     """The admin listener's app, sharing the Bridge of `owner` (a started `make_app`)."""
     app = web.Application(middlewares=[error_middleware, active_only, admin_auth])
     app.add_routes(admin_routes)
-    app.add_routes(wa_rooms_admin_routes)
     app.add_routes(probe_routes)
     return _sharing(app, owner)
 

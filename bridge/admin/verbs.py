@@ -336,6 +336,10 @@ VERBS: tuple[Verb, ...] = (
     Verb("notice.withdraw", "notices", ("POST", _V1 + "/notices/withdrawals"), "notice"),
     Verb("notice.list", "notices", ("GET", _V1 + "/notices"), "notice"),
     Verb("dead-letters", "moderation", ("GET", _V1 + "/dead-letters"), "dead-letters"),
+    # Rooms over WhatsApp (bridge.rooms_wa.routes): handlers written by hand.
+    Verb("whatsapp-members.add", "invites", ("POST", _ROOM + "/whatsapp-members")),
+    Verb("whatsapp-members", "rooms", ("GET", _ROOM + "/whatsapp-members")),
+    Verb("whatsapp-settings", "rooms", ("POST", _ROOM + "/whatsapp-settings")),
     Verb("dead-letters.settle", "moderation",
          ("POST", _V1 + "/dead-letters/{id}/{action:retry|discard}"), "dead-letters",
          reason="required"),

@@ -15,7 +15,6 @@ import logging
 import secrets
 from typing import Any
 
-from bridge.admin.common import guard_size, open_room
 from bridge.config import Config
 from bridge.db import Citizen, Database
 from bridge.errors import Conflict, InvalidParam, NotFound
@@ -26,6 +25,7 @@ from bridge.matrix.rooms import Rooms
 from bridge.metrics import Metrics
 from bridge.model import Room, RoomMember, RoomSettings, room_purpose
 from bridge.privacy import Privacy, new_pseudonym_code
+from bridge.roomguard import guard_size, open_room
 from bridge.rooms_wa import policy, texts
 from bridge.types import Pseudonym, RoomID, UserID, WamidHash
 from bridge.whatsapp import consent

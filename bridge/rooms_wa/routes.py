@@ -18,20 +18,20 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.admin.auth import actor, requires
-from bridge.admin.common import open_room
+from bridge.admin.auth import actor
+from bridge.admin.routes import verb_route
 from bridge.errors import BadRequest, InvalidParam, Unavailable
 from bridge.invites.forms import pick_language
 from bridge.invites.page import whatsapp_page
 from bridge.invites.routes import SECURITY_HEADERS
 from bridge.invites.service import LinkUnusable
+from bridge.roomguard import open_room
 from bridge.rooms_wa import texts
 from bridge.rooms_wa.wiring import WhatsAppRooms
 from bridge.types import RoomID
 from bridge.web.state import BRIDGE
 
-# On the admin listener (bridge.app.make_admin_app), behind admin_auth.
-admin_routes = web.RouteTableDef()
+# The admin routes are declared verbs (bridge.admin.verbs), on the admin listener.
 # On the public listener (bridge.app.make_app): the invite link's "join by WhatsApp".
 public_routes = web.RouteTableDef()
 
@@ -60,8 +60,7 @@ def _flag(body: dict[str, Any], key: str) -> bool | None:
     return value
 
 
-@admin_routes.post("/admin/v1/rooms/{room_id}/whatsapp-members")
-@requires("invites")
+@verb_route("whatsapp-members.add")
 async def add_member(request: web.Request) -> web.Response:
     body = await _body(request)
     citizen = body.get("citizen")
@@ -73,8 +72,7 @@ async def add_member(request: web.Request) -> web.Response:
     return web.json_response(result, status=201)
 
 
-@admin_routes.get("/admin/v1/rooms/{room_id}/whatsapp-members")
-@requires("rooms")
+@verb_route("whatsapp-members")
 async def list_members(request: web.Request) -> web.Response:
     db = request.app[BRIDGE].db
     await open_room(db, request.match_info["room_id"])  # 404 for a room not ours
@@ -87,8 +85,7 @@ async def list_members(request: web.Request) -> web.Response:
     return web.json_response(members)
 
 
-@admin_routes.post("/admin/v1/rooms/{room_id}/whatsapp-settings")
-@requires("rooms")
+@verb_route("whatsapp-settings")
 async def settings(request: web.Request) -> web.Response:
     body = await _body(request)
     result = await _parts(request).members.configure(
