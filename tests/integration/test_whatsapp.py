@@ -28,6 +28,7 @@ from bridge.whatsapp.consent import OPT_IN_BUTTON, OPT_OUT_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.webhook_parse import citizen_lane
 from tests.fixtures.bridge import BridgeHarness
+from tests.fixtures.loopwatch import LoopWatch
 from tests.fixtures.staff import StaffClient, staff_login
 
 pytestmark = pytest.mark.integration
@@ -143,7 +144,8 @@ def body_is(text: str) -> Callable[[Any], bool]:
     return lambda ev: isinstance(ev, RoomMessage) and getattr(ev, "body", None) == text
 
 
-async def test_webhook_handshake_and_signature(bridge: BridgeHarness) -> None:
+async def test_webhook_handshake_and_signature(bridge: BridgeHarness,
+                                              loop_watch: LoopWatch) -> None:
     token = bridge.running.config.whatsapp.verify_token
     assert await bridge.wa.verify_handshake(bridge.webhook_url, token, "12345") == (200, "12345")
     assert (await bridge.wa.verify_handshake(bridge.webhook_url, "wrong-token"))[0] == 403
