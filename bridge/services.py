@@ -290,7 +290,8 @@ async def build_bridge(config: Config) -> Bridge:
                       long_poll_user=UserID(config.bot_mxid),
                       room_keys=RoomKeyStore(db.room_keys, privacy.cipher),
                       key_trust=CrossSignedDevices(api, metrics)
-                      if config.e2ee.forward_keys_to == "cross-signed" else None)
+                      if config.e2ee.forward_keys_to == "cross-signed" else None,
+                      store_journal=config.appservice.store_journal)
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)
     rooms = Rooms(api, ghosts.bot, RoomPolicy(federate=config.rooms.federate,

@@ -33,7 +33,7 @@ import logging
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nio
 
@@ -41,6 +41,7 @@ from bridge.matrix.api import MatrixAPI, MatrixError, nio_failure
 from bridge.matrix.keyforward import KeyForwarder
 from bridge.matrix.keyshare import KeyTrust, LedgerStore
 from bridge.matrix.keystore import RoomKeyStore
+from bridge.matrix.niostore import store_class
 from bridge.types import DeviceID, RoomID, UserID
 
 log = logging.getLogger(__name__)
@@ -332,8 +333,10 @@ class Devices:
                  on_ready: DeviceReadyHook | None = None,
                  long_poll_user: UserID | None = None,
                  room_keys: RoomKeyStore | None = None,
-                 key_trust: KeyTrust | None = None) -> None:
+                 key_trust: KeyTrust | None = None,
+                 store_journal: Literal["wal", "delete"] = "wal") -> None:
         self._api = api
+        self._store_class = store_class(store_journal)
         # Who may have earlier room keys (None: any later device of a member).
         self._key_trust = key_trust
         # Where each device's key ledger outlives a restart (None: in memory only).
@@ -377,7 +380,7 @@ class Devices:
                 # No stored sync tokens: nio saves them with a blocking SQLite commit on
                 # every sync; a restart simply starts with one initial sync.
                 config=nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=False,
-                                             pickle_key=self._pickle_key),
+                                             pickle_key=self._pickle_key, store=self._store_class),
             )
             client.restore_login(user_id, device_id, token)
             device = Device(client, self._api, long_poll=user_id == self._long_poll_user,
