@@ -24,7 +24,7 @@ from aiohttp import web
 
 from bridge.config import Config
 from bridge.services import Bridge, build_bridge
-from bridge.web import rooms_wa
+from bridge.web import rooms_wa  # also adds its verbs to the admin sub-app's routes
 from bridge.web.admin import PREFIX as ADMIN_PREFIX
 from bridge.web.admin import admin_app
 from bridge.web.appservice import routes as appservice_routes
