@@ -125,3 +125,21 @@ def test_the_walk_resolves_relative_imports() -> None:
     assert "bridge.services" in set(imports_in("from ..services import Bridge\n",
                                                "bridge.web.state"))
     assert "bridge.services" in set(imports_in("from . import services\n", "bridge", True))
+
+
+def test_the_admin_api_is_one_sub_app_behind_its_token_check() -> None:
+    from aiohttp import web
+
+    from bridge.app import make_admin_app, make_app
+    from bridge.config import parse_config
+    from bridge.web.admin_auth import admin_auth
+    from tests.unit.test_config import valid
+
+    app = make_admin_app(make_app(parse_config(valid())))
+    [mount] = [r for r in app.router.resources() if isinstance(r, web.PrefixedSubAppResource)]
+    assert mount.canonical == "/admin/v1"
+    assert admin_auth in mount._app.middlewares
+    outside = [r.canonical for r in app.router.resources()
+               if r is not mount and r.canonical.startswith("/admin")]
+    assert outside == []
+    assert admin_auth not in app.middlewares  # the probes answer without a token
