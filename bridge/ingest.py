@@ -21,7 +21,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -164,24 +164,21 @@ class Ingest:
         return cfg
 
 
-UNFINISHED: Collection[str] = ("pending", "held", "failed", "dead")
 _PAGE = 500
 
 
 async def normalise_legacy_rows(db: Database, privacy: Privacy, phone_number_id: str) -> int:
     """Rewrite the WhatsApp rows an earlier version queued (the webhook's value for one
-    item) to hold the parsed item, whatever their status but done; returns how many.
+    item) to hold the parsed item, if not finished yet; returns how many.
 
     Runs before the worker starts (bridge.lifecycle), so nothing else reads these rows;
     a row that changed meanwhile is left as it is (`load` still reads the old format).
     """
     cipher, total, after = privacy.cipher, 0, 0
-    while page := await db.inbound.after(after, _PAGE):
+    while page := await db.inbound.unfinished("whatsapp", after, _PAGE):
         after = page[-1].id
         rewrites = []
         for item in page:
-            if item.source != "whatsapp" or item.status not in UNFINISHED:
-                continue
             try:
                 value = cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)
             except DecryptError:  # the worker makes it a dead letter, as before
