@@ -29,13 +29,12 @@ from typing import Any, TypeVar
 import nio
 from aiohttp import web
 
-from bridge.app import make_app
+from bridge.app import BRIDGE, make_app
 from bridge.config import Config, parse_config
 from bridge.db.engine import upgrade
 from bridge.devtools.synapse import LocalSynapse, free_port
 from bridge.registration import registration_yaml
 from bridge.services import Bridge
-from bridge.web.state import BRIDGE
 
 T = TypeVar("T")
 ENCRYPTION_STATE = {"type": "m.room.encryption", "state_key": "",

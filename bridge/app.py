@@ -1,8 +1,12 @@
 """The aiohttp applications, one per listener, and the bridge's lifecycle around them.
 
+An entry point: it wires the HTTP edge (bridge.web, whose handlers read the views of
+bridge.web.state) to the parts the composition root builds (bridge.services).
+
 - public (`appservice.listen_host/port`): the appservice API Synapse calls, the WhatsApp
   webhook, invite pages and their stylesheet;
-- admin (`admin.listen_host/port`, loopback by default): `/admin/v1/*`;
+- admin (`admin.listen_host/port`, loopback by default): `/admin/v1/*`, a sub-app behind
+  its token check (bridge.web.admin);
 - metrics (`metrics.listen_host/port`, loopback by default, only if enabled): `/metrics`.
 
 Each also answers `/health` and `/ready`, so probes can use whichever they reach. A path
@@ -18,23 +22,32 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from bridge.admin.auth import admin_auth
-from bridge.admin.routes import routes as admin_routes
 from bridge.config import Config
-from bridge.invites.routes import routes as invite_routes
-from bridge.matrix.appservice import routes as appservice_routes
-from bridge.rooms_wa.routes import public_routes as wa_rooms_public_routes
 from bridge.services import Bridge, build_bridge
+from bridge.web import rooms_wa  # also adds its verbs to the admin sub-app's routes
+from bridge.web.admin import PREFIX as ADMIN_PREFIX
+from bridge.web.admin import admin_app
+from bridge.web.appservice import routes as appservice_routes
+from bridge.web.invites import routes as invite_routes
 from bridge.web.middleware import error_middleware
 from bridge.web.ops import metrics_routes
 from bridge.web.ops import routes as probe_routes
 from bridge.web.standby import active_only
-from bridge.web.state import BRIDGE
-from bridge.whatsapp.webhook import routes as whatsapp_routes
+from bridge.web.state import ADMIN, INGEST, PAGES, PROCESS
+from bridge.web.whatsapp import routes as whatsapp_routes
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024 * 1024  # appservice transactions can be large; media never passes here
+# The Bridge of a started public app (tests and tools reach it through this key).
+BRIDGE = web.AppKey("civic_bridge", Bridge)
+
+
+def _expose(app: web.Application, bridge: Bridge) -> None:
+    """Give the edge its views of the bridge (bridge.web.state)."""
+    app[BRIDGE] = bridge
+    app[PROCESS] = app[PAGES] = app[ADMIN] = bridge
+    app[INGEST] = bridge.ingest
 
 
 def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
@@ -43,13 +56,13 @@ def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
                           client_max_size=MAX_BODY)
     app.add_routes(appservice_routes)
     app.add_routes(invite_routes)
-    app.add_routes(wa_rooms_public_routes)
+    app.add_routes(rooms_wa.public_routes)
     app.add_routes(whatsapp_routes)
     app.add_routes(probe_routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         b = bridge or await build_bridge(config)
-        app[BRIDGE] = b
+        _expose(app, b)
         b.spawn(b.lead())  # start() once elected (bridge.leader); a standby waits
         yield
         await b.close()
@@ -60,9 +73,9 @@ def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
 
 def make_admin_app(owner: web.Application) -> web.Application:
     """The admin listener's app, sharing the Bridge of `owner` (a started `make_app`)."""
-    app = web.Application(middlewares=[error_middleware, active_only, admin_auth])
-    app.add_routes(admin_routes)
+    app = web.Application(middlewares=[error_middleware, active_only])
     app.add_routes(probe_routes)
+    app.add_subapp(ADMIN_PREFIX, admin_app())
     return _sharing(app, owner)
 
 
@@ -76,7 +89,7 @@ def make_metrics_app(owner: web.Application) -> web.Application:
 
 def _sharing(app: web.Application, owner: web.Application) -> web.Application:
     async def share(app: web.Application) -> AsyncIterator[None]:
-        app[BRIDGE] = owner[BRIDGE]  # KeyError: started before its owner
+        _expose(app, owner[BRIDGE])  # KeyError: started before its owner
         yield
 
     app.cleanup_ctx.append(share)

@@ -53,8 +53,8 @@ from bridge.privacy import (
     KeyedIndex,
     wamid_aad,
 )
+from bridge.whatsapp import stored
 from bridge.whatsapp.outbound import LEGACY_HELD_KEY, held_aad
-from bridge.whatsapp.webhook_parse import lane_of
 
 # What `civic-bridge rekey` prints, one count per kind.
 IDENTIFIERS = "citizen identifiers"
@@ -271,7 +271,7 @@ class _Rekey:
             values["payload"] = self.cipher.encrypt(plain, aad=aad)
             self.report.resealed[kind] += 1
         if relane and self.index is not None:
-            lane = lane_of(json.loads(plain), self.index)
+            lane = stored.lane_of_value(json.loads(plain), self.index)
             if lane != row["lane"]:
                 values["lane"] = lane
                 self.report.rehashed[LANES] += 1

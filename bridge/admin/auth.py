@@ -1,8 +1,9 @@
 """Who calls the admin API, and what they may do (least privilege, ENS op.acc).
 
-Every `/admin/` route declares the one scope it needs with `@requires("scope")`; a
-middleware authenticates the Bearer token against `admin.tokens` (and the legacy
-`admin.token`, which has every scope and is named `admin`) before the handler runs.
+Every `/admin/` route declares the one scope it needs with `@requires("scope")`; the
+admin sub-app's middleware (bridge.web.admin_auth) authenticates the Bearer token
+against `admin.tokens` (and the legacy `admin.token`, which has every scope and is
+named `admin`) before the handler runs.
 A route without a declaration is refused to everyone (fail closed), and
 tests/unit/test_admin_scopes.py fails for it, so a route added later cannot slip
 through unprotected.
@@ -22,14 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from aiohttp import web
-from aiohttp.typedefs import Handler
-
 from bridge.admin.checks import MXID
 from bridge.config import ADMIN_ACTOR_HEADER, ADMIN_SCOPES, LEGACY_TOKEN_NAME, AdminConfig
-from bridge.errors import Forbidden, InvalidParam, Unauthorized
-from bridge.web.middleware import bearer
-from bridge.web.state import BRIDGE
+from bridge.errors import InvalidParam, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +49,6 @@ class Principal:
         """How the audit log names this caller."""
         base = f"api:{self.name}"
         return f"{base} as {self.on_behalf_of}" if self.on_behalf_of else base
-
-
-_PRINCIPAL = web.RequestKey("civic_bridge_admin_principal", Principal)
 
 
 def requires(scope: str) -> Callable[[F], F]:
@@ -103,59 +96,11 @@ def authenticate(config: AdminConfig, token: str | None) -> Principal:
     return found
 
 
-def _on_behalf_of(request: web.Request) -> str | None:
-    claimed = request.headers.get(ACTOR_HEADER)
+def on_behalf_of(claimed: str | None) -> str | None:
+    """Who a token's holder says acts through it (`X-Civic-Bridge-Actor`), checked."""
     if claimed is None:
         return None
     claimed = claimed.strip()
     if not MXID.match(claimed) or len(claimed) > MAX_ACTOR - 80:
         raise InvalidParam(f"{ACTOR_HEADER}: must be a Matrix user ID like @name:server")
     return claimed
-
-
-def principal(request: web.Request) -> Principal:
-    """The caller of an admin route (set by `admin_auth`)."""
-    found = request.get(_PRINCIPAL)
-    if not isinstance(found, Principal):  # a route outside /admin/, i.e. a wiring bug
-        raise Unauthorized("missing access token")
-    return found
-
-
-def actor(request: web.Request) -> str:
-    """The audit log's actor for this admin API call."""
-    return principal(request).actor
-
-
-@web.middleware
-async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authenticate `/admin/` calls and enforce the route's declared scope."""
-    declared = scope_of(request.match_info.handler)
-    if not request.path.startswith("/admin/") and declared is None:
-        return await handler(request)
-    bridge = request.app[BRIDGE]
-    route = request.match_info.route.resource.canonical \
-        if request.match_info.route.resource else request.path
-    try:
-        who = authenticate(bridge.config.admin, bearer(request))
-    except Unauthorized as exc:
-        # Never the token itself; the route, so a probe shows in the log (ENS op.exp.8).
-        bridge.metrics.admin_refusals.labels("unauthenticated").inc()
-        log.warning("admin API: %s %s refused: %s", request.method, route, exc.message)
-        raise
-    if request.match_info.http_exception is None:  # 404/405 answer as they are
-        scope = declared
-        if scope is None:
-            log.error("admin route %s %s declares no scope: refused to every token",
-                      request.method, route)
-            raise Forbidden("this route declares no scope; refused")
-        if scope not in who.scopes:
-            # A known caller reaching beyond its role: audited under its name.
-            bridge.metrics.admin_refusals.labels("forbidden").inc()
-            log.warning("admin API: %s %s refused to token %s (lacks %s)",
-                        request.method, route, who.name, scope)
-            await bridge.db.audit.append(who.actor,
-                                         "admin.refused", f"{request.method} {route}"[:255],
-                                         "forbidden", f"lacks the scope {scope}")
-            raise Forbidden(f"this token lacks the scope {scope}")
-    request[_PRINCIPAL] = Principal(who.name, who.scopes, _on_behalf_of(request))
-    return await handler(request)

@@ -3,7 +3,7 @@
 A `Verb` says what an admin can do and how each surface reaches it: the HTTP route of
 `/admin/v1` (method, path, scope), the CLI subcommand (`civic-bridge admin WORD`), the
 management-room word with its aliases, the arguments, the reason policy, the handler and
-the management room's reply. `bridge.admin.routes`, `bridge.admin.cli`,
+the management room's reply. `bridge.web.admin`, `bridge.admin.cli`,
 `bridge.matrix.management` and `bridge.admin.commands` are driven by `VERBS`;
 tests/unit/test_verbs.py walks it and fails for a verb reachable from one surface only.
 
@@ -336,7 +336,7 @@ VERBS: tuple[Verb, ...] = (
     Verb("notice.withdraw", "notices", ("POST", _V1 + "/notices/withdrawals"), "notice"),
     Verb("notice.list", "notices", ("GET", _V1 + "/notices"), "notice"),
     Verb("dead-letters", "moderation", ("GET", _V1 + "/dead-letters"), "dead-letters"),
-    # Rooms over WhatsApp (bridge.rooms_wa.routes): handlers written by hand.
+    # Rooms over WhatsApp (bridge.web.rooms_wa): handlers written by hand.
     Verb("whatsapp-members.add", "invites", ("POST", _ROOM + "/whatsapp-members")),
     Verb("whatsapp-members", "rooms", ("GET", _ROOM + "/whatsapp-members")),
     Verb("whatsapp-settings", "rooms", ("POST", _ROOM + "/whatsapp-settings")),

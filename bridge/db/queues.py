@@ -245,6 +245,17 @@ class InboundRepo:
         async with self._scope.session() as session:
             return [_inbound(r) for r in await session.scalars(stmt)]
 
+    async def unfinished(self, source: InboundSource, after_id: int = 0,
+                         limit: int = 500) -> list[InboundItem]:
+        """Items of `source` not finished yet (pending, held, dead letters) with an id
+        above `after_id`, oldest first: a conversion at start pages through them."""
+        stmt = (select(InboundRow)
+                .where(InboundRow.source == source, InboundRow.id > after_id,
+                       InboundRow.status.not_in(FINISHED))
+                .order_by(InboundRow.id).limit(limit))
+        async with self._scope.session() as session:
+            return [_inbound(r) for r in await session.scalars(stmt)]
+
     async def reseal(self, payloads: Sequence[tuple[int, str, str]]) -> int:
         """Replace payloads: (item id, old payload, new payload), each only if the row
         still holds the old one; one transaction. Returns how many were replaced."""

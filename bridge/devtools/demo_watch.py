@@ -22,11 +22,11 @@ from bridge.db import Citizen, InboundItem
 from bridge.devtools.demo_text import Print, quote
 from bridge.privacy import AAD_PAYLOAD
 from bridge.services import Bridge
-from bridge.whatsapp import consent, notice_consent
+from bridge.whatsapp import consent, notice_consent, stored
 from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON
 from bridge.whatsapp.simulator import CloudAPISimulator
 from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE
-from bridge.whatsapp.webhook_parse import InboundMessage, StatusUpdate, parse_webhook
+from bridge.whatsapp.webhook_parse import InboundMessage, StatusUpdate
 
 StaffReplySeen = Callable[[str], Awaitable[None]]
 OUTBOX_LOOKUP_SECONDS = 5.0  # the bridge records a send's wamid just after Graph answers
@@ -121,21 +121,19 @@ class RelayWatcher:
             return (f"Matrix → bridge     an event could not be processed ({item.error}); "
                     "see bridge.log") if item.status == "failed" else None
         b = self._bridge
-        value = b.privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)
-        envelope = {"object": "whatsapp_business_account",
-                    "entry": [{"id": "", "changes": [{"field": "messages", "value": value}]}]}
-        batch = parse_webhook(envelope, b.config.whatsapp.phone_number_id)
-        if batch.statuses:
-            status = batch.statuses[0]
+        parsed = stored.open_row(b.privacy.cipher, item.payload,
+                                 b.config.whatsapp.phone_number_id)
+        if isinstance(parsed, StatusUpdate):
+            status = parsed
             if await self._is_notice(status):
                 return (f"WhatsApp → bridge   the citizen's phone reports the notice "
                         f"{status.status}: noted in its log entry (informative, not proof "
                         "of notification)") if status.status in ("delivered", "read") else None
             return ("WhatsApp → Matrix   the citizen's phone reports the reply read: "
                     "read receipt shown in the portal") if status.status == "read" else None
-        if not batch.messages:
+        if parsed is None:
             return None
-        msg = batch.messages[0]
+        msg = parsed
         citizen = await b.db.citizens.by_index(b.privacy.index.digest(msg.sender.key))
         who = await self._who(citizen)
         if item.status == "held":

@@ -1,6 +1,7 @@
-"""The application-service API the homeserver calls (`/_matrix/app/v1`).
+"""An appservice transaction (`PUT /_matrix/app/v1/transactions/{txnId}`), read.
 
-A transaction is answered 200 only after its events are durably stored, each sealed
+Sans-I/O: the route is bridge.web.appservice, the storing bridge.ingest. A transaction
+is answered 200 only after its events are durably stored, each sealed
 (bridge.matrix.queued); a repeated txnId is a no-op (the stored id survives restarts).
 Synapse retries refused transactions with backoff, so refusing on a storage error is
 safe; answering 200 and dropping would lose messages.
@@ -9,27 +10,11 @@ safe; answering 200 and dropping would lose messages.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-from aiohttp import web
-
-from bridge.db.queues import event_lane
-from bridge.errors import BadRequest, NotFound
+from bridge.errors import BadRequest
 from bridge.jsonbody import MAX_DEPTH, BodyError, clean, load_body
-from bridge.matrix.queued import seal_event
-from bridge.types import UserID
-from bridge.web.middleware import require_bearer
-from bridge.web.state import BRIDGE
-
-log = logging.getLogger(__name__)
-routes = web.RouteTableDef()
-
-
-def _auth(request: web.Request) -> None:
-    require_bearer(request, request.app[BRIDGE].config.appservice.hs_token)
 
 
 @dataclass(frozen=True)
@@ -100,54 +85,3 @@ def transaction_key(txn_id: str, events: list[dict[str, Any]]) -> str:
     """
     ids = "\n".join(str(ev["event_id"]) for ev in events)
     return f"{txn_id}:{hashlib.sha256(ids.encode()).hexdigest()[:16]}"
-
-
-@routes.put("/_matrix/app/v1/transactions/{txn_id}")
-async def put_transaction(request: web.Request) -> web.Response:
-    _auth(request)
-    bridge = request.app[BRIDGE]
-    with bridge.metrics.transaction_latency.time():
-        txn = parse_transaction(await request.read())
-        if txn.ignored:
-            log.warning("transaction: %d event(s) nested too deeply, ignored", txn.ignored)
-            bridge.metrics.ignored_parts.labels("matrix").inc(txn.ignored)
-        # Our own messages come back as echoes; only membership matters from those.
-        events = [e for e in txn.events if e["type"] == "m.room.member"
-                  or not bridge.ghosts.is_ours(str(e.get("sender", "")))]
-        stored = False
-        if events:  # nothing to process, so nothing to deduplicate: no write at all
-            with bridge.db.urgent():
-                stored = await bridge.db.transactions.store(
-                    transaction_key(request.match_info["txn_id"], txn.events), events,
-                    seal=partial(seal_event, bridge.privacy.cipher))
-    if txn.changed_users:
-        bridge.devices.users_changed(txn.changed_users)
-    if txn.ephemeral and bridge.receipts is not None:
-        # Not stored: a lost read tick is no lost message; don't hold the transaction.
-        bridge.spawn(bridge.receipts.handle(txn.ephemeral))
-    if stored:
-        bridge.metrics.transactions.inc()
-        bridge.worker.wake("matrix", *{event_lane(e) for e in events})
-    return web.json_response({})
-
-
-@routes.get("/_matrix/app/v1/users/{user_id}")
-async def query_user(request: web.Request) -> web.Response:
-    _auth(request)
-    ghost = await request.app[BRIDGE].db.ghosts.get(UserID(request.match_info["user_id"]))
-    if ghost is None:
-        # Ghost IDs are random: the bridge never creates one on demand.
-        raise NotFound("no such ghost")
-    return web.json_response({})
-
-
-@routes.get("/_matrix/app/v1/rooms/{alias}")
-async def query_alias(request: web.Request) -> web.Response:
-    _auth(request)
-    raise NotFound("the bridge creates no rooms on alias lookup")
-
-
-@routes.post("/_matrix/app/v1/ping")
-async def ping(request: web.Request) -> web.Response:
-    _auth(request)
-    return web.json_response({})

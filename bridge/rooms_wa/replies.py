@@ -15,16 +15,16 @@ from bridge.db import Citizen, Database, InboundItem
 from bridge.matrix.relay import Relay
 from bridge.metrics import Metrics
 from bridge.model import RoomMember
-from bridge.privacy import AAD_PAYLOAD, Privacy
+from bridge.privacy import Privacy
 from bridge.rooms_wa import policy, texts
 from bridge.rooms_wa.fanout import FanOut
 from bridge.rooms_wa.join import SelfServiceJoin
 from bridge.rooms_wa.members import Members
 from bridge.types import EventID, RoomID, WamidHash
-from bridge.whatsapp import consent
+from bridge.whatsapp import consent, stored
 from bridge.whatsapp.mirror import Mirror, text_content, txn_id
 from bridge.whatsapp.outbox import Outbox
-from bridge.whatsapp.webhook_parse import InboundMessage, parse_webhook
+from bridge.whatsapp.webhook_parse import InboundMessage
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +174,9 @@ class RoomReplies:
             else None
         if item is None:
             return None
-        value = self._privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)
-        envelope = {"object": "whatsapp_business_account",
-                    "entry": [{"id": "", "changes": [{"field": "messages", "value": value}]}]}
-        batch = parse_webhook(envelope, self._config.whatsapp.phone_number_id)
-        return batch.messages[0] if batch.messages else None
+        msg = stored.open_row(self._privacy.cipher, item.payload,
+                              self._config.whatsapp.phone_number_id)
+        return msg if isinstance(msg, InboundMessage) else None
 
     # --- posting ----------------------------------------------------------------------
 

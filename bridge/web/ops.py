@@ -14,7 +14,7 @@ import logging
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bridge.web.state import BRIDGE
+from bridge.web.state import PROCESS
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -28,7 +28,7 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/ready")
 async def ready(request: web.Request) -> web.Response:
-    bridge = request.app[BRIDGE]
+    bridge = request.config_dict[PROCESS]
     checks = {"started": bridge.ready.is_set(), "database": False, "homeserver": False}
     if bridge.role != "active":
         del checks["started"]  # a standby starts only once elected
@@ -56,7 +56,7 @@ async def ready(request: web.Request) -> web.Response:
 async def _policy_module_warning(request: web.Request) -> str | None:
     from bridge.homeserver.probe import api_module_warning
 
-    bridge = request.app[BRIDGE]
+    bridge = request.config_dict[PROCESS]
     try:
         return await api_module_warning(bridge.api, bridge.config)
     except Exception as exc:
@@ -66,7 +66,7 @@ async def _policy_module_warning(request: web.Request) -> str | None:
 
 @metrics_routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    bridge = request.app[BRIDGE]
+    bridge = request.config_dict[PROCESS]
     if not bridge.config.metrics.enabled:
         raise web.HTTPNotFound()
     bridge.metrics.outbox_depth.set(await bridge.db.outbox.depth())

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from bridge.errors import Unavailable
-from bridge.web.state import BRIDGE
+from bridge.web.state import PROCESS
 
 ALWAYS_SERVED = frozenset({"/health", "/ready", "/metrics"})
 
@@ -20,8 +20,8 @@ ALWAYS_SERVED = frozenset({"/health", "/ready", "/metrics"})
 @web.middleware
 async def active_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """503 for everything but /health, /ready and /metrics unless the role is active."""
-    if request.path not in ALWAYS_SERVED and request.app[BRIDGE].role != "active":
-        raise Unavailable(f"this bridge process is {request.app[BRIDGE].role}, "
+    if request.path not in ALWAYS_SERVED and request.config_dict[PROCESS].role != "active":
+        raise Unavailable(f"this bridge process is {request.config_dict[PROCESS].role}, "
                           "not the active one; retry later")
     response: web.StreamResponse = await handler(request)
     return response

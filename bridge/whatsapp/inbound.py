@@ -21,16 +21,16 @@ from bridge.config import Config
 from bridge.db import Citizen, ConsentState, Database, InboundItem, InboundStatus, Repositories
 from bridge.errors import Conflict
 from bridge.metrics import Metrics
-from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Privacy, new_pseudonym_code
+from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy, new_pseudonym_code
 from bridge.types import EventID, Pseudonym, RoomID, WamidHash
-from bridge.whatsapp import consent, notice_consent
+from bridge.whatsapp import consent, notice_consent, stored
 from bridge.whatsapp.consent import Action
 from bridge.whatsapp.identity import IdentityChanges
 from bridge.whatsapp.mirror import Mirror
 from bridge.whatsapp.outbox import Outbox, reply_key
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.subscriptions import NoticeSubscriptions
-from bridge.whatsapp.webhook_parse import InboundMessage, Sender, StatusUpdate, parse_webhook
+from bridge.whatsapp.webhook_parse import InboundMessage, Sender, StatusUpdate
 
 log = logging.getLogger(__name__)
 # Looks at a granted citizen's message before it is mirrored; True = it was a report
@@ -71,16 +71,15 @@ class WhatsAppInbound:
         self._rooms_hook = hook
 
     async def __call__(self, item: InboundItem) -> InboundStatus | None:
-        value = self._privacy.cipher.decrypt_json(item.payload, aad=AAD_PAYLOAD)
-        envelope = {"object": "whatsapp_business_account",
-                    "entry": [{"id": "", "changes": [{"field": "messages", "value": value}]}]}
-        batch = parse_webhook(envelope, self._config.whatsapp.phone_number_id)
-        for status in batch.statuses:
-            await self._status(status)
+        # The row holds the parsed message or status (bridge.whatsapp.stored).
+        parsed = stored.open_row(self._privacy.cipher, item.payload,
+                                 self._config.whatsapp.phone_number_id)
+        if isinstance(parsed, StatusUpdate):
+            await self._status(parsed)
         # A failure is retried for as long as it is transient; a permanent one makes
         # the item a dead letter, announced in the portal (bridge.deadletters).
-        for msg in batch.messages:
-            return await self._message(item, msg)
+        if isinstance(parsed, InboundMessage):
+            return await self._message(item, parsed)
         return None
 
     # --- citizens ---------------------------------------------------------------------

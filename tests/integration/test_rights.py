@@ -83,7 +83,9 @@ async def test_a_contact_who_never_consented_is_exported_and_erased_by_phone(
     assert data["consent_state"] == "prompted"
     # The held message, decrypted: it is their own export.
     [held] = data["held_messages"]
-    assert held["webhook"]["messages"][0]["text"]["body"] == "¿Puedo pedir cita para el padrón?"
+    # As the bridge stored it: the parsed message (bridge.whatsapp.stored).
+    assert held["webhook"]["format"] == 2
+    assert held["webhook"]["message"]["text"] == "¿Puedo pedir cita para el padrón?"
     assert held["deleted_by"] is not None
     # The privacy notice the bridge sent them, from the outbox.
     [notice] = data["outbox_items"]
@@ -275,8 +277,8 @@ async def test_consent_records_carry_the_language(bridge: BridgeHarness) -> None
         notices = [r["language"] for r in data["consent_records"] if r["purpose"] == "notices"]
         assert notices and set(notices) == {b.config.notices.template_language}
         # What they wrote after opting in went through the queue: its copy is exported.
-        texts = [m.get("text", {}).get("body") for item in data["queued_items"]
-                 for m in item["webhook"].get("messages", [])]
+        texts = [item["webhook"]["message"].get("text") for item in data["queued_items"]
+                 if "message" in item["webhook"]]
         assert "Bon dia, una consulta" in texts
     finally:
         await j.desk.close()

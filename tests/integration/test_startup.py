@@ -7,10 +7,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bridge.app import make_app
+from bridge.app import BRIDGE, make_app
 from bridge.db.engine import upgrade
 from bridge.devtools.synapse import free_port
-from bridge.web.state import BRIDGE
 from tests.fixtures.synapse import SynapseHarness, build_test_config
 
 

@@ -22,11 +22,12 @@ from nio import RoomMessage
 from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
 
 from bridge.matrix.api import MatrixError
+from bridge.privacy import AAD_PAYLOAD
 from bridge.types import EventID, Pseudonym, RoomID, UserID
-from bridge.whatsapp import consent
+from bridge.whatsapp import consent, stored
 from bridge.whatsapp.consent import OPT_IN_BUTTON, OPT_OUT_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
-from bridge.whatsapp.webhook_parse import citizen_lane
+from bridge.whatsapp.webhook_parse import InboundMessage, citizen_lane, dedupe_key
 from tests.fixtures.bridge import BridgeHarness
 from tests.fixtures.loopwatch import LoopWatch
 from tests.fixtures.staff import StaffClient, staff_login
@@ -428,6 +429,46 @@ async def test_message_survives_crash_between_ack_and_matrix(journey: Journey) -
     await h.running.stop()
     await h.running.start()
     await j.seen(body_is("enviado justo antes del fallo"), timeout=60)
+
+
+async def test_stored_items_are_parsed_messages_and_old_rows_still_run(
+        journey: Journey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row holds the parsed message: the worker relays it without parsing a webhook
+    again. A row queued by an earlier version (the webhook's value for one message) is
+    converted when the bridge starts, then relayed like any other."""
+    j, h = journey, journey.h
+    b = h.running.bridge
+
+    def no_parsing(*_: Any) -> Any:
+        raise AssertionError("the worker parsed a stored webhook again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(stored, "parse_webhook", no_parsing)
+        wamid = await j.write(h.wa.text_message(j.citizen, "guardado ya analizado"))
+        await j.seen(body_is("guardado ya analizado"))
+    [row] = [i for i in await b.db.inbound.after(0, 10_000)
+             if i.dedupe_key == dedupe_key(b.privacy.index, wamid)]
+    assert not stored.is_legacy(b.privacy.cipher.decrypt_json(row.payload, aad=AAD_PAYLOAD))
+
+    # Before an upgrade: the worker is stopped, an old-format row is queued, and the
+    # bridge restarts (a new version starting on an old queue).
+    await b.worker.stop()
+    value = h.wa.text_message(j.citizen, "encolado por la versión anterior")
+    old_wamid = wamid_of(value)
+    lane = citizen_lane(b.privacy.index.digest(str(j.citizen.user_id)))
+    item_id = await b.db.inbound.enqueue(
+        "whatsapp", dedupe_key(b.privacy.index, old_wamid),
+        b.privacy.cipher.encrypt_json(value, aad=AAD_PAYLOAD), lane=lane)
+    assert item_id is not None
+    await h.running.stop()
+    await h.running.start()
+    await j.seen(body_is("encolado por la versión anterior"), timeout=60)
+    b = h.running.bridge
+    converted = await b.db.inbound.get(item_id)
+    assert converted is not None and converted.status == "done"
+    item = stored.load(b.privacy.cipher.decrypt_json(converted.payload, aad=AAD_PAYLOAD),
+                       b.config.whatsapp.phone_number_id)
+    assert isinstance(item, InboundMessage) and item.text == "encolado por la versión anterior"
 
 
 async def test_username_only_citizen_without_phone_number(bridge: BridgeHarness) -> None:

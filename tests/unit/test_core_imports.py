@@ -20,6 +20,8 @@ CORE = [
     "bridge.whatsapp.consent",  # consent decisions (chat)
     "bridge.whatsapp.notice_consent",  # consent decisions (notices)
     "bridge.whatsapp.webhook_parse",
+    "bridge.whatsapp.webhook",  # a delivery checked and split into queue rows
+    "bridge.whatsapp.stored",  # the queued item: the parsed message, as JSON
     "bridge.whatsapp.limits",
     "bridge.whatsapp.message_content",
     "bridge.whatsapp.rich_content",
@@ -32,6 +34,8 @@ CORE = [
     "bridge.matrix.keyshare",  # key-share ledger
     "bridge.matrix.crosssign",  # cross-signing maths
     "bridge.matrix.management",  # management-room command parsing
+    "bridge.matrix.appservice",  # an appservice transaction, read
+    "bridge.admin.auth",  # admin tokens and scopes
     "bridge.moderation.rules",
 ]
 IO_LIBRARIES = ("aiohttp", "nio", "sqlalchemy", "alembic")

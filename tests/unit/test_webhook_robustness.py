@@ -1,6 +1,7 @@
 """The webhook pipeline (decode, parse, split, encrypt) on arbitrary input: a body is
 either refused whole with a 400 error, or every message the parser accepts becomes a
-stored row; nothing else escapes. Plus the JSON decoding rules behind it."""
+stored row (holding the parsed message); nothing else escapes. Plus the JSON decoding
+rules behind it."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from hypothesis import strategies as st
 from bridge.errors import BadRequest
 from bridge.jsonbody import REPLACEMENT, BodyError, load_body
 from bridge.privacy import AAD_PAYLOAD, Cipher, KeyedIndex, is_keyed_hash
+from bridge.whatsapp import stored
 from bridge.whatsapp.webhook import prepare_delivery
-from bridge.whatsapp.webhook_parse import parse_webhook
+from bridge.whatsapp.webhook_parse import InboundMessage, parse_webhook
 from tests.fixtures.webhook_fuzz import TS, bodies, encode
 
 PHONE_ID = "106540352242922"
@@ -38,10 +40,8 @@ def test_every_accepted_message_becomes_a_row(body: dict[str, Any]) -> None:
     assert all(is_keyed_hash(key.split(":")[1]) or key.split(":")[1] == "sha256"
                for key in keys)
     for _, payload, lane in delivery.rows:
-        value = CIPHER.decrypt_json(payload, aad=AAD_PAYLOAD)
-        parse_webhook({"object": "whatsapp_business_account",
-                       "entry": [{"changes": [{"field": "messages", "value": value}]}]},
-                      PHONE_ID)
+        # Each row holds its parsed item (bridge.whatsapp.stored), which loads again.
+        assert stored.load(CIPHER.decrypt_json(payload, aad=AAD_PAYLOAD), PHONE_ID)
         assert lane.startswith(("statuses", "citizen:"))
 
 
@@ -82,8 +82,8 @@ def test_lone_surrogate_is_replaced_and_the_message_kept() -> None:
     assert b"\\ud800" in raw
     (key, payload, _), = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows
     assert key == f"msg:{INDEX.wamid(f'wamid.{REPLACEMENT}')}"
-    stored = CIPHER.decrypt_json(payload, aad=AAD_PAYLOAD)
-    assert stored["messages"][0]["text"]["body"] == f"a{REPLACEMENT}b"
+    kept = stored.open_row(CIPHER, payload, PHONE_ID)
+    assert isinstance(kept, InboundMessage) and kept.text == f"a{REPLACEMENT}b"
 
 
 def test_overlong_message_id_gets_a_bounded_stable_key() -> None:
@@ -104,11 +104,11 @@ def test_items_sent_before_the_window_are_replays_not_rows() -> None:
     raw = encode(_value(metadata={"phone_number_id": PHONE_ID}, messages=messages,
                         statuses=[status]))
     delivery = prepare_delivery(raw, PHONE_ID, INDEX, CIPHER, oldest=sent)
-    # Undated: nothing says it is old, so it is handled (and deduplicated) as ever.
-    assert [key for key, _, _ in delivery.rows] == [
-        f"msg:{INDEX.wamid('wamid.NOW')}", f"msg:{INDEX.wamid('wamid.UNDATED')}"]
+    # Undated: the parser ignores it (logged, counted), so it is no row at all.
+    assert [key for key, _, _ in delivery.rows] == [f"msg:{INDEX.wamid('wamid.NOW')}"]
     assert delivery.replays == ("message", "status")
-    assert len(prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows) == 4  # no window
+    assert len(delivery.ignored) == 1
+    assert len(prepare_delivery(raw, PHONE_ID, INDEX, CIPHER).rows) == 3  # no window
 
 
 def test_status_keys_name_the_wamid_by_its_keyed_hash() -> None:

@@ -17,18 +17,18 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.admin.auth import actor
-from bridge.admin.routes import json_object, verb_route
 from bridge.errors import InvalidParam, Unavailable
 from bridge.invites.forms import pick_language
 from bridge.invites.page import whatsapp_page
-from bridge.invites.routes import SECURITY_HEADERS
 from bridge.invites.service import LinkUnusable
 from bridge.roomguard import open_room
 from bridge.rooms_wa import texts
 from bridge.rooms_wa.wiring import WhatsAppRooms
 from bridge.types import RoomID
-from bridge.web.state import BRIDGE
+from bridge.web.admin import json_object, verb_route
+from bridge.web.admin_auth import actor
+from bridge.web.invites import SECURITY_HEADERS
+from bridge.web.state import ADMIN, PAGES
 
 # The admin routes are declared verbs (bridge.admin.verbs), on the admin listener.
 # On the public listener (bridge.app.make_app): the invite link's "join by WhatsApp".
@@ -36,7 +36,7 @@ public_routes = web.RouteTableDef()
 
 
 def _parts(request: web.Request) -> WhatsAppRooms:
-    parts: WhatsAppRooms | None = request.app[BRIDGE].wa_rooms
+    parts: WhatsAppRooms | None = request.config_dict[ADMIN].wa_rooms
     if parts is None:
         raise Unavailable("WhatsApp is not enabled")
     return parts
@@ -63,7 +63,7 @@ async def add_member(request: web.Request) -> web.Response:
 
 @verb_route("whatsapp-members")
 async def list_members(request: web.Request) -> web.Response:
-    db = request.app[BRIDGE].db
+    db = request.config_dict[ADMIN].db
     await open_room(db, request.match_info["room_id"])  # 404 for a room not ours
     members: list[dict[str, Any]] = []
     for state in ("invited", "joined"):
@@ -86,7 +86,7 @@ async def settings(request: web.Request) -> web.Response:
 @public_routes.get("/invite/{token}/whatsapp")
 async def join_page(request: web.Request) -> web.Response:
     """Draw a one-time code for the link's room and show the wa.me link (no account)."""
-    bridge = request.app[BRIDGE]
+    bridge = request.config_dict[PAGES]
     lang = pick_language(request.query.get("lang"), request.headers.get("Accept-Language"))
     parts = bridge.wa_rooms
     try:

@@ -1,11 +1,12 @@
-"""HTTP routes of the admin API (`/admin/v1`, Bearer token with scopes).
+"""The admin API (`/admin/v1`, Bearer token with scopes): a sub-app with its auth.
 
 Routes parse and answer; the logic is in AdminService, Moderation and InviteLinks.
 Each route's method, path and scope come from its verb in bridge.admin.verbs: the verbs
 with a handler there get a generic route (`_verb_handler`), the others are written here
-under `@verb_route(name)`. The scope is declared with `@requires` (bridge.admin.auth
-checks it); the actor recorded in the audit log is the token's name, `api:<name>` (see
-`actor`).
+under `@verb_route(name)`. The scope is declared with `@requires`; the sub-app's
+middleware (bridge.web.admin_auth) checks it; the actor recorded in the audit log is the
+token's name, `api:<name>` (see `actor`). Routes are declared relative to `PREFIX`,
+where `admin_app` is mounted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from bridge.admin.auth import actor, principal, requires
+from bridge.admin.auth import requires
 from bridge.admin.checks import reason as checked_reason
 from bridge.admin.notices import LABEL
 from bridge.admin.reidentify import Reidentification
@@ -26,17 +27,30 @@ from bridge.db.reports import REPORT_STATUSES
 from bridge.errors import BadRequest, InvalidParam, NotFound, Unavailable
 from bridge.invites.service import parse_expires_in
 from bridge.moderation.reports import Reports
-from bridge.services import Bridge
-from bridge.web.state import BRIDGE
+from bridge.web.admin_auth import actor, admin_auth, principal
+from bridge.web.state import ADMIN, AdminParts
 
+PREFIX = "/admin/v1"
 routes = web.RouteTableDef()
 MAX_AUDIT_PAGE = 1000
 
 
-def _bridge(request: web.Request) -> Bridge:
-    # The token and its scope were checked by bridge.admin.auth.admin_auth.
-    bridge: Bridge = request.app[BRIDGE]
-    return bridge
+def admin_app() -> web.Application:
+    """The `/admin/v1` sub-app: every route, behind the token check."""
+    app = web.Application(middlewares=[admin_auth])
+    app.add_routes(routes)
+    return app
+
+
+def _relative(path: str) -> str:
+    if not path.startswith(PREFIX + "/"):
+        raise ValueError(f"admin route {path} is not under {PREFIX}")
+    return path[len(PREFIX):]
+
+
+def _bridge(request: web.Request) -> AdminParts:
+    # The token and its scope were checked by bridge.web.admin_auth.admin_auth.
+    return request.config_dict[ADMIN]
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
@@ -50,7 +64,7 @@ async def json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _body(request: web.Request) -> tuple[Bridge, dict[str, Any]]:
+async def _body(request: web.Request) -> tuple[AdminParts, dict[str, Any]]:
     return _bridge(request), await json_object(request)
 
 
@@ -91,7 +105,7 @@ def verb_route(name: str) -> Callable[[Handler], Handler]:
     scope = verb.scope
 
     def register(handler: Handler) -> Handler:
-        routes.route(method, path)(requires(scope)(handler))
+        routes.route(method, _relative(path))(requires(scope)(handler))
         return handler
 
     return register
@@ -119,7 +133,7 @@ def _verb_handler(verb: Verb) -> Handler:
 
 for _verb in VERBS:
     if _verb.run is not None and _verb.http is not None:
-        routes.route(*_verb.http)(_verb_handler(_verb))
+        routes.route(_verb.http[0], _relative(_verb.http[1]))(_verb_handler(_verb))
 
 
 @verb_route("rooms.create")
@@ -151,7 +165,7 @@ def _query_int(request: web.Request, key: str, default: int | None) -> int | Non
     return int(raw)
 
 
-async def _chain(bridge: Bridge) -> dict[str, Any]:
+async def _chain(bridge: AdminParts) -> dict[str, Any]:
     intact, first_bad = await bridge.db.audit.verify()
     return {"intact": intact, "first_bad_id": first_bad}
 
@@ -194,7 +208,7 @@ async def export_citizen(request: web.Request) -> web.Response:
     return web.json_response(data, headers={"Cache-Control": "no-store"})
 
 
-def _reidentification(bridge: Bridge) -> Reidentification:
+def _reidentification(bridge: AdminParts) -> Reidentification:
     if bridge.reidentify is None:
         raise Unavailable("re-identification is not wired in this process")
     return bridge.reidentify
@@ -320,7 +334,7 @@ async def settle_dead_letter(request: web.Request) -> web.Response:
     return web.json_response(await bridge.dead_letters.discard(actor(request), letter_id, why))
 
 
-def _reports(bridge: Bridge) -> Reports:
+def _reports(bridge: AdminParts) -> Reports:
     if bridge.safety is None:
         raise NotFound("reports are not available")
     return bridge.safety.reports

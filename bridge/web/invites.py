@@ -14,7 +14,7 @@ from aiohttp import web
 from bridge.invites.forms import parse_form, pick_language
 from bridge.invites.page import CSS_PATH, done_page, form_page, problem_page
 from bridge.invites.service import FormInvalid, InviteLinks, LinkUnusable
-from bridge.web.state import BRIDGE
+from bridge.web.state import PAGES
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -43,7 +43,7 @@ def _problem(links: InviteLinks, lang: str, exc: LinkUnusable) -> web.Response:
 
 @routes.get("/invite/{token}")
 async def show(request: web.Request) -> web.Response:
-    links = request.app[BRIDGE].invites
+    links = request.config_dict[PAGES].invites
     lang = pick_language(request.query.get("lang"), request.headers.get("Accept-Language"))
     try:
         view = await links.view(request.match_info["token"])
@@ -52,18 +52,18 @@ async def show(request: web.Request) -> web.Response:
     except Exception as exc:  # see submit()
         log.error("invite page: link lookup failed (%s)", type(exc).__name__)
         return _problem(links, lang, LinkUnusable("failed"))
-    rooms_wa = request.app[BRIDGE].wa_rooms
+    rooms_wa = request.config_dict[PAGES].wa_rooms
     offer = rooms_wa is not None and await rooms_wa.join.offered(view.link.room_id)
     return _html(form_page(
         lang=lang, agency=links.agency, room=view.room_name, action=request.path,
         pseudonym=links.suggest_pseudonym(), consent=False,
-        min_password=request.app[BRIDGE].config.invites.min_password_length,
+        min_password=request.config_dict[PAGES].config.invites.min_password_length,
         whatsapp_href=f"{request.path}/whatsapp?lang={lang}" if offer else None))
 
 
 @routes.post("/invite/{token}")
 async def submit(request: web.Request) -> web.Response:
-    links = request.app[BRIDGE].invites
+    links = request.config_dict[PAGES].invites
     token = request.match_info["token"]
     posted = await request.post()
     fields = {k: v for k, v in posted.items() if isinstance(v, str)}
@@ -79,7 +79,7 @@ async def submit(request: web.Request) -> web.Response:
         return _html(form_page(
             lang=lang, agency=links.agency, room=view.room_name, action=request.path,
             pseudonym=form.pseudonym, consent=form.consent, errors=exc.errors,
-            min_password=request.app[BRIDGE].config.invites.min_password_length), 400)
+            min_password=request.config_dict[PAGES].config.invites.min_password_length), 400)
     except Exception as exc:
         # E.g. the database is down: still a page in the citizen's language, not JSON;
         # and the log gets the kind only (the URL holds the link's token).

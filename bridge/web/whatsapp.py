@@ -1,0 +1,28 @@
+"""`GET|POST /whatsapp/webhook`: Meta's handshake and signed deliveries.
+
+Thin: a delivery is verified, parsed and stored by bridge.ingest, and answered 200 only
+once stored (401 bad signature, 400 a body refused whole, 404 WhatsApp off).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from bridge.web.state import INGEST
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/whatsapp/webhook")
+async def handshake(request: web.Request) -> web.Response:
+    q = request.query
+    challenge = request.config_dict[INGEST].handshake(
+        q.get("hub.mode"), q.get("hub.verify_token", ""), q.get("hub.challenge", ""))
+    return web.Response(text=challenge)
+
+
+@routes.post("/whatsapp/webhook")
+async def deliver(request: web.Request) -> web.Response:
+    await request.config_dict[INGEST].whatsapp(
+        await request.read(), request.headers.get("X-Hub-Signature-256"))
+    return web.json_response({})
