@@ -166,3 +166,9 @@ class Metrics:
             "civic_bridge_audit_anchors",
             "Daily exports of the audit chain's head (audit.anchor_command)", ["result"],
             registry=r)
+        # reason: malformed (no recipient) / not_ours (outside the namespace) /
+        # unknown_device (a device of ours the bridge does not use, an erased ghost)
+        self.to_device_dropped = Counter(
+            "civic_bridge_to_device_dropped",
+            "To-device events from appservice transactions no device of the bridge could "
+            "take", ["reason"], registry=r)

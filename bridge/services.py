@@ -30,6 +30,7 @@ from bridge.leader import Election, Role, SingleProcess, election_for
 from bridge.legacy_wamids import key_legacy_wamids
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.bot_invites import BotInvitePolicy
+from bridge.matrix.crypto_feed import CryptoFeed, ToDeviceHandler, unwrap
 from bridge.matrix.devices import Devices
 from bridge.matrix.devicetrust import CrossSignedDevices
 from bridge.matrix.ghosts import Ghosts
@@ -74,6 +75,7 @@ class Bridge:
     api: MatrixAPI
     privacy: Privacy
     devices: Devices
+    crypto: CryptoFeed
     ghosts: Ghosts
     rooms: Rooms
     relay: Relay
@@ -191,7 +193,9 @@ class Bridge:
         delay = 1.0
         while True:
             try:
-                await self.ghosts.ensure_bot()
+                bot = await self.ghosts.ensure_bot()
+                # Before the worker starts: how every device learns of to-device events.
+                await self.crypto.probe(self.api, bot.user_id, bot.client.device_id)
                 await self.ghosts.resume_unregistered()
                 await self.trust.upgrade_existing(Path(self.config.appservice.store_dir))
                 break
@@ -293,6 +297,8 @@ async def build_bridge(config: Config) -> Bridge:
                       if config.e2ee.forward_keys_to == "cross-signed" else None)
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)
+    crypto = CryptoFeed(devices, metrics.to_device_dropped)
+    to_device = ToDeviceHandler(crypto, db, ghosts)
     rooms = Rooms(api, ghosts.bot, RoomPolicy(federate=config.rooms.federate,
                                               admins=tuple(config.admin.users)))
 
@@ -305,7 +311,11 @@ async def build_bridge(config: Config) -> Bridge:
         metrics.undecryptable)
 
     async def handle_matrix(item: InboundItem) -> None:
-        await relay.handle_event(open_event(privacy.cipher, item))
+        event = open_event(privacy.cipher, item)
+        if (to_device_event := unwrap(event)) is not None:
+            await to_device(to_device_event)
+        else:
+            await relay.handle_event(event)
 
     graph = GraphClient.from_config(http, config.whatsapp)
     portals = Portals(config, db, api, ghosts, rooms, relay)
@@ -351,6 +361,7 @@ async def build_bridge(config: Config) -> Bridge:
                               SynapseAdmin(http, config.homeserver.url, token) if token else None)
     citizens = CitizenData(config, db, privacy, portals, ghosts, subscriptions, accounts)
     return Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
+                  crypto=crypto,
                   ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
                   outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,
                   moderation=parts.moderation, invites=parts.invites,

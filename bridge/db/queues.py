@@ -6,6 +6,8 @@ leaves is stored before the first attempt; these repositories are that storage.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
@@ -82,12 +84,31 @@ class TransactionRepo:
                                 ProcessedTransactionRow.received_at < before, dry_run=dry_run)
 
 
+# A to-device event queued with a transaction's room events is stored as
+# {TO_DEVICE_WRAPPER: event} (bridge.matrix.crypto_feed): it has no event or room id.
+TO_DEVICE_WRAPPER = "io.civic-bridge.to_device"
+
+
+def to_device_key(item: Mapping[str, Any]) -> str:
+    """The dedupe key of a queued to-device event: a hash of all of it (its recipient
+    included), so a transaction Synapse repeats queues nothing twice."""
+    canonical = json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "to-device:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def event_lane(event: Mapping[str, Any]) -> str:
-    """The worker lane of an appservice event: its room's events are handled in order."""
+    """The worker lane of an appservice event: its room's events are handled in order;
+    a to-device event (bridge.matrix.crypto_feed) in its recipient's lane."""
+    to_device = event.get(TO_DEVICE_WRAPPER)
+    if isinstance(to_device, dict):
+        return f"to-device:{to_device.get('to_user_id')}"
     return str(event.get("room_id") or "")
 
 
 def _event_key(txn_id: str, index: int, event: Mapping[str, Any]) -> str:
+    to_device = event.get(TO_DEVICE_WRAPPER)
+    if isinstance(to_device, dict):
+        return to_device_key(to_device)
     event_id = event.get("event_id")
     return event_id if isinstance(event_id, str) and event_id else f"txn:{txn_id}:{index}"
 

@@ -1,6 +1,7 @@
 """The application-service API the homeserver calls (`/_matrix/app/v1`).
 
-A transaction is answered 200 only after its events are durably stored, each sealed
+A transaction is answered 200 only after its events, and the to-device events addressed
+to the bridge's devices (bridge.matrix.crypto_feed), are durably stored, each sealed
 (bridge.matrix.queued); a repeated txnId is a no-op (the stored id survives restarts).
 Synapse retries refused transactions with backoff, so refusing on a storage error is
 safe; answering 200 and dropping would lose messages.
@@ -10,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from aiohttp import web
 
-from bridge.db.queues import event_lane
+from bridge.db.queues import event_lane, to_device_key
 from bridge.errors import BadRequest, NotFound
 from bridge.jsonbody import MAX_DEPTH, BodyError, clean, load_body
+from bridge.matrix.crypto_feed import CryptoParts, parse_crypto, wrap
 from bridge.matrix.queued import seal_event
 from bridge.types import UserID
 from bridge.web.middleware import require_bearer
@@ -42,6 +45,8 @@ class Transaction:
     # Events dropped as unusable (nested deeper than any real event): counted, since
     # refusing the transaction would only make Synapse send it again forever.
     ignored: int = 0
+    # To-device events, device lists and key counts (MSC2409/MSC3202).
+    crypto: CryptoParts = field(default_factory=CryptoParts)
 
 
 def parse_transaction(raw: bytes) -> Transaction:
@@ -61,10 +66,9 @@ def parse_transaction(raw: bytes) -> Transaction:
                 and isinstance(ev.get("room_id"), str) and isinstance(ev.get("type"), str)):
             raise BadRequest("every event needs event_id, room_id and type")
     usable = [ev for ev in events if _shallow_enough(ev)]
-    lists = body.get("org.matrix.msc3202.device_lists")
-    changed = lists.get("changed") if isinstance(lists, dict) else None
-    users = {u for u in changed if isinstance(u, str)} if isinstance(changed, list) else set()
-    return Transaction(usable, users, ephemeral_events(body), len(events) - len(usable))
+    crypto = parse_crypto(body)
+    return Transaction(usable, crypto.changed | crypto.left, ephemeral_events(body),
+                       len(events) - len(usable), crypto)
 
 
 def ephemeral_events(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -90,7 +94,8 @@ def _shallow_enough(event: dict[str, Any]) -> bool:
     return True
 
 
-def transaction_key(txn_id: str, events: list[dict[str, Any]]) -> str:
+def transaction_key(txn_id: str, events: list[dict[str, Any]],
+                    to_device: Sequence[Mapping[str, Any]] = ()) -> str:
     """The id under which a transaction is remembered.
 
     Synapse on SQLite restarts its transaction counter after a restart (it seeds it from
@@ -98,7 +103,8 @@ def transaction_key(txn_id: str, events: list[dict[str, Any]]) -> str:
     binding the id to its event ids keeps real retries no-ops without dropping those.
     Events themselves are deduplicated by event id as well.
     """
-    ids = "\n".join(str(ev["event_id"]) for ev in events)
+    ids = "\n".join([*(str(ev["event_id"]) for ev in events),
+                     *(to_device_key(item) for item in to_device)])
     return f"{txn_id}:{hashlib.sha256(ids.encode()).hexdigest()[:16]}"
 
 
@@ -114,20 +120,22 @@ async def put_transaction(request: web.Request) -> web.Response:
         # Our own messages come back as echoes; only membership matters from those.
         events = [e for e in txn.events if e["type"] == "m.room.member"
                   or not bridge.ghosts.is_ours(str(e.get("sender", "")))]
+        to_device = bridge.crypto.observe(txn.crypto)
         stored = False
-        if events:  # nothing to process, so nothing to deduplicate: no write at all
+        if events or to_device:  # nothing to process, nothing to deduplicate: no write
             with bridge.db.urgent():
                 stored = await bridge.db.transactions.store(
-                    transaction_key(request.match_info["txn_id"], txn.events), events,
+                    transaction_key(request.match_info["txn_id"], txn.events, to_device),
+                    [*events, *(wrap(item) for item in to_device)],
                     seal=partial(seal_event, bridge.privacy.cipher))
-    if txn.changed_users:
-        bridge.devices.users_changed(txn.changed_users)
+    bridge.crypto.apply(txn.crypto)
     if txn.ephemeral and bridge.receipts is not None:
         # Not stored: a lost read tick is no lost message; don't hold the transaction.
         bridge.spawn(bridge.receipts.handle(txn.ephemeral))
     if stored:
         bridge.metrics.transactions.inc()
-        bridge.worker.wake("matrix", *{event_lane(e) for e in events})
+        bridge.worker.wake("matrix", *{event_lane(e) for e in events},
+                           *{event_lane(wrap(item)) for item in to_device})
     return web.json_response({})
 
 

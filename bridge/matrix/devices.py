@@ -3,12 +3,14 @@
 Why one device per ghost: staff clients then see each pseudonym's messages come from
 that pseudonym's own device, not "sent by another user's device" (MISMATCHED_SENDER).
 
-Why /sync per device rather than to-device events from appservice transactions (MSC2409):
-nio keeps device-list changes, one-time-key counts and Olm sessions up to date from
-/sync out of the box; feeding transaction payloads into nio's private Olm machine would
-duplicate that bookkeeping by hand. Devices are opened lazily (the bot at start, a ghost
-when it first speaks). MSC2409 stays on in the registration so this can move to
-transactions when the number of concurrently active ghosts makes syncs too expensive.
+No device polls when the homeserver sends to-device events, device-list changes and key
+counts in appservice transactions (MSC2409/MSC3202, bridge.matrix.crypto_feed): the bot and
+every ghost are then fed from the transactions (`feed_to_device`, `users_changed`,
+`key_counts`) and their task only wakes when something needs doing (a key upload or
+query, earlier room keys owed to a new device). When it does not (the fallback, decided
+once at start), each device keeps its own /sync: the bot long-polls, a ghost refreshes
+before it sends and every GHOST_UPKEEP_SECONDS. Devices are opened lazily (the bot at
+start, a ghost when it first speaks or receives a to-device event).
 
 Rooms are not synced at all (the filter blocks them): the bridge reads every room event
 from appservice transactions already. What a device needs of a room to encrypt into it
@@ -33,7 +35,8 @@ import logging
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import nio
 
@@ -42,6 +45,9 @@ from bridge.matrix.keyforward import KeyForwarder
 from bridge.matrix.keyshare import KeyTrust, LedgerStore
 from bridge.matrix.keystore import RoomKeyStore
 from bridge.types import DeviceID, RoomID, UserID
+
+if TYPE_CHECKING:
+    from bridge.matrix.crypto_feed import CryptoFeed
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,13 @@ LONG_POLL_MS = 2_000
 # A ghost's state is refreshed (one /sync without waiting) at least this often before
 # it sends, and in the background so its one-time keys stay topped up.
 GHOST_UPKEEP_SECONDS = 30.0
+
+# Fed by transactions: one-time keys are topped up when fewer than this are left on the
+# server (half of the 50 vodozemac keeps), so one upload serves 25 new Olm sessions.
+OTK_LOW = 25
+# A report of "no unused fallback key" this soon after uploading one may predate it:
+# uploading again would replace a key a sender may be about to use.
+FALLBACK_SETTLE_SECONDS = 30.0
 
 # Called after a device's keys are on the server (used for cross-signing).
 DeviceReadyHook = Callable[[UserID, DeviceID], Awaitable[None]]
@@ -90,6 +103,38 @@ async def upload_keys(client: nio.AsyncClient, attempts: int = 5) -> None:
     raise RuntimeError("key upload failed for a device: one-time key ids keep clashing")
 
 
+async def upload_fallback_key(client: nio.AsyncClient, api: MatrixAPI) -> None:
+    """Give the device a new fallback key (nio has none): what senders get once its
+    one-time keys run out, e.g. when claims were not followed by a message that would
+    have reported the count (docs/e2ee.md).
+
+    The account is saved with the unpublished key before the upload: a crash after the
+    server took it then still finds it (`pending_fallback_key`) and uploads it again,
+    instead of leaving the server with a key whose private half is lost.
+    """
+    olm = client.olm
+    assert olm is not None
+    account = olm.account._account
+    if not account.fallback_key:
+        account.generate_fallback_key()
+        olm.save_account()
+    keys: dict[str, Any] = {}
+    for key_id, key in account.fallback_key.items():
+        signed: dict[str, Any] = {"key": key.to_base64(), "fallback": True}
+        signed["signatures"] = {client.user_id: {
+            f"ed25519:{client.device_id}": olm.sign_json(signed)}}
+        keys[f"signed_curve25519:{key_id}"] = signed
+    await api.request("POST", "/_matrix/client/v3/keys/upload", as_user=client.user_id,
+                      params={"device_id": client.device_id}, json={"fallback_keys": keys})
+    account.mark_keys_as_published()
+    olm.save_account()
+
+
+def pending_fallback_key(client: nio.AsyncClient) -> bool:
+    """A fallback key generated and saved, but not known to be on the server."""
+    return client.olm is not None and bool(client.olm.account._account.fallback_key)
+
+
 class Device:
     """One logged-in nio client and its key maintenance.
 
@@ -104,10 +149,15 @@ class Device:
     def __init__(self, client: nio.AsyncClient, api: MatrixAPI, long_poll: bool,
                  is_ours: Callable[[str], bool] = lambda _user: False,
                  key_store: LedgerStore | None = None,
-                 key_trust: KeyTrust | None = None) -> None:
+                 key_trust: KeyTrust | None = None,
+                 feed: CryptoFeed | None = None) -> None:
         self.client = client
         self.api = api
         self.long_poll = long_poll
+        # Fed by transactions (no /sync) once `feed` says so; None: always /sync.
+        self.feed = feed
+        self.needs_fallback_key = False
+        self._fallback_uploaded_at = float("-inf")
         # Room keys of earlier messages for staff devices that appear later.
         self.keys = KeyForwarder(client, is_ours, key_store, key_trust)
         self._wake = asyncio.Event()
@@ -131,11 +181,22 @@ class Device:
             await asyncio.gather(self._task, return_exceptions=True)
         await self.client.close()
 
+    @property
+    def fed(self) -> bool:
+        """Fed by appservice transactions: this device never calls /sync."""
+        return self.feed is not None and self.feed.appservice
+
     async def _loop(self) -> None:
+        if self.feed is not None:
+            await self.feed.decided.wait()
         backoff = 1.0
         while True:
             try:
-                if self.long_poll:
+                if self.fed:  # no timer: only what transactions or senders ask for
+                    await self._wake.wait()
+                    self._wake.clear()
+                    await self.upkeep()
+                elif self.long_poll:
                     await self.upkeep(timeout_ms=LONG_POLL_MS)
                 else:
                     delay = max(0.0, self._last_upkeep + GHOST_UPKEEP_SECONDS
@@ -160,13 +221,26 @@ class Device:
         self._wake.set()
 
     def stale(self) -> bool:
+        if self.fed:
+            return self.dirty
         age = asyncio.get_running_loop().time() - self._last_upkeep
         return self.dirty or age >= GHOST_UPKEEP_SECONDS
 
     async def upkeep(self, timeout_ms: int = 0) -> None:
-        """One /sync, then the key maintenance nio's sync_forever would do."""
+        """One /sync (not when fed by transactions), then the key maintenance nio's
+        sync_forever would do."""
         async with self._upkeep_lock:
             self.dirty = False
+            if self.fed:
+                try:
+                    await self.maintain_keys()
+                except BaseException:
+                    self.dirty = True
+                    raise
+                self._last_upkeep = asyncio.get_running_loop().time()
+                self.synced.set()
+                await self.forward_keys()
+                return
             resp = await self.client.sync(timeout=timeout_ms, sync_filter=SYNC_FILTER,
                                           full_state=not self.synced.is_set())
             if isinstance(resp, nio.SyncError):
@@ -211,6 +285,38 @@ class Device:
                     # now, not at the next routine upkeep.
                     self.wake()
 
+    def feed_to_device(self, events: list[dict[str, Any]]) -> None:
+        """To-device events from a transaction: what nio does with those of a /sync
+        (decrypt Olm, store room keys, run the to-device callbacks, which include the
+        key forwarder's, collect key requests); then maintenance runs in the background
+        (Olm sessions to repair, earlier room keys owed)."""
+        batch = SimpleNamespace(to_device_events=[nio.ToDeviceEvent.parse_event(e)
+                                                  for e in events])
+        self.client._handle_to_device(batch)
+        if self.client.olm is not None:
+            self.client._collect_key_requests()
+        self.wake()
+
+    def key_counts(self, otk: int | None = None,
+                   fallback_unused: list[str] | None = None) -> None:
+        """Counts from a transaction: top up below OTK_LOW one-time keys (nio's own
+        test would top up after every claim, or never after a count of 0), and replace
+        the fallback key once the server has none unused."""
+        olm = self.client.olm
+        if olm is None:
+            return
+        wake = False
+        if otk is not None and otk < OTK_LOW:
+            olm.uploaded_key_count = otk
+            wake = True
+        if fallback_unused is not None and "signed_curve25519" not in fallback_unused:
+            since = asyncio.get_running_loop().time() - self._fallback_uploaded_at
+            if since >= FALLBACK_SETTLE_SECONDS:
+                self.needs_fallback_key = True
+                wake = True
+        if wake:
+            self.wake()
+
     async def maintain_keys(self) -> None:
         """What nio's sync_forever does after each sync and a manual sync() does not."""
         c = self.client
@@ -220,6 +326,10 @@ class Device:
                 await upload_keys(c)
             except RuntimeError as exc:  # not fatal: the keys on the server still serve
                 log.warning("%s: %s", self.user_id, exc)
+        if self.fed and (self.needs_fallback_key or pending_fallback_key(c)):
+            await upload_fallback_key(c, self.api)
+            self.needs_fallback_key = False
+            self._fallback_uploaded_at = asyncio.get_running_loop().time()
         if c.should_query_keys:
             await c.keys_query()
         if c.should_claim_keys:
@@ -298,7 +408,7 @@ class Device:
     async def send(self, api: MatrixAPI, room_id: RoomID, event_type: str,
                    content: dict[str, Any], txn_id: str | None = None) -> str:
         """Encrypt (if the room is encrypted) and send; returns the event id."""
-        if not self.long_poll and self.stale():
+        if (self.fed or not self.long_poll) and self.stale():
             await self.upkeep()
         await self.prepare_room(api, room_id)
         if self.client.should_query_keys:
@@ -347,6 +457,11 @@ class Devices:
         # Users in the bridge's namespace (set by Ghosts): never sent earlier room keys.
         self.is_ours: Callable[[str], bool] = lambda _user: False
         self._opening: dict[UserID, asyncio.Lock] = {}
+        # Set by CryptoFeed: devices are fed by transactions once it decides so.
+        self.feed: CryptoFeed | None = None
+        # Key counts reported for closed devices that need action (low one-time keys,
+        # no unused fallback key), applied when the device opens.
+        self._pending_counts: dict[tuple[str, str], dict[str, Any]] = {}
 
     def get_open(self, user_id: UserID) -> Device | None:
         return self._devices.get(user_id)
@@ -361,6 +476,24 @@ class Devices:
             self._key_trust.users_changed(users)
         for device in self._devices.values():
             device.users_changed(users)
+
+    def key_counts(self, user_id: str, device_id: str, otk: int | None = None,
+                   fallback_unused: list[str] | None = None) -> None:
+        device = self._devices.get(UserID(user_id))
+        if device is not None and device.client.device_id == device_id:
+            device.key_counts(otk, fallback_unused)
+            return
+        low = otk is not None and otk < OTK_LOW
+        no_fallback = fallback_unused is not None and \
+            "signed_curve25519" not in fallback_unused
+        if low or no_fallback:
+            pending = self._pending_counts.setdefault((user_id, device_id), {})
+            if low:
+                pending["otk"] = otk
+            if no_fallback:
+                pending["fallback_unused"] = fallback_unused
+        elif otk is not None or fallback_unused is not None:
+            self._pending_counts.pop((user_id, device_id), None)
 
     async def open(self, user_id: UserID, device_id: DeviceID) -> Device:
         """The user's device, logged in, keys uploaded, sync loop running."""
@@ -383,7 +516,7 @@ class Devices:
             device = Device(client, self._api, long_poll=user_id == self._long_poll_user,
                             is_ours=lambda user: self.is_ours(user),
                             key_store=self._room_keys.owner(user_id) if self._room_keys
-                            else None, key_trust=self._key_trust)
+                            else None, key_trust=self._key_trust, feed=self.feed)
             try:  # before anything is sent or forwarded: what was kept before a restart
                 restored = await device.keys.restore()
             except BaseException:
@@ -391,12 +524,20 @@ class Devices:
                 raise
             if restored:
                 log.info("%s: %d room key checkpoint(s) restored", user_id, restored)
-            if client.should_upload_keys:
+            if client.should_upload_keys or pending_fallback_key(client):
+                new_account = client.olm is not None and not client.olm.account.shared
                 try:
-                    await upload_keys(client)
+                    if client.should_upload_keys:
+                        await upload_keys(client)
+                    if new_account or pending_fallback_key(client):
+                        # A new device gets its fallback key with its first keys.
+                        await upload_fallback_key(client, self._api)
                 except BaseException:
                     await client.close()
                     raise
+            pending = self._pending_counts.pop((user_id, device_id), None)
+            if pending:
+                device.key_counts(pending.get("otk"), pending.get("fallback_unused"))
             if self._on_ready:
                 try:
                     await self._on_ready(user_id, device_id)

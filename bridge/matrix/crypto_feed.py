@@ -1,0 +1,262 @@
+"""E2EE fed by appservice transactions: no device polls the homeserver.
+
+With `experimental_features: msc2409_to_device_messages_enabled` (and the registration's
+`receive_ephemeral`), Synapse puts every to-device event addressed to the bridge's users
+into the transactions it pushes (MSC2409, with `to_user_id`/`to_device_id`); with
+`msc3202_transaction_extensions` (and `org.matrix.msc3202` in the registration) it adds
+device-list changes, one-time-key counts and unused fallback-key types per device
+(MSC3202). This module reads those parts of a transaction and feeds them to the nio
+clients of the bot and the ghosts (bridge.matrix.devices), which then run no /sync.
+
+- To-device events are stored in the inbound queue with the transaction's room events,
+  sealed like them (bridge.matrix.queued), before the transaction is acknowledged
+  (Synapse sends each one once); one lane per recipient keeps them in order. The worker
+  hands each to the recipient's device, opening it if it is closed.
+- Device-list changes mark the users for a key query in every open device.
+- Key counts go to the device: one-time keys are topped up when fewer than half are
+  left on the server, a fallback key is uploaded when the server has none unused.
+  Counts are not stored: every later transaction that concerns the device repeats them.
+
+Which transport a process uses is decided once at start (`CryptoFeed.probe`): the bot
+sends one to-device message to its own device and waits for the transaction carrying
+it. If it arrives with the bot's key counts, the homeserver sends everything above and
+no device polls ("appservice"). Otherwise each device keeps its own /sync loop as
+before ("sync", the fallback), and `/ready` and the log name the missing settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from prometheus_client import Counter
+
+from bridge.db.queues import TO_DEVICE_WRAPPER
+from bridge.types import UserID
+
+if TYPE_CHECKING:
+    from bridge.db import Database
+    from bridge.matrix.api import MatrixAPI
+    from bridge.matrix.devices import Devices
+    from bridge.matrix.ghosts import Ghosts
+
+log = logging.getLogger(__name__)
+
+PROBE_TYPE: Final = "io.civic-bridge.probe"
+PROBE_SECONDS: Final = 10.0
+# Stable names first (MSC2409/MSC3202 once merged), then the unstable ones Synapse sends.
+TO_DEVICE_KEYS: Final = ("to_device", "de.sorunome.msc2409.to_device")
+DEVICE_LISTS_KEYS: Final = ("device_lists", "org.matrix.msc3202.device_lists")
+OTK_COUNT_KEYS: Final = ("device_one_time_keys_count",
+                         "org.matrix.msc3202.device_one_time_keys_count",
+                         "org.matrix.msc3202.device_one_time_key_counts")
+FALLBACK_KEYS: Final = ("device_unused_fallback_key_types",
+                        "org.matrix.msc3202.device_unused_fallback_key_types")
+WRAPPER: Final = TO_DEVICE_WRAPPER
+
+NO_TO_DEVICE: Final = (
+    "the homeserver sends no to-device events to the bridge: set "
+    "`experimental_features: {msc2409_to_device_messages_enabled: true}` in homeserver.yaml "
+    "and `receive_ephemeral: true` in the registration, then restart Synapse")
+NO_COUNTS: Final = (
+    "the homeserver sends no one-time-key counts to the bridge: set "
+    "`experimental_features: {msc3202_transaction_extensions: true}` in homeserver.yaml "
+    "and `org.matrix.msc3202: true` in the registration, then restart Synapse")
+FALLBACK_NOTE: Final = "; every E2EE device polls the homeserver with /sync meanwhile"
+
+Mode = Literal["pending", "sync", "appservice"]
+DeviceKey = tuple[str, str]  # (user id, device id)
+
+
+@dataclass(frozen=True)
+class CryptoParts:
+    """The E2EE parts of one transaction."""
+
+    to_device: list[dict[str, Any]] = field(default_factory=list)
+    malformed: int = 0  # to-device items without the fields routing needs
+    changed: set[str] = field(default_factory=set)
+    left: set[str] = field(default_factory=set)
+    # Absent device: not reported. A listed device without `signed_curve25519` has 0.
+    otk_counts: dict[DeviceKey, int] = field(default_factory=dict)
+    fallback_unused: dict[DeviceKey, list[str]] = field(default_factory=dict)
+    has_counts: bool = False  # the transaction carried an MSC3202 count key at all
+
+
+def _first(body: Mapping[str, Any], keys: tuple[str, ...], kind: type) -> Any:
+    for key in keys:
+        value = body.get(key)
+        if isinstance(value, kind):
+            return value
+    return None
+
+
+def _per_device(value: Any) -> dict[DeviceKey, Any]:
+    out: dict[DeviceKey, Any] = {}
+    if not isinstance(value, dict):
+        return out
+    for user_id, devices in value.items():
+        if isinstance(user_id, str) and isinstance(devices, dict):
+            for device_id, item in devices.items():
+                if isinstance(device_id, str):
+                    out[(user_id, device_id)] = item
+    return out
+
+
+def parse_crypto(body: Mapping[str, Any]) -> CryptoParts:
+    """Read the to-device events, device lists and key counts of a transaction body."""
+    to_device: list[dict[str, Any]] = []
+    malformed = 0
+    for item in _first(body, TO_DEVICE_KEYS, list) or []:
+        if (isinstance(item, dict) and isinstance(item.get("content"), dict)
+                and all(isinstance(item.get(k), str) and item.get(k)
+                        for k in ("type", "sender", "to_user_id", "to_device_id"))):
+            to_device.append(item)
+        else:
+            malformed += 1
+    lists = _first(body, DEVICE_LISTS_KEYS, dict) or {}
+
+    def users(key: str) -> set[str]:
+        value = lists.get(key)
+        return {u for u in value if isinstance(u, str)} if isinstance(value, list) else set()
+
+    raw_counts = _first(body, OTK_COUNT_KEYS, dict)
+    counts: dict[DeviceKey, int] = {}
+    for key, algorithms in _per_device(raw_counts).items():
+        if isinstance(algorithms, dict):
+            count = algorithms.get("signed_curve25519", 0)  # {} means none left
+            counts[key] = count if isinstance(count, int) and count >= 0 else 0
+    fallback = {key: [a for a in types if isinstance(a, str)]
+                for key, types in _per_device(_first(body, FALLBACK_KEYS, dict)).items()
+                if isinstance(types, list)}
+    return CryptoParts(to_device, malformed, users("changed"), users("left"), counts,
+                       fallback, has_counts=raw_counts is not None)
+
+
+def wrap(item: Mapping[str, Any]) -> dict[str, Any]:
+    return {WRAPPER: dict(item)}
+
+
+def unwrap(event: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The to-device event a queued item holds; None for a room event."""
+    item = event.get(WRAPPER)
+    return item if isinstance(item, dict) else None
+
+
+class CryptoFeed:
+    """The transport decision and the routing of transaction E2EE data to devices."""
+
+    def __init__(self, devices: Devices, dropped: Counter) -> None:
+        self.devices = devices
+        self.mode: Mode = "pending"
+        self.decided = asyncio.Event()
+        self.problem: str | None = None  # why the fallback is used
+        self.dropped = dropped
+        self._probe: tuple[str, asyncio.Future[bool]] | None = None  # nonce, has counts
+        devices.feed = self
+
+    @property
+    def appservice(self) -> bool:
+        return self.mode == "appservice"
+
+    def warning(self) -> str | None:
+        """For /ready: set while the fallback (per-device /sync) is in use."""
+        if self.mode == "sync" and self.problem:
+            return self.problem + FALLBACK_NOTE
+        return None
+
+    def decide(self, mode: Mode, problem: str | None = None) -> None:
+        self.mode, self.problem = mode, problem
+        self.decided.set()
+        if mode == "sync":
+            log.warning("E2EE: %s%s", problem, FALLBACK_NOTE)
+        else:
+            log.info("E2EE: to-device events, device lists and key counts come in "
+                     "appservice transactions; no device polls the homeserver")
+
+    async def probe(self, api: MatrixAPI, bot: str, bot_device: str,
+                    timeout: float = PROBE_SECONDS) -> None:  # noqa: ASYNC109
+        """Decide the transport (once per process): see the module docstring."""
+        if self.decided.is_set():
+            return
+        nonce = secrets.token_urlsafe(12)
+        found: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._probe = (nonce, found)
+        try:
+            await api.request(
+                "PUT", f"/_matrix/client/v3/sendToDevice/{PROBE_TYPE}/{nonce}", as_user=bot,
+                json={"messages": {bot: {bot_device: {"nonce": nonce}}}})
+            try:
+                has_counts = await asyncio.wait_for(asyncio.shield(found), timeout)
+            except TimeoutError:
+                self.decide("sync", NO_TO_DEVICE)
+                return
+        finally:
+            self._probe = None
+        self.decide("appservice" if has_counts else "sync", None if has_counts else NO_COUNTS)
+
+    def observe(self, parts: CryptoParts) -> list[dict[str, Any]]:
+        """Called by the transaction handler before it stores anything: settles the
+        probe, returns the to-device events to queue (ours, probes left out); the rest
+        is dropped and counted."""
+        keep: list[dict[str, Any]] = []
+        if parts.malformed:
+            self.dropped.labels("malformed").inc(parts.malformed)
+            log.warning("transaction: %d to-device event(s) without a recipient, ignored",
+                        parts.malformed)
+        for item in parts.to_device:
+            if item["type"] == PROBE_TYPE:
+                if self._probe is not None and not self._probe[1].done() and \
+                        item["content"].get("nonce") == self._probe[0]:
+                    key = (item["to_user_id"], item["to_device_id"])
+                    self._probe[1].set_result(key in parts.otk_counts)
+                continue
+            if not self.devices.is_ours(item["to_user_id"]):
+                self.dropped.labels("not_ours").inc()
+                log.warning("transaction: a to-device event for a user outside the "
+                            "bridge's namespace, ignored")
+                continue
+            keep.append(item)
+        return keep
+
+    def apply(self, parts: CryptoParts) -> None:
+        """After the transaction is acknowledged: device lists and key counts."""
+        users = parts.changed | parts.left
+        if users:
+            self.devices.users_changed({u for u in users if not self.devices.is_ours(u)})
+        if self.appservice:
+            for (user_id, device_id), count in parts.otk_counts.items():
+                if self.devices.is_ours(user_id):
+                    self.devices.key_counts(user_id, device_id, otk=count)
+            for (user_id, device_id), types in parts.fallback_unused.items():
+                if self.devices.is_ours(user_id):
+                    self.devices.key_counts(user_id, device_id, fallback_unused=types)
+
+
+class ToDeviceHandler:
+    """The inbound worker's handler for queued to-device events."""
+
+    def __init__(self, feed: CryptoFeed, db: Database, ghosts: Ghosts) -> None:
+        self._feed = feed
+        self._db = db
+        self._ghosts = ghosts
+
+    async def __call__(self, item: dict[str, Any]) -> None:
+        await self._feed.decided.wait()
+        if not self._feed.appservice:
+            # The recipient's own /sync delivers the same event (Synapse sends both
+            # ways); handling it twice would fail the second Olm decryption.
+            return
+        user_id, device_id = str(item["to_user_id"]), str(item["to_device_id"])
+        ghost = await self._db.ghosts.get(UserID(user_id))
+        if ghost is None or ghost.device_id != device_id:
+            # A device of ours the bridge no longer uses (e.g. an old login) or an
+            # erased ghost: nobody can read it.
+            self._feed.dropped.labels("unknown_device").inc()
+            log.warning("a to-device event for a device the bridge does not use, ignored")
+            return
+        device = await self._ghosts.device(UserID(user_id))
+        device.feed_to_device([item])
