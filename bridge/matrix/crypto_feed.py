@@ -259,4 +259,4 @@ class ToDeviceHandler:
             log.warning("a to-device event for a device the bridge does not use, ignored")
             return
         device = await self._ghosts.device(UserID(user_id))
-        device.feed_to_device([item])
+        await device.feed_to_device([item])

@@ -285,16 +285,16 @@ class Device:
                     # now, not at the next routine upkeep.
                     self.wake()
 
-    def feed_to_device(self, events: list[dict[str, Any]]) -> None:
+    async def feed_to_device(self, events: list[dict[str, Any]]) -> None:
         """To-device events from a transaction: what nio does with those of a /sync
         (decrypt Olm, store room keys, run the to-device callbacks, which include the
         key forwarder's, collect key requests); then maintenance runs in the background
         (Olm sessions to repair, earlier room keys owed)."""
         batch = SimpleNamespace(to_device_events=[nio.ToDeviceEvent.parse_event(e)
                                                   for e in events])
-        self.client._handle_to_device(batch)
+        await self.client._handle_to_device(batch)
         if self.client.olm is not None:
-            self.client._collect_key_requests()
+            await self.client._collect_key_requests()
         self.wake()
 
     def key_counts(self, otk: int | None = None,

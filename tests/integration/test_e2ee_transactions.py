@@ -1,0 +1,180 @@
+"""E2EE fed by appservice transactions (MSC2409/MSC3202) against the real Synapse, which
+has both flags on (tests/fixtures/synapse.py): no device of the bridge calls /sync.
+
+Requests are counted at the homeserver: the session Synapse writes an access log
+(`synapse.access`, one line per request with the requester in braces), and a request
+is the bridge's when its requester is the appservice's sender or a user of its
+namespace (as_token with `?user_id=`, or a device token of a ghost or the bot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import nio
+import pytest
+
+import bridge.matrix.devices as devices_module
+from bridge.types import RoomID, UserID
+from tests.fixtures.bridge import BridgeHarness
+from tests.fixtures.staff import StaffClient, staff_login
+
+pytestmark = pytest.mark.integration
+
+_REQUESTER = re.compile(r"\{(@[^}\s]+?)(?: as [^}]+)?\}")
+
+
+def _access_log(h: BridgeHarness) -> Path:
+    return h.synapse.workdir / "access.log"
+
+
+def _bridge_lines(h: BridgeHarness, lines: list[str]) -> list[str]:
+    cfg = h.synapse.config
+    prefix = f"@{cfg.appservice.ghost_prefix}"
+    sender = f"@{cfg.appservice.bot_localpart}:"
+    out = []
+    for line in lines:
+        match = _REQUESTER.search(line)
+        if match and (match.group(1).startswith(prefix) or match.group(1).startswith(sender)):
+            out.append(line)
+    return out
+
+
+def _read_from(path: Path, offset: int) -> list[str]:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", "replace").splitlines()
+
+
+async def _staff_in_portal(h: BridgeHarness) -> tuple[StaffClient, str, UserID]:
+    """A citizen-kind room with a staff member (a fresh device) and a ghost in it."""
+    status, body = await h.running.call("POST", "/admin/v1/rooms",
+                                        {"name": "Consulta", "kind": "citizen"})
+    assert status == 201, body
+    room_id = str(body["room_id"])
+    staff = await staff_login(h.synapse.synapse, h.admin.localpart, h.admin.password)
+    await staff.join(room_id)
+    b = h.running.bridge
+    ghost = await b.ghosts.create()
+    await b.api.invite(b.ghosts.bot, RoomID(room_id), ghost)
+    await b.api.join(ghost, RoomID(room_id))
+    await b.ghosts.device(ghost)  # open: keys on the server, no sync loop
+    return staff, room_id, ghost
+
+
+async def _raw_event(h: BridgeHarness, staff: StaffClient, room_id: str,
+                     event_id: str) -> dict[str, Any]:
+    """The event as the server holds it (nio's room_get_event would decrypt it)."""
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{h.synapse.synapse.url}/_matrix/client/v3/rooms/{quote(room_id)}/event/"
+            f"{quote(event_id)}",
+            headers={"Authorization": f"Bearer {staff.client.access_token}"}) as resp:
+        assert resp.status == 200
+        event: dict[str, Any] = await resp.json()
+        return event
+
+
+async def test_transport_is_appservice_and_ready_has_no_warning(bridge: BridgeHarness) -> None:
+    b = bridge.running.bridge
+    assert b.crypto.mode == "appservice" and b.crypto.warning() is None
+    status, ready = await bridge.running.call("GET", "/ready", token=None)
+    assert status == 200 and "warnings" not in ready
+
+
+async def test_ghost_decrypts_staff_message_from_to_device_in_transactions(
+        bridge: BridgeHarness) -> None:
+    """A staff member's new device shares its room key with the ghost's device by Olm
+    to-device: it reaches the ghost only through a transaction, and decrypts."""
+    log = _access_log(bridge)
+    start = log.stat().st_size
+    staff, room_id, ghost = await _staff_in_portal(bridge)
+    try:
+        b = bridge.running.bridge
+        device = b.devices.get_open(ghost)
+        assert device is not None and device.fed
+        body = f"para el fantasma {secrets.token_hex(4)}"
+        event_id = await staff.send_text(room_id, body)
+        raw = await _raw_event(bridge, staff, room_id, event_id)
+        assert raw["type"] == "m.room.encrypted"
+        decrypted = None
+        for _ in range(100):
+            decrypted = device.decrypt(raw)
+            if decrypted is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert isinstance(decrypted, nio.RoomMessageText) and decrypted.body == body
+        # The room key came in a transaction: no device of the bridge ever synced.
+        lines = _bridge_lines(bridge, _read_from(log, start))
+        assert lines, "the access log names the bridge's requests"
+        assert not [line for line in lines if "/sync" in line]
+    finally:
+        await staff.close()
+
+
+async def _claim(staff: StaffClient, user_id: str, device_id: str) -> dict[str, Any]:
+    resp = await staff.client.keys_claim({user_id: [device_id]})
+    assert isinstance(resp, nio.KeysClaimResponse), resp
+    keys: dict[str, Any] = resp.one_time_keys.get(user_id, {}).get(device_id, {})
+    assert len(keys) == 1, resp.one_time_keys
+    return next(iter(keys.values()))
+
+
+async def test_fallback_key_then_one_time_keys_topped_up_from_counts(
+        bridge: BridgeHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new device has 50 one-time keys and a fallback key. Claiming them all (no
+    transaction reports that) leaves the fallback; the next message in a room of the
+    ghost brings a count of 0 and "no unused fallback key": the bridge uploads both."""
+    # The fallback key was uploaded seconds ago: a report of none unused is believed.
+    monkeypatch.setattr(devices_module, "FALLBACK_SETTLE_SECONDS", 0.0)
+    log = _access_log(bridge)
+    staff, room_id, ghost = await _staff_in_portal(bridge)
+    try:
+        b = bridge.running.bridge
+        device = b.devices.get_open(ghost)
+        assert device is not None
+        device_id = device.client.device_id
+        claimed = [await _claim(staff, ghost, device_id) for _ in range(50)]
+        assert not any(k.get("fallback") for k in claimed)
+        fallback = await _claim(staff, ghost, device_id)
+        assert fallback.get("fallback") is True  # present since the device opened
+        start = log.stat().st_size
+        await staff.send_text(room_id, f"hola {secrets.token_hex(3)}")
+        uploads: list[str] = []
+        for _ in range(100):
+            uploads = [line for line in _bridge_lines(bridge, _read_from(log, start))
+                       if "/keys/upload" in line and ghost in line]
+            if len(uploads) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(uploads) >= 2, uploads  # one-time keys, and a new fallback key
+        fresh = await _claim(staff, ghost, device_id)
+        assert not fresh.get("fallback"), fresh
+        olm = device.client.olm
+        assert olm is not None and olm.uploaded_key_count == 50
+    finally:
+        await staff.close()
+
+
+async def test_no_request_to_synapse_while_idle(bridge: BridgeHarness) -> None:
+    """With no traffic, neither the bot nor the open ghosts send Synapse anything (the
+    old design synced the bot every 2 s and each ghost every 30 s)."""
+    b = bridge.running.bridge
+    staff, room_id, ghost = await _staff_in_portal(bridge)
+    try:
+        await staff.send_text(room_id, "último mensaje antes del silencio")
+        await bridge.running.idle()
+        await asyncio.sleep(2)  # transactions in flight and their follow-ups settle
+    finally:
+        await staff.close()
+    assert b.devices.get_open(ghost) is not None and b.devices.get_open(b.ghosts.bot)
+    log = _access_log(bridge)
+    start = log.stat().st_size
+    await asyncio.sleep(devices_module.GHOST_UPKEEP_SECONDS + 1)
+    lines = _bridge_lines(bridge, _read_from(log, start))
+    assert lines == []
