@@ -21,9 +21,14 @@ import nio
 import pytest
 
 import bridge.matrix.devices as devices_module
+from bridge.devtools.synapse import LocalSynapse, free_port
+from bridge.homeserver.settings import module_entry
+from bridge.matrix.crypto_feed import FALLBACK_NOTE, NO_COUNTS, NO_TO_DEVICE
+from bridge.registration import registration_yaml
 from bridge.types import RoomID, UserID
-from tests.fixtures.bridge import BridgeHarness
+from tests.fixtures.bridge import BridgeHarness, RunningBridge
 from tests.fixtures.staff import StaffClient, staff_login
+from tests.fixtures.synapse import build_test_config
 
 pytestmark = pytest.mark.integration
 
@@ -178,3 +183,44 @@ async def test_no_request_to_synapse_while_idle(bridge: BridgeHarness) -> None:
     await asyncio.sleep(devices_module.GHOST_UPKEEP_SECONDS + 1)
     lines = _bridge_lines(bridge, _read_from(log, start))
     assert lines == []
+
+
+async def test_without_the_flags_the_bridge_polls_and_says_why(tmp_path: Path) -> None:
+    """The fallback: a Synapse that sends no to-device events (then: no key counts) to
+    appservices. The bridge starts, each device keeps its /sync, and /ready and the log
+    name the setting to change."""
+    hs_port, as_port = free_port(), free_port()
+    config = build_test_config(f"http://127.0.0.1:{hs_port}", as_port, tmp_path)
+    registration = tmp_path / "registration.yaml"
+    registration.write_text(registration_yaml(config), encoding="utf-8")
+    access = tmp_path / "access.log"
+    server = LocalSynapse(tmp_path / "synapse", registration_files=[registration],
+                          port=hs_port, access_log=access,
+                          settings={"modules": [module_entry(config)],
+                                    "experimental_features": {}})
+    for flags, problem in (({}, NO_TO_DEVICE),
+                           ({"msc2409_to_device_messages_enabled": True}, NO_COUNTS)):
+        server.settings["experimental_features"] = flags
+        await asyncio.to_thread(server.write_config)
+        async with server:
+            running = RunningBridge(config)
+            await running.start(timeout=90)
+            try:
+                b = running.bridge
+                assert (b.crypto.mode, b.crypto.problem) == ("sync", problem)
+                status, ready = await running.call("GET", "/ready", token=None)
+                assert status == 200
+                assert ready["warnings"] == [problem + FALLBACK_NOTE]
+                bot = b.devices.get_open(b.ghosts.bot)
+                assert bot is not None and not bot.fed
+                start = access.stat().st_size
+                syncs: list[str] = []
+                for _ in range(100):  # the bot long-polls (2 s) as before
+                    syncs = [line for line in _read_from(access, start)
+                             if "/sync" in line and b.ghosts.bot in line]
+                    if syncs:
+                        break
+                    await asyncio.sleep(0.1)
+                assert syncs
+            finally:
+                await running.stop()
