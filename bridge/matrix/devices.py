@@ -19,6 +19,10 @@ first sends there, and again after a transaction reports a membership or visibil
 change (`Devices.room_changed`). A changed member list ends the room's Megolm session,
 as nio does when it sees the change in a sync, so a removed member gets no later keys.
 
+Devices are created with the as_token (`MatrixAPI.create_device`, MSC4190) and every
+request a device's nio client makes carries the as_token with `?user_id=&device_id=`
+(MSC3202 device masquerading): no device has a login or a token of its own.
+
 Crypto state lives in nio's SQLite store under `appservice.store_dir`, pickled with the
 store key (bridge.matrix.storekey: random, wrapped by `privacy.data_key`, so rotating the
 data key leaves the stores alone), so it survives restarts; the device id is fixed
@@ -37,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import nio
 
@@ -135,8 +140,22 @@ def pending_fallback_key(client: nio.AsyncClient) -> bool:
     return client.olm is not None and bool(client.olm.account._account.fallback_key)
 
 
+class AppserviceDeviceClient(nio.AsyncClient):  # type: ignore[misc]  # nio is untyped
+    """A nio client that speaks for one device of a user of the bridge's namespace with
+    the appservice's token: `user_id` and `device_id` go into every request's query."""
+
+    async def _send(self, response_class: Any, method: str, path: str, *args: Any,
+                    **kwargs: Any) -> Any:
+        url = urlsplit(path)
+        query = [(k, v) for k, v in parse_qsl(url.query, keep_blank_values=True)
+                 if k not in ("user_id", "device_id")]
+        query += [("user_id", self.user_id), ("device_id", self.device_id)]
+        path = urlunsplit(url._replace(query=urlencode(query)))
+        return await super()._send(response_class, method, path, *args, **kwargs)
+
+
 class Device:
-    """One logged-in nio client and its key maintenance.
+    """One nio client and its key maintenance.
 
     The bot long-polls /sync: it must receive staff's room keys promptly to decrypt
     their messages. Ghosts only send, so they do not long-poll (every event in their
@@ -496,23 +515,23 @@ class Devices:
             self._pending_counts.pop((user_id, device_id), None)
 
     async def open(self, user_id: UserID, device_id: DeviceID) -> Device:
-        """The user's device, logged in, keys uploaded, sync loop running."""
+        """The user's device, created on the server, keys uploaded, its task running."""
         lock = self._opening.setdefault(user_id, asyncio.Lock())
         async with lock:
             if user_id in self._devices:
                 return self._devices[user_id]
             localpart = user_id[1:].split(":", 1)[0]
-            token = await self._api.login_device(localpart, device_id)
+            await self._api.create_device(user_id, device_id)
             store = self._store_dir / localpart
             store.mkdir(parents=True, exist_ok=True)
-            client = nio.AsyncClient(
+            client = AppserviceDeviceClient(
                 self._api.url, user_id, device_id, store_path=str(store),
                 # No stored sync tokens: nio saves them with a blocking SQLite commit on
                 # every sync; a restart simply starts with one initial sync.
                 config=nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=False,
                                              pickle_key=self._pickle_key),
             )
-            client.restore_login(user_id, device_id, token)
+            client.restore_login(user_id, device_id, self._api.as_token)
             device = Device(client, self._api, long_poll=user_id == self._long_poll_user,
                             is_ours=lambda user: self.is_ours(user),
                             key_store=self._room_keys.owner(user_id) if self._room_keys

@@ -118,6 +118,9 @@ async def test_ghost_decrypts_staff_message_from_to_device_in_transactions(
         lines = _bridge_lines(bridge, _read_from(log, start))
         assert lines, "the access log names the bridge's requests"
         assert not [line for line in lines if "/sync" in line]
+        # The device was made with the as_token (MSC4190), not with a login.
+        assert [line for line in lines if "PUT /_matrix/client/v3/devices/" in line]
+        assert not [line for line in lines if "/login" in line]
     finally:
         await staff.close()
 
