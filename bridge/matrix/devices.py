@@ -157,12 +157,18 @@ class AppserviceDeviceClient(nio.AsyncClient):  # type: ignore[misc]  # nio is u
 class Device:
     """One nio client and its key maintenance.
 
-    The bot long-polls /sync: it must receive staff's room keys promptly to decrypt
-    their messages. Ghosts only send, so they do not long-poll (every event in their
-    rooms, their own echoes included, would wake the poll and cost Synapse and the
-    bridge work per message); they refresh with a non-waiting /sync before sending when
-    their view is stale or marked dirty (membership or device-list changes reported in
-    appservice transactions), and every GHOST_UPKEEP_SECONDS in the background.
+    Fed by transactions (`fed`), it makes no request of its own accord: its task waits
+    until woken (to-device events handled, key counts low, device lists or room members
+    changed) and then does only what is due (key upload or query, earlier room keys
+    owed); a send refreshes first if something was marked.
+
+    In the fallback (the homeserver does not send those), the bot long-polls /sync: it
+    must receive staff's room keys promptly to decrypt their messages. Ghosts only send,
+    so they do not long-poll (every event in their rooms, their own echoes included,
+    would wake the poll and cost Synapse and the bridge work per message); they refresh
+    with a non-waiting /sync before sending when their view is stale or marked dirty
+    (membership or device-list changes reported in appservice transactions), and every
+    GHOST_UPKEEP_SECONDS in the background.
     """
 
     def __init__(self, client: nio.AsyncClient, api: MatrixAPI, long_poll: bool,
@@ -299,9 +305,9 @@ class Device:
             tracked = users & set(olm.device_store.users)
             if tracked:
                 olm.users_for_key_query.update(tracked)
-                if self.keys.trust is not None and self.keys.ledger.records:
-                    # A device may just have been cross-signed: it is owed earlier keys
-                    # now, not at the next routine upkeep.
+                if self.keys.ledger.records and (self.fed or self.keys.trust is not None):
+                    # A new device, or one just cross-signed, may be owed earlier keys:
+                    # now, not at the next routine upkeep (there is none when fed).
                     self.wake()
 
     async def feed_to_device(self, events: list[dict[str, Any]]) -> None:
