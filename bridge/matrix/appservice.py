@@ -120,7 +120,7 @@ async def put_transaction(request: web.Request) -> web.Response:
         # Our own messages come back as echoes; only membership matters from those.
         events = [e for e in txn.events if e["type"] == "m.room.member"
                   or not bridge.ghosts.is_ours(str(e.get("sender", "")))]
-        to_device = bridge.crypto.observe(txn.crypto)
+        to_device, dropped = bridge.crypto.observe(txn.crypto)
         stored = False
         if events or to_device:  # nothing to process, nothing to deduplicate: no write
             with bridge.db.urgent():
@@ -128,6 +128,8 @@ async def put_transaction(request: web.Request) -> web.Response:
                     transaction_key(request.match_info["txn_id"], txn.events, to_device),
                     [*events, *(wrap(item) for item in to_device)],
                     seal=partial(seal_event, bridge.privacy.cipher))
+        if dropped and (stored or not (events or to_device)):
+            bridge.crypto.count_dropped(dropped)
     bridge.crypto.apply(txn.crypto)
     if txn.ephemeral and bridge.receipts is not None:
         # Not stored: a lost read tick is no lost message; don't hold the transaction.

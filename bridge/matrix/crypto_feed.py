@@ -70,6 +70,7 @@ FALLBACK_NOTE: Final = "; every E2EE device polls the homeserver with /sync mean
 
 Mode = Literal["pending", "sync", "appservice"]
 DeviceKey = tuple[str, str]  # (user id, device id)
+Counts = dict[str, int]  # dropped to-device events by reason
 
 
 @dataclass(frozen=True)
@@ -198,15 +199,15 @@ class CryptoFeed:
             self._probe = None
         self.decide("appservice" if has_counts else "sync", None if has_counts else NO_COUNTS)
 
-    def observe(self, parts: CryptoParts) -> list[dict[str, Any]]:
+    def observe(self, parts: CryptoParts) -> tuple[list[dict[str, Any]], Counts]:
         """Called by the transaction handler before it stores anything: settles the
-        probe, returns the to-device events to queue (ours, probes left out); the rest
-        is dropped and counted."""
+        probe; returns the to-device events to queue (ours, probes left out) and how
+        many were dropped for which reason (`count_dropped` once the transaction is
+        known to be new, so that a retried one is not counted twice)."""
         keep: list[dict[str, Any]] = []
+        dropped: Counts = {}
         if parts.malformed:
-            self.dropped.labels("malformed").inc(parts.malformed)
-            log.warning("transaction: %d to-device event(s) without a recipient, ignored",
-                        parts.malformed)
+            dropped["malformed"] = parts.malformed
         for item in parts.to_device:
             if item["type"] == PROBE_TYPE:
                 if self._probe is not None and not self._probe[1].done() and \
@@ -215,12 +216,17 @@ class CryptoFeed:
                     self._probe[1].set_result(key in parts.otk_counts)
                 continue
             if not self.devices.is_ours(item["to_user_id"]):
-                self.dropped.labels("not_ours").inc()
-                log.warning("transaction: a to-device event for a user outside the "
-                            "bridge's namespace, ignored")
+                dropped["not_ours"] = dropped.get("not_ours", 0) + 1
                 continue
             keep.append(item)
-        return keep
+        return keep, dropped
+
+    def count_dropped(self, dropped: Counts) -> None:
+        for reason, n in dropped.items():
+            self.dropped.labels(reason).inc(n)
+            log.warning("transaction: %d to-device event(s) ignored (%s)", n,
+                        "no recipient" if reason == "malformed" else
+                        "for users outside the bridge's namespace")
 
     def apply(self, parts: CryptoParts) -> None:
         """After the transaction is acknowledged: device lists and key counts."""

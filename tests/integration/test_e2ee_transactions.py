@@ -10,6 +10,7 @@ namespace (as_token with `?user_id=`, or a device token of a ghost or the bot).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 from pathlib import Path
@@ -227,3 +228,46 @@ async def test_without_the_flags_the_bridge_polls_and_says_why(tmp_path: Path) -
                 assert syncs
             finally:
                 await running.stop()
+
+
+async def test_to_device_events_are_queued_sealed_once_and_open_their_device(
+        bridge: BridgeHarness) -> None:
+    """A transaction with nothing but a to-device event: stored (sealed) before the 200,
+    deduplicated on retries and in other transactions, handed to the recipient's device,
+    which it opens; events for devices the bridge does not use are dropped and counted."""
+    b = bridge.running.bridge
+    ghost = await b.ghosts.create()
+    record = await b.db.ghosts.get(ghost)
+    assert record is not None and b.devices.get_open(ghost) is None
+    sender = f"@desk_{secrets.token_hex(3)}:localhost"
+    item = {"type": "io.example.hello", "sender": sender, "to_user_id": ghost,
+            "to_device_id": record.device_id, "content": {"n": 1}}
+    wrong_device = {**item, "to_device_id": "NOTOURS", "content": {"n": 2}}
+    foreign = {**item, "to_user_id": "@alice:localhost", "content": {"n": 3}}
+    before = b.metrics.to_device_dropped.labels("unknown_device")._value.get()
+    before_foreign = b.metrics.to_device_dropped.labels("not_ours")._value.get()
+    txn = f"td{secrets.token_hex(6)}"
+    raw = json.dumps({"events": [],
+                      "de.sorunome.msc2409.to_device": [item, wrong_device, foreign]}).encode()
+    for path in (txn, txn, txn + "b"):
+        status, _ = await bridge.running.call(
+            "PUT", f"/_matrix/app/v1/transactions/{path}", raw, token="hs")
+        assert status == 200
+    lane = f"to-device:{ghost}"
+    counts = await b.db.inbound.count_lane("matrix", lane)
+    assert sum(counts.values()) == 2, counts  # ours, and the unknown device's
+    rows = [i for i in await b.db.inbound.after(0, limit=100_000) if i.lane == lane]
+    assert rows and all(sender not in r.payload and "io.example" not in r.payload
+                        for r in rows)
+    # Counted per transaction Synapse sent, not per retry of one (two distinct txn ids).
+    assert b.metrics.to_device_dropped.labels("not_ours")._value.get() == before_foreign + 2
+    for _ in range(100):
+        if b.devices.get_open(ghost) is not None and \
+                b.metrics.to_device_dropped.labels("unknown_device")._value.get() > before:
+            break
+        await asyncio.sleep(0.1)
+    assert b.devices.get_open(ghost) is not None  # opened to take its to-device event
+    assert b.metrics.to_device_dropped.labels("unknown_device")._value.get() == before + 1
+    await bridge.running.idle()
+    counts = await b.db.inbound.count_lane("matrix", lane)
+    assert counts.get("done") == 2, counts

@@ -126,7 +126,10 @@ def test_observe_keeps_ours_and_drops_and_counts_the_rest() -> None:
     feed, _, dropped = _feed()
     foreign = _to_device(to_user_id="@alice:localhost")
     parts = parse_crypto({"to_device": [_to_device(), foreign, "bad"]})
-    assert feed.observe(parts) == [_to_device()]
+    keep, counts = feed.observe(parts)
+    assert keep == [_to_device()] and counts == {"malformed": 1, "not_ours": 1}
+    assert dropped.labels("not_ours")._value.get() == 0  # counted once known new
+    feed.count_dropped(counts)
     assert dropped.labels("not_ours")._value.get() == 1
     assert dropped.labels("malformed")._value.get() == 1
 
