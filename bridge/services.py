@@ -30,7 +30,8 @@ from bridge.leader import Election, Role, SingleProcess, election_for
 from bridge.legacy_wamids import key_legacy_wamids
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.bot_invites import BotInvitePolicy
-from bridge.matrix.crypto_feed import CryptoFeed, ToDeviceHandler, unwrap
+from bridge.matrix.crypto_feed import CryptoFeed, ToDeviceHandler
+from bridge.matrix.crypto_parts import unwrap
 from bridge.matrix.devices import Devices
 from bridge.matrix.devicetrust import CrossSignedDevices
 from bridge.matrix.ghosts import Ghosts

@@ -6,8 +6,6 @@ leaves is stored before the first attempt; these repositories are that storage.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
@@ -17,6 +15,7 @@ from sqlalchemy import Select, Update, and_, case, delete, func, or_, select, up
 from bridge.db.models import InboundRow, OutboxRow, ProcessedTransactionRow, utcnow
 from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.errors import NotFound
+from bridge.matrix.crypto_parts import TO_DEVICE_WRAPPER, to_device_key
 from bridge.model import InboundItem, InboundSource, InboundStatus, OutboxItem, OutboxStatus
 from bridge.types import RoomID, WamidHash
 
@@ -82,18 +81,6 @@ class TransactionRepo:
         """Forget transaction ids received before `before`; returns how many."""
         return await purge_rows(self._scope, ProcessedTransactionRow,
                                 ProcessedTransactionRow.received_at < before, dry_run=dry_run)
-
-
-# A to-device event queued with a transaction's room events is stored as
-# {TO_DEVICE_WRAPPER: event} (bridge.matrix.crypto_feed): it has no event or room id.
-TO_DEVICE_WRAPPER = "io.civic-bridge.to_device"
-
-
-def to_device_key(item: Mapping[str, Any]) -> str:
-    """The dedupe key of a queued to-device event: a hash of all of it (its recipient
-    included), so a transaction Synapse repeats queues nothing twice."""
-    canonical = json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "to-device:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def event_lane(event: Mapping[str, Any]) -> str:

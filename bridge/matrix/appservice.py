@@ -18,10 +18,10 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.db.queues import event_lane, to_device_key
+from bridge.db.queues import event_lane
 from bridge.errors import BadRequest, NotFound
 from bridge.jsonbody import MAX_DEPTH, BodyError, clean, load_body
-from bridge.matrix.crypto_feed import CryptoParts, parse_crypto, wrap
+from bridge.matrix.crypto_parts import CryptoParts, parse_crypto, to_device_key, wrap
 from bridge.matrix.queued import seal_event
 from bridge.types import UserID
 from bridge.web.middleware import require_bearer

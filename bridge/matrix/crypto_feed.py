@@ -5,8 +5,8 @@ With `experimental_features: msc2409_to_device_messages_enabled` (and the regist
 into the transactions it pushes (MSC2409, with `to_user_id`/`to_device_id`); with
 `msc3202_transaction_extensions` (and `org.matrix.msc3202` in the registration) it adds
 device-list changes, one-time-key counts and unused fallback-key types per device
-(MSC3202). This module reads those parts of a transaction and feeds them to the nio
-clients of the bot and the ghosts (bridge.matrix.devices), which then run no /sync.
+(MSC3202). bridge.matrix.crypto_parts reads those parts of a transaction; this module feeds them
+to the nio clients of the bot and the ghosts (bridge.matrix.devices), which then run no /sync.
 
 - To-device events are stored in the inbound queue with the transaction's room events,
   sealed like them (bridge.matrix.queued), before the transaction is acknowledged
@@ -29,13 +29,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from prometheus_client import Counter
 
-from bridge.db.queues import TO_DEVICE_WRAPPER
+from bridge.matrix.crypto_parts import PROBE_TYPE, Counts, CryptoParts
 from bridge.types import UserID
 
 if TYPE_CHECKING:
@@ -46,18 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROBE_TYPE: Final = "io.civic-bridge.probe"
 PROBE_SECONDS: Final = 10.0
-# Stable names first (MSC2409/MSC3202 once merged), then the unstable ones Synapse sends.
-TO_DEVICE_KEYS: Final = ("to_device", "de.sorunome.msc2409.to_device")
-DEVICE_LISTS_KEYS: Final = ("device_lists", "org.matrix.msc3202.device_lists")
-OTK_COUNT_KEYS: Final = ("device_one_time_keys_count",
-                         "org.matrix.msc3202.device_one_time_keys_count",
-                         "org.matrix.msc3202.device_one_time_key_counts")
-FALLBACK_KEYS: Final = ("device_unused_fallback_key_types",
-                        "org.matrix.msc3202.device_unused_fallback_key_types")
-WRAPPER: Final = TO_DEVICE_WRAPPER
-
 NO_TO_DEVICE: Final = (
     "the homeserver sends no to-device events to the bridge: set "
     "`experimental_features: {msc2409_to_device_messages_enabled: true}` in homeserver.yaml "
@@ -69,82 +56,6 @@ NO_COUNTS: Final = (
 FALLBACK_NOTE: Final = "; every E2EE device polls the homeserver with /sync meanwhile"
 
 Mode = Literal["pending", "sync", "appservice"]
-DeviceKey = tuple[str, str]  # (user id, device id)
-Counts = dict[str, int]  # dropped to-device events by reason
-
-
-@dataclass(frozen=True)
-class CryptoParts:
-    """The E2EE parts of one transaction."""
-
-    to_device: list[dict[str, Any]] = field(default_factory=list)
-    malformed: int = 0  # to-device items without the fields routing needs
-    changed: set[str] = field(default_factory=set)
-    left: set[str] = field(default_factory=set)
-    # Absent device: not reported. A listed device without `signed_curve25519` has 0.
-    otk_counts: dict[DeviceKey, int] = field(default_factory=dict)
-    fallback_unused: dict[DeviceKey, list[str]] = field(default_factory=dict)
-    has_counts: bool = False  # the transaction carried an MSC3202 count key at all
-
-
-def _first(body: Mapping[str, Any], keys: tuple[str, ...], kind: type) -> Any:
-    for key in keys:
-        value = body.get(key)
-        if isinstance(value, kind):
-            return value
-    return None
-
-
-def _per_device(value: Any) -> dict[DeviceKey, Any]:
-    out: dict[DeviceKey, Any] = {}
-    if not isinstance(value, dict):
-        return out
-    for user_id, devices in value.items():
-        if isinstance(user_id, str) and isinstance(devices, dict):
-            for device_id, item in devices.items():
-                if isinstance(device_id, str):
-                    out[(user_id, device_id)] = item
-    return out
-
-
-def parse_crypto(body: Mapping[str, Any]) -> CryptoParts:
-    """Read the to-device events, device lists and key counts of a transaction body."""
-    to_device: list[dict[str, Any]] = []
-    malformed = 0
-    for item in _first(body, TO_DEVICE_KEYS, list) or []:
-        if (isinstance(item, dict) and isinstance(item.get("content"), dict)
-                and all(isinstance(item.get(k), str) and item.get(k)
-                        for k in ("type", "sender", "to_user_id", "to_device_id"))):
-            to_device.append(item)
-        else:
-            malformed += 1
-    lists = _first(body, DEVICE_LISTS_KEYS, dict) or {}
-
-    def users(key: str) -> set[str]:
-        value = lists.get(key)
-        return {u for u in value if isinstance(u, str)} if isinstance(value, list) else set()
-
-    raw_counts = _first(body, OTK_COUNT_KEYS, dict)
-    counts: dict[DeviceKey, int] = {}
-    for key, algorithms in _per_device(raw_counts).items():
-        if isinstance(algorithms, dict):
-            count = algorithms.get("signed_curve25519", 0)  # {} means none left
-            counts[key] = count if isinstance(count, int) and count >= 0 else 0
-    fallback = {key: [a for a in types if isinstance(a, str)]
-                for key, types in _per_device(_first(body, FALLBACK_KEYS, dict)).items()
-                if isinstance(types, list)}
-    return CryptoParts(to_device, malformed, users("changed"), users("left"), counts,
-                       fallback, has_counts=raw_counts is not None)
-
-
-def wrap(item: Mapping[str, Any]) -> dict[str, Any]:
-    return {WRAPPER: dict(item)}
-
-
-def unwrap(event: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The to-device event a queued item holds; None for a room event."""
-    item = event.get(WRAPPER)
-    return item if isinstance(item, dict) else None
 
 
 class CryptoFeed:

@@ -32,6 +32,7 @@ CORE = [
     "bridge.matrix.keyshare",  # key-share ledger
     "bridge.matrix.crosssign",  # cross-signing maths
     "bridge.matrix.management",  # management-room command parsing
+    "bridge.matrix.crypto_parts",  # E2EE parts of appservice transactions
     "bridge.moderation.rules",
 ]
 IO_LIBRARIES = ("aiohttp", "nio", "sqlalchemy", "alembic")

@@ -10,15 +10,8 @@ from prometheus_client import CollectorRegistry, Counter
 
 from bridge.db.queues import _event_key, event_lane
 from bridge.matrix.appservice import parse_transaction, transaction_key
-from bridge.matrix.crypto_feed import (
-    NO_COUNTS,
-    NO_TO_DEVICE,
-    PROBE_TYPE,
-    CryptoFeed,
-    parse_crypto,
-    unwrap,
-    wrap,
-)
+from bridge.matrix.crypto_feed import NO_COUNTS, NO_TO_DEVICE, CryptoFeed
+from bridge.matrix.crypto_parts import PROBE_TYPE, parse_crypto, unwrap, wrap
 
 GHOST, DEV = "@cb_ghost:localhost", "GHOSTDEV"
 
