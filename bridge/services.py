@@ -196,6 +196,9 @@ class Bridge:
             try:
                 bot = await self.ghosts.ensure_bot()
                 # Before the worker starts: how every device learns of to-device events.
+                # Synapse first retries what it queued while the bridge was away (the
+                # ping ends its backoff), so the probe is not stuck behind a backoff.
+                await self.nudge_homeserver()
                 await self.crypto.probe(self.api, bot.user_id, bot.client.device_id)
                 await self.ghosts.resume_unregistered()
                 await self.trust.upgrade_existing(Path(self.config.appservice.store_dir))

@@ -145,12 +145,11 @@ class CryptoFeed:
         if users:
             self.devices.users_changed({u for u in users if not self.devices.is_ours(u)})
         if self.appservice:
-            for (user_id, device_id), count in parts.otk_counts.items():
+            for user_id, device_id in parts.otk_counts.keys() | parts.fallback_unused.keys():
                 if self.devices.is_ours(user_id):
-                    self.devices.key_counts(user_id, device_id, otk=count)
-            for (user_id, device_id), types in parts.fallback_unused.items():
-                if self.devices.is_ours(user_id):
-                    self.devices.key_counts(user_id, device_id, fallback_unused=types)
+                    self.devices.key_counts(
+                        user_id, device_id, otk=parts.otk_counts.get((user_id, device_id)),
+                        fallback_unused=parts.fallback_unused.get((user_id, device_id)))
 
 
 class ToDeviceHandler:

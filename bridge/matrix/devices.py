@@ -508,17 +508,23 @@ class Devices:
         if device is not None and device.client.device_id == device_id:
             device.key_counts(otk, fallback_unused)
             return
-        low = otk is not None and otk < OTK_LOW
-        no_fallback = fallback_unused is not None and \
-            "signed_curve25519" not in fallback_unused
-        if low or no_fallback:
-            pending = self._pending_counts.setdefault((user_id, device_id), {})
-            if low:
+        # Each reported value replaces the one kept: kept only while it needs action.
+        key = (user_id, device_id)
+        pending = self._pending_counts.get(key, {})
+        if otk is not None:
+            if otk < OTK_LOW:
                 pending["otk"] = otk
-            if no_fallback:
+            else:
+                pending.pop("otk", None)
+        if fallback_unused is not None:
+            if "signed_curve25519" not in fallback_unused:
                 pending["fallback_unused"] = fallback_unused
-        elif otk is not None or fallback_unused is not None:
-            self._pending_counts.pop((user_id, device_id), None)
+            else:
+                pending.pop("fallback_unused", None)
+        if pending:
+            self._pending_counts[key] = pending
+        else:
+            self._pending_counts.pop(key, None)
 
     async def open(self, user_id: UserID, device_id: DeviceID) -> Device:
         """The user's device, created on the server, keys uploaded, its task running."""

@@ -170,3 +170,18 @@ async def test_probe_decides_the_transport() -> None:
         assert (warning is None) == (mode == "appservice")
         if warning is not None:
             assert "experimental_features" in warning and "/sync" in warning
+
+
+async def test_counts_of_closed_devices_are_kept_only_while_they_need_action(
+        tmp_path: Any) -> None:
+    from bridge.matrix.devices import Devices
+
+    devices = Devices(None, tmp_path, "pickle")  # type: ignore[arg-type]  # no device opens
+    devices.key_counts(GHOST, DEV, otk=3, fallback_unused=["signed_curve25519"])
+    assert devices._pending_counts == {(GHOST, DEV): {"otk": 3}}
+    devices.key_counts(GHOST, DEV, otk=None, fallback_unused=[])
+    assert devices._pending_counts == {(GHOST, DEV): {"otk": 3, "fallback_unused": []}}
+    devices.key_counts(GHOST, DEV, otk=None, fallback_unused=["signed_curve25519"])
+    assert devices._pending_counts == {(GHOST, DEV): {"otk": 3}}  # the low count stays
+    devices.key_counts(GHOST, DEV, otk=50)
+    assert devices._pending_counts == {}
