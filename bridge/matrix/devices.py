@@ -76,6 +76,11 @@ GHOST_UPKEEP_SECONDS = 30.0
 # Fed by transactions: one-time keys are topped up when fewer than this are left on the
 # server (half of the 50 vodozemac keeps), so one upload serves 25 new Olm sessions.
 OTK_LOW = 25
+# A low count this soon after a top-up may have been counted before it (the message
+# that claimed a key and the room event it unlocks come in two transactions, both with
+# the count): topping up again would put more keys on the server than the account
+# keeps the private halves of.
+COUNT_SETTLE_SECONDS = 5.0
 # A report of "no unused fallback key" this soon after uploading one may predate it:
 # uploading again would replace a key a sender may be about to use.
 FALLBACK_SETTLE_SECONDS = 30.0
@@ -183,6 +188,7 @@ class Device:
         self.feed = feed
         self.needs_fallback_key = False
         self._fallback_uploaded_at = float("-inf")
+        self._keys_uploaded_at = float("-inf")
         # Room keys of earlier messages for staff devices that appear later.
         self.keys = KeyForwarder(client, is_ours, key_store, key_trust)
         self._wake = asyncio.Event()
@@ -331,14 +337,15 @@ class Device:
         if olm is None:
             return
         wake = False
-        if otk is not None and otk < OTK_LOW:
+        now = asyncio.get_running_loop().time()
+        if otk is not None and otk < OTK_LOW and \
+                now - self._keys_uploaded_at >= COUNT_SETTLE_SECONDS:
             olm.uploaded_key_count = otk
             wake = True
-        if fallback_unused is not None and "signed_curve25519" not in fallback_unused:
-            since = asyncio.get_running_loop().time() - self._fallback_uploaded_at
-            if since >= FALLBACK_SETTLE_SECONDS:
-                self.needs_fallback_key = True
-                wake = True
+        if fallback_unused is not None and "signed_curve25519" not in fallback_unused \
+                and now - self._fallback_uploaded_at >= FALLBACK_SETTLE_SECONDS:
+            self.needs_fallback_key = True
+            wake = True
         if wake:
             self.wake()
 
@@ -349,6 +356,7 @@ class Device:
         if c.should_upload_keys:
             try:
                 await upload_keys(c)
+                self._keys_uploaded_at = asyncio.get_running_loop().time()
             except RuntimeError as exc:  # not fatal: the keys on the server still serve
                 log.warning("%s: %s", self.user_id, exc)
         if self.fed and (self.needs_fallback_key or pending_fallback_key(c)):
