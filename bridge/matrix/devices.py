@@ -552,6 +552,11 @@ class Devices:
                                              pickle_key=self._pickle_key),
             )
             client.restore_login(user_id, device_id, self._api.as_token)
+            if client.olm is not None and self.feed is not None:
+                # Device-list changes reach open devices only: those of the users this
+                # one knows may have been missed while it was closed. Re-read once,
+                # before it next encrypts or forwards.
+                client.olm.users_for_key_query.update(client.olm.device_store.users)
             device = Device(client, self._api, long_poll=user_id == self._long_poll_user,
                             is_ours=lambda user: self.is_ours(user),
                             key_store=self._room_keys.owner(user_id) if self._room_keys
