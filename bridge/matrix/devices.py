@@ -589,6 +589,10 @@ class Devices:
                     await client.close()  # not cached: the next open retries the hook
                     raise
             device.start()
+            if restored:
+                # Earlier room keys kept for later devices: forward what is owed now
+                # (fed by transactions, nothing else would wake a device just opened).
+                device.wake()
             self._devices[user_id] = device
             log.info("device open for %s", user_id)
             return device
