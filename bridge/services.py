@@ -196,9 +196,11 @@ class Bridge:
             try:
                 bot = await self.ghosts.ensure_bot()
                 # Before the worker starts: how every device learns of to-device events.
-                # Synapse first retries what it queued while the bridge was away (the
-                # ping ends its backoff), so the probe is not stuck behind a backoff.
-                await self.nudge_homeserver()
+                # Alongside: the ping makes Synapse retry what it queued while the
+                # bridge was away at once (ends its backoff), the probe's transaction
+                # included. Not awaited: a ping that fails retries for up to 30 s.
+                if not self.crypto.decided.is_set():
+                    self.spawn(self.nudge_homeserver())
                 await self.crypto.probe(self.api, bot.user_id, bot.client.device_id)
                 await self.ghosts.resume_unregistered()
                 await self.trust.upgrade_existing(Path(self.config.appservice.store_dir))
@@ -226,7 +228,6 @@ class Bridge:
                                        self.metrics).run())
         self.ready.set()
         log.info("bridge ready")
-        self.spawn(self.nudge_homeserver())
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Track a background task: keep a reference, log its failure."""
