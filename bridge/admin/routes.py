@@ -39,15 +39,19 @@ def _bridge(request: web.Request) -> Bridge:
     return bridge
 
 
-async def _body(request: web.Request) -> tuple[Bridge, dict[str, Any]]:
-    bridge = _bridge(request)
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body (`{}` when empty); 400 for anything else."""
     try:
         body = json.loads(await request.read() or b"{}")
     except ValueError:
         raise BadRequest("body is not JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
-    return bridge, body
+    return body
+
+
+async def _body(request: web.Request) -> tuple[Bridge, dict[str, Any]]:
+    return _bridge(request), await json_object(request)
 
 
 def _str(body: dict[str, Any], key: str, required: bool = True) -> str | None:

@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from bridge.admin.auth import actor
-from bridge.admin.routes import verb_route
-from bridge.errors import BadRequest, InvalidParam, Unavailable
+from bridge.admin.routes import json_object, verb_route
+from bridge.errors import InvalidParam, Unavailable
 from bridge.invites.forms import pick_language
 from bridge.invites.page import whatsapp_page
 from bridge.invites.routes import SECURITY_HEADERS
@@ -43,16 +42,6 @@ def _parts(request: web.Request) -> WhatsAppRooms:
     return parts
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.read() or b"{}")
-    except ValueError:
-        raise BadRequest("body is not JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    return body
-
-
 def _flag(body: dict[str, Any], key: str) -> bool | None:
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
@@ -62,7 +51,7 @@ def _flag(body: dict[str, Any], key: str) -> bool | None:
 
 @verb_route("whatsapp-members.add")
 async def add_member(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_object(request)
     citizen = body.get("citizen")
     if not isinstance(citizen, str):
         raise InvalidParam("citizen: must be a string (portal ghost or subscription code)")
@@ -87,7 +76,7 @@ async def list_members(request: web.Request) -> web.Response:
 
 @verb_route("whatsapp-settings")
 async def settings(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_object(request)
     result = await _parts(request).members.configure(
         actor(request), request.match_info["room_id"], _flag(body, "whatsapp_allowed"),
         _flag(body, "relay_media"))
