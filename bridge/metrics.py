@@ -172,3 +172,15 @@ class Metrics:
             "civic_bridge_to_device_dropped",
             "To-device events from appservice transactions no device of the bridge could "
             "take", ["reason"], registry=r)
+        # result: recovered (new to-device events fetched) / nothing_new / failed
+        # (bridge.matrix.catchup: one /sync after a staff event stayed undecryptable)
+        self.to_device_catch_ups = Counter(
+            "civic_bridge_to_device_catch_ups",
+            "Device inbox fetches after a staff event stayed undecryptable", ["result"],
+            registry=r)
+        # result: ok / failed (bridge.matrix.as_recovery: MSC2659 pings that end
+        # Synapse's hold on the appservice after a failed transaction or a restart)
+        self.homeserver_pings = Counter(
+            "civic_bridge_homeserver_pings",
+            "Pings asking the homeserver to retry its appservice transactions now",
+            ["result"], registry=r)

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from bridge.invites.service import InviteLinks
 from bridge.leader import Election, Role, SingleProcess, election_for
 from bridge.legacy_wamids import key_legacy_wamids
 from bridge.matrix.api import MatrixAPI, MatrixError
+from bridge.matrix.as_recovery import AppserviceRecovery
 from bridge.matrix.bot_invites import BotInvitePolicy
+from bridge.matrix.catchup import ToDeviceCatchUp
 from bridge.matrix.crypto_feed import CryptoFeed, ToDeviceHandler
 from bridge.matrix.crypto_parts import unwrap
 from bridge.matrix.devices import Devices
@@ -92,7 +95,7 @@ class Bridge:
     notices: Notices
     dead_letters: DeadLetters
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     # High availability (bridge.leader): only the elected process starts and processes.
     election: Election = field(default_factory=SingleProcess)
     pod: PodLabeler | None = None
@@ -169,20 +172,11 @@ class Bridge:
         await self.outbox.stop()
         await self.devices.close()
 
-    async def nudge_homeserver(self, attempts: int = 5) -> None:
-        """Have Synapse ping us (MSC2659): after a takeover it then retries the queued
-        transactions at once rather than after its exponential backoff."""
-        for attempt in range(attempts):
-            try:
-                await self.api.ping_appservice(self.config.appservice.id)
-                return
-            except (MatrixError, aiohttp.ClientError, OSError) as exc:
-                # 502/504: e.g. the Service does not route to this pod yet. Not fatal:
-                # Synapse retries on its own, only later.
-                log.info("homeserver ping failed (%s)", exc)
-                if isinstance(exc, MatrixError) and exc.status < 500:
-                    return  # an older homeserver without MSC2659, or no `url` registered
-            await asyncio.sleep(2.0 * (attempt + 1))
+    async def nudge_homeserver(self) -> bool:
+        """Have Synapse ping us (MSC2659): after a takeover or a restart it then retries
+        the queued transactions at once rather than after its exponential backoff, and
+        sends to-device events again (bridge.matrix.as_recovery)."""
+        return self.crypto.recovery is not None and await self.crypto.recovery.ping()
 
     async def start(self) -> None:
         """Bring up the bot device, then process queued work; retries until Synapse answers."""
@@ -197,11 +191,14 @@ class Bridge:
                 bot = await self.ghosts.ensure_bot()
                 # Before the worker starts: how every device learns of to-device events.
                 # Alongside: the ping makes Synapse retry what it queued while the
-                # bridge was away at once (ends its backoff), the probe's transaction
-                # included. Not awaited: a ping that fails retries for up to 30 s.
+                # bridge was away at once (ends its backoff); the probe is sent again
+                # once it did. Not awaited: a ping that fails retries for up to 30 s.
                 if not self.crypto.decided.is_set():
-                    self.spawn(self.nudge_homeserver())
-                await self.crypto.probe(self.api, bot.user_id, bot.client.device_id)
+                    pinged = asyncio.create_task(self.nudge_homeserver())
+                    self.tasks.add(pinged)
+                    pinged.add_done_callback(self.tasks.discard)
+                    await self.crypto.probe(self.api, bot.user_id, bot.client.device_id,
+                                            recovered=partial(asyncio.shield, pinged))
                 await self.ghosts.resume_unregistered()
                 await self.trust.upgrade_existing(Path(self.config.appservice.store_dir))
                 break
@@ -303,6 +300,7 @@ async def build_bridge(config: Config) -> Bridge:
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)
     crypto = CryptoFeed(devices, metrics.to_device_dropped)
+    crypto.recovery = AppserviceRecovery(api, config.appservice.id, metrics.homeserver_pings)
     to_device = ToDeviceHandler(crypto, db, ghosts)
     rooms = Rooms(api, ghosts.bot, RoomPolicy(federate=config.rooms.federate,
                                               admins=tuple(config.admin.users)))
@@ -355,6 +353,8 @@ async def build_bridge(config: Config) -> Bridge:
         if config.whatsapp.send_read_receipts:
             receipts = StaffReceipts(db, privacy, graph, metrics, ghosts.is_ours)
     worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce)
+    crypto.catch_up = ToDeviceCatchUp(db, privacy.cipher, crypto, partial(worker.wake, "matrix"),
+                                      metrics.to_device_catch_ups)
     dead_letters.wake_inbound, dead_letters.wake_outbox = worker.wake, outbox.wake
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy,
                         outbox if config.whatsapp.enabled else None, metrics)

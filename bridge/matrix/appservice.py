@@ -21,6 +21,7 @@ from aiohttp import web
 from bridge.db.queues import event_lane
 from bridge.errors import BadRequest, NotFound
 from bridge.jsonbody import MAX_DEPTH, BodyError, clean, load_body
+from bridge.matrix.as_recovery import watched
 from bridge.matrix.crypto_parts import CryptoParts, parse_crypto, to_device_key, wrap
 from bridge.matrix.queued import seal_event
 from bridge.types import UserID
@@ -109,6 +110,7 @@ def transaction_key(txn_id: str, events: list[dict[str, Any]],
 
 
 @routes.put("/_matrix/app/v1/transactions/{txn_id}")
+@watched  # an error answer makes the bridge ping Synapse (bridge.matrix.as_recovery)
 async def put_transaction(request: web.Request) -> web.Response:
     _auth(request)
     bridge = request.app[BRIDGE]

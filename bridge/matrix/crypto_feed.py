@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from prometheus_client import Counter
@@ -39,7 +40,8 @@ from bridge.types import UserID
 if TYPE_CHECKING:
     from bridge.db import Database
     from bridge.matrix.api import MatrixAPI
-    from bridge.matrix.devices import Devices
+    from bridge.matrix.as_recovery import AppserviceRecovery
+    from bridge.matrix.devices import Device, Devices
     from bridge.matrix.ghosts import Ghosts
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,12 @@ class CryptoFeed:
         self.decided = asyncio.Event()
         self.problem: str | None = None  # why the fallback is used
         self.dropped = dropped
-        self._probe: tuple[str, asyncio.Future[bool]] | None = None  # nonce, has counts
+        # The nonces of the probes sent, and whether their transaction had key counts.
+        self._probe: tuple[set[str], asyncio.Future[bool]] | None = None
+        # Fetches a device's inbox once (bridge.matrix.catchup); set when wired.
+        self.catch_up: Callable[[Device], Awaitable[bool]] | None = None
+        # Pings Synapse when it may hold the bridge DOWN (bridge.matrix.as_recovery).
+        self.recovery: AppserviceRecovery | None = None
         devices.feed = self
 
     @property
@@ -90,25 +97,68 @@ class CryptoFeed:
                      "appservice transactions; no device polls the homeserver")
 
     async def probe(self, api: MatrixAPI, bot: str, bot_device: str,
-                    timeout: float = PROBE_SECONDS) -> None:  # noqa: ASYNC109
-        """Decide the transport (once per process): see the module docstring."""
+                    timeout: float = PROBE_SECONDS,  # noqa: ASYNC109
+                    recovered: Callable[[], Awaitable[bool]] | None = None) -> None:
+        """Decide the transport (once per process): see the module docstring.
+
+        `recovered` (run alongside) says whether Synapse has been made to retry the
+        transactions it held (bridge.matrix.as_recovery). While it held the bridge
+        DOWN it dropped the probe from its transactions, so after that the probe is
+        sent again (after 1, 2 and 4 s: Synapse marks the bridge UP only once it has
+        delivered what it held), and the wait restarts once."""
         if self.decided.is_set():
             return
-        nonce = secrets.token_urlsafe(12)
         found: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._probe = (nonce, found)
+        self._probe = (set(), found)
+        resend = None
         try:
-            await api.request(
-                "PUT", f"/_matrix/client/v3/sendToDevice/{PROBE_TYPE}/{nonce}", as_user=bot,
-                json={"messages": {bot: {bot_device: {"nonce": nonce}}}})
-            try:
-                has_counts = await asyncio.wait_for(asyncio.shield(found), timeout)
-            except TimeoutError:
-                self.decide("sync", NO_TO_DEVICE)
-                return
+            await self._send_probe(api, bot, bot_device)
+            if recovered is not None:
+                resend = asyncio.create_task(self._resend_probe(api, bot, bot_device, recovered))
+            has_counts = await self._wait_probe(found, timeout)
+            if has_counts is None and resend is not None and await resend:
+                has_counts = await self._wait_probe(found, timeout)
         finally:
             self._probe = None
-        self.decide("appservice" if has_counts else "sync", None if has_counts else NO_COUNTS)
+            if resend is not None:
+                resend.cancel()
+                await asyncio.gather(resend, return_exceptions=True)
+        if has_counts is None:
+            self.decide("sync", NO_TO_DEVICE)
+        else:
+            self.decide("appservice" if has_counts else "sync",
+                        None if has_counts else NO_COUNTS)
+
+    async def _send_probe(self, api: MatrixAPI, bot: str, bot_device: str) -> None:
+        assert self._probe is not None
+        nonce = secrets.token_urlsafe(12)
+        self._probe[0].add(nonce)
+        await api.request(
+            "PUT", f"/_matrix/client/v3/sendToDevice/{PROBE_TYPE}/{nonce}", as_user=bot,
+            json={"messages": {bot: {bot_device: {"nonce": nonce}}}})
+
+    async def _resend_probe(self, api: MatrixAPI, bot: str, bot_device: str,
+                            recovered: Callable[[], Awaitable[bool]]) -> bool:
+        """True if the probe was sent again after Synapse was made to retry."""
+        if not await recovered():
+            return False
+        sent = False
+        for delay in (1.0, 2.0, 4.0):
+            await asyncio.sleep(delay)
+            if self._probe is None or self._probe[1].done():
+                break
+            await self._send_probe(api, bot, bot_device)
+            sent = True
+        return sent
+
+    @staticmethod
+    async def _wait_probe(found: asyncio.Future[bool], timeout: float  # noqa: ASYNC109
+                          ) -> bool | None:
+        """Whether the probe's transaction had key counts; None: none came in time."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(found), timeout)
+        except TimeoutError:
+            return None
 
     def observe(self, parts: CryptoParts) -> tuple[list[dict[str, Any]], Counts]:
         """Called by the transaction handler before it stores anything: settles the
@@ -121,8 +171,9 @@ class CryptoFeed:
             dropped["malformed"] = parts.malformed
         for item in parts.to_device:
             if item["type"] == PROBE_TYPE:
+                nonce = item["content"].get("nonce")
                 if self._probe is not None and not self._probe[1].done() and \
-                        item["content"].get("nonce") == self._probe[0]:
+                        isinstance(nonce, str) and nonce in self._probe[0]:
                     key = (item["to_user_id"], item["to_device_id"])
                     self._probe[1].set_result(key in parts.otk_counts)
                 continue

@@ -57,7 +57,9 @@ ALLOWED_LABELS: dict[str, set[str]] = {
     "origin": set(REPORT_SOURCES),
     "action": set(ACTIONS),
     "result": {"reverted", "not_reverted", "rekeyed", "notice_only", "conflict",
-               "unknown_citizen", "ok", "failed", "broken"},
+               "unknown_citizen", "ok", "failed", "broken",
+               # bridge.matrix.catchup: device inbox fetches
+               "recovered", "nothing_new"},
     # bridge.whatsapp.webhook: items sent before the replay window
     "part": {"message", "status"},
 }
