@@ -172,6 +172,52 @@ async def test_probe_decides_the_transport() -> None:
             assert "experimental_features" in warning and "/sync" in warning
 
 
+class _HeldDown(_API):
+    """A homeserver holding the bridge DOWN: probes are dropped until the ping."""
+
+    def __init__(self, feed: CryptoFeed, deliver: dict[str, Any]) -> None:
+        super().__init__(feed, None)
+        self.up_deliver = deliver
+        self.sent = 0
+
+    async def request(self, method: str, path: str, *, as_user: str | None = None,
+                      json: Any = None, params: Any = None) -> dict[str, Any]:
+        self.sent += 1
+        return await super().request(method, path, as_user=as_user, json=json, params=params)
+
+    async def ping(self) -> bool:
+        await asyncio.sleep(0.05)
+        self.deliver = self.up_deliver  # UP from now on
+        return True
+
+
+async def test_probe_dropped_while_held_down_is_sent_again_after_the_ping() -> None:
+    """A restart while Synapse held the bridge DOWN: the first probe is dropped; once
+    the ping made Synapse retry, the probe goes again and the transport is decided
+    right (before: /sync polling for the life of the process)."""
+    counts = {"org.matrix.msc3202.device_one_time_keys_count": {GHOST: {DEV: {}}}}
+    feed, _, _ = _feed()
+    api = _HeldDown(feed, counts)
+    await feed.probe(api, GHOST, DEV, timeout=2.0,  # type: ignore[arg-type]
+                     recovered=api.ping)
+    assert feed.mode == "appservice" and api.sent == 2
+    # A failed ping (an old homeserver) leaves it as it was: one probe, the fallback.
+    feed, _, _ = _feed()
+    held = _HeldDown(feed, counts)
+
+    async def no_ping() -> bool:
+        return False
+
+    await feed.probe(held, GHOST, DEV, timeout=0.3, recovered=no_ping)  # type: ignore[arg-type]
+    assert (feed.mode, feed.problem, held.sent) == ("sync", NO_TO_DEVICE, 1)
+
+
+def test_a_probe_nonce_that_is_not_a_string_is_ignored() -> None:
+    feed, _, _ = _feed()
+    bad = _to_device(type=PROBE_TYPE, content={"nonce": ["x"]})
+    assert feed.observe(parse_crypto({"to_device": [bad]})) == ([], {})
+
+
 async def test_counts_of_closed_devices_are_kept_only_while_they_need_action(
         tmp_path: Any) -> None:
     from bridge.matrix.devices import Devices
