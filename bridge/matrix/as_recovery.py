@@ -11,12 +11,17 @@ successful `POST /_matrix/client/v1/appservice/{id}/ping` makes Synapse retry at
 (`force_retry`), which ends the hold.
 
 So the bridge pings whenever Synapse may hold it DOWN: at start (also after a standby
-became the leader), after it answered a transaction with an error, and when a
-transaction's id skips ahead of the last one seen (transactions in between never
-arrived). Each ping retries a few times, then gives up: Synapse's own backoff still
-delivers later. Consecutive error answers space their pings out (1 s doubling to 60 s)
-so that a bridge that keeps failing does not make Synapse retry in a tight loop. What
-was dropped meanwhile is fetched separately (bridge.matrix.catchup).
+became the leader) and after it answered a transaction with an error. Each ping
+retries a few times, then gives up: Synapse's own backoff still delivers later.
+
+Not on a transaction id that skips ahead: Synapse numbers the transactions of all its
+appservices from one sequence, so ids skip whenever another appservice got one, and
+a transaction it created is retried under its own id until delivered (ids are not
+spent on what it drops), so a skip says nothing about the bridge being held DOWN.
+
+Consecutive error answers space their pings out (1 s doubling to 60 s) so that a
+bridge that keeps failing does not make Synapse retry in a tight loop. What was
+dropped meanwhile is fetched separately (bridge.matrix.catchup).
 """
 
 from __future__ import annotations
@@ -49,7 +54,6 @@ class AppserviceRecovery:
         self._api = api
         self._id = appservice_id
         self._pings = pings
-        self._last_txn: int | None = None
         self._gap = FIRST_GAP_SECONDS
         self._scheduled = False
 
@@ -70,23 +74,16 @@ class AppserviceRecovery:
             await asyncio.sleep(2.0 * (attempt + 1))
         return False
 
-    def after_transaction(self, txn_id: str, failed: bool) -> Coroutine[Any, Any, None] | None:
+    def after_transaction(self, failed: bool) -> Coroutine[Any, Any, None] | None:
         """Called for every transaction Synapse sends; returns the ping to run in the
         background, if one is due."""
-        skipped = False
-        if txn_id.isdigit():
-            number = int(txn_id)
-            skipped = self._last_txn is not None and number > self._last_txn + 1
-            if not failed:
-                self._last_txn = max(number, self._last_txn or 0)
         if not failed:
             self._gap = FIRST_GAP_SECONDS
-        if not (failed or skipped) or self._scheduled:
+            return None
+        if self._scheduled:
             return None
         self._scheduled = True
-        gap = self._gap
-        if failed:
-            self._gap = min(self._gap * 2, MAX_GAP_SECONDS)
+        gap, self._gap = self._gap, min(self._gap * 2, MAX_GAP_SECONDS)
         return self._ping_after(gap)
 
     async def _ping_after(self, delay: float) -> None:
@@ -120,8 +117,7 @@ def watched(handler: Handler) -> Handler:
             recovery = bridge.crypto.recovery
             # 401/403: not Synapse (a wrong token); it holds nothing against us.
             if recovery is not None and status not in (401, 403):
-                ping = recovery.after_transaction(request.match_info.get("txn_id", ""),
-                                                  failed=status >= 400)
+                ping = recovery.after_transaction(failed=status >= 400)
                 if ping is not None:
                     bridge.spawn(ping)
     return wrapper
