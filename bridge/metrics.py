@@ -53,6 +53,8 @@ class Metrics:
                                              registry=r)
         self.notices = Counter("civic_bridge_notices",
                                "Notices of availability, by outcome", ["outcome"], registry=r)
+        self.open_devices = Gauge("civic_bridge_open_devices",
+                                  "E2EE devices (bot and ghosts) open in memory", registry=r)
         self.active = Gauge("civic_bridge_active",
                             "1 while this process holds the leader lock and processes",
                             registry=r)

@@ -217,6 +217,7 @@ class Bridge:
         if self.config.whatsapp.enabled:
             self.outbox.start()
         self.spawn(self.retention())
+        self.spawn(self.close_idle_devices())
         self.spawn(self.relay.retry_parked())
         if self.safety and self.safety.poller:
             self.spawn(self.safety.poller.run())
@@ -225,6 +226,15 @@ class Bridge:
                                        self.metrics).run())
         self.ready.set()
         log.info("bridge ready")
+
+    async def close_idle_devices(self) -> None:
+        """Close ghost devices unused for `appservice.device_idle_seconds` (a timer in
+        the bridge only: no request to the homeserver)."""
+        idle = self.config.appservice.device_idle_seconds
+        while True:
+            await asyncio.sleep(min(idle, 60.0))
+            if closed := await self.devices.evict_idle(idle):
+                log.info("closed %d idle device(s)", closed)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Track a background task: keep a reference, log its failure."""
@@ -296,7 +306,10 @@ async def build_bridge(config: Config) -> Bridge:
                       long_poll_user=UserID(config.bot_mxid),
                       room_keys=RoomKeyStore(db.room_keys, privacy.cipher),
                       key_trust=CrossSignedDevices(api, metrics)
-                      if config.e2ee.forward_keys_to == "cross-signed" else None)
+                      if config.e2ee.forward_keys_to == "cross-signed" else None,
+                      store_journal=config.appservice.store_journal,
+                      max_open=config.appservice.max_open_devices,
+                      open_gauge=metrics.open_devices)
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)
     crypto = CryptoFeed(devices, metrics.to_device_dropped)

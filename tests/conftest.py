@@ -7,6 +7,7 @@ pytest_plugins = [
     "tests.fixtures.synapse",
     "tests.fixtures.staff",
     "tests.fixtures.bridge",
+    "tests.fixtures.loopwatch",
 ]
 
 # Property tests assert behaviour, not speed (speed lives in bench/): hypothesis's

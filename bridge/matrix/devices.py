@@ -37,24 +37,28 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import nio
+from prometheus_client import Gauge
 
 from bridge.matrix.api import MatrixAPI, MatrixError, nio_failure
 from bridge.matrix.keyforward import KeyForwarder
 from bridge.matrix.keyshare import KeyTrust, LedgerStore
 from bridge.matrix.keystore import RoomKeyStore
+from bridge.matrix.niostore import store_class
 from bridge.types import DeviceID, RoomID, UserID
 
 if TYPE_CHECKING:
     from bridge.matrix.crypto_feed import CryptoFeed
 
 log = logging.getLogger(__name__)
+_UNLOCKED = asyncio.Lock()
 
 # To-device messages, device-list changes and one-time-key counts only: no rooms (see the
 # module docstring), presence or account data. Measured with bench/whatsapp_relay.py
@@ -76,6 +80,9 @@ GHOST_UPKEEP_SECONDS = 30.0
 # Fed by transactions: one-time keys are topped up when fewer than this are left on the
 # server (half of the 50 vodozemac keeps), so one upload serves 25 new Olm sessions.
 OTK_LOW = 25
+# Over `appservice.max_open_devices`, the least recently used devices are closed, but not
+# one used within this many seconds (a caller may still hold it between open and send).
+EVICT_GRACE_SECONDS = 5.0
 # A low count this soon after a top-up may have been counted before it (the message
 # that claimed a key and the room event it unlocks come in two transactions, both with
 # the count): topping up again would put more keys on the server than the account
@@ -198,6 +205,11 @@ class Device:
         self._last_upkeep = float("-inf")
         self.dirty = True
         self._room_changes: dict[str, int] = {}  # per known room: changes reported so far
+        self.last_used = asyncio.get_running_loop().time()
+        self.busy = 0  # sends in progress: never closed under them
+
+    def touch(self) -> None:
+        self.last_used = asyncio.get_running_loop().time()
 
     @property
     def user_id(self) -> UserID:
@@ -441,20 +453,25 @@ class Device:
     async def send(self, api: MatrixAPI, room_id: RoomID, event_type: str,
                    content: dict[str, Any], txn_id: str | None = None) -> str:
         """Encrypt (if the room is encrypted) and send; returns the event id."""
-        if (self.fed or not self.long_poll) and self.stale():
-            await self.upkeep()
-        await self.prepare_room(api, room_id)
-        if self.client.should_query_keys:
-            # A new staff device: querying invalidates the outbound session, so the
-            # next message's key reaches it; the earlier sessions' keys are forwarded.
-            await self.client.keys_query()
-            await self.forward_keys()
-        await self.keys.before_send(room_id)
-        resp = await self.client.room_send(room_id, event_type, content, tx_id=txn_id,
-                                           ignore_unverified_devices=True)
-        if isinstance(resp, nio.RoomSendError):
-            raise nio_failure(resp, "send")
-        return str(resp.event_id)
+        self.busy += 1
+        try:
+            if (self.fed or not self.long_poll) and self.stale():
+                await self.upkeep()
+            await self.prepare_room(api, room_id)
+            if self.client.should_query_keys:
+                # A new staff device: querying invalidates the outbound session, so the
+                # next message's key reaches it; the earlier sessions' keys are forwarded.
+                await self.client.keys_query()
+                await self.forward_keys()
+            await self.keys.before_send(room_id)
+            resp = await self.client.room_send(room_id, event_type, content, tx_id=txn_id,
+                                               ignore_unverified_devices=True)
+            if isinstance(resp, nio.RoomSendError):
+                raise nio_failure(resp, "send")
+            return str(resp.event_id)
+        finally:
+            self.busy -= 1
+            self.touch()
 
     def decrypt(self, event: dict[str, Any]) -> nio.Event | None:
         """Decrypt a raw m.room.encrypted event dict; None while the room key is missing."""
@@ -475,8 +492,13 @@ class Devices:
                  on_ready: DeviceReadyHook | None = None,
                  long_poll_user: UserID | None = None,
                  room_keys: RoomKeyStore | None = None,
-                 key_trust: KeyTrust | None = None) -> None:
+                 key_trust: KeyTrust | None = None,
+                 store_journal: Literal["wal", "delete"] = "wal",
+                 max_open: int = 500, open_gauge: Gauge | None = None) -> None:
         self._api = api
+        self._max_open = max_open
+        self._open_gauge = open_gauge
+        self._store_class = store_class(store_journal)
         # Who may have earlier room keys (None: any later device of a member).
         self._key_trust = key_trust
         # Where each device's key ledger outlives a restart (None: in memory only).
@@ -486,7 +508,13 @@ class Devices:
         # nio pickles Olm/Megolm state with this passphrase (storekey.pickle_passphrase).
         self._pickle_key = pickle_key
         self._on_ready = on_ready
+        # Open devices, at most `appservice.max_open_devices` idle ones (see _evict).
         self._devices: dict[UserID, Device] = {}
+        # When each recently closed device was closed, and when each user's device list
+        # last changed: a device reopened after no change of the users it knows needs
+        # no key query. Bounded; a device not found here re-queries (after a restart too).
+        self._closed_at: OrderedDict[UserID, float] = OrderedDict()
+        self._lists_changed_at: dict[str, float] = {}
         # Users in the bridge's namespace (set by Ghosts): never sent earlier room keys.
         self.is_ours: Callable[[str], bool] = lambda _user: False
         self._opening: dict[UserID, asyncio.Lock] = {}
@@ -499,12 +527,20 @@ class Devices:
     def get_open(self, user_id: UserID) -> Device | None:
         return self._devices.get(user_id)
 
+    @property
+    def open_count(self) -> int:
+        return len(self._devices)
+
+
     def room_changed(self, room_id: str) -> None:
         """Someone joined, left or was invited: devices in the room refresh first."""
         for device in self._devices.values():
             device.room_changed(room_id)
 
     def users_changed(self, users: set[str]) -> None:
+        now = asyncio.get_running_loop().time()
+        for user in users:
+            self._lists_changed_at[user] = now
         if self._key_trust is not None:  # e.g. a device was just cross-signed
             self._key_trust.users_changed(users)
         for device in self._devices.values():
@@ -539,9 +575,10 @@ class Devices:
         lock = self._opening.setdefault(user_id, asyncio.Lock())
         async with lock:
             if user_id in self._devices:
-                return self._devices[user_id]
+                device = self._devices[user_id]
+                device.touch()
+                return device
             localpart = user_id[1:].split(":", 1)[0]
-            await self._api.create_device(user_id, device_id)
             store = self._store_dir / localpart
             store.mkdir(parents=True, exist_ok=True)
             client = AppserviceDeviceClient(
@@ -549,14 +586,28 @@ class Devices:
                 # No stored sync tokens: nio saves them with a blocking SQLite commit on
                 # every sync; a restart simply starts with one initial sync.
                 config=nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=False,
-                                             pickle_key=self._pickle_key),
+                                             pickle_key=self._pickle_key,
+                                             store=self._store_class),
             )
             client.restore_login(user_id, device_id, self._api.as_token)
+            if client.olm is None or not client.olm.account.shared:
+                # Keys never uploaded: the device may not exist on the server yet. A
+                # device reopened after eviction was created already: no request.
+                try:
+                    await self._api.create_device(user_id, device_id)
+                except BaseException:
+                    await client.close()
+                    raise
+            # Device-list changes reach open devices only: those of the users this one
+            # knows that changed while it was closed (all of them, if we do not know
+            # when it closed) are read again before it next encrypts or forwards.
+            # Closed by eviction in this process: its keys, cross-signing and what it was
+            # owed were in order then, so only what changed since needs a request.
+            reopened = user_id in self._closed_at
+            changed = self._changed_while_closed(
+                user_id, client.olm.device_store.users if client.olm is not None else ())
             if client.olm is not None and self.feed is not None:
-                # Device-list changes reach open devices only: those of the users this
-                # one knows may have been missed while it was closed. Re-read once,
-                # before it next encrypts or forwards.
-                client.olm.users_for_key_query.update(client.olm.device_store.users)
+                client.olm.users_for_key_query.update(changed)
             device = Device(client, self._api, long_poll=user_id == self._long_poll_user,
                             is_ours=lambda user: self.is_ours(user),
                             key_store=self._room_keys.owner(user_id) if self._room_keys
@@ -582,20 +633,74 @@ class Devices:
             pending = self._pending_counts.pop((user_id, device_id), None)
             if pending:
                 device.key_counts(pending.get("otk"), pending.get("fallback_unused"))
-            if self._on_ready:
+            if self._on_ready and not reopened:
                 try:
                     await self._on_ready(user_id, device_id)
                 except BaseException:
                     await client.close()  # not cached: the next open retries the hook
                     raise
             device.start()
-            if restored:
+            if restored and (changed or not reopened):
                 # Earlier room keys kept for later devices: forward what is owed now
                 # (fed by transactions, nothing else would wake a device just opened).
+                # Reopened with no device list changed meanwhile, nothing new is owed.
                 device.wake()
             self._devices[user_id] = device
+            self._closed_at.pop(user_id, None)
+            self._count()
             log.info("device open for %s", user_id)
-            return device
+        await self._evict()
+        return device
+
+    def _changed_while_closed(self, user_id: UserID, users: Any) -> set[str]:
+        closed_at = self._closed_at.get(user_id)
+        if closed_at is None:
+            return set(users)
+        return {u for u in users if self._lists_changed_at.get(u, float("-inf")) >= closed_at}
+
+    async def _evict(self) -> None:
+        """Close the least recently used devices while more than `max_open` are open
+        (never the bot, one in use, or one used in the last EVICT_GRACE_SECONDS). Their
+        state stays in the store; the next `open` reads it back without a request."""
+        now = asyncio.get_running_loop().time()
+        ghosts = len(self._devices) - (self._long_poll_user in self._devices)
+        excess = ghosts - self._max_open  # the bot is always open and not counted
+        for user_id, device in sorted(self._devices.items(), key=lambda i: i[1].last_used):
+            if excess <= 0 or now - device.last_used < EVICT_GRACE_SECONDS:
+                break  # the rest were used more recently still
+            if user_id == self._long_poll_user or device.busy or \
+                    self._opening.get(user_id, _UNLOCKED).locked():
+                continue
+            await self._close_one(user_id, device)
+            excess -= 1
+
+    async def evict_idle(self, idle_seconds: float) -> int:
+        """Close the devices not used for `idle_seconds` (not the bot); how many."""
+        now = asyncio.get_running_loop().time()
+        idle = [(u, d) for u, d in self._devices.items()
+                if u != self._long_poll_user and not d.busy
+                and now - d.last_used >= idle_seconds
+                and not self._opening.get(u, _UNLOCKED).locked()]
+        for user_id, device in idle:
+            await self._close_one(user_id, device)
+        return len(idle)
+
+    async def _close_one(self, user_id: UserID, device: Device) -> None:
+        if self._devices.get(user_id) is not device:
+            return
+        del self._devices[user_id]
+        self._closed_at[user_id] = asyncio.get_running_loop().time()
+        while len(self._closed_at) > 10 * self._max_open:
+            self._closed_at.popitem(last=False)
+        if (lock := self._opening.get(user_id)) is not None and not lock.locked():
+            del self._opening[user_id]  # no lock kept per citizen ever seen
+        self._count()
+        await device.stop()
+        log.info("device closed for %s (idle)", user_id)
+
+    def _count(self) -> None:
+        if self._open_gauge is not None:
+            self._open_gauge.set(len(self._devices))
 
     async def forget(self, user_id: UserID) -> None:
         """Close the user's device and delete its crypto store and the room keys kept

@@ -27,6 +27,7 @@ from bridge.whatsapp.consent import OPT_IN_BUTTON, OPT_OUT_BUTTON
 from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.webhook_parse import citizen_lane
 from tests.fixtures.bridge import BridgeHarness
+from tests.fixtures.loopwatch import LoopWatch
 from tests.fixtures.staff import StaffClient, staff_login
 
 pytestmark = pytest.mark.integration
@@ -142,7 +143,8 @@ def body_is(text: str) -> Callable[[Any], bool]:
     return lambda ev: isinstance(ev, RoomMessage) and getattr(ev, "body", None) == text
 
 
-async def test_webhook_handshake_and_signature(bridge: BridgeHarness) -> None:
+async def test_webhook_handshake_and_signature(bridge: BridgeHarness,
+                                              loop_watch: LoopWatch) -> None:
     token = bridge.running.config.whatsapp.verify_token
     assert await bridge.wa.verify_handshake(bridge.webhook_url, token, "12345") == (200, "12345")
     assert (await bridge.wa.verify_handshake(bridge.webhook_url, "wrong-token"))[0] == 403
@@ -162,7 +164,7 @@ async def test_webhook_handshake_and_signature(bridge: BridgeHarness) -> None:
     assert await bridge.wa.deliver(bridge.webhook_url, odd) == 200
 
 
-async def test_consent_journey(bridge: BridgeHarness) -> None:
+async def test_consent_journey(bridge: BridgeHarness, loop_watch: LoopWatch) -> None:
     h, b = bridge, bridge.running.bridge
     citizen = new_citizen()
     first = "Buenos días, necesito un certificado"
@@ -249,7 +251,7 @@ async def _download(j: Journey, content: dict[str, Any]) -> bytes:
     return bytes(decrypt_attachment(data, f["key"]["k"], f["hashes"]["sha256"], f["iv"]))
 
 
-async def test_every_inbound_type_reaches_staff(journey: Journey) -> None:
+async def test_every_inbound_type_reaches_staff(journey: Journey, loop_watch: LoopWatch) -> None:
     j, wa = journey, journey.h.wa
     c = j.citizen
     text_id = await j.write(wa.text_message(c, "texto simple"))
@@ -312,7 +314,7 @@ async def test_every_inbound_type_reaches_staff(journey: Journey) -> None:
     await j.seen(lambda e: "no compatible" in e.source.get("content", {}).get("body", ""))
 
 
-async def test_outbound_types_and_statuses(journey: Journey) -> None:
+async def test_outbound_types_and_statuses(journey: Journey, loop_watch: LoopWatch) -> None:
     j, wa, b = journey, journey.h.wa, journey.h.running.bridge
     c = j.citizen
     asked = await j.write(wa.text_message(c, "¿Qué documentos necesito?"))
