@@ -127,6 +127,10 @@ class AppserviceConfig(_Section):
     # The crypto store's SQLite journal (bridge.matrix.niostore): "wal" keeps commits from
     # blocking the event loop on fsync; "delete" for a store on a network volume.
     store_journal: Literal["wal", "delete"] = "wal"
+    # Ghost devices open in memory at most (least recently used closed first; their state
+    # stays in the store) and how long an unused one stays open.
+    max_open_devices: Annotated[int, Field(ge=1)] = 500
+    device_idle_seconds: Annotated[float, Field(gt=0)] = 600.0
     # A staff event whose room key has not reached the bot waits aside and is retried
     # after each of these delays (with a key request); after the last, staff are told.
     undecryptable_retry_seconds: Annotated[

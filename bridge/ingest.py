@@ -31,6 +31,8 @@ from bridge.db import Database, InboundSource
 from bridge.db.queues import event_lane
 from bridge.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from bridge.matrix.appservice import parse_transaction, transaction_key
+from bridge.matrix.crypto_feed import CryptoFeed
+from bridge.matrix.crypto_parts import wrap
 from bridge.matrix.queued import seal_event
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_PAYLOAD, DecryptError, Privacy
@@ -61,8 +63,9 @@ class Ingest:
     spawn: Spawn
     # Whether a Matrix user is one of ours (echoes of our own messages are dropped).
     is_ours: Callable[[str], bool]
-    # MSC3202: users whose device lists changed (a hint for our ghosts' devices).
-    users_changed: Callable[[set[str]], None]
+    # To-device events, device lists and key counts (MSC2409/MSC3202) for our devices,
+    # and the ping that ends Synapse's hold after an error answer.
+    crypto: CryptoFeed
     # Staff read receipts and typing → WhatsApp; None when off.
     receipts: Callable[[list[dict[str, Any]]], Coroutine[Any, Any, None]] | None = None
 
@@ -84,20 +87,34 @@ class Ingest:
             # Our own messages come back as echoes; only membership matters from those.
             events = [e for e in txn.events if e["type"] == "m.room.member"
                       or not self.is_ours(str(e.get("sender", "")))]
+            to_device, dropped = self.crypto.observe(txn.crypto)
             stored_now = False
-            if events:  # nothing to process, so nothing to deduplicate: no write at all
+            if events or to_device:  # nothing to process, nothing to deduplicate: no write
                 with self.db.urgent():
                     stored_now = await self.db.transactions.store(
-                        transaction_key(txn_id, txn.events), events,
+                        transaction_key(txn_id, txn.events, to_device),
+                        [*events, *(wrap(item) for item in to_device)],
                         seal=partial(seal_event, self.privacy.cipher))
-        if txn.changed_users:
-            self.users_changed(txn.changed_users)
+            if dropped and (stored_now or not (events or to_device)):
+                self.crypto.count_dropped(dropped)
+        self.crypto.apply(txn.crypto)
         if txn.ephemeral and self.receipts is not None:
             # Not stored: a lost read tick is no lost message; don't hold the transaction.
             self.spawn(self.receipts(txn.ephemeral))
         if stored_now:
             self.metrics.transactions.inc()
-            self.worker.wake("matrix", *{event_lane(e) for e in events})
+            self.worker.wake("matrix", *{event_lane(e) for e in events},
+                             *{event_lane(wrap(item)) for item in to_device})
+
+    def transaction_answered(self, status: int) -> None:
+        """How a transaction ended (its HTTP status; 500 when cancelled or crashed): an
+        error answer makes Synapse hold the bridge DOWN, so ping it (as_recovery)."""
+        recovery = self.crypto.recovery
+        # 401/403: not Synapse (a wrong token); it holds nothing against us.
+        if recovery is not None and status not in (401, 403):
+            ping = recovery.after_transaction(failed=status >= 400)
+            if ping is not None:
+                self.spawn(ping)
 
     async def known_ghost(self, user_id: str) -> bool:
         """Whether the homeserver's user query names one of our ghosts."""

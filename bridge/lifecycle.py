@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Coroutine
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from bridge.deadletters import DeadLetters
 from bridge.ingest import normalise_legacy_rows
 from bridge.leader import Election, Role
 from bridge.matrix.api import MatrixAPI, MatrixError
+from bridge.matrix.crypto_feed import CryptoFeed
 from bridge.matrix.devices import Devices
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.queued import seal_unsealed
@@ -54,6 +56,7 @@ class Lifecycle:
     api: MatrixAPI
     privacy: Privacy
     devices: Devices
+    crypto: CryptoFeed
     ghosts: Ghosts
     relay: Relay
     trust: Trust
@@ -65,7 +68,7 @@ class Lifecycle:
     safety: ModerationParts | None
     # Its state (bridge.leader): only the elected process starts and processes.
     ready: asyncio.Event
-    tasks: set[asyncio.Task[None]]
+    tasks: set[asyncio.Task[Any]]
     election: Election
     pod: PodLabeler | None
     role: Role
@@ -132,20 +135,11 @@ class Lifecycle:
         await self.outbox.stop()
         await self.devices.close()
 
-    async def nudge_homeserver(self, attempts: int = 5) -> None:
-        """Have Synapse ping us (MSC2659): after a takeover it then retries the queued
-        transactions at once rather than after its exponential backoff."""
-        for attempt in range(attempts):
-            try:
-                await self.api.ping_appservice(self.config.appservice.id)
-                return
-            except (MatrixError, aiohttp.ClientError, OSError) as exc:
-                # 502/504: e.g. the Service does not route to this pod yet. Not fatal:
-                # Synapse retries on its own, only later.
-                log.info("homeserver ping failed (%s)", exc)
-                if isinstance(exc, MatrixError) and exc.status < 500:
-                    return  # an older homeserver without MSC2659, or no `url` registered
-            await asyncio.sleep(2.0 * (attempt + 1))
+    async def nudge_homeserver(self) -> bool:
+        """Have Synapse ping us (MSC2659): after a takeover or a restart it then retries
+        the queued transactions at once rather than after its exponential backoff, and
+        sends to-device events again (bridge.matrix.as_recovery)."""
+        return self.crypto.recovery is not None and await self.crypto.recovery.ping()
 
     async def start(self) -> None:
         """Bring up the bot device, then process queued work; retries until Synapse answers."""
@@ -165,7 +159,17 @@ class Lifecycle:
         delay = 1.0
         while True:
             try:
-                await self.ghosts.ensure_bot()
+                bot = await self.ghosts.ensure_bot()
+                # Before the worker starts: how every device learns of to-device events.
+                # Alongside: the ping makes Synapse retry what it queued while the
+                # bridge was away at once (ends its backoff); the probe is sent again
+                # once it did. Not awaited: a ping that fails retries for up to 30 s.
+                if not self.crypto.decided.is_set():
+                    pinged = asyncio.create_task(self.nudge_homeserver())
+                    self.tasks.add(pinged)
+                    pinged.add_done_callback(self.tasks.discard)
+                    await self.crypto.probe(self.api, bot.user_id, bot.client.device_id,
+                                            recovered=partial(asyncio.shield, pinged))
                 await self.ghosts.resume_unregistered()
                 await self.trust.upgrade_existing(Path(self.config.appservice.store_dir))
                 break
@@ -184,6 +188,7 @@ class Lifecycle:
         if self.config.whatsapp.enabled:
             self.outbox.start()
         self.spawn(self.retention())
+        self.spawn(self.close_idle_devices())
         self.spawn(self.relay.retry_parked())
         if self.safety and self.safety.poller:
             self.spawn(self.safety.poller.run())
@@ -192,7 +197,15 @@ class Lifecycle:
                                        self.metrics).run())
         self.ready.set()
         log.info("bridge ready")
-        self.spawn(self.nudge_homeserver())
+
+    async def close_idle_devices(self) -> None:
+        """Close ghost devices unused for `appservice.device_idle_seconds` (a timer in
+        the bridge only: no request to the homeserver)."""
+        idle = self.config.appservice.device_idle_seconds
+        while True:
+            await asyncio.sleep(min(idle, 60.0))
+            if closed := await self.devices.evict_idle(idle):
+                log.info("closed %d idle device(s)", closed)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Track a background task: keep a reference, log its failure."""

@@ -53,6 +53,8 @@ class Metrics:
                                              registry=r)
         self.notices = Counter("civic_bridge_notices",
                                "Notices of availability, by outcome", ["outcome"], registry=r)
+        self.open_devices = Gauge("civic_bridge_open_devices",
+                                  "E2EE devices (bot and ghosts) open in memory", registry=r)
         self.active = Gauge("civic_bridge_active",
                             "1 while this process holds the leader lock and processes",
                             registry=r)
@@ -166,3 +168,21 @@ class Metrics:
             "civic_bridge_audit_anchors",
             "Daily exports of the audit chain's head (audit.anchor_command)", ["result"],
             registry=r)
+        # reason: malformed (no recipient) / not_ours (outside the namespace) /
+        # unknown_device (a device of ours the bridge does not use, an erased ghost)
+        self.to_device_dropped = Counter(
+            "civic_bridge_to_device_dropped",
+            "To-device events from appservice transactions no device of the bridge could "
+            "take", ["reason"], registry=r)
+        # result: recovered (new to-device events fetched) / nothing_new / failed
+        # (bridge.matrix.catchup: one /sync after a staff event stayed undecryptable)
+        self.to_device_catch_ups = Counter(
+            "civic_bridge_to_device_catch_ups",
+            "Device inbox fetches after a staff event stayed undecryptable", ["result"],
+            registry=r)
+        # result: ok / failed (bridge.matrix.as_recovery: MSC2659 pings that end
+        # Synapse's hold on the appservice after a failed transaction or a restart)
+        self.homeserver_pings = Counter(
+            "civic_bridge_homeserver_pings",
+            "Pings asking the homeserver to retry its appservice transactions now",
+            ["result"], registry=r)

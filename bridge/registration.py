@@ -11,7 +11,8 @@ from bridge.config import Config
 
 
 def make_registration(config: Config) -> dict[str, Any]:
-    """Registration dict: exclusive ghost namespace, MSC2409/MSC3202 on, no rate limits."""
+    """Registration dict: exclusive ghost namespace, MSC2409/MSC3202/MSC4190 on, no rate
+    limits."""
     asc = config.appservice
     domain = re.escape(config.homeserver.domain)
     return {
@@ -24,6 +25,9 @@ def make_registration(config: Config) -> dict[str, Any]:
         "receive_ephemeral": True,
         "de.sorunome.msc2409.push_ephemeral": True,
         "org.matrix.msc3202": True,
+        # Devices are created with the as_token (PUT /devices/{id}); the appservice
+        # /login is then refused, which the bridge no longer uses (docs/e2ee.md).
+        "io.element.msc4190": True,
         "namespaces": {
             "users": [{"exclusive": True,
                        "regex": f"@{re.escape(asc.ghost_prefix)}.*:{domain}"}],

@@ -11,7 +11,9 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -32,7 +34,11 @@ from bridge.leader import Election, Role, SingleProcess, election_for
 from bridge.legacy_wamids import key_legacy_wamids
 from bridge.lifecycle import Lifecycle
 from bridge.matrix.api import MatrixAPI
+from bridge.matrix.as_recovery import AppserviceRecovery
 from bridge.matrix.bot_invites import BotInvitePolicy
+from bridge.matrix.catchup import ToDeviceCatchUp
+from bridge.matrix.crypto_feed import CryptoFeed, ToDeviceHandler
+from bridge.matrix.crypto_parts import unwrap
 from bridge.matrix.devices import Devices
 from bridge.matrix.devicetrust import CrossSignedDevices
 from bridge.matrix.ghosts import Ghosts
@@ -76,6 +82,7 @@ class Bridge(Lifecycle):
     api: MatrixAPI
     privacy: Privacy
     devices: Devices
+    crypto: CryptoFeed
     ghosts: Ghosts
     rooms: Rooms
     relay: Relay
@@ -91,7 +98,7 @@ class Bridge(Lifecycle):
     notices: Notices
     dead_letters: DeadLetters
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     # High availability (bridge.leader): only the elected process starts and processes.
     election: Election = field(default_factory=SingleProcess)
     pod: PodLabeler | None = None
@@ -141,9 +148,14 @@ async def build_bridge(config: Config) -> Bridge:
                       room_keys=RoomKeyStore(db.room_keys, privacy.cipher),
                       key_trust=CrossSignedDevices(api, metrics)
                       if config.e2ee.forward_keys_to == "cross-signed" else None,
-                      store_journal=config.appservice.store_journal)
+                      store_journal=config.appservice.store_journal,
+                      max_open=config.appservice.max_open_devices,
+                      open_gauge=metrics.open_devices)
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)
+    crypto = CryptoFeed(devices, metrics.to_device_dropped)
+    crypto.recovery = AppserviceRecovery(api, config.appservice.id, metrics.homeserver_pings)
+    to_device = ToDeviceHandler(crypto, db, ghosts)
     rooms = Rooms(api, ghosts.bot, RoomPolicy(federate=config.rooms.federate,
                                               admins=tuple(config.admin.users)))
 
@@ -156,7 +168,11 @@ async def build_bridge(config: Config) -> Bridge:
         metrics.undecryptable)
 
     async def handle_matrix(item: InboundItem) -> None:
-        await relay.handle_event(open_event(privacy.cipher, item))
+        event = open_event(privacy.cipher, item)
+        if (to_device_event := unwrap(event)) is not None:
+            await to_device(to_device_event)
+        else:
+            await relay.handle_event(event)
 
     graph = GraphClient.from_config(http, config.whatsapp)
     portals = Portals(config, db, api, ghosts, rooms, relay)
@@ -191,6 +207,8 @@ async def build_bridge(config: Config) -> Bridge:
         if config.whatsapp.send_read_receipts:
             receipts = StaffReceipts(db, privacy, graph, metrics, ghosts.is_ours)
     worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce)
+    crypto.catch_up = ToDeviceCatchUp(db, privacy.cipher, crypto, partial(worker.wake, "matrix"),
+                                      metrics.to_device_catch_ups)
     dead_letters.wake_inbound, dead_letters.wake_outbox = worker.wake, outbox.wake
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy,
                         outbox if config.whatsapp.enabled else None, metrics)
@@ -202,6 +220,7 @@ async def build_bridge(config: Config) -> Bridge:
                               SynapseAdmin(http, config.homeserver.url, token) if token else None)
     citizens = CitizenData(config, db, privacy, portals, ghosts, subscriptions, accounts)
     bridge = Bridge(config=config, db=db, http=http, api=api, privacy=privacy, devices=devices,
+                    crypto=crypto,
                     ghosts=ghosts, rooms=rooms, relay=relay, trust=trust, portals=portals,
                     outbox=outbox, worker=worker, metrics=metrics, admin=parts.admin,
                     moderation=parts.moderation, invites=parts.invites,
@@ -214,6 +233,6 @@ async def build_bridge(config: Config) -> Bridge:
                     reidentify=Reidentification(config, db, privacy, citizens),
                     wa_rooms=wa_rooms)
     bridge.ingest = Ingest(config, db, privacy, metrics, worker, bridge.spawn,
-                           is_ours=ghosts.is_ours, users_changed=devices.users_changed,
+                           is_ours=ghosts.is_ours, crypto=crypto,
                            receipts=receipts.handle if receipts is not None else None)
     return bridge

@@ -15,6 +15,7 @@ from sqlalchemy import Select, Update, and_, case, delete, func, or_, select, up
 from bridge.db.models import InboundRow, OutboxRow, ProcessedTransactionRow, utcnow
 from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.errors import NotFound
+from bridge.matrix.crypto_parts import TO_DEVICE_WRAPPER, to_device_key
 from bridge.model import InboundItem, InboundSource, InboundStatus, OutboxItem, OutboxStatus
 from bridge.types import RoomID, WamidHash
 
@@ -83,11 +84,18 @@ class TransactionRepo:
 
 
 def event_lane(event: Mapping[str, Any]) -> str:
-    """The worker lane of an appservice event: its room's events are handled in order."""
+    """The worker lane of an appservice event: its room's events are handled in order;
+    a to-device event (bridge.matrix.crypto_feed) in its recipient's lane."""
+    to_device = event.get(TO_DEVICE_WRAPPER)
+    if isinstance(to_device, dict):
+        return f"to-device:{to_device.get('to_user_id')}"
     return str(event.get("room_id") or "")
 
 
 def _event_key(txn_id: str, index: int, event: Mapping[str, Any]) -> str:
+    to_device = event.get(TO_DEVICE_WRAPPER)
+    if isinstance(to_device, dict):
+        return to_device_key(to_device)
     event_id = event.get("event_id")
     return event_id if isinstance(event_id, str) and event_id else f"txn:{txn_id}:{index}"
 

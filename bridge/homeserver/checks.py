@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from bridge.config import Config
 from bridge.homeserver.settings import (
@@ -131,7 +134,45 @@ def check_experimental(hs: HsConfig, config: Config) -> Check:
                  f"missing {', '.join(missing)}" if missing else
                  ", ".join(EXPERIMENTAL_FEATURES),
                  "set " + ", ".join(f"`{k}: true`" for k in missing) +
-                 " under experimental_features (the bridge's E2EE needs them)")
+                 " under experimental_features (without them every E2EE device of the "
+                 "bridge polls with /sync; docs/e2ee.md)")
+
+
+# What the bridge's registration must carry for E2EE fed by transactions (docs/e2ee.md);
+# `civic-bridge registration` writes all of them.
+REGISTRATION_E2EE = {"receive_ephemeral": "MSC2409: to-device events in transactions",
+                     "org.matrix.msc3202": "MSC3202: device lists and key counts"}
+
+
+def check_appservice_registration(hs: HsConfig, config: Config) -> Check | None:
+    """The bridge's registration among `app_service_config_files` (read from disk, as
+    Synapse does) carries the E2EE switches. None when the file lists no registration
+    (a fragment to merge, such as what `homeserver-config` prints)."""
+    files = hs.get("app_service_config_files")
+    if not isinstance(files, list):
+        return None
+    name = f"appservice registration ({config.appservice.id})"
+    for path in files:
+        try:
+            registration = yaml.safe_load(Path(str(path)).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(registration, dict) and registration.get("id") == config.appservice.id:
+            break
+    else:
+        return Check(name, False, "not found in app_service_config_files",
+                     "write it with `civic-bridge registration` and list it there")
+    ephemeral = registration.get("receive_ephemeral") is True or \
+        registration.get("de.sorunome.msc2409.push_ephemeral") is True
+    missing = [key for key in REGISTRATION_E2EE
+               if not (ephemeral if key == "receive_ephemeral" else
+                       registration.get(key) is True)]
+    return Check(name, not missing,
+                 f"{path}: missing {', '.join(missing)}" if missing else
+                 f"{path}: {', '.join(REGISTRATION_E2EE)}",
+                 "add " + ", ".join(f"`{k}: true` ({REGISTRATION_E2EE[k]})" for k in missing)
+                 + " (or regenerate it with `civic-bridge registration`) and restart "
+                 "Synapse; without them every E2EE device of the bridge polls with /sync")
 
 
 CHECKS: tuple[Callable[[HsConfig, Config], Check], ...] = (
@@ -142,4 +183,7 @@ CHECKS: tuple[Callable[[HsConfig, Config], Check], ...] = (
 
 def check_homeserver_config(hs: HsConfig, config: Config) -> list[Check]:
     """Every check on a parsed homeserver.yaml, in a stable order."""
-    return [check(hs, config) for check in CHECKS]
+    checks = [check(hs, config) for check in CHECKS]
+    if (registration := check_appservice_registration(hs, config)) is not None:
+        checks.append(registration)
+    return checks

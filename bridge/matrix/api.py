@@ -51,6 +51,7 @@ class MatrixAPI:
     def __init__(self, session: aiohttp.ClientSession, homeserver_url: str, as_token: str) -> None:
         self._session = session
         self.url = homeserver_url.rstrip("/")
+        self.as_token = as_token
         self._auth = {"Authorization": f"Bearer {as_token}"}
 
     async def request(
@@ -92,8 +93,41 @@ class MatrixAPI:
             if exc.errcode != "M_USER_IN_USE":
                 raise
 
+    async def create_device(self, user_id: UserID, device_id: str) -> None:
+        """Make sure the user (of the bridge's namespace) has this device, with the
+        as_token: MSC4190's `PUT /devices/{id}` (201 created, 200 already there).
+
+        Synapse 1.163 accepts it from an appservice with or without
+        `io.element.msc4190` in the registration. A homeserver that refuses it gets the
+        device from the appservice login once, and its token is dropped: requests for
+        the device use the as_token with `?user_id=&device_id=` (MSC3202) either way.
+        (Never log that token out: that would delete the device.) With
+        `io.element.msc4190` on, that login is refused, so the flag needs this method.
+        """
+        try:
+            await self.request("PUT", f"/_matrix/client/v3/devices/{_q(device_id)}",
+                               as_user=user_id, json={"display_name": "civic-bridge"})
+            return
+        except MatrixError as exc:
+            if exc.status not in (400, 404, 405) or exc.errcode == "M_UNKNOWN_TOKEN":
+                raise
+            refused = exc
+        log.warning("homeserver lacks MSC4190 device creation (%s); creating the device "
+                    "with the appservice login (its access token is discarded)",
+                    refused.errcode)
+        try:
+            await self.login_device(user_id[1:].split(":", 1)[0], device_id)
+        except MatrixError as exc:
+            if exc.errcode == "M_APPSERVICE_LOGIN_UNSUPPORTED":
+                raise MatrixError(exc.status, exc.errcode,
+                                  "the homeserver refuses both ways of creating a device: "
+                                  "it needs MSC4190 (`PUT /devices/{id}` from an "
+                                  "appservice)") from None
+            raise
+
     async def login_device(self, localpart: str, device_id: str) -> str:
-        """An access token for a fixed device id (keeps its keys across restarts)."""
+        """An access token for a fixed device id (keeps its keys across restarts).
+        Only `create_device`'s fallback uses it."""
         body = await self.request("POST", "/_matrix/client/v3/login", json={
             "type": "m.login.application_service",
             "identifier": {"type": "m.id.user", "user": localpart},

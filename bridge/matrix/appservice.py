@@ -1,7 +1,8 @@
 """An appservice transaction (`PUT /_matrix/app/v1/transactions/{txnId}`), read.
 
 Sans-I/O: the route is bridge.web.appservice, the storing bridge.ingest. A transaction
-is answered 200 only after its events are durably stored, each sealed
+is answered 200 only after its events, and the to-device events addressed to the
+bridge's devices (bridge.matrix.crypto_feed), are durably stored, each sealed
 (bridge.matrix.queued); a repeated txnId is a no-op (the stored id survives restarts).
 Synapse retries refused transactions with backoff, so refusing on a storage error is
 safe; answering 200 and dropping would lose messages.
@@ -10,11 +11,13 @@ safe; answering 200 and dropping would lose messages.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.errors import BadRequest
 from bridge.jsonbody import MAX_DEPTH, BodyError, clean, load_body
+from bridge.matrix.crypto_parts import CryptoParts, parse_crypto, to_device_key
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class Transaction:
     # Events dropped as unusable (nested deeper than any real event): counted, since
     # refusing the transaction would only make Synapse send it again forever.
     ignored: int = 0
+    # To-device events, device lists and key counts (MSC2409/MSC3202).
+    crypto: CryptoParts = field(default_factory=CryptoParts)
 
 
 def parse_transaction(raw: bytes) -> Transaction:
@@ -46,10 +51,9 @@ def parse_transaction(raw: bytes) -> Transaction:
                 and isinstance(ev.get("room_id"), str) and isinstance(ev.get("type"), str)):
             raise BadRequest("every event needs event_id, room_id and type")
     usable = [ev for ev in events if _shallow_enough(ev)]
-    lists = body.get("org.matrix.msc3202.device_lists")
-    changed = lists.get("changed") if isinstance(lists, dict) else None
-    users = {u for u in changed if isinstance(u, str)} if isinstance(changed, list) else set()
-    return Transaction(usable, users, ephemeral_events(body), len(events) - len(usable))
+    crypto = parse_crypto(body)
+    return Transaction(usable, crypto.changed | crypto.left, ephemeral_events(body),
+                       len(events) - len(usable), crypto)
 
 
 def ephemeral_events(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -75,7 +79,8 @@ def _shallow_enough(event: dict[str, Any]) -> bool:
     return True
 
 
-def transaction_key(txn_id: str, events: list[dict[str, Any]]) -> str:
+def transaction_key(txn_id: str, events: list[dict[str, Any]],
+                    to_device: Sequence[Mapping[str, Any]] = ()) -> str:
     """The id under which a transaction is remembered.
 
     Synapse on SQLite restarts its transaction counter after a restart (it seeds it from
@@ -83,5 +88,6 @@ def transaction_key(txn_id: str, events: list[dict[str, Any]]) -> str:
     binding the id to its event ids keeps real retries no-ops without dropping those.
     Events themselves are deduplicated by event id as well.
     """
-    ids = "\n".join(str(ev["event_id"]) for ev in events)
+    ids = "\n".join([*(str(ev["event_id"]) for ev in events),
+                     *(to_device_key(item) for item in to_device)])
     return f"{txn_id}:{hashlib.sha256(ids.encode()).hexdigest()[:16]}"

@@ -3,12 +3,14 @@
 Why one device per ghost: staff clients then see each pseudonym's messages come from
 that pseudonym's own device, not "sent by another user's device" (MISMATCHED_SENDER).
 
-Why /sync per device rather than to-device events from appservice transactions (MSC2409):
-nio keeps device-list changes, one-time-key counts and Olm sessions up to date from
-/sync out of the box; feeding transaction payloads into nio's private Olm machine would
-duplicate that bookkeeping by hand. Devices are opened lazily (the bot at start, a ghost
-when it first speaks). MSC2409 stays on in the registration so this can move to
-transactions when the number of concurrently active ghosts makes syncs too expensive.
+No device polls when the homeserver sends to-device events, device-list changes and key
+counts in appservice transactions (MSC2409/MSC3202, bridge.matrix.crypto_feed): the bot and
+every ghost are then fed from the transactions (`feed_to_device`, `users_changed`,
+`key_counts`) and their task only wakes when something needs doing (a key upload or
+query, earlier room keys owed to a new device). When it does not (the fallback, decided
+once at start), each device keeps its own /sync: the bot long-polls, a ghost refreshes
+before it sends and every GHOST_UPKEEP_SECONDS. Devices are opened lazily (the bot at
+start, a ghost when it first speaks or receives a to-device event).
 
 Rooms are not synced at all (the filter blocks them): the bridge reads every room event
 from appservice transactions already. What a device needs of a room to encrypt into it
@@ -16,6 +18,10 @@ from appservice transactions already. What a device needs of a room to encrypt i
 first sends there, and again after a transaction reports a membership or visibility
 change (`Devices.room_changed`). A changed member list ends the room's Megolm session,
 as nio does when it sees the change in a sync, so a removed member gets no later keys.
+
+Devices are created with the as_token (`MatrixAPI.create_device`, MSC4190) and every
+request a device's nio client makes carries the as_token with `?user_id=&device_id=`
+(MSC3202 device masquerading): no device has a login or a token of its own.
 
 Crypto state lives in nio's SQLite store under `appservice.store_dir`, pickled with the
 store key (bridge.matrix.storekey: random, wrapped by `privacy.data_key`, so rotating the
@@ -31,11 +37,15 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import nio
+from prometheus_client import Gauge
 
 from bridge.matrix.api import MatrixAPI, MatrixError, nio_failure
 from bridge.matrix.keyforward import KeyForwarder
@@ -44,7 +54,11 @@ from bridge.matrix.keystore import RoomKeyStore
 from bridge.matrix.niostore import store_class
 from bridge.types import DeviceID, RoomID, UserID
 
+if TYPE_CHECKING:
+    from bridge.matrix.crypto_feed import CryptoFeed
+
 log = logging.getLogger(__name__)
+_UNLOCKED = asyncio.Lock()
 
 # To-device messages, device-list changes and one-time-key counts only: no rooms (see the
 # module docstring), presence or account data. Measured with bench/whatsapp_relay.py
@@ -62,6 +76,21 @@ LONG_POLL_MS = 2_000
 # A ghost's state is refreshed (one /sync without waiting) at least this often before
 # it sends, and in the background so its one-time keys stay topped up.
 GHOST_UPKEEP_SECONDS = 30.0
+
+# Fed by transactions: one-time keys are topped up when fewer than this are left on the
+# server (half of the 50 vodozemac keeps), so one upload serves 25 new Olm sessions.
+OTK_LOW = 25
+# Over `appservice.max_open_devices`, the least recently used devices are closed, but not
+# one used within this many seconds (a caller may still hold it between open and send).
+EVICT_GRACE_SECONDS = 5.0
+# A low count this soon after a top-up may have been counted before it (the message
+# that claimed a key and the room event it unlocks come in two transactions, both with
+# the count): topping up again would put more keys on the server than the account
+# keeps the private halves of.
+COUNT_SETTLE_SECONDS = 5.0
+# A report of "no unused fallback key" this soon after uploading one may predate it:
+# uploading again would replace a key a sender may be about to use.
+FALLBACK_SETTLE_SECONDS = 30.0
 
 # Called after a device's keys are on the server (used for cross-signing).
 DeviceReadyHook = Callable[[UserID, DeviceID], Awaitable[None]]
@@ -91,24 +120,82 @@ async def upload_keys(client: nio.AsyncClient, attempts: int = 5) -> None:
     raise RuntimeError("key upload failed for a device: one-time key ids keep clashing")
 
 
-class Device:
-    """One logged-in nio client and its key maintenance.
+async def upload_fallback_key(client: nio.AsyncClient, api: MatrixAPI) -> None:
+    """Give the device a new fallback key (nio has none): what senders get once its
+    one-time keys run out, e.g. when claims were not followed by a message that would
+    have reported the count (docs/e2ee.md).
 
-    The bot long-polls /sync: it must receive staff's room keys promptly to decrypt
-    their messages. Ghosts only send, so they do not long-poll (every event in their
-    rooms, their own echoes included, would wake the poll and cost Synapse and the
-    bridge work per message); they refresh with a non-waiting /sync before sending when
-    their view is stale or marked dirty (membership or device-list changes reported in
-    appservice transactions), and every GHOST_UPKEEP_SECONDS in the background.
+    The account is saved with the unpublished key before the upload: a crash after the
+    server took it then still finds it (`pending_fallback_key`) and uploads it again,
+    instead of leaving the server with a key whose private half is lost.
+    """
+    olm = client.olm
+    assert olm is not None
+    account = olm.account._account
+    if not account.fallback_key:
+        account.generate_fallback_key()
+        olm.save_account()
+    keys: dict[str, Any] = {}
+    for key_id, key in account.fallback_key.items():
+        signed: dict[str, Any] = {"key": key.to_base64(), "fallback": True}
+        signed["signatures"] = {client.user_id: {
+            f"ed25519:{client.device_id}": olm.sign_json(signed)}}
+        keys[f"signed_curve25519:{key_id}"] = signed
+    await api.request("POST", "/_matrix/client/v3/keys/upload", as_user=client.user_id,
+                      params={"device_id": client.device_id}, json={"fallback_keys": keys})
+    account.mark_keys_as_published()
+    olm.save_account()
+
+
+def pending_fallback_key(client: nio.AsyncClient) -> bool:
+    """A fallback key generated and saved, but not known to be on the server."""
+    return client.olm is not None and bool(client.olm.account._account.fallback_key)
+
+
+class AppserviceDeviceClient(nio.AsyncClient):  # type: ignore[misc]  # nio is untyped
+    """A nio client that speaks for one device of a user of the bridge's namespace with
+    the appservice's token: `user_id` and `device_id` go into every request's query."""
+
+    async def _send(self, response_class: Any, method: str, path: str, *args: Any,
+                    **kwargs: Any) -> Any:
+        url = urlsplit(path)
+        query = [(k, v) for k, v in parse_qsl(url.query, keep_blank_values=True)
+                 if k not in ("user_id", "device_id")]
+        query += [("user_id", self.user_id), ("device_id", self.device_id)]
+        path = urlunsplit(url._replace(query=urlencode(query)))
+        return await super()._send(response_class, method, path, *args, **kwargs)
+
+
+class Device:
+    """One nio client and its key maintenance.
+
+    Fed by transactions (`fed`), it makes no request of its own accord: its task waits
+    until woken (to-device events handled, key counts low, device lists or room members
+    changed) and then does only what is due (key upload or query, earlier room keys
+    owed); a send refreshes first if something was marked.
+
+    In the fallback (the homeserver does not send those), the bot long-polls /sync: it
+    must receive staff's room keys promptly to decrypt their messages. Ghosts only send,
+    so they do not long-poll (every event in their rooms, their own echoes included,
+    would wake the poll and cost Synapse and the bridge work per message); they refresh
+    with a non-waiting /sync before sending when their view is stale or marked dirty
+    (membership or device-list changes reported in appservice transactions), and every
+    GHOST_UPKEEP_SECONDS in the background.
     """
 
     def __init__(self, client: nio.AsyncClient, api: MatrixAPI, long_poll: bool,
                  is_ours: Callable[[str], bool] = lambda _user: False,
                  key_store: LedgerStore | None = None,
-                 key_trust: KeyTrust | None = None) -> None:
+                 key_trust: KeyTrust | None = None,
+                 feed: CryptoFeed | None = None) -> None:
         self.client = client
         self.api = api
         self.long_poll = long_poll
+        # Fed by transactions (no /sync) once `feed` says so; None: always /sync.
+        self.feed = feed
+        self.needs_fallback_key = False
+        self._fallback_uploaded_at = float("-inf")
+        self._keys_uploaded_at = float("-inf")
         # Room keys of earlier messages for staff devices that appear later.
         self.keys = KeyForwarder(client, is_ours, key_store, key_trust)
         self._wake = asyncio.Event()
@@ -118,6 +205,11 @@ class Device:
         self._last_upkeep = float("-inf")
         self.dirty = True
         self._room_changes: dict[str, int] = {}  # per known room: changes reported so far
+        self.last_used = asyncio.get_running_loop().time()
+        self.busy = 0  # sends in progress: never closed under them
+
+    def touch(self) -> None:
+        self.last_used = asyncio.get_running_loop().time()
 
     @property
     def user_id(self) -> UserID:
@@ -132,11 +224,22 @@ class Device:
             await asyncio.gather(self._task, return_exceptions=True)
         await self.client.close()
 
+    @property
+    def fed(self) -> bool:
+        """Fed by appservice transactions: this device never calls /sync."""
+        return self.feed is not None and self.feed.appservice
+
     async def _loop(self) -> None:
+        if self.feed is not None:
+            await self.feed.decided.wait()
         backoff = 1.0
         while True:
             try:
-                if self.long_poll:
+                if self.fed:  # no timer: only what transactions or senders ask for
+                    await self._wake.wait()
+                    self._wake.clear()
+                    await self.upkeep()
+                elif self.long_poll:
                     await self.upkeep(timeout_ms=LONG_POLL_MS)
                 else:
                     delay = max(0.0, self._last_upkeep + GHOST_UPKEEP_SECONDS
@@ -161,13 +264,26 @@ class Device:
         self._wake.set()
 
     def stale(self) -> bool:
+        if self.fed:
+            return self.dirty
         age = asyncio.get_running_loop().time() - self._last_upkeep
         return self.dirty or age >= GHOST_UPKEEP_SECONDS
 
     async def upkeep(self, timeout_ms: int = 0) -> None:
-        """One /sync, then the key maintenance nio's sync_forever would do."""
+        """One /sync (not when fed by transactions), then the key maintenance nio's
+        sync_forever would do."""
         async with self._upkeep_lock:
             self.dirty = False
+            if self.fed:
+                try:
+                    await self.maintain_keys()
+                except BaseException:
+                    self.dirty = True
+                    raise
+                self._last_upkeep = asyncio.get_running_loop().time()
+                self.synced.set()
+                await self.forward_keys()
+                return
             resp = await self.client.sync(timeout=timeout_ms, sync_filter=SYNC_FILTER,
                                           full_state=not self.synced.is_set())
             if isinstance(resp, nio.SyncError):
@@ -207,10 +323,43 @@ class Device:
             tracked = users & set(olm.device_store.users)
             if tracked:
                 olm.users_for_key_query.update(tracked)
-                if self.keys.trust is not None and self.keys.ledger.records:
-                    # A device may just have been cross-signed: it is owed earlier keys
-                    # now, not at the next routine upkeep.
+                if self.keys.ledger.records and (self.fed or self.keys.trust is not None):
+                    # A new device, or one just cross-signed, may be owed earlier keys:
+                    # now, not at the next routine upkeep (there is none when fed).
                     self.wake()
+
+    async def feed_to_device(self, events: list[dict[str, Any]]) -> None:
+        """To-device events from a transaction: what nio does with those of a /sync
+        (decrypt Olm, store room keys, run the to-device callbacks, which include the
+        key forwarder's, collect key requests); then maintenance runs in the background
+        (Olm sessions to repair, earlier room keys owed)."""
+        batch = SimpleNamespace(to_device_events=[nio.ToDeviceEvent.parse_event(e)
+                                                  for e in events])
+        await self.client._handle_to_device(batch)
+        if self.client.olm is not None:
+            await self.client._collect_key_requests()
+        self.wake()
+
+    def key_counts(self, otk: int | None = None,
+                   fallback_unused: list[str] | None = None) -> None:
+        """Counts from a transaction: top up below OTK_LOW one-time keys (nio's own
+        test would top up after every claim, or never after a count of 0), and replace
+        the fallback key once the server has none unused."""
+        olm = self.client.olm
+        if olm is None:
+            return
+        wake = False
+        now = asyncio.get_running_loop().time()
+        if otk is not None and otk < OTK_LOW and \
+                now - self._keys_uploaded_at >= COUNT_SETTLE_SECONDS:
+            olm.uploaded_key_count = otk
+            wake = True
+        if fallback_unused is not None and "signed_curve25519" not in fallback_unused \
+                and now - self._fallback_uploaded_at >= FALLBACK_SETTLE_SECONDS:
+            self.needs_fallback_key = True
+            wake = True
+        if wake:
+            self.wake()
 
     async def maintain_keys(self) -> None:
         """What nio's sync_forever does after each sync and a manual sync() does not."""
@@ -219,8 +368,13 @@ class Device:
         if c.should_upload_keys:
             try:
                 await upload_keys(c)
+                self._keys_uploaded_at = asyncio.get_running_loop().time()
             except RuntimeError as exc:  # not fatal: the keys on the server still serve
                 log.warning("%s: %s", self.user_id, exc)
+        if self.fed and (self.needs_fallback_key or pending_fallback_key(c)):
+            await upload_fallback_key(c, self.api)
+            self.needs_fallback_key = False
+            self._fallback_uploaded_at = asyncio.get_running_loop().time()
         if c.should_query_keys:
             await c.keys_query()
         if c.should_claim_keys:
@@ -299,20 +453,25 @@ class Device:
     async def send(self, api: MatrixAPI, room_id: RoomID, event_type: str,
                    content: dict[str, Any], txn_id: str | None = None) -> str:
         """Encrypt (if the room is encrypted) and send; returns the event id."""
-        if not self.long_poll and self.stale():
-            await self.upkeep()
-        await self.prepare_room(api, room_id)
-        if self.client.should_query_keys:
-            # A new staff device: querying invalidates the outbound session, so the
-            # next message's key reaches it; the earlier sessions' keys are forwarded.
-            await self.client.keys_query()
-            await self.forward_keys()
-        await self.keys.before_send(room_id)
-        resp = await self.client.room_send(room_id, event_type, content, tx_id=txn_id,
-                                           ignore_unverified_devices=True)
-        if isinstance(resp, nio.RoomSendError):
-            raise nio_failure(resp, "send")
-        return str(resp.event_id)
+        self.busy += 1
+        try:
+            if (self.fed or not self.long_poll) and self.stale():
+                await self.upkeep()
+            await self.prepare_room(api, room_id)
+            if self.client.should_query_keys:
+                # A new staff device: querying invalidates the outbound session, so the
+                # next message's key reaches it; the earlier sessions' keys are forwarded.
+                await self.client.keys_query()
+                await self.forward_keys()
+            await self.keys.before_send(room_id)
+            resp = await self.client.room_send(room_id, event_type, content, tx_id=txn_id,
+                                               ignore_unverified_devices=True)
+            if isinstance(resp, nio.RoomSendError):
+                raise nio_failure(resp, "send")
+            return str(resp.event_id)
+        finally:
+            self.busy -= 1
+            self.touch()
 
     def decrypt(self, event: dict[str, Any]) -> nio.Event | None:
         """Decrypt a raw m.room.encrypted event dict; None while the room key is missing."""
@@ -334,8 +493,11 @@ class Devices:
                  long_poll_user: UserID | None = None,
                  room_keys: RoomKeyStore | None = None,
                  key_trust: KeyTrust | None = None,
-                 store_journal: Literal["wal", "delete"] = "wal") -> None:
+                 store_journal: Literal["wal", "delete"] = "wal",
+                 max_open: int = 500, open_gauge: Gauge | None = None) -> None:
         self._api = api
+        self._max_open = max_open
+        self._open_gauge = open_gauge
         self._store_class = store_class(store_journal)
         # Who may have earlier room keys (None: any later device of a member).
         self._key_trust = key_trust
@@ -346,13 +508,29 @@ class Devices:
         # nio pickles Olm/Megolm state with this passphrase (storekey.pickle_passphrase).
         self._pickle_key = pickle_key
         self._on_ready = on_ready
+        # Open devices, at most `appservice.max_open_devices` idle ones (see _evict).
         self._devices: dict[UserID, Device] = {}
+        # When each recently closed device was closed, and when each user's device list
+        # last changed: a device reopened after no change of the users it knows needs
+        # no key query. Bounded; a device not found here re-queries (after a restart too).
+        self._closed_at: OrderedDict[UserID, float] = OrderedDict()
+        self._lists_changed_at: dict[str, float] = {}
         # Users in the bridge's namespace (set by Ghosts): never sent earlier room keys.
         self.is_ours: Callable[[str], bool] = lambda _user: False
         self._opening: dict[UserID, asyncio.Lock] = {}
+        # Set by CryptoFeed: devices are fed by transactions once it decides so.
+        self.feed: CryptoFeed | None = None
+        # Key counts reported for closed devices that need action (low one-time keys,
+        # no unused fallback key), applied when the device opens.
+        self._pending_counts: dict[tuple[str, str], dict[str, Any]] = {}
 
     def get_open(self, user_id: UserID) -> Device | None:
         return self._devices.get(user_id)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._devices)
+
 
     def room_changed(self, room_id: str) -> None:
         """Someone joined, left or was invited: devices in the room refresh first."""
@@ -360,33 +538,80 @@ class Devices:
             device.room_changed(room_id)
 
     def users_changed(self, users: set[str]) -> None:
+        now = asyncio.get_running_loop().time()
+        for user in users:
+            self._lists_changed_at[user] = now
         if self._key_trust is not None:  # e.g. a device was just cross-signed
             self._key_trust.users_changed(users)
         for device in self._devices.values():
             device.users_changed(users)
 
+    def key_counts(self, user_id: str, device_id: str, otk: int | None = None,
+                   fallback_unused: list[str] | None = None) -> None:
+        device = self._devices.get(UserID(user_id))
+        if device is not None and device.client.device_id == device_id:
+            device.key_counts(otk, fallback_unused)
+            return
+        # Each reported value replaces the one kept: kept only while it needs action.
+        key = (user_id, device_id)
+        pending = self._pending_counts.get(key, {})
+        if otk is not None:
+            if otk < OTK_LOW:
+                pending["otk"] = otk
+            else:
+                pending.pop("otk", None)
+        if fallback_unused is not None:
+            if "signed_curve25519" not in fallback_unused:
+                pending["fallback_unused"] = fallback_unused
+            else:
+                pending.pop("fallback_unused", None)
+        if pending:
+            self._pending_counts[key] = pending
+        else:
+            self._pending_counts.pop(key, None)
+
     async def open(self, user_id: UserID, device_id: DeviceID) -> Device:
-        """The user's device, logged in, keys uploaded, sync loop running."""
+        """The user's device, created on the server, keys uploaded, its task running."""
         lock = self._opening.setdefault(user_id, asyncio.Lock())
         async with lock:
             if user_id in self._devices:
-                return self._devices[user_id]
+                device = self._devices[user_id]
+                device.touch()
+                return device
             localpart = user_id[1:].split(":", 1)[0]
-            token = await self._api.login_device(localpart, device_id)
             store = self._store_dir / localpart
             store.mkdir(parents=True, exist_ok=True)
-            client = nio.AsyncClient(
+            client = AppserviceDeviceClient(
                 self._api.url, user_id, device_id, store_path=str(store),
                 # No stored sync tokens: nio saves them with a blocking SQLite commit on
                 # every sync; a restart simply starts with one initial sync.
                 config=nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=False,
-                                             pickle_key=self._pickle_key, store=self._store_class),
+                                             pickle_key=self._pickle_key,
+                                             store=self._store_class),
             )
-            client.restore_login(user_id, device_id, token)
+            client.restore_login(user_id, device_id, self._api.as_token)
+            if client.olm is None or not client.olm.account.shared:
+                # Keys never uploaded: the device may not exist on the server yet. A
+                # device reopened after eviction was created already: no request.
+                try:
+                    await self._api.create_device(user_id, device_id)
+                except BaseException:
+                    await client.close()
+                    raise
+            # Device-list changes reach open devices only: those of the users this one
+            # knows that changed while it was closed (all of them, if we do not know
+            # when it closed) are read again before it next encrypts or forwards.
+            # Closed by eviction in this process: its keys, cross-signing and what it was
+            # owed were in order then, so only what changed since needs a request.
+            reopened = user_id in self._closed_at
+            changed = self._changed_while_closed(
+                user_id, client.olm.device_store.users if client.olm is not None else ())
+            if client.olm is not None and self.feed is not None:
+                client.olm.users_for_key_query.update(changed)
             device = Device(client, self._api, long_poll=user_id == self._long_poll_user,
                             is_ours=lambda user: self.is_ours(user),
                             key_store=self._room_keys.owner(user_id) if self._room_keys
-                            else None, key_trust=self._key_trust)
+                            else None, key_trust=self._key_trust, feed=self.feed)
             try:  # before anything is sent or forwarded: what was kept before a restart
                 restored = await device.keys.restore()
             except BaseException:
@@ -394,22 +619,88 @@ class Devices:
                 raise
             if restored:
                 log.info("%s: %d room key checkpoint(s) restored", user_id, restored)
-            if client.should_upload_keys:
+            if client.should_upload_keys or pending_fallback_key(client):
+                new_account = client.olm is not None and not client.olm.account.shared
                 try:
-                    await upload_keys(client)
+                    if client.should_upload_keys:
+                        await upload_keys(client)
+                    if new_account or pending_fallback_key(client):
+                        # A new device gets its fallback key with its first keys.
+                        await upload_fallback_key(client, self._api)
                 except BaseException:
                     await client.close()
                     raise
-            if self._on_ready:
+            pending = self._pending_counts.pop((user_id, device_id), None)
+            if pending:
+                device.key_counts(pending.get("otk"), pending.get("fallback_unused"))
+            if self._on_ready and not reopened:
                 try:
                     await self._on_ready(user_id, device_id)
                 except BaseException:
                     await client.close()  # not cached: the next open retries the hook
                     raise
             device.start()
+            if restored and (changed or not reopened):
+                # Earlier room keys kept for later devices: forward what is owed now
+                # (fed by transactions, nothing else would wake a device just opened).
+                # Reopened with no device list changed meanwhile, nothing new is owed.
+                device.wake()
             self._devices[user_id] = device
+            self._closed_at.pop(user_id, None)
+            self._count()
             log.info("device open for %s", user_id)
-            return device
+        await self._evict()
+        return device
+
+    def _changed_while_closed(self, user_id: UserID, users: Any) -> set[str]:
+        closed_at = self._closed_at.get(user_id)
+        if closed_at is None:
+            return set(users)
+        return {u for u in users if self._lists_changed_at.get(u, float("-inf")) >= closed_at}
+
+    async def _evict(self) -> None:
+        """Close the least recently used devices while more than `max_open` are open
+        (never the bot, one in use, or one used in the last EVICT_GRACE_SECONDS). Their
+        state stays in the store; the next `open` reads it back without a request."""
+        now = asyncio.get_running_loop().time()
+        ghosts = len(self._devices) - (self._long_poll_user in self._devices)
+        excess = ghosts - self._max_open  # the bot is always open and not counted
+        for user_id, device in sorted(self._devices.items(), key=lambda i: i[1].last_used):
+            if excess <= 0 or now - device.last_used < EVICT_GRACE_SECONDS:
+                break  # the rest were used more recently still
+            if user_id == self._long_poll_user or device.busy or \
+                    self._opening.get(user_id, _UNLOCKED).locked():
+                continue
+            await self._close_one(user_id, device)
+            excess -= 1
+
+    async def evict_idle(self, idle_seconds: float) -> int:
+        """Close the devices not used for `idle_seconds` (not the bot); how many."""
+        now = asyncio.get_running_loop().time()
+        idle = [(u, d) for u, d in self._devices.items()
+                if u != self._long_poll_user and not d.busy
+                and now - d.last_used >= idle_seconds
+                and not self._opening.get(u, _UNLOCKED).locked()]
+        for user_id, device in idle:
+            await self._close_one(user_id, device)
+        return len(idle)
+
+    async def _close_one(self, user_id: UserID, device: Device) -> None:
+        if self._devices.get(user_id) is not device:
+            return
+        del self._devices[user_id]
+        self._closed_at[user_id] = asyncio.get_running_loop().time()
+        while len(self._closed_at) > 10 * self._max_open:
+            self._closed_at.popitem(last=False)
+        if (lock := self._opening.get(user_id)) is not None and not lock.locked():
+            del self._opening[user_id]  # no lock kept per citizen ever seen
+        self._count()
+        await device.stop()
+        log.info("device closed for %s (idle)", user_id)
+
+    def _count(self) -> None:
+        if self._open_gauge is not None:
+            self._open_gauge.set(len(self._devices))
 
     async def forget(self, user_id: UserID) -> None:
         """Close the user's device and delete its crypto store and the room keys kept

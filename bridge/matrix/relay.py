@@ -20,6 +20,7 @@ from prometheus_client import Counter
 
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.bot_invites import BotInvitePolicy
+from bridge.matrix.devices import Device
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.undecryptable import (
     Parked,
@@ -32,8 +33,9 @@ from bridge.types import EventID, RoomID, UserID
 
 log = logging.getLogger(__name__)
 
-# Room keys come over the bot's /sync, usually within milliseconds of the event; past
-# this the event waits aside (bridge.matrix.undecryptable) and frees its lane.
+# Room keys come in a transaction (or the bot's /sync), usually within milliseconds of
+# the event; past this the bot's device fetches its inbox once (bridge.matrix.catchup),
+# then the event waits aside (bridge.matrix.undecryptable) and frees its lane.
 KEY_WAIT_SECONDS = 1.0
 NOTICE_QUIET_SECONDS = 600.0  # at most one undecryptable notice per sender and room
 UNDECRYPTABLE_NOTICE = (
@@ -71,6 +73,19 @@ def _redacted_id(event: dict[str, Any], content: dict[str, Any]) -> str | None:
     level before (Synapse sends both to clients of newer rooms)."""
     target = content.get("redacts") or event.get("redacts")
     return target if isinstance(target, str) else None
+
+
+async def _decrypt_within(device: Device, event: dict[str, Any],
+                          seconds: float) -> nio.Event | None:
+    """Try to decrypt until the key is there or `seconds` have passed."""
+    delay, waited = 0.05, 0.0
+    while True:
+        decrypted = device.decrypt(event)
+        if decrypted is not None or waited >= seconds:
+            return decrypted
+        await asyncio.sleep(delay)
+        waited += delay
+        delay = min(delay * 2, 0.5)
 
 
 class UndecryptableEvent(Exception):
@@ -162,16 +177,14 @@ class Relay:
     async def _decrypt(self, event: dict[str, Any]) -> nio.Event | None:
         """The decrypted event, or None once it waits aside for its key."""
         bot = await self._ghosts.device(self._ghosts.bot)
-        delay, waited = 0.05, 0.0
-        while True:
-            decrypted = bot.decrypt(event)
-            if decrypted is not None:
-                return decrypted
-            if waited >= KEY_WAIT_SECONDS:
-                break
-            await asyncio.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 0.5)
+        decrypted = await _decrypt_within(bot, event, KEY_WAIT_SECONDS)
+        if decrypted is None and bot.fed and bot.feed is not None and bot.feed.catch_up and \
+                await bot.feed.catch_up(bot):
+            # The key may have been dropped from the transactions while Synapse held
+            # the bridge DOWN; the device's inbox still had something new.
+            decrypted = await _decrypt_within(bot, event, KEY_WAIT_SECONDS)
+        if decrypted is not None:
+            return decrypted
         if self._parked is None:
             raise UndecryptableEvent("room key not received")
         parked = await self._parked.park(event, utcnow())

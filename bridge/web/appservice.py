@@ -25,8 +25,16 @@ def _ingest(request: web.Request) -> Ingest:
 @routes.put("/_matrix/app/v1/transactions/{txn_id}")
 async def put_transaction(request: web.Request) -> web.Response:
     ingest = _ingest(request)
-    await ingest.transaction(request.match_info["txn_id"], await request.read())
-    return web.json_response({})
+    status = 500  # cancelled or crashed: Synapse sees no answer
+    try:
+        await ingest.transaction(request.match_info["txn_id"], await request.read())
+        status = 200
+        return web.json_response({})
+    except Exception as exc:
+        status = int(getattr(exc, "status", 500))
+        raise
+    finally:
+        ingest.transaction_answered(status)
 
 
 @routes.get("/_matrix/app/v1/users/{user_id}")

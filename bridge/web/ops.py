@@ -44,12 +44,18 @@ async def ready(request: web.Request) -> web.Response:
         log.warning("readiness: homeserver %s", type(exc).__name__)
     ok = all(checks.values()) and bridge.role != "lost"
     answer: dict[str, object] = {"role": bridge.role, **checks}
+    warnings: list[str] = []
+    # Warnings, not failures: the bridge works, at a cost. Without the policy module,
+    # citizens' accounts are only as limited as Synapse's defaults; without to-device
+    # events and key counts in transactions, every E2EE device polls with /sync.
+    if (e2ee := bridge.crypto.warning()) is not None:
+        warnings.append(e2ee)
     if checks["homeserver"]:
-        # A warning, not a failure: the bridge works without the policy module, but
-        # citizens' accounts are then only as limited as Synapse's defaults.
         warning = await _policy_module_warning(request)
         if warning is not None:
-            answer["warnings"] = [warning]
+            warnings.append(warning)
+    if warnings:
+        answer["warnings"] = warnings
     return web.json_response(answer, status=200 if ok else 503)
 
 

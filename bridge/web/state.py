@@ -32,6 +32,12 @@ from bridge.rooms_wa.wiring import WhatsAppRooms
 from bridge.whatsapp.staff_templates import StaffTemplates
 
 
+class E2EETransport(Protocol):
+    """How the bridge's devices get to-device events (bridge.matrix.crypto_feed)."""
+
+    def warning(self) -> str | None: ...
+
+
 class Process(Protocol):
     """The process as probes and the standby guard see it (bridge.lifecycle)."""
 
@@ -47,6 +53,8 @@ class Process(Protocol):
     def api(self) -> MatrixAPI: ...
     @property
     def metrics(self) -> Metrics: ...
+    @property
+    def crypto(self) -> E2EETransport: ...
 
 
 class Pages(Protocol):

@@ -38,7 +38,9 @@ ALLOWED_LABELS: dict[str, set[str]] = {
                "media_too_large", "media_failed", "unsupported", "whatsapp_error",
                "account_error",
                # bridge.rooms_wa: civic_bridge_room_not_relayed
-               "announcement", "muted", "media_off", "left_out", "not_member"},
+               "announcement", "muted", "media_off", "left_out", "not_member",
+               # bridge.matrix.crypto_feed: to-device events no device could take
+               "malformed", "not_ours", "unknown_device"},
     "purpose": {*get_args(ConsentPurpose), "room"},  # "room": any agency room (issue 17)
     "state": set(get_args(ConsentState)),
     "what": {*(label for _, label in RETENTION_STEPS), "management", "reporter", "poll"},
@@ -55,7 +57,9 @@ ALLOWED_LABELS: dict[str, set[str]] = {
     "origin": set(REPORT_SOURCES),
     "action": set(ACTIONS),
     "result": {"reverted", "not_reverted", "rekeyed", "notice_only", "conflict",
-               "unknown_citizen", "ok", "failed", "broken"},
+               "unknown_citizen", "ok", "failed", "broken",
+               # bridge.matrix.catchup: device inbox fetches
+               "recovered", "nothing_new"},
     # bridge.whatsapp.webhook: items sent before the replay window
     "part": {"message", "status"},
 }

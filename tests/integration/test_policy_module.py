@@ -329,12 +329,13 @@ async def test_check_homeserver_flags_a_weak_config_line_by_line(synapse: Synaps
         "retention": "FAIL",
         "modules (civic_bridge_synapse)": "OK",
         "experimental_features": "OK",
+        f"appservice registration ({synapse.config.appservice.id})": "OK",
         "homeserver (live)": "OK",
         "registration (live)": "FAIL",  # the fixture's Synapse lets tests register
         "policy module (live)": "OK",
     }, out
     assert all("; fix: " in line for line in out.splitlines() if line.startswith("FAIL"))
-    assert out.splitlines()[-1] == "5 of 11 checks failed"
+    assert out.splitlines()[-1] == "5 of 12 checks failed"
 
     code, out, _ = await cli("check-homeserver", "-c", str(path), "--homeserver-config",
                              str(FRAGMENT), "--no-live", cwd=tmp_path)

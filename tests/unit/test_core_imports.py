@@ -36,6 +36,7 @@ CORE = [
     "bridge.matrix.management",  # management-room command parsing
     "bridge.matrix.appservice",  # an appservice transaction, read
     "bridge.admin.auth",  # admin tokens and scopes
+    "bridge.matrix.crypto_parts",  # E2EE parts of appservice transactions
     "bridge.moderation.rules",
 ]
 IO_LIBRARIES = ("aiohttp", "nio", "sqlalchemy", "alembic")

@@ -121,3 +121,40 @@ def test_module_warning_from_the_policy_answer() -> None:
     assert "invites.localpart_prefix" in str(module_warning(
         200, {**good, "citizen_prefixes": ["x_"]}, cfg))
     assert "HTTP 502" in str(module_warning(502, None, cfg))
+
+
+def test_registration_check_names_the_missing_e2ee_switches(tmp_path: Path) -> None:
+    from bridge.homeserver.checks import check_appservice_registration
+    from bridge.registration import make_registration
+
+    cfg = config()
+    assert check_appservice_registration({}, cfg) is None  # a fragment: nothing listed
+    good, old, other = tmp_path / "good.yaml", tmp_path / "old.yaml", tmp_path / "other.yaml"
+    registration = make_registration(cfg)
+    good.write_text(yaml.safe_dump(registration), encoding="utf-8")
+    stale = {k: v for k, v in registration.items()
+             if k not in ("org.matrix.msc3202", "receive_ephemeral",
+                          "de.sorunome.msc2409.push_ephemeral")}
+    old.write_text(yaml.safe_dump(stale), encoding="utf-8")
+    other.write_text(yaml.safe_dump({**registration, "id": "another-bridge"}), encoding="utf-8")
+
+    ok = check_appservice_registration(
+        {"app_service_config_files": [str(other), str(good)]}, cfg)
+    assert ok is not None and ok.ok, ok
+    bad = check_appservice_registration(
+        {"app_service_config_files": [str(other), str(old)]}, cfg)
+    assert bad is not None and not bad.ok
+    assert "missing receive_ephemeral, org.matrix.msc3202" in bad.line()
+    assert "/sync" in bad.line()
+    # Only the unstable MSC2409 name: still ephemeral events.
+    old.write_text(yaml.safe_dump({**stale, "org.matrix.msc3202": True,
+                                   "de.sorunome.msc2409.push_ephemeral": True}),
+                   encoding="utf-8")
+    assert check_appservice_registration({"app_service_config_files": [str(old)]}, cfg).ok
+    gone = check_appservice_registration(
+        {"app_service_config_files": [str(other), str(tmp_path / "nope.yaml")]}, cfg)
+    assert gone is not None and not gone.ok and "not found" in gone.line()
+    # Listed in a full homeserver.yaml, it is one of check-homeserver's lines.
+    names = [c.name for c in check_homeserver_config(
+        {**homeserver_settings(cfg), "app_service_config_files": [str(good)]}, cfg)]
+    assert names[-1] == f"appservice registration ({cfg.appservice.id})"
