@@ -178,23 +178,39 @@ async def test_fallback_key_then_one_time_keys_topped_up_from_counts(
         await staff.close()
 
 
+IDLE_GHOSTS = 200
+IDLE_SECONDS = 60
+
+
 async def test_no_request_to_synapse_while_idle(bridge: BridgeHarness) -> None:
-    """With no traffic, neither the bot nor the open ghosts send Synapse anything (the
-    old design synced the bot every 2 s and each ghost every 30 s)."""
+    """With no traffic, neither the bot nor 200 open ghosts send Synapse anything for a
+    minute (the old design synced the bot every 2 s and each ghost every 30 s: 200
+    ghosts made about 7 requests a second)."""
     b = bridge.running.bridge
     staff, room_id, ghost = await _staff_in_portal(bridge)
     try:
         await staff.send_text(room_id, "último mensaje antes del silencio")
         await bridge.running.idle()
-        await asyncio.sleep(2)  # transactions in flight and their follow-ups settle
     finally:
         await staff.close()
-    assert b.devices.get_open(ghost) is not None and b.devices.get_open(b.ghosts.bot)
+    more = [await b.ghosts.create() for _ in range(IDLE_GHOSTS - 1)]
+    opening = asyncio.Semaphore(16)
+
+    async def open_device(user_id: UserID) -> None:
+        async with opening:
+            await b.ghosts.device(user_id)
+
+    await asyncio.gather(*(open_device(g) for g in more))
+    await asyncio.sleep(2)  # transactions in flight and their follow-ups settle
+    ghosts = [ghost, *more]
+    assert all(b.devices.get_open(g) is not None for g in ghosts)
+    assert b.devices.get_open(b.ghosts.bot) is not None
     log = _access_log(bridge)
     start = log.stat().st_size
-    await asyncio.sleep(devices_module.GHOST_UPKEEP_SECONDS + 1)
+    await asyncio.sleep(IDLE_SECONDS)
     lines = _bridge_lines(bridge, _read_from(log, start))
     assert lines == []
+    assert all(b.devices.get_open(g) is not None for g in ghosts), "still open, not polling"
 
 
 async def test_without_the_flags_the_bridge_polls_and_says_why(tmp_path: Path) -> None:
