@@ -213,7 +213,7 @@ class RoomReplies:
         if msg.kind == "text":
             content = text_content(msg.text or "", reply_to)
             event_id: EventID | None = await self._relay.send_as(
-                ghost, room.room_id, content, txn_id=txn_id(msg.wamid))
+                ghost, room.room_id, content, txn_id=txn_id(self._privacy.index, msg.wamid))
             posted.append(("m.room.message", content))
         else:
             event_id = await self._mirror.post_as(ghost, room.room_id, msg, posted)
