@@ -76,7 +76,8 @@ class FanOut:
         if not recipients:
             return
         if event.type == "m.room.redaction":
-            await self._withdrawn(room, event.redacts, recipients)
+            if event.redacts is not None:
+                await self.withdrawn(room, event.redacts, recipients)
             return
         power = await self.power(room.room_id, event.sender)
         is_staff = power >= STAFF_POWER or event.sender in self._config.admin.users \
@@ -202,10 +203,10 @@ class FanOut:
 
     # --- redactions -------------------------------------------------------------------
 
-    async def _withdrawn(self, room: Room, target: str | None,
-                         recipients: list[RoomMember]) -> None:
-        if target is None:
-            return
+    async def withdrawn(self, room: Room, target: str, recipients: list[RoomMember],
+                        by: str | None = None) -> None:
+        """Event `target` was redacted: what has not gone is cancelled; who had it is
+        told that the moderators withdrew a message (`by` None) or that its author did."""
         await self._db.wa_rooms.cancel_unsent(f"wr:{target}:")
         await self._db.wa_rooms.forget_event(f"wr:{target}:")
         rooms_of = await self._db.wa_rooms.joined_counts([m.citizen_id for m in recipients])
@@ -216,8 +217,10 @@ class FanOut:
                 citizen = await tx.citizens.get(member.citizen_id)
                 if citizen is None:
                     continue
+                several = rooms_of.get(citizen.id, 0) > 1
                 text = texts.WITHDRAWN.format(room_prefix=policy.room_prefix(
-                    room.name, rooms_of.get(citizen.id, 0) > 1))
+                    room.name, several)) if by is None else texts.RETRACTED.format(
+                    prefix=policy.prefix(by, room.name, several))
                 await self.deliver(tx, citizen, room, f"wr-withdrawn:{target}:{citizen.id}",
                                    {"type": "text", "body": text, "wa_room": room.room_id},
                                    datetime.now(UTC))

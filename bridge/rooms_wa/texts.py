@@ -47,6 +47,8 @@ MUTED: Final = ("Los moderadores han silenciado su participación en «{room}»:
                 "no se publican.")
 ANNOUNCEMENT_ONLY: Final = ("«{room}» es una sala de avisos: solo el personal publica, y su "
                             "mensaje no se ha publicado.")
+NOT_MEMBER_NOW: Final = ("Ya no participa en la sala de ese mensaje: no se ha publicado "
+                         "nada.")
 NOT_IN_ROOM: Final = "No participa en ninguna sala ahora mismo."
 PICK_BODY: Final = "¿En qué conversación quiere publicar su mensaje?"
 PICK_SWITCH_BODY: Final = "¿A qué conversación quiere que vayan sus próximos mensajes?"
@@ -57,6 +59,7 @@ PICKED: Final = "Sus próximos mensajes irán a «{room}»."
 EARLIER: Final = "… y {count} mensajes anteriores de sus salas que no se muestran."
 EDITED: Final = "{prefix}(editado) {text}"
 WITHDRAWN: Final = "{room_prefix}Los moderadores han retirado un mensaje."
+RETRACTED: Final = "{prefix}(ha retirado su mensaje)"
 FILE_NOT_RELAYED: Final = "{prefix}[ha enviado un archivo, que no se reenvía a WhatsApp]"
 
 # Room members (Matrix), once when the first WhatsApp member joins.

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 # What `post_as` collects for its caller (None: nothing; the ordinary portal relay).
 _POSTED: ContextVar[list[tuple[str, dict[str, Any]]] | None] = ContextVar("posted",
                                                                           default=None)
+# Where `post_as` finds the event a reply, edit, revoke or reaction is about (None: the
+# portal's message map).
+EventLookup = Callable[[str], Awaitable[EventID | None]]
+_EVENTS: ContextVar[EventLookup | None] = ContextVar("events", default=None)
 
 MATRIX_MSGTYPE = {"image": "m.image", "sticker": "m.image", "video": "m.video",
                   "audio": "m.audio", "document": "m.file"}
@@ -116,6 +120,8 @@ class Mirror:
     _flag_hook: FlagHook | None = None
 
     async def _event_for(self, wamid: str | None) -> EventID | None:
+        if wamid and (lookup := _EVENTS.get()) is not None:
+            return await lookup(wamid)
         link = await self._db.messages.by_wamid(self._privacy.index.wamid(wamid)) \
             if wamid else None
         return EventID(link.event_id) if link else None
@@ -152,18 +158,20 @@ class Mirror:
                                        txn_id=self._txn(msg.wamid, ":personal-id"))
 
     async def post_as(self, ghost: UserID, room_id: RoomID, msg: InboundMessage,
-                      posted: list[tuple[str, dict[str, Any]]] | None = None
-                      ) -> EventID | None:
+                      posted: list[tuple[str, dict[str, Any]]] | None = None,
+                      events: EventLookup | None = None) -> EventID | None:
         """Post `msg` as `ghost` in `room_id` without linking it in the message map: a
         WhatsApp member's message in an agency room (bridge.rooms_wa keeps its own map,
-        and relays to the room's other members what `posted` collects: the (event type,
+        `events`, where replies, edits, revokes and reactions find their event; and
+        relays to the room's other members what `posted` collects: the (event type,
         content) of each event sent)."""
-        token = _POSTED.set(posted)
+        token, lookup = _POSTED.set(posted), _EVENTS.set(events)
         try:
             with self._metrics.relay_latency.labels("in").time():
                 return await self._relay_one(ghost, room_id, msg)
         finally:
             _POSTED.reset(token)
+            _EVENTS.reset(lookup)
 
     async def _send(self, ghost: UserID, room_id: RoomID, content: dict[str, Any],
                     wamid: str, event_type: str = "m.room.message", suffix: str = ""

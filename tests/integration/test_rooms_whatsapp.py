@@ -381,6 +381,61 @@ async def test_edits_follow_and_moderated_redactions_are_announced(world: World)
     await w.sent_to(w.ana, says("Los moderadores han retirado un mensaje"))
 
 
+def content_of(ev: Any) -> dict[str, Any]:
+    content = ev.source.get("content")
+    return content if isinstance(content, dict) else {}
+
+
+async def test_whatsapp_edits_revokes_and_reactions_follow_their_message(world: World
+                                                                         ) -> None:
+    w = world
+    b = w.h.running.bridge
+    sent = await w.write(w.bea, w.h.wa.text_message(w.bea.user, "Llego a las cinco"))
+    original = await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
+                                  "Llego a las cinco")
+    await w.sent_to(w.ana, says("Llego a las cinco"))
+    # An edit on WhatsApp is an edit (m.replace) of that event, by the same pseudonym,
+    # and a short "edited" follow-up for the other WhatsApp members.
+    await w.write(w.bea, w.h.wa.edit_message(w.bea.user, sent, "Llego a las seis"))
+    edit = await w.staff_sees(w.room_id, lambda ev: content_of(ev).get(
+        "m.new_content", {}).get("body") == "Llego a las seis")
+    assert content_of(edit)["m.relates_to"] == {"rel_type": "m.replace",
+                                                "event_id": original.event_id}
+    assert edit.sender == original.sender
+    await w.sent_to(w.ana, says("(editado) Llego a las seis"))
+    assert w.sent_count(w.bea, says("Llego a las seis")) == 0
+    # A reaction to a message of her other room (not the one she chose) is a reaction
+    # there, on that message, by her pseudonym of that room; taking it back redacts it.
+    fiestas = next(r for r in await b.db.rooms.list() if r.name == "Fiestas 2027")
+    _, wamid = await w.sent_to(w.ana, says("Reunión de la comisión"))
+    meeting = await w.staff_sees(fiestas.room_id, lambda ev: getattr(ev, "body", None) ==
+                                 "Reunión de la comisión el jueves")
+    member = await b.db.wa_rooms.find(fiestas.room_id, w.ana.citizen_id)
+    assert member is not None and member.ghost_user_id
+    await w.write(w.ana, w.h.wa.reaction_message(w.ana.user, wamid, "👍"))
+    reaction = await w.staff_sees(fiestas.room_id, lambda ev: content_of(ev).get(
+        "m.relates_to", {}).get("rel_type") == "m.annotation")
+    assert reaction.sender == member.ghost_user_id
+    assert content_of(reaction)["m.relates_to"] == {
+        "rel_type": "m.annotation", "event_id": meeting.event_id, "key": "👍"}
+    await w.write(w.ana, w.h.wa.reaction_message(w.ana.user, wamid, ""))
+    await w.staff_sees(fiestas.room_id, lambda ev: getattr(ev, "redacts", None) ==
+                       reaction.event_id and ev.sender == member.ghost_user_id)
+    # A revoke on WhatsApp redacts the event, by her pseudonym; the other WhatsApp
+    # members, who got it, are told that its author withdrew it.
+    await w.write(w.bea, w.h.wa.revoke_message(w.bea.user, sent))
+    await w.staff_sees(w.room_id, lambda ev: getattr(ev, "redacts", None) ==
+                       original.event_id and ev.sender == original.sender)
+    body, _ = await w.sent_to(w.ana, says("ha retirado su mensaje"))
+    assert w.bea.pseudonyms[w.room_id] in text_body(body)
+    # Nothing of it went elsewhere: no new message in either room, none in a portal.
+    await w.h.running.idle("whatsapp")
+    for room in (w.room_id, fiestas.room_id):
+        assert not any("reaccionado" in str(getattr(ev, "body", ""))
+                       for ev in w.staff._timeline.get(room, []))
+    assert w.sent_count(w.bea, says("ha retirado su mensaje")) == 0
+
+
 async def test_fanout_keeps_each_citizens_order_through_a_429(world: World) -> None:
     w = world
     b = w.h.running.bridge
