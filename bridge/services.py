@@ -342,7 +342,8 @@ async def build_bridge(config: Config) -> Bridge:
     worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce)
     dead_letters.wake_inbound, dead_letters.wake_outbox = worker.wake, outbox.wake
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy,
-                        outbox if config.whatsapp.enabled else None, metrics)
+                        outbox if config.whatsapp.enabled else None, metrics,
+                        wa_rooms.members if wa_rooms is not None else None)
     if inbound is not None and parts.safety.whatsapp is not None:
         inbound.set_report_hook(parts.safety.whatsapp)
     mirror.set_flag_hook(parts.safety.flagger.check)

@@ -28,7 +28,7 @@ from bridge.metrics import Metrics
 from bridge.model import Room, RoomMember
 from bridge.privacy import AAD_PAYLOAD, Privacy
 from bridge.rooms_wa import policy, texts
-from bridge.rooms_wa.members import Members
+from bridge.rooms_wa.members import INVITE_KEY, Members
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.staff_events import (
@@ -184,9 +184,15 @@ class FanOut:
     async def deliver_backlog(self, citizen: Citizen) -> None:
         """The citizen wrote: their window is open again; what waited goes, in order.
         Idempotent (outbox keys), so a retried webhook item sends nothing twice."""
-        entries = await self._db.wa_rooms.backlog(citizen.id)
-        if not entries:
+        every = await self._db.wa_rooms.backlog(citizen.id)
+        if not every:
             return
+        # Invitations that waited for the window go first, none left out (not content).
+        invitations = [e for e in every if e.event_key.startswith(INVITE_KEY)]
+        for entry in invitations:
+            await self._outbox.room(citizen, entry.event_key,
+                                    self._cipher.decrypt_json(entry.payload, aad=AAD_PAYLOAD))
+        entries = [e for e in every if not e.event_key.startswith(INVITE_KEY)]
         skipped, _ = policy.backlog_plan(len(entries), self._config.rooms.backlog_max)
         if skipped:
             self._metrics.room_not_relayed.labels("left_out").inc(skipped)
@@ -197,7 +203,7 @@ class FanOut:
         for entry in entries[skipped:]:
             payload = self._cipher.decrypt_json(entry.payload, aad=AAD_PAYLOAD)
             await self._outbox.room(citizen, entry.event_key, payload)
-        await self._db.wa_rooms.forget([e.id for e in entries])
+        await self._db.wa_rooms.forget([e.id for e in every])
         log.info("room backlog delivered: %d sent, %d left out", len(entries) - skipped,
                  skipped)
 

@@ -32,6 +32,7 @@ from tests.fixtures.bridge import BridgeHarness
 from tests.fixtures.citizens import USER_ID, invite_link, submit_form
 from tests.fixtures.dbdump import dump, find_clear, phone_forms
 from tests.fixtures.staff import StaffClient, staff_login
+from tests.integration.test_moderation import dm_with_bot
 from tests.integration.test_whatsapp import (
     USED_IDENTIFIERS,
     new_citizen,
@@ -138,6 +139,7 @@ async def join_room(w: World, member: Member, room_id: str, expect_first: bool =
         "POST", f"/admin/v1/rooms/{room_id}/whatsapp-members",
         {"citizen": member.portal_ghost})
     assert status == 201, answer
+    assert answer["delivery"] == "sent"  # their window is open
     pseudonym = answer["pseudonym"]
     invitation, _ = await w.sent_to(member, lambda s: s.get("type") == "interactive" and
                                     pseudonym in text_body(s))
@@ -518,6 +520,54 @@ async def test_window_closed_digest_once_then_backlog_in_order(world: World) -> 
                                                   "Aviso número 2", "Aviso número 3"]
     assert "anteriores" in got[0]
     assert w.sent_count(w.bea, says("Aviso que se retira")) == 0
+
+
+async def test_invitation_while_the_window_is_closed_waits_for_the_reply(world: World
+                                                                        ) -> None:
+    """From the management room (the admin verb's third surface): the window is closed,
+    so a content-free template asks the citizen to answer; the inviter is told the
+    invitation waits; it arrives, with its buttons, when the citizen writes."""
+    w = world
+    b = w.h.running.bridge
+    async with b.db.session() as session:
+        await session.execute(update(CitizenRow).where(CitizenRow.id == w.bea.citizen_id)
+                              .values(last_inbound_at=datetime.now(UTC) - timedelta(hours=30)))
+    status, created = await w.h.running.call("POST", "/admin/v1/rooms",
+                                             {"name": "Mercadillo solidario",
+                                              "kind": "citizen"})
+    assert status == 201
+    room = created["room_id"]
+    talk = await dm_with_bot(w.h, w.h.admin.localpart, w.h.admin.password)
+    try:
+        code = (await b.db.subscriptions.get(w.bea.citizen_id))
+        reference = code.code if code is not None else w.bea.portal_ghost
+        answer = await talk.say(f"whatsapp {room} {reference}")
+    finally:
+        await talk.staff.close()
+    member = await b.db.wa_rooms.find(RoomID(room), w.bea.citizen_id)
+    assert member is not None and member.state == "invited"
+    assert f"«{member.display_name}»" in answer and "waiting for their reply" in answer
+    template, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "template" and
+                                  s["template"]["name"] == "invitacion_pendiente")
+    assert "Mercadillo" not in json.dumps(template, ensure_ascii=False)
+    assert not template["template"].get("components")
+    await w.h.running.idle("whatsapp")
+    assert w.sent_count(w.bea, says("«Mercadillo solidario»")) == 0
+    entry = await last_audit_entry(b)
+    assert entry.action == "room.whatsapp_invite" and entry.actor == w.h.admin.user_id
+    # She answers: the invitation with its buttons arrives.
+    await w.write(w.bea, w.h.wa.text_message(w.bea.user, "Hola, ¿qué invitación?"))
+    invitation, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
+                                    "«Mercadillo solidario»" in text_body(s))
+    ids = [x["reply"]["id"] for x in invitation["interactive"]["action"]["buttons"]]
+    assert ids == [f"{texts.ACCEPT_BUTTON}{member.id}", f"{texts.DECLINE_BUTTON}{member.id}"]
+    assert await b.db.wa_rooms.backlog(w.bea.citizen_id) == []
+    assert w.sent_count(w.bea, lambda s: s.get("type") == "template" and
+                        s["template"]["name"] == "invitacion_pendiente") == 1
+
+
+async def last_audit_entry(b: Any) -> Any:
+    return (await b.db.audit.list(limit=1))[0]
 
 
 async def _backlog(b: Any, citizen_id: int, count: int) -> bool:
