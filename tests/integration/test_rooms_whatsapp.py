@@ -32,7 +32,7 @@ from tests.fixtures.bridge import BridgeHarness
 from tests.fixtures.citizens import USER_ID, invite_link, submit_form
 from tests.fixtures.dbdump import dump, find_clear, phone_forms
 from tests.fixtures.staff import StaffClient, staff_login
-from tests.integration.test_moderation import dm_with_bot
+from tests.integration.test_moderation import _crowd, dm_with_bot
 from tests.integration.test_whatsapp import (
     USED_IDENTIFIERS,
     new_citizen,
@@ -566,6 +566,52 @@ async def test_invitation_while_the_window_is_closed_waits_for_the_reply(world: 
                         s["template"]["name"] == "invitacion_pendiente") == 1
 
 
+async def test_big_rooms_ask_to_confirm_and_declining_creates_nothing(world: World
+                                                                       ) -> None:
+    w = world
+    b = w.h.running.bridge
+    status, created = await w.h.running.call("POST", "/admin/v1/rooms",
+                                             {"name": "Asamblea vecinal", "kind": "citizen"})
+    assert status == 201
+    room = created["room_id"]
+    above = w.h.running.config.rooms.confirm_above
+    await _crowd(w.h, room, above)
+    path = f"/admin/v1/rooms/{room}/whatsapp-members"
+    status, answer = await w.h.running.call("POST", path, {"citizen": w.bea.portal_ghost})
+    assert status == 409 and answer["errcode"] == "CB_CONFIRM_REQUIRED", answer
+    assert await b.db.wa_rooms.find(RoomID(room), w.bea.citizen_id) is None
+    status, answer = await w.h.running.call("POST", path, {"citizen": w.bea.portal_ghost,
+                                                           "confirm": True})
+    assert status == 201, answer
+    invitation, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
+                                    "«Asamblea vecinal»" in text_body(s))
+    assert texts.MEDIA_ON.strip() in text_body(invitation)
+    decline = invitation["interactive"]["action"]["buttons"][1]["reply"]["id"]
+    await w.write(w.bea, w.h.wa.button_reply(w.bea.user, decline, texts.DECLINE_TITLE))
+    await w.sent_to(w.bea, says("no se le ha añadido a «Asamblea vecinal»"))
+    member = await b.db.wa_rooms.find(RoomID(room), w.bea.citizen_id)
+    assert member is not None and member.state == "declined" and member.ghost_user_id is None
+    assert not [r for r in await b.db.consent.for_citizen(w.bea.citizen_id)
+                if r.purpose == f"room:{room}"]
+    # Per room: WhatsApp members switched off (refused), then media off (the invitation
+    # says so).
+    settings = f"/admin/v1/rooms/{room}/whatsapp-settings"
+    status, _ = await w.h.running.call("POST", settings, {"whatsapp_allowed": False})
+    assert status == 200
+    status, answer = await w.h.running.call("POST", path, {"citizen": w.bea.portal_ghost,
+                                                           "confirm": True})
+    assert status == 409, answer
+    status, _ = await w.h.running.call("POST", settings, {"whatsapp_allowed": True,
+                                                          "relay_media": False})
+    assert status == 200
+    status, answer = await w.h.running.call("POST", path, {"citizen": w.bea.portal_ghost,
+                                                           "confirm": True})
+    assert status == 201, answer
+    await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
+                    "«Asamblea vecinal»" in text_body(s) and
+                    texts.MEDIA_OFF.strip() in text_body(s))
+
+
 async def last_audit_entry(b: Any) -> Any:
     return (await b.db.audit.list(limit=1))[0]
 
@@ -645,6 +691,25 @@ async def test_announcement_rooms_refuse_whatsapp_posts(world: World) -> None:
     await w.write(w.bea, w.h.wa.text_message(w.bea.user, "¡Genial!", context_id=wamid))
     await w.sent_to(w.bea, says("es una sala de avisos"))
     assert not_relayed(w, "announcement") == refused + 1
+
+
+async def test_a_ban_stops_the_relay(world: World) -> None:
+    w = world
+    b = w.h.running.bridge
+    avisos = next(r for r in await b.db.rooms.list() if r.name == "Avisos")
+    member = await b.db.wa_rooms.find(avisos.room_id, w.bea.citizen_id)
+    assert member is not None and member.state == "joined" and member.ghost_user_id
+    status, answer = await w.h.running.call(
+        "POST", f"/admin/v1/rooms/{avisos.room_id}/ban",
+        {"user_id": member.ghost_user_id, "reason": "prueba"})
+    assert status == 200, answer
+    await w.sent_to(w.bea, says("le han retirado de la sala «Avisos»"))
+    banned = await b.db.wa_rooms.find(avisos.room_id, w.bea.citizen_id)
+    assert banned is not None and banned.state == "left"
+    await w.staff.send_text(avisos.room_id, "Tras el veto")
+    await w.h.running.idle("matrix")
+    await w.h.running.idle("whatsapp")
+    assert w.sent_count(w.bea, says("Tras el veto")) == 0
 
 
 async def test_privacy_sweep(world: World) -> None:
@@ -729,7 +794,8 @@ async def test_self_service_join_from_an_invite_link(world: World) -> None:
     assert member is not None
     image, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "image" and
                                "bache" in s["image"].get("caption", ""))
-    assert image["image"]["caption"] == (f"[Vecinos de Ejemplo] *{member.display_name}*: "
+    # (Bea is in that room only now: banned from «Avisos», so no room name first.)
+    assert image["image"]["caption"] == (f"*{member.display_name}*: "
                                          "El bache de la calle Mayor")
     assert w.h.wa.media[image["image"]["id"]].data == photo
     assert w.sent_count(carla, lambda s: s.get("type") == "image") == 0  # no echo
@@ -739,6 +805,16 @@ async def test_self_service_join_from_an_invite_link(world: World) -> None:
     async with aiohttp.ClientSession() as http, \
             http.get(w.h.running.url + html.unescape(offer.group(1))) as resp:
         assert resp.status == 404
+    # BAJA still opts out of everything: she leaves the room too, on record.
+    await w.write(carla, w.h.wa.text_message(carla.user, "BAJA"))
+    db = w.h.running.bridge.db
+
+    async def left() -> bool:
+        gone = await db.wa_rooms.find(RoomID(w.room_id), row.id)
+        return gone is not None and gone.state == "left"
+    await wait_until(left, 30, "left on BAJA")
+    assert [r.state for r in await db.consent.for_citizen(row.id)
+            if r.purpose == f"room:{w.room_id}"] == ["granted", "withdrawn"]
 
 
 async def test_erasure_retires_every_room_pseudonym(world: World) -> None:
