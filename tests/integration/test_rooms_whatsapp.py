@@ -4,6 +4,7 @@ link and two WhatsApp citizens, each under a pseudonym of that room only."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import html
 import json
@@ -436,6 +437,23 @@ async def test_whatsapp_edits_revokes_and_reactions_follow_their_message(world: 
         assert not any("reaccionado" in str(getattr(ev, "body", ""))
                        for ev in w.staff._timeline.get(room, []))
     assert w.sent_count(w.bea, says("ha retirado su mensaje")) == 0
+
+
+async def test_group_receipts_and_typing_are_not_relayed(world: World) -> None:
+    """Read ticks and "escribiendo…" are a portal's (one desk, one citizen): in a room,
+    whoever reads or types is one of many, and relaying it would tell each WhatsApp
+    member what every other member reads."""
+    w = world
+    await w.write(w.bea, w.h.wa.text_message(w.bea.user, "¿Alguien más sin agua?"))
+    event = await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
+                               "¿Alguien más sin agua?")
+    before = len(w.h.wa.sent)
+    await w.staff.client.room_read_markers(w.room_id, event.event_id, event.event_id)
+    await w.staff.client.room_typing(w.room_id, True, timeout=30000)
+    await w.neighbour.client.room_read_markers(w.room_id, event.event_id, event.event_id)
+    await asyncio.sleep(3)  # ephemeral events come in a later transaction
+    await w.h.running.idle("whatsapp")
+    assert not [s for s in w.h.wa.sent[before:] if s.get("status") == "read"]
 
 
 async def test_fanout_keeps_each_citizens_order_through_a_429(world: World) -> None:
