@@ -337,6 +337,7 @@ async def build_bridge(config: Config) -> Bridge:
                                   mirror, portals, templates, metrics)
         relay.add_handler(wa_rooms.commands)
         inbound.set_rooms_hook(wa_rooms.replies)
+        inbound.set_failed_hook(wa_rooms.members.undelivered)
         if config.whatsapp.send_read_receipts:
             receipts = StaffReceipts(db, privacy, graph, metrics, ghosts.is_ours)
     worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce)

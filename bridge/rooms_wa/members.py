@@ -283,6 +283,19 @@ class Members:
                 citizen, f"wr-removed:{event.get('event_id')}", texts.REMOVED.format(
                     room=room.name))
 
+    async def undelivered(self, wamid_hash: WamidHash, title: str) -> None:
+        """WhatsApp reported a room message to a member failed after accepting it: the
+        room is told who did not get it (their pseudonym there) and why; counted."""
+        hit = await self._db.wa_rooms.by_wamid(wamid_hash)
+        member = await self._db.wa_rooms.find(hit[0], hit[2]) if hit is not None else None
+        if hit is None or member is None:
+            return  # not a room message
+        self._metrics.room_not_relayed.labels("undelivered").inc()
+        await self._relay.send_as(self._ghosts.bot, hit[0], {
+            "msgtype": "m.notice", "body": texts.UNDELIVERED.format(
+                pseudonym=member.display_name, title=title)},
+            txn_id=f"wr-undelivered-{wamid_hash[:32]}")
+
     # --- per-room switches ------------------------------------------------------------
 
     async def configure(self, actor: str, room_id: str, allowed: bool | None,

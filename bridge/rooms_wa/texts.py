@@ -67,6 +67,8 @@ ROOM_NOTICE: Final = (
     "Esta sala tiene participantes por WhatsApp. Lo que se escribe aquí se les reenvía: "
     "sale del cifrado de extremo a extremo en el puente y en WhatsApp puede reenviarse. "
     "Solo ven los nombres visibles de la sala, nunca los identificadores de Matrix.")
+UNDELIVERED: Final = ("Un mensaje de esta sala no llegó por WhatsApp a «{pseudonym}»: "
+                      "{title}. Si era importante, hágaselo llegar por otra vía.")
 TOPIC_LINE: Final = ("Con participantes por WhatsApp: los mensajes se reenvían fuera del "
                      "cifrado de extremo a extremo.")
 

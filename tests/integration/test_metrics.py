@@ -38,7 +38,8 @@ ALLOWED_LABELS: dict[str, set[str]] = {
                "media_too_large", "media_failed", "unsupported", "whatsapp_error",
                "account_error",
                # bridge.rooms_wa: civic_bridge_room_not_relayed
-               "announcement", "muted", "media_off", "left_out", "not_member"},
+               "announcement", "muted", "media_off", "left_out", "not_member",
+               "undelivered"},
     "purpose": {*get_args(ConsentPurpose), "room"},  # "room": any agency room (issue 17)
     "state": set(get_args(ConsentState)),
     "what": {*(label for _, label in RETENTION_STEPS), "management", "reporter", "poll"},

@@ -456,6 +456,22 @@ async def test_group_receipts_and_typing_are_not_relayed(world: World) -> None:
     assert not [s for s in w.h.wa.sent[before:] if s.get("status") == "read"]
 
 
+async def test_a_failed_delivery_is_told_in_the_room(world: World) -> None:
+    """WhatsApp accepted a room message for a member, then reported it failed: the room
+    is told who did not get it (by pseudonym) and why; the metric counts it."""
+    w = world
+    await w.staff.send_text(w.room_id, "Este aviso no llegará")
+    _, wamid = await w.sent_to(w.bea, says("Este aviso no llegará"))
+    before = not_relayed(w, "undelivered")
+    status = w.h.wa.status_update(wamid, "failed", w.bea.user,
+                                  errors=[(131026, "Message undeliverable")])
+    assert await w.h.wa.deliver(w.h.webhook_url, status) == 200
+    notice = await w.staff_sees(w.room_id, lambda ev: isinstance(ev, RoomMessageNotice) and
+                                f"«{w.bea.pseudonyms[w.room_id]}»" in ev.body)
+    assert "Message undeliverable" in notice.body
+    assert not_relayed(w, "undelivered") == before + 1
+
+
 async def test_fanout_keeps_each_citizens_order_through_a_429(world: World) -> None:
     w = world
     b = w.h.running.bridge
