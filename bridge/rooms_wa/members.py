@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TOLD_KEY = "wr-told:"  # + room id: room members were told about WhatsApp members
 INVITE_KEY = "wr-invite:"  # + membership id + ":" + random: an invitation's send
+SHOWN_HASH = 16  # hex digits of the invitation text's sha256 in its button ids
 
 
 purpose = room_purpose
@@ -110,12 +111,15 @@ class Members:
             self._privacy.display_name(new_pseudonym_code())
         text = await self.invitation_text(room, pseudonym,
                                           inviter or self._config.consent.agency_name)
-        member = await self._db.wa_rooms.invite(
-            room.room_id, citizen.id, pseudonym, actor,
-            hashlib.sha256(text.encode()).hexdigest())
+        text_hash = hashlib.sha256(text.encode()).hexdigest()
+        member = await self._db.wa_rooms.invite(room.room_id, citizen.id, pseudonym, actor,
+                                                text_hash)
         key = f"{INVITE_KEY}{member.id}:{secrets.token_hex(6)}"
-        buttons = [(f"{texts.ACCEPT_BUTTON}{member.id}", texts.ACCEPT_TITLE),
-                   (f"{texts.DECLINE_BUTTON}{member.id}", texts.DECLINE_TITLE)]
+        # The buttons name the text they answer: a tap on a superseded invitation (the
+        # room's settings changed its text) records nothing (`answer`).
+        shown = text_hash[:SHOWN_HASH]
+        buttons = [(f"{texts.ACCEPT_BUTTON}{member.id}:{shown}", texts.ACCEPT_TITLE),
+                   (f"{texts.DECLINE_BUTTON}{member.id}:{shown}", texts.DECLINE_TITLE)]
         # As stored now (the message that carried a join code has just opened the window).
         fresh = await self._db.citizens.get(citizen.id) or citizen
         waiting = not policy.window_open(fresh.last_inbound_at, datetime.now(UTC))
@@ -163,7 +167,7 @@ class Members:
                      ) -> None:
         """An accept or decline button (ids from `invite`)."""
         accept = button_id.startswith(texts.ACCEPT_BUTTON)
-        raw = button_id.split(":", 1)[1]
+        raw, _, shown = button_id.split(":", 1)[1].partition(":")
         member = await self._db.wa_rooms.get(int(raw)) if raw.isdigit() else None
         room = await self._db.rooms.get(member.room_id) if member else None
         if member is None or room is None or member.citizen_id != citizen.id or \
@@ -173,6 +177,10 @@ class Members:
             return
         if member.state == "joined":
             return  # a repeated tap
+        if shown and not member.notice_hash.startswith(shown):  # (none: sent before this)
+            await self._outbox.system_text(citizen, f"wr-superseded:{wamid_hash}",
+                                           texts.INVITATION_SUPERSEDED)
+            return
         if not accept:
             await self._db.wa_rooms.set_state(member.id, "declined", only_from=("invited",))
             await self._outbox.system_text(citizen, f"wr-declined:{wamid_hash}",

@@ -11,8 +11,8 @@ from typing import Final
 INVITATION_VERSION: Final = "rooms-1"
 LANGUAGE: Final = "es"
 
-ACCEPT_BUTTON: Final = "wr-acc:"  # + membership id
-DECLINE_BUTTON: Final = "wr-dec:"  # + membership id
+ACCEPT_BUTTON: Final = "wr-acc:"  # + membership id + ":" + the text's sha256 (16 hex)
+DECLINE_BUTTON: Final = "wr-dec:"  # + membership id + ":" + the text's sha256 (16 hex)
 PICK_ROW: Final = "wr-pick:"  # + membership id, or PORTAL_CHOICE
 PORTAL_CHOICE: Final = "portal"
 
@@ -41,6 +41,8 @@ DECLINE_TITLE: Final = "No, gracias"
 JOINED: Final = ("Ya participa en «{room}» como «{pseudonym}». Escriba SALIR para dejarla.")
 DECLINED: Final = "De acuerdo: no se le ha añadido a «{room}»."
 INVITATION_GONE: Final = "Esa invitación ya no es válida."
+INVITATION_SUPERSEDED: Final = ("Esa invitación ha cambiado: le hemos enviado una más "
+                                "reciente. Responda, por favor, a la última.")
 LEFT: Final = "Ha dejado la sala «{room}»; no recibirá más mensajes de ella."
 REMOVED: Final = "Los moderadores le han retirado de la sala «{room}»."
 MUTED: Final = ("Los moderadores han silenciado su participación en «{room}»: sus mensajes "

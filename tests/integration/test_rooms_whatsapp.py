@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import html
 import json
 import os
@@ -146,8 +147,9 @@ async def join_room(w: World, member: Member, room_id: str, expect_first: bool =
                                     pseudonym in text_body(s))
     buttons = invitation["interactive"]["action"]["buttons"]
     ids = [b["reply"]["id"] for b in buttons]
-    assert ids == [f"{texts.ACCEPT_BUTTON}{answer['member_id']}",
-                   f"{texts.DECLINE_BUTTON}{answer['member_id']}"]
+    shown = hashlib.sha256(text_body(invitation).encode()).hexdigest()[:16]
+    assert ids == [f"{texts.ACCEPT_BUTTON}{answer['member_id']}:{shown}",
+                   f"{texts.DECLINE_BUTTON}{answer['member_id']}:{shown}"]
     body = text_body(invitation)
     assert "SALIR" in body and "cifrado de extremo a extremo" in body
     accepted = await w.write(member, w.h.wa.button_reply(member.user, ids[0],
@@ -594,7 +596,8 @@ async def test_invitation_while_the_window_is_closed_waits_for_the_reply(world: 
     invitation, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
                                     "«Mercadillo solidario»" in text_body(s))
     ids = [x["reply"]["id"] for x in invitation["interactive"]["action"]["buttons"]]
-    assert ids == [f"{texts.ACCEPT_BUTTON}{member.id}", f"{texts.DECLINE_BUTTON}{member.id}"]
+    assert [i.rsplit(":", 1)[0] for i in ids] == [f"{texts.ACCEPT_BUTTON}{member.id}",
+                                                  f"{texts.DECLINE_BUTTON}{member.id}"]
     assert await b.db.wa_rooms.backlog(w.bea.citizen_id) == []
     assert w.sent_count(w.bea, lambda s: s.get("type") == "template" and
                         s["template"]["name"] == "invitacion_pendiente") == 1
@@ -641,9 +644,31 @@ async def test_big_rooms_ask_to_confirm_and_declining_creates_nothing(world: Wor
     status, answer = await w.h.running.call("POST", path, {"citizen": w.bea.portal_ghost,
                                                            "confirm": True})
     assert status == 201, answer
-    await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
-                    "«Asamblea vecinal»" in text_body(s) and
-                    texts.MEDIA_OFF.strip() in text_body(s))
+    stale, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
+                               "«Asamblea vecinal»" in text_body(s) and
+                               texts.MEDIA_OFF.strip() in text_body(s))
+    # Media on again and a new invitation: its text differs, and the consent must be
+    # for the text she accepts. The superseded invitation's button is refused.
+    status, _ = await w.h.running.call("POST", settings, {"relay_media": True})
+    assert status == 200
+    status, answer = await w.h.running.call("POST", path, {"citizen": w.bea.portal_ghost,
+                                                           "confirm": True})
+    assert status == 201, answer
+    current, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
+                                 "«Asamblea vecinal»" in text_body(s) and
+                                 texts.MEDIA_ON.strip() in text_body(s) and s is not invitation)
+    old_accept = stale["interactive"]["action"]["buttons"][0]["reply"]["id"]
+    await w.write(w.bea, w.h.wa.button_reply(w.bea.user, old_accept, texts.ACCEPT_TITLE))
+    await w.sent_to(w.bea, says(texts.INVITATION_SUPERSEDED))
+    member = await b.db.wa_rooms.find(RoomID(room), w.bea.citizen_id)
+    assert member is not None and member.state == "invited"
+    accept = current["interactive"]["action"]["buttons"][0]["reply"]["id"]
+    await w.write(w.bea, w.h.wa.button_reply(w.bea.user, accept, texts.ACCEPT_TITLE))
+    await w.sent_to(w.bea, says("Ya participa en «Asamblea vecinal»"))
+    records = [r for r in await b.db.consent.for_citizen(w.bea.citizen_id)
+               if r.purpose == f"room:{room}"]
+    assert [r.state for r in records] == ["granted"]
+    assert records[0].notice_hash == hashlib.sha256(text_body(current).encode()).hexdigest()
 
 
 async def last_audit_entry(b: Any) -> Any:
@@ -828,8 +853,7 @@ async def test_self_service_join_from_an_invite_link(world: World) -> None:
     assert member is not None
     image, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "image" and
                                "bache" in s["image"].get("caption", ""))
-    # (Bea is in that room only now: banned from «Avisos», so no room name first.)
-    assert image["image"]["caption"] == (f"*{member.display_name}*: "
+    assert image["image"]["caption"] == (f"[Vecinos de Ejemplo] *{member.display_name}*: "
                                          "El bache de la calle Mayor")
     assert w.h.wa.media[image["image"]["id"]].data == photo
     assert w.sent_count(carla, lambda s: s.get("type") == "image") == 0  # no echo
