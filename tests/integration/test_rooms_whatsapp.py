@@ -456,6 +456,19 @@ async def test_group_receipts_and_typing_are_not_relayed(world: World) -> None:
     await asyncio.sleep(3)  # ephemeral events come in a later transaction
     await w.h.running.idle("whatsapp")
     assert not [s for s in w.h.wa.sent[before:] if s.get("status") == "read"]
+    # A Matrix reply to it reaches each WhatsApp member as a quote of the message they
+    # have: Bea's own, and the copy Ana got.
+    asked = await w.write(w.bea, w.h.wa.text_message(w.bea.user, "¿Y luz?"))
+    question = await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
+                                  "¿Y luz?")
+    _, ana_copy = await w.sent_to(w.ana, says("¿Y luz?"))
+    await w.staff.client.room_send(w.room_id, "m.room.message", {
+        "msgtype": "m.text", "body": "Luz sí hay",
+        "m.relates_to": {"m.in_reply_to": {"event_id": question.event_id}}},
+        ignore_unverified_devices=True)
+    for member, quoted in ((w.bea, asked), (w.ana, ana_copy)):
+        reply, _ = await w.sent_to(member, says("Luz sí hay"))
+        assert reply.get("context") == {"message_id": quoted}
 
 
 async def test_a_failed_delivery_is_told_in_the_room(world: World) -> None:
