@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from bridge.config import Config
 from bridge.db import Citizen, Database, Repositories
@@ -77,16 +78,38 @@ class FanOut:
             return
         if event.type == "m.room.redaction":
             if event.redacts is not None:
-                await self.withdrawn(room, event.redacts, recipients)
+                # Its author taking it back is no moderation: say who withdrew it.
+                own = await self._sender_of(room.room_id, event.redacts) == event.sender
+                await self.withdrawn(room, event.redacts, recipients,
+                                     by=await self._label(room, event.sender) if own else None)
             return
-        power = await self.power(room.room_id, event.sender)
-        is_staff = power >= STAFF_POWER or event.sender in self._config.admin.users \
-            or event.sender in self._config.portals.staff
+        is_staff = await self._is_staff(room.room_id, event.sender)
         if room.kind == "announcement" and not is_staff:
             return  # a broadcast list: staff posts only
-        label = policy.sender_label(await self.display_name(room.room_id, event.sender),
-                                    is_staff, self._config.rooms.staff_label)
-        await self.send(room, event.event_id, event.type, event.content, label, recipients)
+        await self.send(room, event.event_id, event.type, event.content,
+                        await self._label(room, event.sender), recipients)
+
+    async def _is_staff(self, room_id: RoomID, user_id: UserID) -> bool:
+        return await self.power(room_id, user_id) >= STAFF_POWER or \
+            user_id in self._config.admin.users or user_id in self._config.portals.staff
+
+    async def _label(self, room: Room, user_id: UserID) -> str:
+        """How `user_id` is named to WhatsApp members of `room` (policy.sender_label)."""
+        return policy.sender_label(await self.display_name(room.room_id, user_id),
+                                   await self._is_staff(room.room_id, user_id),
+                                   self._config.rooms.staff_label)
+
+    async def _sender_of(self, room_id: RoomID, event_id: str) -> str | None:
+        try:
+            event = await self._api.request(
+                "GET", f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/event/"
+                f"{quote(event_id, safe='')}", as_user=self._ghosts.bot)
+        except MatrixError as exc:
+            if exc.status >= 500:
+                raise
+            return None
+        sender = event.get("sender") if isinstance(event, dict) else None
+        return sender if isinstance(sender, str) else None
 
     # --- what each member gets --------------------------------------------------------
 

@@ -381,9 +381,24 @@ async def test_edits_follow_and_moderated_redactions_are_announced(world: World)
                                    ignore_unverified_devices=True)
     body, _ = await w.sent_to(w.bea, says("(editado) La reunión es el martes"))
     assert text_body(body).startswith("*Ayuntamiento · ")
-    await w.staff.client.room_redact(w.room_id, original, "error")
+    # A moderator removing someone else's message: "the moderators withdrew a message".
+    rude = await w.neighbour.send_text(w.room_id, "Mensaje fuera de tono")
+    await w.sent_to(w.ana, says("Mensaje fuera de tono"))
+    await w.sent_to(w.bea, says("Mensaje fuera de tono"))
+    await w.staff.client.room_redact(w.room_id, rude, "fuera de tono")
     await w.sent_to(w.bea, says("Los moderadores han retirado un mensaje"))
     await w.sent_to(w.ana, says("Los moderadores han retirado un mensaje"))
+    # Someone taking back their own message is no moderation: the WhatsApp members are
+    # told its author withdrew it (staff with their label).
+    await w.staff.client.room_redact(w.room_id, original, "error")
+    body, _ = await w.sent_to(w.bea, says("(ha retirado su mensaje)"))
+    assert text_body(body).startswith("*Ayuntamiento · ")
+    own = await w.neighbour.send_text(w.room_id, "Me he equivocado de sala")
+    await w.sent_to(w.bea, says("Me he equivocado de sala"))
+    await w.neighbour.client.room_redact(w.room_id, own, "error")
+    await w.sent_to(w.bea, lambda s: "(ha retirado su mensaje)" in text_body(s) and
+                    not text_body(s).startswith("*Ayuntamiento"))
+    assert w.sent_count(w.bea, says("Los moderadores han retirado un mensaje")) == 1
 
 
 def content_of(ev: Any) -> dict[str, Any]:
@@ -431,14 +446,14 @@ async def test_whatsapp_edits_revokes_and_reactions_follow_their_message(world: 
     await w.write(w.bea, w.h.wa.revoke_message(w.bea.user, sent))
     await w.staff_sees(w.room_id, lambda ev: getattr(ev, "redacts", None) ==
                        original.event_id and ev.sender == original.sender)
-    body, _ = await w.sent_to(w.ana, says("ha retirado su mensaje"))
-    assert w.bea.pseudonyms[w.room_id] in text_body(body)
+    retracted = f"*{w.bea.pseudonyms[w.room_id]}*: (ha retirado su mensaje)"
+    await w.sent_to(w.ana, says(retracted))
     # Nothing of it went elsewhere: no new message in either room, none in a portal.
     await w.h.running.idle("whatsapp")
     for room in (w.room_id, fiestas.room_id):
         assert not any("reaccionado" in str(getattr(ev, "body", ""))
                        for ev in w.staff._timeline.get(room, []))
-    assert w.sent_count(w.bea, says("ha retirado su mensaje")) == 0
+    assert w.sent_count(w.bea, says(retracted)) == 0
 
 
 async def test_group_receipts_and_typing_are_not_relayed(world: World) -> None:
