@@ -499,6 +499,12 @@ class RoomsConfig(_Section):
     # still waits for the citizen's next message).
     digest_template: Annotated[str, Field(pattern=r"^([a-z0-9_]{1,512})?$")] = ""
     digest_language: Annotated[str, Field(pattern=r"^[a-z]{2,3}(_[A-Z]{2})?$")] = "es"
+    # The approved template (no parameters, nothing of the room) that asks a citizen
+    # whose 24 h window is closed to answer, so that a waiting invitation can reach them;
+    # at most one per closed window. "" = none: the invitation waits for their next
+    # message, and the inviter is told so.
+    invite_template: Annotated[str, Field(pattern=r"^([a-z0-9_]{1,512})?$")] = ""
+    invite_language: Annotated[str, Field(pattern=r"^[a-z]{2,3}(_[A-Z]{2})?$")] = "es"
     # At most this many queued messages are delivered when the window opens again;
     # older ones are summed up in one line.
     backlog_max: Annotated[int, Field(ge=1, le=200)] = 20

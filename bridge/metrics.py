@@ -124,7 +124,8 @@ class Metrics:
         # `media_off` (a file, to one member, in a room that does not relay media),
         # `left_out` (older waiting messages beyond rooms.backlog_max), `not_member`
         # (queued for someone who left or was removed before it went), `unsupported`
-        # (a room event with no WhatsApp form, per member).
+        # (a room event with no WhatsApp form, per member), `undelivered` (accepted by
+        # WhatsApp, then reported failed; the room is told).
         self.room_not_relayed = Counter(
             "civic_bridge_room_not_relayed",
             "Agency-room messages not relayed to or from a WhatsApp member, by reason",

@@ -275,6 +275,7 @@ class KeyedIndex:
         # Message ids get a key derived for them alone: a wamid's hash can never equal
         # a citizen's, whatever the two strings are.
         self._wamid_key = hmac.new(key, _WAMID_DOMAIN, hashlib.sha256).digest()
+        self._txn_key = hmac.new(key, _TXN_DOMAIN, hashlib.sha256).digest()
 
     def digest(self, identifier: str) -> str:
         """Hex HMAC-SHA256 of `normalise_identifier(identifier)` (64 chars), current key."""
@@ -297,8 +298,17 @@ class KeyedIndex:
         data = wamid.encode("utf-8", "surrogatepass")
         return WamidHash(hmac.new(self._wamid_key, data, hashlib.sha256).hexdigest())
 
+    def txn(self, wamid: str, suffix: str = "") -> str:
+        """Hex HMAC-SHA256 of a wamid (and a suffix) under a key of its own: what the
+        Matrix transaction ids of its events derive from. Stable, so a retried message
+        finds the events the homeserver stored; keyed, so the ids the homeserver keeps
+        cannot be matched by hashing wamids (they embed numbers)."""
+        data = (wamid + suffix).encode("utf-8", "surrogatepass")
+        return hmac.new(self._txn_key, data, hashlib.sha256).hexdigest()
+
 
 _WAMID_DOMAIN = b"civic-bridge wamid index v1"
+_TXN_DOMAIN = b"civic-bridge matrix txn id v1"
 _KEYED_HASH = re.compile(r"[0-9a-f]{64}")
 
 

@@ -204,6 +204,7 @@ async def build_bridge(config: Config) -> Bridge:
                                   mirror, portals, templates, metrics)
         relay.add_handler(wa_rooms.commands)
         inbound.set_rooms_hook(wa_rooms.replies)
+        inbound.set_failed_hook(wa_rooms.members.undelivered)
         if config.whatsapp.send_read_receipts:
             receipts = StaffReceipts(db, privacy, graph, metrics, ghosts.is_ours)
     worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce)
@@ -211,7 +212,8 @@ async def build_bridge(config: Config) -> Bridge:
                                       metrics.to_device_catch_ups)
     dead_letters.wake_inbound, dead_letters.wake_outbox = worker.wake, outbox.wake
     parts = build_admin(config, db, http, api, rooms, ghosts, relay, privacy,
-                        outbox if config.whatsapp.enabled else None, metrics)
+                        outbox if config.whatsapp.enabled else None, metrics,
+                        wa_rooms.members if wa_rooms is not None else None)
     if inbound is not None and parts.safety.whatsapp is not None:
         inbound.set_report_hook(parts.safety.whatsapp)
     mirror.set_flag_hook(parts.safety.flagger.check)

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 from bridge.admin.moderation import Moderation
 from bridge.admin.service import AdminService
@@ -32,6 +33,9 @@ from bridge.moderation.texts import event_link
 from bridge.roomguard import ConfirmRequired
 from bridge.types import RoomID, UserID
 
+if TYPE_CHECKING:
+    from bridge.rooms_wa.members import Members
+
 log = logging.getLogger(__name__)
 CONFIRM_SECONDS = 300.0
 REFUSAL_QUIET_SECONDS = 3600.0
@@ -44,7 +48,7 @@ class ManagementRoom:
     def __init__(self, config: Config, db: Database, admin: AdminService,
                  moderation: Moderation, links: InviteLinks, reply: Reply,
                  clock: Callable[[], float] = time.monotonic,
-                 reports: Reports | None = None) -> None:
+                 reports: Reports | None = None, wa_members: Members | None = None) -> None:
         self._admins = frozenset(config.admin.users)
         self._db = db
         self._services = VerbServices(admin, moderation)
@@ -52,6 +56,7 @@ class ManagementRoom:
         self._reply = reply
         self._clock = clock
         self._reports = reports
+        self._wa_members = wa_members  # rooms over WhatsApp; None: WhatsApp is off
         self._pending: dict[tuple[str, str], tuple[Command, float]] = {}
         self._refused: dict[str, float] = {}  # sender -> until when refusals go unrecorded
 
@@ -133,6 +138,8 @@ class ManagementRoom:
             return await self._audit(c.limit or 10)
         if c.name in ("report", "reports"):
             return await self._report(actor, c)
+        if c.name == "whatsapp-members.add":
+            return await self._whatsapp_invite(actor, c)
         raise BridgeError(f"command {c.name} is not implemented")
 
     async def _report(self, actor: str, c: Command) -> str:
@@ -151,6 +158,14 @@ class ManagementRoom:
                          + (f" — reason: {reason}" if reason else ""))
         return "\n".join(["Open reports:", *lines]) if lines else "No open reports."
 
+    async def _whatsapp_invite(self, actor: str, c: Command) -> str:
+        if self._wa_members is None:
+            raise BridgeError("WhatsApp is not enabled")
+        result = await self._wa_members.invite(actor, str(c.room_id or ""),
+                                               dict(c.extra).get("citizen", ""),
+                                               confirm=c.confirm)
+        return whatsapp_invite_reply(result)
+
     async def _audit(self, limit: int) -> str:
         intact, first_bad = await self._db.audit.verify()
         head = ("Audit chain intact." if intact else
@@ -159,3 +174,15 @@ class ManagementRoom:
                  f"{x.result}" + (f" ({x.reason})" if x.reason else "")
                  for x in await self._db.audit.list(limit=limit)]
         return "\n".join([head, *lines])
+
+
+def whatsapp_invite_reply(result: dict[str, Any]) -> str:
+    """What the inviter reads: the pseudonym, and whether the invitation went or waits."""
+    said = f"WhatsApp invitation for «{result['pseudonym']}» (their name in that room)"
+    if result.get("delivery") == "waiting_for_reply":
+        how = ("they were sent the rooms.invite_template asking them to answer"
+               if result.get("asked_to_reply") else
+               "no rooms.invite_template is set, so nothing can ask them to answer")
+        return (f"{said} is waiting for their reply: their 24-hour WhatsApp window is "
+                f"closed; {how}. They get it when they next write.")
+    return f"{said} sent; they accept or decline on WhatsApp."

@@ -51,6 +51,10 @@ USER = Arg("user_id", "user", "USER", "a user ID like @name:server",
            re.compile(r"^@[^:\s]+:[A-Za-z0-9.\-]+(:\d+)?$"))
 EVENT = Arg("event_id", "event", "EVENT", "an event ID like $abc", re.compile(r"^\$[^\s/?#]+$"))
 NUMBER = Arg("report_id", "id", "N", "report number", None)
+# A WhatsApp citizen, never by number: their portal ghost or their subscription code.
+CITIZEN = Arg("citizen", "citizen", "CITIZEN",
+              "a citizen's portal ghost (@…) or subscription code (XXXX-XXXX…)",
+              re.compile(r"^(@[^:\s]+:[A-Za-z0-9.\-]+(:\d+)?|[A-Za-z0-9]{4}(-[A-Za-z0-9]{4})+)$"))
 
 
 ID_KEYS = ("room_id", "user_id", "event_id")
@@ -337,7 +341,10 @@ VERBS: tuple[Verb, ...] = (
     Verb("notice.list", "notices", ("GET", _V1 + "/notices"), "notice"),
     Verb("dead-letters", "moderation", ("GET", _V1 + "/dead-letters"), "dead-letters"),
     # Rooms over WhatsApp (bridge.web.rooms_wa): handlers written by hand.
-    Verb("whatsapp-members.add", "invites", ("POST", _ROOM + "/whatsapp-members")),
+    Verb("whatsapp-members.add", "invites", ("POST", _ROOM + "/whatsapp-members"),
+         "whatsapp-invite", "invite a WhatsApp citizen into an agency room",
+         "invite a WhatsApp citizen into a room (they accept on WhatsApp)",
+         ("whatsapp", "invitar-whatsapp"), (ROOM, CITIZEN), confirm=True),
     Verb("whatsapp-members", "rooms", ("GET", _ROOM + "/whatsapp-members")),
     Verb("whatsapp-settings", "rooms", ("POST", _ROOM + "/whatsapp-settings")),
     Verb("dead-letters.settle", "moderation",

@@ -22,6 +22,7 @@ from bridge.matrix.rooms import Rooms
 from bridge.metrics import Metrics
 from bridge.moderation.wiring import ModerationParts, build_moderation
 from bridge.privacy import Privacy
+from bridge.rooms_wa.members import Members
 from bridge.types import EventID, RoomID
 from bridge.whatsapp.outbox import Outbox
 
@@ -37,7 +38,8 @@ class AdminParts:
 
 def build_admin(config: Config, db: Database, http: aiohttp.ClientSession, api: MatrixAPI,
                 rooms: Rooms, ghosts: Ghosts, relay: Relay, privacy: Privacy,
-                outbox: Outbox | None = None, metrics: Metrics | None = None) -> AdminParts:
+                outbox: Outbox | None = None, metrics: Metrics | None = None,
+                wa_members: Members | None = None) -> AdminParts:
     """Wire the admin services; the management room is registered as a relay handler."""
     bot = ghosts.bot
 
@@ -55,6 +57,6 @@ def build_admin(config: Config, db: Database, http: aiohttp.ClientSession, api: 
     safety = build_moderation(config, db, http, api, rooms, ghosts, relay, privacy, moderation,
                               outbox, metrics or Metrics())
     management = ManagementRoom(config, db, admin, moderation, invites, reply,
-                                reports=safety.reports)
+                                reports=safety.reports, wa_members=wa_members)
     relay.add_handler(management)
     return AdminParts(admin, moderation, invites, management, safety)

@@ -32,8 +32,9 @@ class RoomMemberRepo:
 
     async def invite(self, room_id: RoomID, citizen_id: int, display_name: str,
                      invited_by: str, notice_hash: str) -> RoomMember:
-        """Create the invitation, or renew one that was declined or left (the pseudonym
-        drawn the first time stays); an invited or joined member is returned as is."""
+        """Create the invitation, or renew one that is pending, was declined or left (the
+        pseudonym drawn the first time stays; the hash is the newest text's, which its
+        buttons name); a joined member is returned as is."""
         now = utcnow()
         stmt = (
             self._scope.insert(RoomMemberRow)
@@ -48,7 +49,7 @@ class RoomMemberRepo:
                 update(RoomMemberRow)
                 .where(RoomMemberRow.room_id == room_id,
                        RoomMemberRow.citizen_id == citizen_id,
-                       RoomMemberRow.state.in_(("left", "declined")))
+                       RoomMemberRow.state.in_(("left", "declined", "invited")))
                 .values(state="invited", invited_by=invited_by, notice_hash=notice_hash,
                         updated_at=now))
             row = await session.scalar(select(RoomMemberRow).where(

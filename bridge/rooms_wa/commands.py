@@ -21,6 +21,11 @@ COMMAND = "!invitar"
 USAGE = "Uso: !invitar <sala> (el nombre exacto de la sala o su ID, !…:servidor)."
 SENT = ("Invitación enviada por WhatsApp a «{room}». En esa sala aparecerá como "
         "«{pseudonym}» si acepta.")
+WAITING = ("Invitación a «{room}» en espera: la ventana de 24 horas de WhatsApp de esta "
+           "persona está cerrada. {how} En esa sala aparecerá como «{pseudonym}» si acepta.")
+ASKED = "Se le ha pedido con una plantilla que responda; la recibirá al hacerlo."
+NOT_ASKED = ("No hay plantilla configurada para pedirle que responda "
+             "(rooms.invite_template): la recibirá cuando vuelva a escribir.")
 REFUSED = "No enviada: {why}"
 CONFIRM = (" La sala tiene más de {above} miembros: repita con «!invitar {room} confirmar» "
            "para enviarla igualmente.")
@@ -71,6 +76,11 @@ class PortalCommands:
             extra = CONFIRM.format(above=self._above, room=wanted) \
                 if exc.errcode == "CB_CONFIRM_REQUIRED" else ""
             await self._portals.notice(event.room_id, REFUSED.format(why=exc) + extra)
+            return
+        if result.get("delivery") == "waiting_for_reply":
+            await self._portals.notice(event.room_id, WAITING.format(
+                room=target.name, pseudonym=result["pseudonym"],
+                how=ASKED if result.get("asked_to_reply") else NOT_ASKED))
             return
         await self._portals.notice(event.room_id, SENT.format(
             room=target.name, pseudonym=result["pseudonym"]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from bridge.config import Config
 from bridge.db import Citizen, Database, Repositories
@@ -28,7 +29,7 @@ from bridge.metrics import Metrics
 from bridge.model import Room, RoomMember
 from bridge.privacy import AAD_PAYLOAD, Privacy
 from bridge.rooms_wa import policy, texts
-from bridge.rooms_wa.members import Members
+from bridge.rooms_wa.members import INVITE_KEY, Members
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.staff_events import (
@@ -76,16 +77,39 @@ class FanOut:
         if not recipients:
             return
         if event.type == "m.room.redaction":
-            await self._withdrawn(room, event.redacts, recipients)
+            if event.redacts is not None:
+                # Its author taking it back is no moderation: say who withdrew it.
+                own = await self._sender_of(room.room_id, event.redacts) == event.sender
+                await self.withdrawn(room, event.redacts, recipients,
+                                     by=await self._label(room, event.sender) if own else None)
             return
-        power = await self.power(room.room_id, event.sender)
-        is_staff = power >= STAFF_POWER or event.sender in self._config.admin.users \
-            or event.sender in self._config.portals.staff
+        is_staff = await self._is_staff(room.room_id, event.sender)
         if room.kind == "announcement" and not is_staff:
             return  # a broadcast list: staff posts only
-        label = policy.sender_label(await self.display_name(room.room_id, event.sender),
-                                    is_staff, self._config.rooms.staff_label)
-        await self.send(room, event.event_id, event.type, event.content, label, recipients)
+        await self.send(room, event.event_id, event.type, event.content,
+                        await self._label(room, event.sender), recipients)
+
+    async def _is_staff(self, room_id: RoomID, user_id: UserID) -> bool:
+        return await self.power(room_id, user_id) >= STAFF_POWER or \
+            user_id in self._config.admin.users or user_id in self._config.portals.staff
+
+    async def _label(self, room: Room, user_id: UserID) -> str:
+        """How `user_id` is named to WhatsApp members of `room` (policy.sender_label)."""
+        return policy.sender_label(await self.display_name(room.room_id, user_id),
+                                   await self._is_staff(room.room_id, user_id),
+                                   self._config.rooms.staff_label)
+
+    async def _sender_of(self, room_id: RoomID, event_id: str) -> str | None:
+        try:
+            event = await self._api.request(
+                "GET", f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/event/"
+                f"{quote(event_id, safe='')}", as_user=self._ghosts.bot)
+        except MatrixError as exc:
+            if exc.status >= 500:
+                raise
+            return None
+        sender = event.get("sender") if isinstance(event, dict) else None
+        return sender if isinstance(sender, str) else None
 
     # --- what each member gets --------------------------------------------------------
 
@@ -183,9 +207,15 @@ class FanOut:
     async def deliver_backlog(self, citizen: Citizen) -> None:
         """The citizen wrote: their window is open again; what waited goes, in order.
         Idempotent (outbox keys), so a retried webhook item sends nothing twice."""
-        entries = await self._db.wa_rooms.backlog(citizen.id)
-        if not entries:
+        every = await self._db.wa_rooms.backlog(citizen.id)
+        if not every:
             return
+        # Invitations that waited for the window go first, none left out (not content).
+        invitations = [e for e in every if e.event_key.startswith(INVITE_KEY)]
+        for entry in invitations:
+            await self._outbox.room(citizen, entry.event_key,
+                                    self._cipher.decrypt_json(entry.payload, aad=AAD_PAYLOAD))
+        entries = [e for e in every if not e.event_key.startswith(INVITE_KEY)]
         skipped, _ = policy.backlog_plan(len(entries), self._config.rooms.backlog_max)
         if skipped:
             self._metrics.room_not_relayed.labels("left_out").inc(skipped)
@@ -196,16 +226,16 @@ class FanOut:
         for entry in entries[skipped:]:
             payload = self._cipher.decrypt_json(entry.payload, aad=AAD_PAYLOAD)
             await self._outbox.room(citizen, entry.event_key, payload)
-        await self._db.wa_rooms.forget([e.id for e in entries])
+        await self._db.wa_rooms.forget([e.id for e in every])
         log.info("room backlog delivered: %d sent, %d left out", len(entries) - skipped,
                  skipped)
 
     # --- redactions -------------------------------------------------------------------
 
-    async def _withdrawn(self, room: Room, target: str | None,
-                         recipients: list[RoomMember]) -> None:
-        if target is None:
-            return
+    async def withdrawn(self, room: Room, target: str, recipients: list[RoomMember],
+                        by: str | None = None) -> None:
+        """Event `target` was redacted: what has not gone is cancelled; who had it is
+        told that the moderators withdrew a message (`by` None) or that its author did."""
         await self._db.wa_rooms.cancel_unsent(f"wr:{target}:")
         await self._db.wa_rooms.forget_event(f"wr:{target}:")
         rooms_of = await self._db.wa_rooms.joined_counts([m.citizen_id for m in recipients])
@@ -216,8 +246,10 @@ class FanOut:
                 citizen = await tx.citizens.get(member.citizen_id)
                 if citizen is None:
                     continue
+                several = rooms_of.get(citizen.id, 0) > 1
                 text = texts.WITHDRAWN.format(room_prefix=policy.room_prefix(
-                    room.name, rooms_of.get(citizen.id, 0) > 1))
+                    room.name, several)) if by is None else texts.RETRACTED.format(
+                    prefix=policy.prefix(by, room.name, several))
                 await self.deliver(tx, citizen, room, f"wr-withdrawn:{target}:{citizen.id}",
                                    {"type": "text", "body": text, "wa_room": room.room_id},
                                    datetime.now(UTC))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from datetime import UTC, datetime
 from typing import Any
 
 from bridge.config import Config
@@ -24,7 +25,7 @@ from bridge.matrix.relay import Relay
 from bridge.matrix.rooms import Rooms
 from bridge.metrics import Metrics
 from bridge.model import Room, RoomMember, RoomSettings, room_purpose
-from bridge.privacy import Privacy, new_pseudonym_code
+from bridge.privacy import AAD_PAYLOAD, Privacy, new_pseudonym_code
 from bridge.roomguard import guard_size, open_room
 from bridge.rooms_wa import policy, texts
 from bridge.types import Pseudonym, RoomID, UserID, WamidHash
@@ -34,6 +35,8 @@ from bridge.whatsapp.outbox import Outbox
 log = logging.getLogger(__name__)
 
 TOLD_KEY = "wr-told:"  # + room id: room members were told about WhatsApp members
+INVITE_KEY = "wr-invite:"  # + membership id + ":" + random: an invitation's send
+SHOWN_HASH = 16  # hex digits of the invitation text's sha256 in its button ids
 
 
 purpose = room_purpose
@@ -85,7 +88,10 @@ class Members:
     async def invite(self, actor: str, room_id: str, reference: str, *,
                      inviter: str | None = None, confirm: bool = False) -> dict[str, Any]:
         """Send the WhatsApp invitation (buttons); returns what the admin API answers:
-        the membership id, the pseudonym in that room and the state; never a number."""
+        the membership id, the pseudonym in that room, the state and `delivery`: "sent",
+        or "waiting_for_reply" while the citizen's 24 h window is closed (then
+        `asked_to_reply`: whether rooms.invite_template asked them to answer); never a
+        number."""
         room = await open_room(self._db, room_id)
         if room.kind not in ("citizen", "announcement", "team"):
             raise InvalidParam("WhatsApp members join rooms of kind citizen or announcement")
@@ -105,16 +111,47 @@ class Members:
             self._privacy.display_name(new_pseudonym_code())
         text = await self.invitation_text(room, pseudonym,
                                           inviter or self._config.consent.agency_name)
-        member = await self._db.wa_rooms.invite(
-            room.room_id, citizen.id, pseudonym, actor,
-            hashlib.sha256(text.encode()).hexdigest())
-        await self._outbox.system_buttons(
-            citizen, f"wr-invite:{member.id}:{secrets.token_hex(6)}", text,
-            [(f"{texts.ACCEPT_BUTTON}{member.id}", texts.ACCEPT_TITLE),
-             (f"{texts.DECLINE_BUTTON}{member.id}", texts.DECLINE_TITLE)])
+        text_hash = hashlib.sha256(text.encode()).hexdigest()
+        member = await self._db.wa_rooms.invite(room.room_id, citizen.id, pseudonym, actor,
+                                                text_hash)
+        key = f"{INVITE_KEY}{member.id}:{secrets.token_hex(6)}"
+        # The buttons name the text they answer: a tap on a superseded invitation (the
+        # room's settings changed its text) records nothing (`answer`).
+        shown = text_hash[:SHOWN_HASH]
+        buttons = [(f"{texts.ACCEPT_BUTTON}{member.id}:{shown}", texts.ACCEPT_TITLE),
+                   (f"{texts.DECLINE_BUTTON}{member.id}:{shown}", texts.DECLINE_TITLE)]
+        # As stored now (the message that carried a join code has just opened the window).
+        fresh = await self._db.citizens.get(citizen.id) or citizen
+        waiting = not policy.window_open(fresh.last_inbound_at, datetime.now(UTC))
+        if waiting:
+            await self._wait_for_reply(fresh, room, key, text, buttons)
+        else:
+            await self._outbox.system_buttons(citizen, key, text, buttons)
+        delivery = {"delivery": "waiting_for_reply",
+                    "asked_to_reply": bool(self._config.rooms.invite_template)} \
+            if waiting else {"delivery": "sent"}
         await self._db.audit.append(actor, "room.whatsapp_invite",
-                                    f"{room.room_id} {pseudonym}", "ok", None)
-        return {"member_id": member.id, "pseudonym": pseudonym, "state": member.state}
+                                    f"{room.room_id} {pseudonym}", "ok",
+                                    "waiting for the citizen's reply" if waiting else None)
+        return {"member_id": member.id, "pseudonym": pseudonym, "state": member.state,
+                **delivery}
+
+    async def _wait_for_reply(self, citizen: Citizen, room: Room, key: str, text: str,
+                              buttons: list[tuple[str, str]]) -> None:
+        """The window is closed: free text cannot reach the citizen. The invitation waits,
+        sealed, with their room backlog (delivered first when they write:
+        FanOut.deliver_backlog); an approved template with nothing of the room asks them
+        to answer, at most once per closed window."""
+        payload = {"type": "buttons", "body": text, "buttons": buttons, "system": True}
+        await self._db.wa_rooms.keep(citizen.id, room.room_id, key,
+                                     self._privacy.cipher.encrypt_json(payload,
+                                                                       aad=AAD_PAYLOAD))
+        rooms = self._config.rooms
+        if rooms.invite_template:
+            mark = policy.closure_mark(citizen.last_inbound_at)
+            await self._outbox.room(citizen, f"wr-invite-ask:{citizen.id}:{mark}", {
+                "type": "template", "name": rooms.invite_template,
+                "language": rooms.invite_language, "components": [], "system": True})
 
     async def invitation_text(self, room: Room, pseudonym: str, inviter: str) -> str:
         return texts.INVITATION.format(
@@ -130,7 +167,7 @@ class Members:
                      ) -> None:
         """An accept or decline button (ids from `invite`)."""
         accept = button_id.startswith(texts.ACCEPT_BUTTON)
-        raw = button_id.split(":", 1)[1]
+        raw, _, shown = button_id.split(":", 1)[1].partition(":")
         member = await self._db.wa_rooms.get(int(raw)) if raw.isdigit() else None
         room = await self._db.rooms.get(member.room_id) if member else None
         if member is None or room is None or member.citizen_id != citizen.id or \
@@ -140,6 +177,10 @@ class Members:
             return
         if member.state == "joined":
             return  # a repeated tap
+        if shown and not member.notice_hash.startswith(shown):  # (none: sent before this)
+            await self._outbox.system_text(citizen, f"wr-superseded:{wamid_hash}",
+                                           texts.INVITATION_SUPERSEDED)
+            return
         if not accept:
             await self._db.wa_rooms.set_state(member.id, "declined", only_from=("invited",))
             await self._outbox.system_text(citizen, f"wr-declined:{wamid_hash}",
@@ -249,6 +290,19 @@ class Members:
             await self._outbox.system_text(
                 citizen, f"wr-removed:{event.get('event_id')}", texts.REMOVED.format(
                     room=room.name))
+
+    async def undelivered(self, wamid_hash: WamidHash, title: str) -> None:
+        """WhatsApp reported a room message to a member failed after accepting it: the
+        room is told who did not get it (their pseudonym there) and why; counted."""
+        hit = await self._db.wa_rooms.by_wamid(wamid_hash)
+        member = await self._db.wa_rooms.find(hit[0], hit[2]) if hit is not None else None
+        if hit is None or member is None:
+            return  # not a room message
+        self._metrics.room_not_relayed.labels("undelivered").inc()
+        await self._relay.send_as(self._ghosts.bot, hit[0], {
+            "msgtype": "m.notice", "body": texts.UNDELIVERED.format(
+                pseudonym=member.display_name, title=title)},
+            txn_id=f"wr-undelivered-{wamid_hash[:32]}")
 
     # --- per-room switches ------------------------------------------------------------
 

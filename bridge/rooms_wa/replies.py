@@ -33,6 +33,17 @@ PORTAL_CHOSEN_KEY = "wr-portal:"  # + citizen id -> when the portal was chosen
 MUTED_TOLD_KEY = "wr-muted:"  # + membership id: told once that they are muted
 
 
+def follow_up_target(msg: InboundMessage) -> str | None:
+    """The wamid an edit, a revoke or a reaction is about (None for other messages)."""
+    if msg.kind == "edit" and msg.edit is not None:
+        return msg.edit.original_message_id
+    if msg.kind == "revoke":
+        return msg.revoke_of
+    if msg.kind == "reaction" and msg.reaction is not None:
+        return msg.reaction.message_id
+    return None
+
+
 class RoomReplies:
     """The inbound hook (WhatsAppInbound.set_rooms_hook)."""
 
@@ -73,6 +84,20 @@ class RoomReplies:
             for member in joined:  # BAJA leaves every room too; the portal flow confirms
                 await self._members.leave(citizen, member, wamid_hash, tell=False)
             return False
+        about = follow_up_target(msg)
+        if about is not None:  # an edit, revoke or reaction goes where its message is
+            where = await self._quoted(about, citizen)
+            owner = next((m for m in joined if str(m.id) == where), None)
+            if owner is not None:
+                await self.post(citizen, owner, msg)
+                return True
+            if where is not None and where != "portal":  # a room they have left
+                self._metrics.room_not_relayed.labels("not_member").inc()
+                await self._outbox.system_text(citizen, f"wr-notnow:{wamid_hash}",
+                                               texts.NOT_MEMBER_NOW)
+                return True
+            if where == "portal":
+                return False
         conversations = await self._conversations(citizen, joined, portal)
         word = policy.keyword(msg.text) if msg.kind == "text" else None
         if word == "switch":
@@ -203,24 +228,33 @@ class RoomReplies:
                 await self._db.kv.set(MUTED_TOLD_KEY + str(member.id), "1")
             return
         await self._db.kv.delete(MUTED_TOLD_KEY + str(member.id))
-        reply_to = None
-        if msg.context_id:
-            hit = await self._db.wa_rooms.by_wamid(self._privacy.index.wamid(msg.context_id))
-            reply_to = hit[1] if hit is not None and hit[0] == room.room_id else None
+
+        async def in_this_room(wamid: str) -> EventID | None:
+            """The room event a wamid of this citizen's stands for (their message, or
+            one relayed to them), in this room only."""
+            hit = await self._db.wa_rooms.by_wamid(self._privacy.index.wamid(wamid))
+            return hit[1] if hit is not None and hit[0] == room.room_id and \
+                hit[2] == citizen.id else None
+
+        reply_to = await in_this_room(msg.context_id) if msg.context_id else None
+        revoked = await in_this_room(msg.revoke_of) if msg.revoke_of else None
         posted: list[tuple[str, dict[str, Any]]] = []
         if msg.kind == "text":
             content = text_content(msg.text or "", reply_to)
             event_id: EventID | None = await self._relay.send_as(
-                ghost, room.room_id, content, txn_id=txn_id(msg.wamid))
+                ghost, room.room_id, content, txn_id=txn_id(self._privacy.index, msg.wamid))
             posted.append(("m.room.message", content))
         else:
-            event_id = await self._mirror.post_as(ghost, room.room_id, msg, posted)
+            event_id = await self._mirror.post_as(ghost, room.room_id, msg, posted,
+                                                  in_this_room)
+        others = [m for m in await self._db.wa_rooms.in_room(room.room_id)
+                  if m.citizen_id != citizen.id]
+        if revoked is not None:  # redacted by the ghost (mirror): the others are told
+            await self._fanout.withdrawn(room, revoked, others, by=member.display_name)
         if event_id is None:
             return
         await self._db.wa_rooms.link(self._privacy.seal_wamid(msg.wamid), citizen.id,
                                      room.room_id, event_id)
-        others = [m for m in await self._db.wa_rooms.in_room(room.room_id)
-                  if m.citizen_id != citizen.id]
         # What was posted (a text, a file with its keys, a location) goes on to the
         # room's other WhatsApp members like anyone's message; reactions stay in the room.
         first = next((c for etype, c in posted if etype == "m.room.message"), None)

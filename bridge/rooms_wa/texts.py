@@ -11,8 +11,8 @@ from typing import Final
 INVITATION_VERSION: Final = "rooms-1"
 LANGUAGE: Final = "es"
 
-ACCEPT_BUTTON: Final = "wr-acc:"  # + membership id
-DECLINE_BUTTON: Final = "wr-dec:"  # + membership id
+ACCEPT_BUTTON: Final = "wr-acc:"  # + membership id + ":" + the text's sha256 (16 hex)
+DECLINE_BUTTON: Final = "wr-dec:"  # + membership id + ":" + the text's sha256 (16 hex)
 PICK_ROW: Final = "wr-pick:"  # + membership id, or PORTAL_CHOICE
 PORTAL_CHOICE: Final = "portal"
 
@@ -41,12 +41,16 @@ DECLINE_TITLE: Final = "No, gracias"
 JOINED: Final = ("Ya participa en «{room}» como «{pseudonym}». Escriba SALIR para dejarla.")
 DECLINED: Final = "De acuerdo: no se le ha añadido a «{room}»."
 INVITATION_GONE: Final = "Esa invitación ya no es válida."
+INVITATION_SUPERSEDED: Final = ("Esa invitación ha cambiado: le hemos enviado una más "
+                                "reciente. Responda, por favor, a la última.")
 LEFT: Final = "Ha dejado la sala «{room}»; no recibirá más mensajes de ella."
 REMOVED: Final = "Los moderadores le han retirado de la sala «{room}»."
 MUTED: Final = ("Los moderadores han silenciado su participación en «{room}»: sus mensajes "
                 "no se publican.")
 ANNOUNCEMENT_ONLY: Final = ("«{room}» es una sala de avisos: solo el personal publica, y su "
                             "mensaje no se ha publicado.")
+NOT_MEMBER_NOW: Final = ("Ya no participa en la sala de ese mensaje: no se ha publicado "
+                         "nada.")
 NOT_IN_ROOM: Final = "No participa en ninguna sala ahora mismo."
 PICK_BODY: Final = "¿En qué conversación quiere publicar su mensaje?"
 PICK_SWITCH_BODY: Final = "¿A qué conversación quiere que vayan sus próximos mensajes?"
@@ -57,6 +61,7 @@ PICKED: Final = "Sus próximos mensajes irán a «{room}»."
 EARLIER: Final = "… y {count} mensajes anteriores de sus salas que no se muestran."
 EDITED: Final = "{prefix}(editado) {text}"
 WITHDRAWN: Final = "{room_prefix}Los moderadores han retirado un mensaje."
+RETRACTED: Final = "{prefix}(ha retirado su mensaje)"
 FILE_NOT_RELAYED: Final = "{prefix}[ha enviado un archivo, que no se reenvía a WhatsApp]"
 
 # Room members (Matrix), once when the first WhatsApp member joins.
@@ -64,6 +69,8 @@ ROOM_NOTICE: Final = (
     "Esta sala tiene participantes por WhatsApp. Lo que se escribe aquí se les reenvía: "
     "sale del cifrado de extremo a extremo en el puente y en WhatsApp puede reenviarse. "
     "Solo ven los nombres visibles de la sala, nunca los identificadores de Matrix.")
+UNDELIVERED: Final = ("Un mensaje de esta sala no llegó por WhatsApp a «{pseudonym}»: "
+                      "{title}. Si era importante, hágaselo llegar por otra vía.")
 TOPIC_LINE: Final = ("Con participantes por WhatsApp: los mensajes se reenvían fuera del "
                      "cifrado de extremo a extremo.")
 

@@ -109,7 +109,8 @@ class IdentityChanges:
     async def _tell(self, room_id: RoomID | None, text: str, wamid: str,
                     suffix: str = ":identity") -> None:
         if room_id is not None:
-            await self._portals.notice(room_id, text, txn_id=txn_id(wamid, suffix))
+            await self._portals.notice(room_id, text,
+                                       txn_id=txn_id(self._privacy.index, wamid, suffix))
 
     def _current(self, citizen: Citizen) -> Identity:
         cipher = self._privacy.cipher

@@ -39,6 +39,9 @@ ReportHook = Callable[[Citizen, RoomID, InboundMessage], Awaitable[bool]]
 # Sees every message of a citizen (with their open portal, if any) before the consent
 # flow; True = it was for an agency room they are a member of (bridge.rooms_wa).
 RoomsHook = Callable[[Citizen, InboundItem, InboundMessage, RoomID | None], Awaitable[bool]]
+# A send WhatsApp accepted then reported failed, not a portal's: (its wamid's keyed hash,
+# WhatsApp's error title); rooms over WhatsApp say so in the room.
+FailedHook = Callable[[WamidHash, str], Awaitable[None]]
 
 OPT_IN_CONFIRMATION = ("Gracias. Hemos abierto una conversación privada con el personal de "
                        "{agency}. Puede escribir BAJA en cualquier momento para dejarla.")
@@ -63,12 +66,16 @@ class WhatsAppInbound:
         self._identity = IdentityChanges(db, privacy, portals, metrics)
         self._report_hook: ReportHook | None = None
         self._rooms_hook: RoomsHook | None = None
+        self._failed_hook: FailedHook | None = None
 
     def set_report_hook(self, hook: ReportHook) -> None:
         self._report_hook = hook
 
     def set_rooms_hook(self, hook: RoomsHook) -> None:
         self._rooms_hook = hook
+
+    def set_failed_hook(self, hook: FailedHook) -> None:
+        self._failed_hook = hook
 
     async def __call__(self, item: InboundItem) -> InboundStatus | None:
         # The row holds the parsed message or status (bridge.whatsapp.stored).
@@ -220,6 +227,9 @@ class WhatsAppInbound:
         link = await self._db.messages.by_wamid(wamid_hash)
         if link is None or link.direction != "out":
             await self._notice_status(status, wamid_hash)
+            if status.status == "failed" and self._failed_hook is not None:
+                await self._failed_hook(wamid_hash, next(
+                    (e.title for e in status.errors if e.title), "error desconocido"))
             return
         room_id, event_id = RoomID(link.room_id), EventID(link.event_id)
         citizen = await self._citizen_of_room(room_id)

@@ -12,7 +12,6 @@ events the homeserver already stored instead of duplicates.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,7 @@ from bridge.matrix.api import MatrixAPI
 from bridge.matrix.attachments import encrypt_in_place
 from bridge.matrix.relay import Relay
 from bridge.metrics import Metrics
-from bridge.privacy import Privacy, looks_like_personal_id
+from bridge.privacy import KeyedIndex, Privacy, looks_like_personal_id
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp import summaries
 from bridge.whatsapp.graph import (
@@ -46,6 +45,10 @@ log = logging.getLogger(__name__)
 # What `post_as` collects for its caller (None: nothing; the ordinary portal relay).
 _POSTED: ContextVar[list[tuple[str, dict[str, Any]]] | None] = ContextVar("posted",
                                                                           default=None)
+# Where `post_as` finds the event a reply, edit, revoke or reaction is about (None: the
+# portal's message map).
+EventLookup = Callable[[str], Awaitable[EventID | None]]
+_EVENTS: ContextVar[EventLookup | None] = ContextVar("events", default=None)
 
 MATRIX_MSGTYPE = {"image": "m.image", "sticker": "m.image", "video": "m.video",
                   "audio": "m.audio", "document": "m.file"}
@@ -57,8 +60,10 @@ PERSONAL_ID_WARNING = (
     "por este canal.")
 
 
-def txn_id(wamid: str, suffix: str = "") -> str:
-    return "wa" + hashlib.sha256((wamid + suffix).encode()).hexdigest()[:40]
+def txn_id(index: KeyedIndex, wamid: str, suffix: str = "") -> str:
+    """The Matrix transaction id of an event from WhatsApp message `wamid` (keyed: see
+    KeyedIndex.txn)."""
+    return "wa" + index.txn(wamid, suffix)[:40]
 
 
 def text_content(body: str, reply_to: EventID | None = None) -> dict[str, Any]:
@@ -115,9 +120,14 @@ class Mirror:
     _flag_hook: FlagHook | None = None
 
     async def _event_for(self, wamid: str | None) -> EventID | None:
+        if wamid and (lookup := _EVENTS.get()) is not None:
+            return await lookup(wamid)
         link = await self._db.messages.by_wamid(self._privacy.index.wamid(wamid)) \
             if wamid else None
         return EventID(link.event_id) if link else None
+
+    def _txn(self, wamid: str, suffix: str = "") -> str:
+        return txn_id(self._privacy.index, wamid, suffix)
 
     def set_flag_hook(self, hook: FlagHook) -> None:
         """Moderation's flagging (bridge.moderation.intake.Flagger.check) of what
@@ -138,28 +148,30 @@ class Mirror:
                 await self._flag_hook(room_id, event_id, ghost, written)
         if msg.referral is not None:
             await self._portals.notice(room_id, summaries.referral_notice(msg.referral),
-                                       txn_id=txn_id(msg.wamid, ":referral"))
+                                       txn_id=self._txn(msg.wamid, ":referral"))
         if msg.referred_product is not None:
             await self._portals.notice(room_id, summaries.product_notice(msg.referred_product),
-                                       txn_id=txn_id(msg.wamid, ":product"))
+                                       txn_id=self._txn(msg.wamid, ":product"))
         kinds = looks_like_personal_id(readable_text(msg) or msg.caption or "")
         if kinds:
             await self._portals.notice(room_id, PERSONAL_ID_WARNING.format(kinds=", ".join(kinds)),
-                                       txn_id=txn_id(msg.wamid, ":personal-id"))
+                                       txn_id=self._txn(msg.wamid, ":personal-id"))
 
     async def post_as(self, ghost: UserID, room_id: RoomID, msg: InboundMessage,
-                      posted: list[tuple[str, dict[str, Any]]] | None = None
-                      ) -> EventID | None:
+                      posted: list[tuple[str, dict[str, Any]]] | None = None,
+                      events: EventLookup | None = None) -> EventID | None:
         """Post `msg` as `ghost` in `room_id` without linking it in the message map: a
         WhatsApp member's message in an agency room (bridge.rooms_wa keeps its own map,
-        and relays to the room's other members what `posted` collects: the (event type,
+        `events`, where replies, edits, revokes and reactions find their event; and
+        relays to the room's other members what `posted` collects: the (event type,
         content) of each event sent)."""
-        token = _POSTED.set(posted)
+        token, lookup = _POSTED.set(posted), _EVENTS.set(events)
         try:
             with self._metrics.relay_latency.labels("in").time():
                 return await self._relay_one(ghost, room_id, msg)
         finally:
             _POSTED.reset(token)
+            _EVENTS.reset(lookup)
 
     async def _send(self, ghost: UserID, room_id: RoomID, content: dict[str, Any],
                     wamid: str, event_type: str = "m.room.message", suffix: str = ""
@@ -167,12 +179,12 @@ class Mirror:
         if (posted := _POSTED.get()) is not None:
             posted.append((event_type, content))
         return await self._relay.send_as(ghost, room_id, content, event_type,
-                                         txn_id(wamid, suffix))
+                                         self._txn(wamid, suffix))
 
     async def _not_relayed(self, room_id: RoomID, msg: InboundMessage, reason: str,
                            text: str) -> None:
         """Staff are told what arrived and what to do; the metric counts it by reason."""
-        await self._portals.notice(room_id, text, txn_id=txn_id(msg.wamid, ":notice"))
+        await self._portals.notice(room_id, text, txn_id=self._txn(msg.wamid, ":notice"))
         self._metrics.inbound_not_relayed.labels(reason).inc()
 
     async def _relay_one(self, ghost: UserID, room_id: RoomID,
@@ -199,12 +211,12 @@ class Mirror:
         if kind == "revoke":
             original = await self._event_for(msg.revoke_of)
             if original:
-                await self._api.redact(ghost, room_id, original, txn_id(msg.wamid),
+                await self._api.redact(ghost, room_id, original, self._txn(msg.wamid),
                                        "deleted on WhatsApp")
             return None
         if kind == "system":  # identity changes are handled before relay; others land here
             await self._portals.notice(room_id, summaries.identity_notice(
-                msg.system.type if msg.system else ""), txn_id=txn_id(msg.wamid, ":notice"))
+                msg.system.type if msg.system else ""), txn_id=self._txn(msg.wamid, ":notice"))
             return None
         codes = [e.code for e in msg.errors if e.code is not None and e.code != 131051]
         if codes:
@@ -298,7 +310,7 @@ class Mirror:
         if reaction.removed:
             previous = await self._db.reactions.get(ghost, target)
             if previous is not None:  # forgotten once redacted: a failed redaction retries
-                await self._api.redact(ghost, room_id, previous, txn_id(msg.wamid))
+                await self._api.redact(ghost, room_id, previous, self._txn(msg.wamid))
                 await self._db.reactions.delete(ghost, target)
             return None
         event_id = await self._send(ghost, room_id, {"m.relates_to": {

@@ -39,6 +39,7 @@ ALLOWED_LABELS: dict[str, set[str]] = {
                "account_error",
                # bridge.rooms_wa: civic_bridge_room_not_relayed
                "announcement", "muted", "media_off", "left_out", "not_member",
+               "undelivered",
                # bridge.matrix.crypto_feed: to-device events no device could take
                "malformed", "not_ours", "unknown_device"},
     "purpose": {*get_args(ConsentPurpose), "room"},  # "room": any agency room (issue 17)

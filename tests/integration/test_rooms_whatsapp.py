@@ -4,7 +4,9 @@ link and two WhatsApp citizens, each under a pseudonym of that room only."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import html
 import json
 import os
@@ -32,6 +34,7 @@ from tests.fixtures.bridge import BridgeHarness
 from tests.fixtures.citizens import USER_ID, invite_link, submit_form
 from tests.fixtures.dbdump import dump, find_clear, phone_forms
 from tests.fixtures.staff import StaffClient, staff_login
+from tests.integration.test_moderation import _crowd, dm_with_bot
 from tests.integration.test_whatsapp import (
     USED_IDENTIFIERS,
     new_citizen,
@@ -138,13 +141,15 @@ async def join_room(w: World, member: Member, room_id: str, expect_first: bool =
         "POST", f"/admin/v1/rooms/{room_id}/whatsapp-members",
         {"citizen": member.portal_ghost})
     assert status == 201, answer
+    assert answer["delivery"] == "sent"  # their window is open
     pseudonym = answer["pseudonym"]
     invitation, _ = await w.sent_to(member, lambda s: s.get("type") == "interactive" and
                                     pseudonym in text_body(s))
     buttons = invitation["interactive"]["action"]["buttons"]
     ids = [b["reply"]["id"] for b in buttons]
-    assert ids == [f"{texts.ACCEPT_BUTTON}{answer['member_id']}",
-                   f"{texts.DECLINE_BUTTON}{answer['member_id']}"]
+    shown = hashlib.sha256(text_body(invitation).encode()).hexdigest()[:16]
+    assert ids == [f"{texts.ACCEPT_BUTTON}{answer['member_id']}:{shown}",
+                   f"{texts.DECLINE_BUTTON}{answer['member_id']}:{shown}"]
     body = text_body(invitation)
     assert "SALIR" in body and "cifrado de extremo a extremo" in body
     accepted = await w.write(member, w.h.wa.button_reply(member.user, ids[0],
@@ -376,9 +381,125 @@ async def test_edits_follow_and_moderated_redactions_are_announced(world: World)
                                    ignore_unverified_devices=True)
     body, _ = await w.sent_to(w.bea, says("(editado) La reunión es el martes"))
     assert text_body(body).startswith("*Ayuntamiento · ")
-    await w.staff.client.room_redact(w.room_id, original, "error")
+    # A moderator removing someone else's message: "the moderators withdrew a message".
+    rude = await w.neighbour.send_text(w.room_id, "Mensaje fuera de tono")
+    await w.sent_to(w.ana, says("Mensaje fuera de tono"))
+    await w.sent_to(w.bea, says("Mensaje fuera de tono"))
+    await w.staff.client.room_redact(w.room_id, rude, "fuera de tono")
     await w.sent_to(w.bea, says("Los moderadores han retirado un mensaje"))
     await w.sent_to(w.ana, says("Los moderadores han retirado un mensaje"))
+    # Someone taking back their own message is no moderation: the WhatsApp members are
+    # told its author withdrew it (staff with their label).
+    await w.staff.client.room_redact(w.room_id, original, "error")
+    body, _ = await w.sent_to(w.bea, says("(ha retirado su mensaje)"))
+    assert text_body(body).startswith("*Ayuntamiento · ")
+    own = await w.neighbour.send_text(w.room_id, "Me he equivocado de sala")
+    await w.sent_to(w.bea, says("Me he equivocado de sala"))
+    await w.neighbour.client.room_redact(w.room_id, own, "error")
+    await w.sent_to(w.bea, lambda s: "(ha retirado su mensaje)" in text_body(s) and
+                    not text_body(s).startswith("*Ayuntamiento"))
+    assert w.sent_count(w.bea, says("Los moderadores han retirado un mensaje")) == 1
+
+
+def content_of(ev: Any) -> dict[str, Any]:
+    content = ev.source.get("content")
+    return content if isinstance(content, dict) else {}
+
+
+async def test_whatsapp_edits_revokes_and_reactions_follow_their_message(world: World
+                                                                         ) -> None:
+    w = world
+    b = w.h.running.bridge
+    sent = await w.write(w.bea, w.h.wa.text_message(w.bea.user, "Llego a las cinco"))
+    original = await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
+                                  "Llego a las cinco")
+    await w.sent_to(w.ana, says("Llego a las cinco"))
+    # An edit on WhatsApp is an edit (m.replace) of that event, by the same pseudonym,
+    # and a short "edited" follow-up for the other WhatsApp members.
+    await w.write(w.bea, w.h.wa.edit_message(w.bea.user, sent, "Llego a las seis"))
+    edit = await w.staff_sees(w.room_id, lambda ev: content_of(ev).get(
+        "m.new_content", {}).get("body") == "Llego a las seis")
+    assert content_of(edit)["m.relates_to"] == {"rel_type": "m.replace",
+                                                "event_id": original.event_id}
+    assert edit.sender == original.sender
+    await w.sent_to(w.ana, says("(editado) Llego a las seis"))
+    assert w.sent_count(w.bea, says("Llego a las seis")) == 0
+    # A reaction to a message of her other room (not the one she chose) is a reaction
+    # there, on that message, by her pseudonym of that room; taking it back redacts it.
+    fiestas = next(r for r in await b.db.rooms.list() if r.name == "Fiestas 2027")
+    _, wamid = await w.sent_to(w.ana, says("Reunión de la comisión"))
+    meeting = await w.staff_sees(fiestas.room_id, lambda ev: getattr(ev, "body", None) ==
+                                 "Reunión de la comisión el jueves")
+    member = await b.db.wa_rooms.find(fiestas.room_id, w.ana.citizen_id)
+    assert member is not None and member.ghost_user_id
+    await w.write(w.ana, w.h.wa.reaction_message(w.ana.user, wamid, "👍"))
+    reaction = await w.staff_sees(fiestas.room_id, lambda ev: content_of(ev).get(
+        "m.relates_to", {}).get("rel_type") == "m.annotation")
+    assert reaction.sender == member.ghost_user_id
+    assert content_of(reaction)["m.relates_to"] == {
+        "rel_type": "m.annotation", "event_id": meeting.event_id, "key": "👍"}
+    await w.write(w.ana, w.h.wa.reaction_message(w.ana.user, wamid, ""))
+    await w.staff_sees(fiestas.room_id, lambda ev: getattr(ev, "redacts", None) ==
+                       reaction.event_id and ev.sender == member.ghost_user_id)
+    # A revoke on WhatsApp redacts the event, by her pseudonym; the other WhatsApp
+    # members, who got it, are told that its author withdrew it.
+    await w.write(w.bea, w.h.wa.revoke_message(w.bea.user, sent))
+    await w.staff_sees(w.room_id, lambda ev: getattr(ev, "redacts", None) ==
+                       original.event_id and ev.sender == original.sender)
+    retracted = f"*{w.bea.pseudonyms[w.room_id]}*: (ha retirado su mensaje)"
+    await w.sent_to(w.ana, says(retracted))
+    # Nothing of it went elsewhere: no new message in either room, none in a portal.
+    await w.h.running.idle("whatsapp")
+    for room in (w.room_id, fiestas.room_id):
+        assert not any("reaccionado" in str(getattr(ev, "body", ""))
+                       for ev in w.staff._timeline.get(room, []))
+    assert w.sent_count(w.bea, says(retracted)) == 0
+
+
+async def test_group_receipts_and_typing_are_not_relayed(world: World) -> None:
+    """Read ticks and "escribiendo…" are a portal's (one desk, one citizen): in a room,
+    whoever reads or types is one of many, and relaying it would tell each WhatsApp
+    member what every other member reads."""
+    w = world
+    await w.write(w.bea, w.h.wa.text_message(w.bea.user, "¿Alguien más sin agua?"))
+    event = await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
+                               "¿Alguien más sin agua?")
+    before = len(w.h.wa.sent)
+    await w.staff.client.room_read_markers(w.room_id, event.event_id, event.event_id)
+    await w.staff.client.room_typing(w.room_id, True, timeout=30000)
+    await w.neighbour.client.room_read_markers(w.room_id, event.event_id, event.event_id)
+    await asyncio.sleep(3)  # ephemeral events come in a later transaction
+    await w.h.running.idle("whatsapp")
+    assert not [s for s in w.h.wa.sent[before:] if s.get("status") == "read"]
+    # A Matrix reply to it reaches each WhatsApp member as a quote of the message they
+    # have: Bea's own, and the copy Ana got.
+    asked = await w.write(w.bea, w.h.wa.text_message(w.bea.user, "¿Y luz?"))
+    question = await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
+                                  "¿Y luz?")
+    _, ana_copy = await w.sent_to(w.ana, says("¿Y luz?"))
+    await w.staff.client.room_send(w.room_id, "m.room.message", {
+        "msgtype": "m.text", "body": "Luz sí hay",
+        "m.relates_to": {"m.in_reply_to": {"event_id": question.event_id}}},
+        ignore_unverified_devices=True)
+    for member, quoted in ((w.bea, asked), (w.ana, ana_copy)):
+        reply, _ = await w.sent_to(member, says("Luz sí hay"))
+        assert reply.get("context") == {"message_id": quoted}
+
+
+async def test_a_failed_delivery_is_told_in_the_room(world: World) -> None:
+    """WhatsApp accepted a room message for a member, then reported it failed: the room
+    is told who did not get it (by pseudonym) and why; the metric counts it."""
+    w = world
+    await w.staff.send_text(w.room_id, "Este aviso no llegará")
+    _, wamid = await w.sent_to(w.bea, says("Este aviso no llegará"))
+    before = not_relayed(w, "undelivered")
+    status = w.h.wa.status_update(wamid, "failed", w.bea.user,
+                                  errors=[(131026, "Message undeliverable")])
+    assert await w.h.wa.deliver(w.h.webhook_url, status) == 200
+    notice = await w.staff_sees(w.room_id, lambda ev: isinstance(ev, RoomMessageNotice) and
+                                f"«{w.bea.pseudonyms[w.room_id]}»" in ev.body)
+    assert "Message undeliverable" in notice.body
+    assert not_relayed(w, "undelivered") == before + 1
 
 
 async def test_fanout_keeps_each_citizens_order_through_a_429(world: World) -> None:
@@ -465,6 +586,123 @@ async def test_window_closed_digest_once_then_backlog_in_order(world: World) -> 
     assert w.sent_count(w.bea, says("Aviso que se retira")) == 0
 
 
+async def test_invitation_while_the_window_is_closed_waits_for_the_reply(world: World
+                                                                        ) -> None:
+    """From the management room (the admin verb's third surface): the window is closed,
+    so a content-free template asks the citizen to answer; the inviter is told the
+    invitation waits; it arrives, with its buttons, when the citizen writes."""
+    w = world
+    b = w.h.running.bridge
+    async with b.db.session() as session:
+        await session.execute(update(CitizenRow).where(CitizenRow.id == w.bea.citizen_id)
+                              .values(last_inbound_at=datetime.now(UTC) - timedelta(hours=30)))
+    status, created = await w.h.running.call("POST", "/admin/v1/rooms",
+                                             {"name": "Mercadillo solidario",
+                                              "kind": "citizen"})
+    assert status == 201
+    room = created["room_id"]
+    talk = await dm_with_bot(w.h, w.h.admin.localpart, w.h.admin.password)
+    try:
+        code = (await b.db.subscriptions.get(w.bea.citizen_id))
+        reference = code.code if code is not None else w.bea.portal_ghost
+        answer = await talk.say(f"whatsapp {room} {reference}")
+    finally:
+        await talk.staff.close()
+    member = await b.db.wa_rooms.find(RoomID(room), w.bea.citizen_id)
+    assert member is not None and member.state == "invited"
+    assert f"«{member.display_name}»" in answer and "waiting for their reply" in answer
+    template, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "template" and
+                                  s["template"]["name"] == "invitacion_pendiente")
+    assert "Mercadillo" not in json.dumps(template, ensure_ascii=False)
+    assert not template["template"].get("components")
+    await w.h.running.idle("whatsapp")
+    assert w.sent_count(w.bea, says("«Mercadillo solidario»")) == 0
+    entry = await last_audit_entry(b)
+    assert entry.action == "room.whatsapp_invite" and entry.actor == w.h.admin.user_id
+    # She answers: the invitation with its buttons arrives.
+    await w.write(w.bea, w.h.wa.text_message(w.bea.user, "Hola, ¿qué invitación?"))
+    invitation, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
+                                    "«Mercadillo solidario»" in text_body(s))
+    ids = [x["reply"]["id"] for x in invitation["interactive"]["action"]["buttons"]]
+    assert [i.rsplit(":", 1)[0] for i in ids] == [f"{texts.ACCEPT_BUTTON}{member.id}",
+                                                  f"{texts.DECLINE_BUTTON}{member.id}"]
+    assert await b.db.wa_rooms.backlog(w.bea.citizen_id) == []
+    assert w.sent_count(w.bea, lambda s: s.get("type") == "template" and
+                        s["template"]["name"] == "invitacion_pendiente") == 1
+
+
+async def test_big_rooms_ask_to_confirm_and_declining_creates_nothing(world: World
+                                                                       ) -> None:
+    w = world
+    b = w.h.running.bridge
+    status, created = await w.h.running.call("POST", "/admin/v1/rooms",
+                                             {"name": "Asamblea vecinal", "kind": "citizen"})
+    assert status == 201
+    room = created["room_id"]
+    above = w.h.running.config.rooms.confirm_above
+    await _crowd(w.h, room, above)
+    path = f"/admin/v1/rooms/{room}/whatsapp-members"
+    status, answer = await w.h.running.call("POST", path, {"citizen": w.bea.portal_ghost})
+    assert status == 409 and answer["errcode"] == "CB_CONFIRM_REQUIRED", answer
+    assert await b.db.wa_rooms.find(RoomID(room), w.bea.citizen_id) is None
+    status, answer = await w.h.running.call("POST", path, {"citizen": w.bea.portal_ghost,
+                                                           "confirm": True})
+    assert status == 201, answer
+    invitation, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
+                                    "«Asamblea vecinal»" in text_body(s))
+    assert texts.MEDIA_ON.strip() in text_body(invitation)
+    decline = invitation["interactive"]["action"]["buttons"][1]["reply"]["id"]
+    await w.write(w.bea, w.h.wa.button_reply(w.bea.user, decline, texts.DECLINE_TITLE))
+    await w.sent_to(w.bea, says("no se le ha añadido a «Asamblea vecinal»"))
+    member = await b.db.wa_rooms.find(RoomID(room), w.bea.citizen_id)
+    assert member is not None and member.state == "declined" and member.ghost_user_id is None
+    assert not [r for r in await b.db.consent.for_citizen(w.bea.citizen_id)
+                if r.purpose == f"room:{room}"]
+    # Per room: WhatsApp members switched off (refused), then media off (the invitation
+    # says so).
+    settings = f"/admin/v1/rooms/{room}/whatsapp-settings"
+    status, _ = await w.h.running.call("POST", settings, {"whatsapp_allowed": False})
+    assert status == 200
+    status, answer = await w.h.running.call("POST", path, {"citizen": w.bea.portal_ghost,
+                                                           "confirm": True})
+    assert status == 409, answer
+    status, _ = await w.h.running.call("POST", settings, {"whatsapp_allowed": True,
+                                                          "relay_media": False})
+    assert status == 200
+    status, answer = await w.h.running.call("POST", path, {"citizen": w.bea.portal_ghost,
+                                                           "confirm": True})
+    assert status == 201, answer
+    stale, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
+                               "«Asamblea vecinal»" in text_body(s) and
+                               texts.MEDIA_OFF.strip() in text_body(s))
+    # Media on again and a new invitation: its text differs, and the consent must be
+    # for the text she accepts. The superseded invitation's button is refused.
+    status, _ = await w.h.running.call("POST", settings, {"relay_media": True})
+    assert status == 200
+    status, answer = await w.h.running.call("POST", path, {"citizen": w.bea.portal_ghost,
+                                                           "confirm": True})
+    assert status == 201, answer
+    current, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
+                                 "«Asamblea vecinal»" in text_body(s) and
+                                 texts.MEDIA_ON.strip() in text_body(s) and s is not invitation)
+    old_accept = stale["interactive"]["action"]["buttons"][0]["reply"]["id"]
+    await w.write(w.bea, w.h.wa.button_reply(w.bea.user, old_accept, texts.ACCEPT_TITLE))
+    await w.sent_to(w.bea, says(texts.INVITATION_SUPERSEDED))
+    member = await b.db.wa_rooms.find(RoomID(room), w.bea.citizen_id)
+    assert member is not None and member.state == "invited"
+    accept = current["interactive"]["action"]["buttons"][0]["reply"]["id"]
+    await w.write(w.bea, w.h.wa.button_reply(w.bea.user, accept, texts.ACCEPT_TITLE))
+    await w.sent_to(w.bea, says("Ya participa en «Asamblea vecinal»"))
+    records = [r for r in await b.db.consent.for_citizen(w.bea.citizen_id)
+               if r.purpose == f"room:{room}"]
+    assert [r.state for r in records] == ["granted"]
+    assert records[0].notice_hash == hashlib.sha256(text_body(current).encode()).hexdigest()
+
+
+async def last_audit_entry(b: Any) -> Any:
+    return (await b.db.audit.list(limit=1))[0]
+
+
 async def _backlog(b: Any, citizen_id: int, count: int) -> bool:
     return len(await b.db.wa_rooms.backlog(citizen_id)) >= count
 
@@ -540,6 +778,25 @@ async def test_announcement_rooms_refuse_whatsapp_posts(world: World) -> None:
     await w.write(w.bea, w.h.wa.text_message(w.bea.user, "¡Genial!", context_id=wamid))
     await w.sent_to(w.bea, says("es una sala de avisos"))
     assert not_relayed(w, "announcement") == refused + 1
+
+
+async def test_a_ban_stops_the_relay(world: World) -> None:
+    w = world
+    b = w.h.running.bridge
+    avisos = next(r for r in await b.db.rooms.list() if r.name == "Avisos")
+    member = await b.db.wa_rooms.find(avisos.room_id, w.bea.citizen_id)
+    assert member is not None and member.state == "joined" and member.ghost_user_id
+    status, answer = await w.h.running.call(
+        "POST", f"/admin/v1/rooms/{avisos.room_id}/ban",
+        {"user_id": member.ghost_user_id, "reason": "prueba"})
+    assert status == 200, answer
+    await w.sent_to(w.bea, says("le han retirado de la sala «Avisos»"))
+    banned = await b.db.wa_rooms.find(avisos.room_id, w.bea.citizen_id)
+    assert banned is not None and banned.state == "left"
+    await w.staff.send_text(avisos.room_id, "Tras el veto")
+    await w.h.running.idle("matrix")
+    await w.h.running.idle("whatsapp")
+    assert w.sent_count(w.bea, says("Tras el veto")) == 0
 
 
 async def test_privacy_sweep(world: World) -> None:
@@ -634,6 +891,16 @@ async def test_self_service_join_from_an_invite_link(world: World) -> None:
     async with aiohttp.ClientSession() as http, \
             http.get(w.h.running.url + html.unescape(offer.group(1))) as resp:
         assert resp.status == 404
+    # BAJA still opts out of everything: she leaves the room too, on record.
+    await w.write(carla, w.h.wa.text_message(carla.user, "BAJA"))
+    db = w.h.running.bridge.db
+
+    async def left() -> bool:
+        gone = await db.wa_rooms.find(RoomID(w.room_id), row.id)
+        return gone is not None and gone.state == "left"
+    await wait_until(left, 30, "left on BAJA")
+    assert [r.state for r in await db.consent.for_citizen(row.id)
+            if r.purpose == f"room:{w.room_id}"] == ["granted", "withdrawn"]
 
 
 async def test_erasure_retires_every_room_pseudonym(world: World) -> None:

@@ -26,10 +26,11 @@ async def test_invitation_keeps_its_pseudonym_across_renewals(db: Database) -> N
     first = await db.wa_rooms.invite(ROOM, citizen.id, "Ciudadano/a AAAA", "api:admin",
                                      "a" * 64)
     assert (first.state, first.ghost_user_id, first.chosen_at) == ("invited", None, None)
-    # Invited again while invited: the same row, unchanged.
+    # Invited again while invited: the same row and pseudonym, the newest text's hash
+    # (the one its buttons name: bridge.rooms_wa.members).
     again = await db.wa_rooms.invite(ROOM, citizen.id, "Ciudadano/a BBBB", "@ana:x", "b" * 64)
     assert (again.id, again.display_name, again.notice_hash) == (first.id, "Ciudadano/a AAAA",
-                                                                 "a" * 64)
+                                                                 "b" * 64)
     assert await db.wa_rooms.set_state(first.id, "declined", only_from=("invited",))
     renewed = await db.wa_rooms.invite(ROOM, citizen.id, "Ciudadano/a CCCC", "@ana:x",
                                        "c" * 64)

@@ -50,6 +50,13 @@ EVENT = "$Ev3nt_-abc"
     ("audit 3", Command("audit", limit=3)),
     ("confirm", Command("confirm")),
     ("cancelar", Command("cancel")),
+    # A WhatsApp citizen into an agency room: by portal ghost or subscription code.
+    (f"whatsapp {ROOM} KQTR-MWXZ-BCDF", Command(
+        "whatsapp-members.add", room_id=ROOM,  # type: ignore[arg-type]
+        extra=(("citizen", "KQTR-MWXZ-BCDF"),))),
+    (f"invitar-whatsapp {ROOM} @wa_qwertyuiopasdfgh:agency.example", Command(
+        "whatsapp-members.add", room_id=ROOM,  # type: ignore[arg-type]
+        extra=(("citizen", "@wa_qwertyuiopasdfgh:agency.example"),))),
 ])
 def test_valid_commands(text: str, expected: Command) -> None:
     assert parse(text) == expected
@@ -88,6 +95,8 @@ def test_reply_fallback_is_skipped() -> None:
     (f"link {ROOM} forever", "unexpected `forever`"),
     ("audit 0", "N must be"),
     ("audit ١٢", "N must be"),  # non-ASCII digits
+    (f"whatsapp {ROOM}", "missing a citizen's portal ghost"),
+    (f"whatsapp {ROOM} 600112233", "`600112233` is not a citizen's portal ghost"),
 ])
 def test_invalid_commands_say_why(text: str, message: str) -> None:
     with pytest.raises(CommandError) as err:

@@ -24,7 +24,8 @@ from tests.unit.test_config import valid
 ROOM = "!AbC:agency.example"
 USER = "@ana:agency.example"
 EVENT = "$Ev3nt"
-SAMPLE = {"room_id": ROOM, "user_id": USER, "event_id": EVENT, "report_id": "12"}
+SAMPLE = {"room_id": ROOM, "user_id": USER, "event_id": EVENT, "report_id": "12",
+          "citizen": "KQTR-MWXZ-BCDF"}
 # Command lines for the CLI commands written by hand (one per verb that has a CLI word
 # but no generic parser): a new hand-written command needs its line here.
 BESPOKE_CLI: dict[str, list[str]] = {
