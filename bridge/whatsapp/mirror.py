@@ -25,8 +25,8 @@ from bridge.matrix.attachments import encrypt_in_place
 from bridge.matrix.relay import Relay
 from bridge.metrics import Metrics
 from bridge.privacy import Privacy, looks_like_personal_id
+from bridge.texts.matrix import default as mx_text
 from bridge.types import EventID, RoomID, UserID
-from bridge.whatsapp import summaries
 from bridge.whatsapp.graph import (
     GraphClient,
     GraphError,
@@ -49,12 +49,6 @@ _POSTED: ContextVar[list[tuple[str, dict[str, Any]]] | None] = ContextVar("poste
 
 MATRIX_MSGTYPE = {"image": "m.image", "sticker": "m.image", "video": "m.video",
                   "audio": "m.audio", "document": "m.file"}
-DEFAULT_NAMES = {"image": "imagen", "sticker": "sticker", "video": "vídeo", "audio": "audio",
-                 "document": "documento"}
-PERSONAL_ID_WARNING = (
-    "Atención: este mensaje parece contener datos personales sensibles ({kinds}). "
-    "No los copie fuera de esta sala; recuerde a la persona que no es necesario enviarlos "
-    "por este canal.")
 
 
 def txn_id(wamid: str, suffix: str = "") -> str:
@@ -73,18 +67,18 @@ def readable_text(msg: InboundMessage) -> str | None:
     if msg.kind == "text":
         return msg.text or ""
     if msg.kind == "button":
-        return summaries.choice_text(msg.button_title, msg.button_description)
+        return mx_text.choice_text(msg.button_title, msg.button_description)
     if msg.kind == "flow" and msg.flow is not None:
-        return summaries.flow_summary(msg.flow)
+        return mx_text.flow_summary(msg.flow)
     if msg.kind == "order" and msg.order is not None:
-        return summaries.order_summary(msg.order)
+        return mx_text.order_summary(msg.order)
     return None
 
 
 def location_content(msg: InboundMessage) -> dict[str, Any]:
     loc = msg.location
     assert loc is not None
-    label = ", ".join(p for p in (loc.name, loc.address) if p) or "Ubicación"
+    label = ", ".join(p for p in (loc.name, loc.address) if p) or mx_text.LOCATION_LABEL
     body = f"{label} ({loc.latitude}, {loc.longitude})" + (f" {loc.url}" if loc.url else "")
     return {"msgtype": "m.location", "body": body,
             "geo_uri": f"geo:{loc.latitude},{loc.longitude}"}
@@ -98,7 +92,7 @@ def edit_content(original: EventID, new_text: str) -> dict[str, Any]:
 
 def safe_type_name(raw_type: str) -> str:
     """Only a short [a-z_] type name from the payload ever reaches staff."""
-    return raw_type if re.fullmatch(r"[a-z_]{1,30}", raw_type) else "desconocido"
+    return raw_type if re.fullmatch(r"[a-z_]{1,30}", raw_type) else mx_text.UNKNOWN_TYPE
 
 
 class Mirror:
@@ -137,14 +131,15 @@ class Mirror:
             if self._flag_hook is not None and written:
                 await self._flag_hook(room_id, event_id, ghost, written)
         if msg.referral is not None:
-            await self._portals.notice(room_id, summaries.referral_notice(msg.referral),
+            await self._portals.notice(room_id, mx_text.referral_notice(msg.referral),
                                        txn_id=txn_id(msg.wamid, ":referral"))
         if msg.referred_product is not None:
-            await self._portals.notice(room_id, summaries.product_notice(msg.referred_product),
+            await self._portals.notice(room_id, mx_text.product_notice(msg.referred_product),
                                        txn_id=txn_id(msg.wamid, ":product"))
         kinds = looks_like_personal_id(readable_text(msg) or msg.caption or "")
         if kinds:
-            await self._portals.notice(room_id, PERSONAL_ID_WARNING.format(kinds=", ".join(kinds)),
+            await self._portals.notice(room_id,
+                                       mx_text.PERSONAL_ID_WARNING.format(kinds=", ".join(kinds)),
                                        txn_id=txn_id(msg.wamid, ":personal-id"))
 
     async def post_as(self, ghost: UserID, room_id: RoomID, msg: InboundMessage,
@@ -200,28 +195,28 @@ class Mirror:
             original = await self._event_for(msg.revoke_of)
             if original:
                 await self._api.redact(ghost, room_id, original, txn_id(msg.wamid),
-                                       "deleted on WhatsApp")
+                                       mx_text.REDACTED_ON_WHATSAPP)
             return None
         if kind == "system":  # identity changes are handled before relay; others land here
-            await self._portals.notice(room_id, summaries.identity_notice(
+            await self._portals.notice(room_id, mx_text.identity_notice(
                 msg.system.type if msg.system else ""), txn_id=txn_id(msg.wamid, ":notice"))
             return None
         codes = [e.code for e in msg.errors if e.code is not None and e.code != 131051]
         if codes:
             await self._not_relayed(room_id, msg, "whatsapp_error",
-                                    summaries.error_notice(codes[0]))
+                                    mx_text.error_notice(codes[0]))
         else:
             shown = msg.unsupported_type if msg.raw_type == "unsupported" else msg.raw_type
             name = safe_type_name(shown) if shown else None
             await self._not_relayed(room_id, msg, "unsupported",
-                                    summaries.unsupported_notice(name))
+                                    mx_text.unsupported_notice(name))
         return None
 
     async def _contacts(self, ghost: UserID, room_id: RoomID, msg: InboundMessage,
                         reply_to: EventID | None) -> EventID:
         """A readable summary, then the cards themselves as one encrypted `.vcf`."""
         summary = await self._send(ghost, room_id, text_content(
-            summaries.contacts_summary(msg.contacts), reply_to), msg.wamid)
+            mx_text.contacts_summary(msg.contacts), reply_to), msg.wamid)
         data = bytearray(to_vcf(msg.contacts))
         size = len(data)
         keys = encrypt_in_place(data)
@@ -241,17 +236,17 @@ class Mirror:
             return await self._send(ghost, room_id, await self._media(ghost, msg, reply_to),
                                     msg.wamid)
         except MediaTooLarge as exc:
-            await self._not_relayed(room_id, msg, "media_too_large", summaries.too_large_notice(
+            await self._not_relayed(room_id, msg, "media_too_large", mx_text.too_large_notice(
                 msg.kind, exc.size, exc.limit))
         except GraphError as exc:
             if exc.retryable:
                 raise  # the worker tries again later
-            reason = ("no superó la comprobación de integridad"
+            reason = (mx_text.MEDIA_FAILED_INTEGRITY
                       if isinstance(exc, MediaIntegrityError)
-                      else f"WhatsApp no lo entregó, código {exc.code}" if exc.code
-                      else "WhatsApp no lo entregó")
+                      else mx_text.MEDIA_FAILED_CODE.format(code=exc.code) if exc.code
+                      else mx_text.MEDIA_FAILED)
             await self._not_relayed(room_id, msg, "media_failed",
-                                    summaries.media_failed_notice(msg.kind, reason))
+                                    mx_text.media_failed_notice(msg.kind, reason))
         if msg.caption:
             return await self._send(ghost, room_id, text_content(msg.caption, reply_to),
                                     msg.wamid, suffix=":caption")
@@ -269,7 +264,7 @@ class Mirror:
         data = downloaded.data
         size = len(data)
         keys = encrypt_in_place(data)  # the one buffer now holds the ciphertext
-        filename = media.filename or DEFAULT_NAMES[msg.kind]
+        filename = media.filename or mx_text.MEDIA_DEFAULT_NAMES[msg.kind]
         mxc = await self._api.upload(ghost, data, filename)
         mime = downloaded.mime_type or media.mime_type
         content: dict[str, Any] = {
@@ -294,7 +289,7 @@ class Mirror:
                 return None  # nothing here to take back
             # E.g. a reaction to the privacy notice, which is not in the room.
             return await self._send(ghost, room_id, text_content(
-                summaries.reaction_to_unknown(reaction.emoji)), msg.wamid)
+                mx_text.reaction_to_unknown(reaction.emoji)), msg.wamid)
         if reaction.removed:
             previous = await self._db.reactions.get(ghost, target)
             if previous is not None:  # forgotten once redacted: a failed redaction retries

@@ -24,7 +24,10 @@ CORE = [
     "bridge.whatsapp.message_content",
     "bridge.whatsapp.rich_content",
     "bridge.whatsapp.markup",
-    "bridge.whatsapp.summaries",
+    "bridge.texts.whatsapp.es",  # what citizens, staff and visitors read
+    "bridge.texts.matrix.es",
+    "bridge.texts.web.es",
+    "bridge.texts.web.en",
     "bridge.whatsapp.staff_events",
     "bridge.whatsapp.templates",
     "bridge.whatsapp.vcard",
