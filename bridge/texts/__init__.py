@@ -1,13 +1,16 @@
 """Every text a person reads, one package per surface, one module per language.
 
 - `whatsapp`: what a citizen receives on WhatsApp.
-- `matrix`: the notices and replies staff and admins read in Matrix rooms (portals,
-  the management room, the bot's answers).
+- `matrix`: what staff read in Matrix rooms (notices in portals, `!plantilla` answers).
+- `management`: what admins read in the management room (English, like the admin API).
+- `reporters`: what a citizen who reported a message hears back, in their language.
 - `web`: the invite pages and their forms.
 
-A surface's `es` module is the reference: a translation is one more module next to it
-with the same names and the same `{placeholders}` (tests/unit/test_texts.py checks
-that). Texts the agency configures (`consent.notice_text`, templates) stay in config.
+A surface's reference module (`es`; `en` for `management`) holds every text; a
+translation is one more module next to it with the same names and the same
+`{placeholders}` (tests/unit/test_texts.py checks that), and a surface package's
+`default` names the language the bridge speaks there. Texts the agency configures
+(`consent.notice_text`, templates) stay in config.
 This package imports nothing but the standard library, so the pure core can use it.
 """
 
@@ -17,15 +20,23 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-SURFACES = ("whatsapp", "matrix", "web")
+SURFACES = ("whatsapp", "matrix", "management", "reporters", "web")
 REFERENCE_LANGUAGE = "es"
+# The management room has always spoken English.
+_REFERENCES = {"management": "en"}
+
+
+def reference(surface: str) -> str:
+    """The language whose module holds every text of `surface`."""
+    return _REFERENCES.get(surface, REFERENCE_LANGUAGE)
 
 
 def languages(surface: str) -> tuple[str, ...]:
     """The languages a surface has a module for, the reference one first."""
     package = importlib.import_module(f"{__name__}.{surface}")
     found = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.ispkg)
-    return (REFERENCE_LANGUAGE, *(lang for lang in found if lang != REFERENCE_LANGUAGE))
+    first = reference(surface)
+    return (first, *(lang for lang in found if lang != first))
 
 
 def load(surface: str, language: str) -> ModuleType:

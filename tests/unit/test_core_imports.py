@@ -26,6 +26,9 @@ CORE = [
     "bridge.whatsapp.markup",
     "bridge.texts.whatsapp.es",  # what citizens, staff and visitors read
     "bridge.texts.matrix.es",
+    "bridge.texts.management.en",
+    "bridge.texts.reporters.es",
+    "bridge.texts.reporters.en",
     "bridge.texts.web.es",
     "bridge.texts.web.en",
     "bridge.whatsapp.staff_events",

@@ -252,3 +252,10 @@ LOCATION_LABEL: Final = "Ubicación"  # a shared location with neither name nor 
 UNKNOWN_TYPE: Final = "desconocido"  # a message type name that is not safe to show
 REDACTED_ON_WHATSAPP: Final = "deleted on WhatsApp"  # the redaction's reason
 TEMPLATE_USAGE_VALUE: Final = "«{name}»"  # a positional value in `!plantilla` usage
+
+# --- Admin actions seen in rooms (bridge.admin) -------------------------------------------
+
+ERASED_NOTICE: Final = ("Los datos de esta persona se han borrado a petición suya: el puente "
+                        "ya no reenvía mensajes en ninguna dirección.")
+# The tombstone of a closed agency room: members may read either language.
+ROOM_CLOSED_NOTICE: Final = "Esta sala se ha cerrado. / This room has been closed."
