@@ -18,7 +18,7 @@ from bridge.db import Citizen, CitizenIdentifiers, Database
 from bridge.errors import Conflict
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
-from bridge.texts.matrix import default as mx_text
+from bridge.texts.matrix import default as summaries
 from bridge.types import RoomID
 from bridge.whatsapp.mirror import txn_id
 from bridge.whatsapp.portal import Portals
@@ -73,7 +73,7 @@ class IdentityChanges:
         new = identity_after(change, old)
         room_id = await self._portals.room_of(citizen)
         if new is None or new == old:
-            await self._tell(room_id, mx_text.identity_notice(change.type), msg.wamid)
+            await self._tell(room_id, summaries.identity_notice(change.type), msg.wamid)
             self._metrics.identity_changes.labels(label, "notice_only").inc()
             return
         new_hash, *_ = hashes = self._privacy.index.digests(new.key)
@@ -81,7 +81,7 @@ class IdentityChanges:
         if taken is not None and taken.id != citizen.id:
             await self._conflict(citizen, room_id, label, msg.wamid)
             return
-        await self._tell(room_id, mx_text.identity_notice(change.type), msg.wamid)
+        await self._tell(room_id, summaries.identity_notice(change.type), msg.wamid)
         cipher = self._privacy.cipher
         try:
             async with self._db.transaction() as tx:
@@ -99,7 +99,7 @@ class IdentityChanges:
 
     async def _conflict(self, citizen: Citizen, room_id: RoomID | None, label: str,
                         wamid: str) -> None:
-        await self._tell(room_id, mx_text.REKEY_CONFLICT_NOTICE, wamid, ":conflict")
+        await self._tell(room_id, summaries.REKEY_CONFLICT_NOTICE, wamid, ":conflict")
         await self._db.audit.append("whatsapp", "citizen.rekey",
                                     f"pseudonym {citizen.pseudonym_code}", "conflict", label)
         log.warning("citizen %s: %s to an identity another citizen has",

@@ -25,7 +25,7 @@ from bridge.matrix.attachments import encrypt_in_place
 from bridge.matrix.relay import Relay
 from bridge.metrics import Metrics
 from bridge.privacy import Privacy, looks_like_personal_id
-from bridge.texts.matrix import default as mx_text
+from bridge.texts.matrix import default as summaries
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.graph import (
     GraphClient,
@@ -49,6 +49,8 @@ _POSTED: ContextVar[list[tuple[str, dict[str, Any]]] | None] = ContextVar("poste
 
 MATRIX_MSGTYPE = {"image": "m.image", "sticker": "m.image", "video": "m.video",
                   "audio": "m.audio", "document": "m.file"}
+DEFAULT_NAMES = summaries.MEDIA_DEFAULT_NAMES
+PERSONAL_ID_WARNING = summaries.PERSONAL_ID_WARNING
 
 
 def txn_id(wamid: str, suffix: str = "") -> str:
@@ -67,18 +69,18 @@ def readable_text(msg: InboundMessage) -> str | None:
     if msg.kind == "text":
         return msg.text or ""
     if msg.kind == "button":
-        return mx_text.choice_text(msg.button_title, msg.button_description)
+        return summaries.choice_text(msg.button_title, msg.button_description)
     if msg.kind == "flow" and msg.flow is not None:
-        return mx_text.flow_summary(msg.flow)
+        return summaries.flow_summary(msg.flow)
     if msg.kind == "order" and msg.order is not None:
-        return mx_text.order_summary(msg.order)
+        return summaries.order_summary(msg.order)
     return None
 
 
 def location_content(msg: InboundMessage) -> dict[str, Any]:
     loc = msg.location
     assert loc is not None
-    label = ", ".join(p for p in (loc.name, loc.address) if p) or mx_text.LOCATION_LABEL
+    label = ", ".join(p for p in (loc.name, loc.address) if p) or summaries.LOCATION_LABEL
     body = f"{label} ({loc.latitude}, {loc.longitude})" + (f" {loc.url}" if loc.url else "")
     return {"msgtype": "m.location", "body": body,
             "geo_uri": f"geo:{loc.latitude},{loc.longitude}"}
@@ -92,7 +94,7 @@ def edit_content(original: EventID, new_text: str) -> dict[str, Any]:
 
 def safe_type_name(raw_type: str) -> str:
     """Only a short [a-z_] type name from the payload ever reaches staff."""
-    return raw_type if re.fullmatch(r"[a-z_]{1,30}", raw_type) else mx_text.UNKNOWN_TYPE
+    return raw_type if re.fullmatch(r"[a-z_]{1,30}", raw_type) else summaries.UNKNOWN_TYPE
 
 
 class Mirror:
@@ -131,15 +133,14 @@ class Mirror:
             if self._flag_hook is not None and written:
                 await self._flag_hook(room_id, event_id, ghost, written)
         if msg.referral is not None:
-            await self._portals.notice(room_id, mx_text.referral_notice(msg.referral),
+            await self._portals.notice(room_id, summaries.referral_notice(msg.referral),
                                        txn_id=txn_id(msg.wamid, ":referral"))
         if msg.referred_product is not None:
-            await self._portals.notice(room_id, mx_text.product_notice(msg.referred_product),
+            await self._portals.notice(room_id, summaries.product_notice(msg.referred_product),
                                        txn_id=txn_id(msg.wamid, ":product"))
         kinds = looks_like_personal_id(readable_text(msg) or msg.caption or "")
         if kinds:
-            await self._portals.notice(room_id,
-                                       mx_text.PERSONAL_ID_WARNING.format(kinds=", ".join(kinds)),
+            await self._portals.notice(room_id, PERSONAL_ID_WARNING.format(kinds=", ".join(kinds)),
                                        txn_id=txn_id(msg.wamid, ":personal-id"))
 
     async def post_as(self, ghost: UserID, room_id: RoomID, msg: InboundMessage,
@@ -195,28 +196,28 @@ class Mirror:
             original = await self._event_for(msg.revoke_of)
             if original:
                 await self._api.redact(ghost, room_id, original, txn_id(msg.wamid),
-                                       mx_text.REDACTED_ON_WHATSAPP)
+                                       "deleted on WhatsApp")
             return None
         if kind == "system":  # identity changes are handled before relay; others land here
-            await self._portals.notice(room_id, mx_text.identity_notice(
+            await self._portals.notice(room_id, summaries.identity_notice(
                 msg.system.type if msg.system else ""), txn_id=txn_id(msg.wamid, ":notice"))
             return None
         codes = [e.code for e in msg.errors if e.code is not None and e.code != 131051]
         if codes:
             await self._not_relayed(room_id, msg, "whatsapp_error",
-                                    mx_text.error_notice(codes[0]))
+                                    summaries.error_notice(codes[0]))
         else:
             shown = msg.unsupported_type if msg.raw_type == "unsupported" else msg.raw_type
             name = safe_type_name(shown) if shown else None
             await self._not_relayed(room_id, msg, "unsupported",
-                                    mx_text.unsupported_notice(name))
+                                    summaries.unsupported_notice(name))
         return None
 
     async def _contacts(self, ghost: UserID, room_id: RoomID, msg: InboundMessage,
                         reply_to: EventID | None) -> EventID:
         """A readable summary, then the cards themselves as one encrypted `.vcf`."""
         summary = await self._send(ghost, room_id, text_content(
-            mx_text.contacts_summary(msg.contacts), reply_to), msg.wamid)
+            summaries.contacts_summary(msg.contacts), reply_to), msg.wamid)
         data = bytearray(to_vcf(msg.contacts))
         size = len(data)
         keys = encrypt_in_place(data)
@@ -236,17 +237,17 @@ class Mirror:
             return await self._send(ghost, room_id, await self._media(ghost, msg, reply_to),
                                     msg.wamid)
         except MediaTooLarge as exc:
-            await self._not_relayed(room_id, msg, "media_too_large", mx_text.too_large_notice(
+            await self._not_relayed(room_id, msg, "media_too_large", summaries.too_large_notice(
                 msg.kind, exc.size, exc.limit))
         except GraphError as exc:
             if exc.retryable:
                 raise  # the worker tries again later
-            reason = (mx_text.MEDIA_FAILED_INTEGRITY
+            reason = (summaries.MEDIA_FAILED_INTEGRITY
                       if isinstance(exc, MediaIntegrityError)
-                      else mx_text.MEDIA_FAILED_CODE.format(code=exc.code) if exc.code
-                      else mx_text.MEDIA_FAILED)
+                      else summaries.MEDIA_FAILED_CODE.format(code=exc.code) if exc.code
+                      else summaries.MEDIA_FAILED)
             await self._not_relayed(room_id, msg, "media_failed",
-                                    mx_text.media_failed_notice(msg.kind, reason))
+                                    summaries.media_failed_notice(msg.kind, reason))
         if msg.caption:
             return await self._send(ghost, room_id, text_content(msg.caption, reply_to),
                                     msg.wamid, suffix=":caption")
@@ -264,7 +265,7 @@ class Mirror:
         data = downloaded.data
         size = len(data)
         keys = encrypt_in_place(data)  # the one buffer now holds the ciphertext
-        filename = media.filename or mx_text.MEDIA_DEFAULT_NAMES[msg.kind]
+        filename = media.filename or DEFAULT_NAMES[msg.kind]
         mxc = await self._api.upload(ghost, data, filename)
         mime = downloaded.mime_type or media.mime_type
         content: dict[str, Any] = {
@@ -289,7 +290,7 @@ class Mirror:
                 return None  # nothing here to take back
             # E.g. a reaction to the privacy notice, which is not in the room.
             return await self._send(ghost, room_id, text_content(
-                mx_text.reaction_to_unknown(reaction.emoji)), msg.wamid)
+                summaries.reaction_to_unknown(reaction.emoji)), msg.wamid)
         if reaction.removed:
             previous = await self._db.reactions.get(ghost, target)
             if previous is not None:  # forgotten once redacted: a failed redaction retries

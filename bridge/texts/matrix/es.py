@@ -250,7 +250,6 @@ TEMPLATE_NO_CONSENT: Final = ("No enviado: esta persona no tiene activo el reenv
 
 LOCATION_LABEL: Final = "Ubicación"  # a shared location with neither name nor address
 UNKNOWN_TYPE: Final = "desconocido"  # a message type name that is not safe to show
-REDACTED_ON_WHATSAPP: Final = "deleted on WhatsApp"  # the redaction's reason
 TEMPLATE_USAGE_VALUE: Final = "«{name}»"  # a positional value in `!plantilla` usage
 
 # --- Admin actions seen in rooms (bridge.admin) -------------------------------------------
