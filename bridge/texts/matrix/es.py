@@ -176,6 +176,22 @@ REDACTION_NOTICE: Final = ("WhatsApp no permite borrar un mensaje ya enviado: la
 REACTION_TARGET_NOTICE: Final = ("Reacción no enviada a WhatsApp: ese mensaje no forma parte "
                                  "de la conversación con la persona (reaccione a uno suyo o "
                                  "a uno enviado a WhatsApp).")
+# Staff messages held or not sent (bridge.whatsapp.outbound).
+WINDOW_NOTICE: Final = (
+    "No enviado: han pasado más de 24 horas desde el último mensaje de esta "
+    "persona. WhatsApp solo permite enviar una plantilla aprobada (escriba "
+    "!plantilla para verlas); el mensaje se podrá enviar cuando vuelva a "
+    "escribir.")
+NO_CONSENT_NOTICE: Final = "No enviado: esta persona no tiene activo el reenvío por WhatsApp."
+HELD_NOTICE: Final = (
+    "Retenido, no enviado: el mensaje parece contener datos personales ({kinds}). "
+    "Si debe enviarse igualmente por WhatsApp, reaccione con ✅ a ese mensaje o "
+    "respóndale «enviar».")
+RELEASED_NOTICE: Final = "Enviado a WhatsApp tras su confirmación."
+EXPIRED_NOTICE: Final = "No enviado: la confirmación llegó más de 24 horas después del mensaje."
+DROPPED_HELD_NOTICE: Final = "Mensaje retenido descartado: no se enviará a WhatsApp."
+OTHER_PORTAL_NOTICE: Final = ("No enviado: ese mensaje retenido es de otra sala y solo puede "
+                              "confirmarse en la sala donde se escribió.")
 # What staff can do after Graph refused a send for good.
 ADVICE_WINDOW_CLOSED: Final = (
     "Han pasado más de 24 horas desde su último mensaje: solo puede enviarse una "
