@@ -91,7 +91,8 @@ class Portals:
                 await self._abandon(room_id, token)
                 room_id = None
         ghost_row = await self._db.ghosts.get(ghost)
-        name = f"WhatsApp · {ghost_row.display_name if ghost_row else 'Ciudadano/a'}"
+        name = mx_text.PORTAL_NAME.format(
+            pseudonym=ghost_row.display_name if ghost_row else mx_text.PORTAL_NAME_UNKNOWN)
         if room_id is None:
             token = secrets.token_hex(12)
             await self._db.kv.set(key, token)

@@ -143,6 +143,8 @@ DELIVERY_FAILED_UNKNOWN: Final = "error desconocido"
 
 # --- The portal (bridge.whatsapp.portal) --------------------------------------------------
 
+PORTAL_NAME: Final = "WhatsApp · {pseudonym}"
+PORTAL_NAME_UNKNOWN: Final = "Ciudadano/a"  # no ghost profile yet
 PORTAL_TOPIC: Final = "Conversación de WhatsApp (cifrada, con seudónimo)"
 OPTED_OUT_NOTICE: Final = ("La persona ha retirado su consentimiento: el puente ya no reenvía "
                            "mensajes en ninguna dirección.")
