@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from types import ModuleType
 
 SURFACES = ("whatsapp", "matrix", "management", "reporters", "web")
 REFERENCE_LANGUAGE = "es"
 # The management room has always spoken English.
 _REFERENCES = {"management": "en"}
+_LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(_[a-z0-9]+)?")  # a module name, never a path
 
 
 def reference(surface: str) -> str:
@@ -40,7 +42,11 @@ def languages(surface: str) -> tuple[str, ...]:
 
 
 def load(surface: str, language: str) -> ModuleType:
-    """A surface's texts in `language`; LookupError if there is no such translation."""
-    if surface not in SURFACES or language not in languages(surface):
+    """A surface's texts in `language`; LookupError if there is no such translation.
+    Cheap after the first call (the import system keeps the module)."""
+    if surface not in SURFACES or not _LANGUAGE_CODE.fullmatch(language):
         raise LookupError(f"no {surface} texts in {language!r}")
-    return importlib.import_module(f"{__name__}.{surface}.{language}")
+    try:
+        return importlib.import_module(f"{__name__}.{surface}.{language}")
+    except ModuleNotFoundError:
+        raise LookupError(f"no {surface} texts in {language!r}") from None

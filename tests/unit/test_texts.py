@@ -91,6 +91,9 @@ def test_an_unknown_language_or_surface_is_a_lookup_error() -> None:
         texts.load("web", "xx")
     with pytest.raises(LookupError):
         texts.load("fax", "es")
+    for not_a_language in ("fill", "__init__", "es.sys", "../web", "ES"):
+        with pytest.raises(LookupError):
+            texts.load("web", not_a_language)
 
 
 # Modules whose user-facing texts moved to bridge.texts: none may say anything itself.
