@@ -23,6 +23,7 @@ from typing import Any, Final
 from bridge.db import Database, DeadLetter
 from bridge.errors import NotFound
 from bridge.metrics import Metrics
+from bridge.texts.matrix import default as mx_text
 from bridge.types import RoomID
 
 log = logging.getLogger(__name__)
@@ -31,27 +32,17 @@ Notify = Callable[[RoomID, str], Awaitable[Any]]
 WakeInbound = Callable[[Any, str], None]  # (source, lane)
 WakeOutbox = Callable[[], None]
 
-WHY: Final[dict[str, str]] = {
-    "undecryptable": "no se puede descifrar",
-    "bad_payload": "su contenido no tiene un formato válido",
-    "matrix_refused": "el servidor Matrix lo rechazó",
-    "graph_refused": "WhatsApp lo rechazó",
-    "internal": "error interno del puente",
-}
-WHAT: Final[dict[str, str]] = {
-    "whatsapp": "Un mensaje de WhatsApp no se ha podido reenviar a esta sala",
-    "matrix": "Un evento de esta sala no se ha podido procesar",
-    "outbox": "Mensaje no enviado a WhatsApp",
-}
+WHY: Final = mx_text.DEAD_LETTER_WHY
+WHAT: Final = mx_text.DEAD_LETTER_WHAT
 
 
 def notice_text(letter: DeadLetter, detail: str | None = None) -> str:
     """The notice to staff or admins: what failed and why, never content."""
     why = detail or WHY.get(letter.reason, WHY["internal"])
     what = WHAT.get(letter.source, WHAT["matrix"])
-    head = f"{what}: {why}." if letter.source == "outbox" else f"{what} ({why})."
-    return (f"{head} Queda apartado como {letter.id}: un administrador puede reintentarlo "
-            f"(civic-bridge admin dead-letters retry {letter.id}) o descartarlo.")
+    head = (mx_text.DEAD_LETTER_HEAD_OUTBOX if letter.source == "outbox"
+            else mx_text.DEAD_LETTER_HEAD).format(what=what, why=why)
+    return mx_text.DEAD_LETTER_NOTICE.format(head=head, id=letter.id)
 
 
 def as_json(letter: DeadLetter) -> dict[str, Any]:

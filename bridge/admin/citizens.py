@@ -33,6 +33,7 @@ from bridge.model import room_purpose
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
 from bridge.rooms_wa.texts import INVITATION_VERSION as ROOM_NOTICE_VERSION
 from bridge.rooms_wa.texts import LANGUAGE as ROOM_LANGUAGE
+from bridge.texts.matrix import default as mx_text
 from bridge.types import Pseudonym, RoomID, UserID
 from bridge.whatsapp import consent
 from bridge.whatsapp.portal import Portals
@@ -41,8 +42,7 @@ from bridge.whatsapp.webhook_parse import citizen_lane, status_lane
 
 log = logging.getLogger(__name__)
 
-ERASED_NOTICE = ("Los datos de esta persona se han borrado a petición suya: el puente ya no "
-                 "reenvía mensajes en ninguna dirección.")
+ERASED_NOTICE = mx_text.ERASED_NOTICE
 KEPT_AFTER_ERASURE = [
     "consent records and audit entries (legal evidence; they name the pseudonym only; "
     "a message given as evidence is named by a keyed hash of its id)",

@@ -31,6 +31,7 @@ from bridge.matrix.relay import StaffEvent
 from bridge.moderation.reports import Reports
 from bridge.moderation.texts import event_link
 from bridge.roomguard import ConfirmRequired
+from bridge.texts.management import default as mgmt_text
 from bridge.types import RoomID, UserID
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ class ManagementRoom:
             answer = await self._answer(event, body)
         except Exception as exc:  # never let a command break the inbound queue
             log.error("management command failed: %s", type(exc).__name__)
-            answer = "Internal error; see the bridge's log. Nothing more was done."
+            answer = mgmt_text.INTERNAL_ERROR
         try:
             await self._reply(event.room_id, answer)
         except Exception as exc:
@@ -83,7 +84,7 @@ class ManagementRoom:
         except CommandError as exc:
             if sender not in self._admins:
                 return await self._refuse(event, "unknown")
-            return f"⚠️ {exc}"
+            return mgmt_text.BAD_COMMAND.format(problem=exc)
         if sender not in self._admins:
             return await self._refuse(event, command.name)
         if self._reports is not None:
@@ -93,18 +94,18 @@ class ManagementRoom:
         if command.name in ("confirm", "cancel"):
             parked = self._pending.pop(key, None)
             if parked is None or parked[1] < self._clock():
-                return "Nothing is waiting for confirmation."
+                return mgmt_text.NOTHING_TO_CONFIRM
             if command.name == "cancel":
-                return "Cancelled; nothing was done."
+                return mgmt_text.CANCELLED
             command = dataclasses.replace(parked[0], confirm=True)
         try:
             return await self._run(sender, command)
         except ConfirmRequired as exc:
             self._pending[key] = (command, self._clock() + CONFIRM_SECONDS)
-            return (f"Room '{exc.room_name}' has {exc.members} members. Reply `confirm` "
-                    f"within {int(CONFIRM_SECONDS // 60)} minutes to go ahead, or `cancel`.")
+            return mgmt_text.CONFIRM_FIRST.format(room_name=exc.room_name, members=exc.members,
+                                                  minutes=int(CONFIRM_SECONDS // 60))
         except BridgeError as exc:
-            return f"⚠️ Refused: {exc.message}"
+            return mgmt_text.REFUSED.format(problem=exc.message)
 
     async def _refuse(self, event: StaffEvent, name: str) -> str:
         # Anyone can DM the bot: record the first refusal per sender and window only, so
@@ -116,7 +117,7 @@ class ManagementRoom:
             await self._db.audit.append(sender, f"command.{name}", event.room_id, "denied",
                                         "not in admin.users (repeats within the hour are "
                                         "not recorded)")
-        return "Only the bridge's admins (admin.users) can run commands here."
+        return mgmt_text.NOT_AN_ADMIN
 
     async def _run(self, actor: str, c: Command) -> str:
         if c.name == "help":
@@ -132,8 +133,8 @@ class ManagementRoom:
             ttl = timedelta(hours=c.hours) if c.hours else None
             link = await self._links.create(actor, str(c.room_id or ""), c.uses or 1, ttl,
                                             c.confirm)
-            return (f"Invite link ({link.uses} use(s), expires {link.expires_at:%Y-%m-%d %H:%M} "
-                    f"UTC):\n{link.url}")
+            return mgmt_text.INVITE_LINK.format(uses=link.uses, expires=link.expires_at,
+                                                url=link.url)
         if c.name == "audit":
             return await self._audit(c.limit or 10)
         if c.name in ("report", "reports"):
@@ -148,15 +149,17 @@ class ManagementRoom:
         if c.name == "report":
             word, _, why = (c.text or "").partition(" ")
             done = await self._reports.act(actor, c.number or 0, word, why or None)
-            told = "" if done["reporter_told"] else " (the reporter could not be told)"
-            return f"Report {done['id']}: {done['status']} done{told}."
+            told = "" if done["reporter_told"] else mgmt_text.REPORTER_NOT_TOLD
+            return mgmt_text.REPORT_DONE.format(id=done["id"], status=done["status"], told=told)
         lines = []
         for r in await self._reports.open_reports():
             reason = self._reports.reason(r)
-            lines.append(f"• {r.id} ({r.source}) {event_link(r.room_id, r.event_id)} — "
-                         f"author {r.author or '(unknown)'}"
-                         + (f" — reason: {reason}" if reason else ""))
-        return "\n".join(["Open reports:", *lines]) if lines else "No open reports."
+            lines.append(mgmt_text.OPEN_REPORT.format(
+                id=r.id, source=r.source, link=event_link(r.room_id, r.event_id),
+                author=r.author or mgmt_text.UNKNOWN_AUTHOR)
+                + (mgmt_text.OPEN_REPORT_REASON.format(reason=reason) if reason else ""))
+        return ("\n".join([mgmt_text.OPEN_REPORTS, *lines]) if lines
+                else mgmt_text.NO_OPEN_REPORTS)
 
     async def _whatsapp_invite(self, actor: str, c: Command) -> str:
         if self._wa_members is None:
@@ -168,8 +171,8 @@ class ManagementRoom:
 
     async def _audit(self, limit: int) -> str:
         intact, first_bad = await self._db.audit.verify()
-        head = ("Audit chain intact." if intact else
-                f"⚠️ AUDIT CHAIN BROKEN at entry {first_bad}: the log was altered.")
+        head = (mgmt_text.AUDIT_INTACT if intact else
+                mgmt_text.AUDIT_BROKEN.format(entry=first_bad))
         lines = [f"{x.id} {x.at:%Y-%m-%d %H:%M:%S} {x.actor} {x.action} {x.object} "
                  f"{x.result}" + (f" ({x.reason})" if x.reason else "")
                  for x in await self._db.audit.list(limit=limit)]
@@ -178,11 +181,9 @@ class ManagementRoom:
 
 def whatsapp_invite_reply(result: dict[str, Any]) -> str:
     """What the inviter reads: the pseudonym, and whether the invitation went or waits."""
-    said = f"WhatsApp invitation for «{result['pseudonym']}» (their name in that room)"
+    said = mgmt_text.WA_INVITE.format(pseudonym=result["pseudonym"])
     if result.get("delivery") == "waiting_for_reply":
-        how = ("they were sent the rooms.invite_template asking them to answer"
-               if result.get("asked_to_reply") else
-               "no rooms.invite_template is set, so nothing can ask them to answer")
-        return (f"{said} is waiting for their reply: their 24-hour WhatsApp window is "
-                f"closed; {how}. They get it when they next write.")
-    return f"{said} sent; they accept or decline on WhatsApp."
+        how = (mgmt_text.WA_INVITE_ASKED if result.get("asked_to_reply") else
+               mgmt_text.WA_INVITE_NO_TEMPLATE)
+        return mgmt_text.WA_INVITE_WAITING.format(said=said, how=how)
+    return mgmt_text.WA_INVITE_SENT.format(said=said)

@@ -19,13 +19,14 @@ from bridge.errors import Conflict, InvalidParam, Unavailable
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.rooms import Rooms
 from bridge.roomguard import guard_size, member_count, open_room
+from bridge.texts.matrix import default as mx_text
 from bridge.types import EventID, RoomID, UserID
 
 log = logging.getLogger(__name__)
 
 MUTED = -1  # below every room's events_default: no messages, reactions or edits
 MAX_ANNOUNCEMENT = 4000
-CLOSED_NOTICE = "Esta sala se ha cerrado. / This room has been closed."
+CLOSED_NOTICE = mx_text.ROOM_CLOSED_NOTICE
 # bot sends `content` into a room (encrypted by its device); returns the event id
 Send = Callable[[RoomID, dict[str, Any]], Awaitable[EventID]]
 # the bridge's devices re-read a room's members before they next encrypt there

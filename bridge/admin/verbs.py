@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from bridge.texts.management import default as mgmt_text
+
 if TYPE_CHECKING:
     from bridge.admin.moderation import Moderation
     from bridge.admin.service import AdminService
@@ -198,8 +200,9 @@ async def _rooms(s: Services, actor: str, c: Call) -> Any:
 
 
 def _rooms_reply(c: Call, rooms: list[dict[str, Any]]) -> str:
-    lines = [f"• {r['name']} ({r['kind']}) — {r['room_id']}" for r in rooms]
-    return "\n".join(["Rooms:", *lines]) if lines else "No rooms yet."
+    lines = [mgmt_text.ROOM_ITEM.format(name=r["name"], kind=r["kind"], room_id=r["room_id"])
+             for r in rooms]
+    return "\n".join([mgmt_text.ROOMS, *lines]) if lines else mgmt_text.NO_ROOMS
 
 
 async def _members(s: Services, actor: str, c: Call) -> Any:
@@ -207,9 +210,11 @@ async def _members(s: Services, actor: str, c: Call) -> Any:
 
 
 def _members_reply(c: Call, members: list[dict[str, Any]]) -> str:
-    return "\n".join([f"Members of {c.room_id}:"] + [
-        f"• {m['display_name'] or '(no name)'} — {m['role']}, {m['kind']}, "
-        f"{m['membership']} — {m['user_id']}" for m in members])
+    return "\n".join([mgmt_text.MEMBERS.format(room=c.room_id)] + [
+        mgmt_text.MEMBER_ITEM.format(name=m["display_name"] or mgmt_text.NO_NAME,
+                                     role=m["role"], kind=m["kind"],
+                                     membership=m["membership"], user_id=m["user_id"])
+        for m in members])
 
 
 async def _invite(s: Services, actor: str, c: Call) -> Any:
@@ -278,37 +283,37 @@ VERBS: tuple[Verb, ...] = (
          reply=_members_reply),
     Verb("invite", "invites", ("POST", _ROOM + "/invite"), "invite", "invite a staff member",
          "invite a staff member", args=(ROOM, USER), reason="optional", confirm=True,
-         run=_invite, reply=said("Invited {user}.")),
+         run=_invite, reply=said(mgmt_text.INVITED)),
     Verb("link", "invites", ("POST", _ROOM + "/invite-links"), "link",
          "an invite link for citizens", "an invite link for citizens (default: 1 use)",
          ("enlace",), (ROOM,), confirm=True,
          usage_line="link ROOM [uses=N] [hours=N]"),
     _member_verb("kick", "kick a user", "remove someone from a room", _membership("kick"),
-                 "Done: kick {user}."),
+                 mgmt_text.KICKED),
     _member_verb("ban", "ban a user", "remove someone and keep them out", _membership("ban"),
-                 "Done: ban {user}."),
+                 mgmt_text.BANNED),
     _member_verb("unban", "unban a user", "lift a ban", _membership("unban"),
-                 "Done: unban {user}."),
-    _member_verb("mute", "mute a user", "stop someone from posting", _mute, "Muted {user}."),
+                 mgmt_text.UNBANNED),
+    _member_verb("mute", "mute a user", "stop someone from posting", _mute, mgmt_text.MUTED),
     _member_verb("unmute", "unmute a user", "let them post again", _unmute,
-                 "Unmuted {user}."),
+                 mgmt_text.UNMUTED),
     Verb("redact", "moderation", ("POST", _ROOM + "/redact"), "redact", "remove a message",
          "remove a message", args=(ROOM, EVENT), reason="required", run=_redact,
-         reply=said("Redacted {event}.")),
+         reply=said(mgmt_text.REDACTED)),
     Verb("approve", "moderation", ("POST", _ROOM + "/knocks/approve"), "approve",
          "let a knocking user in", "let a knocking user in", args=(ROOM, USER),
-         reason="optional", run=_knock(True), reply=said("Approved {user}'s knock."),
+         reason="optional", run=_knock(True), reply=said(mgmt_text.KNOCK_APPROVED),
          usage_line="approve ROOM USER"),
     Verb("deny", "moderation", ("POST", _ROOM + "/knocks/deny"), "deny",
          "turn a knocking user away", "turn a knocking user away", args=(ROOM, USER),
-         reason="required", run=_knock(False), reply=said("Denied {user}'s knock.")),
+         reason="required", run=_knock(False), reply=said(mgmt_text.KNOCK_DENIED)),
     Verb("close", "moderation", ("POST", _ROOM + "/close"), "close",
          "remove everyone and tombstone the room", "remove everyone and end the room for good",
          args=(ROOM,), reason="required", run=_close,
-         reply=said("Closed {room}; {removed} member(s) removed.")),
+         reply=said(mgmt_text.CLOSED)),
     Verb("announce", "moderation", ("POST", _ROOM + "/announce"), "announce",
          "post in an announcement room", "post in an announcement room", args=(ROOM,),
-         text=True, confirm=True, run=_announce, reply=said("Announcement posted in {room}.")),
+         text=True, confirm=True, run=_announce, reply=said(mgmt_text.ANNOUNCED)),
     Verb("audit", "audit.read", ("GET", _V1 + "/audit"), "audit",
          summary="check the audit chain and show the last N entries", usage_line="audit [N]"),
     Verb("audit.verify", "audit.read", ("GET", _V1 + "/audit/verify"), "audit"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from bridge.admin.verbs import ID_KEYS, VERBS, WORDS, Verb
+from bridge.texts.management import default as mgmt_text
 from bridge.types import EventID, RoomID, UserID
 
 MATRIX_TO = "https://matrix.to/#/"
@@ -52,10 +53,9 @@ class Command:
 
 def help_text() -> str:
     width = max(len(v.usage) for v in SPECS)
-    lines = ["civic-bridge commands (ROOM = !room ID, USER = @user:server, EVENT = $event ID):"]
+    lines = [mgmt_text.HELP_HEAD]
     lines += [f"  {v.usage.ljust(width)}  {v.summary}" for v in SPECS]
-    lines.append("Actions on more than rooms.confirm_above members, and every announcement, "
-                 "ask for `confirm` first.")
+    lines.append(mgmt_text.HELP_FOOT)
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from bridge.matrix.undecryptable import (
     request_key,
     utcnow,
 )
+from bridge.texts.matrix import default as mx_text
 from bridge.types import EventID, RoomID, UserID
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,6 @@ log = logging.getLogger(__name__)
 # then the event waits aside (bridge.matrix.undecryptable) and frees its lane.
 KEY_WAIT_SECONDS = 1.0
 NOTICE_QUIET_SECONDS = 600.0  # at most one undecryptable notice per sender and room
-UNDECRYPTABLE_NOTICE = (
-    "No se ha podido descifrar un mensaje de {sender} ({time} UTC): la clave de cifrado no "
-    "ha llegado al puente, así que no se ha reenviado. Vuelva a enviarlo, por favor; si "
-    "ocurre de nuevo, verifique su sesión (o cierre la sesión y vuelva a entrar) en su "
-    "aplicación de Matrix.")
 # State that decides who may read a room's messages: devices re-read it before they
 # next encrypt there (they do not sync rooms; see bridge.matrix.devices).
 ROOM_KEY_STATE = ("m.room.member", "m.room.history_visibility")
@@ -242,7 +238,7 @@ class Relay:
         event = parked.event
         sender = str(event.get("sender", ""))
         sent = datetime.fromtimestamp(int(event.get("origin_server_ts", 0)) / 1000, UTC)
-        body = UNDECRYPTABLE_NOTICE.format(sender=sender, time=sent.strftime("%H:%M"))
+        body = mx_text.UNDECRYPTABLE_NOTICE.format(sender=sender, time=sent.strftime("%H:%M"))
         room_id = RoomID(str(event["room_id"]))
         # One notice per sender and room in a while: a burst of undecryptable events
         # (a broken client, or someone doing it on purpose) is not echoed one by one.

@@ -24,6 +24,7 @@ from bridge.moderation.reports import Reports
 from bridge.moderation.rules import flagged_term, report_request
 from bridge.moderation.synapse_admin import SynapseAdmin
 from bridge.privacy import Privacy
+from bridge.texts.management import default as mgmt_text
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.outbox import Outbox, reply_key
 from bridge.whatsapp.webhook_parse import InboundMessage
@@ -189,7 +190,7 @@ class Flagger:
             return
         report = await self._reports.file(
             source="flag", external_id=f"flag:{event_id}", room_id=room_id,
-            event_id=event_id, reporter=self._bot, reason=f"matches «{term}»",
+            event_id=event_id, reporter=self._bot, reason=mgmt_text.FLAG_REASON.format(term=term),
             author=author)
         if report is not None:
             self._metrics.flags.inc()

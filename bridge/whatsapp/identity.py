@@ -18,8 +18,8 @@ from bridge.db import Citizen, CitizenIdentifiers, Database
 from bridge.errors import Conflict
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
+from bridge.texts.matrix import default as summaries
 from bridge.types import RoomID
-from bridge.whatsapp import summaries
 from bridge.whatsapp.mirror import txn_id
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.webhook_parse import InboundMessage, Sender, SystemChange

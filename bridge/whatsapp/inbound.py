@@ -22,6 +22,8 @@ from bridge.db import Citizen, ConsentState, Database, InboundItem, InboundStatu
 from bridge.errors import Conflict
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy, new_pseudonym_code
+from bridge.texts.matrix import default as mx_text
+from bridge.texts.whatsapp import default as wa_text
 from bridge.types import EventID, Pseudonym, RoomID, WamidHash
 from bridge.whatsapp import consent, notice_consent, stored
 from bridge.whatsapp.consent import Action
@@ -43,10 +45,8 @@ RoomsHook = Callable[[Citizen, InboundItem, InboundMessage, RoomID | None], Awai
 # WhatsApp's error title); rooms over WhatsApp say so in the room.
 FailedHook = Callable[[WamidHash, str], Awaitable[None]]
 
-OPT_IN_CONFIRMATION = ("Gracias. Hemos abierto una conversación privada con el personal de "
-                       "{agency}. Puede escribir BAJA en cualquier momento para dejarla.")
-OPT_OUT_CONFIRMATION = ("Hecho: no reenviaremos sus mensajes ni recibirá más respuestas por "
-                        "este canal. Si vuelve a escribir, le preguntaremos de nuevo.")
+OPT_IN_CONFIRMATION = wa_text.CHAT_OPT_IN_CONFIRMATION
+OPT_OUT_CONFIRMATION = wa_text.CHAT_OPT_OUT_CONFIRMATION
 
 
 class WhatsAppInbound:
@@ -183,7 +183,8 @@ class WhatsAppInbound:
             await self._outbox.system_buttons(
                 citizen, reply_key("notice", wamid_hash),
                 consent.notice_text(self._config.consent),
-                [(consent.OPT_IN_BUTTON, "Acepto"), (consent.OPT_OUT_BUTTON, "No, gracias")])
+                [(consent.OPT_IN_BUTTON, wa_text.ACCEPT_BUTTON),
+                 (consent.OPT_OUT_BUTTON, wa_text.DECLINE_BUTTON)])
         elif action is Action.HOLD:
             until = datetime.now(UTC) + timedelta(hours=self._config.consent.hold_hours)
             await self._db.inbound.hold(item.id, citizen.id, until)
@@ -236,8 +237,9 @@ class WhatsAppInbound:
         if status.status == "read" and citizen and citizen.ghost_user_id:
             await self._portals.read_receipt(citizen.ghost_user_id, room_id, event_id)
         elif status.status == "failed":
-            title = next((e.title for e in status.errors if e.title), "error desconocido")
-            await self._portals.notice(room_id, f"WhatsApp no pudo entregar un mensaje: {title}")
+            title = next((e.title for e in status.errors if e.title),
+                         mx_text.DELIVERY_FAILED_UNKNOWN)
+            await self._portals.notice(room_id, mx_text.DELIVERY_FAILED_NOTICE.format(title=title))
 
     async def _notice_status(self, status: StatusUpdate, wamid_hash: WamidHash) -> None:
         """A status of a notice of availability fills in its log entry (first report wins)."""

@@ -24,8 +24,8 @@ from bridge.matrix.attachments import encrypt_in_place
 from bridge.matrix.relay import Relay
 from bridge.metrics import Metrics
 from bridge.privacy import KeyedIndex, Privacy, looks_like_personal_id
+from bridge.texts.matrix import default as summaries
 from bridge.types import EventID, RoomID, UserID
-from bridge.whatsapp import summaries
 from bridge.whatsapp.graph import (
     GraphClient,
     GraphError,
@@ -52,12 +52,8 @@ _EVENTS: ContextVar[EventLookup | None] = ContextVar("events", default=None)
 
 MATRIX_MSGTYPE = {"image": "m.image", "sticker": "m.image", "video": "m.video",
                   "audio": "m.audio", "document": "m.file"}
-DEFAULT_NAMES = {"image": "imagen", "sticker": "sticker", "video": "vídeo", "audio": "audio",
-                 "document": "documento"}
-PERSONAL_ID_WARNING = (
-    "Atención: este mensaje parece contener datos personales sensibles ({kinds}). "
-    "No los copie fuera de esta sala; recuerde a la persona que no es necesario enviarlos "
-    "por este canal.")
+DEFAULT_NAMES = summaries.MEDIA_DEFAULT_NAMES
+PERSONAL_ID_WARNING = summaries.PERSONAL_ID_WARNING
 
 
 def txn_id(index: KeyedIndex, wamid: str, suffix: str = "") -> str:
@@ -89,7 +85,7 @@ def readable_text(msg: InboundMessage) -> str | None:
 def location_content(msg: InboundMessage) -> dict[str, Any]:
     loc = msg.location
     assert loc is not None
-    label = ", ".join(p for p in (loc.name, loc.address) if p) or "Ubicación"
+    label = ", ".join(p for p in (loc.name, loc.address) if p) or summaries.LOCATION_LABEL
     body = f"{label} ({loc.latitude}, {loc.longitude})" + (f" {loc.url}" if loc.url else "")
     return {"msgtype": "m.location", "body": body,
             "geo_uri": f"geo:{loc.latitude},{loc.longitude}"}
@@ -103,7 +99,7 @@ def edit_content(original: EventID, new_text: str) -> dict[str, Any]:
 
 def safe_type_name(raw_type: str) -> str:
     """Only a short [a-z_] type name from the payload ever reaches staff."""
-    return raw_type if re.fullmatch(r"[a-z_]{1,30}", raw_type) else "desconocido"
+    return raw_type if re.fullmatch(r"[a-z_]{1,30}", raw_type) else summaries.UNKNOWN_TYPE
 
 
 class Mirror:
@@ -258,10 +254,10 @@ class Mirror:
         except GraphError as exc:
             if exc.retryable:
                 raise  # the worker tries again later
-            reason = ("no superó la comprobación de integridad"
+            reason = (summaries.MEDIA_FAILED_INTEGRITY
                       if isinstance(exc, MediaIntegrityError)
-                      else f"WhatsApp no lo entregó, código {exc.code}" if exc.code
-                      else "WhatsApp no lo entregó")
+                      else summaries.MEDIA_FAILED_CODE.format(code=exc.code) if exc.code
+                      else summaries.MEDIA_FAILED)
             await self._not_relayed(room_id, msg, "media_failed",
                                     summaries.media_failed_notice(msg.kind, reason))
         if msg.caption:

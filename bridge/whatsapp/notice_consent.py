@@ -25,6 +25,7 @@ from typing import Literal
 from bridge.config import Config, NoticesConfig
 from bridge.model import ConsentState
 from bridge.text import fold_words
+from bridge.texts.whatsapp import default as wa_text
 from bridge.whatsapp.webhook_parse import InboundMessage
 
 NOTICES_IN_BUTTON = "civic-bridge.notices.opt-in"
@@ -32,15 +33,6 @@ NOTICES_OUT_BUTTON = "civic-bridge.notices.opt-out"
 
 NoticesIntent = Literal["opt_in", "opt_out"]
 
-CONFIRM_IN = ("Hecho: recibirá por WhatsApp avisos de {issuer} cuando tenga una notificación "
-              "a su disposición. Su código de suscripción es {code}. Para activarlos, "
-              "introdúzcalo en la sede electrónica ({sede}) tras identificarse. Los avisos "
-              "son solo informativos y nunca contienen la notificación. Escriba {stop} "
-              "o pulse el botón para dejar de recibirlos.")
-CONFIRM_OUT = ("Hecho: ya no recibirá avisos de notificaciones por WhatsApp. Sus "
-               "notificaciones siguen disponibles en la sede electrónica ({sede}).")
-ALSO_NOTICES = (" También hemos anulado su suscripción a los avisos de notificaciones; "
-                "escriba {start} si quiere volver a recibirlos.")
 
 
 class NoticeAction(Enum):
@@ -104,14 +96,14 @@ def consent_hash(cfg: Config) -> str:
 
 def confirm_in(cfg: Config, code: str) -> str:
     n = cfg.notices
-    return CONFIRM_IN.format(issuer=n.issuer, code=code, sede=n.sede_url,
+    return wa_text.NOTICES_CONFIRM_IN.format(issuer=n.issuer, code=code, sede=n.sede_url,
                              stop=n.opt_out_words[0])
 
 
 def confirm_out(cfg: Config) -> str:
-    return CONFIRM_OUT.format(sede=cfg.notices.sede_url)
+    return wa_text.NOTICES_CONFIRM_OUT.format(sede=cfg.notices.sede_url)
 
 
 def also_notices(cfg: Config) -> str:
     """Appended to the chat opt-out confirmation when it withdrew notices too."""
-    return ALSO_NOTICES.format(start=cfg.notices.opt_in_words[0])
+    return wa_text.NOTICES_ALSO_WITHDRAWN.format(start=cfg.notices.opt_in_words[0])

@@ -26,6 +26,7 @@ from bridge.matrix.relay import StaffEvent
 from bridge.metrics import Metrics
 from bridge.model import HeldStaffMessage
 from bridge.privacy import AAD_PAYLOAD, Cipher, Privacy, looks_like_personal_id
+from bridge.texts.matrix import default as mx_text
 from bridge.types import EventID, RoomID
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.portal import Portals
@@ -54,19 +55,13 @@ __all__ = [
 ]
 
 WINDOW = timedelta(hours=24)
-WINDOW_NOTICE = ("No enviado: han pasado más de 24 horas desde el último mensaje de esta "
-                 "persona. WhatsApp solo permite enviar una plantilla aprobada (escriba "
-                 "!plantilla para verlas); el mensaje se podrá enviar cuando vuelva a "
-                 "escribir.")
-NO_CONSENT_NOTICE = "No enviado: esta persona no tiene activo el reenvío por WhatsApp."
-HELD_NOTICE = ("Retenido, no enviado: el mensaje parece contener datos personales ({kinds}). "
-               "Si debe enviarse igualmente por WhatsApp, reaccione con ✅ a ese mensaje o "
-               "respóndale «enviar».")
-RELEASED_NOTICE = "Enviado a WhatsApp tras su confirmación."
-EXPIRED_NOTICE = "No enviado: la confirmación llegó más de 24 horas después del mensaje."
-DROPPED_HELD_NOTICE = "Mensaje retenido descartado: no se enviará a WhatsApp."
-OTHER_PORTAL_NOTICE = ("No enviado: ese mensaje retenido es de otra sala y solo puede "
-                       "confirmarse en la sala donde se escribió.")
+WINDOW_NOTICE = mx_text.WINDOW_NOTICE
+NO_CONSENT_NOTICE = mx_text.NO_CONSENT_NOTICE
+HELD_NOTICE = mx_text.HELD_NOTICE
+RELEASED_NOTICE = mx_text.RELEASED_NOTICE
+EXPIRED_NOTICE = mx_text.EXPIRED_NOTICE
+DROPPED_HELD_NOTICE = mx_text.DROPPED_HELD_NOTICE
+OTHER_PORTAL_NOTICE = mx_text.OTHER_PORTAL_NOTICE
 CONFIRM_REACTIONS = ("✅", "✔️", "✔", "👍")
 CONFIRM_WORDS = ("enviar", "enviar igualmente", "confirmar")
 # A phone number alone is not held: staff give the agency's numbers all the time.

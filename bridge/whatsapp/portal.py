@@ -19,6 +19,7 @@ from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.relay import Relay
 from bridge.matrix.room_policy import portal_state_keys
 from bridge.matrix.rooms import Rooms
+from bridge.texts.matrix import default as mx_text
 from bridge.types import EventID, RoomID, UserID
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,7 @@ log = logging.getLogger(__name__)
 # + citizen id -> the creation token of the portal being created (see Portals._create)
 PORTAL_INTENT = "portal-creating:"
 
-OPTED_OUT_NOTICE = ("La persona ha retirado su consentimiento: el puente ya no reenvía "
-                    "mensajes en ninguna dirección.")
+OPTED_OUT_NOTICE = mx_text.OPTED_OUT_NOTICE
 
 
 class Portals:
@@ -91,12 +91,13 @@ class Portals:
                 await self._abandon(room_id, token)
                 room_id = None
         ghost_row = await self._db.ghosts.get(ghost)
-        name = f"WhatsApp · {ghost_row.display_name if ghost_row else 'Ciudadano/a'}"
+        name = mx_text.PORTAL_NAME.format(
+            pseudonym=ghost_row.display_name if ghost_row else mx_text.PORTAL_NAME_UNKNOWN)
         if room_id is None:
             token = secrets.token_hex(12)
             await self._db.kv.set(key, token)
             room_id = await self._rooms.create(
-                "portal", name, topic="Conversación de WhatsApp (cifrada, con seudónimo)",
+                "portal", name, topic=mx_text.PORTAL_TOPIC,
                 invite=[*self._config.portals.staff, ghost],
                 alias_localpart=self._alias_localpart(token))
         else:

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from bridge.texts.matrix import default as mx_text
+from bridge.texts.whatsapp import default as wa_text
 from bridge.whatsapp.markup import MAX_CAPTION, html_to_whatsapp, split_text, utf16_len
 
 NotSentReason = Literal["unsupported", "too_large", "invalid", "edit", "redaction",
@@ -31,8 +33,6 @@ MEDIA_TYPES: Final = {
 }
 MSGTYPE_KIND: Final = {"m.image": "image", "m.video": "video", "m.audio": "audio",
                        "m.file": "document"}
-KIND_NAMES: Final = {"image": "imágenes", "video": "vídeos", "audio": "audios",
-                     "document": "archivos", "sticker": "stickers"}
 TEXT_MSGTYPES: Final = ("m.text", "m.notice", "m.emote")
 
 # Events staff clients send that are not messages for the citizen: never noticed.
@@ -42,26 +42,18 @@ _QUIET_PREFIXES: Final = ("m.key.verification.", "m.call.", "org.matrix.call.",
                           "org.matrix.msc3672.beacon", "m.room.encrypted", "m.receipt",
                           "m.typing", "m.room.redaction", "m.reaction")
 _NOTICED_TYPES: Final = {
-    "m.poll.start": "una encuesta", "org.matrix.msc3381.poll.start": "una encuesta",
-    "m.call.invite": "una llamada",
+    "m.poll.start": mx_text.POLL, "org.matrix.msc3381.poll.start": mx_text.POLL,
+    "m.call.invite": mx_text.CALL,
 }
 
-UNSUPPORTED_NOTICE: Final = ("No enviado a WhatsApp: {what} no se puede enviar por "
-                             "WhatsApp. Envíe el contenido como texto, imagen, archivo o "
-                             "ubicación.")
-TOO_LARGE_NOTICE: Final = ("No enviado a WhatsApp: el archivo ocupa {size} y WhatsApp admite "
-                           "{kind} de hasta {limit}. Envíe un archivo más pequeño o un "
-                           "enlace para descargarlo.")
-TOO_LARGE_ADVICE: Final = "Envíe un archivo más pequeño o un enlace para descargarlo."
-INVALID_NOTICE: Final = ("No enviado a WhatsApp: {what}. Vuelva a enviarlo desde otro "
-                         "cliente o como texto.")
-EDIT_NOTICE: Final = ("Las ediciones no se envían a WhatsApp; envíe un mensaje nuevo si es "
-                      "necesario.")
-REDACTION_NOTICE: Final = ("WhatsApp no permite borrar un mensaje ya enviado: la persona lo "
-                           "sigue viendo. Si es necesario, envíe una corrección.")
-REACTION_TARGET_NOTICE: Final = ("Reacción no enviada a WhatsApp: ese mensaje no forma parte "
-                                 "de la conversación con la persona (reaccione a uno suyo o "
-                                 "a uno enviado a WhatsApp).")
+# The notices live in bridge.texts.matrix; these names are what the outbox imports.
+UNSUPPORTED_NOTICE: Final = mx_text.UNSUPPORTED_NOTICE
+TOO_LARGE_NOTICE: Final = mx_text.TOO_LARGE_NOTICE
+TOO_LARGE_ADVICE: Final = mx_text.TOO_LARGE_ADVICE
+INVALID_NOTICE: Final = mx_text.INVALID_NOTICE
+EDIT_NOTICE: Final = mx_text.EDIT_NOTICE
+REDACTION_NOTICE: Final = mx_text.REDACTION_NOTICE
+REACTION_TARGET_NOTICE: Final = mx_text.REACTION_TARGET_NOTICE
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +144,7 @@ def _location(content: dict[str, Any], reply_to: str | None) -> Decision:
     point = parse_geo_uri(uri) if isinstance(uri, str) else None
     if point is None:
         return NotSent("invalid", INVALID_NOTICE.format(
-            what="la ubicación no trae coordenadas válidas (geo:)"))
+            what=mx_text.INVALID_LOCATION))
     payload: dict[str, Any] = {"type": "location", "latitude": point[0],
                                "longitude": point[1], "reply_to": reply_to}
     description = extensible.get("description") if isinstance(extensible, dict) else None
@@ -168,7 +160,7 @@ def _media(requested: str, content: dict[str, Any], reply_to: str | None) -> Dec
     source = content.get("file") if isinstance(content.get("file"), dict) else None
     url = (source or {}).get("url") or content.get("url")
     if not isinstance(url, str) or not url.startswith("mxc://"):
-        return NotSent("invalid", INVALID_NOTICE.format(what="el adjunto no trae su archivo"))
+        return NotSent("invalid", INVALID_NOTICE.format(what=mx_text.INVALID_NO_FILE))
     raw_info = content.get("info")
     info: dict[str, Any] = raw_info if isinstance(raw_info, dict) else {}
     mimetype = str(info.get("mimetype") or "application/octet-stream")
@@ -177,14 +169,14 @@ def _media(requested: str, content: dict[str, Any], reply_to: str | None) -> Dec
     if kind is None:
         assert size is not None
         return NotSent("too_large", TOO_LARGE_NOTICE.format(
-            size=_size(size), kind=KIND_NAMES["document"],
+            size=_size(size), kind=mx_text.MEDIA_PLURALS["document"],
             limit=_size(MEDIA_LIMITS["document"])))
     body = content.get("body") if isinstance(content.get("body"), str) else ""
     filename = content.get("filename") if isinstance(content.get("filename"), str) else None
     caption = None
     if filename and body and body != filename:  # MSC2530: body is the caption
         caption = rendered_text(content).strip() or None
-    filename = filename or body or "archivo"
+    filename = filename or body or wa_text.DEFAULT_FILENAME
     payloads: list[dict[str, Any]] = [{
         "type": "media", "kind": kind, "requested": requested, "url": url, "file": source,
         "filename": filename, "mimetype": mimetype, "reply_to": reply_to, "caption": None}]
@@ -207,11 +199,11 @@ def translate(etype: str, content: dict[str, Any], reply_to: str | None) -> Deci
         if etype.startswith(_QUIET_PREFIXES):
             return Ignored()
         return NotSent("unsupported", UNSUPPORTED_NOTICE.format(
-            what="este tipo de evento"))
+            what=mx_text.THIS_EVENT_TYPE))
     msgtype = content.get("msgtype")
     if msgtype in TEXT_MSGTYPES:
         payloads = text_payloads(rendered_text(content), reply_to)
-        return payloads or NotSent("invalid", INVALID_NOTICE.format(what="el mensaje está vacío"))
+        return payloads or NotSent("invalid", INVALID_NOTICE.format(what=mx_text.INVALID_EMPTY))
     if msgtype in MSGTYPE_KIND:
         return _media(MSGTYPE_KIND[msgtype], content, reply_to)
     if msgtype == "m.location":
@@ -219,17 +211,15 @@ def translate(etype: str, content: dict[str, Any], reply_to: str | None) -> Deci
     if isinstance(msgtype, str) and msgtype.startswith("m.key.verification."):
         return Ignored()
     return NotSent("unsupported", UNSUPPORTED_NOTICE.format(
-        what="este tipo de mensaje" if msgtype else "un mensaje sin tipo"))
+        what=mx_text.THIS_MESSAGE_TYPE if msgtype else mx_text.UNTYPED_MESSAGE))
 
 
 def failure_advice(code: int | None) -> str:
     """What staff can do after Graph refused a send for good (by Graph error code)."""
     if code == 131047:
-        return ("Han pasado más de 24 horas desde su último mensaje: solo puede enviarse una "
-                "plantilla aprobada hasta que la persona vuelva a escribir.")
+        return mx_text.ADVICE_WINDOW_CLOSED
     if code in (131026, 131062):
-        return ("Puede que la persona no tenga WhatsApp o haya bloqueado el número; "
-                "contacte por otra vía.")
+        return mx_text.ADVICE_UNREACHABLE
     if code in (100, 131051, 131052, 131053):
-        return "Revise el formato o el archivo y vuelva a enviarlo."
-    return "Vuelva a intentarlo; si se repite, avise a quien administra el puente."
+        return mx_text.ADVICE_CHECK_FORMAT
+    return mx_text.ADVICE_RETRY

@@ -19,6 +19,7 @@ from bridge.db import Database
 from bridge.errors import BridgeError, Conflict, NotFound
 from bridge.matrix.relay import StaffEvent, StaffHandler
 from bridge.metrics import Metrics
+from bridge.texts.matrix import default as mx_text
 from bridge.types import EventID, RoomID
 from bridge.whatsapp import templates as tpl
 from bridge.whatsapp.outbox import Outbox
@@ -26,9 +27,6 @@ from bridge.whatsapp.portal import Portals
 
 log = logging.getLogger(__name__)
 
-SENT_NOTICE = "Plantilla «{name}» enviada a WhatsApp{by}. La persona recibirá:\n{text}"
-NO_CONSENT = ("No enviado: esta persona no tiene activo el reenvío por WhatsApp, así que "
-              "tampoco se le pueden enviar plantillas.")
 
 
 class NoConsent(Conflict):
@@ -123,10 +121,10 @@ class StaffTemplates:
             raise
         if citizen.consent_state != "granted":
             await self._refused(actor, room_id, "no_consent", name)
-            raise NoConsent(NO_CONSENT)
+            raise NoConsent(mx_text.TEMPLATE_NO_CONSENT)
         text = tpl.render(template, checked)
-        by = "" if key is not None else " por la administración"
-        notice = SENT_NOTICE.format(name=template.name, by=by, text=text)
+        by = "" if key is not None else mx_text.TEMPLATE_SENT_BY_ADMIN
+        notice = mx_text.TEMPLATE_SENT.format(name=template.name, by=by, text=text)
         if key is None:
             key = await self._portals.notice(RoomID(room_id), notice)
         queued = await self._outbox.staff(citizen, RoomID(room_id), key,

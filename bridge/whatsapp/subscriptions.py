@@ -17,6 +17,7 @@ from bridge.db import Citizen, ConsentState, Database, NoticeSubscription
 from bridge.errors import Conflict
 from bridge.metrics import Metrics
 from bridge.privacy import CODE_ALPHABET
+from bridge.texts.whatsapp import default as wa_text
 from bridge.types import Pseudonym, UserID, WamidHash
 from bridge.whatsapp import notice_consent
 from bridge.whatsapp.consent import message_evidence
@@ -105,13 +106,13 @@ class NoticeSubscriptions:
         if action is NoticeAction.SEND_TEXT:
             await self._outbox.system_buttons(
                 citizen, reply_key("notices-text", wamid_hash), notice_consent.consent_text(cfg),
-                [(notice_consent.NOTICES_IN_BUTTON, "Acepto"),
-                 (notice_consent.NOTICES_OUT_BUTTON, "No, gracias")])
+                [(notice_consent.NOTICES_IN_BUTTON, wa_text.ACCEPT_BUTTON),
+                 (notice_consent.NOTICES_OUT_BUTTON, wa_text.DECLINE_BUTTON)])
         elif action is NoticeAction.CONFIRM_IN:
             await self._outbox.system_buttons(
                 citizen, reply_key("notices-in", wamid_hash),
                 notice_consent.confirm_in(cfg, sub.code),
-                [(notice_consent.NOTICES_OUT_BUTTON, "Baja de avisos")])
+                [(notice_consent.NOTICES_OUT_BUTTON, wa_text.NOTICES_OUT_BUTTON)])
         elif action is NoticeAction.CONFIRM_OUT:
             await self._outbox.system_text(citizen, reply_key("notices-out", wamid_hash),
                                            notice_consent.confirm_out(cfg))

@@ -18,6 +18,7 @@ from typing import Any, Final
 from bridge.config import TemplateConfig
 from bridge.errors import InvalidParam, NotFound
 from bridge.privacy import looks_like_personal_id
+from bridge.texts.matrix import default as mx_text
 
 COMMAND: Final = "!plantilla"
 # Meta accepts a text parameter of up to 1,024 characters when the template has other
@@ -59,8 +60,7 @@ def find(templates: Sequence[TemplateConfig], name: str) -> TemplateConfig:
     for template in templates:
         if template.name == name:
             return template
-    raise UnknownTemplate(f"No hay ninguna plantilla aprobada llamada «{name[:60]}». "
-                          f"Escriba {COMMAND} para ver la lista.")
+    raise UnknownTemplate(mx_text.TEMPLATE_UNKNOWN.format(name=name[:60], command=COMMAND))
 
 
 def usage(template: TemplateConfig) -> str:
@@ -68,21 +68,22 @@ def usage(template: TemplateConfig) -> str:
         return f"{COMMAND} {template.name}"
     if template.parameter_format == "named":
         return f"{COMMAND} {template.name} " + " ".join(f"{p}=…" for p in template.parameters)
-    return f"{COMMAND} {template.name} " + " ".join(f"«{p}»" for p in template.parameters)
+    return f"{COMMAND} {template.name} " + " ".join(
+        mx_text.TEMPLATE_USAGE_VALUE.format(name=p) for p in template.parameters)
 
 
 def listing(templates: Sequence[TemplateConfig]) -> str:
     """The notice `!plantilla` answers with."""
     if not templates:
-        return ("No hay plantillas aprobadas configuradas (whatsapp.templates). Pida a la "
-                "administración del puente que añada las que Meta haya aprobado.")
-    lines = ["Plantillas aprobadas (las únicas que se pueden enviar cuando han pasado más de "
-             "24 horas desde el último mensaje de la persona):"]
+        return mx_text.TEMPLATES_NONE
+    lines = [mx_text.TEMPLATES_HEADER]
     for t in templates:
-        lines.append(f"• {t.name} ({t.category}, {t.language}): {t.description}")
-        lines.append(f"  Texto: {t.body}")
-        lines.append(f"  Uso: {usage(t)}")
-    lines.append("Los valores con espacios van entre comillas, o con nombre=valor.")
+        lines.append(mx_text.TEMPLATES_ITEM.format(name=t.name, category=t.category,
+                                                   language=t.language,
+                                                   description=t.description))
+        lines.append(mx_text.TEMPLATES_ITEM_TEXT.format(body=t.body))
+        lines.append(mx_text.TEMPLATES_ITEM_USAGE.format(usage=usage(t)))
+    lines.append(mx_text.TEMPLATES_FOOTER)
     return "\n".join(lines)
 
 
@@ -93,8 +94,8 @@ def parse_args(template: TemplateConfig, args: str) -> dict[str, str]:
     names = template.parameters
     if not names:
         if args:
-            raise TemplateProblem(f"La plantilla {template.name} no lleva parámetros. "
-                                  f"Uso: {usage(template)}")
+            raise TemplateProblem(mx_text.TEMPLATE_TAKES_NO_VALUES.format(
+                name=template.name, usage=usage(template)))
         return {}
     marker = re.compile(r"(?:^|\s)(" + "|".join(map(re.escape, names)) + r")=")
     matches = list(marker.finditer(args))
@@ -103,7 +104,7 @@ def parse_args(template: TemplateConfig, args: str) -> dict[str, str]:
         for match, nxt in zip(matches, [*matches[1:], None], strict=True):
             end = nxt.start() if nxt else len(args)
             if match.group(1) in values:
-                raise TemplateProblem(f"El parámetro {match.group(1)} aparece dos veces.")
+                raise TemplateProblem(mx_text.TEMPLATE_VALUE_TWICE.format(name=match.group(1)))
             values[match.group(1)] = args[match.end():end].strip()
         return values
     if len(names) == 1:
@@ -111,10 +112,11 @@ def parse_args(template: TemplateConfig, args: str) -> dict[str, str]:
     try:
         parts = shlex.split(args)
     except ValueError:
-        raise TemplateProblem("Falta cerrar unas comillas. Uso: " + usage(template)) from None
+        raise TemplateProblem(mx_text.TEMPLATE_UNCLOSED_QUOTE.format(
+            usage=usage(template))) from None
     if len(parts) != len(names):
-        raise TemplateProblem(f"La plantilla {template.name} necesita {len(names)} valores "
-                              f"y se han dado {len(parts)}. Uso: {usage(template)}")
+        raise TemplateProblem(mx_text.TEMPLATE_VALUE_COUNT.format(
+            name=template.name, needed=len(names), given=len(parts), usage=usage(template)))
     return dict(zip(names, parts, strict=True))
 
 
@@ -140,24 +142,24 @@ def check(template: TemplateConfig, values: Mapping[str, str]) -> dict[str, str]
     Graph refuses, or looks like a phone number, DNI/NIE, IBAN or card number."""
     unknown = sorted(set(values) - set(template.parameters))
     if unknown:
-        raise TemplateProblem(f"Parámetro desconocido: {unknown[0][:40]}. Uso: {usage(template)}")
+        raise TemplateProblem(mx_text.TEMPLATE_UNKNOWN_VALUE.format(
+            name=unknown[0][:40], usage=usage(template)))
     missing = [p for p in template.parameters if not values.get(p, "").strip()]
     if missing:
-        raise TemplateProblem(f"Falta el valor de {', '.join(missing)}. Uso: {usage(template)}")
+        raise TemplateProblem(mx_text.TEMPLATE_MISSING_VALUES.format(
+            names=", ".join(missing), usage=usage(template)))
     checked = {}
     for name in template.parameters:
         value = values[name].strip()
         if len(value) > MAX_PARAMETER:
-            raise TemplateProblem(f"El valor de {name} es demasiado largo (máximo "
-                                  f"{MAX_PARAMETER} caracteres).")
+            raise TemplateProblem(mx_text.TEMPLATE_VALUE_TOO_LONG.format(
+                name=name, max=MAX_PARAMETER))
         if _BAD_SPACING.search(value):
-            raise TemplateProblem(f"El valor de {name} no puede tener saltos de línea, "
-                                  "tabuladores ni más de cuatro espacios seguidos.")
+            raise TemplateProblem(mx_text.TEMPLATE_VALUE_SPACING.format(name=name))
         kinds = looks_like_personal_id(value)
         if kinds:
-            raise TemplateProblem(f"No enviado: el valor de {name} parece contener datos "
-                                  f"personales ({', '.join(kinds)}). Las plantillas no deben "
-                                  "llevar teléfonos, DNI/NIE, IBAN ni tarjetas.")
+            raise TemplateProblem(mx_text.TEMPLATE_VALUE_PERSONAL.format(
+                name=name, kinds=", ".join(kinds)))
         checked[name] = value
     return checked
 

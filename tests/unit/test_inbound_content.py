@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.whatsapp import summaries
+from bridge.texts.matrix import default as summaries
 from bridge.whatsapp.identity import Identity, identity_after
 from bridge.whatsapp.message_content import SystemChange
 from bridge.whatsapp.rich_content import (
@@ -120,7 +120,7 @@ def test_notices_explain_and_say_what_to_do() -> None:
 def test_inbound_parsing_and_texts_import_no_io_library() -> None:
     """The sans-I/O halves stay pure: importing them loads no network or database code."""
     code = ("import sys; import bridge.whatsapp.message_content, bridge.whatsapp.rich_content, "
-            "bridge.whatsapp.summaries, bridge.whatsapp.vcard; "
+            "bridge.texts.matrix.es, bridge.whatsapp.vcard; "
             "print(sorted(m for m in ('aiohttp', 'nio', 'sqlalchemy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
