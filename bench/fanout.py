@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bridge.auditchain import AuditKeys
 from bridge.config import RoomsConfig, WhatsAppConfig, parse_config
 from bridge.db import Database, upgrade
+from bridge.devtools.simulator import CloudAPISimulator
 from bridge.matrix.api import MatrixAPI
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
@@ -52,7 +53,6 @@ from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.pacing import Pacer
-from bridge.whatsapp.simulator import CloudAPISimulator
 
 PHONE_ID = "109876543210"
 ROOM = RoomID("!bench-announcements:localhost")

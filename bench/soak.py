@@ -69,8 +69,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bridge.config import ENV_PREFIX, parse_config
 from bridge.db.engine import upgrade
+from bridge.devtools.simulator import CloudAPISimulator, SimulatedUser
 from bridge.whatsapp.consent import OPT_IN_BUTTON
-from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 
 PHONE_NUMBER_ID = "109876543210"
 PREFIX = "soak "  # every body the bench sends starts with this

@@ -12,7 +12,7 @@ Setup (all in a temporary directory, removed at exit, also on Ctrl-C):
 - Synapse (bridge.devtools.LocalSynapse) with the bridge's appservice registration, on
   SQLite or (--synapse-db postgresql, as production runs it) a throwaway PostgreSQL
   database;
-- the Cloud API simulator (bridge.whatsapp.simulator) as Graph API and webhook sender;
+- the Cloud API simulator (bridge.devtools.simulator) as Graph API and webhook sender;
 - the bridge in-process (SQLite, WhatsApp enabled against the simulator, a staff user
   as `portals.staff`);
 - K citizens opt in the way real ones do (first message, privacy notice with buttons,
@@ -80,10 +80,10 @@ from _harness import (
     temp_workdir,
 )
 
+from bridge.devtools.simulator import CloudAPISimulator, SimulatedUser
 from bridge.services import Bridge
 from bridge.types import RoomID
 from bridge.whatsapp.consent import OPT_IN_BUTTON
-from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 
 TARGET_RATIO = 0.85  # inbound / bare throughput
 TARGET_ACK_P99_MS = 50.0

@@ -1,1 +1,3 @@
-"""Developer tooling shipped with the package: a throwaway local Synapse for tests and demos."""
+"""Developer tooling shipped with the package, never used by `civic-bridge run`: a
+throwaway local Synapse (`synapse`), the WhatsApp Cloud API simulator, as strict as Meta
+(`simulator`), and the local demo (`demo*`)."""

@@ -48,13 +48,13 @@ from bridge.devtools.demo_state import (
 )
 from bridge.devtools.demo_text import Print, banner, quote
 from bridge.devtools.demo_watch import RelayWatcher, stop_task
+from bridge.devtools.simulator import CloudAPISimulator
 from bridge.devtools.synapse import LocalSynapse, LocalSynapseError, default_venv_path
 from bridge.homeserver.settings import module_entry
 from bridge.logsetup import RedactingFilter, TextFormatter, setup_logging
 from bridge.registration import registration_yaml
 from bridge.services import Bridge
 from bridge.whatsapp.consent import OPT_IN_BUTTON
-from bridge.whatsapp.simulator import CloudAPISimulator
 
 FIRST_MESSAGE = "Hola, ¿me pueden ayudar?"
 STEP_TIMEOUT = 120.0  # per start-up step; generous for a busy 2-core machine

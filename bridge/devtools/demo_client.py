@@ -27,7 +27,7 @@ from bridge.devtools.demo_state import (
     load_running,
 )
 from bridge.devtools.demo_text import Print, quote
-from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
+from bridge.devtools.simulator import CloudAPISimulator, SimulatedUser
 
 if TYPE_CHECKING:
     from nio import AsyncClient

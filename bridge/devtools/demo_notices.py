@@ -23,9 +23,9 @@ import aiohttp
 
 from bridge.devtools.demo_state import Citizen, DemoState
 from bridge.devtools.demo_text import Print
+from bridge.devtools.simulator import CloudAPISimulator, SimulatedUser
 from bridge.services import Bridge
 from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON
-from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 
 ISSUER = "Ayuntamiento de Ejemplo (demo)"  # the template's {{1}}; same body as the chat's
 SEDE_URL = "https://sede.demo.example/notificaciones"

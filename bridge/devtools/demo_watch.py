@@ -20,11 +20,11 @@ from typing import Any
 
 from bridge.db import Citizen, InboundItem
 from bridge.devtools.demo_text import Print, quote
+from bridge.devtools.simulator import CloudAPISimulator
 from bridge.privacy import AAD_PAYLOAD
 from bridge.services import Bridge
 from bridge.whatsapp import consent, notice_consent, stored
 from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON
-from bridge.whatsapp.simulator import CloudAPISimulator
 from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE
 from bridge.whatsapp.webhook_parse import InboundMessage, StatusUpdate
 

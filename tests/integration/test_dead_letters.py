@@ -20,13 +20,13 @@ from sqlalchemy.engine import make_url
 
 from bridge.db import Citizen, Database, InboundItem, InboundStatus, OutboxItem, upgrade
 from bridge.deadletters import DeadLetters
+from bridge.devtools.simulator import SimulatedUser
 from bridge.matrix.api import MatrixError
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_PAYLOAD, DecryptError
 from bridge.retry import is_transient
 from bridge.types import RoomID, UserID
 from bridge.whatsapp.consent import OPT_IN_BUTTON
-from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.webhook_parse import citizen_lane
 from bridge.worker import InboundWorker
 from tests.fixtures.bridge import BridgeHarness

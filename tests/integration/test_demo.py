@@ -27,8 +27,8 @@ from bridge.config import ENV_PREFIX
 from bridge.devtools.demo_notices import ISSUER, REFERENCE_PREFIX
 from bridge.devtools.demo_state import leftover_synapse, stop_leftover
 from bridge.devtools.demo_text import READY
+from bridge.devtools.simulator import SENT_PATH
 from bridge.devtools.synapse import LocalSynapse
-from bridge.whatsapp.simulator import SENT_PATH
 from tests.fixtures.staff import StaffClient, staff_login
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]

@@ -49,10 +49,10 @@ from sqlalchemy import text
 
 from bridge.config import ENV_PREFIX
 from bridge.db import Database, upgrade
+from bridge.devtools.simulator import CloudAPISimulator, SimulatedUser
 from bridge.devtools.synapse import LocalSynapse, LocalSynapseError, free_port
 from bridge.registration import registration_yaml
 from bridge.whatsapp.consent import OPT_IN_BUTTON
-from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 from tests.fixtures.db import PgServer
 from tests.fixtures.staff import StaffClient, staff_client
 from tests.fixtures.synapse import build_test_config, other_free_port

@@ -35,11 +35,11 @@ from sqlalchemy import text
 
 from bridge.config import ENV_PREFIX, Config, load_config
 from bridge.db import Database, upgrade
+from bridge.devtools.simulator import CloudAPISimulator, SimulatedUser
 from bridge.devtools.synapse import free_port
 from bridge.leader import APPLICATION_NAME
 from bridge.privacy import Privacy
 from bridge.whatsapp.consent import OPT_IN_BUTTON
-from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 from tests.fixtures.db import PgServer
 from tests.fixtures.synapse import SynapseHarness, other_free_port
 

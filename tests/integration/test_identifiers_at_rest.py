@@ -31,12 +31,12 @@ from sqlalchemy import func, select, text
 from bridge.db import downgrade, upgrade
 from bridge.db.engine import create_engine
 from bridge.db.models import InboundRow
+from bridge.devtools.simulator import SimulatedUser
 from bridge.legacy_wamids import key_legacy_wamids
 from bridge.rooms_wa.texts import ACCEPT_BUTTON, ACCEPT_TITLE
 from bridge.types import WamidHash
 from bridge.whatsapp.consent import EVIDENCE_PREFIX, OPT_IN_BUTTON, message_evidence
 from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON
-from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE
 from tests.fixtures.bridge import BridgeHarness, RunningBridge
 from tests.fixtures.db import PgServer

@@ -16,9 +16,9 @@ import pytest_asyncio
 from nio import EncryptionError, MegolmEvent
 from nio.crypto.attachments import decrypt_attachment
 
+from bridge.devtools.simulator import SimulatedUser
 from bridge.privacy import AAD_WA_ID
 from bridge.whatsapp.limits import MEDIA_LIMITS
-from bridge.whatsapp.simulator import SimulatedUser
 from tests.fixtures import whatsapp_payloads as wp
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_whatsapp import Journey, opt_in, to_citizen, wait_until

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from bridge.devtools.simulator import CloudAPISimulator
 from bridge.whatsapp.graph import GraphClient, MediaIntegrityError, MediaTooLarge
 from bridge.whatsapp.limits import MEDIA_LIMITS, media_limit
-from bridge.whatsapp.simulator import CloudAPISimulator
 
 pytestmark = pytest.mark.integration
 

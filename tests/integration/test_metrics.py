@@ -14,12 +14,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.db.reports import REPORT_SOURCES
+from bridge.devtools.simulator import SimulatedUser
 from bridge.model import ConsentPurpose, ConsentState, InboundSource
 from bridge.moderation.rules import ACTIONS
 from bridge.retention import STEPS as RETENTION_STEPS
 from bridge.retry import DEAD_REASONS
 from bridge.whatsapp.consent import OPT_IN_BUTTON
-from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.staff_events import NotSentReason
 from bridge.whatsapp.webhook_parse import MessageKind
 from tests.fixtures.bridge import BridgeHarness

@@ -16,11 +16,11 @@ from sqlalchemy import text
 
 from bridge.admin.notices import LABEL, Notices
 from bridge.db import Citizen, ConsentRecord
+from bridge.devtools.simulator import SimulatedUser
 from bridge.errors import Unavailable
 from bridge.types import Pseudonym
 from bridge.whatsapp.consent import OPT_IN_BUTTON, OPT_OUT_BUTTON
 from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON, consent_hash
-from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE, NoticeSubscriptions
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_whatsapp import (

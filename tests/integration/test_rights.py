@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy import update
 
 from bridge.db.invites import InviteAccountRow, InviteLinkRow
+from bridge.devtools.simulator import SimulatedUser
 from bridge.types import Pseudonym, UserID
 from bridge.whatsapp.consent import OPT_IN_BUTTON
-from bridge.whatsapp.simulator import SimulatedUser
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_admin_scopes import api, refused_for_scope
 from tests.integration.test_moderation import User, as_user, create_room, q

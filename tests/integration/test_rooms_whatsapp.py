@@ -26,10 +26,10 @@ from nio.crypto.attachments import encrypt_attachment
 from sqlalchemy import select, update
 
 from bridge.db.models import CitizenRow, ConsentRecordRow
+from bridge.devtools.simulator import SimulatedUser
 from bridge.rooms_wa import texts
 from bridge.rooms_wa.fanout import event_key
 from bridge.types import RoomID
-from bridge.whatsapp.simulator import SimulatedUser
 from tests.fixtures.bridge import BridgeHarness
 from tests.fixtures.citizens import USER_ID, invite_link, submit_form
 from tests.fixtures.dbdump import dump, find_clear, phone_forms

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from bridge.devtools.simulator import CloudAPISimulator, SimulatedUser
 from bridge.whatsapp.graph import GraphClient, GraphError, MediaIntegrityError, Recipient
-from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 from bridge.whatsapp.webhook_parse import parse_webhook
 
 TOKEN = "EAAG-test-access-token-0123456789abcdef"

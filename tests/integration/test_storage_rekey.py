@@ -18,6 +18,7 @@ import pytest
 
 from bridge.db import Database
 from bridge.db.reports import AAD_REPORT_REASON
+from bridge.devtools.simulator import CloudAPISimulator, SimulatedUser
 from bridge.matrix.keyshare import Checkpoint
 from bridge.matrix.keystore import RoomKeyStore
 from bridge.matrix.storekey import (
@@ -40,7 +41,6 @@ from bridge.privacy import (
 from bridge.rekey import rekey_database
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.outbound import held_aad
-from bridge.whatsapp.simulator import CloudAPISimulator, SimulatedUser
 from bridge.whatsapp.webhook import prepare_delivery
 from bridge.whatsapp.webhook_parse import citizen_lane
 

@@ -21,11 +21,11 @@ import yaml
 from nio import RoomMessage
 from nio.crypto.attachments import decrypt_attachment, encrypt_attachment
 
+from bridge.devtools.simulator import SimulatedUser
 from bridge.privacy import AAD_PAYLOAD
 from bridge.types import EventID, Pseudonym, RoomID, UserID
 from bridge.whatsapp import consent, stored
 from bridge.whatsapp.consent import OPT_IN_BUTTON, OPT_OUT_BUTTON
-from bridge.whatsapp.simulator import SimulatedUser
 from bridge.whatsapp.webhook_parse import InboundMessage, citizen_lane, dedupe_key
 from tests.fixtures.bridge import BridgeHarness
 from tests.fixtures.loopwatch import LoopWatch

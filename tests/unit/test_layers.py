@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "bridge"
 SERVER_MODULES = ("aiohttp.web", "aiohttp.typedefs", "aiohttp.test_utils")
 # The entry points and tools that may wire or serve the edge.
-MAY_SERVE = ("bridge.web", "bridge.app", "bridge.devtools",
-             "bridge.whatsapp.simulator")  # a dev tool; moves under bridge/devtools/
+MAY_SERVE = ("bridge.web", "bridge.app", "bridge.devtools")
 ENTRY_POINTS = ("bridge.app", "bridge.cli", "bridge.devtools")
 ROOT_MODULE = "bridge.services"
 
