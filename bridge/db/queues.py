@@ -421,13 +421,18 @@ class OutboxRepo:
             return [_outbox(r) for r in await session.scalars(stmt)]
 
     async def lane_heads(self, now: datetime, limit: int) -> list[OutboxItem]:
-        """A batch to send at once: of the `limit` longest-waiting due sends, each
-        citizen's oldest (a citizen's sends go one after another, in order)."""
+        """A batch to send at once: of the first `limit` due sends in queue order, each
+        citizen's oldest (a citizen's sends go one after another, in order). Queue
+        order, not due time: a send due again after a wait (a release, a retry) still
+        goes before the citizen's later ones."""
+        stmt = (select(OutboxRow)
+                .where(OutboxRow.status == "pending", OutboxRow.next_attempt_at <= now)
+                .order_by(OutboxRow.id).limit(limit))
         heads: dict[int, OutboxItem] = {}
-        for item in await self.due(now, limit):
-            if item.citizen_id not in heads or item.id < heads[item.citizen_id].id:
-                heads[item.citizen_id] = item
-        return sorted(heads.values(), key=lambda i: (i.next_attempt_at, i.id))
+        async with self._scope.session() as session:
+            for row in await session.scalars(stmt):
+                heads.setdefault(row.citizen_id, _outbox(row))
+        return list(heads.values())
 
     async def waiting_room_sends(self, citizen_ids: Collection[int], now: datetime
                                  ) -> list[tuple[int, int, datetime]]:
