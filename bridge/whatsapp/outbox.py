@@ -226,9 +226,11 @@ class Outbox:
             except Exception as exc:
                 log.error("outbox loop error: %s", type(exc).__name__)
             self.idle.set()
-            # Poll as well: retries come due without anyone waking us.
+            # Poll as well: retries come due without anyone waking us. asyncio.timeout,
+            # not wait_for: 3.11's wait_for can lose a stop() that comes as it is woken.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _batch(self) -> bool:

@@ -177,3 +177,22 @@ async def test_rows_queued_in_the_old_dict_format_are_sent(rig: Rig) -> None:
 async def _until(check: object) -> None:
     while not check():  # type: ignore[operator]
         await asyncio.sleep(0.02)
+
+
+async def test_stop_right_as_it_is_woken_stops(rig: Rig) -> None:
+    """A stop that comes as the idle loop is woken (a post queued at that moment) is
+    not lost: 3.11's asyncio.wait_for could swallow it, and stop() hung."""
+    box = rig.outbox()
+    box.start()
+    try:
+        for _ in range(30):
+            await asyncio.wait_for(box.idle.wait(), 10)
+            await asyncio.sleep(0.01)
+            box.wake()
+            await asyncio.sleep(0)
+            box._task.cancel()  # type: ignore[union-attr]
+            await asyncio.wait_for(asyncio.gather(box._task, return_exceptions=True), 5)
+            box = rig.outbox()
+            box.start()
+    finally:
+        await box.stop()
