@@ -71,7 +71,7 @@ from bridge.whatsapp.outbox_queue import (
     backoff,
     part_key,
 )
-from bridge.whatsapp.outbox_sender import OutboxSender, callback_data
+from bridge.whatsapp.outbox_sender import CALLBACK_PREFIX, OutboxSender, callback_data
 from bridge.whatsapp.pacing import Pacer
 from bridge.whatsapp.payloads import Buttons, Envelope, Template, Text, envelope_of
 
@@ -80,8 +80,7 @@ __all__ = ["ACCEPTED_STATUSES", "Outbox", "backoff", "callback_data", "callback_
 
 log = logging.getLogger(__name__)
 
-CALLBACK_PREFIX: Final = "cb1."
-_CALLBACK = re.compile(r"cb1\.([1-9][0-9]{0,17})")
+_CALLBACK = re.compile(re.escape(CALLBACK_PREFIX) + r"([1-9][0-9]{0,17})")
 # The most sends in one batch (each citizen's oldest due one), whatever the concurrency.
 MAX_BATCH: Final = 256
 

@@ -86,9 +86,12 @@ class Skipped:
 Outcome = Sent | Failed | Postponed | Skipped
 
 
+CALLBACK_PREFIX = "cb1."
+
+
 def callback_data(item_id: int) -> str:
     """The `biz_opaque_callback_data` of outbox row `item_id`: no personal data."""
-    return f"cb1.{item_id}"
+    return f"{CALLBACK_PREFIX}{item_id}"
 
 
 class OutboxSender:

@@ -5,8 +5,9 @@ in an `Envelope` (who waits for it and what it relays: a staff event, a room eve
 notice, or nothing for a system message). `encode` gives the flat JSON object the queue
 seals (`Privacy.cipher`, AAD_PAYLOAD); `decode` reads it back. The format is the one
 the outbox has always stored, so rows queued before these types existed are sent
-unchanged after an upgrade; `decode` refuses anything else (ValueError), and such a
-row becomes a dead letter.
+unchanged after an upgrade. `decode` refuses an unknown type or a missing field
+(ValueError: such a row becomes a dead letter); keys it does not know are kept, as they
+were, in `Envelope.extra`.
 """
 
 from __future__ import annotations
