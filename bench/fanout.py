@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import base64
 import json
+import logging
 import os
 import resource
 import secrets
@@ -59,6 +60,18 @@ from bridge.whatsapp.simulator import CloudAPISimulator
 
 PHONE_ID = "109876543210"
 ROOM = RoomID("!bench-announcements:localhost")
+
+
+class Resends(logging.Handler):
+    """Counts sends made again after the confirmation window found no status (the
+    outbox's at-least-once case: each is a duplicate)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "sending again" in str(record.msg)
 
 
 def rss_mb() -> float:
@@ -110,6 +123,8 @@ async def bare(api_base: str, token: str, bodies: list[dict[str, Any]]) -> float
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     idle = rss_mb()
+    resends = Resends()
+    logging.getLogger("bridge.whatsapp.outbox_sender").addHandler(resends)
     with tempfile.TemporaryDirectory(prefix="fanout-") as tmp:
         url = args.database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}"
         await upgrade(url)
@@ -182,7 +197,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     restarted = True
                     # The delivery statuses Meta sends settle a send cut short by the
                     # stop (in production they come in by the webhook).
-                    for wamid, data in list(sim.callback_data.items()):
+                    # The latest first: the earlier ones came in before the stop.
+                    for wamid, data in reversed(list(sim.callback_data.items())):
                         await box.settle_by_status(data, wamid, "sent")
                 await asyncio.sleep(0.05)
             last = time.perf_counter() - start
@@ -205,6 +221,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     theirs = total / bare_seconds
     return {"members": args.members, "posts": args.posts, "sends": len(sends),
             "expected": total, "duplicates": len(sends) - total,
+            "resent_after_confirm_window": resends.count,
             "recipients": len(per), "in_order_per_citizen": in_order,
             "queue_seconds": round(queued, 2), "last_delivery_seconds": round(last, 2),
             "bridge_msgs_per_s": round(ours, 1), "bare_msgs_per_s": round(theirs, 1),

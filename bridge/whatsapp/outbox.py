@@ -82,7 +82,7 @@ log = logging.getLogger(__name__)
 
 _CALLBACK = re.compile(re.escape(CALLBACK_PREFIX) + r"([1-9][0-9]{0,17})")
 # The most sends in one batch (each citizen's oldest due one), whatever the concurrency.
-MAX_BATCH: Final = 256
+MAX_BATCH: Final = 128
 
 
 def callback_item(data: str | None) -> int | None:
@@ -234,7 +234,10 @@ class Outbox:
 
     async def _batch(self) -> bool:
         """Claim, send and record one batch; False if nothing was due."""
-        size = min(MAX_BATCH, max(8, 8 * self.concurrency))
+        # Small enough that a crash leaves few sends to settle by status (those posted
+        # whose outcome was not yet recorded), large enough that the database work is
+        # shared by many sends.
+        size = min(MAX_BATCH, max(8, 2 * self.concurrency))
         claims, settled = await self.queue.claim(datetime.now(UTC), size)
         if claims:
             outcomes = await self.sender.send(claims, self.queue.begin(self.confirm_window),
