@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -78,6 +78,13 @@ class CitizenRepo:
         async with self._scope.session() as session:
             row = await session.get(CitizenRow, citizen_id)
             return None if row is None else _citizen(row)
+
+    async def get_many(self, citizen_ids: Collection[int]) -> dict[int, Citizen]:
+        if not citizen_ids:
+            return {}
+        stmt = select(CitizenRow).where(CitizenRow.id.in_(citizen_ids))
+        async with self._scope.session() as session:
+            return {r.id: _citizen(r) for r in await session.scalars(stmt)}
 
     async def by_index(self, index_hash: str) -> Citizen | None:
         return await self._one(CitizenRow.index_hash == index_hash)

@@ -439,6 +439,86 @@ class OutboxRepo:
         async with self._scope.session() as session:
             return [_outbox(r) for r in await session.scalars(stmt)]
 
+    async def lane_heads(self, now: datetime, limit: int) -> list[OutboxItem]:
+        """A batch to send at once: of the first `limit` due sends in queue order, each
+        citizen's oldest (a citizen's sends go one after another, in order). Queue
+        order, not due time: a send due again after a wait (a release, a retry) still
+        goes before the citizen's later ones."""
+        stmt = (select(OutboxRow)
+                .where(OutboxRow.status == "pending", OutboxRow.next_attempt_at <= now)
+                .order_by(OutboxRow.id).limit(limit))
+        heads: dict[int, OutboxItem] = {}
+        async with self._scope.session() as session:
+            for row in await session.scalars(stmt):
+                heads.setdefault(row.citizen_id, _outbox(row))
+        return list(heads.values())
+
+    async def waiting_room_sends(self, citizen_ids: Collection[int], now: datetime
+                                 ) -> list[tuple[int, int, datetime]]:
+        """(citizen id, outbox id, next due) of the room sends to these citizens that
+        are pending but not due yet (backing off)."""
+        if not citizen_ids:
+            return []
+        stmt = (select(OutboxRow.citizen_id, OutboxRow.id, OutboxRow.next_attempt_at)
+                .where(OutboxRow.citizen_id.in_(citizen_ids), OutboxRow.status == "pending",
+                       OutboxRow.next_attempt_at > now,
+                       OutboxRow.idempotency_key.startswith("wr", autoescape=True)))
+        async with self._scope.session() as session:
+            return [(c, i, n) for c, i, n in (await session.execute(stmt)).all()]
+
+    async def begin_attempts(self, item_ids: Collection[int], confirm_by: datetime
+                             ) -> set[int]:
+        """`begin_attempt` for a batch, in one write: the ids now in flight (those still
+        pending)."""
+        if not item_ids:
+            return set()
+        now = utcnow()
+        stmt = (update(OutboxRow)
+                .where(OutboxRow.id.in_(item_ids), OutboxRow.status == "pending")
+                .values(sending_at=now, next_attempt_at=confirm_by, updated_at=now)
+                .returning(OutboxRow.id))
+        async with self._scope.session() as session:
+            return set((await session.scalars(stmt)).all())
+
+    async def release(self, item_ids: Collection[int]) -> None:
+        """Sends marked in flight that never reached Graph (their batch was stopped):
+        due again at once."""
+        if not item_ids:
+            return
+        now = utcnow()
+        stmt = (update(OutboxRow)
+                .where(OutboxRow.id.in_(item_ids), OutboxRow.status == "pending",
+                       OutboxRow.sending_at.is_not(None))
+                .values(sending_at=None, next_attempt_at=now, updated_at=now))
+        async with self._scope.session() as session:
+            await session.execute(stmt)
+
+    async def bring_forward(self, citizen_id: int, after_id: int) -> int:
+        """Make a citizen's sends queued after `after_id` and never attempted due now
+        (they were postponed behind it; each is checked again before it goes)."""
+        now = utcnow()
+        stmt = (update(OutboxRow)
+                .where(OutboxRow.citizen_id == citizen_id, OutboxRow.id > after_id,
+                       OutboxRow.status == "pending", OutboxRow.attempts == 0,
+                       OutboxRow.sending_at.is_(None), OutboxRow.next_attempt_at > now)
+                .values(next_attempt_at=now, updated_at=now))
+        async with self._scope.session() as session:
+            return rowcount(await session.execute(stmt))
+
+    async def mark_sent_many(self, sent: Mapping[int, WamidHash]) -> set[int]:
+        """`mark_sent` for a batch (outbox id -> wamid hash), in one write: the ids
+        marked; the others were settled already (by a delivery status)."""
+        if not sent:
+            return set()
+        stmt = (update(OutboxRow)
+                .where(OutboxRow.id.in_(sent), OutboxRow.status.in_(("pending", "cancelled")))
+                .values(status="sent", wamid_hash=case(dict(sent), value=OutboxRow.id),
+                        attempts=OutboxRow.attempts + 1, last_error=None, sending_at=None,
+                        updated_at=utcnow())
+                .returning(OutboxRow.id))
+        async with self._scope.session() as session:
+            return set((await session.scalars(stmt)).all())
+
     async def begin_attempt(self, item_id: int, confirm_by: datetime) -> bool:
         """Record that a send is going out now, in one committed write, right before
         the request that can create the message: `sending_at` is set and the next

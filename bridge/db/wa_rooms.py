@@ -4,6 +4,7 @@ the window-closed backlog and the per-member wamid map (bridge.rooms_wa)."""
 from __future__ import annotations
 
 import builtins
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -99,6 +100,15 @@ class RoomMemberRepo:
     async def is_joined(self, room_id: RoomID, citizen_id: int) -> bool:
         member = await self.find(room_id, citizen_id)
         return member is not None and member.state == "joined"
+
+    async def joined_of(self, citizen_ids: Collection[int]) -> set[tuple[RoomID, int]]:
+        """(room, citizen) of every room these citizens are joined members of."""
+        if not citizen_ids:
+            return set()
+        stmt = select(RoomMemberRow.room_id, RoomMemberRow.citizen_id).where(
+            RoomMemberRow.citizen_id.in_(citizen_ids), RoomMemberRow.state == "joined")
+        async with self._scope.session() as session:
+            return {(RoomID(r), c) for r, c in (await session.execute(stmt)).all()}
 
     async def ghosts_of(self, citizen_id: int) -> builtins.list[UserID]:
         """Every room pseudonym the citizen ever had (for erasure)."""
@@ -228,6 +238,20 @@ class RoomMemberRepo:
         stmt = (self._scope.insert(RoomMessageRow)
                 .values(wamid_hash=wamid_hash, wamid_ct=wamid_ct, citizen_id=citizen_id,
                         room_id=room_id, event_id=event_id, created_at=utcnow())
+                .on_conflict_do_nothing())
+        async with self._scope.session() as session:
+            await session.execute(stmt)
+
+    async def link_many(self, links: Sequence[tuple[tuple[WamidHash, str], int, RoomID,
+                                                   EventID]]) -> None:
+        """`link` for a batch (wamid, citizen id, room, event), in one statement."""
+        if not links:
+            return
+        now = utcnow()
+        stmt = (self._scope.insert(RoomMessageRow)
+                .values([{"wamid_hash": w[0], "wamid_ct": w[1], "citizen_id": c,
+                          "room_id": r, "event_id": e, "created_at": now}
+                         for w, c, r, e in links])
                 .on_conflict_do_nothing())
         async with self._scope.session() as session:
             await session.execute(stmt)

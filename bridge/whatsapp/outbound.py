@@ -29,6 +29,7 @@ from bridge.privacy import AAD_PAYLOAD, Cipher, Privacy, looks_like_personal_id
 from bridge.texts.matrix import default as mx_text
 from bridge.types import EventID, RoomID
 from bridge.whatsapp.outbox import Outbox
+from bridge.whatsapp.payloads import Reaction
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.staff_events import (
     EDIT_NOTICE,
@@ -204,13 +205,13 @@ class StaffToWhatsApp:
         queued = await self._outbox.queued(target)
         if queued is None:
             return Ignored()  # never sent (a notice, a citizen's message): Matrix only
-        status, payload = queued
+        status, envelope = queued
         if status in ("failed", "cancelled"):
             return Ignored()
-        if payload.get("type") == "reaction":
-            if not payload.get("emoji"):
+        if isinstance(reaction := envelope.content, Reaction):
+            if not reaction.emoji:
                 return Ignored()
-            return [{"type": "reaction", "message_id": payload["message_id"], "emoji": ""}]
+            return [{"type": "reaction", "message_id": reaction.message_id, "emoji": ""}]
         return NotSent("redaction", REDACTION_NOTICE)
 
     async def _wamid_of(self, event_id: Any) -> str | None:

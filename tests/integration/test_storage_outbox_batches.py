@@ -1,0 +1,68 @@
+"""The outbox repository's batch operations, on SQLite and PostgreSQL (fixture `db`):
+lane heads in queue order, a batch marked in flight / released / marked sent in one
+statement each, and the sends postponed behind a settled one brought forward."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from bridge.db import Database
+from bridge.types import RoomID, WamidHash
+
+ROOM = RoomID("")
+
+
+async def citizen_ids(db: Database, n: int) -> list[int]:
+    return [(await db.citizens.create(index_hash=f"{i:02d}" * 32, identifier_ct="ct",
+                                      pseudonym_code=f"C{i:03d}")).id for i in range(n)]
+
+
+async def test_lane_heads_take_each_citizens_oldest_due_send(db: Database) -> None:
+    a, b = await citizen_ids(db, 2)
+    now = datetime.now(UTC)
+    a1 = await db.outbox.add("wr:a1", a, ROOM, "x")
+    a2 = await db.outbox.add("wr:a2", a, ROOM, "x")
+    b1 = await db.outbox.add("wr:b1", b, ROOM, "x")
+    assert a1 and a2 and b1
+    # a1 was retried and is due again later than a2: it still goes first.
+    await db.outbox.postpone(a1, now + timedelta(seconds=1))
+    later = now + timedelta(seconds=2)
+    assert [i.id for i in await db.outbox.lane_heads(later, 10)] == [a1, b1]
+    assert [i.id for i in await db.outbox.lane_heads(later, 1)] == [a1]
+    # While a1 is not due, a2 is the head (the queue then checks waiting room sends).
+    assert [i.id for i in await db.outbox.lane_heads(now + timedelta(milliseconds=500),
+                                                     10)] == [a2, b1]
+    assert [(c, i) for c, i, _ in await db.outbox.waiting_room_sends(
+        [a, b], now + timedelta(milliseconds=500))] == [(a, a1)]
+
+
+async def test_a_batch_in_flight_released_and_marked_sent(db: Database) -> None:
+    ids = [await db.outbox.add(f"k{n}", c, ROOM, "x") for n, c in
+           enumerate(await citizen_ids(db, 3))]
+    x, y, z = (i for i in ids if i is not None)
+    await db.outbox.cancel_for_citizen((await db.outbox.get(z)).citizen_id)  # type: ignore[union-attr]
+    window = datetime.now(UTC) + timedelta(minutes=10)
+    assert await db.outbox.begin_attempts([x, y, z], window) == {x, y}
+    await db.outbox.release([y])
+    released = await db.outbox.get(y)
+    assert released is not None and released.sending_at is None
+    assert released.next_attempt_at <= datetime.now(UTC)
+    assert await db.outbox.mark_sent_many({x: WamidHash("a" * 64), y: WamidHash("b" * 64)}
+                                          ) == {x, y}
+    assert (await db.outbox.get(x)).wamid_hash == "a" * 64  # type: ignore[union-attr]
+    assert (await db.outbox.get(y)).wamid_hash == "b" * 64  # type: ignore[union-attr]
+    assert await db.outbox.mark_sent_many({x: WamidHash("c" * 64)}) == set()  # settled
+
+
+async def test_bring_forward_only_untried_later_sends(db: Database) -> None:
+    (c,) = await citizen_ids(db, 1)
+    first = await db.outbox.add("wr:1", c, ROOM, "x")
+    waiting = await db.outbox.add("wr:2", c, ROOM, "x")
+    retrying = await db.outbox.add("wr:3", c, ROOM, "x")
+    assert first and waiting and retrying
+    later = datetime.now(UTC) + timedelta(minutes=10)
+    await db.outbox.postpone(waiting, later)
+    await db.outbox.retry_later(retrying, later, "429 130429")
+    assert await db.outbox.bring_forward(c, first) == 1
+    assert (await db.outbox.get(waiting)).next_attempt_at <= datetime.now(UTC)  # type: ignore[union-attr]
+    assert (await db.outbox.get(retrying)).next_attempt_at > datetime.now(UTC)  # type: ignore[union-attr]
