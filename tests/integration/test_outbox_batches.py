@@ -16,13 +16,13 @@ import aiohttp
 import pytest
 
 from bridge.db import Citizen, Database
+from bridge.devtools.simulator import CloudAPISimulator
 from bridge.matrix.api import MatrixAPI
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_PAYLOAD, AAD_WA_ID, Cipher, KeyedIndex, Privacy
 from bridge.types import RoomID, UserID
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.outbox import Outbox
-from bridge.whatsapp.simulator import CloudAPISimulator
 
 pytestmark = pytest.mark.integration
 PHONE_ID = "109876543210"
