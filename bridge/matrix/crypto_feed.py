@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROBE_SECONDS: Final = 10.0
+LATE_PROBE_SECONDS: Final = 3.0
 NO_TO_DEVICE: Final = (
     "the homeserver sends no to-device events to the bridge: set "
     "`experimental_features: {msc2409_to_device_messages_enabled: true}` in homeserver.yaml "
@@ -105,7 +106,8 @@ class CryptoFeed:
         transactions it held (bridge.matrix.as_recovery). While it held the bridge
         DOWN it dropped the probe from its transactions, so after that the probe is
         sent again (after 1, 2 and 4 s: Synapse marks the bridge UP only once it has
-        delivered what it held), and the wait restarts once."""
+        delivered what it held) within the same wait; after it, if the ping came
+        late, for LATE_PROBE_SECONDS more."""
         if self.decided.is_set():
             return
         found: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -116,8 +118,11 @@ class CryptoFeed:
             if recovered is not None:
                 resend = asyncio.create_task(self._resend_probe(api, bot, bot_device, recovered))
             has_counts = await self._wait_probe(found, timeout)
-            if has_counts is None and resend is not None and await resend:
-                has_counts = await self._wait_probe(found, timeout)
+            if has_counts is None and resend is not None and not resend.done() and \
+                    await resend:
+                # The ping succeeded late (it retries for up to 30 s): a short wait
+                # for the probe sent after it.
+                has_counts = await self._wait_probe(found, LATE_PROBE_SECONDS)
         finally:
             self._probe = None
             if resend is not None:
