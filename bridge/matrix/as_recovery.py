@@ -106,18 +106,21 @@ def watched(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapper(request: web.Request) -> web.StreamResponse:
         bridge = request.app[BRIDGE]
-        status = 500  # cancelled or crashed: Synapse sees no answer
+        status: int | None = None
         try:
             response = await handler(request)
             status = response.status
             return response
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            # The bridge is stopping (or Synapse gave up waiting: it retries in 2 s).
+            raise
+        except Exception as exc:
             status = int(getattr(exc, "status", 500))
             raise
         finally:
             recovery = bridge.crypto.recovery
             # 401/403: not Synapse (a wrong token); it holds nothing against us.
-            if recovery is not None and status not in (401, 403):
+            if recovery is not None and status is not None and status not in (401, 403):
                 ping = recovery.after_transaction(failed=status >= 400)
                 if ping is not None:
                     bridge.spawn(ping)
