@@ -69,7 +69,8 @@ class AppserviceRecovery:
                 self._pings.labels("failed").inc()
                 if isinstance(exc, MatrixError) and exc.status < 500:
                     return False  # a homeserver without MSC2659, or no `url` registered
-            await asyncio.sleep(2.0 * (attempt + 1))
+            if attempt + 1 < attempts:
+                await asyncio.sleep(2.0 * (attempt + 1))
         return False
 
     def after_transaction(self, failed: bool) -> Coroutine[Any, Any, None] | None:

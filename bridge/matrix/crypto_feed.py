@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROBE_SECONDS: Final = 10.0
+LATE_PROBE_SECONDS: Final = 3.0
 NO_TO_DEVICE: Final = (
     "the homeserver sends no to-device events to the bridge: set "
     "`experimental_features: {msc2409_to_device_messages_enabled: true}` in homeserver.yaml "
@@ -71,6 +72,7 @@ class CryptoFeed:
         self.dropped = dropped
         # The nonces of the probes sent, and whether their transaction had key counts.
         self._probe: tuple[set[str], asyncio.Future[bool]] | None = None
+        self._resent_at = float("-inf")  # when the probe was last sent again
         # Fetches a device's inbox once (bridge.matrix.catchup); set when wired.
         self.catch_up: Callable[[Device], Awaitable[bool]] | None = None
         # Pings Synapse when it may hold the bridge DOWN (bridge.matrix.as_recovery).
@@ -105,19 +107,24 @@ class CryptoFeed:
         transactions it held (bridge.matrix.as_recovery). While it held the bridge
         DOWN it dropped the probe from its transactions, so after that the probe is
         sent again (after 1, 2 and 4 s: Synapse marks the bridge UP only once it has
-        delivered what it held), and the wait restarts once."""
+        delivered what it held) within the same wait; the last one sent gets at
+        least LATE_PROBE_SECONDS. A ping that keeps failing adds no wait."""
         if self.decided.is_set():
             return
         found: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._probe = (set(), found)
+        self._resent_at = float("-inf")
         resend = None
         try:
             await self._send_probe(api, bot, bot_device)
             if recovered is not None:
                 resend = asyncio.create_task(self._resend_probe(api, bot, bot_device, recovered))
             has_counts = await self._wait_probe(found, timeout)
-            if has_counts is None and resend is not None and await resend:
-                has_counts = await self._wait_probe(found, timeout)
+            # A probe sent again near the end of the wait gets LATE_PROBE_SECONDS. A
+            # ping still failing (it retries for up to 30 s) is not waited for.
+            late = self._resent_at + LATE_PROBE_SECONDS - asyncio.get_running_loop().time()
+            if has_counts is None and late > 0:
+                has_counts = await self._wait_probe(found, late)
         finally:
             self._probe = None
             if resend is not None:
@@ -138,18 +145,16 @@ class CryptoFeed:
             json={"messages": {bot: {bot_device: {"nonce": nonce}}}})
 
     async def _resend_probe(self, api: MatrixAPI, bot: str, bot_device: str,
-                            recovered: Callable[[], Awaitable[bool]]) -> bool:
-        """True if the probe was sent again after Synapse was made to retry."""
+                            recovered: Callable[[], Awaitable[bool]]) -> None:
+        """Send the probe again once Synapse was made to retry (`_resent_at`)."""
         if not await recovered():
-            return False
-        sent = False
+            return
         for delay in (1.0, 2.0, 4.0):
             await asyncio.sleep(delay)
             if self._probe is None or self._probe[1].done():
-                break
+                return
             await self._send_probe(api, bot, bot_device)
-            sent = True
-        return sent
+            self._resent_at = asyncio.get_running_loop().time()
 
     @staticmethod
     async def _wait_probe(found: asyncio.Future[bool], timeout: float  # noqa: ASYNC109

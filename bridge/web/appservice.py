@@ -25,7 +25,7 @@ def _ingest(request: web.Request) -> Ingest:
 @routes.put("/_matrix/app/v1/transactions/{txn_id}")
 async def put_transaction(request: web.Request) -> web.Response:
     ingest = _ingest(request)
-    status = 500  # cancelled or crashed: Synapse sees no answer
+    status: int | None = None  # cancelled: the bridge is stopping, or Synapse gave up
     try:
         await ingest.transaction(request.match_info["txn_id"], await request.read())
         status = 200
@@ -34,7 +34,8 @@ async def put_transaction(request: web.Request) -> web.Response:
         status = int(getattr(exc, "status", 500))
         raise
     finally:
-        ingest.transaction_answered(status)
+        if status is not None:
+            ingest.transaction_answered(status)
 
 
 @routes.get("/_matrix/app/v1/users/{user_id}")

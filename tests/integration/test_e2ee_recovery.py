@@ -44,7 +44,9 @@ async def test_room_key_sent_while_the_bridge_was_down_is_fetched_once(
     fetches its device inbox with one /sync and answers the command."""
     talk = await dm_with_bot(bridge, bridge.desk.localpart, bridge.desk.password)
     running = bridge.running
+    log = _access_log(bridge)
     try:
+        start = log.stat().st_size
         await running.stop()
         await talk.staff.send_text(talk.room_id, "help")  # a new session: key to-device
         await asyncio.sleep(0.5)  # Synapse tries the transactions, and fails
@@ -57,6 +59,9 @@ async def test_room_key_sent_while_the_bridge_was_down_is_fetched_once(
         assert b.metrics.to_device_catch_ups.labels("recovered")._value.get() >= 1
         bot = b.devices.get_open(b.ghosts.bot)
         assert bot is not None and bot.fed  # still fed by transactions: no polling
+        syncs = [line for line in _read_from(log, start)
+                 if "/sync" in line and f"{{{b.ghosts.bot}" in line]
+        assert len(syncs) == 1 and "timeout=0" in syncs[0], syncs  # one fetch, no loop
     finally:
         await talk.staff.close()
 

@@ -145,6 +145,7 @@ def test_apply_routes_counts_only_when_fed_and_lists_always() -> None:
 class _API:
     def __init__(self, feed: CryptoFeed, deliver: dict[str, Any] | None) -> None:
         self.feed, self.deliver = feed, deliver
+        self.lag = 0.01  # seconds until the transaction carrying the probe comes
 
     async def request(self, method: str, path: str, *, as_user: str | None = None,
                       json: Any = None, params: Any = None) -> dict[str, Any]:
@@ -154,7 +155,7 @@ class _API:
             body = {"de.sorunome.msc2409.to_device": [
                 _to_device(type=PROBE_TYPE, sender=GHOST, content=content)], **self.deliver}
             loop = asyncio.get_running_loop()
-            loop.call_later(0.01, lambda: self.feed.observe(parse_crypto(body)))
+            loop.call_later(self.lag, lambda: self.feed.observe(parse_crypto(body)))
         return {}
 
 
@@ -201,6 +202,25 @@ async def test_probe_dropped_while_held_down_is_sent_again_after_the_ping() -> N
     await feed.probe(api, GHOST, DEV, timeout=2.0,  # type: ignore[arg-type]
                      recovered=api.ping)
     assert feed.mode == "appservice" and api.sent == 2
+    # The probe sent again comes after the wait would have ended: it is waited for.
+    feed, _, _ = _feed()
+    slow = _HeldDown(feed, counts)
+    slow.lag = 0.5
+    await feed.probe(slow, GHOST, DEV, timeout=1.2, recovered=slow.ping)  # type: ignore[arg-type]
+    assert feed.mode == "appservice" and slow.sent == 2
+    # A ping still retrying when the wait ends (the homeserver cannot reach the
+    # bridge) is not waited for: the decision takes no longer than before.
+    feed, _, _ = _feed()
+    late = _HeldDown(feed, counts)
+
+    async def slow_ping() -> bool:
+        await asyncio.sleep(30)
+        return await late.ping()
+
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await feed.probe(late, GHOST, DEV, timeout=0.2, recovered=slow_ping)  # type: ignore[arg-type]
+    assert (feed.mode, late.sent) == ("sync", 1) and loop.time() - began < 1.0
     # A failed ping (an old homeserver) leaves it as it was: one probe, the fallback.
     feed, _, _ = _feed()
     held = _HeldDown(feed, counts)
