@@ -574,82 +574,80 @@ class Devices:
         """The user's device, created on the server, keys uploaded, its task running."""
         lock = self._opening.setdefault(user_id, asyncio.Lock())
         async with lock:
-            if user_id in self._devices:
-                device = self._devices[user_id]
+            if (device := self._devices.get(user_id)) is not None:
                 device.touch()
                 return device
-            localpart = user_id[1:].split(":", 1)[0]
-            store = self._store_dir / localpart
-            store.mkdir(parents=True, exist_ok=True)
-            client = AppserviceDeviceClient(
-                self._api.url, user_id, device_id, store_path=str(store),
-                # No stored sync tokens: nio saves them with a blocking SQLite commit on
-                # every sync; a restart simply starts with one initial sync.
-                config=nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=False,
-                                             pickle_key=self._pickle_key,
-                                             store=self._store_class),
-            )
-            client.restore_login(user_id, device_id, self._api.as_token)
-            if client.olm is None or not client.olm.account.shared:
-                # Keys never uploaded: the device may not exist on the server yet. A
-                # device reopened after eviction was created already: no request.
-                try:
-                    await self._api.create_device(user_id, device_id)
-                except BaseException:
-                    await client.close()
-                    raise
-            # Device-list changes reach open devices only: those of the users this one
-            # knows that changed while it was closed (all of them, if we do not know
-            # when it closed) are read again before it next encrypts or forwards.
-            # Closed by eviction in this process: its keys, cross-signing and what it was
-            # owed were in order then, so only what changed since needs a request.
-            reopened = user_id in self._closed_at
-            changed = self._changed_while_closed(
-                user_id, client.olm.device_store.users if client.olm is not None else ())
-            if client.olm is not None and self.feed is not None:
-                client.olm.users_for_key_query.update(changed)
-            device = Device(client, self._api, long_poll=user_id == self._long_poll_user,
-                            is_ours=lambda user: self.is_ours(user),
-                            key_store=self._room_keys.owner(user_id) if self._room_keys
-                            else None, key_trust=self._key_trust, feed=self.feed)
-            try:  # before anything is sent or forwarded: what was kept before a restart
-                restored = await device.keys.restore()
+            client = await self._client(user_id, device_id)
+            try:
+                device = await self._make_ready(client, user_id, device_id)
             except BaseException:
-                await client.close()
+                await client.close()  # not cached: the next open tries again
                 raise
-            if restored:
-                log.info("%s: %d room key checkpoint(s) restored", user_id, restored)
-            if client.should_upload_keys or pending_fallback_key(client):
-                new_account = client.olm is not None and not client.olm.account.shared
-                try:
-                    if client.should_upload_keys:
-                        await upload_keys(client)
-                    if new_account or pending_fallback_key(client):
-                        # A new device gets its fallback key with its first keys.
-                        await upload_fallback_key(client, self._api)
-                except BaseException:
-                    await client.close()
-                    raise
-            pending = self._pending_counts.pop((user_id, device_id), None)
-            if pending:
-                device.key_counts(pending.get("otk"), pending.get("fallback_unused"))
-            if self._on_ready and not reopened:
-                try:
-                    await self._on_ready(user_id, device_id)
-                except BaseException:
-                    await client.close()  # not cached: the next open retries the hook
-                    raise
-            device.start()
-            if restored and (changed or not reopened):
-                # Earlier room keys kept for later devices: forward what is owed now
-                # (fed by transactions, nothing else would wake a device just opened).
-                # Reopened with no device list changed meanwhile, nothing new is owed.
-                device.wake()
             self._devices[user_id] = device
             self._closed_at.pop(user_id, None)
             self._count()
             log.info("device open for %s", user_id)
         await self._evict()
+        return device
+
+    async def _client(self, user_id: UserID, device_id: DeviceID) -> nio.AsyncClient:
+        """The device's nio client on its store, the device created on the server if its
+        keys never were uploaded (one reopened after eviction was: no request)."""
+        store = self._store_dir / user_id[1:].split(":", 1)[0]
+        store.mkdir(parents=True, exist_ok=True)
+        client = AppserviceDeviceClient(
+            self._api.url, user_id, device_id, store_path=str(store),
+            # No stored sync tokens: nio saves them with a blocking SQLite commit on
+            # every sync; a restart simply starts with one initial sync.
+            config=nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=False,
+                                         pickle_key=self._pickle_key,
+                                         store=self._store_class),
+        )
+        client.restore_login(user_id, device_id, self._api.as_token)
+        if client.olm is None or not client.olm.account.shared:
+            try:
+                await self._api.create_device(user_id, device_id)
+            except BaseException:
+                await client.close()
+                raise
+        return client
+
+    async def _make_ready(self, client: nio.AsyncClient, user_id: UserID,
+                          device_id: DeviceID) -> Device:
+        # Closed by eviction in this process: its keys, cross-signing and what it was
+        # owed were in order then, so only what changed since needs a request.
+        # Device-list changes reach open devices only: those of the users this one
+        # knows that changed while it was closed (all of them, if we do not know when
+        # it closed) are read again before it next encrypts or forwards.
+        reopened = user_id in self._closed_at
+        changed = self._changed_while_closed(
+            user_id, client.olm.device_store.users if client.olm is not None else ())
+        if client.olm is not None and self.feed is not None:
+            client.olm.users_for_key_query.update(changed)
+        device = Device(client, self._api, long_poll=user_id == self._long_poll_user,
+                        is_ours=lambda user: self.is_ours(user),
+                        key_store=self._room_keys.owner(user_id) if self._room_keys
+                        else None, key_trust=self._key_trust, feed=self.feed)
+        # Before anything is sent or forwarded: what was kept before a restart.
+        if restored := await device.keys.restore():
+            log.info("%s: %d room key checkpoint(s) restored", user_id, restored)
+        if client.should_upload_keys or pending_fallback_key(client):
+            new_account = client.olm is not None and not client.olm.account.shared
+            if client.should_upload_keys:
+                await upload_keys(client)
+            if new_account or pending_fallback_key(client):
+                # A new device gets its fallback key with its first keys.
+                await upload_fallback_key(client, self._api)
+        if pending := self._pending_counts.pop((user_id, device_id), None):
+            device.key_counts(pending.get("otk"), pending.get("fallback_unused"))
+        if self._on_ready and not reopened:
+            await self._on_ready(user_id, device_id)
+        device.start()
+        if restored and (changed or not reopened):
+            # Earlier room keys kept for later devices: forward what is owed now
+            # (fed by transactions, nothing else would wake a device just opened).
+            # Reopened with no device list changed meanwhile, nothing new is owed.
+            device.wake()
         return device
 
     def _changed_while_closed(self, user_id: UserID, users: Any) -> set[str]:
