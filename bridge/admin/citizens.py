@@ -31,8 +31,8 @@ from bridge.invites.rights import InviteAccounts
 from bridge.matrix.ghosts import Ghosts
 from bridge.model import room_purpose
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
-from bridge.rooms_wa.texts import INVITATION_VERSION as ROOM_NOTICE_VERSION
-from bridge.rooms_wa.texts import LANGUAGE as ROOM_LANGUAGE
+from bridge.rooms_wa.policy import INVITATION_LANGUAGE as ROOM_LANGUAGE
+from bridge.rooms_wa.policy import INVITATION_VERSION as ROOM_NOTICE_VERSION
 from bridge.texts.matrix import default as mx_text
 from bridge.types import Pseudonym, RoomID, UserID
 from bridge.whatsapp import consent

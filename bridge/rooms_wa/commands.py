@@ -13,22 +13,12 @@ from bridge.rooms_wa import policy
 from bridge.rooms_wa.fanout import FanOut
 from bridge.rooms_wa.members import Members
 from bridge.text import fold_words
+from bridge.texts.matrix import default as mx_text
 from bridge.whatsapp.portal import Portals
 
 log = logging.getLogger(__name__)
 
 COMMAND = "!invitar"
-USAGE = "Uso: !invitar <sala> (el nombre exacto de la sala o su ID, !…:servidor)."
-SENT = ("Invitación enviada por WhatsApp a «{room}». En esa sala aparecerá como "
-        "«{pseudonym}» si acepta.")
-WAITING = ("Invitación a «{room}» en espera: la ventana de 24 horas de WhatsApp de esta "
-           "persona está cerrada. {how} En esa sala aparecerá como «{pseudonym}» si acepta.")
-ASKED = "Se le ha pedido con una plantilla que responda; la recibirá al hacerlo."
-NOT_ASKED = ("No hay plantilla configurada para pedirle que responda "
-             "(rooms.invite_template): la recibirá cuando vuelva a escribir.")
-REFUSED = "No enviada: {why}"
-CONFIRM = (" La sala tiene más de {above} miembros: repita con «!invitar {room} confirmar» "
-           "para enviarla igualmente.")
 
 
 class PortalCommands:
@@ -64,7 +54,7 @@ class PortalCommands:
                 break
         citizen = await self._db.citizens.get(citizen_id)
         if not wanted or target is None or citizen is None or citizen.ghost_user_id is None:
-            await self._portals.notice(event.room_id, USAGE)
+            await self._portals.notice(event.room_id, mx_text.WA_INVITE_USAGE)
             return
         name = await self._fanout.display_name(event.room_id, event.sender)
         inviter = policy.sender_label(name, True, self._label)
@@ -73,14 +63,16 @@ class PortalCommands:
                                                 citizen.ghost_user_id, inviter=inviter,
                                                 confirm=confirm)
         except BridgeError as exc:
-            extra = CONFIRM.format(above=self._above, room=wanted) \
+            extra = mx_text.WA_INVITE_CONFIRM.format(above=self._above, room=wanted) \
                 if exc.errcode == "CB_CONFIRM_REQUIRED" else ""
-            await self._portals.notice(event.room_id, REFUSED.format(why=exc) + extra)
+            await self._portals.notice(event.room_id,
+                                       mx_text.WA_INVITE_REFUSED.format(why=exc) + extra)
             return
         if result.get("delivery") == "waiting_for_reply":
-            await self._portals.notice(event.room_id, WAITING.format(
+            await self._portals.notice(event.room_id, mx_text.WA_INVITE_WAITING_NOTICE.format(
                 room=target.name, pseudonym=result["pseudonym"],
-                how=ASKED if result.get("asked_to_reply") else NOT_ASKED))
+                how=mx_text.WA_INVITE_ASKED if result.get("asked_to_reply")
+                else mx_text.WA_INVITE_NOT_ASKED))
             return
-        await self._portals.notice(event.room_id, SENT.format(
+        await self._portals.notice(event.room_id, mx_text.WA_INVITE_SENT_NOTICE.format(
             room=target.name, pseudonym=result["pseudonym"]))

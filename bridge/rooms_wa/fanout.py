@@ -28,8 +28,9 @@ from bridge.matrix.relay import StaffEvent
 from bridge.metrics import Metrics
 from bridge.model import Room, RoomMember
 from bridge.privacy import AAD_PAYLOAD, Privacy
-from bridge.rooms_wa import policy, texts
+from bridge.rooms_wa import policy
 from bridge.rooms_wa.members import INVITE_KEY, Members
+from bridge.texts.whatsapp import default as wa_text
 from bridge.types import EventID, RoomID, UserID
 from bridge.whatsapp.outbox import Outbox
 from bridge.whatsapp.staff_events import (
@@ -145,7 +146,7 @@ class FanOut:
         if relates.get("rel_type") == "m.replace":
             new = content.get("m.new_content")
             text = rendered_text(new) if isinstance(new, dict) else ""
-            return text_payloads(texts.EDITED.format(prefix=start, text=text), None) \
+            return text_payloads(wa_text.ROOM_EDITED.format(prefix=start, text=text), None) \
                 if text.strip() else []
         in_reply = relates.get("m.in_reply_to")
         target = in_reply.get("event_id") if isinstance(in_reply, dict) else None
@@ -164,7 +165,7 @@ class FanOut:
         for payload in decision:
             if payload["type"] == "media" and not media:
                 self._metrics.room_not_relayed.labels("media_off").inc()
-                return text_payloads(texts.FILE_NOT_RELAYED.format(prefix=start), reply_to)
+                return text_payloads(wa_text.ROOM_FILE_NOT_RELAYED.format(prefix=start), reply_to)
             if payload["type"] == "media" and payload["kind"] not in ("audio", "sticker"):
                 payload["caption"] = (start + (payload.get("caption") or "")).strip()[:1024]
             elif payload["type"] != "text":
@@ -221,7 +222,7 @@ class FanOut:
             self._metrics.room_not_relayed.labels("left_out").inc(skipped)
             first = entries[skipped]
             await self._outbox.room(citizen, f"wr-earlier:{first.id}", {
-                "type": "text", "body": texts.EARLIER.format(count=skipped),
+                "type": "text", "body": wa_text.ROOM_EARLIER.format(count=skipped),
                 "wa_room": first.room_id})
         for entry in entries[skipped:]:
             payload = self._cipher.decrypt_json(entry.payload, aad=AAD_PAYLOAD)
@@ -247,8 +248,8 @@ class FanOut:
                 if citizen is None:
                     continue
                 several = rooms_of.get(citizen.id, 0) > 1
-                text = texts.WITHDRAWN.format(room_prefix=policy.room_prefix(
-                    room.name, several)) if by is None else texts.RETRACTED.format(
+                text = wa_text.ROOM_WITHDRAWN.format(room_prefix=policy.room_prefix(
+                    room.name, several)) if by is None else wa_text.ROOM_RETRACTED.format(
                     prefix=policy.prefix(by, room.name, several))
                 await self.deliver(tx, citizen, room, f"wr-withdrawn:{target}:{citizen.id}",
                                    {"type": "text", "body": text, "wa_room": room.room_id},

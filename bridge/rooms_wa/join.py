@@ -20,9 +20,9 @@ from urllib.parse import quote
 from bridge.config import Config
 from bridge.db import Citizen, Database
 from bridge.errors import BridgeError
-from bridge.rooms_wa import texts
 from bridge.rooms_wa.members import Members
 from bridge.text import fold_words
+from bridge.texts.whatsapp import default as wa_text
 from bridge.types import RoomID, WamidHash
 from bridge.whatsapp.outbox import Outbox
 
@@ -72,7 +72,7 @@ class SelfServiceJoin:
 
     def wa_me(self, code: str) -> str:
         digits = re.sub(r"\D", "", self.number)
-        return f"https://wa.me/{digits}?text={quote(f'{texts.JOIN_WORD} {code}')}"
+        return f"https://wa.me/{digits}?text={quote(f'{wa_text.ROOM_JOIN_WORD} {code}')}"
 
     async def redeem(self, citizen: Citizen, text: str | None, wamid_hash: WamidHash
                      ) -> bool:
@@ -89,7 +89,8 @@ class SelfServiceJoin:
                 not await self._members.allowed(room) or \
                 not await self._db.invites.claim(int(target["link"]), datetime.now(UTC)):
             # (claim: the code spends one use of its invite link, like an account would)
-            await self._outbox.system_text(citizen, f"wr-badcode:{wamid_hash}", texts.JOIN_CODE_BAD)
+            await self._outbox.system_text(citizen, f"wr-badcode:{wamid_hash}",
+                                           wa_text.ROOM_JOIN_CODE_BAD)
             return True
         try:
             await self._members.invite_citizen(f"invite-link:{target['link']}", room, citizen,

@@ -27,7 +27,9 @@ from bridge.metrics import Metrics
 from bridge.model import Room, RoomMember, RoomSettings, room_purpose
 from bridge.privacy import AAD_PAYLOAD, Privacy, new_pseudonym_code
 from bridge.roomguard import guard_size, open_room
-from bridge.rooms_wa import policy, texts
+from bridge.rooms_wa import policy
+from bridge.texts.matrix import default as mx_text
+from bridge.texts.whatsapp import default as wa_text
 from bridge.types import Pseudonym, RoomID, UserID, WamidHash
 from bridge.whatsapp import consent
 from bridge.whatsapp.outbox import Outbox
@@ -118,8 +120,8 @@ class Members:
         # The buttons name the text they answer: a tap on a superseded invitation (the
         # room's settings changed its text) records nothing (`answer`).
         shown = text_hash[:SHOWN_HASH]
-        buttons = [(f"{texts.ACCEPT_BUTTON}{member.id}:{shown}", texts.ACCEPT_TITLE),
-                   (f"{texts.DECLINE_BUTTON}{member.id}:{shown}", texts.DECLINE_TITLE)]
+        buttons = [(f"{policy.ACCEPT_BUTTON}{member.id}:{shown}", wa_text.ROOM_ACCEPT_BUTTON),
+                   (f"{policy.DECLINE_BUTTON}{member.id}:{shown}", wa_text.ROOM_DECLINE_BUTTON)]
         # As stored now (the message that carried a join code has just opened the window).
         fresh = await self._db.citizens.get(citizen.id) or citizen
         waiting = not policy.window_open(fresh.last_inbound_at, datetime.now(UTC))
@@ -154,37 +156,39 @@ class Members:
                 "language": rooms.invite_language, "components": [], "system": True})
 
     async def invitation_text(self, room: Room, pseudonym: str, inviter: str) -> str:
-        return texts.INVITATION.format(
+        return wa_text.ROOM_INVITATION.format(
             inviter=inviter, room=room.name, agency=self._config.consent.agency_name,
             pseudonym=pseudonym,
-            who_posts=texts.WHO_POSTS_ANNOUNCEMENT if room.kind == "announcement"
-            else texts.WHO_POSTS_CITIZEN,
-            media=texts.MEDIA_ON if await self.relay_media(room.room_id) else texts.MEDIA_OFF)
+            who_posts=wa_text.ROOM_WHO_POSTS_ANNOUNCEMENT if room.kind == "announcement"
+            else wa_text.ROOM_WHO_POSTS_CITIZEN,
+            media=wa_text.ROOM_MEDIA_ON if await self.relay_media(room.room_id)
+            else wa_text.ROOM_MEDIA_OFF)
 
     # --- the citizen's answer ---------------------------------------------------------
 
     async def answer(self, citizen: Citizen, button_id: str, wamid_hash: WamidHash
                      ) -> None:
         """An accept or decline button (ids from `invite`)."""
-        accept = button_id.startswith(texts.ACCEPT_BUTTON)
+        accept = button_id.startswith(policy.ACCEPT_BUTTON)
         raw, _, shown = button_id.split(":", 1)[1].partition(":")
         member = await self._db.wa_rooms.get(int(raw)) if raw.isdigit() else None
         room = await self._db.rooms.get(member.room_id) if member else None
         if member is None or room is None or member.citizen_id != citizen.id or \
                 room.closed_at is not None or member.state not in ("invited", "joined") or \
                 not await self.allowed(room):  # switched off since the invitation
-            await self._outbox.system_text(citizen, f"wr-gone:{wamid_hash}", texts.INVITATION_GONE)
+            await self._outbox.system_text(citizen, f"wr-gone:{wamid_hash}",
+                                           wa_text.ROOM_INVITATION_GONE)
             return
         if member.state == "joined":
             return  # a repeated tap
         if shown and not member.notice_hash.startswith(shown):  # (none: sent before this)
             await self._outbox.system_text(citizen, f"wr-superseded:{wamid_hash}",
-                                           texts.INVITATION_SUPERSEDED)
+                                           wa_text.ROOM_INVITATION_SUPERSEDED)
             return
         if not accept:
             await self._db.wa_rooms.set_state(member.id, "declined", only_from=("invited",))
             await self._outbox.system_text(citizen, f"wr-declined:{wamid_hash}",
-                                           texts.DECLINED.format(room=room.name))
+                                           wa_text.ROOM_DECLINED.format(room=room.name))
             return
         await self._join(citizen, member, room, wamid_hash)
 
@@ -209,8 +213,8 @@ class Members:
             await tx.consent.append(
                 citizen_id=citizen.id, pseudonym=Pseudonym(citizen.pseudonym_code),
                 purpose=purpose(room.room_id), state="granted",
-                notice_version=texts.INVITATION_VERSION, notice_hash=member.notice_hash,
-                channel="whatsapp", language=texts.LANGUAGE,
+                notice_version=policy.INVITATION_VERSION, notice_hash=member.notice_hash,
+                channel="whatsapp", language=policy.INVITATION_LANGUAGE,
                 evidence=consent.message_evidence(wamid_hash),
                 staff_id=UserID(staff) if staff else None)
             await tx.audit.append("citizen", "consent.granted",
@@ -218,8 +222,9 @@ class Members:
         self._metrics.consent_changes.labels("room", "granted").inc()
         log.info("WhatsApp member joined room %s", room.room_id)
         await self._tell_room(room)
-        await self._outbox.system_text(citizen, f"wr-joined:{wamid_hash}", texts.JOINED.format(
-            room=room.name, pseudonym=member.display_name))
+        await self._outbox.system_text(citizen, f"wr-joined:{wamid_hash}",
+                                       wa_text.ROOM_JOINED.format(
+                                           room=room.name, pseudonym=member.display_name))
 
     async def _tell_room(self, room: Room) -> None:
         """Once per room: a notice to everyone, and a line in the topic."""
@@ -227,7 +232,7 @@ class Members:
             return
         told = hashlib.sha256(room.room_id.encode()).hexdigest()[:24]
         await self._relay.send_as(self._ghosts.bot, room.room_id,
-                                  {"msgtype": "m.notice", "body": texts.ROOM_NOTICE},
+                                  {"msgtype": "m.notice", "body": mx_text.WA_ROOM_NOTICE},
                                   txn_id=f"wr-told-{told}")
         try:
             current = await self._api.get_state_event(self._ghosts.bot, room.room_id,
@@ -235,9 +240,9 @@ class Members:
             topic = str(current.get("topic") or "")
         except MatrixError:
             topic = ""
-        if texts.TOPIC_LINE not in topic:
+        if mx_text.WA_ROOM_TOPIC_LINE not in topic:
             await self._api.send_state(self._ghosts.bot, room.room_id, "m.room.topic",
-                                       {"topic": f"{topic}\n{texts.TOPIC_LINE}".strip()})
+                                       {"topic": f"{topic}\n{mx_text.WA_ROOM_TOPIC_LINE}".strip()})
         await self._db.kv.set(TOLD_KEY + room.room_id, "1")
 
     # --- leaving ----------------------------------------------------------------------
@@ -251,8 +256,8 @@ class Members:
                 await tx.consent.append(
                     citizen_id=citizen.id, pseudonym=Pseudonym(citizen.pseudonym_code),
                     purpose=purpose(member.room_id), state="withdrawn",
-                    notice_version=texts.INVITATION_VERSION, notice_hash=member.notice_hash,
-                    channel="whatsapp", language=texts.LANGUAGE,
+                    notice_version=policy.INVITATION_VERSION, notice_hash=member.notice_hash,
+                    channel="whatsapp", language=policy.INVITATION_LANGUAGE,
                     evidence=consent.message_evidence(wamid_hash))
                 await tx.audit.append("citizen", "consent.withdrawn",
                                       f"pseudonym {citizen.pseudonym_code}", "ok", "room")
@@ -265,7 +270,7 @@ class Members:
                 log.warning("room ghost leave failed: %s", exc.errcode)
         if tell and room is not None:
             await self._outbox.system_text(citizen, f"wr-left:{wamid_hash}:{member.id}",
-                                           texts.LEFT.format(room=room.name))
+                                           wa_text.ROOM_LEFT.format(room=room.name))
 
     async def on_member_event(self, event: dict[str, Any]) -> None:
         """A room ghost kicked or banned by a moderator: relay stops, the citizen is told."""
@@ -288,7 +293,7 @@ class Members:
         room = await self._db.rooms.get(member.room_id)
         if citizen is not None and room is not None:
             await self._outbox.system_text(
-                citizen, f"wr-removed:{event.get('event_id')}", texts.REMOVED.format(
+                citizen, f"wr-removed:{event.get('event_id')}", wa_text.ROOM_REMOVED.format(
                     room=room.name))
 
     async def undelivered(self, wamid_hash: WamidHash, title: str) -> None:
@@ -300,7 +305,7 @@ class Members:
             return  # not a room message
         self._metrics.room_not_relayed.labels("undelivered").inc()
         await self._relay.send_as(self._ghosts.bot, hit[0], {
-            "msgtype": "m.notice", "body": texts.UNDELIVERED.format(
+            "msgtype": "m.notice", "body": mx_text.WA_ROOM_UNDELIVERED.format(
                 pseudonym=member.display_name, title=title)},
             txn_id=f"wr-undelivered-{wamid_hash[:32]}")
 

@@ -20,9 +20,20 @@ from datetime import datetime, timedelta
 from typing import Final, Literal
 
 from bridge.text import fold
+from bridge.texts.whatsapp import default as wa_text
 
 WINDOW: Final = timedelta(hours=24)
 SHORT_NAME_MAX: Final = 24  # a list row's title
+
+# The invitation (wa_text.ROOM_INVITATION) is the consent text: its version and language
+# are copied into the consent record with its sha256. Bump the version when it changes.
+INVITATION_VERSION: Final = "rooms-1"
+INVITATION_LANGUAGE: Final = wa_text.__name__.rpartition(".")[2]
+# Ids of the buttons and list rows a member answers with (never shown to them).
+ACCEPT_BUTTON: Final = "wr-acc:"  # + membership id + ":" + the text's sha256 (16 hex)
+DECLINE_BUTTON: Final = "wr-dec:"  # + membership id + ":" + the text's sha256 (16 hex)
+PICK_ROW: Final = "wr-pick:"  # + membership id, or PORTAL_CHOICE
+PORTAL_CHOICE: Final = "portal"
 Keyword = Literal["leave", "switch"]
 
 
@@ -71,9 +82,9 @@ def route(conversations: Sequence[Conversation], quoted: str | None) -> Route:
 
 def keyword(text: str | None) -> Keyword | None:
     said = fold(text or "").strip(" .!¡¿?")
-    if said == "salir":
+    if said in (fold(w) for w in wa_text.ROOM_LEAVE_WORDS):
         return "leave"
-    if said in ("cambiar", "salas"):
+    if said in (fold(w) for w in wa_text.ROOM_SWITCH_WORDS):
         return "switch"
     return None
 
@@ -85,10 +96,10 @@ def short_name(room_name: str) -> str:
 
 def sender_label(display_name: str | None, is_staff: bool, staff_label: str) -> str:
     """How a room member is named on WhatsApp: their display name in the room (never
-    their Matrix ID: a missing name becomes "Participante"), staff with the label."""
-    name = " ".join((display_name or "").split()) or "Participante"
+    their Matrix ID: a missing name becomes ROOM_NAMELESS_MEMBER), staff with the label."""
+    name = " ".join((display_name or "").split()) or wa_text.ROOM_NAMELESS_MEMBER
     if name.startswith("@"):  # clients fall back to the user ID; it is not shown
-        name = "Participante"
+        name = wa_text.ROOM_NAMELESS_MEMBER
     return staff_label.replace("{name}", name) if is_staff else name
 
 

@@ -16,10 +16,11 @@ from bridge.matrix.relay import Relay
 from bridge.metrics import Metrics
 from bridge.model import RoomMember
 from bridge.privacy import Privacy
-from bridge.rooms_wa import policy, texts
+from bridge.rooms_wa import policy
 from bridge.rooms_wa.fanout import FanOut
 from bridge.rooms_wa.join import SelfServiceJoin
 from bridge.rooms_wa.members import Members
+from bridge.texts.whatsapp import default as wa_text
 from bridge.types import EventID, RoomID, WamidHash
 from bridge.whatsapp import consent, stored
 from bridge.whatsapp.mirror import Mirror, text_content, txn_id
@@ -66,7 +67,7 @@ class RoomReplies:
         button = (msg.button_id or "") if msg.kind == "button" else ""
         # What is kept of this message's id (reply keys, consent evidence): its keyed hash.
         wamid_hash = self._privacy.index.wamid(msg.wamid)
-        if button.startswith((texts.ACCEPT_BUTTON, texts.DECLINE_BUTTON)):
+        if button.startswith((policy.ACCEPT_BUTTON, policy.DECLINE_BUTTON)):
             await self._members.answer(citizen, button, wamid_hash)
             return True
         if msg.kind == "text" and await self._join.redeem(citizen, msg.text, wamid_hash):
@@ -74,8 +75,8 @@ class RoomReplies:
         # Any message opens the window again: what waited goes first, in order.
         await self._fanout.deliver_backlog(citizen)
         joined = await self._db.wa_rooms.of_citizen(citizen.id)
-        if button.startswith(texts.PICK_ROW):
-            await self._picked(citizen, button.removeprefix(texts.PICK_ROW), msg, joined,
+        if button.startswith(policy.PICK_ROW):
+            await self._picked(citizen, button.removeprefix(policy.PICK_ROW), msg, joined,
                                portal)
             return True
         if not joined:
@@ -94,14 +95,14 @@ class RoomReplies:
             if where is not None and where != "portal":  # a room they have left
                 self._metrics.room_not_relayed.labels("not_member").inc()
                 await self._outbox.system_text(citizen, f"wr-notnow:{wamid_hash}",
-                                               texts.NOT_MEMBER_NOW)
+                                               wa_text.ROOM_NOT_MEMBER_NOW)
                 return True
             if where == "portal":
                 return False
         conversations = await self._conversations(citizen, joined, portal)
         word = policy.keyword(msg.text) if msg.kind == "text" else None
         if word == "switch":
-            await self._ask(citizen, joined, portal, wamid_hash, texts.PICK_SWITCH_BODY)
+            await self._ask(citizen, joined, portal, wamid_hash, wa_text.ROOM_PICK_SWITCH_BODY)
             return True
         if word == "leave":
             rooms_only = [c for c in conversations if c.key != "portal"]
@@ -110,14 +111,14 @@ class RoomReplies:
                 member = next(m for m in joined if str(m.id) == target.key)
                 await self._members.leave(citizen, member, wamid_hash)
             else:
-                await self._ask(citizen, joined, None, wamid_hash, texts.PICK_SWITCH_BODY)
+                await self._ask(citizen, joined, None, wamid_hash, wa_text.ROOM_PICK_SWITCH_BODY)
             return True
         decision = policy.route(conversations, await self._quoted(msg.context_id, citizen))
         if decision is None:
             return False
         if isinstance(decision, policy.Ask):
             await self._db.kv.set(PENDING_KEY + str(citizen.id), str(item.id))
-            await self._ask(citizen, joined, portal, wamid_hash, texts.PICK_BODY)
+            await self._ask(citizen, joined, portal, wamid_hash, wa_text.ROOM_PICK_BODY)
             return True
         if decision.key == "portal":
             if decision.choose:
@@ -161,29 +162,29 @@ class RoomReplies:
         for member in joined[:9]:
             room = await self._db.rooms.get(member.room_id)
             if room is not None:
-                rows.append((f"{texts.PICK_ROW}{member.id}", policy.short_name(room.name)))
+                rows.append((f"{policy.PICK_ROW}{member.id}", policy.short_name(room.name)))
         if portal is not None and citizen.consent_state == "granted":
-            rows.append((f"{texts.PICK_ROW}{texts.PORTAL_CHOICE}", texts.PORTAL_TITLE))
+            rows.append((f"{policy.PICK_ROW}{policy.PORTAL_CHOICE}", wa_text.ROOM_PORTAL_TITLE))
         await self._outbox.room(citizen, f"wr-ask:{wamid_hash}", {
-            "type": "list", "body": body, "button": texts.PICK_BUTTON,
-            "section": texts.PICK_SECTION, "rows": rows, "system": True})
+            "type": "list", "body": body, "button": wa_text.ROOM_PICK_BUTTON,
+            "section": wa_text.ROOM_PICK_SECTION, "rows": rows, "system": True})
 
     async def _picked(self, citizen: Citizen, key: str, msg: InboundMessage,
                       joined: list[RoomMember], portal: RoomID | None) -> None:
         wamid_hash = self._privacy.index.wamid(msg.wamid)
         pending_id = await self._db.kv.get(PENDING_KEY + str(citizen.id))
         pending = await self._pending(pending_id)
-        if key == texts.PORTAL_CHOICE and portal is not None:
+        if key == policy.PORTAL_CHOICE and portal is not None:
             await self._choose_portal(citizen)
             if pending is not None and citizen.consent_state == "granted":
                 await self._mirror.relay(citizen, portal, pending)
-            name = texts.PORTAL_TITLE
+            name = wa_text.ROOM_PORTAL_TITLE
         else:
             member = next((m for m in joined if str(m.id) == key), None)
             room = await self._db.rooms.get(member.room_id) if member else None
             if member is None or room is None:
                 await self._outbox.system_text(citizen, f"wr-gone:{wamid_hash}",
-                                               texts.INVITATION_GONE)
+                                               wa_text.ROOM_INVITATION_GONE)
                 return
             await self._db.wa_rooms.choose(member.id, datetime.now(UTC))
             if pending is not None:
@@ -192,7 +193,7 @@ class RoomReplies:
         await self._db.kv.delete(PENDING_KEY + str(citizen.id))
         if pending is None:
             await self._outbox.system_text(citizen, f"wr-picked:{wamid_hash}",
-                                           texts.PICKED.format(room=name))
+                                           wa_text.ROOM_PICKED.format(room=name))
 
     async def _pending(self, item_id: str | None) -> InboundMessage | None:
         item = await self._db.inbound.get(int(item_id)) if item_id and item_id.isdigit() \
@@ -217,14 +218,14 @@ class RoomReplies:
                                   await self._fanout.events_default(room.room_id))
         if verdict == "announcement":
             await self._outbox.system_text(citizen, f"wr-ann:{wamid_hash}",
-                                           texts.ANNOUNCEMENT_ONLY.format(room=room.name))
+                                           wa_text.ROOM_ANNOUNCEMENT_ONLY.format(room=room.name))
             self._metrics.room_not_relayed.labels("announcement").inc()
             return
         if verdict == "muted":
             self._metrics.room_not_relayed.labels("muted").inc()
             if await self._db.kv.get(MUTED_TOLD_KEY + str(member.id)) is None:
                 await self._outbox.system_text(citizen, f"wr-muted:{wamid_hash}",
-                                               texts.MUTED.format(room=room.name))
+                                               wa_text.ROOM_MUTED.format(room=room.name))
                 await self._db.kv.set(MUTED_TOLD_KEY + str(member.id), "1")
             return
         await self._db.kv.delete(MUTED_TOLD_KEY + str(member.id))

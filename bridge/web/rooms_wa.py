@@ -22,8 +22,8 @@ from bridge.invites.forms import pick_language
 from bridge.invites.page import whatsapp_page
 from bridge.invites.service import LinkUnusable
 from bridge.roomguard import open_room
-from bridge.rooms_wa import texts
 from bridge.rooms_wa.wiring import WhatsAppRooms
+from bridge.texts.whatsapp import default as wa_text
 from bridge.types import RoomID
 from bridge.web.admin import json_object, verb_route
 from bridge.web.admin_auth import actor
@@ -98,6 +98,6 @@ async def join_page(request: web.Request) -> web.Response:
     code = await parts.join.issue(view.link.room_id, view.link.id)
     body = whatsapp_page(lang=lang, agency=bridge.invites.agency, room=view.room_name,
                          href=parts.join.wa_me(code), number=parts.join.number,
-                         message=f"{texts.JOIN_WORD} {code}")
+                         message=f"{wa_text.ROOM_JOIN_WORD} {code}")
     return web.Response(text=body, content_type="text/html", charset="utf-8",
                         headers=SECURITY_HEADERS)

@@ -23,6 +23,7 @@ from bridge.metrics import Metrics
 from bridge.privacy import AAD_PAYLOAD, Privacy
 from bridge.retry import backoff as retry_backoff
 from bridge.retry import is_transient, reason_of
+from bridge.texts.matrix import default as mx_text
 from bridge.types import EventID, RoomID
 from bridge.whatsapp.graph import GraphError, error_title
 from bridge.whatsapp.outbox_sender import Claim, Failed, Outcome, Postponed, Sent, Skipped
@@ -274,14 +275,14 @@ class OutboxQueue:
         code: int | None = None
         reason: NotSentReason = "internal"
         if too_large:
-            title, reason = "el archivo supera los 100 MB que admite WhatsApp", "too_large"
+            title, reason = mx_text.OUTBOX_TOO_LARGE, "too_large"
         elif isinstance(exc, GraphError):
-            title, reason = exc.permanent_title or "error de WhatsApp", "graph_error"
+            title, reason = exc.permanent_title or mx_text.OUTBOX_GRAPH_ERROR, "graph_error"
             code = exc.code
         elif isinstance(exc, MatrixError):
-            title = "no se pudo descargar el archivo de Matrix"
+            title = mx_text.OUTBOX_MATRIX_DOWNLOAD_FAILED
         else:
-            title = "error interno del puente"
+            title = mx_text.OUTBOX_INTERNAL_ERROR
         return [_GaveUp(item, notice_id, title, code=code, reason=reason,
                         dead_letter=f"out-{item.id}")]
 
@@ -300,5 +301,5 @@ class OutboxQueue:
                 await self.on_dead(g.dead_letter, f"{g.title}. {advice}".rstrip("."))
             elif g.item.room_id:
                 self._metrics.outbound_not_sent.labels(g.reason).inc()
-                await self._notify(RoomID(g.item.room_id),
-                                   f"Mensaje no enviado a WhatsApp: {g.title}. {advice}")
+                await self._notify(RoomID(g.item.room_id), mx_text.OUTBOX_NOT_SENT_NOTICE.format(
+                    title=g.title, advice=advice))

@@ -33,7 +33,8 @@ from bridge.db.engine import create_engine
 from bridge.db.models import InboundRow
 from bridge.devtools.simulator import SimulatedUser
 from bridge.legacy_wamids import key_legacy_wamids
-from bridge.rooms_wa.texts import ACCEPT_BUTTON, ACCEPT_TITLE
+from bridge.rooms_wa.policy import ACCEPT_BUTTON
+from bridge.texts.whatsapp import default as wa_text
 from bridge.types import WamidHash
 from bridge.whatsapp.consent import EVIDENCE_PREFIX, OPT_IN_BUTTON, message_evidence
 from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON
@@ -327,7 +328,8 @@ async def _room_members(run: Run) -> list[str]:
             invitation = await wa.wait_for_sent(
                 lambda s, u=user: to_citizen(s, u) and any(
                     i.startswith(ACCEPT_BUTTON) for i in _buttons(s)), timeout=30)
-            await run.write(wa.button_reply(user, _buttons(invitation)[0], ACCEPT_TITLE))
+            await run.write(wa.button_reply(user, _buttons(invitation)[0],
+                                            wa_text.ROOM_ACCEPT_BUTTON))
             await wa.wait_for_sent(lambda s, u=user: to_citizen(s, u) and "Ya participa"
                                    in _sent_text(s), timeout=30)
             members.append((user, row, str(answer["pseudonym"])))

@@ -27,8 +27,10 @@ from sqlalchemy import select, update
 
 from bridge.db.models import CitizenRow, ConsentRecordRow
 from bridge.devtools.simulator import SimulatedUser
-from bridge.rooms_wa import texts
+from bridge.rooms_wa import policy
 from bridge.rooms_wa.fanout import event_key
+from bridge.texts.matrix import default as mx_text
+from bridge.texts.whatsapp import default as wa_text
 from bridge.types import RoomID
 from tests.fixtures.bridge import BridgeHarness
 from tests.fixtures.citizens import USER_ID, invite_link, submit_form
@@ -148,12 +150,12 @@ async def join_room(w: World, member: Member, room_id: str, expect_first: bool =
     buttons = invitation["interactive"]["action"]["buttons"]
     ids = [b["reply"]["id"] for b in buttons]
     shown = hashlib.sha256(text_body(invitation).encode()).hexdigest()[:16]
-    assert ids == [f"{texts.ACCEPT_BUTTON}{answer['member_id']}:{shown}",
-                   f"{texts.DECLINE_BUTTON}{answer['member_id']}:{shown}"]
+    assert ids == [f"{policy.ACCEPT_BUTTON}{answer['member_id']}:{shown}",
+                   f"{policy.DECLINE_BUTTON}{answer['member_id']}:{shown}"]
     body = text_body(invitation)
     assert "SALIR" in body and "cifrado de extremo a extremo" in body
     accepted = await w.write(member, w.h.wa.button_reply(member.user, ids[0],
-                                                         texts.ACCEPT_TITLE))
+                                                         wa_text.ROOM_ACCEPT_BUTTON))
     db = w.h.running.bridge.db
 
     async def joined() -> bool:
@@ -239,15 +241,15 @@ async def test_joining_and_the_room_is_told(world: World) -> None:
     pseudonym = await join_room(w, w.ana, w.room_id, expect_first=True)
     # Everyone in the room is told, once, and the topic says it.
     await w.staff_sees(w.room_id, lambda ev: isinstance(ev, RoomMessageNotice) and
-                       ev.body == texts.ROOM_NOTICE)
+                       ev.body == mx_text.WA_ROOM_NOTICE)
     b = w.h.running.bridge
     topic = await b.api.get_state_event(b.ghosts.bot, RoomID(w.room_id), "m.room.topic")
-    assert texts.TOPIC_LINE in topic["topic"]
+    assert mx_text.WA_ROOM_TOPIC_LINE in topic["topic"]
     # Consent for that room: purpose room:<id>, version, hash and language.
     records = [r for r in await b.db.consent.for_citizen(w.ana.citizen_id)
                if r.purpose == f"room:{w.room_id}"]
     assert [r.state for r in records] == ["granted"]
-    assert records[0].notice_version == texts.INVITATION_VERSION
+    assert records[0].notice_version == policy.INVITATION_VERSION
     assert records[0].language == "es" and len(records[0].notice_hash) == 64
     # A pseudonym of this room only: not the portal ghost, not its name.
     member = await b.db.wa_rooms.find(RoomID(w.room_id), w.ana.citizen_id)
@@ -318,7 +320,7 @@ async def test_a_whatsapp_reply_is_posted_under_the_pseudonym_and_relayed(world:
     picker, _ = await w.sent_to(w.ana, lambda s: s.get("type") == "interactive" and
                                 s["interactive"]["type"] == "list")
     rows = picker["interactive"]["action"]["sections"][0]["rows"]
-    assert [r["title"] for r in rows] == ["Vecinos de Ejemplo", texts.PORTAL_TITLE]
+    assert [r["title"] for r in rows] == ["Vecinos de Ejemplo", wa_text.ROOM_PORTAL_TITLE]
     await w.write(w.ana, w.h.wa.button_reply(w.ana.user, rows[0]["id"], rows[0]["title"],
                                              kind="list_reply"))
     event = await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
@@ -624,8 +626,8 @@ async def test_invitation_while_the_window_is_closed_waits_for_the_reply(world: 
     invitation, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
                                     "«Mercadillo solidario»" in text_body(s))
     ids = [x["reply"]["id"] for x in invitation["interactive"]["action"]["buttons"]]
-    assert [i.rsplit(":", 1)[0] for i in ids] == [f"{texts.ACCEPT_BUTTON}{member.id}",
-                                                  f"{texts.DECLINE_BUTTON}{member.id}"]
+    assert [i.rsplit(":", 1)[0] for i in ids] == [f"{policy.ACCEPT_BUTTON}{member.id}",
+                                                  f"{policy.DECLINE_BUTTON}{member.id}"]
     assert await b.db.wa_rooms.backlog(w.bea.citizen_id) == []
     assert w.sent_count(w.bea, lambda s: s.get("type") == "template" and
                         s["template"]["name"] == "invitacion_pendiente") == 1
@@ -650,9 +652,9 @@ async def test_big_rooms_ask_to_confirm_and_declining_creates_nothing(world: Wor
     assert status == 201, answer
     invitation, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
                                     "«Asamblea vecinal»" in text_body(s))
-    assert texts.MEDIA_ON.strip() in text_body(invitation)
+    assert wa_text.ROOM_MEDIA_ON.strip() in text_body(invitation)
     decline = invitation["interactive"]["action"]["buttons"][1]["reply"]["id"]
-    await w.write(w.bea, w.h.wa.button_reply(w.bea.user, decline, texts.DECLINE_TITLE))
+    await w.write(w.bea, w.h.wa.button_reply(w.bea.user, decline, wa_text.ROOM_DECLINE_BUTTON))
     await w.sent_to(w.bea, says("no se le ha añadido a «Asamblea vecinal»"))
     member = await b.db.wa_rooms.find(RoomID(room), w.bea.citizen_id)
     assert member is not None and member.state == "declined" and member.ghost_user_id is None
@@ -674,7 +676,7 @@ async def test_big_rooms_ask_to_confirm_and_declining_creates_nothing(world: Wor
     assert status == 201, answer
     stale, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
                                "«Asamblea vecinal»" in text_body(s) and
-                               texts.MEDIA_OFF.strip() in text_body(s))
+                               wa_text.ROOM_MEDIA_OFF.strip() in text_body(s))
     # Media on again and a new invitation: its text differs, and the consent must be
     # for the text she accepts. The superseded invitation's button is refused.
     status, _ = await w.h.running.call("POST", settings, {"relay_media": True})
@@ -684,14 +686,15 @@ async def test_big_rooms_ask_to_confirm_and_declining_creates_nothing(world: Wor
     assert status == 201, answer
     current, _ = await w.sent_to(w.bea, lambda s: s.get("type") == "interactive" and
                                  "«Asamblea vecinal»" in text_body(s) and
-                                 texts.MEDIA_ON.strip() in text_body(s) and s is not invitation)
+                                 wa_text.ROOM_MEDIA_ON.strip() in text_body(s)
+                                 and s is not invitation)
     old_accept = stale["interactive"]["action"]["buttons"][0]["reply"]["id"]
-    await w.write(w.bea, w.h.wa.button_reply(w.bea.user, old_accept, texts.ACCEPT_TITLE))
-    await w.sent_to(w.bea, says(texts.INVITATION_SUPERSEDED))
+    await w.write(w.bea, w.h.wa.button_reply(w.bea.user, old_accept, wa_text.ROOM_ACCEPT_BUTTON))
+    await w.sent_to(w.bea, says(wa_text.ROOM_INVITATION_SUPERSEDED))
     member = await b.db.wa_rooms.find(RoomID(room), w.bea.citizen_id)
     assert member is not None and member.state == "invited"
     accept = current["interactive"]["action"]["buttons"][0]["reply"]["id"]
-    await w.write(w.bea, w.h.wa.button_reply(w.bea.user, accept, texts.ACCEPT_TITLE))
+    await w.write(w.bea, w.h.wa.button_reply(w.bea.user, accept, wa_text.ROOM_ACCEPT_BUTTON))
     await w.sent_to(w.bea, says("Ya participa en «Asamblea vecinal»"))
     records = [r for r in await b.db.consent.for_citizen(w.bea.citizen_id)
                if r.purpose == f"room:{room}"]
@@ -855,8 +858,8 @@ async def test_self_service_join_from_an_invite_link(world: World) -> None:
     await w.write(carla, w.h.wa.text_message(carla.user, f"unirme {found.group(1)}"))
     invitation, _ = await w.sent_to(carla, lambda s: s.get("type") == "interactive")
     accept = invitation["interactive"]["action"]["buttons"][0]["reply"]["id"]
-    assert accept.startswith(texts.ACCEPT_BUTTON)
-    await w.write(carla, w.h.wa.button_reply(carla.user, accept, texts.ACCEPT_TITLE))
+    assert accept.startswith(policy.ACCEPT_BUTTON)
+    await w.write(carla, w.h.wa.button_reply(carla.user, accept, wa_text.ROOM_ACCEPT_BUTTON))
     await w.sent_to(carla, says("Ya participa en «Vecinos de Ejemplo»"))
     await w.staff.send_text(w.room_id, "Bienvenida a quien llega")
     await w.sent_to(carla, says("Bienvenida a quien llega"))

@@ -276,3 +276,37 @@ ERASED_NOTICE: Final = ("Los datos de esta persona se han borrado a petición su
                         "ya no reenvía mensajes en ninguna dirección.")
 # The tombstone of a closed agency room: members may read either language.
 ROOM_CLOSED_NOTICE: Final = "Esta sala se ha cerrado. / This room has been closed."
+
+# --- Agency rooms with WhatsApp members (bridge.rooms_wa) --------------------------------
+
+# Once, when the first WhatsApp member joins a room; the line added to its topic.
+WA_ROOM_NOTICE: Final = (
+    "Esta sala tiene participantes por WhatsApp. Lo que se escribe aquí se les reenvía: "
+    "sale del cifrado de extremo a extremo en el puente y en WhatsApp puede reenviarse. "
+    "Solo ven los nombres visibles de la sala, nunca los identificadores de Matrix.")
+WA_ROOM_TOPIC_LINE: Final = ("Con participantes por WhatsApp: los mensajes se reenvían fuera "
+                             "del cifrado de extremo a extremo.")
+WA_ROOM_UNDELIVERED: Final = ("Un mensaje de esta sala no llegó por WhatsApp a «{pseudonym}»: "
+                              "{title}. Si era importante, hágaselo llegar por otra vía.")
+# `!invitar <sala>` in a citizen's portal (bridge.rooms_wa.commands).
+WA_INVITE_USAGE: Final = ("Uso: !invitar <sala> (el nombre exacto de la sala o su ID, "
+                          "!…:servidor).")
+WA_INVITE_SENT_NOTICE: Final = ("Invitación enviada por WhatsApp a «{room}». En esa sala "
+                                "aparecerá como «{pseudonym}» si acepta.")
+WA_INVITE_WAITING_NOTICE: Final = (
+    "Invitación a «{room}» en espera: la ventana de 24 horas de WhatsApp de esta "
+    "persona está cerrada. {how} En esa sala aparecerá como «{pseudonym}» si acepta.")
+WA_INVITE_ASKED: Final = "Se le ha pedido con una plantilla que responda; la recibirá al hacerlo."
+WA_INVITE_NOT_ASKED: Final = ("No hay plantilla configurada para pedirle que responda "
+                              "(rooms.invite_template): la recibirá cuando vuelva a escribir.")
+WA_INVITE_REFUSED: Final = "No enviada: {why}"
+WA_INVITE_CONFIRM: Final = (" La sala tiene más de {above} miembros: repita con «!invitar "
+                            "{room} confirmar» para enviarla igualmente.")
+
+# --- A staff message WhatsApp did not take for good (bridge.whatsapp.outbox_queue) -------
+
+OUTBOX_NOT_SENT_NOTICE: Final = "Mensaje no enviado a WhatsApp: {title}. {advice}"
+OUTBOX_TOO_LARGE: Final = "el archivo supera los 100 MB que admite WhatsApp"
+OUTBOX_GRAPH_ERROR: Final = "error de WhatsApp"  # Graph gave no title of its own
+OUTBOX_MATRIX_DOWNLOAD_FAILED: Final = "no se pudo descargar el archivo de Matrix"
+OUTBOX_INTERNAL_ERROR: Final = "error interno del puente"
