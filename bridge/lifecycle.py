@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -44,6 +44,10 @@ from bridge.whatsapp.outbox import Outbox
 from bridge.worker import InboundWorker
 
 log = logging.getLogger(__name__)
+
+# The E2EE transport the last start found ("appservice" or "sync"): a restart or a
+# takeover starts with it at once instead of waiting for the probe.
+TRANSPORT_KEY = "e2ee_transport"
 
 
 class Lifecycle:
@@ -168,8 +172,14 @@ class Lifecycle:
                     pinged = asyncio.create_task(self.nudge_homeserver())
                     self.tasks.add(pinged)
                     pinged.add_done_callback(self.tasks.discard)
-                    await self.crypto.probe(self.api, bot.user_id, bot.client.device_id,
-                                            recovered=partial(asyncio.shield, pinged))
+                    probe = partial(self.decide_transport, bot.user_id,
+                                    bot.client.device_id, partial(asyncio.shield, pinged))
+                    # As the last process found it, checked in the background; else
+                    # the probe decides now (up to PROBE_SECONDS).
+                    if self.crypto.start_as(await self.db.kv.get(TRANSPORT_KEY)):
+                        self.spawn(probe(recheck=True))
+                    else:
+                        await probe(recheck=False)
                 await self.ghosts.resume_unregistered()
                 await self.trust.upgrade_existing(Path(self.config.appservice.store_dir))
                 break
@@ -197,6 +207,17 @@ class Lifecycle:
                                        self.metrics).run())
         self.ready.set()
         log.info("bridge ready")
+
+    async def decide_transport(self, bot: str, device: str,
+                               recovered: Callable[[], Awaitable[bool]], *,
+                               recheck: bool) -> None:
+        """Probe how the homeserver feeds the devices (bridge.matrix.crypto_feed) and
+        keep the answer for the next start."""
+        if recheck:
+            await self.crypto.recheck(self.api, bot, device, recovered=recovered)
+        else:
+            await self.crypto.probe(self.api, bot, device, recovered=recovered)
+        await self.db.kv.set(TRANSPORT_KEY, self.crypto.mode)
 
     async def close_idle_devices(self) -> None:
         """Close ghost devices unused for `appservice.device_idle_seconds` (a timer in

@@ -98,6 +98,31 @@ class CryptoFeed:
             log.info("E2EE: to-device events, device lists and key counts come in "
                      "appservice transactions; no device polls the homeserver")
 
+    def start_as(self, remembered: str | None) -> bool:
+        """Decide at once as the last process did (`remembered`, kept in the database),
+        so that a restart or a takeover does not wait for the probe; `recheck` then
+        confirms it in the background. False when there is nothing to go by."""
+        if self.decided.is_set():
+            return False
+        if remembered == "appservice":
+            self.decide("appservice")
+        elif remembered == "sync":
+            self.decide("sync", NO_TO_DEVICE)
+        else:
+            return False
+        return True
+
+    async def recheck(self, api: MatrixAPI, bot: str, bot_device: str,
+                      timeout: float = PROBE_SECONDS,  # noqa: ASYNC109
+                      recovered: Callable[[], Awaitable[bool]] | None = None) -> None:
+        """Probe again while running as remembered; a different answer (the homeserver's
+        switches changed) changes the transport, and every open device moves to it."""
+        mode, problem = await self._run_probe(api, bot, bot_device, timeout, recovered)
+        if (mode, problem) != (self.mode, self.problem):
+            log.warning("E2EE: the homeserver's answer changed since the last start")
+            self.decide(mode, problem)
+            self.devices.wake_all()
+
     async def probe(self, api: MatrixAPI, bot: str, bot_device: str,
                     timeout: float = PROBE_SECONDS,  # noqa: ASYNC109
                     recovered: Callable[[], Awaitable[bool]] | None = None) -> None:
@@ -111,6 +136,12 @@ class CryptoFeed:
         least LATE_PROBE_SECONDS. A ping that keeps failing adds no wait."""
         if self.decided.is_set():
             return
+        self.decide(*await self._run_probe(api, bot, bot_device, timeout, recovered))
+
+    async def _run_probe(self, api: MatrixAPI, bot: str, bot_device: str,
+                         timeout: float,  # noqa: ASYNC109
+                         recovered: Callable[[], Awaitable[bool]] | None
+                         ) -> tuple[Mode, str | None]:
         found: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._probe = (set(), found)
         self._resent_at = float("-inf")
@@ -131,10 +162,8 @@ class CryptoFeed:
                 resend.cancel()
                 await asyncio.gather(resend, return_exceptions=True)
         if has_counts is None:
-            self.decide("sync", NO_TO_DEVICE)
-        else:
-            self.decide("appservice" if has_counts else "sync",
-                        None if has_counts else NO_COUNTS)
+            return "sync", NO_TO_DEVICE
+        return ("appservice", None) if has_counts else ("sync", NO_COUNTS)
 
     async def _send_probe(self, api: MatrixAPI, bot: str, bot_device: str) -> None:
         assert self._probe is not None

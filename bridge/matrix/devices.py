@@ -532,6 +532,12 @@ class Devices:
         return len(self._devices)
 
 
+    def wake_all(self) -> None:
+        """The transport changed (bridge.matrix.crypto_feed): each device's task looks
+        again at how it is fed."""
+        for device in self._devices.values():
+            device.wake()
+
     def room_changed(self, room_id: str) -> None:
         """Someone joined, left or was invited: devices in the room refresh first."""
         for device in self._devices.values():

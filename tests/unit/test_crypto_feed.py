@@ -97,6 +97,10 @@ class _Devices:
         self.feed: Any = None
         self.changed: list[set[str]] = []
         self.counts: list[tuple[str, str, Any, Any]] = []
+        self.woken = 0
+
+    def wake_all(self) -> None:
+        self.woken += 1
 
     def is_ours(self, user_id: str) -> bool:
         return user_id.startswith("@cb_")
@@ -251,3 +255,22 @@ async def test_counts_of_closed_devices_are_kept_only_while_they_need_action(
     assert devices._pending_counts == {(GHOST, DEV): {"otk": 3}}  # the low count stays
     devices.key_counts(GHOST, DEV, otk=50)
     assert devices._pending_counts == {}
+
+
+async def test_a_restart_starts_as_remembered_and_rechecks_in_the_background() -> None:
+    counts = {"org.matrix.msc3202.device_one_time_keys_count": {GHOST: {DEV: {}}}}
+    feed, devices, _ = _feed()
+    assert not feed.start_as(None) and not feed.start_as("pending")  # nothing to go by
+    assert not feed.decided.is_set()
+    assert feed.start_as("appservice")  # at once, no probe waited for
+    assert feed.decided.is_set() and feed.appservice
+    await feed.recheck(_API(feed, counts), GHOST, DEV, timeout=0.5)  # type: ignore[arg-type]
+    assert feed.appservice and devices.woken == 0  # confirmed: nothing moves
+    # The homeserver's switches were turned off since: the devices move to /sync.
+    await feed.recheck(_API(feed, None), GHOST, DEV, timeout=0.3)  # type: ignore[arg-type]
+    assert (feed.mode, feed.problem) == ("sync", NO_TO_DEVICE) and devices.woken == 1
+    # And the other way round.
+    feed, devices, _ = _feed()
+    assert feed.start_as("sync") and feed.mode == "sync"
+    await feed.recheck(_API(feed, counts), GHOST, DEV, timeout=0.5)  # type: ignore[arg-type]
+    assert feed.appservice and devices.woken == 1 and feed.warning() is None
