@@ -786,9 +786,13 @@ async def test_announcement_rooms_refuse_whatsapp_posts(world: World) -> None:
 async def test_a_ban_stops_the_relay(world: World) -> None:
     w = world
     b = w.h.running.bridge
-    avisos = next(r for r in await b.db.rooms.list() if r.name == "Avisos")
-    member = await b.db.wa_rooms.find(avisos.room_id, w.bea.citizen_id)
-    assert member is not None and member.state == "joined" and member.ghost_user_id
+    # The announcement room of the test above (the session's other tests may have made
+    # rooms of that name too).
+    found = [(r, m) for r in await b.db.rooms.list() if r.name == "Avisos"
+             if (m := await b.db.wa_rooms.find(r.room_id, w.bea.citizen_id)) is not None]
+    assert len(found) == 1
+    avisos, member = found[0]
+    assert member.state == "joined" and member.ghost_user_id
     status, answer = await w.h.running.call(
         "POST", f"/admin/v1/rooms/{avisos.room_id}/ban",
         {"user_id": member.ghost_user_id, "reason": "prueba"})

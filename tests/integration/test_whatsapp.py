@@ -165,7 +165,7 @@ async def test_webhook_handshake_and_signature(bridge: BridgeHarness,
     assert await bridge.wa.deliver(bridge.webhook_url, odd) == 200
 
 
-async def test_consent_journey(bridge: BridgeHarness, loop_watch: LoopWatch) -> None:
+async def test_consent_journey(bridge: BridgeHarness) -> None:
     h, b = bridge, bridge.running.bridge
     citizen = new_citizen()
     first = "Buenos días, necesito un certificado"
@@ -252,7 +252,7 @@ async def _download(j: Journey, content: dict[str, Any]) -> bytes:
     return bytes(decrypt_attachment(data, f["key"]["k"], f["hashes"]["sha256"], f["iv"]))
 
 
-async def test_every_inbound_type_reaches_staff(journey: Journey, loop_watch: LoopWatch) -> None:
+async def test_every_inbound_type_reaches_staff(journey: Journey) -> None:
     j, wa = journey, journey.h.wa
     c = j.citizen
     text_id = await j.write(wa.text_message(c, "texto simple"))
@@ -315,7 +315,7 @@ async def test_every_inbound_type_reaches_staff(journey: Journey, loop_watch: Lo
     await j.seen(lambda e: "no compatible" in e.source.get("content", {}).get("body", ""))
 
 
-async def test_outbound_types_and_statuses(journey: Journey, loop_watch: LoopWatch) -> None:
+async def test_outbound_types_and_statuses(journey: Journey) -> None:
     j, wa, b = journey, journey.h.wa, journey.h.running.bridge
     c = j.citizen
     asked = await j.write(wa.text_message(c, "¿Qué documentos necesito?"))
