@@ -527,10 +527,6 @@ class Devices:
     def get_open(self, user_id: UserID) -> Device | None:
         return self._devices.get(user_id)
 
-    @property
-    def open_count(self) -> int:
-        return len(self._devices)
-
 
     def wake_all(self) -> None:
         """The transport changed (bridge.matrix.crypto_feed): each device's task looks
@@ -672,22 +668,23 @@ class Devices:
         for user_id, device in sorted(self._devices.items(), key=lambda i: i[1].last_used):
             if excess <= 0 or now - device.last_used < EVICT_GRACE_SECONDS:
                 break  # the rest were used more recently still
-            if user_id == self._long_poll_user or device.busy or \
-                    self._opening.get(user_id, _UNLOCKED).locked():
-                continue
-            await self._close_one(user_id, device)
-            excess -= 1
+            if self._closable(user_id, device):
+                await self._close_one(user_id, device)
+                excess -= 1
 
     async def evict_idle(self, idle_seconds: float) -> int:
         """Close the devices not used for `idle_seconds` (not the bot); how many."""
         now = asyncio.get_running_loop().time()
         idle = [(u, d) for u, d in self._devices.items()
-                if u != self._long_poll_user and not d.busy
-                and now - d.last_used >= idle_seconds
-                and not self._opening.get(u, _UNLOCKED).locked()]
+                if now - d.last_used >= idle_seconds and self._closable(u, d)]
         for user_id, device in idle:
             await self._close_one(user_id, device)
         return len(idle)
+
+    def _closable(self, user_id: UserID, device: Device) -> bool:
+        """Not the bot, not sending, not being opened."""
+        return (user_id != self._long_poll_user and not device.busy
+                and not self._opening.get(user_id, _UNLOCKED).locked())
 
     async def _close_one(self, user_id: UserID, device: Device) -> None:
         if self._devices.get(user_id) is not device:
