@@ -409,6 +409,17 @@ class OutboxRepo:
         async with self._scope.session() as session:
             return cast(int | None, await session.scalar(stmt))
 
+    async def add_many(self, rows: Sequence[tuple[str, int, RoomID, str]]) -> None:
+        """Queue many sends, (idempotency key, citizen id, room id, payload) each, in one
+        statement and in the given order (a citizen's sends go out in id order); a key
+        queued before is skipped."""
+        now = utcnow()
+        await self._scope.insert_many(OutboxRow, [
+            {"idempotency_key": key, "citizen_id": citizen_id, "room_id": room_id,
+             "payload": payload, "status": "pending", "attempts": 0,
+             "next_attempt_at": now, "created_at": now, "updated_at": now}
+            for key, citizen_id, room_id, payload in rows])
+
     async def get(self, item_id: int) -> OutboxItem | None:
         async with self._scope.session() as session:
             row = await session.get(OutboxRow, item_id)
@@ -439,14 +450,18 @@ class OutboxRepo:
         async with self._scope.session() as session:
             return [_outbox(r) for r in await session.scalars(stmt)]
 
-    async def lane_heads(self, now: datetime, limit: int) -> list[OutboxItem]:
-        """A batch to send at once: of the first `limit` due sends in queue order, each
-        citizen's oldest (a citizen's sends go one after another, in order). Queue
-        order, not due time: a send due again after a wait (a release, a retry) still
-        goes before the citizen's later ones."""
+    async def lane_heads(self, now: datetime, limit: int, busy: Collection[int] = ()
+                         ) -> list[OutboxItem]:
+        """A batch to send at once: of the first `limit` due sends in queue order to
+        citizens not in `busy` (those with a batch still in flight), each citizen's
+        oldest (a citizen's sends go one after another, in order). Queue order, not due
+        time: a send due again after a wait (a release, a retry) still goes before the
+        citizen's later ones."""
         stmt = (select(OutboxRow)
                 .where(OutboxRow.status == "pending", OutboxRow.next_attempt_at <= now)
                 .order_by(OutboxRow.id).limit(limit))
+        if busy:
+            stmt = stmt.where(OutboxRow.citizen_id.not_in(busy))
         heads: dict[int, OutboxItem] = {}
         async with self._scope.session() as session:
             for row in await session.scalars(stmt):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -43,6 +43,16 @@ class Scope:
         if self.dialect == "sqlite":
             return sqlite.insert(model)
         raise NotImplementedError(f"unsupported database dialect {self.dialect!r}")
+
+    async def insert_many(self, model: type[Base], rows: Sequence[Mapping[str, Any]]) -> None:
+        """INSERT many rows with ON CONFLICT DO NOTHING, in one executemany of one cached
+        statement: a multi-row VALUES is compiled anew for every size, which cost more
+        than the rows themselves (a fan-out batch, a batch of outcomes)."""
+        if not rows:
+            return
+        stmt = self.insert(model.__table__).on_conflict_do_nothing()  # type: ignore[arg-type]
+        async with self.session() as session:
+            await session.execute(stmt, list(rows))
 
 
 def shared(session: AsyncSession, dialect: str) -> Scope:

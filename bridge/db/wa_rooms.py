@@ -245,16 +245,10 @@ class RoomMemberRepo:
     async def link_many(self, links: Sequence[tuple[tuple[WamidHash, str], int, RoomID,
                                                    EventID]]) -> None:
         """`link` for a batch (wamid, citizen id, room, event), in one statement."""
-        if not links:
-            return
         now = utcnow()
-        stmt = (self._scope.insert(RoomMessageRow)
-                .values([{"wamid_hash": w[0], "wamid_ct": w[1], "citizen_id": c,
-                          "room_id": r, "event_id": e, "created_at": now}
-                         for w, c, r, e in links])
-                .on_conflict_do_nothing())
-        async with self._scope.session() as session:
-            await session.execute(stmt)
+        await self._scope.insert_many(RoomMessageRow, [
+            {"wamid_hash": w[0], "wamid_ct": w[1], "citizen_id": c, "room_id": r,
+             "event_id": e, "created_at": now} for w, c, r, e in links])
 
     async def by_wamid(self, wamid_hash: WamidHash) -> tuple[RoomID, EventID, int] | None:
         """(room, event, citizen id) of a wamid, by its keyed hash (`KeyedIndex.wamid`)."""

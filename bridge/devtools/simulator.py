@@ -292,10 +292,17 @@ class CloudAPISimulator:
         self._sent_event.set()
 
     async def _sent(self, request: web.Request) -> web.Response:
-        """The recorded sends in order: `{"sent": [{"wamid": ..., "body": ...}]}`
-        (wamid null for a mark-as-read call)."""
-        return web.json_response({"sent": [{"wamid": wamid, "body": body}
-                                           for wamid, body in zip(self.sent_ids, self.sent,
+        """The recorded sends in order: `{"sent": [{"wamid": ..., "body": ...}], "total": N}`
+        (wamid null for a mark-as-read call); `?after=K` leaves out the first K, so that
+        a poller reads each send once."""
+        try:
+            after = max(0, int(request.query.get("after", "0")))
+        except ValueError:
+            return _refuse(contract.GraphContractError(100, "after: not an integer"))
+        return web.json_response({"total": len(self.sent),
+                                  "sent": [{"wamid": wamid, "body": body}
+                                           for wamid, body in zip(self.sent_ids[after:],
+                                                                  self.sent[after:],
                                                                   strict=True)]})
 
     async def _upload(self, request: web.Request) -> web.Response:
@@ -532,3 +539,27 @@ class CloudAPISimulator:
             item["errors"] = [{"code": code, "title": title, "message": title,
                                "error_data": {"details": title}} for code, title in errors]
         return self._value(None, statuses=[item])
+
+
+async def serve(port: int = 0) -> None:
+    """Run a simulator on its own, in this process, until cancelled: what a benchmark
+    uses to keep Graph's work off the bridge's cores, as Meta's servers are. Its
+    credentials come from the environment (`SIMULATOR_ACCESS_TOKEN`,
+    `SIMULATOR_APP_SECRET`, `SIMULATOR_PHONE_NUMBER_ID`), never the command line (`ps`
+    shows that); prints its api_base on one line once it listens."""
+    import os
+    sim = CloudAPISimulator(access_token=os.environ["SIMULATOR_ACCESS_TOKEN"],
+                            app_secret=os.environ["SIMULATOR_APP_SECRET"],
+                            phone_number_id=os.environ["SIMULATOR_PHONE_NUMBER_ID"],
+                            display_phone_number="+34 900 000 000")
+    print(await sim.start(port=port), flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await sim.stop()
+
+
+if __name__ == "__main__":
+    import sys
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0))

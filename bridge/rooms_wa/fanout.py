@@ -124,18 +124,25 @@ class FanOut:
         rooms_of = await self._db.wa_rooms.joined_counts([m.citizen_id for m in targets])
         now = datetime.now(UTC)
         for first in range(0, len(targets), BATCH):
+            batch = targets[first:first + BATCH]
             async with self._db.transaction() as tx:
-                for member in targets[first:first + BATCH]:
-                    citizen = await tx.citizens.get(member.citizen_id)
+                citizens = await tx.citizens.get_many([m.citizen_id for m in batch])
+                now_open: list[tuple[Citizen, str, dict[str, Any]]] = []
+                for member in batch:
+                    citizen = citizens.get(member.citizen_id)
                     if citizen is None:
                         continue
                     start = policy.prefix(label, room.name, rooms_of.get(citizen.id, 0) > 1)
                     payloads = await self._payloads(tx, citizen, etype, content, start, media)
                     for part, payload in enumerate(payloads):
-                        await self.deliver(tx, citizen, room, event_key(event_id, citizen.id,
-                                                                        part),
-                                           {**payload, "wa_room": room.room_id,
-                                            "wr_event": event_id}, now)
+                        key = event_key(event_id, citizen.id, part)
+                        payload = {**payload, "wa_room": room.room_id, "wr_event": event_id}
+                        if policy.window_open(citizen.last_inbound_at, now):
+                            now_open.append((citizen, key, payload))
+                        else:
+                            await self.deliver(tx, citizen, room, key, payload, now)
+                # One INSERT for the batch: a row per member and part, in member order.
+                await self._outbox.room_many(now_open, tx)
             self._outbox.wake()
 
     async def _payloads(self, repos: Repositories, citizen: Citizen, etype: str,

@@ -53,6 +53,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, get_args
 
@@ -71,7 +72,7 @@ from bridge.whatsapp.outbox_queue import (
     backoff,
     part_key,
 )
-from bridge.whatsapp.outbox_sender import CALLBACK_PREFIX, OutboxSender, callback_data
+from bridge.whatsapp.outbox_sender import CALLBACK_PREFIX, Claim, OutboxSender, callback_data
 from bridge.whatsapp.pacing import Pacer
 from bridge.whatsapp.payloads import Buttons, Envelope, Template, Text, envelope_of
 
@@ -83,6 +84,8 @@ log = logging.getLogger(__name__)
 _CALLBACK = re.compile(re.escape(CALLBACK_PREFIX) + r"([1-9][0-9]{0,17})")
 # The most sends in one batch (each citizen's oldest due one), whatever the concurrency.
 MAX_BATCH: Final = 128
+# Batches in progress at once (one sending while the next is claimed, the last recorded).
+PIPELINE: Final = 4
 
 
 def callback_item(data: str | None) -> int | None:
@@ -177,6 +180,15 @@ class Outbox:
         caller's transaction: call `wake()` once it has committed."""
         return await self._add(citizen, key, "", payload, repos)
 
+    async def room_many(self, sends: Sequence[tuple[Citizen, str, dict[str, Any]]],
+                        repos: Repositories) -> None:
+        """`room` for many (citizen, key, payload) at once, in the caller's transaction
+        and in this order: one statement for a whole fan-out batch. Call `wake()` once
+        it has committed."""
+        await repos.outbox.add_many([
+            (key, citizen.id, RoomID(""), self.queue.seal(envelope_of(payload)))
+            for citizen, key, payload in sends])
+
     async def notice(self, repos: Repositories, citizen: Citizen, notice_id: int,
                      template: dict[str, Any]) -> bool:
         """Queue a notice of availability (an approved template) in the caller's
@@ -217,8 +229,7 @@ class Outbox:
     async def _run(self) -> None:
         while True:
             try:
-                while await self._batch():
-                    pass
+                await self._drain()
                 self._metrics.outbox_depth.set(await self._db.outbox.depth())
             except asyncio.CancelledError:
                 raise
@@ -232,18 +243,43 @@ class Outbox:
                     await self._wake.wait()
             self._wake.clear()
 
-    async def _batch(self) -> bool:
-        """Claim, send and record one batch; False if nothing was due."""
-        # Small enough that a crash leaves few sends to settle by status (those posted
-        # whose outcome was not yet recorded), large enough that the database work is
-        # shared by many sends.
-        size = min(MAX_BATCH, max(8, 2 * self.concurrency))
-        claims, settled = await self.queue.claim(datetime.now(UTC), size)
-        if claims:
-            outcomes = await self.sender.send(claims, self.queue.begin(self.confirm_window),
-                                              self.queue.release)
-            await self.queue.record(claims, outcomes)
-        return bool(claims) or settled > 0
+    async def _drain(self) -> None:
+        """Claim, send and record batches until nothing is due. Up to PIPELINE batches
+        run at once, to different citizens, so that Graph is kept busy while the database
+        claims the next batch and records the last (the sender's concurrency bounds the
+        sends in flight across them); a citizen with a batch in flight is left out of the
+        next claims until it is recorded, so their sends stay in order."""
+        running: dict[asyncio.Task[None], set[int]] = {}
+        try:
+            while True:
+                # Small enough that a crash leaves few sends to settle by status (those
+                # posted whose outcome was not yet recorded), large enough that the
+                # database work is shared by many sends.
+                size = min(MAX_BATCH, max(8, 2 * self.concurrency))
+                busy = set().union(*running.values())
+                claims, settled = await self.queue.claim(datetime.now(UTC), size, busy)
+                if claims:
+                    task = asyncio.create_task(self._send_and_record(claims),
+                                               name="outbox-batch")
+                    running[task] = {c.citizen.id for c in claims}
+                if not running:
+                    if settled:
+                        continue
+                    return
+                if len(running) >= PIPELINE or not (claims or settled):
+                    done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        del running[task]
+                        task.result()  # a database error ends the drain (logged by _run)
+        finally:
+            for task in running:
+                task.cancel()  # a stop: each batch releases what it had not posted
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _send_and_record(self, claims: list[Claim]) -> None:
+        outcomes = await self.sender.send(claims, self.queue.begin(self.confirm_window),
+                                          self.queue.release)
+        await self.queue.record(claims, outcomes)
 
     async def settle_by_status(self, data: str | None, wamid: str, status: str,
                                error_code: int | None = None) -> bool:

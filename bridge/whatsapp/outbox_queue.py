@@ -79,13 +79,15 @@ class OutboxQueue:
 
     # --- claiming -----------------------------------------------------------------------
 
-    async def claim(self, now: datetime, limit: int) -> tuple[list[Claim], int]:
-        """The next batch to send, and how many due rows it settled or postponed without
-        sending (0 and 0: nothing was due)."""
+    async def claim(self, now: datetime, limit: int, busy: Collection[int] = ()
+                    ) -> tuple[list[Claim], int]:
+        """The next batch to send, to citizens not in `busy` (a batch of theirs is still
+        in flight), and how many due rows it settled or postponed without sending (0 and
+        0: nothing was due)."""
         claims: list[Claim] = []
         gave_up: list[_GaveUp] = []
         async with self._db.transaction() as repos:
-            heads = await repos.outbox.lane_heads(now, limit)
+            heads = await repos.outbox.lane_heads(now, limit, busy)
             if not heads:
                 return [], 0
             citizens = await repos.citizens.get_many({i.citizen_id for i in heads})

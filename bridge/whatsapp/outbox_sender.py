@@ -104,8 +104,18 @@ class OutboxSender:
         self._metrics = metrics
         # Meta's rate limits (bridge.whatsapp.pacing); None: no pacing.
         self.pacer: Pacer | None = None
-        # Sends in flight at once, to different citizens (whatsapp.outbox_concurrency).
         self.concurrency = 1
+
+    @property
+    def concurrency(self) -> int:
+        """Sends in flight at once, to different citizens (whatsapp.outbox_concurrency),
+        across every batch being sent."""
+        return self._concurrency
+
+    @concurrency.setter
+    def concurrency(self, value: int) -> None:
+        self._concurrency = value
+        self._gate = asyncio.Semaphore(value)
 
     async def send(self, claims: Sequence[Claim], begin: Begin, release: Release
                    ) -> list[Outcome]:
@@ -113,7 +123,7 @@ class OutboxSender:
         midway, the sends not yet posted are released (due again at once, not waiting
         for a delivery status that cannot come)."""
         outcomes: list[Outcome | None] = [None] * len(claims)
-        gate = asyncio.Semaphore(self.concurrency)
+        gate = self._gate
         started = [time.perf_counter()] * len(claims)
         sends: dict[int, Send] = {}
         posted: set[int] = set()
@@ -135,7 +145,13 @@ class OutboxSender:
         await _all(prepare(n, c) for n, c in enumerate(claims) if outcomes[n] is None)
         # In flight only from here: a send stopped earlier (say, mid-upload) created no
         # message, so it is due again at once.
-        in_flight = await begin([claims[n].item.id for n in sends])
+        try:
+            in_flight = await begin([claims[n].item.id for n in sends])
+        except asyncio.CancelledError:
+            # Stopped as the mark was written (it may have committed): nothing was
+            # posted, so nothing has to wait out the confirmation window.
+            await release([claims[n].item.id for n in sends])
+            raise
 
         async def send(n: int, claim: Claim) -> None:
             if claim.item.id not in in_flight:

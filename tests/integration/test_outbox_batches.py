@@ -93,7 +93,7 @@ async def test_each_citizens_sends_stay_in_order_under_concurrency(rig: Rig) -> 
     box.start()
     try:
         await asyncio.wait_for(_until(lambda: len(rig.sim.sent) >= 160), 60)
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(box.idle.wait(), 30)  # every outcome recorded
     finally:
         await box.stop()
     per = rig.bodies_per_recipient()
@@ -150,6 +150,34 @@ async def test_a_429_in_a_batch_backs_off_only_the_send_it_hit(rig: Rig) -> None
         await asyncio.wait_for(_until(lambda: len(rig.sim.sent) >= 40), 30)
     finally:
         await box.stop()
+    assert all(got == ["post 0", "post 1"] for got in rig.bodies_per_recipient().values())
+
+
+async def test_a_slow_send_does_not_hold_up_other_citizens(rig: Rig) -> None:
+    """Batches are pipelined: while Graph sits on one send, the batches after it go out
+    to the other citizens (before, everything waited for the slowest send of a batch).
+    Its batch-mates' next sends wait until the batch is recorded (a citizen's sends go
+    one after another), and so does the slow citizen's."""
+    citizens = await rig.members(24)
+    box = rig.outbox(concurrency=4)  # batches of 8: the first holds members 0-7
+    await rig.post(box, citizens, 2)
+    numbers = ["3460" + f"{i:07d}" for i in range(24)]
+    release = rig.sim.hold_next_send(lambda body: body["to"] == numbers[0], timeout=60)
+    box.start()
+    try:
+        await asyncio.wait_for(_until(lambda: len(rig.sim.sent) >= 40), 30)
+        await asyncio.sleep(0.5)
+        per = rig.bodies_per_recipient()
+        assert len(rig.sim.sent) == 40
+        assert per[numbers[0]] == ["post 0"]  # recorded by the simulator, answer held
+        assert all(per[n] == ["post 0"] for n in numbers[1:8])
+        assert all(per[n] == ["post 0", "post 1"] for n in numbers[8:])
+        release.set()
+        await asyncio.wait_for(_until(lambda: len(rig.sim.sent) >= 48), 30)
+        await asyncio.wait_for(box.idle.wait(), 30)
+    finally:
+        await box.stop()
+    assert len(rig.sim.sent) == 48
     assert all(got == ["post 0", "post 1"] for got in rig.bodies_per_recipient().values())
 
 

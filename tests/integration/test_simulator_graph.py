@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bridge.devtools.simulator import CloudAPISimulator, SimulatedUser
+from bridge.devtools.simulator import SENT_PATH, CloudAPISimulator, SimulatedUser
 from bridge.whatsapp.graph import GraphClient, GraphError, MediaIntegrityError, Recipient
 from bridge.whatsapp.webhook_parse import parse_webhook
 
@@ -613,3 +613,22 @@ async def test_other_phone_number_and_field_ignored(simulator: CloudAPISimulator
     assert parse_webhook(json.loads(rec.raw[-1]), PHONE_ID).messages == ()
     await simulator.deliver(url, simulator.text_message(ANA, "hola"))
     assert parse_webhook(json.loads(rec.raw[-1]), "other-number").messages == ()
+
+
+async def test_sent_listing_reads_from_where_a_poller_left_off(
+        graph: GraphClient, sim: tuple[CloudAPISimulator, str],
+        session: aiohttp.ClientSession) -> None:
+    """`GET /_simulator/sent?after=K` (for a benchmark running the simulator in its own
+    process): the sends after the first K, and how many there are in all."""
+    for n in range(3):
+        await graph.send_text(TO, f"m{n}")
+    url = sim[1].rsplit("/", 1)[0] + SENT_PATH
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with session.get(url, params={"after": "1"}, headers=auth) as resp:
+        data = await resp.json()
+    assert data["total"] == 3
+    assert [e["body"]["text"]["body"] for e in data["sent"]] == ["m1", "m2"]
+    assert all(e["wamid"].startswith("wamid.") for e in data["sent"])
+    async with session.get(url, params={"after": "x"}, headers=auth) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == 100

@@ -66,3 +66,26 @@ async def test_bring_forward_only_untried_later_sends(db: Database) -> None:
     assert await db.outbox.bring_forward(c, first) == 1
     assert (await db.outbox.get(waiting)).next_attempt_at <= datetime.now(UTC)  # type: ignore[union-attr]
     assert (await db.outbox.get(retrying)).next_attempt_at > datetime.now(UTC)  # type: ignore[union-attr]
+
+
+async def test_add_many_queues_in_order_and_skips_keys_queued_before(db: Database) -> None:
+    a, b = await citizen_ids(db, 2)
+    first = await db.outbox.add("wr:$e:a", a, ROOM, "x")
+    await db.outbox.add_many([("wr:$e:a", a, ROOM, "y"), ("wr:$e:b", b, ROOM, "y"),
+                              ("wr:$f:a", a, ROOM, "y")])
+    heads = await db.outbox.due(datetime.now(UTC) + timedelta(seconds=1))
+    assert [(i.idempotency_key, i.payload) for i in heads] == [
+        ("wr:$e:a", "x"), ("wr:$e:b", "y"), ("wr:$f:a", "y")]
+    assert heads[0].id == first and heads[1].id < heads[2].id  # queue order kept
+
+
+async def test_lane_heads_leave_out_busy_citizens(db: Database) -> None:
+    """A citizen with a batch in flight gets nothing in the next claim, not even a
+    later send: their sends stay one after another."""
+    a, b = await citizen_ids(db, 2)
+    for key, citizen in (("a1", a), ("a2", a), ("b1", b), ("b2", b)):
+        await db.outbox.add(key, citizen, ROOM, "x")
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    assert [i.idempotency_key for i in await db.outbox.lane_heads(later, 10, busy={a})] \
+        == ["b1"]
+    assert await db.outbox.lane_heads(later, 10, busy={a, b}) == []
