@@ -123,6 +123,8 @@ class FanOut:
         targets = [m for m in recipients if m.citizen_id != exclude_citizen]
         rooms_of = await self._db.wa_rooms.joined_counts([m.citizen_id for m in targets])
         now = datetime.now(UTC)
+        texts: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+        wrapped: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
         for first in range(0, len(targets), BATCH):
             batch = targets[first:first + BATCH]
             async with self._db.transaction() as tx:
@@ -133,21 +135,30 @@ class FanOut:
                     if citizen is None:
                         continue
                     start = policy.prefix(label, room.name, rooms_of.get(citizen.id, 0) > 1)
-                    payloads = await self._payloads(tx, citizen, etype, content, start, media)
+                    payloads = await self._payloads(tx, citizen, etype, content, start, media,
+                                                    texts)
                     for part, payload in enumerate(payloads):
                         key = event_key(event_id, citizen.id, part)
-                        payload = {**payload, "wa_room": room.room_id, "wr_event": event_id}
+                        # One dict per distinct payload (the outbox seals each once).
+                        made = wrapped.get(id(payload))
+                        if made is None or made[0] is not payload:
+                            made = wrapped[id(payload)] = (payload, {
+                                **payload, "wa_room": room.room_id, "wr_event": event_id})
                         if policy.window_open(citizen.last_inbound_at, now):
-                            now_open.append((citizen, key, payload))
+                            now_open.append((citizen, key, made[1]))
                         else:
-                            await self.deliver(tx, citizen, room, key, payload, now)
+                            await self.deliver(tx, citizen, room, key, made[1], now)
                 # One INSERT for the batch: a row per member and part, in member order.
                 await self._outbox.room_many(now_open, tx)
             self._outbox.wake()
 
     async def _payloads(self, repos: Repositories, citizen: Citizen, etype: str,
-                        content: dict[str, Any], start: str, media: bool
+                        content: dict[str, Any], start: str, media: bool,
+                        texts: dict[tuple[str, str | None], list[dict[str, Any]]]
                         ) -> list[dict[str, Any]]:
+        """What `citizen` gets of this event. `texts` keeps the text payloads already
+        made for this event by (prefix, quoted wamid): most members of a room get the
+        same, and splitting a long text to Graph's limit is the costly part."""
         relates = content.get("m.relates_to")
         relates = relates if isinstance(relates, dict) else {}
         if relates.get("rel_type") == "m.replace":
@@ -162,7 +173,10 @@ class FanOut:
         # The quoted message's wamid goes back to Graph inside the sealed outbox payload.
         reply_to = self._privacy.open_wamid(*sealed) if sealed is not None else None
         if etype == "m.room.message" and content.get("msgtype") in TEXT_MSGTYPES:
-            return text_payloads(start + rendered_text(content), reply_to)
+            if (start, reply_to) not in texts:
+                texts[start, reply_to] = text_payloads(start + rendered_text(content),
+                                                       reply_to)
+            return texts[start, reply_to]
         decision = translate(etype, content, reply_to)
         if not isinstance(decision, list):
             # Unsupported or invalid: staff see it in Matrix; nothing to relay (counted).

@@ -185,9 +185,16 @@ class Outbox:
         """`room` for many (citizen, key, payload) at once, in the caller's transaction
         and in this order: one statement for a whole fan-out batch. Call `wake()` once
         it has committed."""
-        await repos.outbox.add_many([
-            (key, citizen.id, RoomID(""), self.queue.seal(envelope_of(payload)))
-            for citizen, key, payload in sends])
+        # Members given the same payload object share one sealed copy: the plaintext is
+        # the same, and the row's key names the member.
+        sealed: dict[int, tuple[dict[str, Any], str]] = {}
+        rows = []
+        for citizen, key, payload in sends:
+            hit = sealed.get(id(payload))
+            if hit is None or hit[0] is not payload:
+                hit = sealed[id(payload)] = (payload, self.queue.seal(envelope_of(payload)))
+            rows.append((key, citizen.id, RoomID(""), hit[1]))
+        await repos.outbox.add_many(rows)
 
     async def notice(self, repos: Repositories, citizen: Citizen, notice_id: int,
                      template: dict[str, Any]) -> bool:
