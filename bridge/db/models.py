@@ -224,6 +224,7 @@ class OutboxRow(Base):
     __table_args__ = (
         CheckConstraint(one_of("status", OUTBOX_STATUSES), name="status"),
         Index("ix_outbox_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_outbox_status_id", "status", "id"),  # claims, in queue order
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

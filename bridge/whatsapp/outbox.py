@@ -85,7 +85,7 @@ _CALLBACK = re.compile(re.escape(CALLBACK_PREFIX) + r"([1-9][0-9]{0,17})")
 # The most sends in one batch (each citizen's oldest due one), whatever the concurrency.
 MAX_BATCH: Final = 128
 # Batches in progress at once (one sending while the next is claimed, the last recorded).
-PIPELINE: Final = 4
+PIPELINE: Final = 3
 
 
 def callback_item(data: str | None) -> int | None:
@@ -262,7 +262,7 @@ class Outbox:
                 # Small enough that a crash leaves few sends to settle by status (those
                 # posted whose outcome was not yet recorded), large enough that the
                 # database work is shared by many sends.
-                size = min(MAX_BATCH, max(8, 2 * self.concurrency))
+                size = min(MAX_BATCH, max(8, 4 * self.concurrency))
                 busy = set().union(*running.values())
                 claims, settled = await self.queue.claim(datetime.now(UTC), size, busy)
                 if claims:

@@ -5,6 +5,9 @@ statement each, and the sends postponed behind a settled one brought forward."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import event, text
 
 from bridge.db import Database
 from bridge.types import RoomID, WamidHash
@@ -89,3 +92,41 @@ async def test_lane_heads_leave_out_busy_citizens(db: Database) -> None:
     assert [i.idempotency_key for i in await db.outbox.lane_heads(later, 10, busy={a})] \
         == ["b1"]
     assert await db.outbox.lane_heads(later, 10, busy={a, b}) == []
+
+
+async def test_a_claim_walks_the_queue_by_index_not_the_whole_table(db: Database) -> None:
+    """Sent rows stay until the purge: the claim (lane heads, in queue order) must read
+    pending rows by the (status, id) index, not scan the table from its first sent row
+    or sort every pending row."""
+    (a,) = await citizen_ids(db, 1)
+    await db.outbox.add_many([(f"old{n}", a, ROOM, "x") for n in range(3000)])
+    async with db.engine.begin() as conn:
+        await conn.execute(text("UPDATE outbox SET status = 'sent'"))
+    await db.outbox.add_many([(f"new{n}", a, ROOM, "x") for n in range(50)])
+    captured: list[tuple[str, Any]] = []
+
+    def capture(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "FROM outbox" in statement:
+            captured.append((statement, parameters))
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        heads = await db.outbox.lane_heads(datetime.now(UTC) + timedelta(seconds=1), 64,
+                                           busy={a + 1})
+    finally:
+        event.remove(db.engine.sync_engine, "before_cursor_execute", capture)
+    assert [h.idempotency_key for h in heads] == ["new0"]
+    (sql, params), = captured
+    async with db.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        if db.dialect == "sqlite":
+            await conn.execute(text("ANALYZE"))
+            cursor = await driver.execute("EXPLAIN QUERY PLAN " + sql, params)
+            plan = " ".join(str(row[-1]) for row in await cursor.fetchall())
+        else:
+            await conn.execute(text("ANALYZE outbox"))
+            plan = "\n".join(r[0] for r in await driver.fetch("EXPLAIN " + sql, *params))
+    assert "ix_outbox_status_id" in plan and "Seq Scan" not in plan, plan
+    if db.dialect == "sqlite":  # walked in id order, not sorted
+        assert "TEMP B-TREE" not in plan and "SCAN outbox" not in plan, plan
