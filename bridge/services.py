@@ -143,12 +143,11 @@ async def build_bridge(config: Config) -> Bridge:
     api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
     trust = Trust(db, http, config.homeserver.url, config.appservice.as_token, privacy.cipher)
     metrics = Metrics()
-    devices = Devices(api, store_dir, pickle_passphrase(store_key), on_ready=trust,
+    devices = Devices(api, db.crypto, pickle_passphrase(store_key), on_ready=trust,
                       long_poll_user=UserID(config.bot_mxid),
                       room_keys=RoomKeyStore(db.room_keys, privacy.cipher),
                       key_trust=CrossSignedDevices(api, metrics)
                       if config.e2ee.forward_keys_to == "cross-signed" else None,
-                      store_journal=config.appservice.store_journal,
                       max_open=config.appservice.max_open_devices,
                       open_gauge=metrics.open_devices)
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,

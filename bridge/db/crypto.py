@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from bridge.db.models import (
     Base,
@@ -102,6 +102,7 @@ class CryptoSnapshot:
     trust: dict[DeviceRef, int] = field(default_factory=dict)
     tracked: set[str] = field(default_factory=set)
     key_requests: list[KeyRequestRecord] = field(default_factory=list)
+    sync_token: str | None = None
 
 
 @dataclass(slots=True)
@@ -120,9 +121,11 @@ class CryptoJournal:
     trust: dict[DeviceRef, int] = field(default_factory=dict)
     tracked: dict[str, bool] = field(default_factory=dict)
     key_requests: dict[str, KeyRequestRecord | None] = field(default_factory=dict)
+    sync_token: str | None = None
 
     def __len__(self) -> int:
-        return (int(self.reset) + int(self.account is not None) + len(self.olm_sessions)
+        return (int(self.reset) + int(self.account is not None)
+                + int(self.sync_token is not None) + len(self.olm_sessions)
                 + len(self.inbound) + len(self.outbound) + len(self.devices)
                 + len(self.trust) + len(self.tracked) + len(self.key_requests))
 
@@ -130,6 +133,7 @@ class CryptoJournal:
         """Put back what a failed flush took, under what was journaled since."""
         self.reset = self.reset or newer.reset
         self.account = newer.account or self.account
+        self.sync_token = newer.sync_token or self.sync_token
         self.olm_sessions.update(newer.olm_sessions)
         self.inbound.update(newer.inbound)
         self.outbound.update(newer.outbound)
@@ -177,6 +181,7 @@ class CryptoRepo:
                 return snap
             snap.device_id = account.device_id
             snap.account = AccountRecord(account.device_id, account.pickle, account.shared)
+            snap.sync_token = account.sync_token
             for o in await session.scalars(select(CryptoOlmSessionRow).where(
                     CryptoOlmSessionRow.user_id == owner)):
                 snap.olm_sessions.append(OlmSessionRecord(
@@ -223,6 +228,9 @@ class CryptoRepo:
                     "user_id": owner, "device_id": a.device_id, "pickle": a.pickle,
                     "shared": a.shared, "updated_at": now, "migrated_from": migrated_from}],
                     keep=["migrated_from"] if migrated_from is None else [])
+            if journal.sync_token is not None:
+                await session.execute(update(CryptoAccountRow).where(
+                    CryptoAccountRow.user_id == owner).values(sync_token=journal.sync_token))
             await self._upsert(session, CryptoOlmSessionRow, ["user_id", "session_id"], [
                 {"user_id": owner, "session_id": s.session_id, "sender_key": s.sender_key,
                  "pickle": s.pickle, "created_at": s.created_at,
@@ -277,11 +285,11 @@ class CryptoRepo:
         for start in range(0, len(rows), _CHUNK):
             chunk = rows[start:start + _CHUNK]
             stmt = self._scope.insert(model).values(chunk)
-            update = [c for c in chunk[0] if c not in keys and c not in keep]
-            if update:
+            changing = [c for c in chunk[0] if c not in keys and c not in keep]
+            if changing:
                 stmt = stmt.on_conflict_do_update(
                     index_elements=list(keys),
-                    set_={c: stmt.excluded[c] for c in update})
+                    set_={c: stmt.excluded[c] for c in changing})
             else:
                 stmt = stmt.on_conflict_do_nothing()
             await session.execute(stmt)

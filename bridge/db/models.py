@@ -499,6 +499,8 @@ class CryptoAccountRow(Base):
     pickle: Mapped[str] = mapped_column(Text)
     shared: Mapped[bool] = mapped_column(Boolean)  # its identity keys are on the server
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Where the device's last inbox catch-up ended (bridge.matrix.catchup).
+    sync_token: Mapped[str | None] = mapped_column(Text)
     # The file store it was moved from (bridge.matrix.crypto.legacy), if any.
     migrated_from: Mapped[str | None] = mapped_column(Text)
 

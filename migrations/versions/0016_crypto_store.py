@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("pickle", sa.Text, nullable=False),
         sa.Column("shared", sa.Boolean, nullable=False),
         sa.Column("updated_at", WHEN, nullable=False),
+        sa.Column("sync_token", sa.Text, nullable=True),
         sa.Column("migrated_from", sa.Text, nullable=True),
         sa.PrimaryKeyConstraint("user_id", name="pk_crypto_accounts"),
     )

@@ -76,6 +76,7 @@ async def test_later_writes_replace_and_deletes_remove(db: Database) -> None:
     later.olm_sessions["o1"] = OlmSessionRecord("o1", "curveA", "olm-1b", T0, t1)
     later.outbound["!room:x"] = None  # the session ended (a member left)
     later.tracked[LUIS] = False
+    later.sync_token = "s72_1"
     later.key_requests["r1"] = None  # the key came
     later.devices[(STAFF, "ANA1")] = DeviceRecord(STAFF, "ANA1", {"curve25519": "curveA",
                                                                   "ed25519": "edA"},
@@ -83,6 +84,7 @@ async def test_later_writes_replace_and_deletes_remove(db: Database) -> None:
     await db.crypto.flush(GHOST, later)
     snap = await db.crypto.load(GHOST)
     assert snap.account is not None and snap.account.pickle == "acct-pickle-2"
+    assert snap.sync_token == "s72_1"
     assert [(s.pickle, s.last_used_at) for s in snap.olm_sessions] == [("olm-1b", t1)]
     assert snap.outbound == [] and snap.key_requests == []
     assert snap.tracked == {STAFF}
