@@ -37,6 +37,7 @@ from bridge.matrix.api import MatrixAPI
 from bridge.matrix.as_recovery import AppserviceRecovery
 from bridge.matrix.bot_invites import BotInvitePolicy
 from bridge.matrix.catchup import ToDeviceCatchUp
+from bridge.matrix.crypto.legacy import LegacyStores
 from bridge.matrix.crypto_feed import CryptoFeed, ToDeviceHandler
 from bridge.matrix.crypto_parts import unwrap
 from bridge.matrix.devices import Devices
@@ -149,7 +150,8 @@ async def build_bridge(config: Config) -> Bridge:
                       key_trust=CrossSignedDevices(api, metrics)
                       if config.e2ee.forward_keys_to == "cross-signed" else None,
                       max_open=config.appservice.max_open_devices,
-                      open_gauge=metrics.open_devices)
+                      open_gauge=metrics.open_devices,
+                      file_stores=LegacyStores(db, store_dir))
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)
     crypto = CryptoFeed(devices, metrics.to_device_dropped)

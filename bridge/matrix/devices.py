@@ -40,7 +40,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import nio
@@ -94,6 +94,14 @@ FALLBACK_SETTLE_SECONDS = 30.0
 
 # Called after a device's keys are on the server (used for cross-signing).
 DeviceReadyHook = Callable[[UserID, DeviceID], Awaitable[None]]
+
+
+class FileStores(Protocol):
+    """The nio file stores of earlier versions (bridge.matrix.crypto.legacy)."""
+
+    async def migrate_all(self) -> int: ...
+
+    async def migrate_one(self, user_id: str) -> bool: ...
 
 
 async def upload_keys(client: nio.AsyncClient, attempts: int = 5) -> None:
@@ -512,8 +520,11 @@ class Devices:
                  long_poll_user: UserID | None = None,
                  room_keys: RoomKeyStore | None = None,
                  key_trust: KeyTrust | None = None,
-                 max_open: int = 500, open_gauge: Gauge | None = None) -> None:
+                 max_open: int = 500, open_gauge: Gauge | None = None,
+                 file_stores: FileStores | None = None) -> None:
         self._api = api
+        # Moved into the database at start, or when a device still there opens.
+        self.file_stores = file_stores
         self._max_open = max_open
         self._open_gauge = open_gauge
         # Who may have earlier room keys (None: any later device of a member).
@@ -614,8 +625,11 @@ class Devices:
         """The device's nio client on its state in the database, the device created on
         the server if its keys never were uploaded (one reopened after eviction or
         taken over from another process was: no request)."""
-        crypto = DeviceCrypto(self._crypto, user_id, device_id, self._pickle_key,
-                              await self._crypto.load(user_id))
+        snapshot = await self._crypto.load(user_id)
+        if snapshot.device_id is None and self.file_stores is not None and \
+                await self.file_stores.migrate_one(user_id):
+            snapshot = await self._crypto.load(user_id)  # never a new account instead
+        crypto = DeviceCrypto(self._crypto, user_id, device_id, self._pickle_key, snapshot)
         client = AppserviceDeviceClient(
             self._api.url, user_id, device_id, store_path="",
             # No stored sync tokens: a restart simply starts with one initial sync.
