@@ -48,7 +48,7 @@ from prometheus_client import Gauge
 
 from bridge.db.crypto import CryptoRepo
 from bridge.matrix.api import MatrixAPI, MatrixError, nio_failure
-from bridge.matrix.crypto.journal import DeviceCrypto
+from bridge.matrix.crypto.journal import DeviceCrypto, session_fits
 from bridge.matrix.keyforward import KeyForwarder
 from bridge.matrix.keyshare import KeyTrust, LedgerStore
 from bridge.matrix.keystore import RoomKeyStore
@@ -423,6 +423,7 @@ class Device:
         room = self.client.rooms.get(room_id)
         if room is not None and room.members_synced:
             return
+        first_read = room is None
         if room is None:  # known from now on, so that changes reported meanwhile count
             room = nio.MatrixRoom(room_id, self.client.user_id, encrypted=True)
             self.client.rooms[room_id] = room
@@ -457,7 +458,11 @@ class Device:
             for user_id, content in members.items():
                 room.add_member(user_id, content.get("displayname"), content.get("avatar_url"),
                                 invited=wanted[user_id])
-            if self.client.olm:
+            # New to this client (just opened): the session restored from the database
+            # goes on if it reached exactly who may read now (no new room key for staff
+            # after a restart or a takeover); else it ends, as on any member change.
+            if self.client.olm and not (first_read and session_fits(
+                    self.client.olm, room_id, set(wanted))):
                 self.client.invalidate_outbound_session(room_id)
         # A change reported while the state was being read may be missing from it.
         room.members_synced = self._room_changes.get(room_id, 0) == changes

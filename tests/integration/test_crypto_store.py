@@ -16,7 +16,7 @@ from nio.store import SqliteMemoryStore
 from bridge.db import Database
 from bridge.db.crypto import CryptoJournal, CryptoRepo
 from bridge.db.scope import Scope
-from bridge.matrix.crypto.journal import DeviceCrypto
+from bridge.matrix.crypto.journal import DeviceCrypto, session_fits
 
 GHOST, GHOST_DEV = "@cb_ghost:localhost", "GHOSTDEV"
 STAFF, STAFF_DEV = "@ana:localhost", "ANADEV"
@@ -158,3 +158,22 @@ async def test_a_new_device_id_replaces_what_the_old_one_stored(db: Database) ->
     await new.flush()
     snap = await db.crypto.load(GHOST)
     assert snap.device_id == "NEWDEV" and snap.tracked == set()
+
+
+async def test_a_restored_session_goes_on_only_for_the_same_readers(db: Database) -> None:
+    ghost = await _open(db)
+    olm = ghost.olm
+    assert olm is not None
+    staff = _staff()
+    olm.device_store.add(_device(staff, STAFF, STAFF_DEV))
+    assert not session_fits(olm, ROOM, {GHOST, STAFF})  # no session at all
+    olm.create_outbound_group_session(ROOM)
+    session = olm.outbound_group_sessions[ROOM]
+    assert not session_fits(olm, ROOM, {GHOST, STAFF})  # never shared
+    session.shared = True
+    session.users_shared_with.add((STAFF, STAFF_DEV))
+    assert session_fits(olm, ROOM, {GHOST, STAFF})
+    assert session_fits(olm, ROOM, {GHOST, STAFF, "@nodevices:localhost"})  # queried later
+    assert not session_fits(olm, ROOM, {GHOST})  # staff left meanwhile
+    olm.device_store.add(_device(_staff(), STAFF, "ANA2"))  # a device it never reached
+    assert not session_fits(olm, ROOM, {GHOST, STAFF})

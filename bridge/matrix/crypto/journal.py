@@ -76,3 +76,21 @@ class DeviceCrypto:
         except Exception as exc:
             log.warning("crypto state of %s not written at close (%s)", self.user_id,
                         type(exc).__name__)
+
+
+def session_fits(olm: Olm, room_id: str, readers: set[str]) -> bool:
+    """Whether the room's outbound Megolm session, restored from the database, may go
+    on when a device first reads the room's members: it reached exactly who may read
+    now (nobody it was shared with has left; every known device of a reader has it).
+    Otherwise it ends, as it would have had the device seen the change while open, and
+    the next message goes out under a new session. Devices not known yet are queried
+    before the send; nio ends the session if any appear."""
+    session = olm.outbound_group_sessions.get(room_id)
+    if session is None or not session.shared:
+        return False
+    covered = set(session.users_shared_with) | set(session.users_ignored)
+    if any(user not in readers for user, _device in covered):
+        return False
+    return all((user, device.id) in covered
+               for user in readers for device in olm.device_store.active_user_devices(user)
+               if not device.blacklisted)
