@@ -70,6 +70,7 @@ class OutboundRecord:
     shared: bool
     shared_with: tuple[DeviceRef, ...] = ()
     ignored: tuple[DeviceRef, ...] = ()
+    reserved_index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +196,7 @@ class CryptoRepo:
                     CryptoMegolmOutboundRow.user_id == owner)):
                 snap.outbound.append(OutboundRecord(
                     g.room_id, g.session_id, g.pickle, g.created_at, g.message_count,
-                    g.shared, _pairs(g.shared_with), _pairs(g.ignored)))
+                    g.shared, _pairs(g.shared_with), _pairs(g.ignored), g.reserved_index))
             snap.tracked = set(await session.scalars(select(CryptoTrackedUserRow.user_id)
                                                      .where(CryptoTrackedUserRow.owner == owner)))
             devices = select(CryptoDeviceRow).join(
@@ -250,7 +251,8 @@ class CryptoRepo:
                  "pickle": s.pickle, "created_at": s.created_at,
                  "message_count": s.message_count, "shared": s.shared,
                  "shared_with": json.dumps(sorted(map(list, s.shared_with))),
-                 "ignored": json.dumps(sorted(map(list, s.ignored)))}
+                 "ignored": json.dumps(sorted(map(list, s.ignored))),
+                 "reserved_index": s.reserved_index}
                 for s in journal.outbound.values() if s is not None])
             await self._upsert(session, CryptoDeviceRow, ["user_id", "device_id"], [
                 {"user_id": d.user_id, "device_id": d.device_id,

@@ -548,6 +548,9 @@ class CryptoMegolmOutboundRow(Base):
     shared: Mapped[bool] = mapped_column(Boolean)
     shared_with: Mapped[str] = mapped_column(Text)  # JSON [[user, device], ...]
     ignored: Mapped[str] = mapped_column(Text)  # JSON [[user, device], ...]
+    # The first message index a device restored from this row may use: the row is
+    # written again only when the session gets there (bridge.matrix.crypto.store).
+    reserved_index: Mapped[int] = mapped_column(Integer)
 
 
 class CryptoDeviceRow(Base):

@@ -70,6 +70,7 @@ def upgrade() -> None:
         sa.Column("shared", sa.Boolean, nullable=False),
         sa.Column("shared_with", sa.Text, nullable=False),
         sa.Column("ignored", sa.Text, nullable=False),
+        sa.Column("reserved_index", sa.Integer, nullable=False),
         sa.PrimaryKeyConstraint("user_id", "room_id", name="pk_crypto_megolm_outbound"),
     )
     op.create_table(

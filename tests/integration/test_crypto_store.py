@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import pytest
 from nio import ToDeviceEvent
-from nio.crypto import Olm, OlmDevice, OutboundGroupSession, TrustState
+from nio.crypto import InboundGroupSession, Olm, OlmDevice, OutboundGroupSession, TrustState
 from nio.store import SqliteMemoryStore
 
 from bridge.db import Database
 from bridge.db.crypto import CryptoJournal, CryptoRepo
 from bridge.db.scope import Scope
 from bridge.matrix.crypto.journal import DeviceCrypto, session_fits
+from bridge.matrix.crypto.store import OUTBOUND_RESERVE
 
 GHOST, GHOST_DEV = "@cb_ghost:localhost", "GHOSTDEV"
 STAFF, STAFF_DEV = "@ana:localhost", "ANADEV"
@@ -100,20 +101,29 @@ async def test_the_outbound_session_goes_on_where_it_was(db: Database) -> None:
     assert ghost.olm is not None
     ghost.olm.create_outbound_group_session(ROOM)
     session = ghost.olm.outbound_group_sessions[ROOM]
+    receiver = InboundGroupSession(session.session_key, "ed", "curve", ROOM)
     session.shared = True
     session.users_shared_with.add((STAFF, STAFF_DEV))
     session.encrypt("one")
+    assert await ghost.flush() == 3  # account, own inbound copy, outbound (reserved)
     session.encrypt("two")
-    index = session.message_index
-    await ghost.flush()
+    assert await ghost.flush() == 0  # within the reserved indices: no write
     again = await _open(db)
     assert again.olm is not None
     restored = again.olm.outbound_group_sessions[ROOM]
-    assert (restored.id, restored.message_index, restored.shared) == (session.id, index, True)
-    assert restored.users_shared_with == {(STAFF, STAFF_DEV)}
+    # Past every index the first device may have used before it was lost.
+    assert restored.id == session.id and restored.message_index == 1 + OUTBOUND_RESERVE
+    assert restored.shared and restored.users_shared_with == {(STAFF, STAFF_DEV)}
     assert not again.olm.should_share_group_session(ROOM)
-    restored.encrypt("three")
-    assert await again.flush() == 1  # the index moved: written again
+    # Staff, who got the key at index 0, read what comes next: no new key needed.
+    text, index = receiver.decrypt(restored.encrypt("after the reopen"))
+    assert (text, index) == ("after the reopen", 1 + OUTBOUND_RESERVE)
+    assert await again.flush() == 1  # it used the first reserved index: reserve anew
+    for _ in range(OUTBOUND_RESERVE - 1):
+        restored.encrypt("more")
+        assert await again.flush() == 0
+    restored.encrypt("the reserve is used up")
+    assert await again.flush() == 1  # written again, with the next indices reserved
     # The session ended (a member left): the next open has none.
     again.olm.outbound_group_sessions.pop(ROOM)
     assert await again.flush() == 1
