@@ -20,6 +20,7 @@ from urllib.parse import quote
 import aiohttp
 import nio
 import pytest
+from nio.crypto import TrustState
 
 from bridge.db import Database
 from bridge.matrix.api import MatrixAPI
@@ -149,6 +150,10 @@ async def test_a_store_of_the_previous_version_moves_in_and_keeps_working(
         assert await stores.migrate_all() == 0  # nothing left: idempotent
         snapshot = await db.crypto.load(ghost)
         assert snapshot.device_id == device_id and snapshot.olm_sessions and snapshot.inbound
+        # The trust marks of nio's text files came too (the ghost ignored, i.e. accepted
+        # unverified, staff's device when it sent), and the users it followed.
+        assert snapshot.trust[(staff.user_id, staff.device_id)] == TrustState.ignored.value
+        assert staff.user_id in snapshot.tracked
 
         devices = Devices(api, db.crypto, PASSPHRASE, file_stores=stores)
         device = await devices.open(ghost, device_id)
