@@ -123,12 +123,14 @@ class AppserviceConfig(_Section):
     # so the encrypting bot is `{ghost_prefix}bot`.
     bot_localpart: Localpart = "civicbridge"
     ghost_prefix: Localpart = "cb_"
+    # Legacy (before revision 0016 the devices' E2EE state was one nio file per device
+    # here): only read at start, to move such files into the database
+    # (bridge.matrix.crypto.legacy). Nothing is written here any more.
     store_dir: str = "./store"
-    # The crypto store's SQLite journal (bridge.matrix.niostore): "wal" keeps commits from
-    # blocking the event loop on fsync; "delete" for a store on a network volume.
+    # Legacy: the journal mode of those files. Accepted, no longer used.
     store_journal: Literal["wal", "delete"] = "wal"
     # Ghost devices open in memory at most (least recently used closed first; their state
-    # stays in the store) and how long an unused one stays open.
+    # stays in the database) and how long an unused one stays open.
     max_open_devices: Annotated[int, Field(ge=1)] = 500
     device_idle_seconds: Annotated[float, Field(gt=0)] = 600.0
     # A staff event whose room key has not reached the bot waits aside and is retried

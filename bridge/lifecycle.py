@@ -160,6 +160,15 @@ class Lifecycle:
                 log.warning("could not convert WhatsApp items queued by an earlier "
                             "version (%s); they are converted as they run",
                             type(exc).__name__)
+        if self.devices.file_stores is not None:
+            # Before any device opens: the nio files of earlier versions move into the
+            # database (bridge.matrix.crypto.legacy). One that fails is moved when its
+            # device opens, which fails meanwhile rather than get a new account.
+            try:
+                await self.devices.file_stores.migrate_all()
+            except Exception as exc:
+                log.error("E2EE file stores not moved into the database (%s)",
+                          type(exc).__name__)
         delay = 1.0
         while True:
             try:

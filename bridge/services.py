@@ -37,6 +37,7 @@ from bridge.matrix.api import MatrixAPI
 from bridge.matrix.as_recovery import AppserviceRecovery
 from bridge.matrix.bot_invites import BotInvitePolicy
 from bridge.matrix.catchup import ToDeviceCatchUp
+from bridge.matrix.crypto.legacy import LegacyStores
 from bridge.matrix.crypto_feed import CryptoFeed, ToDeviceHandler
 from bridge.matrix.crypto_parts import unwrap
 from bridge.matrix.devices import Devices
@@ -143,14 +144,14 @@ async def build_bridge(config: Config) -> Bridge:
     api = MatrixAPI(http, config.homeserver.url, config.appservice.as_token)
     trust = Trust(db, http, config.homeserver.url, config.appservice.as_token, privacy.cipher)
     metrics = Metrics()
-    devices = Devices(api, store_dir, pickle_passphrase(store_key), on_ready=trust,
+    devices = Devices(api, db.crypto, pickle_passphrase(store_key), on_ready=trust,
                       long_poll_user=UserID(config.bot_mxid),
                       room_keys=RoomKeyStore(db.room_keys, privacy.cipher),
                       key_trust=CrossSignedDevices(api, metrics)
                       if config.e2ee.forward_keys_to == "cross-signed" else None,
-                      store_journal=config.appservice.store_journal,
                       max_open=config.appservice.max_open_devices,
-                      open_gauge=metrics.open_devices)
+                      open_gauge=metrics.open_devices,
+                      file_stores=LegacyStores(db, store_dir))
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)
     crypto = CryptoFeed(devices, metrics.to_device_dropped)

@@ -479,3 +479,122 @@ class ReactionRow(Base):
     ghost_user_id: Mapped[str] = mapped_column(ID, primary_key=True)
     target_event_id: Mapped[str] = mapped_column(ID, primary_key=True)
     reaction_event_id: Mapped[str] = mapped_column(ID)
+
+
+# E2EE crypto state of the bridge's devices (bot and ghosts), issue 16 point 2. What
+# matrix-nio kept in one SQLite file per device under `appservice.store_dir`; read and
+# written by bridge.db.crypto, used through bridge.matrix.crypto.store. Every `pickle`
+# is a vodozemac pickle made with the store key's passphrase (bridge.matrix.storekey):
+# authenticated encryption, sealed as the file stores were; rotating the data key
+# re-wraps the store key only. Rows are per owner (the device's user) except the
+# device directory, which every owner shares (staff devices are the same for all).
+
+
+class CryptoAccountRow(Base):
+    """A device's Olm account: its identity keys and unpublished one-time keys."""
+
+    __tablename__ = "crypto_accounts"
+
+    user_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ID)
+    pickle: Mapped[str] = mapped_column(Text)
+    shared: Mapped[bool] = mapped_column(Boolean)  # its identity keys are on the server
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Where the device's last inbox catch-up ended (bridge.matrix.catchup).
+    sync_token: Mapped[str | None] = mapped_column(Text)
+    # The file store it was moved from (bridge.matrix.crypto.legacy), if any.
+    migrated_from: Mapped[str | None] = mapped_column(Text)
+
+
+class CryptoOlmSessionRow(Base):
+    """An Olm (1:1) session of a device with another device (`sender_key`)."""
+
+    __tablename__ = "crypto_olm_sessions"
+
+    user_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    sender_key: Mapped[str] = mapped_column(ID)
+    pickle: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class CryptoMegolmInboundRow(Base):
+    """A room key a device received: it decrypts staff messages of `room_id`."""
+
+    __tablename__ = "crypto_megolm_inbound"
+
+    user_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    sender_key: Mapped[str] = mapped_column(ID)
+    signing_key: Mapped[str] = mapped_column(ID)
+    room_id: Mapped[str] = mapped_column(ID)
+    pickle: Mapped[str] = mapped_column(Text)
+    forwarding_chain: Mapped[str] = mapped_column(Text)  # JSON list of curve25519 keys
+
+
+class CryptoMegolmOutboundRow(Base):
+    """The Megolm session a device encrypts a room's messages with (nio keeps it in
+    memory only: persisted, a restart or takeover goes on with it instead of sharing a
+    new one)."""
+
+    __tablename__ = "crypto_megolm_outbound"
+
+    user_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    room_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ID)
+    pickle: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    message_count: Mapped[int] = mapped_column(Integer)
+    shared: Mapped[bool] = mapped_column(Boolean)
+    shared_with: Mapped[str] = mapped_column(Text)  # JSON [[user, device], ...]
+    ignored: Mapped[str] = mapped_column(Text)  # JSON [[user, device], ...]
+    # The first message index a device restored from this row may use: the row is
+    # written again only when the session gets there (bridge.matrix.crypto.store).
+    reserved_index: Mapped[int] = mapped_column(Integer)
+
+
+class CryptoDeviceRow(Base):
+    """A device of a Matrix user as /keys/query showed it (shared by every owner)."""
+
+    __tablename__ = "crypto_devices"
+
+    user_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    curve25519: Mapped[str | None] = mapped_column(ID, index=True)
+    keys: Mapped[str] = mapped_column(Text)  # JSON {"curve25519": ..., "ed25519": ...}
+    display_name: Mapped[str] = mapped_column(Text)
+    deleted: Mapped[bool] = mapped_column(Boolean)
+
+
+class CryptoDeviceTrustRow(Base):
+    """How one owner's device trusts another device (nio's TrustState value)."""
+
+    __tablename__ = "crypto_device_trust"
+
+    owner: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    state: Mapped[int] = mapped_column(Integer)
+
+
+class CryptoTrackedUserRow(Base):
+    """A user whose device list an owner's device follows (nio's `tracked_users`: its
+    devices are loaded with the owner's machine)."""
+
+    __tablename__ = "crypto_tracked_users"
+
+    owner: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, primary_key=True)
+
+
+class CryptoKeyRequestRow(Base):
+    """A room key a device asked other devices for and has not received yet."""
+
+    __tablename__ = "crypto_key_requests"
+
+    owner: Mapped[str] = mapped_column(ID, primary_key=True)
+    request_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ID)
+    room_id: Mapped[str] = mapped_column(ID)
+    algorithm: Mapped[str] = mapped_column(ID)

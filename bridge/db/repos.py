@@ -9,6 +9,7 @@ from sqlalchemy import delete, select, update
 
 from bridge.auditchain import AuditKeys
 from bridge.db.audit import AuditRepo
+from bridge.db.crypto import CryptoRepo
 from bridge.db.deadletters import DeadLetterRepo
 from bridge.db.held import HeldRepo, MuteRepo, ReactionRepo
 from bridge.db.invites import InviteRepo
@@ -167,6 +168,7 @@ class Repositories:
         self.subscriptions = SubscriptionRepo(scope)
         self.notices = NoticeRepo(scope)
         self.room_keys = RoomKeyRepo(scope)
+        self.crypto = CryptoRepo(scope)
         self.sealed = SealedRepo(scope)
         self.dead_letters = DeadLetterRepo(scope)
         self.reports = ReportRepo(scope)

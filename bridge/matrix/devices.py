@@ -23,9 +23,10 @@ Devices are created with the as_token (`MatrixAPI.create_device`, MSC4190) and e
 request a device's nio client makes carries the as_token with `?user_id=&device_id=`
 (MSC3202 device masquerading): no device has a login or a token of its own.
 
-Crypto state lives in nio's SQLite store under `appservice.store_dir`, pickled with the
-store key (bridge.matrix.storekey: random, wrapped by `privacy.data_key`, so rotating the
-data key leaves the stores alone), so it survives restarts; the device id is fixed
+Crypto state lives in the bridge's database (bridge.matrix.crypto: read when a device
+opens, written by journal; no file, no shared volume), pickled with the store key
+(bridge.matrix.storekey: random, wrapped by `privacy.data_key`, so rotating the data key
+leaves the pickles alone), so it survives restarts and takeovers; the device id is fixed
 per user (stored in the ghosts table) so keys are reused, never regenerated. The room
 keys kept for staff devices that appear later (bridge.matrix.keyshare) are in the
 bridge's database, sealed with the data key, and reloaded when a device opens.
@@ -36,22 +37,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import nio
 from prometheus_client import Gauge
 
+from bridge.db.crypto import CryptoRepo
 from bridge.matrix.api import MatrixAPI, MatrixError, nio_failure
+from bridge.matrix.crypto.journal import DeviceCrypto, session_fits
 from bridge.matrix.keyforward import KeyForwarder
 from bridge.matrix.keyshare import KeyTrust, LedgerStore
 from bridge.matrix.keystore import RoomKeyStore
-from bridge.matrix.niostore import store_class
 from bridge.types import DeviceID, RoomID, UserID
 
 if TYPE_CHECKING:
@@ -96,6 +96,14 @@ FALLBACK_SETTLE_SECONDS = 30.0
 DeviceReadyHook = Callable[[UserID, DeviceID], Awaitable[None]]
 
 
+class FileStores(Protocol):
+    """The nio file stores of earlier versions (bridge.matrix.crypto.legacy)."""
+
+    async def migrate_all(self) -> int: ...
+
+    async def migrate_one(self, user_id: str) -> bool: ...
+
+
 async def upload_keys(client: nio.AsyncClient, attempts: int = 5) -> None:
     """Upload the device's keys, recovering from an account that forgot an upload.
 
@@ -135,6 +143,7 @@ async def upload_fallback_key(client: nio.AsyncClient, api: MatrixAPI) -> None:
     if not account.fallback_key:
         account.generate_fallback_key()
         olm.save_account()
+    await flush_crypto(client)  # stored before the server can hand it out
     keys: dict[str, Any] = {}
     for key_id, key in account.fallback_key.items():
         signed: dict[str, Any] = {"key": key.to_base64(), "fallback": True}
@@ -147,6 +156,13 @@ async def upload_fallback_key(client: nio.AsyncClient, api: MatrixAPI) -> None:
     olm.save_account()
 
 
+async def flush_crypto(client: nio.AsyncClient) -> None:
+    """Write the device's crypto journal now (bridge.matrix.crypto.journal)."""
+    crypto = getattr(client, "crypto", None)
+    if isinstance(crypto, DeviceCrypto):
+        await crypto.flush()
+
+
 def pending_fallback_key(client: nio.AsyncClient) -> bool:
     """A fallback key generated and saved, but not known to be on the server."""
     return client.olm is not None and bool(client.olm.account._account.fallback_key)
@@ -154,10 +170,15 @@ def pending_fallback_key(client: nio.AsyncClient) -> bool:
 
 class AppserviceDeviceClient(nio.AsyncClient):  # type: ignore[misc]  # nio is untyped
     """A nio client that speaks for one device of a user of the bridge's namespace with
-    the appservice's token: `user_id` and `device_id` go into every request's query."""
+    the appservice's token: `user_id` and `device_id` go into every request's query.
+    Its crypto journal is written before each request leaves (design §5.3 rule 1)."""
+
+    crypto: DeviceCrypto | None = None
 
     async def _send(self, response_class: Any, method: str, path: str, *args: Any,
                     **kwargs: Any) -> Any:
+        if self.crypto is not None:
+            await self.crypto.flush()
         url = urlsplit(path)
         query = [(k, v) for k, v in parse_qsl(url.query, keep_blank_values=True)
                  if k not in ("user_id", "device_id")]
@@ -222,6 +243,9 @@ class Device:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        crypto = getattr(self.client, "crypto", None)
+        if isinstance(crypto, DeviceCrypto):
+            await crypto.close()
         await self.client.close()
 
     @property
@@ -283,6 +307,7 @@ class Device:
                 self._last_upkeep = asyncio.get_running_loop().time()
                 self.synced.set()
                 await self.forward_keys()
+                await flush_crypto(self.client)
                 return
             resp = await self.client.sync(timeout=timeout_ms, sync_filter=SYNC_FILTER,
                                           full_state=not self.synced.is_set())
@@ -297,6 +322,7 @@ class Device:
             self._last_upkeep = asyncio.get_running_loop().time()
             self.synced.set()
             await self.forward_keys()
+            await flush_crypto(self.client)
 
     async def forward_keys(self) -> None:
         """Send earlier room keys to devices that are owed them; never fails a send."""
@@ -338,6 +364,7 @@ class Device:
         await self.client._handle_to_device(batch)
         if self.client.olm is not None:
             await self.client._collect_key_requests()
+        await flush_crypto(self.client)  # new Olm sessions and room keys
         self.wake()
 
     def key_counts(self, otk: int | None = None,
@@ -396,6 +423,7 @@ class Device:
         room = self.client.rooms.get(room_id)
         if room is not None and room.members_synced:
             return
+        first_read = room is None
         if room is None:  # known from now on, so that changes reported meanwhile count
             room = nio.MatrixRoom(room_id, self.client.user_id, encrypted=True)
             self.client.rooms[room_id] = room
@@ -430,7 +458,11 @@ class Device:
             for user_id, content in members.items():
                 room.add_member(user_id, content.get("displayname"), content.get("avatar_url"),
                                 invited=wanted[user_id])
-            if self.client.olm:
+            # New to this client (just opened): the session restored from the database
+            # goes on if it reached exactly who may read now (no new room key for staff
+            # after a restart or a takeover); else it ends, as on any member change.
+            if self.client.olm and not (first_read and session_fits(
+                    self.client.olm, room_id, set(wanted))):
                 self.client.invalidate_outbound_session(room_id)
         # A change reported while the state was being read may be missing from it.
         room.members_synced = self._room_changes.get(room_id, 0) == changes
@@ -488,23 +520,24 @@ class Device:
 class Devices:
     """Opens, caches and closes the E2EE devices of users in the bridge's namespace."""
 
-    def __init__(self, api: MatrixAPI, store_dir: Path, pickle_key: str,
+    def __init__(self, api: MatrixAPI, crypto: CryptoRepo, pickle_key: str,
                  on_ready: DeviceReadyHook | None = None,
                  long_poll_user: UserID | None = None,
                  room_keys: RoomKeyStore | None = None,
                  key_trust: KeyTrust | None = None,
-                 store_journal: Literal["wal", "delete"] = "wal",
-                 max_open: int = 500, open_gauge: Gauge | None = None) -> None:
+                 max_open: int = 500, open_gauge: Gauge | None = None,
+                 file_stores: FileStores | None = None) -> None:
         self._api = api
+        # Moved into the database at start, or when a device still there opens.
+        self.file_stores = file_stores
         self._max_open = max_open
         self._open_gauge = open_gauge
-        self._store_class = store_class(store_journal)
         # Who may have earlier room keys (None: any later device of a member).
         self._key_trust = key_trust
         # Where each device's key ledger outlives a restart (None: in memory only).
         self._room_keys = room_keys
         self._long_poll_user = long_poll_user
-        self._store_dir = store_dir
+        self._crypto = crypto
         # nio pickles Olm/Megolm state with this passphrase (storekey.pickle_passphrase).
         self._pickle_key = pickle_key
         self._on_ready = on_ready
@@ -582,6 +615,7 @@ class Devices:
             client = await self._client(user_id, device_id)
             try:
                 device = await self._make_ready(client, user_id, device_id)
+                await flush_crypto(client)  # a new account, keys just published
             except BaseException:
                 await client.close()  # not cached: the next open tries again
                 raise
@@ -593,19 +627,26 @@ class Devices:
         return device
 
     async def _client(self, user_id: UserID, device_id: DeviceID) -> nio.AsyncClient:
-        """The device's nio client on its store, the device created on the server if its
-        keys never were uploaded (one reopened after eviction was: no request)."""
-        store = self._store_dir / user_id[1:].split(":", 1)[0]
-        store.mkdir(parents=True, exist_ok=True)
+        """The device's nio client on its state in the database, the device created on
+        the server if its keys never were uploaded (one reopened after eviction or
+        taken over from another process was: no request)."""
+        snapshot = await self._crypto.load(user_id)
+        if snapshot.device_id is None and self.file_stores is not None and \
+                await self.file_stores.migrate_one(user_id):
+            snapshot = await self._crypto.load(user_id)  # never a new account instead
+        crypto = DeviceCrypto(self._crypto, user_id, device_id, self._pickle_key, snapshot)
         client = AppserviceDeviceClient(
-            self._api.url, user_id, device_id, store_path=str(store),
-            # No stored sync tokens: nio saves them with a blocking SQLite commit on
-            # every sync; a restart simply starts with one initial sync.
+            self._api.url, user_id, device_id, store_path="",
+            # No stored sync tokens: a restart simply starts with one initial sync.
             config=nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=False,
-                                         pickle_key=self._pickle_key,
-                                         store=self._store_class),
+                                         pickle_key=self._pickle_key),
         )
+        # A store already set: restore_login loads none of its own (nio's would be a
+        # file); the machine is built on ours.
+        client.store = crypto.store
         client.restore_login(user_id, device_id, self._api.as_token)
+        client.olm = crypto.machine()
+        client.crypto = crypto
         if client.olm is None or not client.olm.account.shared:
             try:
                 await self._api.create_device(user_id, device_id)
@@ -704,13 +745,12 @@ class Devices:
             self._open_gauge.set(len(self._devices))
 
     async def forget(self, user_id: UserID) -> None:
-        """Close the user's device and delete its crypto store and the room keys kept
+        """Close the user's device and delete its crypto state and the room keys kept
         for later devices (the account is gone)."""
         device = self._devices.pop(user_id, None)
         if device is not None:
             await device.stop()
-        store = self._store_dir / user_id[1:].split(":", 1)[0]
-        await asyncio.to_thread(shutil.rmtree, store, True)
+        await self._crypto.delete_owner(user_id)
         if self._room_keys is not None:
             await self._room_keys.forget(user_id)
 

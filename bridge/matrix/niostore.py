@@ -1,5 +1,9 @@
 """matrix-nio's crypto store with SQLite in WAL mode.
 
+Since revision 0016 the bridge's own devices keep their state in its database
+(bridge.matrix.crypto) and `appservice.store_journal` is no longer used; this store
+remains for other nio clients run next to the bridge (the tests' staff clients).
+
 nio writes its store synchronously from the event loop: every new Olm session, Megolm
 session and ratchet step is a commit. In SQLite's default rollback-journal mode each
 commit waits for fsync, and on a busy 2-core machine that blocked the loop for 100-350 ms

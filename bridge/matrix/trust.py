@@ -66,7 +66,7 @@ class Trust:
     async def upgrade_existing(self, store_dir: Path) -> int:
         """Cross-sign devices of ghosts created before cross-signing existed.
 
-        Only ghosts whose device was ever opened (a crypto store exists) have device keys
+        Only ghosts whose device was ever opened (crypto state is stored) have device keys
         on the server; the rest are signed when their device first opens. A ghost the
         homeserver refuses (e.g. its device keys never got uploaded because a crash hit
         between login and upload) is logged and skipped, not fatal: it is retried when its
@@ -74,9 +74,12 @@ class Trust:
         Returns how many devices are now cross-signed.
         """
         count = 0
+        opened = await self._db.crypto.owners()
         for ghost in await self._db.ghosts.all():
             localpart = ghost.user_id[1:].split(":", 1)[0]
-            if ghost.registered and (store_dir / localpart).exists():
+            # A store in the database, or a file store not moved there yet.
+            if ghost.registered and (ghost.user_id in opened
+                                     or (store_dir / localpart).exists()):
                 try:
                     await self(UserID(ghost.user_id), DeviceID(ghost.device_id))
                 except crosssign.CrossSigningError as exc:

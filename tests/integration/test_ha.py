@@ -7,9 +7,10 @@ to do, the standby takes over within seconds and does that work: nothing lost, n
 done twice. When the active one's lock connection is cut instead, it exits with status
 3 and the other takes over.
 
-Both processes use the session's real Synapse (the registration it loaded) and ONE
-crypto store directory, as the Kubernetes layout shares an RWX volume: the process
-that takes over reuses the devices the first one created. Work is driven straight at
+Both processes use the session's real Synapse (the registration it loaded) and each
+its own, empty `appservice.store_dir`: no volume is shared (the E2EE state is in the
+database since revision 0016), and the process that takes over reuses the devices the
+first one created. Work is driven straight at
 the processes (signed webhooks, appservice transactions with the hs_token); their
 logs are JSON (`logging.format: json`) and every line must parse.
 """
@@ -17,6 +18,7 @@ logs are JSON (`logging.format: json`) and every line must parse.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -180,14 +182,14 @@ def matrix_events(count: int) -> list[dict[str, Any]]:
 
 
 class Cluster:
-    """Two bridge processes, their shared PostgreSQL database, store and Cloud API."""
+    """Two bridge processes, their shared PostgreSQL database and Cloud API; each has its
+    own store directory (nothing in it: the crypto state is in the database)."""
 
     def __init__(self, tmp: Path, synapse: SynapseHarness, db_url: str, wa: CloudAPISimulator,
-                 api_base: str, http: aiohttp.ClientSession) -> None:
+                 api_base: str, http: aiohttp.ClientSession, staff: list[str] | None = None
+                 ) -> None:
         self.wa = wa
         self.db_url = db_url
-        store = tmp / "shared-store"  # the RWX volume
-        store.mkdir()
         base = synapse.config
         # A ghost prefix of our own (inside the registered `cb_` namespace): a new bot
         # user, so the session's other bridge and its cross-signing keys are not touched.
@@ -195,8 +197,7 @@ class Cluster:
         raw = {
             "homeserver": {"url": base.homeserver.url, "domain": base.homeserver.domain},
             "appservice": {"listen_host": "127.0.0.1", "as_token": base.appservice.as_token,
-                           "hs_token": base.appservice.hs_token, "ghost_prefix": prefix,
-                           "store_dir": str(store)},
+                           "hs_token": base.appservice.hs_token, "ghost_prefix": prefix},
             "database": {"url": db_url},
             "privacy": {"data_key": base.privacy.data_key, "index_key": base.privacy.index_key},
             "audit": {"key": base.audit.key},
@@ -206,6 +207,7 @@ class Cluster:
                          "app_secret": wa.app_secret,
                          "verify_token": secrets.token_urlsafe(16)},
             "logging": {"level": "INFO", "format": "json"},
+            "portals": {"staff": staff or []},
         }
         self.procs: list[BridgeProcess] = []
         for name in ("a", "b"):
@@ -214,7 +216,9 @@ class Cluster:
             conf_dir = tmp / name
             conf_dir.mkdir()
             path = conf_dir / "config.yaml"
-            cfg = {**raw, "appservice": {**raw["appservice"], "listen_port": port},
+            store = conf_dir / "store"  # the process's own, empty: no shared volume
+            cfg = {**raw, "appservice": {**raw["appservice"], "listen_port": port,
+                                         "store_dir": str(store)},
                    "admin": {**raw["admin"], "listen_port": admin_port},
                    "metrics": {"listen_port": other_free_port(port, admin_port)}}
             path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
@@ -225,9 +229,9 @@ class Cluster:
             await p.stop()
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path, synapse: SynapseHarness,
-                  pg_server: PgServer) -> AsyncIterator[Cluster]:
+@contextlib.asynccontextmanager
+async def make_cluster(tmp_path: Path, synapse: SynapseHarness, pg_server: PgServer,
+                       staff: list[str] | None = None) -> AsyncIterator[Cluster]:
     db_url = await pg_server.create()
     await upgrade(db_url)
     wa = CloudAPISimulator(access_token=secrets.token_urlsafe(24),
@@ -235,12 +239,19 @@ async def cluster(tmp_path: Path, synapse: SynapseHarness,
                            display_phone_number="+34 900 000 000")
     api_base = await wa.start()
     async with aiohttp.ClientSession() as http:
-        c = Cluster(tmp_path, synapse, db_url, wa, api_base, http)
+        c = Cluster(tmp_path, synapse, db_url, wa, api_base, http, staff)
         try:
             yield c
         finally:
             await c.stop()
             await wa.stop()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, synapse: SynapseHarness,
+                  pg_server: PgServer) -> AsyncIterator[Cluster]:
+    async with make_cluster(tmp_path, synapse, pg_server) as c:
+        yield c
 
 
 async def _scalar(db: Database, sql: str, **params: Any) -> Any:

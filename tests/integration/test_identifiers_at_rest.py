@@ -26,11 +26,11 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, insert, select, text
 
 from bridge.db import downgrade, upgrade
 from bridge.db.engine import create_engine
-from bridge.db.models import InboundRow
+from bridge.db.models import Base, InboundRow
 from bridge.devtools.simulator import SimulatedUser
 from bridge.legacy_wamids import key_legacy_wamids
 from bridge.rooms_wa.policy import ACCEPT_BUTTON
@@ -52,6 +52,30 @@ pytestmark = pytest.mark.integration
 def pg(request: pytest.FixtureRequest) -> PgServer | None:
     # Sync, so that only the chosen backend's session fixture is asked for.
     return request.getfixturevalue("pg_server") if request.param == "postgresql" else None
+
+
+CRYPTO_TABLES = [t for t in Base.metadata.sorted_tables if t.name.startswith("crypto_")]
+
+
+async def _crypto_rows(url: str) -> dict[str, list[dict[str, Any]]]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return {t.name: [dict(r._mapping) for r in await conn.execute(select(t))]
+                    for t in CRYPTO_TABLES}
+    finally:
+        await engine.dispose()
+
+
+async def _put_back_crypto_rows(url: str, rows: dict[str, list[dict[str, Any]]]) -> None:
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            for table in CRYPTO_TABLES:
+                if rows[table.name]:
+                    await conn.execute(insert(table), rows[table.name])
+    finally:
+        await engine.dispose()
 
 
 async def new_db(pg: PgServer | None, tmp: Path) -> str:
@@ -500,11 +524,15 @@ async def _legacy_journey(bridge: BridgeHarness, db_url: str, tmp_path: Path, tr
             await h.running.idle("whatsapp")
             privacy = b.privacy
         known = traces.wamids + run.issued()
+        # Before 0016 the devices' E2EE state was in files the downgrade left alone; it
+        # is in the database now, and kept across the round trip as the files were.
+        devices = await _crypto_rows(db_url)
         await downgrade(db_url, "0009")
         await _as_before_0010(db_url, {privacy.index.wamid(w): w for w in known})
         before = await dump(db_url)
         assert len(find_clear(before.rows, known)) > 5  # what the old code kept in clear
         await upgrade(db_url)
+        await _put_back_crypto_rows(db_url, devices)
 
         async with own_bridge(bridge, db_url, tmp_path, prefix) as h:
             run.h = h

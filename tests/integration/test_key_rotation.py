@@ -1,9 +1,9 @@
 """The key lifecycle end to end: real Synapse, the Cloud API simulator, E2EE staff.
 
-A bridge of its own (its own database, crypto stores, keys and namespace prefix) takes
-the session's appservice port for the test. It first meets stores as the previous
-version left them (locked with a passphrase derived from the data key, no store key in
-the database), then has both privacy keys rotated as docs/keys.md says: old keys moved
+A bridge of its own (its own database, crypto state, keys and namespace prefix) takes
+the session's appservice port for the test. It first meets crypto state as a version
+before the store key left it (locked with a passphrase derived from the data key, no
+store key in the database), then has both privacy keys rotated as docs/keys.md says: old keys moved
 to `previous_*`, `civic-bridge rekey`, old keys removed. After each restart the ghost's
 existing device still encrypts to staff, the citizen is found by phone number and routed
 to the same portal, held messages still go out, and the audit chain verifies.
@@ -13,23 +13,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import hashlib
 import os
 import secrets
-import sqlite3
 import string
 import sys
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
-from nio.store import DefaultStore
+from nio.crypto import InboundGroupSession, OlmAccount, OutboundGroupSession, Session
+from sqlalchemy import select
 
 from bridge.config import Config, load_config
+from bridge.db.models import (
+    CryptoAccountRow,
+    CryptoMegolmInboundRow,
+    CryptoMegolmOutboundRow,
+    CryptoOlmSessionRow,
+)
 from bridge.matrix.storekey import STORE_KEY
 from bridge.privacy import AAD_STORE_KEY, Cipher
 from bridge.types import UserID
@@ -51,29 +58,27 @@ def _previous_version_passphrase(data_key: str) -> str:
     return hashlib.sha256(b"civic-bridge nio pickle\0" + raw).hexdigest()
 
 
-def _relock_stores(store_dir: Path, old: str, new: str) -> int:
-    """Re-pickle every nio store under `store_dir` from passphrase `old` to `new`."""
-    count = 0
-    for path in sorted(store_dir.glob("*/*.db")):
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            row = conn.execute("SELECT user_id, device_id FROM accounts").fetchone()
-        if row is None:
-            continue
-        store = DefaultStore(row[0], row[1], str(path.parent), pickle_key=old,
-                             database_name=path.name)
-        account = store.load_account()
-        sessions = store.load_sessions()
-        groups = store.load_inbound_group_sessions()
-        store.pickle_key = new
-        store.save_account(account)
-        for sender_key, items in sessions.items():
-            for session in items:
-                store.save_session(sender_key, session)
-        for group in groups:
-            store.save_inbound_group_session(group)
-        store.database.close()
-        count += 1
-    return count
+async def _relock_stores(url: str, old: str, new: str) -> int:
+    """Re-pickle every device's crypto state in the database (revision 0016: no more
+    files) from passphrase `old` to `new`; how many devices."""
+    from bridge.db import Database
+
+    pickles: list[tuple[Any, Callable[[bytes], Any]]] = [
+        (CryptoAccountRow, lambda p: OlmAccount.from_pickle(p, old)),
+        (CryptoOlmSessionRow, lambda p: Session.from_pickle(p, datetime.now(), old)),
+        (CryptoMegolmInboundRow,
+         lambda p: InboundGroupSession.from_pickle(p, "", "", "", old)),
+        (CryptoMegolmOutboundRow, lambda p: OutboundGroupSession.from_pickle(p, old)),
+    ]
+    db = await Database.open(url)
+    try:
+        async with db.session() as session:
+            for model, load in pickles:
+                for row in await session.scalars(select(model)):
+                    row.pickle = load(row.pickle.encode()).pickle(new).decode()
+            return len((await session.scalars(select(CryptoAccountRow))).all())
+    finally:
+        await db.close()
 
 
 def _write(path: Path, raw: dict[str, Any]) -> Config:
@@ -185,8 +190,8 @@ async def test_rotating_both_privacy_keys_keeps_e2ee_look_ups_and_the_audit_chai
         await mine.stop()
         store_key = Cipher(base64.b64decode(old_data)).decrypt(
             str(await _kv(blank_db_url, STORE_KEY)), aad=AAD_STORE_KEY)
-        assert _relock_stores(tmp_path / "store", store_key.hex(),
-                              _previous_version_passphrase(old_data)) >= 2
+        assert await _relock_stores(blank_db_url, store_key.hex(),
+                                    _previous_version_passphrase(old_data)) >= 2
         await _kv(blank_db_url, STORE_KEY, delete=True)
         await mine.start()
         await r.still_works("después de actualizar")

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import os
 import secrets
-import shutil
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -285,12 +284,21 @@ async def _set_device_id(url: str, user_id: UserID, device_id: str) -> None:
         await db.close()
 
 
+async def _lose_crypto_state(url: str, user_id: UserID) -> None:
+    """The device's crypto state is gone (it lives in the database since revision 0016)."""
+    db = await Database.open(url)
+    try:
+        assert await db.crypto.delete_owner(user_id) > 0
+    finally:
+        await db.close()
+
+
 async def test_new_device_after_reset_is_signed_by_same_identity(
         bridge: BridgeHarness) -> None:
     """A ghost's device is replaced (crypto store lost, new device id): the new device is
     signed by the same identity, so Element still shows no shield and no identity reset.
     A second ghost whose new device never got its keys onto the server (crash between
-    login and key upload: store directory present, keys missing) must not block startup."""
+    login and key upload: crypto state stored, keys missing) must not block startup."""
     room_id, account = await room_with_checker(bridge, "Nuevo dispositivo")
     b = bridge.running.bridge
     reset, half_open = await ghost_in_room(b, room_id), await ghost_in_room(b, room_id)
@@ -301,8 +309,7 @@ async def test_new_device_after_reset_is_signed_by_same_identity(
 
     config = bridge.running.config
     await bridge.running.stop()
-    store_dir = Path(config.appservice.store_dir)
-    shutil.rmtree(store_dir / reset[1:].split(":", 1)[0])
+    await _lose_crypto_state(config.database.url, reset)
     new_devices = {reset: new_device_id(), half_open: new_device_id()}
     for ghost, device_id in new_devices.items():
         await _set_device_id(config.database.url, ghost, device_id)
