@@ -5,7 +5,7 @@ sent rows kept until the purge, 1 ms with this index), and PostgreSQL sorted eve
 pending row for each claim (a fan-out of 20 posts to 1,000 members queues 20,000).
 
 Revision ID: 0017
-Revises: 0014
+Revises: 0016
 Create Date: 2026-12-02
 
 Hand-written; never edit once landed.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0017"
-down_revision: str | Sequence[str] | None = "0014"
+down_revision: str | Sequence[str] | None = "0016"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

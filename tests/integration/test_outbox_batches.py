@@ -159,7 +159,7 @@ async def test_a_slow_send_does_not_hold_up_other_citizens(rig: Rig) -> None:
     Its batch-mates' next sends wait until the batch is recorded (a citizen's sends go
     one after another), and so does the slow citizen's."""
     citizens = await rig.members(24)
-    box = rig.outbox(concurrency=4)  # batches of 8: the first holds members 0-7
+    box = rig.outbox(concurrency=2)  # batches of 8: the first holds members 0-7
     await rig.post(box, citizens, 2)
     numbers = ["3460" + f"{i:07d}" for i in range(24)]
     release = rig.sim.hold_next_send(lambda body: body["to"] == numbers[0], timeout=60)
