@@ -29,10 +29,11 @@ from typing import Any, TypeVar
 import nio
 from aiohttp import web
 
-from bridge.app import BRIDGE, make_app
+from bridge.app import BRIDGE, make_app, serve_public
 from bridge.config import Config, parse_config
 from bridge.db.engine import upgrade
 from bridge.devtools.synapse import LocalSynapse, free_port
+from bridge.heap import freeze_startup_heap
 from bridge.registration import registration_yaml
 from bridge.services import Bridge
 
@@ -142,9 +143,11 @@ async def start_bridge(config: Config, stack: AsyncExitStack) -> Bridge:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, "127.0.0.1", config.appservice.listen_port).start()
+    server = await serve_public(app, "127.0.0.1", config.appservice.listen_port)
+    stack.push_async_callback(server.stop)
     bridge = app[BRIDGE]
     await asyncio.wait_for(bridge.ready.wait(), 60)
+    freeze_startup_heap()  # as `civic-bridge run` does once ready
     return bridge
 
 

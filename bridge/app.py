@@ -28,6 +28,7 @@ from bridge.web import rooms_wa  # also adds its verbs to the admin sub-app's ro
 from bridge.web.admin import PREFIX as ADMIN_PREFIX
 from bridge.web.admin import admin_app
 from bridge.web.appservice import routes as appservice_routes
+from bridge.web.ingest_thread import IngestThread
 from bridge.web.invites import routes as invite_routes
 from bridge.web.middleware import error_middleware
 from bridge.web.ops import metrics_routes
@@ -96,6 +97,15 @@ def _sharing(app: web.Application, owner: web.Application) -> web.Application:
     return app
 
 
+async def serve_public(app: web.Application, host: str, port: int) -> IngestThread:
+    """Serve a started public app on `host:port` from a thread of its own, where the
+    WhatsApp webhook is stored and answered (bridge.web.ingest_thread); stop it before
+    the app's runner is cleaned up."""
+    server = IngestThread(app, host, port, client_max_size=MAX_BODY)
+    await server.start()
+    return server
+
+
 class Listeners:
     """Every listener of one bridge process (`Config.listeners`), started and stopped
     together: the public app first (it opens the database, refusing a wrong schema,
@@ -108,6 +118,7 @@ class Listeners:
         self._apps = {name: self.public if name == "public" else makers[name](self.public)
                       for name, _, _ in config.listeners()}
         self._runners: list[tuple[str, web.AppRunner, str, int]] = []
+        self._public_server: IngestThread | None = None
 
     @property
     def bridge(self) -> Bridge:
@@ -129,7 +140,10 @@ class Listeners:
         try:
             for name, runner, host, port in self._runners:
                 try:
-                    await web.TCPSite(runner, host, port).start()
+                    if name == "public":
+                        self._public_server = await serve_public(self.public, host, port)
+                    else:
+                        await web.TCPSite(runner, host, port).start()
                 except OSError as exc:
                     log.error("%s listener: cannot listen on %s:%d (%s)", name, host, port,
                               exc.strerror or type(exc).__name__)
@@ -145,6 +159,9 @@ class Listeners:
 
     async def stop(self) -> None:
         """Stop serving; the Bridge closes with the public app, last."""
+        if self._public_server is not None:
+            await self._public_server.stop()
+            self._public_server = None
         while self._runners:
             _, runner, _, _ = self._runners.pop()
             await runner.cleanup()

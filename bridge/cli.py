@@ -263,15 +263,24 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     listeners = Listeners(config)
     await listeners.start()
     bridge = listeners.bridge
+    freeze = asyncio.create_task(_freeze_when_ready(bridge.ready))
     waits = [asyncio.create_task(stop.wait()), asyncio.create_task(bridge.lost.wait())]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in waits:
+        for task in [*waits, freeze]:
             task.cancel()
         await listeners.stop()
     if bridge.lost.is_set():
         raise LeadershipLost(bridge.stop_reason)
+
+
+async def _freeze_when_ready(ready: asyncio.Event) -> None:
+    """Once started, the heap built so far is frozen (bridge.heap)."""
+    from bridge.heap import freeze_startup_heap
+
+    await ready.wait()
+    freeze_startup_heap()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

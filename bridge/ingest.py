@@ -18,6 +18,7 @@ parsed item: `normalise_legacy_rows` rewrites them before the worker starts.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 from bridge.config import Config, WhatsAppConfig
 from bridge.db import Database, InboundSource
 from bridge.db.queues import event_lane
+from bridge.db.spool import Spool
 from bridge.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from bridge.matrix.appservice import parse_transaction, transaction_key
 from bridge.matrix.crypto_feed import CryptoFeed
@@ -68,6 +70,11 @@ class Ingest:
     crypto: CryptoFeed
     # Staff read receipts and typing → WhatsApp; None when off.
     receipts: Callable[[list[dict[str, Any]]], Coroutine[Any, Any, None]] | None = None
+    # SQLite: where a webhook answered off the bridge's loop commits its rows
+    # (bridge.db.spool; the worker takes them into the queue, `take_spooled`).
+    spool: Spool | None = None
+    # This copy runs on the ingest thread (bridge.web.ingest_thread), not the bridge's loop.
+    off_loop: bool = False
 
     # --- the homeserver ---------------------------------------------------------------
 
@@ -165,6 +172,13 @@ class Ingest:
             # Its dedupe key may be purged already: handling it could relay it twice.
             log.info("webhook: ignored a %s sent before the replay window", part)
             self.metrics.webhook_replays.labels(part).inc()
+        if self.off_loop and self.spool is not None:
+            # Not the queue: its writer is busy with the bridge's loop most of the time.
+            if delivery.rows:
+                self.spool.put([("whatsapp", key, payload, lane)
+                                for key, payload, lane in delivery.rows])
+                self.worker.wake("whatsapp", *{lane for _, _, lane in delivery.rows})
+            return
         lanes = set()
         for key, payload, lane in delivery.rows:
             with self.db.urgent():
@@ -182,6 +196,24 @@ class Ingest:
 
 
 _PAGE = 500
+SPOOL_BATCH = 200  # spooled rows taken into the queue per transaction
+
+
+async def take_spooled(db: Database, spool: Spool) -> set[str]:
+    """Move the spool's rows into the `inbound` queue, oldest first (the worker, before
+    each round of WhatsApp work); returns the lanes that got new rows.
+
+    Queued, then removed from the spool: a crash in between queues them again, which
+    the queue's dedupe key makes a no-op (bridge.db.spool)."""
+    lanes: set[str] = set()
+    while rows := await asyncio.to_thread(spool.head, SPOOL_BATCH):
+        async with db.transaction() as tx:
+            for row in rows:
+                if await tx.inbound.enqueue(row.source, row.dedupe_key, row.payload,
+                                            lane=row.lane) is not None:
+                    lanes.add(row.lane)
+        await asyncio.to_thread(spool.remove, [row.id for row in rows])
+    return lanes
 
 
 async def normalise_legacy_rows(db: Database, privacy: Privacy, phone_number_id: str) -> int:

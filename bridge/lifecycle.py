@@ -26,7 +26,7 @@ from bridge.auditanchor import AnchorPublisher
 from bridge.config import Config
 from bridge.db import Database
 from bridge.deadletters import DeadLetters
-from bridge.ingest import normalise_legacy_rows
+from bridge.ingest import Ingest, normalise_legacy_rows
 from bridge.leader import Election, Role
 from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.crypto_feed import CryptoFeed
@@ -66,6 +66,7 @@ class Lifecycle:
     trust: Trust
     outbox: Outbox
     worker: InboundWorker
+    ingest: Ingest
     metrics: Metrics
     citizens: CitizenData
     dead_letters: DeadLetters
@@ -277,3 +278,5 @@ class Lifecycle:
         await self.election.release()  # after the workers stopped: then a standby may go
         await self.http.close()
         await self.db.close()
+        if self.ingest.spool is not None:  # the ingest thread has stopped (bridge.app)
+            self.ingest.spool.close()

@@ -26,8 +26,9 @@ from bridge.admin.wiring import build_admin
 from bridge.auditchain import AuditKeys
 from bridge.config import Config
 from bridge.db import Database, InboundItem, InboundSource
+from bridge.db.spool import Spool, spool_path
 from bridge.deadletters import DeadLetters
-from bridge.ingest import Ingest
+from bridge.ingest import Ingest, take_spooled
 from bridge.invites.rights import InviteAccounts
 from bridge.invites.service import InviteLinks
 from bridge.leader import Election, Role, SingleProcess, election_for
@@ -208,7 +209,10 @@ async def build_bridge(config: Config) -> Bridge:
         inbound.set_failed_hook(wa_rooms.members.undelivered)
         if config.whatsapp.send_read_receipts:
             receipts = StaffReceipts(db, privacy, graph, metrics, ghosts.is_ours)
-    worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce)
+    spool = _spool(config)
+    worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce,
+                           intake={"whatsapp": partial(take_spooled, db, spool)}
+                           if spool is not None else None)
     crypto.catch_up = ToDeviceCatchUp(db, privacy.cipher, crypto, partial(worker.wake, "matrix"),
                                       metrics.to_device_catch_ups)
     dead_letters.wake_inbound, dead_letters.wake_outbox = worker.wake, outbox.wake
@@ -237,5 +241,12 @@ async def build_bridge(config: Config) -> Bridge:
                     wa_rooms=wa_rooms)
     bridge.ingest = Ingest(config, db, privacy, metrics, worker, bridge.spawn,
                            is_ours=ghosts.is_ours, crypto=crypto,
-                           receipts=receipts.handle if receipts is not None else None)
+                           receipts=receipts.handle if receipts is not None else None,
+                           spool=spool)
     return bridge
+
+
+def _spool(config: Config) -> Spool | None:
+    """SQLite with WhatsApp on: the webhook's spool (bridge.db.spool)."""
+    path = spool_path(config.database.url) if config.whatsapp.enabled else None
+    return Spool(path) if path is not None else None

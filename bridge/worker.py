@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[InboundItem], Awaitable[InboundStatus | None]]
 # Told about each new dead letter (by its id, "in-N"); must not raise.
 OnDead = Callable[[str], Coroutine[Any, Any, None]]
+# Takes rows stored elsewhere into the queue (bridge.ingest.take_spooled); their lanes.
+Intake = Callable[[], Awaitable[set[str]]]
 MAX_RUNNING = 32  # lanes processed at once per source (bounds the load on Synapse)
 STOP_GRACE_SECONDS = 10.0
 GLOBAL_LANE = ""  # runs alone, after everything older (rows queued before lanes existed)
@@ -50,8 +52,12 @@ class InboundWorker:
 
     def __init__(self, db: Database, handlers: dict[InboundSource, Handler],
                  metrics: Metrics | None = None, on_dead: OnDead | None = None,
-                 backoff: Callable[[int], float] = backoff) -> None:
+                 backoff: Callable[[int], float] = backoff,
+                 intake: dict[InboundSource, Intake] | None = None) -> None:
         self._db = db
+        # Run before each round of a source: rows that wait outside the queue (the
+        # webhook spool) come in first, so `idle` still means all stored work is done.
+        self._intake = intake or {}
         self._delay = backoff  # seconds before retry n (tests shorten it)
         self._metrics = metrics
         self._on_dead = on_dead
@@ -129,6 +135,10 @@ class InboundWorker:
 
     async def _dispatch(self, source: InboundSource) -> None:
         """Start the oldest pending item of each idle lane that is not backing off."""
+        if (intake := self._intake.get(source)) is not None and (lanes := await intake()):
+            woken_before = self._woken[source]
+            if woken_before is not None:
+                woken_before.update(lanes)
         running = self._running[source]
         woken, self._woken[source] = self._woken[source], set()
         if woken is not None:

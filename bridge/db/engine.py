@@ -16,6 +16,8 @@ import contextlib
 import contextvars
 import logging
 import sqlite3
+import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -273,40 +275,84 @@ class _Turns:
     Urgent sessions store what a request must persist before it is acknowledged
     (webhooks, appservice transactions): they wait for the session in progress only,
     not behind the worker's backlog.
+
+    Shared by every `Database` of one SQLite file in this process (`_turns_for`), also
+    across threads: the WhatsApp webhook commits from a thread with its own event loop
+    (bridge.web.ingest_thread). A turn is handed to a waiter on its own loop; without
+    this queue the two would meet in SQLite's busy handler, which sleeps up to 100 ms.
     """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._busy = False
         self._waiting: dict[bool, deque[asyncio.Future[None]]] = {True: deque(),
                                                                   False: deque()}
+        self._granted: set[asyncio.Future[None]] = set()  # handed the turn, not yet woken
 
     @asynccontextmanager
     async def take(self, urgent: bool) -> AsyncIterator[None]:
-        if self._busy:
-            turn = asyncio.get_running_loop().create_future()
-            self._waiting[urgent].append(turn)
+        with self._lock:
+            turn = None
+            if self._busy:
+                turn = asyncio.get_running_loop().create_future()
+                self._waiting[urgent].append(turn)
+            else:
+                self._busy = True
+        if turn is not None:
             try:
                 await turn
             except asyncio.CancelledError:
-                if turn.done() and not turn.cancelled():
-                    self._release()  # handed the turn just as we were cancelled
-                else:
-                    self._waiting[urgent].remove(turn)
+                with self._lock:
+                    if turn in self._granted:  # handed the turn just as we were cancelled
+                        self._granted.discard(turn)
+                        self._release_locked()
+                    else:
+                        self._waiting[urgent].remove(turn)
                 raise
-        self._busy = True
+            with self._lock:
+                self._granted.discard(turn)
         try:
             yield
         finally:
-            self._release()
+            with self._lock:
+                self._release_locked()
 
-    def _release(self) -> None:
+    def _release_locked(self) -> None:
         for lane in (True, False):
             while self._waiting[lane]:
                 turn = self._waiting[lane].popleft()
-                if not turn.done():
-                    turn.set_result(None)  # stays busy: the turn passes straight on
-                    return
+                if turn.done():  # cancelled: its task removes nothing more
+                    continue
+                self._granted.add(turn)  # stays busy: the turn passes straight on
+                try:
+                    turn.get_loop().call_soon_threadsafe(_grant, turn)
+                except RuntimeError:  # its loop is closed: nobody will take it
+                    self._granted.discard(turn)
+                    continue
+                return
         self._busy = False
+
+
+def _grant(turn: asyncio.Future[None]) -> None:
+    if not turn.done():
+        turn.set_result(None)
+
+
+# The turns of each SQLite file open in this process (see _Turns).
+_SQLITE_TURNS: weakref.WeakValueDictionary[str, _Turns] = weakref.WeakValueDictionary()
+_SQLITE_TURNS_LOCK = threading.Lock()
+
+
+def _turns_for(engine: AsyncEngine) -> _Turns:
+    database = engine.url.database or ""
+    # ":memory:" and "" are private to each connection: nothing to share.
+    key = (str(Path(database).resolve()) if database and database != ":memory:"
+           else f"private:{id(engine)}")
+    with _SQLITE_TURNS_LOCK:
+        turns = _SQLITE_TURNS.get(key)
+        if turns is None:
+            turns = _SQLITE_TURNS[key] = _Turns()
+        return turns
 
 
 class Database(Repositories):
@@ -325,7 +371,7 @@ class Database(Repositories):
         # SQLite has one writer and every session begins IMMEDIATE: queue sessions in
         # this process (FIFO) instead of letting them poll SQLite's busy handler, whose
         # sleeps of up to 100 ms made webhook acknowledgements wait behind the worker.
-        self._sqlite_turns = _Turns() if self.dialect == "sqlite" else None
+        self._sqlite_turns = _turns_for(engine) if self.dialect == "sqlite" else None
         super().__init__(Scope(self.session, self.dialect), audit_keys)
 
     @classmethod

@@ -11,9 +11,10 @@ from aiohttp import web
 from bridge.web.state import INGEST
 
 routes = web.RouteTableDef()
+WEBHOOK_PATH = "/whatsapp/webhook"  # served from its own thread (bridge.web.ingest_thread)
 
 
-@routes.get("/whatsapp/webhook")
+@routes.get(WEBHOOK_PATH)
 async def handshake(request: web.Request) -> web.Response:
     q = request.query
     challenge = request.config_dict[INGEST].handshake(
@@ -21,7 +22,7 @@ async def handshake(request: web.Request) -> web.Response:
     return web.Response(text=challenge)
 
 
-@routes.post("/whatsapp/webhook")
+@routes.post(WEBHOOK_PATH)
 async def deliver(request: web.Request) -> web.Response:
     await request.config_dict[INGEST].whatsapp(
         await request.read(), request.headers.get("X-Hub-Signature-256"))
