@@ -7,7 +7,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import delete, exists, func, or_, select, update
+from sqlalchemy import Row, delete, exists, func, or_, select, update
 
 from bridge.db.models import CitizenRow, ConsentRecordRow, GhostRow, RoomRow, utcnow
 from bridge.db.scope import Scope, rowcount
@@ -82,9 +82,10 @@ class CitizenRepo:
     async def get_many(self, citizen_ids: Collection[int]) -> dict[int, Citizen]:
         if not citizen_ids:
             return {}
-        stmt = select(CitizenRow).where(CitizenRow.id.in_(citizen_ids))
+        # Plain rows, not ORM objects: a fan-out reads a batch of members at a time.
+        stmt = select(*CitizenRow.__table__.c).where(CitizenRow.id.in_(citizen_ids))
         async with self._scope.session() as session:
-            return {r.id: _citizen(r) for r in await session.scalars(stmt)}
+            return {r.id: _citizen(r) for r in await session.execute(stmt)}
 
     async def by_index(self, index_hash: str) -> Citizen | None:
         return await self._one(CitizenRow.index_hash == index_hash)
@@ -209,7 +210,7 @@ class CitizenRepo:
                 raise NotFound(f"citizen {citizen_id} not found")
 
 
-def _citizen(row: CitizenRow) -> Citizen:
+def _citizen(row: CitizenRow | Row[Any]) -> Citizen:
     return Citizen(
         id=row.id, index_hash=row.index_hash, identifier_ct=row.identifier_ct,
         wa_id_ct=row.wa_id_ct, pseudonym_code=row.pseudonym_code,

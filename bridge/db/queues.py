@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, Update, and_, case, delete, func, or_, select, update
+from sqlalchemy import Row, Select, Update, and_, case, delete, func, or_, select, update
 
 from bridge.db.models import InboundRow, OutboxRow, ProcessedTransactionRow, utcnow
 from bridge.db.scope import Scope, purge_rows, rowcount
@@ -457,14 +457,15 @@ class OutboxRepo:
         oldest (a citizen's sends go one after another, in order). Queue order, not due
         time: a send due again after a wait (a release, a retry) still goes before the
         citizen's later ones."""
-        stmt = (select(OutboxRow)
+        # Plain rows, not ORM objects: this runs for every batch of a fan-out.
+        stmt = (select(*OutboxRow.__table__.c)
                 .where(OutboxRow.status == "pending", OutboxRow.next_attempt_at <= now)
                 .order_by(OutboxRow.id).limit(limit))
         if busy:
             stmt = stmt.where(OutboxRow.citizen_id.not_in(busy))
         heads: dict[int, OutboxItem] = {}
         async with self._scope.session() as session:
-            for row in await session.scalars(stmt):
+            for row in await session.execute(stmt):
                 heads.setdefault(row.citizen_id, _outbox(row))
         return list(heads.values())
 
@@ -671,7 +672,7 @@ class OutboxRepo:
                 raise NotFound(f"outbox item {item_id} not found")
 
 
-def _outbox(row: OutboxRow) -> OutboxItem:
+def _outbox(row: OutboxRow | Row[Any]) -> OutboxItem:
     return OutboxItem(
         id=row.id, idempotency_key=row.idempotency_key, citizen_id=row.citizen_id,
         room_id=RoomID(row.room_id), payload=row.payload, status=cast(OutboxStatus, row.status),
