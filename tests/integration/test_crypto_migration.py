@@ -1,6 +1,6 @@
-"""A ghost's nio file store written by the previous version (main at e40f014, run from
-a `git archive` of that commit in a subprocess) moves into the database, on SQLite and
-PostgreSQL: the device keeps its identity and sessions, decrypts what staff sent
+"""A ghost's nio file store written by the previous version (main at e40f014, its
+`bridge` package kept in tests/data and run in a subprocess) moves into the database, on
+SQLite and PostgreSQL: the device keeps its identity and sessions, decrypts what staff sent
 before and after, and sends what staff decrypt, with no new keys uploaded.
 """
 
@@ -10,9 +10,9 @@ import asyncio
 import json
 import os
 import secrets
-import subprocess
 import sys
 import tarfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -20,20 +20,45 @@ from urllib.parse import quote
 import aiohttp
 import nio
 import pytest
+import pytest_asyncio
 from nio.crypto import TrustState
 
 from bridge.db import Database
+from bridge.devtools.synapse import LocalSynapse, free_port
 from bridge.matrix.api import MatrixAPI
 from bridge.matrix.crypto.legacy import MIGRATED, LegacyStores
 from bridge.matrix.devices import Devices
+from bridge.registration import registration_yaml
 from bridge.types import DeviceID, RoomID, UserID
 from tests.fixtures.staff import StaffClient, staff_client
-from tests.fixtures.synapse import SynapseHarness
+from tests.fixtures.synapse import SynapseHarness, build_test_config, other_free_port
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def synapse(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SynapseHarness]:
+    """A Synapse of this module's own, with nothing on the appservice port: the
+    session's bridge (started by other modules' tests and kept for the session) would
+    otherwise get this test's transactions and the invite of its ghost, which is in the
+    same namespace but not in that bridge's database."""
+    workdir = tmp_path_factory.mktemp("migration")
+    hs_port = free_port()
+    config = build_test_config(f"http://127.0.0.1:{hs_port}", other_free_port(hs_port),
+                               workdir)
+    registration = workdir / "registration.yaml"
+    registration.write_text(registration_yaml(config), encoding="utf-8")
+    server = LocalSynapse(workdir / "synapse", server_name="localhost",
+                          registration_files=[registration], port=hs_port)
+    await server.start()
+    try:
+        yield SynapseHarness(server, config, workdir, registration)
+    finally:
+        await server.stop()
+
+
 PREVIOUS = "e40f014"  # the last commit with per-device file stores
+PREVIOUS_ARCHIVE = Path(__file__).parent.parent / "data" / f"bridge-{PREVIOUS}.tar.gz"
 PASSPHRASE = "ab" * 32
 
 # Run with the previous version's `bridge` package: opens the ghost's device the way
@@ -68,10 +93,10 @@ asyncio.run(main(*sys.argv[1:]))
 
 
 def _previous_checkout(target: Path) -> Path:
-    archive = target / "previous.tar"
-    subprocess.run(["git", "-C", str(REPO), "archive", "-o", str(archive), PREVIOUS,
-                    "bridge"], check=True)
-    with tarfile.open(archive) as tar:
+    # The previous version's `bridge` package, as `git archive e40f014 bridge` wrote it:
+    # kept in the repository, so that the test needs no git history (CI may check out
+    # main shallow).
+    with tarfile.open(PREVIOUS_ARCHIVE) as tar:
         tar.extractall(target / "previous", filter="data")
     return target / "previous"
 
