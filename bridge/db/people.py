@@ -7,7 +7,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, delete, exists, func, or_, select, update
+from sqlalchemy import Row, Table, bindparam, delete, exists, func, or_, select, update
 
 from bridge.db.models import CitizenRow, ConsentRecordRow, GhostRow, RoomRow, utcnow
 from bridge.db.scope import Scope, rowcount
@@ -24,6 +24,11 @@ from bridge.model import (
     RoomKind,
 )
 from bridge.types import DeviceID, Pseudonym, RoomID, UserID
+
+# Built once (every outbox batch reads its citizens): plain rows, values bound at execution.
+_CITIZENS = cast(Table, CitizenRow.__table__)
+_CITIZENS_BY_ID = select(*_CITIZENS.c).where(
+    _CITIZENS.c.id.in_(bindparam("ids", expanding=True)))
 
 
 class CitizenRepo:
@@ -82,10 +87,9 @@ class CitizenRepo:
     async def get_many(self, citizen_ids: Collection[int]) -> dict[int, Citizen]:
         if not citizen_ids:
             return {}
-        # Plain rows, not ORM objects: a fan-out reads a batch of members at a time.
-        stmt = select(*CitizenRow.__table__.c).where(CitizenRow.id.in_(citizen_ids))
         async with self._scope.session() as session:
-            return {r.id: _citizen(r) for r in await session.execute(stmt)}
+            return {r.id: _citizen(r) for r in
+                    await session.execute(_CITIZENS_BY_ID, {"ids": list(citizen_ids)})}
 
     async def by_index(self, index_hash: str) -> Citizen | None:
         return await self._one(CitizenRow.index_hash == index_hash)

@@ -10,7 +10,20 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Select, Update, and_, case, delete, func, or_, select, update
+from sqlalchemy import (
+    Row,
+    Select,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from bridge.db.models import InboundRow, OutboxRow, ProcessedTransactionRow, utcnow
 from bridge.db.scope import Scope, purge_rows, rowcount
@@ -23,6 +36,39 @@ FINISHED: tuple[InboundStatus, ...] = ("done", "failed", "dropped")
 SETTLED: tuple[OutboxStatus, ...] = ("sent", "failed", "cancelled")
 # Outbox idempotency keys of notices of availability: "availability:{notice id}".
 NOTICE_KEY_PREFIX = "availability:"
+
+# The statements every outbox batch runs (a fan-out runs thousands of batches), built
+# once with their values bound at execution: SQLAlchemy then neither rebuilds them nor
+# computes their cache keys again, which cost more than the rows. Plain rows, not ORM
+# objects.
+_OUTBOX = cast(Table, OutboxRow.__table__)
+_DUE_IN_ORDER = (select(*_OUTBOX.c)
+                 .where(_OUTBOX.c.status == "pending",
+                        _OUTBOX.c.next_attempt_at <= bindparam("now"))
+                 .order_by(_OUTBOX.c.id).limit(bindparam("limit")))
+_DUE_IN_ORDER_NOT_BUSY = _DUE_IN_ORDER.where(
+    _OUTBOX.c.citizen_id.not_in(bindparam("busy", expanding=True)))
+_WAITING_ROOM_SENDS = (
+    select(_OUTBOX.c.citizen_id, _OUTBOX.c.id, _OUTBOX.c.next_attempt_at)
+    .where(_OUTBOX.c.citizen_id.in_(bindparam("citizens", expanding=True)),
+           _OUTBOX.c.status == "pending", _OUTBOX.c.next_attempt_at > bindparam("now"),
+           _OUTBOX.c.idempotency_key.startswith("wr", autoescape=True)))
+_BEGIN_ATTEMPTS = (update(_OUTBOX)
+                   .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)),
+                          _OUTBOX.c.status == "pending")
+                   .values(sending_at=bindparam("now"), next_attempt_at=bindparam("confirm_by"),
+                           updated_at=bindparam("now"))
+                   .returning(_OUTBOX.c.id))
+# A send cancelled while in flight did go out: it is marked sent as well.
+_UNSETTLED = (select(_OUTBOX.c.id)
+              .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)),
+                     _OUTBOX.c.status.in_(("pending", "cancelled")))
+              .with_for_update())  # PostgreSQL: a delivery status waits for this batch
+_MARK_SENT = (update(_OUTBOX)
+              .where(_OUTBOX.c.id == bindparam("item"))
+              .values(status="sent", wamid_hash=bindparam("wamid"),
+                      attempts=_OUTBOX.c.attempts + 1, last_error=None, sending_at=None,
+                      updated_at=bindparam("now")))
 
 
 class TransactionRepo:
@@ -457,15 +503,11 @@ class OutboxRepo:
         oldest (a citizen's sends go one after another, in order). Queue order, not due
         time: a send due again after a wait (a release, a retry) still goes before the
         citizen's later ones."""
-        # Plain rows, not ORM objects: this runs for every batch of a fan-out.
-        stmt = (select(*OutboxRow.__table__.c)
-                .where(OutboxRow.status == "pending", OutboxRow.next_attempt_at <= now)
-                .order_by(OutboxRow.id).limit(limit))
-        if busy:
-            stmt = stmt.where(OutboxRow.citizen_id.not_in(busy))
+        stmt = _DUE_IN_ORDER_NOT_BUSY if busy else _DUE_IN_ORDER
+        params = {"now": now, "limit": limit, "busy": list(busy)}
         heads: dict[int, OutboxItem] = {}
         async with self._scope.session() as session:
-            for row in await session.execute(stmt):
+            for row in await session.execute(stmt, params):
                 heads.setdefault(row.citizen_id, _outbox(row))
         return list(heads.values())
 
@@ -475,12 +517,10 @@ class OutboxRepo:
         are pending but not due yet (backing off)."""
         if not citizen_ids:
             return []
-        stmt = (select(OutboxRow.citizen_id, OutboxRow.id, OutboxRow.next_attempt_at)
-                .where(OutboxRow.citizen_id.in_(citizen_ids), OutboxRow.status == "pending",
-                       OutboxRow.next_attempt_at > now,
-                       OutboxRow.idempotency_key.startswith("wr", autoescape=True)))
+        params = {"citizens": list(citizen_ids), "now": now}
         async with self._scope.session() as session:
-            return [(c, i, n) for c, i, n in (await session.execute(stmt)).all()]
+            return [(c, i, n) for c, i, n in
+                    (await session.execute(_WAITING_ROOM_SENDS, params)).all()]
 
     async def begin_attempts(self, item_ids: Collection[int], confirm_by: datetime
                              ) -> set[int]:
@@ -488,13 +528,9 @@ class OutboxRepo:
         pending)."""
         if not item_ids:
             return set()
-        now = utcnow()
-        stmt = (update(OutboxRow)
-                .where(OutboxRow.id.in_(item_ids), OutboxRow.status == "pending")
-                .values(sending_at=now, next_attempt_at=confirm_by, updated_at=now)
-                .returning(OutboxRow.id))
+        params = {"ids": list(item_ids), "now": utcnow(), "confirm_by": confirm_by}
         async with self._scope.session() as session:
-            return set((await session.scalars(stmt)).all())
+            return set((await session.scalars(_BEGIN_ATTEMPTS, params)).all())
 
     async def release(self, item_ids: Collection[int]) -> None:
         """Sends marked in flight that never reached Graph (their batch was stopped):
@@ -526,14 +562,15 @@ class OutboxRepo:
         marked; the others were settled already (by a delivery status)."""
         if not sent:
             return set()
-        stmt = (update(OutboxRow)
-                .where(OutboxRow.id.in_(sent), OutboxRow.status.in_(("pending", "cancelled")))
-                .values(status="sent", wamid_hash=case(dict(sent), value=OutboxRow.id),
-                        attempts=OutboxRow.attempts + 1, last_error=None, sending_at=None,
-                        updated_at=utcnow())
-                .returning(OutboxRow.id))
+        now = utcnow()
         async with self._scope.session() as session:
-            return set((await session.scalars(stmt)).all())
+            marked = set((await session.scalars(_UNSETTLED, {"ids": list(sent)})).all())
+            if marked:
+                # One executemany of one statement (a CASE over the batch was rebuilt
+                # for every batch).
+                await session.execute(_MARK_SENT, [
+                    {"item": i, "wamid": sent[i], "now": now} for i in marked])
+        return marked
 
     async def begin_attempt(self, item_id: int, confirm_by: datetime) -> bool:
         """Record that a send is going out now, in one committed write, right before

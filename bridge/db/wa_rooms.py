@@ -8,7 +8,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 
 from bridge.db.models import (
     OutboxRow,
@@ -21,6 +21,11 @@ from bridge.db.models import (
 from bridge.db.scope import Scope, purge_rows, rowcount
 from bridge.model import BacklogEntry, RoomMember, RoomMemberState, RoomSettings
 from bridge.types import EventID, RoomID, UserID, WamidHash
+
+# Built once (every outbox batch checks its members), values bound at execution.
+_MEMBERS = cast(Table, RoomMemberRow.__table__)
+_JOINED_OF = select(_MEMBERS.c.room_id, _MEMBERS.c.citizen_id).where(
+    _MEMBERS.c.citizen_id.in_(bindparam("ids", expanding=True)), _MEMBERS.c.state == "joined")
 
 
 class RoomMemberRepo:
@@ -105,10 +110,9 @@ class RoomMemberRepo:
         """(room, citizen) of every room these citizens are joined members of."""
         if not citizen_ids:
             return set()
-        stmt = select(RoomMemberRow.room_id, RoomMemberRow.citizen_id).where(
-            RoomMemberRow.citizen_id.in_(citizen_ids), RoomMemberRow.state == "joined")
         async with self._scope.session() as session:
-            return {(RoomID(r), c) for r, c in (await session.execute(stmt)).all()}
+            result = await session.execute(_JOINED_OF, {"ids": list(citizen_ids)})
+            return {(RoomID(r), c) for r, c in result.all()}
 
     async def ghosts_of(self, citizen_id: int) -> builtins.list[UserID]:
         """Every room pseudonym the citizen ever had (for erasure)."""

@@ -152,6 +152,13 @@ class Outbox:
     def concurrency(self, value: int) -> None:
         self.sender.concurrency = value
 
+    @property
+    def batch_size(self) -> int:
+        """Sends claimed at once: small enough that a crash leaves few to settle by
+        status (those posted whose outcome was not yet recorded), large enough that the
+        database work is shared by many sends."""
+        return min(MAX_BATCH, max(8, 8 * self.concurrency))
+
     # --- queueing ---------------------------------------------------------------------
 
     async def _add(self, citizen: Citizen, key: str, room_id: str,
@@ -259,12 +266,9 @@ class Outbox:
         running: dict[asyncio.Task[None], set[int]] = {}
         try:
             while True:
-                # Small enough that a crash leaves few sends to settle by status (those
-                # posted whose outcome was not yet recorded), large enough that the
-                # database work is shared by many sends.
-                size = min(MAX_BATCH, max(8, 4 * self.concurrency))
                 busy = set().union(*running.values())
-                claims, settled = await self.queue.claim(datetime.now(UTC), size, busy)
+                claims, settled = await self.queue.claim(datetime.now(UTC), self.batch_size,
+                                                         busy)
                 if claims:
                     task = asyncio.create_task(self._send_and_record(claims),
                                                name="outbox-batch")

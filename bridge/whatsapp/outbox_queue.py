@@ -93,9 +93,13 @@ class OutboxQueue:
             citizens = await repos.citizens.get_many({i.citizen_id for i in heads})
             joined = await repos.wa_rooms.joined_of(citizens)
             waiting = await repos.outbox.waiting_room_sends(citizens, now)
+            # A fan-out's members share one sealed payload per post: opened once here.
+            opened: dict[str, Envelope] = {}
             for item in heads:
                 try:
-                    envelope = self.envelope(item)
+                    envelope = opened.get(item.payload)
+                    if envelope is None:
+                        envelope = opened[item.payload] = self.envelope(item)
                 except Exception as exc:  # it will not decrypt next time either
                     gave_up += await self._set_aside(repos, item, exc, type(exc).__name__, None)
                     continue

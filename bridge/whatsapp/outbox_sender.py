@@ -128,21 +128,30 @@ class OutboxSender:
         sends: dict[int, Send] = {}
         posted: set[int] = set()
 
-        async def prepare(n: int, claim: Claim) -> None:
+        async def prepare_media(n: int, claim: Claim, media: Media) -> None:
             async with gate:
                 started[n] = time.perf_counter()
                 try:
-                    sends[n] = await self._prepare(self._recipient(claim.citizen),
-                                                   claim.envelope,
-                                                   callback_data(claim.item.id))
+                    sends[n] = await self._prepare_media(self._recipient(claim.citizen),
+                                                         media, callback_data(claim.item.id))
                 except Exception as exc:  # a Matrix media download, decryption, Graph
                     outcomes[n] = Failed(exc)
 
+        media: list[tuple[int, Media]] = []
         for n, claim in enumerate(claims):
             wait = self.pacer.too_early(claim.citizen.id) if self.pacer else 0.0
             if wait > 0:
                 outcomes[n] = Postponed(wait)
-        await _all(prepare(n, c) for n, c in enumerate(claims) if outcomes[n] is None)
+            elif isinstance(claim.envelope.content, Media):
+                media.append((n, claim.envelope.content))
+            else:  # nothing to fetch first: no task, no turn at the gate
+                try:
+                    sends[n] = self._prepare(self._recipient(claim.citizen), claim.envelope,
+                                             callback_data(claim.item.id))
+                except Exception as exc:  # the number no longer decrypts
+                    outcomes[n] = Failed(exc)
+        if media:
+            await _all(prepare_media(n, claims[n], content) for n, content in media)
         # In flight only from here: a send stopped earlier (say, mid-upload) created no
         # message, so it is due again at once.
         try:
@@ -174,8 +183,16 @@ class OutboxSender:
             self._metrics.relay_latency.labels("out").observe(time.perf_counter() - started[n])
             outcomes[n] = Sent(wamid)
 
+        # A few workers taking the sends in turn, not a task per send: fewer tasks, and
+        # few waiters at the gate (3.11's Semaphore looks at every waiter on each acquire).
+        queued = iter(list(sends))
+
+        async def worker() -> None:
+            for n in queued:
+                await send(n, claims[n])
+
         try:
-            await _all(send(n, claims[n]) for n in sends)
+            await _all(worker() for _ in range(min(self.concurrency, len(sends))))
         except asyncio.CancelledError:
             await release(in_flight - posted)
             raise
@@ -187,10 +204,9 @@ class OutboxSender:
         wa_id = cipher.decrypt_str(citizen.wa_id_ct, aad=AAD_WA_ID) if citizen.wa_id_ct else None
         return Recipient(wa_id=wa_id, user_id=key if key != wa_id else None)
 
-    async def _prepare(self, to: Recipient, envelope: Envelope, cb: str) -> Send:
-        """Do what must precede the send (for media: download, decrypt, upload) and
-        return the send itself: the POST to Graph's messages endpoint, the only request
-        that can create a WhatsApp message."""
+    def _prepare(self, to: Recipient, envelope: Envelope, cb: str) -> Send:
+        """The send of anything but media (`_prepare_media`): the POST to Graph's
+        messages endpoint, the only request that can create a WhatsApp message."""
         graph = self._graph
         match envelope.content:
             case Text(body=body, reply_to=reply_to):
@@ -208,8 +224,8 @@ class OutboxSender:
             case Location() as loc:
                 return partial(graph.send_location, to, loc.latitude, loc.longitude,
                                loc.name, loc.address, loc.reply_to, callback_data=cb)
-            case Media() as media:
-                return await self._prepare_media(to, media, cb)
+            case Media():
+                raise TypeError("media is prepared by _prepare_media")
 
     async def _prepare_media(self, to: Recipient, media: Media, cb: str) -> Send:
         """Download (and decrypt) the Matrix file, upload it to Meta, and return the send,

@@ -158,26 +158,29 @@ async def test_a_slow_send_does_not_hold_up_other_citizens(rig: Rig) -> None:
     to the other citizens (before, everything waited for the slowest send of a batch).
     Its batch-mates' next sends wait until the batch is recorded (a citizen's sends go
     one after another), and so does the slow citizen's."""
-    citizens = await rig.members(24)
-    box = rig.outbox(concurrency=2)  # batches of 8: the first holds members 0-7
+    box = rig.outbox(concurrency=2)
+    size = box.batch_size  # the first batch holds members 0 to size - 1
+    members = 3 * size
+    citizens = await rig.members(members)
     await rig.post(box, citizens, 2)
-    numbers = ["3460" + f"{i:07d}" for i in range(24)]
+    numbers = ["3460" + f"{i:07d}" for i in range(members)]
     release = rig.sim.hold_next_send(lambda body: body["to"] == numbers[0], timeout=60)
     box.start()
     try:
-        await asyncio.wait_for(_until(lambda: len(rig.sim.sent) >= 40), 30)
+        before_release = size + 2 * (members - size)
+        await asyncio.wait_for(_until(lambda: len(rig.sim.sent) >= before_release), 30)
         await asyncio.sleep(0.5)
         per = rig.bodies_per_recipient()
-        assert len(rig.sim.sent) == 40
+        assert len(rig.sim.sent) == before_release
         assert per[numbers[0]] == ["post 0"]  # recorded by the simulator, answer held
-        assert all(per[n] == ["post 0"] for n in numbers[1:8])
-        assert all(per[n] == ["post 0", "post 1"] for n in numbers[8:])
+        assert all(per[n] == ["post 0"] for n in numbers[1:size])
+        assert all(per[n] == ["post 0", "post 1"] for n in numbers[size:])
         release.set()
-        await asyncio.wait_for(_until(lambda: len(rig.sim.sent) >= 48), 30)
+        await asyncio.wait_for(_until(lambda: len(rig.sim.sent) >= 2 * members), 30)
         await asyncio.wait_for(box.idle.wait(), 30)
     finally:
         await box.stop()
-    assert len(rig.sim.sent) == 48
+    assert len(rig.sim.sent) == 2 * members
     assert all(got == ["post 0", "post 1"] for got in rig.bodies_per_recipient().values())
 
 
