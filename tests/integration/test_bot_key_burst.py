@@ -135,7 +135,7 @@ async def _acted_on_report(h: BridgeHarness, token: str, bot: str, bot_device: s
     raise AssertionError("the bot never topped its one-time keys up")
 
 
-async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:  # noqa: ASYNC109
+async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while not check():
