@@ -14,7 +14,9 @@ to the nio clients of the bot and the ghosts (bridge.matrix.devices), which then
   hands each to the recipient's device, opening it if it is closed.
 - Device-list changes mark the users for a key query in every open device.
 - Key counts go to the device: one-time keys are topped up when fewer than half are
-  left on the server, a fallback key is uploaded when the server has none unused.
+  left on the server, a used fallback key is replaced once it is a week old
+  (bridge.matrix.devices.FALLBACK_MAX_AGE_SECONDS: the to-device events encrypted to it
+  may still be queued).
   Counts are not stored: every later transaction that concerns the device repeats them.
 
 Which transport a process uses is decided once at start (`CryptoFeed.probe`): the bot

@@ -88,9 +88,17 @@ EVICT_GRACE_SECONDS = 5.0
 # the count): topping up again would put more keys on the server than the account
 # keeps the private halves of.
 COUNT_SETTLE_SECONDS = 5.0
-# A report of "no unused fallback key" this soon after uploading one may predate it:
-# uploading again would replace a key a sender may be about to use.
-FALLBACK_SETTLE_SECONDS = 30.0
+# A fallback key reported used is replaced only once it is this old, as Element's
+# (matrix-rust-sdk rotates weekly, X3DH's lower bound for a signed pre-key). The account
+# keeps the private halves of its current fallback key and of the one before only
+# (tests/unit/test_fallback_keys.py): a pre-key message encrypted to a key replaced twice
+# since fails (SessionCreationException) and its room key is lost. Such messages arrive
+# late: they wait in Synapse's appservice queue and in the recipient's to-device lane,
+# while the counts of later transactions are acted on as they arrive. Replacing on every
+# report 30 s apart lost the room keys of new devices in a burst (issue 16,
+# tests/integration/test_bot_key_burst.py). Synapse keeps handing out a used fallback
+# key, so keeping it costs only forward secrecy for the sessions made with it.
+FALLBACK_MAX_AGE_SECONDS = 7 * 24 * 3600.0
 
 # Called after a device's keys are on the server (used for cross-signing).
 DeviceReadyHook = Callable[[UserID, DeviceID], Awaitable[None]]
@@ -215,7 +223,10 @@ class Device:
         # Fed by transactions (no /sync) once `feed` says so; None: always /sync.
         self.feed = feed
         self.needs_fallback_key = False
-        self._fallback_uploaded_at = float("-inf")
+        # When the fallback key on the server was made, as far as this process knows:
+        # its age is not stored, so a device opened counts it as new (a restart or a
+        # reopening never brings its replacement forward).
+        self._fallback_since = asyncio.get_running_loop().time()
         self._keys_uploaded_at = float("-inf")
         # Room keys of earlier messages for staff devices that appear later.
         self.keys = KeyForwarder(client, is_ours, key_store, key_trust)
@@ -371,7 +382,8 @@ class Device:
                    fallback_unused: list[str] | None = None) -> None:
         """Counts from a transaction: top up below OTK_LOW one-time keys (nio's own
         test would top up after every claim, or never after a count of 0), and replace
-        the fallback key once the server has none unused."""
+        the fallback key once the server has none unused and it is
+        FALLBACK_MAX_AGE_SECONDS old."""
         olm = self.client.olm
         if olm is None:
             return
@@ -382,7 +394,7 @@ class Device:
             olm.uploaded_key_count = otk
             wake = True
         if fallback_unused is not None and "signed_curve25519" not in fallback_unused \
-                and now - self._fallback_uploaded_at >= FALLBACK_SETTLE_SECONDS:
+                and now - self._fallback_since >= FALLBACK_MAX_AGE_SECONDS:
             self.needs_fallback_key = True
             wake = True
         if wake:
@@ -401,7 +413,7 @@ class Device:
         if self.fed and (self.needs_fallback_key or pending_fallback_key(c)):
             await upload_fallback_key(c, self.api)
             self.needs_fallback_key = False
-            self._fallback_uploaded_at = asyncio.get_running_loop().time()
+            self._fallback_since = asyncio.get_running_loop().time()
         if c.should_query_keys:
             await c.keys_query()
         if c.should_claim_keys:
