@@ -49,6 +49,7 @@ from bridge.auditchain import AuditKeys
 from bridge.config import RoomsConfig, WhatsAppConfig, parse_config
 from bridge.db import Database, upgrade
 from bridge.devtools.simulator import SENT_PATH
+from bridge.heap import freeze_startup_heap
 from bridge.matrix.api import MatrixAPI
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy
@@ -149,7 +150,9 @@ class Simulator:
     async def start(self) -> str:
         env = {**os.environ, "SIMULATOR_ACCESS_TOKEN": self.access_token,
                "SIMULATOR_APP_SECRET": self.app_secret, "SIMULATOR_PHONE_NUMBER_ID": PHONE_ID}
+        pin = os.environ.get("FANOUT_SIM_CPUS")
         self._proc = await asyncio.create_subprocess_exec(
+            *(["taskset", "-c", pin] if pin else []),
             sys.executable, "-m", "bridge.devtools.simulator", env=env,
             stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
         assert self._proc.stdout is not None
@@ -238,6 +241,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             fan = FanOut(config, db, api, None, members, box, privacy,  # type: ignore[arg-type]
                          metrics)
             total = args.members * args.posts
+            freeze_startup_heap()  # as `civic-bridge run` does once ready (bridge.heap)
             if not args.queue_first:
                 box.start()
             start = time.perf_counter()

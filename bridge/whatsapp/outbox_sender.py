@@ -18,9 +18,12 @@ commit, after the media uploads and right before the first POST to /messages
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -105,6 +108,7 @@ class OutboxSender:
         # Meta's rate limits (bridge.whatsapp.pacing); None: no pacing.
         self.pacer: Pacer | None = None
         self.concurrency = 1
+        self._batches = itertools.count()  # the order in which batches get the gate
 
     @property
     def concurrency(self) -> int:
@@ -115,7 +119,7 @@ class OutboxSender:
     @concurrency.setter
     def concurrency(self, value: int) -> None:
         self._concurrency = value
-        self._gate = asyncio.Semaphore(value)
+        self._gate = _Gate(value)
 
     async def send(self, claims: Sequence[Claim], begin: Begin, release: Release
                    ) -> list[Outcome]:
@@ -124,12 +128,13 @@ class OutboxSender:
         for a delivery status that cannot come)."""
         outcomes: list[Outcome | None] = [None] * len(claims)
         gate = self._gate
+        batch = next(self._batches)
         started = [time.perf_counter()] * len(claims)
         sends: dict[int, Send] = {}
         posted: set[int] = set()
 
         async def prepare_media(n: int, claim: Claim, media: Media) -> None:
-            async with gate:
+            async with gate.turn(batch):
                 started[n] = time.perf_counter()
                 try:
                     sends[n] = await self._prepare_media(self._recipient(claim.citizen),
@@ -169,7 +174,7 @@ class OutboxSender:
             if claim.item.sending_at is not None:
                 log.warning("outbox #%d: no delivery status within the confirmation window "
                             "after an interrupted send; sending again", claim.item.id)
-            async with gate:
+            async with gate.turn(batch):
                 try:
                     if self.pacer is not None:
                         await self.pacer.slot()  # this number's sends per second
@@ -183,8 +188,7 @@ class OutboxSender:
             self._metrics.relay_latency.labels("out").observe(time.perf_counter() - started[n])
             outcomes[n] = Sent(wamid)
 
-        # A few workers taking the sends in turn, not a task per send: fewer tasks, and
-        # few waiters at the gate (3.11's Semaphore looks at every waiter on each acquire).
+        # A few workers taking the sends in turn, not a task per send.
         queued = iter(list(sends))
 
         async def worker() -> None:
@@ -276,3 +280,41 @@ async def _all(coros: object) -> None:
             raise outcome
         if isinstance(outcome, Exception):
             log.error("outbox send error: %s", type(outcome).__name__)
+
+
+class _Gate:
+    """At most `size` sends at once, across the batches in progress; a free turn goes to
+    the oldest batch first. A first-come gate would interleave the batches, so that they
+    all ended together and Graph sat idle while they were recorded and the next claimed;
+    oldest first, one batch ends while the next is still sending."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap
+        self._arrivals = itertools.count()
+
+    @asynccontextmanager
+    async def turn(self, batch: int) -> AsyncIterator[None]:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting, (batch, next(self._arrivals), granted))
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._hand_on()  # given a turn as it was cancelled: pass it on
+                raise
+        try:
+            yield
+        finally:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        while self._waiting:
+            granted = heapq.heappop(self._waiting)[2]
+            if not granted.done():  # a cancelled waiter's future is done
+                granted.set_result(None)
+                return
+        self._free += 1
