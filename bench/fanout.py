@@ -270,9 +270,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     # The delivery statuses Meta sends settle the sends cut short by the
                     # stop (in production they come in by the webhook); those of sends
                     # already recorded change nothing, and are not fed.
+                    pending = await db.outbox.due(datetime.now(UTC) + timedelta(days=1),
+                                                  limit=total)
+                    in_flight = {i.id for i in pending if i.sending_at is not None}
                     for wamid, data in sim.callback_data.items():
-                        item = await db.outbox.get(callback_item(data) or 0)
-                        if item is not None and item.sending_at is not None:
+                        if callback_item(data) in in_flight:
                             await box.settle_by_status(data, wamid, "sent")
                     box.start()
                     restarted = True

@@ -124,7 +124,7 @@ class FanOut:
         rooms_of = await self._db.wa_rooms.joined_counts([m.citizen_id for m in targets])
         now = datetime.now(UTC)
         texts: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
-        wrapped: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+        relayed = {"wa_room": room.room_id, "wr_event": event_id}
         for first in range(0, len(targets), BATCH):
             batch = targets[first:first + BATCH]
             async with self._db.transaction() as tx:
@@ -136,36 +136,37 @@ class FanOut:
                         continue
                     start = policy.prefix(label, room.name, rooms_of.get(citizen.id, 0) > 1)
                     payloads = await self._payloads(tx, citizen, etype, content, start, media,
-                                                    texts)
+                                                    relayed, texts)
                     for part, payload in enumerate(payloads):
                         key = event_key(event_id, citizen.id, part)
-                        # One dict per distinct payload (the outbox seals each once).
-                        made = wrapped.get(id(payload))
-                        if made is None or made[0] is not payload:
-                            made = wrapped[id(payload)] = (payload, {
-                                **payload, "wa_room": room.room_id, "wr_event": event_id})
                         if policy.window_open(citizen.last_inbound_at, now):
-                            now_open.append((citizen, key, made[1]))
+                            now_open.append((citizen, key, payload))
                         else:
-                            await self.deliver(tx, citizen, room, key, made[1], now)
+                            await self.deliver(tx, citizen, room, key, payload, now)
                 # One INSERT for the batch: a row per member and part, in member order.
                 await self._outbox.room_many(now_open, tx)
             self._outbox.wake()
 
     async def _payloads(self, repos: Repositories, citizen: Citizen, etype: str,
                         content: dict[str, Any], start: str, media: bool,
+                        relayed: dict[str, str],
                         texts: dict[tuple[str, str | None], list[dict[str, Any]]]
                         ) -> list[dict[str, Any]]:
-        """What `citizen` gets of this event. `texts` keeps the text payloads already
-        made for this event by (prefix, quoted wamid): most members of a room get the
-        same, and splitting a long text to Graph's limit is the costly part."""
+        """What `citizen` gets of this event, each payload naming the room event it
+        relays (`relayed`). `texts` keeps the text payloads already made for this event
+        by (prefix, quoted wamid): most members of a room get the same objects, so
+        splitting a long text to Graph's limit and sealing it (Outbox.room_many) is done
+        once."""
+        def relaying(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{**payload, **relayed} for payload in payloads]
+
         relates = content.get("m.relates_to")
         relates = relates if isinstance(relates, dict) else {}
         if relates.get("rel_type") == "m.replace":
             new = content.get("m.new_content")
             text = rendered_text(new) if isinstance(new, dict) else ""
-            return text_payloads(wa_text.ROOM_EDITED.format(prefix=start, text=text), None) \
-                if text.strip() else []
+            return relaying(text_payloads(wa_text.ROOM_EDITED.format(prefix=start, text=text),
+                                          None)) if text.strip() else []
         in_reply = relates.get("m.in_reply_to")
         target = in_reply.get("event_id") if isinstance(in_reply, dict) else None
         sealed = await repos.wa_rooms.wamid_for(target, citizen.id) \
@@ -174,8 +175,8 @@ class FanOut:
         reply_to = self._privacy.open_wamid(*sealed) if sealed is not None else None
         if etype == "m.room.message" and content.get("msgtype") in TEXT_MSGTYPES:
             if (start, reply_to) not in texts:
-                texts[start, reply_to] = text_payloads(start + rendered_text(content),
-                                                       reply_to)
+                texts[start, reply_to] = relaying(text_payloads(
+                    start + rendered_text(content), reply_to))
             return texts[start, reply_to]
         decision = translate(etype, content, reply_to)
         if not isinstance(decision, list):
@@ -186,7 +187,8 @@ class FanOut:
         for payload in decision:
             if payload["type"] == "media" and not media:
                 self._metrics.room_not_relayed.labels("media_off").inc()
-                return text_payloads(wa_text.ROOM_FILE_NOT_RELAYED.format(prefix=start), reply_to)
+                return relaying(text_payloads(
+                    wa_text.ROOM_FILE_NOT_RELAYED.format(prefix=start), reply_to))
             if payload["type"] == "media" and payload["kind"] not in ("audio", "sticker"):
                 payload["caption"] = (start + (payload.get("caption") or "")).strip()[:1024]
             elif payload["type"] != "text":
@@ -194,7 +196,7 @@ class FanOut:
             elif not out:
                 payload["body"] = start + payload["body"]
             out.append(payload)
-        return out
+        return relaying(out)
 
     # --- the 24 h window --------------------------------------------------------------
 

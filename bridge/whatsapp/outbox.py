@@ -193,14 +193,14 @@ class Outbox:
         and in this order: one statement for a whole fan-out batch. Call `wake()` once
         it has committed."""
         # Members given the same payload object share one sealed copy: the plaintext is
-        # the same, and the row's key names the member.
-        sealed: dict[int, tuple[dict[str, Any], str]] = {}
+        # the same, and the row's key names the member. (`sends` keeps every payload
+        # alive, so no id is reused while this runs.)
+        sealed: dict[int, str] = {}
         rows = []
         for citizen, key, payload in sends:
-            hit = sealed.get(id(payload))
-            if hit is None or hit[0] is not payload:
-                hit = sealed[id(payload)] = (payload, self.queue.seal(envelope_of(payload)))
-            rows.append((key, citizen.id, RoomID(""), hit[1]))
+            if id(payload) not in sealed:
+                sealed[id(payload)] = self.queue.seal(envelope_of(payload))
+            rows.append((key, citizen.id, RoomID(""), sealed[id(payload)]))
         await repos.outbox.add_many(rows)
 
     async def notice(self, repos: Repositories, citizen: Citizen, notice_id: int,

@@ -227,3 +227,25 @@ async def test_stop_right_as_it_is_woken_stops(rig: Rig) -> None:
             box.start()
     finally:
         await box.stop()
+
+
+async def test_members_given_one_payload_share_one_sealed_copy(rig: Rig) -> None:
+    """A fan-out hands every member of a room the same payload object: it is sealed once
+    (the rows' keys name the members), and each member still gets it."""
+    citizens = await rig.members(4)
+    box = rig.outbox()
+    shared = {"type": "text", "body": "post 0", "wa_room": ROOM, "wr_event": "$p0"}
+    alone = dict(shared)  # equal, but another object: sealed on its own
+    async with rig.db.transaction() as tx:
+        await box.room_many([(c, f"wr:$p0:{c.id}", shared) for c in citizens[:3]]
+                            + [(citizens[3], f"wr:$p0:{citizens[3].id}", alone)], tx)
+    rows = await rig.db.outbox.due(datetime.now(UTC) + timedelta(seconds=1))
+    assert [r.idempotency_key for r in rows] == [f"wr:$p0:{c.id}" for c in citizens]
+    assert len({r.payload for r in rows[:3]}) == 1 and rows[3].payload != rows[0].payload
+    box.start()
+    try:
+        await asyncio.wait_for(_until(lambda: len(rig.sim.sent) >= 4), 30)
+    finally:
+        await box.stop()
+    assert all(got == ["post 0"] for got in rig.bodies_per_recipient().values())
+    assert len(rig.bodies_per_recipient()) == 4
