@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.orm import InstrumentedAttribute
 
 from bridge.db.models import (
     Base,
@@ -241,11 +242,9 @@ class CryptoRepo:
                  "signing_key": s.signing_key, "room_id": s.room_id, "pickle": s.pickle,
                  "forwarding_chain": json.dumps(list(s.forwarding_chain))}
                 for s in journal.inbound.values()])
-            gone = [room for room, s in journal.outbound.items() if s is None]
-            if gone:
-                await session.execute(delete(CryptoMegolmOutboundRow).where(
-                    CryptoMegolmOutboundRow.user_id == owner,
-                    CryptoMegolmOutboundRow.room_id.in_(gone)))
+            await _forget(session, CryptoMegolmOutboundRow.user_id, owner,
+                          CryptoMegolmOutboundRow.room_id,
+                          [room for room, s in journal.outbound.items() if s is None])
             await self._upsert(session, CryptoMegolmOutboundRow, ["user_id", "room_id"], [
                 {"user_id": owner, "room_id": s.room_id, "session_id": s.session_id,
                  "pickle": s.pickle, "created_at": s.created_at,
@@ -263,18 +262,14 @@ class CryptoRepo:
             await self._upsert(session, CryptoDeviceTrustRow, ["owner", "user_id", "device_id"], [
                 {"owner": owner, "user_id": u, "device_id": d, "state": state}
                 for (u, d), state in journal.trust.items()])
-            untracked = [u for u, on in journal.tracked.items() if not on]
-            if untracked:
-                await session.execute(delete(CryptoTrackedUserRow).where(
-                    CryptoTrackedUserRow.owner == owner,
-                    CryptoTrackedUserRow.user_id.in_(untracked)))
+            await _forget(session, CryptoTrackedUserRow.owner, owner,
+                          CryptoTrackedUserRow.user_id,
+                          [u for u, on in journal.tracked.items() if not on])
             await self._upsert(session, CryptoTrackedUserRow, ["owner", "user_id"], [
                 {"owner": owner, "user_id": u} for u, on in journal.tracked.items() if on])
-            done = [r for r, k in journal.key_requests.items() if k is None]
-            if done:
-                await session.execute(delete(CryptoKeyRequestRow).where(
-                    CryptoKeyRequestRow.owner == owner,
-                    CryptoKeyRequestRow.request_id.in_(done)))
+            await _forget(session, CryptoKeyRequestRow.owner, owner,
+                          CryptoKeyRequestRow.request_id,
+                          [r for r, k in journal.key_requests.items() if k is None])
             await self._upsert(session, CryptoKeyRequestRow, ["owner", "request_id"], [
                 {"owner": owner, "request_id": k.request_id, "session_id": k.session_id,
                  "room_id": k.room_id, "algorithm": k.algorithm}
@@ -308,3 +303,12 @@ class CryptoRepo:
         """Every user with a stored account."""
         async with self._scope.session() as session:
             return set(await session.scalars(select(CryptoAccountRow.user_id)))
+
+
+async def _forget(session: Any, owner_column: InstrumentedAttribute[str], owner: str,
+                  key_column: InstrumentedAttribute[str], keys: list[str]) -> None:
+    """Delete the owner's rows whose keys the journal recorded as gone (an outbound
+    session replaced, a user no longer tracked, a key request answered)."""
+    if keys:
+        await session.execute(delete(owner_column.class_).where(
+            owner_column == owner, key_column.in_(keys)))
