@@ -41,8 +41,11 @@ sys.path.insert(0, str(ROOT))
 from bridge.config import parse_config  # noqa: E402
 from bridge.db import Database, upgrade  # noqa: E402
 from bridge.devtools.synapse import free_port  # noqa: E402
+from bridge.matrix.keystore import RoomKeyStore  # noqa: E402
 from bridge.matrix.queued import seal_unsealed  # noqa: E402
+from bridge.privacy import Privacy  # noqa: E402
 from bridge.services import Bridge, build_bridge  # noqa: E402
+from bridge.types import UserID  # noqa: E402
 from tests.fixtures.many_citizens import seed_citizens  # noqa: E402
 
 
@@ -105,7 +108,8 @@ async def run(citizens: int, opened: int) -> None:
         db = await Database.open(config.database.url)
         cpu = time.process_time()
         await seed_citizens(db, citizens, opened=opened, prefix=config.appservice.ghost_prefix,
-                            bot=config.bot_mxid)
+                            bot=config.bot_mxid,
+                            cipher=Privacy.from_config(config.privacy).cipher)
         await db.close()
         print(f"seeded {citizens} citizens ({opened} with crypto state) in "
               f"{time.process_time() - cpu:.1f} CPU-s")
@@ -124,6 +128,9 @@ async def run(citizens: int, opened: int) -> None:
                     "dead_letters.refresh_gauge": bridge.dead_letters.refresh_gauge,
                     "crypto.load(bot) (DB only)": partial(bridge.db.crypto.load,
                                                           config.bot_mxid),
+                    "room keys of the bot": RoomKeyStore(
+                        bridge.db.room_keys, bridge.privacy.cipher).owner(
+                        UserID(config.bot_mxid)).load,
                     # Not before ready, but at once after it (Lifecycle.retention).
                     "retention run (after ready)": partial(bridge.retention_job().run,
                                                            datetime.now(UTC)),
