@@ -283,6 +283,14 @@ class GhostRepo:
             rows = await session.scalars(select(GhostRow).order_by(GhostRow.user_id))
             return [_ghost(r) for r in rows]
 
+    async def unregistered(self) -> builtins.list[Ghost]:
+        """Ghosts whose registration on the homeserver was not finished (a crash or
+        the homeserver down between the row and the request): the few that start-up
+        completes, read without reading every ghost."""
+        stmt = select(GhostRow).where(GhostRow.registered.is_(False)).order_by(GhostRow.user_id)
+        async with self._scope.session() as session:
+            return [_ghost(r) for r in await session.scalars(stmt)]
+
     async def _update(self, user_id: UserID, **values: Any) -> None:
         stmt = update(GhostRow).where(GhostRow.user_id == user_id).values(**values)
         async with self._scope.session() as session:

@@ -60,15 +60,23 @@ class RoomKeyRepo:
             await session.execute(stmt)
 
     async def load(self, owner: UserID) -> OwnerRoomKeys:
-        """Every checkpoint (by session, then index) and delivery of the owner."""
-        keys = (select(RoomKeyRow).where(RoomKeyRow.owner == owner)
-                .order_by(RoomKeyRow.session_id, RoomKeyRow.message_index))
-        deliveries = select(RoomKeyDeliveryRow).where(RoomKeyDeliveryRow.owner == owner)
+        """Every checkpoint (by session, then index) and delivery of the owner.
+
+        Plain rows, not ORM objects: the bot's device reads these at every start, one
+        per portal it ever spoke in and one per device it gave a key to."""
+        k, d = RoomKeyRow, RoomKeyDeliveryRow
+        keys = (select(k.id, k.room_id, k.session_id, k.message_index, k.session_key_ct,
+                       k.audience, k.created_at).where(k.owner == owner)
+                .order_by(k.session_id, k.message_index))
+        deliveries = select(d.session_id, d.curve25519, d.message_index).where(d.owner == owner)
         async with self._scope.session() as session:
             return OwnerRoomKeys(
-                keys=[_key(row) for row in await session.scalars(keys)],
-                deliveries=[RoomKeyDelivery(row.session_id, row.curve25519, row.message_index)
-                            for row in await session.scalars(deliveries)],
+                keys=[StoredRoomKey(id=r[0], owner=owner, room_id=RoomID(r[1]),
+                                    session_id=r[2], message_index=r[3],
+                                    session_key_ct=r[4], audience=tuple(json.loads(r[5])),
+                                    created_at=r[6])
+                      for r in await session.execute(keys)],
+                deliveries=[RoomKeyDelivery(*r) for r in await session.execute(deliveries)],
             )
 
     async def owners_in(self, room_id: RoomID) -> set[UserID]:

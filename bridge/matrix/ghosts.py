@@ -78,9 +78,8 @@ class Ghosts:
 
     async def resume_unregistered(self) -> None:
         """Finish ghosts whose registration a crash interrupted."""
-        for ghost in await self._db.ghosts.all():
-            if not ghost.registered:
-                await self._register(UserID(ghost.user_id), ghost.display_name)
+        for ghost in await self._db.ghosts.unregistered():
+            await self._register(UserID(ghost.user_id), ghost.display_name)
 
     async def ensure_registered(self, user_id: UserID) -> None:
         """Finish this ghost's registration if it was cut short (the homeserver was

@@ -9,6 +9,7 @@ its keys are on the server, before it sends anything.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +21,9 @@ from bridge.privacy import Cipher
 from bridge.types import DeviceID, UserID
 
 log = logging.getLogger(__name__)
+
+# Set (to the time, ISO 8601) once `Trust.upgrade_existing` has gone through every ghost.
+UPGRADED_KEY = "cross_signing_upgraded"
 
 
 class Trust:
@@ -64,16 +68,25 @@ class Trust:
         return out
 
     async def upgrade_existing(self, store_dir: Path) -> int:
-        """Cross-sign devices of ghosts created before cross-signing existed.
+        """Cross-sign devices of ghosts created before cross-signing existed: once.
 
         Only ghosts whose device was ever opened (crypto state is stored) have device keys
         on the server; the rest are signed when their device first opens. A ghost the
         homeserver refuses (e.g. its device keys never got uploaded because a crash hit
         between login and upload) is logged and skipped, not fatal: it is retried when its
         device next opens, and one such ghost must not keep the whole bridge from starting.
-        Returns how many devices are now cross-signed.
+
+        Every device opened since is signed as it opens (`__call__`, the devices' ready
+        hook), before it sends anything; so once a pass has gone through every ghost, a
+        later start has nothing to upgrade, and a marker in `kv` (UPGRADED_KEY) spares it
+        the walk over every ghost and a `/keys/query` per opened device (10,000 of them
+        with 10,000 citizens who ever wrote). A pass that a network error interrupts is
+        not marked: the next start runs it again. Returns how many devices this pass
+        cross-signed.
         """
-        count = 0
+        if await self._db.kv.get(UPGRADED_KEY) is not None:
+            return 0
+        count = skipped = 0
         opened = await self._db.crypto.owners()
         for ghost in await self._db.ghosts.all():
             localpart = ghost.user_id[1:].split(":", 1)[0]
@@ -85,6 +98,10 @@ class Trust:
                 except crosssign.CrossSigningError as exc:
                     log.warning("not cross-signed at startup (retried when the device"
                                 " opens): %s", exc)
+                    skipped += 1
                     continue
                 count += 1
+        await self._db.kv.set(UPGRADED_KEY, datetime.now(UTC).isoformat())
+        log.info("cross-signing upgrade of existing devices done: %d signed, %d left to "
+                 "their next open", count, skipped)
         return count
