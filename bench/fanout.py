@@ -150,9 +150,7 @@ class Simulator:
     async def start(self) -> str:
         env = {**os.environ, "SIMULATOR_ACCESS_TOKEN": self.access_token,
                "SIMULATOR_APP_SECRET": self.app_secret, "SIMULATOR_PHONE_NUMBER_ID": PHONE_ID}
-        pin = os.environ.get("FANOUT_SIM_CPUS")
         self._proc = await asyncio.create_subprocess_exec(
-            *(["taskset", "-c", pin] if pin else []),
             sys.executable, "-m", "bridge.devtools.simulator", env=env,
             stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
         assert self._proc.stdout is not None
