@@ -503,8 +503,10 @@ class OutboxRepo:
         oldest (a citizen's sends go one after another, in order). Queue order, not due
         time: a send due again after a wait (a release, a retry) still goes before the
         citizen's later ones."""
+        params: dict[str, Any] = {"now": now, "limit": limit}
+        if busy:
+            params["busy"] = list(busy)
         stmt = _DUE_IN_ORDER_NOT_BUSY if busy else _DUE_IN_ORDER
-        params = {"now": now, "limit": limit, "busy": list(busy)}
         heads: dict[int, OutboxItem] = {}
         async with self._scope.session() as session:
             for row in await session.execute(stmt, params):
@@ -580,31 +582,17 @@ class OutboxRepo:
 
         False (nothing written) if the row is no longer pending (cancelled meanwhile).
         """
-        now = utcnow()
-        stmt = (
-            update(OutboxRow)
-            .where(OutboxRow.id == item_id, OutboxRow.status == "pending")
-            .values(sending_at=now, next_attempt_at=confirm_by, updated_at=now)
-        )
-        async with self._scope.session() as session:
-            return rowcount(await session.execute(stmt)) > 0
+        return item_id in await self.begin_attempts([item_id], confirm_by)
 
     async def mark_sent(self, item_id: int, wamid_hash: WamidHash) -> bool:
         """Graph accepted the send. False, writing nothing, if the row was settled
         already (a delivery status confirmed or failed it first); a send cancelled while
         in flight did go out, so it is marked sent. NotFound if there is no such row."""
-        stmt = (
-            update(OutboxRow)
-            .where(OutboxRow.id == item_id, OutboxRow.status.in_(("pending", "cancelled")))
-            .values(status="sent", wamid_hash=wamid_hash, attempts=OutboxRow.attempts + 1,
-                    last_error=None, sending_at=None, updated_at=utcnow())
-        )
-        async with self._scope.session() as session:
-            if rowcount(await session.execute(stmt)) > 0:
-                return True
-            if await session.get(OutboxRow, item_id) is None:
-                raise NotFound(f"outbox item {item_id} not found")
-            return False
+        if await self.mark_sent_many({item_id: wamid_hash}):
+            return True
+        if await self.get(item_id) is None:
+            raise NotFound(f"outbox item {item_id} not found")
+        return False
 
     async def retry_later(self, item_id: int, next_at: datetime, error: str) -> None:
         """Count a transient failure (429, 5xx, network) and schedule the next attempt."""
