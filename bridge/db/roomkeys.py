@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import Row, Table, delete, select
 
 from bridge.db.models import RoomKeyDeliveryRow, RoomKeyRow, utcnow
 from bridge.db.scope import Scope, rowcount
@@ -65,17 +66,12 @@ class RoomKeyRepo:
         Plain rows, not ORM objects: the bot's device reads these at every start, one
         per portal it ever spoke in and one per device it gave a key to."""
         k, d = RoomKeyRow, RoomKeyDeliveryRow
-        keys = (select(k.id, k.room_id, k.session_id, k.message_index, k.session_key_ct,
-                       k.audience, k.created_at).where(k.owner == owner)
+        keys = (select(*cast(Table, k.__table__).c).where(k.owner == owner)
                 .order_by(k.session_id, k.message_index))
         deliveries = select(d.session_id, d.curve25519, d.message_index).where(d.owner == owner)
         async with self._scope.session() as session:
             return OwnerRoomKeys(
-                keys=[StoredRoomKey(id=r[0], owner=owner, room_id=RoomID(r[1]),
-                                    session_id=r[2], message_index=r[3],
-                                    session_key_ct=r[4], audience=tuple(json.loads(r[5])),
-                                    created_at=r[6])
-                      for r in await session.execute(keys)],
+                keys=[_key(row) for row in await session.execute(keys)],
                 deliveries=[RoomKeyDelivery(*r) for r in await session.execute(deliveries)],
             )
 
@@ -118,7 +114,7 @@ class RoomKeyRepo:
                 row.session_key_ct = session_key_ct
 
 
-def _key(row: RoomKeyRow) -> StoredRoomKey:
+def _key(row: RoomKeyRow | Row[Any]) -> StoredRoomKey:
     return StoredRoomKey(
         id=row.id, owner=UserID(row.owner), room_id=RoomID(row.room_id),
         session_id=row.session_id, message_index=row.message_index,
