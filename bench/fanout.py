@@ -6,7 +6,8 @@ time from the first post to the last delivery, and peak RSS over idle (target <=
 then checks that every member got every post exactly once and in order.
 
     .venv/bin/python bench/fanout.py [--members 1000] [--posts 20] [--rate 0] \
-        [--interval 0] [--restart-at 0.3] [--queue-first] [--database-url URL] [--json]
+        [--interval 0] [--restart-at 0.3] [--blocks 4] [--queue-first] \
+        [--database-url URL] [--json] [--profile FILE] [--py-spy FILE]
 
 No Synapse: the posts enter where the relay hands a decrypted room event to
 `bridge.rooms_wa.fanout.FanOut.send` (display names and power levels are what Synapse
@@ -21,6 +22,13 @@ or sent twice; the delivery statuses Meta would send are fed to it, as the webho
 the outbox's alone (by default it sends while `FanOut.send` is still queueing, and the
 time to last delivery includes the queueing). SQLite in a temporary directory unless
 `--database-url` (an empty database) is given.
+
+The bridge and the bare client take turns: the posts are split into `--blocks` blocks;
+the outbox sends a block, stops, and the bare client posts the same bodies, then the
+next block. A machine whose speed drifts during the run (other work, a noisy host)
+slows both alike; the ratio is of the totals, and the per-block ratios are printed
+with it. `--profile` and `--py-spy` cover every block (bare turns included): use
+`--blocks 1` to profile the bridge alone.
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ import logging
 import os
 import resource
 import secrets
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -186,6 +196,42 @@ class Simulator:
             await self._proc.wait()
 
 
+async def _py_spy(path: str) -> asyncio.subprocess.Process:
+    """py-spy sampling this process (every thread) for the sending phase only."""
+    spy = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(os.getpid()),
+        "--threads", "--rate", "250", "--format", "raw", "--output", path,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    await asyncio.sleep(0.5)  # attached before the first send
+    return spy
+
+
+def _blocks(posts: int, blocks: int) -> list[range]:
+    """The posts in `blocks` runs of consecutive posts, as even as they split."""
+    blocks = max(1, min(blocks, posts))
+    cuts = [round(posts * b / blocks) for b in range(blocks + 1)]
+    return [range(cuts[b], cuts[b + 1]) for b in range(blocks)]
+
+
+async def _restart(box: Outbox, outbox: Callable[[], Outbox], db: Database, sim: Simulator,
+                   total: int) -> Outbox:
+    """Stop the outbox mid-send and start a new one on the same database, as a restarted
+    bridge would; returns the new one."""
+    await box.stop()
+    await sim.poll()  # what was posted up to the stop
+    box = outbox()
+    # The delivery statuses Meta sends settle the sends cut short by the stop (in
+    # production they come in by the webhook); those of sends already recorded change
+    # nothing, and are not fed.
+    pending = await db.outbox.due(datetime.now(UTC) + timedelta(days=1), limit=total)
+    in_flight = {i.id for i in pending if i.sending_at is not None}
+    for wamid, data in sim.callback_data.items():
+        if callback_item(data) in in_flight:
+            await box.settle_by_status(data, wamid, "sent")
+    box.start()
+    return box
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     idle = rss_mb()
     resends = Resends()
@@ -240,60 +286,69 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                          metrics)
             total = args.members * args.posts
             freeze_startup_heap()  # as `civic-bridge run` does once ready (bridge.heap)
-            if not args.queue_first:
-                box.start()
-            start = time.perf_counter()
-            cpu = time.process_time()
-            restarted = False
-            for p in range(args.posts):
-                await fan.send(room, EventID(f"$post{p}"), "m.room.message",
-                               {"msgtype": "m.text", "body": f"Aviso {p + 1:02d}: corte de "
-                                "agua mañana de 9 a 12 en la calle Mayor."},
-                               "Ayuntamiento · Ana", recipients)
-            queued = time.perf_counter() - start
-            if args.queue_first:  # time the outbox alone: from its start to the last send
-                box.start()
-                start = time.perf_counter()
-                cpu = time.process_time()
-            restart = restart_cpu = 0.0  # left out of the throughput, printed apart
+            spy = await _py_spy(args.py_spy) if args.py_spy else None
             profile = cProfile.Profile() if args.profile else None
             if profile:
                 profile.enable()
-            while (done := await sim.total()) < total:
-                if not restarted and args.restart_at and done >= args.restart_at * total:
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    await box.stop()  # a restart: a new outbox on the same database
-                    await sim.poll()  # what was posted up to the stop
-                    box = outbox()
-                    # The delivery statuses Meta sends settle the sends cut short by the
-                    # stop (in production they come in by the webhook); those of sends
-                    # already recorded change nothing, and are not fed.
-                    pending = await db.outbox.due(datetime.now(UTC) + timedelta(days=1),
-                                                  limit=total)
-                    in_flight = {i.id for i in pending if i.sending_at is not None}
-                    for wamid, data in sim.callback_data.items():
-                        if callback_item(data) in in_flight:
-                            await box.settle_by_status(data, wamid, "sent")
+            # Bridge and bare take turns, block by block, on the same bodies: a machine
+            # that speeds up or slows down during the run affects both alike.
+            ours = theirs = cpu = bare_cpu = queued = restart = 0.0
+            blocks: list[dict[str, float]] = []
+            sends: list[dict[str, Any]] = []  # what the bridge sent, in Graph's order
+            restarted = False
+            for posts in _blocks(args.posts, args.blocks):
+                size = args.members * len(posts)
+                base = len(sim.sent)  # the simulator's count before this block
+                t0, c0 = time.perf_counter(), time.process_time()
+                if not args.queue_first:
                     box.start()
-                    restarted = True
-                    restart += time.perf_counter() - t0
-                    restart_cpu += time.process_time() - c0
-                await asyncio.sleep(0.1)
-            last = time.perf_counter() - start
-            cpu = time.process_time() - cpu - restart_cpu
+                for p in posts:
+                    await fan.send(room, EventID(f"$post{p}"), "m.room.message",
+                                   {"msgtype": "m.text", "body": f"Aviso {p + 1:02d}: corte "
+                                    "de agua mañana de 9 a 12 en la calle Mayor."},
+                                   "Ayuntamiento · Ana", recipients)
+                queued += time.perf_counter() - t0
+                if args.queue_first:  # time the outbox alone: from its start to the last send
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    box.start()
+                paused = paused_cpu = 0.0  # the restart: left out, printed apart
+                while (done := await sim.total()) < base + size:
+                    if (not restarted and args.restart_at
+                            and len(sends) + done - base >= args.restart_at * total):
+                        t1, c1 = time.perf_counter(), time.process_time()
+                        box = await _restart(box, outbox, db, sim, total)
+                        fan = FanOut(config, db, api, None, members, box,  # type: ignore[arg-type]
+                                     privacy, metrics)
+                        restarted = True
+                        paused += time.perf_counter() - t1
+                        paused_cpu += time.process_time() - c1
+                    await asyncio.sleep(0.1)
+                seconds = time.perf_counter() - t0 - paused
+                cpu += time.process_time() - c0 - paused_cpu
+                restart += paused
+                await asyncio.sleep(1.0)  # anything sent twice would show now
+                await box.stop()
+                await sim.poll()
+                sent = sim.sent[base:]
+                sends += sent
+                bodies = [{k: v for k, v in b.items() if k != "biz_opaque_callback_data"}
+                          for b in sent]
+                c0 = time.process_time()
+                bare_seconds = await bare(api_base, sim.access_token, bodies[:size],
+                                          args.concurrency)
+                bare_cpu += time.process_time() - c0
+                await sim.poll()
+                ours += seconds
+                theirs += bare_seconds
+                blocks.append({"bridge": round(size / seconds, 1),
+                               "bare": round(size / bare_seconds, 1),
+                               "ratio": round(bare_seconds / seconds, 3)})
             if profile:
                 profile.disable()
                 profile.dump_stats(args.profile)
-            await asyncio.sleep(1.0)  # anything sent twice would show now
-            await box.stop()
-            await sim.poll()
-            sends = list(sim.sent)
-            bodies = [{k: v for k, v in b.items() if k != "biz_opaque_callback_data"}
-                      for b in sends]
-            bare_cpu = time.process_time()
-            bare_seconds = await bare(api_base, sim.access_token, bodies[:total],
-                                      args.concurrency)
-            bare_cpu = time.process_time() - bare_cpu
+            if spy:
+                spy.send_signal(signal.SIGINT)
+                await spy.wait()
         finally:
             await http.close()
             await db.close()
@@ -303,16 +358,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         per.setdefault(str(body.get("to")), []).append(body["text"]["body"][:40])
     expected = [f"*Ayuntamiento · Ana*: Aviso {p + 1:02d}" for p in range(args.posts)]
     in_order = all([t[:len(expected[0])] for t in got] == expected for got in per.values())
-    ours = total / (last - restart)
-    theirs = total / bare_seconds
+    ratios = sorted(b["ratio"] for b in blocks)
     return {"members": args.members, "posts": args.posts, "sends": len(sends),
             "expected": total, "duplicates": len(sends) - total,
             "resent_after_confirm_window": resends.count,
             "recipients": len(per), "in_order_per_citizen": in_order,
             "queue_seconds": round(queued, 2), "restart_seconds": round(restart, 2),
-            "last_delivery_seconds": round(last, 2),
-            "bridge_msgs_per_s": round(ours, 1), "bare_msgs_per_s": round(theirs, 1),
-            "ratio": round(ours / theirs, 3),
+            "blocks": len(blocks),
+            # Sending (and queueing, unless --queue-first) with the bare client's turns
+            # and the restart left out.
+            "last_delivery_seconds": round(ours, 2),
+            "bridge_msgs_per_s": round(total / ours, 1),
+            "bare_msgs_per_s": round(total / theirs, 1),
+            "ratio": round(theirs / ours, 3),
+            "ratio_per_block": f"{ratios[0]}-{ratios[-1]} (median {ratios[len(ratios) // 2]})",
             # CPU of this process (the simulator runs in its own) per send: what bounds
             # the throughput once Graph is not the bottleneck, and less noisy on a
             # shared machine than msg/s.
@@ -334,6 +393,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16,
                         help="whatsapp.outbox_concurrency (sends at once)")
     parser.add_argument("--restart-at", type=float, default=0.3)
+    parser.add_argument("--blocks", type=int, default=4,
+                        help="bridge and bare take turns over this many blocks of posts")
     parser.add_argument("--queue-first", action="store_true",
                         help="queue every post before starting the outbox, so that the "
                              "throughput is the outbox's alone (sending, not queueing)")
@@ -341,6 +402,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", default="",
                         help="write a cProfile of the sending phase to this file")
+    parser.add_argument("--py-spy", default="",
+                        help="write py-spy's raw samples of the sending phase (every "
+                             "thread) to this file")
     args = parser.parse_args()
     result = asyncio.run(run(args))
     if args.json:
