@@ -83,7 +83,7 @@ log = logging.getLogger(__name__)
 
 _CALLBACK = re.compile(re.escape(CALLBACK_PREFIX) + r"([1-9][0-9]{0,17})")
 # The most sends in one batch (each citizen's oldest due one), whatever the concurrency.
-MAX_BATCH: Final = 128
+MAX_BATCH: Final = 256
 # Batches in progress at once (one sending while the next is claimed, the last recorded).
 PIPELINE: Final = 3
 
@@ -157,7 +157,7 @@ class Outbox:
         """Sends claimed at once: small enough that a crash leaves few to settle by
         status (those posted whose outcome was not yet recorded), large enough that the
         database work is shared by many sends."""
-        return min(MAX_BATCH, max(8, 8 * self.concurrency))
+        return min(MAX_BATCH, max(8, 16 * self.concurrency))
 
     # --- queueing ---------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ handful per send.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -228,10 +229,15 @@ class OutboxQueue:
         await repos.wa_rooms.link_many(room_links)
 
     def _count(self, envelopes: Iterable[Envelope]) -> None:
+        notices = 0
+        kinds: Counter[str] = Counter()
         for envelope in envelopes:
-            if envelope.notice_id is not None:
-                self._metrics.notices.labels("sent").inc()
-            self._metrics.relayed.labels("out", envelope.type).inc()
+            notices += envelope.notice_id is not None
+            kinds[envelope.type] += 1
+        if notices:
+            self._metrics.notices.labels("sent").inc(notices)
+        for kind, sent in kinds.items():  # one increment per kind, not per send
+            self._metrics.relayed.labels("out", kind).inc(sent)
 
     async def settle_by_status(self, item_id: int, wamid: str, status: str,
                                error_code: int | None = None) -> bool:

@@ -105,6 +105,7 @@ class OutboxSender:
         self._bot = bot
         self._privacy = privacy
         self._metrics = metrics
+        self._latency = metrics.relay_latency.labels("out")  # observed once per send
         # Meta's rate limits (bridge.whatsapp.pacing); None: no pacing.
         self.pacer: Pacer | None = None
         self.concurrency = 1
@@ -185,7 +186,7 @@ class OutboxSender:
                     return
             if self.pacer is not None:
                 self.pacer.sent(claim.citizen.id)
-            self._metrics.relay_latency.labels("out").observe(time.perf_counter() - started[n])
+            self._latency.observe(time.perf_counter() - started[n])
             outcomes[n] = Sent(wamid)
 
         # A few workers taking the sends in turn, not a task per send.
