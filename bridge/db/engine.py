@@ -42,7 +42,6 @@ from sqlalchemy.ext.asyncio import (
 from bridge.auditchain import AuditKeys
 from bridge.db.repos import Repositories
 from bridge.db.scope import Scope, shared
-from bridge.db.sqlite_cursor import OneTurnCursor
 from bridge.errors import SchemaError
 
 log = logging.getLogger(__name__)
@@ -110,10 +109,6 @@ class _SQLiteConnection(aiosqlite.Connection):
         if not self._running:  # stopped: its thread closes the connection already
             return
         await super().close()
-
-    def cursor(self) -> OneTurnCursor:  # type: ignore[override]
-        """A statement in one turn of the connection's thread (bridge.db.sqlite_cursor)."""
-        return OneTurnCursor(self)
 
 
 def _connect_sqlite(database: str, **kwargs: Any) -> aiosqlite.Connection:
