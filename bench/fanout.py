@@ -55,6 +55,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _harness import CPU
+
 from bridge.auditchain import AuditKeys
 from bridge.config import RoomsConfig, WhatsAppConfig, parse_config
 from bridge.db import Database, upgrade
@@ -192,8 +194,7 @@ class Simulator:
     def cpu(self) -> float:
         """CPU seconds the simulator has used (utime + stime, from /proc)."""
         assert self._proc is not None
-        fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return CPU(self._proc.pid).now()[1]
 
     async def stop(self) -> None:
         if self._proc is not None:
