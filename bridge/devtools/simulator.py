@@ -137,6 +137,7 @@ class CloudAPISimulator:
         self.waba_id = waba_id
         self.sent: list[dict[str, Any]] = []
         self.sent_ids: list[str | None] = []  # wamid per `sent` entry (None for mark-read)
+        self.last_sent_at = 0.0  # time.monotonic() of the last: a benchmark's finish line
         self.requests: list[RequestRecord] = []
         self.media: dict[str, _Media] = {}
         self.deleted_media: dict[str, _Media] = {}  # what DELETE /{media-id} removed
@@ -289,17 +290,19 @@ class CloudAPISimulator:
     def _record(self, body: dict[str, Any], wamid: str | None) -> None:
         self.sent.append(body)
         self.sent_ids.append(wamid)
+        self.last_sent_at = time.monotonic()
         self._sent_event.set()
 
     async def _sent(self, request: web.Request) -> web.Response:
-        """The recorded sends in order: `{"sent": [{"wamid": ..., "body": ...}], "total": N}`
-        (wamid null for a mark-as-read call); `?after=K` leaves out the first K, so that
-        a poller reads each send once."""
+        """The recorded sends in order: `{"sent": [{"wamid": ..., "body": ...}], "total": N,
+        "last_at": T}` (wamid null for a mark-as-read call; T the `time.monotonic()` of the
+        last, which is one clock for every process on the machine); `?after=K` leaves out
+        the first K, so that a poller reads each send once."""
         try:
             after = max(0, int(request.query.get("after", "0")))
         except ValueError:
             return _refuse(contract.GraphContractError(100, "after: not an integer"))
-        return web.json_response({"total": len(self.sent),
+        return web.json_response({"total": len(self.sent), "last_at": self.last_sent_at,
                                   "sent": [{"wamid": wamid, "body": body}
                                            for wamid, body in zip(self.sent_ids[after:],
                                                                   self.sent[after:],

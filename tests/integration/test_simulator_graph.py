@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -619,14 +620,18 @@ async def test_sent_listing_reads_from_where_a_poller_left_off(
         graph: GraphClient, sim: tuple[CloudAPISimulator, str],
         session: aiohttp.ClientSession) -> None:
     """`GET /_simulator/sent?after=K` (for a benchmark running the simulator in its own
-    process): the sends after the first K, and how many there are in all."""
+    process): the sends after the first K, how many there are in all, and when the last
+    was accepted (`time.monotonic()`, one clock for every process on the machine)."""
     for n in range(3):
+        before = time.monotonic()
         await graph.send_text(TO, f"m{n}")
+    after = time.monotonic()
     url = sim[1].rsplit("/", 1)[0] + SENT_PATH
     auth = {"Authorization": f"Bearer {TOKEN}"}
     async with session.get(url, params={"after": "1"}, headers=auth) as resp:
         data = await resp.json()
     assert data["total"] == 3
+    assert before <= data["last_at"] <= after
     assert [e["body"]["text"]["body"] for e in data["sent"]] == ["m1", "m2"]
     assert all(e["wamid"].startswith("wamid.") for e in data["sent"])
     async with session.get(url, params={"after": "x"}, headers=auth) as resp:
