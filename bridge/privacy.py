@@ -406,10 +406,13 @@ class Privacy:
         """`display_name` with the configured template."""
         return display_name(self.pseudonym_template, code)
 
-    def seal_wamid(self, wamid: str) -> tuple[WamidHash, str]:
+    def seal_wamid(self, wamid: str, digest: WamidHash | None = None
+                   ) -> tuple[WamidHash, str]:
         """(keyed hash, ciphertext) of a wamid the bridge must be able to send back to
-        Graph (a reply's context, a reaction's target, a read receipt)."""
-        digest = self.index.wamid(wamid)
+        Graph (a reply's context, a reaction's target, a read receipt). `digest`: its
+        keyed hash (`KeyedIndex.wamid`) when the caller has it already."""
+        if digest is None:
+            digest = self.index.wamid(wamid)
         return digest, self.cipher.encrypt(wamid, aad=wamid_aad(digest))
 
     def open_wamid(self, wamid_hash: str, wamid_ct: str) -> str:

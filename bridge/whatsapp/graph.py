@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import hmac
 import io
+import json as jsonlib
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -258,8 +259,8 @@ class GraphClient:
             async with self._session.request(method, url, json=json, data=data,
                                              headers=headers, timeout=self._timeout) as resp:
                 status = resp.status
-                try:
-                    payload = await resp.json(content_type=None)
+                try:  # the bytes as they are: Graph answers UTF-8 JSON whatever it says
+                    payload = jsonlib.loads(await resp.read())
                 except ValueError:
                     payload = None
         except (aiohttp.ClientError, TimeoutError) as exc:

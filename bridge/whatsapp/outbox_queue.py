@@ -25,7 +25,7 @@ from bridge.privacy import AAD_PAYLOAD, Privacy
 from bridge.retry import backoff as retry_backoff
 from bridge.retry import is_transient, reason_of
 from bridge.texts.matrix import default as mx_text
-from bridge.types import EventID, RoomID
+from bridge.types import EventID, RoomID, WamidHash
 from bridge.whatsapp.graph import GraphError, error_title
 from bridge.whatsapp.outbox_sender import Claim, Failed, Outcome, Postponed, Sent, Skipped
 from bridge.whatsapp.payloads import Envelope, decode, encode
@@ -180,10 +180,10 @@ class OutboxQueue:
         async with self._db.transaction() as repos:
             wamids = {c.item.id: o.wamid for c, o in zip(claims, outcomes, strict=True)
                       if isinstance(o, Sent)}
-            marked = await repos.outbox.mark_sent_many(
-                {i: self._privacy.index.wamid(w) for i, w in wamids.items()})
-            accepted = [(c.item, c.envelope, wamids[c.item.id]) for c in claims
-                        if c.item.id in marked]
+            hashes = {i: self._privacy.index.wamid(w) for i, w in wamids.items()}
+            marked = await repos.outbox.mark_sent_many(hashes)
+            accepted = [(c.item, c.envelope, wamids[c.item.id], hashes[c.item.id])
+                        for c in claims if c.item.id in marked]
             await self._accepted(repos, accepted)
             for claim, outcome in zip(claims, outcomes, strict=True):
                 item = claim.item
@@ -207,24 +207,26 @@ class OutboxQueue:
                     case Sent() | Skipped():
                         pass
         self._metrics.outbox_retries.inc(retried)
-        self._count(envelope for _, envelope, _ in accepted)
+        self._count(envelope for _, envelope, _, _ in accepted)
         await self._told(gave_up)
 
     async def _accepted(self, repos: Repositories,
-                        accepted: Sequence[tuple[OutboxItem, Envelope, str]]) -> None:
-        """The bookkeeping of sends WhatsApp accepted, however we learnt it (Graph's
-        answer or a delivery status): the notice log, the message map that receipts and
-        replies need (counted by `_count` once committed)."""
+                        accepted: Sequence[tuple[OutboxItem, Envelope, str, WamidHash]]
+                        ) -> None:
+        """The bookkeeping of sends WhatsApp accepted (each with its wamid and the
+        wamid's keyed hash), however we learnt it (Graph's answer or a delivery status):
+        the notice log, the message map that receipts and replies need (counted by
+        `_count` once committed)."""
         room_links = []
-        for item, envelope, wamid in accepted:
+        seal = self._privacy.seal_wamid
+        for item, envelope, wamid, wamid_hash in accepted:
             if envelope.notice_id is not None:
-                await repos.notices.mark_accepted(envelope.notice_id,
-                                                  self._privacy.index.wamid(wamid))
+                await repos.notices.mark_accepted(envelope.notice_id, wamid_hash)
             if envelope.event_id:
-                await repos.messages.link(self._privacy.seal_wamid(wamid), item.room_id,
+                await repos.messages.link(seal(wamid, wamid_hash), item.room_id,
                                           EventID(envelope.event_id), "out")
             if envelope.wr_event and envelope.wa_room:  # one room event, one wamid per member
-                room_links.append((self._privacy.seal_wamid(wamid), item.citizen_id,
+                room_links.append((seal(wamid, wamid_hash), item.citizen_id,
                                    RoomID(envelope.wa_room), EventID(envelope.wr_event)))
         await repos.wa_rooms.link_many(room_links)
 
@@ -245,12 +247,12 @@ class OutboxQueue:
         unconfirmed (bridge.whatsapp.outbox.Outbox.settle_by_status)."""
         if status in ACCEPTED_STATUSES:
             async with self._db.transaction() as repos:
-                item = await repos.outbox.confirm_in_flight(item_id,
-                                                            self._privacy.index.wamid(wamid))
+                wamid_hash = self._privacy.index.wamid(wamid)
+                item = await repos.outbox.confirm_in_flight(item_id, wamid_hash)
                 if item is None:
                     return False
                 envelope = self.envelope(item)
-                await self._accepted(repos, [(item, envelope, wamid)])
+                await self._accepted(repos, [(item, envelope, wamid, wamid_hash)])
                 # Later sends to this citizen may wait behind it (in order): no longer.
                 await repos.outbox.bring_forward(item.citizen_id, item.id)
             log.info("outbox #%d: confirmed by a delivery status", item_id)

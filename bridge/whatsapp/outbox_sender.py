@@ -22,8 +22,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -294,23 +293,23 @@ class _Gate:
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap
         self._arrivals = itertools.count()
 
-    @asynccontextmanager
-    async def turn(self, batch: int) -> AsyncIterator[None]:
+    def turn(self, batch: int) -> _Turn:
+        """`async with gate.turn(batch):` one send's turn (a plain context object, not
+        an async generator: it is taken once per send)."""
+        return _Turn(self, batch)
+
+    async def _take(self, batch: int) -> None:
         if self._free > 0 and not self._waiting:
             self._free -= 1
-        else:
-            granted = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiting, (batch, next(self._arrivals), granted))
-            try:
-                await granted
-            except asyncio.CancelledError:
-                if granted.done() and not granted.cancelled():
-                    self._hand_on()  # given a turn as it was cancelled: pass it on
-                raise
+            return
+        granted = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (batch, next(self._arrivals), granted))
         try:
-            yield
-        finally:
-            self._hand_on()
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self._hand_on()  # given a turn as it was cancelled: pass it on
+            raise
 
     def _hand_on(self) -> None:
         while self._waiting:
@@ -319,3 +318,17 @@ class _Gate:
                 granted.set_result(None)
                 return
         self._free += 1
+
+
+class _Turn:
+    __slots__ = ("_gate", "_batch")
+
+    def __init__(self, gate: _Gate, batch: int) -> None:
+        self._gate = gate
+        self._batch = batch
+
+    async def __aenter__(self) -> None:
+        await self._gate._take(self._batch)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._gate._hand_on()
