@@ -510,7 +510,8 @@ class OutboxRepo:
         heads: dict[int, OutboxItem] = {}
         async with self._scope.session() as session:
             for row in await session.execute(stmt, params):
-                heads.setdefault(row.citizen_id, _outbox(row))
+                if row.citizen_id not in heads:  # a citizen's later rows: not converted
+                    heads[row.citizen_id] = _outbox(row)
         return list(heads.values())
 
     async def waiting_room_sends(self, citizen_ids: Collection[int], now: datetime
