@@ -321,7 +321,7 @@ class _Gate:
 
 
 class _Turn:
-    __slots__ = ("_gate", "_batch")
+    __slots__ = ("_batch", "_gate")
 
     def __init__(self, gate: _Gate, batch: int) -> None:
         self._gate = gate
