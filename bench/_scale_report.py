@@ -21,6 +21,8 @@ def verdicts(figs: list[Any]) -> list[dict[str, Any]]:
 
     add("start_s", large.start_s, TARGET_START_S, large.start_s <= TARGET_START_S,
         f"N={large.n}")
+    add("restart_s", large.restart_s, TARGET_START_S, large.restart_s <= TARGET_START_S,
+        f"N={large.n}")
     add("idle_rss_mb", large.idle_rss_mb, TARGET_IDLE_RSS_MB,
         large.idle_rss_mb <= TARGET_IDLE_RSS_MB, f"N={large.n}")
     worst = max(figs, key=lambda f: f.idle_req_per_s)
@@ -48,6 +50,8 @@ def print_table(report: dict[str, Any]) -> None:
     rows = [
         ("start-up to ready (s)", "start_s", "{:.2f}"),
         ("  CPU until ready (s)", "start_cpu_s", "{:.2f}"),
+        ("restart after a clean stop (s)", "restart_s", "{:.2f}"),
+        ("  CPU until ready (s)", "restart_cpu_s", "{:.2f}"),
         ("idle RSS (MB)", "idle_rss_mb", "{:.1f}"),
         ("idle open fds", "idle_fds", "{:d}"),
         ("idle requests to Synapse", "idle_requests", "{:d}"),

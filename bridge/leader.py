@@ -53,6 +53,21 @@ class LeadershipLost(Exception):
     """The active process lost its leader lock: it has stopped and must exit."""
 
 
+# In the `kv` table, the leader's state: HELD while a process leads, RELEASED once it
+# gave the lock up at shutdown, having stopped processing. A new holder waits the grace
+# unless it reads RELEASED: after a crash or a lost connection the old process may
+# still be finishing a send.
+STATE_KEY = "leader_state"
+HELD = "held"
+RELEASED = "released"
+_TAKE_OVER = text(
+    "WITH previous AS (SELECT value FROM kv WHERE key = '" + STATE_KEY + "') "
+    "INSERT INTO kv (key, value) VALUES ('" + STATE_KEY + "', :state) "
+    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value "
+    "RETURNING (SELECT value FROM previous)")
+_RECORD = text("UPDATE kv SET value = :state WHERE key = '" + STATE_KEY + "'")
+
+
 @dataclass(frozen=True)
 class Timing:
     """Seconds: how often a standby tries, how often the leader checks its connection."""
@@ -110,6 +125,9 @@ class AdvisoryLock:
         while True:
             try:
                 if await self._try_lock():
+                    if await self._take_over():
+                        log.info("leader lock acquired after a clean release; taking over")
+                        return
                     log.info("leader lock acquired; taking over in %.1fs", self._timing.grace)
                     await asyncio.sleep(self._timing.grace)
                     return
@@ -148,8 +166,27 @@ class AdvisoryLock:
                 return
 
     async def release(self) -> None:
+        """Give the lock up (at shutdown, after processing stopped). Recorded over the
+        lock's own session, which proves it is still ours: the next holder then starts
+        without the grace."""
+        if self._conn is not None:
+            try:
+                async with asyncio.timeout(self._timing.check_timeout):
+                    await self._conn.execute(_RECORD, {"state": RELEASED})
+            except Exception as exc:  # no record: the next holder waits the grace
+                log.warning("clean release not recorded (%s)", type(exc).__name__)
         await self._drop()  # ending the session releases the lock
         await self._engine.dispose()
+
+    async def _take_over(self) -> bool:
+        """Record this process as the holder; True if the previous one released cleanly
+        (no grace needed). Over the lock's session, in one statement. If it fails the
+        lock is dropped and tried again: starting without recording would leave an
+        earlier clean release on record for whoever comes after a crash of ours."""
+        assert self._conn is not None
+        async with asyncio.timeout(self._timing.check_timeout):
+            previous = await self._conn.scalar(_TAKE_OVER, {"state": HELD})
+        return bool(previous == RELEASED)
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None

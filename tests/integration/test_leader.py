@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import make_url
 
 from bridge.db.audit import AUDIT_LOCK_KEY
+from bridge.db.engine import upgrade
 from bridge.leader import (
     APPLICATION_NAME,
     LEADER_LOCK_KEY,
@@ -35,7 +36,9 @@ async def _admin(url: str) -> asyncpg.Connection:
 @pytest.fixture
 async def pg_url(pg_server: PgServer) -> str:
     # A database of its own: advisory locks are per database, so tests cannot collide.
+    # Migrated, as `run` checks before the election: the leader's state is in `kv`.
     url = await pg_server.create()
+    await upgrade(url)
     return url
 
 
@@ -115,3 +118,65 @@ async def test_acquire_survives_an_unreachable_database() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     await lock.release()
+
+
+async def _holder(lock: AdvisoryLock) -> float:
+    """Seconds `acquire` took, on a free lock."""
+    start = time.monotonic()
+    await asyncio.wait_for(lock.acquire(), 10)
+    return time.monotonic() - start
+
+
+async def test_after_a_clean_release_the_next_holder_starts_at_once(pg_url: str) -> None:
+    """A holder that gave the lock up at shutdown had stopped processing first (it
+    records that, over the lock's own session): the next one need not wait out the
+    grace. After a holder that did not (a crash, a lost connection) it does, and with
+    no record of a clean release (a new database) it does too."""
+    timing = Timing(poll=0.1, check=0.5, check_timeout=1.0)  # grace 1.5 s
+    first = AdvisoryLock(pg_url, timing=timing)
+    try:
+        assert await _holder(first) >= timing.grace  # nothing says who held it before
+        await first.release()  # a clean shutdown
+        second = AdvisoryLock(pg_url, timing=timing)
+        try:
+            assert await _holder(second) < timing.grace / 2
+        finally:
+            await second._drop()  # the session ends without a clean release: a crash
+            await second.release()
+        third = AdvisoryLock(pg_url, timing=timing)
+        try:
+            assert await _holder(third) >= timing.grace
+        finally:
+            await third.release()
+    finally:
+        await first.release()
+
+
+async def test_a_lost_holder_records_no_clean_release(pg_url: str) -> None:
+    """A holder whose lock session died cannot say it released cleanly (another process
+    may hold the lock by then): the next one waits the grace."""
+    timing = Timing(poll=0.1, check=0.1, check_timeout=1.0)
+    first = AdvisoryLock(pg_url, timing=timing)
+    try:
+        await asyncio.wait_for(first.acquire(), 10)
+        await first.release()  # clean: the record says released
+        second = AdvisoryLock(pg_url, timing=timing)
+        await asyncio.wait_for(second.acquire(), 10)
+        watching = asyncio.create_task(second.watch())
+        conn = await _admin(pg_url)
+        try:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = $1 AND datname = current_database()",
+                APPLICATION_NAME)
+        finally:
+            await conn.close()
+        await asyncio.wait_for(watching, 5)
+        await second.release()  # its session is gone: nothing can be recorded
+        third = AdvisoryLock(pg_url, timing=timing)
+        try:
+            assert await _holder(third) >= timing.grace
+        finally:
+            await third.release()
+    finally:
+        await first.release()
