@@ -34,7 +34,10 @@ throwaway PostgreSQL databases on 127.0.0.1:5432. Then, per N:
 - RSS and open fds (/proc/PID/fd) after; then EXPLAIN of the SQL the repositories issue
   for the hot look-ups (captured from the bridge's own repository calls, run again under
   EXPLAIN in a transaction that is rolled back), after ANALYZE (a restore has no
-  statistics; autovacuum would gather them in production).
+  statistics; autovacuum would gather them in production);
+- then a clean stop (SIGTERM) and a restart: start-up again, to `/ready`. The first start
+  waits the leader election's takeover grace (nothing recorded a clean stop before it,
+  as after a crash); the restart does not (bridge.leader).
 """
 
 from __future__ import annotations
