@@ -61,11 +61,11 @@ STATE_KEY = "leader_state"
 HELD = "held"
 RELEASED = "released"
 _TAKE_OVER = text(
-    "WITH previous AS (SELECT value FROM kv WHERE key = '" + STATE_KEY + "') "
-    "INSERT INTO kv (key, value) VALUES ('" + STATE_KEY + "', :state) "
+    "WITH previous AS (SELECT value FROM kv WHERE key = :key) "
+    "INSERT INTO kv (key, value) VALUES (:key, :state) "
     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value "
     "RETURNING (SELECT value FROM previous)")
-_RECORD = text("UPDATE kv SET value = :state WHERE key = '" + STATE_KEY + "'")
+_RECORD = text("UPDATE kv SET value = :state WHERE key = :key")
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class AdvisoryLock:
         if self._conn is not None:
             try:
                 async with asyncio.timeout(self._timing.check_timeout):
-                    await self._conn.execute(_RECORD, {"state": RELEASED})
+                    await self._conn.execute(_RECORD, {"key": STATE_KEY, "state": RELEASED})
             except Exception as exc:  # no record: the next holder waits the grace
                 log.warning("clean release not recorded (%s)", type(exc).__name__)
         await self._drop()  # ending the session releases the lock
@@ -185,7 +185,7 @@ class AdvisoryLock:
         earlier clean release on record for whoever comes after a crash of ours."""
         assert self._conn is not None
         async with asyncio.timeout(self._timing.check_timeout):
-            previous = await self._conn.scalar(_TAKE_OVER, {"state": HELD})
+            previous = await self._conn.scalar(_TAKE_OVER, {"key": STATE_KEY, "state": HELD})
         return bool(previous == RELEASED)
 
     async def _drop(self) -> None:
