@@ -127,6 +127,14 @@ async def _holder(lock: AdvisoryLock) -> float:
     return time.monotonic() - start
 
 
+async def _next_holder_waits_the_grace(pg_url: str, timing: Timing) -> bool:
+    lock = AdvisoryLock(pg_url, timing=timing)
+    try:
+        return await _holder(lock) >= timing.grace
+    finally:
+        await lock.release()
+
+
 async def test_after_a_clean_release_the_next_holder_starts_at_once(pg_url: str) -> None:
     """A holder that gave the lock up at shutdown had stopped processing first (it
     records that, over the lock's own session): the next one need not wait out the
@@ -143,11 +151,7 @@ async def test_after_a_clean_release_the_next_holder_starts_at_once(pg_url: str)
         finally:
             await second._drop()  # the session ends without a clean release: a crash
             await second.release()
-        third = AdvisoryLock(pg_url, timing=timing)
-        try:
-            assert await _holder(third) >= timing.grace
-        finally:
-            await third.release()
+        assert await _next_holder_waits_the_grace(pg_url, timing)
     finally:
         await first.release()
 
@@ -173,10 +177,6 @@ async def test_a_lost_holder_records_no_clean_release(pg_url: str) -> None:
             await conn.close()
         await asyncio.wait_for(watching, 5)
         await second.release()  # its session is gone: nothing can be recorded
-        third = AdvisoryLock(pg_url, timing=timing)
-        try:
-            assert await _holder(third) >= timing.grace
-        finally:
-            await third.release()
+        assert await _next_holder_waits_the_grace(pg_url, timing)
     finally:
         await first.release()
