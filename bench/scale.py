@@ -77,6 +77,7 @@ from _scale_seed import (
     seed,
     simulator,
     sqlalchemy_url,
+    vacuum_analyze,
 )
 from _scale_staff import top_up_one_time_keys
 
@@ -208,6 +209,8 @@ async def restore(n: int, reseed: bool, workdir: Path, stack: AsyncExitStack
         await asyncio.to_thread(subprocess.run, ["pg_restore", "--no-owner", "-j", "2", "-d",
                                                  libpq, str(target / dump)], check=True)
         urls.append(libpq)
+    # A restore has no planner statistics; production's autovacuum keeps them.
+    await vacuum_analyze(*urls)
     return data, sqlalchemy_url(urls[0]), urls[1]
 
 
