@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from bridge.config import Config
+from bridge.leader import Election
 from bridge.services import Bridge, build_bridge
 from bridge.web import rooms_wa  # also adds its verbs to the admin sub-app's routes
 from bridge.web.admin import PREFIX as ADMIN_PREFIX
@@ -51,8 +52,10 @@ def _expose(app: web.Application, bridge: Bridge) -> None:
     app[INGEST] = bridge.ingest
 
 
-def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
-    """The public listener's app; builds (and later closes) the Bridge unless one is given."""
+def make_app(config: Config, bridge: Bridge | None = None,
+             election: Election | None = None) -> web.Application:
+    """The public listener's app; builds (and later closes) the Bridge unless one is
+    given, with `election` if one was claimed already."""
     app = web.Application(middlewares=[error_middleware, active_only],
                           client_max_size=MAX_BODY)
     app.add_routes(appservice_routes)
@@ -62,7 +65,7 @@ def make_app(config: Config, bridge: Bridge | None = None) -> web.Application:
     app.add_routes(probe_routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        b = bridge or await build_bridge(config)
+        b = bridge or await build_bridge(config, election)
         _expose(app, b)
         b.spawn(b.lead())  # start() once elected (bridge.leader); a standby waits
         yield
@@ -111,9 +114,10 @@ class Listeners:
     together: the public app first (it opens the database, refusing a wrong schema,
     before any port is bound), then the others; stopped in the reverse order."""
 
-    def __init__(self, config: Config, bridge: Bridge | None = None) -> None:
+    def __init__(self, config: Config, bridge: Bridge | None = None,
+                 election: Election | None = None) -> None:
         self.config = config
-        self.public = make_app(config, bridge)
+        self.public = make_app(config, bridge, election)
         makers = {"admin": make_admin_app, "metrics": make_metrics_app}
         self._apps = {name: self.public if name == "public" else makers[name](self.public)
                       for name, _, _ in config.listeners()}

@@ -255,13 +255,22 @@ async def check_database(url: str) -> None:
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Serve until `stop`; raise LeadershipLost if the leader lock is lost first."""
+    from bridge.leader import LeadershipLost, election_for
+
+    # First, before the bulk of the bridge is imported and built: after a crash the new
+    # leader waits a grace (bridge.leader), which then runs meanwhile.
+    election = election_for(config.database.url)
+    await election.claim()
     from bridge.app import Listeners
-    from bridge.leader import LeadershipLost
 
     # The public app's setup opens the database (refusing a wrong schema) before any
     # port is bound.
-    listeners = Listeners(config)
-    await listeners.start()
+    listeners = Listeners(config, election=election)
+    try:
+        await listeners.start()
+    except BaseException:
+        await election.release()  # no Bridge may exist to give the claimed lock up
+        raise
     bridge = listeners.bridge
     freeze = asyncio.create_task(_freeze_when_ready(bridge.ready))
     waits = [asyncio.create_task(stop.wait()), asyncio.create_task(bridge.lost.wait())]

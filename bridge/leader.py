@@ -84,7 +84,10 @@ class Timing:
 
 class Election(Protocol):
     """Who may process: `acquire` returns once this process leads, `watch` when it no
-    longer does; `release` gives the leadership up (at shutdown)."""
+    longer does; `release` gives the leadership up (at shutdown). `claim` tries once,
+    early, without waiting: the takeover grace then runs while the process loads."""
+
+    async def claim(self) -> None: ...
 
     async def acquire(self) -> None: ...
 
@@ -95,6 +98,9 @@ class Election(Protocol):
 
 class SingleProcess:
     """No election (SQLite): the only process leads from the start until it exits."""
+
+    async def claim(self) -> None:
+        return None
 
     async def acquire(self) -> None:
         return None
@@ -119,8 +125,49 @@ class AdvisoryLock:
         self._key = key
         self._timing = timing
         self._conn: AsyncConnection | None = None
+        # Set by a successful `claim`: when (loop time) this holder may start.
+        self._start_at: float | None = None
+        self._led = False  # `acquire` returned: the grace (if due) was waited out
+
+    async def claim(self) -> None:
+        """Take the lock now if it is free, and start the grace (if one is due) from
+        now: `acquire` then waits only what is left of it. Nothing else is touched, so
+        the caller may load and build meanwhile, but must not process before `acquire`.
+        If the lock is held or the database is down, `acquire` does the rest."""
+        try:
+            if await self._try_lock():
+                clean = await self._take_over()
+                self._start_at = asyncio.get_running_loop().time() + \
+                    (0.0 if clean else self._timing.grace)
+                log.info("leader lock acquired%s", " after a clean release" if clean else
+                         f"; taking over in {self._timing.grace:.1f}s")
+        except Exception as exc:
+            log.warning("leader election: early claim failed (%s)", type(exc).__name__)
+            await self._drop()
+
+    async def _claimed(self) -> bool:
+        """After a `claim`: wait out the rest of the grace, then prove the lock's session
+        is still alive (it may have died meanwhile, and the lock with it)."""
+        start_at, self._start_at = self._start_at, None
+        if start_at is None or self._conn is None:
+            return False
+        await asyncio.sleep(max(0.0, start_at - asyncio.get_running_loop().time()))
+        try:
+            async with asyncio.timeout(self._timing.check_timeout):
+                await self._conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            log.warning("leader lock lost before taking over (%s)", type(exc).__name__)
+            await self._drop()
+            return False
+        return True
 
     async def acquire(self) -> None:
+        await self._acquire()
+        self._led = True
+
+    async def _acquire(self) -> None:
+        if await self._claimed():
+            return
         said_standby = False
         while True:
             try:
@@ -168,8 +215,9 @@ class AdvisoryLock:
     async def release(self) -> None:
         """Give the lock up (at shutdown, after processing stopped). Recorded over the
         lock's own session, which proves it is still ours: the next holder then starts
-        without the grace."""
-        if self._conn is not None:
+        without the grace. Not by a holder that never led: it may have taken the lock
+        within the grace of a crashed leader, which could still be finishing."""
+        if self._conn is not None and self._led:
             try:
                 async with asyncio.timeout(self._timing.check_timeout):
                     await self._conn.execute(_RECORD, {"key": STATE_KEY, "state": RELEASED})

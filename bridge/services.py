@@ -121,8 +121,9 @@ class Bridge(Lifecycle):
     ingest: Ingest = field(init=False)
 
 
-async def build_bridge(config: Config) -> Bridge:
-    """Open the database (refusing a wrong schema) and wire every service."""
+async def build_bridge(config: Config, election: Election | None = None) -> Bridge:
+    """Open the database (refusing a wrong schema) and wire every service; `election`
+    if one was claimed already (bridge.cli.serve), else a new one."""
     db = await Database.open(config.database.url, audit_keys=AuditKeys.from_base64(
         config.audit.key, config.audit.previous_keys))
     # Before anything can read or write the trail: after an upgrade or a key rotation,
@@ -234,7 +235,7 @@ async def build_bridge(config: Config) -> Bridge:
                     citizens=citizens,
                     notices=Notices(config, db, outbox, metrics, subscriptions, ghosts.is_ours),
                     dead_letters=dead_letters,
-                    election=election_for(config.database.url), safety=parts.safety,
+                    election=election or election_for(config.database.url), safety=parts.safety,
                     pod=await PodLabeler.from_environment(http),
                     receipts=receipts, templates=templates,
                     reidentify=Reidentification(config, db, privacy, citizens),

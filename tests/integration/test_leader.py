@@ -180,3 +180,68 @@ async def test_a_lost_holder_records_no_clean_release(pg_url: str) -> None:
         assert await _next_holder_waits_the_grace(pg_url, timing)
     finally:
         await first.release()
+
+
+async def test_a_claim_starts_the_grace_early(pg_url: str) -> None:
+    """`run` claims the lock before it loads and builds the bridge: the grace runs
+    meanwhile, and `acquire` waits only what is left of it."""
+    timing = Timing(poll=0.1, check=0.5, check_timeout=1.0)  # grace 1.5 s
+    lock = AdvisoryLock(pg_url, timing=timing)
+    try:
+        claimed_at = time.monotonic()
+        await lock.claim()
+        await asyncio.sleep(timing.grace)  # loading the bridge, say
+        assert await _holder(lock) < timing.grace / 2
+        assert time.monotonic() - claimed_at >= timing.grace  # the grace was still waited
+    finally:
+        await lock.release()
+
+
+async def test_a_claim_of_a_held_lock_leaves_a_standby(pg_url: str) -> None:
+    first, second = AdvisoryLock(pg_url, timing=FAST), AdvisoryLock(pg_url, timing=FAST)
+    try:
+        await asyncio.wait_for(first.acquire(), 10)
+        await second.claim()
+        waiting = asyncio.create_task(second.acquire())
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        await first.release()  # clean: the standby takes over at once
+        await asyncio.wait_for(waiting, 5)
+    finally:
+        await second.release()
+        await first.release()
+
+
+async def test_a_claim_whose_session_died_is_not_trusted(pg_url: str) -> None:
+    """The lock's session may die between the claim and `acquire` (and with it the lock,
+    which another process may take): `acquire` checks, and competes again."""
+    timing = Timing(poll=0.1, check=0.5, check_timeout=1.0)
+    lock = AdvisoryLock(pg_url, timing=timing)
+    try:
+        await lock.claim()
+        conn = await _admin(pg_url)
+        try:
+            terminated = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1 AND datname = current_database()",
+                APPLICATION_NAME)
+        finally:
+            await conn.close()
+        assert terminated == 1
+        await asyncio.sleep(timing.grace)
+        # A new session and lock, and the whole grace again: the claim's record says
+        # held, not released.
+        assert await _holder(lock) >= timing.grace
+    finally:
+        await lock.release()
+
+
+async def test_a_holder_that_never_led_records_no_clean_release(pg_url: str) -> None:
+    """A process stopped while it waited out the grace (or failed to build) may have
+    claimed the lock from a crashed leader that is still finishing: the next holder
+    must wait the grace too."""
+    timing = Timing(poll=0.1, check=0.5, check_timeout=1.0)
+    lock = AdvisoryLock(pg_url, timing=timing)
+    await lock.claim()
+    await lock.release()
+    assert await _next_holder_waits_the_grace(pg_url, timing)

@@ -30,6 +30,9 @@ class DrivenElection:
         self.cut = asyncio.Event()
         self.released = False
 
+    async def claim(self) -> None:
+        return None
+
     async def acquire(self) -> None:
         await self.elected.wait()
 
