@@ -14,11 +14,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from bridge.config import Config, load_config
 from bridge.errors import ConfigError, SchemaError
+
+if TYPE_CHECKING:
+    from bridge.leader import Election
 
 log = logging.getLogger("bridge")
 # `run` exits with this status after losing the leader lock (bridge.leader).
@@ -253,15 +257,11 @@ async def check_database(url: str) -> None:
     await db.close()
 
 
-async def serve(config: Config, stop: asyncio.Event) -> None:
-    """Serve until `stop`; raise LeadershipLost if the leader lock is lost first."""
-    from bridge.leader import LeadershipLost, election_for
-
-    # First, before the bulk of the bridge is imported and built: after a crash the new
-    # leader waits a grace (bridge.leader), which then runs meanwhile.
-    election = election_for(config.database.url)
-    await election.claim()
+async def serve(config: Config, stop: asyncio.Event, election: Election) -> None:
+    """Serve until `stop`; raise LeadershipLost if the leader lock is lost first.
+    `election` was claimed already (cmd_run)."""
     from bridge.app import Listeners
+    from bridge.leader import LeadershipLost
 
     # The public app's setup opens the database (refusing a wrong schema) before any
     # port is bound.
@@ -297,34 +297,47 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_or_exit(args.config)
     setup_logging(config.logging, secrets=_secrets(config))
-    # Before anything else (port, homeserver): a wrong database is the commonest
-    # first-run mistake, and its message names the command that fixes it.
-    with _database_errors(args.config, config.database.url):
-        asyncio.run(check_database(config.database.url))
 
     async def main() -> None:
+        from bridge.leader import election_for
+
+        # First of all: after a crash a new leader waits a grace (bridge.leader), which
+        # then runs while the rest loads (the database check, the bridge, its services).
+        election = election_for(config.database.url)
+        await election.claim()
+        try:
+            # Before anything else (port, homeserver): a wrong database is the commonest
+            # first-run mistake, and its message names the command that fixes it.
+            with _database_errors(args.config, config.database.url):
+                await check_database(config.database.url)
+        except BaseException:
+            await election.release()  # never led: nothing is recorded
+            raise
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
-
-    from bridge.leader import LeadershipLost
-    from bridge.matrix.storekey import StoreKeyError
+        await serve(config, stop, election)
 
     try:
         asyncio.run(main())
     except SchemaError as exc:
         print(f"database error: {exc}", file=sys.stderr)
         return 2
-    except StoreKeyError as exc:
-        print(f"key error: {exc}", file=sys.stderr)
-        return 2
-    except LeadershipLost as exc:
-        # Not 0: the supervisor (systemd Restart=on-failure, Kubernetes) must start us
-        # again, as a standby.
-        log.error("exiting with status %d: %s", EXIT_LEADERSHIP_LOST, exc)
-        return EXIT_LEADERSHIP_LOST
+    except Exception as exc:
+        # Imported here, not before the claim: they load much of the bridge.
+        from bridge.leader import LeadershipLost
+        from bridge.matrix.storekey import StoreKeyError
+
+        if isinstance(exc, StoreKeyError):
+            print(f"key error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, LeadershipLost):
+            # Not 0: the supervisor (systemd Restart=on-failure, Kubernetes) must start
+            # us again, as a standby.
+            log.error("exiting with status %d: %s", EXIT_LEADERSHIP_LOST, exc)
+            return EXIT_LEADERSHIP_LOST
+        raise
     return 0
 
 

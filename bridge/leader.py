@@ -14,9 +14,11 @@ The active process checks its own lock connection every `Timing.check` seconds
 already be someone else's: `watch` returns and the caller stops processing at once.
 A new leader waits `Timing.grace` (one check plus its timeout) before it starts, so a
 previous leader whose lock connection died, but which is otherwise alive, has
-noticed and stopped by then. What remains is a previous leader that is frozen
-(stopped, swapping) for longer than that and then resumes: it still stops at its next
-check, and the queues' idempotency keys keep the damage to a duplicate at most.
+noticed and stopped by then. `run` claims the lock (`claim`) before it loads and
+builds the bridge, so the grace runs meanwhile rather than after. What remains is a
+previous leader that is frozen (stopped, swapping) for longer than that and then
+resumes: it still stops at its next check, and the queues' idempotency keys keep the
+damage to a duplicate at most.
 
 The lock needs a real database session: connect to PostgreSQL directly or through a
 pooler in *session* mode. With PgBouncer's transaction pooling two bridges could share
@@ -141,8 +143,8 @@ class AdvisoryLock:
                     (0.0 if clean else self._timing.grace)
                 log.info("leader lock acquired%s", " after a clean release" if clean else
                          f"; taking over in {self._timing.grace:.1f}s")
-        except Exception as exc:
-            log.warning("leader election: early claim failed (%s)", type(exc).__name__)
+        except Exception as exc:  # `acquire` tries again and says why, if it must
+            log.info("leader election: no early claim (%s)", type(exc).__name__)
             await self._drop()
 
     async def _claimed(self) -> bool:

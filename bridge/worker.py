@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any
 
-from bridge.db import Database, InboundItem, InboundSource, InboundStatus
+from bridge.db import Database, InboundItem, InboundSource, InboundStatus, outcome
 from bridge.metrics import Metrics
 from bridge.retry import backoff, error_label, is_transient, reason_of
 
@@ -207,24 +207,29 @@ class InboundWorker:
             return None
 
     async def _handle(self, source: InboundSource, item: InboundItem) -> InboundItem | None:
-        try:
-            result = await self._handlers[source](item)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return await self._failed(source, item, exc)
+        with outcome.collecting() as writes:
+            try:
+                result = await self._handlers[source](item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                return await self._failed(source, item, exc, writes)
         self._backoff.pop((source, item.lane), None)
-        # A handler that set the status itself ("held") returned it.
-        return await self._db.inbound.complete(item, "done" if result is None else None)
+        # The handler's deferred writes (bridge.db.outcome) land with the outcome. A
+        # handler that set the status itself ("held") returned it.
+        async with self._db.transaction() as tx:
+            await writes.apply(tx)
+            return await tx.inbound.complete(item, "done" if result is None else None)
 
-    async def _failed(self, source: InboundSource, item: InboundItem, exc: Exception
-                      ) -> InboundItem | None:
+    async def _failed(self, source: InboundSource, item: InboundItem, exc: Exception,
+                      writes: outcome.OutcomeWrites) -> InboundItem | None:
         # Log the kind of failure only: messages may carry personal data.
         attempts = item.attempts + 1
         error = error_label(exc)
         if is_transient(exc):
             log.warning("inbound %s #%d failed (%s, attempt %d); retrying", source, item.id,
                         error, attempts)
+            writes.open = False  # the retry does them again
             await self._db.inbound.note_failure(item.id, error, attempts)
             if self._metrics is not None:
                 self._metrics.inbound_retries.labels(source).inc()
@@ -234,7 +239,9 @@ class InboundWorker:
         reason = reason_of(exc)
         log.error("inbound %s #%d failed for good (%s, %s): set aside as dead letter in-%d",
                   source, item.id, reason, error, item.id)
-        nxt = await self._db.inbound.set_aside(item, reason, error, attempts)
+        async with self._db.transaction() as tx:  # what was done before the failure
+            await writes.apply(tx)
+            nxt = await tx.inbound.set_aside(item, reason, error, attempts)
         self._backoff.pop((source, item.lane), None)
         if self._on_dead is not None:
             # Announced aside: the lane goes on at once, whatever the notice costs.

@@ -26,7 +26,7 @@ from bridge.matrix.api import MatrixAPI, MatrixError
 from bridge.matrix.ghosts import Ghosts
 from bridge.matrix.relay import StaffEvent
 from bridge.metrics import Metrics
-from bridge.model import Room, RoomMember
+from bridge.model import BacklogEntry, Room, RoomMember
 from bridge.privacy import AAD_PAYLOAD, Privacy
 from bridge.rooms_wa import policy
 from bridge.rooms_wa.members import INVITE_KEY, Members
@@ -228,10 +228,10 @@ class FanOut:
                     {"type": "text", "text": policy.short_name(room.name)}]}]}, repos)
         await repos.kv.set(DIGEST_KEY + str(citizen.id), mark)
 
-    async def deliver_backlog(self, citizen: Citizen) -> None:
-        """The citizen wrote: their window is open again; what waited goes, in order.
-        Idempotent (outbox keys), so a retried webhook item sends nothing twice."""
-        every = await self._db.wa_rooms.backlog(citizen.id)
+    async def deliver_backlog(self, citizen: Citizen, every: list[BacklogEntry]) -> None:
+        """The citizen wrote: their window is open again; what waited (`every`, their
+        backlog as read with the message) goes, in order. Idempotent (outbox keys), so
+        a retried webhook item sends nothing twice."""
         if not every:
             return
         # Invitations that waited for the window go first, none left out (not content).

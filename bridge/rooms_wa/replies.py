@@ -7,14 +7,15 @@ answers False when the message is not for a room (the ordinary flow then applies
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from bridge.config import Config
-from bridge.db import Citizen, Database, InboundItem
+from bridge.db import Citizen, Database, InboundItem, Repositories
 from bridge.matrix.relay import Relay
 from bridge.metrics import Metrics
-from bridge.model import RoomMember
+from bridge.model import BacklogEntry, RoomMember
 from bridge.privacy import Privacy
 from bridge.rooms_wa import policy
 from bridge.rooms_wa.fanout import FanOut
@@ -45,6 +46,14 @@ def follow_up_target(msg: InboundMessage) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Standing:
+    """A citizen's rooms and what waits for them, as their message arrived."""
+
+    joined: list[RoomMember]
+    backlog: list[BacklogEntry]
+
+
 class RoomReplies:
     """The inbound hook (WhatsAppInbound.set_rooms_hook)."""
 
@@ -62,8 +71,12 @@ class RoomReplies:
         self._fanout = fanout
         self._join = join
 
+    async def standing(self, citizen: Citizen, repos: Repositories) -> Standing:
+        return Standing(await repos.wa_rooms.of_citizen(citizen.id),
+                        await repos.wa_rooms.backlog(citizen.id))
+
     async def __call__(self, citizen: Citizen, item: InboundItem, msg: InboundMessage,
-                       portal: RoomID | None) -> bool:
+                       portal: RoomID | None, standing: Standing) -> bool:
         button = (msg.button_id or "") if msg.kind == "button" else ""
         # What is kept of this message's id (reply keys, consent evidence): its keyed hash.
         wamid_hash = self._privacy.index.wamid(msg.wamid)
@@ -73,8 +86,8 @@ class RoomReplies:
         if msg.kind == "text" and await self._join.redeem(citizen, msg.text, wamid_hash):
             return True  # «UNIRME <code>» from an invite link's page
         # Any message opens the window again: what waited goes first, in order.
-        await self._fanout.deliver_backlog(citizen)
-        joined = await self._db.wa_rooms.of_citizen(citizen.id)
+        await self._fanout.deliver_backlog(citizen, standing.backlog)
+        joined = standing.joined
         if button.startswith(policy.PICK_ROW):
             await self._picked(citizen, button.removeprefix(policy.PICK_ROW), msg, joined,
                                portal)

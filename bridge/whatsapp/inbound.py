@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
 
 from bridge.config import Config
 from bridge.db import Citizen, ConsentState, Database, InboundItem, InboundStatus, Repositories
@@ -35,12 +36,24 @@ from bridge.whatsapp.subscriptions import NoticeSubscriptions
 from bridge.whatsapp.webhook_parse import InboundMessage, Sender, StatusUpdate
 
 log = logging.getLogger(__name__)
+Standing = TypeVar("Standing")
 # Looks at a granted citizen's message before it is mirrored; True = it was a report
 # (bridge.moderation.intake.WhatsAppReports) and is not mirrored.
 ReportHook = Callable[[Citizen, RoomID, InboundMessage], Awaitable[bool]]
-# Sees every message of a citizen (with their open portal, if any) before the consent
-# flow; True = it was for an agency room they are a member of (bridge.rooms_wa).
-RoomsHook = Callable[[Citizen, InboundItem, InboundMessage, RoomID | None], Awaitable[bool]]
+
+
+class RoomsHook(Protocol[Standing]):
+    """Sees every message of a citizen (with their open portal, if any) before the
+    consent flow (bridge.rooms_wa)."""
+
+    async def standing(self, citizen: Citizen, repos: Repositories) -> Standing:
+        """What the call needs to know of the citizen's rooms, read in the message's
+        first transaction (a lane's every session waits for SQLite's one writer)."""
+
+    async def __call__(self, citizen: Citizen, item: InboundItem, msg: InboundMessage,
+                       portal: RoomID | None, standing: Standing) -> bool:
+        """True = it was for an agency room they are a member of."""
+
 # A send WhatsApp accepted then reported failed, not a portal's: (its wamid's keyed hash,
 # WhatsApp's error title); rooms over WhatsApp say so in the room.
 FailedHook = Callable[[WamidHash, str], Awaitable[None]]
@@ -65,13 +78,13 @@ class WhatsAppInbound:
         self._subscriptions = subscriptions
         self._identity = IdentityChanges(db, privacy, portals, metrics)
         self._report_hook: ReportHook | None = None
-        self._rooms_hook: RoomsHook | None = None
+        self._rooms_hook: RoomsHook[Any] | None = None
         self._failed_hook: FailedHook | None = None
 
     def set_report_hook(self, hook: ReportHook) -> None:
         self._report_hook = hook
 
-    def set_rooms_hook(self, hook: RoomsHook) -> None:
+    def set_rooms_hook(self, hook: RoomsHook[Any]) -> None:
         self._rooms_hook = hook
 
     def set_failed_hook(self, hook: FailedHook) -> None:
@@ -144,6 +157,8 @@ class WhatsAppInbound:
             citizen = await self.citizen_for(msg.sender, tx)
             await tx.citizens.touch_inbound(citizen.id, msg.timestamp)
             portal = await tx.rooms.portal_for(citizen.id)
+            rooms = None if self._rooms_hook is None else \
+                await self._rooms_hook.standing(citizen, tx)
         room_id = RoomID(portal.room_id) if portal and portal.closed_at is None else None
         # What is kept of this message's id (consent evidence, reply keys): its keyed hash.
         wamid_hash = self._privacy.index.wamid(msg.wamid)
@@ -152,7 +167,8 @@ class WhatsAppInbound:
             if notices_intent is not None:
                 await self._subscriptions.handle(citizen, notices_intent, wamid_hash)
                 return None
-        if self._rooms_hook is not None and await self._rooms_hook(citizen, item, msg, room_id):
+        if self._rooms_hook is not None and \
+                await self._rooms_hook(citizen, item, msg, room_id, rooms):
             return None
         if self._report_hook is not None and citizen.consent_state == "granted" and \
                 room_id is not None and await self._report_hook(citizen, room_id, msg):

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
-from bridge.db import Citizen, Database
+from bridge.db import Citizen, Database, outcome
 from bridge.matrix.api import MatrixAPI
 from bridge.matrix.attachments import encrypt_in_place
 from bridge.matrix.relay import Relay
@@ -136,8 +136,11 @@ class Mirror:
         with self._metrics.relay_latency.labels("in").time():
             event_id = await self._relay_one(ghost, room_id, msg)
         if event_id:
-            await self._db.messages.link(self._privacy.seal_wamid(msg.wamid), room_id,
-                                         event_id, "in")
+            sealed = self._privacy.seal_wamid(msg.wamid)
+            # Recorded with the item's outcome (bridge.db.outcome): a lane relays its
+            # next message only then, so a reply to this one finds it.
+            await outcome.with_outcome(self._db, lambda tx: tx.messages.link(
+                sealed, room_id, event_id, "in"))
             self._metrics.relayed.labels("in", msg.kind).inc()
             written = readable_text(msg) or msg.caption
             if self._flag_hook is not None and written:

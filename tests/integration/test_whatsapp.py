@@ -664,3 +664,34 @@ async def test_privacy_sweep_finds_no_identifiers(bridge: BridgeHarness) -> None
     text = "\n".join(haystack)
     for identifier in USED_IDENTIFIERS:
         assert identifier not in text, "an identifier leaked"
+
+
+async def test_a_relayed_message_costs_its_lane_two_database_sessions(
+        journey: Journey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A citizen's messages are relayed one after another, and on SQLite every session
+    waits for the one writer: the lane's bookkeeping is one session before the send
+    (who, where, their rooms) and one after (the message map with the outcome and the
+    lane's next item). It was five."""
+    j, h = journey, journey.h
+    db = h.running.bridge.db
+    opened: list[str] = []
+    sessions = db._sessions  # every session of the bridge's database starts here
+
+    def counted() -> Any:
+        task = asyncio.current_task()
+        opened.append(task.get_name() if task else "")
+        return sessions()
+
+    for warm in ("primero", "segundo"):  # the ghost's room key is out already
+        await j.write(h.wa.text_message(j.citizen, warm))
+        await j.seen(body_is(warm))
+    await h.running.bridge.worker.idle["whatsapp"].wait()
+    monkeypatch.setattr(db, "_sessions", counted)
+    wamid = await j.write(h.wa.text_message(j.citizen, "tercero"))
+    await j.seen(body_is("tercero"))
+    link = await wait_until(lambda: h.running.bridge.db.messages.by_wamid(
+        h.running.bridge.privacy.index.wamid(wamid)), 10, "the message map")
+    assert link.direction == "in"
+    await h.running.bridge.worker.idle["whatsapp"].wait()
+    in_lane = [name for name in opened if name.startswith("inbound whatsapp lane")]
+    assert len(in_lane) == 2, opened

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bridge.db import Database, InboundItem, InboundStatus
+from bridge.db import Database, InboundItem, InboundSource, InboundStatus, Repositories, outcome
 from bridge.worker import InboundWorker
 
 Handler = Callable[[InboundItem], Awaitable[InboundStatus | None]]
@@ -71,7 +71,8 @@ async def test_lanes_keep_order_and_never_wait_for_each_other(db: Database) -> N
     assert await db.inbound.lane_heads("whatsapp") == []
 
 
-async def test_items_queued_while_their_lane_runs_are_not_missed(db: Database) -> None:
+async def test_items_queued_while_their_lane_runs_are_not_missed(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """A wake naming a running lane reads nothing; the lane's task must find the item:
     queued mid-item (the task's next read sees it) or just after the task's last read
     (the task was woken meanwhile and looks again before it ends)."""
@@ -85,17 +86,17 @@ async def test_items_queued_while_their_lane_runs_are_not_missed(db: Database) -
 
     await _queue(db, "a", "a1")
     worker = await _run(db, handler)
-    real_complete = db.inbound.complete
+    real_handle = worker._handle
     late: list[int] = []
 
-    async def complete_then_queue(item: InboundItem, *args: object, **kw: object) -> object:
-        nxt = await real_complete(item, *args, **kw)  # type: ignore[arg-type]
+    async def handle_then_queue(source: InboundSource, item: InboundItem) -> object:
+        nxt = await real_handle(source, item)  # its outcome and the lane's next, read
         if item.payload == "a2" and not late:  # right after the lane's last read
             late.append(await _queue(db, "a", "a3"))
             worker.wake("whatsapp", "a")
         return nxt
 
-    db.inbound.complete = complete_then_queue  # type: ignore[method-assign]
+    monkeypatch.setattr(worker, "_handle", handle_then_queue)
     try:
         async with asyncio.timeout(10):
             while "a" not in {i.lane for i in await db.inbound.pending("whatsapp")} or \
@@ -111,7 +112,6 @@ async def test_items_queued_while_their_lane_runs_are_not_missed(db: Database) -
         await _drained(worker)
     finally:
         await worker.stop()
-        db.inbound.complete = real_complete  # type: ignore[method-assign]
     assert order == ["a1", "a2", "a3"]
     assert await db.inbound.pending("whatsapp") == []
 
@@ -225,3 +225,46 @@ async def test_urgent_sessions_go_before_queued_background_work(db: Database) ->
     hold.set()
     await asyncio.wait_for(asyncio.gather(first, urgent, *background), 10)
     assert order == ["first", "ack", "bg0", "bg1", "bg2"]
+
+
+async def test_deferred_writes_land_with_the_outcome_only(db: Database) -> None:
+    """What a handler defers (bridge.db.outcome: the message map of a sent event) is
+    written with the item's outcome: not before, not after a transient failure (the
+    retry does it again), and also when the item becomes a dead letter (what it did
+    before failing happened)."""
+    attempts: dict[str, int] = {}
+    seen_early: list[str | None] = []
+
+    async def handler(item: InboundItem) -> None:
+        attempts[item.payload] = attempts.get(item.payload, 0) + 1
+        n = attempts[item.payload]
+
+        async def write(tx: Repositories) -> None:
+            await tx.kv.set(f"t:{item.payload}", str(n))
+
+        await outcome.with_outcome(db, write)
+        seen_early.append(await db.kv.get(f"t:{item.payload}"))
+        if item.payload == "retried" and n == 1:
+            raise ConnectionRefusedError("homeserver unavailable")  # transient
+        if item.payload == "dead":
+            raise ValueError("refused for good")
+
+    ids = {p: await _queue(db, p, p) for p in ("done", "retried", "dead")}
+    worker = InboundWorker(db, {"whatsapp": handler}, backoff=lambda n: 0.05)
+    worker.start()
+    try:
+        async with asyncio.timeout(10):
+            while attempts.get("retried", 0) < 2 or \
+                    (await db.inbound.get(ids["dead"])).status != "dead":  # type: ignore[union-attr]
+                await asyncio.sleep(0.02)
+        await _drained(worker)
+    finally:
+        await worker.stop()
+    assert seen_early == [None] * 4  # deferred, every time
+    assert await db.kv.get("t:done") == "1"
+    assert await db.kv.get("t:retried") == "2"  # the failed attempt wrote nothing
+    assert await db.kv.get("t:dead") == "1"
+    assert (await db.inbound.get(ids["retried"])).status == "done"  # type: ignore[union-attr]
+    # Outside an item it writes at once.
+    await outcome.with_outcome(db, lambda tx: tx.kv.set("t:now", "x"))
+    assert await db.kv.get("t:now") == "x"
