@@ -36,8 +36,9 @@ throwaway PostgreSQL databases on 127.0.0.1:5432. Then, per N:
   EXPLAIN in a transaction that is rolled back), after ANALYZE (a restore has no
   statistics; autovacuum would gather them in production);
 - then a clean stop (SIGTERM) and a restart: start-up again, to `/ready`. The first start
-  waits the leader election's takeover grace (nothing recorded a clean stop before it,
-  as after a crash); the restart does not (bridge.leader).
+  waits the leader election's takeover grace (the restored state is marked as a crash
+  leaves it: the lock held, no clean release recorded); the restart does not
+  (bridge.leader).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ from _scale_staff import top_up_one_time_keys
 import bridge
 from bridge.config import ENV_PREFIX, parse_config
 from bridge.devtools.simulator import SimulatedUser
+from bridge.leader import HELD, STATE_KEY
 from bridge.registration import registration_yaml
 
 SETTLE_S = 5.0
@@ -211,7 +213,19 @@ async def restore(n: int, reseed: bool, workdir: Path, stack: AsyncExitStack
         urls.append(libpq)
     # A restore has no planner statistics; production's autovacuum keeps them.
     await vacuum_analyze(*urls)
+    await as_after_a_crash(urls[0])
     return data, sqlalchemy_url(urls[0]), urls[1]
+
+
+async def as_after_a_crash(bridge_libpq: str) -> None:
+    """The seeding bridge stopped cleanly and recorded so (bridge.leader): mark the lock
+    held instead, as a process that crashed leaves it, so that the first start measured
+    is the one after a crash and waits the takeover grace."""
+    conn = await asyncpg.connect(bridge_libpq, timeout=5)
+    try:
+        await conn.execute("UPDATE kv SET value = $1 WHERE key = $2", HELD, STATE_KEY)
+    finally:
+        await conn.close()
 
 
 async def wait_ready(http: aiohttp.ClientSession, url: str, proc: asyncio.subprocess.Process,
@@ -320,9 +334,8 @@ async def run_bridge(fig: Figures, data: dict[str, Any], db_url: str, synapse_db
                 proc.kill()
                 await proc.wait()
     stack.push_async_callback(stop)
-    # The first start on the seeded state: no earlier process recorded a clean release
-    # of the leader lock, so it waits the takeover grace (bridge.leader), as after a
-    # crash.
+    # The first start on the seeded state, marked as a crash leaves it (`restore`): it
+    # waits the takeover grace (bridge.leader).
     pid, fig.start_s, fig.start_cpu_s = await start()
     progress(f"N={fig.n}: ready in {fig.start_s:.2f} s; idle for {SETTLE_S:g} + {args.idle:g} s")
 

@@ -45,7 +45,11 @@ _DATABASE: Final = (sa_exc.OperationalError, sa_exc.InterfaceError,
                     sa_exc.DisconnectionError, sa_exc.TimeoutError,
                     asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
                     asyncpg.TooManyConnectionsError, asyncpg.exceptions.AdminShutdownError,
-                    asyncpg.exceptions.CrashShutdownError)
+                    asyncpg.exceptions.CrashShutdownError,
+                    # Two transactions in each other's way: one is chosen to fail and
+                    # succeeds when run again.
+                    asyncpg.exceptions.DeadlockDetectedError,
+                    asyncpg.exceptions.SerializationError)
 _PAYLOAD: Final = (KeyError, IndexError, TypeError, ValueError, json.JSONDecodeError,
                    UnicodeError)
 

@@ -288,7 +288,11 @@ class CryptoRepo:
 
     async def _upsert(self, session: Any, model: type[Base], keys: Sequence[str],
                       rows: list[dict[str, Any]], keep: Iterable[str] = ()) -> None:
-        """INSERT ... ON CONFLICT (keys) DO UPDATE every other column but `keep`."""
+        """INSERT ... ON CONFLICT (keys) DO UPDATE every other column but `keep`.
+
+        In key order: flushes of different owners write the shared device rows, and two
+        that locked them in different orders would deadlock on PostgreSQL."""
+        rows = sorted(rows, key=lambda row: tuple(row[k] for k in keys))
         for start in range(0, len(rows), _CHUNK):
             chunk = rows[start:start + _CHUNK]
             stmt = self._scope.insert(model).values(chunk)

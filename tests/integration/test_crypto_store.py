@@ -8,16 +8,22 @@ as /keys/claim and to-device messages would carry them.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from nio import ToDeviceEvent
 from nio.crypto import InboundGroupSession, Olm, OlmDevice, OutboundGroupSession, TrustState
 from nio.store import SqliteMemoryStore
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from bridge.db import Database
-from bridge.db.crypto import CryptoJournal, CryptoRepo
+from bridge.db.crypto import CryptoJournal, CryptoRepo, DeviceRecord
+from bridge.db.models import CryptoDeviceRow
 from bridge.db.scope import Scope
 from bridge.matrix.crypto.journal import DeviceCrypto, session_fits
 from bridge.matrix.crypto.store import OUTBOUND_RESERVE
+from bridge.retry import is_transient
 
 GHOST, GHOST_DEV = "@cb_ghost:localhost", "GHOSTDEV"
 STAFF, STAFF_DEV = "@ana:localhost", "ANADEV"
@@ -187,3 +193,49 @@ async def test_a_restored_session_goes_on_only_for_the_same_readers(db: Database
     assert not session_fits(olm, ROOM, {GHOST})  # staff left meanwhile
     olm.device_store.add(_device(_staff(), STAFF, "ANA2"))  # a device it never reached
     assert not session_fits(olm, ROOM, {GHOST, STAFF})
+
+
+async def test_devices_shared_by_many_owners_are_written_without_deadlock(db: Database) -> None:
+    # Every ghost's journal carries the same staff and bot devices, each in the order
+    # its machine met them. Two flushes that locked the shared rows in opposite orders
+    # deadlocked on PostgreSQL (bench/scale.py, 500 citizens: two messages set aside).
+    devices = [DeviceRecord(STAFF, f"DEV{i:03d}", {"curve25519": f"k{i}"}) for i in range(60)]
+
+    def journal(order: list[DeviceRecord], round_: int) -> CryptoJournal:
+        j = CryptoJournal()
+        for d in order:
+            j.devices[(d.user_id, d.device_id)] = DeviceRecord(
+                d.user_id, d.device_id, {"curve25519": f"{d.keys['curve25519']}-{round_}"})
+        return j
+
+    await db.crypto.flush(GHOST, journal(devices, 0))
+    for round_ in range(1, 16):
+        await asyncio.gather(
+            db.crypto.flush(GHOST, journal(devices, round_)),
+            db.crypto.flush("@cb_other:localhost", journal(devices[::-1], round_)))
+    async with db.session() as session:
+        keys = list(await session.scalars(select(CryptoDeviceRow.curve25519)))
+    assert len(keys) == 60 and all(k.endswith("-15") for k in keys)
+
+
+async def test_a_deadlock_on_postgresql_is_retried_not_set_aside(pg_migrated_url: str) -> None:
+    # PostgreSQL breaks a deadlock by failing one of the two transactions; run again,
+    # it succeeds. A queue item that met one was set aside as a dead letter.
+    engine = create_async_engine(pg_migrated_url)
+    try:
+        async with engine.begin() as setup:
+            await setup.execute(text("INSERT INTO kv (key, value) VALUES ('a', ''), ('b', '')"))
+        both_hold_one = asyncio.Barrier(2)
+
+        async def lock(first: str, then: str) -> None:
+            async with engine.begin() as conn:
+                await conn.execute(text("UPDATE kv SET value = 'x' WHERE key = :k"), {"k": first})
+                await both_hold_one.wait()
+                await conn.execute(text("UPDATE kv SET value = 'y' WHERE key = :k"), {"k": then})
+
+        outcomes = await asyncio.gather(lock("a", "b"), lock("b", "a"), return_exceptions=True)
+    finally:
+        await engine.dispose()
+    [failure] = [o for o in outcomes if isinstance(o, BaseException)]
+    assert "deadlock detected" in str(failure)
+    assert is_transient(failure)

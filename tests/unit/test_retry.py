@@ -45,6 +45,8 @@ TRANSIENT = [
     sa_exc.DBAPIError("SELECT 1", {}, Exception("gone"), connection_invalidated=True),
     asyncpg.CannotConnectNowError("the database system is starting up"),
     asyncpg.exceptions.AdminShutdownError("terminating connection"),
+    asyncpg.exceptions.DeadlockDetectedError("deadlock detected"),
+    asyncpg.exceptions.SerializationError("could not serialize access"),
     Unavailable("not ready"),
 ]
 PERMANENT = [
