@@ -14,6 +14,7 @@ at DEBUG are capped at WARNING for that reason).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -304,6 +305,23 @@ class JsonFormatter(logging.Formatter):
 # --------------------------------------------------------------------------- setup
 
 
+class ShutdownRollbackFilter(logging.Filter):
+    """Shutdown cancels tasks, and one cancelled while its session rolls back makes
+    SQLAlchemy's pool log "Exception during reset" at ERROR with a traceback. Nothing is
+    lost (the transaction was not committed; the pool discards the connection): one
+    INFO line says so. Any other failure of the pool keeps its error and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.name.startswith("sqlalchemy.pool") and isinstance(exc, asyncio.CancelledError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = ("a database connection's rollback was interrupted by "
+                                       "shutdown; the connection is discarded"), ()
+            record.exc_info = record.exc_text = None
+            return logging.getLogger().isEnabledFor(logging.INFO)
+        return True
+
+
 class _BridgeHandler(logging.StreamHandler[TextIO]):
     """Marks the handler this module installed, so setup can be re-run safely."""
 
@@ -323,6 +341,7 @@ def setup_logging(
         old.close()
     handler = _BridgeHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if cfg.format == "json" else TextFormatter())
+    handler.addFilter(ShutdownRollbackFilter())
     handler.addFilter(RedactingFilter(secrets))
     root.addHandler(handler)
     root.setLevel(cfg.level)

@@ -385,7 +385,7 @@ async def test_run_starts_on_a_migrated_database(deployment: Deployment) -> None
         async with asyncio.timeout(30):
             rest = await proc.stderr.read()
             assert await proc.wait() == 0, rest.decode(errors="replace")
-        assert b"Traceback" not in seen + rest
+        assert b"Traceback" not in seen + rest, (seen + rest).decode(errors="replace")
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -363,3 +364,26 @@ def test_phone_corpus_is_redacted(phone: str, frame: str) -> None:
     out = redact(frame.format(phone))
     digits = re.sub(r"\D", "", unicodedata.normalize("NFKC", out))
     assert "112" not in digits and "233" not in digits, out
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+def test_a_rollback_cut_short_by_shutdown_is_one_line_not_an_error(configure: Setup) -> None:
+    # Shutdown cancels tasks; one cancelled while its session rolls back makes
+    # SQLAlchemy's pool log "Exception during reset" with a traceback, at ERROR. The
+    # connection is discarded and the transaction was never committed: nothing is lost.
+    out = configure()
+    pool_log = logging.getLogger("sqlalchemy.pool.impl.AsyncAdaptedQueuePool")
+    try:
+        raise asyncio.CancelledError()
+    except asyncio.CancelledError:
+        pool_log.error("Exception during reset or similar", exc_info=True)
+    try:
+        raise OSError("disk I/O error")
+    except OSError:
+        pool_log.error("Exception during reset or similar", exc_info=True)
+    lines = out.getvalue().splitlines()
+    assert "INFO" in lines[0] and "interrupted by shutdown" in lines[0]
+    assert out.getvalue().count("Traceback") == 1  # the real failure keeps its own
+    assert "ERROR" in lines[1] and "OSError: disk I/O error" in out.getvalue()
