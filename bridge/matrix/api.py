@@ -136,6 +136,17 @@ class MatrixAPI:
         })
         return str(body["access_token"])
 
+    async def display_name(self, user_id: UserID) -> str | None:
+        """The user's display name; None when it has none (or no profile)."""
+        try:
+            body = await self.request("GET", f"/_matrix/client/v3/profile/{_q(user_id)}")
+        except MatrixError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        name = body.get("displayname")
+        return name if isinstance(name, str) else None
+
     async def set_displayname(self, user_id: UserID, name: str) -> None:
         await self.request("PUT", f"/_matrix/client/v3/profile/{_q(user_id)}/displayname",
                            as_user=user_id, json={"displayname": name})

@@ -58,11 +58,16 @@ class Ghosts:
         return user_id.startswith(f"@{self._prefix}") and user_id.endswith(f":{self._domain}")
 
     async def ensure_bot(self) -> Device:
-        """Register the bot (idempotent) and open its device."""
-        if await self._db.ghosts.get(self.bot) is None:
+        """Register the bot (once) and open its device."""
+        row = await self._db.ghosts.get(self.bot)
+        if row is None:
             await self._db.ghosts.create(user_id=self.bot, device_id=new_device_id(),
                                          display_name=BOT_DISPLAY_NAME, kind="bot")
-        await self._register(self.bot, BOT_DISPLAY_NAME)
+        # Only when needed: a display name set makes Synapse rewrite the bot's membership
+        # in every room it is in (every portal), one room after another.
+        if (row is None or not row.registered
+                or await self._api.display_name(self.bot) != BOT_DISPLAY_NAME):
+            await self._register(self.bot, BOT_DISPLAY_NAME)
         return await self.device(self.bot)
 
     async def create(self, kind: GhostKind = "citizen", citizen_id: int | None = None,

@@ -25,6 +25,7 @@ import bridge.matrix.devices as devices_module
 from bridge.devtools.synapse import LocalSynapse, free_port
 from bridge.homeserver.settings import module_entry
 from bridge.matrix.crypto_feed import FALLBACK_NOTE, NO_COUNTS, NO_TO_DEVICE
+from bridge.matrix.ghosts import BOT_DISPLAY_NAME
 from bridge.registration import registration_yaml
 from bridge.types import RoomID, UserID
 from tests.fixtures.bridge import BridgeHarness, RunningBridge
@@ -302,3 +303,32 @@ async def test_to_device_events_are_queued_sealed_once_and_open_their_device(
     await bridge.running.idle()
     counts = await b.db.inbound.count_lane("matrix", lane)
     assert counts.get("done") == 2, counts
+
+
+async def test_a_restart_leaves_the_bot_display_name_alone(bridge: BridgeHarness) -> None:
+    """Setting a display name makes Synapse rewrite the user's membership in every room
+    it is in (a background task, one room after another): for the bot, every portal,
+    10,000 of them at N = 10,000, on every start. A restart sets it only if it differs."""
+    bot = bridge.running.bridge.ghosts.bot
+    assert await bridge.running.bridge.api.display_name(bot) == BOT_DISPLAY_NAME
+    log = _access_log(bridge)
+
+    def display_name_puts(start: int) -> list[str]:
+        return [line for line in _bridge_lines(bridge, _read_from(log, start))
+                if f'"PUT /_matrix/client/v3/profile/{bot}/displayname' in line]
+
+    await bridge.running.stop()
+    start = log.stat().st_size
+    await bridge.running.start()
+    await asyncio.sleep(0.5)  # the access log is written as requests end
+    assert display_name_puts(start) == []
+    assert await bridge.running.bridge.api.display_name(bot) == BOT_DISPLAY_NAME
+
+    # Changed behind the bridge's back: the next start puts it right.
+    await bridge.running.bridge.api.set_displayname(bot, "otro nombre")
+    await bridge.running.stop()
+    start = log.stat().st_size
+    await bridge.running.start()
+    await asyncio.sleep(0.5)
+    assert len(display_name_puts(start)) == 1
+    assert await bridge.running.bridge.api.display_name(bot) == BOT_DISPLAY_NAME
