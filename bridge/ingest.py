@@ -179,12 +179,9 @@ class Ingest:
                                 for key, payload, lane in delivery.rows])
                 self.worker.wake("whatsapp", *{lane for _, _, lane in delivery.rows})
             return
-        lanes = set()
-        for key, payload, lane in delivery.rows:
-            with self.db.urgent():
-                if await self.db.inbound.enqueue("whatsapp", key, payload,
-                                                 lane=lane) is not None:
-                    lanes.add(lane)
+        with self.db.urgent():
+            lanes = await self.db.inbound.enqueue_many(
+                [("whatsapp", key, payload, lane) for key, payload, lane in delivery.rows])
         if lanes:
             self.worker.wake("whatsapp", *lanes)
 
@@ -207,11 +204,9 @@ async def take_spooled(db: Database, spool: Spool) -> set[str]:
     the queue's dedupe key makes a no-op (bridge.db.spool)."""
     lanes: set[str] = set()
     while rows := await asyncio.to_thread(spool.head, SPOOL_BATCH):
-        async with db.transaction() as tx:
-            for row in rows:
-                if await tx.inbound.enqueue(row.source, row.dedupe_key, row.payload,
-                                            lane=row.lane) is not None:
-                    lanes.add(row.lane)
+        # One statement: the queue's writer (SQLite's only one) is held briefly.
+        lanes |= await db.inbound.enqueue_many(
+            [(row.source, row.dedupe_key, row.payload, row.lane) for row in rows])
         await asyncio.to_thread(spool.remove, [row.id for row in rows])
     return lanes
 

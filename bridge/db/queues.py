@@ -180,6 +180,24 @@ class InboundRepo:
         async with self._scope.session() as session:
             return cast(int | None, await session.scalar(stmt))
 
+    async def enqueue_many(self, rows: list[tuple[InboundSource, str, str, str]]) -> set[str]:
+        """Queue pending items (source, key, payload, lane), in this order, in one
+        statement; those queued before are skipped. Returns the lanes that got one."""
+        if not rows:
+            return set()
+        now = utcnow()
+        stmt = (
+            self._scope.insert(InboundRow)
+            .values([dict(source=source, dedupe_key=key, lane=lane, payload=payload,
+                          status="pending", attempts=0, hold_until=None,
+                          citizen_id=None, created_at=now)
+                     for source, key, payload, lane in rows])
+            .on_conflict_do_nothing(index_elements=["source", "dedupe_key"])
+            .returning(InboundRow.lane)
+        )
+        async with self._scope.session() as session:
+            return set((await session.scalars(stmt)).all())
+
     async def get(self, item_id: int) -> InboundItem | None:
         async with self._scope.session() as session:
             row = await session.get(InboundRow, item_id)

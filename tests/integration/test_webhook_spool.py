@@ -10,7 +10,7 @@ import asyncio
 import threading
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from bridge.db import Database, InboundItem
 from bridge.db.models import InboundRow
@@ -51,6 +51,37 @@ async def _queued(db: Database) -> list[tuple[str, str, str]]:
     async with db.session() as session:
         rows = (await session.scalars(select(InboundRow).order_by(InboundRow.id))).all()
     return [(r.dedupe_key, r.payload, r.lane) for r in rows]
+
+
+async def test_a_batch_of_spooled_rows_goes_into_the_queue_in_one_statement(
+        db: Database, tmp_path: Path) -> None:
+    """While spooled rows move, the queue's one SQLite writer is held and every lane
+    waits: a burst of webhooks (200 rows a batch) took one INSERT per row, each a hop
+    to the database's thread and back. One statement for the batch, order kept, rows
+    queued before (a crash between queue and spool) skipped."""
+    spool = Spool(tmp_path / "spool")
+    inserts: list[int] = []
+
+    def count(_conn: object, _cursor: object, statement: str, parameters: object,
+              _context: object, executemany: bool) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO INBOUND"):
+            inserts.append(1)
+
+    try:
+        assert await db.inbound.enqueue("whatsapp", "k7", "p7", lane="b") is not None
+        spool.put([("whatsapp", f"k{i}", f"p{i}", "ab"[i % 2]) for i in range(200)])
+        event.listen(db.engine.sync_engine, "before_cursor_execute", count)
+        try:
+            assert await take_spooled(db, spool) == {"a", "b"}
+        finally:
+            event.remove(db.engine.sync_engine, "before_cursor_execute", count)
+        assert len(inserts) == 1
+        queued = await _queued(db)
+        assert queued[0] == ("k7", "p7", "b")
+        assert queued[1:] == [(f"k{i}", f"p{i}", "ab"[i % 2]) for i in range(200) if i != 7]
+        assert len(spool) == 0
+    finally:
+        spool.close()
 
 
 async def test_spooled_rows_are_queued_once_and_leave_the_spool(
