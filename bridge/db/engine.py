@@ -31,7 +31,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, event, inspect, make_url, text
+from sqlalchemy import URL, Connection, event, inspect, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -119,6 +119,32 @@ def _connect_sqlite(database: str, **kwargs: Any) -> aiosqlite.Connection:
     connection = _SQLiteConnection(connector, iter_chunk_size=64)
     connection._thread.daemon = True  # as SQLAlchemy does: never hold up the exit
     return connection
+
+
+def _sqlite_reader(url: URL) -> AsyncEngine | None:
+    """Connections that only read, for `Database.reading` (none for an in-memory
+    database: another engine would open a database of its own)."""
+    if url.database in (None, "", ":memory:"):
+        return None
+    engine = create_async_engine(url, hide_parameters=True,
+                                 connect_args={"async_creator_fn": _connect_sqlite})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA query_only=ON")  # a write in a read is an error
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # Deferred: a snapshot of the last commit, taken without the write lock.
+        conn.exec_driver_sql("BEGIN")
+
+    return engine
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -372,6 +398,9 @@ class Database(Repositories):
         # this process (FIFO) instead of letting them poll SQLite's busy handler, whose
         # sleeps of up to 100 ms made webhook acknowledgements wait behind the worker.
         self._sqlite_turns = _turns_for(engine) if self.dialect == "sqlite" else None
+        # `reading` on SQLite: connections of their own, opened when first needed.
+        self._reader: AsyncEngine | None = None
+        self._read_sessions: async_sessionmaker[AsyncSession] | None = None
         super().__init__(Scope(self.session, self.dialect), audit_keys)
 
     @classmethod
@@ -434,6 +463,29 @@ class Database(Repositories):
         async with self.session() as session:
             yield Repositories(shared(session, self.dialect), self._audit_keys)
 
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[Repositories]:
+        """Repositories over one consistent snapshot, for reads only.
+
+        On SQLite it waits for no writer turn: in WAL mode a reader never waits for the
+        writer, so a hot path's reads do not queue behind the worker's writes (a write
+        in it fails: its connections are `query_only`). On PostgreSQL, a READ ONLY
+        transaction. An in-memory SQLite database has no snapshot beside its one
+        connection: there it is a transaction."""
+        sessions = self._read_sessions
+        if sessions is None:
+            if self._sqlite_turns is None:  # PostgreSQL: BEGIN READ ONLY
+                bind = self.engine.execution_options(postgresql_readonly=True)
+            elif (reader := _sqlite_reader(self.engine.url)) is not None:
+                bind = self._reader = reader
+            else:  # in memory: one connection's database; no snapshot beside the writer
+                async with self.transaction() as tx:
+                    yield tx
+                return
+            sessions = self._read_sessions = async_sessionmaker(bind, expire_on_commit=False)
+        async with sessions() as session, session.begin():
+            yield Repositories(shared(session, self.dialect), self._audit_keys)
+
     async def drop_old_pages(self) -> None:
         """SQLite: copy the write-ahead log into the file and truncate it, so old versions
         of rewritten rows do not live on there (with secure_delete, the file itself
@@ -454,6 +506,8 @@ class Database(Repositories):
             await conn.execute(text("SELECT 1"))
 
     async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.dispose()
         await self.engine.dispose()
 
     async def __aenter__(self) -> Self:

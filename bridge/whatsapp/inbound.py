@@ -19,7 +19,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from bridge.config import Config
-from bridge.db import Citizen, ConsentState, Database, InboundItem, InboundStatus, Repositories
+from bridge.db import (
+    Citizen,
+    ConsentState,
+    Database,
+    InboundItem,
+    InboundStatus,
+    Repositories,
+    Room,
+    outcome,
+)
 from bridge.errors import Conflict
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_IDENTIFIER, AAD_WA_ID, Privacy, new_pseudonym_code
@@ -37,6 +46,9 @@ from bridge.whatsapp.webhook_parse import InboundMessage, Sender, StatusUpdate
 
 log = logging.getLogger(__name__)
 Standing = TypeVar("Standing")
+# Within this long of a citizen's last message, the time of the next one is recorded
+# with its outcome (`WhatsAppInbound._sender`): the 24-hour window is open regardless.
+RECENT_INBOUND = timedelta(hours=1)
 # Looks at a granted citizen's message before it is mirrored; True = it was a report
 # (bridge.moderation.intake.WhatsAppReports) and is not mirrored.
 ReportHook = Callable[[Citizen, RoomID, InboundMessage], Awaitable[bool]]
@@ -130,6 +142,40 @@ class WhatsAppInbound:
                 continue
         raise Conflict("could not allocate a pseudonym code")
 
+    async def _sender(self, msg: InboundMessage) -> tuple[Citizen, Room | None, Any]:
+        """What every message needs: who sent it, their portal, their rooms; and the
+        time of their message recorded (the reply window).
+
+        A citizen who wrote recently is read from a snapshot (on SQLite, without
+        waiting for the one writer) and the time lands with the item's outcome
+        (bridge.db.outcome): their window is open for hours yet. Anyone else (new,
+        silent for a while, found under a rotated index key) in a transaction that
+        records the time first, so that what this message makes the bridge send them
+        (the privacy notice, a backlog) finds the window open."""
+        index, *previous = self._privacy.index.digests(msg.sender.key)
+        if not previous:
+            async with self._db.reading() as tx:
+                known = await tx.citizens.by_index(index)
+                if known is not None and known.last_inbound_at is not None and \
+                        known.last_inbound_at >= datetime.now(UTC) - RECENT_INBOUND:
+                    portal, rooms = await self._where(known, tx)
+                else:
+                    known = None
+            if known is not None:
+                who, at = known.id, msg.timestamp
+                await outcome.with_outcome(
+                    self._db, lambda tx: tx.citizens.touch_inbound(who, at))
+                return known, portal, rooms
+        async with self._db.transaction() as tx:
+            citizen = await self.citizen_for(msg.sender, tx)
+            await tx.citizens.touch_inbound(citizen.id, msg.timestamp)
+            return citizen, *await self._where(citizen, tx)
+
+    async def _where(self, citizen: Citizen, tx: Repositories) -> tuple[Room | None, Any]:
+        rooms = None if self._rooms_hook is None else \
+            await self._rooms_hook.standing(citizen, tx)
+        return await tx.rooms.portal_for(citizen.id), rooms
+
     async def _record(self, citizen: Citizen, state: ConsentState, wamid_hash: WamidHash
                       ) -> None:
         cfg = self._config.consent
@@ -152,13 +198,7 @@ class WhatsAppInbound:
             # a number or BSUID change re-keys the citizen.
             await self._identity.handle(msg)
             return None
-        # One transaction for what every message needs: who, when, and where it goes.
-        async with self._db.transaction() as tx:
-            citizen = await self.citizen_for(msg.sender, tx)
-            await tx.citizens.touch_inbound(citizen.id, msg.timestamp)
-            portal = await tx.rooms.portal_for(citizen.id)
-            rooms = None if self._rooms_hook is None else \
-                await self._rooms_hook.standing(citizen, tx)
+        citizen, portal, rooms = await self._sender(msg)
         room_id = RoomID(portal.room_id) if portal and portal.closed_at is None else None
         # What is kept of this message's id (consent evidence, reply keys): its keyed hash.
         wamid_hash = self._privacy.index.wamid(msg.wamid)

@@ -666,32 +666,49 @@ async def test_privacy_sweep_finds_no_identifiers(bridge: BridgeHarness) -> None
         assert identifier not in text, "an identifier leaked"
 
 
-async def test_a_relayed_message_costs_its_lane_two_database_sessions(
+async def test_a_relayed_message_costs_its_lane_one_write_session_and_one_read(
         journey: Journey, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A citizen's messages are relayed one after another, and on SQLite every session
-    waits for the one writer: the lane's bookkeeping is one session before the send
-    (who, where, their rooms) and one after (the message map with the outcome and the
-    lane's next item). It was five."""
+    """A citizen's messages are relayed one after another, and on SQLite every write
+    session waits for the one writer: the lane's bookkeeping is one read before the
+    send (who, where, their rooms: a snapshot, no writer turn) and one write after (the
+    time of the message, the message map, the outcome and the lane's next item). It
+    was five writes, then two."""
     j, h = journey, journey.h
     db = h.running.bridge.db
-    opened: list[str] = []
-    sessions = db._sessions  # every session of the bridge's database starts here
+    opened: list[tuple[str, str]] = []
 
-    def counted() -> Any:
-        task = asyncio.current_task()
-        opened.append(task.get_name() if task else "")
-        return sessions()
+    def counted(kind: str, sessions: Any) -> Any:
+        def session() -> Any:
+            task = asyncio.current_task()
+            opened.append((kind, task.get_name() if task else ""))
+            return sessions()
+        return session
 
     for warm in ("primero", "segundo"):  # the ghost's room key is out already
         await j.write(h.wa.text_message(j.citizen, warm))
         await j.seen(body_is(warm))
     await h.running.bridge.worker.idle["whatsapp"].wait()
-    monkeypatch.setattr(db, "_sessions", counted)
-    wamid = await j.write(h.wa.text_message(j.citizen, "tercero"))
+    portal = await db.rooms.get(RoomID(j.room_id))
+    assert portal is not None and portal.citizen_id is not None
+    before = await db.citizens.get(portal.citizen_id)
+    assert before is not None and before.last_inbound_at is not None
+    # Every session of the bridge's database starts at one of these two.
+    monkeypatch.setattr(db, "_sessions", counted("write", db._sessions))
+    monkeypatch.setattr(db, "_read_sessions", counted("read", db._read_sessions))
+    clock = h.wa.clock
+    h.wa.clock = lambda: clock() + 120  # a message written two minutes later
+    try:
+        later = h.wa.text_message(j.citizen, "tercero")
+    finally:
+        h.wa.clock = clock
+    wamid = await j.write(later)
     await j.seen(body_is("tercero"))
     link = await wait_until(lambda: h.running.bridge.db.messages.by_wamid(
         h.running.bridge.privacy.index.wamid(wamid)), 10, "the message map")
     assert link.direction == "in"
     await h.running.bridge.worker.idle["whatsapp"].wait()
-    in_lane = [name for name in opened if name.startswith("inbound whatsapp lane")]
-    assert len(in_lane) == 2, opened
+    in_lane = [kind for kind, name in opened if name.startswith("inbound whatsapp lane")]
+    assert sorted(in_lane) == ["read", "write"], opened
+    after = await db.citizens.get(portal.citizen_id)
+    assert after is not None and after.last_inbound_at is not None
+    assert after.last_inbound_at > before.last_inbound_at + timedelta(seconds=100)
