@@ -297,21 +297,22 @@ async def run_bridge(fig: Figures, data: dict[str, Any], db_url: str, synapse_db
     await asyncio.sleep(2)  # Synapse's own start-up work off the machine first
     fig.load_before = load_average()
     command = [sys.executable, "-m", "bridge", "run", "-c", str(config_path)]
-    if args.profile:  # py-spy samples the bridge from its first instruction (speedscope)
-        spy = Path(sys.executable).parent / "py-spy"
-        command = [str(spy) if spy.exists() else "py-spy", "record", "--idle", "-r", "100",
-                   "-f", "speedscope", "-o",
-                   str(args.profile.absolute() / f"bridge-{fig.n}.speedscope.json"), "--",
-                   *command]
     procs: list[asyncio.subprocess.Process] = []
 
     async def start() -> tuple[int, float, float]:
         """Start `run`; (the bridge's pid, seconds until /ready said active, the CPU it
         took to get there: on a shared machine the wall time depends on the load, this
         does not much)."""
+        run = command
+        if args.profile:  # py-spy samples the bridge from its first instruction (speedscope)
+            spy = Path(sys.executable).parent / "py-spy"
+            name = f"bridge-{fig.n}-{'restart' if procs else 'first'}.speedscope.json"
+            run = [str(spy) if spy.exists() else "py-spy", "record", "--idle", "-r", "100",
+                   "-f", "speedscope", "-o", str(args.profile.absolute() / name), "--",
+                   *command]
         t0 = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
-            *command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            *run, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT)
         procs.append(proc)
         await wait_ready(http, f"http://127.0.0.1:{metrics_port}/ready", proc, log)
@@ -448,7 +449,7 @@ def main() -> int:
                         help="seed again even if a cached state exists")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run the bridge under py-spy (must be on PATH); a speedscope "
-                             "profile per N goes to DIR (figures then include its overhead)")
+                             "profile per N and start (first, restart) goes to DIR (figures then include its overhead)")
     add_output_options(parser)
     args = parser.parse_args()
     if args.messages < 1 or min(args.n) < args.messages or args.rate <= 0 or args.idle <= 0:
