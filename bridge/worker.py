@@ -152,7 +152,9 @@ class InboundWorker:
         if GLOBAL_LANE in busy or len(running) >= MAX_RUNNING:
             self._woken[source] = None  # look again when a lane ends
             return
-        for item in await self._db.inbound.lane_heads(source, busy, MAX_RUNNING):
+        async with self._db.reading() as tx:  # no writer turn on SQLite
+            heads = await tx.inbound.lane_heads(source, busy, MAX_RUNNING)
+        for item in heads:
             if item.lane == GLOBAL_LANE:
                 if running:
                     self._woken[source] = None  # look again when a lane ends

@@ -196,6 +196,38 @@ async def test_held_items_released_by_an_opt_in_run_before_newer_ones(db: Databa
     assert order == ["held", "opt-in", "held", "later"]
 
 
+async def test_lanes_start_while_another_session_writes(db: Database) -> None:
+    """Finding which lanes have work is a read: it does not wait for SQLite's writer,
+    held meanwhile by others (a lane recording an outcome, a webhook's rows)."""
+    started = asyncio.Event()
+
+    async def handler(_item: InboundItem) -> InboundStatus | None:
+        started.set()
+        return None
+
+    await _queue(db, "a", "one")
+    writing, release = asyncio.Event(), asyncio.Event()
+
+    async def writer() -> None:
+        async with db.transaction() as tx:
+            await tx.kv.set("busy", "yes")
+            writing.set()
+            await release.wait()
+
+    holder = asyncio.create_task(writer())
+    await writing.wait()
+    worker = await _run(db, handler)
+    try:
+        async with asyncio.timeout(5):
+            await started.wait()
+        release.set()
+        await holder
+        await _drained(worker)
+    finally:
+        release.set()
+        await worker.stop()
+
+
 @pytest.mark.parametrize("db_backend", ["sqlite"], indirect=True)
 async def test_urgent_sessions_go_before_queued_background_work(db: Database) -> None:
     """SQLite has one writer; sessions queue in-process, acknowledgements first."""
