@@ -449,7 +449,8 @@ def main() -> int:
                         help="seed again even if a cached state exists")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run the bridge under py-spy (must be on PATH); a speedscope "
-                             "profile per N and start (first, restart) goes to DIR (figures then include its overhead)")
+                             "profile per N and start (first, restart) goes to DIR "
+                             "(figures then include its overhead)")
     add_output_options(parser)
     args = parser.parse_args()
     if args.messages < 1 or min(args.n) < args.messages or args.rate <= 0 or args.idle <= 0:
