@@ -80,6 +80,15 @@ class MatrixAPI:
                                   str(body.get("error", "")))
             return body if isinstance(body, dict) else {"chunk": body}
 
+    async def _get_found(self, path: str) -> dict[str, Any] | None:
+        """GET `path`; None when the homeserver answers 404 (there is no such thing)."""
+        try:
+            return await self.request("GET", path)
+        except MatrixError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     # --- accounts -------------------------------------------------------------
 
     async def register(self, localpart: str) -> None:
@@ -138,13 +147,8 @@ class MatrixAPI:
 
     async def display_name(self, user_id: UserID) -> str | None:
         """The user's display name; None when it has none (or no profile)."""
-        try:
-            body = await self.request("GET", f"/_matrix/client/v3/profile/{_q(user_id)}")
-        except MatrixError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        name = body.get("displayname")
+        body = await self._get_found(f"/_matrix/client/v3/profile/{_q(user_id)}")
+        name = None if body is None else body.get("displayname")
         return name if isinstance(name, str) else None
 
     async def set_displayname(self, user_id: UserID, name: str) -> None:
@@ -270,13 +274,8 @@ class MatrixAPI:
 
     async def resolve_alias(self, alias: str) -> RoomID | None:
         """The room an alias points to; None if there is no such alias."""
-        try:
-            body = await self.request("GET", f"/_matrix/client/v3/directory/room/{_q(alias)}")
-        except MatrixError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return RoomID(str(body["room_id"]))
+        body = await self._get_found(f"/_matrix/client/v3/directory/room/{_q(alias)}")
+        return None if body is None else RoomID(str(body["room_id"]))
 
     async def delete_alias(self, as_user: UserID, alias: str) -> None:
         """Remove an alias; one that is already gone is fine."""
