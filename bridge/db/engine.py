@@ -69,10 +69,7 @@ def create_engine(url: str) -> AsyncEngine:
     otherwise end with `[parameters: ...]`: message bodies, ciphertexts, hashes.
     """
     if make_url(url).get_backend_name() == "sqlite":
-        engine = create_async_engine(url, hide_parameters=True,
-                                     connect_args={"async_creator_fn": _connect_sqlite})
-        _configure_sqlite(engine)
-        return engine
+        return _sqlite_engine(url)
     # pre_ping: a PostgreSQL restart or failover must not surface as errors on stale connections.
     return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
 
@@ -121,33 +118,18 @@ def _connect_sqlite(database: str, **kwargs: Any) -> aiosqlite.Connection:
     return connection
 
 
-def _sqlite_reader(url: URL) -> AsyncEngine | None:
-    """Connections that only read, for `Database.reading` (none for an in-memory
-    database: another engine would open a database of its own)."""
-    if url.database in (None, "", ":memory:"):
-        return None
+def is_private(database_url: str | URL) -> bool:
+    """An in-memory SQLite database: each engine has its own, none can share it."""
+    url = make_url(database_url)
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def _sqlite_engine(url: str | URL, *, read_only: bool = False) -> AsyncEngine:
+    """The bridge's SQLite engine; `read_only` for `Database.reading`: connections that
+    refuse writes and begin deferred (a snapshot, taken without the write lock)."""
     engine = create_async_engine(url, hide_parameters=True,
                                  connect_args={"async_creator_fn": _connect_sqlite})
 
-    @event.listens_for(engine.sync_engine, "connect")
-    def _connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA query_only=ON")  # a write in a read is an error
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _begin(conn: Connection) -> None:
-        # Deferred: a snapshot of the last commit, taken without the write lock.
-        conn.exec_driver_sql("BEGIN")
-
-    return engine
-
-
-def _configure_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         # Take BEGIN away from the driver (it would defer it and break SAVEPOINT);
@@ -155,10 +137,13 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            if read_only:
+                cursor.execute("PRAGMA query_only=ON")  # a write in a read is an error
+                return
             cursor.execute("PRAGMA foreign_keys=ON")  # off by default, per connection
             # WAL: readers do not block the writer; the mode persists in the file.
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             # Deleted and overwritten content is zeroed, not left in free space: an
             # erased citizen's rows must not live on in the file.
             cursor.execute("PRAGMA secure_delete=ON")
@@ -172,7 +157,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         # another writer got in between, without waiting; IMMEDIATE waits (busy_timeout)
         # instead, so SQLite writers queue up safely. One writer at a time is fine at
         # the volumes SQLite deployments see; PostgreSQL is for more.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    return engine
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -476,8 +463,8 @@ class Database(Repositories):
         if sessions is None:
             if self._sqlite_turns is None:  # PostgreSQL: BEGIN READ ONLY
                 bind = self.engine.execution_options(postgresql_readonly=True)
-            elif (reader := _sqlite_reader(self.engine.url)) is not None:
-                bind = self._reader = reader
+            elif not is_private(self.engine.url):
+                bind = self._reader = _sqlite_engine(self.engine.url, read_only=True)
             else:  # in memory: one connection's database; no snapshot beside the writer
                 async with self.transaction() as tx:
                     yield tx

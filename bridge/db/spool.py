@@ -74,11 +74,6 @@ def spool_path(database_url: str) -> Path | None:
     return Path(name + SUFFIX)
 
 
-def is_private(database_url: str) -> bool:
-    """An in-memory SQLite database: each engine has its own, none can share it."""
-    url = make_url(database_url)
-    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
-
 
 class Spool:
     def __init__(self, path: Path) -> None:

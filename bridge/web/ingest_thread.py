@@ -42,7 +42,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from bridge.db import Database, InboundSource
-from bridge.db.spool import is_private
+from bridge.db.engine import is_private
 from bridge.ingest import Ingest
 from bridge.web.middleware import error_middleware
 from bridge.web.standby import active_only

@@ -13,8 +13,9 @@ from pathlib import Path
 from sqlalchemy import event, select
 
 from bridge.db import Database, InboundItem
+from bridge.db.engine import is_private
 from bridge.db.models import InboundRow
-from bridge.db.spool import Spool, is_private, spool_path
+from bridge.db.spool import Spool, spool_path
 from bridge.ingest import take_spooled
 from bridge.worker import InboundWorker
 
