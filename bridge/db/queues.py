@@ -19,6 +19,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     func,
     or_,
     select,
@@ -502,6 +503,15 @@ class OutboxRepo:
             row = await session.scalar(select(OutboxRow).where(
                 OutboxRow.wamid_hash == wamid_hash))
             return None if row is None else _outbox(row)
+
+    async def sending_to(self, citizen_id: int, since: datetime, until: datetime) -> bool:
+        """Whether a send to the citizen that began between `since` and `until` has no
+        outcome (the wamid Graph answered) recorded yet."""
+        stmt = select(exists().where(
+            OutboxRow.citizen_id == citizen_id, OutboxRow.status == "pending",
+            OutboxRow.sending_at >= since, OutboxRow.sending_at <= until))
+        async with self._scope.session() as session:
+            return bool(await session.scalar(stmt))
 
     async def due(self, now: datetime, limit: int = 50) -> list[OutboxItem]:
         """Pending sends whose time has come, the longest-waiting first."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bridge.config import Config
 from bridge.db import Citizen, Database, InboundItem, Repositories
+from bridge.errors import Unavailable
 from bridge.matrix.relay import Relay
 from bridge.metrics import Metrics
 from bridge.model import BacklogEntry, RoomMember
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 PENDING_KEY = "wr-pending:"  # + citizen id -> the inbound item waiting for the list
 PORTAL_CHOSEN_KEY = "wr-portal:"  # + citizen id -> when the portal was chosen
 MUTED_TOLD_KEY = "wr-muted:"  # + membership id: told once that they are muted
+# How long a quote waits for a send in flight to be recorded (Graph answers within its
+# 30 s timeout); a send older than that was cut short and is settled by its status later.
+QUOTE_WAIT = timedelta(seconds=40)
 
 
 def follow_up_target(msg: InboundMessage) -> str | None:
@@ -100,7 +104,7 @@ class RoomReplies:
             return False
         about = follow_up_target(msg)
         if about is not None:  # an edit, revoke or reaction goes where its message is
-            where = await self._quoted(about, citizen)
+            where = await self._quoted(about, citizen, item)
             owner = next((m for m in joined if str(m.id) == where), None)
             if owner is not None:
                 await self.post(citizen, owner, msg)
@@ -126,7 +130,8 @@ class RoomReplies:
             else:
                 await self._ask(citizen, joined, None, wamid_hash, wa_text.ROOM_PICK_SWITCH_BODY)
             return True
-        decision = policy.route(conversations, await self._quoted(msg.context_id, citizen))
+        quoted = await self._quoted(msg.context_id, citizen, item)
+        decision = policy.route(conversations, quoted)
         if decision is None:
             return False
         if isinstance(decision, policy.Ask):
@@ -154,16 +159,29 @@ class RoomReplies:
                 "portal", datetime.fromisoformat(raw) if raw else None))
         return out
 
-    async def _quoted(self, context_id: str | None, citizen: Citizen) -> str | None:
+    async def _quoted(self, context_id: str | None, citizen: Citizen, item: InboundItem
+                      ) -> str | None:
+        """The conversation of the quoted message: a membership id, "portal", or None
+        if it is not known. Raises Unavailable (the item is retried) while a send to
+        the citizen that began before the message came is not recorded: it may be the
+        quoted one, and a guess could post in another room. Only while the message is
+        young: a send cut short by a crash is settled later, by its status."""
         if not context_id:
             return None
+        # Looked at first: a send recorded after this look has its link found below.
+        came = item.created_at
+        unrecorded = (datetime.now(UTC) - came < QUOTE_WAIT and
+                      await self._db.outbox.sending_to(citizen.id, came - QUOTE_WAIT, came))
         context_hash = self._privacy.index.wamid(context_id)
         hit = await self._db.wa_rooms.by_wamid(context_hash)
         if hit is not None and hit[2] == citizen.id:
             member = await self._db.wa_rooms.find(hit[0], citizen.id)
             return str(member.id) if member else None
-        link = await self._db.messages.by_wamid(context_hash)
-        return "portal" if link is not None else None
+        if await self._db.messages.by_wamid(context_hash) is not None:
+            return "portal"
+        if unrecorded:
+            raise Unavailable("the quoted message may be a send not recorded yet")
+        return None
 
     async def _choose_portal(self, citizen: Citizen) -> None:
         await self._db.kv.set(PORTAL_CHOSEN_KEY + str(citizen.id),

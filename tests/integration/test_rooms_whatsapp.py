@@ -372,6 +372,42 @@ async def test_per_room_pseudonyms_differ(world: World) -> None:
     assert text_body(body).startswith("[Fiestas 2027] *Ayuntamiento · ")
 
 
+async def test_a_quote_of_a_send_not_yet_recorded_waits_for_it(world: World) -> None:
+    """WhatsApp may deliver a post, and the citizen answer it, before Graph's answer
+    (the post's wamid) is recorded. Routed then, the answer would go to the room she
+    chose last instead of the one she quoted: it waits until the send is recorded."""
+    w = world
+    b = w.h.running.bridge
+    fiestas = next(r for r in w.ana.pseudonyms if r != w.room_id)
+    is_post = lambda s: to_citizen(s, w.ana.user) and "Montaje del escenario" in text_body(s)  # noqa: E731
+
+    def retries() -> float:
+        return b.metrics.registry.get_sample_value(
+            "civic_bridge_inbound_retries_total", {"source": "whatsapp"}) or 0.0
+    before = retries()
+    release = w.h.wa.hold_next_send(is_post)
+    try:
+        await w.staff.send_text(fiestas, "Montaje del escenario el sábado")
+        _, wamid = await w.sent_to(w.ana, is_post)
+        await w.write(w.ana, w.h.wa.text_message(w.ana.user, "Yo llevo las sillas",
+                                                 context_id=wamid))
+        await wait_until(lambda: retries() > before, 15, "the quote waiting for its send")
+    finally:
+        release.set()
+    said = lambda ev: getattr(ev, "body", None) == "Yo llevo las sillas"  # noqa: E731
+    event = await w.staff_sees(fiestas, said)
+    assert event.sender == (await b.db.wa_rooms.find(RoomID(fiestas), w.ana.citizen_id)
+                            ).ghost_user_id
+    await w.staff.sync_once(timeout_ms=200)
+    assert not any(said(ev) for ev in w.staff._timeline.get(w.room_id, [])
+                   if not isinstance(ev, MegolmEvent))
+    # The quote chose Fiestas; quoting the first room's post chooses it again, as the
+    # later tests expect.
+    _, first = await w.sent_to(w.ana, says("se corta el agua"))
+    await w.write(w.ana, w.h.wa.text_message(w.ana.user, "Entendido", context_id=first))
+    await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) == "Entendido")
+
+
 async def test_edits_follow_and_moderated_redactions_are_announced(world: World) -> None:
     w = world
     original = await w.staff.send_text(w.room_id, "La reunión es el lunes")

@@ -130,3 +130,20 @@ async def test_a_claim_walks_the_queue_by_index_not_the_whole_table(db: Database
     assert "ix_outbox_status_id" in plan and "Seq Scan" not in plan, plan
     if db.dialect == "sqlite":  # walked in id order, not sorted
         assert "TEMP B-TREE" not in plan and "SCAN outbox" not in plan, plan
+
+
+async def test_sending_to_sees_a_citizens_unrecorded_sends_begun_in_the_span(db: Database
+                                                                             ) -> None:
+    a, b = await citizen_ids(db, 2)
+    x = await db.outbox.add("wr:x", a, ROOM, "x")
+    assert x and await db.outbox.add("wr:y", b, ROOM, "x")
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    assert not await db.outbox.sending_to(a, before, datetime.now(UTC))  # not begun
+    assert await db.outbox.begin_attempts([x], datetime.now(UTC) + timedelta(minutes=10))
+    after = datetime.now(UTC) + timedelta(seconds=1)
+    assert await db.outbox.sending_to(a, before, after)
+    assert not await db.outbox.sending_to(b, before, after)  # another citizen's
+    assert not await db.outbox.sending_to(a, after, after + timedelta(seconds=1))
+    assert not await db.outbox.sending_to(a, before - timedelta(seconds=9), before)
+    assert await db.outbox.mark_sent_many({x: WamidHash("a" * 64)}) == {x}
+    assert not await db.outbox.sending_to(a, before, after)  # recorded
