@@ -14,7 +14,12 @@ The active process checks its own lock connection every `Timing.check` seconds
 already be someone else's: `watch` returns and the caller stops processing at once.
 A new leader waits `Timing.grace` (one check plus its timeout) before it starts, so a
 previous leader whose lock connection died, but which is otherwise alive, has
-noticed and stopped by then. `run` claims the lock (`claim`) before it loads and
+noticed and stopped by then, unless that process is known to have exited: each holder
+records who it is (`ProcessMark`: the host's boot, the PID namespace, the pid and its
+start time), and a holder on the same host and namespace sees in /proc whether that
+very process still runs (a crash and a supervisor's restart on one node start at once;
+a takeover from another node, or a previous holder still alive, waits). `run` claims
+the lock (`claim`) before it loads and
 builds the bridge, so the grace runs meanwhile rather than after. What remains is a
 previous leader that is frozen (stopped, swapping) for longer than that and then
 resumes: it still stops at its next check, and the queues' idempotency keys keep the
@@ -33,7 +38,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 from sqlalchemy import make_url, text
@@ -55,10 +62,11 @@ class LeadershipLost(Exception):
     """The active process lost its leader lock: it has stopped and must exit."""
 
 
-# In the `kv` table, the leader's state: HELD while a process leads, RELEASED once it
-# gave the lock up at shutdown, having stopped processing. A new holder waits the grace
-# unless it reads RELEASED: after a crash or a lost connection the old process may
-# still be finishing a send.
+# In the `kv` table, the leader's state: HELD (then a space and the holder's
+# ProcessMark, where it has one) while a process leads, RELEASED once it gave the lock
+# up at shutdown, having stopped processing. A new holder waits the grace unless it
+# reads RELEASED or a mark of a process that has exited: after a crash or a lost
+# connection the old process may still be finishing a send.
 STATE_KEY = "leader_state"
 HELD = "held"
 RELEASED = "released"
@@ -68,6 +76,64 @@ _TAKE_OVER = text(
     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value "
     "RETURNING (SELECT value FROM previous)")
 _RECORD = text("UPDATE kv SET value = :state WHERE key = :key")
+
+
+@dataclass(frozen=True)
+class ProcessMark:
+    """Who a process is, in a form that a later process can check (Linux /proc): the
+    host's boot, its PID namespace, its pid and its start time (clock ticks after boot;
+    a pid used again has another)."""
+
+    boot: str
+    pid_namespace: str
+    pid: int
+    started: int
+
+    @classmethod
+    def of(cls, pid: int | None = None) -> ProcessMark | None:
+        """The mark of `pid` (this process by default); None where /proc cannot say."""
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+            namespace = os.readlink("/proc/self/ns/pid")
+            pid = os.getpid() if pid is None else pid
+            _, started = _stat(pid)
+        except (OSError, ValueError, IndexError):
+            return None
+        return cls(boot, namespace, pid, started)
+
+    @classmethod
+    def parse(cls, text: str) -> ProcessMark | None:
+        try:
+            boot, namespace, pid, started = text.split(" ")
+            return cls(boot, namespace, int(pid), int(started))
+        except ValueError:
+            return None
+
+    def __str__(self) -> str:
+        return f"{self.boot} {self.pid_namespace} {self.pid} {self.started}"
+
+    def has_exited(self) -> bool:
+        """True only if provably so: this process sees the same boot and PID namespace,
+        and that pid is gone, is another process (started at another time), or is a
+        zombie. Anything else (another host, container or boot; /proc unreadable) could
+        still be running."""
+        here = ProcessMark.of()
+        if here is None or (here.boot, here.pid_namespace) != (self.boot, self.pid_namespace):
+            return False
+        try:
+            state, started = _stat(self.pid)
+        except FileNotFoundError:
+            return True
+        except (OSError, ValueError, IndexError):
+            return False
+        return started != self.started or state in ("Z", "X")
+
+
+def _stat(pid: int) -> tuple[str, int]:
+    """(state, start time) of a process, from /proc/PID/stat (fields 3 and 22; the
+    command name before them may hold spaces and parentheses)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[19])
 
 
 @dataclass(frozen=True)
@@ -138,11 +204,11 @@ class AdvisoryLock:
         If the lock is held or the database is down, `acquire` does the rest."""
         try:
             if await self._try_lock():
-                clean = await self._take_over()
+                at_once = await self._take_over()
                 self._start_at = asyncio.get_running_loop().time() + \
-                    (0.0 if clean else self._timing.grace)
-                log.info("leader lock acquired%s", " after a clean release" if clean else
-                         f"; taking over in {self._timing.grace:.1f}s")
+                    (0.0 if at_once else self._timing.grace)
+                if not at_once:
+                    log.info("leader lock acquired; taking over in %.1fs", self._timing.grace)
         except Exception as exc:  # `acquire` tries again and says why, if it must
             log.info("leader election: no early claim (%s)", type(exc).__name__)
             await self._drop()
@@ -155,8 +221,7 @@ class AdvisoryLock:
             return False
         await asyncio.sleep(max(0.0, start_at - asyncio.get_running_loop().time()))
         try:
-            async with asyncio.timeout(self._timing.check_timeout):
-                await self._conn.execute(text("SELECT 1"))
+            await self._lead()
         except Exception as exc:
             log.warning("leader lock lost before taking over (%s)", type(exc).__name__)
             await self._drop()
@@ -174,11 +239,11 @@ class AdvisoryLock:
         while True:
             try:
                 if await self._try_lock():
-                    if await self._take_over():
-                        log.info("leader lock acquired after a clean release; taking over")
-                        return
-                    log.info("leader lock acquired; taking over in %.1fs", self._timing.grace)
-                    await asyncio.sleep(self._timing.grace)
+                    if not await self._take_over():
+                        log.info("leader lock acquired; taking over in %.1fs",
+                                 self._timing.grace)
+                        await asyncio.sleep(self._timing.grace)
+                    await self._lead()
                     return
                 if not said_standby:
                     log.info("standby: another bridge process holds the leader lock")
@@ -229,14 +294,34 @@ class AdvisoryLock:
         await self._engine.dispose()
 
     async def _take_over(self) -> bool:
-        """Record this process as the holder; True if the previous one released cleanly
-        (no grace needed). Over the lock's session, in one statement. If it fails the
-        lock is dropped and tried again: starting without recording would leave an
-        earlier clean release on record for whoever comes after a crash of ours."""
+        """Record this process as the holder; True if no grace is needed: the previous
+        one released cleanly, or led and has exited. Over the lock's session, in one
+        statement. If it fails the lock is dropped and tried again: starting without
+        recording would leave an earlier clean release on record for whoever comes
+        after a crash of ours."""
         assert self._conn is not None
         async with asyncio.timeout(self._timing.check_timeout):
             previous = await self._conn.scalar(_TAKE_OVER, {"key": STATE_KEY, "state": HELD})
-        return bool(previous == RELEASED)
+        if previous == RELEASED:
+            log.info("leader lock acquired after a clean release; taking over")
+            return True
+        gone = ProcessMark.parse(str(previous).removeprefix(f"{HELD} "))
+        if gone is not None and gone.has_exited():
+            log.info("leader lock acquired; the previous holder (pid %d on this host) has "
+                     "exited: taking over", gone.pid)
+            return True
+        return False
+
+    async def _lead(self) -> None:
+        """Once nothing stands in the way (no previous leader can still be running),
+        record this process's mark over the lock's session, which proves that session
+        alive: a holder that never got this far may have taken over within the grace of
+        a leader still finishing, so its exit proves nothing."""
+        assert self._conn is not None
+        mark = ProcessMark.of()
+        async with asyncio.timeout(self._timing.check_timeout):
+            await self._conn.execute(_RECORD, {"key": STATE_KEY, "state": HELD if mark is None
+                                               else f"{HELD} {mark}"})
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None

@@ -4,7 +4,13 @@ dropped lock connection (the holder notices), and no interference with the audit
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -15,7 +21,9 @@ from bridge.db.engine import upgrade
 from bridge.leader import (
     APPLICATION_NAME,
     LEADER_LOCK_KEY,
+    STATE_KEY,
     AdvisoryLock,
+    ProcessMark,
     SingleProcess,
     Timing,
     election_for,
@@ -245,3 +253,107 @@ async def test_a_holder_that_never_led_records_no_clean_release(pg_url: str) -> 
     await lock.claim()
     await lock.release()
     assert await _next_holder_waits_the_grace(pg_url, timing)
+
+
+# Another process on this host: it holds the lock (`acquire`, or only `claim`), says so
+# on stdout, and stays until killed.
+HOLDER = """
+import asyncio, sys
+from bridge.leader import AdvisoryLock, Timing
+
+async def main(url: str, how: str) -> None:
+    lock = AdvisoryLock(url, timing=Timing(poll=0.1, check=0.5, check_timeout=1.0))
+    await (lock.acquire() if how == "acquire" else lock.claim())
+    print(how, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@asynccontextmanager
+async def other_process(pg_url: str, how: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, pg_url, how, stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).parents[2])
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line.decode().strip() == how
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def _killed(proc: asyncio.subprocess.Process) -> None:
+    proc.send_signal(signal.SIGKILL)
+    assert await proc.wait() == -signal.SIGKILL
+
+
+async def test_after_a_crash_on_this_host_the_next_holder_starts_at_once(pg_url: str
+                                                                         ) -> None:
+    """A leader killed on this host (a supervisor restarts it): its mark says which
+    process it was, /proc says that process is gone, so nothing can still be finishing."""
+    timing = Timing(poll=0.1, check=0.5, check_timeout=1.0)  # grace 1.5 s
+    async with other_process(pg_url, "acquire") as proc:
+        await _killed(proc)
+    assert not await _next_holder_waits_the_grace(pg_url, timing)
+
+
+async def test_a_previous_holder_still_running_is_waited_for(pg_url: str) -> None:
+    """Its lock session died (a PostgreSQL restart, a network cut) but the process runs
+    until it notices: the next holder waits the grace, as after a crash elsewhere."""
+    timing = Timing(poll=0.1, check=0.5, check_timeout=1.0)
+    async with other_process(pg_url, "acquire") as proc:
+        conn = await _admin(pg_url)
+        try:
+            assert await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1 AND datname = current_database()",
+                APPLICATION_NAME) == 1
+        finally:
+            await conn.close()
+        assert await _next_holder_waits_the_grace(pg_url, timing)
+        assert proc.returncode is None
+
+
+async def test_the_exit_of_a_holder_that_never_led_proves_nothing(pg_url: str) -> None:
+    """A process that took the lock but was killed before it led (within the grace of a
+    leader still finishing, say) has no mark on record: the next one waits the grace."""
+    timing = Timing(poll=0.1, check=0.5, check_timeout=1.0)
+    async with other_process(pg_url, "claim") as proc:
+        await _killed(proc)
+    assert await _next_holder_waits_the_grace(pg_url, timing)
+
+
+async def test_a_mark_from_another_host_is_waited_for(pg_url: str) -> None:
+    """A leader on another node (another boot) that no longer holds the lock may still be
+    running: its pid means nothing here."""
+    timing = Timing(poll=0.1, check=0.5, check_timeout=1.0)
+    here = ProcessMark.of()
+    assert here is not None
+    elsewhere = ProcessMark("0" * 8 + here.boot[8:], here.pid_namespace, 2**22 + 1, 1)
+    conn = await _admin(pg_url)
+    try:
+        await conn.execute("INSERT INTO kv (key, value) VALUES ($1, $2)", STATE_KEY,
+                           f"held {elsewhere}")
+    finally:
+        await conn.close()
+    assert await _next_holder_waits_the_grace(pg_url, timing)
+
+
+def test_a_process_mark_tells_an_exited_process_only_when_it_can() -> None:
+    here = ProcessMark.of()
+    assert here is not None and here.pid == os.getpid()
+    assert ProcessMark.parse(str(here)) == here
+    assert not here.has_exited()  # this process
+    unused = next(p for p in range(2**22, 2**22 - 1000, -1) if not Path(f"/proc/{p}").exists())
+    gone = ProcessMark(here.boot, here.pid_namespace, unused, here.started)
+    assert gone.has_exited()
+    assert ProcessMark(here.boot, here.pid_namespace, here.pid, here.started + 1).has_exited()
+    # Another boot or PID namespace: /proc here says nothing about it.
+    assert not ProcessMark("other-boot", here.pid_namespace, unused, 1).has_exited()
+    assert not ProcessMark(here.boot, "pid:[1]", unused, 1).has_exited()
+    assert ProcessMark.parse("held") is None and ProcessMark.parse("a b c d") is None
