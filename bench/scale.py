@@ -35,10 +35,12 @@ throwaway PostgreSQL databases on 127.0.0.1:5432. Then, per N:
   for the hot look-ups (captured from the bridge's own repository calls, run again under
   EXPLAIN in a transaction that is rolled back), after ANALYZE (a restore has no
   statistics; autovacuum would gather them in production);
-- then a clean stop (SIGTERM) and a restart: start-up again, to `/ready`. The first start
-  waits the leader election's takeover grace (the restored state is marked as a crash
-  leaves it: the lock held, no clean release recorded); the restart does not
-  (bridge.leader).
+- then a clean stop (SIGTERM) and a restart: start-up again, to `/ready`; then a SIGKILL
+  and a start again. The first start waits the leader election's takeover grace: the
+  restored state is marked as a leader that crashed on another node leaves it (the lock
+  held, no clean release, no mark of a process on this host). The restart after the
+  clean stop does not, nor does the one after the SIGKILL: that leader's mark names a
+  process on this host that has exited (bridge.leader).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ from bridge.leader import HELD, STATE_KEY
 from bridge.registration import registration_yaml
 
 SETTLE_S = 5.0
+STARTS = ("first", "restart", "crash-restart")  # the profiles' names (--profile)
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -163,10 +166,12 @@ async def max_stream(synapse_db: str) -> int:
 class Figures:
     n: int
     pad: int = 0  # citizens in the bridge's database only (--pad)
-    start_s: float = 0.0  # the first start on the seeded state (as after a crash)
+    start_s: float = 0.0  # the first start on the seeded state (after another node's crash)
     start_cpu_s: float = 0.0
     restart_s: float = 0.0  # after a clean stop
     restart_cpu_s: float = 0.0
+    crash_restart_s: float = 0.0  # after a SIGKILL on this host
+    crash_restart_cpu_s: float = 0.0
     idle_rss_mb: float = 0.0
     idle_seconds: float = 0.0
     idle_requests: int = 0  # every request Synapse logged in the idle window
@@ -213,14 +218,14 @@ async def restore(n: int, reseed: bool, workdir: Path, stack: AsyncExitStack
         urls.append(libpq)
     # A restore has no planner statistics; production's autovacuum keeps them.
     await vacuum_analyze(*urls)
-    await as_after_a_crash(urls[0])
+    await as_after_a_crash_elsewhere(urls[0])
     return data, sqlalchemy_url(urls[0]), urls[1]
 
 
-async def as_after_a_crash(bridge_libpq: str) -> None:
+async def as_after_a_crash_elsewhere(bridge_libpq: str) -> None:
     """The seeding bridge stopped cleanly and recorded so (bridge.leader): mark the lock
-    held instead, as a process that crashed leaves it, so that the first start measured
-    is the one after a crash and waits the takeover grace."""
+    held instead, with no mark of a process on this host, as a leader that crashed on
+    another node leaves it, so that the first start measured waits the takeover grace."""
     conn = await asyncpg.connect(bridge_libpq, timeout=5)
     try:
         await conn.execute("UPDATE kv SET value = $1 WHERE key = $2", HELD, STATE_KEY)
@@ -306,7 +311,7 @@ async def run_bridge(fig: Figures, data: dict[str, Any], db_url: str, synapse_db
         run = command
         if args.profile:  # py-spy samples the bridge from its first instruction (speedscope)
             spy = Path(sys.executable).parent / "py-spy"
-            name = f"bridge-{fig.n}-{'restart' if procs else 'first'}.speedscope.json"
+            name = f"bridge-{fig.n}-{STARTS[len(procs)]}.speedscope.json"
             run = [str(spy) if spy.exists() else "py-spy", "record", "--idle", "-r", "100",
                    "-f", "speedscope", "-o", str(args.profile.absolute() / name), "--",
                    *command]
@@ -320,23 +325,23 @@ async def run_bridge(fig: Figures, data: dict[str, Any], db_url: str, synapse_db
         pid = child_of(proc.pid) if args.profile else proc.pid
         return pid, seconds, cpu_seconds(pid)
 
-    async def stop() -> None:
-        """A clean stop (SIGTERM), as a deployment's restart does."""
+    async def stop(sig: signal.Signals = signal.SIGTERM) -> None:
+        """A clean stop (SIGTERM), as a deployment's restart does; or a crash (SIGKILL)."""
         proc = procs[-1]
         if proc.returncode is None:
             if args.profile:  # the bridge itself; py-spy writes its profile when it ends
                 with suppress(OSError, ValueError, IndexError):
-                    os.kill(child_of(proc.pid), signal.SIGTERM)
+                    os.kill(child_of(proc.pid), sig)
             else:
-                proc.terminate()
+                proc.send_signal(sig)
             try:
                 await asyncio.wait_for(proc.wait(), 20)
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
     stack.push_async_callback(stop)
-    # The first start on the seeded state, marked as a crash leaves it (`restore`): it
-    # waits the takeover grace (bridge.leader).
+    # The first start on the seeded state, marked as a crash on another node leaves it
+    # (`restore`): it waits the takeover grace (bridge.leader).
     pid, fig.start_s, fig.start_cpu_s = await start()
     progress(f"N={fig.n}: ready in {fig.start_s:.2f} s; idle for {SETTLE_S:g} + {args.idle:g} s")
 
@@ -368,6 +373,10 @@ async def run_bridge(fig: Figures, data: dict[str, Any], db_url: str, synapse_db
     await stop()
     _, fig.restart_s, fig.restart_cpu_s = await start()
     progress(f"N={fig.n}: restarted after a clean stop in {fig.restart_s:.2f} s")
+    await asyncio.sleep(SETTLE_S)
+    await stop(signal.SIGKILL)  # a crash; its supervisor (systemd, say) starts it again
+    _, fig.crash_restart_s, fig.crash_restart_cpu_s = await start()
+    progress(f"N={fig.n}: restarted after a SIGKILL in {fig.crash_restart_s:.2f} s")
 
 
 async def send_messages(fig: Figures, data: dict[str, Any], wa: Any,

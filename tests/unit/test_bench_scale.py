@@ -66,13 +66,16 @@ def test_a_plan_uses_an_index_only_if_a_scan_node_is_an_index_scan(scale) -> Non
 
 def test_targets_compare_the_largest_n_and_the_growth_between_the_two(scale) -> None:  # type: ignore[no-untyped-def]
     module, _ = scale
-    small = module.Figures(1000, start_s=2.0, restart_s=3.4, idle_rss_mb=150.0,
+    small = module.Figures(1000, start_s=2.0, restart_s=3.4, crash_restart_s=3.3,
+                           idle_rss_mb=150.0,
                            idle_req_per_s=0.0, cpu_bridge_ms=40.0, cpu_synapse_ms=60.0)
-    large = module.Figures(10000, start_s=3.5, restart_s=1.5, idle_rss_mb=185.0,
+    large = module.Figures(10000, start_s=3.5, restart_s=1.5, crash_restart_s=3.1,
+                           idle_rss_mb=185.0,
                            idle_req_per_s=0.2, cpu_bridge_ms=43.0, cpu_synapse_ms=70.0)
     got = {v["target"]: v["verdict"] for v in module.verdicts([small, large])}
     assert got == {"start_s": "MISS",  # 3.5 s > 3 s at N = 10,000
                    "restart_s": "PASS",  # after a clean stop: 1.5 s at N = 10,000
+                   "crash_restart_s": "MISS",  # after a SIGKILL: 3.1 s at N = 10,000
                    "idle_rss_mb": "PASS",  # 185 <= 250 MB
                    "idle_req_per_s": "MISS",  # the worst N counts: 0.2/s > 0.1/s
                    "idle_rss_growth": "MISS",  # 185 / 150 = +23% > 20%
