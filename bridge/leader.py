@@ -90,12 +90,12 @@ class ProcessMark:
     started: int
 
     @classmethod
-    def of(cls, pid: int | None = None) -> ProcessMark | None:
-        """The mark of `pid` (this process by default); None where /proc cannot say."""
+    def of(cls) -> ProcessMark | None:
+        """The mark of this process; None where /proc cannot say."""
         try:
             boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
             namespace = os.readlink("/proc/self/ns/pid")
-            pid = os.getpid() if pid is None else pid
+            pid = os.getpid()
             _, started = _stat(pid)
         except (OSError, ValueError, IndexError):
             return None

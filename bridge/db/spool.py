@@ -74,7 +74,6 @@ def spool_path(database_url: str) -> Path | None:
     return Path(name + SUFFIX)
 
 
-
 class Spool:
     def __init__(self, path: Path) -> None:
         self.path = path
