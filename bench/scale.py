@@ -36,11 +36,14 @@ throwaway PostgreSQL databases on 127.0.0.1:5432. Then, per N:
   EXPLAIN in a transaction that is rolled back), after ANALYZE (a restore has no
   statistics; autovacuum would gather them in production);
 - then a clean stop (SIGTERM) and a restart: start-up again, to `/ready`; then a SIGKILL
-  and a start again. The first start waits the leader election's takeover grace: the
-  restored state is marked as a leader that crashed on another node leaves it (the lock
-  held, no clean release, no mark of a process on this host). The restart after the
-  clean stop does not, nor does the one after the SIGKILL: that leader's mark names a
-  process on this host that has exited (bridge.leader).
+  and a start again. The first start takes over from a leader whose node failed: the
+  restored state is marked as that leader leaves it (the lock held, no clean release,
+  the mark of a process on another host, its last proof of the lock `--failed-ago`
+  seconds before the start: PostgreSQL frees a dead node's lock only when its TCP
+  keepalives give up, 25 s with deploy/README.md's settings). Past the proof's bound
+  (bridge.leader, 9.5 s) it waits no grace; with `--failed-ago` under it, what is left.
+  The restart after the clean stop waits none, nor does the one after the SIGKILL: that
+  leader's mark names a process on this host that has exited.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ from _scale_staff import top_up_one_time_keys
 import bridge
 from bridge.config import ENV_PREFIX, parse_config
 from bridge.devtools.simulator import SimulatedUser
-from bridge.leader import HELD, STATE_KEY
+from bridge.leader import HELD, PROOF_KEY, STATE_KEY, ProcessMark
 from bridge.registration import registration_yaml
 
 SETTLE_S = 5.0
@@ -218,17 +221,24 @@ async def restore(n: int, reseed: bool, workdir: Path, stack: AsyncExitStack
         urls.append(libpq)
     # A restore has no planner statistics; production's autovacuum keeps them.
     await vacuum_analyze(*urls)
-    await as_after_a_crash_elsewhere(urls[0])
     return data, sqlalchemy_url(urls[0]), urls[1]
 
 
-async def as_after_a_crash_elsewhere(bridge_libpq: str) -> None:
+async def as_after_a_node_failure(db_url: str, failed_ago: float) -> None:
     """The seeding bridge stopped cleanly and recorded so (bridge.leader): mark the lock
-    held instead, with no mark of a process on this host, as a leader that crashed on
-    another node leaves it, so that the first start measured waits the takeover grace."""
-    conn = await asyncpg.connect(bridge_libpq, timeout=5)
+    as a leader on a node that failed leaves it instead: held, by a process of another
+    boot, which last proved its lock `failed_ago` seconds ago (the server's clock)."""
+    here = ProcessMark.of()
+    elsewhere = ProcessMark("0" * 8 + (here.boot[8:] if here else "-other-boot"),
+                            here.pid_namespace if here else "pid:[1]", 2**22 + 1, 1)
+    conn = await asyncpg.connect(db_url.replace("+asyncpg", "", 1), timeout=5)
     try:
-        await conn.execute("UPDATE kv SET value = $1 WHERE key = $2", HELD, STATE_KEY)
+        await conn.execute("UPDATE kv SET value = $1 WHERE key = $2", f"{HELD} {elsewhere}",
+                           STATE_KEY)
+        await conn.execute(
+            "INSERT INTO kv (key, value) VALUES "
+            "($1, (extract(epoch FROM clock_timestamp()) - $2::float8)::text) "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", PROOF_KEY, failed_ago)
     finally:
         await conn.close()
 
@@ -340,8 +350,9 @@ async def run_bridge(fig: Figures, data: dict[str, Any], db_url: str, synapse_db
                 proc.kill()
                 await proc.wait()
     stack.push_async_callback(stop)
-    # The first start on the seeded state, marked as a crash on another node leaves it
-    # (`restore`): it waits the takeover grace (bridge.leader).
+    # The first start on the seeded state, as a failed node's leader leaves it: no grace
+    # past the bound of its last proof (bridge.leader).
+    await as_after_a_node_failure(db_url, args.failed_ago)
     pid, fig.start_s, fig.start_cpu_s = await start()
     progress(f"N={fig.n}: ready in {fig.start_s:.2f} s; idle for {SETTLE_S:g} + {args.idle:g} s")
 
@@ -435,7 +446,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for n in args.n:
         figs.append(await measure(n, args))
     return {"pad": args.pad, "messages": args.messages, "rate": args.rate, "idle": args.idle,
-            "figures": [asdict(f) for f in figs], "verdicts": verdicts(figs),
+            "failed_ago": args.failed_ago, "figures": [asdict(f) for f in figs],
+            "verdicts": verdicts(figs),
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -454,6 +466,9 @@ def main() -> int:
                         help="add K citizens to the bridge's database only (no ghost or "
                              "room on Synapse): a probe of the bridge's own cost of many "
                              "citizens when seeding Synapse that far takes too long")
+    parser.add_argument("--failed-ago", type=float, default=25.0, metavar="S",
+                        help="the first start takes over from a leader whose node failed, "
+                             "whose last proof of the lock is S seconds old (default 25)")
     parser.add_argument("--reseed", action="store_true",
                         help="seed again even if a cached state exists")
     parser.add_argument("--profile", type=Path, metavar="DIR",

@@ -14,12 +14,19 @@ The active process checks its own lock connection every `Timing.check` seconds
 already be someone else's: `watch` returns and the caller stops processing at once.
 A new leader waits `Timing.grace` (one check plus its timeout) before it starts, so a
 previous leader whose lock connection died, but which is otherwise alive, has
-noticed and stopped by then, unless that process is known to have exited: each holder
-records who it is (`ProcessMark`: the host's boot, the PID namespace, the pid and its
-start time), and a holder on the same host and namespace sees in /proc whether that
-very process still runs (a crash and a supervisor's restart on one node start at once;
-a takeover from another node, or a previous holder still alive, waits). `run` claims
-the lock (`claim`) before it loads and
+noticed and stopped by then, unless it is known to have stopped already:
+- each holder records who it is (`ProcessMark`: the host's boot, the PID namespace, the
+  pid and its start time), and a holder on the same host and namespace sees in /proc
+  whether that very process still runs (a crash and a supervisor's restart on one node
+  start at once; a takeover from another node, or a previous holder still alive, waits);
+- every `Timing.proof` seconds one of the leader's checks also records the server's
+  time over the lock's session (`PROOF_KEY`). A leader stops at the latest
+  `Timing.proof_bound` after its last recorded proof, so a new holder waits only what
+  is left of that, when it is less than the grace: after a node failure PostgreSQL
+  frees the lock only once its keepalives give up, long after, and the next holder
+  starts at once. Both times are the database server's clock, so the hosts' clocks do
+  not matter; a server clock stepped forward would shorten the wait by as much.
+`run` claims the lock (`claim`) before it loads and
 builds the bridge, so the grace runs meanwhile rather than after. What remains is a
 previous leader that is frozen (stopped, swapping) for longer than that and then
 resumes: it still stops at its next check, and the queues' idempotency keys keep the
@@ -76,6 +83,15 @@ _TAKE_OVER = text(
     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value "
     "RETURNING (SELECT value FROM previous)")
 _RECORD = text("UPDATE kv SET value = :state WHERE key = :key")
+# The server's time of the leader's last recorded proof that it held the lock (epoch
+# seconds), and how long ago that was (None if never recorded).
+PROOF_KEY = "leader_proved_at"
+_PROVE = text(
+    "INSERT INTO kv (key, value) VALUES (:key, extract(epoch FROM clock_timestamp())::text) "
+    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value")
+_PROOF_AGE = text("SELECT extract(epoch FROM clock_timestamp()) - value::float8 FROM kv "
+                  "WHERE key = :key AND value ~ '^[0-9]+(\\.[0-9]+)?$'")
+_CHECK = text("SELECT 1")
 
 
 @dataclass(frozen=True)
@@ -138,16 +154,25 @@ def _stat(pid: int) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds: how often a standby tries, how often the leader checks its connection."""
+    """Seconds: how often a standby tries, how often the leader checks its connection,
+    how often a check also records the proof on the server."""
 
     poll: float = 1.0
     check: float = 0.5
     check_timeout: float = 2.0
+    proof: float = 5.0
 
     @property
     def grace(self) -> float:
         """How long a new leader waits: by then a previous one has noticed its loss."""
         return self.check + self.check_timeout
+
+    @property
+    def proof_bound(self) -> float:
+        """How long after its last recorded proof a leader has stopped at the latest: the
+        checks that follow it succeed for up to `proof` seconds (one of them slowly, up
+        to its timeout), then the next fails within the grace."""
+        return self.proof + self.check_timeout + self.grace
 
 
 class Election(Protocol):
@@ -204,11 +229,7 @@ class AdvisoryLock:
         If the lock is held or the database is down, `acquire` does the rest."""
         try:
             if await self._try_lock():
-                at_once = await self._take_over()
-                self._start_at = asyncio.get_running_loop().time() + \
-                    (0.0 if at_once else self._timing.grace)
-                if not at_once:
-                    log.info("leader lock acquired; taking over in %.1fs", self._timing.grace)
+                self._start_at = asyncio.get_running_loop().time() + await self._take_over()
         except Exception as exc:  # `acquire` tries again and says why, if it must
             log.info("leader election: no early claim (%s)", type(exc).__name__)
             await self._drop()
@@ -239,10 +260,7 @@ class AdvisoryLock:
         while True:
             try:
                 if await self._try_lock():
-                    if not await self._take_over():
-                        log.info("leader lock acquired; taking over in %.1fs",
-                                 self._timing.grace)
-                        await asyncio.sleep(self._timing.grace)
+                    await asyncio.sleep(await self._take_over())
                     await self._lead()
                     return
                 if not said_standby:
@@ -269,11 +287,18 @@ class AdvisoryLock:
     async def watch(self) -> None:
         conn = self._conn
         assert conn is not None, "watch() before acquire()"
+        loop = asyncio.get_running_loop()
+        proved = loop.time()  # `_lead` has just recorded a proof
         while True:
             await asyncio.sleep(self._timing.check)
+            prove = loop.time() - proved >= self._timing.proof
             try:
                 async with asyncio.timeout(self._timing.check_timeout):
-                    await conn.execute(text("SELECT 1"))
+                    if prove:
+                        await conn.execute(_PROVE, {"key": PROOF_KEY})
+                        proved = loop.time()
+                    else:
+                        await conn.execute(_CHECK)
             except Exception as exc:  # any failure: we can no longer prove we hold the lock
                 log.error("leader lock connection lost (%s)", type(exc).__name__)
                 await self._drop()
@@ -293,24 +318,30 @@ class AdvisoryLock:
         await self._drop()  # ending the session releases the lock
         await self._engine.dispose()
 
-    async def _take_over(self) -> bool:
-        """Record this process as the holder; True if no grace is needed: the previous
-        one released cleanly, or led and has exited. Over the lock's session, in one
-        statement. If it fails the lock is dropped and tried again: starting without
-        recording would leave an earlier clean release on record for whoever comes
-        after a crash of ours."""
+    async def _take_over(self) -> float:
+        """Record this process as the holder; the seconds to wait before leading: none
+        if the previous one released cleanly or led and has exited, what is left of
+        its last proof's bound if that is less than the grace, else the grace. Over the
+        lock's session. If it fails the lock is dropped and tried again: starting
+        without recording would leave an earlier clean release on record for whoever
+        comes after a crash of ours."""
         assert self._conn is not None
         async with asyncio.timeout(self._timing.check_timeout):
             previous = await self._conn.scalar(_TAKE_OVER, {"key": STATE_KEY, "state": HELD})
+            proof_age = await self._conn.scalar(_PROOF_AGE, {"key": PROOF_KEY})
         if previous == RELEASED:
             log.info("leader lock acquired after a clean release; taking over")
-            return True
+            return 0.0
         gone = ProcessMark.parse(str(previous).removeprefix(f"{HELD} "))
         if gone is not None and gone.has_exited():
             log.info("leader lock acquired; the previous holder (pid %d on this host) has "
                      "exited: taking over", gone.pid)
-            return True
-        return False
+            return 0.0
+        wait = self._timing.grace
+        if proof_age is not None and proof_age >= 0:  # ahead of the clock: trust nothing
+            wait = min(wait, max(0.0, self._timing.proof_bound - proof_age))
+        log.info("leader lock acquired; taking over in %.1fs", wait)
+        return wait
 
     async def _lead(self) -> None:
         """Once nothing stands in the way (no previous leader can still be running),
@@ -322,6 +353,7 @@ class AdvisoryLock:
         async with asyncio.timeout(self._timing.check_timeout):
             await self._conn.execute(_RECORD, {"key": STATE_KEY, "state": HELD if mark is None
                                                else f"{HELD} {mark}"})
+            await self._conn.execute(_PROVE, {"key": PROOF_KEY})
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None

@@ -21,6 +21,7 @@ from bridge.db.engine import upgrade
 from bridge.leader import (
     APPLICATION_NAME,
     LEADER_LOCK_KEY,
+    PROOF_KEY,
     STATE_KEY,
     AdvisoryLock,
     ProcessMark,
@@ -342,6 +343,84 @@ async def test_a_mark_from_another_host_is_waited_for(pg_url: str) -> None:
     finally:
         await conn.close()
     assert await _next_holder_waits_the_grace(pg_url, timing)
+
+
+async def _as_left_by_a_leader_elsewhere(pg_url: str, proved_ago: float | None) -> None:
+    """The leader's records as a leader on another node leaves them when it crashes:
+    held, with its mark, and (unless None) its last proof `proved_ago` seconds ago."""
+    here = ProcessMark.of()
+    assert here is not None
+    elsewhere = ProcessMark("0" * 8 + here.boot[8:], here.pid_namespace, 2**22 + 1, 1)
+    conn = await _admin(pg_url)
+    try:
+        await conn.execute("INSERT INTO kv (key, value) VALUES ($1, $2)", STATE_KEY,
+                           f"held {elsewhere}")
+        if proved_ago is not None:
+            await conn.execute(
+                "INSERT INTO kv (key, value) VALUES "
+                "($1, (extract(epoch FROM clock_timestamp()) - $2::float8)::text)",
+                PROOF_KEY, proved_ago)
+    finally:
+        await conn.close()
+
+
+async def test_a_leader_whose_last_proof_is_old_enough_is_not_waited_for(pg_url: str
+                                                                         ) -> None:
+    """A leader that crashed on another node long enough ago (a node failure: PostgreSQL
+    frees the lock only when its keepalives give up) has stopped by its own checks: its
+    last proof of the lock, in the server's clock, says when at the latest."""
+    timing = Timing(poll=0.1, check=0.5, check_timeout=1.0, proof=2.0)
+    assert timing.proof_bound == 2.0 + 1.5 + 1.0
+    await _as_left_by_a_leader_elsewhere(pg_url, proved_ago=timing.proof_bound + 1)
+    lock = AdvisoryLock(pg_url, timing=timing)
+    try:
+        assert await _holder(lock) < timing.grace / 2
+    finally:
+        await lock.release()
+
+
+async def test_a_recent_proof_is_waited_for_until_its_bound(pg_url: str) -> None:
+    """Proved 4 s ago with a bound of 4.5 s: only the half second left is waited (less
+    than the grace); proved just now, or with a time ahead of the server's clock (a
+    clock stepped back), the whole grace."""
+    timing = Timing(poll=0.1, check=0.5, check_timeout=1.0, proof=2.0)
+    await _as_left_by_a_leader_elsewhere(pg_url, proved_ago=timing.proof_bound - 0.5)
+    lock = AdvisoryLock(pg_url, timing=timing)
+    try:
+        assert 0.4 <= await _holder(lock) < 1.0
+    finally:
+        await lock._drop()  # a crash: the next one finds this holder's fresh proof
+        await lock.release()
+    assert await _next_holder_waits_the_grace(pg_url, timing)
+    conn = await _admin(pg_url)
+    try:
+        await conn.execute("UPDATE kv SET value = 'held' WHERE key = $1", STATE_KEY)
+        await conn.execute("UPDATE kv SET value = (extract(epoch FROM clock_timestamp())"
+                           " + 3600)::text WHERE key = $1", PROOF_KEY)
+    finally:
+        await conn.close()
+    assert await _next_holder_waits_the_grace(pg_url, timing)
+
+
+async def test_the_leader_proves_its_lock_on_record_while_it_leads(pg_url: str) -> None:
+    timing = Timing(poll=0.1, check=0.1, check_timeout=1.0, proof=0.3)
+    lock = AdvisoryLock(pg_url, timing=timing)
+    conn = await _admin(pg_url)
+    try:
+        await asyncio.wait_for(lock.acquire(), 10)
+        watching = asyncio.create_task(lock.watch())
+        ages = []
+        for _ in range(4):
+            await asyncio.sleep(0.5)
+            ages.append(await conn.fetchval(
+                "SELECT extract(epoch FROM clock_timestamp()) - value::float8 FROM kv "
+                "WHERE key = $1", PROOF_KEY))
+        assert all(0 <= age < 0.3 + 0.1 + 0.2 for age in ages), ages
+        assert not watching.done()
+        watching.cancel()
+    finally:
+        await conn.close()
+        await lock.release()
 
 
 def test_a_process_mark_tells_an_exited_process_only_when_it_can() -> None:
