@@ -19,11 +19,11 @@ import sqlite3
 import threading
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar, cast
 
 import aiosqlite
 from alembic import command
@@ -45,6 +45,7 @@ from bridge.db.scope import Scope, shared
 from bridge.errors import SchemaError
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # We run from a checkout (bridge/db/engine.py -> repo root), where `migrations/` sits.
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -106,6 +107,111 @@ class _SQLiteConnection(aiosqlite.Connection):
         if not self._running:  # stopped: its thread closes the connection already
             return
         await super().close()
+
+
+    def cursor(self) -> _OneTripCursor:  # type: ignore[override]
+        return _OneTripCursor(self)
+
+    async def trip(self, fn: Callable[[], _T]) -> _T:
+        """`fn()` on the connection's thread."""
+        return cast(_T, await self._execute(fn))  # type: ignore[no-untyped-call]
+
+
+# Rows a statement brings back with it; a larger result is read on in further trips.
+PREFETCH_ROWS = 256
+
+
+class _OneTripCursor:
+    """The cursor SQLAlchemy's aiosqlite adapter gets: one trip to the connection's
+    thread per statement (executed, its first rows fetched, closed), where aiosqlite's
+    cursor takes four (create, execute, fetch, close). Each trip waits for the event
+    loop's next turn: on a busy loop (the inbound lanes' Matrix sends) a one-row read
+    took several milliseconds, and a relayed message makes a dozen statements."""
+
+    arraysize = 1
+
+    def __init__(self, connection: _SQLiteConnection) -> None:
+        self._connection = connection
+        self._open: sqlite3.Cursor | None = None  # rows left beyond the first trip's
+        self._rows: deque[Any] = deque()
+        self.description: Any = None
+        self.rowcount = -1
+        self.lastrowid: int | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def execute(self, sql: str, parameters: Any = None) -> Self:
+        await self.close()
+        await self._trip(lambda cursor: cursor.execute(sql, () if parameters is None
+                                                       else parameters))
+        return self
+
+    async def executemany(self, sql: str, parameters: Any) -> Self:
+        await self.close()
+        await self._trip(lambda cursor: cursor.executemany(sql, parameters))
+        return self
+
+    async def _trip(self, run: Any) -> None:
+        def on_thread() -> tuple[Any, int, int | None, list[Any], sqlite3.Cursor | None]:
+            cursor = self._connection._conn.cursor()
+            try:
+                run(cursor)
+                rows = cursor.fetchmany(PREFETCH_ROWS) if cursor.description else []
+            except BaseException:
+                cursor.close()
+                raise
+            more = len(rows) == PREFETCH_ROWS
+            if not more:
+                cursor.close()
+            return (cursor.description, cursor.rowcount, cursor.lastrowid, rows,
+                    cursor if more else None)
+
+        (self.description, self.rowcount, self.lastrowid, rows,
+         self._open) = await self._connection.trip(on_thread)
+        self._rows = deque(rows)
+
+    async def fetchone(self) -> Any:
+        if not self._rows and self._open is not None:
+            await self._more(PREFETCH_ROWS)
+        return self._rows.popleft() if self._rows else None
+
+    async def fetchmany(self, size: int | None = None) -> list[Any]:
+        size = size or self.arraysize
+        if len(self._rows) < size and self._open is not None:
+            await self._more(max(size - len(self._rows), PREFETCH_ROWS))
+        return [self._rows.popleft() for _ in range(min(size, len(self._rows)))]
+
+    async def fetchall(self) -> list[Any]:
+        if self._open is not None:
+            await self._more(None)
+        rows, self._rows = list(self._rows), deque()
+        return rows
+
+    async def _more(self, size: int | None) -> None:
+        cursor = self._open
+        assert cursor is not None
+
+        def on_thread() -> tuple[list[Any], bool]:
+            rows = cursor.fetchall() if size is None else cursor.fetchmany(size)
+            done = size is None or len(rows) < size
+            if done:
+                cursor.close()
+            return rows, done
+
+        rows, done = await self._connection.trip(on_thread)
+        self._rows.extend(rows)
+        if done:
+            self._open = None
+
+    async def close(self) -> None:
+        cursor, self._open = self._open, None
+        self._rows.clear()
+        if cursor is not None:
+            await self._connection.trip(cursor.close)
 
 
 def _connect_sqlite(database: str, **kwargs: Any) -> aiosqlite.Connection:
