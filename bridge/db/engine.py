@@ -103,11 +103,21 @@ class _SQLiteConnection(aiosqlite.Connection):
     (omnilib/aiosqlite#369): a bridge stopping or restarting hung.
     """
 
+    # The transaction's BEGIN, sent with its first statement (one trip fewer).
+    begin_pending: str | None = None
+
     async def close(self) -> None:
         if not self._running:  # stopped: its thread closes the connection already
             return
         await super().close()
 
+    async def commit(self) -> None:
+        self.begin_pending = None  # a transaction with no statement: nothing to commit
+        await super().commit()
+
+    async def rollback(self) -> None:
+        self.begin_pending = None
+        await super().rollback()
 
     def cursor(self) -> _OneTripCursor:  # type: ignore[override]
         return _OneTripCursor(self)
@@ -123,8 +133,9 @@ PREFETCH_ROWS = 256
 
 class _OneTripCursor:
     """The cursor SQLAlchemy's aiosqlite adapter gets: one trip to the connection's
-    thread per statement (executed, its first rows fetched, closed), where aiosqlite's
-    cursor takes four (create, execute, fetch, close). Each trip waits for the event
+    thread per statement (executed, its first rows fetched, closed; a transaction's
+    BEGIN goes with its first statement), where aiosqlite's cursor takes four (create,
+    execute, fetch, close) and BEGIN three more. Each trip waits for the event
     loop's next turn: on a busy loop (the inbound lanes' Matrix sends) a one-row read
     took several milliseconds, and a relayed message makes a dozen statements."""
 
@@ -156,9 +167,13 @@ class _OneTripCursor:
         return self
 
     async def _trip(self, run: Any) -> None:
+        begin, self._connection.begin_pending = self._connection.begin_pending, None
+
         def on_thread() -> tuple[Any, int, int | None, list[Any], sqlite3.Cursor | None]:
             cursor = self._connection._conn.cursor()
             try:
+                if begin is not None:
+                    cursor.execute(begin)
                 run(cursor)
                 rows = cursor.fetchmany(PREFETCH_ROWS) if cursor.description else []
             except BaseException:
@@ -263,7 +278,10 @@ def _sqlite_engine(url: str | URL, *, read_only: bool = False) -> AsyncEngine:
         # another writer got in between, without waiting; IMMEDIATE waits (busy_timeout)
         # instead, so SQLite writers queue up safely. One writer at a time is fine at
         # the volumes SQLite deployments see; PostgreSQL is for more.
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        # Sent with the transaction's first statement (`_OneTripCursor`), a read too.
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, _SQLiteConnection)
+        driver.begin_pending = "BEGIN" if read_only else "BEGIN IMMEDIATE"
 
     return engine
 

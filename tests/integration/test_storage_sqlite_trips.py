@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bridge.db import engine as engine_module
@@ -52,7 +52,8 @@ async def test_a_statement_is_one_trip_to_the_connection_thread(
         await conn.commit()
         trips.clear()
         assert (await conn.execute(text("SELECT v FROM t WHERE id = 1"))).scalar() == "a"
-        assert len(trips) == 2, trips  # the transaction's BEGIN (bridge.db.engine), the SELECT
+        # The transaction's BEGIN (bridge.db.engine) goes with its first statement.
+        assert len(trips) == 1, trips
         trips.clear()
         await conn.execute(text("UPDATE t SET v = 'b' WHERE id = 1"))
         assert len(trips) == 1, trips
@@ -102,3 +103,35 @@ async def test_an_error_is_the_driver_error_and_the_connection_goes_on(
         await conn.execute(text("INSERT INTO t (v) VALUES ('ok')"))
         await conn.commit()
         assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 1
+
+
+async def test_a_transaction_begins_with_its_first_statement_and_takes_the_lock(
+        tmp_path: Path) -> None:
+    """BEGIN IMMEDIATE travels with the first statement, a read included: the write lock
+    is taken before the read (a read-then-write transaction cannot lose the lock in
+    between), and a transaction with no statement leaves nothing open."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'lock.db'}"
+    first, second = create_engine(url), create_engine(url)
+    try:
+        async with first.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+        async with first.connect() as holder, second.connect() as other:
+            await holder.execute(text("SELECT count(*) FROM t"))  # BEGIN IMMEDIATE + read
+            raw = await other.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            await driver.execute("PRAGMA busy_timeout = 0")
+            with pytest.raises(OperationalError, match="locked"):
+                await other.execute(text("INSERT INTO t DEFAULT VALUES"))
+            await other.rollback()
+            await holder.commit()
+            await other.execute(text("INSERT INTO t DEFAULT VALUES"))
+            await other.commit()
+        async with first.connect() as conn:
+            await conn.begin()
+            await conn.commit()  # nothing was executed: nothing to commit, no error
+            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 1
+            await conn.rollback()
+    finally:
+        await first.dispose()
+        await second.dispose()
