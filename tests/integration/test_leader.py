@@ -331,17 +331,9 @@ async def test_the_exit_of_a_holder_that_never_led_proves_nothing(pg_url: str) -
 
 async def test_a_mark_from_another_host_is_waited_for(pg_url: str) -> None:
     """A leader on another node (another boot) that no longer holds the lock may still be
-    running: its pid means nothing here."""
+    running: its pid means nothing here (and no proof of its lock says when it stopped)."""
     timing = Timing(poll=0.1, check=0.5, check_timeout=1.0)
-    here = ProcessMark.of()
-    assert here is not None
-    elsewhere = ProcessMark("0" * 8 + here.boot[8:], here.pid_namespace, 2**22 + 1, 1)
-    conn = await _admin(pg_url)
-    try:
-        await conn.execute("INSERT INTO kv (key, value) VALUES ($1, $2)", STATE_KEY,
-                           f"held {elsewhere}")
-    finally:
-        await conn.close()
+    await _as_left_by_a_leader_elsewhere(pg_url, proved_ago=None)
     assert await _next_holder_waits_the_grace(pg_url, timing)
 
 
