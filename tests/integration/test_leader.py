@@ -379,7 +379,7 @@ async def test_a_recent_proof_is_waited_for_until_its_bound(pg_url: str) -> None
     await _as_left_by_a_leader_elsewhere(pg_url, proved_ago=timing.proof_bound - 0.5)
     lock = AdvisoryLock(pg_url, timing=timing)
     try:
-        assert 0.4 <= await _holder(lock) < 1.0
+        assert 0.4 <= await _holder(lock) < timing.grace - 0.2
     finally:
         await lock._drop()  # a crash: the next one finds this holder's fresh proof
         await lock.release()
@@ -407,7 +407,9 @@ async def test_the_leader_proves_its_lock_on_record_while_it_leads(pg_url: str) 
             ages.append(await conn.fetchval(
                 "SELECT extract(epoch FROM clock_timestamp()) - value::float8 FROM kv "
                 "WHERE key = $1", PROOF_KEY))
-        assert all(0 <= age < 0.3 + 0.1 + 0.2 for age in ages), ages
+        # Unrefreshed, the ages would be 0.5, 1.0, 1.5 and 2.0 s; a refreshed one stays
+        # near the 0.3 s cadence (a wide margin for a loaded machine).
+        assert all(0 <= age < 0.9 for age in ages), ages
         assert not watching.done()
         watching.cancel()
     finally:
