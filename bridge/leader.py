@@ -170,8 +170,8 @@ class Timing:
     @property
     def proof_bound(self) -> float:
         """How long after its last recorded proof a leader has stopped at the latest: the
-        checks that follow it succeed for up to `proof` seconds (one of them slowly, up
-        to its timeout), then the next fails within the grace."""
+        checks it sends within `proof` seconds of sending that proof may succeed (the
+        last one slowly, up to its timeout), then the next fails within the grace."""
         return self.proof + self.check_timeout + self.grace
 
 
@@ -221,6 +221,7 @@ class AdvisoryLock:
         # Set by a successful `claim`: when (loop time) this holder may start.
         self._start_at: float | None = None
         self._led = False  # `acquire` returned: the grace (if due) was waited out
+        self._proved = 0.0  # loop time at which the last proof was sent (`_lead`, `watch`)
 
     async def claim(self) -> None:
         """Take the lock now if it is free, and start the grace (if one is due) from
@@ -288,15 +289,18 @@ class AdvisoryLock:
         conn = self._conn
         assert conn is not None, "watch() before acquire()"
         loop = asyncio.get_running_loop()
-        proved = loop.time()  # `_lead` has just recorded a proof
+        # When the last proof was sent (the server records it later): checks that go
+        # without one are sent within `proof` of it, as `proof_bound` counts.
+        proved = self._proved
         while True:
             await asyncio.sleep(self._timing.check)
-            prove = loop.time() - proved >= self._timing.proof
+            sent = loop.time()
+            prove = sent - proved >= self._timing.proof
             try:
                 async with asyncio.timeout(self._timing.check_timeout):
                     if prove:
                         await conn.execute(_PROVE, {"key": PROOF_KEY})
-                        proved = loop.time()
+                        proved = sent
                     else:
                         await conn.execute(_CHECK)
             except Exception as exc:  # any failure: we can no longer prove we hold the lock
@@ -350,6 +354,7 @@ class AdvisoryLock:
         a leader still finishing, so its exit proves nothing."""
         assert self._conn is not None
         mark = ProcessMark.of()
+        self._proved = asyncio.get_running_loop().time()
         async with asyncio.timeout(self._timing.check_timeout):
             await self._conn.execute(_RECORD, {"key": STATE_KEY, "state": HELD if mark is None
                                                else f"{HELD} {mark}"})
