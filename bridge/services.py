@@ -213,7 +213,8 @@ async def build_bridge(config: Config, election: Election | None = None) -> Brid
     spool = _spool(config)
     worker = InboundWorker(db, handlers, metrics=metrics, on_dead=dead_letters.announce,
                            intake={"whatsapp": partial(take_spooled, db, spool)}
-                           if spool is not None else None)
+                           if spool is not None else None,
+                           prepare={"whatsapp": inbound.prepare} if inbound else None)
     crypto.catch_up = ToDeviceCatchUp(db, privacy.cipher, crypto, partial(worker.wake, "matrix"),
                                       metrics.to_device_catch_ups)
     dead_letters.wake_inbound, dead_letters.wake_outbox = worker.wake, outbox.wake

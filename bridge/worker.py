@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -32,9 +33,43 @@ Handler = Callable[[InboundItem], Awaitable[InboundStatus | None]]
 OnDead = Callable[[str], Coroutine[Any, Any, None]]
 # Takes rows stored elsewhere into the queue (bridge.ingest.take_spooled); their lanes.
 Intake = Callable[[], Awaitable[set[str]]]
+# Reads, and only reads, what an item's handler will need, while the lane's previous
+# item is still being handled (bridge.db.outcome.prepared hands it over).
+Prepare = Callable[[InboundItem], Awaitable[object]]
 MAX_RUNNING = 32  # lanes processed at once per source (bounds the load on Synapse)
 STOP_GRACE_SECONDS = 10.0
 GLOBAL_LANE = ""  # runs alone, after everything older (rows queued before lanes existed)
+
+
+@dataclass
+class _Attempt:
+    """An item's handler has run; its outcome is not recorded yet."""
+
+    item: InboundItem
+    writes: outcome.OutcomeWrites
+    result: InboundStatus | None = None
+    error: Exception | None = None
+
+
+@dataclass(eq=False)
+class _Run:
+    """An item of a lane, run in its own task."""
+
+    item: InboundItem
+    turn: asyncio.Future[bool]  # a prepared run: may it be handled (previous one done)?
+    recorded: asyncio.Future[None]  # done once its outcome is recorded
+    overlap: bool = False  # its handler allowed the next item to start meanwhile
+    task: asyncio.Task[_Attempt | None] = field(init=False)
+
+
+@dataclass(eq=False)
+class _Pipe:
+    """A running lane: its current run, the run started behind it, the next item."""
+
+    lane: str
+    current: _Run | None = None
+    next: _Run | None = None
+    candidate: InboundItem | None = None  # the lane's next pending item, not started
 
 
 class InboundWorker:
@@ -47,14 +82,18 @@ class InboundWorker:
     naming only lanes that are running it reads nothing (their tasks find the new
     items, or re-check when they run dry). The next item is always the lane's oldest
     pending one, so items a handler made pending again (held messages released by an
-    opt-in, which are older) run before anything newer of the same lane.
+    opt-in, which are older) run before anything newer of the same lane. A relayed
+    message lets its lane overlap it with the next one (`_lane`): that is what keeps a
+    lane's pace close to the homeserver's own, beside a send that takes most of it.
     """
 
     def __init__(self, db: Database, handlers: dict[InboundSource, Handler],
                  metrics: Metrics | None = None, on_dead: OnDead | None = None,
                  backoff: Callable[[int], float] = backoff,
-                 intake: dict[InboundSource, Intake] | None = None) -> None:
+                 intake: dict[InboundSource, Intake] | None = None,
+                 prepare: dict[InboundSource, Prepare] | None = None) -> None:
         self._db = db
+        self._prepare = prepare or {}
         # Run before each round of a source: rows that wait outside the queue (the
         # webhook spool) come in first, so `idle` still means all stored work is done.
         self._intake = intake or {}
@@ -184,47 +223,142 @@ class InboundWorker:
 
     async def _lane(self, source: InboundSource, first: InboundItem) -> bool:
         """Process a lane's items in order until it runs dry, stops or backs off;
-        True if the dispatcher must then look at every lane."""
-        lane = first.lane
-        item: InboundItem | None = first
-        while item is not None and not self._stopping:
+        True if the dispatcher must then look at every lane.
+
+        An item whose handler allows it (bridge.db.outcome.may_overlap) lets the lane's
+        next item be prepared meanwhile (read-only, `prepare`) and handled once it is
+        done, while its outcome is recorded: the next item waits for that only to read
+        what it wrote (`settled`), and runs again if it fails to be recorded."""
+        if self._stopping:
+            return False
+        pipe = _Pipe(first.lane)
+        run = self._begin(source, pipe, first)
+        try:
+            return await self._drive(source, pipe, run)
+        finally:
+            if pipe.next is not None and not pipe.next.task.done():  # stopped meanwhile
+                pipe.next.task.cancel()  # it runs again on restart
+                await asyncio.gather(pipe.next.task, return_exceptions=True)
+
+    async def _drive(self, source: InboundSource, pipe: _Pipe, run: _Run) -> bool:
+        lane = pipe.lane
+        while True:
+            attempt = await run.task
+            assert attempt is not None  # only a run told it is not its turn ends without
+            follower = pipe.next
+            if follower is not None:
+                go = attempt.error is None and not self._stopping
+                follower.turn.set_result(go)
+                if not go:
+                    await follower.task  # it did nothing yet; it runs again later
+                    follower = pipe.next = None
             self._recheck[source].discard(lane)  # the next read sees what was woken
-            item = await self._one(source, item)
-            if item is not None and (item.lane != lane or lane == GLOBAL_LANE):
+            try:
+                ahead = await self._record(source, attempt,
+                                           follower.item.id if follower else None)
+            except Exception:
+                # Recording the outcome failed (database down?): the row is still pending,
+                # and the item that overlapped it runs again after it.
+                log.exception("inbound %s #%d: could not record the outcome", source,
+                              attempt.item.id)
+                run.recorded.set_result(None)
+                if follower is not None:
+                    await asyncio.gather(follower.task, return_exceptions=True)
+                    pipe.next = None
+                self._retry_later(source, lane, 1)
+                return False
+            finally:
+                if not run.recorded.done():
+                    run.recorded.set_result(None)
+            if follower is not None:
+                run, pipe.current, pipe.next = follower, follower, None
+                pipe.candidate = ahead[0] if ahead else None
+                self._follow(source, pipe)
+                continue
+            if ahead is None:
+                return False  # backing off
+            nxt = ahead[0] if ahead else None
+            if nxt is None or self._stopping:
+                return lane == GLOBAL_LANE
+            if nxt.lane != lane or lane == GLOBAL_LANE:
                 # The global lane is next (it runs alone), or the global lane ran and
                 # older items of other lanes may be waiting: the dispatcher decides.
                 return True
-        return lane == GLOBAL_LANE
+            pipe.candidate = ahead[1] if len(ahead) > 1 else None
+            run = self._begin(source, pipe, nxt)
 
-    async def _one(self, source: InboundSource, item: InboundItem) -> InboundItem | None:
-        """Process one item; returns the lane's next item, None to end the lane."""
-        try:
-            return await self._handle(source, item)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # Recording the outcome failed (database down?): the row is still pending.
-            log.exception("inbound %s #%d: could not record the outcome", source, item.id)
-            self._retry_later(source, item.lane, 1)
-            return None
+    def _begin(self, source: InboundSource, pipe: _Pipe, item: InboundItem,
+               after: _Run | None = None) -> _Run:
+        """Start `item`'s run: at once, or (`after` another run) prepared now and handled
+        once `after` is."""
+        loop = asyncio.get_running_loop()
+        run = _Run(item, loop.create_future(), loop.create_future())
 
-    async def _handle(self, source: InboundSource, item: InboundItem) -> InboundItem | None:
-        with outcome.collecting() as writes:
+        def overlap() -> None:
+            run.overlap = True
+            self._follow(source, pipe)
+
+        async def go() -> _Attempt | None:
+            prepared = None
+            if after is not None:
+                if (prepare := self._prepare.get(source)) is not None:
+                    try:
+                        prepared = await prepare(item)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:  # the handler reads for itself
+                        log.warning("inbound %s #%d: preparing failed", source, item.id)
+                if not await run.turn:
+                    return None
+            return await self._attempt(source, item, after.recorded if after else None,
+                                       prepared, overlap)
+
+        run.task = asyncio.create_task(go(), name=f"inbound {source} lane #{item.id}")
+        pipe.current = run
+        return run
+
+    def _follow(self, source: InboundSource, pipe: _Pipe) -> None:
+        """Start the lane's next item behind the current one, once the current one
+        allows it and the next item is known."""
+        current, nxt = pipe.current, pipe.candidate
+        if current is None or not current.overlap or pipe.next is not None or \
+                nxt is None or nxt.lane != pipe.lane or pipe.lane == GLOBAL_LANE or \
+                self._stopping:
+            return
+        pipe.candidate = None
+        follower = self._begin(source, pipe, nxt, after=current)
+        pipe.current, pipe.next = current, follower
+
+    async def _attempt(self, source: InboundSource, item: InboundItem,
+                       previous: asyncio.Future[None] | None, prepared: object,
+                       on_overlap: Callable[[], None]) -> _Attempt:
+        """Run the item's handler; its outcome is recorded afterwards (`_record`)."""
+        with outcome.collecting(previous, prepared, on_overlap) as writes:
             try:
                 result = await self._handlers[source](item)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                return await self._failed(source, item, exc, writes)
+                return _Attempt(item, writes, error=exc)
+        return _Attempt(item, writes, result)
+
+    async def _record(self, source: InboundSource, attempt: _Attempt, running: int | None
+                      ) -> list[InboundItem] | None:
+        """Record the outcome; returns the lane's next items (not the one `running`), or
+        None while the lane backs off."""
+        item, writes = attempt.item, attempt.writes
+        if attempt.error is not None:
+            return await self._failed(source, item, attempt.error, writes)
         self._backoff.pop((source, item.lane), None)
         # The handler's deferred writes (bridge.db.outcome) land with the outcome. A
         # handler that set the status itself ("held") returned it.
         async with self._db.transaction() as tx:
             await writes.apply(tx)
-            return await tx.inbound.complete(item, "done" if result is None else None)
+            return await tx.inbound.complete(
+                item, "done" if attempt.result is None else None, running=running)
 
     async def _failed(self, source: InboundSource, item: InboundItem, exc: Exception,
-                      writes: outcome.OutcomeWrites) -> InboundItem | None:
+                      writes: outcome.OutcomeWrites) -> list[InboundItem] | None:
         # Log the kind of failure only: messages may carry personal data.
         attempts = item.attempts + 1
         error = error_label(exc)

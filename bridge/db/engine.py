@@ -166,7 +166,7 @@ class _OneTripCursor:
         await self._trip(lambda cursor: cursor.executemany(sql, parameters))
         return self
 
-    async def _trip(self, run: Any) -> None:
+    async def _trip(self, run: Callable[[sqlite3.Cursor], object]) -> None:
         begin, self._connection.begin_pending = self._connection.begin_pending, None
 
         def on_thread() -> tuple[Any, int, int | None, list[Any], sqlite3.Cursor | None]:

@@ -236,23 +236,23 @@ class InboundRepo:
 
     async def complete(
         self, item: InboundItem, status: InboundStatus | None, error: str | None = None,
-        *, attempts: int | None = None,
-    ) -> InboundItem | None:
+        *, attempts: int | None = None, running: int | None = None,
+    ) -> list[InboundItem]:
         """Record `item`'s outcome (None: its handler already did) and return what its
-        lane runs next, in one transaction: the oldest pending item of the lane or of
-        the global lane "", whichever is older (the global lane runs after everything
-        older)."""
+        lane runs next, in one transaction: the two oldest pending items of the lane or
+        of the global lane "" (the global lane runs after everything older), but `item`
+        and the item `running` already (bridge.worker overlaps them)."""
         async with self._scope.session() as session:
             if status is not None:
                 done = await session.execute(self._status_update(item.id, status, error,
                                                                  attempts))
                 if rowcount(done) == 0:
                     raise NotFound(f"inbound item {item.id} not found")
-            row = await session.scalar(_next_in_lane(item))
-            return None if row is None else _inbound(row)
+            rows = await session.scalars(_next_in_lane(item, running))
+            return [_inbound(row) for row in rows]
 
     async def set_aside(self, item: InboundItem, reason: str, error: str, attempts: int
-                        ) -> InboundItem | None:
+                        ) -> list[InboundItem]:
         """Make `item` a dead letter (a permanent failure, class `reason`) and return what
         its lane runs next, in one transaction (as `complete`): the lane goes on."""
         now = utcnow()
@@ -265,8 +265,8 @@ class InboundRepo:
         async with self._scope.session() as session:
             if rowcount(await session.execute(stmt)) == 0:
                 raise NotFound(f"inbound item {item.id} not found")
-            row = await session.scalar(_next_in_lane(item))
-            return None if row is None else _inbound(row)
+            rows = await session.scalars(_next_in_lane(item))
+            return [_inbound(row) for row in rows]
 
     async def note_failure(self, item_id: int, error: str, attempts: int) -> None:
         """Record a transient failure of a pending item (it stays pending; the worker
@@ -427,13 +427,15 @@ class InboundRepo:
                 raise NotFound(f"inbound item {item_id} not found")
 
 
-def _next_in_lane(item: InboundItem) -> Select[InboundRow]:
-    """The oldest pending item of `item`'s lane or of the global lane, but `item`."""
+def _next_in_lane(item: InboundItem, running: int | None = None) -> Select[InboundRow]:
+    """The two oldest pending items of `item`'s lane or of the global lane, but `item`
+    and `running`."""
     return (
         select(InboundRow)
         .where(InboundRow.source == item.source, InboundRow.status == "pending",
-               InboundRow.lane.in_({item.lane, ""}), InboundRow.id != item.id)
-        .order_by(InboundRow.id).limit(1)
+               InboundRow.lane.in_({item.lane, ""}),
+               InboundRow.id.not_in({item.id, running or item.id}))
+        .order_by(InboundRow.id).limit(2)
     )
 
 

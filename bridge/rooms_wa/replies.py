@@ -27,7 +27,7 @@ from bridge.types import EventID, RoomID, WamidHash
 from bridge.whatsapp import consent, stored
 from bridge.whatsapp.mirror import Mirror, text_content, txn_id
 from bridge.whatsapp.outbox import Outbox
-from bridge.whatsapp.webhook_parse import InboundMessage
+from bridge.whatsapp.webhook_parse import InboundMessage, follow_up_target
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +37,6 @@ MUTED_TOLD_KEY = "wr-muted:"  # + membership id: told once that they are muted
 # How long a quote waits for a send in flight to be recorded (Graph answers within its
 # 30 s timeout); a send older than that was cut short and is settled by its status later.
 QUOTE_WAIT = timedelta(seconds=40)
-
-
-def follow_up_target(msg: InboundMessage) -> str | None:
-    """The wamid an edit, a revoke or a reaction is about (None for other messages)."""
-    if msg.kind == "edit" and msg.edit is not None:
-        return msg.edit.original_message_id
-    if msg.kind == "revoke":
-        return msg.revoke_of
-    if msg.kind == "reaction" and msg.reaction is not None:
-        return msg.reaction.message_id
-    return None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -42,7 +42,12 @@ from bridge.whatsapp.mirror import Mirror
 from bridge.whatsapp.outbox import Outbox, reply_key
 from bridge.whatsapp.portal import Portals
 from bridge.whatsapp.subscriptions import NoticeSubscriptions
-from bridge.whatsapp.webhook_parse import InboundMessage, Sender, StatusUpdate
+from bridge.whatsapp.webhook_parse import (
+    InboundMessage,
+    Sender,
+    StatusUpdate,
+    follow_up_target,
+)
 
 log = logging.getLogger(__name__)
 Standing = TypeVar("Standing")
@@ -69,6 +74,19 @@ class RoomsHook(Protocol[Standing]):
 # A send WhatsApp accepted then reported failed, not a portal's: (its wamid's keyed hash,
 # WhatsApp's error title); rooms over WhatsApp say so in the room.
 FailedHook = Callable[[WamidHash, str], Awaitable[None]]
+
+# A citizen, their portal and their rooms (the rooms hook's standing), as read.
+SenderSnapshot = tuple[Citizen, Room | None, Any]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An item read ahead (WhatsAppInbound.prepare)."""
+
+    item_id: int
+    parsed: InboundMessage | StatusUpdate | None
+    sender: SenderSnapshot | None
+
 
 OPT_IN_CONFIRMATION = wa_text.CHAT_OPT_IN_CONFIRMATION
 OPT_OUT_CONFIRMATION = wa_text.CHAT_OPT_OUT_CONFIRMATION
@@ -103,16 +121,31 @@ class WhatsAppInbound:
         self._failed_hook = hook
 
     async def __call__(self, item: InboundItem) -> InboundStatus | None:
-        # The row holds the parsed message or status (bridge.whatsapp.stored).
-        parsed = stored.open_row(self._privacy.cipher, item.payload,
-                                 self._config.whatsapp.phone_number_id)
+        ready = outcome.prepared()
+        if isinstance(ready, Prepared) and ready.item_id == item.id:
+            parsed, known = ready.parsed, ready.sender
+        else:
+            parsed, known = self._open(item), None
         if isinstance(parsed, StatusUpdate):
             await self._status(parsed)
         # A failure is retried for as long as it is transient; a permanent one makes
         # the item a dead letter, announced in the portal (bridge.deadletters).
         if isinstance(parsed, InboundMessage):
-            return await self._message(item, parsed)
+            return await self._message(item, parsed, known)
         return None
+
+    async def prepare(self, item: InboundItem) -> Prepared:
+        """Only reads (bridge.worker runs it while the citizen's previous message is
+        still being relayed): the row opened, and a recent sender's snapshot."""
+        parsed = self._open(item)
+        known = await self._recent_sender(parsed) \
+            if isinstance(parsed, InboundMessage) and parsed.kind != "system" else None
+        return Prepared(item.id, parsed, known)
+
+    def _open(self, item: InboundItem) -> InboundMessage | StatusUpdate | None:
+        # The row holds the parsed message or status (bridge.whatsapp.stored).
+        return stored.open_row(self._privacy.cipher, item.payload,
+                               self._config.whatsapp.phone_number_id)
 
     # --- citizens ---------------------------------------------------------------------
 
@@ -142,34 +175,40 @@ class WhatsAppInbound:
                 continue
         raise Conflict("could not allocate a pseudonym code")
 
-    async def _sender(self, msg: InboundMessage) -> tuple[Citizen, Room | None, Any]:
+    async def _sender(self, msg: InboundMessage, known: SenderSnapshot | None = None
+                      ) -> SenderSnapshot:
         """What every message needs: who sent it, their portal, their rooms; and the
         time of their message recorded (the reply window).
 
-        A citizen who wrote recently is read from a snapshot (on SQLite, without
-        waiting for the one writer) and the time lands with the item's outcome
+        A citizen who wrote recently is read from a snapshot (`_recent_sender`, maybe
+        read ahead: `known`) and the time lands with the item's outcome
         (bridge.db.outcome): their window is open for hours yet. Anyone else (new,
         silent for a while, found under a rotated index key) in a transaction that
         records the time first, so that what this message makes the bridge send them
         (the privacy notice, a backlog) finds the window open."""
-        index, *previous = self._privacy.index.digests(msg.sender.key)
-        if not previous:
-            async with self._db.reading() as tx:
-                known = await tx.citizens.by_index(index)
-                if known is not None and known.last_inbound_at is not None and \
-                        known.last_inbound_at >= datetime.now(UTC) - RECENT_INBOUND:
-                    portal, rooms = await self._where(known, tx)
-                else:
-                    known = None
-            if known is not None:
-                who, at = known.id, msg.timestamp
-                await outcome.with_outcome(
-                    self._db, lambda tx: tx.citizens.touch_inbound(who, at))
-                return known, portal, rooms
+        if known is None:
+            known = await self._recent_sender(msg)
+        if known is not None:
+            who, at = known[0].id, msg.timestamp
+            await outcome.with_outcome(self._db, lambda tx: tx.citizens.touch_inbound(who, at))
+            return known
         async with self._db.transaction() as tx:
             citizen = await self.citizen_for(msg.sender, tx)
             await tx.citizens.touch_inbound(citizen.id, msg.timestamp)
             return citizen, *await self._where(citizen, tx)
+
+    async def _recent_sender(self, msg: InboundMessage) -> SenderSnapshot | None:
+        """A citizen who wrote recently, their portal and rooms, read from a snapshot (on
+        SQLite, without waiting for the one writer); None for anyone else."""
+        index, *previous = self._privacy.index.digests(msg.sender.key)
+        if previous:
+            return None
+        async with self._db.reading() as tx:
+            known = await tx.citizens.by_index(index)
+            if known is None or known.last_inbound_at is None or \
+                    known.last_inbound_at < datetime.now(UTC) - RECENT_INBOUND:
+                return None
+            return known, *await self._where(known, tx)
 
     async def _where(self, citizen: Citizen, tx: Repositories) -> tuple[Room | None, Any]:
         rooms = None if self._rooms_hook is None else \
@@ -192,13 +231,18 @@ class WhatsAppInbound:
 
     # --- messages ---------------------------------------------------------------------
 
-    async def _message(self, item: InboundItem, msg: InboundMessage) -> InboundStatus | None:
+    async def _message(self, item: InboundItem, msg: InboundMessage,
+                       known: SenderSnapshot | None = None) -> InboundStatus | None:
         if msg.kind == "system":
             # Not something the citizen wrote: no consent prompt, no reply window;
             # a number or BSUID change re-keys the citizen.
             await self._identity.handle(msg)
             return None
-        citizen, portal, rooms = await self._sender(msg)
+        citizen, portal, rooms = await self._sender(msg, known)
+        if msg.context_id or follow_up_target(msg):
+            # About another message, maybe the lane's previous one (started before this
+            # one's outcome was recorded, bridge.worker): its message map first.
+            await outcome.settled()
         room_id = RoomID(portal.room_id) if portal and portal.closed_at is None else None
         # What is kept of this message's id (consent evidence, reply keys): its keyed hash.
         wamid_hash = self._privacy.index.wamid(msg.wamid)
@@ -222,6 +266,10 @@ class WhatsAppInbound:
                     citizen, consent.message_evidence(wamid_hash), "whatsapp"):
             # A plain BAJA/STOP withdraws every purpose; the confirmation says so.
             opt_out_text += notice_consent.also_notices(self._config)
+        if decision.actions == (Action.MIRROR,) and decision.state == citizen.consent_state:
+            # All it changes is its message map and reply window, recorded with its
+            # outcome: the citizen's next message may start meanwhile.
+            outcome.may_overlap()
         if decision.state != citizen.consent_state and intent == "opt_out":
             await self._record(citizen, decision.state, wamid_hash)  # stop relay first
         for action in decision.actions:

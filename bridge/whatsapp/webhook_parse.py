@@ -114,6 +114,17 @@ class InboundMessage:
     errors: tuple[WhatsAppError, ...] = ()
 
 
+def follow_up_target(msg: InboundMessage) -> str | None:
+    """The wamid an edit, a revoke or a reaction is about (None for other messages)."""
+    if msg.kind == "edit" and msg.edit is not None:
+        return msg.edit.original_message_id
+    if msg.kind == "revoke":
+        return msg.revoke_of
+    if msg.kind == "reaction" and msg.reaction is not None:
+        return msg.reaction.message_id
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class StatusUpdate:
     """Delivery status of a message the bridge sent."""

@@ -16,6 +16,7 @@ import pytest_asyncio
 from nio import EncryptionError, MegolmEvent
 from nio.crypto.attachments import decrypt_attachment
 
+from bridge.db import outcome
 from bridge.devtools.simulator import SimulatedUser
 from bridge.privacy import AAD_WA_ID
 from bridge.whatsapp.limits import MEDIA_LIMITS
@@ -206,6 +207,35 @@ async def test_reaction_its_removal_and_a_reaction_to_what_is_not_here(portal: P
 
     await p.post(wp.reaction(p.business, c, wp.new_wamid(), "👍"))
     await p.seen(body_is("Ha reaccionado con 👍 a un mensaje que no está en esta sala."))
+
+
+async def test_a_reaction_right_after_its_message_finds_it_while_its_outcome_lands(
+        portal: Portal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The citizen's next message starts while the previous one's outcome is recorded
+    (bridge.worker, overlap): a reaction to it, in the same delivery, must still find
+    its event. Every WhatsApp item's outcome is made slow here, so the reaction reaches
+    its look-up long before the message's link is recorded."""
+    p, c = portal, who(portal.j.citizen)
+    worker = p.b.worker
+    relay = worker._handlers["whatsapp"]
+
+    async def slow_outcome(item: Any) -> Any:
+        result = await relay(item)
+        await outcome.with_outcome(p.b.db, lambda tx: asyncio.sleep(0.5))
+        return result
+
+    monkeypatch.setitem(worker._handlers, "whatsapp", slow_outcome)
+    first = wp.text(p.business, c, "Primero de tres")
+    second = wp.text(p.business, c, "Segundo de tres")
+    reaction = wp.reaction(p.business, c, second["messages"][0]["id"], "👌")
+    value = first | {"messages": [*first["messages"], *second["messages"],
+                                  *reaction["messages"]]}
+    WAMIDS.extend(m["id"] for m in value["messages"][1:])
+    await p.post(value)
+    second_ev = await p.seen(body_is("Segundo de tres"))
+    annotation = await p.seen(lambda s: s.get("type") == "m.reaction"
+                              and content(s)["m.relates_to"].get("key") == "👌")
+    assert content(annotation)["m.relates_to"]["event_id"] == second_ev["event_id"]
 
 
 async def test_buttons_lists_flows_and_orders_read_as_text(portal: Portal) -> None:

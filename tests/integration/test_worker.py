@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -86,17 +87,18 @@ async def test_items_queued_while_their_lane_runs_are_not_missed(
 
     await _queue(db, "a", "a1")
     worker = await _run(db, handler)
-    real_handle = worker._handle
+    real_record = worker._record
     late: list[int] = []
 
-    async def handle_then_queue(source: InboundSource, item: InboundItem) -> object:
-        nxt = await real_handle(source, item)  # its outcome and the lane's next, read
-        if item.payload == "a2" and not late:  # right after the lane's last read
+    async def record_then_queue(source: InboundSource, attempt: Any, running: int | None
+                                ) -> object:
+        nxt = await real_record(source, attempt, running)  # the outcome; the lane's next
+        if attempt.item.payload == "a2" and not late:  # right after the lane's last read
             late.append(await _queue(db, "a", "a3"))
             worker.wake("whatsapp", "a")
         return nxt
 
-    monkeypatch.setattr(worker, "_handle", handle_then_queue)
+    monkeypatch.setattr(worker, "_record", record_then_queue)
     try:
         async with asyncio.timeout(10):
             while "a" not in {i.lane for i in await db.inbound.pending("whatsapp")} or \
@@ -300,3 +302,159 @@ async def test_deferred_writes_land_with_the_outcome_only(db: Database) -> None:
     # Outside an item it writes at once.
     await outcome.with_outcome(db, lambda tx: tx.kv.set("t:now", "x"))
     assert await db.kv.get("t:now") == "x"
+
+
+async def test_the_next_item_starts_while_an_overlapping_outcome_is_recorded(
+        db: Database) -> None:
+    """An item whose handler says the next one may overlap (bridge.db.outcome:
+    `may_overlap`, a relayed message whose only effects are its deferred writes) lets
+    its lane start the next item while its outcome is recorded; that item waits for
+    the outcome (`settled`) before it reads what it wrote. Outcomes land in order.
+    (A lane's first item has no next item read yet: a0 runs before, as usual.)"""
+    gate = asyncio.Event()
+    payloads = ("a0", "a1", "a2", "a3")
+    started = {p: asyncio.Event() for p in payloads}
+    passed: list[str] = []
+    seen_after_settled: dict[str, str | None] = {}
+
+    async def handler(item: InboundItem) -> None:
+        started[item.payload].set()
+        await outcome.settled()
+        passed.append(item.payload)
+        if item.payload != "a0":
+            previous = f"a{int(item.payload[1]) - 1}"
+            seen_after_settled[item.payload] = await db.kv.get(f"t:{previous}")
+
+        async def write(tx: Repositories) -> None:
+            if item.payload == "a1":
+                await gate.wait()  # a slow outcome
+            await tx.kv.set(f"t:{item.payload}", "written")
+
+        await outcome.with_outcome(db, write)
+        outcome.may_overlap()
+
+    ids = [await _queue(db, "a", p) for p in payloads]
+    worker = await _run(db, handler)
+    try:
+        async with asyncio.timeout(10):
+            # a2 starts once a1's handler returned, a1's outcome not recorded yet
+            await started["a2"].wait()
+        await asyncio.sleep(0.1)
+        assert passed == ["a0", "a1"]  # a2 waits for a1's outcome
+        async with asyncio.timeout(10), db.reading() as tx:  # (SQLite: a1 holds the writer)
+            assert (await tx.inbound.get(ids[1])).status == "pending"  # type: ignore[union-attr]
+        gate.set()
+        await _drained(worker)
+    finally:
+        gate.set()
+        await worker.stop()
+    assert passed == list(payloads)
+    assert seen_after_settled == {"a1": "written", "a2": "written", "a3": "written"}
+    assert [(await db.inbound.get(i)).status for i in ids] == ["done"] * 4  # type: ignore[union-attr]
+
+
+async def test_items_that_do_not_allow_it_never_overlap(db: Database) -> None:
+    recorded_before: dict[str, str | None] = {}
+
+    async def handler(item: InboundItem) -> None:
+        if item.payload == "b2":
+            recorded_before["b2"] = (await db.inbound.get(first)).status  # type: ignore[union-attr]
+
+        async def write(tx: Repositories) -> None:
+            await asyncio.sleep(0.05)
+            await tx.kv.set(f"t:{item.payload}", "written")
+
+        await outcome.with_outcome(db, write)
+
+    first = await _queue(db, "b", "b1")
+    await _queue(db, "b", "b2")
+    worker = await _run(db, handler)
+    try:
+        await _drained(worker)
+    finally:
+        await worker.stop()
+    assert recorded_before == {"b2": "done"}
+
+
+async def test_an_outcome_that_fails_to_record_discards_the_overlapping_item(
+        db: Database) -> None:
+    """The next item ran while the outcome failed to record (the database went away):
+    its result is dropped and both run again, in order; nothing is recorded twice."""
+    runs: list[str] = []
+    broken = [True]
+
+    async def handler(item: InboundItem) -> None:
+        runs.append(item.payload)
+        n = runs.count(item.payload)
+
+        async def write(tx: Repositories) -> None:
+            if item.payload == "a1" and broken[0]:
+                broken[0] = False
+                raise ConnectionRefusedError("database unavailable")
+            await tx.kv.set(f"t:{item.payload}", str(n))
+
+        await outcome.with_outcome(db, write)
+        outcome.may_overlap()
+
+    ids = [await _queue(db, "a", p) for p in ("a0", "a1", "a2", "a3")]
+    worker = InboundWorker(db, {"whatsapp": handler}, backoff=lambda n: 0.05)
+    worker.start()
+    try:
+        async with asyncio.timeout(10):
+            while (await db.inbound.get(ids[3])).status != "done":  # type: ignore[union-attr]
+                await asyncio.sleep(0.02)
+        await _drained(worker)
+    finally:
+        await worker.stop()
+    assert runs == ["a0", "a1", "a2", "a1", "a2", "a3"]
+    assert [await db.kv.get(f"t:{p}") for p in ("a0", "a1", "a2", "a3")] == ["1", "2", "2", "1"]
+
+
+async def test_the_next_item_is_prepared_while_an_overlapping_one_is_handled(
+        db: Database) -> None:
+    """Once a handler allows overlap, the lane prepares its next item (read-only,
+    `prepare`) while the handler still runs; that item's handler starts only when this
+    one returned, and finds what was prepared (bridge.db.outcome.prepared). A failed
+    item holds the prepared one back: it is handled after the retry, in order."""
+    sending = asyncio.Event()
+    handled: list[tuple[str, object]] = []
+    prepared_while: dict[str, list[str]] = {}
+    failures = {"b1": 1}
+
+    async def prepare(item: InboundItem) -> str:
+        prepared_while[item.payload] = [p for p, _ in handled]
+        return f"prepared:{item.payload}"
+
+    async def handler(item: InboundItem) -> None:
+        outcome.may_overlap()
+        if item.payload in ("a1", "b1"):
+            await sending.wait()  # a slow send, after overlap was allowed
+        if failures.get(item.payload):
+            failures[item.payload] -= 1
+            raise ConnectionRefusedError("homeserver unavailable")  # transient
+        handled.append((item.payload, outcome.prepared()))
+
+    for payload in ("a0", "a1", "a2", "b0", "b1", "b2"):
+        await _queue(db, payload[0], payload)
+    worker = InboundWorker(db, {"whatsapp": handler}, backoff=lambda n: 0.05,
+                           prepare={"whatsapp": prepare})
+    worker.start()
+    try:
+        async with asyncio.timeout(10):
+            while not {"a2", "b2"} <= prepared_while.keys():
+                await asyncio.sleep(0.01)
+        assert sorted(p for p, _ in handled) == ["a0", "b0"]  # a1 and b1 still sending
+        sending.set()
+        async with asyncio.timeout(10):
+            while len(handled) < 6:
+                await asyncio.sleep(0.01)
+        await _drained(worker)
+    finally:
+        sending.set()
+        await worker.stop()
+    order = [p for p, _ in handled]
+    assert [p for p in order if p[0] == "a"] == ["a0", "a1", "a2"]
+    assert [p for p in order if p[0] == "b"] == ["b0", "b1", "b2"]  # b2 after b1's retry
+    assert dict(handled)["a2"] == "prepared:a2"
+    assert dict(handled)["a0"] is None  # a lane's first item is not prepared ahead
+    assert "a1" not in prepared_while["a2"]  # prepared while a1 was still being handled
