@@ -232,7 +232,7 @@ class InboundWorker:
         if self._stopping:
             return False
         pipe = _Pipe(first.lane)
-        run = self._begin(source, pipe, first)
+        run = pipe.current = self._begin(source, pipe, first)
         try:
             return await self._drive(source, pipe, run)
         finally:
@@ -285,7 +285,7 @@ class InboundWorker:
                 # older items of other lanes may be waiting: the dispatcher decides.
                 return True
             pipe.candidate = ahead[1] if len(ahead) > 1 else None
-            run = self._begin(source, pipe, nxt)
+            run = pipe.current = self._begin(source, pipe, nxt)
 
     def _begin(self, source: InboundSource, pipe: _Pipe, item: InboundItem,
                after: _Run | None = None) -> _Run:
@@ -314,7 +314,6 @@ class InboundWorker:
                                        prepared, overlap)
 
         run.task = asyncio.create_task(go(), name=f"inbound {source} lane #{item.id}")
-        pipe.current = run
         return run
 
     def _follow(self, source: InboundSource, pipe: _Pipe) -> None:
@@ -326,8 +325,7 @@ class InboundWorker:
                 self._stopping:
             return
         pipe.candidate = None
-        follower = self._begin(source, pipe, nxt, after=current)
-        pipe.current, pipe.next = current, follower
+        pipe.next = self._begin(source, pipe, nxt, after=current)
 
     async def _attempt(self, source: InboundSource, item: InboundItem,
                        previous: asyncio.Future[None] | None, prepared: object,
