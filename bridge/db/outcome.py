@@ -38,8 +38,7 @@ class OutcomeWrites:
                  ) -> None:
         self.writes: list[Write] = []
         self.open = True
-        self.overlap = False  # set by `may_overlap`, which calls `on_overlap`
-        self.on_overlap = on_overlap
+        self.on_overlap = on_overlap  # what `may_overlap` tells the lane
         # Done once the previous item of the lane has its outcome recorded (None: it
         # had, before this item started).
         self.previous = previous
@@ -84,10 +83,8 @@ def may_overlap() -> None:
     deferred writes (if it is handled without an error): the next item may be prepared
     now and handled while they are recorded."""
     writes = _COLLECTING.get()
-    if writes is not None and not writes.overlap:
-        writes.overlap = True
-        if writes.on_overlap is not None:
-            writes.on_overlap()
+    if writes is not None and writes.on_overlap is not None:
+        writes.on_overlap()
 
 
 def prepared() -> object:

@@ -26,8 +26,8 @@ async def _drained(worker: InboundWorker, timeout: float = 10) -> None:
     await asyncio.wait_for(worker.idle["whatsapp"].wait(), timeout)
 
 
-async def _run(db: Database, handler: Handler) -> InboundWorker:
-    worker = InboundWorker(db, {"whatsapp": handler})
+async def _run(db: Database, handler: Handler, **options: Any) -> InboundWorker:
+    worker = InboundWorker(db, {"whatsapp": handler}, **options)
     worker.start()
     return worker
 
@@ -284,8 +284,7 @@ async def test_deferred_writes_land_with_the_outcome_only(db: Database) -> None:
             raise ValueError("refused for good")
 
     ids = {p: await _queue(db, p, p) for p in ("done", "retried", "dead")}
-    worker = InboundWorker(db, {"whatsapp": handler}, backoff=lambda n: 0.05)
-    worker.start()
+    worker = await _run(db, handler, backoff=lambda n: 0.05)
     try:
         async with asyncio.timeout(10):
             while attempts.get("retried", 0) < 2 or \
@@ -397,8 +396,7 @@ async def test_an_outcome_that_fails_to_record_discards_the_overlapping_item(
         outcome.may_overlap()
 
     ids = [await _queue(db, "a", p) for p in ("a0", "a1", "a2", "a3")]
-    worker = InboundWorker(db, {"whatsapp": handler}, backoff=lambda n: 0.05)
-    worker.start()
+    worker = await _run(db, handler, backoff=lambda n: 0.05)
     try:
         async with asyncio.timeout(10):
             while (await db.inbound.get(ids[3])).status != "done":  # type: ignore[union-attr]
@@ -436,9 +434,7 @@ async def test_the_next_item_is_prepared_while_an_overlapping_one_is_handled(
 
     for payload in ("a0", "a1", "a2", "b0", "b1", "b2"):
         await _queue(db, payload[0], payload)
-    worker = InboundWorker(db, {"whatsapp": handler}, backoff=lambda n: 0.05,
-                           prepare={"whatsapp": prepare})
-    worker.start()
+    worker = await _run(db, handler, backoff=lambda n: 0.05, prepare={"whatsapp": prepare})
     try:
         async with asyncio.timeout(10):
             while not {"a2", "b2"} <= prepared_while.keys():
