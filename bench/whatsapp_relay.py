@@ -48,14 +48,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
 import math
 import secrets
 import statistics
 import string
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, suppress
@@ -82,6 +80,7 @@ from _harness import (
     synapse_pid,
     temp_workdir,
 )
+from _pacing import Sample, offer
 
 from bridge.devtools.simulator import CloudAPISimulator, SimulatedUser
 from bridge.services import Bridge
@@ -147,36 +146,36 @@ class Observer(StaffObserver):
 
 
 class Webhooks:
-    """Meta's side: signed POSTs to the bridge over one keep-alive HTTP session.
+    """Meta's side: signed POSTs to the bridge.
 
-    Measured deliveries are sent from a thread with its own event loop and HTTP session
-    (`offer`): Meta is another machine, and a POST timed on this process's loop would
-    also count the time that loop spends on the staff device, the bare client and the
-    bridge's own work before it notices the answer. Setup deliveries go from this loop.
+    Measured deliveries are sent and timed by a process of their own
+    (bench/_meta_sender.py): Meta is another machine, and a sender in this process (its
+    loop, or a thread of it) shares the interpreter lock with the bridge, the staff
+    device and the bare client; it slowed the bridge during a burst and counted its own
+    waits in the acknowledgements it timed. Setup deliveries go from this loop.
     """
 
     def __init__(self, wa: CloudAPISimulator, url: str, http: aiohttp.ClientSession) -> None:
         self.wa = wa
         self.url = url
         self.http = http
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="meta",
-                                        daemon=True)
-        self._thread.start()
-        self._http = self._on_thread(self._session()).result(10)
+        self._sender: asyncio.subprocess.Process | None = None
 
-    @staticmethod
-    async def _session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-
-    def _on_thread(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+    async def start(self) -> None:
+        self._sender = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).with_name("_meta_sender.py")),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 26)
 
     async def close(self) -> None:
-        await asyncio.wrap_future(self._on_thread(self._http.close()))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        await asyncio.to_thread(self._thread.join)
-        self._loop.close()
+        if self._sender is None:
+            return
+        assert self._sender.stdin is not None
+        self._sender.stdin.close()
+        try:
+            await asyncio.wait_for(self._sender.wait(), 10)
+        except TimeoutError:
+            self._sender.kill()
+            await self._sender.wait()
 
     def prepare(self, value: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
         """The exact bytes and headers of one delivery (serialised and signed up front)."""
@@ -196,17 +195,21 @@ class Webhooks:
 
     async def offer(self, samples: list[Sample], rate: float | None,
                     deliveries: list[tuple[bytes, dict[str, str]]]) -> float:
-        """`offer` the deliveries from the sender thread (paced and timed there)."""
-        async def send(i: int) -> bool:
-            try:
-                async with self._http.post(self.url, data=deliveries[i][0],
-                                           headers=deliveries[i][1]) as resp:
-                    await resp.read()
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        return await asyncio.wrap_future(self._on_thread(offer(samples, rate, send)))
+        """`offer` the deliveries from the sender's process (paced and timed there)."""
+        sender = self._sender
+        assert sender is not None and sender.stdin is not None and sender.stdout is not None
+        block = {"url": self.url, "rate": rate,
+                 "deliveries": [[body.decode(), headers] for body, headers in deliveries]}
+        sender.stdin.write(json.dumps(block).encode() + b"\n")
+        await sender.stdin.drain()
+        line = await sender.stdout.readline()
+        if not line:
+            raise BenchError(f"the webhook sender ended (exit {await sender.wait()})")
+        timed = json.loads(line)
+        for sample, sent, acked, ok in zip(samples, timed["sent"], timed["acked"],
+                                           timed["ok"], strict=True):
+            sample.sent, sample.acked, sample.ok = sent, acked, ok
+        return float(timed["slip"])
 
 
 @dataclass
@@ -282,6 +285,7 @@ async def set_up(workdir: Path, stack: AsyncExitStack, citizens: int, bare_room_
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
     stack.push_async_callback(http.close)
     hooks = Webhooks(wa, f"http://127.0.0.1:{as_port}/whatsapp/webhook", http)
+    await hooks.start()
     stack.push_async_callback(hooks.close)
 
     # No sync-token writes: the staff device syncs many times a second in this process.
@@ -329,14 +333,6 @@ async def bare_room(bridge: Bridge, bare: NioUser, staff_id: str, kind: str) -> 
 
 
 # --- measuring ------------------------------------------------------------------------
-
-
-@dataclass
-class Sample:
-    body: str
-    sent: float = math.nan  # perf_counter() when the POST / room_send started
-    acked: float = math.nan  # ... when it returned
-    ok: bool = False
 
 
 @dataclass
@@ -394,40 +390,6 @@ def result(mode: Mode, seen: dict[str, float]) -> Result:
                   mode.seen / mode.elapsed if mode.elapsed else math.nan, e50, e99, a50, a99,
                   mode.slip * 1000, mode.cpu_self / max(n, 1) * 1000,
                   mode.cpu_synapse / max(n, 1) * 1000)
-
-
-async def offer(samples: list[Sample], rate: float | None,
-                send: Callable[[int], Awaitable[bool]], lanes: int = 1,
-                stagger: float = 0.0) -> float:
-    """Send every sample, paced at `rate` (open loop) or back to back in `lanes` lanes
-    (sample i in lane i % lanes, lane n starting n * `stagger` s late); returns the
-    worst slip."""
-    async def one(i: int) -> None:
-        s = samples[i]
-        s.sent = time.perf_counter()
-        s.ok = await send(i)
-        s.acked = time.perf_counter()
-
-    async def lane(first: int) -> None:
-        await asyncio.sleep(first * stagger)
-        for i in range(first, len(samples), lanes):
-            await one(i)
-
-    if rate is None:
-        await asyncio.gather(*(lane(n) for n in range(lanes)))
-        return 0.0
-    loop = asyncio.get_running_loop()
-    start, slip = loop.time(), 0.0
-    tasks = []
-    for i in range(len(samples)):
-        delay = start + i / rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        else:
-            slip = max(slip, -delay)
-        tasks.append(asyncio.create_task(one(i)))
-    await asyncio.gather(*tasks)
-    return slip
 
 
 async def bare_send(s: Setup, room_id: str, body: str) -> bool:

@@ -201,14 +201,22 @@ async def take_spooled(db: Database, spool: Spool) -> set[str]:
     each round of WhatsApp work); returns the lanes that got new rows.
 
     Queued, then removed from the spool: a crash in between queues them again, which
-    the queue's dedupe key makes a no-op (bridge.db.spool)."""
+    the queue's dedupe key makes a no-op (bridge.db.spool).
+
+    Takes what it finds, and goes on only while a batch came full (a backlog): rows
+    spooled meanwhile each wake the worker, so the next round takes them. Taking until
+    the spool was empty meant that no lane started before a burst of webhooks ended."""
     lanes: set[str] = set()
-    while rows := await asyncio.to_thread(spool.head, SPOOL_BATCH):
+    while True:
+        rows = await asyncio.to_thread(spool.head, SPOOL_BATCH)
+        if not rows:
+            return lanes
         # One statement: the queue's writer (SQLite's only one) is held briefly.
         lanes |= await db.inbound.enqueue_many(
             [(row.source, row.dedupe_key, row.payload, row.lane) for row in rows])
         await asyncio.to_thread(spool.remove, [row.id for row in rows])
-    return lanes
+        if len(rows) < SPOOL_BATCH:
+            return lanes
 
 
 async def normalise_legacy_rows(db: Database, privacy: Privacy, phone_number_id: str) -> int:

@@ -16,7 +16,7 @@ from bridge.db import Database, InboundItem
 from bridge.db.engine import is_private
 from bridge.db.models import InboundRow
 from bridge.db.spool import Spool, spool_path
-from bridge.ingest import take_spooled
+from bridge.ingest import SPOOL_BATCH, take_spooled
 from bridge.worker import InboundWorker
 
 
@@ -97,6 +97,49 @@ async def test_spooled_rows_are_queued_once_and_leave_the_spool(
         assert await _queued(db) == [("k0", "p0", "a"), ("k1", "p1", "b"), ("k2", "p2", "a")]
         assert len(spool) == 0
         assert await take_spooled(db, spool) == set()
+    finally:
+        spool.close()
+
+
+class _Burst(Spool):
+    """A spool that another webhook lands in each time a take removes rows, as during
+    a burst the ingest thread keeps committing while the worker takes."""
+
+    def __init__(self, path: Path, arrivals: int) -> None:
+        super().__init__(path)
+        self.arrivals = arrivals
+
+    def remove(self, ids: list[int]) -> None:
+        super().remove(ids)
+        if self.arrivals:
+            self.put([("whatsapp", f"late{self.arrivals}", "x", "late")])
+            self.arrivals -= 1
+
+
+async def test_a_take_ends_with_what_it_found_and_leaves_a_burst_to_later_rounds(
+        db: Database, tmp_path: Path) -> None:
+    """Taking the spool until it is empty meant that no lane started before a burst of
+    webhooks ended (80-130 ms of 50 back-to-back deliveries, issue 16). Each row
+    spooled meanwhile wakes the worker on its own, so the next round takes it."""
+    spool = _Burst(tmp_path / "spool", arrivals=50)
+    try:
+        spool.put([("whatsapp", "k1", "p1", "a"), ("whatsapp", "k2", "p2", "b")])
+        assert await take_spooled(db, spool) == {"a", "b"}
+        assert [r.dedupe_key for r in spool.head(10)] == ["late50"]
+        assert await take_spooled(db, spool) == {"late"}
+        assert [k for k, _p, _l in await _queued(db)] == ["k1", "k2", "late50"]
+    finally:
+        spool.close()
+
+
+async def test_a_backlog_larger_than_a_batch_is_taken_in_one_round(
+        db: Database, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")  # what a crash left: more than SPOOL_BATCH rows
+    try:
+        spool.put([("whatsapp", f"k{i}", "p", f"lane{i % 3}") for i in range(SPOOL_BATCH * 2 + 1)])
+        assert await take_spooled(db, spool) == {"lane0", "lane1", "lane2"}
+        assert len(spool) == 0
+        assert len(await _queued(db)) == SPOOL_BATCH * 2 + 1
     finally:
         spool.close()
 
