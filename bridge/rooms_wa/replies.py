@@ -157,20 +157,28 @@ class RoomReplies:
         young: a send cut short by a crash is settled later, by its status."""
         if not context_id:
             return None
-        # Looked at first: a send recorded after this look has its link found below.
-        came = item.created_at
-        unrecorded = (datetime.now(UTC) - came < QUOTE_WAIT and
-                      await self._db.outbox.sending_to(citizen.id, came - QUOTE_WAIT, came))
         context_hash = self._privacy.index.wamid(context_id)
+        known, conversation = await self._link(context_hash, citizen)
+        if known:
+            return conversation
+        came = item.created_at
+        if datetime.now(UTC) - came < QUOTE_WAIT and \
+                await self._db.outbox.sending_to(citizen.id, came - QUOTE_WAIT, came):
+            raise Unavailable("the quoted message may be a send not recorded yet")
+        # No send was unrecorded just now; one recorded since the first look has its
+        # link now, so look again.
+        return (await self._link(context_hash, citizen))[1]
+
+    async def _link(self, context_hash: WamidHash, citizen: Citizen
+                    ) -> tuple[bool, str | None]:
+        """Whether the quoted message is known, and its conversation (as `_quoted`)."""
         hit = await self._db.wa_rooms.by_wamid(context_hash)
         if hit is not None and hit[2] == citizen.id:
             member = await self._db.wa_rooms.find(hit[0], citizen.id)
-            return str(member.id) if member else None
+            return True, str(member.id) if member else None
         if await self._db.messages.by_wamid(context_hash) is not None:
-            return "portal"
-        if unrecorded:
-            raise Unavailable("the quoted message may be a send not recorded yet")
-        return None
+            return True, "portal"
+        return False, None
 
     async def _choose_portal(self, citizen: Citizen) -> None:
         await self._db.kv.set(PORTAL_CHOSEN_KEY + str(citizen.id),

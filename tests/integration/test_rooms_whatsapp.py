@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 from nio import EncryptionError, MegolmEvent, RoomMessageNotice
 from nio.crypto.attachments import encrypt_attachment
+from sqlalchemy import event as event_api
 from sqlalchemy import select, update
 
 from bridge.db.models import CitizenRow, ConsentRecordRow
@@ -345,10 +346,22 @@ async def test_a_quote_routes_to_its_conversation(world: World) -> None:
     w = world
     # Bea has one room and her portal; she quotes the room's message: it goes there.
     _, wamid = await w.sent_to(w.bea, says("se corta el agua"))
-    await w.write(w.bea, w.h.wa.text_message(w.bea.user, "Vale, gracias", context_id=wamid))
-    event = await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
-                               "Vale, gracias")
     b = w.h.running.bridge
+    unrecorded_looks: list[str] = []
+
+    def look(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        if "sending_at >=" in statement:  # OutboxRepo.sending_to
+            unrecorded_looks.append(statement)
+    event_api.listen(b.db.engine.sync_engine, "before_cursor_execute", look)
+    try:
+        await w.write(w.bea, w.h.wa.text_message(w.bea.user, "Vale, gracias",
+                                                 context_id=wamid))
+        event = await w.staff_sees(w.room_id, lambda ev: getattr(ev, "body", None) ==
+                                   "Vale, gracias")
+    finally:
+        event_api.remove(b.db.engine.sync_engine, "before_cursor_execute", look)
+    # The quoted post was known: no look for sends not recorded yet (a query per quote).
+    assert unrecorded_looks == []
     ghost = await b.db.ghosts.get(event.sender)
     assert ghost is not None and ghost.display_name == w.bea.pseudonyms[w.room_id]
 
