@@ -89,8 +89,8 @@ from _scale_staff import top_up_one_time_keys
 
 import bridge
 from bridge.config import ENV_PREFIX, parse_config
+from bridge.devtools.leader_state import as_left_by_a_failed_node
 from bridge.devtools.simulator import SimulatedUser
-from bridge.leader import HELD, PROOF_KEY, STATE_KEY, ProcessMark
 from bridge.registration import registration_yaml
 
 SETTLE_S = 5.0
@@ -224,25 +224,6 @@ async def restore(n: int, reseed: bool, workdir: Path, stack: AsyncExitStack
     return data, sqlalchemy_url(urls[0]), urls[1]
 
 
-async def as_after_a_node_failure(db_url: str, failed_ago: float) -> None:
-    """The seeding bridge stopped cleanly and recorded so (bridge.leader): mark the lock
-    as a leader on a node that failed leaves it instead: held, by a process of another
-    boot, which last proved its lock `failed_ago` seconds ago (the server's clock)."""
-    here = ProcessMark.of()
-    elsewhere = ProcessMark("0" * 8 + (here.boot[8:] if here else "-other-boot"),
-                            here.pid_namespace if here else "pid:[1]", 2**22 + 1, 1)
-    conn = await asyncpg.connect(db_url.replace("+asyncpg", "", 1), timeout=5)
-    try:
-        await conn.execute("UPDATE kv SET value = $1 WHERE key = $2", f"{HELD} {elsewhere}",
-                           STATE_KEY)
-        await conn.execute(
-            "INSERT INTO kv (key, value) VALUES "
-            "($1, (extract(epoch FROM clock_timestamp()) - $2::float8)::text) "
-            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", PROOF_KEY, failed_ago)
-    finally:
-        await conn.close()
-
-
 async def wait_ready(http: aiohttp.ClientSession, url: str, proc: asyncio.subprocess.Process,
                      log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
@@ -352,7 +333,7 @@ async def run_bridge(fig: Figures, data: dict[str, Any], db_url: str, synapse_db
     stack.push_async_callback(stop)
     # The first start on the seeded state, as a failed node's leader leaves it: no grace
     # past the bound of its last proof (bridge.leader).
-    await as_after_a_node_failure(db_url, args.failed_ago)
+    await as_left_by_a_failed_node(db_url, args.failed_ago)
     pid, fig.start_s, fig.start_cpu_s = await start()
     progress(f"N={fig.n}: ready in {fig.start_s:.2f} s; idle for {SETTLE_S:g} + {args.idle:g} s")
 

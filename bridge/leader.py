@@ -77,20 +77,22 @@ class LeadershipLost(Exception):
 STATE_KEY = "leader_state"
 HELD = "held"
 RELEASED = "released"
+# The server's time of the leader's last recorded proof that it held the lock (epoch
+# seconds).
+PROOF_KEY = "leader_proved_at"
+# Records the new holder; returns the previous state and how long ago the last proof
+# was (None if never recorded), in one round trip.
 _TAKE_OVER = text(
     "WITH previous AS (SELECT value FROM kv WHERE key = :key) "
     "INSERT INTO kv (key, value) VALUES (:key, :state) "
     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value "
-    "RETURNING (SELECT value FROM previous)")
+    "RETURNING (SELECT value FROM previous), "
+    "(SELECT extract(epoch FROM clock_timestamp()) - value::float8 FROM kv "
+    " WHERE key = :proof AND value ~ '^[0-9]+(\\.[0-9]+)?$')")
 _RECORD = text("UPDATE kv SET value = :state WHERE key = :key")
-# The server's time of the leader's last recorded proof that it held the lock (epoch
-# seconds), and how long ago that was (None if never recorded).
-PROOF_KEY = "leader_proved_at"
 _PROVE = text(
     "INSERT INTO kv (key, value) VALUES (:key, extract(epoch FROM clock_timestamp())::text) "
     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value")
-_PROOF_AGE = text("SELECT extract(epoch FROM clock_timestamp()) - value::float8 FROM kv "
-                  "WHERE key = :key AND value ~ '^[0-9]+(\\.[0-9]+)?$'")
 _CHECK = text("SELECT 1")
 
 
@@ -331,8 +333,8 @@ class AdvisoryLock:
         comes after a crash of ours."""
         assert self._conn is not None
         async with asyncio.timeout(self._timing.check_timeout):
-            previous = await self._conn.scalar(_TAKE_OVER, {"key": STATE_KEY, "state": HELD})
-            proof_age = await self._conn.scalar(_PROOF_AGE, {"key": PROOF_KEY})
+            previous, proof_age = (await self._conn.execute(_TAKE_OVER, {
+                "key": STATE_KEY, "state": HELD, "proof": PROOF_KEY})).one()
         if previous == RELEASED:
             log.info("leader lock acquired after a clean release; taking over")
             return 0.0

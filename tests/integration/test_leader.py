@@ -18,6 +18,7 @@ from sqlalchemy import make_url
 
 from bridge.db.audit import AUDIT_LOCK_KEY
 from bridge.db.engine import upgrade
+from bridge.devtools.leader_state import as_left_by_a_failed_node
 from bridge.leader import (
     APPLICATION_NAME,
     LEADER_LOCK_KEY,
@@ -333,27 +334,8 @@ async def test_a_mark_from_another_host_is_waited_for(pg_url: str) -> None:
     """A leader on another node (another boot) that no longer holds the lock may still be
     running: its pid means nothing here (and no proof of its lock says when it stopped)."""
     timing = Timing(poll=0.1, check=0.5, check_timeout=1.0)
-    await _as_left_by_a_leader_elsewhere(pg_url, proved_ago=None)
+    await as_left_by_a_failed_node(pg_url, proved_ago=None)
     assert await _next_holder_waits_the_grace(pg_url, timing)
-
-
-async def _as_left_by_a_leader_elsewhere(pg_url: str, proved_ago: float | None) -> None:
-    """The leader's records as a leader on another node leaves them when it crashes:
-    held, with its mark, and (unless None) its last proof `proved_ago` seconds ago."""
-    here = ProcessMark.of()
-    assert here is not None
-    elsewhere = ProcessMark("0" * 8 + here.boot[8:], here.pid_namespace, 2**22 + 1, 1)
-    conn = await _admin(pg_url)
-    try:
-        await conn.execute("INSERT INTO kv (key, value) VALUES ($1, $2)", STATE_KEY,
-                           f"held {elsewhere}")
-        if proved_ago is not None:
-            await conn.execute(
-                "INSERT INTO kv (key, value) VALUES "
-                "($1, (extract(epoch FROM clock_timestamp()) - $2::float8)::text)",
-                PROOF_KEY, proved_ago)
-    finally:
-        await conn.close()
 
 
 async def test_a_leader_whose_last_proof_is_old_enough_is_not_waited_for(pg_url: str
@@ -363,7 +345,7 @@ async def test_a_leader_whose_last_proof_is_old_enough_is_not_waited_for(pg_url:
     last proof of the lock, in the server's clock, says when at the latest."""
     timing = Timing(poll=0.1, check=0.5, check_timeout=1.0, proof=2.0)
     assert timing.proof_bound == 2.0 + 1.5 + 1.0
-    await _as_left_by_a_leader_elsewhere(pg_url, proved_ago=timing.proof_bound + 1)
+    await as_left_by_a_failed_node(pg_url, proved_ago=timing.proof_bound + 1)
     lock = AdvisoryLock(pg_url, timing=timing)
     try:
         assert await _holder(lock) < timing.grace / 2
@@ -376,7 +358,7 @@ async def test_a_recent_proof_is_waited_for_until_its_bound(pg_url: str) -> None
     than the grace); proved just now, or with a time ahead of the server's clock (a
     clock stepped back), the whole grace."""
     timing = Timing(poll=0.1, check=0.5, check_timeout=1.0, proof=2.0)
-    await _as_left_by_a_leader_elsewhere(pg_url, proved_ago=timing.proof_bound - 0.5)
+    await as_left_by_a_failed_node(pg_url, proved_ago=timing.proof_bound - 0.5)
     lock = AdvisoryLock(pg_url, timing=timing)
     try:
         assert 0.4 <= await _holder(lock) < timing.grace - 0.2
