@@ -37,12 +37,8 @@ async def timed(http: aiohttp.ClientSession, block: dict[str, Any]) -> dict[str,
             return False
 
     slip = await offer(samples, block["rate"], send)
-    return {
-        "sent": [s.sent for s in samples],
-        "acked": [s.acked for s in samples],
-        "ok": [s.ok for s in samples],
-        "slip": slip,
-    }
+    return {"sent": [s.sent for s in samples], "acked": [s.acked for s in samples],
+            "ok": [s.ok for s in samples], "slip": slip}
 
 
 async def serve() -> None:

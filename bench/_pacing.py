@@ -18,17 +18,12 @@ class Sample:
     ok: bool = False
 
 
-async def offer(
-    samples: list[Sample],
-    rate: float | None,
-    send: Callable[[int], Awaitable[bool]],
-    lanes: int = 1,
-    stagger: float = 0.0,
-) -> float:
+async def offer(samples: list[Sample], rate: float | None,
+                send: Callable[[int], Awaitable[bool]], lanes: int = 1,
+                stagger: float = 0.0) -> float:
     """Send every sample, paced at `rate` (open loop) or back to back in `lanes` lanes
     (sample i in lane i % lanes, lane n starting n * `stagger` s late); returns the
     worst slip."""
-
     async def one(i: int) -> None:
         s = samples[i]
         s.sent = time.perf_counter()

@@ -59,7 +59,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import nio
@@ -87,7 +87,6 @@ from bridge.services import Bridge
 from bridge.types import RoomID
 from bridge.whatsapp.consent import OPT_IN_BUTTON
 
-T = TypeVar("T")
 TARGET_RATIO = 0.95  # inbound / bare throughput
 TARGET_ACK_P99_MS = 10.0
 TARGET_SYNAPSE_CPU = 1.05  # Synapse CPU per message: inbound / bare, at most

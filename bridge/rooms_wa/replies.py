@@ -162,8 +162,9 @@ class RoomReplies:
         if known:
             return conversation
         came = item.created_at
-        if datetime.now(UTC) - came < QUOTE_WAIT and \
-                await self._db.outbox.sending_to(citizen.id, came - QUOTE_WAIT, came):
+        if datetime.now(UTC) - came >= QUOTE_WAIT:
+            return None
+        if await self._db.outbox.sending_to(citizen.id, came - QUOTE_WAIT, came):
             raise Unavailable("the quoted message may be a send not recorded yet")
         # No send was unrecorded just now; one recorded since the first look has its
         # link now, so look again.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import event, select
@@ -109,7 +110,7 @@ class _Burst(Spool):
         super().__init__(path)
         self.arrivals = arrivals
 
-    def remove(self, ids: list[int]) -> None:
+    def remove(self, ids: Sequence[int]) -> None:
         super().remove(ids)
         if self.arrivals:
             self.put([("whatsapp", f"late{self.arrivals}", "x", "late")])
@@ -119,7 +120,7 @@ class _Burst(Spool):
 async def test_a_take_ends_with_what_it_found_and_leaves_a_burst_to_later_rounds(
         db: Database, tmp_path: Path) -> None:
     """Taking the spool until it is empty meant that no lane started before a burst of
-    webhooks ended (80-130 ms of 50 back-to-back deliveries, issue 16). Each row
+    webhooks ended (70-135 ms of 50 back-to-back deliveries, issue 16). Each row
     spooled meanwhile wakes the worker on its own, so the next round takes it."""
     spool = _Burst(tmp_path / "spool", arrivals=50)
     try:
