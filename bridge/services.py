@@ -165,7 +165,7 @@ async def build_bridge(config: Config, election: Election | None = None) -> Brid
     async def managed(room_id: RoomID) -> bool:
         return await db.rooms.get(room_id) is not None
 
-    relay = Relay(api, ghosts, BotInvitePolicy(
+    relay = Relay(api, ghosts, db.rooms.get, BotInvitePolicy(
         [*config.admin.users, *config.portals.staff], managed, metrics.bot_invites_declined),
         UndecryptableStore(db, privacy.cipher, config.appservice.undecryptable_retry_seconds),
         metrics.undecryptable)

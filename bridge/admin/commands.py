@@ -65,7 +65,7 @@ class ManagementRoom:
         if event.type != "m.room.message" or event.content.get("msgtype") != "m.text":
             return
         body = event.content.get("body")
-        if not isinstance(body, str) or await self._db.rooms.get(event.room_id) is not None:
+        if not isinstance(body, str) or event.room is not None:  # not a management room
             return
         try:
             answer = await self._answer(event, body)

@@ -29,6 +29,7 @@ from bridge.matrix.undecryptable import (
     request_key,
     utcnow,
 )
+from bridge.model import Room
 from bridge.texts.matrix import default as mx_text
 from bridge.types import EventID, RoomID, UserID
 
@@ -55,6 +56,9 @@ class StaffEvent:
     content: dict[str, Any]
     origin_server_ts: int
     encrypted: bool
+    # The bridge's record of the room (None: one it did not create, such as a
+    # management room): read once per event, for every handler.
+    room: Room | None
     state_key: str | None = None  # set on state events (a room name, a pinned event...)
     redacts: str | None = None  # what an m.room.redaction removes (any room version)
 
@@ -90,11 +94,13 @@ class UndecryptableEvent(Exception):
 
 class Relay:
     def __init__(self, api: MatrixAPI, ghosts: Ghosts,
+                 room_of: Callable[[RoomID], Awaitable[Room | None]],
                  bot_invites: BotInvitePolicy | None = None,
                  parked: UndecryptableStore | None = None,
                  undecryptable: Counter | None = None) -> None:
         self._api = api
         self._ghosts = ghosts
+        self._room_of = room_of
         # None: the bot accepts no invite at all (only rooms it creates itself).
         self._bot_invites = bot_invites
         # None: an undecryptable event fails its queue item (retried there) instead.
@@ -161,10 +167,12 @@ class Relay:
             etype, content = str(plain.get("type", "")), dict(plain.get("content", {}))
         content = content or {}
         state_key = event.get("state_key")
+        room_id = RoomID(str(event["room_id"]))
         staff_event = StaffEvent(
-            room_id=RoomID(str(event["room_id"])), sender=UserID(str(event.get("sender"))),
+            room_id=room_id, sender=UserID(str(event.get("sender"))),
             event_id=EventID(str(event["event_id"])), type=str(etype), content=content,
             origin_server_ts=int(event.get("origin_server_ts", 0)), encrypted=encrypted,
+            room=await self._room_of(room_id),
             state_key=state_key if isinstance(state_key, str) else None,
             redacts=_redacted_id(event, content) if etype == "m.room.redaction" else None)
         for handler in self._handlers:

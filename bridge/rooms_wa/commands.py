@@ -36,7 +36,7 @@ class PortalCommands:
         body = event.content.get("body")
         if event.type == "m.room.message" and isinstance(body, str) and \
                 body.strip().lower().split(" ", 1)[0] == COMMAND:
-            room = await self._db.rooms.get(event.room_id)
+            room = event.room
             if room is not None and room.kind == "portal" and room.citizen_id is not None:
                 await self._invite(event, room.citizen_id, body.strip()[len(COMMAND):].strip())
                 return

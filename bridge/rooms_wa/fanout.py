@@ -71,7 +71,7 @@ class FanOut:
     async def __call__(self, event: StaffEvent) -> None:
         if event.state_key is not None or event.type == "m.reaction":
             return
-        room = await self._db.rooms.get(event.room_id)
+        room = event.room
         if room is None or room.kind not in AGENCY_KINDS:
             return
         recipients = await self._db.wa_rooms.in_room(room.room_id)

@@ -119,7 +119,7 @@ class StaffToWhatsApp:
         self._metrics = metrics
 
     async def __call__(self, event: StaffEvent) -> None:
-        room = await self._db.rooms.get(event.room_id)
+        room = event.room
         if room is None or room.kind != "portal" or room.citizen_id is None:
             return
         citizen = await self._db.citizens.get(room.citizen_id)

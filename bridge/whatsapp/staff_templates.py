@@ -51,11 +51,10 @@ class StaffTemplates:
         if event.type == "m.room.message" and isinstance(event.content.get("body"), str) \
                 and event.content.get("msgtype") == "m.text":
             command = tpl.parse_command(event.content["body"])
-        if command is not None:
-            room = await self._db.rooms.get(event.room_id)
-            if room is not None and room.kind == "portal":
-                await self._command(event, command)
-                return
+        room = event.room
+        if command is not None and room is not None and room.kind == "portal":
+            await self._command(event, command)
+            return
         if self._then is not None:
             await self._then(event)
 

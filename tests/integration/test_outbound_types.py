@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 from nio import RoomRedactResponse, RoomSendResponse
 from nio.crypto.attachments import encrypt_attachment
+from sqlalchemy import event as event_api
 
 from bridge.types import EventID
 from bridge.whatsapp.markup import MAX_TEXT
@@ -193,6 +194,29 @@ async def test_media_location_and_stickers(journey: Journey) -> None:
     await wait_until(lambda: sum(1 for s in j.h.wa.sent if s.get("type") == "image") > count,
                      30, "png sticker as image")
     assert j.h.wa.sent[-1]["type"] == "image" and "caption" not in j.h.wa.sent[-1]["image"]
+
+
+async def test_a_staff_message_reads_its_room_once(journey: Journey) -> None:
+    """Every handler of a staff event (the relay to WhatsApp, management commands, the
+    fan-out to WhatsApp members) needs the bridge's record of the room: it is read once
+    per event, not once per handler."""
+    j = journey
+    engine = j.h.running.bridge.db.engine.sync_engine
+    reads: list[str] = []
+
+    def look(_conn: object, _cursor: object, statement: str, parameters: Any,
+             *_rest: object) -> None:
+        if "FROM rooms" in statement and "WHERE rooms.room_id =" in statement and \
+                j.room_id in str(parameters):
+            reads.append(statement)
+    event_api.listen(engine, "before_cursor_execute", look)
+    try:
+        await send(j, {"msgtype": "m.text", "body": "Su cita es el lunes a las 10"})
+        await j.sent_to_citizen(lambda s: s.get("text", {}).get("body") ==
+                                "Su cita es el lunes a las 10")
+    finally:
+        event_api.remove(engine, "before_cursor_execute", look)
+    assert len(reads) == 1, reads
 
 
 async def test_reaction_and_its_removal(journey: Journey) -> None:
