@@ -49,6 +49,24 @@ def test_the_spool_keeps_one_row_per_key_oldest_first(tmp_path: Path) -> None:
         reopened.close()
 
 
+def test_a_large_delivery_is_spooled_in_its_order_and_removed_at_once(tmp_path: Path) -> None:
+    """A put is one statement whatever its size (Meta batches up to 1,000 statuses in a
+    delivery); its rows keep the delivery's order, not their keys'."""
+    keys = [f"{(i * 7919) % 1000:03d}-{i}" for i in range(1000)]
+    spool = Spool(tmp_path / "bridge.db-ingest")
+    try:
+        spool.put([("whatsapp", key, f"payload {key}", f"lane {i % 3}")
+                   for i, key in enumerate(keys)])
+        rows = spool.head(2000)
+        assert [r.dedupe_key for r in rows] == keys
+        assert all(r.payload == f"payload {r.dedupe_key}" for r in rows)
+        assert [r.id for r in rows] == sorted(r.id for r in rows)
+        spool.remove([r.id for r in rows[:999]])
+        assert [r.dedupe_key for r in spool.head(10)] == keys[999:]
+    finally:
+        spool.close()
+
+
 async def _queued(db: Database) -> list[tuple[str, str, str]]:
     async with db.session() as session:
         rows = (await session.scalars(select(InboundRow).order_by(InboundRow.id))).all()
