@@ -80,8 +80,9 @@ class Spool:
         # Two connections. The ingest thread's puts sync to the disk before the webhook
         # is answered (FULL: the answer promises the rows survive a power cut, as the
         # database's do). The worker's reads and removes do not: a remove lost to a power
-        # cut moves its rows again, which the queue's dedupe key makes a no-op; synced,
-        # each take held the next put behind the disk (put p99 10 ms on a 2-core machine).
+        # cut moves its rows again, which the queue's dedupe key makes a no-op. Synced,
+        # a take held the next put behind the disk: up to 12 ms, 4.3 at p99, on a 2-core
+        # machine with every core busy (bench/README.md, session 22).
         self._puts = _connect(path, synchronous="FULL")
         self._puts.execute(_SCHEMA)
         self._takes = _connect(path, synchronous="NORMAL")

@@ -21,7 +21,7 @@ the bridge's loop computes it waits up to the switch interval for each hand-over
 the interval is 0.2 ms while this thread runs. Measured on a 2-core machine with every
 core busy (bench/whatsapp_relay.py, 50 webhooks/s): a spool commit took 1.0-1.5 ms at
 the median against 1.5-2.0 ms with 1 ms, and the webhook's answer p99 was 11-14 ms
-(7 runs) against 13-17 (6 runs); no change in the relay's throughput or CPU beyond the
+(7 runs) against 13-17 (8 runs); no change in the relay's throughput or CPU beyond the
 spread between runs.
 
 Every other request (appservice transactions, which feed the devices' crypto state;
