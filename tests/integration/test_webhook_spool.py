@@ -50,8 +50,8 @@ def test_the_spool_keeps_one_row_per_key_oldest_first(tmp_path: Path) -> None:
 
 
 def test_a_large_delivery_is_spooled_in_its_order_and_removed_at_once(tmp_path: Path) -> None:
-    """A put is one statement whatever its size (Meta batches up to 1,000 statuses in a
-    delivery); its rows keep the delivery's order, not their keys'."""
+    """A delivery's rows keep its order, not their keys', however many there are; a
+    take removes them all in one call."""
     keys = [f"{(i * 7919) % 1000:03d}-{i}" for i in range(1000)]
     spool = Spool(tmp_path / "bridge.db-ingest")
     try:
