@@ -53,6 +53,10 @@ class Metrics:
                                              registry=r)
         self.notices = Counter("civic_bridge_notices",
                                "Notices of availability, by outcome", ["outcome"], registry=r)
+        self.send_batches = Histogram("civic_bridge_matrix_send_batch",
+                                      "Room sends of the E2EE devices that left together "
+                                      "(the send gate)", buckets=(1, 2, 4, 8, 16, 32),
+                                      registry=r)
         self.open_devices = Gauge("civic_bridge_open_devices",
                                   "E2EE devices (bot and ghosts) open in memory", registry=r)
         self.active = Gauge("civic_bridge_active",

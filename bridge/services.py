@@ -152,7 +152,7 @@ async def build_bridge(config: Config, election: Election | None = None) -> Brid
                       key_trust=CrossSignedDevices(api, metrics)
                       if config.e2ee.forward_keys_to == "cross-signed" else None,
                       max_open=config.appservice.max_open_devices,
-                      open_gauge=metrics.open_devices,
+                      open_gauge=metrics.open_devices, send_batches=metrics.send_batches,
                       file_stores=LegacyStores(db, store_dir))
     ghosts = Ghosts(db, api, devices, privacy, config.appservice.ghost_prefix,
                     config.homeserver.domain)

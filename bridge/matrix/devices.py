@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import nio
-from prometheus_client import Gauge
+from prometheus_client import Gauge, Histogram
 
 from bridge.db.crypto import CryptoRepo
 from bridge.matrix.api import MatrixAPI, MatrixError, nio_failure
@@ -52,6 +52,7 @@ from bridge.matrix.crypto.journal import DeviceCrypto, session_fits
 from bridge.matrix.keyforward import KeyForwarder
 from bridge.matrix.keyshare import KeyTrust, LedgerStore
 from bridge.matrix.keystore import RoomKeyStore
+from bridge.matrix.send_gate import SendGate
 from bridge.types import DeviceID, RoomID, UserID
 
 if TYPE_CHECKING:
@@ -182,6 +183,7 @@ class AppserviceDeviceClient(nio.AsyncClient):  # type: ignore[misc]  # nio is u
     Its crypto journal is written before each request leaves (design §5.3 rule 1)."""
 
     crypto: DeviceCrypto | None = None
+    gate: SendGate | None = None  # shared by the devices: room sends leave together
 
     async def _send(self, response_class: Any, method: str, path: str, *args: Any,
                     **kwargs: Any) -> Any:
@@ -192,6 +194,9 @@ class AppserviceDeviceClient(nio.AsyncClient):  # type: ignore[misc]  # nio is u
                  if k not in ("user_id", "device_id")]
         query += [("user_id", self.user_id), ("device_id", self.device_id)]
         path = urlunsplit(url._replace(query=urlencode(query)))
+        if self.gate is not None and response_class is nio.RoomSendResponse:
+            async with self.gate.turn():  # encrypted already: only the request waits
+                return await super()._send(response_class, method, path, *args, **kwargs)
         return await super()._send(response_class, method, path, *args, **kwargs)
 
 
@@ -538,7 +543,8 @@ class Devices:
                  room_keys: RoomKeyStore | None = None,
                  key_trust: KeyTrust | None = None,
                  max_open: int = 500, open_gauge: Gauge | None = None,
-                 file_stores: FileStores | None = None) -> None:
+                 file_stores: FileStores | None = None,
+                 send_batches: Histogram | None = None) -> None:
         self._api = api
         # Moved into the database at start, or when a device still there opens.
         self.file_stores = file_stores
@@ -568,6 +574,10 @@ class Devices:
         # Key counts reported for closed devices that need action (low one-time keys,
         # no unused fallback key), applied when the device opens.
         self._pending_counts: dict[tuple[str, str], dict[str, Any]] = {}
+        # One for all devices: a room send that finds others in flight leaves with the
+        # next batch (group commit; bridge.matrix.send_gate).
+        self.send_gate = SendGate(
+            on_batch=send_batches.observe if send_batches is not None else None)
 
     def get_open(self, user_id: UserID) -> Device | None:
         return self._devices.get(user_id)
@@ -659,6 +669,7 @@ class Devices:
         client.restore_login(user_id, device_id, self._api.as_token)
         client.olm = crypto.machine()
         client.crypto = crypto
+        client.gate = self.send_gate
         if client.olm is None or not client.olm.account.shared:
             try:
                 await self._api.create_device(user_id, device_id)

@@ -71,6 +71,7 @@ EXPECTED_FAMILIES = {
     "civic_bridge_consent_changes", "civic_bridge_relay_seconds", "civic_bridge_webhook_seconds",
     "civic_bridge_as_transaction_seconds", "civic_bridge_as_transactions",
     "civic_bridge_active", "civic_bridge_dead_letters_current",
+    "civic_bridge_matrix_send_batch",
 }
 
 
@@ -159,6 +160,8 @@ async def test_counters_move_and_labels_stay_impersonal(bridge: BridgeHarness) -
                  state="granted") >= 1
     assert delta("civic_bridge_relay_seconds_count", direction="in") >= 1
     assert delta("civic_bridge_relay_seconds_count", direction="out") >= 1
+    # The relayed message left through the devices' send gate.
+    assert delta("civic_bridge_matrix_send_batch_count") >= 1
     assert delta("civic_bridge_webhook_seconds_count") >= 4
     # Synapse pushes transactions of its own meanwhile (the portal's events).
     assert delta("civic_bridge_as_transaction_seconds_count") >= 1
