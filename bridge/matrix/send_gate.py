@@ -16,7 +16,6 @@ counting, so a slow room holds the others that long at most.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -37,8 +36,8 @@ class SendGate:
         self._in_flight = 0
         self._waiting: asyncio.Future[None] | None = None
         self._waiters = 0
-        self._timers: list[asyncio.TimerHandle] = []
-        self.batches: Counter[int] = Counter()  # sends that left together: how often
+        self._longest_timer: asyncio.TimerHandle | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -58,7 +57,7 @@ class SendGate:
         loop = asyncio.get_running_loop()
         if self._waiting is None:
             self._waiting, self._waiters = loop.create_future(), 0
-            self._timers = [loop.call_later(self._longest_wait, self._release, True)]
+            self._longest_timer = loop.call_later(self._longest_wait, self._release, True)
         self._waiters += 1
         waiting = self._waiting
         try:
@@ -73,17 +72,18 @@ class SendGate:
         if generation != self._generation:
             return  # it outlived the longest wait and no longer counts
         self._in_flight -= 1
-        if self._in_flight == 0 and self._waiting is not None and len(self._timers) == 1:
-            self._timers.append(asyncio.get_running_loop().call_later(
-                self._grace, self._release, False))
+        if self._in_flight == 0 and self._waiting is not None and self._grace_timer is None:
+            self._grace_timer = asyncio.get_running_loop().call_later(
+                self._grace, self._release, False)
 
     def _release(self, too_long: bool) -> None:
         waiting, self._waiting = self._waiting, None
         if waiting is None:
             return
-        for timer in self._timers:
-            timer.cancel()
-        self._timers = []
+        for timer in (self._longest_timer, self._grace_timer):
+            if timer is not None:
+                timer.cancel()
+        self._longest_timer = self._grace_timer = None
         if too_long:
             self._generation += 1
             self._in_flight = 0
@@ -92,6 +92,5 @@ class SendGate:
         waiting.set_result(None)
 
     def _left(self, sends: int) -> None:
-        self.batches[sends] += 1
         if self._on_batch is not None:
             self._on_batch(sends)
