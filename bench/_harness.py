@@ -314,35 +314,45 @@ class StaffObserver:
             self.take(event, room_id, now)
 
 
-def synapse_pid() -> int | None:
-    """Our Synapse child process (LocalSynapse keeps its handle private)."""
+def child_pids(marker: bytes) -> list[int]:
+    """This process's children whose command line holds `marker`."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == os.getpid() and b"synapse.app.homeserver" in cmdline:
-            return int(stat.parent.name)
-    return None
+        if ppid == os.getpid() and marker in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def synapse_pid() -> int | None:
+    """Our Synapse child process (LocalSynapse keeps its handle private)."""
+    return next(iter(child_pids(b"synapse.app.homeserver")), None)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far; NaN once it is gone."""
+    try:  # utime and stime are fields 14 and 15, after the ")" of the name
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 class CPU:
-    """CPU seconds used so far by this process (bridge + nio clients) and by Synapse."""
+    """CPU seconds used so far by this process (bridge + nio clients) with the bridge's
+    ingest process (bridge.web.ingest_process), and by Synapse."""
 
     def __init__(self, synapse_pid: int | None) -> None:
-        self._stat = Path(f"/proc/{synapse_pid}/stat") if synapse_pid else None
-        self._tick = os.sysconf("SC_CLK_TCK") if self._stat else 1
+        self._synapse = synapse_pid
 
     def now(self) -> tuple[float, float]:
-        synapse = float("nan")
-        if self._stat is not None:
-            try:  # utime and stime are fields 14 and 15, after the ")" of the name
-                fields = self._stat.read_text().rsplit(")", 1)[1].split()
-                synapse = (int(fields[11]) + int(fields[12])) / self._tick
-            except (OSError, IndexError, ValueError):
-                pass
-        return time.process_time(), synapse
+        ingest = sum(cpu_seconds(pid) for pid in child_pids(b"bridge.web.ingest_process"))
+        return (time.process_time() + ingest,
+                cpu_seconds(self._synapse) if self._synapse else float("nan"))
 
 
 def load_average() -> str:

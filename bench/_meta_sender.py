@@ -8,8 +8,10 @@ for the lock. Timestamps are time.perf_counter(), the system's monotonic clock, 
 bench compares them with its own.
 
 Reads one JSON line per block on stdin: {"url", "rate" (msg/s, or null for back to
-back), "deliveries": [[body, headers], ...]}; answers one JSON line: {"sent", "acked",
-"ok", "slip"}. Ends at end of input.
+back), "deliveries": [[body, headers], ...], "control_url" (optional)}; answers one JSON
+line: {"sent", "acked", "ok", "slip", "control"}. With a control URL (the bare handler,
+bench/_bare_webhook.py) each delivery also goes there, at the same instant, and
+"control" holds those round trips in seconds. Ends at end of input.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 import aiohttp
@@ -27,8 +30,20 @@ async def timed(http: aiohttp.ClientSession, block: dict[str, Any]) -> dict[str,
     url = block["url"]
     deliveries = [(body.encode(), headers) for body, headers in block["deliveries"]]
     samples = [Sample("") for _ in deliveries]
+    control: list[float] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def to_control(i: int) -> None:
+        started = time.perf_counter()
+        async with http.post(block["control_url"], data=deliveries[i][0],
+                             headers=deliveries[i][1]) as resp:
+            await resp.read()
+            if resp.status == 200:
+                control.append(time.perf_counter() - started)
 
     async def send(i: int) -> bool:
+        if block.get("control_url"):
+            tasks.append(asyncio.create_task(to_control(i)))
         try:
             async with http.post(url, data=deliveries[i][0], headers=deliveries[i][1]) as resp:
                 await resp.read()
@@ -37,8 +52,9 @@ async def timed(http: aiohttp.ClientSession, block: dict[str, Any]) -> dict[str,
             return False
 
     slip = await offer(samples, block["rate"], send)
+    await asyncio.gather(*tasks, return_exceptions=True)
     return {"sent": [s.sent for s in samples], "acked": [s.acked for s in samples],
-            "ok": [s.ok for s in samples], "slip": slip}
+            "ok": [s.ok for s in samples], "slip": slip, "control": control}
 
 
 async def serve() -> None:

@@ -26,7 +26,8 @@ throwaway PostgreSQL databases on 127.0.0.1:5432. Then, per N:
 - after 5 s of settling, an idle window (`--idle` s): Synapse's access log lines in it
   are counted (only the bridge talks to this Synapse then; those authenticated as the
   appservice's users, `@civicbridge:` and `@cb_...`, are shown apart), RSS is read from
-  /proc at its end;
+  /proc at its end (RSS, CPU and fds are the bridge's with its children: its ingest
+  process, bridge.web.ingest_process);
 - `--messages` distinct citizens each send one text message (signed webhooks, `--rate`
   per second); done when Synapse's store holds an `m.room.encrypted` event from each of
   their ghosts; CPU (utime + stime from /proc) of the bridge and Synapse from the first
@@ -105,12 +106,26 @@ def progress(line: str) -> None:
 # --- /proc ----------------------------------------------------------------------------
 
 
+def with_children(pid: int) -> list[int]:
+    """The bridge and its children (its ingest process, bridge.web.ingest_process): the
+    figures are the bridge's as a whole."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *map(int, children)]
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    total = 0.0
+    for each in with_children(pid):
+        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    return total
 
 
 def rss_mb(pid: int) -> float:
+    return sum(_rss_mb(each) for each in with_children(pid))
+
+
+def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -124,7 +139,7 @@ def child_of(pid: int) -> int:
 
 
 def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    return sum(len(os.listdir(f"/proc/{each}/fd")) for each in with_children(pid))
 
 
 # --- the Synapse side -----------------------------------------------------------------

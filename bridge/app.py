@@ -23,19 +23,21 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from bridge.config import Config
+from bridge.db.engine import is_private
 from bridge.leader import Election
 from bridge.services import Bridge, build_bridge
 from bridge.web import rooms_wa  # also adds its verbs to the admin sub-app's routes
 from bridge.web.admin import PREFIX as ADMIN_PREFIX
 from bridge.web.admin import admin_app
 from bridge.web.appservice import routes as appservice_routes
+from bridge.web.ingest_process import IngestProcess
 from bridge.web.ingest_thread import IngestThread
 from bridge.web.invites import routes as invite_routes
 from bridge.web.middleware import error_middleware
 from bridge.web.ops import metrics_routes
 from bridge.web.ops import routes as probe_routes
 from bridge.web.standby import active_only
-from bridge.web.state import ADMIN, INGEST, PAGES, PROCESS
+from bridge.web.state import ADMIN, INGEST, PAGES, PROCESS, WEBHOOKS
 from bridge.web.whatsapp import routes as whatsapp_routes
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ def _expose(app: web.Application, bridge: Bridge) -> None:
     app[BRIDGE] = bridge
     app[PROCESS] = app[PAGES] = app[ADMIN] = bridge
     app[INGEST] = bridge.ingest
+    app[WEBHOOKS] = bridge.webhooks
 
 
 def make_app(config: Config, bridge: Bridge | None = None,
@@ -100,11 +103,17 @@ def _sharing(app: web.Application, owner: web.Application) -> web.Application:
     return app
 
 
-async def serve_public(app: web.Application, host: str, port: int) -> IngestThread:
-    """Serve a started public app on `host:port` from a thread of its own, where the
-    WhatsApp webhook is stored and answered (bridge.web.ingest_thread); stop it before
-    the app's runner is cleaned up."""
-    server = IngestThread(app, host, port, client_max_size=MAX_BODY)
+async def serve_public(app: web.Application, host: str, port: int
+                       ) -> IngestProcess | IngestThread:
+    """Serve a started public app on `host:port` from a process of its own, or a thread
+    (`appservice.ingest`), where the WhatsApp webhook is stored and answered
+    (bridge.web.ingest_process, bridge.web.ingest_thread); stop it before the app's
+    runner is cleaned up. An in-memory database cannot be shared with a process: a
+    thread then (tests)."""
+    config = app[BRIDGE].config
+    server = (IngestProcess if config.appservice.ingest == "process"
+              and not is_private(config.database.url) else IngestThread)(
+        app, host, port, client_max_size=MAX_BODY)
     await server.start()
     return server
 
@@ -122,7 +131,7 @@ class Listeners:
         self._apps = {name: self.public if name == "public" else makers[name](self.public)
                       for name, _, _ in config.listeners()}
         self._runners: list[tuple[str, web.AppRunner, str, int]] = []
-        self._public_server: IngestThread | None = None
+        self._public_server: IngestProcess | IngestThread | None = None
 
     @property
     def bridge(self) -> Bridge:

@@ -296,7 +296,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bridge.logsetup import setup_logging
 
     config = load_or_exit(args.config)
-    setup_logging(config.logging, secrets=_secrets(config))
+    setup_logging(config.logging, secrets=config.secret_values())
 
     async def main() -> None:
         from bridge.leader import election_for
@@ -339,17 +339,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_LEADERSHIP_LOST
         raise
     return 0
-
-
-def _secrets(config: Config) -> list[str]:
-    return [s for s in (config.appservice.as_token, config.appservice.hs_token,
-                        config.admin.token, config.privacy.data_key, config.privacy.index_key,
-                        *config.privacy.previous_data_keys, *config.privacy.previous_index_keys,
-                        config.whatsapp.access_token, config.whatsapp.app_secret,
-                        config.whatsapp.verify_token,
-                        config.invites.registration_shared_secret, config.audit.key,
-                        *config.audit.previous_keys,
-                        *(t.token for t in config.admin.tokens)) if s]
 
 
 def build_parser() -> argparse.ArgumentParser:

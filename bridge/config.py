@@ -116,6 +116,10 @@ class AppserviceConfig(_Section):
     # The public listener: the appservice API, the WhatsApp webhook, invite pages, probes.
     listen_host: ListenHost = "127.0.0.1"
     listen_port: Port = 29340
+    # Where the public listener runs: a process of its own (the webhook's answer does not
+    # wait for the bridge's interpreter lock; bridge.web.ingest_process) or a thread of
+    # the bridge's process (one process fewer; bridge.web.ingest_thread).
+    ingest: Literal["process", "thread"] = "process"
     url: str | None = None
     as_token: Secret
     hs_token: Secret
@@ -755,6 +759,17 @@ class Config(_Section):
         n = self.notices
         return (n.consent_text.replace("{agency}", self.consent.agency_name)
                 .replace("{issuer}", n.issuer).replace("{sede}", n.sede_url))
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for the logs' redaction (bridge.logsetup)."""
+        return [s for s in (self.appservice.as_token, self.appservice.hs_token,
+                            self.admin.token, self.privacy.data_key, self.privacy.index_key,
+                            *self.privacy.previous_data_keys, *self.privacy.previous_index_keys,
+                            self.whatsapp.access_token, self.whatsapp.app_secret,
+                            self.whatsapp.verify_token,
+                            self.invites.registration_shared_secret, self.audit.key,
+                            *self.audit.previous_keys,
+                            *(t.token for t in self.admin.tokens)) if s]
 
     def listeners(self) -> list[tuple[str, str, int]]:
         """(name, host, port) of every HTTP listener to bind: public, admin, metrics."""

@@ -1,12 +1,12 @@
 """Ingestion: what comes in over HTTP is checked, stored durably, and only then answered.
 
-The two inbound doors (bridge.web.whatsapp and bridge.web.appservice call them):
+The two inbound doors:
 
-- `Ingest.whatsapp(raw, signature)`: a WhatsApp webhook delivery, verified, parsed once
-  and split into one encrypted row per message or status (bridge.whatsapp.webhook), in
-  its lane (a citizen, or the statuses of sends to one recipient);
-- `Ingest.transaction(txn_id, raw)`: an appservice transaction, its events sealed one
-  per row (bridge.matrix.queued) in their room's lane; our own echoes are dropped.
+- `Ingest.transaction(txn_id, raw)` (bridge.web.appservice calls it): an appservice
+  transaction, its events sealed one per row (bridge.matrix.queued) in their room's
+  lane; our own echoes are dropped;
+- WhatsApp's webhook: bridge.webhook_ingest (it runs on the public listener's thread or
+  process, so it has a module of its own).
 
 Either way the inbound worker (bridge.worker) is woken for the lanes that got rows and
 does the rest; a request is acknowledged only after its rows are stored (a crash in
@@ -18,30 +18,24 @@ parsed item: `normalise_legacy_rows` rewrites them before the worker starts.
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import logging
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
-from bridge.config import Config, WhatsAppConfig
-from bridge.db import Database, InboundSource
+from bridge.config import Config
+from bridge.db import Database
 from bridge.db.queues import event_lane
-from bridge.db.spool import Spool
-from bridge.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from bridge.matrix.appservice import parse_transaction, transaction_key
 from bridge.matrix.crypto_feed import CryptoFeed
 from bridge.matrix.crypto_parts import wrap
 from bridge.matrix.queued import seal_event
 from bridge.metrics import Metrics
 from bridge.privacy import AAD_PAYLOAD, DecryptError, Privacy
-from bridge.retention import REPLAY_WINDOW
 from bridge.types import UserID
+from bridge.webhook_ingest import Waker
 from bridge.whatsapp import stored
-from bridge.whatsapp.webhook import NotJSON, prepare_delivery, signature_valid
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +43,9 @@ log = logging.getLogger(__name__)
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
 
-class Waker(Protocol):
-    def wake(self, source: InboundSource, *lanes: str) -> None: ...
-
-
 @dataclass
 class Ingest:
-    """Store-then-acknowledge for the webhook and the appservice transactions."""
+    """Store-then-acknowledge for the appservice transactions."""
 
     config: Config
     db: Database
@@ -70,11 +60,6 @@ class Ingest:
     crypto: CryptoFeed
     # Staff read receipts and typing → WhatsApp; None when off.
     receipts: Callable[[list[dict[str, Any]]], Coroutine[Any, Any, None]] | None = None
-    # SQLite: where a webhook answered off the bridge's loop commits its rows
-    # (bridge.db.spool; the worker takes them into the queue, `take_spooled`).
-    spool: Spool | None = None
-    # This copy runs on the ingest thread (bridge.web.ingest_thread), not the bridge's loop.
-    off_loop: bool = False
 
     # --- the homeserver ---------------------------------------------------------------
 
@@ -127,96 +112,8 @@ class Ingest:
         """Whether the homeserver's user query names one of our ghosts."""
         return await self.db.ghosts.get(UserID(user_id)) is not None
 
-    # --- WhatsApp ---------------------------------------------------------------------
-
-    def handshake(self, mode: str | None, token: str, challenge: str) -> str:
-        """Meta's subscription check: the challenge back, or Forbidden."""
-        cfg = self._whatsapp()
-        if mode != "subscribe" or not hmac.compare_digest(token.encode(),
-                                                          cfg.verify_token.encode()):
-            raise Forbidden("verification failed")
-        return challenge
-
-    async def whatsapp(self, raw: bytes, signature: str | None) -> None:
-        """Verify, parse and store a delivery; Unauthorized for a bad signature,
-        BadRequest for a body refused whole."""
-        with self.metrics.webhook_latency.time():
-            await self._whatsapp_delivery(raw, signature)
-
-    async def _whatsapp_delivery(self, raw: bytes, signature: str | None) -> None:
-        cfg = self._whatsapp()
-        if not signature_valid(cfg.app_secret, raw, signature):
-            self.metrics.webhook_rejects.labels("signature").inc()
-            raise Unauthorized("missing or invalid X-Hub-Signature-256")
-        try:
-            delivery = prepare_delivery(raw, cfg.phone_number_id, self.privacy.index,
-                                        self.privacy.cipher,
-                                        oldest=time.time() - REPLAY_WINDOW.total_seconds())
-        except NotJSON:
-            self.metrics.webhook_rejects.labels("json").inc()
-            raise
-        except BadRequest:
-            self.metrics.webhook_rejects.labels("format").inc()
-            raise
-        for reason in delivery.ignored:
-            log.info("webhook: ignored %s", reason)
-        for error in delivery.errors:
-            # About the business number, not a citizen's message: there is no portal to
-            # tell, so operators learn it from the log and the metric.
-            log.warning("webhook: WhatsApp reports an error for this number (code %s)",
-                        error.code)
-            self.metrics.inbound_not_relayed.labels("account_error").inc()
-        if delivery.ignored:
-            self.metrics.ignored_parts.labels("whatsapp").inc(len(delivery.ignored))
-        for part in delivery.replays:
-            # Its dedupe key may be purged already: handling it could relay it twice.
-            log.info("webhook: ignored a %s sent before the replay window", part)
-            self.metrics.webhook_replays.labels(part).inc()
-        if self.off_loop and self.spool is not None:
-            # Not the queue: its writer is busy with the bridge's loop most of the time.
-            if delivery.rows:
-                self.spool.put([("whatsapp", key, payload, lane)
-                                for key, payload, lane in delivery.rows])
-                self.worker.wake("whatsapp", *{lane for _, _, lane in delivery.rows})
-            return
-        with self.db.urgent():
-            lanes = await self.db.inbound.enqueue_many(
-                [("whatsapp", key, payload, lane) for key, payload, lane in delivery.rows])
-        if lanes:
-            self.worker.wake("whatsapp", *lanes)
-
-    def _whatsapp(self) -> WhatsAppConfig:
-        cfg = self.config.whatsapp
-        if not cfg.enabled:
-            raise NotFound("WhatsApp is not enabled")
-        return cfg
-
 
 _PAGE = 500
-SPOOL_BATCH = 200  # spooled rows taken into the queue per transaction
-
-
-async def take_spooled(db: Database, spool: Spool) -> set[str]:
-    """Move the spool's rows into the `inbound` queue, oldest first (the worker, before
-    each round of WhatsApp work); returns the lanes that got new rows.
-
-    Queued, then removed from the spool: a crash in between queues them again, which
-    the queue's dedupe key makes a no-op (bridge.db.spool).
-
-    Takes what it finds, and goes on only while a batch came full (a backlog): rows
-    spooled meanwhile each wake the worker, so the next round takes them. Taking until
-    the spool was empty meant that no lane started before a burst of webhooks ended."""
-    lanes: set[str] = set()
-    while True:
-        rows = await asyncio.to_thread(spool.head, SPOOL_BATCH)
-        if not rows:
-            return lanes
-        # One statement: the queue's writer (SQLite's only one) is held briefly.
-        lanes |= await db.inbound.enqueue_many(
-            [(row.source, row.dedupe_key, row.payload, row.lane) for row in rows])
-        await asyncio.to_thread(spool.remove, [row.id for row in rows])
-        if len(rows) < SPOOL_BATCH:
-            return lanes
 
 
 async def normalise_legacy_rows(db: Database, privacy: Privacy, phone_number_id: str) -> int:

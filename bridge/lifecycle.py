@@ -40,6 +40,7 @@ from bridge.moderation.wiring import ModerationParts
 from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy
 from bridge.retention import EVERY_SECONDS, Retention
+from bridge.webhook_ingest import WebhookIngest
 from bridge.whatsapp.outbox import Outbox
 from bridge.worker import InboundWorker
 
@@ -67,6 +68,7 @@ class Lifecycle:
     outbox: Outbox
     worker: InboundWorker
     ingest: Ingest
+    webhooks: WebhookIngest
     metrics: Metrics
     citizens: CitizenData
     dead_letters: DeadLetters
@@ -278,5 +280,5 @@ class Lifecycle:
         await self.election.release()  # after the workers stopped: then a standby may go
         await self.http.close()
         await self.db.close()
-        if self.ingest.spool is not None:  # the ingest thread has stopped (bridge.app)
-            self.ingest.spool.close()
+        if self.webhooks.spool is not None:  # the public listener has stopped (bridge.app)
+            self.webhooks.spool.close()

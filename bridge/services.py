@@ -28,7 +28,7 @@ from bridge.config import Config
 from bridge.db import Database, InboundItem, InboundSource
 from bridge.db.spool import Spool, spool_path
 from bridge.deadletters import DeadLetters
-from bridge.ingest import Ingest, take_spooled
+from bridge.ingest import Ingest
 from bridge.invites.rights import InviteAccounts
 from bridge.invites.service import InviteLinks
 from bridge.leader import Election, Role, SingleProcess, election_for
@@ -59,6 +59,7 @@ from bridge.podlabel import PodLabeler
 from bridge.privacy import Privacy, data_keys
 from bridge.rooms_wa.wiring import WhatsAppRooms, build_rooms_wa
 from bridge.types import RoomID, UserID
+from bridge.webhook_ingest import WebhookIngest, take_spooled
 from bridge.whatsapp.graph import GraphClient
 from bridge.whatsapp.inbound import WhatsAppInbound
 from bridge.whatsapp.mirror import Mirror
@@ -117,8 +118,9 @@ class Bridge(Lifecycle):
     reidentify: Reidentification | None = None
     # WhatsApp citizens as members of agency rooms (None when WhatsApp is off).
     wa_rooms: WhatsAppRooms | None = None
-    # The webhook's and the homeserver's way in (set by build_bridge: it spawns here).
+    # The homeserver's way in (set by build_bridge: it spawns here), and the webhook's.
     ingest: Ingest = field(init=False)
+    webhooks: WebhookIngest = field(init=False)
 
 
 async def build_bridge(config: Config, election: Election | None = None) -> Bridge:
@@ -243,8 +245,8 @@ async def build_bridge(config: Config, election: Election | None = None) -> Brid
                     wa_rooms=wa_rooms)
     bridge.ingest = Ingest(config, db, privacy, metrics, worker, bridge.spawn,
                            is_ours=ghosts.is_ours, crypto=crypto,
-                           receipts=receipts.handle if receipts is not None else None,
-                           spool=spool)
+                           receipts=receipts.handle if receipts is not None else None)
+    bridge.webhooks = WebhookIngest(config, db, privacy, metrics, worker, spool=spool)
     return bridge
 
 

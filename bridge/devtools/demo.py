@@ -79,7 +79,9 @@ def bridge_config(state: DemoState, directory: Path, shared_secret: str) -> dict
         "homeserver": {"url": state.homeserver_url, "domain": SERVER_NAME},
         "appservice": {"listen_host": "127.0.0.1", "listen_port": state.ports.bridge,
                        "as_token": s["as_token"], "hs_token": s["hs_token"],
-                       "store_dir": str(directory / "store")},
+                       "store_dir": str(directory / "store"),
+                       # One process: every log line goes to the demo's log file.
+                       "ingest": "thread"},
         "metrics": {"listen_host": "127.0.0.1", "listen_port": state.ports.metrics},
         "database": {"url": f"sqlite+aiosqlite:///{directory / 'bridge.db'}"},
         "privacy": {"data_key": s["data_key"], "index_key": s["index_key"]},

@@ -43,17 +43,17 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from aiohttp import hdrs, web
-from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from bridge.db import Database, InboundSource
 from bridge.db.engine import is_private
-from bridge.ingest import Ingest
+from bridge.web.ingest_process import make_request
 from bridge.web.middleware import error_middleware
 from bridge.web.standby import active_only
-from bridge.web.state import INGEST, PROCESS
+from bridge.web.state import PROCESS, WEBHOOKS
 from bridge.web.whatsapp import WEBHOOK_PATH
 from bridge.web.whatsapp import routes as whatsapp_routes
+from bridge.webhook_ingest import WebhookIngest
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,9 @@ class IngestThread:
         db = None if is_private(url) else await Database.open(url, check=False)
         try:
             if db is not None:
-                self._webhooks = self._webhook_app(self._app[INGEST], db)
-            server = web.Server(self._handle, request_factory=self._make_request,
-                                access_log=None)
+                self._webhooks = self._webhook_app(self._app[WEBHOOKS], db)
+            server = web.Server(self._handle, access_log=None,
+                                request_factory=make_request(self._client_max_size))
             listener = await asyncio.get_running_loop().create_server(
                 server, self._host, self._port, backlog=128)  # as aiohttp's TCPSite
             try:
@@ -162,24 +162,18 @@ class IngestThread:
             if db is not None:
                 await db.close()
 
-    def _webhook_app(self, ingest: Ingest, db: Database) -> web.Application:
-        """The webhook's routes with an `Ingest` of this thread's database and loop."""
+    def _webhook_app(self, webhooks: WebhookIngest, db: Database) -> web.Application:
+        """The webhook's routes with a `WebhookIngest` of this thread's database and loop."""
         assert self._main is not None
-        local = dataclasses.replace(ingest, db=db, off_loop=True,
-                                    worker=_LoopWaker(self._main, ingest.worker.wake))
+        local = dataclasses.replace(webhooks, db=db, off_loop=True,
+                                    worker=_LoopWaker(self._main, webhooks.worker.wake))
         app = web.Application(middlewares=[error_middleware, active_only],
                               client_max_size=self._client_max_size)
         app.add_routes(whatsapp_routes)
-        app[INGEST] = local
+        app[WEBHOOKS] = local
         app[PROCESS] = self._app[PROCESS]
         app.freeze()
         return app
-
-    def _make_request(self, message: object, payload: object, protocol: RequestHandler,
-                      writer: object, task: asyncio.Task[None]) -> BaseRequest:
-        return web.Request(message, payload, protocol, writer, task,  # type: ignore[arg-type]
-                           asyncio.get_running_loop(),
-                           client_max_size=self._client_max_size)
 
     async def _handle(self, request: BaseRequest) -> web.StreamResponse:
         assert isinstance(request, web.Request)

@@ -29,6 +29,7 @@ from bridge.matrix.trust import Trust
 from bridge.metrics import Metrics
 from bridge.moderation.wiring import ModerationParts
 from bridge.rooms_wa.wiring import WhatsAppRooms
+from bridge.webhook_ingest import WebhookIngest
 from bridge.whatsapp.staff_templates import StaffTemplates
 
 
@@ -45,6 +46,8 @@ class Process(Protocol):
     def role(self) -> Role: ...
     @property
     def ready(self) -> asyncio.Event: ...
+    @property
+    def lost(self) -> asyncio.Event: ...
     @property
     def config(self) -> Config: ...
     @property
@@ -103,5 +106,6 @@ class AdminParts(Protocol):
 
 PROCESS = web.AppKey[Process]("civic_bridge_process")
 INGEST = web.AppKey("civic_bridge_ingest", Ingest)
+WEBHOOKS = web.AppKey("civic_bridge_webhooks", WebhookIngest)
 PAGES = web.AppKey[Pages]("civic_bridge_pages")
 ADMIN = web.AppKey[AdminParts]("civic_bridge_admin")

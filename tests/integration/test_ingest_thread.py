@@ -54,5 +54,5 @@ async def test_a_webhook_is_answered_while_the_bridge_loop_is_busy(
             InboundRow.source == "whatsapp",
             InboundRow.dedupe_key == key_of(bridge, wamid_of(message))))).all()
     assert [row.status for row in rows] in (["done"], ["held"])
-    spool = bridge.running.bridge.ingest.spool
+    spool = bridge.running.bridge.webhooks.spool
     assert spool is None or len(spool) == 0

@@ -42,7 +42,7 @@ def sent_ago(h: BridgeHarness, seconds: float) -> Iterator[None]:
 async def queued(h: BridgeHarness, key: str) -> bool:
     """Stored for processing: in the webhook spool on its way to the queue (SQLite,
     bridge.db.spool), or in the queue (a row leaves the spool once queued)."""
-    spool = h.running.bridge.ingest.spool
+    spool = h.running.bridge.webhooks.spool
     if spool is not None and any(row.dedupe_key == key for row in spool.head(10_000)):
         return True
     async with h.running.bridge.db.session() as session:

@@ -17,7 +17,7 @@ from bridge.db import Database, InboundItem
 from bridge.db.engine import is_private
 from bridge.db.models import InboundRow
 from bridge.db.spool import Spool, spool_path
-from bridge.ingest import SPOOL_BATCH, take_spooled
+from bridge.webhook_ingest import SPOOL_BATCH, take_spooled
 from bridge.worker import InboundWorker
 
 
