@@ -7,7 +7,7 @@ deduplicated by their keys.
 
 Apart from bridge.ingest (the appservice transactions) because it runs apart: on the
 public listener's thread or process (bridge.web.ingest_thread, bridge.web.ingest_process),
-which import only this, not the Matrix side.
+which build it with a database, waker and metrics of their own.
 """
 
 from __future__ import annotations
