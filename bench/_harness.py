@@ -79,7 +79,9 @@ def bench_config(homeserver_url: str, as_port: int, workdir: Path, admin: str,
                        "as_token": secrets.token_hex(32), "hs_token": secrets.token_hex(32),
                        "store_dir": str(workdir / "store"),
                        # A/B of the crypto store's journal (wal, the default, or delete)
-                       "store_journal": os.environ.get("CIVIC_BRIDGE_BENCH_STORE_JOURNAL", "wal")},
+                       "store_journal": os.environ.get("CIVIC_BRIDGE_BENCH_STORE_JOURNAL", "wal"),
+                       # A/B of the public listener: its own process (the default) or a thread
+                       "ingest": os.environ.get("CIVIC_BRIDGE_BENCH_INGEST", "process")},
         "database": {"url": f"sqlite+aiosqlite:///{workdir / 'bridge.db'}"},
         "privacy": {"data_key": random_key(), "index_key": random_key()},
         "audit": {"key": random_key()},
@@ -344,13 +346,13 @@ def cpu_seconds(pid: int) -> float:
 
 class CPU:
     """CPU seconds used so far by this process (bridge + nio clients) with the bridge's
-    ingest process (bridge.web.ingest_process), and by Synapse."""
+    ingest process (bridge.web.ingest_child), and by Synapse."""
 
     def __init__(self, synapse_pid: int | None) -> None:
         self._synapse = synapse_pid
 
     def now(self) -> tuple[float, float]:
-        ingest = sum(cpu_seconds(pid) for pid in child_pids(b"bridge.web.ingest_process"))
+        ingest = sum(cpu_seconds(pid) for pid in child_pids(b"bridge.web.ingest_child"))
         return (time.process_time() + ingest,
                 cpu_seconds(self._synapse) if self._synapse else float("nan"))
 

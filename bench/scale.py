@@ -27,7 +27,7 @@ throwaway PostgreSQL databases on 127.0.0.1:5432. Then, per N:
   are counted (only the bridge talks to this Synapse then; those authenticated as the
   appservice's users, `@civicbridge:` and `@cb_...`, are shown apart), RSS is read from
   /proc at its end (RSS, CPU and fds are the bridge's with its children: its ingest
-  process, bridge.web.ingest_process);
+  process, bridge.web.ingest_child);
 - `--messages` distinct citizens each send one text message (signed webhooks, `--rate`
   per second); done when Synapse's store holds an `m.room.encrypted` event from each of
   their ghosts; CPU (utime + stime from /proc) of the bridge and Synapse from the first
@@ -107,7 +107,7 @@ def progress(line: str) -> None:
 
 
 def with_children(pid: int) -> list[int]:
-    """The bridge and its children (its ingest process, bridge.web.ingest_process): the
+    """The bridge and its children (its ingest process, bridge.web.ingest_child): the
     figures are the bridge's as a whole."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [pid, *map(int, children)]

@@ -553,6 +553,7 @@ def print_table(report: dict[str, Any]) -> None:
           f"portals (opted-in citizens): {report['citizens']}, {report['blocks']} blocks per mode, "
           f"bare rooms: {report['bare_room']} (max: first sends {report['lane_stagger_ms']:g} ms "
           f"apart), Synapse store: {report['synapse_db']}, "
+          f"public listener: {report.get('ingest', 'process')}, "
           f"load average before/after: {report['load_before']} / {report['load_after']}")
     verdict = {}
     for v in report["verdicts"]:
@@ -621,6 +622,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             progress("warming up")
             await warm_up(setup, args.warmup)
             load_before = load_average()
+            ingest = setup.bridge.config.appservice.ingest
             progress(f"measuring ({args.messages} messages per mode)")
             results = await measure(setup, args, progress)
             load_after = load_average()
@@ -633,6 +635,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"messages": args.messages, "rate": args.rate, "citizens": args.citizens,
             "blocks": args.blocks, "warmup": args.warmup, "bare_room": args.bare_room,
             "synapse_db": args.synapse_db, "lane_stagger_ms": args.lane_stagger_ms,
+            "ingest": ingest,
             "results": [{k: round(v, 2) if isinstance(v, float) else v
                          for k, v in asdict(r).items()} for r in results],
             "verdicts": verdicts(results, args.rate), "staff": staff,

@@ -37,7 +37,8 @@ from bridge.web.middleware import error_middleware
 from bridge.web.ops import metrics_routes
 from bridge.web.ops import routes as probe_routes
 from bridge.web.standby import active_only
-from bridge.web.state import ADMIN, INGEST, PAGES, PROCESS, WEBHOOKS
+from bridge.web.state import ADMIN, INGEST, PAGES, PROCESS
+from bridge.web.whatsapp import WEBHOOKS
 from bridge.web.whatsapp import routes as whatsapp_routes
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from typing import Final, NamedTuple, Protocol
 
 from bridge.config import Config
 from bridge.db import Citizen, Database
+from bridge.db.queues import FINISHED_RETENTION
 from bridge.invites.rights import InviteAccounts
 from bridge.metrics import Metrics
 from bridge.privacy import Cipher
@@ -32,12 +33,6 @@ from bridge.whatsapp.webhook_parse import citizen_lane
 
 log = logging.getLogger(__name__)
 
-# Finished queue rows (and transaction ids) are kept this long to deduplicate redeliveries.
-FINISHED_RETENTION: Final = timedelta(days=7)
-# Webhook items sent longer ago than this are replays, acknowledged and never queued
-# (bridge.whatsapp.webhook): a row is processed after its item was sent, so its key
-# outlives the window; the hour covers a clock of Meta's running ahead of ours.
-REPLAY_WINDOW: Final = FINISHED_RETENTION - timedelta(hours=1)
 EVERY_SECONDS: Final = 600.0
 BATCH: Final = 500  # contacts erased per run at most; the next run goes on
 

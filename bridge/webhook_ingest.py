@@ -6,8 +6,9 @@ that got rows. A crash before the answer loses nothing: Meta sends again, and ro
 deduplicated by their keys.
 
 Apart from bridge.ingest (the appservice transactions) because it runs apart: on the
-public listener's thread or process (bridge.web.ingest_thread, bridge.web.ingest_process),
-which build it with a database, waker and metrics of their own.
+public listener's thread or process (bridge.web.ingest_thread, bridge.web.ingest_child),
+which build it with a database, waker and metrics of their own. It imports nothing of the
+Matrix side, so the ingest process stays small.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from typing import Protocol
 
 from bridge.config import Config, WhatsAppConfig
 from bridge.db import Database, InboundSource
+from bridge.db.queues import REPLAY_WINDOW
 from bridge.db.spool import Spool
 from bridge.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from bridge.metrics import Metrics
 from bridge.privacy import Privacy
-from bridge.retention import REPLAY_WINDOW
 from bridge.whatsapp.webhook import NotJSON, prepare_delivery, signature_valid
 
 log = logging.getLogger(__name__)

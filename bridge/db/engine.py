@@ -7,6 +7,9 @@ programmatically (no alembic.ini): `upgrade` runs them on the async engine throu
 Alembic reads its scripts with blocking file I/O, so it never runs on the caller's
 event loop: migrations run on a worker thread with a loop of their own, and the schema
 check loads the script directory on a worker thread before it touches the database.
+
+Alembic is imported where it is used: a process that only reads and writes rows (the
+ingest process, bridge.web.ingest_child) never loads it.
 """
 
 from __future__ import annotations
@@ -23,14 +26,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, cast
 
 import aiosqlite
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy import URL, Connection, event, inspect, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -43,6 +41,10 @@ from bridge.auditchain import AuditKeys
 from bridge.db.repos import Repositories
 from bridge.db.scope import Scope, shared
 from bridge.errors import SchemaError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -292,6 +294,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
         raise SchemaError(
             f"migrations not found at {MIGRATIONS_DIR}; run civic-bridge from its source checkout"
         )
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("path_separator", "os")
@@ -301,6 +305,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def load_scripts() -> ScriptDirectory:
     """The migration scripts, read from disk (blocking: call it on a worker thread)."""
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(alembic_config())
     script.get_heads()  # parses every revision file now, so later lookups do no I/O
     return script
@@ -338,6 +344,8 @@ async def _migrate(url: str, direction: Literal["upgrade", "downgrade"], revisio
                 status, current = await conn.run_sync(_status_sync, script)
                 if status in ("foreign", "ahead"):
                     raise SchemaError(_explain(status, current, url, script))
+            from alembic import command
+
             run = command.upgrade if direction == "upgrade" else command.downgrade
             await conn.run_sync(lambda sync: run(alembic_config(sync), revision))
     finally:
@@ -363,6 +371,9 @@ async def schema_status(url: str) -> SchemaStatus:
 def _status_sync(
     conn: Connection, script: ScriptDirectory
 ) -> tuple[SchemaStatus, tuple[str, ...]]:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.util import CommandError
+
     tables = set(inspect(conn).get_table_names())
     if VERSION_TABLE not in tables:
         return ("foreign" if tables else "empty"), ()

@@ -7,8 +7,8 @@ leaves is stored before the first attempt; these repositories are that storage.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from datetime import datetime
-from typing import Any, cast
+from datetime import datetime, timedelta
+from typing import Any, Final, cast
 
 from sqlalchemy import (
     Row,
@@ -33,6 +33,13 @@ from bridge.matrix.crypto_parts import TO_DEVICE_WRAPPER, to_device_key
 from bridge.model import InboundItem, InboundSource, InboundStatus, OutboxItem, OutboxStatus
 from bridge.types import RoomID, WamidHash
 
+# Finished queue rows (and transaction ids) are kept this long to deduplicate redeliveries
+# (purged by bridge.retention).
+FINISHED_RETENTION: Final = timedelta(days=7)
+# Webhook items sent longer ago than this are replays, acknowledged and never queued
+# (bridge.whatsapp.webhook): a row is processed after its item was sent, so its key
+# outlives the window; the hour covers a clock of Meta's running ahead of ours.
+REPLAY_WINDOW: Final = FINISHED_RETENTION - timedelta(hours=1)
 FINISHED: tuple[InboundStatus, ...] = ("done", "failed", "dropped")
 SETTLED: tuple[OutboxStatus, ...] = ("sent", "failed", "cancelled")
 # Outbox idempotency keys of notices of availability: "availability:{notice id}".

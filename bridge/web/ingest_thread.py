@@ -47,11 +47,11 @@ from aiohttp.web_request import BaseRequest
 
 from bridge.db import Database, InboundSource
 from bridge.db.engine import is_private
-from bridge.web.ingest_process import make_request
+from bridge.web.ingest_child import make_request
 from bridge.web.middleware import error_middleware
 from bridge.web.standby import active_only
-from bridge.web.state import PROCESS, WEBHOOKS
-from bridge.web.whatsapp import WEBHOOK_PATH
+from bridge.web.state import PROCESS
+from bridge.web.whatsapp import WEBHOOK_PATH, WEBHOOKS
 from bridge.web.whatsapp import routes as whatsapp_routes
 from bridge.webhook_ingest import WebhookIngest
 

@@ -3,7 +3,8 @@
 The edge never imports the composition root (tests/unit/test_layers.py): each handler
 module declares here the little it calls, and bridge.app puts the objects in (the one
 Bridge satisfies every view). Keys are read with `request.config_dict`, so a sub-app
-(`/admin/v1`) sees what its parent holds.
+(`/admin/v1`) sees what its parent holds. One key lives with its routes instead: the
+webhook's (bridge.web.whatsapp), which the ingest process serves without this module.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from bridge.matrix.trust import Trust
 from bridge.metrics import Metrics
 from bridge.moderation.wiring import ModerationParts
 from bridge.rooms_wa.wiring import WhatsAppRooms
-from bridge.webhook_ingest import WebhookIngest
 from bridge.whatsapp.staff_templates import StaffTemplates
 
 
@@ -106,6 +106,5 @@ class AdminParts(Protocol):
 
 PROCESS = web.AppKey[Process]("civic_bridge_process")
 INGEST = web.AppKey("civic_bridge_ingest", Ingest)
-WEBHOOKS = web.AppKey("civic_bridge_webhooks", WebhookIngest)
 PAGES = web.AppKey[Pages]("civic_bridge_pages")
 ADMIN = web.AppKey[AdminParts]("civic_bridge_admin")

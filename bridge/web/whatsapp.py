@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from bridge.web.state import WEBHOOKS
+from bridge.webhook_ingest import WebhookIngest
 
 routes = web.RouteTableDef()
+# Here, not in bridge.web.state, so the ingest process serves these routes without
+# importing the rest of the bridge (bridge.web.ingest_child).
+WEBHOOKS = web.AppKey("civic_bridge_webhooks", WebhookIngest)
 WEBHOOK_PATH = "/whatsapp/webhook"  # stored off the bridge's loop (bridge.web.ingest_*)
 
 

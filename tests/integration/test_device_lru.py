@@ -9,44 +9,16 @@ of the session bridge; requests are counted in Synapse's access log.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 import bridge.matrix.devices as devices_module
-from bridge.db import upgrade
 from bridge.types import RoomID, UserID
-from tests.fixtures.bridge import BridgeHarness, RunningBridge
+from tests.fixtures.bridge import BridgeHarness, in_place_of, own_bridge
 from tests.fixtures.staff import staff_login
 
 pytestmark = pytest.mark.integration
-
-
-@asynccontextmanager
-async def small_bridge(h: BridgeHarness, tmp: Path, max_open: int) -> AsyncIterator[BridgeHarness]:
-    """The session bridge stopped (its port is where Synapse pushes transactions) and one
-    of our own running instead: own database, ghost prefix, store and device limit."""
-    cfg = h.running.config
-    db_url = f"sqlite+aiosqlite:///{tmp / 'bridge.db'}"
-    await upgrade(db_url)
-    config = cfg.model_copy(update={
-        "database": cfg.database.model_copy(update={"url": db_url}),
-        "appservice": cfg.appservice.model_copy(update={
-            "ghost_prefix": f"cb_l{secrets.token_hex(3)}", "store_dir": str(tmp / "store"),
-            "max_open_devices": max_open}),
-    })
-    await h.running.stop()
-    own = RunningBridge(config)
-    try:
-        await own.start()
-        yield dataclasses.replace(h, running=own)
-    finally:
-        await own.stop()
-        await h.running.start()
 
 
 def _requests_of(h: BridgeHarness, user_id: str, offset: int) -> list[str]:
@@ -58,7 +30,7 @@ def _requests_of(h: BridgeHarness, user_id: str, offset: int) -> list[str]:
 
 async def test_least_recently_used_devices_close_and_reopen_without_a_request(
         bridge: BridgeHarness, tmp_path: Path) -> None:
-    async with small_bridge(bridge, tmp_path, max_open=2) as h:
+    async with in_place_of(bridge), own_bridge(bridge, tmp_path, max_open_devices=2) as h:
         b = h.running.bridge
         staff = await staff_login(h.synapse.synapse, h.admin.localpart, h.admin.password)
         try:

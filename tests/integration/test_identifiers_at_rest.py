@@ -19,8 +19,6 @@ import dataclasses
 import json
 import secrets
 import string
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -39,7 +37,7 @@ from bridge.types import WamidHash
 from bridge.whatsapp.consent import EVIDENCE_PREFIX, OPT_IN_BUTTON, message_evidence
 from bridge.whatsapp.notice_consent import NOTICES_IN_BUTTON, NOTICES_OUT_BUTTON
 from bridge.whatsapp.subscriptions import SUBSCRIPTION_CODE
-from tests.fixtures.bridge import BridgeHarness, RunningBridge
+from tests.fixtures.bridge import BridgeHarness, in_place_of, new_prefix, own_bridge
 from tests.fixtures.db import PgServer
 from tests.fixtures.dbdump import dump, files_under, find_clear, phone_forms
 from tests.fixtures.staff import staff_login
@@ -82,41 +80,6 @@ async def new_db(pg: PgServer | None, tmp: Path) -> str:
     url = await pg.create() if pg else f"sqlite+aiosqlite:///{tmp / 'bridge.db'}"
     await upgrade(url)
     return url
-
-
-@asynccontextmanager
-async def in_place_of(h: BridgeHarness) -> AsyncIterator[None]:
-    """The session bridge stopped for the block (its port is the one Synapse pushes
-    transactions to) and started again after it."""
-    await h.running.stop()
-    try:
-        yield
-    finally:
-        await h.running.start()
-
-
-@asynccontextmanager
-async def own_bridge(h: BridgeHarness, db_url: str, tmp: Path, prefix: str
-                     ) -> AsyncIterator[BridgeHarness]:
-    """A bridge of this test's own on `db_url`, inside `in_place_of`, with a ghost
-    prefix (`prefix`, so its own bot) and store of its own: the session bridge's bot and
-    keys are not touched. The same prefix and store again is the same bridge restarted."""
-    cfg = h.running.config
-    config = cfg.model_copy(update={
-        "database": cfg.database.model_copy(update={"url": db_url}),
-        "appservice": cfg.appservice.model_copy(update={
-            "ghost_prefix": prefix, "store_dir": str(tmp / "store")}),
-    })
-    own = RunningBridge(config)
-    try:
-        await own.start()
-        yield dataclasses.replace(h, running=own)
-    finally:
-        await own.stop()
-
-
-def new_prefix() -> str:
-    return f"cb_r{secrets.token_hex(3)}"
 
 
 @dataclasses.dataclass
@@ -416,7 +379,7 @@ async def test_no_identifier_or_wamid_in_clear_at_rest(
         bridge: BridgeHarness, pg: PgServer | None, tmp_path: Path) -> None:
     traces = Traces()
     db_url = await new_db(pg, tmp_path)
-    async with in_place_of(bridge), own_bridge(bridge, db_url, tmp_path, new_prefix()) as h:
+    async with in_place_of(bridge), own_bridge(bridge, tmp_path, db_url) as h:
         run = Run(h, traces)
         seen = await _journey(run)
         privacy = h.running.bridge.privacy
@@ -494,7 +457,7 @@ async def _legacy_journey(bridge: BridgeHarness, db_url: str, tmp_path: Path, tr
                           c: SimulatedUser, desks: list[Journey]) -> None:
     prefix, wa = new_prefix(), bridge.wa
     async with in_place_of(bridge):
-        async with own_bridge(bridge, db_url, tmp_path, prefix) as h:
+        async with own_bridge(bridge, tmp_path, db_url, prefix) as h:
             run = Run(h, traces)
             b = h.running.bridge
             j = await _opt_in(run, c, "Hola, buenas")
@@ -534,7 +497,7 @@ async def _legacy_journey(bridge: BridgeHarness, db_url: str, tmp_path: Path, tr
         await upgrade(db_url)
         await _put_back_crypto_rows(db_url, devices)
 
-        async with own_bridge(bridge, db_url, tmp_path, prefix) as h:
+        async with own_bridge(bridge, tmp_path, db_url, prefix) as h:
             run.h = h
             b = h.running.bridge
             stored = await dump(db_url)

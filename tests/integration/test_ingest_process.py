@@ -11,90 +11,44 @@ records of its own process): these tests run a bridge of their own, on the same 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import os
 import secrets
 import signal
 import socket
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import yaml
-from sqlalchemy import select
 
 from bridge.db import upgrade
-from bridge.db.models import InboundRow
 from bridge.web.ingest_process import IngestProcess
-from tests.fixtures.bridge import BridgeHarness, RunningBridge
-from tests.integration.test_webhook_replay import key_of
-from tests.integration.test_whatsapp import new_citizen, wamid_of
+from tests.fixtures.bridge import BridgeHarness, in_place_of, own_bridge
+from tests.integration.test_ingest_thread import (
+    answer_with_loop_held,
+    delivery,
+    post_webhook,
+    stored_status,
+)
 
 pytestmark = pytest.mark.integration
-
-HOLD_SECONDS = 20.0  # how long the bridge's loop is held at most
-
 
 @asynccontextmanager
 async def process_bridge(h: BridgeHarness, tmp: Path) -> AsyncIterator[BridgeHarness]:
     """The session bridge stopped and one of our own on its port, with its listener in a
-    process of its own (own database, ghost prefix and store)."""
-    cfg = h.running.config
-    db_url = f"sqlite+aiosqlite:///{tmp / 'bridge.db'}"
-    await upgrade(db_url)
-    config = cfg.model_copy(update={
-        "database": cfg.database.model_copy(update={"url": db_url}),
-        "appservice": cfg.appservice.model_copy(update={
-            "ghost_prefix": f"cb_p{secrets.token_hex(3)}", "store_dir": str(tmp / "store"),
-            "ingest": "process"}),
-    })
-    await h.running.stop()
-    own = RunningBridge(config)
-    try:
-        await own.start()
-        yield dataclasses.replace(h, running=own)
-    finally:
-        await own.stop()
-        await h.running.start()
+    process of its own."""
+    async with in_place_of(h), own_bridge(h, tmp, ingest="process") as own:
+        yield own
 
 
 def listener(h: BridgeHarness) -> IngestProcess:
     server = h.running._listeners._public_server  # type: ignore[union-attr]
     assert isinstance(server, IngestProcess)
     return server
-
-
-def post_webhook(h: BridgeHarness, body: bytes, timeout: float = 60) -> int:
-    """POST a signed delivery as Meta would, from a thread; its HTTP status."""
-    request = urllib.request.Request(h.webhook_url, data=body, method="POST", headers={
-        "Content-Type": "application/json", "X-Hub-Signature-256": h.wa.sign(body)})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def delivery(h: BridgeHarness, text: str) -> tuple[dict[str, Any], bytes]:
-    message = h.wa.text_message(new_citizen(), text)
-    return message, json.dumps(h.wa.envelope(message), separators=(",", ":")).encode()
-
-
-async def stored_status(h: BridgeHarness, message: dict[str, Any]) -> list[str]:
-    async with h.running.bridge.db.session() as session:
-        rows = (await session.scalars(select(InboundRow).where(
-            InboundRow.source == "whatsapp",
-            InboundRow.dedupe_key == key_of(h, wamid_of(message))))).all()
-    return [row.status for row in rows]
 
 
 def webhooks_counted(h: BridgeHarness) -> float:
@@ -110,20 +64,8 @@ async def test_the_child_answers_webhooks_while_the_bridge_loop_is_busy(
         await asyncio.wait_for(server.answering.wait(), 30)
         counted = webhooks_counted(h)
         message, body = delivery(h, "¿hay cita para el padrón esta semana?")
-        status: list[int] = []
-        answered = threading.Event()
-
-        def meta() -> None:
-            status.append(post_webhook(h, body))
-            answered.set()
-
-        sender = threading.Thread(target=meta)
-        sender.start()
-        # The bridge's loop does nothing else until the answer came (or HOLD_SECONDS).
-        answered_while_held = answered.wait(HOLD_SECONDS)
-        await asyncio.to_thread(sender.join)
-        assert answered_while_held, "the webhook's answer waited for the bridge's event loop"
-        assert status == [200]
+        assert await answer_with_loop_held(h, body) == 200, \
+            "the webhook's answer waited for the bridge's event loop"
 
         # The bridge was woken for it, processed it once, and counted it.
         await asyncio.sleep(0.5)

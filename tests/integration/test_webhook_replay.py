@@ -1,5 +1,5 @@
 """The replay window: a correctly signed webhook message or status sent before the dedupe
-retention (bridge.retention.REPLAY_WINDOW) is acknowledged, counted and never queued, so
+retention (bridge.db.queues.REPLAY_WINDOW) is acknowledged, counted and never queued, so
 a redelivery whose dedupe key was purged cannot be relayed a second time."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from bridge.db.models import InboundRow
-from bridge.retention import FINISHED_RETENTION, REPLAY_WINDOW
+from bridge.db.queues import FINISHED_RETENTION, REPLAY_WINDOW
 from bridge.whatsapp.webhook_parse import dedupe_key
 from tests.fixtures.bridge import BridgeHarness
 from tests.integration.test_metrics import scrape, value

@@ -64,3 +64,19 @@ def test_the_probe_sees_an_io_library_when_one_is_loaded() -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True, timeout=60)
     assert "aiohttp" in json.loads(result.stdout)
+
+
+# The ingest process (bridge.web.ingest_child) stores and answers webhooks only: it must
+# start small, without the Matrix side or the migrations (bench/scale.py counts its memory
+# with the bridge's).
+NOT_IN_INGEST_CHILD = ("nio", "alembic", "bridge.matrix.api", "bridge.web.state",
+                       "bridge.services")
+
+
+def test_the_ingest_process_loads_neither_matrix_nor_migrations() -> None:
+    probe = ("import sys, json, bridge.web.ingest_child; "
+             f"print(json.dumps(sorted(m for m in {NOT_IN_INGEST_CHILD!r} "
+             "if m in sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, timeout=60)
+    assert json.loads(result.stdout) == [], f"the ingest child loads {result.stdout.strip()}"
