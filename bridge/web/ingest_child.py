@@ -38,13 +38,15 @@ from bridge.logsetup import setup_logging
 from bridge.metrics import Metrics
 from bridge.privacy import Privacy
 from bridge.web.middleware import error_middleware, json_error
-from bridge.web.whatsapp import WEBHOOK_PATH, WEBHOOKS
-from bridge.web.whatsapp import routes as whatsapp_routes
+from bridge.web.whatsapp import WEBHOOK_PATH, webhook_app
 from bridge.webhook_ingest import WebhookIngest
 
 log = logging.getLogger(__name__)
 
+# The public listener's, wherever it runs (here, bridge.web.ingest_thread, and the
+# socket bridge.web.ingest_process binds for us).
 SHUTDOWN_SECONDS = 10.0  # requests in progress may finish; as aiohttp's runner allows
+BACKLOG = 128  # as aiohttp's TCPSite
 # Families the webhook moves (bridge.webhook_ingest); the child forwards only these.
 FORWARDED_METRICS = frozenset({"webhook_latency", "webhook_rejects", "webhook_replays",
                                "ignored_parts", "inbound_not_relayed"})
@@ -175,10 +177,7 @@ class _Child:
         stop.set()
 
     def _webhook_app(self, webhooks: WebhookIngest) -> web.Application:
-        app = web.Application(middlewares=[error_middleware],
-                              client_max_size=self._setup.client_max_size)
-        app.add_routes(whatsapp_routes)
-        app[WEBHOOKS] = webhooks
+        app = webhook_app(webhooks, self._setup.client_max_size)
         app.freeze()
         return app
 

@@ -52,6 +52,7 @@ from aiohttp.web_request import BaseRequest
 from bridge.db import InboundSource
 from bridge.web import ingest_child
 from bridge.web.ingest_child import (
+    BACKLOG,
     FORWARDED_METRICS,
     SHUTDOWN_SECONDS,
     ChildSetup,
@@ -63,7 +64,6 @@ from bridge.web.whatsapp import WEBHOOKS
 log = logging.getLogger(__name__)
 
 RESTART_SECONDS = (1.0, 30.0)  # a child that died is started again after 1 s, then longer
-BACKLOG = 128  # as aiohttp's TCPSite
 
 
 class IngestProcess:

@@ -47,17 +47,15 @@ from aiohttp.web_request import BaseRequest
 
 from bridge.db import Database, InboundSource
 from bridge.db.engine import is_private
-from bridge.web.ingest_child import make_request
+from bridge.web.ingest_child import BACKLOG, SHUTDOWN_SECONDS, make_request
 from bridge.web.middleware import error_middleware
 from bridge.web.standby import active_only
 from bridge.web.state import PROCESS
-from bridge.web.whatsapp import WEBHOOK_PATH, WEBHOOKS
-from bridge.web.whatsapp import routes as whatsapp_routes
+from bridge.web.whatsapp import WEBHOOK_PATH, WEBHOOKS, webhook_app
 from bridge.webhook_ingest import WebhookIngest
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_SECONDS = 10.0  # requests in progress may finish; as aiohttp's runner allows
 SWITCH_INTERVAL = 0.0002  # seconds; see the module's docstring
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 
@@ -150,7 +148,7 @@ class IngestThread:
             server = web.Server(self._handle, access_log=None,
                                 request_factory=make_request(self._client_max_size))
             listener = await asyncio.get_running_loop().create_server(
-                server, self._host, self._port, backlog=128)  # as aiohttp's TCPSite
+                server, self._host, self._port, backlog=BACKLOG)
             try:
                 started.set_result(None)
                 await self._stop.wait()
@@ -167,10 +165,7 @@ class IngestThread:
         assert self._main is not None
         local = dataclasses.replace(webhooks, db=db, off_loop=True,
                                     worker=_LoopWaker(self._main, webhooks.worker.wake))
-        app = web.Application(middlewares=[error_middleware, active_only],
-                              client_max_size=self._client_max_size)
-        app.add_routes(whatsapp_routes)
-        app[WEBHOOKS] = local
+        app = webhook_app(local, self._client_max_size, active_only)
         app[PROCESS] = self._app[PROCESS]
         app.freeze()
         return app

@@ -7,7 +7,9 @@ once stored (401 bad signature, 400 a body refused whole, 404 WhatsApp off).
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
+from bridge.web.middleware import error_middleware
 from bridge.webhook_ingest import WebhookIngest
 
 routes = web.RouteTableDef()
@@ -30,3 +32,15 @@ async def deliver(request: web.Request) -> web.Response:
     await request.config_dict[WEBHOOKS].whatsapp(
         await request.read(), request.headers.get("X-Hub-Signature-256"))
     return web.json_response({})
+
+
+def webhook_app(webhooks: WebhookIngest, client_max_size: int,
+                *middlewares: Middleware) -> web.Application:
+    """These routes alone over `webhooks`, as the public listener's thread or process
+    serve them off the bridge's loop: errors as JSON, then `middlewares`. The caller
+    adds what those need and freezes it."""
+    app = web.Application(middlewares=[error_middleware, *middlewares],
+                          client_max_size=client_max_size)
+    app.add_routes(routes)
+    app[WEBHOOKS] = webhooks
+    return app
