@@ -48,22 +48,25 @@ CORE = [
 IO_LIBRARIES = ("aiohttp", "nio", "sqlalchemy", "alembic")
 
 
-@pytest.mark.parametrize("module", CORE)
-def test_core_module_loads_no_io_library(module: str) -> None:
+def loaded_by(module: str, watched: tuple[str, ...]) -> list[str]:
+    """Which of `watched` importing `module` loads, in a fresh interpreter."""
     probe = (f"import sys, json, {module}; "
-             f"print(json.dumps(sorted(m for m in {IO_LIBRARIES!r} if m in sys.modules)))")
+             f"print(json.dumps(sorted(m for m in {watched!r} if m in sys.modules)))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True, timeout=60)
-    assert json.loads(result.stdout) == [], f"{module} loads {result.stdout.strip()}"
+    found: list[str] = json.loads(result.stdout)
+    return found
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_module_loads_no_io_library(module: str) -> None:
+    found = loaded_by(module, IO_LIBRARIES)
+    assert found == [], f"{module} loads {found}"
 
 
 def test_the_probe_sees_an_io_library_when_one_is_loaded() -> None:
     """The check itself can fail: an adapter module is reported."""
-    probe = ("import sys, json, bridge.whatsapp.graph; "
-             f"print(json.dumps(sorted(m for m in {IO_LIBRARIES!r} if m in sys.modules)))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=True, timeout=60)
-    assert "aiohttp" in json.loads(result.stdout)
+    assert "aiohttp" in loaded_by("bridge.whatsapp.graph", IO_LIBRARIES)
 
 
 # The ingest process (bridge.web.ingest_child) stores and answers webhooks only: it must
@@ -74,9 +77,5 @@ NOT_IN_INGEST_CHILD = ("nio", "alembic", "bridge.matrix.api", "bridge.web.state"
 
 
 def test_the_ingest_process_loads_neither_matrix_nor_migrations() -> None:
-    probe = ("import sys, json, bridge.web.ingest_child; "
-             f"print(json.dumps(sorted(m for m in {NOT_IN_INGEST_CHILD!r} "
-             "if m in sys.modules)))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=True, timeout=60)
-    assert json.loads(result.stdout) == [], f"the ingest child loads {result.stdout.strip()}"
+    found = loaded_by("bridge.web.ingest_child", NOT_IN_INGEST_CHILD)
+    assert found == [], f"the ingest child loads {found}"
